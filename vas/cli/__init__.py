@@ -1,0 +1,1 @@
+"""vasctl: the command-line interface (one module per noun, printers in printers.py)."""

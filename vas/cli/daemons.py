@@ -1,0 +1,63 @@
+"""``vasctl coordinator serve`` and ``vasctl node serve``: flags and VAS_* variables -> configs.
+
+This is the one place where daemon flags meet their environment-variable defaults.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+from vas.sizes import parse_size
+
+
+def register(nouns: argparse._SubParsersAction) -> None:
+    coordinator = nouns.add_parser("coordinator", help="run the coordinator service")
+    verbs = coordinator.add_subparsers(dest="verb", metavar="VERB", required=True)
+    serve = verbs.add_parser("serve", help="serve the Coordinator gRPC API over an etcd cluster")
+    serve.add_argument("--etcd", default=os.environ.get("VAS_ETCD"),
+                       help="etcd URL, e.g. http://127.0.0.1:2379 (default $VAS_ETCD)")
+    serve.add_argument("--listen", default=os.environ.get("VAS_LISTEN", "127.0.0.1:7300"),
+                       help="host:port to serve gRPC on; port 0 picks a free one (default $VAS_LISTEN or 127.0.0.1:7300)")
+    serve.set_defaults(func=serve_coordinator)
+
+
+
+def add_node_serve(node_verbs: argparse._SubParsersAction) -> None:
+    """Add ``serve`` to the verbs of ``vasctl node`` (the noun itself lives in vas.cli.node)."""
+    serve = node_verbs.add_parser("serve", help="run a node agent")
+    serve.add_argument("--coordinator", default=os.environ.get("VAS_COORDINATOR"),
+                       help="coordinator host:port (default $VAS_COORDINATOR)")
+    serve.add_argument("--listen", default=os.environ.get("VAS_NODE_LISTEN", "127.0.0.1:0"),
+                       help="host:port for the Node gRPC service (default $VAS_NODE_LISTEN or 127.0.0.1:0)")
+    serve.add_argument("--socket", default=os.environ.get("VAS_NODE", "/run/vas/node.sock"),
+                       help="local Unix socket path (default $VAS_NODE or /run/vas/node.sock)")
+    serve.add_argument("--memory", type=parse_size, default=os.environ.get("VAS_MEMORY", "1GiB"),
+                       help="segment memory capacity, e.g. 4GiB (default $VAS_MEMORY or 1GiB)")
+    serve.add_argument("--data-dir", default=os.environ.get("VAS_DATA_DIR"),
+                       help="directory that keeps segments across agent restarts (default $VAS_DATA_DIR)")
+    serve.add_argument("--id", dest="node_id", default=os.environ.get("VAS_NODE_ID"),
+                       help="node id (default $VAS_NODE_ID or <hostname>:<grpc port>)")
+    serve.set_defaults(func=serve_node)
+
+
+def serve_coordinator(args: argparse.Namespace) -> int:
+    from vas.cli.main import UsageError
+    from vas.coordinator.config import CoordinatorConfig
+    from vas.coordinator.server import serve
+
+    if not args.etcd:
+        raise UsageError("--etcd is required (or set $VAS_ETCD)")
+    serve(CoordinatorConfig(etcd=args.etcd, listen=args.listen))
+    return 0
+
+
+def serve_node(args: argparse.Namespace) -> int:
+    from vas.cli.main import UsageError
+    from vas.node.config import NodeConfig
+    from vas.node.server import serve
+
+    if not args.coordinator:
+        raise UsageError("--coordinator is required (or set $VAS_COORDINATOR)")
+    serve(NodeConfig(coordinator=args.coordinator, listen=args.listen, socket=args.socket,
+                     memory=args.memory, data_dir=args.data_dir, node_id=args.node_id))
+    return 0

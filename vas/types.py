@@ -1,0 +1,96 @@
+"""The public records of the Python API: SegmentInfo, NodeInfo, SpaceInfo.
+
+Frozen dataclasses, built from their vas.v1 protobuf messages by ``from_proto``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vas.proto import types_pb2
+
+SEGMENT_STATES = {
+    types_pb2.SEGMENT_STATE_READY: "ready",
+    types_pb2.SEGMENT_STATE_DEGRADED: "degraded",
+    types_pb2.SEGMENT_STATE_LOST: "lost",
+    types_pb2.SEGMENT_STATE_DELETING: "deleting",
+}
+NODE_STATES = {
+    types_pb2.NODE_STATE_READY: "ready",
+    types_pb2.NODE_STATE_DRAINING: "draining",
+}
+
+
+@dataclass(frozen=True)
+class SegmentInfo:
+    """A segment as the cluster sees it.
+
+    ``size`` and ``address`` are bytes; ``mode`` is permission bits (0o640);
+    ``home`` is a node id; ``replicas`` the requested replica count;
+    ``state`` one of "ready", "degraded", "lost", "deleting"; ``created`` and
+    ``expires`` Unix seconds (``expires`` None when the segment has no ttl).
+    """
+
+    name: str
+    id: int
+    size: int
+    address: int
+    mode: int
+    uid: int
+    gid: int
+    home: str
+    replicas: int
+    version: int
+    state: str
+    attachments: int
+    created: float
+    expires: float | None
+
+    @classmethod
+    def from_proto(cls, msg: types_pb2.SegmentInfo) -> "SegmentInfo":
+        return cls(
+            name=msg.name, id=msg.id, size=msg.size, address=msg.address, mode=msg.mode,
+            uid=msg.uid, gid=msg.gid, home=msg.home, replicas=msg.replicas, version=msg.version,
+            state=SEGMENT_STATES.get(msg.state, "unknown"), attachments=msg.attachments,
+            created=msg.created, expires=msg.expires or None,
+        )
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """A node agent: ``address`` is its gRPC host:port, ``socket`` its Unix socket path;
+    memory figures are bytes; ``state`` is "ready" or "draining"."""
+
+    id: str
+    address: str
+    socket: str
+    memory_total: int
+    memory_used: int
+    segments: int
+    state: str
+
+    @classmethod
+    def from_proto(cls, msg: types_pb2.NodeInfo) -> "NodeInfo":
+        return cls(
+            id=msg.id, address=msg.address, socket=msg.socket, memory_total=msg.memory_total,
+            memory_used=msg.memory_used, segments=msg.segments,
+            state=NODE_STATES.get(msg.state, "unknown"),
+        )
+
+
+@dataclass(frozen=True)
+class SpaceInfo:
+    """A named set of segments; ``members`` maps segment name -> attach mode ("r"/"rw")."""
+
+    name: str
+    mode: int
+    uid: int
+    gid: int
+    members: dict[str, str]
+    created: float
+
+    @classmethod
+    def from_proto(cls, msg: types_pb2.SpaceInfo) -> "SpaceInfo":
+        return cls(
+            name=msg.name, mode=msg.mode, uid=msg.uid, gid=msg.gid,
+            members={m.segment: m.mode for m in msg.members}, created=msg.created,
+        )

@@ -1,0 +1,84 @@
+"""Checks of user input shared by the client, the agent and the coordinator.
+
+Each raises ``InvalidArgument`` with a stable one-line message; every process
+runs the same checks so bad input is refused at the first hop.
+"""
+from __future__ import annotations
+
+import re
+
+from vas.errors import InvalidArgument
+
+PAGE_SIZE = 4096
+#: Largest segment: the whole reserved address window could not hold more.
+MAX_SEGMENT_SIZE = 1 << 40
+MAX_NAME_LENGTH = 255
+
+_NAME_RE = re.compile(r"[A-Za-z0-9._/-]+")
+
+
+def check_name(name: object, what: str = "segment") -> str:
+    """Return ``name`` if it is a valid segment or space name, else raise InvalidArgument.
+
+    Names are 1-255 chars of ``[A-Za-z0-9._/-]``, with no leading ``/`` and no
+    ``..`` component.
+    """
+    if not isinstance(name, str) or not name:
+        raise InvalidArgument(f"invalid {what} name {name!r}: must be a non-empty string")
+    if len(name) > MAX_NAME_LENGTH:
+        raise InvalidArgument(f"invalid {what} name: longer than {MAX_NAME_LENGTH} characters")
+    if not _NAME_RE.fullmatch(name):
+        raise InvalidArgument(f"invalid {what} name {name!r}: only A-Z a-z 0-9 . _ / - are allowed")
+    if name.startswith("/"):
+        raise InvalidArgument(f"invalid {what} name {name!r}: must not start with '/'")
+    if ".." in name.split("/"):
+        raise InvalidArgument(f"invalid {what} name {name!r}: must not contain a '..' component")
+    return name
+
+
+def check_size(size: object) -> int:
+    """Return ``size`` rounded up to whole pages; raise InvalidArgument unless 0 < size <= 1 TiB."""
+    if isinstance(size, bool) or not isinstance(size, int):
+        raise InvalidArgument(f"invalid size {size!r}: must be an integer number of bytes")
+    if size <= 0:
+        raise InvalidArgument(f"invalid size {size}: must be > 0")
+    if size > MAX_SEGMENT_SIZE:
+        raise InvalidArgument(f"invalid size {size}: larger than the maximum {MAX_SEGMENT_SIZE}")
+    return round_up_to_pages(size)
+
+
+def check_mode(mode: object) -> int:
+    """Return ``mode`` if it is permission bits 0..0o777, else raise InvalidArgument."""
+    if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o777:
+        raise InvalidArgument(f"invalid mode {mode!r}: must be permission bits 0..0o777")
+    return mode
+
+
+def check_attach_mode(mode: object) -> str:
+    """Return ``mode`` if it is "r" or "rw", else raise InvalidArgument."""
+    if mode not in ("r", "rw"):
+        raise InvalidArgument(f'invalid attach mode {mode!r}: must be "r" or "rw"')
+    return mode
+
+
+def check_fetch(fetch: object) -> str:
+    """Return ``fetch`` if it is "lazy" or "eager", else raise InvalidArgument."""
+    if fetch not in ("lazy", "eager"):
+        raise InvalidArgument(f'invalid fetch {fetch!r}: must be "lazy" or "eager"')
+    return fetch
+
+
+def check_range(offset: object, length: object, size: int) -> tuple[int, int]:
+    """Return (offset, length) if [offset, offset+length) lies inside ``size`` bytes."""
+    for label, value in (("offset", offset), ("length", length)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise InvalidArgument(f"invalid {label} {value!r}: must be an integer >= 0")
+    if offset + length > size:
+        raise InvalidArgument(
+            f"range [{offset}, {offset + length}) is outside the segment of {size} bytes")
+    return offset, length
+
+
+def round_up_to_pages(size: int) -> int:
+    """``size`` rounded up to a multiple of PAGE_SIZE."""
+    return (size + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE
