@@ -21,11 +21,59 @@ class UsageError(Exception):
     """Bad command-line usage detected after parsing (exit code 2)."""
 
 
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line on stderr (exit code 2)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+# -- argument types and options shared by the noun modules -----------------------
+
+def size_type(text: str) -> int:
+    """argparse type for sizes: "4096", "64KiB", "1GiB" (bad text is a usage error)."""
+    from vas.sizes import parse_size
+
+    try:
+        return parse_size(text)
+    except InvalidArgument as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def mode_type(text: str) -> int:
+    """argparse type for permission bits written as octal digits: "640", "0640", "0o640"."""
+    digits = text[2:] if text[:2].lower() == "0o" else text
+    if not digits or len(digits) > 4 or any(c not in "01234567" for c in digits) \
+            or int(digits, 8) > 0o777:
+        raise argparse.ArgumentTypeError(
+            f"invalid mode {text!r}: expected octal permission bits like 640 or 0640")
+    return int(digits, 8)
+
+
+def add_node_option(parser: argparse.ArgumentParser) -> None:
+    """``--node PATH``: the agent socket a client command talks to."""
+    parser.add_argument("--node", metavar="PATH", default=None,
+                        help="the local agent's Unix socket (default $VAS_NODE, else /run/vas/node.sock)")
+
+
+def add_output_option(parser: argparse.ArgumentParser) -> None:
+    """``-o table|json`` of listing commands."""
+    parser.add_argument("-o", "--output", choices=("table", "json"), default="table",
+                        help="output format (default table)")
+
+
+def connect(args: argparse.Namespace):
+    """The client for a command's ``--node``."""
+    import vas
+
+    return vas.connect(getattr(args, "node", None))
+
+
 def build_parser() -> argparse.ArgumentParser:
     # Imported here so `vasctl --help` stays the only place that loads every noun.
     from vas.cli import daemons, node, seg, space, status, up
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="vasctl",
         description="Operate a vas cluster: named, permissioned memory segments shared across machines.",
     )
@@ -48,9 +96,22 @@ def main(argv: list[str] | None = None) -> int:
     except VasError as exc:
         print(f"vasctl: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    except BrokenPipeError:
+        # The reader of our output went away (`vasctl seg ls | head`): no message.
+        _silence_stdout()
+        return EXIT_ERROR
     except OSError as exc:
         print(f"vasctl: error: {exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""),
               file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush cannot fail again."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)

@@ -1,0 +1,166 @@
+"""Local (one machine) benchmarks of vas against baselines measured in the same run.
+
+    .venv/bin/python bench/local.py [--quick]
+
+Figures, each beside its baseline:
+  attach+detach latency p50/p99 of an existing segment  vs  multiprocessing.shared_memory open+close
+  sequential read GB/s of a 1 GiB segment from a second process (cold = first pass after
+    attach, warm = later passes)                         vs  numpy copy of a private array in-process
+  create+delete ops/s through the whole stack           vs  raw etcd transactions/s (same etcd)
+
+The cluster (etcd, coordinator, one agent) runs in subprocesses; this process is the client.
+The last line printed is one JSON object with every figure and ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from multiprocessing import shared_memory
+from urllib.parse import urlparse
+
+import numpy as np
+
+import vas
+from vas.cluster import LocalCluster
+
+GiB = 1 << 30
+
+
+def percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def bench_attach(client: vas.Client, rounds: int) -> dict:
+    client.create("bench/attach", 1 << 20)
+    shm = shared_memory.SharedMemory(create=True, size=1 << 20)
+    try:
+        ours, base = [], []
+        for _ in range(rounds // 10):  # warm both paths
+            client.attach("bench/attach").detach()
+            shared_memory.SharedMemory(name=shm.name).close()
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            client.attach("bench/attach").detach()
+            t1 = time.perf_counter()
+            other = shared_memory.SharedMemory(name=shm.name)
+            other.close()
+            t2 = time.perf_counter()
+            ours.append((t1 - t0) * 1e6)
+            base.append((t2 - t1) * 1e6)
+    finally:
+        shm.close()
+        shm.unlink()
+        client.delete("bench/attach")
+    return {
+        "attach_detach_p50_us": statistics.median(ours),
+        "attach_detach_p99_us": percentile(ours, 0.99),
+        "shm_open_close_p50_us": statistics.median(base),
+        "shm_open_close_p99_us": percentile(base, 0.99),
+    }
+
+
+def copy_gbps(src: np.ndarray, dst: np.ndarray) -> float:
+    t0 = time.perf_counter()
+    np.copyto(dst, src)
+    return src.nbytes / (time.perf_counter() - t0) / 1e9
+
+
+def bench_read(client: vas.Client, env: dict, size: int, repeats: int) -> dict:
+    client.create("bench/read", size)
+    try:
+        # Another process writes the segment, so this one reads pages it never touched.
+        subprocess.run([sys.executable, "-c", textwrap.dedent("""
+            import vas, numpy as np
+            with vas.connect() as c, c.attach("bench/read", "rw") as m:
+                m.ndarray(np.uint8)[:] = 7
+        """)], env={**os.environ, **env}, check=True, cwd="/")
+        dst = np.ones(size, dtype=np.uint8)  # pre-faulted destination for both sides
+        private = np.full(size, 7, dtype=np.uint8)
+        base = [copy_gbps(private, dst) for _ in range(repeats)]
+        with client.attach("bench/read") as m:
+            view = m.ndarray(np.uint8)
+            cold = copy_gbps(view, dst)
+            warm = [copy_gbps(view, dst) for _ in range(repeats)]
+            assert int(dst[::4096].min()) == 7 and int(dst[::4096].max()) == 7
+            del view
+    finally:
+        client.delete("bench/read")
+    warm_gbps, base_gbps = statistics.median(warm), statistics.median(base)
+    return {
+        "read_cold_gbps": cold, "read_warm_gbps": warm_gbps, "numpy_copy_gbps": base_gbps,
+        "read_warm_vs_numpy": warm_gbps / base_gbps, "read_cold_vs_numpy": cold / base_gbps,
+    }
+
+
+def bench_create_delete(client: vas.Client, etcd_url: str, seconds: float) -> dict:
+    import etcd3
+
+    url = urlparse(etcd_url)
+    etcd = etcd3.client(host=url.hostname, port=url.port)
+    # Raw baseline: the same shape of work as a create (put-if-absent txn) then a delete txn.
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        key = f"/bench/raw/{n}"
+        etcd.transaction(compare=[etcd.transactions.create(key) == 0],
+                         success=[etcd.transactions.put(key, "x")], failure=[])
+        etcd.transaction(compare=[], success=[etcd.transactions.delete(key)], failure=[])
+        n += 2
+    raw = n / (time.perf_counter() - t0)
+    etcd.close()
+
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        client.create(f"bench/cd/{n}", 4096)
+        client.delete(f"bench/cd/{n}")
+        n += 2
+    ours = n / (time.perf_counter() - t0)
+    return {"create_delete_ops_per_s": ours, "etcd_txn_per_s": raw,
+            "create_delete_vs_etcd": ours / raw}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller sizes and fewer rounds")
+    args = parser.parse_args()
+    size = 256 << 20 if args.quick else GiB
+    rounds, repeats, seconds = (500, 3, 2.0) if args.quick else (3000, 5, 5.0)
+
+    results: dict = {"read_size_bytes": size, "machine": os.uname().nodename,
+                     "cpus": os.cpu_count()}
+    with tempfile.TemporaryDirectory(prefix="vas-bench-") as tmp, \
+            LocalCluster(tmp, nodes=1, memory=3 * size) as cluster:
+        env = cluster.env()
+        with vas.connect(env["VAS_NODE"]) as client:
+            results.update(bench_attach(client, rounds))
+            results.update(bench_read(client, env, size, repeats))
+            results.update(bench_create_delete(client, cluster.etcd.url, seconds))
+
+    rows = [
+        ("attach+detach p50", f"{results['attach_detach_p50_us']:.0f} us",
+         f"shm open+close {results['shm_open_close_p50_us']:.0f} us"),
+        ("attach+detach p99", f"{results['attach_detach_p99_us']:.0f} us",
+         f"shm open+close {results['shm_open_close_p99_us']:.0f} us"),
+        ("read 2nd process, cold", f"{results['read_cold_gbps']:.2f} GB/s",
+         f"numpy copy {results['numpy_copy_gbps']:.2f} GB/s ({results['read_cold_vs_numpy']:.0%})"),
+        ("read 2nd process, warm", f"{results['read_warm_gbps']:.2f} GB/s",
+         f"numpy copy {results['numpy_copy_gbps']:.2f} GB/s ({results['read_warm_vs_numpy']:.0%})"),
+        ("create+delete", f"{results['create_delete_ops_per_s']:.0f} ops/s",
+         f"etcd txn {results['etcd_txn_per_s']:.0f}/s ({results['create_delete_vs_etcd']:.0%})"),
+    ]
+    print(f"{'figure':<26}{'vas':>14}   baseline")
+    for name, ours, base in rows:
+        print(f"{name:<26}{ours:>14}   {base}")
+    print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""Configuration of a coordinator: one dataclass, with the defaults as DEFAULT_* constants.
+
+Flags and ``VAS_*`` environment variables are mapped onto it in one place
+(vas/cli/daemons.py); tests build it directly and call ``vas.coordinator.server.serve``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+#: host:port to serve the Coordinator gRPC API on; port 0 picks a free port.
+DEFAULT_LISTEN = "127.0.0.1:7300"
+#: TTL in seconds of a node's lease when RegisterNode asks for 0.
+DEFAULT_NODE_TTL = 10
+#: TTL in seconds of a writer-lock lease when AcquireWriter asks for 0.
+DEFAULT_WRITER_TTL = 10
+#: Deadline in seconds of one call to etcd.
+DEFAULT_ETCD_TIMEOUT = 5.0
+#: gRPC server worker threads (each Watch stream holds one while it lives).
+DEFAULT_WORKERS = 32
+#: Seconds SIGTERM waits for in-flight RPCs before cancelling them (Watch streams
+#: are cancelled at once: they never finish on their own).
+DEFAULT_SHUTDOWN_GRACE = 5.0
+#: Attempts of one read-modify-write transaction before giving up with Unavailable
+#: (each failed attempt means another writer changed the same key meanwhile).
+DEFAULT_TXN_ATTEMPTS = 64
+
+
+@dataclass
+class CoordinatorConfig:
+    """Everything ``serve`` needs to run one coordinator.
+
+    :param etcd: etcd client URL, ``http://HOST:PORT``; several comma-separated
+        URLs of IPv4 literals are tried in turn.
+    :param listen: host:port for the gRPC API (port 0 = pick one).
+    :param node_ttl: default node lease TTL, seconds.
+    :param writer_ttl: default writer-lock lease TTL, seconds.
+    :param etcd_timeout: deadline of one etcd call, seconds.
+    :param workers: gRPC server threads.
+    :param shutdown_grace: grace period of the gRPC server stop, seconds.
+    :param txn_attempts: attempts of a conflicting read-modify-write before Unavailable.
+
+    Example::
+
+        serve(CoordinatorConfig(etcd="http://127.0.0.1:2379", listen="127.0.0.1:0"))
+    """
+
+    etcd: str
+    listen: str = DEFAULT_LISTEN
+    node_ttl: int = DEFAULT_NODE_TTL
+    writer_ttl: int = DEFAULT_WRITER_TTL
+    etcd_timeout: float = DEFAULT_ETCD_TIMEOUT
+    workers: int = DEFAULT_WORKERS
+    shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
+    txn_attempts: int = DEFAULT_TXN_ATTEMPTS

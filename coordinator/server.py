@@ -1,0 +1,89 @@
+"""``serve(config)``: run the coordinator's gRPC server until SIGTERM/SIGINT.
+
+Serves the Coordinator API, ``grpc.health.v1`` (SERVING once listening,
+NOT_SERVING while shutting down) and reflection. On a signal: health goes
+NOT_SERVING, open Watch streams end cleanly (they would never finish on their
+own), in-flight unary calls get ``shutdown_grace`` seconds, then the etcd
+channel closes.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from vas.coordinator.config import CoordinatorConfig
+from vas.coordinator.etcd import Etcd
+from vas.coordinator.service import CoordinatorService
+from vas.errors import VasError
+from vas.proto import coordinator_pb2, coordinator_pb2_grpc
+
+log = logging.getLogger("vas.coordinator")
+
+SERVICE_NAME = coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name
+
+
+def serve(config: CoordinatorConfig, stop: threading.Event | None = None) -> None:
+    """Serve until SIGTERM/SIGINT (or until ``stop`` is set, when given: for tests that
+    run the server in a thread, where signal handlers cannot be installed).
+
+    Prints ``vas coordinator listening on HOST:PORT`` (the real port when 0 was
+    asked) to stdout once serving. Raises RuntimeError if the address cannot be bound.
+
+    Example::
+
+        serve(CoordinatorConfig(etcd="http://127.0.0.1:2379", listen="127.0.0.1:0"))
+    """
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                            format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    etcd = Etcd(config.etcd, config.etcd_timeout)
+    _probe(etcd)
+    service = CoordinatorService(config, etcd)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(config.workers, thread_name_prefix="coordinator"),
+        # Refuse a port another process listens on instead of sharing its traffic.
+        options=[("grpc.so_reuseport", 0)])
+    coordinator_pb2_grpc.add_CoordinatorServicer_to_server(service, server)
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(config.listen)
+    server.start()
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    host = config.listen.rsplit(":", 1)[0]
+    print(f"vas coordinator listening on {host}:{port}", flush=True)
+    log.info("serving etcd %s on %s:%d", config.etcd, host, port)
+
+    stop = stop or _signal_event()
+    stop.wait()
+    log.info("stopping")
+    health_servicer.enter_graceful_shutdown()
+    service.close_watches()
+    server.stop(config.shutdown_grace).wait()
+    etcd.close()
+
+
+def _signal_event() -> threading.Event:
+    """An event set by the first SIGTERM or SIGINT."""
+    event = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: event.set())
+    return event
+
+
+def _probe(etcd: Etcd) -> None:
+    """Warn (without failing) when etcd does not answer yet: calls report Unavailable
+    until it does, and the channel reconnects on its own."""
+    try:
+        etcd.range(b"/vas/alloc", keys_only=True)
+    except VasError as exc:
+        log.warning("%s; serving anyway", exc)

@@ -1,0 +1,262 @@
+"""The Coordinator gRPC servicer: validate the request, call the domain module, map errors.
+
+Nothing here touches etcd directly; each method checks its input (names, sizes,
+modes with vas.validate, plus the coordinator's own fields), calls one method of
+segments/nodes/writers/spaces/watch/status, and turns a VasError into its gRPC
+status with ``abort_with``. See proto/vas/v1/coordinator.proto for each RPC's contract.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import threading
+
+from vas.coordinator.config import CoordinatorConfig
+from vas.coordinator.etcd import Etcd
+from vas.coordinator.nodes import Nodes
+from vas.coordinator.segments import Segments
+from vas.coordinator.spaces import Spaces
+from vas.coordinator.status import cluster_status
+from vas.coordinator.watch import SegmentWatch
+from vas.coordinator.writers import Writers
+from vas.errors import InvalidArgument, VasError, abort_with
+from vas.proto import coordinator_pb2 as pb, coordinator_pb2_grpc
+from vas.validate import (MAX_NAME_LENGTH, check_attach_mode, check_mode, check_name,
+                          check_size)
+
+#: ListSegments page size when the request asks for 0, and the largest allowed.
+DEFAULT_PAGE_SIZE = 500
+MAX_PAGE_SIZE = 10000
+#: Longest lease a node or writer may ask for, seconds.
+MAX_TTL = 24 * 3600
+
+
+def check_node_id(node_id: str, what: str = "node id") -> str:
+    """Return ``node_id`` if it is 1-255 printable characters without "/" or spaces."""
+    if (not node_id or len(node_id) > MAX_NAME_LENGTH or not node_id.isprintable()
+            or "/" in node_id or any(ch.isspace() for ch in node_id)):
+        raise InvalidArgument(f"invalid {what} {node_id!r}: must be 1-{MAX_NAME_LENGTH} "
+                              "printable characters without '/' or spaces")
+    return node_id
+
+
+def check_prefix(prefix: str) -> str:
+    """Return ``prefix`` if it is "" or could start a valid name."""
+    return check_name(prefix, "prefix") if prefix else prefix
+
+
+def check_ttl(seconds: float, what: str) -> float:
+    """Return ``seconds`` if it is a finite duration in [0, MAX_TTL] (0 = default/never)."""
+    if not math.isfinite(seconds) or not 0 <= seconds <= MAX_TTL:
+        raise InvalidArgument(f"invalid {what} {seconds!r}: must be 0..{MAX_TTL} seconds")
+    return seconds
+
+
+def check_positive(value: int, what: str) -> int:
+    if value <= 0:
+        raise InvalidArgument(f"invalid {what} {value}: must be > 0")
+    return value
+
+
+def caller_of(request):
+    """The request's Caller; InvalidArgument if the agent did not send one."""
+    if not request.HasField("caller"):
+        raise InvalidArgument("the request has no caller")
+    return request.caller
+
+
+def translated(method):
+    """Run a unary servicer method, aborting with the status of any VasError it raises."""
+    @functools.wraps(method)
+    def handler(self, request, context):
+        try:
+            return method(self, request, context)
+        except VasError as exc:
+            abort_with(context, exc)
+    return handler
+
+
+class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
+    """The Coordinator API over one etcd client (see coordinator.proto)."""
+
+    def __init__(self, config: CoordinatorConfig, etcd: Etcd):
+        self.config = config
+        self.etcd = etcd
+        self.segments = Segments(etcd, config.txn_attempts)
+        self.nodes = Nodes(etcd, config.node_ttl)
+        self.writers = Writers(etcd, self.segments, config.txn_attempts)
+        self.spaces = Spaces(etcd, config.txn_attempts)
+        self._watches_lock = threading.Lock()
+        self._watches: set[SegmentWatch] = set()
+        self._closing = False
+
+    def close_watches(self) -> None:
+        """End every open Watch stream (cleanly) and refuse new ones: server shutdown."""
+        with self._watches_lock:
+            self._closing = True
+            watches, self._watches = self._watches, set()
+        for watch in watches:
+            watch.close()
+
+    # Nodes -----------------------------------------------------------------------------
+
+    @translated
+    def RegisterNode(self, request, context):
+        check_node_id(request.node.id)
+        if not request.node.address:
+            raise InvalidArgument(f"node {request.node.id!r} has no address")
+        lease, ttl = self.nodes.register(request.node,
+                                         int(check_ttl(request.ttl_seconds, "node ttl")))
+        return pb.RegisterNodeResponse(lease_id=lease, ttl_seconds=ttl)
+
+    @translated
+    def Heartbeat(self, request, context):
+        ttl = self.nodes.heartbeat(check_node_id(request.node_id),
+                                   check_positive(request.lease_id, "lease id"),
+                                   request.memory_used, request.segments, request.state)
+        return pb.HeartbeatResponse(ttl_seconds=ttl)
+
+    @translated
+    def DeregisterNode(self, request, context):
+        check_node_id(request.node_id)
+        self.nodes.deregister(request.node_id, check_positive(request.lease_id, "lease id"))
+        return pb.DeregisterNodeResponse()
+
+    @translated
+    def ListNodes(self, request, context):
+        return pb.ListNodesResponse(nodes=self.nodes.list())
+
+    # Segments --------------------------------------------------------------------------
+
+    @translated
+    def CreateSegment(self, request, context):
+        caller = caller_of(request)
+        home = check_node_id(request.home or caller.node, "home node")
+        return self.segments.create(
+            caller, check_name(request.name), check_size(request.size),
+            check_mode(request.mode), home, request.replicas,
+            check_ttl(request.ttl_seconds, "ttl"))
+
+    @translated
+    def GetSegment(self, request, context):
+        return self.segments.get(check_name(request.name))
+
+    @translated
+    def ListSegments(self, request, context):
+        page_size = request.page_size or DEFAULT_PAGE_SIZE
+        if page_size > MAX_PAGE_SIZE:
+            raise InvalidArgument(f"invalid page size {page_size}: at most {MAX_PAGE_SIZE}")
+        segments, token = self.segments.list(check_prefix(request.prefix), page_size,
+                                             request.page_token)
+        return pb.ListSegmentsResponse(segments=segments, next_page_token=token)
+
+    @translated
+    def SetSegmentMode(self, request, context):
+        return self.segments.set_mode(caller_of(request), check_name(request.name),
+                                      check_mode(request.mode))
+
+    @translated
+    def SetSegmentOwner(self, request, context):
+        return self.segments.set_owner(caller_of(request), check_name(request.name),
+                                       request.uid, request.gid)
+
+    @translated
+    def DeleteSegment(self, request, context):
+        # `force` is the agents' business (they revoke attachments); the mark is the same.
+        return self.segments.mark_deleting(caller_of(request), check_name(request.name),
+                                           finish=request.finish)
+
+    @translated
+    def FinishDelete(self, request, context):
+        self.segments.finish_delete(check_name(request.name),
+                                    check_positive(request.id, "segment id"))
+        return pb.FinishDeleteResponse()
+
+    @translated
+    def ReportAttachments(self, request, context):
+        check_node_id(request.node_id)
+        for count in request.counts:
+            check_name(count.name)
+        self.segments.report_attachments(
+            request.node_id, check_positive(request.lease_id, "lease id"), request.counts)
+        return pb.ReportAttachmentsResponse()
+
+    # Writer lock -----------------------------------------------------------------------
+
+    @translated
+    def AcquireWriter(self, request, context):
+        ttl = int(check_ttl(request.ttl_seconds, "writer ttl")) or self.config.writer_ttl
+        token, lease, granted = self.writers.acquire(caller_of(request),
+                                                     check_name(request.name), ttl)
+        return pb.AcquireWriterResponse(token=token, lease_id=lease, ttl_seconds=granted)
+
+    @translated
+    def RenewWriter(self, request, context):
+        ttl = self.writers.renew(check_name(request.name),
+                                 check_positive(request.token, "token"),
+                                 check_positive(request.lease_id, "lease id"))
+        return pb.RenewWriterResponse(ttl_seconds=ttl)
+
+    @translated
+    def ReleaseWriter(self, request, context):
+        self.writers.release(check_name(request.name), check_positive(request.token, "token"),
+                             request.lease_id)
+        return pb.ReleaseWriterResponse()
+
+    # Spaces ----------------------------------------------------------------------------
+
+    @translated
+    def CreateSpace(self, request, context):
+        return self.spaces.create(caller_of(request), check_name(request.name, "space"),
+                                  check_mode(request.mode))
+
+    @translated
+    def GetSpace(self, request, context):
+        return self.spaces.get(check_name(request.name, "space"))
+
+    @translated
+    def ListSpaces(self, request, context):
+        return pb.ListSpacesResponse(spaces=self.spaces.list(check_prefix(request.prefix)))
+
+    @translated
+    def DeleteSpace(self, request, context):
+        self.spaces.delete(caller_of(request), check_name(request.name, "space"))
+        return pb.DeleteSpaceResponse()
+
+    @translated
+    def SpaceAdd(self, request, context):
+        return self.spaces.add(caller_of(request), check_name(request.space, "space"),
+                               check_name(request.segment), check_attach_mode(request.mode))
+
+    @translated
+    def SpaceRemove(self, request, context):
+        return self.spaces.remove(caller_of(request), check_name(request.space, "space"),
+                                  check_name(request.segment))
+
+    # Watching and status ---------------------------------------------------------------
+
+    def Watch(self, request, context):
+        try:
+            if request.start_revision < 0:
+                raise InvalidArgument(f"invalid start revision {request.start_revision}")
+            watch = SegmentWatch(self.etcd, check_prefix(request.prefix),
+                                 request.start_revision)
+        except VasError as exc:
+            abort_with(context, exc)
+        with self._watches_lock:
+            closing = self._closing
+            self._watches.add(watch)
+        # Ends the etcd watch when the client cancels (or the server cancels the call).
+        if closing or not context.add_callback(watch.close):
+            watch.close()
+        try:
+            yield from watch.events()
+        except VasError as exc:
+            abort_with(context, exc)
+        finally:
+            with self._watches_lock:
+                self._watches.discard(watch)
+
+    @translated
+    def ClusterStatus(self, request, context):
+        return cluster_status(self.etcd)

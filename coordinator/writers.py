@@ -1,0 +1,104 @@
+"""The single writer lock of a segment: an etcd key under the writer's own lease.
+
+The lock is ``/vas/writers/NAME``; whoever creates it holds it, and the
+revision that created it is the fencing token (etcd revisions only grow, so a
+later holder always has a larger token). The lease makes a dead writer's lock
+vanish on its own; RenewWriter is a keepalive of that lease.
+"""
+from __future__ import annotations
+
+from vas.coordinator import access, keys
+from vas.coordinator.etcd import Etcd, absent, created_at, delete_op, put_op, range_op, unchanged
+from vas.coordinator.segments import Entry, Segments
+from vas.errors import Busy, Fenced, NotFound, PermissionDenied, Unavailable
+
+
+class Writers:
+    """Writer-lock operations over one etcd client."""
+
+    def __init__(self, etcd: Etcd, segments: Segments, attempts: int):
+        self.etcd = etcd
+        self.segments = segments
+        self.attempts = attempts
+
+    def acquire(self, caller, name: str, ttl: int) -> tuple[int, int, int]:
+        """Take the lock of ``name`` for ``caller``; (token, lease id, granted ttl).
+
+        Raises NotFound (no such segment, or it is being deleted), PermissionDenied
+        (no read+write permission), Busy (held by someone else).
+        """
+        entry, fresh = self.segments.read(name, cached=True), False
+        lease = granted = 0
+        try:
+            for _ in range(self.attempts):
+                if not self._may_write(caller, entry, fresh):
+                    entry, fresh = self.segments.read(name), True
+                    continue
+                if not lease:
+                    lease, granted = self.etcd.grant(ttl)
+                token, entry = self._try_lock(caller, entry, lease)
+                if token:
+                    return token, lease, granted
+                fresh = True
+        except BaseException:
+            if lease:
+                self._revoke_quietly(lease)
+            raise
+        self._revoke_quietly(lease)
+        raise Unavailable(f"could not lock segment {name!r}: too many concurrent changes")
+
+    def _may_write(self, caller, entry: Entry, fresh: bool) -> bool:
+        """True if ``caller`` may take the lock; raises once that is known from a fresh read."""
+        try:
+            if entry.record["deleting"]:
+                raise NotFound(f"segment {entry.name!r} is being deleted")
+            access.require(caller, entry.record, access.ATTACH_BITS["rw"],
+                           f"segment {entry.name!r}")
+        except (NotFound, PermissionDenied):
+            if fresh:
+                raise
+            return False
+        return True
+
+    def _try_lock(self, caller, entry: Entry, lease: int) -> tuple[int, Entry]:
+        """One attempt; (token, entry) on success, (0, fresh entry) if the segment changed."""
+        key, lock = keys.segment_key(entry.name), keys.writer_key(entry.name)
+        holder = {"id": entry.id, "node": caller.node, "uid": caller.uid, "pid": caller.pid}
+        response = self.etcd.txn(
+            compare=[unchanged(key, entry.mod), absent(lock)],
+            success=[put_op(lock, keys.encode(holder), lease)],
+            failure=[range_op(key), range_op(lock, keys_only=True)])
+        if response.succeeded:
+            return response.header.revision, entry
+        segment, held = (op.response_range for op in response.responses)
+        if not segment.kvs:
+            raise NotFound(f"segment {entry.name!r} not found")
+        if held.kvs:
+            raise Busy(f"segment {entry.name!r} already has a writer")
+        fresh = Entry.from_kv(segment.kvs[0])
+        self.segments.cache.put(fresh)
+        return 0, fresh
+
+    def renew(self, name: str, token: int, lease_id: int) -> int:
+        """Keep the lock's lease alive; the granted TTL. Raises Fenced once it is lost."""
+        ttl = self.etcd.keepalive(lease_id)
+        if ttl <= 0:
+            raise Fenced(f"the writer lease of segment {name!r} has expired")
+        kvs = self.etcd.range(keys.writer_key(name), keys_only=True).kvs
+        if not kvs or kvs[0].create_revision != token:
+            raise Fenced(f"the writer lock of segment {name!r} (token {token}) was lost")
+        return ttl
+
+    def release(self, name: str, token: int, lease_id: int) -> None:
+        """Drop the lock if ``token`` still holds it, and end its lease (else a no-op)."""
+        lock = keys.writer_key(name)
+        self.etcd.txn(compare=[created_at(lock, token)], success=[delete_op(lock)])
+        if lease_id:
+            self._revoke_quietly(lease_id)
+
+    def _revoke_quietly(self, lease: int) -> None:
+        try:
+            self.etcd.revoke(lease)
+        except Exception:  # noqa: BLE001  the lease expires on its own
+            pass
+

@@ -1,0 +1,825 @@
+"""The agent's policy: what each local request and each cluster event does.
+
+One ``Agent`` per process. It owns the ``Store`` of home segments, the sessions
+(one per local connection), the attachments and writer locks, and four
+background threads:
+
+- heartbeat: ``Heartbeat`` every ttl/3 (re-registers on NOT_FOUND), and retries
+  of ``FinishDelete`` calls that failed;
+- watch: the coordinator's ``Watch`` stream, which keeps the cached records of
+  home segments current (chmod/chown from other nodes, deleting marks, ttl expiry);
+- reporter: ``ReportAttachments``, debounced, so attach/detach never wait for it;
+- writer keepalive: ``RenewWriter`` every writer_ttl/3 for each live "rw" attachment.
+
+Locking: one lock (``_lock``) guards the store, sessions, attachments and the
+report queue. It is held only for dictionary work; every gRPC call and every
+slow syscall (fallocate, punching out pages) happens outside it. That keeps a
+local "r" attach of a home segment to a few dictionary operations and one
+``dup``: no coordinator round trip.
+
+Request handlers take ``(session, request, response)``, fill ``response`` and
+return the fds to pass with it (the caller closes them after sending); they
+raise ``vas.errors`` exceptions for the caller to put into the response.
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import math
+import os
+import threading
+
+import grpc
+
+from vas import validate
+from vas.errors import (AlreadyExists, Busy, Fenced, InvalidArgument, NotFound,
+                        PermissionDenied, Unavailable, VasError)
+from vas.node import store as store_mod
+from vas.node.clients import CoordinatorClient, PeerClients
+from vas.node.config import NodeConfig
+from vas.node.store import Segment, Store
+from vas.proto import LOCAL_PROTOCOL, coordinator_pb2, local_pb2, types_pb2
+
+log = logging.getLogger(__name__)
+
+#: Deleted ids of home segments whose create may still be in flight (see ``_tombstones``).
+_MAX_TOMBSTONES = 4096
+#: Longest pause between retries of a failed background call, seconds.
+_MAX_BACKOFF = 5.0
+#: Deadline of the clean-up calls made while shutting down (a dead coordinator must
+#: not hold up the exit: leases expire on their own), seconds.
+_SHUTDOWN_RPC_TIMEOUT = 2.0
+
+
+class Unimplemented(VasError):
+    """A request type this agent does not know (a newer client)."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
+class Session:
+    """The state of one local connection: who is calling and what it holds."""
+
+    __slots__ = ("uid", "gid", "pid", "caller", "attachments")
+
+    def __init__(self, uid: int, gid: int, pid: int, node_id: str):
+        self.uid = uid
+        self.gid = gid
+        self.pid = pid
+        self.caller = types_pb2.Caller(uid=uid, gid=gid, pid=pid, node=node_id)
+        self.attachments: dict[int, Attachment] = {}
+
+    def __repr__(self) -> str:
+        return f"<Session pid={self.pid} uid={self.uid} gid={self.gid}>"
+
+
+class Attachment:
+    """One local attachment; "rw" ones carry the writer lock's token and lease."""
+
+    __slots__ = ("id", "segment", "mode", "session", "token", "lease_id", "fenced")
+
+    def __init__(self, attachment_id: int, segment: Segment, mode: str, session: Session,
+                 token: int = 0, lease_id: int = 0):
+        self.id = attachment_id
+        self.segment = segment
+        self.mode = mode
+        self.session = session
+        self.token = token
+        self.lease_id = lease_id
+        self.fenced = False
+
+
+class Agent:
+    """Policy of one node agent (see the module docstring)."""
+
+    def __init__(self, config: NodeConfig, node_id: str, address: str, socket_path: str,
+                 coordinator: CoordinatorClient | None = None, peers: PeerClients | None = None):
+        self.config = config
+        self.node_id = node_id
+        self.address = address
+        self.socket_path = socket_path
+        self.coordinator = coordinator or CoordinatorClient(config.coordinator, config.rpc_timeout)
+        self.peers = peers or PeerClients(config.rpc_timeout)
+        self.store = Store(config.memory, f"node {node_id}")
+
+        self._lock = threading.Lock()
+        self._attachment_ids = itertools.count(1)
+        self._writers: dict[int, Attachment] = {}          # attachment id -> "rw" attachment
+        self._dirty: dict[int, Segment] = {}               # segment id -> segment to report
+        # Ids of home segments deleted (True: record still waits for FinishDelete;
+        # False: record gone) before their create finished here; create frees them.
+        self._tombstones: collections.OrderedDict[int, bool] = collections.OrderedDict()
+        self._unfinished: dict[int, str] = {}              # FinishDelete to retry: id -> name
+        self._freeing: dict[int, threading.Event] = {}     # id -> set once freed and finished
+
+        self._lease_id = 0
+        self._node_ttl = config.heartbeat_ttl
+        self._stop = threading.Event()
+        self._report_wake = threading.Event()
+        self._watch_call = None
+        self._threads: list[threading.Thread] = []
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def node_info(self) -> types_pb2.NodeInfo:
+        with self._lock:
+            used, count = self.store.used, len(self.store)
+        return types_pb2.NodeInfo(
+            id=self.node_id, address=self.address, socket=self.socket_path,
+            memory_total=self.store.capacity, memory_used=used, segments=count,
+            state=types_pb2.NODE_STATE_READY)
+
+    def register(self, stop: threading.Event | None = None) -> bool:
+        """Register with the coordinator, retrying until it answers or ``stop`` is set."""
+        backoff = 0.1
+        while True:
+            try:
+                self._register_once()
+                return True
+            except VasError as exc:
+                log.warning("cannot register node %s with coordinator %s: %s; retrying",
+                            self.node_id, self.coordinator.target, exc)
+            if (stop or self._stop).wait(backoff):
+                return False
+            backoff = min(backoff * 2, _MAX_BACKOFF)
+
+    def _register_once(self) -> None:
+        response = self.coordinator.call("RegisterNode", coordinator_pb2.RegisterNodeRequest(
+            node=self.node_info(), ttl_seconds=self.config.heartbeat_ttl))
+        with self._lock:
+            self._lease_id = response.lease_id
+            self._node_ttl = response.ttl_seconds or self.config.heartbeat_ttl
+            # Reports live under the node lease: a new lease starts with none.
+            for segment in self.store:
+                if segment.attachments:
+                    self._dirty[segment.id] = segment
+        self._report_wake.set()
+        log.info("registered node %s (lease %x, ttl %ds)", self.node_id, response.lease_id,
+                 self._node_ttl)
+
+    def start(self) -> None:
+        """Start the background threads (after ``register``)."""
+        for target, name in ((self._heartbeat_loop, "heartbeat"), (self._watch_loop, "watch"),
+                             (self._report_loop, "reporter"),
+                             (self._writer_keepalive_loop, "writer-keepalive")):
+            thread = threading.Thread(target=target, name=f"vas-node-{name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the background threads (the last attachment reports are dropped:
+        deregistering removes them anyway)."""
+        self._stop.set()
+        self._report_wake.set()
+        call = self._watch_call
+        if call is not None:
+            call.cancel()
+        for thread in self._threads:
+            thread.join(timeout)
+        self._threads.clear()
+
+    def deregister(self) -> None:
+        """Revoke the node lease: the node record and its attachment reports vanish."""
+        with self._lock:
+            lease = self._lease_id
+        if not lease:
+            return
+        try:
+            self.coordinator.call("DeregisterNode", coordinator_pb2.DeregisterNodeRequest(
+                node_id=self.node_id, lease_id=lease), self._cleanup_timeout())
+            log.info("deregistered node %s", self.node_id)
+        except VasError as exc:
+            log.warning("cannot deregister node %s: %s (its lease expires on its own)",
+                        self.node_id, exc)
+
+    def free_all(self) -> None:
+        """Free every held segment (at shutdown, after the sessions are closed)."""
+        with self._lock:
+            segments = list(self.store)
+            for segment in segments:
+                self.store.remove(segment)
+        for segment in segments:
+            store_mod.release(segment.fd, segment.ro_fd, segment.size)
+
+    def close(self) -> None:
+        self.coordinator.close()
+        self.peers.close()
+
+    # ------------------------------------------------------------------ sessions
+
+    def open_session(self, uid: int, gid: int, pid: int) -> Session:
+        return Session(uid, gid, pid, self.node_id)
+
+    def close_session(self, session: Session) -> None:
+        """The connection is gone (EOF): release all its attachments and writer locks now."""
+        with self._lock:
+            attachments = list(session.attachments.values())
+            session.attachments.clear()
+            actions = [self._detach_locked(attachment) for attachment in attachments]
+        if attachments:
+            log.debug("%r closed: released %d attachments", session, len(attachments))
+            self._report_wake.set()
+        for action in actions:
+            self._after_detach(*action)
+
+    # ------------------------------------------------------------------ local requests
+
+    def hello(self, session: Session, request: local_pb2.HelloRequest,
+              response: local_pb2.LocalResponse) -> list[int]:
+        if request.protocol != LOCAL_PROTOCOL:
+            raise InvalidArgument(f"unsupported local protocol {request.protocol}: "
+                                  f"this agent speaks {LOCAL_PROTOCOL}")
+        response.hello.protocol = LOCAL_PROTOCOL
+        response.hello.node.CopyFrom(self.node_info())
+        response.hello.caller.CopyFrom(session.caller)
+        return []
+
+    def create(self, session: Session, request: local_pb2.CreateRequest,
+               response: local_pb2.LocalResponse) -> list[int]:
+        name = validate.check_name(request.name)
+        size = validate.check_size(request.size)
+        mode = validate.check_mode(request.mode)
+        ttl = request.ttl_seconds
+        if not math.isfinite(ttl) or ttl < 0:
+            raise InvalidArgument(f"invalid ttl {ttl!r}: must be a finite number of seconds >= 0")
+        with self._lock:
+            existing = self.store.by_name.get(name)
+            if existing is not None:
+                if not request.exist_ok:
+                    raise AlreadyExists(f"segment {name} already exists")
+                response.segment.CopyFrom(existing.info)
+                return []
+            self.store.reserve(size, name)
+        try:
+            fd, ro_fd = store_mod.allocate(name, size)
+        except BaseException:
+            with self._lock:
+                self.store.unreserve(size)
+            raise
+        try:
+            info = self.coordinator.call("CreateSegment", coordinator_pb2.CreateSegmentRequest(
+                caller=session.caller, name=name, size=size, mode=mode, home=self.node_id,
+                replicas=request.replicas, ttl_seconds=ttl))
+        except BaseException as exc:
+            with self._lock:
+                self.store.unreserve(size)
+            store_mod.release(fd, ro_fd, size)
+            if isinstance(exc, AlreadyExists) and request.exist_ok:
+                response.segment.CopyFrom(self.coordinator.call(
+                    "GetSegment", coordinator_pb2.GetSegmentRequest(name=name)))
+                return []
+            raise
+        if info.size != size:  # the coordinator rounds like we do; never hand out a short fd
+            log.error("coordinator created %s with size %d, not %d", name, info.size, size)
+        segment = Segment(info, fd, ro_fd)
+        with self._lock:
+            self.store.add(segment)
+            doomed = self._tombstones.pop(info.id, None)
+        if doomed is not None:  # deleted (or expired) while we were still creating it
+            log.info("segment %s (id %d) was deleted during its create", name, info.id)
+            self._begin_delete(segment, finish=doomed, force=True)
+        response.segment.CopyFrom(info)
+        return []
+
+    def attach(self, session: Session, request: local_pb2.AttachRequest,
+               response: local_pb2.LocalResponse) -> list[int]:
+        name, mode = request.name, request.mode
+        if mode != "r" and mode != "rw":
+            validate.check_attach_mode(mode)
+        if request.fetch:
+            validate.check_fetch(request.fetch)
+        with self._lock:
+            # Held names were checked at create; others are checked below.
+            segment = self.store.by_name.get(name)
+            if segment is not None:
+                if segment.info.state == types_pb2.SEGMENT_STATE_DELETING:
+                    raise NotFound(f"segment {name} is being deleted")
+                self._check_access(segment.info, session, mode)
+                if mode == "r":
+                    # The hot path: no coordinator call, a few dict operations and a dup.
+                    fd = os.dup(segment.ro_fd)
+                    attachment = self._add_attachment_locked(session, segment, "r")
+                    body = response.attach
+                    body.segment.CopyFrom(segment.info)
+                    body.attachment_id = attachment.id
+                    return [fd]
+                if segment.writer is not None:
+                    raise Busy(f'segment {name} is already attached "rw" on node {self.node_id}')
+                segment.writer = Segment.PENDING
+        if segment is None:
+            self._attach_elsewhere(session, validate.check_name(name), mode)  # always raises
+        return self._attach_writer(session, segment, response)
+
+    def _attach_elsewhere(self, session: Session, name: str, mode: str) -> None:
+        """Attach of a name this agent does not hold: raise why it cannot be served."""
+        info = self.coordinator.call("GetSegment", coordinator_pb2.GetSegmentRequest(name=name))
+        if info.state == types_pb2.SEGMENT_STATE_DELETING:
+            raise NotFound(f"segment {name} is being deleted")
+        self._check_access(info, session, mode)
+        if info.home == self.node_id:
+            raise Unavailable(f"segment {name} (id {info.id}) is homed on node {self.node_id} "
+                              "but its memory is not held here")
+        raise Unavailable(
+            f"remote attach of segment {name} (home {info.home}) is not supported yet")
+
+    def _attach_writer(self, session: Session, segment: Segment,
+                       response: local_pb2.LocalResponse) -> list[int]:
+        """The "rw" attach of a home segment: take the cluster-wide writer lock first."""
+        try:
+            lock = self.coordinator.call("AcquireWriter", coordinator_pb2.AcquireWriterRequest(
+                caller=session.caller, name=segment.name, ttl_seconds=self.config.writer_ttl))
+        except BaseException:
+            with self._lock:
+                if segment.writer is Segment.PENDING:
+                    segment.writer = None
+            raise
+        with self._lock:
+            if segment.writer is Segment.PENDING:
+                segment.writer = None
+            gone = segment.deleting or segment.freed
+            if not gone:
+                fd = os.dup(segment.fd)
+                attachment = self._add_attachment_locked(session, segment, "rw", lock.token,
+                                                         lock.lease_id)
+                segment.writer = attachment
+                self._writers[attachment.id] = attachment
+                body = response.attach
+                body.segment.CopyFrom(segment.info)
+                body.attachment_id = attachment.id
+                body.writable = True
+                body.token = lock.token
+        if gone:
+            self._release_writer(segment.name, lock.token, lock.lease_id)
+            raise NotFound(f"segment {segment.name} is being deleted")
+        return [fd]
+
+    def _check_access(self, info: types_pb2.SegmentInfo, session: Session, mode: str) -> None:
+        if not store_mod.may_attach(info, session.uid, session.gid, mode):
+            raise PermissionDenied(
+                f"permission denied: uid {session.uid} gid {session.gid} may not attach "
+                f"segment {info.name} (mode 0o{info.mode:03o}, owner {info.uid}:{info.gid}) "
+                f"{mode!r}")
+
+    def _add_attachment_locked(self, session: Session, segment: Segment, mode: str,
+                               token: int = 0, lease_id: int = 0) -> Attachment:
+        attachment = Attachment(next(self._attachment_ids), segment, mode, session, token,
+                                lease_id)
+        session.attachments[attachment.id] = attachment
+        segment.attachments += 1
+        self._dirty[segment.id] = segment
+        self._wake_reporter()
+        return attachment
+
+    def _wake_reporter(self) -> None:
+        if not self._report_wake.is_set():  # set() takes a lock and notifies: skip if set
+            self._report_wake.set()
+
+    def detach(self, session: Session, request: local_pb2.DetachRequest,
+               response: local_pb2.LocalResponse) -> list[int]:
+        with self._lock:
+            attachment = session.attachments.pop(request.attachment_id, None)
+            if attachment is None:
+                raise NotFound(f"no attachment {request.attachment_id} on this connection")
+            action = self._detach_locked(attachment)
+        self._wake_reporter()
+        if action[0] is not None or action[1] is not None:
+            self._after_detach(*action)
+        response.detach.SetInParent()
+        return []
+
+    def _detach_locked(self, attachment: Attachment):
+        """Drop ``attachment`` from its segment; returns what ``_after_detach`` must do."""
+        segment = attachment.segment
+        segment.attachments -= 1
+        writer = None
+        if attachment.mode == "rw":
+            self._writers.pop(attachment.id, None)
+            if segment.writer is attachment:
+                segment.writer = None
+            if not attachment.fenced:
+                writer = (segment.name, attachment.token, attachment.lease_id)
+        free = None
+        if not segment.freed:
+            self._dirty[segment.id] = segment
+            if segment.deleting and segment.attachments <= 0:
+                self._remove_locked(segment)
+                free = segment
+        return writer, free
+
+    def _after_detach(self, writer, free: Segment | None) -> None:
+        if writer is not None:
+            self._release_writer(*writer)
+        if free is not None:
+            self._free(free)
+
+    def _cleanup_timeout(self) -> float:
+        if self._stop.is_set():
+            return min(self.config.rpc_timeout, _SHUTDOWN_RPC_TIMEOUT)
+        return self.config.rpc_timeout
+
+    def _release_writer(self, name: str, token: int, lease_id: int) -> None:
+        try:
+            self.coordinator.call("ReleaseWriter", coordinator_pb2.ReleaseWriterRequest(
+                name=name, token=token, lease_id=lease_id), self._cleanup_timeout())
+        except VasError as exc:  # the lease runs out on its own within writer_ttl
+            log.warning("cannot release the writer lock of %s (token %d): %s", name, token, exc)
+
+    def stat(self, session: Session, request: coordinator_pb2.GetSegmentRequest,
+             response: local_pb2.LocalResponse) -> list[int]:
+        name = validate.check_name(request.name)
+        response.segment.CopyFrom(self.coordinator.call(
+            "GetSegment", coordinator_pb2.GetSegmentRequest(name=name)))
+        return []
+
+    def list(self, session: Session, request: coordinator_pb2.ListSegmentsRequest,
+             response: local_pb2.LocalResponse) -> list[int]:
+        response.list.CopyFrom(self.coordinator.call("ListSegments", request))
+        return []
+
+    def delete(self, session: Session, request: local_pb2.DeleteRequest,
+               response: local_pb2.LocalResponse) -> list[int]:
+        name = validate.check_name(request.name)
+        info = self.coordinator.call("DeleteSegment", coordinator_pb2.DeleteSegmentRequest(
+            caller=session.caller, name=name, force=request.force))
+        response.segment.CopyFrom(info)
+        if info.home == self.node_id:
+            try:
+                self.release_segment(info.name, info.id, request.force)
+            except NotFound:  # homed here but not held (e.g. before a restart): nothing to free
+                self._finish_delete(info.name, info.id, own=True)
+        else:
+            self._release_remote(info, request.force)
+        return []
+
+    def _release_remote(self, info: types_pb2.SegmentInfo, force: bool) -> None:
+        """Ask the home agent of ``info`` to free it; finish ourselves if nobody holds it."""
+        nodes = self.coordinator.call("ListNodes", coordinator_pb2.ListNodesRequest()).nodes
+        home = next((node for node in nodes if node.id == info.home), None)
+        if home is None:
+            log.info("home %s of deleted segment %s is gone; finishing the delete",
+                     info.home, info.name)
+            self._finish_delete(info.name, info.id)
+            return
+        try:
+            self.peers.release_segment(home.address, info.name, info.id, force)
+        except NotFound:
+            self._finish_delete(info.name, info.id)
+        except VasError as exc:  # the home agent also acts on the deleting mark it watches
+            log.warning("cannot ask node %s to release segment %s: %s", info.home, info.name, exc)
+
+    def chmod(self, session: Session, request: local_pb2.ChmodRequest,
+              response: local_pb2.LocalResponse) -> list[int]:
+        name = validate.check_name(request.name)
+        mode = validate.check_mode(request.mode)
+        info = self.coordinator.call("SetSegmentMode", coordinator_pb2.SetSegmentModeRequest(
+            caller=session.caller, name=name, mode=mode))
+        self._update_cached(info)
+        response.segment.CopyFrom(info)
+        return []
+
+    def chown(self, session: Session, request: local_pb2.ChownRequest,
+              response: local_pb2.LocalResponse) -> list[int]:
+        name = validate.check_name(request.name)
+        info = self.coordinator.call("SetSegmentOwner", coordinator_pb2.SetSegmentOwnerRequest(
+            caller=session.caller, name=name, uid=request.uid, gid=request.gid))
+        self._update_cached(info)
+        response.segment.CopyFrom(info)
+        return []
+
+    def nodes(self, session: Session, request: coordinator_pb2.ListNodesRequest,
+              response: local_pb2.LocalResponse) -> list[int]:
+        response.nodes.CopyFrom(self.coordinator.call("ListNodes", request))
+        return []
+
+    def status(self, session: Session, request: coordinator_pb2.ClusterStatusRequest,
+               response: local_pb2.LocalResponse) -> list[int]:
+        response.status.CopyFrom(self.coordinator.call("ClusterStatus", request))
+        return []
+
+    def space(self, session: Session, request: local_pb2.LocalSpaceRequest,
+              response: local_pb2.LocalResponse) -> list[int]:
+        """Space operations: checked, then forwarded with the caller filled in."""
+        op = request.WhichOneof("op")
+        call = self.coordinator.call
+        if op == "create":
+            response.space_info.CopyFrom(call("CreateSpace", coordinator_pb2.CreateSpaceRequest(
+                caller=session.caller, name=validate.check_name(request.create.name, "space"),
+                mode=validate.check_mode(request.create.mode))))
+        elif op == "get":
+            response.space_info.CopyFrom(call("GetSpace", coordinator_pb2.GetSpaceRequest(
+                name=validate.check_name(request.get.name, "space"))))
+        elif op == "list":
+            response.spaces.CopyFrom(call("ListSpaces", request.list))
+        elif op == "delete":
+            call("DeleteSpace", coordinator_pb2.DeleteSpaceRequest(
+                caller=session.caller, name=validate.check_name(request.delete.name, "space")))
+            response.empty.SetInParent()
+        elif op == "add":
+            response.space_info.CopyFrom(call("SpaceAdd", coordinator_pb2.SpaceAddRequest(
+                caller=session.caller, space=validate.check_name(request.add.space, "space"),
+                segment=validate.check_name(request.add.segment),
+                mode=validate.check_attach_mode(request.add.mode))))
+        elif op == "remove":
+            response.space_info.CopyFrom(call("SpaceRemove", coordinator_pb2.SpaceRemoveRequest(
+                caller=session.caller, space=validate.check_name(request.remove.space, "space"),
+                segment=validate.check_name(request.remove.segment))))
+        else:
+            raise Unimplemented("unknown space operation")
+        return []
+
+    # ------------------------------------------------------------------ deletion
+
+    def release_segment(self, name: str, segment_id: int, force: bool) -> bool:
+        """Free home segment ``segment_id`` once unattached (at once if ``force``).
+
+        Called for a local delete, by another agent (Node.ReleaseSegment), and
+        for a deleting mark seen on the watch. Returns True when freed now.
+        Raises NotFound if this agent does not hold that id.
+        """
+        with self._lock:
+            segment = self.store.by_id.get(segment_id)
+            done = self._freeing.get(segment_id)
+            if segment is None and done is None:
+                if segment_id in self._tombstones:  # create still in flight
+                    return False
+                raise NotFound(f"segment {name} (id {segment_id}) is not held by node "
+                               f"{self.node_id}")
+        if segment is None:  # being freed by another thread: wait until it finished
+            done.wait(self.config.rpc_timeout)
+            return True
+        return self._begin_delete(segment, finish=True, force=force)
+
+    def _begin_delete(self, segment: Segment, *, finish: bool, force: bool) -> bool:
+        """Mark ``segment`` deleting; free it now if unattached or ``force``.
+
+        ``finish``: the coordinator's record still exists and needs FinishDelete
+        after the pages are gone (False when the record vanished, e.g. ttl expiry).
+        """
+        revoked: list[Attachment] = []
+        done = None
+        free_now = False
+        with self._lock:
+            segment.finish = segment.finish or finish
+            first = not segment.deleting
+            if first:
+                segment.deleting = True
+                self.store.unname(segment)
+            if segment.freed:
+                # Another thread frees it (e.g. the watch saw the deleting mark first):
+                # return once it is done, so the name is free when the delete returns.
+                done = self._freeing.get(segment.id)
+            elif segment.attachments > 0 and not force:
+                if first:
+                    log.info("segment %s (id %d) deleting: freed at its last detach "
+                             "(%d attached)", segment.name, segment.id, segment.attachments)
+                return False
+            else:
+                if segment.attachments > 0:  # force: revoke; the sessions keep stale entries
+                    revoked = [a for a in self._writers.values() if a.segment is segment]
+                    for attachment in revoked:
+                        attachment.fenced = True
+                        del self._writers[attachment.id]
+                    segment.writer = None
+                    log.info("segment %s (id %d) force-deleted with %d attachments",
+                             segment.name, segment.id, segment.attachments)
+                self._remove_locked(segment)
+                free_now = True
+        if not free_now:
+            if done is not None:
+                done.wait(self.config.rpc_timeout)
+            return True
+        self._report_wake.set()
+        for attachment in revoked:
+            self._release_writer(segment.name, attachment.token, attachment.lease_id)
+        self._free(segment)
+        return True
+
+    def _remove_locked(self, segment: Segment) -> None:
+        """Stop holding ``segment``; the caller then ``_free``\\ s it outside the lock."""
+        self.store.remove(segment)
+        self._dirty[segment.id] = segment  # reports count 0: the coordinator drops it
+        self._freeing[segment.id] = threading.Event()
+
+    def _free(self, segment: Segment) -> None:
+        """Give back the memory of a removed segment and, if needed, finish its delete."""
+        try:
+            store_mod.release(segment.fd, segment.ro_fd, segment.size)
+            log.info("freed segment %s (id %d, %d bytes)", segment.name, segment.id, segment.size)
+            if segment.finish:
+                self._finish_delete(segment.name, segment.id)
+        finally:
+            with self._lock:
+                done = self._freeing.pop(segment.id, None)
+            if done is not None:
+                done.set()
+
+    def _finish_delete(self, name: str, segment_id: int, own: bool = False) -> None:
+        """Remove the coordinator's record of a freed segment (retried in the background).
+
+        ``own``: a segment homed here that we do not hold; remember its id in
+        case its create is still in flight in another thread.
+        """
+        if own:
+            self._tombstone(segment_id, False)
+        try:
+            self.coordinator.call("FinishDelete", coordinator_pb2.FinishDeleteRequest(
+                name=name, id=segment_id), self._cleanup_timeout())
+            with self._lock:
+                self._unfinished.pop(segment_id, None)
+        except VasError as exc:
+            log.warning("FinishDelete of %s (id %d) failed: %s; will retry", name, segment_id, exc)
+            with self._lock:
+                self._unfinished[segment_id] = name
+
+    def _tombstone(self, segment_id: int, finish: bool) -> None:
+        with self._lock:
+            self._tombstones[segment_id] = finish
+            while len(self._tombstones) > _MAX_TOMBSTONES:
+                self._tombstones.popitem(last=False)
+
+    # ------------------------------------------------------------------ cluster events
+
+    def _update_cached(self, info: types_pb2.SegmentInfo) -> Segment | None:
+        """Adopt a newer record of a held segment; returns the segment if held."""
+        with self._lock:
+            segment = self.store.by_id.get(info.id)
+            if segment is not None and not segment.freed:
+                segment.info = info
+            return segment
+
+    def apply_event(self, event: coordinator_pb2.WatchEvent) -> None:
+        """React to one Watch event (PUT: new record; DELETE: record removed)."""
+        info = event.segment
+        if event.type == coordinator_pb2.WatchEvent.TYPE_DELETE and not info.id:
+            # The last record was compacted away and only the name is known: the
+            # segment this agent holds under that name is the one that went.
+            with self._lock:
+                segment = self.store.by_name.get(info.name)
+            if segment is not None:
+                info = segment.info
+        if info.home != self.node_id or not info.id:
+            return
+        if event.type == coordinator_pb2.WatchEvent.TYPE_PUT:
+            segment = self._update_cached(info)
+            if info.state == types_pb2.SEGMENT_STATE_DELETING:
+                if segment is None:
+                    self._tombstone(info.id, True)
+                elif not segment.deleting:
+                    self._begin_delete(segment, finish=True, force=False)
+        elif event.type == coordinator_pb2.WatchEvent.TYPE_DELETE:
+            with self._lock:
+                segment = self.store.by_id.get(info.id)
+            if segment is None:
+                self._tombstone(info.id, False)
+            else:
+                log.info("segment %s (id %d) was removed from the cluster (ttl or delete)",
+                         info.name, info.id)
+                self._begin_delete(segment, finish=False, force=False)
+
+    def _reconcile(self) -> None:
+        """After a watch gap: compare held segments with the coordinator's records."""
+        with self._lock:
+            held = list(self.store)  # before listing: later creates are not in the listing
+        records: dict[int, types_pb2.SegmentInfo] = {}
+        token = ""
+        while True:
+            page = self.coordinator.call("ListSegments", coordinator_pb2.ListSegmentsRequest(
+                page_token=token))
+            for info in page.segments:
+                records[info.id] = info
+            token = page.next_page_token
+            if not token:
+                break
+        for segment in held:
+            info = records.get(segment.id)
+            event = coordinator_pb2.WatchEvent
+            self.apply_event(event(type=event.TYPE_PUT, segment=info) if info else
+                             event(type=event.TYPE_DELETE, segment=segment.info))
+
+    # ------------------------------------------------------------------ background threads
+
+    def _heartbeat_loop(self) -> None:
+        interval = self._node_ttl / 3
+        while not self._stop.wait(interval):
+            interval = self._node_ttl / 3
+            with self._lock:
+                request = coordinator_pb2.HeartbeatRequest(
+                    node_id=self.node_id, lease_id=self._lease_id, memory_used=self.store.used,
+                    segments=len(self.store), state=types_pb2.NODE_STATE_READY)
+                unfinished = dict(self._unfinished)
+            try:
+                self.coordinator.call("Heartbeat", request)
+            except NotFound:
+                log.warning("node lease of %s expired; registering again", self.node_id)
+                try:
+                    self._register_once()
+                except VasError as exc:
+                    log.warning("cannot register again: %s", exc)
+                    interval = min(interval, 1.0)
+            except VasError as exc:
+                log.warning("heartbeat of %s failed: %s", self.node_id, exc)
+                interval = min(interval, 1.0)
+            for segment_id, name in unfinished.items():
+                self._finish_delete(name, segment_id)
+
+    def _watch_loop(self) -> None:
+        revision = 0          # last applied event's revision (0 = none yet)
+        resync = False        # held records may be stale: reconcile once watching
+        backoff = 0.1
+        failures = 0          # consecutive failed attempts to resume at revision + 1
+        while not self._stop.is_set():
+            call = self.coordinator.watch(coordinator_pb2.WatchRequest(
+                prefix="", start_revision=revision + 1 if revision else 0))
+            self._watch_call = call
+            if self._stop.is_set():  # stop() may have looked before the assignment
+                call.cancel()
+            try:
+                for event in call:
+                    if event.type == coordinator_pb2.WatchEvent.TYPE_CREATED:
+                        if not revision:
+                            revision = event.revision
+                        if resync:
+                            self._reconcile()
+                            resync = False
+                        backoff, failures = 0.1, 0
+                        continue
+                    revision = max(revision, event.revision)
+                    try:
+                        self.apply_event(event)
+                    except Exception:  # one bad event must not end the watch
+                        log.exception("cannot apply watch event %s", event)
+                if self._stop.is_set():
+                    return
+                log.info("watch stream ended; reconnecting")
+            except grpc.RpcError as exc:
+                if self._stop.is_set():
+                    return
+                failures += 1
+                # A compacted revision cannot be resumed; whatever status the coordinator
+                # maps that to, a resume that keeps failing falls back to a fresh watch.
+                if revision and (failures >= 3 or exc.code() in (
+                        grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.INVALID_ARGUMENT,
+                        grpc.StatusCode.FAILED_PRECONDITION)):
+                    log.warning("watch cannot resume at revision %d (%s); resyncing",
+                                revision + 1, exc.details())
+                    revision, resync = 0, True
+                else:
+                    log.warning("watch failed: %s %s; retrying", exc.code().name, exc.details())
+            except VasError as exc:  # from _reconcile
+                log.warning("watch resync failed: %s; retrying", exc)
+            finally:
+                self._watch_call = None
+            if self._stop.wait(backoff):
+                return
+            backoff = min(backoff * 2, _MAX_BACKOFF)
+
+    def _report_loop(self) -> None:
+        while True:
+            self._report_wake.wait()
+            if self._stop.wait(self.config.report_delay):
+                return
+            self._report_wake.clear()
+            with self._lock:
+                dirty, self._dirty = self._dirty, {}
+                lease = self._lease_id
+                counts = [coordinator_pb2.AttachmentCount(
+                    name=s.name, id=s.id, count=0 if s.freed else max(0, s.attachments))
+                    for s in dirty.values()]
+            if not counts:
+                continue
+            try:
+                self.coordinator.call("ReportAttachments", coordinator_pb2.ReportAttachmentsRequest(
+                    node_id=self.node_id, lease_id=lease, counts=counts))
+            except VasError as exc:
+                log.warning("cannot report attachments: %s; retrying", exc)
+                with self._lock:
+                    for segment_id, segment in dirty.items():
+                        self._dirty.setdefault(segment_id, segment)
+                self._report_wake.set()
+                if self._stop.wait(1.0):
+                    return
+
+    def _writer_keepalive_loop(self) -> None:
+        interval = max(self.config.writer_ttl / 3, 0.1)
+        while not self._stop.wait(interval):
+            with self._lock:
+                writers = list(self._writers.values())
+            for attachment in writers:
+                if attachment.fenced:
+                    continue
+                try:
+                    self.coordinator.call("RenewWriter", coordinator_pb2.RenewWriterRequest(
+                        name=attachment.segment.name, token=attachment.token,
+                        lease_id=attachment.lease_id))
+                except Fenced as exc:
+                    log.warning("writer lock of %s (token %d) lapsed: %s", attachment.segment.name,
+                                attachment.token, exc)
+                    with self._lock:
+                        attachment.fenced = True
+                        self._writers.pop(attachment.id, None)
+                        if attachment.segment.writer is attachment:
+                            attachment.segment.writer = None
+                except VasError as exc:
+                    log.warning("cannot renew the writer lock of %s: %s", attachment.segment.name,
+                                exc)

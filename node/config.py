@@ -1,0 +1,65 @@
+"""Configuration of a node agent: one dataclass, with the defaults as DEFAULT_* constants.
+
+Flags and ``VAS_*`` environment variables are mapped onto it in one place
+(vas/cli/daemons.py); tests build it directly and call ``vas.node.server.serve``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+#: host:port of the Node gRPC service; port 0 picks a free port.
+DEFAULT_LISTEN = "127.0.0.1:0"
+#: Path of the local Unix socket clients connect to.
+DEFAULT_SOCKET = "/run/vas/node.sock"
+#: Segment memory capacity in bytes (1 GiB).
+DEFAULT_MEMORY = 1 << 30
+#: TTL in seconds of the node's etcd lease; the agent heartbeats every ttl/3.
+DEFAULT_HEARTBEAT_TTL = 10
+#: TTL in seconds of a writer-lock lease; the agent renews it every ttl/3 while the
+#: "rw" attachment's connection lives.
+DEFAULT_WRITER_TTL = 10
+#: Seconds the agent gathers attachment changes before reporting them to the coordinator.
+DEFAULT_REPORT_DELAY = 0.05
+#: Deadline in seconds of one unary call to the coordinator or to another agent.
+DEFAULT_RPC_TIMEOUT = 10.0
+#: Seconds SIGTERM waits for in-flight gRPC calls before cancelling them.
+DEFAULT_SHUTDOWN_GRACE = 5.0
+
+
+@dataclass
+class NodeConfig:
+    """Everything ``serve`` needs to run one node agent.
+
+    :param coordinator: host:port of a coordinator.
+    :param listen: host:port for the Node gRPC service (port 0 = pick one).
+    :param socket: path of the local Unix socket (parent directories are created;
+        a stale socket file is replaced; mode 0666, access is checked per caller).
+    :param memory: capacity for segment memory, bytes (sum of held segment sizes).
+    :param data_dir: directory that keeps segments across restarts (later issue;
+        accepted and ignored today).
+    :param node_id: unique node id; default ``"<hostname>:<grpc port>"``.
+    :param advertise: host:port other agents use to reach this one; default the
+        listen address with the real port (the hostname when listening on a wildcard).
+    :param heartbeat_ttl: node lease TTL, seconds.
+    :param writer_ttl: writer-lock lease TTL, seconds.
+    :param report_delay: attachment-report debounce, seconds.
+    :param rpc_timeout: deadline of one outgoing unary gRPC call, seconds.
+    :param shutdown_grace: grace period of the gRPC server stop on SIGTERM, seconds.
+
+    Example::
+
+        serve(NodeConfig(coordinator="127.0.0.1:7300", socket="/tmp/n1.sock", memory=1 << 30))
+    """
+
+    coordinator: str
+    listen: str = DEFAULT_LISTEN
+    socket: str = DEFAULT_SOCKET
+    memory: int = DEFAULT_MEMORY
+    data_dir: str | None = None
+    node_id: str | None = None
+    advertise: str | None = None
+    heartbeat_ttl: int = DEFAULT_HEARTBEAT_TTL
+    writer_ttl: int = DEFAULT_WRITER_TTL
+    report_delay: float = DEFAULT_REPORT_DELAY
+    rpc_timeout: float = DEFAULT_RPC_TIMEOUT
+    shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE

@@ -1,0 +1,180 @@
+"""``serve(config)``: run one node agent until SIGTERM/SIGINT.
+
+Start-up order: bind the gRPC port (the default node id needs the real port),
+bind the local socket, register with the coordinator (retrying until it
+answers), start the background threads, accept local connections, report
+SERVING on grpc.health.v1 and print the ready line.
+
+Shutdown (SIGTERM/SIGINT) runs in the reverse spirit: health NOT_SERVING, stop
+accepting local connections, stop the background threads, deregister (the node
+record and its attachment reports vanish at once), close every local connection
+(their writer locks are released as at EOF), stop the gRPC server with a grace
+period, free the segments and remove the socket file. The process exits 0.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import signal
+import socket
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from vas.errors import InvalidArgument
+from vas.node.agent import Agent
+from vas.node.clients import CHANNEL_OPTIONS
+from vas.node.config import NodeConfig
+from vas.node.local import LocalServer
+from vas.node.service import NodeServicer
+from vas.proto import node_pb2, node_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+_NODE_SERVICE = node_pb2.DESCRIPTOR.services_by_name["Node"].full_name
+_WILDCARDS = {"", "0.0.0.0", "::", "[::]"}
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    """("host", port) of "host:port" or "[v6]:port"; InvalidArgument if malformed."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise InvalidArgument(f"invalid address {address!r}: expected HOST:PORT")
+    return host, int(port)
+
+
+class NodeServer:
+    """One agent's gRPC server, local socket server and ``Agent``, started and stopped together."""
+
+    def __init__(self, config: NodeConfig):
+        if config.memory < 0:
+            raise InvalidArgument(f"invalid memory {config.memory}: must be >= 0 bytes")
+        if config.heartbeat_ttl < 1 or config.writer_ttl < 1:
+            raise InvalidArgument("heartbeat_ttl and writer_ttl must be at least 1 second")
+        self.config = config
+        self.address = ""       # host:port the gRPC server listens on (real port)
+        self.agent: Agent | None = None
+        self.local: LocalServer | None = None
+        self.health = health.HealthServicer(experimental_non_blocking=True)
+        self._grpc: grpc.Server | None = None
+
+    def start(self, stop: threading.Event) -> bool:
+        """Start everything; False if ``stop`` was set while waiting for the coordinator."""
+        config = self.config
+        _raise_fd_limit()
+        host, _ = split_host_port(config.listen)
+        self._grpc = grpc.server(ThreadPoolExecutor(max_workers=8,
+                                                    thread_name_prefix="vas-node-grpc"),
+                                 options=CHANNEL_OPTIONS)
+        try:
+            port = self._grpc.add_insecure_port(config.listen)
+        except RuntimeError as exc:
+            raise OSError(f"cannot listen on {config.listen}: {exc}") from exc
+        if not port:
+            raise OSError(f"cannot listen on {config.listen}")
+        self.address = f"{host}:{port}"
+        node_id = config.node_id or f"{socket.gethostname()}:{port}"
+        advertise = config.advertise or (
+            f"{socket.gethostname()}:{port}" if host in _WILDCARDS else self.address)
+
+        self.agent = Agent(config, node_id, advertise, os.path.abspath(config.socket))
+        node_pb2_grpc.add_NodeServicer_to_server(NodeServicer(self.agent), self._grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
+        reflection.enable_server_reflection(
+            (_NODE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc)
+        for service in ("", _NODE_SERVICE):
+            self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self._grpc.start()
+
+        self.local = LocalServer(config.socket, self.agent)
+        self.local.bind()
+        if not self.agent.register(stop):
+            return False
+        self.agent.start()
+        self.local.start()
+        for service in ("", _NODE_SERVICE):
+            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        if config.data_dir:
+            log.warning("--data-dir %s is not used yet: segments do not survive a restart",
+                        config.data_dir)
+        log.info("node %s serving gRPC on %s (advertised %s), socket %s, memory %d bytes",
+                 node_id, self.address, advertise, self.local.path, config.memory)
+        return True
+
+    def stop(self) -> None:
+        """Graceful shutdown (see the module docstring); safe after a partial start."""
+        self.health.enter_graceful_shutdown()
+        if self.local is not None:
+            self.local.stop_accepting()
+        if self.agent is not None:
+            self.agent.stop()
+            self.agent.deregister()
+        if self.local is not None:
+            self.local.close_connections()
+        if self._grpc is not None:
+            self._grpc.stop(self.config.shutdown_grace).wait()
+        if self.agent is not None:
+            self.agent.free_all()
+            self.agent.close()
+        if self.local is not None:
+            self.local.remove_socket_file()
+        log.info("node stopped")
+
+
+def _raise_fd_limit() -> None:
+    """Each held segment keeps two fds and each client one: lift the soft limit to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, hard, exc)
+
+
+def _setup_logging() -> None:
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(
+            level=os.environ.get("VAS_LOG_LEVEL", "INFO").upper(), stream=sys.stderr,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def serve(config: NodeConfig, stop: threading.Event | None = None) -> None:
+    """Run a node agent until SIGTERM or SIGINT (or ``stop`` is set), then shut down gracefully.
+
+    Prints ``vas node NODE_ID listening on HOST:PORT socket PATH`` on stdout once
+    registered and accepting local connections.
+
+    :param config: the agent's configuration.
+    :param stop: an event that ends the agent like SIGTERM (for embedding; the
+        signal handlers are installed only in the main thread).
+    :raises InvalidArgument: for a bad configuration.
+    :raises OSError: when the gRPC port or the socket path cannot be bound.
+
+    Example::
+
+        serve(NodeConfig(coordinator="127.0.0.1:7300", socket="/run/vas/node.sock"))
+    """
+    _setup_logging()
+    stop = stop or threading.Event()
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            previous[signum] = signal.signal(signum, lambda *_: stop.set())
+    node = NodeServer(config)
+    try:
+        if node.start(stop):
+            print(f"vas node {node.agent.node_id} listening on {node.address} "
+                  f"socket {node.local.path}", flush=True)
+            while not stop.wait(1.0):
+                pass
+            log.info("shutting down")
+    finally:
+        node.stop()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

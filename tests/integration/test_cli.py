@@ -1,0 +1,251 @@
+"""vasctl as users run it (a process per command) against a real two-node cluster.
+
+Checks exit codes (0 ok, 1 error, 2 usage), that every error is one line on
+stderr, the JSON fields of listings, a put/get round trip, and `vasctl up`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+import vas
+from vas.cluster import LocalCluster
+
+MiB = 1 << 20
+NODE_MEMORY = 256 * MiB
+VASCTL = [sys.executable, "-P", "-m", "vas.cli"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    path = tempfile.mkdtemp(prefix="vas-it-cli-")
+    os.chmod(path, 0o755)
+    try:
+        with LocalCluster(path, nodes=2, memory=NODE_MEMORY) as running:
+            yield running
+    finally:
+        subprocess.run(["rm", "-rf", path], check=False)
+
+
+@pytest.fixture(scope="module")
+def vasctl(cluster):
+    env = {**os.environ, **cluster.env()}
+
+    def run(*args, input: bytes | None = None, expect: int | None = 0):
+        proc = subprocess.run([*VASCTL, *map(str, args)], env=env, input=input,
+                              capture_output=True, timeout=120, cwd="/")
+        if expect is not None:
+            assert proc.returncode == expect, (args, proc.returncode, proc.stderr.decode())
+        return proc
+
+    return run
+
+
+def one_error_line(proc) -> str:
+    err = proc.stderr.decode()
+    assert err.count("\n") == 1, err
+    return err.rstrip("\n")
+
+
+def test_create_ls_stat_json(vasctl):
+    out = vasctl("seg", "create", "cli/a", "--size", "3MiB", "--mode", "640").stdout.decode()
+    assert out.splitlines()[0].split() == ["NAME", "SIZE", "ADDRESS", "MODE", "OWNER", "HOME",
+                                           "VERSION", "STATE", "ATTACH"]
+    row = out.splitlines()[1].split()
+    assert row[:3] == ["cli/a", "3.0", "MiB"] and re.fullmatch(r"0x[0-9a-f]+", row[3])
+    assert row[4] == "0640" and row[6] == "node1"
+
+    listing = json.loads(vasctl("seg", "ls", "cli/", "-o", "json").stdout)
+    (seg,) = listing
+    assert set(seg) == {"name", "id", "size", "address", "mode", "uid", "gid", "home",
+                        "replicas", "version", "state", "attachments", "created", "expires"}
+    assert (seg["name"], seg["size"], seg["mode"], seg["home"], seg["uid"], seg["state"]) == \
+        ("cli/a", 3 * MiB, 0o640, "node1", os.getuid(), "ready")
+    assert seg["address"] == int(row[3], 16) and seg["expires"] is None
+
+    stat = json.loads(vasctl("seg", "stat", "cli/a", "-o", "json").stdout)
+    assert stat == seg
+    text = vasctl("seg", "stat", "cli/a").stdout.decode()
+    assert re.search(r"^mode\s+0640$", text, re.M) and f"0x{seg['address']:x}" in text
+
+    table = vasctl("seg", "ls").stdout.decode()
+    assert any(line.split()[0] == "cli/a" for line in table.splitlines()[1:])
+    vasctl("seg", "chmod", "cli/a", "604")
+    vasctl("seg", "chown", "cli/a", "4321:4322")
+    seg = json.loads(vasctl("seg", "stat", "cli/a", "-o", "json").stdout)
+    assert (seg["mode"], seg["uid"], seg["gid"]) == (0o604, 4321, 4322)
+    vasctl("seg", "rm", "cli/a")
+    assert json.loads(vasctl("seg", "ls", "cli/", "-o", "json").stdout) == []
+
+
+def test_put_get_round_trip(vasctl, tmp_path):
+    payload = os.urandom(17 * MiB + 321)  # more than two 8 MiB chunks
+    source = tmp_path / "in.bin"
+    source.write_bytes(payload)
+    vasctl("seg", "create", "cli/data", "--size", "32MiB")
+    vasctl("seg", "put", "cli/data", source)
+    got = vasctl("seg", "get", "cli/data", "--length", len(payload)).stdout
+    assert hashlib.sha256(got).hexdigest() == hashlib.sha256(payload).hexdigest()
+
+    # stdin in, a file out, at an offset; the rest of the segment is untouched.
+    vasctl("seg", "put", "cli/data", "-", "--offset", "4KiB", input=b"0123456789")
+    out = tmp_path / "out.bin"
+    proc = vasctl("seg", "get", "cli/data", "--offset", 4096, "--length", 10, "-o", out)
+    assert proc.stdout == b"" and out.read_bytes() == b"0123456789"
+    whole = vasctl("seg", "get", "cli/data").stdout
+    assert len(whole) == 32 * MiB
+    assert whole[:4096] == payload[:4096] and whole[4106:len(payload)] == payload[4106:]
+    vasctl("seg", "rm", "cli/data")
+
+
+def test_errors_exit_1_with_one_line(vasctl, tmp_path):
+    vasctl("seg", "create", "cli/small", "--size", "8KiB")
+    big = tmp_path / "big.bin"
+    big.write_bytes(b"x" * 8193)
+
+    proc = vasctl("seg", "put", "cli/small", big, expect=1)
+    assert one_error_line(proc) == (f"vasctl: error: {big} (8193 bytes) does not fit in "
+                                    "segment cli/small of 8192 bytes at offset 0")
+    proc = vasctl("seg", "put", "cli/small", "-", input=b"y" * 8193, expect=1)
+    assert one_error_line(proc) == ("vasctl: error: stdin does not fit in segment cli/small "
+                                    "of 8192 bytes at offset 0")
+    proc = vasctl("seg", "get", "cli/small", "--offset", 8000, "--length", 200, expect=1)
+    assert one_error_line(proc) == \
+        "vasctl: error: range [8000, 8200) is outside segment cli/small of 8192 bytes"
+    proc = vasctl("seg", "create", "cli/small", "--size", "4096", expect=1)
+    assert one_error_line(proc).startswith("vasctl: error: ") and "cli/small" in proc.stderr.decode()
+    proc = vasctl("seg", "create", "cli/zero", "--size", "0", expect=1)
+    assert one_error_line(proc) == "vasctl: error: invalid size 0: must be > 0"
+    proc = vasctl("seg", "create", "cli/huge", "--size", "1GiB", expect=1)  # over --memory
+    assert one_error_line(proc).startswith("vasctl: error: ")
+    proc = vasctl("seg", "create", "/abs", "--size", "4096", expect=1)
+    assert one_error_line(proc) == "vasctl: error: invalid segment name '/abs': must not start with '/'"
+    for args in (("seg", "stat", "cli/none"), ("seg", "rm", "cli/none"),
+                 ("seg", "get", "cli/none"), ("seg", "chmod", "cli/none", "600"),
+                 ("space", "rm", "cli/nospace")):
+        proc = vasctl(*args, expect=1)
+        line = one_error_line(proc)
+        assert line.startswith("vasctl: error: ") and "cli/no" in line, line
+    proc = vasctl("seg", "put", "cli/small", tmp_path / "missing.bin", expect=1)
+    assert one_error_line(proc).startswith("vasctl: error: No such file or directory")
+    proc = vasctl("seg", "ls", "--node", tmp_path / "nowhere.sock", expect=1)
+    assert "cannot reach the vas agent at" in one_error_line(proc)
+    vasctl("seg", "rm", "cli/small")
+
+
+@pytest.mark.parametrize("args", [
+    ("seg", "create", "cli/u", "--size", "12XB"),
+    ("seg", "create", "cli/u", "--size", "1MiB", "--mode", "9"),
+    ("seg", "chmod", "cli/u", "rwx"),
+    ("seg", "ls", "--frobnicate"),
+    ("seg", "ls", "-o", "yaml"),
+])
+def test_usage_errors_exit_2(vasctl, args):
+    proc = vasctl(*args, expect=2)
+    assert one_error_line(proc).startswith("vasctl")
+    assert proc.stdout == b""
+
+
+def test_node_ls_and_status(vasctl, cluster):
+    nodes = json.loads(vasctl("node", "ls", "-o", "json").stdout)
+    assert [n["id"] for n in nodes] == ["node1", "node2"]
+    assert {n["socket"] for n in nodes} == {node.socket for node in cluster.nodes}
+    assert set(nodes[0]) == {"id", "address", "socket", "memory_total", "memory_used",
+                             "segments", "state"}
+    assert all(n["memory_total"] == NODE_MEMORY for n in nodes)
+    table = vasctl("node", "ls").stdout.decode().splitlines()
+    assert table[0].split()[:3] == ["ID", "ADDRESS", "SOCKET"] and len(table) == 3
+
+    status = json.loads(vasctl("status", "-o", "json").stdout)
+    assert status["local_node"] == "node1" and len(status["nodes"]) == 2
+    assert status["etcd"] and status["revision"] > 0
+    assert "nodes" in vasctl("status").stdout.decode()
+
+
+def test_spaces(vasctl):
+    vasctl("seg", "create", "cli/sp/a", "--size", "4096")
+    vasctl("seg", "create", "cli/sp/b", "--size", "4096")
+    vasctl("space", "create", "cli/space", "--mode", "640")
+    vasctl("space", "add", "cli/space", "cli/sp/a", "--mode", "rw")
+    vasctl("space", "add", "cli/space", "cli/sp/b")
+    (space,) = [s for s in json.loads(vasctl("space", "ls", "-o", "json").stdout)
+                if s["name"] == "cli/space"]
+    assert space["mode"] == 0o640
+    assert space["members"] == [{"segment": "cli/sp/a", "mode": "rw"},
+                                {"segment": "cli/sp/b", "mode": "r"}]
+    assert "cli/sp/a:rw,cli/sp/b:r" in vasctl("space", "ls").stdout.decode()
+    vasctl("space", "rm", "cli/space", "cli/sp/b")
+    (space,) = json.loads(vasctl("space", "ls", "cli/space", "-o", "json").stdout)
+    assert space["members"] == [{"segment": "cli/sp/a", "mode": "rw"}]
+    vasctl("space", "rm", "cli/space")
+    assert json.loads(vasctl("space", "ls", "cli/space", "-o", "json").stdout) == []
+    vasctl("seg", "rm", "cli/sp/a")
+    vasctl("seg", "rm", "cli/sp/b")
+
+
+# -- vasctl up ----------------------------------------------------------------------------
+
+def test_up_serves_until_sigterm():
+    directory = tempfile.mkdtemp(prefix="vas-it-up-")
+    proc = subprocess.Popen([*VASCTL, "up", "--nodes", "2", "--dir", directory, "--memory", "64MiB"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/")
+    try:
+        exports, sockets = {}, []
+        while len(sockets) < 2:
+            line = proc.stdout.readline()
+            assert line, f"vasctl up ended early: {proc.stderr.read()}"
+            if line.startswith("export "):
+                key, _, value = line[len("export "):].strip().partition("=")
+                exports[key] = value
+            elif line.startswith("#"):
+                sockets.append(line.split()[-1])
+        assert {"VAS_COORDINATOR", "VAS_NODE"} <= set(exports)
+        assert exports["VAS_NODE"] == sockets[0]
+        with vas.connect(exports["VAS_NODE"]) as c:
+            assert [n.socket for n in c.nodes()] == sockets
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        assert not any(os.path.exists(s) for s in sockets)  # the agents are gone
+        with pytest.raises(vas.Unavailable):
+            vas.connect(exports["VAS_NODE"])
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        subprocess.run(["rm", "-rf", directory], check=False)
+
+
+def test_up_sigint_stops_cleanly():
+    proc = subprocess.Popen([*VASCTL, "up", "--memory", "64MiB"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd="/")
+    try:
+        lines = []
+        while not any(line.startswith("#") for line in lines):
+            line = proc.stdout.readline()
+            assert line, f"vasctl up ended early: {proc.stderr.read()}"
+            lines.append(line)
+        socket_path = lines[-1].split()[-1]
+        directory = os.path.dirname(socket_path)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0
+        assert not os.path.exists(directory)  # its own temporary directory is removed
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_up_demo():
+    proc = subprocess.run([*VASCTL, "up", "--nodes", "2", "--memory", "128MiB", "--demo"],
+                          capture_output=True, text=True, timeout=300, cwd="/")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    digests = re.findall(r"sha256 ([0-9a-f]{64})", proc.stdout)
+    assert len(digests) == 3 and len(set(digests)) == 1, proc.stdout

@@ -1,0 +1,388 @@
+"""The Python client against a real local cluster (etcd, coordinator, two agents).
+
+One cluster serves the whole module; each test uses its own segment names.
+Child processes run with PYTHONSAFEPATH semantics (-P, cwd /) so they import
+the installed package.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+
+import pytest
+
+import vas
+from vas import _native
+from vas.cluster import LocalCluster
+
+np = pytest.importorskip("numpy")
+
+MiB = 1 << 20
+NODE_MEMORY = 256 * MiB
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    # A short, world-reachable directory: socket paths must fit in sun_path.
+    path = tempfile.mkdtemp(prefix="vas-it-client-")
+    os.chmod(path, 0o755)
+    try:
+        with LocalCluster(path, nodes=2, memory=NODE_MEMORY) as running:
+            yield running
+    finally:
+        subprocess.run(["rm", "-rf", path], check=False)
+
+
+@pytest.fixture(scope="module")
+def env(cluster):
+    return cluster.env()
+
+
+@pytest.fixture
+def client(env):
+    with vas.connect(env["VAS_NODE"]) as c:
+        yield c
+
+
+def run_child(code: str, env: dict) -> dict:
+    """Run ``code`` in a fresh interpreter; it prints one JSON line, returned parsed."""
+    proc = subprocess.run([sys.executable, "-P", "-c", textwrap.dedent(code)],
+                          env={**os.environ, **env}, capture_output=True, text=True,
+                          timeout=120, cwd="/")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+# -- lifecycle ---------------------------------------------------------------------
+
+def test_lifecycle(client):
+    info = client.create("life/a", 10_000, mode=0o640)
+    assert isinstance(info, vas.SegmentInfo)
+    assert (info.name, info.size, info.mode, info.uid, info.gid) == \
+        ("life/a", 12_288, 0o640, os.getuid(), os.getgid())
+    assert info.home == client.local_node.id == "node1"
+    assert info.state == "ready" and info.version == 0 and info.expires is None
+    assert info.address >= 0x200000000000 and info.address % (2 * MiB) == 0
+    assert client.stat("life/a") == info
+    assert client.create("life/a", 10_000, exist_ok=True).id == info.id
+
+    client.create("life/b", 4096)
+    assert [s.name for s in client.list("life/")] == ["life/a", "life/b"]
+    assert info.name in {s.name for s in client.list()}
+
+    with client.attach("life/a", "rw") as writer:
+        assert (writer.size, writer.mode, writer.info.id) == (12_288, "rw", info.id)
+        assert writer.write(100, b"hello") == 5
+        with client.attach("life/a") as reader:
+            assert reader.read(100, 5) == b"hello"
+            assert reader.buffer.readonly and not writer.buffer.readonly
+            wait_for(lambda: client.stat("life/a").attachments == 2, what="2 attachments")
+    wait_for(lambda: client.stat("life/a").attachments == 0, what="0 attachments")
+
+    assert client.chmod("life/a", 0o604).mode == 0o604
+    assert client.stat("life/a").mode == 0o604
+    client.chown("life/a", 12345, 23456)
+    assert (client.stat("life/a").uid, client.stat("life/a").gid) == (12345, 23456)
+
+    client.delete("life/a")
+    client.delete("life/b")
+    with pytest.raises(vas.NotFound):
+        client.stat("life/a")
+    assert client.list("life/") == []
+
+
+def test_segment_data_survives_the_creating_process(env, client):
+    written = run_child("""
+        import hashlib, json, os, vas
+        data = os.urandom(3 << 20)
+        with vas.connect() as c:
+            c.create("survive/x", len(data))
+            with c.attach("survive/x", "rw") as m:
+                m.write(0, data)
+        print(json.dumps({"sha": hashlib.sha256(data).hexdigest(), "pid": os.getpid()}))
+    """, env)
+    read = run_child("""
+        import hashlib, json, os, vas
+        with vas.connect() as c, c.attach("survive/x") as m:
+            print(json.dumps({"sha": hashlib.sha256(m.buffer).hexdigest(), "pid": os.getpid()}))
+    """, env)
+    assert read["sha"] == written["sha"] and read["pid"] != written["pid"]
+    client.delete("survive/x")
+
+
+def test_ndarray_is_zero_copy(client):
+    client.create("nd/a", 1 * MiB)
+    with client.attach("nd/a", "rw") as writer, client.attach("nd/a") as reader:
+        wide = writer.ndarray(np.float64)
+        assert wide.shape == (MiB // 8,) and wide.ctypes.data == writer.address
+        assert wide.flags.writeable
+        grid = reader.ndarray(np.float64, shape=(16, 8), offset=4096)
+        assert grid.ctypes.data == reader.address + 4096 and not grid.flags.writeable
+        wide[512] = 2.5  # 4096 bytes in: grid[0, 0]
+        assert grid[0, 0] == 2.5  # same physical pages, no copy, no sync
+        with pytest.raises(ValueError):
+            grid[0, 0] = 1.0
+        with pytest.raises(vas.InvalidArgument, match="outside the segment"):
+            reader.ndarray(np.float64, shape=(MiB // 8,), offset=8)
+        with pytest.raises(vas.Busy, match=r"^cannot detach segment nd/a: \d+ buffer view\(s\) still in use$"):
+            writer.detach()
+        assert writer.write(0, b"still attached") == 14
+        del wide, grid
+    assert writer.detached and reader.detached
+    client.delete("nd/a")
+
+
+def test_fixed_attach_and_address_conflict(client):
+    info = client.create("fixed/a", 2 * MiB)
+    with client.attach("fixed/a", fixed=True) as m:
+        assert m.address == info.address
+        with pytest.raises(vas.AddressConflict) as exc:
+            client.attach("fixed/a", fixed=True)
+        assert str(exc.value) == (f"segment fixed/a: address range 0x{info.address:x}-"
+                                  f"0x{info.address + info.size:x} is already mapped in this process")
+        with client.attach("fixed/a") as floating:  # not fixed: anywhere else
+            assert floating.address != info.address
+    # A foreign mapping in the range conflicts too, and the failed attach leaves nothing behind.
+    fd = os.memfd_create("squatter")
+    os.ftruncate(fd, 4096)
+    squatter = _native.mmap(fd, 4096, writable=False, address=info.address + MiB, fixed=True)
+    os.close(fd)
+    try:
+        with pytest.raises(vas.AddressConflict):
+            client.attach("fixed/a", "rw", fixed=True)
+        wait_for(lambda: client.stat("fixed/a").attachments == 0, what="no attachments")
+        client.attach("fixed/a", "rw").detach()  # the writer lock was not kept
+    finally:
+        squatter.close()
+    client.attach("fixed/a", fixed=True).detach()
+    client.delete("fixed/a")
+
+
+# -- bad input: the exact exception for each ------------------------------------------
+
+@pytest.mark.parametrize("call, exc, message", [
+    (lambda c: c.create("", 4096), vas.InvalidArgument, "invalid segment name '': must be a non-empty string"),
+    (lambda c: c.create("bad name", 4096), vas.InvalidArgument, "invalid segment name 'bad name': only A-Z a-z 0-9 . _ / - are allowed"),
+    (lambda c: c.create("/abs", 4096), vas.InvalidArgument, "invalid segment name '/abs': must not start with '/'"),
+    (lambda c: c.create("a/../b", 4096), vas.InvalidArgument, "invalid segment name 'a/../b': must not contain a '..' component"),
+    (lambda c: c.create("x" * 256, 4096), vas.InvalidArgument, "invalid segment name: longer than 255 characters"),
+    (lambda c: c.create("bad/size", 0), vas.InvalidArgument, "invalid size 0: must be > 0"),
+    (lambda c: c.create("bad/size", -1), vas.InvalidArgument, "invalid size -1: must be > 0"),
+    (lambda c: c.create("bad/size", (1 << 40) + 1), vas.InvalidArgument, f"invalid size {(1 << 40) + 1}: larger than the maximum {1 << 40}"),
+    (lambda c: c.create("bad/mode", 4096, mode=0o1000), vas.InvalidArgument, "invalid mode 512: must be permission bits 0..0o777"),
+    (lambda c: c.attach("bad/mode", "w"), vas.InvalidArgument, 'invalid attach mode \'w\': must be "r" or "rw"'),
+])
+def test_bad_input_is_refused_locally(client, call, exc, message):
+    with pytest.raises(exc) as info:
+        call(client)
+    assert type(info.value) is exc and str(info.value) == message
+
+
+def test_errors_from_the_cluster(client):
+    with pytest.raises(vas.CapacityExceeded):
+        client.create("bad/huge", NODE_MEMORY + 4096)
+    with pytest.raises(vas.NotFound):
+        client.stat("bad/huge")  # nothing reached etcd
+    for call in (lambda: client.stat("no/such"), lambda: client.attach("no/such"),
+                 lambda: client.delete("no/such"), lambda: client.chmod("no/such", 0o600),
+                 lambda: client.chown("no/such", 0, 0)):
+        with pytest.raises(vas.NotFound) as info:
+            call()
+        assert "no/such" in str(info.value)
+    client.create("bad/dup", 4096)
+    with pytest.raises(vas.AlreadyExists) as info:
+        client.create("bad/dup", 4096)
+    assert "bad/dup" in str(info.value)
+    with client.attach("bad/dup", "rw"):
+        with pytest.raises(vas.Busy):
+            client.attach("bad/dup", "rw")
+    with client.attach("bad/dup") as m:
+        with pytest.raises(vas.PermissionDenied) as info:
+            m.write(0, b"x")
+        assert str(info.value) == "segment bad/dup is attached read-only"
+        for offset, length in ((4096, 1), (4000, 97), (5000, 0)):
+            with pytest.raises(vas.InvalidArgument) as info:
+                m.read(offset, length)
+            assert str(info.value) == (f"range [{offset}, {offset + length}) is outside "
+                                       "the segment of 4096 bytes")
+        with pytest.raises(vas.InvalidArgument, match="invalid offset -1: must be an integer >= 0"):
+            m.read(-1, 1)
+    with client.attach("bad/dup", "rw") as m:
+        with pytest.raises(vas.InvalidArgument, match=r"^range \[4095, 4097\) is outside the segment of 4096 bytes$"):
+            m.write(4095, b"ab")
+    client.delete("bad/dup")
+
+
+# -- connection behaviour ---------------------------------------------------------------
+
+def test_closing_the_client_releases_its_writer_lock(env, client):
+    client.create("conn/lock", 4096)
+    other = vas.connect(env["VAS_NODE"])
+    held = other.attach("conn/lock", "rw")
+    with pytest.raises(vas.Busy):
+        client.attach("conn/lock", "rw")
+    other.close()
+    other.close()  # idempotent
+    wait_for(lambda: _attach_ok(client, "conn/lock"), timeout=5, what="writer lock release")
+    held.detach()  # no-op on the wire: the connection is gone
+    with pytest.raises(vas.Unavailable, match="is closed"):
+        other.stat("conn/lock")
+    client.delete("conn/lock")
+
+
+def _attach_ok(client, name) -> bool:
+    try:
+        client.attach(name, "rw").detach()
+        return True
+    except vas.Busy:
+        return False
+
+
+def test_one_client_shared_by_threads(client):
+    client.create("conn/threads", 64 * 1024)
+    errors = []
+
+    def work(index: int):
+        try:
+            for round_ in range(40):
+                with client.attach("conn/threads") as m:
+                    assert m.size == 64 * 1024
+                assert client.stat("conn/threads").name == "conn/threads"
+        except Exception as exc:  # reported below with the thread's index
+            errors.append((index, repr(exc)))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    wait_for(lambda: client.stat("conn/threads").attachments == 0, what="0 attachments")
+    client.delete("conn/threads")
+
+
+def test_garbage_collected_mapping_detaches(client):
+    client.create("conn/gc", 4096)
+    client.attach("conn/gc", "rw")  # dropped at once
+    gc.collect()
+    client.attach("conn/gc", "rw").detach()  # the writer lock went with it
+    client.delete("conn/gc")
+
+
+def test_module_level_shortcuts_use_vas_node(env, monkeypatch):
+    import vas.client
+
+    monkeypatch.setenv("VAS_NODE", env["VAS_NODE"])
+    monkeypatch.setattr(vas.client, "_default_client", None)
+    info = vas.create("mod/x", 8192)
+    assert vas.stat("mod/x") == info
+    assert [s.name for s in vas.list("mod/")] == ["mod/x"]
+    with vas.attach("mod/x", "rw") as m:
+        m.write(0, b"module")
+    with vas.attach("mod/x") as m:
+        assert m.read(0, 6) == b"module"
+    vas.delete("mod/x")
+    with pytest.raises(vas.NotFound):
+        vas.stat("mod/x")
+    vas.client._default_client.close()
+
+
+def test_versions_on_the_home_node(client):
+    client.create("ver/a", 4096)
+    with client.attach("ver/a", "rw") as m:
+        assert m.version == 0 and m.refresh() == 0
+        assert m.prefetch() is None
+        with pytest.raises(vas.Unavailable, match="next release"):
+            m.sync()
+        with pytest.raises(vas.Unavailable, match="next release"):
+            m.wait(timeout=0.1)
+    with client.attach("ver/a") as m, pytest.raises(vas.PermissionDenied):
+        m.sync()
+    client.delete("ver/a")
+
+
+def test_list_follows_pages(client):
+    names = [f"page/{i:04d}" for i in range(520)]  # more than one 500-segment page
+    for name in names:
+        client.create(name, 4096)
+    try:
+        assert [s.name for s in client.list("page/")] == names
+    finally:
+        for name in names:
+            client.delete(name)
+
+
+# -- nodes and spaces -------------------------------------------------------------------
+
+def test_nodes(client, cluster):
+    nodes = client.nodes()
+    assert [n.id for n in nodes] == ["node1", "node2"]
+    assert {n.socket for n in nodes} == {node.socket for node in cluster.nodes}
+    assert all(n.memory_total == NODE_MEMORY and n.state == "ready" for n in nodes)
+    assert all(":" in n.address for n in nodes)
+    with vas.connect(nodes[1].socket) as second:
+        assert second.local_node.id == "node2"
+
+
+def test_switch_into_a_space_of_two_segments(client):
+    a = client.create("sw/a", 1 * MiB)
+    b = client.create("sw/b", 2 * MiB)
+    space = client.create_space("sw/space", mode=0o640)
+    assert (space.name, space.mode, space.members) == ("sw/space", 0o640, {})
+    client.space_add("sw/space", "sw/a", "rw")
+    info = client.space_add("sw/space", "sw/b")
+    assert info.members == {"sw/a": "rw", "sw/b": "r"}
+    assert "sw/space" in {s.name for s in client.list_spaces()}
+
+    with client.switch("sw/space") as view:
+        assert list(view) == ["sw/a", "sw/b"] and len(view) == 2
+        assert view["sw/a"].address == a.address and view["sw/b"].address == b.address
+        assert view["sw/a"].mode == "rw" and view["sw/b"].mode == "r"
+        # A pointer stored in one segment is valid in every process that switched in.
+        view["sw/a"].write(0, b.address.to_bytes(8, "little"))
+        with pytest.raises(KeyError):
+            view["sw/c"]
+    assert view["sw/a"].detached and view["sw/b"].detached
+    with client.attach("sw/a", "rw", fixed=True) as m:  # the ranges are free again
+        assert int.from_bytes(m.read(0, 8), "little") == b.address
+
+    # A member that fails to attach undoes the ones already made.
+    client.delete("sw/b")
+    wait_for(lambda: _gone(client, "sw/b"), what="sw/b deleted")
+    with pytest.raises(vas.NotFound):
+        with client.switch("sw/space"):
+            pass
+    client.attach("sw/a", "rw", fixed=True).detach()
+
+    client.space_remove("sw/space", "sw/b")
+    assert client.get_space("sw/space").members == {"sw/a": "rw"}
+    client.delete_space("sw/space")
+    with pytest.raises(vas.NotFound):
+        client.get_space("sw/space")
+    client.delete("sw/a")
+
+
+def _gone(client, name) -> bool:
+    try:
+        client.stat(name)
+        return False
+    except vas.NotFound:
+        return True

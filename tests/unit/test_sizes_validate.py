@@ -1,0 +1,232 @@
+"""Human sizes, input checks, and the client's refusal of bad input before anything is sent."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+import vas
+from vas import validate
+from vas.errors import InvalidArgument
+from vas.sizes import format_size, parse_size
+
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+
+
+# -- sizes --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, expected", [
+    ("4096", 4096), ("0", 0), ("64KiB", 64 * KiB), ("64kib", 64 * KiB), ("1GiB", GiB),
+    ("1.5GiB", 3 * GiB // 2), ("10MB", 10_000_000), ("2 MiB", 2 * MiB), ("1TiB", 1 << 40),
+    ("7B", 7), (" 12k ", 12_000),
+])
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "abc", "12XB", "-5", "1.5", "0.3KiB", "1e9", "MiB", "5 5"])
+def test_parse_size_rejects(text):
+    with pytest.raises(InvalidArgument, match="invalid size"):
+        parse_size(text)
+
+
+@pytest.mark.parametrize("num, text", [
+    (0, "0 B"), (1023, "1023 B"), (1024, "1.0 KiB"), (64 * MiB, "64.0 MiB"),
+    (3 * GiB // 2, "1.5 GiB"), (5 << 40, "5.0 TiB"),
+])
+def test_format_size(num, text):
+    assert format_size(num) == text
+
+
+# -- validate -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["a", "demo", "frames/0", "a.b_c-d", "x" * 255, "a/./b", "..a", "a..b"])
+def test_valid_names(name):
+    assert validate.check_name(name) == name
+
+
+@pytest.mark.parametrize("name, message", [
+    ("", "invalid segment name '': must be a non-empty string"),
+    (None, "invalid segment name None: must be a non-empty string"),
+    ("x" * 256, "invalid segment name: longer than 255 characters"),
+    ("a b", "invalid segment name 'a b': only A-Z a-z 0-9 . _ / - are allowed"),
+    ("é", "invalid segment name 'é': only A-Z a-z 0-9 . _ / - are allowed"),
+    ("/abs", "invalid segment name '/abs': must not start with '/'"),
+    ("a/../b", "invalid segment name 'a/../b': must not contain a '..' component"),
+    ("..", "invalid segment name '..': must not contain a '..' component"),
+])
+def test_invalid_names(name, message):
+    with pytest.raises(InvalidArgument) as info:
+        validate.check_name(name)
+    assert str(info.value) == message
+
+
+def test_space_names_say_space():
+    with pytest.raises(InvalidArgument, match="^invalid space name"):
+        validate.check_name("", "space")
+
+
+@pytest.mark.parametrize("size, rounded", [(1, 4096), (4096, 4096), (4097, 8192), (1 << 40, 1 << 40)])
+def test_sizes_round_up_to_pages(size, rounded):
+    assert validate.check_size(size) == rounded
+
+
+@pytest.mark.parametrize("size, message", [
+    (0, "invalid size 0: must be > 0"),
+    (-1, "invalid size -1: must be > 0"),
+    ((1 << 40) + 1, f"invalid size {(1 << 40) + 1}: larger than the maximum {1 << 40}"),
+    (1.5, "invalid size 1.5: must be an integer number of bytes"),
+    ("4096", "invalid size '4096': must be an integer number of bytes"),
+    (True, "invalid size True: must be an integer number of bytes"),
+])
+def test_invalid_sizes(size, message):
+    with pytest.raises(InvalidArgument) as info:
+        validate.check_size(size)
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize("mode", [0, 0o600, 0o640, 0o777])
+def test_valid_modes(mode):
+    assert validate.check_mode(mode) == mode
+
+
+@pytest.mark.parametrize("mode", [-1, 0o1000, "640", 6.4, True])
+def test_invalid_modes(mode):
+    with pytest.raises(InvalidArgument, match="must be permission bits 0..0o777"):
+        validate.check_mode(mode)
+
+
+def test_attach_mode_and_fetch():
+    assert validate.check_attach_mode("r") == "r" and validate.check_attach_mode("rw") == "rw"
+    assert validate.check_fetch("lazy") == "lazy" and validate.check_fetch("eager") == "eager"
+    with pytest.raises(InvalidArgument, match='invalid attach mode \'w\': must be "r" or "rw"'):
+        validate.check_attach_mode("w")
+    with pytest.raises(InvalidArgument, match="invalid fetch 'now'"):
+        validate.check_fetch("now")
+
+
+def test_ranges():
+    assert validate.check_range(0, 4096, 4096) == (0, 4096)
+    assert validate.check_range(4096, 0, 4096) == (4096, 0)
+    with pytest.raises(InvalidArgument) as info:
+        validate.check_range(4000, 100, 4096)
+    assert str(info.value) == "range [4000, 4100) is outside the segment of 4096 bytes"
+    with pytest.raises(InvalidArgument, match="invalid offset -1: must be an integer >= 0"):
+        validate.check_range(-1, 1, 4096)
+    with pytest.raises(InvalidArgument, match="invalid length 1.0"):
+        validate.check_range(0, 1.0, 4096)
+
+
+def test_exceptions_are_exported_and_subclass_builtins():
+    assert issubclass(vas.NotFound, LookupError) and issubclass(vas.NotFound, vas.VasError)
+    assert issubclass(vas.AlreadyExists, FileExistsError)
+    assert issubclass(vas.PermissionDenied, PermissionError)
+    assert issubclass(vas.InvalidArgument, ValueError)
+    assert issubclass(vas.Unavailable, ConnectionError)
+    for cls in (vas.AddressConflict, vas.Busy, vas.CapacityExceeded, vas.Fenced):
+        assert issubclass(cls, vas.VasError)
+    for name in ("SegmentInfo", "NodeInfo", "SpaceInfo", "Mapping", "Client", "connect",
+                 "create", "attach", "stat", "list", "delete"):
+        assert hasattr(vas, name), name
+
+
+# -- the client checks before sending -------------------------------------------------
+
+@pytest.fixture
+def offline_client():
+    """A Client whose transport fails the test if anything would be sent."""
+    client = object.__new__(vas.Client)
+
+    def no_send(*args, **kwargs):
+        pytest.fail(f"bad input reached the wire: {args}")
+
+    client._call = no_send
+    return client
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda c: c.create("", 4096), "invalid segment name"),
+    (lambda c: c.create("a b", 4096), "invalid segment name"),
+    (lambda c: c.create("ok", 0), "invalid size 0: must be > 0"),
+    (lambda c: c.create("ok", -4096), "invalid size -4096: must be > 0"),
+    (lambda c: c.create("ok", (1 << 40) + 1), "larger than the maximum"),
+    (lambda c: c.create("ok", 4096, mode=0o1777), "invalid mode"),
+    (lambda c: c.create("ok", 4096, replicas=-1), "invalid replicas -1: must be an integer >= 0"),
+    (lambda c: c.create("ok", 4096, ttl=0), "invalid ttl 0: must be a number of seconds > 0, or None"),
+    (lambda c: c.create("ok", 4096, ttl="1"), "invalid ttl '1'"),
+    (lambda c: c.attach("/x"), "must not start with '/'"),
+    (lambda c: c.attach("ok", "w"), "invalid attach mode 'w'"),
+    (lambda c: c.attach("ok", fetch="now"), "invalid fetch 'now'"),
+    (lambda c: c.stat("a/../b"), "'..' component"),
+    (lambda c: c.delete(""), "invalid segment name"),
+    (lambda c: c.chmod("ok", -1), "invalid mode -1"),
+    (lambda c: c.chown("ok", -1, 0), "invalid uid -1"),
+    (lambda c: c.chown("ok", 0, "wheel"), "invalid gid 'wheel'"),
+    (lambda c: c.list(7), "invalid prefix 7"),
+    (lambda c: c.create_space("", mode=0o600), "invalid space name"),
+    (lambda c: c.space_add("sp", "seg", "x"), "invalid attach mode 'x'"),
+    (lambda c: c.space_remove("sp", "/seg"), "invalid segment name"),
+    (lambda c: c.delete_space("a b"), "invalid space name"),
+])
+def test_client_rejects_bad_input_before_sending(offline_client, call, message):
+    with pytest.raises(vas.InvalidArgument, match=message.replace("(", r"\(").replace(")", r"\)")):
+        call(offline_client)
+
+
+def test_connect_to_a_missing_socket_is_unavailable(tmp_path):
+    path = str(tmp_path / "none.sock")
+    with pytest.raises(vas.Unavailable) as info:
+        vas.connect(path)
+    assert str(info.value) == (
+        f"cannot reach the vas agent at {path}: No such file or directory "
+        "(is `vasctl node serve` running? set $VAS_NODE)")
+
+
+def test_connect_defaults_to_vas_node(tmp_path, monkeypatch):
+    path = str(tmp_path / "env.sock")
+    monkeypatch.setenv("VAS_NODE", path)
+    with pytest.raises(vas.Unavailable, match=f"at {path}:"):
+        vas.connect()
+
+
+# -- a Mapping's own bounds checks (no agent: a memfd mapped directly) ---------------------
+
+@pytest.fixture
+def local_mapping():
+    pytest.importorskip("vas._native")
+    from vas.proto import local_pb2
+
+    fd = os.memfd_create("vas-unit")
+    os.ftruncate(fd, 8192)
+    response = local_pb2.AttachResponse(attachment_id=1, writable=True)
+    response.segment.name, response.segment.size = "unit", 8192
+    mapping = vas.Mapping(None, response, fd, "rw")
+    os.close(fd)
+    yield mapping
+    mapping.detach()
+
+
+def test_mapping_bounds_and_views(local_mapping):
+    np = pytest.importorskip("numpy")
+    m = local_mapping
+    assert m.write(8190, b"ab") == 2 and m.read(8190, 2) == b"ab"
+    with pytest.raises(vas.InvalidArgument, match=r"range \[8190, 8193\) is outside the segment of 8192 bytes"):
+        m.write(8190, b"abc")
+    with pytest.raises(vas.InvalidArgument, match=r"range \[0, 8193\)"):
+        m.read(0, 8193)
+    with pytest.raises(vas.InvalidArgument, match="invalid offset -1"):
+        m.read(-1, 1)
+    with pytest.raises(vas.InvalidArgument, match=r"range \[8, 8200\)"):
+        m.ndarray(np.uint64, shape=1024, offset=8)
+    array = m.ndarray(np.uint32, shape=(2, 1024))
+    assert array.ctypes.data == m.address and array.shape == (2, 1024)
+    array[0, 0] = 0x01020304
+    assert m.read(0, 4) == (0x01020304).to_bytes(4, "little")
+    with pytest.raises(vas.Busy, match=r"^cannot detach segment unit: \d+ buffer view\(s\) still in use$"):
+        m.detach()
+    assert m.read(0, 1) == b"\x04"  # still attached and usable after Busy
+    del array
+    m.detach()
+    m.detach()  # idempotent
+    with pytest.raises(vas.InvalidArgument, match="segment unit is detached"):
+        m.read(0, 1)

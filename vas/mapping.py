@@ -1,0 +1,361 @@
+"""``Mapping``: a segment mapped into this process.
+
+The agent passes the segment's memfd over the socket; we map it with the native
+extension (``vas._native.mmap``, MAP_SHARED, and MAP_FIXED_NOREPLACE for
+``fixed=True``) and close the fd at once: the mapping alone keeps the pages.
+Every local attach of a segment maps the same physical pages (zero-copy).
+
+Buffer views are the one hazard of a mapping in Python: a ``memoryview`` or a
+numpy array over unmapped memory would crash the process. So, like CPython's
+``mmap``, ``detach()`` refuses (``vas.Busy``) while a view made from the mapping
+is still alive, and the native object unmaps only when the last view is gone.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+from vas import validate
+from vas.errors import AddressConflict, Busy, InvalidArgument, NotFound, PermissionDenied, Unavailable, VasError
+from vas.types import SegmentInfo
+
+_NEXT_RELEASE = "needs the remote attach support of the next release"
+
+
+def _native_mmap(fd: int, size: int, *, writable: bool, address: int, fixed: bool, offset: int):
+    from vas import _native  # imported on first use (cached in sys.modules after)
+
+    return _native.mmap(fd, size, writable=writable, offset=offset, address=address, fixed=fixed)
+
+
+def _view_of(native, writable: bool) -> memoryview:
+    """A 1-D unsigned-byte memoryview over the native mapping (read-only unless ``writable``)."""
+    view = memoryview(native)
+    if view.format != "B" or view.ndim != 1:
+        cast = view.cast("B")
+        view.release()
+        view = cast
+    if not writable and not view.readonly:
+        readonly = view.toreadonly()
+        view.release()
+        view = readonly
+    return view
+
+
+def _address_of(native, view: memoryview) -> int:
+    address = getattr(native, "address", None)
+    if isinstance(address, int):
+        return address
+    # No attribute: the address of the first byte, through a throwaway numpy view.
+    import numpy as np
+
+    array = np.frombuffer(view, dtype=np.uint8, count=1)
+    try:
+        return int(array.ctypes.data)
+    finally:
+        del array
+
+
+class Mapping:
+    """A segment mapped into this process; made by ``Client.attach``.
+
+    A context manager: leaving the ``with`` block detaches. Attributes:
+
+    - ``buffer``: a memoryview over the mapped pages (read-only for ``"r"``)
+    - ``size``: bytes mapped (the segment's size); ``address``: where they are
+      mapped in this process (``info.address`` when attached with ``fixed=True``)
+    - ``version``: the published version this mapping reflects
+    - ``info``: the ``SegmentInfo`` at attach time; ``name``, ``mode`` ("r"/"rw"),
+      ``token`` (writer fencing token; 0 for "r")
+
+    Example::
+
+        with c.attach("frames/0") as m:
+            header = m.read(0, 64)
+    """
+
+    def __init__(self, client, response, fd: int, mode: str, *, fixed: bool = False):
+        segment = response.segment
+        # ``info`` is built on first use: attach is on the hot path (p50 budget 300 us).
+        self._segment = segment
+        self._info: SegmentInfo | None = None
+        self.name = segment.name
+        self.mode = mode
+        self.fixed = fixed
+        self.token = int(response.token)
+        self._client = client
+        self._attachment_id = int(response.attachment_id)
+        self._version = segment.version
+        self._native = None
+        self._view: memoryview | None = None
+        self._detached = True  # until the mapping exists (for __del__ on a failed init)
+        writable = mode == "rw"
+        if writable and not response.writable:
+            raise VasError(f"segment {segment.name}: the agent refused a writable mapping")
+        size, address = segment.size, segment.address
+        try:
+            native = _native_mmap(fd, size, writable=writable, address=address if fixed else 0,
+                                  fixed=fixed, offset=int(response.fd_offset))
+        except FileExistsError as exc:
+            raise AddressConflict(
+                f"segment {segment.name}: address range 0x{address:x}-0x{address + size:x} "
+                "is already mapped in this process") from exc
+        self._native = native
+        self._view = _view_of(native, writable)
+        self.address = _address_of(native, self._view)
+        self.size = size
+        self._detached = False
+
+    @property
+    def info(self) -> SegmentInfo:
+        """The segment's ``SegmentInfo`` as of attach."""
+        if self._info is None:
+            self._info = SegmentInfo.from_proto(self._segment)
+        return self._info
+
+    # -- data -------------------------------------------------------------------
+
+    @property
+    def buffer(self) -> memoryview:
+        """The mapped pages as a memoryview (read-only for ``"r"``).
+
+        ``detach()`` releases this view; slices and other views made from it
+        must be dropped before detaching (else ``Busy``).
+        """
+        return self._live_view()
+
+    @property
+    def version(self) -> int:
+        """The published version this mapping reflects."""
+        return self._version
+
+    @property
+    def detached(self) -> bool:
+        """True once ``detach()`` ran."""
+        return self._detached
+
+    def _live_view(self) -> memoryview:
+        if self._detached or self._view is None:
+            raise InvalidArgument(f"segment {self.name} is detached from this process")
+        return self._view
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Copy ``length`` bytes from ``offset`` out of the segment.
+
+        :raises InvalidArgument: the range is outside the segment, or it is detached.
+
+        Example::
+
+            header = m.read(0, 64)
+        """
+        view = self._live_view()
+        validate.check_range(offset, length, self.size)
+        with view[offset:offset + length] as part:
+            return part.tobytes()
+
+    def write(self, offset: int, data) -> int:
+        """Copy the bytes-like ``data`` into the segment at ``offset``.
+
+        Other local attachments see the bytes at once (same pages).
+
+        :returns: the number of bytes written.
+        :raises PermissionDenied: the segment is attached read-only.
+        :raises InvalidArgument: the range is outside the segment, or it is detached.
+
+        Example::
+
+            m.write(0, b"hello")
+        """
+        view = self._live_view()
+        if self.mode != "rw":
+            raise PermissionDenied(f"segment {self.name} is attached read-only")
+        with memoryview(data) as source:
+            validate.check_range(offset, source.nbytes, self.size)
+            if source.c_contiguous:
+                with source.cast("B") as flat, view[offset:offset + flat.nbytes] as target:
+                    target[:] = flat
+            else:
+                view[offset:offset + source.nbytes] = source.tobytes()
+            return source.nbytes
+
+    def ndarray(self, dtype, shape=None, offset: int = 0):
+        """A zero-copy numpy array over the segment (read-only for ``"r"``).
+
+        :param dtype: any numpy dtype.
+        :param shape: an int or tuple; default: as many whole items as fit after ``offset``.
+        :param offset: byte offset of the first item.
+        :returns: ``numpy.ndarray`` whose data pointer is ``address + offset``.
+        :raises InvalidArgument: the array would not fit inside the segment.
+
+        Drop the array (and arrays derived from it) before ``detach()``.
+
+        Example::
+
+            weights = m.ndarray(np.float32, shape=(1024, 1024))
+        """
+        import numpy as np
+
+        view = self._live_view()
+        dtype = np.dtype(dtype)
+        if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset <= self.size:
+            raise InvalidArgument(f"invalid offset {offset!r}: must be an integer in [0, {self.size}]")
+        if dtype.itemsize == 0:
+            raise InvalidArgument(f"invalid dtype {dtype}: items of size 0")
+        if shape is None:
+            shape = ((self.size - offset) // dtype.itemsize,)
+        elif isinstance(shape, int) and not isinstance(shape, bool):
+            shape = (shape,)
+        else:
+            shape = tuple(shape)
+        if any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in shape):
+            raise InvalidArgument(f"invalid shape {shape!r}: must be integers >= 0")
+        count = math.prod(shape)
+        validate.check_range(offset, count * dtype.itemsize, self.size)
+        return np.frombuffer(view, dtype=dtype, count=count, offset=offset).reshape(shape)
+
+    # -- versions -----------------------------------------------------------------
+
+    def _is_home(self) -> bool:
+        client = self._client
+        return client is not None and self.info.home == client.local_node.id
+
+    def sync(self, ranges=None) -> int:
+        """Publish this writer's changes cluster-wide ("rw" only); returns the new version.
+
+        Not available in this release: local attachments already share the
+        home pages, and publishing to other nodes needs the remote attach
+        support of the next release, so this raises ``Unavailable``.
+
+        :raises PermissionDenied: the segment is attached read-only.
+        :raises Unavailable: always, in this release.
+        """
+        self._live_view()
+        if self.mode != "rw":
+            raise PermissionDenied(f"segment {self.name} is attached read-only")
+        raise Unavailable(f"segment {self.name}: sync() {_NEXT_RELEASE}")
+
+    def refresh(self) -> int:
+        """Bring a non-home copy up to the newest published version; returns it.
+
+        A mapping on the segment's home node maps the authoritative pages
+        themselves, so there is nothing to copy: this only reads the current
+        version. Non-home copies need the remote attach support of the next
+        release (``Unavailable``).
+
+        Example::
+
+            version = m.refresh()
+        """
+        self._live_view()
+        if not self._is_home():
+            raise Unavailable(f"segment {self.name}: refresh() of a copy homed on "
+                              f"{self.info.home} {_NEXT_RELEASE}")
+        try:
+            current = self._client.stat(self.name)
+        except NotFound:
+            return self._version
+        if current.id == self.info.id:
+            self._version = max(self._version, current.version)
+        return self._version
+
+    def prefetch(self, offset: int = 0, length: int | None = None) -> None:
+        """Fetch the pages of a range ahead of use (a remote, lazily fetched copy).
+
+        On the home node the pages are the home pages: nothing to fetch.
+
+        :raises InvalidArgument: the range is outside the segment.
+        """
+        self._live_view()
+        if length is None:
+            length = self.size - offset if isinstance(offset, int) else 0
+        validate.check_range(offset, length, self.size)
+        if not self._is_home():
+            raise Unavailable(f"segment {self.name}: prefetch() of a copy homed on "
+                              f"{self.info.home} {_NEXT_RELEASE}")
+
+    def wait(self, version: int | None = None, timeout: float | None = None) -> int:
+        """Block until a version newer than ``version`` (default: ours) is published.
+
+        Not available in this release (versions are published by ``sync()``,
+        which needs the remote attach support of the next release): raises
+        ``Unavailable``.
+        """
+        self._live_view()
+        raise Unavailable(f"segment {self.name}: wait() {_NEXT_RELEASE}")
+
+    # -- lifetime -----------------------------------------------------------------
+
+    def detach(self) -> None:
+        """Unmap the segment from this process and release the attachment.
+
+        Releases ``buffer``; for "rw" also the writer lock. Idempotent.
+
+        :raises Busy: a view made from the mapping (a slice of ``buffer``, a
+            numpy array from ``ndarray()``) is still alive; drop it and retry.
+            Unmapping under it would crash the process.
+
+        Example::
+
+            m = c.attach("frames/0")
+            try:
+                data = m.read(0, 16)
+            finally:
+                m.detach()
+        """
+        if self._detached:
+            return
+        self._unmap(busy_raises=True)
+        self._detached = True
+        client, self._client = self._client, None
+        if client is not None and not client.closed:
+            with contextlib.suppress(NotFound):  # a forced delete revoked it already
+                client._detach(self._attachment_id)
+
+    def _unmap(self, busy_raises: bool) -> bool:
+        native = self._native
+        try:
+            if self._view is not None:
+                self._view.release()  # BufferError if something holds a buffer of it
+                self._view = None
+            native.close()  # BufferError while any other view of the pages is alive
+        except BufferError as exc:
+            exports = getattr(native, "exports", None)
+            count = exports if isinstance(exports, int) and exports > 0 else 1
+            if self._view is None:  # still attached: keep read()/write() working
+                self._view = _view_of(native, self.mode == "rw")
+            if not busy_raises:
+                return False
+            raise Busy(f"cannot detach segment {self.name}: {count} buffer view(s) "
+                       "still in use") from exc
+        self._view = None
+        self._native = None
+        return True
+
+    def _client_closed(self) -> None:
+        """The connection closed: the agent released the attachment already."""
+        self._client = None
+
+    def __enter__(self) -> "Mapping":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.detach()
+
+    def __del__(self):
+        # Best effort: unmap unless views are alive (then the native object
+        # unmaps when the last one dies and the attachment lasts until the
+        # connection closes), and detach without blocking.
+        try:
+            if getattr(self, "_detached", True) or not self._unmap(busy_raises=False):
+                return
+            self._detached = True
+            client, self._client = self._client, None
+            if client is not None:
+                client._detach_later(self._attachment_id)
+        except Exception:  # noqa: BLE001  (a finalizer must not raise; e.g. at interpreter exit)
+            pass
+
+    def __repr__(self) -> str:
+        state = "detached" if self._detached else f"at 0x{self.address:x}"
+        return f"<vas.Mapping {self.name} {self.mode} {self.size} bytes {state}>"
+
