@@ -253,21 +253,23 @@ class Segments:
             return {**record, "uid": uid, "gid": gid}
         return self._update(name, change)
 
-    def mark_deleting(self, caller, name: str, finish: bool = False) -> types_pb2.SegmentInfo:
+    def mark_deleting(self, caller, name: str, finish: bool = False, segment_id: int = 0
+                      ) -> types_pb2.SegmentInfo:
         """Mark the segment DELETING (owner or root); a no-op if it is already marked.
 
         With ``finish`` (the home agent frees the pages now) the record is removed
-        instead, in the same transaction, as ``finish_delete`` would.
+        instead, in the same transaction, as ``finish_delete`` would. A nonzero
+        ``segment_id`` must be the record's id, else NotFound.
         """
         def change(record: dict) -> dict | None:
             access.require_owner(caller, record, f"segment {name!r}")
             if record["deleting"] and not finish:
                 return None
             return {**record, "deleting": True}
-        return self._update(name, change, remove=finish)
+        return self._update(name, change, remove=finish, expect_id=segment_id)
 
-    def _update(self, name: str, change: Callable[[dict], dict | None], remove: bool = False
-                ) -> types_pb2.SegmentInfo:
+    def _update(self, name: str, change: Callable[[dict], dict | None], remove: bool = False,
+                expect_id: int = 0) -> types_pb2.SegmentInfo:
         """Apply ``change`` (record -> new record, None = no change, or raise) atomically;
         with ``remove``, delete the record (and its lock and reports) once ``change`` agrees."""
         key, prefix = keys.segment_key(name), keys.attach_prefix(name)
@@ -278,6 +280,11 @@ class Segments:
         entry, fresh = self.cache.get(name), False
         for _ in range(self.attempts):
             entry, record = self._decide(name, entry, fresh, change)
+            if expect_id and entry.id != expect_id:
+                if not fresh:  # the cached entry may be stale: decide on a fresh read
+                    entry, fresh = None, True
+                    continue
+                raise NotFound(f"segment {name!r} (id {expect_id}) not found")
             if record is None:
                 return self.get(name)
             response = self.etcd.txn(compare=[unchanged(key, entry.mod)],

@@ -164,7 +164,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
     def DeleteSegment(self, request, context):
         # `force` is the agents' business (they revoke attachments); the mark is the same.
         return self.segments.mark_deleting(caller_of(request), check_name(request.name),
-                                           finish=request.finish)
+                                           finish=request.finish, segment_id=request.id)
 
     @translated
     def FinishDelete(self, request, context):

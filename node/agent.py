@@ -440,6 +440,10 @@ class Agent:
     def delete(self, session: Session, request: local_pb2.DeleteRequest,
                response: local_pb2.LocalResponse) -> list[int]:
         name = validate.check_name(request.name)
+        segment = self._claim_unattached(name)
+        if segment is not None:
+            response.segment.CopyFrom(self._delete_unattached(session, segment))
+            return []
         info = self.coordinator.call("DeleteSegment", coordinator_pb2.DeleteSegmentRequest(
             caller=session.caller, name=name, force=request.force))
         response.segment.CopyFrom(info)
@@ -451,6 +455,35 @@ class Agent:
         else:
             self._release_remote(info, request.force)
         return []
+
+    def _claim_unattached(self, name: str) -> Segment | None:
+        """The unattached home segment ``name``, hidden from new attaches; else None.
+
+        The common delete: nobody holds the segment, so the record can go in the
+        same coordinator call as the owner check (one etcd transaction, no
+        FinishDelete) and the pages right after.
+        """
+        with self._lock:
+            segment = self.store.by_name.get(name)
+            if segment is None or segment.deleting or segment.attachments or segment.writer:
+                return None
+            segment.deleting = True
+            self.store.unname(segment)
+            return segment
+
+    def _delete_unattached(self, session: Session, segment: Segment) -> types_pb2.SegmentInfo:
+        """Remove the record of a claimed segment (owner check included), then free it."""
+        try:
+            info = self.coordinator.call("DeleteSegment", coordinator_pb2.DeleteSegmentRequest(
+                caller=session.caller, name=segment.name, finish=True, id=segment.id))
+        except VasError:
+            with self._lock:  # refused (e.g. not the owner): the segment lives on
+                segment.deleting = False
+                self.store.by_name.setdefault(segment.name, segment)
+            raise
+        # The record is gone: free now (or wait for the watch thread, if it got here first).
+        self._begin_delete(segment, finish=False, force=False)
+        return info
 
     def _release_remote(self, info: types_pb2.SegmentInfo, force: bool) -> None:
         """Ask the home agent of ``info`` to free it; finish ourselves if nobody holds it."""

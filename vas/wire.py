@@ -17,6 +17,12 @@ MAX_FDS = 8
 #: Socket buffer size that lets MAX_MESSAGE datagrams through.
 SOCKET_BUFFER = MAX_MESSAGE + 65536
 
+# Plain ints: flag-enum arithmetic costs microseconds per message.
+_PEEK_SIZE = int(socket.MSG_PEEK | socket.MSG_TRUNC)
+_TRUNCATED = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
+_ANCILLARY_SPACE = socket.CMSG_SPACE(MAX_FDS * 4)
+_PEEK_BYTE = bytearray(1)
+
 
 def new_socket() -> socket.socket:
     """A SOCK_SEQPACKET Unix socket with buffers big enough for MAX_MESSAGE."""
@@ -43,7 +49,10 @@ def recv_message(sock: socket.socket, message_type):
     Returns ``(message, fds)``, or ``(None, [])`` when the peer closed the socket.
     The caller owns (and must close) the returned fds.
     """
-    data, ancdata, flags, _ = sock.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(MAX_FDS * 4))
+    # Peek the datagram's real size first: a fresh MAX_MESSAGE buffer per receive
+    # would cost more than the whole request on the attach path.
+    size = sock.recv_into(_PEEK_BYTE, 1, _PEEK_SIZE)
+    data, ancdata, flags, _ = sock.recvmsg(min(max(size, 1), MAX_MESSAGE + 1), _ANCILLARY_SPACE)
     fds = []
     for level, kind, payload in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -54,7 +63,7 @@ def recv_message(sock: socket.socket, message_type):
         for fd in fds:
             _close_quietly(fd)
         return None, []
-    if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+    if flags & _TRUNCATED or len(data) > MAX_MESSAGE:
         for fd in fds:
             _close_quietly(fd)
         raise ValueError("local message truncated")

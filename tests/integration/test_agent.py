@@ -667,6 +667,7 @@ def open_fds(pid: int) -> dict[str, str]:
 
 
 def test_garbage_never_crashes_the_agent(node1, client, name):
+    client.hello()  # a round trip: the agent has accepted this connection
     fds_before = open_fds(node1.pid)
     raw = wire.new_socket()
     raw.connect(node1.socket)
