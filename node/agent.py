@@ -631,7 +631,8 @@ class Agent:
     def _remove_locked(self, segment: Segment) -> None:
         """Stop holding ``segment``; the caller then ``_free``\\ s it outside the lock."""
         self.store.remove(segment)
-        self._dirty[segment.id] = segment  # reports count 0: the coordinator drops it
+        if segment.attachments:  # force: report count 0 so the coordinator drops it
+            self._dirty[segment.id] = segment  # (a count already 0 was reported at detach)
         self._freeing[segment.id] = threading.Event()
 
     def _free(self, segment: Segment) -> None:
