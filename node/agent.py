@@ -4,12 +4,20 @@ One ``Agent`` per process. It owns the ``Store`` of home segments, the sessions
 (one per local connection), the attachments and writer locks, and four
 background threads:
 
-- heartbeat: ``Heartbeat`` every ttl/3 (re-registers on NOT_FOUND), and retries
-  of ``FinishDelete`` calls that failed;
-- watch: the coordinator's ``Watch`` stream, which keeps the cached records of
-  home segments current (chmod/chown from other nodes, deleting marks, ttl expiry);
+- heartbeat: ``Heartbeat`` every ttl/3 (re-registers on NOT_FOUND), retries of
+  ``FinishDelete`` calls that failed, and a lazy re-read of a few held records
+  not read for a while (the safety net for a lost change notification);
+- expiry: one timer for the segments created with a ttl: at expiry it re-reads
+  the record (etcd removes it with its lease) and frees the segment once gone;
 - reporter: ``ReportAttachments``, debounced, so attach/detach never wait for it;
 - writer keepalive: ``RenewWriter`` every writer_ttl/3 for each live "rw" attachment.
+
+The home agent is the authority for the cached records of its segments; it does
+not watch the coordinator (streaming every change to every agent costs each
+create and delete about a millisecond of CPU). Changes reach it instead by:
+its own requests; ``Node.ReleaseSegment`` (a delete made through another agent);
+``Node.SegmentChanged`` (a chmod/chown made through another agent: re-read the
+record); its expiry timer (ttl); and the lazy re-read in the heartbeat thread.
 
 Locking: one lock (``_lock``) guards the store, sessions, attachments and the
 report queue. It is held only for dictionary work; every gRPC call and every
@@ -24,11 +32,13 @@ raise ``vas.errors`` exceptions for the caller to put into the response.
 from __future__ import annotations
 
 import collections
+import heapq
 import itertools
 import logging
 import math
 import os
 import threading
+import time
 
 import grpc
 
@@ -43,8 +53,20 @@ from vas.proto import LOCAL_PROTOCOL, coordinator_pb2, local_pb2, types_pb2
 
 log = logging.getLogger(__name__)
 
-#: Deleted ids of home segments whose create may still be in flight (see ``_tombstones``).
+#: Ids of home segments changed while a create may still be in flight (see ``_tombstones``).
 _MAX_TOMBSTONES = 4096
+#: What ``_tombstones`` remembers of an id: it was marked deleting (free it and
+#: call FinishDelete), or its record changed (re-read it).
+_DELETING, _CHANGED = "deleting", "changed"
+#: Seconds after a ttl segment's expiry before its record is re-read (etcd checks
+#: for expired leases every 500 ms), and the longest pause between re-reads of a
+#: record that outlived its expiry.
+_EXPIRY_MARGIN = 0.2
+_EXPIRY_RETRY_MAX = 5.0
+#: The heartbeat thread re-reads at most this many held records per beat, those
+#: not read for ``_RECHECK_AGE`` seconds (heals a lost SegmentChanged/ReleaseSegment).
+_RECHECK_BATCH = 8
+_RECHECK_AGE = 60.0
 #: Longest pause between retries of a failed background call, seconds.
 _MAX_BACKOFF = 5.0
 #: Deadline of the clean-up calls made while shutting down (a dead coordinator must
@@ -107,9 +129,13 @@ class Agent:
         self._attachment_ids = itertools.count(1)
         self._writers: dict[int, Attachment] = {}          # attachment id -> "rw" attachment
         self._dirty: dict[int, Segment] = {}               # segment id -> segment to report
-        # Ids of home segments deleted (True: record still waits for FinishDelete;
-        # False: record gone) before their create finished here; create frees them.
-        self._tombstones: collections.OrderedDict[int, bool] = collections.OrderedDict()
+        # Creates between their CreateSegment call and holding the segment; while
+        # any is in flight, news about ids not held yet are kept in _tombstones:
+        # id -> (_DELETING | _CHANGED, name), applied when the create
+        # finishes; the rest is settled when no create is in flight any more.
+        self._creating = 0
+        self._tombstones: collections.OrderedDict[int, tuple[str, str]] = \
+            collections.OrderedDict()
         self._unfinished: dict[int, str] = {}              # FinishDelete to retry: id -> name
         self._freeing: dict[int, threading.Event] = {}     # id -> set once freed and finished
 
@@ -117,7 +143,12 @@ class Agent:
         self._node_ttl = config.heartbeat_ttl
         self._stop = threading.Event()
         self._report_wake = threading.Event()
-        self._watch_call = None
+        # Re-reads of records are serialized, so a later read is never overwritten
+        # by an earlier one.
+        self._refresh_lock = threading.Lock()
+        # The expiry timer: heap of (monotonic deadline, segment id, retries so far).
+        self._expiry_cv = threading.Condition(threading.Lock())
+        self._expiry: list[tuple[float, int, int]] = []
         self._threads: list[threading.Thread] = []
 
     # ------------------------------------------------------------------ lifecycle
@@ -160,7 +191,7 @@ class Agent:
 
     def start(self) -> None:
         """Start the background threads (after ``register``)."""
-        for target, name in ((self._heartbeat_loop, "heartbeat"), (self._watch_loop, "watch"),
+        for target, name in ((self._heartbeat_loop, "heartbeat"), (self._expiry_loop, "expiry"),
                              (self._report_loop, "reporter"),
                              (self._writer_keepalive_loop, "writer-keepalive")):
             thread = threading.Thread(target=target, name=f"vas-node-{name}", daemon=True)
@@ -172,9 +203,8 @@ class Agent:
         deregistering removes them anyway)."""
         self._stop.set()
         self._report_wake.set()
-        call = self._watch_call
-        if call is not None:
-            call.cancel()
+        with self._expiry_cv:
+            self._expiry_cv.notify()
         for thread in self._threads:
             thread.join(timeout)
         self._threads.clear()
@@ -257,6 +287,9 @@ class Agent:
             with self._lock:
                 self.store.unreserve(size)
             raise
+        with self._lock:
+            self._creating += 1
+        started = time.monotonic()
         try:
             info = self.coordinator.call("CreateSegment", coordinator_pb2.CreateSegmentRequest(
                 caller=session.caller, name=name, size=size, mode=mode, home=self.node_id,
@@ -264,7 +297,9 @@ class Agent:
         except BaseException as exc:
             with self._lock:
                 self.store.unreserve(size)
+                leftover = self._create_done_locked()
             store_mod.release(fd, ro_fd, size)
+            self._settle(leftover)
             if isinstance(exc, AlreadyExists) and request.exist_ok:
                 response.segment.CopyFrom(self.coordinator.call(
                     "GetSegment", coordinator_pb2.GetSegmentRequest(name=name)))
@@ -275,12 +310,41 @@ class Agent:
         segment = Segment(info, fd, ro_fd)
         with self._lock:
             self.store.add(segment)
-            doomed = self._tombstones.pop(info.id, None)
-        if doomed is not None:  # deleted (or expired) while we were still creating it
-            log.info("segment %s (id %d) was deleted during its create", name, info.id)
-            self._begin_delete(segment, finish=doomed, force=True)
+            news = self._tombstones.pop(info.id, None)
+            leftover = self._create_done_locked()
+        if info.expires:
+            # The lease was granted after ``started``: it cannot expire before this.
+            self._arm_expiry(info.id, started + (info.expires - info.created) + _EXPIRY_MARGIN)
+        if news is not None:  # changed elsewhere while we were still creating it
+            if news[0] == _CHANGED:
+                try:
+                    self._recheck(segment)
+                except VasError as exc:  # the heartbeat's re-reads catch up later
+                    log.warning("cannot re-read segment %s: %s", name, exc)
+            else:
+                log.info("segment %s (id %d) was deleted during its create", name, info.id)
+                self._begin_delete(segment, finish=news[0] == _DELETING, force=True)
+        self._settle(leftover)
         response.segment.CopyFrom(info)
         return []
+
+    def _create_done_locked(self) -> list[tuple[int, str]]:
+        """A create left flight; when it was the last, drop the tombstones and return
+        the ids (with names) whose FinishDelete is still due (see ``_settle``)."""
+        self._creating -= 1
+        if self._creating or not self._tombstones:
+            return []
+        leftover = [(segment_id, name) for segment_id, (news, name) in self._tombstones.items()
+                    if news == _DELETING]
+        self._tombstones.clear()
+        return leftover
+
+    def _settle(self, leftover: list[tuple[int, str]]) -> None:
+        """Finish deletes of ids homed here that no create turned out to hold."""
+        for segment_id, name in leftover:
+            log.info("segment %s (id %d) is homed here but not held; finishing its delete",
+                     name, segment_id)
+            self._finish_delete(name, segment_id)
 
     def attach(self, session: Session, request: local_pb2.AttachRequest,
                response: local_pb2.LocalResponse) -> list[int]:
@@ -451,7 +515,7 @@ class Agent:
             try:
                 self.release_segment(info.name, info.id, request.force)
             except NotFound:  # homed here but not held (e.g. before a restart): nothing to free
-                self._finish_delete(info.name, info.id, own=True)
+                self._finish_delete(info.name, info.id)
         else:
             self._release_remote(info, request.force)
         return []
@@ -481,24 +545,23 @@ class Agent:
                 segment.deleting = False
                 self.store.by_name.setdefault(segment.name, segment)
             raise
-        # The record is gone: free now (or wait for the watch thread, if it got here first).
+        # The record is gone: free now (or wait for a re-read that got here first).
         self._begin_delete(segment, finish=False, force=False)
         return info
 
     def _release_remote(self, info: types_pb2.SegmentInfo, force: bool) -> None:
         """Ask the home agent of ``info`` to free it; finish ourselves if nobody holds it."""
-        nodes = self.coordinator.call("ListNodes", coordinator_pb2.ListNodesRequest()).nodes
-        home = next((node for node in nodes if node.id == info.home), None)
-        if home is None:
+        address = self._node_address(info.home)
+        if address is None:
             log.info("home %s of deleted segment %s is gone; finishing the delete",
                      info.home, info.name)
             self._finish_delete(info.name, info.id)
             return
         try:
-            self.peers.release_segment(home.address, info.name, info.id, force)
+            self.peers.release_segment(address, info.name, info.id, force)
         except NotFound:
             self._finish_delete(info.name, info.id)
-        except VasError as exc:  # the home agent also acts on the deleting mark it watches
+        except VasError as exc:  # the home sees the deleting mark at a later re-read
             log.warning("cannot ask node %s to release segment %s: %s", info.home, info.name, exc)
 
     def chmod(self, session: Session, request: local_pb2.ChmodRequest,
@@ -507,7 +570,7 @@ class Agent:
         mode = validate.check_mode(request.mode)
         info = self.coordinator.call("SetSegmentMode", coordinator_pb2.SetSegmentModeRequest(
             caller=session.caller, name=name, mode=mode))
-        self._update_cached(info)
+        self._changed_here(info)
         response.segment.CopyFrom(info)
         return []
 
@@ -516,7 +579,7 @@ class Agent:
         name = validate.check_name(request.name)
         info = self.coordinator.call("SetSegmentOwner", coordinator_pb2.SetSegmentOwnerRequest(
             caller=session.caller, name=name, uid=request.uid, gid=request.gid))
-        self._update_cached(info)
+        self._changed_here(info)
         response.segment.CopyFrom(info)
         return []
 
@@ -566,16 +629,16 @@ class Agent:
     def release_segment(self, name: str, segment_id: int, force: bool) -> bool:
         """Free home segment ``segment_id`` once unattached (at once if ``force``).
 
-        Called for a local delete, by another agent (Node.ReleaseSegment), and
-        for a deleting mark seen on the watch. Returns True when freed now.
-        Raises NotFound if this agent does not hold that id.
+        Called for a local delete and by another agent (Node.ReleaseSegment).
+        Returns True when freed now. Raises NotFound if this agent does not
+        hold that id (and no create is in flight that may turn out to hold it).
         """
         with self._lock:
             segment = self.store.by_id.get(segment_id)
             done = self._freeing.get(segment_id)
             if segment is None and done is None:
-                if segment_id in self._tombstones:  # create still in flight
-                    return False
+                if self._tombstone_locked(segment_id, name, _DELETING):
+                    return False  # the create in flight (or _settle) frees and finishes it
                 raise NotFound(f"segment {name} (id {segment_id}) is not held by node "
                                f"{self.node_id}")
         if segment is None:  # being freed by another thread: wait until it finished
@@ -599,7 +662,7 @@ class Agent:
                 segment.deleting = True
                 self.store.unname(segment)
             if segment.freed:
-                # Another thread frees it (e.g. the watch saw the deleting mark first):
+                # Another thread frees it (e.g. a re-read saw the deleting mark first):
                 # return once it is done, so the name is free when the delete returns.
                 done = self._freeing.get(segment.id)
             elif segment.attachments > 0 and not force:
@@ -622,7 +685,8 @@ class Agent:
             if done is not None:
                 done.wait(self.config.rpc_timeout)
             return True
-        self._report_wake.set()
+        if self._dirty:  # a force-deleted segment's count to report
+            self._wake_reporter()
         for attachment in revoked:
             self._release_writer(segment.name, attachment.token, attachment.lease_id)
         self._free(segment)
@@ -639,7 +703,7 @@ class Agent:
         """Give back the memory of a removed segment and, if needed, finish its delete."""
         try:
             store_mod.release(segment.fd, segment.ro_fd, segment.size)
-            log.info("freed segment %s (id %d, %d bytes)", segment.name, segment.id, segment.size)
+            log.debug("freed segment %s (id %d, %d bytes)", segment.name, segment.id, segment.size)
             if segment.finish:
                 self._finish_delete(segment.name, segment.id)
         finally:
@@ -648,14 +712,8 @@ class Agent:
             if done is not None:
                 done.set()
 
-    def _finish_delete(self, name: str, segment_id: int, own: bool = False) -> None:
-        """Remove the coordinator's record of a freed segment (retried in the background).
-
-        ``own``: a segment homed here that we do not hold; remember its id in
-        case its create is still in flight in another thread.
-        """
-        if own:
-            self._tombstone(segment_id, False)
+    def _finish_delete(self, name: str, segment_id: int) -> None:
+        """Remove the coordinator's record of a freed segment (retried in the background)."""
         try:
             self.coordinator.call("FinishDelete", coordinator_pb2.FinishDeleteRequest(
                 name=name, id=segment_id), self._cleanup_timeout())
@@ -666,70 +724,136 @@ class Agent:
             with self._lock:
                 self._unfinished[segment_id] = name
 
-    def _tombstone(self, segment_id: int, finish: bool) -> None:
+    def _tombstone_locked(self, segment_id: int, name: str, news: str) -> bool:
+        """Remember ``news`` of an id not held, if a create in flight may hold it;
+        returns whether it was remembered. A removal outranks a change."""
+        if not self._creating:
+            return False
+        known = self._tombstones.get(segment_id)
+        if news == _CHANGED and known is not None:
+            return True
+        if known is None or known[0] != _DELETING:  # keep a FinishDelete that is due
+            self._tombstones[segment_id] = (news, name)
+        while len(self._tombstones) > _MAX_TOMBSTONES:
+            self._tombstones.popitem(last=False)
+        return True
+
+    # ------------------------------------------------------------------ record changes
+
+    def segment_changed(self, name: str, segment_id: int) -> None:
+        """The record of home segment ``segment_id`` changed elsewhere: re-read it now.
+
+        Called by another agent (Node.SegmentChanged) after a chmod/chown there.
+        Raises NotFound if this agent does not hold that id (and no create is in
+        flight that may turn out to hold it).
+        """
         with self._lock:
-            self._tombstones[segment_id] = finish
-            while len(self._tombstones) > _MAX_TOMBSTONES:
-                self._tombstones.popitem(last=False)
+            segment = self.store.by_id.get(segment_id)
+            if segment is None:
+                if self._tombstone_locked(segment_id, name, _CHANGED):
+                    return  # the create in flight re-reads it
+                raise NotFound(f"segment {name} (id {segment_id}) is not held by node "
+                               f"{self.node_id}")
+        self._recheck(segment)
 
-    # ------------------------------------------------------------------ cluster events
+    def _recheck(self, segment: Segment) -> bool:
+        """Re-read the record of held ``segment`` and act on it; True if it lives on.
 
-    def _update_cached(self, info: types_pb2.SegmentInfo) -> Segment | None:
-        """Adopt a newer record of a held segment; returns the segment if held."""
-        with self._lock:
-            segment = self.store.by_id.get(info.id)
-            if segment is not None and not segment.freed:
-                segment.info = info
-            return segment
-
-    def apply_event(self, event: coordinator_pb2.WatchEvent) -> None:
-        """React to one Watch event (PUT: new record; DELETE: record removed)."""
-        info = event.segment
-        if event.type == coordinator_pb2.WatchEvent.TYPE_DELETE and not info.id:
-            # The last record was compacted away and only the name is known: the
-            # segment this agent holds under that name is the one that went.
+        Same id, not deleting: adopt it as the cached record. Marked deleting:
+        free it (at once if unattached, else at the last detach) and finish the
+        delete. Gone, or the name now has another id (ttl expiry, or a delete
+        whose notification was lost): free it likewise; nothing to finish.
+        Raises VasError when the coordinator cannot answer.
+        """
+        with self._refresh_lock:
+            if segment.freed or segment.deleting:
+                return False
+            try:
+                info = self.coordinator.call(
+                    "GetSegment", coordinator_pb2.GetSegmentRequest(name=segment.name))
+            except NotFound:
+                info = None
             with self._lock:
-                segment = self.store.by_name.get(info.name)
-            if segment is not None:
-                info = segment.info
-        if info.home != self.node_id or not info.id:
-            return
-        if event.type == coordinator_pb2.WatchEvent.TYPE_PUT:
-            segment = self._update_cached(info)
+                segment.checked = time.monotonic()
+                current = info is not None and info.id == segment.id
+                if current and not segment.freed:
+                    segment.info = info
+            if not current:
+                log.info("segment %s (id %d) was removed from the cluster (ttl or delete)",
+                         segment.name, segment.id)
+                self._begin_delete(segment, finish=False, force=False)
+                return False
             if info.state == types_pb2.SEGMENT_STATE_DELETING:
-                if segment is None:
-                    self._tombstone(info.id, True)
-                elif not segment.deleting:
-                    self._begin_delete(segment, finish=True, force=False)
-        elif event.type == coordinator_pb2.WatchEvent.TYPE_DELETE:
+                self._begin_delete(segment, finish=True, force=False)
+                return False
+            return True
+
+    def _changed_here(self, info: types_pb2.SegmentInfo) -> None:
+        """A chmod/chown made through this agent: bring the home's cached record up to date."""
+        if info.home == self.node_id:
             with self._lock:
                 segment = self.store.by_id.get(info.id)
             if segment is None:
-                self._tombstone(info.id, False)
-            else:
-                log.info("segment %s (id %d) was removed from the cluster (ttl or delete)",
-                         info.name, info.id)
-                self._begin_delete(segment, finish=False, force=False)
+                return
+            try:  # re-read rather than adopt ``info``: a later change may have landed
+                self._recheck(segment)
+            except VasError as exc:
+                log.warning("cannot re-read segment %s: %s; keeping the changed record",
+                            info.name, exc)
+                with self._lock:
+                    if not segment.freed:
+                        segment.info = info
+            return
+        try:
+            address = self._node_address(info.home)
+            if address is not None:
+                self.peers.segment_changed(address, info.name, info.id)
+        except NotFound:  # the home no longer holds it: nothing is cached there
+            pass
+        except VasError as exc:  # the home re-reads its records on its own (heartbeat)
+            log.warning("cannot tell node %s that segment %s changed: %s", info.home,
+                        info.name, exc)
 
-    def _reconcile(self) -> None:
-        """After a watch gap: compare held segments with the coordinator's records."""
+    def _node_address(self, node_id: str) -> str | None:
+        """The gRPC address of live node ``node_id`` (None if it is not registered)."""
+        nodes = self.coordinator.call("ListNodes", coordinator_pb2.ListNodesRequest()).nodes
+        return next((node.address for node in nodes if node.id == node_id), None)
+
+    def _arm_expiry(self, segment_id: int, deadline: float, retries: int = 0) -> None:
+        """Re-read the record of ``segment_id`` at ``deadline`` (``time.monotonic()``)."""
+        with self._expiry_cv:
+            heapq.heappush(self._expiry, (deadline, segment_id, retries))
+            if self._expiry[0][1] == segment_id:  # new earliest deadline: wake the timer
+                self._expiry_cv.notify()
+
+    def _expire(self, segment_id: int, retries: int) -> None:
+        """A ttl segment's expiry passed: free it once etcd removed its record."""
         with self._lock:
-            held = list(self.store)  # before listing: later creates are not in the listing
-        records: dict[int, types_pb2.SegmentInfo] = {}
-        token = ""
-        while True:
-            page = self.coordinator.call("ListSegments", coordinator_pb2.ListSegmentsRequest(
-                page_token=token))
-            for info in page.segments:
-                records[info.id] = info
-            token = page.next_page_token
-            if not token:
-                break
-        for segment in held:
-            info = records.get(segment.id)
-            event = coordinator_pb2.WatchEvent
-            self.apply_event(event(type=event.TYPE_PUT, segment=info) if info else
-                             event(type=event.TYPE_DELETE, segment=segment.info))
+            segment = self.store.by_id.get(segment_id)
+        if segment is None:
+            return
+        try:
+            alive = self._recheck(segment)
+        except VasError as exc:
+            log.warning("cannot re-read expired segment %s: %s; retrying", segment.name, exc)
+            alive = True
+        if alive:  # not removed yet (etcd's lease clock, a leader change): look again
+            delay = min(_EXPIRY_MARGIN * 2 ** (retries + 1), _EXPIRY_RETRY_MAX)
+            self._arm_expiry(segment_id, time.monotonic() + delay, retries + 1)
+
+    def _recheck_stale(self) -> None:
+        """Re-read a few held records not read for a while (a lost notification heals)."""
+        horizon = time.monotonic() - _RECHECK_AGE
+        with self._lock:
+            stale = [s for s in self.store.by_id.values()
+                     if s.checked < horizon and not s.deleting]
+        stale.sort(key=lambda segment: segment.checked)
+        for segment in stale[:_RECHECK_BATCH]:
+            try:
+                self._recheck(segment)
+            except VasError as exc:
+                log.warning("cannot re-read segment %s: %s", segment.name, exc)
+                return
 
     # ------------------------------------------------------------------ background threads
 
@@ -756,57 +880,27 @@ class Agent:
                 interval = min(interval, 1.0)
             for segment_id, name in unfinished.items():
                 self._finish_delete(name, segment_id)
+            self._recheck_stale()
 
-    def _watch_loop(self) -> None:
-        revision = 0          # last applied event's revision (0 = none yet)
-        resync = False        # held records may be stale: reconcile once watching
-        backoff = 0.1
-        failures = 0          # consecutive failed attempts to resume at revision + 1
+    def _expiry_loop(self) -> None:
         while not self._stop.is_set():
-            call = self.coordinator.watch(coordinator_pb2.WatchRequest(
-                prefix="", start_revision=revision + 1 if revision else 0))
-            self._watch_call = call
-            if self._stop.is_set():  # stop() may have looked before the assignment
-                call.cancel()
-            try:
-                for event in call:
-                    if event.type == coordinator_pb2.WatchEvent.TYPE_CREATED:
-                        if not revision:
-                            revision = event.revision
-                        if resync:
-                            self._reconcile()
-                            resync = False
-                        backoff, failures = 0.1, 0
-                        continue
-                    revision = max(revision, event.revision)
-                    try:
-                        self.apply_event(event)
-                    except Exception:  # one bad event must not end the watch
-                        log.exception("cannot apply watch event %s", event)
+            with self._expiry_cv:
+                if self._stop.is_set():  # checked under the lock stop() notifies with
+                    return
+                now = time.monotonic()
+                due = []
+                while self._expiry and self._expiry[0][0] <= now:
+                    due.append(heapq.heappop(self._expiry))
+                if not due:
+                    self._expiry_cv.wait(self._expiry[0][0] - now if self._expiry else None)
+                    continue
+            for _, segment_id, retries in due:
                 if self._stop.is_set():
                     return
-                log.info("watch stream ended; reconnecting")
-            except grpc.RpcError as exc:
-                if self._stop.is_set():
-                    return
-                failures += 1
-                # A compacted revision cannot be resumed; whatever status the coordinator
-                # maps that to, a resume that keeps failing falls back to a fresh watch.
-                if revision and (failures >= 3 or exc.code() in (
-                        grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.INVALID_ARGUMENT,
-                        grpc.StatusCode.FAILED_PRECONDITION)):
-                    log.warning("watch cannot resume at revision %d (%s); resyncing",
-                                revision + 1, exc.details())
-                    revision, resync = 0, True
-                else:
-                    log.warning("watch failed: %s %s; retrying", exc.code().name, exc.details())
-            except VasError as exc:  # from _reconcile
-                log.warning("watch resync failed: %s; retrying", exc)
-            finally:
-                self._watch_call = None
-            if self._stop.wait(backoff):
-                return
-            backoff = min(backoff * 2, _MAX_BACKOFF)
+                try:
+                    self._expire(segment_id, retries)
+                except Exception:  # one bad segment must not end the timer
+                    log.exception("cannot expire segment id %d", segment_id)
 
     def _report_loop(self) -> None:
         while True:

@@ -44,10 +44,6 @@ class CoordinatorClient:
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from exc
 
-    def watch(self, request):
-        """Start the Watch stream; the caller iterates it and may ``cancel()`` it."""
-        return self.stub.Watch(request)
-
     def close(self) -> None:
         self.channel.close()
 
@@ -73,6 +69,14 @@ class PeerClients:
         request = node_pb2.ReleaseSegmentRequest(name=name, id=segment_id, force=force)
         try:
             return self._stub(address).ReleaseSegment(request, timeout=self.timeout).freed
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+
+    def segment_changed(self, address: str, name: str, segment_id: int) -> None:
+        """Tell the home agent at ``address`` to re-read the record of ``segment_id``."""
+        request = node_pb2.SegmentChangedRequest(name=name, id=segment_id)
+        try:
+            self._stub(address).SegmentChanged(request, timeout=self.timeout)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from exc
 

@@ -23,3 +23,13 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         except VasError as exc:
             abort_with(context, exc)
         return node_pb2.ReleaseSegmentResponse(freed=freed)
+
+    def SegmentChanged(self, request: node_pb2.SegmentChangedRequest,
+                       context: grpc.ServicerContext) -> node_pb2.SegmentChangedResponse:
+        try:
+            if not request.id:
+                raise InvalidArgument("SegmentChanged needs a segment id")
+            self.agent.segment_changed(request.name, request.id)
+        except VasError as exc:
+            abort_with(context, exc)
+        return node_pb2.SegmentChangedResponse()

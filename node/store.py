@@ -23,6 +23,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import time
 from collections.abc import Iterator
 
 from vas import _native
@@ -65,15 +66,16 @@ class Segment:
     """One home segment held by this agent.
 
     ``info`` is the cached cluster record (updated by the agent's own calls and
-    by the coordinator's watch); ``attachments`` counts live local attachments;
+    by re-reads of the record); ``checked`` is when that record was last read
+    (``time.monotonic()``); ``attachments`` counts live local attachments;
     ``writer`` is the local "rw" attachment (or ``PENDING`` while the writer
     lock is being acquired); ``deleting`` is set once the record is marked
     deleting or removed, ``finish`` when the coordinator's record still
     waits for FinishDelete, and ``freed`` once the memory is given back.
     """
 
-    __slots__ = ("name", "id", "size", "fd", "ro_fd", "info", "attachments", "writer",
-                 "deleting", "finish", "freed")
+    __slots__ = ("name", "id", "size", "fd", "ro_fd", "info", "checked", "attachments",
+                 "writer", "deleting", "finish", "freed")
 
     #: Placeholder of ``writer`` while an "rw" attach waits for the coordinator.
     PENDING = object()
@@ -85,6 +87,7 @@ class Segment:
         self.fd = fd
         self.ro_fd = ro_fd
         self.info = info
+        self.checked = time.monotonic()
         self.attachments = 0
         self.writer = None
         self.deleting = False

@@ -490,8 +490,8 @@ def test_delete_while_attached_frees_at_the_last_detach(client, name):
 
 
 def test_a_deleted_name_is_free_when_delete_returns(node2, client, name):
-    """The home's watch may free the segment before the deleting request does: either
-    way delete returns only once the record is gone, here and through another node."""
+    """Whether the delete is made at the home or through another node (which asks the
+    home with Node.ReleaseSegment), it returns only once the record is gone."""
     other = connect(node2)
     try:
         for i in range(20):
@@ -573,26 +573,44 @@ def test_remote_attach_is_refused_for_now_and_delete_reaches_the_home(node1, nod
         c2.close()
 
 
-def test_chmod_elsewhere_reaches_the_home_cache(node1, node2, client, name):
+def test_chmod_and_chown_elsewhere_reach_the_home_cache_at_once(node1, node2, client, name):
+    """node2 tells the home (Node.SegmentChanged) before its chmod/chown returns."""
     client.create(name, PS, mode=0o600)
-    c2 = connect(node2)
-    try:
-        c2.call(chmod=local_pb2.ChmodRequest(name=name, mode=0o644))
-    finally:
-        c2.close()
     probe = """
         import json, sys
         from vas import errors
         os.setgroups([]); os.setgid(65534); os.setuid(65534)
         c = Local(sys.argv[1])
-        try:
-            attach, fd = c.attach(sys.argv[2])
-            print(json.dumps("ok"))
-        except errors.VasError as exc:
-            print(json.dumps(type(exc).__name__))
+        result = {}
+        for mode in ("r", "rw"):
+            try:
+                attach, fd = c.attach(sys.argv[2], mode)
+                c.detach(attach.attachment_id)
+                result[mode] = "ok"
+            except errors.VasError as exc:
+                result[mode] = type(exc).__name__
+        print(json.dumps(result))
     """
-    # The home agent learns the new mode from the coordinator's watch.
-    wait_for(lambda: child(probe, node1.socket, name) == "ok", "the watch to carry the chmod")
+    c2 = connect(node2)
+    try:
+        assert child(probe, node1.socket, name) == {"r": "PermissionDenied",
+                                                    "rw": "PermissionDenied"}
+        assert c2.call(chmod=local_pb2.ChmodRequest(name=name, mode=0o644))[0].segment.mode \
+            == 0o644
+        assert child(probe, node1.socket, name) == {"r": "ok", "rw": "PermissionDenied"}
+        c2.call(chown=local_pb2.ChownRequest(name=name, uid=65534, gid=65534))
+        assert child(probe, node1.socket, name) == {"r": "ok", "rw": "ok"}
+        c2.call(chmod=local_pb2.ChmodRequest(name=name, mode=0o000))
+        assert child(probe, node1.socket, name) == {"r": "PermissionDenied",
+                                                    "rw": "PermissionDenied"}
+        # The home serves the cached record; it matches the coordinator's.
+        attach, fd = client.attach(name)  # root or the owner: always allowed
+        os.close(fd)
+        assert attach.segment.mode == 0o000 and attach.segment.uid == 65534
+        client.detach(attach.attachment_id)
+    finally:
+        c2.close()
+    client.delete(name)
 
 
 def test_the_agent_registers_again_after_losing_its_lease(etcd_kv, node1, client, name):
