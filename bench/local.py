@@ -116,27 +116,39 @@ def bench_read(client: vas.Client, env: dict, size: int, repeats: int) -> dict:
 
 
 def bench_create_delete(client: vas.Client, etcd_url: str, seconds: float) -> dict:
+    """Create+delete ops/s vs raw etcd transactions/s, in alternating short blocks.
+
+    This VM's speed drifts by 2x over seconds, so one long run of each would compare
+    different machines; alternating blocks and taking each side's median compares like
+    with like. The raw side does the same shape of work as ours: a put-if-absent txn
+    (create) and a delete txn per pair.
+    """
     import etcd3
 
     url = urlparse(etcd_url)
     etcd = etcd3.client(host=url.hostname, port=url.port)
-    # Raw baseline: the same shape of work as a create (put-if-absent txn) then a delete txn.
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        key = f"/bench/raw/{n}"
-        etcd.transaction(compare=[etcd.transactions.create(key) == 0],
-                         success=[etcd.transactions.put(key, "x")], failure=[])
-        etcd.transaction(compare=[], success=[etcd.transactions.delete(key)], failure=[])
-        n += 2
-    raw = n / (time.perf_counter() - t0)
-    etcd.close()
-
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        client.create(f"bench/cd/{n}", 4096)
-        client.delete(f"bench/cd/{n}")
-        n += 2
-    ours = n / (time.perf_counter() - t0)
+    block = 0.5
+    raw_rates, our_rates = [], []
+    n = 0
+    try:
+        for _ in range(max(2, int(seconds / block / 2))):
+            ops, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < block:
+                key = f"/bench/raw/{n}"
+                etcd.transaction(compare=[etcd.transactions.create(key) == 0],
+                                 success=[etcd.transactions.put(key, "x")], failure=[])
+                etcd.transaction(compare=[], success=[etcd.transactions.delete(key)], failure=[])
+                ops, n = ops + 2, n + 1
+            raw_rates.append(ops / (time.perf_counter() - t0))
+            ops, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < block:
+                client.create(f"bench/cd/{n}", 4096)
+                client.delete(f"bench/cd/{n}")
+                ops, n = ops + 2, n + 1
+            our_rates.append(ops / (time.perf_counter() - t0))
+    finally:
+        etcd.close()
+    ours, raw = statistics.median(our_rates), statistics.median(raw_rates)
     return {"create_delete_ops_per_s": ours, "etcd_txn_per_s": raw,
             "create_delete_vs_etcd": ours / raw}
 
@@ -146,7 +158,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="smaller sizes and fewer rounds")
     args = parser.parse_args()
     size = 256 << 20 if args.quick else GiB
-    rounds, repeats, seconds = (500, 3, 2.0) if args.quick else (3000, 5, 5.0)
+    rounds, repeats, seconds = (500, 3, 4.0) if args.quick else (3000, 5, 10.0)
 
     results: dict = {"read_size_bytes": size, "machine": os.uname().nodename,
                      "cpus": os.cpu_count()}
