@@ -1,16 +1,18 @@
 """The agent's policy: what each local request and each cluster event does.
 
-One ``Agent`` per process. It owns the ``Store`` of home segments, the sessions
-(one per local connection), the attachments and writer locks, and four
-background threads:
+One ``Agent`` per process. It owns the ``Store`` of home segments and replicas
+(copies of segments homed elsewhere, see "Data plane" in docs/ARCHITECTURE.md),
+the sessions (one per local connection), the attachments and writer locks, and
+five background threads:
 
 - heartbeat: ``Heartbeat`` every ttl/3 (re-registers on NOT_FOUND), retries of
   ``FinishDelete`` calls that failed, and a lazy re-read of a few held records
-  not read for a while (the safety net for a lost change notification);
+  and replicas not read for a while (the safety net for a lost notification);
 - expiry: one timer for the segments created with a ttl: at expiry it re-reads
   the record (etcd removes it with its lease) and frees the segment once gone;
 - reporter: ``ReportAttachments``, debounced, so attach/detach never wait for it;
-- writer keepalive: ``RenewWriter`` every writer_ttl/3 for each live "rw" attachment.
+- writer keepalive: ``RenewWriter`` every writer_ttl/3 for each live "rw" attachment;
+- warm pool: prepares fresh replica memory after a fetch (node/pool.py).
 
 The home agent is the authority for the cached records of its segments; it does
 not watch the coordinator (streaming every change to every agent costs each
@@ -45,9 +47,11 @@ import grpc
 from vas import validate
 from vas.errors import (AlreadyExists, Busy, Fenced, InvalidArgument, NotFound,
                         PermissionDenied, Unavailable, VasError)
+from vas.node import bulk
 from vas.node import store as store_mod
 from vas.node.clients import CoordinatorClient, PeerClients
 from vas.node.config import NodeConfig
+from vas.node.pool import Warm, WarmPool, release_all
 from vas.node.store import Segment, Store
 from vas.proto import LOCAL_PROTOCOL, coordinator_pb2, local_pb2, types_pb2
 
@@ -69,6 +73,12 @@ _RECHECK_BATCH = 8
 _RECHECK_AGE = 60.0
 #: Longest pause between retries of a failed background call, seconds.
 _MAX_BACKOFF = 5.0
+#: Replicas up to this size are fetched with one ReadPages stream (no bulk
+#: connections to set up).
+_SMALL_FETCH = 4 << 20
+#: gRPC fallback streams are given this many bytes per second (on top of the rpc
+#: timeout) before their deadline.
+_FALLBACK_RATE = 50e6
 #: Deadline of the clean-up calls made while shutting down (a dead coordinator must
 #: not hold up the exit: leases expire on their own), seconds.
 _SHUTDOWN_RPC_TIMEOUT = 2.0
@@ -124,8 +134,13 @@ class Agent:
         self.coordinator = coordinator or CoordinatorClient(config.coordinator, config.rpc_timeout)
         self.peers = peers or PeerClients(config.rpc_timeout)
         self.store = Store(config.memory, f"node {node_id}")
+        #: host:port of this agent's bulk listener (set by the server before serving).
+        self.bulk_address = ""
 
         self._lock = threading.Lock()
+        self._replicas: dict[str, Segment] = {}            # name -> current replica
+        self._fetching: dict[str, threading.Event] = {}    # name -> set when its fetch ends
+        self._pool = WarmPool(self.store, self._lock)
         self._attachment_ids = itertools.count(1)
         self._writers: dict[int, Attachment] = {}          # attachment id -> "rw" attachment
         self._dirty: dict[int, Segment] = {}               # segment id -> segment to report
@@ -193,7 +208,8 @@ class Agent:
         """Start the background threads (after ``register``)."""
         for target, name in ((self._heartbeat_loop, "heartbeat"), (self._expiry_loop, "expiry"),
                              (self._report_loop, "reporter"),
-                             (self._writer_keepalive_loop, "writer-keepalive")):
+                             (self._writer_keepalive_loop, "writer-keepalive"),
+                             (self._pool.run, "warm-pool")):
             thread = threading.Thread(target=target, name=f"vas-node-{name}", daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -205,6 +221,9 @@ class Agent:
         self._report_wake.set()
         with self._expiry_cv:
             self._expiry_cv.notify()
+        with self._lock:
+            pooled = self._pool.stop_locked()
+        release_all(pooled)
         for thread in self._threads:
             thread.join(timeout)
         self._threads.clear()
@@ -226,11 +245,12 @@ class Agent:
     def free_all(self) -> None:
         """Free every held segment (at shutdown, after the sessions are closed)."""
         with self._lock:
-            segments = list(self.store)
+            segments = list(self.store) + list(self.store.replicas)
             for segment in segments:
                 self.store.remove(segment)
+            self._replicas.clear()
         for segment in segments:
-            store_mod.release(segment.fd, segment.ro_fd, segment.size)
+            _release(segment)
 
     def close(self) -> None:
         self.coordinator.close()
@@ -280,7 +300,8 @@ class Agent:
                     raise AlreadyExists(f"segment {name} already exists")
                 response.segment.CopyFrom(existing.info)
                 return []
-            self.store.reserve(size, name)
+            spare = self._reserve_locked(size, name) + self._pool.trim_locked()
+        self._release_spare(spare)
         try:
             fd, ro_fd = store_mod.allocate(name, size)
         except BaseException:
@@ -372,20 +393,229 @@ class Agent:
                     raise Busy(f'segment {name} is already attached "rw" on node {self.node_id}')
                 segment.writer = Segment.PENDING
         if segment is None:
-            self._attach_elsewhere(session, validate.check_name(name), mode)  # always raises
+            return self._attach_elsewhere(session, validate.check_name(name), mode,
+                                          request.fetch or "lazy", response)
         return self._attach_writer(session, segment, response)
 
-    def _attach_elsewhere(self, session: Session, name: str, mode: str) -> None:
-        """Attach of a name this agent does not hold: raise why it cannot be served."""
-        info = self.coordinator.call("GetSegment", coordinator_pb2.GetSegmentRequest(name=name))
+    def _attach_elsewhere(self, session: Session, name: str, mode: str, fetch: str,
+                          response: local_pb2.LocalResponse) -> list[int]:
+        """Attach of a name this agent is not home for: a replica of the home's pages.
+
+        Every such attach reads the record (GetSegment): it decides access with
+        the same mode-bit rules and tells whether the replica is still current.
+        """
+        try:
+            info = self.coordinator.call("GetSegment", coordinator_pb2.GetSegmentRequest(name=name))
+        except NotFound:
+            self._retire_replica(name)
+            raise
         if info.state == types_pb2.SEGMENT_STATE_DELETING:
+            self._retire_replica(name)
             raise NotFound(f"segment {name} is being deleted")
         self._check_access(info, session, mode)
         if info.home == self.node_id:
             raise Unavailable(f"segment {name} (id {info.id}) is homed on node {self.node_id} "
                               "but its memory is not held here")
-        raise Unavailable(
-            f"remote attach of segment {name} (home {info.home}) is not supported yet")
+        if mode == "rw":
+            raise Unavailable(f"remote rw attach of segment {name} is not supported yet "
+                              f"(home {info.home})")
+        return self._attach_replica(session, info, fetch, response)
+
+    # ------------------------------------------------------------------ replicas
+
+    def _attach_replica(self, session: Session, info: types_pb2.SegmentInfo, fetch: str,
+                        response: local_pb2.LocalResponse) -> list[int]:
+        """Hand out this node's replica of ``info``, fetching it first unless it is current.
+
+        One fetch per name at a time: a concurrent attach waits for it and then
+        reuses its replica.
+        """
+        deadline = time.monotonic() + self.config.rpc_timeout + info.size / _FALLBACK_RATE
+        while True:
+            with self._lock:
+                replica = self._replicas.get(info.name)
+                if (replica is not None and replica.id == info.id
+                        and replica.info.version >= info.version):
+                    return self._hand_out_replica_locked(session, replica, info, response)
+                pending = self._fetching.get(info.name)
+                if pending is None:
+                    stale = self._retire_locked(replica) if replica is not None else None
+                    done = self._fetching[info.name] = threading.Event()
+                    break
+            if not pending.wait(max(0.0, deadline - time.monotonic())):
+                raise Unavailable(f"timed out waiting for the fetch of segment {info.name}")
+        try:
+            if stale is not None:
+                self._free(stale)
+            replica = self._fetch_replica(info, fetch)
+            with self._lock:
+                self._replicas[info.name] = replica
+                self.store.add_replica(replica)
+                return self._hand_out_replica_locked(session, replica, info, response)
+        finally:
+            with self._lock:
+                del self._fetching[info.name]
+            done.set()
+
+    def _hand_out_replica_locked(self, session: Session, replica: Segment,
+                                 info: types_pb2.SegmentInfo,
+                                 response: local_pb2.LocalResponse) -> list[int]:
+        fd = os.dup(replica.ro_fd)
+        replica.checked = time.monotonic()
+        attachment = self._add_attachment_locked(session, replica, "r")
+        body = response.attach
+        body.segment.CopyFrom(info)
+        body.attachment_id = attachment.id
+        return [fd]
+
+    def _fetch_replica(self, info: types_pb2.SegmentInfo, fetch: str) -> Segment:
+        """A new replica holding every byte of ``info`` (capacity reserved and held by the
+        caller's ``add_replica``); on any failure nothing is left behind."""
+        with self._lock:
+            spare = self._reserve_locked(info.size, info.name)
+            warm = self._pool.take_locked(info.size)
+            spare += self._pool.trim_locked()
+        self._release_spare(spare)
+        try:
+            address = self._node_address(info.home)
+            if address is None:
+                raise Unavailable(f"home node {info.home} of segment {info.name} is not "
+                                  "registered (down?)")
+            if warm is None:
+                warm = Warm(info.size, populate=False)
+            started = time.monotonic()
+            self._transfer(address, info, warm)
+        except BaseException:
+            with self._lock:
+                self.store.unreserve(info.size)
+            if warm is not None:
+                release_all([warm])
+            raise
+        finally:
+            with self._lock:  # prepared after the transfer, not competing with it for CPU
+                unwanted = self._pool.want_locked(info.size)
+            release_all(unwanted)
+        elapsed = time.monotonic() - started
+        # fetch="lazy" (demand paging with userfaultfd) comes in a later step.
+        log.info("replica of %s (id %d, version %d): fetched %d bytes from %s in %.3f s "
+                 "(%.2f GB/s, %s memory, fetch=%s served eagerly)", info.name, info.id,
+                 info.version, info.size, info.home, elapsed,
+                 info.size / max(elapsed, 1e-9) / 1e9, "warm" if warm.populated else "cold",
+                 fetch)
+        replica = Segment(info, warm.fd, warm.ro_fd)
+        replica.replica = True
+        replica.mapping = warm.mapping
+        return replica
+
+    def _transfer(self, address: str, info: types_pb2.SegmentInfo, warm: Warm) -> None:
+        """Copy the home's bytes into ``warm``: ReadPages for small segments, else the
+        bulk channel, falling back to ReadPages when the bulk connections fail."""
+        fallback_timeout = self.config.rpc_timeout + info.size / _FALLBACK_RATE
+        with memoryview(warm.mapping) as raw, raw.cast("B") as view:
+            if info.size > _SMALL_FETCH:
+                opened = self.peers.open_bulk(address, info.name, info.id)
+                if opened.size != info.size:
+                    raise Unavailable(f"home {info.home} holds segment {info.name} with "
+                                      f"{opened.size} bytes, not {info.size}")
+                try:
+                    bulk.fetch(opened.address, info.id, view,
+                               streams=self.config.fetch_streams,
+                               timeout=self.config.rpc_timeout, prepare=warm.populate)
+                    return
+                except Unavailable as exc:
+                    log.warning("bulk fetch of %s from %s failed: %s; using ReadPages",
+                                info.name, opened.address, exc)
+            self.peers.read_pages_into(address, info.name, info.id, view, fallback_timeout)
+
+    def prefetch(self, session: Session, request: local_pb2.PrefetchRequest,
+                 response: local_pb2.LocalResponse) -> list[int]:
+        """Ensure a range of an attachment's pages is present here (bounds-checked).
+
+        Home pages and eager replicas are complete, so this returns at once.
+        """
+        with self._lock:
+            attachment = session.attachments.get(request.attachment_id)
+            if attachment is None:
+                raise NotFound(f"no attachment {request.attachment_id} on this connection")
+            size = attachment.segment.size
+        length = request.length or max(0, size - request.offset)
+        validate.check_range(request.offset, length, size)
+        response.empty.SetInParent()
+        return []
+
+    # ------------------------------------------------------------------ serving peers
+
+    def held_info(self, segment_id: int) -> types_pb2.SegmentInfo:
+        """The cached record of home segment ``segment_id``; NotFound unless held."""
+        with self._lock:
+            return self._held_locked(segment_id).info
+
+    def page_source(self, segment_id: int, offset: int, length: int) -> tuple[int, int]:
+        """(a dup of the memfd, version) of home segment ``segment_id`` for reading
+        [offset, offset + length); the caller closes the fd. NotFound unless held,
+        InvalidArgument for an empty or out-of-bounds range."""
+        with self._lock:
+            segment = self._held_locked(segment_id)
+            if length <= 0:
+                raise InvalidArgument(f"invalid length {length}: must be > 0")
+            validate.check_range(offset, length, segment.size)
+            return os.dup(segment.fd), segment.info.version
+
+    def bulk_source(self, segment_id: int, offset: int, length: int) -> int:
+        """``page_source`` for the bulk channel (node/bulk.py)."""
+        return self.page_source(segment_id, offset, length)[0]
+
+    def _held_locked(self, segment_id: int) -> Segment:
+        segment = self.store.by_id.get(segment_id)
+        if segment is None or segment.freed:
+            raise NotFound(f"segment id {segment_id} is not held by node {self.node_id}")
+        return segment
+
+    def _retire_replica(self, name: str) -> None:
+        """The record of ``name`` is gone or deleting: drop this node's replica of it."""
+        with self._lock:
+            replica = self._replicas.get(name)
+            free = self._retire_locked(replica) if replica is not None else None
+        if free is not None:
+            self._free(free)
+
+    def _retire_locked(self, replica: Segment) -> Segment | None:
+        """Stop handing out ``replica``; returns it if it must be ``_free``\\ d now (unattached),
+        else it is freed at its last detach."""
+        if self._replicas.get(replica.name) is replica:
+            del self._replicas[replica.name]
+        if replica.deleting:
+            return None
+        replica.deleting = True
+        if replica.attachments > 0:
+            return None
+        self._remove_locked(replica)
+        return replica
+
+    def _reserve_locked(self, size: int, name: str) -> list:
+        """Reserve ``size`` bytes for ``name``, evicting unattached replicas (oldest use
+        first) when short; returns what to ``_release_spare`` outside the lock (evicted
+        replicas, trimmed warm memory). Raises CapacityExceeded if it still does not fit."""
+        spare: list = []
+        if size > self.store.capacity - self.store.used:
+            idle = sorted((r for r in self._replicas.values() if r.attachments == 0),
+                          key=lambda r: r.checked)
+            if size <= self.store.free + sum(r.size for r in idle):  # else evict nothing
+                for replica in idle:
+                    if size <= self.store.capacity - self.store.used:
+                        break
+                    spare.append(self._retire_locked(replica))
+        self.store.reserve(size, name)
+        return spare
+
+    def _release_spare(self, spare: list) -> None:
+        for item in spare:
+            if isinstance(item, Segment):
+                log.info("evicted the replica of %s (%d bytes) to make room", item.name,
+                         item.size)
+                self._free(item)
+            else:
+                release_all([item])
 
     def _attach_writer(self, session: Session, segment: Segment,
                        response: local_pb2.LocalResponse) -> list[int]:
@@ -517,6 +747,7 @@ class Agent:
             except NotFound:  # homed here but not held (e.g. before a restart): nothing to free
                 self._finish_delete(info.name, info.id)
         else:
+            self._retire_replica(info.name)
             self._release_remote(info, request.force)
         return []
 
@@ -702,7 +933,7 @@ class Agent:
     def _free(self, segment: Segment) -> None:
         """Give back the memory of a removed segment and, if needed, finish its delete."""
         try:
-            store_mod.release(segment.fd, segment.ro_fd, segment.size)
+            _release(segment)
             log.debug("freed segment %s (id %d, %d bytes)", segment.name, segment.id, segment.size)
             if segment.finish:
                 self._finish_delete(segment.name, segment.id)
@@ -855,6 +1086,31 @@ class Agent:
                 log.warning("cannot re-read segment %s: %s", segment.name, exc)
                 return
 
+    def _recheck_replicas(self) -> None:
+        """Drop replicas whose segment was deleted (nobody tells a replica's node), checking
+        a few not used for a while per beat."""
+        horizon = time.monotonic() - _RECHECK_AGE
+        with self._lock:
+            stale = sorted((r for r in self._replicas.values() if r.checked < horizon),
+                           key=lambda r: r.checked)[:_RECHECK_BATCH]
+        for replica in stale:
+            try:
+                info = self.coordinator.call(
+                    "GetSegment", coordinator_pb2.GetSegmentRequest(name=replica.name))
+            except NotFound:
+                info = None
+            except VasError as exc:
+                log.warning("cannot re-read segment %s: %s", replica.name, exc)
+                return
+            replica.checked = time.monotonic()
+            if info is None or info.id != replica.id or \
+                    info.state == types_pb2.SEGMENT_STATE_DELETING:
+                log.info("dropping the replica of %s: its segment was deleted", replica.name)
+                with self._lock:
+                    free = self._retire_locked(replica)
+                if free is not None:
+                    self._free(free)
+
     # ------------------------------------------------------------------ background threads
 
     def _heartbeat_loop(self) -> None:
@@ -881,6 +1137,7 @@ class Agent:
             for segment_id, name in unfinished.items():
                 self._finish_delete(name, segment_id)
             self._recheck_stale()
+            self._recheck_replicas()
 
     def _expiry_loop(self) -> None:
         while not self._stop.is_set():
@@ -912,8 +1169,7 @@ class Agent:
                 dirty, self._dirty = self._dirty, {}
                 lease = self._lease_id
                 counts = [coordinator_pb2.AttachmentCount(
-                    name=s.name, id=s.id, count=0 if s.freed else max(0, s.attachments))
-                    for s in dirty.values()]
+                    name=s.name, id=s.id, count=self._count_locked(s)) for s in dirty.values()]
             if not counts:
                 continue
             try:
@@ -927,6 +1183,13 @@ class Agent:
                 self._report_wake.set()
                 if self._stop.wait(1.0):
                     return
+
+    def _count_locked(self, segment: Segment) -> int:
+        """Local attachments of ``segment``'s id to report (a retired replica and its
+        successor share the id)."""
+        if segment.replica:
+            return sum(r.attachments for r in self.store.replicas if r.id == segment.id)
+        return 0 if segment.freed else max(0, segment.attachments)
 
     def _writer_keepalive_loop(self) -> None:
         interval = max(self.config.writer_ttl / 3, 0.1)
@@ -951,3 +1214,10 @@ class Agent:
                 except VasError as exc:
                     log.warning("cannot renew the writer lock of %s: %s", attachment.segment.name,
                                 exc)
+
+
+def _release(segment: Segment) -> None:
+    """Give back the memory of a removed segment or replica and close its fds."""
+    if segment.mapping is not None:
+        segment.mapping.close()
+    store_mod.release(segment.fd, segment.ro_fd, segment.size)

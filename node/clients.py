@@ -10,7 +10,7 @@ import threading
 
 import grpc
 
-from vas.errors import from_rpc_error
+from vas.errors import Unavailable, from_rpc_error
 from vas.proto import coordinator_pb2_grpc, node_pb2, node_pb2_grpc
 
 #: Channel options shared by every channel the agent opens: the local protocol
@@ -79,6 +79,37 @@ class PeerClients:
             self._stub(address).SegmentChanged(request, timeout=self.timeout)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from exc
+
+    def open_bulk(self, address: str, name: str, segment_id: int) -> node_pb2.OpenBulkResponse:
+        """Where the agent at ``address`` serves segment ``segment_id`` over the bulk channel."""
+        request = node_pb2.OpenBulkRequest(name=name, id=segment_id)
+        try:
+            return self._stub(address).OpenBulk(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+
+    def read_pages_into(self, address: str, name: str, segment_id: int, view: memoryview,
+                        timeout: float) -> None:
+        """Fill ``view`` with segment ``segment_id`` from the agent at ``address`` (ReadPages).
+
+        ``timeout`` bounds the whole stream. Raises Unavailable when the stream
+        ends short or sends a chunk outside the range.
+        """
+        request = node_pb2.ReadPagesRequest(name=name, id=segment_id, length=view.nbytes)
+        done = 0
+        try:
+            for chunk in self._stub(address).ReadPages(request, timeout=timeout):
+                end = chunk.offset + len(chunk.data)
+                if chunk.offset != done or end > view.nbytes:
+                    raise Unavailable(f"ReadPages of {name} from {address} sent bytes "
+                                      f"[{chunk.offset}, {end}) out of order")
+                view[chunk.offset:end] = chunk.data
+                done = end
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+        if done != view.nbytes:
+            raise Unavailable(f"ReadPages of {name} from {address} ended after {done} of "
+                              f"{view.nbytes} bytes")
 
     def close(self) -> None:
         with self._lock:

@@ -22,6 +22,8 @@ DEFAULT_WRITER_TTL = 10
 DEFAULT_REPORT_DELAY = 0.05
 #: Deadline in seconds of one unary call to the coordinator or to another agent.
 DEFAULT_RPC_TIMEOUT = 10.0
+#: Parallel TCP connections of one replica fetch over the bulk channel.
+DEFAULT_FETCH_STREAMS = 4
 #: Seconds SIGTERM waits for in-flight gRPC calls before cancelling them.
 DEFAULT_SHUTDOWN_GRACE = 5.0
 
@@ -45,6 +47,7 @@ class NodeConfig:
     :param report_delay: attachment-report debounce, seconds.
     :param rpc_timeout: deadline of one outgoing unary gRPC call, seconds.
     :param shutdown_grace: grace period of the gRPC server stop on SIGTERM, seconds.
+    :param fetch_streams: TCP connections per replica fetch (bulk channel).
 
     Example::
 
@@ -63,3 +66,4 @@ class NodeConfig:
     report_delay: float = DEFAULT_REPORT_DELAY
     rpc_timeout: float = DEFAULT_RPC_TIMEOUT
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
+    fetch_streams: int = DEFAULT_FETCH_STREAMS

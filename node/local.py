@@ -120,6 +120,7 @@ class LocalServer:
             "detach": agent.detach, "stat": agent.stat, "list": agent.list,
             "delete": agent.delete, "chmod": agent.chmod, "chown": agent.chown,
             "nodes": agent.nodes, "space": agent.space, "status": agent.status,
+            "prefetch": agent.prefetch,
         }
 
     # ------------------------------------------------------------------ socket file

@@ -9,7 +9,7 @@ Shutdown (SIGTERM/SIGINT) runs in the reverse spirit: health NOT_SERVING, stop
 accepting local connections, stop the background threads, deregister (the node
 record and its attachment reports vanish at once), close every local connection
 (their writer locks are released as at EOF), stop the gRPC server with a grace
-period, free the segments and remove the socket file. The process exits 0.
+period and the bulk listener, free the segments and remove the socket file. The process exits 0.
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from grpc_reflection.v1alpha import reflection
 
 from vas.errors import InvalidArgument
 from vas.node.agent import Agent
+from vas.node.bulk import BulkServer
 from vas.node.clients import CHANNEL_OPTIONS
 from vas.node.config import NodeConfig
 from vas.node.local import LocalServer
@@ -60,6 +61,7 @@ class NodeServer:
         self.address = ""       # host:port the gRPC server listens on (real port)
         self.agent: Agent | None = None
         self.local: LocalServer | None = None
+        self.bulk: BulkServer | None = None
         self.health = health.HealthServicer(experimental_non_blocking=True)
         self._grpc: grpc.Server | None = None
 
@@ -83,6 +85,10 @@ class NodeServer:
             f"{socket.gethostname()}:{port}" if host in _WILDCARDS else self.address)
 
         self.agent = Agent(config, node_id, advertise, os.path.abspath(config.socket))
+        # The bulk listener shares the gRPC host; its port is told per transfer (OpenBulk).
+        self.bulk = BulkServer(host, self.agent.bulk_source, config.rpc_timeout)
+        self.agent.bulk_address = f"{advertise.rpartition(':')[0]}:{self.bulk.port}"
+        self.bulk.start()
         node_pb2_grpc.add_NodeServicer_to_server(NodeServicer(self.agent), self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection(
@@ -118,6 +124,8 @@ class NodeServer:
             self.local.close_connections()
         if self._grpc is not None:
             self._grpc.stop(self.config.shutdown_grace).wait()
+        if self.bulk is not None:
+            self.bulk.close()
         if self.agent is not None:
             self.agent.free_all()
             self.agent.close()

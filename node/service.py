@@ -1,11 +1,17 @@
 """The Node gRPC service: what this agent offers to other agents (thin: check, call, translate)."""
 from __future__ import annotations
 
+import os
+
 import grpc
 
 from vas.errors import InvalidArgument, VasError, abort_with
 from vas.node.agent import Agent
 from vas.proto import node_pb2, node_pb2_grpc
+
+#: Bytes per ReadPages message: a message stays under gRPC's default 4 MiB limit,
+#: so any client can read the stream without raising its limits.
+_CHUNK = 2 << 20
 
 
 class NodeServicer(node_pb2_grpc.NodeServicer):
@@ -33,3 +39,26 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         except VasError as exc:
             abort_with(context, exc)
         return node_pb2.SegmentChangedResponse()
+
+    def ReadPages(self, request: node_pb2.ReadPagesRequest, context: grpc.ServicerContext):
+        try:
+            fd, version = self.agent.page_source(request.id, request.offset, request.length)
+        except VasError as exc:
+            abort_with(context, exc)
+        try:
+            offset, end = request.offset, request.offset + request.length
+            while offset < end:
+                data = os.pread(fd, min(_CHUNK, end - offset), offset)
+                yield node_pb2.PageChunk(offset=offset, data=data, version=version)
+                offset += len(data)
+        finally:
+            os.close(fd)
+
+    def OpenBulk(self, request: node_pb2.OpenBulkRequest,
+                 context: grpc.ServicerContext) -> node_pb2.OpenBulkResponse:
+        try:
+            info = self.agent.held_info(request.id)
+        except VasError as exc:
+            abort_with(context, exc)
+        return node_pb2.OpenBulkResponse(address=self.agent.bulk_address, size=info.size,
+                                         version=info.version)

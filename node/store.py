@@ -72,10 +72,15 @@ class Segment:
     lock is being acquired); ``deleting`` is set once the record is marked
     deleting or removed, ``finish`` when the coordinator's record still
     waits for FinishDelete, and ``freed`` once the memory is given back.
+
+    A *replica* (a copy of a segment homed elsewhere, ``replica`` set) also
+    keeps the agent's writable ``mapping`` it was filled through; its
+    ``info.version`` is the version it copied, and ``deleting`` means retired
+    (stale or gone: freed at its last detach).
     """
 
     __slots__ = ("name", "id", "size", "fd", "ro_fd", "info", "checked", "attachments",
-                 "writer", "deleting", "finish", "freed")
+                 "writer", "deleting", "finish", "freed", "replica", "mapping")
 
     #: Placeholder of ``writer`` while an "rw" attach waits for the coordinator.
     PENDING = object()
@@ -93,6 +98,8 @@ class Segment:
         self.deleting = False
         self.finish = False
         self.freed = False
+        self.replica = False
+        self.mapping = None
 
     def __repr__(self) -> str:
         return (f"<Segment {self.name} id={self.id} size={self.size} "
@@ -141,13 +148,17 @@ def release(fd: int, ro_fd: int, size: int) -> None:
 
 
 class Store:
-    """The home segments of this agent and its capacity.
+    """The home segments and replicas of this agent and its capacity.
 
-    ``capacity`` bytes may be held at once; ``used`` counts held segments
-    (including deleting ones still attached) plus reservations of creates in
-    flight. ``by_name`` maps only names that are live here: a segment leaves it
-    when it starts deleting, so a later segment of the same name never mixes
-    with it; ``by_id`` keeps it until it is freed.
+    ``capacity`` bytes may be held at once; ``used`` counts held segments and
+    replicas (including deleting ones still attached) plus reservations of
+    creates and fetches in flight. ``by_name`` maps only home names that are
+    live here: a segment leaves it when it starts deleting, so a later segment
+    of the same name never mixes with it; ``by_id`` keeps it until it is
+    freed. Replicas are kept apart (``replicas``: a retired replica and its
+    successor may share an id) so no home-segment path ever finds one.
+    ``pooled`` is capacity lent to prepared replica memory (node/pool.py),
+    not counted in ``used``.
 
     Not thread-safe (see the module docstring).
     """
@@ -161,6 +172,8 @@ class Store:
         self.reserved = 0
         self.by_id: dict[int, Segment] = {}
         self.by_name: dict[str, Segment] = {}
+        self.replicas: set[Segment] = set()
+        self.pooled = 0
 
     @property
     def used(self) -> int:
@@ -173,9 +186,11 @@ class Store:
         return max(0, self.capacity - self.used)
 
     def __len__(self) -> int:
-        return len(self.by_id)
+        """Segments held: home copies and replicas."""
+        return len(self.by_id) + len(self.replicas)
 
     def __iter__(self) -> Iterator[Segment]:
+        """The home segments."""
         return iter(list(self.by_id.values()))
 
     def reserve(self, size: int, name: str) -> None:
@@ -201,6 +216,12 @@ class Store:
         self.by_id[segment.id] = segment
         self.by_name[segment.name] = segment
 
+    def add_replica(self, segment: Segment) -> None:
+        """Hold replica ``segment``, turning its reservation into held bytes."""
+        self.unreserve(segment.size)
+        self.held += segment.size
+        self.replicas.add(segment)
+
     def unname(self, segment: Segment) -> None:
         """Stop finding ``segment`` by name (it is deleting); it stays held."""
         if self.by_name.get(segment.name) is segment:
@@ -208,9 +229,12 @@ class Store:
 
     def remove(self, segment: Segment) -> None:
         """Stop holding ``segment``; the caller then ``release``\\ s its fds outside the lock."""
-        if self.by_id.get(segment.id) is not segment:
+        if segment.replica:
+            self.replicas.remove(segment)
+        elif self.by_id.get(segment.id) is not segment:
             raise ValueError(f"segment id {segment.id} is not held")
-        self.unname(segment)
-        del self.by_id[segment.id]
+        else:
+            self.unname(segment)
+            del self.by_id[segment.id]
         self.held -= segment.size
         segment.freed = True

@@ -143,6 +143,12 @@ class Client:
         self._call("detach", local_pb2.DetachRequest(attachment_id=attachment_id),
                    ("detach", "empty", None))
 
+    def _prefetch(self, attachment_id: int, offset: int, length: int) -> None:
+        """Ask the agent to make [offset, offset + length) of an attachment present
+        (used by Mapping.prefetch)."""
+        self._call("prefetch", local_pb2.PrefetchRequest(
+            attachment_id=attachment_id, offset=offset, length=length), "empty")
+
     def _detach_later(self, attachment_id: int) -> None:
         """Detach from a finalizer: never block on (or re-enter) the lock.
 

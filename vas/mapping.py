@@ -259,19 +259,30 @@ class Mapping:
         return self._version
 
     def prefetch(self, offset: int = 0, length: int | None = None) -> None:
-        """Fetch the pages of a range ahead of use (a remote, lazily fetched copy).
+        """Make sure the pages of a range are present here before use.
 
-        On the home node the pages are the home pages: nothing to fetch.
+        On the home node the pages are the home pages: nothing to fetch. For a
+        copy of a segment homed elsewhere, the agent fetches whatever part of
+        the range its replica lacks and returns once it is there (an eager
+        replica is complete: it returns at once).
 
         :raises InvalidArgument: the range is outside the segment.
+        :raises Unavailable: the home node cannot be reached.
+
+        Example::
+
+            m.prefetch(0, 1 << 20)
         """
         self._live_view()
         if length is None:
             length = self.size - offset if isinstance(offset, int) else 0
         validate.check_range(offset, length, self.size)
-        if not self._is_home():
-            raise Unavailable(f"segment {self.name}: prefetch() of a copy homed on "
-                              f"{self.info.home} {_NEXT_RELEASE}")
+        if self._is_home() or not length:
+            return
+        client = self._client
+        if client is None:
+            raise Unavailable(f"segment {self.name}: the connection to the agent is closed")
+        client._prefetch(self._attachment_id, offset, length)
 
     def wait(self, version: int | None = None, timeout: float | None = None) -> int:
         """Block until a version newer than ``version`` (default: ours) is published.

@@ -555,15 +555,15 @@ def test_a_killed_client_releases_its_attachments(node1, client, name):
 
 # ---------------------------------------------------------------- two nodes
 
-def test_remote_attach_is_refused_for_now_and_delete_reaches_the_home(node1, node2, name):
+def test_remote_rw_attach_is_refused_for_now_and_delete_reaches_the_home(node1, node2, name):
     c1, c2 = connect(node1), connect(node2)
     try:
         c1.create(name, 2 * MiB)
         before = used(c1)
         with pytest.raises(errors.Unavailable) as err:
-            c2.attach(name)
+            c2.attach(name, "rw")
         assert str(err.value) == (
-            f"remote attach of segment {name} (home node1) is not supported yet")
+            f"remote rw attach of segment {name} is not supported yet (home node1)")
         assert c2.stat(name).home == "node1"
         c2.delete(name)  # node2 asks node1 (Node.ReleaseSegment) to free it
         assert gone(c1, name)
