@@ -25,12 +25,28 @@ os.environ["PYTHONSAFEPATH"] = "1"
 from vas.cluster import CoordinatorProcess, EtcdProcess, LocalCluster  # noqa: E402
 
 
-def world_dir(prefix: str) -> str:
+def new_world_dir(prefix: str) -> str:
     """A fresh directory every uid can traverse (agents' sockets live there), short
     enough for socket paths (sun_path holds 108 bytes)."""
     path = tempfile.mkdtemp(prefix=prefix)
     os.chmod(path, 0o755)
     return path
+
+
+@pytest.fixture(scope="module")
+def module_dir():
+    """A world-traversable directory shared by one test module, removed after it."""
+    path = new_world_dir("vas-mod-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def world_dir():
+    """A world-traversable directory for one test, removed after it."""
+    path = new_world_dir("vas-t-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def wipe(etcd_url: str) -> None:
@@ -45,7 +61,7 @@ def wipe(etcd_url: str) -> None:
 @pytest.fixture(scope="session")
 def etcd():
     """One EtcdProcess for the whole session (``.url``)."""
-    path = world_dir("vas-etcd-")
+    path = new_world_dir("vas-etcd-")
     process = EtcdProcess(path).start()
     try:
         yield process
@@ -56,7 +72,7 @@ def etcd():
 
 @pytest.fixture(scope="module")
 def _module_coordinator(etcd):
-    path = world_dir("vas-coord-")
+    path = new_world_dir("vas-coord-")
     process = CoordinatorProcess(path, etcd.url).start()
     try:
         yield process
@@ -82,7 +98,7 @@ def cluster(etcd):
 
     def start(nodes: int = 1, coordinators: int = 1, memory: int = 256 << 20) -> LocalCluster:
         wipe(etcd.url)
-        path = world_dir("vas-cl-")
+        path = new_world_dir("vas-cl-")
         local = LocalCluster(path, nodes=nodes, memory=memory, etcd_url=etcd.url,
                              coordinators=coordinators)
         started.append((local, path))

@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 
@@ -20,15 +19,6 @@ import vas
 from vas.cluster import LocalCluster
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def world_dir():
-    """A cluster directory every uid can reach (pytest's tmp dirs are 0700 root)."""
-    path = tempfile.mkdtemp(prefix="vas-acc-")
-    os.chmod(path, 0o755)
-    yield path
-    subprocess.run(["rm", "-rf", path], check=False)
 
 
 @pytest.fixture

@@ -12,12 +12,10 @@ import math
 import mmap
 import os
 import random
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 
@@ -105,11 +103,8 @@ def connect(node: NodeProcess) -> Local:
 
 
 @pytest.fixture(scope="module")
-def workdir():
-    path = tempfile.mkdtemp(prefix="vas-agent-test-")
-    os.chmod(path, 0o755)  # children that drop to another uid reach the sockets
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+def workdir(module_dir):
+    return module_dir  # world-traversable: children that drop to another uid reach sockets
 
 
 @pytest.fixture(scope="module")

@@ -25,14 +25,9 @@ VASCTL = [sys.executable, "-P", "-m", "vas.cli"]
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    path = tempfile.mkdtemp(prefix="vas-it-cli-")
-    os.chmod(path, 0o755)
-    try:
-        with LocalCluster(path, nodes=2, memory=NODE_MEMORY) as running:
-            yield running
-    finally:
-        subprocess.run(["rm", "-rf", path], check=False)
+def cluster(module_dir):
+    with LocalCluster(module_dir, nodes=2, memory=NODE_MEMORY) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
 import time
@@ -29,15 +28,9 @@ NODE_MEMORY = 256 * MiB
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    # A short, world-reachable directory: socket paths must fit in sun_path.
-    path = tempfile.mkdtemp(prefix="vas-it-client-")
-    os.chmod(path, 0o755)
-    try:
-        with LocalCluster(path, nodes=2, memory=NODE_MEMORY) as running:
-            yield running
-    finally:
-        subprocess.run(["rm", "-rf", path], check=False)
+def cluster(module_dir):
+    with LocalCluster(module_dir, nodes=2, memory=NODE_MEMORY) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
