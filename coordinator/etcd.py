@@ -115,6 +115,12 @@ def unchanged(key: bytes, mod_revision: int) -> etcdrpc.Compare:
                            result=etcdrpc.Compare.EQUAL, mod_revision=mod_revision)
 
 
+def leased(key: bytes, lease: int) -> etcdrpc.Compare:
+    """Compare: ``key`` is attached to ``lease`` (0 = no lease, or absent)."""
+    return etcdrpc.Compare(key=key, target=etcdrpc.Compare.LEASE,
+                           result=etcdrpc.Compare.EQUAL, lease=lease)
+
+
 # The client ------------------------------------------------------------------------------
 
 class Etcd:

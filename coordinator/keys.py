@@ -9,7 +9,8 @@ The storage layout at a glance (all keys under ``/vas/``; values are compact JSO
                                    "replicas", "version", "created", "expires", "deleting"}
         One segment. Its id is the key's create_revision (unique, never reused,
         grows with every create), so it is not stored in the value. Attached to
-        a lease of the segment's ttl when created with one.
+        a lease of the segment's ttl when created with one. "version" starts at
+        0 and only PublishVersion changes it (+1, fenced by the writer token).
     /vas/nodes/NODE_ID            {"id", "address", "socket", "memory_total",
                                    "memory_used", "segments", "state"}
         A live node agent, under the node's lease.

@@ -58,6 +58,13 @@ def check_positive(value: int, what: str) -> int:
     return value
 
 
+def check_lease(lease_id: int) -> int:
+    """Return ``lease_id`` if it is 0 (not given) or a valid etcd lease id (> 0)."""
+    if lease_id < 0:
+        raise InvalidArgument(f"invalid lease id {lease_id}: must be > 0 (or 0 = unchecked)")
+    return lease_id
+
+
 def caller_of(request):
     """The request's Caller; InvalidArgument if the agent did not send one."""
     if not request.HasField("caller"):
@@ -202,6 +209,14 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         self.writers.release(check_name(request.name), check_positive(request.token, "token"),
                              request.lease_id)
         return pb.ReleaseWriterResponse()
+
+    @translated
+    def PublishVersion(self, request, context):
+        caller_of(request)
+        return self.writers.publish(check_name(request.name),
+                                    check_positive(request.id, "segment id"),
+                                    check_positive(request.token, "token"),
+                                    check_lease(request.lease_id))
 
     # Spaces ----------------------------------------------------------------------------
 

@@ -4,13 +4,30 @@ The lock is ``/vas/writers/NAME``; whoever creates it holds it, and the
 revision that created it is the fencing token (etcd revisions only grow, so a
 later holder always has a larger token). The lease makes a dead writer's lock
 vanish on its own; RenewWriter is a keepalive of that lease.
+
+PublishVersion is where the token fences: it bumps the segment's version only in
+a transaction that compares the lock's create_revision with the writer's token,
+so a writer whose lease lapsed (or whose lock was taken over) can never publish.
 """
 from __future__ import annotations
 
+import grpc
+
 from vas.coordinator import access, keys
-from vas.coordinator.etcd import Etcd, absent, created_at, delete_op, put_op, range_op, unchanged
-from vas.coordinator.segments import Entry, Segments
+from vas.coordinator.etcd import (Etcd, EtcdError, absent, created_at, delete_op, leased, put_op,
+                                  range_op, unchanged)
+from vas.coordinator.segments import (Entry, Segments, attachment_counts, live_nodes_of,
+                                      to_proto)
 from vas.errors import Busy, Fenced, NotFound, PermissionDenied, Unavailable
+from vas.proto import types_pb2
+
+_NODES_END = keys.prefix_end(keys.NODES)
+
+
+def fenced(name: str, token: int) -> Fenced:
+    """The error of a writer whose token no longer holds the lock of ``name``."""
+    return Fenced(f"segment {name}: writer token {token} is no longer current "
+                  "(lease lapsed or lock taken over)")
 
 
 class Writers:
@@ -95,6 +112,60 @@ class Writers:
         self.etcd.txn(compare=[created_at(lock, token)], success=[delete_op(lock)])
         if lease_id:
             self._revoke_quietly(lease_id)
+
+    def publish(self, name: str, segment_id: int, token: int, lease_id: int = 0
+                ) -> types_pb2.SegmentInfo:
+        """Bump the version of segment ``segment_id`` if ``token`` still holds its lock.
+
+        One transaction compares the lock (create_revision == ``token``, and its
+        lease == ``lease_id`` when nonzero), the record's id and the mod_revision
+        the new version was computed from; a concurrent change of the record
+        (chmod, another coordinator's read-modify-write) costs a bounded retry.
+        Raises NotFound (segment gone, or the name has another id: checked
+        first), Fenced (lock absent or another token/lease), Unavailable.
+        """
+        key, lock, prefix = (keys.segment_key(name), keys.writer_key(name),
+                             keys.attach_prefix(name))
+        holds = [created_at(lock, token)] + ([leased(lock, lease_id)] if lease_id else [])
+        entry = self.segments.cache.get(name)
+        if entry is None or entry.id != segment_id:  # the cache may be stale: read
+            entry = self.segments.read(name)
+        for _ in range(self.attempts):
+            if entry.id != segment_id:
+                raise NotFound(f"segment {name!r} (id {segment_id}) not found")
+            record = {**entry.record, "version": entry.record["version"] + 1}
+            try:
+                response = self.etcd.txn(
+                    compare=[created_at(key, segment_id), unchanged(key, entry.mod), *holds],
+                    success=[put_op(key, keys.encode(record), entry.lease),
+                             range_op(keys.NODES, _NODES_END, keys_only=True),
+                             range_op(prefix, keys.prefix_end(prefix))],
+                    failure=[range_op(key), range_op(lock, keys_only=True)])
+            except EtcdError as exc:
+                # The segment's ttl lease ended between our read and the put.
+                if entry.lease and exc.etcd_code == grpc.StatusCode.NOT_FOUND:
+                    self.segments.cache.drop(name)
+                    raise NotFound(f"segment {name!r} (id {segment_id}) not found") from exc
+                raise
+            if response.succeeded:
+                entry = Entry(name, entry.id, response.header.revision, entry.lease, record)
+                self.segments.cache.put(entry)
+                nodes, attach = (op.response_range for op in response.responses[1:])
+                return to_proto(entry, live_nodes_of(nodes),
+                                attachment_counts(attach)[name, entry.id])
+            segment, held = (op.response_range for op in response.responses)
+            if not segment.kvs:
+                self.segments.cache.drop(name)
+                raise NotFound(f"segment {name!r} (id {segment_id}) not found")
+            entry = Entry.from_kv(segment.kvs[0])
+            self.segments.cache.put(entry)
+            if entry.id != segment_id:
+                raise NotFound(f"segment {name!r} (id {segment_id}) not found")
+            if (not held.kvs or held.kvs[0].create_revision != token
+                    or (lease_id and held.kvs[0].lease != lease_id)):
+                raise fenced(name, token)
+            # Only the record changed under us: try again on the fresh one.
+        raise Unavailable(f"could not publish segment {name!r}: too many concurrent changes")
 
     def _revoke_quietly(self, lease: int) -> None:
         try:

@@ -381,6 +381,173 @@ def try_acquire(acquire, caller):
         return None
 
 
+# ------------------------------------------------------------------------------ publish
+
+def publish(stub, name: str, seg_id: int, token: int, lease_id: int = 0,
+            caller=ALICE) -> types_pb2.SegmentInfo:
+    return stub.PublishVersion(pb.PublishVersionRequest(
+        caller=caller, name=name, id=seg_id, token=token, lease_id=lease_id))
+
+
+def fenced_message(name: str, token: int) -> str:
+    return (f"segment {name}: writer token {token} is no longer current "
+            "(lease lapsed or lock taken over)")
+
+
+def etcd_rewrite(etcd_url: str, key: bytes, old: bytes, new: bytes) -> None:
+    """Replace ``old`` by ``new`` in the value of ``key`` behind the coordinator's back
+    (what another coordinator's read-modify-write looks like to this one's cache)."""
+    with grpc.insecure_channel(etcd_url.removeprefix("http://")) as channel:
+        kv = etcdrpc.KVStub(channel)
+        kvs = kv.Range(etcdrpc.RangeRequest(key=key), timeout=5).kvs[0]
+        assert old in kvs.value
+        kv.Put(etcdrpc.PutRequest(key=key, value=kvs.value.replace(old, new),
+                                  lease=kvs.lease), timeout=5)
+
+
+def test_publish_bumps_the_version_with_a_valid_token(stub, n1, etcd):
+    info = create(stub, "pub/seg", mode=0o664)
+    lock = stub.AcquireWriter(pb.AcquireWriterRequest(caller=ALICE, name="pub/seg"))
+    first = publish(stub, "pub/seg", info.id, lock.token, lock.lease_id)
+    assert (first.id, first.version, first.state) == (info.id, 1, types_pb2.SEGMENT_STATE_READY)
+    assert publish(stub, "pub/seg", info.id, lock.token).version == 2  # lease_id 0: unchecked
+    assert get(stub, "pub/seg").version == 2
+    record = etcd_get(etcd.url, b"/vas/segments/pub/seg")[0]
+    assert b'"version":2' in record.value and record.create_revision == info.id
+
+    # A chmod the coordinator has not seen (its cached record is stale) is not lost.
+    etcd_rewrite(etcd.url, b"/vas/segments/pub/seg", b'"mode":%d' % 0o664,
+                 b'"mode":%d' % 0o600)
+    third = publish(stub, "pub/seg", info.id, lock.token, lock.lease_id)
+    assert (third.version, third.mode) == (3, 0o600)
+
+    # Wrong token or wrong lease: fenced, and nothing changes.
+    for token, lease in ((lock.token + 1, lock.lease_id), (lock.token - 1, 0),
+                         (lock.token, lock.lease_id + 1)):
+        with pytest.raises(grpc.RpcError) as caught:
+            publish(stub, "pub/seg", info.id, token, lease)
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert caught.value.details() == fenced_message("pub/seg", token)
+    assert get(stub, "pub/seg").version == 3
+
+    invalid = grpc.StatusCode.INVALID_ARGUMENT
+    assert status_of(lambda: publish(stub, "pub/seg", 0, lock.token)) == invalid
+    assert status_of(lambda: publish(stub, "pub/seg", info.id, 0)) == invalid
+    assert status_of(lambda: publish(stub, "pub/seg", info.id, lock.token, -1)) == invalid
+    assert status_of(lambda: publish(stub, "/bad", info.id, lock.token)) == invalid
+    assert status_of(lambda: stub.PublishVersion(pb.PublishVersionRequest(
+        name="pub/seg", id=info.id, token=lock.token))) == invalid
+    assert get(stub, "pub/seg").version == 3
+
+    # A segment marked DELETING still takes its writer's last publish.
+    stub.DeleteSegment(pb.DeleteSegmentRequest(caller=ALICE, name="pub/seg"))
+    last = publish(stub, "pub/seg", info.id, lock.token, lock.lease_id)
+    assert (last.version, last.state) == (4, types_pb2.SEGMENT_STATE_DELETING)
+
+
+def test_publish_after_the_writer_lease_lapsed_is_fenced(stub, n1, etcd):
+    info = create(stub, "lapse/seg", mode=0o664)
+    acquire = lambda caller, ttl=0: stub.AcquireWriter(  # noqa: E731
+        pb.AcquireWriterRequest(caller=caller, name="lapse/seg", ttl_seconds=ttl))
+    # The shortest lease there is: etcd raises a TTL below its minimum (about 1.5 x the
+    # election timeout, 2 s with default settings) to that minimum.
+    old = acquire(ALICE, ttl=1)
+    assert 1 <= old.ttl_seconds <= 5
+    assert publish(stub, "lapse/seg", info.id, old.token, old.lease_id).version == 1
+    wait_for(lambda: not etcd_get(etcd.url, b"/vas/writers/lapse/seg"),
+             timeout=old.ttl_seconds + 15, what="the writer lease to lapse")
+
+    with pytest.raises(grpc.RpcError) as caught:
+        publish(stub, "lapse/seg", info.id, old.token, old.lease_id)
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert caught.value.details() == fenced_message("lapse/seg", old.token)
+    assert get(stub, "lapse/seg").version == 1  # the fenced publish changed nothing
+    assert status_of(lambda: stub.RenewWriter(pb.RenewWriterRequest(
+        name="lapse/seg", token=old.token, lease_id=old.lease_id))) \
+        == grpc.StatusCode.FAILED_PRECONDITION
+
+    new = acquire(CAROL)
+    assert new.token > old.token
+    assert publish(stub, "lapse/seg", info.id, new.token, new.lease_id,
+                   caller=CAROL).version == 2
+    # The old writer stays fenced while the new one holds the lock (taken over).
+    assert status_of(lambda: publish(stub, "lapse/seg", info.id, old.token)) \
+        == grpc.StatusCode.FAILED_PRECONDITION
+    assert status_of(lambda: publish(stub, "lapse/seg", info.id, old.token, new.lease_id)) \
+        == grpc.StatusCode.FAILED_PRECONDITION
+    # ... and after the new writer releases it.
+    stub.ReleaseWriter(pb.ReleaseWriterRequest(name="lapse/seg", token=new.token,
+                                               lease_id=new.lease_id))
+    assert status_of(lambda: publish(stub, "lapse/seg", info.id, new.token)) \
+        == grpc.StatusCode.FAILED_PRECONDITION
+    assert get(stub, "lapse/seg").version == 2
+
+
+def test_publish_on_a_deleted_or_recreated_segment_is_not_found(stub, n1):
+    info = create(stub, "gone/seg", mode=0o664)
+    lock = stub.AcquireWriter(pb.AcquireWriterRequest(caller=ALICE, name="gone/seg"))
+    assert publish(stub, "gone/seg", info.id, lock.token).version == 1
+    stub.DeleteSegment(pb.DeleteSegmentRequest(caller=ALICE, name="gone/seg", finish=True))
+    assert status_of(lambda: publish(stub, "gone/seg", info.id, lock.token)) \
+        == grpc.StatusCode.NOT_FOUND
+
+    again = create(stub, "gone/seg", mode=0o664)
+    assert again.id != info.id and again.version == 0
+    assert status_of(lambda: publish(stub, "gone/seg", info.id, lock.token)) \
+        == grpc.StatusCode.NOT_FOUND
+    fresh = stub.AcquireWriter(pb.AcquireWriterRequest(caller=ALICE, name="gone/seg"))
+    # The old incarnation's id is NOT_FOUND even with the lock's current token ...
+    assert status_of(lambda: publish(stub, "gone/seg", info.id, fresh.token)) \
+        == grpc.StatusCode.NOT_FOUND
+    # ... and the old token is fenced on the new segment.
+    assert status_of(lambda: publish(stub, "gone/seg", again.id, lock.token)) \
+        == grpc.StatusCode.FAILED_PRECONDITION
+    assert get(stub, "gone/seg").version == 0
+    assert publish(stub, "gone/seg", again.id, fresh.token, fresh.lease_id).version == 1
+    assert status_of(lambda: publish(stub, "never/seg", 1, fresh.token)) \
+        == grpc.StatusCode.NOT_FOUND
+
+
+def test_publishes_racing_chmods_all_land(coordinator, n1):
+    with grpc.insecure_channel(coordinator.address) as channel:
+        stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+        info = create(stub, "race/pub", mode=0o664)
+        lock = stub.AcquireWriter(pb.AcquireWriterRequest(caller=ALICE, name="race/pub"))
+    errors: list = []
+
+    def chmods() -> None:
+        with grpc.insecure_channel(coordinator.address) as channel:
+            own = coordinator_pb2_grpc.CoordinatorStub(channel)
+            for i in range(40):
+                try:
+                    own.SetSegmentMode(pb.SetSegmentModeRequest(
+                        caller=ALICE, name="race/pub", mode=0o660 | (i % 2) * 4))
+                except grpc.RpcError as exc:
+                    errors.append(exc)
+
+    def publishes(seen: list) -> None:
+        with grpc.insecure_channel(coordinator.address) as channel:
+            own = coordinator_pb2_grpc.CoordinatorStub(channel)
+            for _ in range(40):
+                try:
+                    seen.append(publish(own, "race/pub", info.id, lock.token,
+                                        lock.lease_id).version)
+                except grpc.RpcError as exc:
+                    errors.append(exc)
+
+    seen: list = []
+    threads = [threading.Thread(target=chmods), threading.Thread(target=publishes, args=(seen,))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors
+    assert seen == list(range(1, 41))  # every publish landed once, versions only grow
+    with grpc.insecure_channel(coordinator.address) as channel:
+        final = get(coordinator_pb2_grpc.CoordinatorStub(channel), "race/pub")
+    assert (final.version, final.mode) == (40, 0o664)
+
+
 # ------------------------------------------------------------------------------- spaces
 
 def test_spaces_create_add_remove_list_delete(stub, n1):
