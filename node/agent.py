@@ -44,10 +44,10 @@ import time
 
 import grpc
 
-from vas import validate
+from vas import _native, validate
 from vas.errors import (AlreadyExists, Busy, Fenced, InvalidArgument, NotFound,
                         PermissionDenied, Unavailable, VasError)
-from vas.node import bulk
+from vas.node import bulk, lazy
 from vas.node import store as store_mod
 from vas.node.clients import CoordinatorClient, PeerClients
 from vas.node.config import NodeConfig
@@ -109,7 +109,7 @@ class Session:
 class Attachment:
     """One local attachment; "rw" ones carry the writer lock's token and lease."""
 
-    __slots__ = ("id", "segment", "mode", "session", "token", "lease_id", "fenced")
+    __slots__ = ("id", "segment", "mode", "session", "token", "lease_id", "fenced", "uffd")
 
     def __init__(self, attachment_id: int, segment: Segment, mode: str, session: Session,
                  token: int = 0, lease_id: int = 0):
@@ -120,6 +120,7 @@ class Attachment:
         self.token = token
         self.lease_id = lease_id
         self.fenced = False
+        self.uffd = -1  # the client's userfaultfd of a lazy attachment (RegisterFaults)
 
 
 class Agent:
@@ -141,6 +142,7 @@ class Agent:
         self._replicas: dict[str, Segment] = {}            # name -> current replica
         self._fetching: dict[str, threading.Event] = {}    # name -> set when its fetch ends
         self._pool = WarmPool(self.store, self._lock)
+        self._faults: lazy.FaultHandler | None = None      # started by the first RegisterFaults
         self._attachment_ids = itertools.count(1)
         self._writers: dict[int, Attachment] = {}          # attachment id -> "rw" attachment
         self._dirty: dict[int, Segment] = {}               # segment id -> segment to report
@@ -224,6 +226,8 @@ class Agent:
         with self._lock:
             pooled = self._pool.stop_locked()
         release_all(pooled)
+        if self._faults is not None:
+            self._faults.stop()
         for thread in self._threads:
             thread.join(timeout)
         self._threads.clear()
@@ -434,15 +438,20 @@ class Agent:
         while True:
             with self._lock:
                 replica = self._replicas.get(info.name)
+                fill = None
                 if (replica is not None and replica.id == info.id
                         and replica.info.version >= info.version):
-                    return self._hand_out_replica_locked(session, replica, info, response)
+                    fill = replica.lazy
+                    if fill is None or fetch == "lazy":
+                        return self._hand_out_replica_locked(session, replica, info, response)
                 pending = self._fetching.get(info.name)
-                if pending is None:
+                if pending is None and fill is None:
                     stale = self._retire_locked(replica) if replica is not None else None
                     done = self._fetching[info.name] = threading.Event()
                     break
-            if not pending.wait(max(0.0, deadline - time.monotonic())):
+            if fill is not None and pending is None:  # eager attach of a lazy replica
+                self._complete(replica, fill)
+            elif not pending.wait(max(0.0, deadline - time.monotonic())):
                 raise Unavailable(f"timed out waiting for the fetch of segment {info.name}")
         try:
             if stale is not None:
@@ -466,11 +475,20 @@ class Agent:
         body = response.attach
         body.segment.CopyFrom(info)
         body.attachment_id = attachment.id
+        body.lazy = replica.lazy is not None
         return [fd]
+
+    def _complete(self, replica: Segment, fill: lazy.LazyFill) -> None:
+        """Fetch every missing chunk of a lazy replica; it is then an eager one."""
+        fill.ensure(0, replica.size)
+        replica.lazy = None
 
     def _fetch_replica(self, info: types_pb2.SegmentInfo, fetch: str) -> Segment:
         """A new replica holding every byte of ``info`` (capacity reserved and held by the
-        caller's ``add_replica``); on any failure nothing is left behind."""
+        caller's ``add_replica``); on any failure nothing is left behind. For
+        fetch="lazy" it holds none yet: chunks come on demand (node/lazy.py)."""
+        if fetch == "lazy":
+            return self._lazy_replica(info)
         with self._lock:
             spare = self._reserve_locked(info.size, info.name)
             warm = self._pool.take_locked(info.size)
@@ -496,16 +514,63 @@ class Agent:
                 unwanted = self._pool.want_locked(info.size)
             release_all(unwanted)
         elapsed = time.monotonic() - started
-        # fetch="lazy" (demand paging with userfaultfd) comes in a later step.
         log.info("replica of %s (id %d, version %d): fetched %d bytes from %s in %.3f s "
-                 "(%.2f GB/s, %s memory, fetch=%s served eagerly)", info.name, info.id,
-                 info.version, info.size, info.home, elapsed,
-                 info.size / max(elapsed, 1e-9) / 1e9, "warm" if warm.populated else "cold",
-                 fetch)
+                 "(%.2f GB/s, %s memory)", info.name, info.id, info.version, info.size,
+                 info.home, elapsed, info.size / max(elapsed, 1e-9) / 1e9,
+                 "warm" if warm.populated else "cold")
         replica = Segment(info, warm.fd, warm.ro_fd)
         replica.replica = True
         replica.mapping = warm.mapping
         return replica
+
+    def _lazy_replica(self, info: types_pb2.SegmentInfo) -> Segment:
+        """A replica of ``info`` whose chunks are fetched on first touch or prefetch.
+
+        Its memfd is sparse (not from the warm pool, whose pages are allocated):
+        a client's read of a missing page must raise a userfault.
+        """
+        with self._lock:
+            spare = self._reserve_locked(info.size, info.name)
+            spare += self._pool.trim_locked()
+        self._release_spare(spare)
+        fd = ro_fd = -1
+        try:
+            address = self._node_address(info.home)
+            if address is None:
+                raise Unavailable(f"home node {info.home} of segment {info.name} is not "
+                                  "registered (down?)")
+            fd, ro_fd = store_mod.allocate("replica", info.size, reserve=False)
+            mapping = _native.mmap(fd, info.size, writable=True)
+        except BaseException:
+            with self._lock:
+                self.store.unreserve(info.size)
+            if fd >= 0:
+                store_mod.release(fd, ro_fd, info.size)
+            raise
+        replica = Segment(info, fd, ro_fd)
+        replica.replica = True
+        replica.mapping = mapping
+        replica.lazy = lazy.LazyFill(info.size, self._chunk_fetcher(info, mapping, address))
+        log.info("replica of %s (id %d, version %d, %d bytes) from %s: lazy", info.name,
+                 info.id, info.version, info.size, info.home)
+        return replica
+
+    def _chunk_fetcher(self, info: types_pb2.SegmentInfo, mapping, address: str):
+        """``fetch(offset, length)`` for a LazyFill: ReadPages from the home into ``mapping``;
+        the home's address is looked up again after a failure (it may have moved)."""
+        where = [address]
+
+        def fetch(offset: int, length: int) -> None:
+            timeout = self.config.rpc_timeout + length / _FALLBACK_RATE
+            with memoryview(mapping) as raw, raw.cast("B") as view, \
+                    view[offset:offset + length] as part:
+                try:
+                    self.peers.read_pages_into(where[0], info.name, info.id, part, timeout,
+                                               offset)
+                except VasError:
+                    where[0] = self._node_address(info.home) or where[0]
+                    raise
+        return fetch
 
     def _transfer(self, address: str, info: types_pb2.SegmentInfo, warm: Warm) -> None:
         """Copy the home's bytes into ``warm``: ReadPages for small segments, else the
@@ -531,15 +596,42 @@ class Agent:
                  response: local_pb2.LocalResponse) -> list[int]:
         """Ensure a range of an attachment's pages is present here (bounds-checked).
 
-        Home pages and eager replicas are complete, so this returns at once.
+        Home pages and eager replicas are complete, so this returns at once; a
+        lazy replica fetches the missing chunks of the range.
         """
         with self._lock:
             attachment = session.attachments.get(request.attachment_id)
             if attachment is None:
                 raise NotFound(f"no attachment {request.attachment_id} on this connection")
             size = attachment.segment.size
+            fill = attachment.segment.lazy
         length = request.length or max(0, size - request.offset)
         validate.check_range(request.offset, length, size)
+        if fill is not None and length:
+            fill.ensure(request.offset, length)
+        response.empty.SetInParent()
+        return []
+
+    def register_faults(self, session: Session, request: local_pb2.RegisterFaultsRequest,
+                        response: local_pb2.LocalResponse, fds: list[int]) -> list[int]:
+        """Take the client's userfaultfd of a lazy attachment and resolve its faults."""
+        if len(fds) != 1:
+            raise InvalidArgument(f"RegisterFaults carries one userfaultfd, not {len(fds)} fds")
+        with self._lock:
+            attachment = session.attachments.get(request.attachment_id)
+            if attachment is None:
+                raise NotFound(f"no attachment {request.attachment_id} on this connection")
+            fill = attachment.segment.lazy
+            if fill is None or attachment.uffd >= 0:
+                raise InvalidArgument(f"attachment {request.attachment_id} is not a lazy "
+                                      "attachment waiting for its userfaultfd")
+            if request.size != attachment.segment.size:
+                raise InvalidArgument(f"RegisterFaults size {request.size} is not the "
+                                      f"segment's {attachment.segment.size}")
+            if self._faults is None:
+                self._faults = lazy.FaultHandler()
+            attachment.uffd = fds.pop()
+            self._faults.add(attachment.uffd, fill, request.address, request.size)
         response.empty.SetInParent()
         return []
 
@@ -686,6 +778,9 @@ class Agent:
         """Drop ``attachment`` from its segment; returns what ``_after_detach`` must do."""
         segment = attachment.segment
         segment.attachments -= 1
+        if attachment.uffd >= 0:
+            self._faults.remove(attachment.uffd)
+            attachment.uffd = -1
         writer = None
         if attachment.mode == "rw":
             self._writers.pop(attachment.id, None)

@@ -89,21 +89,25 @@ class PeerClients:
             raise from_rpc_error(exc) from exc
 
     def read_pages_into(self, address: str, name: str, segment_id: int, view: memoryview,
-                        timeout: float) -> None:
-        """Fill ``view`` with segment ``segment_id`` from the agent at ``address`` (ReadPages).
+                        timeout: float, offset: int = 0) -> None:
+        """Fill ``view`` with segment ``segment_id``'s bytes from ``offset`` on, read from the
+        agent at ``address`` (ReadPages).
 
         ``timeout`` bounds the whole stream. Raises Unavailable when the stream
         ends short or sends a chunk outside the range.
         """
-        request = node_pb2.ReadPagesRequest(name=name, id=segment_id, length=view.nbytes)
+        request = node_pb2.ReadPagesRequest(name=name, id=segment_id, offset=offset,
+                                            length=view.nbytes)
         done = 0
         try:
             for chunk in self._stub(address).ReadPages(request, timeout=timeout):
-                end = chunk.offset + len(chunk.data)
-                if chunk.offset != done or end > view.nbytes:
+                start = chunk.offset - offset
+                end = start + len(chunk.data)
+                if start != done or end > view.nbytes:
                     raise Unavailable(f"ReadPages of {name} from {address} sent bytes "
-                                      f"[{chunk.offset}, {end}) out of order")
-                view[chunk.offset:end] = chunk.data
+                                      f"[{chunk.offset}, {chunk.offset + len(chunk.data)}) "
+                                      "out of order")
+                view[start:end] = chunk.data
                 done = end
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from exc

@@ -10,7 +10,8 @@ releases every attachment and writer lock of that connection at once.
 Bad input never ends the agent: an unparsable or oversized datagram gets an
 INVALID_ARGUMENT response with id 0, an unknown request UNIMPLEMENTED, and an
 unexpected exception INTERNAL with a one-line message (the traceback goes to
-the log). Any fds a client sends are closed unread.
+the log). Fds a client sends are closed unread, except the userfaultfd of
+RegisterFaults (node/lazy.py).
 """
 from __future__ import annotations
 
@@ -62,8 +63,8 @@ class Receiver:
     """Receives the requests of one connection.
 
     The framing is vas.wire's, but received here rather than with
-    ``wire.recv_message`` for two reasons: fds sent along with anything (even
-    garbage) are closed, as the agent takes no fds from clients; and the
+    ``wire.recv_message`` for two reasons: fds sent along with garbage are
+    closed at once (the agent takes an fd only with RegisterFaults); and the
     datagram lands in a buffer reused across requests (an anonymous mapping
     whose untouched pages cost nothing), where a fresh 4 MiB buffer per
     receive would add ~15 us to every request.
@@ -74,6 +75,7 @@ class Receiver:
         # One byte more than the largest request, so an oversized one shows as MSG_TRUNC.
         self._buffer = mmap.mmap(-1, wire.MAX_MESSAGE + 1)
         self._view = memoryview(self._buffer)
+        self.fds: list[int] = []
 
     def close(self) -> None:
         try:
@@ -82,14 +84,24 @@ class Receiver:
         except BufferError:  # a slice still alive somewhere: the GC unmaps it later
             pass
 
+    def _drop_fds(self) -> None:
+        _close_fds(self.fds)
+        self.fds = []
+
     def receive(self) -> local_pb2.LocalRequest | None:
-        """One request; None at EOF. Raises _BadRequest for a datagram that is not one."""
+        """One request; None at EOF. Raises _BadRequest for a datagram that is not one.
+
+        The fds that came with it are in ``fds`` (the caller closes them).
+        """
         size, ancdata, flags, _ = self.sock.recvmsg_into([self._view], _ANCILLARY_SPACE)
+        self.fds = []
         for level, kind, payload in ancdata:
             if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
                 fds = array.array("i")
                 fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-                _close_fds(fds)
+                self.fds.extend(fds)
+        if not size or flags & _MSG_TRUNC or size > wire.MAX_MESSAGE:
+            self._drop_fds()
         if not size:
             return None
         if flags & _MSG_TRUNC or size > wire.MAX_MESSAGE:
@@ -98,6 +110,7 @@ class Receiver:
         try:
             request.ParseFromString(self._view[:size])
         except DecodeError as exc:
+            self._drop_fds()
             raise _BadRequest(f"malformed request: not a LocalRequest ({_one_line(exc)})") from exc
         return request
 
@@ -120,7 +133,7 @@ class LocalServer:
             "detach": agent.detach, "stat": agent.stat, "list": agent.list,
             "delete": agent.delete, "chmod": agent.chmod, "chown": agent.chown,
             "nodes": agent.nodes, "space": agent.space, "status": agent.status,
-            "prefetch": agent.prefetch,
+            "prefetch": agent.prefetch, "register_faults": agent.register_faults,
         }
 
     # ------------------------------------------------------------------ socket file
@@ -257,7 +270,10 @@ class LocalServer:
                     continue
                 if request is None:
                     break
-                response, fds = self.handle(session, request)
+                try:
+                    response, fds = self.handle(session, request, receiver.fds)
+                finally:
+                    _close_fds(receiver.fds)  # whatever a handler did not take
                 self._send(sock, response, fds)
         except OSError as exc:  # the peer is gone (ECONNRESET, EPIPE, ...): same as EOF
             log.debug("connection of %r ended: %s", session, exc)
@@ -273,8 +289,11 @@ class LocalServer:
             except Exception:
                 log.exception("releasing the attachments of %r failed", session)
 
-    def handle(self, session: Session, request: local_pb2.LocalRequest):
-        """The response to one request and the fds to send with it."""
+    def handle(self, session: Session, request: local_pb2.LocalRequest, fds=None):
+        """The response to one request and the fds to send with it.
+
+        ``fds`` (a list) came with the request; a handler that keeps one removes it.
+        """
         response = local_pb2.LocalResponse(id=request.id)
         body = request.WhichOneof("body")
         try:
@@ -284,6 +303,9 @@ class LocalServer:
             if handler is None:
                 raise Unimplemented("unknown or empty request" if body is None
                                     else f"unknown request {body}")
+            if body == "register_faults":
+                return response, handler(session, request.register_faults, response,
+                                         fds if fds is not None else [])
             return response, handler(session, getattr(request, body), response)
         except VasError as exc:
             failed = local_pb2.LocalResponse(id=request.id, code=exc.code.value[0],

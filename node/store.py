@@ -74,13 +74,14 @@ class Segment:
     waits for FinishDelete, and ``freed`` once the memory is given back.
 
     A *replica* (a copy of a segment homed elsewhere, ``replica`` set) also
-    keeps the agent's writable ``mapping`` it was filled through; its
+    keeps the agent's writable ``mapping`` it was filled through (``lazy``
+    tracks which chunks hold the home's bytes while it fills on demand); its
     ``info.version`` is the version it copied, and ``deleting`` means retired
     (stale or gone: freed at its last detach).
     """
 
     __slots__ = ("name", "id", "size", "fd", "ro_fd", "info", "checked", "attachments",
-                 "writer", "deleting", "finish", "freed", "replica", "mapping")
+                 "writer", "deleting", "finish", "freed", "replica", "mapping", "lazy")
 
     #: Placeholder of ``writer`` while an "rw" attach waits for the coordinator.
     PENDING = object()
@@ -100,14 +101,18 @@ class Segment:
         self.freed = False
         self.replica = False
         self.mapping = None
+        self.lazy = None  # a lazy replica's LazyFill (node/lazy.py) until it is complete
 
     def __repr__(self) -> str:
         return (f"<Segment {self.name} id={self.id} size={self.size} "
                 f"attachments={self.attachments} deleting={self.deleting} freed={self.freed}>")
 
 
-def allocate(name: str, size: int) -> tuple[int, int]:
+def allocate(name: str, size: int, *, reserve: bool = True) -> tuple[int, int]:
     """A sealed memfd of ``size`` bytes with every page reserved, and a read-only fd of it.
+
+    ``reserve=False`` leaves it sparse: a lazy replica's pages must be missing
+    until fetched, so that a client's first touch raises a userfault.
 
     Returns ``(fd, ro_fd)``; the caller owns both (see ``release``). Raises
     CapacityExceeded when the kernel cannot reserve the memory.
@@ -119,7 +124,8 @@ def allocate(name: str, size: int) -> tuple[int, int]:
         os.fchmod(fd, 0o600)
         _native.ftruncate(fd, size)
         try:
-            _native.fallocate(fd, 0, size)
+            if reserve:
+                _native.fallocate(fd, 0, size)
         except OSError as exc:
             raise CapacityExceeded(
                 f"cannot reserve {size} bytes of memory for segment {name}: "

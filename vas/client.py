@@ -78,15 +78,16 @@ class Client:
     # -- plumbing ---------------------------------------------------------------
 
     def _call(self, field: str, body, expect: str | tuple[str, ...] | None = None, *,
-              want_fds: bool = False):
-        """Send one request with ``body`` in oneof ``field``; return the response body.
+              want_fds: bool = False, send_fds=()):
+        """Send one request with ``body`` in oneof ``field`` (and ``send_fds``); return the
+        response body.
 
         With ``want_fds`` returns ``(body, fds)`` and the caller owns the fds.
         """
         with self._lock:
             self._check_open()
             self._flush_pending_detach()
-            response, fds = self._roundtrip(field, body)
+            response, fds = self._roundtrip(field, body, send_fds)
         try:
             if response.code != 0:
                 raise from_status(status_code(response.code), response.message)
@@ -104,12 +105,12 @@ class Client:
         _close_fds(fds)
         return result
 
-    def _roundtrip(self, field: str, body):
+    def _roundtrip(self, field: str, body, send_fds=()):
         """One request/response exchange; the caller holds the lock."""
         request = local_pb2.LocalRequest(id=next(self._ids))
         getattr(request, field).CopyFrom(body)
         try:
-            wire.send_message(self._sock, request)
+            wire.send_message(self._sock, request, send_fds)
             response, fds = wire.recv_message(self._sock, local_pb2.LocalResponse)
         except OSError as exc:
             self._broken()
@@ -148,6 +149,11 @@ class Client:
         (used by Mapping.prefetch)."""
         self._call("prefetch", local_pb2.PrefetchRequest(
             attachment_id=attachment_id, offset=offset, length=length), "empty")
+
+    def _register_faults(self, attachment_id: int, address: int, size: int, uffd: int) -> None:
+        """Hand the userfaultfd of a lazy mapping to the agent (used by Mapping)."""
+        self._call("register_faults", local_pb2.RegisterFaultsRequest(
+            attachment_id=attachment_id, address=address, size=size), "empty", send_fds=[uffd])
 
     def _detach_later(self, attachment_id: int) -> None:
         """Detach from a finalizer: never block on (or re-enter) the lock.
@@ -250,7 +256,9 @@ class Client:
         :param mode: ``"r"`` (read-only) or ``"rw"`` (takes the cluster-wide writer lock).
         :param fixed: map at the segment's own address (``info.address``), so
             pointers stored inside it are valid here; otherwise anywhere.
-        :param fetch: ``"lazy"`` or ``"eager"`` (how a remote segment's pages arrive).
+        :param fetch: ``"lazy"`` or ``"eager"`` (how a remote segment's pages arrive:
+            lazy maps at once and fills pages on first touch; without userfaultfd
+            it falls back to eager, logged and shown in ``Mapping.fetch``).
         :returns: a ``Mapping`` (a context manager that detaches on exit).
         :raises InvalidArgument: bad name, mode or fetch.
         :raises NotFound: no such segment (or it is being deleted).

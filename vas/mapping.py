@@ -13,13 +13,73 @@ is still alive, and the native object unmaps only when the last view is gone.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
+import os
 
 from vas import validate
 from vas.errors import AddressConflict, Busy, InvalidArgument, NotFound, PermissionDenied, Unavailable, VasError
 from vas.types import SegmentInfo
 
+log = logging.getLogger(__name__)
+
 _NEXT_RELEASE = "needs the remote attach support of the next release"
+#: Set to 1 to behave as if this kernel had no userfaultfd (lazy attaches turn eager).
+_DISABLE_ENV = "VAS_DISABLE_USERFAULTFD"
+_FALLBACK = "eager (userfaultfd unavailable)"
+_uffd_ok: bool | None = None  # probed once per process
+
+
+def _userfaultfd_available() -> bool:
+    """Whether this process can register shmem mappings for MISSING+MINOR userfaults."""
+    global _uffd_ok
+    if _uffd_ok is None:
+        from vas import _native
+
+        _uffd_ok = False
+        if os.environ.get(_DISABLE_ENV, "") not in ("", "0"):
+            log.warning("%s is set: lazy attaches fetch eagerly", _DISABLE_ENV)
+            return False
+        wanted = _native.UFFD_FEATURE_MINOR_SHMEM | _native.UFFD_FEATURE_MISSING_SHMEM
+        try:
+            fd = _native.userfaultfd()
+            try:
+                _uffd_ok = _native.uffd_api(fd) & wanted == wanted
+            finally:
+                os.close(fd)
+            reason = "no shmem MISSING/MINOR fault support"
+        except OSError as exc:
+            reason = str(exc)
+        if not _uffd_ok:
+            log.warning("userfaultfd unavailable (%s): lazy attaches fetch eagerly", reason)
+    return _uffd_ok
+
+
+def _private_mmap(fd: int, size: int, offset: int):
+    """A read-only MAP_PRIVATE mapping of ``fd``, for lazy attaches.
+
+    Why private: UFFDIO_REGISTER needs VM_MAYWRITE, which a shared mapping of
+    the read-only fd lacks; a private one has it, yet it maps the replica's own
+    page-cache pages (PROT_READ: never copied on write), so nothing is duplicated.
+    """
+    import mmap
+
+    return mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ, offset=offset)
+
+
+def _register_lazy(address: int, size: int) -> int:
+    """A userfaultfd on which [address, address + size) reports MISSING and MINOR faults."""
+    from vas import _native
+
+    uffd = _native.userfaultfd()
+    try:
+        _native.uffd_api(uffd, _native.UFFD_FEATURE_MINOR_SHMEM | _native.UFFD_FEATURE_MISSING_SHMEM)
+        _native.uffd_register(uffd, address, size, _native.UFFDIO_REGISTER_MODE_MISSING
+                              | _native.UFFDIO_REGISTER_MODE_MINOR)
+    except BaseException:
+        os.close(uffd)
+        raise
+    return uffd
 
 
 def _native_mmap(fd: int, size: int, *, writable: bool, address: int, fixed: bool, offset: int):
@@ -67,6 +127,11 @@ class Mapping:
     - ``version``: the published version this mapping reflects
     - ``info``: the ``SegmentInfo`` at attach time; ``name``, ``mode`` ("r"/"rw"),
       ``token`` (writer fencing token; 0 for "r")
+    - ``fetch``: how the pages arrive: ``"lazy"`` (a replica filled on first
+      touch), ``"eager"`` (all present: home pages or a complete replica), or
+      ``"eager (userfaultfd unavailable)"`` (a lazy attach this process could
+      not page on demand: the whole segment was fetched before returning), or
+      ``"eager (fixed address)"`` (lazy with ``fixed=True``: fetched whole too)
 
     Example::
 
@@ -93,9 +158,16 @@ class Mapping:
         if writable and not response.writable:
             raise VasError(f"segment {segment.name}: the agent refused a writable mapping")
         size, address = segment.size, segment.address
+        # Demand paging needs a private mapping, which vas._native cannot place at a
+        # fixed address: a fixed lazy attach is fetched whole instead.
+        paged = response.lazy and not writable and not fixed and _userfaultfd_available()
         try:
-            native = _native_mmap(fd, size, writable=writable, address=address if fixed else 0,
-                                  fixed=fixed, offset=int(response.fd_offset))
+            if paged:
+                native = _private_mmap(fd, size, int(response.fd_offset))
+            else:
+                native = _native_mmap(fd, size, writable=writable,
+                                      address=address if fixed else 0, fixed=fixed,
+                                      offset=int(response.fd_offset))
         except FileExistsError as exc:
             raise AddressConflict(
                 f"segment {segment.name}: address range 0x{address:x}-0x{address + size:x} "
@@ -105,6 +177,31 @@ class Mapping:
         self.address = _address_of(native, self._view)
         self.size = size
         self._detached = False
+        self.fetch = "eager"
+        if response.lazy:
+            self._start_lazy(paged)
+
+    def _start_lazy(self, paged: bool) -> None:
+        """Make the agent page this lazy mapping in on demand, or fetch it all now.
+
+        Nothing may read the mapping before this: its missing pages would read as zeros.
+        """
+        if paged:
+            try:
+                uffd = _register_lazy(self.address, self.size)
+            except OSError as exc:
+                log.warning("cannot register segment %s for userfaults (%s): fetching it "
+                            "eagerly", self.name, exc)
+            else:
+                try:
+                    self._client._register_faults(self._attachment_id, self.address,
+                                                  self.size, uffd)
+                finally:
+                    os.close(uffd)  # the agent holds it now; its close ends the registration
+                self.fetch = "lazy"
+                return
+        self._client._prefetch(self._attachment_id, 0, self.size)
+        self.fetch = "eager (fixed address)" if self.fixed and _uffd_ok else _FALLBACK
 
     @property
     def info(self) -> SegmentInfo:
@@ -264,7 +361,8 @@ class Mapping:
         On the home node the pages are the home pages: nothing to fetch. For a
         copy of a segment homed elsewhere, the agent fetches whatever part of
         the range its replica lacks and returns once it is there (an eager
-        replica is complete: it returns at once).
+        replica is complete: it returns at once; a lazy one fetches the missing
+        chunks, so later touches of the range fault without a network trip).
 
         :raises InvalidArgument: the range is outside the segment.
         :raises Unavailable: the home node cannot be reached.

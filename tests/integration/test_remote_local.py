@@ -159,7 +159,7 @@ def test_newer_version_refetches(two, etcd):
     running, c1, c2 = two
     node2 = running.nodes[1]
     fill(c1, "rm/v", 8 * MiB)
-    c2.attach("rm/v").detach()
+    c2.attach("rm/v", fetch="eager").detach()  # lazy would page in later, unsynced bytes
     with c1.attach("rm/v", "rw") as m:
         m.write(0, b"new!")
     with c2.attach("rm/v") as m:  # same version: the replica is reused as it is

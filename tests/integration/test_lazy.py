@@ -1,0 +1,138 @@
+"""fetch="lazy" remote attach between two loopback agents: demand paging with userfaultfd.
+
+Bytes moved between the agents are counted with the loopback interface's tx
+counter (/proc/net/dev): both agents talk over lo, and nothing else in a test
+sends megabytes there.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import subprocess
+import sys
+import time
+
+import pytest
+
+import vas
+from vas import _native
+
+MiB = 1 << 20
+PAGE = 4096
+
+
+def _uffd_ok() -> bool:
+    try:
+        fd = _native.userfaultfd()
+    except OSError:
+        return False
+    try:
+        wanted = _native.UFFD_FEATURE_MINOR_SHMEM | _native.UFFD_FEATURE_MISSING_SHMEM
+        return _native.uffd_api(fd) & wanted == wanted
+    finally:
+        os.close(fd)
+
+
+needs_uffd = pytest.mark.skipif(not _uffd_ok(), reason="userfaultfd with shmem faults unavailable")
+
+
+def lo_tx() -> int:
+    with open("/proc/net/dev") as dev:
+        for line in dev:
+            name, _, fields = line.partition(":")
+            if name.strip() == "lo":
+                return int(fields.split()[8])
+    raise AssertionError("no lo interface")
+
+
+def fill(client, name: str, size: int) -> str:
+    """Create ``name`` (mode 0644) on the client's node holding random bytes; their sha256."""
+    client.create(name, size, mode=0o644)
+    with client.attach(name, "rw") as m:
+        block = os.urandom(16 * MiB)
+        for offset in range(0, size, len(block)):
+            m.write(offset, block[:size - offset])
+        return hashlib.sha256(m.buffer).hexdigest()
+
+
+def sha_in_subprocess(socket_path: str, name: str, **env) -> list[str]:
+    """[Mapping.fetch, sha256] of ``name`` as another process attached lazily sees them."""
+    code = ("import hashlib, sys, vas\n"
+            "with vas.connect(sys.argv[1]) as c, c.attach(sys.argv[2]) as m:\n"
+            "    print(m.fetch); print(hashlib.sha256(m.buffer).hexdigest())\n")
+    out = subprocess.run([sys.executable, "-c", code, socket_path, name], check=True,
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONSAFEPATH": "1", **env}).stdout
+    return out.splitlines()[-2:]
+
+
+@pytest.fixture
+def two(cluster):
+    running = cluster(nodes=2, memory=1280 * MiB)
+    node1, node2 = running.nodes
+    with vas.connect(node1.socket) as c1, vas.connect(node2.socket) as c2:
+        yield node1, node2, c1, c2
+
+
+@needs_uffd
+def test_lazy_attach_maps_at_once_and_eager_completes_it(two):
+    node1, node2, c1, c2 = two
+    digest = fill(c1, "lazy/a", 256 * MiB)
+    started = time.monotonic()
+    with c2.attach("lazy/a") as m:
+        elapsed = time.monotonic() - started
+        assert m.fetch == "lazy"
+        assert elapsed < 1.0
+        # An eager attach of the partly filled replica fetches the rest first.
+        with c2.attach("lazy/a", fetch="eager") as eager:
+            assert eager.fetch == "eager"
+            assert hashlib.sha256(eager.buffer).hexdigest() == digest
+        assert hashlib.sha256(m.buffer).hexdigest() == digest
+
+
+@needs_uffd
+def test_lazy_replica_fills_on_touch_and_is_shared(two):
+    node1, node2, c1, c2 = two
+    digest = fill(c1, "lazy/s", 256 * MiB)
+    with c2.attach("lazy/s") as m:
+        assert m.fetch == "lazy"
+        assert hashlib.sha256(m.buffer).hexdigest() == digest
+        # Another process maps the same replica and registers its own faults.
+        assert sha_in_subprocess(node2.socket, "lazy/s") == ["lazy", digest]
+
+
+@needs_uffd
+def test_random_pages_move_only_their_chunks(two):
+    node1, node2, c1, c2 = two
+    size = 1 << 30
+    c1.create("lazy/big", size, mode=0o644)
+    with c1.attach("lazy/big", "rw") as w:
+        for index in range(0, size // PAGE, 997):
+            w.write(index * PAGE, index.to_bytes(8, "little"))
+    with c2.attach("lazy/big") as m:
+        before = lo_tx()
+        for index in random.sample(range(0, size // PAGE, 997), 10):
+            assert m.read(index * PAGE, 8) == index.to_bytes(8, "little")
+        moved = lo_tx() - before
+    assert moved < 16 * MiB, f"{moved} bytes moved for 10 pages"
+
+
+@needs_uffd
+def test_prefetch_makes_a_range_present(two):
+    node1, node2, c1, c2 = two
+    digest = fill(c1, "lazy/p", 64 * MiB)
+    with c2.attach("lazy/p") as m:
+        m.prefetch(0, 32 * MiB)
+        before = lo_tx()
+        head = m.read(0, 32 * MiB)
+        assert lo_tx() - before < 2 * MiB  # present: mapped without a fetch
+        m.prefetch()
+        assert hashlib.sha256(head + m.read(32 * MiB, 32 * MiB)).hexdigest() == digest
+
+
+def test_without_userfaultfd_lazy_falls_back_to_eager(two):
+    node1, node2, c1, c2 = two
+    digest = fill(c1, "lazy/f", 32 * MiB)
+    fetch, seen = sha_in_subprocess(node2.socket, "lazy/f", VAS_DISABLE_USERFAULTFD="1")
+    assert (fetch, seen) == ("eager (userfaultfd unavailable)", digest)

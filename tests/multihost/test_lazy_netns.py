@@ -1,0 +1,52 @@
+"""fetch="lazy" across network namespaces: agent b pages in a segment homed on agent a.
+
+The shared ``hosts`` agents have 64 MiB each; this module restarts them (same ids,
+namespaces and sockets) with room for a 256 MiB segment and its replica.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vas.cluster import NodeProcess
+
+MiB = 1 << 20
+SIZE = 256 * MiB
+#: Capacity of the restarted agents.
+MEMORY = 768 * MiB
+
+
+@pytest.fixture(scope="module")
+def roomy(hosts):
+    """``hosts`` with its agents restarted at ``MEMORY`` bytes of capacity."""
+    for i, old in enumerate(hosts.nodes):
+        old.stop()
+        hosts.nodes[i] = NodeProcess(hosts.dir, hosts.coordinator.address, node_id=old.node_id,
+                                     memory=MEMORY, listen=old.listen, netns=old.netns,
+                                     socket=old.socket).start()
+    return hosts
+
+
+def test_lazy_attach_across_namespaces(roomy):
+    made = json.loads(roomy.run(0, f"""
+import hashlib, json, os, vas
+with vas.connect() as c:
+    c.create("mh/lazy", {SIZE}, mode=0o644)
+    with c.attach("mh/lazy", "rw") as m:
+        m.write(0, os.urandom({SIZE}))
+        print(json.dumps({{"sha": hashlib.sha256(m.buffer).hexdigest()}}))
+""").stdout)
+    paged = json.loads(roomy.run(1, """
+import hashlib, json, time, vas
+with vas.connect() as c:
+    start = time.perf_counter()
+    with c.attach("mh/lazy") as m:
+        took = time.perf_counter() - start
+        print(json.dumps({"sha": hashlib.sha256(m.buffer).hexdigest(), "took": took,
+                          "fetch": m.fetch}))
+""").stdout)
+    assert paged["sha"] == made["sha"]
+    if paged["fetch"] != "lazy":
+        pytest.skip(f"no demand paging in the namespace: {paged['fetch']}")
+    print(f"256 MiB lazy attach over veth: {paged['took'] * 1e3:.1f} ms to map")
