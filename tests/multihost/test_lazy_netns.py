@@ -1,35 +1,16 @@
-"""fetch="lazy" across network namespaces: agent b pages in a segment homed on agent a.
-
-The shared ``hosts`` agents have 64 MiB each; this module restarts them (same ids,
-namespaces and sockets) with room for a 256 MiB segment and its replica.
-"""
+"""fetch="lazy" across network namespaces: agent b pages in a segment homed on agent a."""
 from __future__ import annotations
 
 import json
 
 import pytest
 
-from vas.cluster import NodeProcess
-
 MiB = 1 << 20
 SIZE = 256 * MiB
-#: Capacity of the restarted agents.
-MEMORY = 768 * MiB
 
 
-@pytest.fixture(scope="module")
-def roomy(hosts):
-    """``hosts`` with its agents restarted at ``MEMORY`` bytes of capacity."""
-    for i, old in enumerate(hosts.nodes):
-        old.stop()
-        hosts.nodes[i] = NodeProcess(hosts.dir, hosts.coordinator.address, node_id=old.node_id,
-                                     memory=MEMORY, listen=old.listen, netns=old.netns,
-                                     socket=old.socket).start()
-    return hosts
-
-
-def test_lazy_attach_across_namespaces(roomy):
-    made = json.loads(roomy.run(0, f"""
+def test_lazy_attach_across_namespaces(hosts):
+    made = json.loads(hosts.run(0, f"""
 import hashlib, json, os, vas
 with vas.connect() as c:
     c.create("mh/lazy", {SIZE}, mode=0o644)
@@ -37,7 +18,7 @@ with vas.connect() as c:
         m.write(0, os.urandom({SIZE}))
         print(json.dumps({{"sha": hashlib.sha256(m.buffer).hexdigest()}}))
 """).stdout)
-    paged = json.loads(roomy.run(1, """
+    paged = json.loads(hosts.run(1, """
 import hashlib, json, time, vas
 with vas.connect() as c:
     start = time.perf_counter()

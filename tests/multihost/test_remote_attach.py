@@ -1,8 +1,5 @@
 """Remote attach across network namespaces: agent b keeps a replica of a segment homed
 on agent a, copied over the bridge (bulk TCP channel between the namespace IPs).
-
-The shared ``hosts`` agents have 64 MiB each; this module restarts them (same ids,
-namespaces and sockets) with room for a 256 MiB segment and its replica.
 """
 from __future__ import annotations
 
@@ -12,29 +9,14 @@ import os
 import subprocess
 import sys
 
-import pytest
 
-from vas.cluster import NodeProcess
 
 MiB = 1 << 20
 SIZE = 256 * MiB
-#: Capacity of the restarted agents.
-MEMORY = 768 * MiB
 
 
-@pytest.fixture(scope="module")
-def roomy(hosts):
-    """``hosts`` with its agents restarted at ``MEMORY`` bytes of capacity."""
-    for i, old in enumerate(hosts.nodes):
-        old.stop()
-        hosts.nodes[i] = NodeProcess(hosts.dir, hosts.coordinator.address, node_id=old.node_id,
-                                     memory=MEMORY, listen=old.listen, netns=old.netns,
-                                     socket=old.socket).start()
-    return hosts
-
-
-def test_eager_attach_across_namespaces(roomy):
-    made = json.loads(roomy.run(0, f"""
+def test_eager_attach_across_namespaces(hosts):
+    made = json.loads(hosts.run(0, f"""
 import hashlib, json, os, vas
 with vas.connect() as c:
     c.create("mh/big", {SIZE}, mode=0o644)
@@ -42,7 +24,7 @@ with vas.connect() as c:
         m.write(0, os.urandom({SIZE}))
         print(json.dumps({{"sha": hashlib.sha256(m.buffer).hexdigest()}}))
 """).stdout)
-    copied = json.loads(roomy.run(1, """
+    copied = json.loads(hosts.run(1, """
 import hashlib, json, time, vas
 with vas.connect() as c:
     start = time.perf_counter()
@@ -52,20 +34,20 @@ with vas.connect() as c:
                           "home": m.info.home, "used": c.local_node.memory_used}))
 """).stdout)
     assert copied["sha"] == made["sha"]
-    assert copied["home"] == roomy.nodes[0].node_id
+    assert copied["home"] == hosts.nodes[0].node_id
     print(f"256 MiB eager attach over veth: {copied['took']:.3f} s, "
           f"{SIZE / copied['took'] / 1e9:.2f} GB/s")
 
 
-def test_vasctl_seg_get_in_the_other_namespace(roomy):
+def test_vasctl_seg_get_in_the_other_namespace(hosts):
     expected = hashlib.sha256()
     done = subprocess.run(
-        ["ip", "netns", "exec", roomy.namespaces[1], sys.executable, "-m", "vas.cli", "seg",
+        ["ip", "netns", "exec", hosts.namespaces[1], sys.executable, "-m", "vas.cli", "seg",
          "get", "mh/big"], capture_output=True, timeout=120, cwd="/",
-        env={**os.environ, "PYTHONSAFEPATH": "1", "VAS_NODE": roomy.nodes[1].socket})
+        env={**os.environ, "PYTHONSAFEPATH": "1", "VAS_NODE": hosts.nodes[1].socket})
     assert done.returncode == 0, done.stderr
     assert len(done.stdout) == SIZE
-    made = roomy.run(0, """
+    made = hosts.run(0, """
 import hashlib, vas
 with vas.connect() as c, c.attach("mh/big") as m:
     print(hashlib.sha256(m.buffer).hexdigest())
