@@ -912,11 +912,21 @@ class Agent:
     def nodes(self, session: Session, request: coordinator_pb2.ListNodesRequest,
               response: local_pb2.LocalResponse) -> list[int]:
         response.nodes.CopyFrom(self.coordinator.call("ListNodes", request))
+        self._patch_own_usage(response.nodes.nodes)
         return []
+
+    def _patch_own_usage(self, nodes) -> None:
+        """Show this node's live usage: its record holds the last heartbeat's (ttl/3 old)."""
+        with self._lock:
+            used, count = self.store.used, len(self.store)
+        for node in nodes:
+            if node.id == self.node_id:
+                node.memory_used, node.segments = used, count
 
     def status(self, session: Session, request: coordinator_pb2.ClusterStatusRequest,
                response: local_pb2.LocalResponse) -> list[int]:
         response.status.CopyFrom(self.coordinator.call("ClusterStatus", request))
+        self._patch_own_usage(response.status.nodes)
         return []
 
     def space(self, session: Session, request: local_pb2.LocalSpaceRequest,

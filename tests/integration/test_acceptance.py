@@ -267,3 +267,10 @@ def test_cli_put_get_round_trip(cluster2, tmp_path):
     assert demo["address"] > 0 and demo["uid"] == os.getuid()
     nodes = json.loads(run("node", "ls", "-o", "json").stdout)
     assert sorted(n["id"] for n in nodes) == ["node1", "node2"]
+
+
+def test_node_ls_shows_the_local_nodes_usage_at_once(cluster2):
+    with vas.connect(cluster2.nodes[0].socket) as c:
+        c.create("usage", 3 * MiB)
+        (mine,) = [n for n in c.nodes() if n.id == "node1"]
+        assert (mine.memory_used, mine.segments) == (3 * MiB, 1)
