@@ -7,6 +7,7 @@ privileges: SO_PEERCRED records the identity at connect().
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import mmap
@@ -26,6 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase)
 
+import waiting
 from vas import _native, errors, wire
 from vas.cluster import CoordinatorProcess, EtcdProcess, NodeProcess
 from vas.proto import LOCAL_PROTOCOL, coordinator_pb2, coordinator_pb2_grpc, local_pb2, types_pb2
@@ -33,6 +35,7 @@ from vas.proto import LOCAL_PROTOCOL, coordinator_pb2, coordinator_pb2_grpc, loc
 MiB = 1 << 20
 PS = _native.PAGE_SIZE
 WAIT = 20.0  # seconds: bound of every wait for a condition
+wait_for = functools.partial(waiting.wait_for, timeout=WAIT)
 PYTHON = [sys.executable]
 ENV = {**os.environ, "PYTHONSAFEPATH": "1"}
 
@@ -168,16 +171,6 @@ def child(code: str, *args: str, timeout: float = 60) -> dict:
                           capture_output=True, text=True, timeout=timeout, env=ENV, cwd="/")
     assert proc.returncode == 0, f"child failed ({proc.returncode}): {proc.stderr[-3000:]}"
     return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def wait_for(condition, what: str, timeout: float = WAIT):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def gone(client, name: str) -> bool:

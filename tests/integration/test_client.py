@@ -6,6 +6,7 @@ the installed package.
 """
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import os
@@ -13,11 +14,11 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 
 import pytest
 
 import vas
+import waiting
 from vas import _native
 from vas.cluster import LocalCluster
 
@@ -25,6 +26,7 @@ np = pytest.importorskip("numpy")
 
 MiB = 1 << 20
 NODE_MEMORY = 256 * MiB
+wait_for = functools.partial(waiting.wait_for, timeout=10.0)
 
 
 @pytest.fixture(scope="module")
@@ -51,17 +53,6 @@ def run_child(code: str, env: dict) -> dict:
                           timeout=120, cwd="/")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 # -- lifecycle ---------------------------------------------------------------------

@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from vas.cluster import CoordinatorProcess, EtcdProcess
+from waiting import wait_for
 from vas.proto import coordinator_pb2 as pb, coordinator_pb2_grpc, types_pb2
 
 MiB = 1 << 20
@@ -63,17 +64,6 @@ def status_of(call) -> grpc.StatusCode:
     with pytest.raises(grpc.RpcError) as info:
         call()
     return info.value.code()
-
-
-def wait_for(condition, timeout: float = 15.0, what: str = "condition"):
-    """Poll ``condition`` until it returns a truthy value; that value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def etcd_get(etcd_url: str, key: bytes):
