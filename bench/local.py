@@ -7,6 +7,7 @@ Figures, each beside its baseline:
   sequential read GB/s of a 1 GiB segment from a second process (cold = first pass after
     attach, warm = later passes)                         vs  numpy copy of a private array in-process
   create+delete ops/s through the whole stack           vs  raw etcd transactions/s (same etcd)
+    and a bare Python gRPC server doing the same txns (bench/forwarder.py): the floor
 
 The cluster (etcd, coordinator, one agent) runs in subprocesses; this process is the client.
 The last line printed is one JSON object with every figure and ratio.
@@ -30,6 +31,9 @@ import numpy as np
 
 import vas
 from vas.cluster import LocalCluster
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # PYTHONSAFEPATH leaves it out
+from forwarder import Client as Forwarder  # noqa: E402
 
 GiB = 1 << 30
 
@@ -123,36 +127,53 @@ def bench_create_delete(client: vas.Client, etcd_url: str, seconds: float) -> di
     This VM's speed drifts by 2x over seconds, so one long run of each would compare
     different machines; alternating blocks and taking each side's median compares like
     with like. The raw side does the same shape of work as ours: a put-if-absent txn
-    (create) and a delete txn per pair.
+    (create) and a delete txn per pair. A third side, bench/forwarder.py, puts one bare
+    Python gRPC hop in front of the same txns: the floor of any Python gRPC service
+    over etcd here, which ours (two hops: agent, coordinator) cannot beat.
     """
     import etcd3
 
     url = urlparse(etcd_url)
     etcd = etcd3.client(host=url.hostname, port=url.port)
-    block = 0.5
-    raw_rates, our_rates = [], []
-    n = 0
+    forwarder_process = subprocess.Popen(
+        [sys.executable, os.path.join(os.path.dirname(__file__), "forwarder.py"),
+         f"{url.hostname}:{url.port}"], stdout=subprocess.PIPE, text=True)
+    forwarder = Forwarder(int(forwarder_process.stdout.readline()))
+
+    def raw_pair(n: int) -> None:
+        key = f"/bench/raw/{n}"
+        etcd.transaction(compare=[etcd.transactions.create(key) == 0],
+                         success=[etcd.transactions.put(key, "x")], failure=[])
+        etcd.transaction(compare=[], success=[etcd.transactions.delete(key)], failure=[])
+
+    def forwarded_pair(n: int) -> None:
+        forwarder.create(f"/bench/fwd/{n}")
+        forwarder.delete(f"/bench/fwd/{n}")
+
+    def our_pair(n: int) -> None:
+        client.create(f"bench/cd/{n}", 4096)
+        client.delete(f"bench/cd/{n}")
+
+    sides = {"raw": raw_pair, "forwarder": forwarded_pair, "ours": our_pair}
+    rates: dict[str, list[float]] = {side: [] for side in sides}
+    block, n = 0.5, 0
     try:
-        for _ in range(max(2, int(seconds / block / 2))):
-            ops, t0 = 0, time.perf_counter()
-            while time.perf_counter() - t0 < block:
-                key = f"/bench/raw/{n}"
-                etcd.transaction(compare=[etcd.transactions.create(key) == 0],
-                                 success=[etcd.transactions.put(key, "x")], failure=[])
-                etcd.transaction(compare=[], success=[etcd.transactions.delete(key)], failure=[])
-                ops, n = ops + 2, n + 1
-            raw_rates.append(ops / (time.perf_counter() - t0))
-            ops, t0 = 0, time.perf_counter()
-            while time.perf_counter() - t0 < block:
-                client.create(f"bench/cd/{n}", 4096)
-                client.delete(f"bench/cd/{n}")
-                ops, n = ops + 2, n + 1
-            our_rates.append(ops / (time.perf_counter() - t0))
+        for _ in range(max(2, int(seconds / block / len(sides)))):
+            for side, pair in sides.items():
+                ops, t0 = 0, time.perf_counter()
+                while time.perf_counter() - t0 < block:
+                    pair(n)
+                    ops, n = ops + 2, n + 1
+                rates[side].append(ops / (time.perf_counter() - t0))
     finally:
+        forwarder.close()
+        forwarder_process.kill()
+        forwarder_process.wait()
         etcd.close()
-    ours, raw = statistics.median(our_rates), statistics.median(raw_rates)
+    ours, raw, floor = (statistics.median(rates[side]) for side in ("ours", "raw", "forwarder"))
     return {"create_delete_ops_per_s": ours, "etcd_txn_per_s": raw,
-            "create_delete_vs_etcd": ours / raw}
+            "create_delete_vs_etcd": ours / raw, "grpc_forwarder_ops_per_s": floor,
+            "grpc_forwarder_vs_etcd": floor / raw, "create_delete_vs_forwarder": ours / floor}
 
 
 def main() -> int:
@@ -183,6 +204,8 @@ def main() -> int:
          f"numpy copy {results['numpy_copy_gbps']:.2f} GB/s ({results['read_warm_vs_numpy']:.0%})"),
         ("create+delete", f"{results['create_delete_ops_per_s']:.0f} ops/s",
          f"etcd txn {results['etcd_txn_per_s']:.0f}/s ({results['create_delete_vs_etcd']:.0%})"),
+        ("1 bare gRPC hop + txn", f"{results['grpc_forwarder_ops_per_s']:.0f} ops/s",
+         f"etcd txn {results['etcd_txn_per_s']:.0f}/s ({results['grpc_forwarder_vs_etcd']:.0%})"),
     ]
     print(f"{'figure':<26}{'vas':>14}   baseline")
     for name, ours, base in rows:
