@@ -600,12 +600,15 @@ def main() -> int:
     r["eager_cold_vs_ray_cold"] = ratio(r.get("eager_cold_gbps"), r.get("ray_cold_gbps"))
     r["eager_cold_vs_tcp_cold"] = ratio(r.get("eager_cold_gbps"), r.get("tcp_cold_gbps"))
     r["ray_warm_vs_tcp_warm"] = ratio(r.get("ray_warm_gbps"), r.get("tcp_warm_gbps"))
+    r["sync_cold_moved_vs_size"] = ratio(r.get("sync_cold_loopback_bytes"), size)
+    r["sync_warm_moved_vs_size"] = ratio(r.get("sync_warm_loopback_bytes"), size)
     r["targets"] = {
         "eager_warm_ge_2x_ray_warm": at_least(r["eager_warm_vs_ray_warm"], 2.0),
         "eager_warm_ge_60pct_tcp_warm": at_least(r["eager_warm_vs_tcp_warm"], 0.6),
         "eager_cold_ge_1x_ray_cold": at_least(r["eager_cold_vs_ray_cold"], 1.0),
         "lazy_ttfb_le_20ms": at_most(r.get("lazy_ttfb_ms"), 20.0),
         "first_touch_p50_le_500us": at_most(r.get("first_touch_p50_us"), 500.0),
+        "sync_1pct_moves_le_2pct": at_most(r["sync_cold_moved_vs_size"], 0.02),
     }
     moved = r.get("lazy_ttfb_loopback_bytes_per_byte")
     if moved is not None and moved >= 0.5:  # no demand paging happened: nothing to judge

@@ -39,6 +39,7 @@ import itertools
 import logging
 import math
 import os
+import select
 import threading
 import time
 
@@ -52,6 +53,7 @@ from vas.node import store as store_mod
 from vas.node.clients import CoordinatorClient, PeerClients
 from vas.node.config import NodeConfig
 from vas.node.pool import Warm, WarmPool, release_all
+from vas.node.publish import PublishMixin
 from vas.node.store import Segment, Store
 from vas.proto import LOCAL_PROTOCOL, coordinator_pb2, local_pb2, types_pb2
 
@@ -93,7 +95,7 @@ class Unimplemented(VasError):
 class Session:
     """The state of one local connection: who is calling and what it holds."""
 
-    __slots__ = ("uid", "gid", "pid", "caller", "attachments")
+    __slots__ = ("uid", "gid", "pid", "caller", "attachments", "last_seen", "busy", "sock")
 
     def __init__(self, uid: int, gid: int, pid: int, node_id: str):
         self.uid = uid
@@ -101,6 +103,24 @@ class Session:
         self.pid = pid
         self.caller = types_pb2.Caller(uid=uid, gid=gid, pid=pid, node=node_id)
         self.attachments: dict[int, Attachment] = {}
+        # Liveness for writer leases: when the client last sent a request, and
+        # whether one is being served now (a long attach or wait proves it alive).
+        self.last_seen = time.monotonic()
+        self.busy = False
+        self.sock = None  # the connection (set by the local server), for hung_up()
+
+    def alive_within(self, seconds: float) -> bool:
+        """Whether the client showed it was alive in the last ``seconds``."""
+        return self.busy or time.monotonic() - self.last_seen <= seconds
+
+    def hung_up(self) -> bool:
+        """Whether the client closed its end (checked without reading from it)."""
+        if self.sock is None:
+            return False
+        poller = select.poll()
+        poller.register(self.sock, select.POLLRDHUP)
+        return any(events & (select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+                   for _, events in poller.poll(0))
 
     def __repr__(self) -> str:
         return f"<Session pid={self.pid} uid={self.uid} gid={self.gid}>"
@@ -123,7 +143,7 @@ class Attachment:
         self.uffd = -1  # the client's userfaultfd of a lazy attachment (RegisterFaults)
 
 
-class Agent:
+class Agent(PublishMixin):
     """Policy of one node agent (see the module docstring)."""
 
     def __init__(self, config: NodeConfig, node_id: str, address: str, socket_path: str,
@@ -421,15 +441,49 @@ class Agent:
             raise Unavailable(f"segment {name} (id {info.id}) is homed on node {self.node_id} "
                               "but its memory is not held here")
         if mode == "rw":
-            raise Unavailable(f"remote rw attach of segment {name} is not supported yet "
-                              f"(home {info.home})")
+            return self._attach_remote_writer(session, info, response)
         return self._attach_replica(session, info, fetch, response)
+
+    def _attach_remote_writer(self, session: Session, info: types_pb2.SegmentInfo,
+                              response: local_pb2.LocalResponse) -> list[int]:
+        """The "rw" attach of a segment homed elsewhere: take the writer lock, then make
+        this node's replica complete and equal to the home's bytes (the base the next
+        sync() diffs against) and map it writable."""
+        lock = self._acquire_writer(session, info.name)
+        try:
+            fds = self._attach_replica(session, info, "eager", response, lock)
+        except BaseException:
+            self._release_writer(info.name, lock.token, lock.lease_id)
+            raise
+        with self._lock:
+            attachment = session.attachments[response.attach.attachment_id]
+        try:
+            replica = attachment.segment
+            replica.synced_hashes = self._bring_current(replica)
+            with self._lock:
+                response.attach.segment.CopyFrom(replica.info)
+        except BaseException:
+            with self._lock:
+                session.attachments.pop(attachment.id, None)
+                action = self._detach_locked(attachment)
+            self._after_detach(*action)
+            for fd in fds:
+                os.close(fd)
+            raise
+        return fds
+
+    def _acquire_writer(self, session: Session, name: str) -> coordinator_pb2.AcquireWriterResponse:
+        return self.coordinator.call("AcquireWriter", coordinator_pb2.AcquireWriterRequest(
+            caller=session.caller, name=name, ttl_seconds=self.config.writer_ttl))
 
     # ------------------------------------------------------------------ replicas
 
     def _attach_replica(self, session: Session, info: types_pb2.SegmentInfo, fetch: str,
-                        response: local_pb2.LocalResponse) -> list[int]:
-        """Hand out this node's replica of ``info``, fetching it first unless it is current.
+                        response: local_pb2.LocalResponse,
+                        writer: coordinator_pb2.AcquireWriterResponse | None = None
+                        ) -> list[int]:
+        """Hand out this node's replica of ``info``, fetching it first unless it is current
+        (writable, as the attachment holding ``writer``'s lock, when given).
 
         One fetch per name at a time: a concurrent attach waits for it and then
         reuses its replica.
@@ -443,7 +497,8 @@ class Agent:
                         and replica.info.version >= info.version):
                     fill = replica.lazy
                     if fill is None or fetch == "lazy":
-                        return self._hand_out_replica_locked(session, replica, info, response)
+                        return self._hand_out_replica_locked(session, replica, info, response,
+                                                             writer)
                 pending = self._fetching.get(info.name)
                 if pending is None and fill is None:
                     stale = self._retire_locked(replica) if replica is not None else None
@@ -460,23 +515,43 @@ class Agent:
             with self._lock:
                 self._replicas[info.name] = replica
                 self.store.add_replica(replica)
-                return self._hand_out_replica_locked(session, replica, info, response)
+                return self._hand_out_replica_locked(session, replica, info, response, writer)
         finally:
             with self._lock:
                 del self._fetching[info.name]
             done.set()
 
     def _hand_out_replica_locked(self, session: Session, replica: Segment,
-                                 info: types_pb2.SegmentInfo,
-                                 response: local_pb2.LocalResponse) -> list[int]:
-        fd = os.dup(replica.ro_fd)
+                                 info: types_pb2.SegmentInfo, response: local_pb2.LocalResponse,
+                                 writer: coordinator_pb2.AcquireWriterResponse | None = None
+                                 ) -> list[int]:
+        if writer is not None and replica.writer is not None:
+            raise Busy(f'segment {info.name} is already attached "rw" on node {self.node_id}')
         replica.checked = time.monotonic()
-        attachment = self._add_attachment_locked(session, replica, "r")
         body = response.attach
         body.segment.CopyFrom(info)
+        if writer is None:
+            fd = os.dup(replica.ro_fd)
+            attachment = self._add_attachment_locked(session, replica, "r")
+        else:
+            fd = os.dup(replica.fd)
+            attachment = self._add_writer_locked(session, replica, writer, body)
         body.attachment_id = attachment.id
         body.lazy = replica.lazy is not None
         return [fd]
+
+    def _add_writer_locked(self, session: Session, segment: Segment,
+                           lock: coordinator_pb2.AcquireWriterResponse,
+                           body: local_pb2.AttachResponse) -> Attachment:
+        """Register the "rw" attachment holding ``lock``; fills the writer fields of ``body``."""
+        attachment = self._add_attachment_locked(session, segment, "rw", lock.token,
+                                                 lock.lease_id)
+        segment.writer = attachment
+        self._writers[attachment.id] = attachment
+        body.writable = True
+        body.token = lock.token
+        body.keepalive_seconds = self.config.writer_ttl / 3
+        return attachment
 
     def _complete(self, replica: Segment, fill: lazy.LazyFill) -> None:
         """Fetch every missing chunk of a lazy replica; it is then an eager one."""
@@ -713,8 +788,7 @@ class Agent:
                        response: local_pb2.LocalResponse) -> list[int]:
         """The "rw" attach of a home segment: take the cluster-wide writer lock first."""
         try:
-            lock = self.coordinator.call("AcquireWriter", coordinator_pb2.AcquireWriterRequest(
-                caller=session.caller, name=segment.name, ttl_seconds=self.config.writer_ttl))
+            lock = self._acquire_writer(session, segment.name)
         except BaseException:
             with self._lock:
                 if segment.writer is Segment.PENDING:
@@ -726,15 +800,9 @@ class Agent:
             gone = segment.deleting or segment.freed
             if not gone:
                 fd = os.dup(segment.fd)
-                attachment = self._add_attachment_locked(session, segment, "rw", lock.token,
-                                                         lock.lease_id)
-                segment.writer = attachment
-                self._writers[attachment.id] = attachment
                 body = response.attach
                 body.segment.CopyFrom(segment.info)
-                body.attachment_id = attachment.id
-                body.writable = True
-                body.token = lock.token
+                body.attachment_id = self._add_writer_locked(session, segment, lock, body).id
         if gone:
             self._release_writer(segment.name, lock.token, lock.lease_id)
             raise NotFound(f"segment {segment.name} is being deleted")
@@ -788,6 +856,11 @@ class Agent:
                 segment.writer = None
             if not attachment.fenced:
                 writer = (segment.name, attachment.token, attachment.lease_id)
+            if segment.replica and self._replicas.get(segment.name) is segment:
+                # It may hold writes never synced: later attaches must not see them.
+                # (Marked retired here; freed below once unattached.)
+                del self._replicas[segment.name]
+                segment.deleting = True
         free = None
         if not segment.freed:
             self._dirty[segment.id] = segment
@@ -1303,6 +1376,13 @@ class Agent:
                 writers = list(self._writers.values())
             for attachment in writers:
                 if attachment.fenced:
+                    continue
+                if not attachment.session.alive_within(self.config.writer_ttl * 2 / 3):
+                    # Stopped or hung: let the lease lapse so another writer can take over.
+                    log.warning("writer of %s (pid %d) sent no keepalive for %.1f s: not "
+                                "renewing its lock", attachment.segment.name,
+                                attachment.session.pid,
+                                time.monotonic() - attachment.session.last_seen)
                     continue
                 try:
                     self.coordinator.call("RenewWriter", coordinator_pb2.RenewWriterRequest(

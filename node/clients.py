@@ -6,12 +6,13 @@ policy code only ever sees VasError.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import grpc
 
 from vas.errors import Unavailable, from_rpc_error
-from vas.proto import coordinator_pb2_grpc, node_pb2, node_pb2_grpc
+from vas.proto import coordinator_pb2_grpc, node_pb2, node_pb2_grpc, types_pb2
 
 #: Channel options shared by every channel the agent opens: the local protocol
 #: allows 4 MiB messages, so the gRPC hop must carry them too.
@@ -43,6 +44,23 @@ class CoordinatorClient:
             return getattr(self.stub, method)(request, timeout=timeout or self.timeout)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from exc
+
+    @contextlib.contextmanager
+    def watch(self, request, timeout: float):
+        """``with coordinator.watch(request, timeout) as events``: the Watch stream's events
+        until ``timeout`` seconds pass (then it just ends); cancelled on leaving."""
+        call = self.stub.Watch(request, timeout=timeout)
+
+        def events():
+            try:
+                yield from call
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise from_rpc_error(exc) from exc
+        try:
+            yield events()
+        finally:
+            call.cancel()
 
     def close(self) -> None:
         self.channel.close()
@@ -114,6 +132,30 @@ class PeerClients:
         if done != view.nbytes:
             raise Unavailable(f"ReadPages of {name} from {address} ended after {done} of "
                               f"{view.nbytes} bytes")
+
+    def write_pages(self, address: str, header: node_pb2.WritePagesHeader, view: memoryview,
+                    runs: list[tuple[int, int]], timeout: float) -> types_pb2.SegmentInfo:
+        """Send the byte ``runs`` ((offset, length) of ``view``, each at most 2 MiB) to the
+        home agent at ``address`` as one WritePages publish; the record at the new version."""
+        def messages():
+            yield node_pb2.WritePagesChunk(header=header)
+            for offset, length in runs:
+                with view[offset:offset + length] as part:
+                    yield node_pb2.WritePagesChunk(offset=offset, data=part.tobytes())
+        try:
+            return self._stub(address).WritePages(messages(), timeout=timeout)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+
+    def chunk_hashes(self, address: str, name: str, segment_id: int, chunk_size: int
+                     ) -> tuple[int, bytes]:
+        """(version, chunk hashes) of segment ``segment_id`` held by the agent at ``address``."""
+        request = node_pb2.ChunkHashesRequest(name=name, id=segment_id, chunk_size=chunk_size)
+        try:
+            response = self._stub(address).ChunkHashes(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+        return response.version, response.hashes
 
     def close(self) -> None:
         with self._lock:

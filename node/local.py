@@ -24,6 +24,7 @@ import socket
 import stat
 import struct
 import threading
+import time
 
 from google.protobuf.message import DecodeError
 
@@ -134,6 +135,8 @@ class LocalServer:
             "delete": agent.delete, "chmod": agent.chmod, "chown": agent.chown,
             "nodes": agent.nodes, "space": agent.space, "status": agent.status,
             "prefetch": agent.prefetch, "register_faults": agent.register_faults,
+            "sync": agent.sync, "refresh": agent.refresh, "wait": agent.wait,
+            "keepalive": agent.keepalive,
         }
 
     # ------------------------------------------------------------------ socket file
@@ -240,6 +243,7 @@ class LocalServer:
                 sock.close()
                 continue
             session = self.agent.open_session(uid, gid, pid)
+            session.sock = sock
             thread = threading.Thread(target=self._serve, args=(sock, session),
                                       name=f"vas-node-conn-{pid}", daemon=True)
             with self._lock:
@@ -270,9 +274,11 @@ class LocalServer:
                     continue
                 if request is None:
                     break
+                session.last_seen, session.busy = time.monotonic(), True
                 try:
                     response, fds = self.handle(session, request, receiver.fds)
                 finally:
+                    session.last_seen, session.busy = time.monotonic(), False
                     _close_fds(receiver.fds)  # whatever a handler did not take
                 self._send(sock, response, fds)
         except OSError as exc:  # the peer is gone (ECONNRESET, EPIPE, ...): same as EOF

@@ -62,3 +62,30 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
             abort_with(context, exc)
         return node_pb2.OpenBulkResponse(address=self.agent.bulk_address, size=info.size,
                                          version=info.version)
+
+    def WritePages(self, request_iterator, context: grpc.ServicerContext):
+        try:
+            first = next(request_iterator, None)
+            if first is None or not first.HasField("header"):
+                raise InvalidArgument("WritePages needs a header in its first message")
+            header = first.header
+            if not header.id or not header.token:
+                raise InvalidArgument("WritePages needs a segment id and a writer token")
+
+            def pieces():
+                yield first.offset, first.data
+                for chunk in request_iterator:
+                    yield chunk.offset, chunk.data
+            return self.agent.write_pages(header, pieces())
+        except VasError as exc:
+            abort_with(context, exc)
+
+    def ChunkHashes(self, request: node_pb2.ChunkHashesRequest,
+                    context: grpc.ServicerContext) -> node_pb2.ChunkHashesResponse:
+        try:
+            if not request.id:
+                raise InvalidArgument("ChunkHashes needs a segment id")
+            version, hashes = self.agent.published_hashes(request.id, request.chunk_size)
+        except VasError as exc:
+            abort_with(context, exc)
+        return node_pb2.ChunkHashesResponse(version=version, hashes=hashes)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterator
 
@@ -77,11 +78,14 @@ class Segment:
     keeps the agent's writable ``mapping`` it was filled through (``lazy``
     tracks which chunks hold the home's bytes while it fills on demand); its
     ``info.version`` is the version it copied, and ``deleting`` means retired
-    (stale or gone: freed at its last detach).
+    (stale or gone: freed at its last detach). A replica with a ``writer`` is
+    that remote writer's working copy: ``synced_hashes`` are its chunk hashes
+    as of its last sync.
     """
 
     __slots__ = ("name", "id", "size", "fd", "ro_fd", "info", "checked", "attachments",
-                 "writer", "deleting", "finish", "freed", "replica", "mapping", "lazy")
+                 "writer", "deleting", "finish", "freed", "replica", "mapping", "lazy",
+                 "publish_lock", "published_hashes", "synced_hashes")
 
     #: Placeholder of ``writer`` while an "rw" attach waits for the coordinator.
     PENDING = object()
@@ -102,6 +106,10 @@ class Segment:
         self.replica = False
         self.mapping = None
         self.lazy = None  # a lazy replica's LazyFill (node/lazy.py) until it is complete
+        # Serializes publishing into and refreshing of these pages (node/publish.py).
+        self.publish_lock = threading.Lock()
+        self.published_hashes: tuple[int, bytes] | None = None  # home: (version, hashes)
+        self.synced_hashes = b""  # replica of a remote writer: hashes as of its last sync
 
     def __repr__(self) -> str:
         return (f"<Segment {self.name} id={self.id} size={self.size} "

@@ -92,15 +92,16 @@ def coordinator(etcd, _module_coordinator):
 
 @pytest.fixture
 def cluster(etcd):
-    """Factory: ``cluster(nodes=2, coordinators=1, memory=bytes)`` -> a started LocalCluster
+    """Factory: ``cluster(nodes=2, coordinators=1, memory=bytes, writer_ttl=None)`` -> a started LocalCluster
     over the session etcd with an empty /vas/ keyspace; stopped after the test."""
     started: list[tuple[LocalCluster, str]] = []
 
-    def start(nodes: int = 1, coordinators: int = 1, memory: int = 256 << 20) -> LocalCluster:
+    def start(nodes: int = 1, coordinators: int = 1, memory: int = 256 << 20,
+              writer_ttl: int | None = None) -> LocalCluster:
         wipe(etcd.url)
         path = new_world_dir("vas-cl-")
         local = LocalCluster(path, nodes=nodes, memory=memory, etcd_url=etcd.url,
-                             coordinators=coordinators)
+                             coordinators=coordinators, writer_ttl=writer_ttl)
         started.append((local, path))
         return local.start()
 

@@ -58,6 +58,8 @@ class Client:
         # taken; detached at the next request (see _detach_later).
         self._pending_detach: builtins.list[int] = []
         self._mappings: weakref.WeakSet[Mapping] = weakref.WeakSet()
+        self._keepalive: threading.Thread | None = None
+        self._stopping = threading.Event()  # set by close(): ends the keepalive thread
         sock = wire.new_socket()
         try:
             sock.connect(path)
@@ -155,6 +157,36 @@ class Client:
         self._call("register_faults", local_pb2.RegisterFaultsRequest(
             attachment_id=attachment_id, address=address, size=size), "empty", send_fds=[uffd])
 
+    def _sync(self, attachment_id: int, ranges) -> local_pb2.LocalResponse:
+        """Publish a "rw" attachment's writes (used by Mapping.sync); the new record."""
+        return self._call("sync", local_pb2.SyncRequest(
+            attachment_id=attachment_id,
+            ranges=[local_pb2.ByteRange(offset=o, length=n) for o, n in ranges]), "segment")
+
+    def _refresh(self, attachment_id: int):
+        """Bring an attachment's copy to the newest version (used by Mapping.refresh)."""
+        return self._call("refresh", local_pb2.RefreshRequest(attachment_id=attachment_id),
+                          "segment")
+
+    def _wait(self, attachment_id: int, version: int, timeout: float):
+        """Block until a version above ``version`` is published (used by Mapping.wait)."""
+        return self._call("wait", local_pb2.WaitRequest(
+            attachment_id=attachment_id, version=version, timeout_seconds=timeout), "segment")
+
+    def _keep_writers_alive(self, interval: float) -> None:
+        """Start the thread that tells the agent every ``interval`` seconds that this
+        process is alive, for as long as it holds a "rw" mapping (the agent renews
+        the writer lease only then: a stopped process loses its lock)."""
+        if self._keepalive is not None and self._keepalive.is_alive():
+            return
+        self._keepalive = threading.Thread(
+            target=_keepalive_loop, args=(weakref.ref(self), max(interval, 0.05)),
+            name="vas-keepalive", daemon=True)
+        self._keepalive.start()
+
+    def _holds_writer(self) -> bool:
+        return any(m.mode == "rw" and not m.detached for m in builtins.list(self._mappings))
+
     def _detach_later(self, attachment_id: int) -> None:
         """Detach from a finalizer: never block on (or re-enter) the lock.
 
@@ -198,6 +230,7 @@ class Client:
                 if os.getpid() == self._pid:
                     self._flush_pending_detach()
             self._closed = True
+            self._stopping.set()
             self._sock.close()
         for mapping in builtins.list(self._mappings):
             mapping._client_closed()
@@ -288,6 +321,8 @@ class Client:
         finally:
             _close_fds(fds)  # the mapping keeps the pages; the fd is not needed after mmap
         self._mappings.add(mapping)
+        if mode == "rw":
+            self._keep_writers_alive(response.keepalive_seconds)
         return mapping
 
     def _release_quietly(self, attachment_id: int) -> None:
@@ -571,6 +606,23 @@ class SpaceView(collections.abc.Mapping):
                 first = first or exc
         if first is not None:
             raise first
+
+
+def _keepalive_loop(client_ref, interval: float) -> None:
+    """Body of a Client's keepalive thread (holds only a weak reference to it)."""
+    client = client_ref()
+    while client is not None:
+        stopping = client._stopping
+        del client
+        if stopping.wait(interval):
+            return
+        client = client_ref()
+        if client is None or client.closed or not client._holds_writer():
+            return
+        try:
+            client._call("keepalive", local_pb2.KeepAliveRequest(), "empty")
+        except VasError:
+            return  # the connection is gone: the agent released the lock already
 
 
 def connect(node: str | None = None) -> Client:

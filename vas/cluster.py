@@ -283,8 +283,10 @@ class NodeProcess(_Process):
 
     def __init__(self, directory: str, coordinator: str, *, node_id: str = "node1",
                  memory: int = 1 << 30, socket: str | None = None, listen: str = "127.0.0.1:0",
-                 data_dir: str | None = None, netns: str | None = None):
+                 data_dir: str | None = None, netns: str | None = None,
+                 writer_ttl: int | None = None):
         super().__init__(directory, node_id)
+        self.writer_ttl = writer_ttl
         self.coordinator = coordinator
         self.node_id = node_id
         self.memory = memory
@@ -301,6 +303,8 @@ class NodeProcess(_Process):
                 "--socket", self.socket, "--memory", str(self.memory), "--id", self.node_id]
         if self.data_dir:
             argv += ["--data-dir", self.data_dir]
+        if self.writer_ttl:
+            argv += ["--writer-ttl", str(self.writer_ttl)]
         if self.netns:
             argv = ["ip", "netns", "exec", self.netns, *argv]
         self._spawn(argv, _child_env())
@@ -333,18 +337,21 @@ class LocalCluster:
     """etcd (unless ``etcd_url``), ``coordinators`` coordinators and ``nodes`` agents.
 
     Agents are "node1", "node2", ... with sockets ``DIR/node1.sock``, ...; each gets
-    ``memory`` bytes of capacity and all coordinators as its target. A context
+    ``memory`` bytes of capacity (and ``writer_ttl``, when given: the writer-lock
+    lease in seconds) and all coordinators as its target. A context
     manager: ``stop()`` on exit.
     """
 
     def __init__(self, directory: str, nodes: int = 1, memory: int = 1 << 30,
-                 etcd_url: str | None = None, coordinators: int = 1):
+                 etcd_url: str | None = None, coordinators: int = 1,
+                 writer_ttl: int | None = None):
         if nodes < 0 or coordinators < 1:
             raise ValueError("a cluster needs >= 1 coordinator and >= 0 nodes")
         self.dir = os.path.abspath(directory)
         self.node_count = nodes
         self.memory = memory
         self.coordinator_count = coordinators
+        self.writer_ttl = writer_ttl
         self.etcd: EtcdProcess | None = None
         self.etcd_url = etcd_url
         self.coordinators: list[CoordinatorProcess] = []
@@ -361,7 +368,8 @@ class LocalCluster:
                                  for i in range(1, self.coordinator_count + 1)]
             _start_all(self.coordinators, timeout)
             target = coordinator_target([c.address for c in self.coordinators])
-            self.nodes = [NodeProcess(self.dir, target, node_id=f"node{i}", memory=self.memory)
+            self.nodes = [NodeProcess(self.dir, target, node_id=f"node{i}", memory=self.memory,
+                                      writer_ttl=self.writer_ttl)
                           for i in range(1, self.node_count + 1)]
             _start_all(self.nodes, timeout)
         except BaseException:

@@ -23,7 +23,6 @@ from vas.types import SegmentInfo
 
 log = logging.getLogger(__name__)
 
-_NEXT_RELEASE = "needs the remote attach support of the next release"
 #: Set to 1 to behave as if this kernel had no userfaultfd (lazy attaches turn eager).
 _DISABLE_ENV = "VAS_DISABLE_USERFAULTFD"
 _FALLBACK = "eager (userfaultfd unavailable)"
@@ -319,40 +318,53 @@ class Mapping:
     def sync(self, ranges=None) -> int:
         """Publish this writer's changes cluster-wide ("rw" only); returns the new version.
 
-        Not available in this release: local attachments already share the
-        home pages, and publishing to other nodes needs the remote attach
-        support of the next release, so this raises ``Unavailable``.
+        On the home node the pages are the home's: sync bumps the version. On
+        another node the agent sends the home the chunks changed since the last
+        sync (found by hashing every chunk, or only those overlapping
+        ``ranges``), and the home applies them only while this writer still
+        holds the lock. A reader that ``refresh()``\ es after sync returned
+        sees every write made before it.
 
+        :param ranges: optional iterable of ``(offset, length)`` pairs that were
+            written; other changes wait for a later sync without ``ranges``.
         :raises PermissionDenied: the segment is attached read-only.
-        :raises Unavailable: always, in this release.
+        :raises InvalidArgument: a range outside the segment.
+        :raises Fenced: the writer lock lapsed (e.g. the process was stopped past
+            its lease) and another writer may have taken over: nothing was published.
+
+        Example::
+
+            m.write(0, b"v2")
+            version = m.sync()
         """
         self._live_view()
         if self.mode != "rw":
             raise PermissionDenied(f"segment {self.name} is attached read-only")
-        raise Unavailable(f"segment {self.name}: sync() {_NEXT_RELEASE}")
+        pairs = []
+        for item in ranges or ():
+            offset, length = item
+            pairs.append(validate.check_range(offset, length, self.size))
+        segment = self._connected()._sync(self._attachment_id, pairs)
+        self._version = max(self._version, segment.version)
+        return self._version
 
     def refresh(self) -> int:
-        """Bring a non-home copy up to the newest published version; returns it.
+        """Bring this node's copy up to the newest published version; returns it.
 
-        A mapping on the segment's home node maps the authoritative pages
-        themselves, so there is nothing to copy: this only reads the current
-        version. Non-home copies need the remote attach support of the next
-        release (``Unavailable``).
+        On the home node (or on the writer's node, whose copy is newer than any
+        published version) there is nothing to copy. Elsewhere the agent fetches
+        only the chunks that differ from the home's. Other local attachments of
+        the same segment share the copy and see the new bytes too.
+
+        :raises Unavailable: the home node cannot be reached.
 
         Example::
 
             version = m.refresh()
         """
         self._live_view()
-        if not self._is_home():
-            raise Unavailable(f"segment {self.name}: refresh() of a copy homed on "
-                              f"{self.info.home} {_NEXT_RELEASE}")
-        try:
-            current = self._client.stat(self.name)
-        except NotFound:
-            return self._version
-        if current.id == self.info.id:
-            self._version = max(self._version, current.version)
+        segment = self._connected()._refresh(self._attachment_id)
+        self._version = max(self._version, segment.version)
         return self._version
 
     def prefetch(self, offset: int = 0, length: int | None = None) -> None:
@@ -383,14 +395,35 @@ class Mapping:
         client._prefetch(self._attachment_id, offset, length)
 
     def wait(self, version: int | None = None, timeout: float | None = None) -> int:
-        """Block until a version newer than ``version`` (default: ours) is published.
+        """Block until a version newer than ``version`` (default: this mapping's) is
+        published; returns the newest published version (unchanged after ``timeout``
+        seconds without one). Call ``refresh()`` next to see its bytes off the home.
 
-        Not available in this release (versions are published by ``sync()``,
-        which needs the remote attach support of the next release): raises
-        ``Unavailable``.
+        :raises InvalidArgument: a negative timeout or version.
+        :raises NotFound: the segment was deleted while waiting.
+
+        Example::
+
+            while running:
+                m.wait(timeout=5.0)
+                m.refresh()
         """
         self._live_view()
-        raise Unavailable(f"segment {self.name}: wait() {_NEXT_RELEASE}")
+        floor = self._version if version is None else version
+        if isinstance(floor, bool) or not isinstance(floor, int) or floor < 0:
+            raise InvalidArgument(f"invalid version {version!r}: must be an integer >= 0")
+        if timeout is not None and not (isinstance(timeout, (int, float)) and timeout >= 0):
+            raise InvalidArgument(f"invalid timeout {timeout!r}: must be seconds >= 0")
+        # A zero timeout would mean "no limit" on the wire: poll with the shortest instead.
+        seconds = 0.0 if timeout is None else max(float(timeout), 1e-3)
+        segment = self._connected()._wait(self._attachment_id, floor, seconds)
+        return segment.version
+
+    def _connected(self):
+        client = self._client
+        if client is None or client.closed:
+            raise Unavailable(f"segment {self.name}: the connection to the agent is closed")
+        return client
 
     # -- lifetime -----------------------------------------------------------------
 

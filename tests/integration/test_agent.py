@@ -368,9 +368,15 @@ def test_the_agent_keeps_a_writer_lease_alive_while_attached(etcd_kv, node1, cli
     client.create(name, PS)
     attach, fd = client.attach(name, "rw")
     os.close(fd)
+    assert attach.keepalive_seconds == 10 / 3  # a third of the writer lease
     _, meta = etcd_kv.get(f"/vas/writers/{name}")
     assert meta.create_revision == attach.token  # the fencing token is the lock's revision
-    time.sleep(11)  # longer than the 10 s writer lease: it lives only if renewed
+    # Longer than the 10 s writer lease: it lives only if renewed, which the agent
+    # does while the client shows it is alive (as vas.Client's keepalive thread does).
+    end = time.monotonic() + 11
+    while time.monotonic() < end:
+        client.call(keepalive=local_pb2.KeepAliveRequest())
+        time.sleep(1)
     lease = etcd_kv.get_lease_info(meta.lease_id)
     assert lease.grantedTTL == 10 and lease.TTL >= 5, lease  # renewed every ttl/3
     assert etcd_kv.get(f"/vas/writers/{name}")[1].create_revision == attach.token
@@ -543,15 +549,17 @@ def test_a_killed_client_releases_its_attachments(node1, client, name):
 
 # ---------------------------------------------------------------- two nodes
 
-def test_remote_rw_attach_is_refused_for_now_and_delete_reaches_the_home(node1, node2, name):
+def test_remote_rw_attach_takes_the_lock_and_delete_reaches_the_home(node1, node2, name):
     c1, c2 = connect(node1), connect(node2)
     try:
         c1.create(name, 2 * MiB)
         before = used(c1)
-        with pytest.raises(errors.Unavailable) as err:
-            c2.attach(name, "rw")
-        assert str(err.value) == (
-            f"remote rw attach of segment {name} is not supported yet (home node1)")
+        attach, fd = c2.attach(name, "rw")
+        os.close(fd)
+        assert attach.writable and attach.token > 0 and attach.segment.home == "node1"
+        with pytest.raises(errors.Busy):
+            c1.attach(name, "rw")
+        c2.detach(attach.attachment_id)
         assert c2.stat(name).home == "node1"
         c2.delete(name)  # node2 asks node1 (Node.ReleaseSegment) to free it
         assert gone(c1, name)

@@ -291,13 +291,18 @@ def test_module_level_shortcuts_use_vas_node(env, monkeypatch):
 
 def test_versions_on_the_home_node(client):
     client.create("ver/a", 4096)
-    with client.attach("ver/a", "rw") as m:
+    with client.attach("ver/a", "rw") as m, client.attach("ver/a") as reader:
         assert m.version == 0 and m.refresh() == 0
         assert m.prefetch() is None
-        with pytest.raises(vas.Unavailable, match="next release"):
-            m.sync()
-        with pytest.raises(vas.Unavailable, match="next release"):
-            m.wait(timeout=0.1)
+        assert reader.wait(timeout=0.1) == 0  # nothing published yet
+        m.write(0, b"v1")
+        assert m.sync() == 1 and m.sync(ranges=[(0, 2)]) == 2 and m.version == 2
+        assert reader.read(0, 2) == b"v1"  # same pages: seen before any publish
+        assert reader.wait(timeout=5) == 2 and reader.version == 0
+        assert reader.refresh() == 2 and reader.version == 2
+        with pytest.raises(vas.InvalidArgument):
+            m.sync(ranges=[(4095, 2)])
+    assert client.stat("ver/a").version == 2
     with client.attach("ver/a") as m, pytest.raises(vas.PermissionDenied):
         m.sync()
     client.delete("ver/a")

@@ -77,9 +77,6 @@ def test_eager_remote_attach_copies_once_and_is_shared(two):
         assert sha(m) == digest
     assert fetches(node2, "rm/a") == 1
     assert used(node2) == 64 * MiB
-    with pytest.raises(vas.Unavailable) as err:
-        c2.attach("rm/a", "rw")
-    assert str(err.value) == "remote rw attach of segment rm/a is not supported yet (home node1)"
 
 
 def test_small_segment_and_mode_bits(two):

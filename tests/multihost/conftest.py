@@ -44,6 +44,7 @@ from vas.cluster import CoordinatorProcess, EtcdProcess, NodeProcess, free_port 
 HOSTS = 2
 #: Capacity of each agent.
 MEMORY = 768 << 20  # room for a 256 MiB segment and its replica
+WRITER_TTL = 2  # seconds: a stopped writer loses its lock quickly (fencing tests)
 _NS_RE = re.compile(r"^vas-(\d+)-[a-z]$")
 _ALIAS_RE = re.compile(r"alias vas-(\d+)\b")
 
@@ -138,6 +139,16 @@ class Hosts:
         return done
 
 
+    def spawn(self, host: int, code: str) -> subprocess.Popen:
+        """Start ``python -c code`` inside namespace ``host`` (as ``run``) with text pipes
+        on stdin and stdout, for a client that lives across several steps of a test;
+        the caller kills it."""
+        child_env = {**os.environ, "PYTHONSAFEPATH": "1", "VAS_NODE": self.nodes[host].socket}
+        return subprocess.Popen(["ip", "netns", "exec", self.namespaces[host], sys.executable,
+                                 "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                text=True, env=child_env, cwd="/")
+
+
 def _build_network(hosts: Hosts) -> None:
     pid = os.getpid()
     _ip("link", "add", hosts.bridge, "type", "bridge")
@@ -217,7 +228,8 @@ def hosts():
                                                listen=f"{hosts.bridge_ip}:0").start()
         hosts.nodes = [NodeProcess(hosts.dir, hosts.coordinator.address, node_id=f"host-{c}",
                                    memory=MEMORY, listen=f"{ip}:0", netns=ns,
-                                   socket=os.path.join(hosts.dir, f"{c}.sock"))
+                                   socket=os.path.join(hosts.dir, f"{c}.sock"),
+                                   writer_ttl=WRITER_TTL)
                        for c, ip, ns in zip(letters, hosts.ips, hosts.namespaces)]
         for node in hosts.nodes:
             node.launch()

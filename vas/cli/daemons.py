@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from vas.node.config import DEFAULT_WRITER_TTL
 from vas.sizes import parse_size
 
 
@@ -37,6 +38,10 @@ def add_node_serve(node_verbs: argparse._SubParsersAction) -> None:
                        help="directory that keeps segments across agent restarts (default $VAS_DATA_DIR)")
     serve.add_argument("--id", dest="node_id", default=os.environ.get("VAS_NODE_ID"),
                        help="node id (default $VAS_NODE_ID or <hostname>:<grpc port>)")
+    serve.add_argument("--writer-ttl", type=int, metavar="SECONDS",
+                       default=os.environ.get("VAS_WRITER_TTL", str(DEFAULT_WRITER_TTL)),
+                       help="lease of a writer lock: a writer silent this long loses it "
+                            f"(default $VAS_WRITER_TTL or {DEFAULT_WRITER_TTL})")
     serve.set_defaults(func=serve_node)
 
 
@@ -59,5 +64,6 @@ def serve_node(args: argparse.Namespace) -> int:
     if not args.coordinator:
         raise UsageError("--coordinator is required (or set $VAS_COORDINATOR)")
     serve(NodeConfig(coordinator=args.coordinator, listen=args.listen, socket=args.socket,
-                     memory=args.memory, data_dir=args.data_dir, node_id=args.node_id))
+                     memory=args.memory, data_dir=args.data_dir, node_id=args.node_id,
+                     writer_ttl=args.writer_ttl))
     return 0

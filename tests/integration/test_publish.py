@@ -1,0 +1,184 @@
+"""Publishing between two agents on loopback: remote "rw" attach, sync(), refresh(),
+wait(), and fencing of a writer stopped past its lease.
+
+What moved is read from the agents' logs ("sync of NAME: sent N changed chunks",
+"refresh of NAME: fetched N changed chunks"): chunk counts, so a test can tell a
+chunk-hash diff from a whole-segment copy.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+
+import vas
+from vas.node.lazy import CHUNK
+from waiting import wait_for
+
+MiB = 1 << 20
+
+
+def log_of(node) -> str:
+    with open(os.path.join(node.dir, f"{node.node_id}.log")) as log:
+        return log.read()
+
+
+def counts(node, what: str, name: str) -> list[int]:
+    """Chunk counts of every "sync of"/"refresh of" line about ``name`` in the node's log."""
+    pattern = rf"{what} of {re.escape(name)}: (?:sent|fetched) (\d+) changed chunks"
+    return [int(n) for n in re.findall(pattern, log_of(node))]
+
+
+def fill(client, name: str, size: int) -> bytes:
+    client.create(name, size, mode=0o644)
+    data = os.urandom(size)
+    with client.attach(name, "rw") as m:
+        m.write(0, data)
+    return data
+
+
+@pytest.fixture
+def two(cluster):
+    running = cluster(nodes=2, memory=256 * MiB, writer_ttl=2)
+    c1, c2 = vas.connect(running.nodes[0].socket), vas.connect(running.nodes[1].socket)
+    yield running, c1, c2
+    c1.close()
+    c2.close()
+
+
+def test_remote_writer_sync_sends_only_changed_chunks(two):
+    running, c1, c2 = two
+    node2 = running.nodes[1]
+    data = bytearray(fill(c1, "pub/w", 16 * MiB))
+    with c2.attach("pub/w", "rw") as w:
+        assert w.info.home == "node1" and not w.buffer.readonly
+        assert bytes(w.buffer) == data  # the remote writer starts from the home's bytes
+        with pytest.raises(vas.Busy):
+            c1.attach("pub/w", "rw")
+        for offset in (0, 5 * CHUNK + 7, 16 * MiB - 3):
+            w.write(offset, b"abc")
+            data[offset:offset + 3] = b"abc"
+        assert w.sync() == 1
+        with c1.attach("pub/w") as r:
+            assert r.version == 1 and bytes(r.buffer) == data
+        assert w.sync() == 2  # nothing changed: no bytes, still a new version
+        w.write(CHUNK, b"ranged")
+        data[CHUNK:CHUNK + 6] = b"ranged"
+        assert w.sync(ranges=[(CHUNK, 6)]) == 3
+        with c1.attach("pub/w") as r:
+            assert bytes(r.buffer) == data and r.version == 3
+        with pytest.raises(vas.InvalidArgument):
+            w.sync(ranges=[(16 * MiB - 1, 2)])
+    assert counts(node2, "sync", "pub/w") == [3, 0, 1]
+
+
+def test_release_consistency_reader_refreshes_changed_chunks(two):
+    running, c1, c2 = two
+    node2 = running.nodes[1]
+    data = bytearray(fill(c1, "pub/rc", 8 * MiB))
+    reader = c2.attach("pub/rc", fetch="eager")
+    lazy_reader = vas.connect(node2.socket).attach("pub/rc", fetch="lazy")
+    assert bytes(reader.buffer) == data
+    with c1.attach("pub/rc", "rw") as w:
+        w.write(3 * CHUNK, b"v1" * 100)
+        data[3 * CHUNK:3 * CHUNK + 200] = b"v1" * 100
+        assert w.sync() == 1
+        assert reader.refresh() == 1  # sees every write made before that sync
+        assert bytes(reader.buffer) == data
+        assert lazy_reader.refresh() == 1 and bytes(lazy_reader.buffer) == data
+        w.write(0, b"v2")
+        data[0:2] = b"v2"
+        assert w.sync() == 2
+    assert reader.refresh() == 2 and reader.version == 2
+    assert bytes(reader.buffer) == data
+    assert reader.refresh() == 2  # versions only grow, nothing new to fetch
+    assert counts(node2, "refresh", "pub/rc") == [1, 1]
+    with c1.attach("pub/rc") as home:
+        assert home.refresh() == 2
+    reader.detach()
+    lazy_reader.detach()
+
+
+def test_wait_returns_on_publish_or_timeout(two):
+    running, c1, c2 = two
+    fill(c1, "pub/wait", 1 * MiB)
+    reader = c2.attach("pub/wait")
+    assert reader.wait(timeout=0.2) == 0  # nothing published: the version it had
+    seen = []
+    with vas.connect(running.nodes[1].socket) as other:
+        waiting_reader = other.attach("pub/wait")
+        waiter = threading.Thread(target=lambda: seen.append(waiting_reader.wait(timeout=30)))
+        waiter.start()
+        with c1.attach("pub/wait", "rw") as w:
+            w.write(0, b"x")
+            assert w.sync() == 1
+        waiter.join(30)
+        assert seen == [1]
+        assert waiting_reader.wait(0) == 1  # an older version was published already
+    assert reader.refresh() == 1 and reader.read(0, 1) == b"x"
+    with pytest.raises(vas.InvalidArgument):
+        reader.wait(timeout=-1)
+    reader.detach()
+
+
+def test_sync_needs_rw(two):
+    _, c1, c2 = two
+    fill(c1, "pub/r", 1 * MiB)
+    for client in (c1, c2):
+        with client.attach("pub/r") as m, pytest.raises(vas.PermissionDenied):
+            m.sync()
+
+
+_STOPPED_WRITER = textwrap.dedent("""
+    import sys, vas
+    m = vas.connect(sys.argv[1]).attach(sys.argv[2], "rw")
+    m.write(0, b"first")
+    m.sync()
+    print("synced", flush=True)
+    sys.stdin.readline()          # stopped (SIGSTOP) while waiting here, then resumed
+    m.write(0, b"late!")
+    try:
+        m.sync()
+        print("published", flush=True)
+    except vas.Fenced as exc:
+        print("fenced:", exc, flush=True)
+""")
+
+
+def test_writer_stopped_past_its_lease_is_fenced(two):
+    running, c1, c2 = two
+    node2 = running.nodes[1]
+    fill(c1, "pub/fence", 1 * MiB)
+    writer = subprocess.Popen([sys.executable, "-c", _STOPPED_WRITER, node2.socket, "pub/fence"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline() == "synced\n"
+        os.kill(writer.pid, signal.SIGSTOP)
+
+        def take_over():
+            try:
+                return c1.attach("pub/fence", "rw")
+            except vas.Busy:
+                return None
+        new = wait_for(take_over, "the stopped writer's lease to lapse", timeout=20)
+        new.write(0, b"NEWER")
+        assert new.sync() == 2
+        os.kill(writer.pid, signal.SIGCONT)
+        writer.stdin.write("go\n")
+        writer.stdin.flush()
+        line = writer.stdout.readline()
+        assert line.startswith("fenced: segment pub/fence: writer token"), line
+        with c1.attach("pub/fence") as home:
+            assert home.read(0, 5) == b"NEWER" and home.version == 2
+        new.detach()
+    finally:
+        os.kill(writer.pid, signal.SIGCONT)
+        writer.kill()
+        writer.wait()
