@@ -7,7 +7,6 @@ chunk-hash diff from a whole-segment copy.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import signal
