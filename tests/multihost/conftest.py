@@ -43,7 +43,7 @@ from vas.cluster import CoordinatorProcess, EtcdProcess, NodeProcess, free_port 
 #: Agents (namespaces) the fixture starts.
 HOSTS = 2
 #: Capacity of each agent.
-MEMORY = 768 << 20  # room for a 256 MiB segment and its replica
+MEMORY = 2560 << 20  # room for a 2 GiB segment (lazy replicas only hold touched chunks)
 WRITER_TTL = 2  # seconds: a stopped writer loses its lock quickly (fencing tests)
 _NS_RE = re.compile(r"^vas-(\d+)-[a-z]$")
 _ALIAS_RE = re.compile(r"alias vas-(\d+)\b")
