@@ -34,9 +34,11 @@ def cluster(module_dir):
 def vasctl(cluster):
     env = {**os.environ, **cluster.env()}
 
-    def run(*args, input: bytes | None = None, expect: int | None = 0):
-        proc = subprocess.run([*VASCTL, *map(str, args)], env=env, input=input,
-                              capture_output=True, timeout=120, cwd="/")
+    def run(*args, input: bytes | None = None, expect: int | None = 0, node: int = 0):
+        """vasctl ``args`` as a client of node ``node`` (0 = the first)."""
+        proc = subprocess.run([*VASCTL, *map(str, args)], input=input, capture_output=True,
+                              env={**env, "VAS_NODE": cluster.nodes[node].socket},
+                              timeout=120, cwd="/")
         if expect is not None:
             assert proc.returncode == expect, (args, proc.returncode, proc.stderr.decode())
         return proc
@@ -99,6 +101,17 @@ def test_put_get_round_trip(vasctl, tmp_path):
     assert len(whole) == 32 * MiB
     assert whole[:4096] == payload[:4096] and whole[4106:len(payload)] == payload[4106:]
     vasctl("seg", "rm", "cli/data")
+
+
+def test_put_from_another_node_publishes_to_the_home(vasctl, tmp_path):
+    vasctl("seg", "create", "cli/remote", "--size", "4MiB")  # homed on node1
+    payload = os.urandom(3 * MiB)
+    vasctl("seg", "put", "cli/remote", "-", "--offset", "1MiB", input=payload, node=1)
+    assert vasctl("seg", "get", "cli/remote", "--offset", "1MiB").stdout == payload
+    stat = json.loads(vasctl("seg", "stat", "cli/remote", "-o", "json").stdout)
+    assert stat["home"] == "node1" and stat["version"] == 1
+    assert vasctl("seg", "get", "cli/remote", node=1).stdout[MiB:] == payload
+    vasctl("seg", "rm", "cli/remote")
 
 
 def test_errors_exit_1_with_one_line(vasctl, tmp_path):

@@ -200,16 +200,18 @@ def put(args) -> int:
                 raise InvalidArgument(
                     f"offset {args.offset} is outside segment {args.name} of {mapping.size} bytes")
             progress = Progress(f"put {args.name}", known)
-            _copy_in(source, mapping, args.offset, label, progress)
+            written = _copy_in(source, mapping, args.offset, label, progress)
             progress.finish()
+            # Publish: from another node this is what carries the bytes to the home.
+            mapping.sync(ranges=[(args.offset, written)])
     finally:
         if not from_stdin:
             source.close()
     return 0
 
 
-def _copy_in(source, mapping, offset: int, label: str, progress: Progress) -> None:
-    """Read ``source`` straight into the mapped pages from ``offset`` on."""
+def _copy_in(source, mapping, offset: int, label: str, progress: Progress) -> int:
+    """Read ``source`` straight into the mapped pages from ``offset`` on; bytes copied."""
     buffer = mapping.buffer
     position = offset
     while True:
@@ -219,11 +221,11 @@ def _copy_in(source, mapping, offset: int, label: str, progress: Progress) -> No
             if source.read(1):
                 raise InvalidArgument(f"{label} does not fit in segment {mapping.name} of "
                                       f"{mapping.size} bytes at offset {offset}")
-            return
+            return position - offset
         with buffer[position:position + min(CHUNK, room)] as target:
             n = source.readinto(target)
         if not n:
-            return
+            return position - offset
         position += n
         progress.advance(n)
 
