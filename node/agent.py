@@ -856,11 +856,7 @@ class Agent(PublishMixin):
                 segment.writer = None
             if not attachment.fenced:
                 writer = (segment.name, attachment.token, attachment.lease_id)
-            if segment.replica and self._replicas.get(segment.name) is segment:
-                # It may hold writes never synced: later attaches must not see them.
-                # (Marked retired here; freed below once unattached.)
-                del self._replicas[segment.name]
-                segment.deleting = True
+            self._drop_written_replica_locked(segment)
         free = None
         if not segment.freed:
             self._dirty[segment.id] = segment
@@ -868,6 +864,14 @@ class Agent(PublishMixin):
                 self._remove_locked(segment)
                 free = segment
         return writer, free
+
+    def _drop_written_replica_locked(self, segment: Segment) -> None:
+        """A writer left (or lost its lock on) ``segment``: if it is a replica it may hold
+        writes never published, so later attaches must not see it; it is freed at its
+        last detach (``_detach_locked``)."""
+        if segment.replica and self._replicas.get(segment.name) is segment:
+            del self._replicas[segment.name]
+            segment.deleting = True
 
     def _after_detach(self, writer, free: Segment | None) -> None:
         if writer is not None:
@@ -1391,11 +1395,7 @@ class Agent(PublishMixin):
                 except Fenced as exc:
                     log.warning("writer lock of %s (token %d) lapsed: %s", attachment.segment.name,
                                 attachment.token, exc)
-                    with self._lock:
-                        attachment.fenced = True
-                        self._writers.pop(attachment.id, None)
-                        if attachment.segment.writer is attachment:
-                            attachment.segment.writer = None
+                    self._fenced(attachment)
                 except VasError as exc:
                     log.warning("cannot renew the writer lock of %s: %s", attachment.segment.name,
                                 exc)

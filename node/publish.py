@@ -241,10 +241,16 @@ class PublishMixin:
         return info
 
     def _fenced(self, attachment) -> Fenced:
-        """Mark ``attachment`` as having lost its writer lock; the error to raise."""
+        """Mark ``attachment`` as having lost its writer lock (freeing the local writer
+        slot); the error to raise. A remote writer's replica is retired: it holds writes
+        that will never be published, so later attaches here fetch a fresh copy."""
+        segment = attachment.segment
         with self._lock:
             attachment.fenced = True
             self._writers.pop(attachment.id, None)
+            if segment.writer is attachment:
+                segment.writer = None
+            self._drop_written_replica_locked(segment)
         return Fenced(f"segment {attachment.segment.name}: writer token {attachment.token} is "
                       "no longer current (lease lapsed or lock taken over); detach and attach "
                       "\"rw\" again")

@@ -176,6 +176,9 @@ def test_writer_stopped_past_its_lease_is_fenced(two):
         assert line.startswith("fenced: segment pub/fence: writer token"), line
         with c1.attach("pub/fence") as home:
             assert home.read(0, 5) == b"NEWER" and home.version == 2
+        # node2's copy holds the fenced writer's late bytes: a new reader there gets a fresh one.
+        with c2.attach("pub/fence", fetch="eager") as fresh:
+            assert fresh.read(0, 5) == b"NEWER"
         new.detach()
     finally:
         os.kill(writer.pid, signal.SIGCONT)
