@@ -15,10 +15,12 @@ import sys
 import textwrap
 import threading
 
+import grpc
 import pytest
 
 import vas
 from vas.node.lazy import CHUNK
+from vas.proto import node_pb2, node_pb2_grpc, types_pb2
 from waiting import wait_for
 
 MiB = 1 << 20
@@ -184,3 +186,44 @@ def test_writer_stopped_past_its_lease_is_fenced(two):
         os.kill(writer.pid, signal.SIGCONT)
         writer.kill()
         writer.wait()
+
+
+def test_node_service_refuses_bad_publishes(two):
+    """Node.WritePages / ChunkHashes called directly: each bad input gets its status and the
+    home bytes stay as they were."""
+    running, c1, _ = two
+    data = fill(c1, "pub/bad", 1 * MiB)
+    info = c1.stat("pub/bad")
+    stub = node_pb2_grpc.NodeStub(grpc.insecure_channel(running.nodes[0].address))
+    caller = types_pb2.Caller(uid=0, gid=0, pid=1, node="node2")
+
+    def write(header, *pieces):
+        messages = [node_pb2.WritePagesChunk(header=header)] if header else []
+        messages += [node_pb2.WritePagesChunk(offset=o, data=d) for o, d in pieces]
+        with pytest.raises(grpc.RpcError) as err:
+            stub.WritePages(iter(messages), timeout=10)
+        return err.value.code()
+
+    good = node_pb2.WritePagesHeader(caller=caller, name="pub/bad", id=info.id, token=1)
+    assert write(None, (0, b"x")) == grpc.StatusCode.INVALID_ARGUMENT  # no header
+    assert write(node_pb2.WritePagesHeader(caller=caller, name="pub/bad", id=info.id)) == \
+        grpc.StatusCode.INVALID_ARGUMENT  # no token
+    assert write(node_pb2.WritePagesHeader(caller=caller, name="pub/bad", id=info.id + 99,
+                                           token=1)) == grpc.StatusCode.NOT_FOUND
+    assert write(node_pb2.WritePagesHeader(caller=caller, name="pub/other", id=info.id,
+                                           token=1)) == grpc.StatusCode.NOT_FOUND
+    assert write(good, (MiB - 1, b"xy")) == grpc.StatusCode.INVALID_ARGUMENT  # past the end
+    assert write(good, (0, b"late")) == grpc.StatusCode.FAILED_PRECONDITION  # no such writer
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ChunkHashes(node_pb2.ChunkHashesRequest(name="pub/bad", id=info.id, chunk_size=4096),
+                         timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ChunkHashes(node_pb2.ChunkHashesRequest(name="pub/bad", id=info.id + 99,
+                                                     chunk_size=CHUNK), timeout=10)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    hashes = stub.ChunkHashes(node_pb2.ChunkHashesRequest(name="pub/bad", id=info.id,
+                                                          chunk_size=CHUNK), timeout=10)
+    assert hashes.version == 0 and len(hashes.hashes) == 8 * (MiB // CHUNK)
+    with c1.attach("pub/bad") as m:
+        assert bytes(m.buffer) == data and m.version == 0  # nothing applied, no new version
