@@ -16,6 +16,7 @@ import contextlib
 import logging
 import math
 import os
+import time
 
 from vas import validate
 from vas.errors import AddressConflict, Busy, InvalidArgument, NotFound, PermissionDenied, Unavailable, VasError
@@ -26,6 +27,8 @@ log = logging.getLogger(__name__)
 #: Set to 1 to behave as if this kernel had no userfaultfd (lazy attaches turn eager).
 _DISABLE_ENV = "VAS_DISABLE_USERFAULTFD"
 _FALLBACK = "eager (userfaultfd unavailable)"
+#: Longest single wait request of Mapping.wait(), seconds.
+_WAIT_SLICE = 1.0
 _uffd_ok: bool | None = None  # probed once per process
 
 
@@ -414,10 +417,15 @@ class Mapping:
             raise InvalidArgument(f"invalid version {version!r}: must be an integer >= 0")
         if timeout is not None and not (isinstance(timeout, (int, float)) and timeout >= 0):
             raise InvalidArgument(f"invalid timeout {timeout!r}: must be seconds >= 0")
-        # A zero timeout would mean "no limit" on the wire: poll with the shortest instead.
-        seconds = 0.0 if timeout is None else max(float(timeout), 1e-3)
-        segment = self._connected()._wait(self._attachment_id, floor, seconds)
-        return segment.version
+        # Wait in slices: the connection serves one request at a time, so other threads
+        # of this process get their turn between slices.
+        deadline = math.inf if timeout is None else time.monotonic() + float(timeout)
+        while True:
+            # At least 1 ms: a zero timeout would mean "no limit" on the wire.
+            slice_ = max(min(_WAIT_SLICE, deadline - time.monotonic()), 1e-3)
+            version = self._connected()._wait(self._attachment_id, floor, slice_).version
+            if version > floor or time.monotonic() >= deadline:
+                return version
 
     def _connected(self):
         client = self._client

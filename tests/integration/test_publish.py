@@ -117,6 +117,7 @@ def test_wait_returns_on_publish_or_timeout(two):
         waiting_reader = other.attach("pub/wait")
         waiter = threading.Thread(target=lambda: seen.append(waiting_reader.wait(timeout=30)))
         waiter.start()
+        assert other.stat("pub/wait").version == 0  # the waiting connection serves others too
         with c1.attach("pub/wait", "rw") as w:
             w.write(0, b"x")
             assert w.sync() == 1
