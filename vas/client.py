@@ -291,7 +291,8 @@ class Client:
             pointers stored inside it are valid here; otherwise anywhere.
         :param fetch: ``"lazy"`` or ``"eager"`` (how a remote segment's pages arrive:
             lazy maps at once and fills pages on first touch; without userfaultfd
-            it falls back to eager, logged and shown in ``Mapping.fetch``).
+            it falls back to eager, logged and shown in ``Mapping.fetch``). A remote
+            ``"rw"`` attach always fetches eagerly: sync() diffs every chunk.
         :returns: a ``Mapping`` (a context manager that detaches on exit).
         :raises InvalidArgument: bad name, mode or fetch.
         :raises NotFound: no such segment (or it is being deleted).
