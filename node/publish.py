@@ -1,7 +1,7 @@
 """Chunk arithmetic of publishing (sync) and refreshing remote copies.
 
-A segment is cut into ``CHUNK``-byte chunks (the lazy-fill chunk, so a lazy
-replica's present map and the hashes line up). A remote writer's agent hashes
+A segment is cut into ``CHUNK``-byte chunks (a multiple of the lazy-fill chunk,
+so each hashed chunk covers whole fill chunks of a lazy replica's present map). A remote writer's agent hashes
 its replica's chunks (XXH64 in C, ``vas._native.chunk_hashes``) at each sync and
 sends only the chunks whose hash changed since the last one; a reader's agent
 compares its chunks' hashes with the home's and fetches only those that differ.
@@ -17,11 +17,16 @@ import numpy as np
 
 from vas import _native, validate
 from vas.errors import Fenced, InvalidArgument, NotFound, PermissionDenied, Unavailable
-from vas.node.lazy import CHUNK
+from vas.node import lazy
 from vas.proto import coordinator_pb2, local_pb2, node_pb2, types_pb2
 
 log = logging.getLogger(__name__)
 
+#: Bytes per hashed chunk: what one changed byte costs a sync. A hash is 8 bytes per
+#: chunk (1/32768 of the data), so a ChunkHashes reply stays under the agents' 8 MiB
+#: message limit for segments up to 256 GiB.
+CHUNK = 256 << 10
+assert CHUNK % lazy.CHUNK == 0, "a hashed chunk must cover whole lazy-fill chunks"
 #: Most bytes in one WritePages message or one run fetched at a time.
 RUN = 2 << 20
 #: Bytes per second a publish or refresh stream is given (on top of the rpc
@@ -103,20 +108,41 @@ class Staged:
             self.pieces.append((offset, data))
 
 
-def stale_chunks(view: memoryview, remote: bytes, present: bytearray | None) -> list[int]:
-    """Indices of the chunks of ``view`` whose hash is not in ``remote`` (the home's
-    hashes); for a lazy replica only its ``present`` chunks count (a missing one is
-    fetched at the home's newest state when first touched)."""
+def stale_runs(view: memoryview, remote: bytes, present: bytearray | None
+               ) -> list[tuple[int, int]]:
+    """Byte runs of ``view`` to fetch again so that it matches the home's chunk hashes
+    ``remote``. For a lazy replica only its ``present`` fill chunks count (a missing
+    one is fetched at the home's newest state when first touched): a hashed chunk
+    with any present part is compared, and if it differs only its present parts are
+    fetched (so no missing page is filled behind the fault handler's back)."""
+    size = len(view)
     if present is None:
-        return differing(hashes(view), remote)
-    stale = []
-    for offset, length in runs([i for i, here in enumerate(present) if here], len(view),
-                               limit=len(view)):
-        first = offset // CHUNK
-        with view[offset:offset + length] as part:
-            local = hashes(part)
-        stale += [first + i for i in differing(local, remote[8 * first:8 * first + len(local)])]
-    return stale
+        return runs(differing(hashes(view), remote), size)
+    per = CHUNK // lazy.CHUNK
+    parts = []
+    for index in range(-(-size // CHUNK)):
+        here = [j for j in range(index * per, min((index + 1) * per, len(present)))
+                if present[j]]
+        if not here:
+            continue
+        start = index * CHUNK
+        with view[start:min(start + CHUNK, size)] as part:
+            if hashes(part) == remote[8 * index:8 * index + 8]:
+                continue
+        parts += here
+    return _fill_runs(parts, size)
+
+
+def _fill_runs(parts: list[int], size: int) -> list[tuple[int, int]]:
+    """Byte runs covering sorted lazy-fill chunk indices, merged up to RUN bytes."""
+    out: list[tuple[int, int]] = []
+    for j in parts:
+        start, end = j * lazy.CHUNK, min((j + 1) * lazy.CHUNK, size)
+        if out and out[-1][0] + out[-1][1] == start and out[-1][1] + end - start <= RUN:
+            out[-1] = (out[-1][0], out[-1][1] + end - start)
+        else:
+            out.append((start, end - start))
+    return out
 
 
 class PublishMixin:
@@ -311,16 +337,17 @@ class PublishMixin:
             version, remote = self.peers.chunk_hashes(address, replica.name, replica.id, CHUNK)
             fill = replica.lazy
             with memoryview(replica.mapping) as raw, raw.cast("B") as view:
-                stale = stale_chunks(view, remote, fill.present if fill is not None else None)
-                for offset, length in runs(stale, replica.size):
+                stale = stale_runs(view, remote, fill.present if fill is not None else None)
+                for offset, length in stale:
                     with view[offset:offset + length] as part:
                         self.peers.read_pages_into(
                             address, replica.name, replica.id, part,
                             self.config.rpc_timeout + length / _SEND_RATE, offset)
         self._adopt_version(replica, version)
         if stale:
-            log.info("refresh of %s: fetched %d changed chunks from %s, now version %d",
-                     replica.name, len(stale), replica.info.home, version)
+            log.info("refresh of %s: fetched %d bytes of changed chunks from %s, now version %d",
+                     replica.name, sum(length for _, length in stale), replica.info.home,
+                     version)
         return remote
 
     def _watch_version(self, segment, floor: int, timeout: float):

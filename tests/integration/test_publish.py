@@ -2,8 +2,8 @@
 wait(), and fencing of a writer stopped past its lease.
 
 What moved is read from the agents' logs ("sync of NAME: sent N changed chunks",
-"refresh of NAME: fetched N changed chunks"): chunk counts, so a test can tell a
-chunk-hash diff from a whole-segment copy.
+"refresh of NAME: fetched N bytes ..."), so a test can tell a chunk-hash diff from a
+whole-segment copy.
 """
 from __future__ import annotations
 
@@ -32,9 +32,10 @@ def log_of(node) -> str:
 
 
 def counts(node, what: str, name: str) -> list[int]:
-    """Chunk counts of every "sync of"/"refresh of" line about ``name`` in the node's log."""
-    pattern = rf"{what} of {re.escape(name)}: (?:sent|fetched) (\d+) changed chunks"
-    return [int(n) for n in re.findall(pattern, log_of(node))]
+    """The chunk count of every "sync of" line, or the byte count of every "refresh of"
+    line, about ``name`` in the node's log."""
+    unit = "sent (\\d+) changed chunks" if what == "sync" else "fetched (\\d+) bytes"
+    return [int(n) for n in re.findall(rf"{what} of {re.escape(name)}: {unit}", log_of(node))]
 
 
 def fill(client, name: str, size: int) -> bytes:
@@ -100,7 +101,7 @@ def test_release_consistency_reader_refreshes_changed_chunks(two):
     assert reader.refresh() == 2 and reader.version == 2
     assert bytes(reader.buffer) == data
     assert reader.refresh() == 2  # versions only grow, nothing new to fetch
-    assert counts(node2, "refresh", "pub/rc") == [1, 1]
+    assert counts(node2, "refresh", "pub/rc") == [CHUNK, CHUNK]  # one changed chunk each time
     with c1.attach("pub/rc") as home:
         assert home.refresh() == 2
     reader.detach()

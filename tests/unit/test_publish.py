@@ -6,8 +6,8 @@ import doctest
 import pytest
 
 from vas.errors import InvalidArgument
-from vas.node import publish
-from vas.node.publish import CHUNK, RUN, Staged, chunks_of, differing, hashes, runs, stale_chunks
+from vas.node import lazy, publish
+from vas.node.publish import CHUNK, RUN, Staged, chunks_of, differing, hashes, runs, stale_runs
 
 
 def test_doctests():
@@ -48,14 +48,22 @@ def test_runs_merge_neighbours_up_to_the_limit_and_clip_the_last_chunk():
     assert runs([1, 3], size) == [(CHUNK, CHUNK), (3 * CHUNK, CHUNK)]
 
 
-def test_stale_chunks_of_a_lazy_replica_count_only_present_ones():
+def test_stale_runs_of_a_lazy_replica_cover_only_present_fill_chunks():
     home = bytearray(4 * CHUNK)
     home[0] = home[CHUNK] = home[3 * CHUNK] = 7
     remote = hashes(memoryview(home))
     replica = bytearray(4 * CHUNK)  # stale everywhere but chunk 2
-    assert stale_chunks(memoryview(replica), remote, None) == [0, 1, 3]
-    present = bytearray([1, 0, 1, 1])  # chunk 1 not fetched yet: fetched fresh on touch
-    assert stale_chunks(memoryview(replica), remote, present) == [0, 3]
+    assert stale_runs(memoryview(replica), remote, None) == [(0, 2 * CHUNK), (3 * CHUNK, CHUNK)]
+    fills = CHUNK // lazy.CHUNK
+    present = bytearray(4 * fills)
+    present[0:fills] = b"\1" * fills  # chunk 0 whole and stale: fetched whole
+    # chunk 1: nothing present: skipped (fetched fresh when touched)
+    present[2 * fills] = 1             # chunk 2: equal to the home's: skipped
+    present[3 * fills] = 1             # chunk 3 stale, one fill chunk present: only it
+    runs_ = stale_runs(memoryview(replica), remote, present)
+    assert runs_[0] == (0, CHUNK)
+    assert (3 * CHUNK, lazy.CHUNK) in runs_
+    assert all(length > 0 for _, length in runs_)
 
 
 def test_staged_bytes_are_bounded_by_the_segment():
