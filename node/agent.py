@@ -482,6 +482,7 @@ class Agent:
         """Fetch every missing chunk of a lazy replica; it is then an eager one."""
         fill.ensure(0, replica.size)
         replica.lazy = None
+        fill.close()  # every chunk is present: its channel and fd are not needed
 
     def _fetch_replica(self, info: types_pb2.SegmentInfo, fetch: str) -> Segment:
         """A new replica holding every byte of ``info`` (capacity reserved and held by the
@@ -532,7 +533,7 @@ class Agent:
         with self._lock:
             spare = self._reserve_locked(info.size, info.name)
             spare += self._pool.trim_locked()
-        self._release_spare(spare)
+        self._release_spare_later(spare)
         fd = ro_fd = -1
         try:
             address = self._node_address(info.home)
@@ -550,19 +551,47 @@ class Agent:
         replica = Segment(info, fd, ro_fd)
         replica.replica = True
         replica.mapping = mapping
-        replica.lazy = lazy.LazyFill(info.size, self._chunk_fetcher(info, mapping, address))
+        replica.lazy = lazy.LazyFill(info.size, self._chunk_fetcher(info, replica, address))
         log.info("replica of %s (id %d, version %d, %d bytes) from %s: lazy", info.name,
                  info.id, info.version, info.size, info.home)
         return replica
 
-    def _chunk_fetcher(self, info: types_pb2.SegmentInfo, mapping, address: str):
-        """``fetch(offset, length)`` for a LazyFill: ReadPages from the home into ``mapping``;
-        the home's address is looked up again after a failure (it may have moved)."""
+    def _release_spare_later(self, spare: list) -> None:
+        """``_release_spare`` in a low-priority thread. A lazy replica takes its room
+        only as chunks arrive, while punching out evicted or pooled memory costs
+        ~0.2-0.3 s per GiB: done inline it was most of a lazy attach's time."""
+        if spare:
+            threading.Thread(target=self._release_spare_quietly, args=(spare,),
+                             name="vas-node-release", daemon=True).start()
+
+    def _release_spare_quietly(self, spare: list) -> None:
+        try:  # nice 19 for this thread only: page faults being resolved come first
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except OSError:
+            pass
+        self._release_spare(spare)
+
+    def _chunk_fetcher(self, info: types_pb2.SegmentInfo, replica: Segment, address: str):
+        """``fetch(offset, length)`` for a LazyFill (``lazy.HomeReader``): chunk requests
+        on the home's bulk channel, ReadPages into the replica's mapping as the
+        fallback; the home's address is looked up again after a failure (it may
+        have moved)."""
         where = [address]
 
-        def fetch(offset: int, length: int) -> None:
+        def open_channel() -> bulk.Channel:
+            try:
+                opened = self.peers.open_bulk(where[0], info.name, info.id)
+            except VasError:
+                where[0] = self._node_address(info.home) or where[0]
+                raise
+            if opened.size != info.size:
+                raise Unavailable(f"home {info.home} holds segment {info.name} with "
+                                  f"{opened.size} bytes, not {info.size}")
+            return bulk.Channel(opened.address, self.config.rpc_timeout)
+
+        def read_pages(offset: int, length: int) -> None:
             timeout = self.config.rpc_timeout + length / _FALLBACK_RATE
-            with memoryview(mapping) as raw, raw.cast("B") as view, \
+            with memoryview(replica.mapping) as raw, raw.cast("B") as view, \
                     view[offset:offset + length] as part:
                 try:
                     self.peers.read_pages_into(where[0], info.name, info.id, part, timeout,
@@ -570,7 +599,7 @@ class Agent:
                 except VasError:
                     where[0] = self._node_address(info.home) or where[0]
                     raise
-        return fetch
+        return lazy.HomeReader(info.id, replica.fd, open_channel, read_pages)
 
     def _transfer(self, address: str, info: types_pb2.SegmentInfo, warm: Warm) -> None:
         """Copy the home's bytes into ``warm``: ReadPages for small segments, else the
@@ -1322,7 +1351,13 @@ class Agent:
 
 
 def _release(segment: Segment) -> None:
-    """Give back the memory of a removed segment or replica and close its fds."""
+    """Give back the memory of a removed segment or replica and close its fds.
+
+    The pages are punched out before the agent's mapping goes: munmap of a
+    populated GiB holds this process's mmap lock for ~0.1 s (every mmap, e.g. a
+    lazy attach's, waits), of an emptied one only briefly."""
+    if segment.lazy is not None:
+        segment.lazy.close()  # waits for fetches in flight into it
+    store_mod.release(segment.fd, segment.ro_fd, segment.size)
     if segment.mapping is not None:
         segment.mapping.close()
-    store_mod.release(segment.fd, segment.ro_fd, segment.size)
