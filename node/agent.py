@@ -143,6 +143,7 @@ class Agent:
         self._fetching: dict[str, threading.Event] = {}    # name -> set when its fetch ends
         self._pool = WarmPool(self.store, self._lock)
         self._faults: lazy.FaultHandler | None = None      # started by the first RegisterFaults
+        self._homes = lazy.Homes(self._node_address, self.peers.open_bulk, config.rpc_timeout)
         self._attachment_ids = itertools.count(1)
         self._writers: dict[int, Attachment] = {}          # attachment id -> "rw" attachment
         self._dirty: dict[int, Segment] = {}               # segment id -> segment to report
@@ -228,6 +229,7 @@ class Agent:
         release_all(pooled)
         if self._faults is not None:
             self._faults.stop()
+        self._homes.close()
         for thread in self._threads:
             thread.join(timeout)
         self._threads.clear()
@@ -528,18 +530,20 @@ class Agent:
         """A replica of ``info`` whose chunks are fetched on first touch or prefetch.
 
         Its memfd is sparse (not from the warm pool, whose pages are allocated):
-        a client's read of a missing page must raise a userfault.
+        a client's read of a missing page must raise a userfault. Nothing here
+        costs per byte, and the home is not called: its state in the record
+        says it is registered, and its address and bulk channel come from
+        ``self._homes`` (looked up in the background on a first attach).
         """
+        if info.state != types_pb2.SEGMENT_STATE_READY:
+            raise Unavailable(f"home node {info.home} of segment {info.name} is not "
+                              "registered (down?)")
         with self._lock:
             spare = self._reserve_locked(info.size, info.name)
             spare += self._pool.trim_locked()
         self._release_spare_later(spare)
         fd = ro_fd = -1
         try:
-            address = self._node_address(info.home)
-            if address is None:
-                raise Unavailable(f"home node {info.home} of segment {info.name} is not "
-                                  "registered (down?)")
             fd, ro_fd = store_mod.allocate("replica", info.size, reserve=False)
             mapping = _native.mmap(fd, info.size, writable=True)
         except BaseException:
@@ -551,7 +555,9 @@ class Agent:
         replica = Segment(info, fd, ro_fd)
         replica.replica = True
         replica.mapping = mapping
-        replica.lazy = lazy.LazyFill(info.size, self._chunk_fetcher(info, replica, address))
+        reader = self._chunk_fetcher(info, replica)
+        reader.prepare_soon()
+        replica.lazy = lazy.LazyFill(info.size, reader)
         log.info("replica of %s (id %d, version %d, %d bytes) from %s: lazy", info.name,
                  info.id, info.version, info.size, info.home)
         return replica
@@ -565,41 +571,23 @@ class Agent:
                              name="vas-node-release", daemon=True).start()
 
     def _release_spare_quietly(self, spare: list) -> None:
-        try:  # nice 19 for this thread only: page faults being resolved come first
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        try:  # SCHED_IDLE for this thread only: the attach and its first faults come first
+            os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
         except OSError:
             pass
         self._release_spare(spare)
 
-    def _chunk_fetcher(self, info: types_pb2.SegmentInfo, replica: Segment, address: str):
-        """``fetch(offset, length)`` for a LazyFill (``lazy.HomeReader``): chunk requests
-        on the home's bulk channel, ReadPages into the replica's mapping as the
-        fallback; the home's address is looked up again after a failure (it may
-        have moved)."""
-        where = [address]
-
-        def open_channel() -> bulk.Channel:
-            try:
-                opened = self.peers.open_bulk(where[0], info.name, info.id)
-            except VasError:
-                where[0] = self._node_address(info.home) or where[0]
-                raise
-            if opened.size != info.size:
-                raise Unavailable(f"home {info.home} holds segment {info.name} with "
-                                  f"{opened.size} bytes, not {info.size}")
-            return bulk.Channel(opened.address, self.config.rpc_timeout)
-
-        def read_pages(offset: int, length: int) -> None:
+    def _chunk_fetcher(self, info: types_pb2.SegmentInfo, replica: Segment) -> lazy.HomeReader:
+        """``fetch(offset, length)`` for a LazyFill: chunk requests on the home's bulk
+        channel (``lazy.HomeReader``), ReadPages into the replica's mapping as the
+        fallback."""
+        def read_pages(address: str, offset: int, length: int) -> None:
             timeout = self.config.rpc_timeout + length / _FALLBACK_RATE
             with memoryview(replica.mapping) as raw, raw.cast("B") as view, \
                     view[offset:offset + length] as part:
-                try:
-                    self.peers.read_pages_into(where[0], info.name, info.id, part, timeout,
-                                               offset)
-                except VasError:
-                    where[0] = self._node_address(info.home) or where[0]
-                    raise
-        return lazy.HomeReader(info.id, replica.fd, open_channel, read_pages)
+                self.peers.read_pages_into(address, info.name, info.id, part, timeout, offset)
+        return lazy.HomeReader(self._homes, info.home, info.name, info.id, replica.fd,
+                               read_pages)
 
     def _transfer(self, address: str, info: types_pb2.SegmentInfo, warm: Warm) -> None:
         """Copy the home's bytes into ``warm``: ReadPages for small segments, else the

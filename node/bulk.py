@@ -216,16 +216,22 @@ class Channel:
         if offset < 0 or length <= 0:
             raise ValueError(f"invalid bulk range offset {offset} length {length}")
         for attempt in range(1, _ATTEMPTS + 1):
-            conn, buffer = self._take()
+            conn = None
             try:
+                conn, buffer = self._take()
                 conn.sendall(_REQUEST.pack(MAGIC, segment_id, offset, length))
                 _read_reply(conn)
                 _recv_to_fd(conn, buffer, fd, offset, length)
+            except Unavailable:  # the home refused (too many connections) and closed it
+                conn.close()
+                raise
             except VasError:
                 self._put(conn, buffer)  # a whole reply: the connection stays usable
                 raise
             except OSError as exc:
-                conn.close()
+                if conn is not None:
+                    conn.close()
+                self._close_idle()  # likely dead as well (the home restarted): retry afresh
                 if attempt == _ATTEMPTS:
                     raise Unavailable(f"bulk read from {self.address} failed: "
                                       f"{exc.strerror or exc}") from exc
@@ -234,9 +240,17 @@ class Channel:
                 self._put(conn, buffer)
                 return
 
+    def connect(self) -> None:
+        """Open one connection ahead of the first ``read``."""
+        self._put(*self._take())
+
     def close(self) -> None:
         with self._lock:
             self._closed = True
+        self._close_idle()
+
+    def _close_idle(self) -> None:
+        with self._lock:
             idle, self._idle = self._idle, []
         for _, conn, _ in idle:
             conn.close()

@@ -25,6 +25,7 @@ from collections.abc import Callable
 
 from vas import _native
 from vas.errors import Unavailable, VasError
+from vas.node import bulk
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,9 @@ READ_AHEAD_BYTES = 8 << 20
 #: Largest single fetch, in chunks: a long read-ahead is fetched in pieces, each
 #: marked present as it lands, so a fault waiting on its first chunks wakes early.
 _PIECE = (1 << 20) // CHUNK
+#: Most pieces one ``ensure`` claims at a time: a long prefetch claims as it goes,
+#: so faults elsewhere in its range are not queued behind all of it.
+_CLAIM = 8
 #: Threads resolving faults: faults of different chunks (other client threads or
 #: processes) are fetched concurrently; one fault costs no thread hand-off.
 RESOLVERS = 3
@@ -99,10 +103,11 @@ class LazyFill:
             close()
 
     def _claim_locked(self, first: int, last: int) -> list[tuple[int, int]]:
-        """Mark the missing chunks of [first, last) fetching; (start, end) pieces."""
+        """Mark up to ``_CLAIM`` pieces of missing chunks of [first, last) fetching;
+        their (start, end) chunk numbers."""
         pieces = []
         index = self.state.find(_MISSING, first, last)
-        while index >= 0:
+        while index >= 0 and len(pieces) < _CLAIM:
             if self._closed:
                 raise Unavailable("the lazy replica was released")
             end = index + 1
@@ -130,63 +135,120 @@ class LazyFill:
             self._cv.notify_all()
 
 
-class HomeReader:
-    """``fetch(offset, length)`` of a LazyFill: a request on the bulk channel
-    (node/bulk.py ``Channel``) written into the replica's memfd, else ReadPages.
-
-    ``open_channel()`` asks the home for its bulk listener (``OpenBulk``) on the
-    first fetch; ``read_pages(offset, length)`` is the gRPC fallback, used for
-    ``_BULK_RETRY`` seconds after the channel failed. A VasError the home answers
-    (NotFound, InvalidArgument) is raised as it is.
+class Homes:
+    """Where the homes of lazy replicas are, cached across attaches and faults: each
+    home's gRPC address (``lookup``: ListNodes) and one shared bulk ``Channel``
+    (``open_bulk``: OpenBulk, asked once per home, not per segment). Both are
+    forgotten after a failure: the home may have restarted at another port.
     """
 
-    def __init__(self, segment_id: int, fd: int, open_channel: Callable[[], object],
-                 read_pages: Callable[[int, int], None]):
-        self._segment_id = segment_id
-        self._fd = os.dup(fd)  # ours: the replica's fds may be closed under a late fetch
-        self._open_channel = open_channel
-        self._read_pages = read_pages
-        self._channel = None
-        self._bulk_after = 0.0
+    def __init__(self, lookup: Callable[[str], str | None],
+                 open_bulk: Callable[[str, str, int], object], timeout: float):
+        self._lookup = lookup
+        self._open_bulk = open_bulk
+        self._timeout = timeout
+        self._addresses: dict[str, str] = {}
+        self._channels: dict[str, bulk.Channel] = {}
         self._lock = threading.Lock()
+        self._opening = threading.Lock()  # one OpenBulk at a time: the first faults share it
 
-    def __call__(self, offset: int, length: int) -> None:
-        channel = self._bulk()
-        if channel is not None:
-            try:
-                channel.read(self._segment_id, offset, length, self._fd)
+    def address(self, node: str) -> str:
+        """The gRPC address of ``node``; Unavailable if it is not registered."""
+        with self._lock:
+            address = self._addresses.get(node)
+        if address is None:
+            address = self._lookup(node)
+            if address is None:
+                raise Unavailable(f"home node {node} is not registered (down?)")
+            with self._lock:
+                self._addresses[node] = address
+        return address
+
+    def channel(self, node: str, name: str, segment_id: int) -> bulk.Channel:
+        """The bulk channel to ``node``, opened (OpenBulk of ``name``) if needed."""
+        with self._opening:
+            with self._lock:
+                channel = self._channels.get(node)
+            if channel is None:
+                address = self.address(node)
+                try:
+                    opened = self._open_bulk(address, name, segment_id)
+                except VasError:
+                    self.forget(node)
+                    raise
+                channel = bulk.Channel(opened.address, self._timeout)
+                with self._lock:
+                    self._channels[node] = channel
+            return channel
+
+    def forget(self, node: str, channel: bulk.Channel | None = None) -> None:
+        """Drop what is known of ``node`` (only if ``channel`` is still its channel)."""
+        with self._lock:
+            if channel is not None and self._channels.get(node) is not channel:
                 return
-            except Unavailable as exc:
-                log.warning("bulk chunk read from %s failed: %s; using ReadPages for %.0f s",
-                            channel.address, exc, _BULK_RETRY)
-                self._drop(channel)
-        self._read_pages(offset, length)
+            self._addresses.pop(node, None)
+            dropped = self._channels.pop(node, None)
+        if dropped is not None:
+            dropped.close()
 
     def close(self) -> None:
         with self._lock:
-            channel, self._channel = self._channel, None
-            fd, self._fd = self._fd, -1
-        if channel is not None:
+            channels, self._channels = list(self._channels.values()), {}
+        for channel in channels:
             channel.close()
+
+
+class HomeReader:
+    """``fetch(offset, length)`` of a LazyFill: a request on the home's bulk channel
+    (``Homes.channel``) written into the replica's memfd, else ReadPages.
+
+    ``read_pages(address, offset, length)`` is the gRPC fallback, used for
+    ``_BULK_RETRY`` seconds after the channel failed. A VasError the home
+    answers (NotFound, InvalidArgument) is raised as it is; any failure makes
+    ``homes`` forget the home, so the next attempt looks it up again.
+    """
+
+    def __init__(self, homes: Homes, home: str, name: str, segment_id: int, fd: int,
+                 read_pages: Callable[[str, int, int], None]):
+        self._homes, self._home, self._name, self._segment_id = homes, home, name, segment_id
+        self._fd = os.dup(fd)  # ours: the replica's fds may be closed under a late fetch
+        self._read_pages = read_pages
+        self._bulk_after = 0.0
+
+    def prepare_soon(self) -> None:
+        """Look the home up and open a bulk connection in the background: the first
+        fault (time to first byte) then pays neither ListNodes, OpenBulk nor a connect."""
+        threading.Thread(target=self._prepare, name="vas-node-lazy-open", daemon=True).start()
+
+    def _prepare(self) -> None:
+        try:
+            self._homes.channel(self._home, self._name, self._segment_id).connect()
+        except (VasError, OSError) as exc:  # the first fetch tries again, then falls back
+            log.info("cannot reach the bulk channel of node %s yet: %s", self._home, exc)
+
+    def __call__(self, offset: int, length: int) -> None:
+        if self._fd < 0:
+            raise Unavailable("the lazy replica was released")
+        if time.monotonic() >= self._bulk_after:
+            try:
+                channel = self._homes.channel(self._home, self._name, self._segment_id)
+                channel.read(self._segment_id, offset, length, self._fd)
+                return
+            except Unavailable as exc:
+                log.warning("bulk chunk read from node %s failed: %s; using ReadPages for "
+                            "%.0f s", self._home, exc, _BULK_RETRY)
+                self._homes.forget(self._home)
+                self._bulk_after = time.monotonic() + _BULK_RETRY
+        try:
+            self._read_pages(self._homes.address(self._home), offset, length)
+        except VasError:
+            self._homes.forget(self._home)
+            raise
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, -1
         if fd >= 0:
             os.close(fd)
-
-    def _bulk(self):
-        with self._lock:  # held across OpenBulk: the first faults share one call
-            if self._channel is None and self._fd >= 0 and time.monotonic() >= self._bulk_after:
-                try:
-                    self._channel = self._open_channel()
-                except VasError as exc:
-                    log.warning("no bulk channel for lazy chunks (%s): using ReadPages", exc)
-                    self._bulk_after = time.monotonic() + _BULK_RETRY
-            return self._channel
-
-    def _drop(self, channel) -> None:
-        with self._lock:
-            if self._channel is channel:
-                self._channel = None
-                self._bulk_after = time.monotonic() + _BULK_RETRY
-        channel.close()
 
 
 class _Registration:
@@ -207,12 +269,11 @@ class _Registration:
         self.removed = False
 
     def step(self, chunk: int) -> int:
-        """Chunks to have present from ``chunk`` on: sequential faults double the
-        read-ahead, a jump starts over at one chunk. (Racy across resolver
-        threads by design: it is a heuristic.)"""
+        """Chunks to have present from ``chunk`` on: a fault just past what the last
+        one mapped doubles the read-ahead, a jump starts over at one chunk.
+        (Racy across resolver threads by design: it is a heuristic.)"""
         self.ahead = (min(self.ahead * 2, READ_AHEAD_BYTES // CHUNK)
                       if chunk == self.next_chunk else 1)
-        self.next_chunk = chunk + 1
         return self.ahead
 
 
@@ -350,8 +411,9 @@ class FaultHandler:
         start = chunk * CHUNK
         if not self._fetch_retrying(registration, start, CHUNK):
             return
-        present = registration.fill.present_run(chunk, ahead) * CHUNK
-        _map_in(registration, start, min(present, registration.size - start), page)
+        run = registration.fill.present_run(chunk, ahead)
+        registration.next_chunk = chunk + run
+        _map_in(registration, start, min(run * CHUNK, registration.size - start), page)
         if ahead > 1:  # after the wake-up: the client reads on while this fetches
             self._read_ahead(registration, start + CHUNK, (ahead - 1) * CHUNK)
 
