@@ -213,7 +213,7 @@ class Channel:
     def read(self, segment_id: int, offset: int, length: int, fd: int) -> None:
         """Copy [offset, offset + length) of ``segment_id`` into ``fd``. Raises the
         home's VasError, or Unavailable when a fresh connection fails too."""
-        if offset < 0 or length <= 0:
+        if offset < 0 or length <= 0 or offset + length >= 1 << 63:
             raise ValueError(f"invalid bulk range offset {offset} length {length}")
         for attempt in range(1, _ATTEMPTS + 1):
             conn = None
@@ -223,7 +223,8 @@ class Channel:
                 _read_reply(conn)
                 _recv_to_fd(conn, buffer, fd, offset, length)
             except Unavailable:  # the home refused (too many connections) and closed it
-                conn.close()
+                if conn is not None:
+                    conn.close()
                 raise
             except VasError:
                 self._put(conn, buffer)  # a whole reply: the connection stays usable

@@ -152,7 +152,9 @@ class Homes:
         self._addresses: dict[str, str] = {}
         self._channels: dict[str, bulk.Channel] = {}
         self._lock = threading.Lock()
-        self._opening = threading.Lock()  # one OpenBulk at a time: the first faults share it
+        #: Per home: one OpenBulk at a time (the first faults share it; a dead home's
+        #: timeout holds up only its own replicas).
+        self._opening: dict[str, threading.Lock] = {}
 
     def address(self, node: str) -> str:
         """The gRPC address of ``node``; Unavailable if it is not registered."""
@@ -168,7 +170,9 @@ class Homes:
 
     def channel(self, node: str, name: str, segment_id: int) -> bulk.Channel:
         """The bulk channel to ``node``, opened (OpenBulk of ``name``) if needed."""
-        with self._opening:
+        with self._lock:
+            opening = self._opening.setdefault(node, threading.Lock())
+        with opening:
             with self._lock:
                 channel = self._channels.get(node)
             if channel is None:
@@ -184,7 +188,8 @@ class Homes:
             return channel
 
     def forget(self, node: str, channel: bulk.Channel | None = None) -> None:
-        """Drop what is known of ``node`` (only if ``channel`` is still its channel)."""
+        """Drop what is known of ``node``; with ``channel``, only if that is still its
+        channel (another thread may have opened a new one since)."""
         with self._lock:
             if channel is not None and self._channels.get(node) is not channel:
                 return
@@ -232,6 +237,7 @@ class HomeReader:
         if self._fd < 0:
             raise Unavailable("the lazy replica was released")
         if time.monotonic() >= self._bulk_after:
+            channel = None
             try:
                 channel = self._homes.channel(self._home, self._name, self._segment_id)
                 channel.read(self._segment_id, offset, length, self._fd)
@@ -239,7 +245,7 @@ class HomeReader:
             except Unavailable as exc:
                 log.warning("bulk chunk read from node %s failed: %s; using ReadPages for "
                             "%.0f s", self._home, exc, _BULK_RETRY)
-                self._homes.forget(self._home)
+                self._homes.forget(self._home, channel)
                 self._bulk_after = time.monotonic() + _BULK_RETRY
         try:
             self._read_pages(self._homes.address(self._home), offset, length)

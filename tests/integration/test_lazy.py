@@ -172,6 +172,21 @@ def test_concurrent_faults_read_the_home_bytes_over_the_bulk_channel(two):
             thread.join(60)
         assert not wrong and not any(thread.is_alive() for thread in threads)
         assert hashlib.sha256(m.buffer).digest() == hashlib.sha256(blob).digest()
+    # Processes fault at once (a thread faulting holds its GIL: one process faults
+    # one page at a time), on the same chunks too: each chunk is fetched once.
+    code = ("import hashlib, sys, vas\n"
+            "with vas.connect(sys.argv[1]) as c, c.attach(sys.argv[2]) as m:\n"
+            "    print(m.fetch, hashlib.sha256(m.buffer).hexdigest())\n")
+    c1.create("lazy/c2", size, mode=0o644)
+    with c1.attach("lazy/c2", "rw") as w:
+        w.write(0, blob)
+    before = lo_tx()
+    readers = [subprocess.Popen([sys.executable, "-c", code, node2.socket, "lazy/c2"],
+                                stdout=subprocess.PIPE, text=True,
+                                env={**os.environ, "PYTHONSAFEPATH": "1"}) for _ in range(3)]
+    outputs = [reader.communicate(timeout=120)[0].split() for reader in readers]
+    assert outputs == [["lazy", hashlib.sha256(blob).hexdigest()]] * 3
+    assert lo_tx() - before < 1.5 * size  # not once per process
     assert "using ReadPages" not in _log(node2)  # every chunk came over the bulk channel
 
 
