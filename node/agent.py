@@ -541,7 +541,6 @@ class Agent:
         with self._lock:
             spare = self._reserve_locked(info.size, info.name)
             spare += self._pool.trim_locked()
-        self._release_spare_later(spare)
         fd = ro_fd = -1
         try:
             fd, ro_fd = store_mod.allocate("replica", info.size, reserve=False)
@@ -551,31 +550,43 @@ class Agent:
                 self.store.unreserve(info.size)
             if fd >= 0:
                 store_mod.release(fd, ro_fd, info.size)
+            self._release_spare(spare)
             raise
         replica = Segment(info, fd, ro_fd)
         replica.replica = True
         replica.mapping = mapping
         reader = self._chunk_fetcher(info, replica)
-        reader.prepare_soon()
         replica.lazy = lazy.LazyFill(info.size, reader)
+        threading.Thread(target=self._after_lazy_attach, args=(reader, spare),
+                         name="vas-node-lazy-attach", daemon=True).start()
         log.info("replica of %s (id %d, version %d, %d bytes) from %s: lazy", info.name,
                  info.id, info.version, info.size, info.home)
         return replica
 
-    def _release_spare_later(self, spare: list) -> None:
-        """``_release_spare`` in a low-priority thread. A lazy replica takes its room
-        only as chunks arrive, while punching out evicted or pooled memory costs
-        ~0.2-0.3 s per GiB: done inline it was most of a lazy attach's time."""
-        if spare:
-            threading.Thread(target=self._release_spare_quietly, args=(spare,),
-                             name="vas-node-release", daemon=True).start()
-
-    def _release_spare_quietly(self, spare: list) -> None:
-        try:  # SCHED_IDLE for this thread only: the attach and its first faults come first
+    def _after_lazy_attach(self, reader: lazy.HomeReader, spare: list) -> None:
+        """The slow parts of a lazy attach, off its path (one thread: each start costs
+        ~0.4 ms there): the home's bulk channel before the first fault, then, at
+        SCHED_IDLE, the room taken from evicted replicas and the warm pool (punching
+        out a GiB takes ~0.25-0.3 s; a lazy replica takes its memory only as chunks
+        arrive)."""
+        reader.prepare()
+        try:  # this thread only: resolving faults comes first
             os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
         except OSError:
             pass
         self._release_spare(spare)
+
+    def _start_faults(self) -> None:
+        """Create the FaultHandler outside the lock (starting its threads takes ~1 ms)."""
+        with self._lock:
+            if self._faults is not None:
+                return
+        handler = lazy.FaultHandler()
+        with self._lock:
+            if self._faults is None:
+                self._faults, handler = handler, None
+        if handler is not None:  # another RegisterFaults made one meanwhile
+            handler.stop()
 
     def _chunk_fetcher(self, info: types_pb2.SegmentInfo, replica: Segment) -> lazy.HomeReader:
         """``fetch(offset, length)`` for a LazyFill: chunk requests on the home's bulk
@@ -634,6 +645,7 @@ class Agent:
         """Take the client's userfaultfd of a lazy attachment and resolve its faults."""
         if len(fds) != 1:
             raise InvalidArgument(f"RegisterFaults carries one userfaultfd, not {len(fds)} fds")
+        self._start_faults()
         with self._lock:
             attachment = session.attachments.get(request.attachment_id)
             if attachment is None:
@@ -645,8 +657,6 @@ class Agent:
             if request.size != attachment.segment.size:
                 raise InvalidArgument(f"RegisterFaults size {request.size} is not the "
                                       f"segment's {attachment.segment.size}")
-            if self._faults is None:
-                self._faults = lazy.FaultHandler()
             attachment.uffd = fds.pop()
             self._faults.add(attachment.uffd, fill, request.address, request.size)
         response.empty.SetInParent()

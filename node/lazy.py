@@ -222,12 +222,9 @@ class HomeReader:
         self._read_pages = read_pages
         self._bulk_after = 0.0
 
-    def prepare_soon(self) -> None:
-        """Look the home up and open a bulk connection in the background: the first
-        fault (time to first byte) then pays neither ListNodes, OpenBulk nor a connect."""
-        threading.Thread(target=self._prepare, name="vas-node-lazy-open", daemon=True).start()
-
-    def _prepare(self) -> None:
+    def prepare(self) -> None:
+        """Look the home up and open a bulk connection (in the background after an
+        attach): the first fault then pays neither ListNodes, OpenBulk nor a connect."""
         try:
             self._homes.channel(self._home, self._name, self._segment_id).connect()
         except (VasError, OSError) as exc:  # the first fetch tries again, then falls back
