@@ -163,6 +163,7 @@ class Agent(PublishMixin):
         self._fetching: dict[str, threading.Event] = {}    # name -> set when its fetch ends
         self._pool = WarmPool(self.store, self._lock)
         self._faults: lazy.FaultHandler | None = None      # started by the first RegisterFaults
+        self._homes = lazy.Homes(self._node_address, self.peers.open_bulk, config.rpc_timeout)
         self._attachment_ids = itertools.count(1)
         self._writers: dict[int, Attachment] = {}          # attachment id -> "rw" attachment
         self._dirty: dict[int, Segment] = {}               # segment id -> segment to report
@@ -248,6 +249,7 @@ class Agent(PublishMixin):
         release_all(pooled)
         if self._faults is not None:
             self._faults.stop()
+        self._homes.close()
         for thread in self._threads:
             thread.join(timeout)
         self._threads.clear()
@@ -557,6 +559,7 @@ class Agent(PublishMixin):
         """Fetch every missing chunk of a lazy replica; it is then an eager one."""
         fill.ensure(0, replica.size)
         replica.lazy = None
+        fill.close()  # every chunk is present: its channel and fd are not needed
 
     def _fetch_replica(self, info: types_pb2.SegmentInfo, fetch: str) -> Segment:
         """A new replica holding every byte of ``info`` (capacity reserved and held by the
@@ -602,18 +605,19 @@ class Agent(PublishMixin):
         """A replica of ``info`` whose chunks are fetched on first touch or prefetch.
 
         Its memfd is sparse (not from the warm pool, whose pages are allocated):
-        a client's read of a missing page must raise a userfault.
+        a client's read of a missing page must raise a userfault. Nothing here
+        costs per byte, and the home is not called: its state in the record
+        says it is registered, and its address and bulk channel come from
+        ``self._homes`` (looked up in the background on a first attach).
         """
+        if info.state != types_pb2.SEGMENT_STATE_READY:
+            raise Unavailable(f"home node {info.home} of segment {info.name} is not "
+                              "registered (down?)")
         with self._lock:
             spare = self._reserve_locked(info.size, info.name)
             spare += self._pool.trim_locked()
-        self._release_spare(spare)
         fd = ro_fd = -1
         try:
-            address = self._node_address(info.home)
-            if address is None:
-                raise Unavailable(f"home node {info.home} of segment {info.name} is not "
-                                  "registered (down?)")
             fd, ro_fd = store_mod.allocate("replica", info.size, reserve=False)
             mapping = _native.mmap(fd, info.size, writable=True)
         except BaseException:
@@ -621,31 +625,55 @@ class Agent(PublishMixin):
                 self.store.unreserve(info.size)
             if fd >= 0:
                 store_mod.release(fd, ro_fd, info.size)
+            self._release_spare(spare)
             raise
         replica = Segment(info, fd, ro_fd)
         replica.replica = True
         replica.mapping = mapping
-        replica.lazy = lazy.LazyFill(info.size, self._chunk_fetcher(info, mapping, address))
+        reader = self._chunk_fetcher(info, replica)
+        replica.lazy = lazy.LazyFill(info.size, reader)
+        threading.Thread(target=self._after_lazy_attach, args=(reader, spare),
+                         name="vas-node-lazy-attach", daemon=True).start()
         log.info("replica of %s (id %d, version %d, %d bytes) from %s: lazy", info.name,
                  info.id, info.version, info.size, info.home)
         return replica
 
-    def _chunk_fetcher(self, info: types_pb2.SegmentInfo, mapping, address: str):
-        """``fetch(offset, length)`` for a LazyFill: ReadPages from the home into ``mapping``;
-        the home's address is looked up again after a failure (it may have moved)."""
-        where = [address]
+    def _after_lazy_attach(self, reader: lazy.HomeReader, spare: list) -> None:
+        """The slow parts of a lazy attach, off its path (one thread: each start costs
+        ~0.4 ms there): the home's bulk channel before the first fault, then, at
+        SCHED_IDLE, the room taken from evicted replicas and the warm pool (punching
+        out a GiB takes ~0.25-0.3 s; a lazy replica takes its memory only as chunks
+        arrive)."""
+        reader.prepare()
+        try:  # this thread only: resolving faults comes first
+            os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
+        except OSError:
+            pass
+        self._release_spare(spare)
 
-        def fetch(offset: int, length: int) -> None:
+    def _start_faults(self) -> None:
+        """Create the FaultHandler outside the lock (starting its threads takes ~1 ms)."""
+        with self._lock:
+            if self._faults is not None:
+                return
+        handler = lazy.FaultHandler()
+        with self._lock:
+            if self._faults is None:
+                self._faults, handler = handler, None
+        if handler is not None:  # another RegisterFaults made one meanwhile
+            handler.stop()
+
+    def _chunk_fetcher(self, info: types_pb2.SegmentInfo, replica: Segment) -> lazy.HomeReader:
+        """``fetch(offset, length)`` for a LazyFill: chunk requests on the home's bulk
+        channel (``lazy.HomeReader``), ReadPages into the replica's mapping as the
+        fallback."""
+        def read_pages(address: str, offset: int, length: int) -> None:
             timeout = self.config.rpc_timeout + length / _FALLBACK_RATE
-            with memoryview(mapping) as raw, raw.cast("B") as view, \
+            with memoryview(replica.mapping) as raw, raw.cast("B") as view, \
                     view[offset:offset + length] as part:
-                try:
-                    self.peers.read_pages_into(where[0], info.name, info.id, part, timeout,
-                                               offset)
-                except VasError:
-                    where[0] = self._node_address(info.home) or where[0]
-                    raise
-        return fetch
+                self.peers.read_pages_into(address, info.name, info.id, part, timeout, offset)
+        return lazy.HomeReader(self._homes, info.home, info.name, info.id, replica.fd,
+                               read_pages)
 
     def _transfer(self, address: str, info: types_pb2.SegmentInfo, warm: Warm) -> None:
         """Copy the home's bytes into ``warm``: ReadPages for small segments, else the
@@ -692,6 +720,7 @@ class Agent(PublishMixin):
         """Take the client's userfaultfd of a lazy attachment and resolve its faults."""
         if len(fds) != 1:
             raise InvalidArgument(f"RegisterFaults carries one userfaultfd, not {len(fds)} fds")
+        self._start_faults()
         with self._lock:
             attachment = session.attachments.get(request.attachment_id)
             if attachment is None:
@@ -703,8 +732,6 @@ class Agent(PublishMixin):
             if request.size != attachment.segment.size:
                 raise InvalidArgument(f"RegisterFaults size {request.size} is not the "
                                       f"segment's {attachment.segment.size}")
-            if self._faults is None:
-                self._faults = lazy.FaultHandler()
             attachment.uffd = fds.pop()
             self._faults.add(attachment.uffd, fill, request.address, request.size)
         response.empty.SetInParent()
@@ -1402,7 +1429,13 @@ class Agent(PublishMixin):
 
 
 def _release(segment: Segment) -> None:
-    """Give back the memory of a removed segment or replica and close its fds."""
+    """Give back the memory of a removed segment or replica and close its fds.
+
+    The pages are punched out before the agent's mapping goes: munmap of a
+    populated GiB holds this process's mmap lock for ~0.1 s (every mmap, e.g. a
+    lazy attach's, waits), of an emptied one only briefly."""
+    if segment.lazy is not None:
+        segment.lazy.close()  # waits for fetches in flight into it
+    store_mod.release(segment.fd, segment.ro_fd, segment.size)
     if segment.mapping is not None:
         segment.mapping.close()
-    store_mod.release(segment.fd, segment.ro_fd, segment.size)

@@ -60,8 +60,9 @@ class Warm:
             self.mapping.madvise(_native.MADV_POPULATE_WRITE, offset, length)
 
     def release(self) -> None:
-        self.mapping.close()
+        # Punch first: munmap of populated pages holds the agent's mmap lock long.
         store_mod.release(self.fd, self.ro_fd, self.size)
+        self.mapping.close()
 
 
 def release_all(items) -> None:

@@ -9,14 +9,19 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 
+import grpc
 import pytest
 
 import vas
 from vas import _native
+from vas.proto import node_pb2, node_pb2_grpc
 
 MiB = 1 << 20
 PAGE = 4096
@@ -136,3 +141,78 @@ def test_without_userfaultfd_lazy_falls_back_to_eager(two):
     digest = fill(c1, "lazy/f", 32 * MiB)
     fetch, seen = sha_in_subprocess(node2.socket, "lazy/f", VAS_DISABLE_USERFAULTFD="1")
     assert (fetch, seen) == ("eager (userfaultfd unavailable)", digest)
+
+
+def _log(node) -> str:
+    with open(node.log_path, errors="replace") as log:
+        return log.read()
+
+
+@needs_uffd
+def test_concurrent_faults_read_the_home_bytes_over_the_bulk_channel(two):
+    node1, node2, c1, c2 = two
+    size = 64 * MiB
+    blob = os.urandom(size)
+    c1.create("lazy/c", size, mode=0o644)
+    with c1.attach("lazy/c", "rw") as w:
+        w.write(0, blob)
+    pages = random.sample(range(size // PAGE), 400)
+    wrong: list[int] = []
+    with c2.attach("lazy/c") as m:
+        assert m.fetch == "lazy"
+
+        def touch(share: list[int]) -> None:
+            for page in share:
+                if m.read(page * PAGE, PAGE) != blob[page * PAGE:(page + 1) * PAGE]:
+                    wrong.append(page)
+        threads = [threading.Thread(target=touch, args=(pages[i::4],)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert not wrong and not any(thread.is_alive() for thread in threads)
+        assert hashlib.sha256(m.buffer).digest() == hashlib.sha256(blob).digest()
+    # Processes fault at once (a thread faulting holds its GIL: one process faults
+    # one page at a time), on the same chunks too: each chunk is fetched once.
+    code = ("import hashlib, sys, vas\n"
+            "with vas.connect(sys.argv[1]) as c, c.attach(sys.argv[2]) as m:\n"
+            "    print(m.fetch, hashlib.sha256(m.buffer).hexdigest())\n")
+    c1.create("lazy/c2", size, mode=0o644)
+    with c1.attach("lazy/c2", "rw") as w:
+        w.write(0, blob)
+    before = lo_tx()
+    readers = [subprocess.Popen([sys.executable, "-c", code, node2.socket, "lazy/c2"],
+                                stdout=subprocess.PIPE, text=True,
+                                env={**os.environ, "PYTHONSAFEPATH": "1"}) for _ in range(3)]
+    outputs = [reader.communicate(timeout=120)[0].split() for reader in readers]
+    assert outputs == [["lazy", hashlib.sha256(blob).hexdigest()]] * 3
+    assert lo_tx() - before < 1.5 * size  # not once per process
+    assert "using ReadPages" not in _log(node2)  # every chunk came over the bulk channel
+
+
+def _bulk_port(node, name: str, segment_id: int) -> tuple[str, int]:
+    with grpc.insecure_channel(node.address) as channel:
+        opened = node_pb2_grpc.NodeStub(channel).OpenBulk(
+            node_pb2.OpenBulkRequest(name=name, id=segment_id), timeout=10)
+    host, _, port = opened.address.rpartition(":")
+    return host, int(port)
+
+
+@needs_uffd
+def test_chunks_fall_back_to_read_pages_when_the_bulk_channel_refuses(two):
+    node1, node2, c1, c2 = two
+    digest = fill(c1, "lazy/r", 16 * MiB)
+    target = _bulk_port(node1, "lazy/r", c1.stat("lazy/r").id)
+    # Take every bulk slot of the home (64): its listener then refuses with UNAVAILABLE.
+    held = [socket.create_connection(target, timeout=10) for _ in range(64)]
+    try:
+        with socket.create_connection(target, timeout=10) as probe:
+            magic, code, _ = struct.unpack("<8sIQ", probe.recv(20, socket.MSG_WAITALL))
+            assert code == grpc.StatusCode.UNAVAILABLE.value[0]
+        with c2.attach("lazy/r") as m:
+            assert m.fetch == "lazy"
+            assert hashlib.sha256(m.buffer).hexdigest() == digest
+    finally:
+        for conn in held:
+            conn.close()
+    assert "using ReadPages" in _log(node2)

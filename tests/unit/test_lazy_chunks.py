@@ -1,0 +1,240 @@
+"""The chunk path of lazy replicas without daemons: ``LazyFill`` claims, the bulk
+``Channel`` against a real ``BulkServer`` over loopback, and ``HomeReader``'s
+fallback to ReadPages."""
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import socket
+import threading
+import types
+
+import pytest
+
+from vas.errors import InvalidArgument, NotFound, Unavailable
+from vas.node import bulk, lazy
+from vas.node import store as store_mod
+
+from waiting import wait_for
+
+MiB = 1 << 20
+SIZE = 8 * MiB + 12288  # not a whole number of chunks
+SEGMENT = 7
+TIMEOUT = 10.0
+
+
+@pytest.fixture
+def home():
+    """A BulkServer serving segment SEGMENT (random bytes in a memfd); (server, bytes)."""
+    data = os.urandom(SIZE)
+    fd, ro_fd = store_mod.allocate("home", SIZE)
+    os.pwrite(fd, data, 0)
+
+    def source(segment_id: int, offset: int, length: int) -> int:
+        if segment_id != SEGMENT:
+            raise NotFound(f"segment id {segment_id} is not held")
+        if length <= 0 or offset < 0 or offset + length > SIZE:
+            raise InvalidArgument(f"range [{offset}, +{length}) is outside the segment")
+        return os.dup(fd)
+
+    server = bulk.BulkServer("127.0.0.1", source, TIMEOUT)
+    server.start()
+    yield server, data
+    server.close()
+    store_mod.release(fd, ro_fd, SIZE)
+
+
+@pytest.fixture
+def replica():
+    """A sparse memfd the size of the home's segment."""
+    fd, ro_fd = store_mod.allocate("replica", SIZE, reserve=False)
+    yield fd
+    store_mod.release(fd, ro_fd, SIZE)
+
+
+def _pooled(channel: bulk.Channel) -> list[socket.socket]:
+    return [conn for _, conn, _ in channel._idle]
+
+
+def test_channel_fills_ranges_over_one_persistent_connection(home, replica):
+    server, data = home
+    channel = bulk.Channel(f"127.0.0.1:{server.port}", TIMEOUT)
+    try:
+        channel.read(SEGMENT, 0, 4096, replica)
+        [conn] = _pooled(channel)
+        ranges = [(start, min(lazy.CHUNK, SIZE - start)) for start in range(0, SIZE, lazy.CHUNK)]
+        random.shuffle(ranges)
+        for offset, length in ranges:
+            channel.read(SEGMENT, offset, length, replica)
+        assert _pooled(channel) == [conn]  # every request went over the same connection
+    finally:
+        channel.close()
+    assert hashlib.sha256(os.pread(replica, SIZE, 0)).digest() == hashlib.sha256(data).digest()
+
+
+def test_channel_error_replies_keep_the_connection(home, replica):
+    server, data = home
+    channel = bulk.Channel(f"127.0.0.1:{server.port}", TIMEOUT)
+    try:
+        channel.read(SEGMENT, 0, 4096, replica)
+        [conn] = _pooled(channel)
+        with pytest.raises(NotFound):
+            channel.read(SEGMENT + 1, 0, 4096, replica)
+        with pytest.raises(InvalidArgument, match="outside the segment"):
+            channel.read(SEGMENT, SIZE - 4096, 8192, replica)
+        for offset, length in ((-1, 4096), (0, 0), (0, -4096)):
+            with pytest.raises(ValueError):
+                channel.read(SEGMENT, offset, length, replica)
+        channel.read(SEGMENT, 4096, 4096, replica)
+        assert _pooled(channel) == [conn]
+    finally:
+        channel.close()
+    assert os.pread(replica, 8192, 0) == data[:8192]
+
+
+def test_channel_replaces_a_connection_the_home_dropped(home, replica):
+    server, data = home
+    channel = bulk.Channel(f"127.0.0.1:{server.port}", TIMEOUT)
+    try:
+        channel.read(SEGMENT, 0, 4096, replica)
+        [conn] = _pooled(channel)
+        conn.shutdown(socket.SHUT_RDWR)  # as a home that restarted or timed it out
+        channel.read(SEGMENT, MiB, lazy.CHUNK, replica)
+        assert _pooled(channel) != [conn]
+    finally:
+        channel.close()
+    assert os.pread(replica, lazy.CHUNK, MiB) == data[MiB:MiB + lazy.CHUNK]
+
+
+def test_channel_to_nobody_is_unavailable(replica):
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]  # bound, not listening: connections are refused
+        channel = bulk.Channel(f"127.0.0.1:{port}", TIMEOUT)
+        with pytest.raises(Unavailable, match="bulk read"):
+            channel.read(SEGMENT, 0, 4096, replica)
+
+
+def test_eager_fetch_still_takes_one_range_per_connection(home):
+    server, data = home
+    view = memoryview(bytearray(SIZE))
+    bulk.fetch(f"127.0.0.1:{server.port}", SEGMENT, view, streams=3, timeout=TIMEOUT)
+    assert view.tobytes() == data
+
+
+# ---------------------------------------------------------------- LazyFill
+
+
+class Recorder:
+    """A LazyFill fetch that records its calls and can be held or made to fail."""
+
+    def __init__(self):
+        self.calls: list[tuple[int, int]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.failures = 0
+
+    def __call__(self, offset: int, length: int) -> None:
+        self.calls.append((offset, length))
+        assert self.gate.wait(TIMEOUT)
+        if self.failures:
+            self.failures -= 1
+            raise Unavailable("home unreachable")
+
+
+def test_concurrent_ensures_of_one_chunk_fetch_it_once():
+    fetch = Recorder()
+    fetch.gate.clear()
+    fill = lazy.LazyFill(SIZE, fetch)
+    threads = [threading.Thread(target=fill.ensure, args=(100 + i, 1)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    wait_for(lambda: fetch.calls, "the first fetch")
+    fetch.gate.set()
+    for thread in threads:
+        thread.join(TIMEOUT)
+    assert fetch.calls == [(0, lazy.CHUNK)]
+    assert fill.present_run(0, 4) == 1
+
+
+def test_a_failed_fetch_leaves_the_chunk_missing_for_the_next_try():
+    fetch = Recorder()
+    fetch.failures = 1
+    fill = lazy.LazyFill(SIZE, fetch)
+    with pytest.raises(Unavailable):
+        fill.ensure(lazy.CHUNK, 1)
+    assert fill.present_run(1, 1) == 0
+    fill.ensure(lazy.CHUNK, 1)
+    assert fetch.calls == [(lazy.CHUNK, lazy.CHUNK)] * 2
+    assert fill.present_run(1, 1) == 1
+
+
+def test_ensure_clips_to_the_segment_and_checks_bounds():
+    fetch = Recorder()
+    fill = lazy.LazyFill(SIZE, fetch)
+    last = (SIZE // lazy.CHUNK) * lazy.CHUNK
+    fill.ensure(SIZE - 1, 10 * lazy.CHUNK)
+    assert fetch.calls == [(last, SIZE - last)]
+    for offset, length in ((-1, 1), (0, -1), (SIZE + 1, 1)):
+        with pytest.raises(ValueError):
+            fill.ensure(offset, length)
+
+
+def test_long_ranges_are_fetched_in_pieces_and_released_fills_refuse():
+    fetch = Recorder()
+    fill = lazy.LazyFill(SIZE, fetch)
+    fill.ensure(0, 3 * MiB)
+    assert fetch.calls == [(0, MiB), (MiB, MiB), (2 * MiB, MiB)]
+    fill.close()
+    fill.ensure(0, MiB)  # present: no fetch needed
+    with pytest.raises(Unavailable, match="released"):
+        fill.ensure(4 * MiB, 1)
+
+
+# ---------------------------------------------------------------- HomeReader
+
+
+def _homes(bulk_address: str | None, opened: list):
+    def open_bulk(address: str, name: str, segment_id: int):
+        opened.append((address, name, segment_id))
+        if bulk_address is None:
+            raise Unavailable("no bulk listener")
+        return types.SimpleNamespace(address=bulk_address)
+    return lazy.Homes(lambda node: f"grpc-of-{node}", open_bulk, TIMEOUT)
+
+
+def test_home_reader_uses_one_bulk_channel_per_home(home, replica):
+    server, data = home
+    opened, pages = [], []
+    homes = _homes(f"127.0.0.1:{server.port}", opened)
+    readers = [lazy.HomeReader(homes, "node1", "seg", SEGMENT, replica,
+                               lambda *args: pages.append(args)) for _ in range(2)]
+    try:
+        readers[0](0, lazy.CHUNK)
+        readers[1](SIZE - 4096, 4096)
+    finally:
+        for reader in readers:
+            reader.close()
+        homes.close()
+    assert opened == [("grpc-of-node1", "seg", SEGMENT)] and pages == []
+    assert os.pread(replica, lazy.CHUNK, 0) == data[:lazy.CHUNK]
+    assert os.pread(replica, 4096, SIZE - 4096) == data[-4096:]
+
+
+@pytest.mark.parametrize("reachable", [False, True], ids=["no-bulk-listener", "bulk-fails"])
+def test_home_reader_falls_back_to_read_pages(reachable, replica):
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        opened, pages = [], []
+        homes = _homes(f"127.0.0.1:{unused.getsockname()[1]}" if reachable else None, opened)
+        reader = lazy.HomeReader(homes, "node1", "seg", SEGMENT, replica,
+                                 lambda *args: pages.append(args))
+        try:
+            reader(lazy.CHUNK, lazy.CHUNK)
+            reader(0, lazy.CHUNK)  # within _BULK_RETRY: straight to ReadPages
+        finally:
+            reader.close()
+            homes.close()
+    assert pages == [("grpc-of-node1", lazy.CHUNK, lazy.CHUNK), ("grpc-of-node1", 0, lazy.CHUNK)]
+    assert len(opened) == 1
