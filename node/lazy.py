@@ -52,6 +52,8 @@ _BACKOFF = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 _BULK_RETRY = 5.0
 
 _MISSING, _FETCHING, _PRESENT = 0, 1, 2
+#: bytes.translate table: _PRESENT -> 1, anything else -> 0.
+_PRESENT_ONLY = bytes(int(i == _PRESENT) for i in range(256))
 
 
 class LazyFill:
@@ -92,6 +94,12 @@ class LazyFill:
             window = self.state[chunk:chunk + limit]
         gaps = [i for i in (window.find(_MISSING), window.find(_FETCHING)) if i >= 0]
         return min(gaps, default=len(window))
+
+    def present_map(self) -> bytes:
+        """One byte per chunk: 1 where the chunk holds the home's bytes (chunks being
+        fetched count as missing: they land at the home's newest state)."""
+        with self._cv:
+            return self.state.translate(_PRESENT_ONLY)
 
     def close(self) -> None:
         """The replica is being freed: wait for fetches in flight, then release the

@@ -108,7 +108,7 @@ class Staged:
             self.pieces.append((offset, data))
 
 
-def stale_runs(view: memoryview, remote: bytes, present: bytearray | None
+def stale_runs(view: memoryview, remote: bytes, present: bytes | None
                ) -> list[tuple[int, int]]:
     """Byte runs of ``view`` to fetch again so that it matches the home's chunk hashes
     ``remote``. For a lazy replica only its ``present`` fill chunks count (a missing
@@ -337,7 +337,7 @@ class PublishMixin:
             version, remote = self.peers.chunk_hashes(address, replica.name, replica.id, CHUNK)
             fill = replica.lazy
             with memoryview(replica.mapping) as raw, raw.cast("B") as view:
-                stale = stale_runs(view, remote, fill.present if fill is not None else None)
+                stale = stale_runs(view, remote, fill.present_map() if fill is not None else None)
                 for offset, length in stale:
                     with view[offset:offset + length] as part:
                         self.peers.read_pages_into(

@@ -19,7 +19,7 @@ import grpc
 import pytest
 
 import vas
-from vas.node.lazy import CHUNK
+from vas.node.publish import CHUNK
 from vas.proto import node_pb2, node_pb2_grpc, types_pb2
 from waiting import wait_for
 
