@@ -57,6 +57,12 @@ def _userfaultfd_available() -> bool:
     return _uffd_ok
 
 
+def lazy_fetch_here() -> str:
+    """How a lazy attach of a remote segment gets its pages in this process: "lazy"
+    (demand paging), or the eager fallback with its reason (vasctl seg stat shows it)."""
+    return "lazy" if _userfaultfd_available() else _FALLBACK
+
+
 def _private_mmap(fd: int, size: int, offset: int):
     """A read-only MAP_PRIVATE mapping of ``fd``, for lazy attaches.
 

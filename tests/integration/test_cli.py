@@ -69,9 +69,11 @@ def test_create_ls_stat_json(vasctl):
     assert seg["address"] == int(row[3], 16) and seg["expires"] is None
 
     stat = json.loads(vasctl("seg", "stat", "cli/a", "-o", "json").stdout)
-    assert stat == seg
+    assert stat == {**seg, "fetch_here": "home (no fetch)"}
     text = vasctl("seg", "stat", "cli/a").stdout.decode()
     assert re.search(r"^mode\s+0640$", text, re.M) and f"0x{seg['address']:x}" in text
+    elsewhere = vasctl("seg", "stat", "cli/a", node=1).stdout.decode()  # how node2 would attach
+    assert re.search(r"^fetch here\s+lazy$", elsewhere, re.M), elsewhere
 
     table = vasctl("seg", "ls").stdout.decode()
     assert any(line.split()[0] == "cli/a" for line in table.splitlines()[1:])

@@ -102,11 +102,16 @@ def print_segments(segments: list[SegmentInfo], fmt: str, out: TextIO | None = N
         print(table(SEGMENT_HEADERS, map(segment_row, segments)), file=out)
 
 
-def print_segment(s: SegmentInfo, fmt: str, out: TextIO | None = None) -> None:
-    """One segment: a JSON object, or one "field  value" line per field."""
+def print_segment(s: SegmentInfo, fmt: str, out: TextIO | None = None,
+                  fetch_here: str | None = None) -> None:
+    """One segment: a JSON object, or one "field  value" line per field; ``fetch_here``
+    (how an attach from this node gets the pages) is added when given."""
     out = out or sys.stdout
     if fmt == "json":
-        print_json(s, out)
+        value = to_json(s)
+        if fetch_here is not None:
+            value["fetch_here"] = fetch_here
+        print_json(value, out)
         return
     rows = [
         ("name", s.name), ("id", s.id), ("size", f"{format_size(s.size)} ({s.size} bytes)"),
@@ -116,6 +121,8 @@ def print_segment(s: SegmentInfo, fmt: str, out: TextIO | None = None) -> None:
         ("attachments", s.attachments), ("created", format_time(s.created)),
         ("expires", format_time(s.expires) if s.expires else "never"),
     ]
+    if fetch_here is not None:
+        rows.append(("fetch here", fetch_here))
     print(table(("FIELD", "VALUE"), rows).split("\n", 1)[1], file=out)
 
 

@@ -13,6 +13,7 @@ from vas import validate
 from vas.cli import printers
 from vas.cli.main import add_node_option, add_output_option, connect, mode_type, size_type
 from vas.errors import InvalidArgument
+from vas.mapping import lazy_fetch_here
 from vas.sizes import format_size
 
 #: Bytes moved per read/write call by put and get.
@@ -120,7 +121,9 @@ def stat_(args) -> int:
     validate.check_name(args.name)
     with connect(args) as client:
         info = client.stat(args.name)
-    printers.print_segment(info, args.output)
+        here = client.local_node.id
+    fetch = "home (no fetch)" if info.home == here else lazy_fetch_here()
+    printers.print_segment(info, args.output, fetch_here=fetch)
     return 0
 
 
