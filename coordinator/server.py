@@ -64,7 +64,10 @@ def serve(config: CoordinatorConfig, stop: threading.Event | None = None) -> Non
     log.info("serving etcd %s on %s:%d", config.etcd, host, port)
 
     stop = stop or _signal_event()
-    stop.wait()
+    # Wake up now and then: a signal the kernel hands to a gRPC thread only runs its
+    # Python handler once the main thread is back in the interpreter.
+    while not stop.wait(1.0):
+        pass
     log.info("stopping")
     health_servicer.enter_graceful_shutdown()
     service.close_watches()
