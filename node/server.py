@@ -55,8 +55,10 @@ class NodeServer:
     def __init__(self, config: NodeConfig):
         if config.memory < 0:
             raise InvalidArgument(f"invalid memory {config.memory}: must be >= 0 bytes")
-        if config.heartbeat_ttl < 1 or config.writer_ttl < 1:
-            raise InvalidArgument("heartbeat_ttl and writer_ttl must be at least 1 second")
+        for name, ttl in (("heartbeat ttl", config.heartbeat_ttl),
+                          ("writer ttl (--writer-ttl)", config.writer_ttl)):
+            if ttl < 1:
+                raise InvalidArgument(f"invalid {name} {ttl}: must be at least 1 second")
         self.config = config
         self.address = ""       # host:port the gRPC server listens on (real port)
         self.agent: Agent | None = None

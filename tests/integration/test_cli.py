@@ -157,11 +157,18 @@ def test_errors_exit_1_with_one_line(vasctl, tmp_path):
     ("seg", "chmod", "cli/u", "rwx"),
     ("seg", "ls", "--frobnicate"),
     ("seg", "ls", "-o", "yaml"),
+    ("node", "serve", "--writer-ttl", "soon"),
 ])
 def test_usage_errors_exit_2(vasctl, args):
     proc = vasctl(*args, expect=2)
     assert one_error_line(proc).startswith("vasctl")
     assert proc.stdout == b""
+
+
+def test_node_serve_refuses_a_zero_writer_ttl(vasctl, tmp_path):
+    proc = vasctl("node", "serve", "--socket", tmp_path / "n.sock", "--writer-ttl", "0", expect=1)
+    assert one_error_line(proc) == ("vasctl: error: invalid writer ttl (--writer-ttl) 0: must "
+                                    "be at least 1 second")
 
 
 def test_node_ls_and_status(vasctl, cluster):
