@@ -7,7 +7,6 @@ heartbeat delay) and the one "replica of NAME: fetched" line node2 logs per tran
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import socket
 import struct
@@ -18,7 +17,6 @@ import grpc
 import pytest
 
 import vas
-from vas.coordinator import keys
 from vas.proto import node_pb2, node_pb2_grpc
 
 MiB = 1 << 20
@@ -152,16 +150,16 @@ def test_delete_frees_replicas_and_recreate_refetches(two):
     assert used(node2) == 0
 
 
-def test_newer_version_refetches(two, etcd):
+def test_newer_version_refetches(two):
     running, c1, c2 = two
     node2 = running.nodes[1]
     fill(c1, "rm/v", 8 * MiB)
     c2.attach("rm/v", fetch="eager").detach()  # lazy would page in later, unsynced bytes
-    with c1.attach("rm/v", "rw") as m:
-        m.write(0, b"new!")
-    with c2.attach("rm/v") as m:  # same version: the replica is reused as it is
-        assert m.read(0, 4) != b"new!"
-    _bump_version(etcd.url, "rm/v")  # what a publish (sync, a later step) does
+    with c1.attach("rm/v", "rw") as w:
+        w.write(0, b"new!")
+        with c2.attach("rm/v") as m:  # same version: the replica is reused as it is
+            assert m.read(0, 4) != b"new!"
+        w.sync()  # a new version
     with c2.attach("rm/v") as m:
         assert m.read(0, 4) == b"new!" and m.version == 1
     assert fetches(node2, "rm/v") == 2
@@ -183,15 +181,3 @@ def test_capacity_exceeded_on_the_replica_node(cluster):
         c2.create("rm/local", 48 * MiB)  # the unattached replica makes room
         assert used(node2) == 48 * MiB
 
-
-def _bump_version(etcd_url: str, name: str) -> None:
-    from etcd3 import etcdrpc
-
-    with grpc.insecure_channel(etcd_url.removeprefix("http://")) as channel:
-        kv = etcdrpc.KVStub(channel)
-        key = keys.segment_key(name)
-        found = kv.Range(etcdrpc.RangeRequest(key=key), timeout=10).kvs[0]
-        record = json.loads(found.value)
-        record["version"] += 1
-        kv.Put(etcdrpc.PutRequest(key=key, value=json.dumps(record).encode(),
-                                  lease=found.lease), timeout=10)
