@@ -457,18 +457,15 @@ class Agent(PublishMixin):
         except BaseException:
             self._release_writer(info.name, lock.token, lock.lease_id)
             raise
-        with self._lock:
-            attachment = session.attachments[response.attach.attachment_id]
+        attachment_id = response.attach.attachment_id
         try:
-            replica = attachment.segment
+            with self._lock:
+                replica = self._attachment_locked(session, attachment_id).segment
             replica.synced_hashes = self._bring_current(replica)
             with self._lock:
                 response.attach.segment.CopyFrom(replica.info)
         except BaseException:
-            with self._lock:
-                session.attachments.pop(attachment.id, None)
-                action = self._detach_locked(attachment)
-            self._after_detach(*action)
+            self._drop_attachment(session, attachment_id)
             for fd in fds:
                 os.close(fd)
             raise
@@ -573,10 +570,7 @@ class Agent(PublishMixin):
             spare += self._pool.trim_locked()
         self._release_spare(spare)
         try:
-            address = self._node_address(info.home)
-            if address is None:
-                raise Unavailable(f"home node {info.home} of segment {info.name} is not "
-                                  "registered (down?)")
+            address = self._home_address(info)
             if warm is None:
                 warm = Warm(info.size, populate=False)
             started = time.monotonic()
@@ -703,9 +697,7 @@ class Agent(PublishMixin):
         lazy replica fetches the missing chunks of the range.
         """
         with self._lock:
-            attachment = session.attachments.get(request.attachment_id)
-            if attachment is None:
-                raise NotFound(f"no attachment {request.attachment_id} on this connection")
+            attachment = self._attachment_locked(session, request.attachment_id)
             size = attachment.segment.size
             fill = attachment.segment.lazy
         length = request.length or max(0, size - request.offset)
@@ -722,9 +714,7 @@ class Agent(PublishMixin):
             raise InvalidArgument(f"RegisterFaults carries one userfaultfd, not {len(fds)} fds")
         self._start_faults()
         with self._lock:
-            attachment = session.attachments.get(request.attachment_id)
-            if attachment is None:
-                raise NotFound(f"no attachment {request.attachment_id} on this connection")
+            attachment = self._attachment_locked(session, request.attachment_id)
             fill = attachment.segment.lazy
             if fill is None or attachment.uffd >= 0:
                 raise InvalidArgument(f"attachment {request.attachment_id} is not a lazy "
@@ -858,16 +848,25 @@ class Agent(PublishMixin):
 
     def detach(self, session: Session, request: local_pb2.DetachRequest,
                response: local_pb2.LocalResponse) -> list[int]:
+        self._drop_attachment(session, request.attachment_id)
+        response.detach.SetInParent()
+        return []
+
+    def _drop_attachment(self, session: Session, attachment_id: int) -> None:
+        """Release one attachment of ``session`` (its writer lock too); NotFound if unknown."""
         with self._lock:
-            attachment = session.attachments.pop(request.attachment_id, None)
-            if attachment is None:
-                raise NotFound(f"no attachment {request.attachment_id} on this connection")
+            attachment = self._attachment_locked(session, attachment_id)
+            del session.attachments[attachment_id]
             action = self._detach_locked(attachment)
         self._wake_reporter()
         if action[0] is not None or action[1] is not None:
             self._after_detach(*action)
-        response.detach.SetInParent()
-        return []
+
+    def _attachment_locked(self, session: Session, attachment_id: int) -> Attachment:
+        attachment = session.attachments.get(attachment_id)
+        if attachment is None:
+            raise NotFound(f"no attachment {attachment_id} on this connection")
+        return attachment
 
     def _detach_locked(self, attachment: Attachment):
         """Drop ``attachment`` from its segment; returns what ``_after_detach`` must do."""
@@ -1258,6 +1257,14 @@ class Agent(PublishMixin):
         """The gRPC address of live node ``node_id`` (None if it is not registered)."""
         nodes = self.coordinator.call("ListNodes", coordinator_pb2.ListNodesRequest()).nodes
         return next((node.address for node in nodes if node.id == node_id), None)
+
+    def _home_address(self, info: types_pb2.SegmentInfo) -> str:
+        """The gRPC address of the home of ``info``; Unavailable if it is not registered."""
+        address = self._node_address(info.home)
+        if address is None:
+            raise Unavailable(f"home node {info.home} of segment {info.name} is not "
+                              "registered (down?)")
+        return address
 
     def _arm_expiry(self, segment_id: int, deadline: float, retries: int = 0) -> None:
         """Re-read the record of ``segment_id`` at ``deadline`` (``time.monotonic()``)."""

@@ -16,7 +16,7 @@ import time
 import numpy as np
 
 from vas import _native, validate
-from vas.errors import Fenced, InvalidArgument, NotFound, PermissionDenied, Unavailable
+from vas.errors import Fenced, InvalidArgument, NotFound, PermissionDenied
 from vas.node import lazy
 from vas.proto import coordinator_pb2, local_pb2, node_pb2, types_pb2
 
@@ -69,16 +69,17 @@ def chunks_of(ranges, size: int) -> list[int]:
     return sorted(chunks)
 
 
-def runs(chunks: list[int], size: int, limit: int = RUN) -> list[tuple[int, int]]:
-    """(offset, length) byte runs covering the sorted chunk indices ``chunks`` of a segment
-    of ``size`` bytes, consecutive chunks merged up to ``limit`` bytes per run.
+def runs(chunks: list[int], size: int, limit: int = RUN, chunk: int = CHUNK
+         ) -> list[tuple[int, int]]:
+    """(offset, length) byte runs covering the sorted indices ``chunks`` of ``chunk``-byte
+    chunks of a segment of ``size`` bytes, consecutive ones merged up to ``limit`` bytes.
 
     >>> runs([0, 1, 3], 4 * CHUNK) == [(0, 2 * CHUNK), (3 * CHUNK, CHUNK)]
     True
     """
     out: list[tuple[int, int]] = []
     for index in chunks:
-        start, end = index * CHUNK, min((index + 1) * CHUNK, size)
+        start, end = index * chunk, min((index + 1) * chunk, size)
         if out and out[-1][0] + out[-1][1] == start and out[-1][1] + end - start <= limit:
             out[-1] = (out[-1][0], out[-1][1] + end - start)
         else:
@@ -130,19 +131,7 @@ def stale_runs(view: memoryview, remote: bytes, present: bytes | None
             if hashes(part) == remote[8 * index:8 * index + 8]:
                 continue
         parts += here
-    return _fill_runs(parts, size)
-
-
-def _fill_runs(parts: list[int], size: int) -> list[tuple[int, int]]:
-    """Byte runs covering sorted lazy-fill chunk indices, merged up to RUN bytes."""
-    out: list[tuple[int, int]] = []
-    for j in parts:
-        start, end = j * lazy.CHUNK, min((j + 1) * lazy.CHUNK, size)
-        if out and out[-1][0] + out[-1][1] == start and out[-1][1] + end - start <= RUN:
-            out[-1] = (out[-1][0], out[-1][1] + end - start)
-        else:
-            out.append((start, end - start))
-    return out
+    return runs(parts, size, chunk=lazy.CHUNK)
 
 
 class PublishMixin:
@@ -160,17 +149,19 @@ class PublishMixin:
 
     def sync(self, session, request: local_pb2.SyncRequest,
              response: local_pb2.LocalResponse) -> list[int]:
-        attachment = self._attachment(session, request.attachment_id)
+        with self._lock:
+            attachment = self._attachment_locked(session, request.attachment_id)
         if attachment.mode != "rw":
             raise PermissionDenied(f"segment {attachment.segment.name} is attached read-only: "
                                    "only its writer may sync")
         segment = attachment.segment
-        ranges = [(r.offset, r.length) for r in request.ranges]
-        chunks_of(ranges, segment.size)  # bounds-check before anything moves
+        # Bounds-checked before anything moves; None: find the changes by hashing.
+        chunks = (chunks_of([(r.offset, r.length) for r in request.ranges], segment.size)
+                  if request.ranges else None)
         if attachment.fenced:
             raise self._fenced(attachment)
         if segment.replica:
-            info = self._publish_remote(attachment, ranges)
+            info = self._publish_remote(attachment, chunks)
         else:
             with segment.publish_lock:
                 info = self._publish_version(attachment.session.caller, segment,
@@ -180,7 +171,8 @@ class PublishMixin:
 
     def refresh(self, session, request: local_pb2.RefreshRequest,
                 response: local_pb2.LocalResponse) -> list[int]:
-        attachment = self._attachment(session, request.attachment_id)
+        with self._lock:
+            attachment = self._attachment_locked(session, request.attachment_id)
         segment = attachment.segment
         # A home segment is the newest published copy; a replica with a live writer here
         # holds writes newer than any published version: nothing to fetch for either.
@@ -192,7 +184,8 @@ class PublishMixin:
 
     def wait(self, session, request: local_pb2.WaitRequest,
              response: local_pb2.LocalResponse) -> list[int]:
-        attachment = self._attachment(session, request.attachment_id)
+        with self._lock:
+            attachment = self._attachment_locked(session, request.attachment_id)
         segment = attachment.segment
         timeout = request.timeout_seconds
         if not math.isfinite(timeout) or timeout < 0:
@@ -218,14 +211,14 @@ class PublishMixin:
 
     # ------------------------------------------------------------------ writer side
 
-    def _publish_remote(self, attachment, ranges: list[tuple[int, int]]):
-        """Send a remote writer's changed chunks to the home; the record at the new version."""
+    def _publish_remote(self, attachment, chunks: list[int] | None):
+        """Send a remote writer's changed chunks (``chunks``, or those whose hash changed
+        since the last sync) to the home; the record at the new version."""
         replica = attachment.segment
         with replica.publish_lock, memoryview(replica.mapping) as raw, raw.cast("B") as view:
             # Hash before reading the bytes to send: a write racing with this sync
             # then shows as a changed chunk at the next one.
-            if ranges:
-                chunks = chunks_of(ranges, replica.size)
+            if chunks is not None:
                 synced = bytearray(replica.synced_hashes)
                 for offset, length in runs(chunks, replica.size):
                     with view[offset:offset + length] as part:
@@ -373,25 +366,12 @@ class PublishMixin:
 
     # ------------------------------------------------------------------ helpers
 
-    def _attachment(self, session, attachment_id: int):
-        with self._lock:
-            attachment = session.attachments.get(attachment_id)
-        if attachment is None:
-            raise NotFound(f"no attachment {attachment_id} on this connection")
-        return attachment
-
     def _adopt_version(self, segment, version: int) -> None:
         """Record that ``segment``'s bytes are those of ``version`` (versions only grow)."""
         with self._lock:
             if version > segment.info.version:
                 segment.info.version = version
 
-    def _home_address(self, info) -> str:
-        address = self._node_address(info.home)
-        if address is None:
-            raise Unavailable(f"home node {info.home} of segment {info.name} is not "
-                              "registered (down?)")
-        return address
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
