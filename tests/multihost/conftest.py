@@ -139,6 +139,17 @@ class Hosts:
         return done
 
 
+    def fill(self, host: int, name: str, size: int) -> str:
+        """Create ``name`` (mode 0644) on ``host`` holding ``size`` random bytes; their sha256."""
+        return self.run(host, f"""
+import hashlib, os, vas
+with vas.connect() as c:
+    c.create({name!r}, {size}, mode=0o644)
+    with c.attach({name!r}, "rw") as m:
+        m.write(0, os.urandom({size}))
+        print(hashlib.sha256(m.buffer).hexdigest())
+""").stdout.strip()
+
     def spawn(self, host: int, code: str) -> subprocess.Popen:
         """Start ``python -c code`` inside namespace ``host`` (as ``run``) with text pipes
         on stdin and stdout, for a client that lives across several steps of a test;

@@ -88,13 +88,7 @@ def test_release_consistency_across_namespaces(hosts):
 
 
 def test_remote_writer_on_b_publishes_to_a(hosts):
-    hosts.run(0, f"""
-import os, vas
-with vas.connect() as c:
-    c.create("mh/rw", {SIZE}, mode=0o644)
-    with c.attach("mh/rw", "rw") as m:
-        m.write(0, os.urandom({SIZE}))
-""")
+    hosts.fill(0, "mh/rw", SIZE)
     writer, start = client(hosts, 1, "mh/rw", "rw")
     reader, _ = client(hosts, 0, "mh/rw", "r")
     try:
