@@ -57,53 +57,49 @@ def _pooled(channel: bulk.Channel) -> list[socket.socket]:
     return [conn for _, conn, _ in channel._idle]
 
 
-def test_channel_fills_ranges_over_one_persistent_connection(home, replica):
+@pytest.fixture
+def used_channel(home, replica):
+    """A Channel to the home that has read the first page: (channel, its one pooled
+    connection, the home's bytes)."""
     server, data = home
     channel = bulk.Channel(f"127.0.0.1:{server.port}", TIMEOUT)
     try:
         channel.read(SEGMENT, 0, 4096, replica)
         [conn] = _pooled(channel)
-        ranges = [(start, min(lazy.CHUNK, SIZE - start)) for start in range(0, SIZE, lazy.CHUNK)]
-        random.shuffle(ranges)
-        for offset, length in ranges:
-            channel.read(SEGMENT, offset, length, replica)
-        assert _pooled(channel) == [conn]  # every request went over the same connection
+        yield channel, conn, data
     finally:
         channel.close()
+
+
+def test_channel_fills_ranges_over_one_persistent_connection(used_channel, replica):
+    channel, conn, data = used_channel
+    ranges = [(start, min(lazy.CHUNK, SIZE - start)) for start in range(0, SIZE, lazy.CHUNK)]
+    random.shuffle(ranges)
+    for offset, length in ranges:
+        channel.read(SEGMENT, offset, length, replica)
+    assert _pooled(channel) == [conn]  # every request went over the same connection
     assert hashlib.sha256(os.pread(replica, SIZE, 0)).digest() == hashlib.sha256(data).digest()
 
 
-def test_channel_error_replies_keep_the_connection(home, replica):
-    server, data = home
-    channel = bulk.Channel(f"127.0.0.1:{server.port}", TIMEOUT)
-    try:
-        channel.read(SEGMENT, 0, 4096, replica)
-        [conn] = _pooled(channel)
-        with pytest.raises(NotFound):
-            channel.read(SEGMENT + 1, 0, 4096, replica)
-        with pytest.raises(InvalidArgument, match="outside the segment"):
-            channel.read(SEGMENT, SIZE - 4096, 8192, replica)
-        for offset, length in ((-1, 4096), (0, 0), (0, -4096)):
-            with pytest.raises(ValueError):
-                channel.read(SEGMENT, offset, length, replica)
-        channel.read(SEGMENT, 4096, 4096, replica)
-        assert _pooled(channel) == [conn]
-    finally:
-        channel.close()
+def test_channel_error_replies_keep_the_connection(used_channel, replica):
+    channel, conn, data = used_channel
+    with pytest.raises(NotFound):
+        channel.read(SEGMENT + 1, 0, 4096, replica)
+    with pytest.raises(InvalidArgument, match="outside the segment"):
+        channel.read(SEGMENT, SIZE - 4096, 8192, replica)
+    for offset, length in ((-1, 4096), (0, 0), (0, -4096)):
+        with pytest.raises(ValueError):
+            channel.read(SEGMENT, offset, length, replica)
+    channel.read(SEGMENT, 4096, 4096, replica)
+    assert _pooled(channel) == [conn]
     assert os.pread(replica, 8192, 0) == data[:8192]
 
 
-def test_channel_replaces_a_connection_the_home_dropped(home, replica):
-    server, data = home
-    channel = bulk.Channel(f"127.0.0.1:{server.port}", TIMEOUT)
-    try:
-        channel.read(SEGMENT, 0, 4096, replica)
-        [conn] = _pooled(channel)
-        conn.shutdown(socket.SHUT_RDWR)  # as a home that restarted or timed it out
-        channel.read(SEGMENT, MiB, lazy.CHUNK, replica)
-        assert _pooled(channel) != [conn]
-    finally:
-        channel.close()
+def test_channel_replaces_a_connection_the_home_dropped(used_channel, replica):
+    channel, conn, data = used_channel
+    conn.shutdown(socket.SHUT_RDWR)  # as a home that restarted or timed it out
+    channel.read(SEGMENT, MiB, lazy.CHUNK, replica)
+    assert _pooled(channel) != [conn]
     assert os.pread(replica, lazy.CHUNK, MiB) == data[MiB:MiB + lazy.CHUNK]
 
 
