@@ -1,7 +1,18 @@
 """The vas node agent (``vas.node``): holds this machine's segments and serves local clients.
 
-Modules: ``config`` (NodeConfig), ``store`` (memfd-backed segments, capacity, access
-checks), ``agent`` (policy and background threads), ``local`` (the Unix socket
-server of local.proto), ``service`` (the Node gRPC service), ``clients`` (gRPC
-clients of the coordinator and other agents), ``server`` (``serve(config)``).
+Modules, by responsibility (docs/ARCHITECTURE.md "Node agent" draws the map):
+
+- ``server`` (``serve(config)``), ``config`` (NodeConfig);
+- ``local`` (the Unix socket server) and ``localapi`` (one thin handler per
+  local.proto request); ``service`` (the Node gRPC service for other agents);
+- ``agent`` (the parts joined, and the flows that cross them);
+- ``homes`` (segments homed here), ``replicas`` (copies of segments homed
+  elsewhere), ``writers`` (writer locks, publishing, wait), ``sessions``
+  (connections and attachments), ``membership`` (registration, heartbeats,
+  attachment reports);
+- ``segments`` (the held types and their life cycles), ``store`` (memfds,
+  capacity), ``pool`` (warm replica memory), ``access`` (mode-bit checks);
+- ``lazy`` (demand paging), ``bulk`` (the TCP bulk channel), ``publish`` (chunk
+  arithmetic), ``clients`` (typed gRPC clients), ``timer``, ``locks`` (lock
+  ranks and the lock-order checker).
 """

@@ -26,7 +26,8 @@ import threading
 import time
 from collections.abc import Callable
 
-from vas.errors import Unavailable, VasError, from_status, status_code
+from vas.core.errors import Unavailable, VasError, from_status, status_code
+from vas.node import locks
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +208,7 @@ class Channel:
         self._target = (host.strip("[]"), int(port))
         self._timeout = timeout
         self._idle: list[tuple[float, socket.socket, bytearray]] = []
-        self._lock = threading.Lock()
+        self._lock = locks.Lock("bulk channel", locks.Rank.BULK)
         self._closed = False
 
     def read(self, segment_id: int, offset: int, length: int, fd: int) -> None:

@@ -11,7 +11,9 @@ import threading
 
 import grpc
 
-from vas.errors import Unavailable, from_rpc_error
+from vas.core.errors import NotFound, Unavailable, from_rpc_error
+from vas.node import locks
+from vas.proto import coordinator_pb2 as pb
 from vas.proto import coordinator_pb2_grpc, node_pb2, node_pb2_grpc, types_pb2
 
 #: Channel options shared by every channel the agent opens: the local protocol
@@ -23,13 +25,14 @@ CHANNEL_OPTIONS = [
 
 
 class CoordinatorClient:
-    """Unary calls to the coordinator(s) at ``target``, by method name, with VasError translation.
+    """The coordinator RPCs the agent makes, one typed method each, with deadlines and
+    VasError translation (and the lock-order check: no agent lock is held across one).
 
     ``target`` is a gRPC target: "host:port", or "ipv4:a:1,b:2" to fail over between
     several coordinators. Example::
 
         coordinator = CoordinatorClient("127.0.0.1:7300", timeout=10)
-        nodes = coordinator.call("ListNodes", coordinator_pb2.ListNodesRequest()).nodes
+        nodes = coordinator.list_nodes().nodes
     """
 
     def __init__(self, target: str, timeout: float):
@@ -38,17 +41,111 @@ class CoordinatorClient:
         self.channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
         self.stub = coordinator_pb2_grpc.CoordinatorStub(self.channel)
 
-    def call(self, method: str, request, timeout: float | None = None):
-        """Call the unary RPC ``method`` with ``request``; raise VasError on failure."""
+    def _call(self, rpc, request, timeout: float | None = None):
+        return unary(rpc, request, timeout or self.timeout)
+
+    # -- nodes
+    def register_node(self, node: types_pb2.NodeInfo, ttl: int) -> pb.RegisterNodeResponse:
+        return self._call(self.stub.RegisterNode, pb.RegisterNodeRequest(node=node,
+                                                                         ttl_seconds=ttl))
+
+    def heartbeat(self, node_id: str, lease_id: int, memory_used: int,
+                  segments: int) -> pb.HeartbeatResponse:
+        return self._call(self.stub.Heartbeat, pb.HeartbeatRequest(
+            node_id=node_id, lease_id=lease_id, memory_used=memory_used, segments=segments,
+            state=types_pb2.NODE_STATE_READY))
+
+    def deregister_node(self, node_id: str, lease_id: int, timeout: float) -> None:
+        self._call(self.stub.DeregisterNode,
+                   pb.DeregisterNodeRequest(node_id=node_id, lease_id=lease_id), timeout)
+
+    def list_nodes(self, request: pb.ListNodesRequest | None = None) -> pb.ListNodesResponse:
+        return self._call(self.stub.ListNodes, request or pb.ListNodesRequest())
+
+    def cluster_status(self, request: pb.ClusterStatusRequest) -> pb.ClusterStatusResponse:
+        return self._call(self.stub.ClusterStatus, request)
+
+    def report_attachments(self, node_id: str, lease_id: int, counts) -> None:
+        self._call(self.stub.ReportAttachments, pb.ReportAttachmentsRequest(
+            node_id=node_id, lease_id=lease_id, counts=counts))
+
+    # -- segments
+    def create_segment(self, **fields) -> types_pb2.SegmentInfo:
+        return self._call(self.stub.CreateSegment, pb.CreateSegmentRequest(**fields))
+
+    def get_segment(self, name: str) -> types_pb2.SegmentInfo:
+        return self._call(self.stub.GetSegment, pb.GetSegmentRequest(name=name))
+
+    def find_segment(self, name: str) -> types_pb2.SegmentInfo | None:
+        """``get_segment``, or None when there is no such segment."""
         try:
-            return getattr(self.stub, method)(request, timeout=timeout or self.timeout)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from exc
+            return self.get_segment(name)
+        except NotFound:
+            return None
+
+    def list_segments(self, request: pb.ListSegmentsRequest) -> pb.ListSegmentsResponse:
+        return self._call(self.stub.ListSegments, request)
+
+    def set_segment_mode(self, caller, name: str, mode: int) -> types_pb2.SegmentInfo:
+        return self._call(self.stub.SetSegmentMode,
+                          pb.SetSegmentModeRequest(caller=caller, name=name, mode=mode))
+
+    def set_segment_owner(self, caller, name: str, uid: int, gid: int) -> types_pb2.SegmentInfo:
+        return self._call(self.stub.SetSegmentOwner,
+                          pb.SetSegmentOwnerRequest(caller=caller, name=name, uid=uid, gid=gid))
+
+    def delete_segment(self, **fields) -> types_pb2.SegmentInfo:
+        return self._call(self.stub.DeleteSegment, pb.DeleteSegmentRequest(**fields))
+
+    def finish_delete(self, name: str, segment_id: int, timeout: float) -> None:
+        self._call(self.stub.FinishDelete, pb.FinishDeleteRequest(name=name, id=segment_id),
+                   timeout)
+
+    # -- writer lock and versions
+    def acquire_writer(self, caller, name: str, ttl: int) -> pb.AcquireWriterResponse:
+        return self._call(self.stub.AcquireWriter,
+                          pb.AcquireWriterRequest(caller=caller, name=name, ttl_seconds=ttl))
+
+    def renew_writer(self, name: str, token: int, lease_id: int) -> None:
+        self._call(self.stub.RenewWriter,
+                   pb.RenewWriterRequest(name=name, token=token, lease_id=lease_id))
+
+    def release_writer(self, name: str, token: int, lease_id: int, timeout: float) -> None:
+        self._call(self.stub.ReleaseWriter,
+                   pb.ReleaseWriterRequest(name=name, token=token, lease_id=lease_id), timeout)
+
+    def publish_version(self, caller, name: str, segment_id: int, token: int,
+                        lease_id: int) -> types_pb2.SegmentInfo:
+        return self._call(self.stub.PublishVersion, pb.PublishVersionRequest(
+            caller=caller, name=name, id=segment_id, token=token, lease_id=lease_id))
+
+    # -- spaces
+    def create_space(self, caller, name: str, mode: int) -> types_pb2.SpaceInfo:
+        return self._call(self.stub.CreateSpace,
+                          pb.CreateSpaceRequest(caller=caller, name=name, mode=mode))
+
+    def get_space(self, name: str) -> types_pb2.SpaceInfo:
+        return self._call(self.stub.GetSpace, pb.GetSpaceRequest(name=name))
+
+    def list_spaces(self, request: pb.ListSpacesRequest) -> pb.ListSpacesResponse:
+        return self._call(self.stub.ListSpaces, request)
+
+    def delete_space(self, caller, name: str) -> None:
+        self._call(self.stub.DeleteSpace, pb.DeleteSpaceRequest(caller=caller, name=name))
+
+    def space_add(self, caller, space: str, segment: str, mode: str) -> types_pb2.SpaceInfo:
+        return self._call(self.stub.SpaceAdd, pb.SpaceAddRequest(
+            caller=caller, space=space, segment=segment, mode=mode))
+
+    def space_remove(self, caller, space: str, segment: str) -> types_pb2.SpaceInfo:
+        return self._call(self.stub.SpaceRemove, pb.SpaceRemoveRequest(
+            caller=caller, space=space, segment=segment))
 
     @contextlib.contextmanager
-    def watch(self, request, timeout: float):
+    def watch(self, request: pb.WatchRequest, timeout: float):
         """``with coordinator.watch(request, timeout) as events``: the Watch stream's events
         until ``timeout`` seconds pass (then it just ends); cancelled on leaving."""
+        locks.assert_unlocked("Coordinator.Watch")
         call = self.stub.Watch(request, timeout=timeout)
 
         def events():
@@ -66,12 +163,26 @@ class CoordinatorClient:
         self.channel.close()
 
 
+def unary(rpc, request, timeout: float):
+    """Call the stub method ``rpc`` with a deadline; raise VasError on failure."""
+    locks.assert_unlocked(_method_name(rpc))
+    try:
+        return rpc(request, timeout=timeout)
+    except grpc.RpcError as exc:
+        raise from_rpc_error(exc) from exc
+
+
+def _method_name(rpc) -> str:
+    method = getattr(rpc, "_method", b"")
+    return method.decode() if isinstance(method, bytes) else str(method)
+
+
 class PeerClients:
     """Node-service stubs of other agents, one cached channel per address."""
 
     def __init__(self, timeout: float):
         self.timeout = timeout
-        self._lock = threading.Lock()
+        self._lock = locks.Lock("peer channels", locks.Rank.PEERS)
         self._channels: dict[str, tuple[grpc.Channel, node_pb2_grpc.NodeStub]] = {}
 
     def _stub(self, address: str) -> node_pb2_grpc.NodeStub:
@@ -85,26 +196,17 @@ class PeerClients:
     def release_segment(self, address: str, name: str, segment_id: int, force: bool) -> bool:
         """Ask the agent at ``address`` to free segment ``segment_id``; True if freed at once."""
         request = node_pb2.ReleaseSegmentRequest(name=name, id=segment_id, force=force)
-        try:
-            return self._stub(address).ReleaseSegment(request, timeout=self.timeout).freed
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from exc
+        return unary(self._stub(address).ReleaseSegment, request, self.timeout).freed
 
     def segment_changed(self, address: str, name: str, segment_id: int) -> None:
         """Tell the home agent at ``address`` to re-read the record of ``segment_id``."""
         request = node_pb2.SegmentChangedRequest(name=name, id=segment_id)
-        try:
-            self._stub(address).SegmentChanged(request, timeout=self.timeout)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from exc
+        unary(self._stub(address).SegmentChanged, request, self.timeout)
 
     def open_bulk(self, address: str, name: str, segment_id: int) -> node_pb2.OpenBulkResponse:
         """Where the agent at ``address`` serves segment ``segment_id`` over the bulk channel."""
         request = node_pb2.OpenBulkRequest(name=name, id=segment_id)
-        try:
-            return self._stub(address).OpenBulk(request, timeout=self.timeout)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from exc
+        return unary(self._stub(address).OpenBulk, request, self.timeout)
 
     def read_pages_into(self, address: str, name: str, segment_id: int, view: memoryview,
                         timeout: float, offset: int = 0) -> None:
@@ -117,6 +219,7 @@ class PeerClients:
         request = node_pb2.ReadPagesRequest(name=name, id=segment_id, offset=offset,
                                             length=view.nbytes)
         done = 0
+        locks.assert_unlocked("Node.ReadPages")
         try:
             for chunk in self._stub(address).ReadPages(request, timeout=timeout):
                 start = chunk.offset - offset
@@ -142,6 +245,7 @@ class PeerClients:
             for offset, length in runs:
                 with view[offset:offset + length] as part:
                     yield node_pb2.WritePagesChunk(offset=offset, data=part.tobytes())
+        locks.assert_unlocked("Node.WritePages")
         try:
             return self._stub(address).WritePages(messages(), timeout=timeout)
         except grpc.RpcError as exc:
@@ -151,10 +255,7 @@ class PeerClients:
                      ) -> tuple[int, bytes]:
         """(version, chunk hashes) of segment ``segment_id`` held by the agent at ``address``."""
         request = node_pb2.ChunkHashesRequest(name=name, id=segment_id, chunk_size=chunk_size)
-        try:
-            response = self._stub(address).ChunkHashes(request, timeout=self.timeout)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from exc
+        response = unary(self._stub(address).ChunkHashes, request, self.timeout)
         return response.version, response.hashes
 
     def close(self) -> None:

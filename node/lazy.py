@@ -24,8 +24,8 @@ import time
 from collections.abc import Callable
 
 from vas import _native
-from vas.errors import Unavailable, VasError
-from vas.node import bulk
+from vas.core.errors import Unavailable, VasError
+from vas.node import bulk, locks
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class LazyFill:
         self.size = size
         self.state = bytearray(-(-size // CHUNK))
         self._fetch = fetch
-        self._cv = threading.Condition()
+        self._cv = threading.Condition(locks.Lock("lazy fill", locks.Rank.LAZY_FILL))
         self._closed = False
 
     def ensure(self, offset: int, length: int) -> None:
@@ -159,10 +159,10 @@ class Homes:
         self._timeout = timeout
         self._addresses: dict[str, str] = {}
         self._channels: dict[str, bulk.Channel] = {}
-        self._lock = threading.Lock()
-        #: Per home: one OpenBulk at a time (the first faults share it; a dead home's
-        #: timeout holds up only its own replicas).
-        self._opening: dict[str, threading.Lock] = {}
+        self._lock = locks.Lock("lazy homes", locks.Rank.HOME_CHANNELS)
+        #: Per home: the OpenBulk in flight, if any; the first fault opens the channel,
+        #: the others wait for it (a dead home's timeout holds up only its replicas).
+        self._opening: dict[str, threading.Event] = {}
 
     def address(self, node: str) -> str:
         """The gRPC address of ``node``; Unavailable if it is not registered."""
@@ -177,23 +177,39 @@ class Homes:
         return address
 
     def channel(self, node: str, name: str, segment_id: int) -> bulk.Channel:
-        """The bulk channel to ``node``, opened (OpenBulk of ``name``) if needed."""
-        with self._lock:
-            opening = self._opening.setdefault(node, threading.Lock())
-        with opening:
+        """The bulk channel to ``node``, opened (OpenBulk of ``name``) if needed; at most
+        one OpenBulk per home at a time, and no lock is held across it."""
+        deadline = time.monotonic() + self._timeout
+        while True:
             with self._lock:
                 channel = self._channels.get(node)
-            if channel is None:
-                address = self.address(node)
-                try:
-                    opened = self._open_bulk(address, name, segment_id)
-                except VasError:
-                    self.forget(node)
-                    raise
-                channel = bulk.Channel(opened.address, self._timeout)
-                with self._lock:
-                    self._channels[node] = channel
+                opening = self._opening.get(node)
+                if channel is None and opening is None:
+                    opened_here = self._opening[node] = threading.Event()
+            if channel is not None:
+                return channel
+            if opening is None:
+                return self._open(node, name, segment_id, opened_here)
+            if not opening.wait(max(0.0, deadline - time.monotonic())):
+                raise Unavailable(f"timed out waiting for the bulk channel of node {node}")
+
+    def _open(self, node: str, name: str, segment_id: int,
+              opened: threading.Event) -> bulk.Channel:
+        try:
+            address = self.address(node)
+            try:
+                response = self._open_bulk(address, name, segment_id)
+            except VasError:
+                self.forget(node)
+                raise
+            channel = bulk.Channel(response.address, self._timeout)
+            with self._lock:
+                self._channels[node] = channel
             return channel
+        finally:
+            with self._lock:
+                self._opening.pop(node, None)
+            opened.set()
 
     def forget(self, node: str, channel: bulk.Channel | None = None) -> None:
         """Drop what is known of ``node``; with ``channel``, only if that is still its
@@ -302,8 +318,9 @@ class FaultHandler:
     def __init__(self, threads: int = RESOLVERS):
         self._registrations: dict[int, _Registration] = {}
         self._closing: list[_Registration] = []  # removed: closed once idle
-        self._lock = threading.Lock()
-        self._leader = threading.Lock()
+        self._lock = locks.Lock("fault registrations", locks.Rank.FAULTS)
+        # Held by the one thread polling (a leaf: it takes only _lock inside).
+        self._leader = locks.Lock("fault leader", locks.Rank.FAULT_LEADER)
         self._poll = select.poll()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._poll.register(self._wake_r, select.POLLIN)

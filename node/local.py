@@ -28,9 +28,11 @@ import time
 
 from google.protobuf.message import DecodeError
 
-from vas import wire
-from vas.errors import InvalidArgument, VasError
-from vas.node.agent import Agent, Session, Unimplemented
+from vas.core import wire
+from vas.core.errors import InvalidArgument, VasError
+from vas.node import locks
+from vas.node.localapi import LocalApi, Unimplemented
+from vas.node.sessions import Session
 from vas.proto import local_pb2
 
 log = logging.getLogger(__name__)
@@ -117,27 +119,19 @@ class Receiver:
 
 
 class LocalServer:
-    """Accepts local connections on ``path`` and serves them with ``agent``."""
+    """Accepts local connections on ``path`` and serves them with ``api``."""
 
-    def __init__(self, path: str, agent: Agent, *, backlog: int = 128):
+    def __init__(self, path: str, api: LocalApi, *, backlog: int = 128):
         self.path = os.path.abspath(path)
-        self.agent = agent
+        self.agent = api.agent
         self.backlog = backlog
         self._listener: socket.socket | None = None
         self._inode: tuple[int, int] | None = None
         self._accept_thread: threading.Thread | None = None
-        self._lock = threading.Lock()
+        self._lock = locks.Lock("local connections", locks.Rank.CONNECTIONS)
         self._connections: dict[socket.socket, threading.Thread] = {}
         self._closing = False
-        self._handlers = {
-            "hello": agent.hello, "create": agent.create, "attach": agent.attach,
-            "detach": agent.detach, "stat": agent.stat, "list": agent.list,
-            "delete": agent.delete, "chmod": agent.chmod, "chown": agent.chown,
-            "nodes": agent.nodes, "space": agent.space, "status": agent.status,
-            "prefetch": agent.prefetch, "register_faults": agent.register_faults,
-            "sync": agent.sync, "refresh": agent.refresh, "wait": agent.wait,
-            "keepalive": agent.keepalive,
-        }
+        self._handlers = api.handlers
 
     # ------------------------------------------------------------------ socket file
 

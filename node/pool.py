@@ -14,10 +14,10 @@ A pooled memfd is never handed to a client before it becomes a replica, and is
 never reused after: a client may keep its read-only fd past detach, so memory
 that held one segment must not later hold another. The pool only takes
 capacity no segment uses (``Store.pooled``) and gives it back as soon as a
-create or replica needs it (``trim_locked``).
+create or replica needs it (``trim``).
 
-Locking: the pool shares the agent's lock (its condition wraps it); the
-``*_locked`` methods are called with it held, ``run`` is the refill thread.
+Locking: the pool shares the store's lock (its condition wraps it: the pool's
+room is the store's ``pooled``); ``run`` is the refill thread.
 """
 from __future__ import annotations
 
@@ -25,9 +25,8 @@ import logging
 import threading
 
 from vas import _native
-from vas.errors import VasError
-from vas.node import store as store_mod
-from vas.node.store import Store
+from vas.core.errors import VasError
+from vas.node.store import Memory, Store
 
 log = logging.getLogger(__name__)
 
@@ -37,32 +36,27 @@ _ENTRIES = 1
 _RETRY = 5.0
 
 
-class Warm:
-    """A sealed memfd of ``size`` bytes, its read-only reopen and the agent's writable mapping."""
+class Warm(Memory):
+    """Replica memory: a sealed memfd of ``size`` bytes, its read-only reopen and the
+    agent's writable mapping; ``populated`` once every page is faulted in ahead."""
 
-    __slots__ = ("size", "fd", "ro_fd", "mapping", "populated")
+    __slots__ = ("populated",)
 
     def __init__(self, size: int, *, populate: bool):
-        self.size = size
-        self.fd, self.ro_fd = store_mod.allocate("replica", size)
+        memory = Memory.allocate("replica", size, mapped=True)
+        super().__init__(size, memory.fd, memory.ro_fd, memory.mapping)
         self.populated = populate
-        try:
-            self.mapping = _native.mmap(self.fd, size, writable=True)
-            if populate:
+        if populate:
+            try:
                 self.mapping.madvise(_native.MADV_POPULATE_WRITE, 0, size)
-        except BaseException:
-            store_mod.release(self.fd, self.ro_fd, size)
-            raise
+            except BaseException:
+                self.release()
+                raise
 
     def populate(self, offset: int, length: int) -> None:
         """Fault in [offset, offset + length) unless the whole memfd was prepared already."""
         if not self.populated:
             self.mapping.madvise(_native.MADV_POPULATE_WRITE, offset, length)
-
-    def release(self) -> None:
-        # Punch first: munmap of populated pages holds the agent's mmap lock long.
-        store_mod.release(self.fd, self.ro_fd, self.size)
-        self.mapping.close()
 
 
 def release_all(items) -> None:
@@ -77,37 +71,43 @@ def release_all(items) -> None:
 class WarmPool:
     """Prepared memfds for the next replicas (see the module docstring)."""
 
-    def __init__(self, store: Store, lock: threading.Lock):
+    def __init__(self, store: Store):
         self.store = store
-        self._cv = threading.Condition(lock)
+        self._cv = threading.Condition(store.lock)
         self._entries: list[Warm] = []
         self._wanted = 0
         self._filling = 0
         self._stopped = False
 
-    def take_locked(self, size: int) -> Warm | None:
+    def take(self, size: int) -> Warm | None:
         """A prepared memfd of exactly ``size`` bytes, or None; its room moves to the caller's
         reservation (made before)."""
-        for i, warm in enumerate(self._entries):
-            if warm.size == size:
-                del self._entries[i]
-                self.store.pooled -= size
-                return warm
+        with self._cv:
+            for i, warm in enumerate(self._entries):
+                if warm.size == size:
+                    del self._entries[i]
+                    self.store.pooled -= size
+                    return warm
         return None
 
-    def want_locked(self, size: int) -> list[Warm]:
-        """A replica of ``size`` bytes was asked for: prepare the next one of that size.
-        Returns the entries of other sizes, now unwanted (release outside the lock)."""
-        self._wanted = size
-        stale = [warm for warm in self._entries if warm.size != size]
-        for warm in stale:
-            self._entries.remove(warm)
-            self.store.pooled -= warm.size
-        self._cv.notify_all()
-        return stale
+    def want(self, size: int) -> None:
+        """A replica of ``size`` bytes was asked for: prepare the next one of that size
+        (entries of other sizes are released)."""
+        with self._cv:
+            self._wanted = size
+            stale = [warm for warm in self._entries if warm.size != size]
+            for warm in stale:
+                self._entries.remove(warm)
+                self.store.pooled -= warm.size
+            self._cv.notify_all()
+        release_all(stale)
 
-    def trim_locked(self) -> list[Warm]:
-        """Entries to give back (``release_all`` outside the lock) so segments fit in capacity."""
+    def trim(self) -> list[Warm]:
+        """Entries to give back (``release()`` outside every lock) so segments fit."""
+        with self._cv:
+            return self._trim_locked()
+
+    def _trim_locked(self) -> list[Warm]:
         dropped = []
         while self._entries and self.store.used + self.store.pooled > self.store.capacity:
             warm = self._entries.pop()
@@ -115,14 +115,15 @@ class WarmPool:
             dropped.append(warm)
         return dropped
 
-    def stop_locked(self) -> list[Warm]:
-        """End ``run`` and hand back every entry (release outside the lock)."""
-        self._stopped = True
-        self._cv.notify_all()
-        entries, self._entries = self._entries, []
-        for warm in entries:
-            self.store.pooled -= warm.size
-        return entries
+    def stop(self) -> None:
+        """End ``run`` and release every entry."""
+        with self._cv:
+            self._stopped = True
+            self._cv.notify_all()
+            entries, self._entries = self._entries, []
+            for warm in entries:
+                self.store.pooled -= warm.size
+        release_all(entries)
 
     def _due_locked(self) -> bool:
         size = self._wanted
@@ -147,7 +148,7 @@ class WarmPool:
                 if warm is not None and not self._stopped:
                     self._entries.append(warm)
                     warm = None
-                    extra = self.trim_locked()
+                    extra = self._trim_locked()
                 else:
                     self.store.pooled -= size
                     extra = []

@@ -26,12 +26,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from vas.errors import InvalidArgument
+from vas.core.errors import InvalidArgument
 from vas.node.agent import Agent
 from vas.node.bulk import BulkServer
 from vas.node.clients import CHANNEL_OPTIONS
 from vas.node.config import NodeConfig
 from vas.node.local import LocalServer
+from vas.node.localapi import LocalApi
 from vas.node.service import NodeServicer
 from vas.proto import node_pb2, node_pb2_grpc
 
@@ -55,6 +56,9 @@ class NodeServer:
     def __init__(self, config: NodeConfig):
         if config.memory < 0:
             raise InvalidArgument(f"invalid memory {config.memory}: must be >= 0 bytes")
+        if config.data_dir:  # refused, not ignored: an accepted flag must do what it says
+            raise InvalidArgument("--data-dir is not built yet: segments do not survive an "
+                                  "agent restart; run without it")
         for name, ttl in (("heartbeat ttl", config.heartbeat_ttl),
                           ("writer ttl (--writer-ttl)", config.writer_ttl)):
             if ttl < 1:
@@ -99,7 +103,7 @@ class NodeServer:
             self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         self._grpc.start()
 
-        self.local = LocalServer(config.socket, self.agent)
+        self.local = LocalServer(config.socket, LocalApi(self.agent))
         self.local.bind()
         if not self.agent.register(stop):
             return False
@@ -107,9 +111,6 @@ class NodeServer:
         self.local.start()
         for service in ("", _NODE_SERVICE):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        if config.data_dir:
-            log.warning("--data-dir %s is not used yet: segments do not survive a restart",
-                        config.data_dir)
         log.info("node %s serving gRPC on %s (advertised %s), socket %s, memory %d bytes",
                  node_id, self.address, advertise, self.local.path, config.memory)
         return True

@@ -5,7 +5,7 @@ import os
 
 import grpc
 
-from vas.errors import InvalidArgument, VasError, abort_with
+from vas.core.errors import InvalidArgument, VasError, abort_with
 from vas.node.agent import Agent
 from vas.proto import node_pb2, node_pb2_grpc
 
@@ -25,7 +25,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         try:
             if not request.id:
                 raise InvalidArgument("ReleaseSegment needs a segment id")
-            freed = self.agent.release_segment(request.name, request.id, request.force)
+            freed = self.agent.homes.release(request.name, request.id, request.force)
         except VasError as exc:
             abort_with(context, exc)
         return node_pb2.ReleaseSegmentResponse(freed=freed)
@@ -35,7 +35,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         try:
             if not request.id:
                 raise InvalidArgument("SegmentChanged needs a segment id")
-            self.agent.segment_changed(request.name, request.id)
+            self.agent.homes.segment_changed(request.name, request.id)
         except VasError as exc:
             abort_with(context, exc)
         return node_pb2.SegmentChangedResponse()
@@ -57,7 +57,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
     def OpenBulk(self, request: node_pb2.OpenBulkRequest,
                  context: grpc.ServicerContext) -> node_pb2.OpenBulkResponse:
         try:
-            info = self.agent.held_info(request.id)
+            info = self.agent.homes.held(request.id).info
         except VasError as exc:
             abort_with(context, exc)
         return node_pb2.OpenBulkResponse(address=self.agent.bulk_address, size=info.size,
@@ -76,7 +76,8 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
                 yield first.offset, first.data
                 for chunk in request_iterator:
                     yield chunk.offset, chunk.data
-            return self.agent.write_pages(header, pieces())
+            return self.agent.writers.write_pages(self.agent.homes.held(header.id), header,
+                                                 pieces())
         except VasError as exc:
             abort_with(context, exc)
 
@@ -85,7 +86,8 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         try:
             if not request.id:
                 raise InvalidArgument("ChunkHashes needs a segment id")
-            version, hashes = self.agent.published_hashes(request.id, request.chunk_size)
+            version, hashes = self.agent.writers.published_hashes(
+                self.agent.homes.held(request.id), request.chunk_size)
         except VasError as exc:
             abort_with(context, exc)
         return node_pb2.ChunkHashesResponse(version=version, hashes=hashes)

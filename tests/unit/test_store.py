@@ -1,4 +1,4 @@
-"""The agent's store and access checks: real memfds and syscalls, no daemons."""
+"""The agent's memory, capacity and access checks: real memfds and syscalls, no daemons."""
 from __future__ import annotations
 
 import mmap
@@ -10,9 +10,10 @@ import textwrap
 import pytest
 
 from vas import _native
-from vas.errors import CapacityExceeded
+from vas.core.errors import CapacityExceeded
 from vas.node import store
-from vas.node.store import Segment, Store, may_attach
+from vas.node.access import may_attach
+from vas.node.store import Store
 from vas.proto import types_pb2
 
 PS = _native.PAGE_SIZE
@@ -67,31 +68,25 @@ def test_reserve_refuses_beyond_capacity_with_a_stable_message():
     assert s.used == 6 * PS
 
 
-def test_add_turns_a_reservation_into_held_bytes_and_remove_frees_it():
+def test_hold_turns_a_reservation_into_held_bytes_and_drop_frees_it():
     s = Store(8 * PS)
     s.reserve(4 * PS, "seg")
-    segment = Segment(info(), -1, -1)
-    s.add(segment)
-    assert (s.held, s.reserved, len(s)) == (4 * PS, 0, 1)
-    assert s.by_name["seg"] is segment and s.by_id[1] is segment
-    s.unname(segment)
-    assert "seg" not in s.by_name and s.by_id[1] is segment and s.used == 4 * PS
-    s.remove(segment)
-    assert (s.used, len(s), segment.freed) == (0, 0, True)
+    s.hold(4 * PS)
+    assert (s.held, s.reserved, s.count, s.usage()) == (4 * PS, 0, 1, (4 * PS, 1))
+    s.drop(4 * PS)
+    assert (s.used, s.count) == (0, 0)
     with pytest.raises(ValueError):
-        s.remove(segment)
+        s.drop(4 * PS)
+    with pytest.raises(ValueError):  # nothing reserved to hold
+        s.hold(PS)
 
 
-def test_a_new_segment_of_the_same_name_does_not_lose_its_name_to_the_old_one():
-    s = Store(8 * PS)
-    old, new = Segment(info(segment_id=1), -1, -1), Segment(info(segment_id=2), -1, -1)
-    s.reserve(4 * PS, "seg")
-    s.add(old)
-    s.unname(old)  # deleting, still attached
-    s.reserve(4 * PS, "seg")
-    s.add(new)
-    s.remove(old)  # the old one's last detach
-    assert s.by_name["seg"] is new and list(s) == [new]
+def test_memory_release_is_idempotent_and_closes_everything():
+    memory = store.Memory.allocate("mem", 4 * PS, mapped=True)
+    memory.mapping.write(b"x")
+    memory.release()
+    memory.release()
+    assert (memory.fd, memory.ro_fd, memory.mapping) == (-1, -1, None)
 
 
 # ---------------------------------------------------------------- memfds

@@ -1,0 +1,489 @@
+"""Home segments: create, attach, delete, ttl expiry and keeping their records current.
+
+The home agent is the authority for the cached records of its segments; it does
+not watch the coordinator (streaming every change to every agent costs each
+create and delete about a millisecond of CPU). Changes reach it instead by: its
+own requests; ``Node.ReleaseSegment`` (a delete made through another agent);
+``Node.SegmentChanged`` (a chmod/chown made elsewhere: re-read the record); the
+expiry timer (ttl); and a lazy re-read of records not read for a while
+(``recheck_stale``, from the heartbeat: the safety net for a lost notification).
+
+News about an id not held yet while a create is in flight (a ReleaseSegment or
+SegmentChanged can overtake the CreateSegment response) is kept by id
+(tombstones) and applied when the create finishes; when no create is in flight
+any more, the remaining deletes are finished and the tombstones dropped.
+
+Life cycle (node/segments.py): LIVE -> DELETING -> FREED, one verb per step:
+``begin_delete`` (no new attaches; freed now if unattached or forced) and
+``_free`` (the memory goes, then the record if it waits for FinishDelete). The
+delete of an unattached segment first ``claim``s it (CLAIMED: attaches are
+refused while the coordinator call runs): the record and the pages then go in
+one coordinator call, or it is LIVE again if the coordinator refuses.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import time
+
+from vas.core.errors import AlreadyExists, Busy, NotFound, VasError
+from vas.node import locks
+from vas.node.access import check_access
+from vas.node.segments import HomeSegment, HomeState, WriterState
+from vas.node.store import Memory
+from vas.node.timer import Timer
+from vas.proto import types_pb2
+
+log = logging.getLogger(__name__)
+
+#: Ids of home segments changed while a create may still be in flight.
+_MAX_TOMBSTONES = 4096
+#: What a tombstone remembers of an id: it was deleted (free it and FinishDelete),
+#: or its record changed (re-read it).
+_DELETED, _CHANGED = "deleted", "changed"
+#: Seconds after a ttl segment's expiry before its record is re-read (etcd checks
+#: for expired leases every 500 ms), and the longest pause between re-reads of a
+#: record that outlived its expiry.
+_EXPIRY_MARGIN = 0.2
+_EXPIRY_RETRY_MAX = 5.0
+#: ``recheck_stale`` re-reads at most this many records per call, those not read
+#: for ``RECHECK_AGE`` seconds.
+RECHECK_BATCH = 8
+RECHECK_AGE = 60.0
+
+
+class HomeSegments:
+    """The segments this agent is home for (see the module docstring).
+
+    Locking: ``_lock`` (rank HOMES) guards the tables (by name, by id), the
+    creates in flight, the tombstones and the FinishDelete calls to retry; each
+    segment's own lock guards its state. No lock is held across a coordinator call.
+    """
+
+    def __init__(self, node_id: str, config, store, coordinator, sessions, writers,
+                 reporter, replicas, cleanup_timeout):
+        self.node_id = node_id
+        self.config = config
+        self.store = store
+        self.coordinator = coordinator
+        self.sessions = sessions
+        self.writers = writers
+        self.reporter = reporter
+        self.replicas = replicas          # make_room: creates may evict idle replicas
+        self._cleanup_timeout = cleanup_timeout
+        self._lock = locks.Lock("homes", locks.Rank.HOMES)
+        self._by_name: dict[str, HomeSegment] = {}
+        self._by_id: dict[int, HomeSegment] = {}
+        self._creating = 0
+        self._tombstones: collections.OrderedDict[int, tuple[str, str]] = \
+            collections.OrderedDict()
+        self._unfinished: dict[int, str] = {}  # FinishDelete to retry: id -> name
+        self.expiry = Timer(self._expire, "expiry")
+
+    # ------------------------------------------------------------------ lookups
+
+    def find(self, name: str) -> HomeSegment | None:
+        """The home segment ``name`` (any state), or None if not homed here."""
+        with self._lock:
+            return self._by_name.get(name)
+
+    def held(self, segment_id: int) -> HomeSegment:
+        """Home segment ``segment_id`` while its memory is held; NotFound otherwise."""
+        with self._lock:
+            segment = self._by_id.get(segment_id)
+        if segment is None or segment.state is HomeState.FREED:
+            raise NotFound(f"segment id {segment_id} is not held by node {self.node_id}")
+        return segment
+
+    def all(self) -> list[HomeSegment]:
+        with self._lock:
+            return list(self._by_id.values())
+
+    # ------------------------------------------------------------------ create
+
+    def create(self, caller, name: str, size: int, mode: int, replicas: int, ttl: float,
+               exist_ok: bool) -> types_pb2.SegmentInfo:
+        """Reserve room, make the memfd, then the record (home = here, owner = caller).
+
+        Any failure gives the memory and the reservation back. ``exist_ok``
+        returns the existing record instead of AlreadyExists.
+        """
+        existing = self.find(name)
+        if existing is not None and existing.state in (HomeState.LIVE, HomeState.CLAIMED):
+            if not exist_ok:
+                raise AlreadyExists(f"segment {name} already exists")
+            return existing.info
+        self.replicas.release_spare(self.replicas.make_room(size, name))
+        try:
+            memory = Memory.allocate(name, size)
+        except BaseException:
+            self.store.unreserve(size)
+            raise
+        with self._lock:
+            self._creating += 1
+        started = time.monotonic()
+        try:
+            info = self.coordinator.create_segment(caller=caller, name=name, size=size,
+                                                   mode=mode, home=self.node_id,
+                                                   replicas=replicas, ttl_seconds=ttl)
+        except BaseException as exc:
+            self.store.unreserve(size)
+            memory.release()
+            self._settle(self._create_done())
+            if isinstance(exc, AlreadyExists) and exist_ok:
+                return self.coordinator.get_segment(name)
+            raise
+        if info.size != size:  # the coordinator rounds like we do; never hand out a short fd
+            log.error("coordinator created %s with size %d, not %d", name, info.size, size)
+        segment = HomeSegment(info, memory)
+        self.store.hold(size)
+        with self._lock:
+            self._by_name[name] = segment
+            self._by_id[info.id] = segment
+            news = self._tombstones.pop(info.id, None)
+        leftover = self._create_done()
+        if info.expires:  # the lease was granted after ``started``: it cannot expire before
+            self.expiry.arm(info.id, started + (info.expires - info.created) + _EXPIRY_MARGIN)
+        if news is not None:
+            self._apply_news(segment, news[0])
+        self._settle(leftover)
+        return info
+
+    def _create_done(self) -> list[tuple[int, str]]:
+        """A create left flight; when it was the last, drop the tombstones and return
+        the ids (with names) whose FinishDelete is still due."""
+        with self._lock:
+            self._creating -= 1
+            if self._creating or not self._tombstones:
+                return []
+            leftover = [(segment_id, name) for segment_id, (news, name)
+                        in self._tombstones.items() if news == _DELETED]
+            self._tombstones.clear()
+        return leftover
+
+    def _settle(self, leftover: list[tuple[int, str]]) -> None:
+        """Finish deletes of ids homed here that no create turned out to hold."""
+        for segment_id, name in leftover:
+            log.info("segment %s (id %d) is homed here but not held; finishing its delete",
+                     name, segment_id)
+            self.finish_delete(name, segment_id)
+
+    def _apply_news(self, segment: HomeSegment, news: str) -> None:
+        if news == _CHANGED:
+            try:
+                self.recheck(segment)
+            except VasError as exc:  # recheck_stale catches up later
+                log.warning("cannot re-read segment %s: %s", segment.name, exc)
+        else:
+            log.info("segment %s (id %d) was deleted during its create", segment.name,
+                     segment.id)
+            self.begin_delete(segment, finish=True, force=True)
+
+    def _tombstone(self, segment_id: int, name: str, news: str) -> bool:
+        """Remember ``news`` of an id not held, if a create in flight may hold it;
+        whether it was remembered. A delete outranks a change."""
+        with self._lock:
+            if not self._creating:
+                return False
+            known = self._tombstones.get(segment_id)
+            if news == _CHANGED and known is not None:
+                return True
+            if known is None or known[0] != _DELETED:
+                self._tombstones[segment_id] = (news, name)
+            while len(self._tombstones) > _MAX_TOMBSTONES:
+                self._tombstones.popitem(last=False)
+            return True
+
+    # ------------------------------------------------------------------ attach / detach
+
+    def attach_reader(self, session, segment: HomeSegment) -> tuple[object, int]:
+        """An "r" attachment of ``segment`` and a dup of its read-only fd (the hot path:
+        no coordinator call)."""
+        with segment.lock:
+            self._check_attachable_locked(session, segment, "r")
+            fd = os.dup(segment.ro_fd)
+            segment.attachments += 1
+            attachment = self.sessions.add(session, segment, "r")
+        self.reporter.mark(segment)
+        return attachment, fd
+
+    def attach_writer(self, session, segment: HomeSegment) -> tuple[object, int]:
+        """The "rw" attachment of ``segment`` (the cluster-wide writer lock is taken first)
+        and a dup of its writable fd."""
+        with segment.lock:
+            self._check_attachable_locked(session, segment, "rw")
+            if segment.writer_state is not WriterState.FREE:
+                raise Busy(f'segment {segment.name} is already attached "rw" on node '
+                           f'{self.node_id}')
+            segment.writer_state = WriterState.ACQUIRING
+        try:
+            lease = self.writers.acquire(session.caller, segment.name)
+        except BaseException:
+            with segment.lock:
+                segment.free_writer_locked()
+            raise
+        with segment.lock:
+            segment.free_writer_locked()
+            live = segment.state is HomeState.LIVE
+            if live:
+                fd = os.dup(segment.fd)
+                segment.attachments += 1
+                attachment = self.sessions.add(session, segment, "rw", lease)
+                segment.take_writer_locked(attachment)
+        if not live:
+            self.writers.release(lease)
+            raise NotFound(f"segment {segment.name} is being deleted")
+        self.writers.track(attachment)
+        self.reporter.mark(segment)
+        return attachment, fd
+
+    def _check_attachable_locked(self, session, segment: HomeSegment, mode: str) -> None:
+        if segment.state is not HomeState.LIVE:
+            raise NotFound(f"segment {segment.name} is being deleted")
+        check_access(segment.info, session, mode)
+
+    def detached(self, attachment) -> None:
+        """``attachment`` of a home segment ended: count it out; free at the last detach
+        of a deleting segment."""
+        segment = attachment.segment
+        with segment.lock:
+            segment.attachments -= 1
+            segment.free_writer_locked(attachment)
+            free = (segment.state is HomeState.DELETING and segment.attachments <= 0)
+            if free:
+                segment.move(HomeState.FREED)
+        self.reporter.mark(segment)
+        if free:
+            self._free(segment)
+
+    # ------------------------------------------------------------------ delete
+
+    def claim(self, session, name: str) -> HomeSegment | None:
+        """The unattached home segment ``name``, claimed for a delete by its owner (or
+        root), else None. The common delete: nobody holds the segment, so the record
+        can go in the same coordinator call as the owner check (one etcd
+        transaction, no FinishDelete) and the pages right after."""
+        segment = self.find(name)
+        if segment is None:
+            return None
+        with segment.lock:
+            if (segment.state is not HomeState.LIVE or segment.attachments
+                    or segment.writer_state is not WriterState.FREE
+                    or session.uid not in (0, segment.info.uid)):
+                return None
+            segment.move(HomeState.CLAIMED)
+        return segment
+
+    def delete_claimed(self, caller, segment: HomeSegment) -> types_pb2.SegmentInfo:
+        """Remove the record of a claimed segment, then free it. If the coordinator
+        refuses (the cache was stale), the segment is deleted the slow way: marked
+        and freed once the record says so."""
+        try:
+            info = self.coordinator.delete_segment(caller=caller, name=segment.name,
+                                                   finish=True, id=segment.id)
+        except VasError:
+            with segment.lock:  # refused (e.g. a stale owner in the cache): it lives on
+                if segment.state is HomeState.CLAIMED:
+                    segment.move(HomeState.LIVE)
+            raise
+        self.begin_delete(segment, finish=False, force=False)
+        return info
+
+    def release(self, name: str, segment_id: int, force: bool) -> bool:
+        """Free home segment ``segment_id`` once unattached (at once if ``force``).
+
+        Called for a local delete and by another agent (Node.ReleaseSegment).
+        True when freed now. NotFound if this agent does not hold that id (and no
+        create in flight may turn out to hold it).
+        """
+        with self._lock:
+            segment = self._by_id.get(segment_id)
+        if segment is None:
+            if self._tombstone(segment_id, name, _DELETED):
+                return False  # the create in flight (or _settle) frees and finishes it
+            raise NotFound(f"segment {name} (id {segment_id}) is not held by node "
+                           f"{self.node_id}")
+        return self.begin_delete(segment, finish=True, force=force)
+
+    def begin_delete(self, segment: HomeSegment, *, finish: bool, force: bool) -> bool:
+        """Mark ``segment`` deleting; free it now if unattached or ``force``. True once
+        it is freed (by this call or one before it).
+
+        ``finish``: the coordinator's record still exists and needs FinishDelete
+        after the pages are gone (False when the record vanished, e.g. ttl expiry).
+        """
+        revoked = None
+        with segment.lock:
+            segment.finish_record = segment.finish_record or finish
+            if segment.state in (HomeState.LIVE, HomeState.CLAIMED):
+                segment.move(HomeState.DELETING)
+            freed_before = segment.state is HomeState.FREED
+            free_now = not freed_before and (force or segment.attachments <= 0)
+            if free_now:
+                revoked = segment.writer
+                segment.free_writer_locked()
+                segment.move(HomeState.FREED)
+            attached = segment.attachments
+        self._unname(segment)
+        if freed_before:  # another thread frees it: return once done, so the name is free
+            segment.done.wait(self.config.rpc_timeout)
+            return True
+        if not free_now:
+            log.info("segment %s (id %d) deleting: freed at its last detach (%d attached)",
+                     segment.name, segment.id, attached)
+            return False
+        if attached:
+            log.info("segment %s (id %d) force-deleted with %d attachments", segment.name,
+                     segment.id, attached)
+        if revoked is not None:  # force: the writer loses its lock now
+            self.writers.revoke(revoked)
+        self.reporter.mark(segment)
+        self._free(segment)
+        return True
+
+    def _unname(self, segment: HomeSegment) -> None:
+        with self._lock:
+            if self._by_name.get(segment.name) is segment:
+                del self._by_name[segment.name]
+
+    def _free(self, segment: HomeSegment) -> None:
+        """Give back the memory of a FREED segment and, if due, finish its delete."""
+        try:
+            self.store.drop(segment.size)
+            segment.memory.release()
+            log.debug("freed segment %s (id %d, %d bytes)", segment.name, segment.id,
+                      segment.size)
+            with self._lock:
+                if self._by_id.get(segment.id) is segment:
+                    del self._by_id[segment.id]
+            if segment.finish_record:
+                self.finish_delete(segment.name, segment.id)
+        finally:
+            segment.done.set()
+
+    def finish_delete(self, name: str, segment_id: int) -> None:
+        """Remove the coordinator's record of a freed segment (retried in the background)."""
+        try:
+            self.coordinator.finish_delete(name, segment_id, self._cleanup_timeout())
+            with self._lock:
+                self._unfinished.pop(segment_id, None)
+        except VasError as exc:
+            log.warning("FinishDelete of %s (id %d) failed: %s; will retry", name, segment_id,
+                        exc)
+            with self._lock:
+                self._unfinished[segment_id] = name
+
+    def retry_unfinished(self) -> None:
+        with self._lock:
+            unfinished = dict(self._unfinished)
+        for segment_id, name in unfinished.items():
+            self.finish_delete(name, segment_id)
+
+    def free_all(self) -> None:
+        """Free every held segment (at shutdown, after the sessions are closed); the
+        records stay (the node's lease going makes them ``lost``)."""
+        for segment in self.all():
+            with segment.lock:
+                if segment.state is HomeState.FREED:
+                    continue
+                if segment.state is not HomeState.DELETING:
+                    segment.move(HomeState.DELETING)
+                segment.move(HomeState.FREED)
+                segment.finish_record = False
+            self._free(segment)
+
+    # ------------------------------------------------------------------ record changes
+
+    def segment_changed(self, name: str, segment_id: int) -> None:
+        """The record of home segment ``segment_id`` changed elsewhere: re-read it now.
+        NotFound if this agent does not hold that id (and no create in flight may)."""
+        with self._lock:
+            segment = self._by_id.get(segment_id)
+        if segment is None:
+            if self._tombstone(segment_id, name, _CHANGED):
+                return  # the create in flight re-reads it
+            raise NotFound(f"segment {name} (id {segment_id}) is not held by node "
+                           f"{self.node_id}")
+        self.recheck(segment)
+
+    def changed_here(self, info: types_pb2.SegmentInfo) -> None:
+        """A chmod/chown of home segment ``info`` made through this agent: bring the
+        cached record up to date (re-read: a later change may have landed; the
+        call's answer is kept if the re-read fails)."""
+        with self._lock:
+            segment = self._by_id.get(info.id)
+        if segment is None:
+            return
+        try:
+            self.recheck(segment)
+        except VasError as exc:
+            log.warning("cannot re-read segment %s: %s; keeping the changed record",
+                        info.name, exc)
+            with segment.lock:
+                if segment.state is HomeState.LIVE:
+                    segment.info = info
+
+    def recheck(self, segment: HomeSegment) -> bool:
+        """Re-read the record of ``segment`` and act on it; True if it lives on.
+
+        Same id, not deleting: adopt it as the cached record (unless a read started
+        later was adopted already). Marked deleting: free it (at once if
+        unattached, else at the last detach) and finish the delete. Gone, or the
+        name now has another id (ttl expiry, a lost delete): free it likewise,
+        nothing to finish. Raises VasError when the coordinator cannot answer.
+        """
+        with segment.lock:
+            if segment.state is not HomeState.LIVE:
+                return False
+            segment.read_ticket += 1
+            ticket = segment.read_ticket
+        try:
+            info = self.coordinator.get_segment(segment.name)
+        except NotFound:
+            info = None
+        current = info is not None and info.id == segment.id
+        with segment.lock:
+            segment.checked = time.monotonic()
+            if current and ticket > segment.adopted_ticket and segment.state is HomeState.LIVE:
+                segment.adopted_ticket = ticket
+                info.version = max(info.version, segment.info.version)
+                segment.info = info
+        if not current:
+            log.info("segment %s (id %d) was removed from the cluster (ttl or delete)",
+                     segment.name, segment.id)
+            self.begin_delete(segment, finish=False, force=False)
+            return False
+        if info.state == types_pb2.SEGMENT_STATE_DELETING:
+            self.begin_delete(segment, finish=True, force=False)
+            return False
+        return True
+
+    def recheck_stale(self) -> None:
+        """Re-read a few records not read for a while (a lost notification heals)."""
+        horizon = time.monotonic() - RECHECK_AGE
+        stale = sorted((s for s in self.all()
+                        if s.checked < horizon and s.state is HomeState.LIVE),
+                       key=lambda segment: segment.checked)
+        for segment in stale[:RECHECK_BATCH]:
+            try:
+                self.recheck(segment)
+            except VasError as exc:
+                log.warning("cannot re-read segment %s: %s", segment.name, exc)
+                return
+
+    def _expire(self, segment_id: int, retries: int) -> None:
+        """A ttl segment's expiry passed: free it once etcd removed its record."""
+        with self._lock:
+            segment = self._by_id.get(segment_id)
+        if segment is None:
+            return
+        try:
+            alive = self.recheck(segment)
+        except VasError as exc:
+            log.warning("cannot re-read expired segment %s: %s; retrying", segment.name, exc)
+            alive = True
+        if alive:  # not removed yet (etcd's lease clock, a leader change): look again
+            delay = min(_EXPIRY_MARGIN * 2 ** (retries + 1), _EXPIRY_RETRY_MAX)
+            self.expiry.arm(segment_id, time.monotonic() + delay, retries + 1)
+

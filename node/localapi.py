@@ -1,0 +1,205 @@
+"""The local API: one handler per local.proto request (thin: check, call, answer).
+
+Like coordinator/service.py for the coordinator: each handler validates its
+request, makes one call into the agent's parts and fills the response. Handlers
+take ``(session, request, response)`` (RegisterFaults also the fds that came
+with it), return the fds to pass with the response (node/local.py closes them
+after sending) and raise ``vas.core.errors`` exceptions, which node/local.py
+puts into the response.
+"""
+from __future__ import annotations
+
+import grpc
+
+from vas.core import validate
+from vas.core.errors import InvalidArgument, VasError
+from vas.node.agent import Agent
+from vas.node.segments import HomeSegment, Replica
+from vas.node.sessions import Session
+from vas.proto import LOCAL_PROTOCOL, local_pb2
+
+
+class Unimplemented(VasError):
+    """A request type this agent does not know (a newer client)."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
+class LocalApi:
+    """The handlers of the local protocol for one ``Agent``."""
+
+    def __init__(self, agent: Agent):
+        self.agent = agent
+        self.handlers = {
+            "hello": self.hello, "create": self.create, "attach": self.attach,
+            "detach": self.detach, "stat": self.stat, "list": self.list,
+            "delete": self.delete, "chmod": self.chmod, "chown": self.chown,
+            "nodes": self.nodes, "space": self.space, "status": self.status,
+            "prefetch": self.prefetch, "register_faults": self.register_faults,
+            "sync": self.sync, "refresh": self.refresh, "wait": self.wait,
+            "keepalive": self.keepalive,
+        }
+
+    # ------------------------------------------------------------------ segments
+
+    def hello(self, session: Session, request, response) -> list[int]:
+        if request.protocol != LOCAL_PROTOCOL:
+            raise InvalidArgument(f"unsupported local protocol {request.protocol}: "
+                                  f"this agent speaks {LOCAL_PROTOCOL}")
+        response.hello.protocol = LOCAL_PROTOCOL
+        response.hello.node.CopyFrom(self.agent.node_info())
+        response.hello.caller.CopyFrom(session.caller)
+        return []
+
+    def create(self, session: Session, request, response) -> list[int]:
+        info = self.agent.homes.create(
+            session.caller, validate.check_name(request.name), validate.check_size(request.size),
+            validate.check_mode(request.mode), request.replicas,
+            validate.check_seconds(request.ttl_seconds, "ttl"), request.exist_ok)
+        response.segment.CopyFrom(info)
+        return []
+
+    def attach(self, session: Session, request, response) -> list[int]:
+        mode = request.mode
+        if mode != "r" and mode != "rw":
+            validate.check_attach_mode(mode)
+        fetch = validate.check_fetch(request.fetch) if request.fetch else "lazy"
+        attachment, fd, info, how = self.agent.attach(session, request.name, mode, fetch,
+                                                      request.fault_support)
+        body = response.attach
+        body.segment.CopyFrom(info)
+        body.attachment_id = attachment.id
+        body.fetch = how.proto
+        if attachment.lease is not None:
+            body.writable = True
+            body.token = attachment.lease.token
+            body.keepalive_seconds = self.agent.config.writer_ttl / 3
+        return [fd]
+
+    def detach(self, session: Session, request, response) -> list[int]:
+        self.agent.detach(session, request.attachment_id)
+        response.detach.SetInParent()
+        return []
+
+    def stat(self, session: Session, request, response) -> list[int]:
+        response.segment.CopyFrom(self.agent.coordinator.get_segment(
+            validate.check_name(request.name)))
+        return []
+
+    def list(self, session: Session, request, response) -> list[int]:
+        response.list.CopyFrom(self.agent.coordinator.list_segments(request))
+        return []
+
+    def delete(self, session: Session, request, response) -> list[int]:
+        response.segment.CopyFrom(self.agent.delete(session, validate.check_name(request.name),
+                                                    request.force))
+        return []
+
+    def chmod(self, session: Session, request, response) -> list[int]:
+        response.segment.CopyFrom(self.agent.chmod(session, validate.check_name(request.name),
+                                                   validate.check_mode(request.mode)))
+        return []
+
+    def chown(self, session: Session, request, response) -> list[int]:
+        response.segment.CopyFrom(self.agent.chown(session, validate.check_name(request.name),
+                                                   request.uid, request.gid))
+        return []
+
+    # ------------------------------------------------------------------ pages
+
+    def prefetch(self, session: Session, request, response) -> list[int]:
+        """Ensure a range of an attachment's pages is present here (bounds-checked):
+        home pages and complete replicas return at once."""
+        attachment = self.agent.sessions.get(session, request.attachment_id)
+        if isinstance(attachment.segment, Replica):
+            self.agent.replicas.prefetch(attachment, request.offset, request.length)
+        else:
+            size = attachment.segment.size
+            validate.check_range(request.offset, request.length or max(0, size - request.offset),
+                                 size)
+        response.empty.SetInParent()
+        return []
+
+    def register_faults(self, session: Session, request, response, fds: list[int]) -> list[int]:
+        """Take the client's userfaultfd of a lazy attachment and resolve its faults."""
+        if len(fds) != 1:
+            raise InvalidArgument(f"RegisterFaults carries one userfaultfd, not {len(fds)} fds")
+        attachment = self.agent.sessions.get(session, request.attachment_id)
+        self.agent.replicas.register_faults(attachment, fds[0], request.address, request.size)
+        fds.pop()  # taken over
+        response.empty.SetInParent()
+        return []
+
+    def sync(self, session: Session, request, response) -> list[int]:
+        attachment = self.agent.sessions.get(session, request.attachment_id)
+        ranges = [(r.offset, r.length) for r in request.ranges]
+        response.segment.CopyFrom(self.agent.writers.sync(attachment, ranges))
+        return []
+
+    def refresh(self, session: Session, request, response) -> list[int]:
+        attachment = self.agent.sessions.get(session, request.attachment_id)
+        if isinstance(attachment.segment, HomeSegment):  # the home copy is the newest
+            with attachment.segment.lock:
+                response.segment.CopyFrom(attachment.segment.info)
+        else:
+            response.segment.CopyFrom(self.agent.replicas.refresh(attachment))
+        return []
+
+    def wait(self, session: Session, request, response) -> list[int]:
+        attachment = self.agent.sessions.get(session, request.attachment_id)
+        timeout = validate.check_seconds(request.timeout_seconds, "timeout")
+        response.segment.CopyFrom(self.agent.writers.wait(session, attachment.segment,
+                                                          request.version, timeout))
+        return []
+
+    def keepalive(self, session: Session, request, response) -> list[int]:
+        response.empty.SetInParent()  # the request itself refreshed session.last_seen
+        return []
+
+    # ------------------------------------------------------------------ forwarded
+
+    def nodes(self, session: Session, request, response) -> list[int]:
+        response.nodes.CopyFrom(self.agent.coordinator.list_nodes(request))
+        self._patch_own_usage(response.nodes.nodes)
+        return []
+
+    def status(self, session: Session, request, response) -> list[int]:
+        response.status.CopyFrom(self.agent.coordinator.cluster_status(request))
+        self._patch_own_usage(response.status.nodes)
+        return []
+
+    def _patch_own_usage(self, nodes) -> None:
+        """Show this node's live usage: its record holds the last heartbeat's (ttl/3 old)."""
+        used, count = self.agent.store.usage()
+        for node in nodes:
+            if node.id == self.agent.node_id:
+                node.memory_used, node.segments = used, count
+
+    def space(self, session: Session, request, response) -> list[int]:
+        """Space operations: checked, then forwarded with the caller filled in."""
+        op = request.WhichOneof("op")
+        coordinator, caller = self.agent.coordinator, session.caller
+        if op == "create":
+            response.space_info.CopyFrom(coordinator.create_space(
+                caller, validate.check_name(request.create.name, "space"),
+                validate.check_mode(request.create.mode)))
+        elif op == "get":
+            response.space_info.CopyFrom(coordinator.get_space(
+                validate.check_name(request.get.name, "space")))
+        elif op == "list":
+            response.spaces.CopyFrom(coordinator.list_spaces(request.list))
+        elif op == "delete":
+            coordinator.delete_space(caller, validate.check_name(request.delete.name, "space"))
+            response.empty.SetInParent()
+        elif op == "add":
+            response.space_info.CopyFrom(coordinator.space_add(
+                caller, validate.check_name(request.add.space, "space"),
+                validate.check_name(request.add.segment),
+                validate.check_attach_mode(request.add.mode)))
+        elif op == "remove":
+            response.space_info.CopyFrom(coordinator.space_remove(
+                caller, validate.check_name(request.remove.space, "space"),
+                validate.check_name(request.remove.segment)))
+        else:
+            raise Unimplemented("unknown space operation")
+        return []

@@ -1,0 +1,493 @@
+"""Replicas: this node's copies of segments homed elsewhere.
+
+A remote attach makes the agent keep **one replica** per segment: its own
+sealed memfd, filled from the home, whose read-only reopen every local attach
+receives exactly like a home segment's (all local processes map the same
+pages). Each remote attach reads the record first (the caller's permission
+check and the freshness check): the replica is reused while its id matches and
+its version is not older than the record's, else it is retired and fetched
+again. Concurrent attaches of one name share one fetch.
+
+- eager (``FetchMode`` EAGER*): every byte is copied before the attach returns
+  (the bulk channel, node/bulk.py; ReadPages for small segments and as the
+  fallback), into prepared memory when the warm pool has some (node/pool.py);
+- lazy (``FetchMode.LAZY``): a sparse memfd whose chunks are fetched on first
+  touch through the client's userfaultfd (node/lazy.py); nothing per byte is
+  paid at attach.
+
+Replicas are capacity-accounted like home segments; room is made by evicting
+unattached replicas, least recently attached first. A replica is retired (no
+new attaches, freed at its last detach) when the record is gone, deleting, of
+another id or newer, when it is evicted, or when a writer leaves it (it may
+hold writes never published). ``refresh`` fetches only the chunks whose hash
+differs from the home's (node/publish.py).
+
+Locking: ``_lock`` (rank REPLICAS) guards the tables; each replica's own lock
+its state; no lock is held across a network call or a slow syscall.
+"""
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+
+from vas.core.errors import Busy, InvalidArgument, Unavailable, VasError
+from vas.core import validate
+from vas.core.fetch import FetchMode
+from vas.node import bulk, lazy, locks
+from vas.node.pool import Warm
+from vas.node.publish import CHUNK, stale_runs
+from vas.node.segments import Replica, ReplicaState, WriterState
+from vas.node.store import Memory
+from vas.proto import types_pb2
+
+log = logging.getLogger(__name__)
+
+#: Replicas up to this size are fetched with one ReadPages stream (no bulk
+#: connections to set up).
+_SMALL_FETCH = 4 << 20
+#: gRPC streams are given this many bytes per second (on top of the rpc
+#: timeout) before their deadline.
+_STREAM_RATE = 50e6
+#: ``recheck_stale`` re-reads at most this many records per call, of replicas
+#: not used for ``_RECHECK_AGE`` seconds.
+_RECHECK_BATCH = 8
+_RECHECK_AGE = 60.0
+
+
+class _Step(enum.Enum):
+    HAND_OUT = "hand out"
+    COMPLETE = "complete"
+    WAIT = "wait"
+    FETCH = "fetch"
+
+
+class Replicas:
+    """This node's replicas (see the module docstring)."""
+
+    def __init__(self, node_id: str, config, store, pool, coordinator, peers, sessions,
+                 reporter, node_address: Callable[[str], str | None]):
+        self.node_id = node_id
+        self.config = config
+        self.store = store
+        self.pool = pool
+        self.coordinator = coordinator
+        self.peers = peers
+        self.sessions = sessions
+        self.reporter = reporter
+        self._node_address = node_address
+        self.homes = lazy.Homes(node_address, peers.open_bulk, config.rpc_timeout)
+        self._lock = locks.Lock("replicas", locks.Rank.REPLICAS)
+        self._current: dict[str, Replica] = {}            # name -> replica handed out
+        self._fetching: dict[str, threading.Event] = {}   # name -> set when its fetch ends
+        self._held: set[Replica] = set()                  # every replica not FREED
+        self._faults: lazy.FaultHandler | None = None     # started by the first RegisterFaults
+
+    # ------------------------------------------------------------------ attach
+
+    def attach(self, session, info: types_pb2.SegmentInfo, mode: FetchMode, lease=None):
+        """(attachment, fd) of this node's replica of ``info``, fetched first unless it
+        is current; writable, holding ``lease``, when given (a remote writer)."""
+        deadline = time.monotonic() + self.config.rpc_timeout + info.size / _STREAM_RATE
+        lazy_ok = mode is FetchMode.LAZY and lease is None
+        while True:
+            step, replica, event = self._next_step(info, lazy_ok)
+            if step is _Step.FETCH:
+                replica = self._refetch(info, mode, replica, event)
+            elif step is _Step.COMPLETE:  # an eager attach of a lazy replica
+                self.complete(replica)
+                continue
+            elif step is _Step.WAIT:
+                if not event.wait(max(0.0, deadline - time.monotonic())):
+                    raise Unavailable(f"timed out waiting for the fetch of segment {info.name}")
+                continue
+            handed = self._hand_out(session, replica, info, lease)
+            if handed is not None:
+                return handed
+            if time.monotonic() > deadline:  # retired under us again and again
+                raise Unavailable(f"segment {info.name} kept changing during its attach")
+
+    def _next_step(self, info: types_pb2.SegmentInfo, lazy_ok: bool):
+        """(step, replica, event) of an attach of ``info``: hand out the current replica,
+        complete it, wait for a fetch in flight (its event), or fetch (our event; the
+        replica is the stale one to retire)."""
+        with self._lock:
+            replica = self._current.get(info.name)
+            pending = self._fetching.get(info.name)
+            usable = (replica is not None and replica.id == info.id
+                      and replica.info.version >= info.version)
+            if usable and (replica.fill is None or lazy_ok):
+                return _Step.HAND_OUT, replica, None
+            if pending is not None:
+                return _Step.WAIT, replica, pending
+            if usable:
+                return _Step.COMPLETE, replica, None
+            done = self._fetching[info.name] = threading.Event()
+            return _Step.FETCH, replica, done
+
+    def _refetch(self, info: types_pb2.SegmentInfo, mode: FetchMode, stale: Replica | None,
+                 done: threading.Event) -> Replica:
+        """Fetch a new replica of ``info`` (retiring ``stale``) and make it current."""
+        try:
+            if stale is not None:
+                self.retire(stale)
+            replica = (self._lazy_replica(info) if mode is FetchMode.LAZY
+                       else self._eager_replica(info))
+            self.store.hold(info.size)
+            with self._lock:
+                self._current[info.name] = replica
+                self._held.add(replica)
+            return replica
+        finally:
+            with self._lock:
+                del self._fetching[info.name]
+            done.set()
+
+    def _hand_out(self, session, replica: Replica, info: types_pb2.SegmentInfo, lease):
+        """(attachment, fd) of ``replica``, or None if it was retired meanwhile."""
+        with replica.lock:
+            if replica.state is not ReplicaState.CURRENT:
+                return None
+            if lease is not None and replica.writer_state is not WriterState.FREE:
+                raise Busy(f'segment {info.name} is already attached "rw" on node {self.node_id}')
+            replica.checked = time.monotonic()
+            fd = os.dup(replica.fd if lease is not None else replica.ro_fd)
+            replica.attachments += 1
+            attachment = self.sessions.add(session, replica, "rw" if lease else "r", lease)
+            if lease is not None:
+                replica.take_writer_locked(attachment)
+        self.reporter.mark(replica)
+        return attachment, fd
+
+    def detached(self, attachment) -> None:
+        """``attachment`` of a replica ended: count it out; a writer's copy is retired
+        (it may hold writes never published); a retired one is freed at its last detach."""
+        replica = attachment.segment
+        with replica.lock:
+            replica.attachments -= 1
+            replica.free_writer_locked(attachment)
+        self.reporter.mark(replica)
+        if attachment.mode == "rw":
+            self.retire(replica)
+        else:
+            self._free_if_idle(replica)
+
+    # ------------------------------------------------------------------ fetching
+
+    def _eager_replica(self, info: types_pb2.SegmentInfo) -> Replica:
+        """A new replica holding every byte of ``info`` (room reserved here, held by the
+        caller); on any failure nothing is left behind."""
+        self.release_spare(self.make_room(info.size, info.name))
+        warm = self.pool.take(info.size)
+        try:
+            address = self.home_address(info)
+            if warm is None:
+                warm = Warm(info.size, populate=False)
+            started = time.monotonic()
+            self._transfer(address, info, warm)
+        except BaseException:
+            self.store.unreserve(info.size)
+            if warm is not None:
+                warm.release()
+            raise
+        finally:
+            self.pool.want(info.size)  # prepared after the transfer, not competing for CPU
+        elapsed = time.monotonic() - started
+        log.info("replica of %s (id %d, version %d): fetched %d bytes from %s in %.3f s "
+                 "(%.2f GB/s, %s memory)", info.name, info.id, info.version, info.size,
+                 info.home, elapsed, info.size / max(elapsed, 1e-9) / 1e9,
+                 "warm" if warm.populated else "cold")
+        return Replica(info, warm)
+
+    def _lazy_replica(self, info: types_pb2.SegmentInfo) -> Replica:
+        """A replica of ``info`` whose chunks are fetched on first touch or prefetch.
+
+        Its memfd is sparse (not from the warm pool, whose pages are allocated): a
+        client's read of a missing page must raise a userfault. Nothing here costs
+        per byte, and the home is not called: the record's state says it is
+        registered, and its address and bulk channel come from ``self.homes``
+        (looked up in the background on a first attach).
+        """
+        if info.state != types_pb2.SEGMENT_STATE_READY:
+            raise Unavailable(f"home node {info.home} of segment {info.name} is not "
+                              "registered (down?)")
+        spare = self.make_room(info.size, info.name)
+        try:
+            memory = Memory.allocate("replica", info.size, reserve=False, mapped=True)
+        except BaseException:
+            self.store.unreserve(info.size)
+            self.release_spare(spare)
+            raise
+        reader = self._chunk_reader(info, memory)
+        replica = Replica(info, memory, lazy.LazyFill(info.size, reader))
+        threading.Thread(target=self._after_lazy_attach, args=(reader, spare),
+                         name="vas-node-lazy-attach", daemon=True).start()
+        log.info("replica of %s (id %d, version %d, %d bytes) from %s: lazy", info.name,
+                 info.id, info.version, info.size, info.home)
+        return replica
+
+    def _after_lazy_attach(self, reader: lazy.HomeReader, spare: list) -> None:
+        """The slow parts of a lazy attach, off its path (one thread: each start costs
+        ~0.4 ms there): the home's bulk channel before the first fault, then, at
+        SCHED_IDLE, the room taken from evicted replicas and the warm pool."""
+        reader.prepare()
+        try:  # this thread only: resolving faults comes first
+            os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
+        except OSError:
+            pass
+        self.release_spare(spare)
+
+    def _chunk_reader(self, info: types_pb2.SegmentInfo, memory: Memory) -> lazy.HomeReader:
+        """``fetch(offset, length)`` for a LazyFill: chunk requests on the home's bulk
+        channel, ReadPages into the replica's mapping as the fallback."""
+        def read_pages(address: str, offset: int, length: int) -> None:
+            timeout = self.config.rpc_timeout + length / _STREAM_RATE
+            with memoryview(memory.mapping) as raw, raw.cast("B") as view, \
+                    view[offset:offset + length] as part:
+                self.peers.read_pages_into(address, info.name, info.id, part, timeout, offset)
+        return lazy.HomeReader(self.homes, info.home, info.name, info.id, memory.fd, read_pages)
+
+    def _transfer(self, address: str, info: types_pb2.SegmentInfo, warm: Warm) -> None:
+        """Copy the home's bytes into ``warm``: ReadPages for small segments, else the
+        bulk channel, falling back to ReadPages when the bulk connections fail."""
+        fallback_timeout = self.config.rpc_timeout + info.size / _STREAM_RATE
+        with memoryview(warm.mapping) as raw, raw.cast("B") as view:
+            if info.size > _SMALL_FETCH:
+                opened = self.peers.open_bulk(address, info.name, info.id)
+                if opened.size != info.size:
+                    raise Unavailable(f"home {info.home} holds segment {info.name} with "
+                                      f"{opened.size} bytes, not {info.size}")
+                try:
+                    bulk.fetch(opened.address, info.id, view, streams=self.config.fetch_streams,
+                               timeout=self.config.rpc_timeout, prepare=warm.populate)
+                    return
+                except Unavailable as exc:
+                    log.warning("bulk fetch of %s from %s failed: %s; using ReadPages",
+                                info.name, opened.address, exc)
+            self.peers.read_pages_into(address, info.name, info.id, view, fallback_timeout)
+
+    def complete(self, replica: Replica) -> None:
+        """Fetch every missing chunk of a lazy replica; it is then an eager one."""
+        fill = replica.fill
+        if fill is None:
+            return
+        fill.ensure(0, replica.size)
+        with replica.lock:
+            fill, replica.fill = replica.fill, None
+        if fill is not None:
+            fill.close()  # every chunk is present: its channel and fd are not needed
+
+    def prefetch(self, attachment, offset: int, length: int) -> None:
+        """Make [offset, offset + length) of ``attachment``'s replica present (0: to the end)."""
+        replica = attachment.segment
+        length = length or max(0, replica.size - offset)
+        validate.check_range(offset, length, replica.size)
+        fill = replica.fill
+        if fill is not None and length:
+            fill.ensure(offset, length)
+
+    def register_faults(self, attachment, uffd: int, address: int, size: int) -> None:
+        """Resolve the faults of a client's mapping of a lazy replica on ``uffd``
+        (taken over by this call)."""
+        replica = attachment.segment
+        fill = replica.fill if isinstance(replica, Replica) else None
+        if fill is None or attachment.uffd >= 0:
+            raise InvalidArgument(f"attachment {attachment.id} is not a lazy "
+                                           "attachment waiting for its userfaultfd")
+        if size != replica.size:
+            raise InvalidArgument(f"RegisterFaults size {size} is not the segment's "
+                                           f"{replica.size}")
+        self._fault_handler().add(uffd, fill, address, size)
+        attachment.uffd = uffd
+
+    def unregister_faults(self, attachment) -> None:
+        if attachment.uffd >= 0 and self._faults is not None:
+            self._faults.remove(attachment.uffd)
+            attachment.uffd = -1
+
+    def _fault_handler(self) -> lazy.FaultHandler:
+        """The FaultHandler, made on first use outside the lock (its threads take ~1 ms)."""
+        with self._lock:
+            if self._faults is not None:
+                return self._faults
+        handler = lazy.FaultHandler()
+        with self._lock:
+            if self._faults is None:
+                self._faults, handler = handler, None
+            faults = self._faults
+        if handler is not None:  # another RegisterFaults made one meanwhile
+            handler.stop()
+        return faults
+
+    # ------------------------------------------------------------------ refresh
+
+    def refresh(self, attachment) -> types_pb2.SegmentInfo:
+        """Bring ``attachment``'s replica to the newest published version (a replica with
+        a live writer here holds newer bytes than any version: nothing to fetch)."""
+        replica = attachment.segment
+        if replica.writer_state is WriterState.FREE:
+            self.bring_current(replica)
+        with replica.lock:
+            return replica.info
+
+    def bring_current(self, replica: Replica) -> bytes:
+        """Fetch the chunks of ``replica`` that differ from the home's; the home's hashes."""
+        address = self.home_address(replica.info)
+        timeout = self.config.rpc_timeout + replica.size / _STREAM_RATE
+        with replica.gate.passage(timeout, f"refresh of segment {replica.name}"):
+            version, remote = self.peers.chunk_hashes(address, replica.name, replica.id, CHUNK)
+            fill = replica.fill
+            with memoryview(replica.memory.mapping) as raw, raw.cast("B") as view:
+                stale = stale_runs(view, remote, fill.present_map() if fill is not None else None)
+                for offset, length in stale:
+                    with view[offset:offset + length] as part:
+                        self.peers.read_pages_into(
+                            address, replica.name, replica.id, part,
+                            self.config.rpc_timeout + length / _STREAM_RATE, offset)
+            with replica.lock:
+                replica.adopt_version_locked(version)
+        if stale:
+            log.info("refresh of %s: fetched %d bytes of changed chunks from %s, now version %d",
+                     replica.name, sum(length for _, length in stale), replica.info.home, version)
+        return remote
+
+    # ------------------------------------------------------------------ room and retirement
+
+    def make_room(self, size: int, name: str) -> list:
+        """Reserve ``size`` bytes for ``name``, evicting unattached replicas (oldest use
+        first) when short; returns what to ``release_spare`` outside every lock
+        (evicted replicas, trimmed warm memory). CapacityExceeded if it cannot fit."""
+        evicted: list = []
+        try:
+            with self._lock:
+                if size > self.store.free:
+                    idle = sorted((r for r in self._current.values() if r.attachments == 0),
+                                  key=lambda r: r.checked)
+                    if size <= self.store.free + sum(r.size for r in idle):
+                        for replica in idle:
+                            if size <= self.store.free:
+                                break
+                            if self._retire_locked(replica):
+                                evicted.append(replica)
+                self.store.reserve(size, name)
+        except BaseException:
+            self.release_spare(evicted)
+            raise
+        return evicted + self.pool.trim()
+
+    def release_spare(self, spare: list) -> None:
+        for item in spare:
+            if isinstance(item, Replica):
+                log.info("evicted the replica of %s (%d bytes) to make room", item.name,
+                         item.size)
+                _release(item)
+            else:
+                item.release()
+
+    def retire_name(self, name: str) -> None:
+        """The record of ``name`` is gone or deleting: retire this node's replica of it."""
+        with self._lock:
+            replica = self._current.get(name)
+        if replica is not None:
+            self.retire(replica)
+
+    def retire(self, replica: Replica) -> None:
+        """Stop handing out ``replica``; freed now if unattached, else at its last detach."""
+        with self._lock:
+            free = self._retire_locked(replica)
+        if free:
+            _release(replica)
+
+    def _retire_locked(self, replica: Replica) -> bool:
+        """``retire`` with the table lock held; True when the caller must ``_release`` it."""
+        if self._current.get(replica.name) is replica:
+            del self._current[replica.name]
+        with replica.lock:
+            if replica.state is ReplicaState.CURRENT:
+                replica.move(ReplicaState.RETIRED)
+            free = replica.state is ReplicaState.RETIRED and replica.attachments <= 0
+            if free:
+                replica.move(ReplicaState.FREED)
+        if free:
+            self._held.discard(replica)
+            self.store.drop(replica.size)
+        return free
+
+    def _free_if_idle(self, replica: Replica) -> None:
+        with self._lock:
+            with replica.lock:
+                free = replica.state is ReplicaState.RETIRED and replica.attachments <= 0
+            if free:
+                free = self._retire_locked(replica)
+        if free:
+            _release(replica)
+
+    def count_of(self, replica: Replica) -> int:
+        """Local attachments of ``replica``'s id (a retired replica and its successor
+        share the id)."""
+        with self._lock:
+            return sum(r.attachments for r in self._held if r.id == replica.id)
+
+    def all(self) -> list[Replica]:
+        with self._lock:
+            return list(self._held)
+
+    def recheck_stale(self) -> None:
+        """Retire replicas whose segment was deleted (nobody tells a replica's node),
+        checking a few not used for a while per call."""
+        horizon = time.monotonic() - _RECHECK_AGE
+        with self._lock:
+            stale = sorted((r for r in self._current.values() if r.checked < horizon),
+                           key=lambda r: r.checked)[:_RECHECK_BATCH]
+        for replica in stale:
+            try:
+                info = self.coordinator.find_segment(replica.name)
+            except VasError as exc:
+                log.warning("cannot re-read segment %s: %s", replica.name, exc)
+                return
+            with replica.lock:
+                replica.checked = time.monotonic()
+            if info is None or info.id != replica.id or \
+                    info.state == types_pb2.SEGMENT_STATE_DELETING:
+                log.info("dropping the replica of %s: its segment was deleted", replica.name)
+                self.retire(replica)
+
+    def home_address(self, info: types_pb2.SegmentInfo) -> str:
+        """The gRPC address of the home of ``info``; Unavailable if it is not registered."""
+        address = self._node_address(info.home)
+        if address is None:
+            raise Unavailable(f"home node {info.home} of segment {info.name} is not "
+                              "registered (down?)")
+        return address
+
+    def stop(self) -> None:
+        if self._faults is not None:
+            self._faults.stop()
+        self.homes.close()
+
+    def free_all(self) -> None:
+        """Free every replica (at shutdown, after the sessions are closed)."""
+        for replica in self.all():
+            with self._lock:
+                self._current.pop(replica.name, None)
+                with replica.lock:
+                    if replica.state is ReplicaState.CURRENT:
+                        replica.move(ReplicaState.RETIRED)
+                    if replica.state is ReplicaState.FREED:
+                        continue
+                    replica.move(ReplicaState.FREED)
+                self._held.discard(replica)
+                self.store.drop(replica.size)
+            _release(replica)
+
+
+def _release(replica: Replica) -> None:
+    """Give back the memory of a FREED replica (after its fetches in flight, which write
+    through the reader's own dup of the memfd)."""
+    fill, replica.fill = replica.fill, None
+    if fill is not None:
+        fill.close()
+    replica.memory.release()

@@ -1,0 +1,322 @@
+"""Writer locks and publishing: the single "rw" attachment, sync(), wait(), fencing.
+
+An "rw" attach takes the cluster-wide writer lock (``AcquireWriter``: a fencing
+token and an etcd lease of ``writer_ttl``). The keepalive thread renews a lease
+every ttl/3 **only while its client shows it is alive** (a request in the last
+2/3 ttl, or one being served): a stopped or hung writer loses the lock and
+another can take over. A lease that lapsed is FENCED: every later sync raises
+``Fenced`` without contacting anyone, and a remote writer's replica is retired
+(it holds writes that will never be published).
+
+Publishing (chunk arithmetic in node/publish.py):
+
+- **sync() on the home node**: ``PublishVersion`` with the token (the pages are
+  already the home's).
+- **sync() of a remote writer**: hash every chunk of its replica (or those of the
+  ranges given) **before** reading the bytes to send — a write racing with the
+  sync shows as changed at the next one — and stream the changed chunks to the
+  home (``Node.WritePages``). The home keeps them aside, calls PublishVersion
+  with the writer's token and only if that succeeds writes them into its pages
+  (``write_pages``): a fenced writer's bytes never reach the home copy.
+- ``published_hashes`` answers refreshing readers (``Node.ChunkHashes``).
+- **wait()**: follow the coordinator's Watch until a newer version is published.
+
+Publishing into a segment and reading its hashes pass through the segment's
+gate (node/segments.py), so a reader never sees a publish half applied; no lock
+is held across the network calls.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Callable
+
+from vas import _native
+from vas.core.errors import Fenced, InvalidArgument, NotFound, PermissionDenied, VasError
+from vas.node import locks
+from vas.node.publish import CHUNK, Staged, chunks_of, differing, hashes, runs
+from vas.node.segments import Replica
+from vas.node.sessions import Attachment, LeaseState, WriterLease
+from vas.proto import coordinator_pb2, node_pb2, types_pb2
+
+log = logging.getLogger(__name__)
+
+#: Bytes per second a publish stream is given (on top of the rpc timeout).
+SEND_RATE = 50e6
+#: Longest single coordinator Watch of a wait(), seconds: between watches the
+#: agent checks that the waiting client is still connected.
+WATCH_SLICE = 5.0
+
+
+class Writers:
+    """The writer locks of this node's "rw" attachments and their publishing."""
+
+    def __init__(self, node_id: str, config, coordinator, peers,
+                 home_address: Callable[[types_pb2.SegmentInfo], str],
+                 retire_replica: Callable[[Replica], None],
+                 cleanup_timeout: Callable[[], float]):
+        self.node_id = node_id
+        self.config = config
+        self.coordinator = coordinator
+        self.peers = peers
+        self._home_address = home_address
+        self._retire_replica = retire_replica
+        self._cleanup_timeout = cleanup_timeout
+        self._lock = locks.Lock("writers", locks.Rank.WRITERS)
+        self._live: dict[int, Attachment] = {}  # attachment id -> "rw" attachment renewed
+
+    # ------------------------------------------------------------------ the lock
+
+    def acquire(self, caller, name: str) -> WriterLease:
+        """Take the cluster-wide writer lock of ``name`` (Busy if held anywhere)."""
+        response = self.coordinator.acquire_writer(caller, name, self.config.writer_ttl)
+        return WriterLease(name, response.token, response.lease_id)
+
+    def track(self, attachment: Attachment) -> None:
+        """Renew ``attachment``'s lease from now on (while its client is alive)."""
+        with self._lock:
+            self._live[attachment.id] = attachment
+
+    def release(self, lease: WriterLease) -> None:
+        """Give the lock back (detach, EOF, a failed attach); a no-op once it ended."""
+        if lease.end(LeaseState.RELEASED):
+            self._release_at_coordinator(lease)
+
+    def ended(self, attachment: Attachment) -> None:
+        """``attachment`` (an "rw" one) detached: stop renewing and release its lock."""
+        with self._lock:
+            self._live.pop(attachment.id, None)
+        self.release(attachment.lease)
+
+    def revoke(self, attachment: Attachment) -> None:
+        """A force delete ends the writer's lock now: later syncs raise Fenced."""
+        with self._lock:
+            self._live.pop(attachment.id, None)
+        if attachment.lease.end(LeaseState.FENCED):
+            self._release_at_coordinator(attachment.lease)
+
+    def fence(self, attachment: Attachment) -> Fenced:
+        """``attachment``'s lease lapsed: mark it, free the local writer slot, retire a
+        remote writer's replica; the error to raise."""
+        attachment.lease.end(LeaseState.FENCED)
+        with self._lock:
+            self._live.pop(attachment.id, None)
+        segment = attachment.segment
+        with segment.lock:
+            segment.free_writer_locked(attachment)
+        if isinstance(segment, Replica):
+            self._retire_replica(segment)
+        return _fenced_error(attachment)
+
+    def _release_at_coordinator(self, lease: WriterLease) -> None:
+        try:
+            self.coordinator.release_writer(lease.name, lease.token, lease.lease_id,
+                                            self._cleanup_timeout())
+        except VasError as exc:  # the lease runs out on its own within writer_ttl
+            log.warning("cannot release the writer lock of %s (token %d): %s", lease.name,
+                        lease.token, exc)
+
+    def run_keepalive(self, stop: threading.Event) -> None:
+        """Renew each live writer's lease every writer_ttl/3 (see the module docstring)."""
+        ttl = self.config.writer_ttl
+        while not stop.wait(max(ttl / 3, 0.1)):
+            with self._lock:
+                writers = list(self._live.values())
+            for attachment in writers:
+                self._renew(attachment, ttl)
+
+    def _renew(self, attachment: Attachment, ttl: float) -> None:
+        lease, session = attachment.lease, attachment.session
+        if lease.state is not LeaseState.HELD:
+            return
+        if not session.alive_within(ttl * 2 / 3):
+            # Stopped or hung: let the lease lapse so another writer can take over.
+            log.warning("writer of %s (pid %d) sent no keepalive for %.1f s: not renewing "
+                        "its lock", lease.name, session.pid, time.monotonic() - session.last_seen)
+            return
+        try:
+            self.coordinator.renew_writer(lease.name, lease.token, lease.lease_id)
+        except Fenced as exc:
+            log.warning("writer lock of %s (token %d) lapsed: %s", lease.name, lease.token, exc)
+            self.fence(attachment)
+        except VasError as exc:
+            log.warning("cannot renew the writer lock of %s: %s", lease.name, exc)
+
+    # ------------------------------------------------------------------ sync
+
+    def sync(self, attachment: Attachment, ranges) -> types_pb2.SegmentInfo:
+        """Publish ``attachment``'s writes ((offset, length) ``ranges``, or all changes)."""
+        segment = attachment.segment
+        if attachment.mode != "rw":
+            raise PermissionDenied(f"segment {segment.name} is attached read-only: only its "
+                                   "writer may sync")
+        # Bounds-checked before anything moves; None: find the changes by hashing.
+        chunks = chunks_of(ranges, segment.size) if ranges else None
+        if attachment.lease.state is not LeaseState.HELD:
+            raise _fenced_error(attachment)
+        timeout = self.config.rpc_timeout + segment.size / SEND_RATE
+        with segment.gate.passage(timeout, f"sync of segment {segment.name}"):
+            if isinstance(segment, Replica):
+                return self._publish_remote(attachment, chunks)
+            return self._publish_version(attachment.session.caller, segment,
+                                         attachment.lease, attachment)
+
+    def _publish_remote(self, attachment: Attachment, chunks: list[int] | None):
+        """Send a remote writer's changed chunks (``chunks``, or those whose hash changed
+        since the last sync) to the home; the record at the new version."""
+        replica, lease = attachment.segment, attachment.lease
+        with memoryview(replica.memory.mapping) as raw, raw.cast("B") as view:
+            if chunks is not None:
+                synced = _rehash(view, replica.synced_hashes, chunks)
+            else:
+                synced = hashes(view)
+                chunks = differing(replica.synced_hashes, synced)
+            address = self._home_address(replica.info)
+            header = node_pb2.WritePagesHeader(
+                caller=attachment.session.caller, name=replica.name, id=replica.id,
+                token=lease.token, lease_id=lease.lease_id)
+            timeout = self.config.rpc_timeout + len(chunks) * CHUNK / SEND_RATE
+            try:
+                info = self.peers.write_pages(address, header, view,
+                                              runs(chunks, replica.size), timeout)
+            except Fenced:
+                raise self.fence(attachment) from None
+        with replica.lock:
+            replica.synced_hashes = synced
+            replica.adopt_version_locked(info.version)
+        log.info("sync of %s: sent %d changed chunks (%d bytes) to %s, now version %d",
+                 replica.name, len(chunks), len(chunks) * CHUNK, replica.info.home, info.version)
+        return info
+
+    def _publish_version(self, caller, segment, lease: WriterLease,
+                         attachment: Attachment | None = None) -> types_pb2.SegmentInfo:
+        """PublishVersion for the writer holding ``lease`` (the caller is in the segment's
+        gate). A local ``attachment`` whose token is stale is fenced."""
+        try:
+            info = self.coordinator.publish_version(caller, segment.name, segment.id,
+                                                    lease.token, lease.lease_id)
+        except Fenced:
+            if attachment is not None:
+                raise self.fence(attachment) from None
+            raise
+        with segment.lock:
+            segment.adopt_version_locked(info.version)
+        return info
+
+    # ------------------------------------------------------------------ home side
+
+    def write_pages(self, segment, header: node_pb2.WritePagesHeader,
+                    pieces) -> types_pb2.SegmentInfo:
+        """Apply a remote writer's ``pieces`` ((offset, bytes) pairs) to home ``segment``
+        if its token is current."""
+        if segment.name != header.name:
+            raise NotFound(f"segment {header.name!r} (id {header.id}) is not held by "
+                           f"node {self.node_id}")
+        staged = Staged(segment.size)
+        for offset, data in pieces:
+            staged.add(offset, data)
+        fd = _dup_fd(segment)
+        try:
+            timeout = self.config.rpc_timeout + staged.total / SEND_RATE
+            with segment.gate.passage(timeout, f"publish of segment {segment.name}"):
+                lease = WriterLease(header.name, header.token, header.lease_id)
+                info = self._publish_version(header.caller, segment, lease)
+                for offset, data in staged.pieces:
+                    _pwrite_all(fd, data, offset)
+        finally:
+            os.close(fd)
+        return info
+
+    def published_hashes(self, segment, chunk_size: int) -> tuple[int, bytes]:
+        """(version, chunk hashes) of home ``segment``, never mid-publish."""
+        if chunk_size != CHUNK:
+            raise InvalidArgument(f"invalid chunk size {chunk_size}: this agent hashes "
+                                  f"{CHUNK}-byte chunks")
+        fd = _dup_fd(segment)
+        try:
+            timeout = self.config.rpc_timeout + segment.size / SEND_RATE
+            with segment.gate.passage(timeout, f"hashes of segment {segment.name}"):
+                with segment.lock:
+                    version, cached = segment.info.version, segment.published_hashes
+                if cached is not None and cached[0] == version:
+                    return cached
+                mapping = _native.mmap(fd, segment.size, writable=False)
+                try:
+                    with memoryview(mapping) as raw, raw.cast("B") as view:
+                        fresh = (version, hashes(view))
+                finally:
+                    mapping.close()
+                with segment.lock:
+                    segment.published_hashes = fresh
+                return fresh
+        finally:
+            os.close(fd)
+
+    # ------------------------------------------------------------------ wait
+
+    def wait(self, session, segment, floor: int, timeout: float) -> types_pb2.SegmentInfo:
+        """The record of ``segment`` once its version exceeds ``floor`` (or at a delete
+        mark), or as it is when ``timeout`` seconds (0: no limit) pass or the client
+        hangs up."""
+        deadline = time.monotonic() + timeout if timeout else math.inf
+        with segment.lock:
+            info = segment.info
+        while not session.hung_up():
+            watch = min(WATCH_SLICE, deadline - time.monotonic())
+            if watch <= 0:
+                break
+            info = self._watch_version(segment, floor, watch)
+            if info.version > floor:
+                break
+        return info
+
+    def _watch_version(self, segment, floor: int, timeout: float) -> types_pb2.SegmentInfo:
+        request = coordinator_pb2.WatchRequest(prefix=segment.name)
+        with segment.lock:
+            info = segment.info
+        with self.coordinator.watch(request, timeout) as events:
+            for event in events:
+                if event.type == coordinator_pb2.WatchEvent.TYPE_CREATED:
+                    # Established: anything published from now on is in the stream.
+                    info = self.coordinator.get_segment(segment.name)
+                elif event.segment.name == segment.name:
+                    info = event.segment
+                else:
+                    continue
+                if info.id != segment.id:
+                    raise NotFound(f"segment {segment.name} (id {segment.id}) was deleted")
+                if info.version > floor or info.state == types_pb2.SEGMENT_STATE_DELETING:
+                    break
+        return info
+
+
+def _fenced_error(attachment: Attachment) -> Fenced:
+    return Fenced(f"segment {attachment.segment.name}: writer token {attachment.lease.token} "
+                  "is no longer current (lease lapsed or lock taken over); detach and attach "
+                  "\"rw\" again")
+
+
+def _rehash(view: memoryview, synced: bytes, chunks: list[int]) -> bytes:
+    """``synced`` with the hashes of ``chunks`` recomputed from ``view``."""
+    fresh_all = bytearray(synced)
+    for offset, length in runs(chunks, len(view)):
+        with view[offset:offset + length] as part:
+            first = 8 * (offset // CHUNK)
+            fresh = hashes(part)
+            fresh_all[first:first + len(fresh)] = fresh
+    return bytes(fresh_all)
+
+
+def _dup_fd(segment) -> int:
+    with segment.lock:
+        return os.dup(segment.fd)
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    with memoryview(data) as view:
+        done = 0
+        while done < len(view):
+            done += os.pwrite(fd, view[done:], offset + done)
