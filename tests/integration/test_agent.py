@@ -37,7 +37,6 @@ PS = _native.PAGE_SIZE
 WAIT = 20.0  # seconds: bound of every wait for a condition
 wait_for = functools.partial(waiting.wait_for, timeout=WAIT)
 PYTHON = [sys.executable]
-ENV = {**os.environ, "PYTHONSAFEPATH": "1"}
 
 # The tiny local-protocol client used by the tests and by their child processes.
 LOCAL_CLIENT = textwrap.dedent('''
@@ -168,7 +167,7 @@ def coordinator_stub(coordinator):
 def child(code: str, *args: str, timeout: float = 60) -> dict:
     """Run LOCAL_CLIENT + ``code`` in a new Python; it prints one JSON line, returned parsed."""
     proc = subprocess.run([*PYTHON, "-c", LOCAL_CLIENT + textwrap.dedent(code), *args],
-                          capture_output=True, text=True, timeout=timeout, env=ENV, cwd="/")
+                          capture_output=True, text=True, timeout=timeout, cwd="/")
     assert proc.returncode == 0, f"child failed ({proc.returncode}): {proc.stderr[-3000:]}"
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -340,7 +339,7 @@ def test_a_dead_client_releases_its_writer_lock_at_once(node1, client, name):
             print("held", flush=True)
             sys.stdin.readline()
         """), node1.socket, name],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=ENV, cwd="/")
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd="/")
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(errors.Busy):
@@ -533,7 +532,7 @@ def test_a_killed_client_releases_its_attachments(node1, client, name):
             print("held", flush=True)
             sys.stdin.readline()
         """), node1.socket, name],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=ENV, cwd="/")
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd="/")
     try:
         assert holder.stdout.readline().strip() == "held"
         wait_for(lambda: client.stat(name).attachments == 5, "5 reported attachments")

@@ -1,8 +1,7 @@
 """The Python client against a real local cluster (etcd, coordinator, two agents).
 
 One cluster serves the whole module; each test uses its own segment names.
-Child processes run with PYTHONSAFEPATH semantics (-P, cwd /) so they import
-the installed package.
+Child processes run from cwd / with the environment of the tests.
 """
 from __future__ import annotations
 

@@ -75,9 +75,8 @@ def find_etcd() -> str:
 
 
 def _child_env(extra: dict | None = None) -> dict:
-    # PYTHONSAFEPATH: a child started from a source checkout must import the installed
-    # package, not the tree's vas/ (which lacks the built extension and stubs).
-    return {**os.environ, "PYTHONSAFEPATH": "1", "PYTHONUNBUFFERED": "1", **(extra or {})}
+    # Unbuffered: a log line ("listening on ...") must reach the file when printed.
+    return {**os.environ, "PYTHONUNBUFFERED": "1", **(extra or {})}
 
 
 class _Process:
