@@ -45,9 +45,10 @@ import time
 
 import grpc
 
-from vas import _native, validate
-from vas.errors import (AlreadyExists, Busy, Fenced, InvalidArgument, NotFound,
-                        PermissionDenied, Unavailable, VasError)
+from vas import _native
+from vas.core import validate
+from vas.core.errors import (AlreadyExists, Busy, Fenced, InvalidArgument, NotFound,
+                             PermissionDenied, Unavailable, VasError)
 from vas.node import bulk, lazy
 from vas.node import store as store_mod
 from vas.node.clients import CoordinatorClient, PeerClients

@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from vas.errors import Unavailable, VasError, from_status, status_code
+from vas.core.errors import Unavailable, VasError, from_status, status_code
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """gRPC clients the agent uses: its coordinator and the Node service of other agents.
 
 Every unary call has a deadline and turns a failed status into the matching
-``vas.errors`` exception (``raise from_rpc_error(exc) from exc``), so the agent's
+``vas.core.errors`` exception (``raise from_rpc_error(exc) from exc``), so the agent's
 policy code only ever sees VasError.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ import threading
 
 import grpc
 
-from vas.errors import Unavailable, from_rpc_error
+from vas.core.errors import Unavailable, from_rpc_error
 from vas.proto import coordinator_pb2_grpc, node_pb2, node_pb2_grpc, types_pb2
 
 #: Channel options shared by every channel the agent opens: the local protocol

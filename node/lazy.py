@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 
 from vas import _native
-from vas.errors import Unavailable, VasError
+from vas.core.errors import Unavailable, VasError
 from vas.node import bulk
 
 log = logging.getLogger(__name__)

@@ -28,8 +28,8 @@ import time
 
 from google.protobuf.message import DecodeError
 
-from vas import wire
-from vas.errors import InvalidArgument, VasError
+from vas.core import wire
+from vas.core.errors import InvalidArgument, VasError
 from vas.node.agent import Agent, Session, Unimplemented
 from vas.proto import local_pb2
 
@@ -63,7 +63,7 @@ def _close_fds(fds) -> None:
 class Receiver:
     """Receives the requests of one connection.
 
-    The framing is vas.wire's, but received here rather than with
+    The framing is vas.core.wire's, but received here rather than with
     ``wire.recv_message`` for two reasons: fds sent along with garbage are
     closed at once (the agent takes an fd only with RegisterFaults); and the
     datagram lands in a buffer reused across requests (an anonymous mapping

@@ -25,7 +25,7 @@ import logging
 import threading
 
 from vas import _native
-from vas.errors import VasError
+from vas.core.errors import VasError
 from vas.node import store as store_mod
 from vas.node.store import Store
 

@@ -15,8 +15,9 @@ import time
 
 import numpy as np
 
-from vas import _native, validate
-from vas.errors import Fenced, InvalidArgument, NotFound, PermissionDenied
+from vas import _native
+from vas.core import validate
+from vas.core.errors import Fenced, InvalidArgument, NotFound, PermissionDenied
 from vas.node import lazy
 from vas.proto import coordinator_pb2, local_pb2, node_pb2, types_pb2
 

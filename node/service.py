@@ -5,7 +5,7 @@ import os
 
 import grpc
 
-from vas.errors import InvalidArgument, VasError, abort_with
+from vas.core.errors import InvalidArgument, VasError, abort_with
 from vas.node.agent import Agent
 from vas.proto import node_pb2, node_pb2_grpc
 

@@ -28,7 +28,7 @@ import time
 from collections.abc import Iterator
 
 from vas import _native
-from vas.errors import CapacityExceeded
+from vas.core.errors import CapacityExceeded
 from vas.proto import types_pb2
 
 log = logging.getLogger(__name__)

@@ -27,6 +27,8 @@ from concurrent import futures
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from vas.core.defaults import DEFAULT_MEMORY
+
 #: Seconds a process may take to become ready.
 DEFAULT_START_TIMEOUT = 60.0
 #: Seconds ``stop`` waits after SIGTERM before SIGKILL.
@@ -281,7 +283,7 @@ class NodeProcess(_Process):
     _LISTENING = re.compile(r"vas node (\S+) listening on (\S+) socket (\S+)")
 
     def __init__(self, directory: str, coordinator: str, *, node_id: str = "node1",
-                 memory: int = 1 << 30, socket: str | None = None, listen: str = "127.0.0.1:0",
+                 memory: int = DEFAULT_MEMORY, socket: str | None = None, listen: str = "127.0.0.1:0",
                  data_dir: str | None = None, netns: str | None = None,
                  writer_ttl: int | None = None):
         super().__init__(directory, node_id)
@@ -341,7 +343,7 @@ class LocalCluster:
     manager: ``stop()`` on exit.
     """
 
-    def __init__(self, directory: str, nodes: int = 1, memory: int = 1 << 30,
+    def __init__(self, directory: str, nodes: int = 1, memory: int = DEFAULT_MEMORY,
                  etcd_url: str | None = None, coordinators: int = 1,
                  writer_ttl: int | None = None):
         if nodes < 0 or coordinators < 1:

@@ -18,9 +18,9 @@ import math
 import os
 import time
 
-from vas import validate
-from vas.errors import AddressConflict, Busy, InvalidArgument, NotFound, PermissionDenied, Unavailable, VasError
-from vas.types import SegmentInfo
+from vas.core import validate
+from vas.core.errors import AddressConflict, Busy, InvalidArgument, NotFound, PermissionDenied, Unavailable, VasError
+from vas.core.types import SegmentInfo
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The node agent over its local socket: real etcd, coordinator and agent processes.
 
-The client here is a few lines over vas.wire and local_pb2 (``LOCAL_CLIENT``), so
+The client here is a few lines over vas.core.wire and local_pb2 (``LOCAL_CLIENT``), so
 these tests pin the local protocol itself; child processes run the same code.
 Children that must act as another uid import everything first and then drop
 privileges: SO_PEERCRED records the identity at connect().
@@ -28,8 +28,9 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase)
 
 import waiting
-from vas import _native, errors, wire
+from vas import _native
 from vas.cluster import CoordinatorProcess, EtcdProcess, NodeProcess
+from vas.core import errors, wire
 from vas.proto import LOCAL_PROTOCOL, coordinator_pb2, coordinator_pb2_grpc, local_pb2, types_pb2
 
 MiB = 1 << 20
@@ -41,7 +42,7 @@ PYTHON = [sys.executable]
 # The tiny local-protocol client used by the tests and by their child processes.
 LOCAL_CLIENT = textwrap.dedent('''
     import itertools, os, socket
-    from vas import errors, wire
+    from vas.core import errors, wire
     from vas.proto import LOCAL_PROTOCOL, local_pb2, coordinator_pb2
 
     class Local:
@@ -421,7 +422,7 @@ def test_permissions_follow_mode_bits_of_the_socket_identity(node1, client, name
     client.create(name, PS, mode=0o600)
     probe = """
         import json, sys
-        from vas import errors
+        from vas.core import errors
         os.setgroups([]); os.setgid(65534); os.setuid(65534)   # after the imports
         c = Local(sys.argv[1])
         out = {"uid": c.hello().caller.uid}
@@ -573,7 +574,7 @@ def test_chmod_and_chown_elsewhere_reach_the_home_cache_at_once(node1, node2, cl
     client.create(name, PS, mode=0o600)
     probe = """
         import json, sys
-        from vas import errors
+        from vas.core import errors
         os.setgroups([]); os.setgid(65534); os.setuid(65534)
         c = Local(sys.argv[1])
         result = {}

@@ -15,7 +15,7 @@ import pytest
 from vas.cli import printers
 from vas.cli.main import EXIT_ERROR, EXIT_USAGE, build_parser, main, mode_type, size_type
 from vas.cli.seg import owner_type
-from vas.types import NodeInfo, SegmentInfo
+from vas.core.types import NodeInfo, SegmentInfo
 
 SEGMENT = SegmentInfo(name="demo", id=7, size=64 << 20, address=0x200000000000, mode=0o640,
                       uid=0, gid=0, home="node1", replicas=0, version=3, state="ready",

@@ -10,7 +10,7 @@ import textwrap
 import pytest
 
 from vas import _native
-from vas.errors import CapacityExceeded
+from vas.core.errors import CapacityExceeded
 from vas.node import store
 from vas.node.store import Segment, Store, may_attach
 from vas.proto import types_pb2
