@@ -325,7 +325,7 @@ class Mapping:
         return client is not None and self.info.home == client.local_node.id
 
     def sync(self, ranges=None) -> int:
-        """Publish this writer's changes cluster-wide ("rw" only); returns the new version.
+        r"""Publish this writer's changes cluster-wide ("rw" only); returns the new version.
 
         On the home node the pages are the home's: sync bumps the version. On
         another node the agent sends the home the chunks changed since the last
