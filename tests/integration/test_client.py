@@ -47,7 +47,7 @@ def client(env):
 
 def run_child(code: str, env: dict) -> dict:
     """Run ``code`` in a fresh interpreter; it prints one JSON line, returned parsed."""
-    proc = subprocess.run([sys.executable, "-P", "-c", textwrap.dedent(code)],
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)],
                           env={**os.environ, **env}, capture_output=True, text=True,
                           timeout=120, cwd="/")
     assert proc.returncode == 0, proc.stderr[-3000:]

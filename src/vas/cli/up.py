@@ -133,7 +133,7 @@ def run_demo(env: dict) -> int:
               f"home {info.home}", flush=True)
         digests = []
         for role, code in (("writer", _DEMO_WRITER), ("reader", _DEMO_READER)):
-            proc = subprocess.run([sys.executable, "-P", "-c", code, socket_path, DEMO_SEGMENT],
+            proc = subprocess.run([sys.executable, "-c", code, socket_path, DEMO_SEGMENT],
                                   env=child_env, capture_output=True, text=True, timeout=300)
             if proc.returncode != 0:
                 sys.stderr.write(proc.stderr)
