@@ -1,7 +1,7 @@
 """Configuration of a coordinator: one dataclass, with the defaults as DEFAULT_* constants.
 
 Flags and ``VAS_*`` environment variables are mapped onto it in one place
-(vas/cli/daemons.py); tests build it directly and call ``vas.coordinator.server.serve``.
+(src/vas/cli/daemons.py); tests build it directly and call ``vas.coordinator.server.serve``.
 """
 from __future__ import annotations
 

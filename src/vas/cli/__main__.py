@@ -1,4 +1,4 @@
-"""``python -m vas.cli`` is ``vasctl`` (the launcher in vas/cluster.py uses this form)."""
+"""``python -m vas.cli`` is ``vasctl`` (the launcher in vas.cluster uses this form)."""
 import sys
 
 from vas.cli.main import main
