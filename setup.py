@@ -1,9 +1,18 @@
 """Build steps pyproject.toml cannot express: the C extension and the gRPC stubs.
 
-The stubs are generated from proto/vas/v1/*.proto into the build tree as the
-package ``vas.v1`` (protoc names generated modules after the .proto path, so
+The stubs are generated from proto/vas/v1/*.proto as the package ``vas.v1``
+(protoc names generated modules after the .proto path, so
 ``import "vas/v1/types.proto"`` becomes ``from vas.v1 import types_pb2``).
 They are never committed or edited by hand.
+
+Where they go depends on the kind of install:
+
+- a wheel (``pip install .``, ``python -m build``): into the build tree, next to
+  the other modules of the wheel;
+- an editable install (``pip install -e .``): into the source package, as
+  src/vas/v1/ (ignored by git), because an editable install imports vas from
+  src/vas/ and never looks at the build tree. setuptools builds the extension
+  in place (src/vas/_native*.so) for the same reason.
 """
 import os
 
@@ -19,7 +28,11 @@ class BuildPyWithProtos(build_py):
 
     def run(self):
         super().run()
-        self.generate_protos(self.build_lib)
+        if self.editable_mode:
+            # get_package_dir("vas") is "src/vas"; protoc adds the vas/v1/ part itself.
+            self.generate_protos(os.path.dirname(self.get_package_dir("vas")))
+        else:
+            self.generate_protos(self.build_lib)
 
     def generate_protos(self, out_dir):
         import grpc_tools
@@ -28,6 +41,8 @@ class BuildPyWithProtos(build_py):
         protos = sorted(
             os.path.join(PROTO_DIR, f) for f in os.listdir(PROTO_DIR) if f.endswith(".proto")
         )
+        if not protos:
+            raise RuntimeError(f"no .proto files in {PROTO_DIR}")
         well_known = os.path.join(os.path.dirname(grpc_tools.__file__), "_proto")
         target = os.path.join(out_dir, "vas", "v1")
         os.makedirs(target, exist_ok=True)

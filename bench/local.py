@@ -32,7 +32,7 @@ import numpy as np
 import vas
 from vas.cluster import LocalCluster
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # PYTHONSAFEPATH leaves it out
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # forwarder.py, however started
 from forwarder import Client as Forwarder  # noqa: E402
 
 GiB = 1 << 30

@@ -6,7 +6,7 @@ other bits; root (uid 0) may do anything.
 """
 from __future__ import annotations
 
-from vas.errors import PermissionDenied
+from vas.core.errors import PermissionDenied
 
 READ = 4
 WRITE = 2

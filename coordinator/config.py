@@ -1,18 +1,15 @@
 """Configuration of a coordinator: one dataclass, with the defaults as DEFAULT_* constants.
 
 Flags and ``VAS_*`` environment variables are mapped onto it in one place
-(vas/cli/daemons.py); tests build it directly and call ``vas.coordinator.server.serve``.
+(src/vas/cli/daemons.py); tests build it directly and call ``vas.coordinator.server.serve``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-#: host:port to serve the Coordinator gRPC API on; port 0 picks a free port.
-DEFAULT_LISTEN = "127.0.0.1:7300"
-#: TTL in seconds of a node's lease when RegisterNode asks for 0.
-DEFAULT_NODE_TTL = 10
-#: TTL in seconds of a writer-lock lease when AcquireWriter asks for 0.
-DEFAULT_WRITER_TTL = 10
+# Shared with the agent and the CLI: defined once, in vas.core.defaults.
+from vas.core.defaults import DEFAULT_COORDINATOR_LISTEN, DEFAULT_NODE_TTL, DEFAULT_WRITER_TTL
+
 #: Deadline in seconds of one call to etcd.
 DEFAULT_ETCD_TIMEOUT = 5.0
 #: gRPC server worker threads (each Watch stream holds one while it lives).
@@ -45,7 +42,7 @@ class CoordinatorConfig:
     """
 
     etcd: str
-    listen: str = DEFAULT_LISTEN
+    listen: str = DEFAULT_COORDINATOR_LISTEN
     node_ttl: int = DEFAULT_NODE_TTL
     writer_ttl: int = DEFAULT_WRITER_TTL
     etcd_timeout: float = DEFAULT_ETCD_TIMEOUT

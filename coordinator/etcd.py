@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 import grpc
 from etcd3 import etcdrpc
 
-from vas.errors import InvalidArgument, Unavailable, VasError
+from vas.core.errors import InvalidArgument, Unavailable, VasError
 
 _CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 << 20),

@@ -25,7 +25,7 @@ The storage layout at a glance (all keys under ``/vas/``; values are compact JSO
     /vas/spaces/NAME              {"mode", "uid", "gid", "created",
                                    "members": [[segment, "r"|"rw"], ...]}
 
-Keys and values are bytes on the wire; names are ASCII (vas.validate.check_name).
+Keys and values are bytes on the wire; names are ASCII (vas.core.validate.check_name).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ import base64
 import binascii
 import json
 
-from vas.errors import InvalidArgument
+from vas.core.errors import InvalidArgument
 
 ROOT = b"/vas/"
 ALLOC = b"/vas/alloc"

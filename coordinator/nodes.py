@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from vas.coordinator import keys
 from vas.coordinator.etcd import Etcd, put_op, unchanged
-from vas.errors import NotFound
+from vas.core.errors import NotFound
 from vas.proto import types_pb2
 
 STATE_NAMES = {types_pb2.NODE_STATE_READY: "ready", types_pb2.NODE_STATE_DRAINING: "draining"}

@@ -23,8 +23,8 @@ import grpc
 from vas.coordinator import access, keys
 from vas.coordinator.etcd import (Etcd, EtcdError, absent, created_at, delete_op, present,
                                   put_op, range_op, unchanged)
-from vas.errors import (AlreadyExists, CapacityExceeded, InvalidArgument, NotFound, Unavailable,
-                        VasError)
+from vas.core.errors import (AlreadyExists, CapacityExceeded, InvalidArgument, NotFound,
+                             Unavailable, VasError)
 from vas.proto import types_pb2
 
 # The address window every segment is placed in (16 TiB, far above where Linux puts

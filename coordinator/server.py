@@ -21,7 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from vas.coordinator.config import CoordinatorConfig
 from vas.coordinator.etcd import Etcd
 from vas.coordinator.service import CoordinatorService
-from vas.errors import VasError
+from vas.core.errors import VasError
 from vas.proto import coordinator_pb2, coordinator_pb2_grpc
 
 log = logging.getLogger("vas.coordinator")

@@ -1,7 +1,7 @@
 """The Coordinator gRPC servicer: validate the request, call the domain module, map errors.
 
 Nothing here touches etcd directly; each method checks its input (names, sizes,
-modes with vas.validate, plus the coordinator's own fields), calls one method of
+modes with vas.core.validate, plus the coordinator's own fields), calls one method of
 segments/nodes/writers/spaces/watch/status, and turns a VasError into its gRPC
 status with ``abort_with``. See proto/vas/v1/coordinator.proto for each RPC's contract.
 """
@@ -19,10 +19,10 @@ from vas.coordinator.spaces import Spaces
 from vas.coordinator.status import cluster_status
 from vas.coordinator.watch import SegmentWatch
 from vas.coordinator.writers import Writers
-from vas.errors import InvalidArgument, VasError, abort_with
+from vas.core.errors import InvalidArgument, VasError, abort_with
+from vas.core.validate import (MAX_NAME_LENGTH, check_attach_mode, check_mode, check_name,
+                               check_size)
 from vas.proto import coordinator_pb2 as pb, coordinator_pb2_grpc
-from vas.validate import (MAX_NAME_LENGTH, check_attach_mode, check_mode, check_name,
-                          check_size)
 
 #: ListSegments page size when the request asks for 0, and the largest allowed.
 DEFAULT_PAGE_SIZE = 500

@@ -11,7 +11,7 @@ from typing import Callable
 
 from vas.coordinator import access, keys
 from vas.coordinator.etcd import Etcd, absent, delete_op, present, put_op, range_op, unchanged
-from vas.errors import AlreadyExists, NotFound, Unavailable
+from vas.core.errors import AlreadyExists, NotFound, Unavailable
 from vas.proto import types_pb2
 
 

@@ -21,7 +21,7 @@ from etcd3.etcdrpc import kv_pb2
 from vas.coordinator import keys
 from vas.coordinator.etcd import Etcd, translate
 from vas.coordinator.segments import Entry, live_nodes_of, to_proto
-from vas.errors import InvalidArgument, Unavailable
+from vas.core.errors import InvalidArgument, Unavailable
 from vas.proto import coordinator_pb2, types_pb2
 
 WatchEvent = coordinator_pb2.WatchEvent

@@ -18,7 +18,7 @@ from vas.coordinator.etcd import (Etcd, EtcdError, absent, created_at, delete_op
                                   range_op, unchanged)
 from vas.coordinator.segments import (Entry, Segments, attachment_counts, live_nodes_of,
                                       to_proto)
-from vas.errors import Busy, Fenced, NotFound, PermissionDenied, Unavailable
+from vas.core.errors import Busy, Fenced, NotFound, PermissionDenied, Unavailable
 from vas.proto import types_pb2
 
 _NODES_END = keys.prefix_end(keys.NODES)

@@ -1,23 +1,16 @@
 """Configuration of a node agent: one dataclass, with the defaults as DEFAULT_* constants.
 
 Flags and ``VAS_*`` environment variables are mapped onto it in one place
-(vas/cli/daemons.py); tests build it directly and call ``vas.node.server.serve``.
+(src/vas/cli/daemons.py); tests build it directly and call ``vas.node.server.serve``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-#: host:port of the Node gRPC service; port 0 picks a free port.
-DEFAULT_LISTEN = "127.0.0.1:0"
-#: Path of the local Unix socket clients connect to.
-DEFAULT_SOCKET = "/run/vas/node.sock"
-#: Segment memory capacity in bytes (1 GiB).
-DEFAULT_MEMORY = 1 << 30
-#: TTL in seconds of the node's etcd lease; the agent heartbeats every ttl/3.
-DEFAULT_HEARTBEAT_TTL = 10
-#: TTL in seconds of a writer-lock lease; the agent renews it every ttl/3 while the
-#: "rw" attachment's connection lives.
-DEFAULT_WRITER_TTL = 10
+# Shared with the client, the CLI and the coordinator: defined once, in vas.core.defaults.
+from vas.core.defaults import (DEFAULT_MEMORY, DEFAULT_NODE_LISTEN, DEFAULT_NODE_TTL,
+                               DEFAULT_SOCKET, DEFAULT_WRITER_TTL)
+
 #: Seconds the agent gathers attachment changes before reporting them to the coordinator.
 DEFAULT_REPORT_DELAY = 0.05
 #: Deadline in seconds of one unary call to the coordinator or to another agent.
@@ -55,13 +48,13 @@ class NodeConfig:
     """
 
     coordinator: str
-    listen: str = DEFAULT_LISTEN
+    listen: str = DEFAULT_NODE_LISTEN
     socket: str = DEFAULT_SOCKET
     memory: int = DEFAULT_MEMORY
     data_dir: str | None = None
     node_id: str | None = None
     advertise: str | None = None
-    heartbeat_ttl: int = DEFAULT_HEARTBEAT_TTL
+    heartbeat_ttl: int = DEFAULT_NODE_TTL
     writer_ttl: int = DEFAULT_WRITER_TTL
     report_delay: float = DEFAULT_REPORT_DELAY
     rpc_timeout: float = DEFAULT_RPC_TIMEOUT

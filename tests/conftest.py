@@ -18,11 +18,7 @@ import tempfile
 import grpc
 import pytest
 
-# Children import the installed package, never the source tree's vas/ (which has
-# no built extension or stubs): PYTHONSAFEPATH keeps the cwd off their sys.path.
-os.environ["PYTHONSAFEPATH"] = "1"
-
-from vas.cluster import CoordinatorProcess, EtcdProcess, LocalCluster  # noqa: E402
+from vas.cluster import CoordinatorProcess, EtcdProcess, LocalCluster
 
 
 def new_world_dir(prefix: str) -> str:

@@ -1,6 +1,6 @@
 """The node agent over its local socket: real etcd, coordinator and agent processes.
 
-The client here is a few lines over vas.wire and local_pb2 (``LOCAL_CLIENT``), so
+The client here is a few lines over vas.core.wire and local_pb2 (``LOCAL_CLIENT``), so
 these tests pin the local protocol itself; child processes run the same code.
 Children that must act as another uid import everything first and then drop
 privileges: SO_PEERCRED records the identity at connect().
@@ -28,8 +28,9 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase)
 
 import waiting
-from vas import _native, errors, wire
+from vas import _native
 from vas.cluster import CoordinatorProcess, EtcdProcess, NodeProcess
+from vas.core import errors, wire
 from vas.proto import LOCAL_PROTOCOL, coordinator_pb2, coordinator_pb2_grpc, local_pb2, types_pb2
 
 MiB = 1 << 20
@@ -37,12 +38,11 @@ PS = _native.PAGE_SIZE
 WAIT = 20.0  # seconds: bound of every wait for a condition
 wait_for = functools.partial(waiting.wait_for, timeout=WAIT)
 PYTHON = [sys.executable]
-ENV = {**os.environ, "PYTHONSAFEPATH": "1"}
 
 # The tiny local-protocol client used by the tests and by their child processes.
 LOCAL_CLIENT = textwrap.dedent('''
     import itertools, os, socket
-    from vas import errors, wire
+    from vas.core import errors, wire
     from vas.proto import LOCAL_PROTOCOL, local_pb2, coordinator_pb2
 
     class Local:
@@ -168,7 +168,7 @@ def coordinator_stub(coordinator):
 def child(code: str, *args: str, timeout: float = 60) -> dict:
     """Run LOCAL_CLIENT + ``code`` in a new Python; it prints one JSON line, returned parsed."""
     proc = subprocess.run([*PYTHON, "-c", LOCAL_CLIENT + textwrap.dedent(code), *args],
-                          capture_output=True, text=True, timeout=timeout, env=ENV, cwd="/")
+                          capture_output=True, text=True, timeout=timeout, cwd="/")
     assert proc.returncode == 0, f"child failed ({proc.returncode}): {proc.stderr[-3000:]}"
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -340,7 +340,7 @@ def test_a_dead_client_releases_its_writer_lock_at_once(node1, client, name):
             print("held", flush=True)
             sys.stdin.readline()
         """), node1.socket, name],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=ENV, cwd="/")
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd="/")
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(errors.Busy):
@@ -422,7 +422,7 @@ def test_permissions_follow_mode_bits_of_the_socket_identity(node1, client, name
     client.create(name, PS, mode=0o600)
     probe = """
         import json, sys
-        from vas import errors
+        from vas.core import errors
         os.setgroups([]); os.setgid(65534); os.setuid(65534)   # after the imports
         c = Local(sys.argv[1])
         out = {"uid": c.hello().caller.uid}
@@ -533,7 +533,7 @@ def test_a_killed_client_releases_its_attachments(node1, client, name):
             print("held", flush=True)
             sys.stdin.readline()
         """), node1.socket, name],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=ENV, cwd="/")
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd="/")
     try:
         assert holder.stdout.readline().strip() == "held"
         wait_for(lambda: client.stat(name).attachments == 5, "5 reported attachments")
@@ -574,7 +574,7 @@ def test_chmod_and_chown_elsewhere_reach_the_home_cache_at_once(node1, node2, cl
     client.create(name, PS, mode=0o600)
     probe = """
         import json, sys
-        from vas import errors
+        from vas.core import errors
         os.setgroups([]); os.setgid(65534); os.setuid(65534)
         c = Local(sys.argv[1])
         result = {}

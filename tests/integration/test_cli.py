@@ -21,7 +21,7 @@ from vas.cluster import LocalCluster
 
 MiB = 1 << 20
 NODE_MEMORY = 256 * MiB
-VASCTL = [sys.executable, "-P", "-m", "vas.cli"]
+VASCTL = [sys.executable, "-m", "vas.cli"]
 
 
 @pytest.fixture(scope="module")

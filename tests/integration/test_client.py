@@ -1,8 +1,7 @@
 """The Python client against a real local cluster (etcd, coordinator, two agents).
 
 One cluster serves the whole module; each test uses its own segment names.
-Child processes run with PYTHONSAFEPATH semantics (-P, cwd /) so they import
-the installed package.
+Child processes run from cwd / with the environment of the tests.
 """
 from __future__ import annotations
 
@@ -48,7 +47,7 @@ def client(env):
 
 def run_child(code: str, env: dict) -> dict:
     """Run ``code`` in a fresh interpreter; it prints one JSON line, returned parsed."""
-    proc = subprocess.run([sys.executable, "-P", "-c", textwrap.dedent(code)],
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)],
                           env={**os.environ, **env}, capture_output=True, text=True,
                           timeout=120, cwd="/")
     assert proc.returncode == 0, proc.stderr[-3000:]

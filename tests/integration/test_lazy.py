@@ -68,7 +68,7 @@ def sha_in_subprocess(socket_path: str, name: str, **env) -> list[str]:
             "    print(m.fetch); print(hashlib.sha256(m.buffer).hexdigest())\n")
     out = subprocess.run([sys.executable, "-c", code, socket_path, name], check=True,
                          capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "PYTHONSAFEPATH": "1", **env}).stdout
+                         env={**os.environ, **env}).stdout
     return out.splitlines()[-2:]
 
 
@@ -182,8 +182,7 @@ def test_concurrent_faults_read_the_home_bytes_over_the_bulk_channel(two):
         w.write(0, blob)
     before = lo_tx()
     readers = [subprocess.Popen([sys.executable, "-c", code, node2.socket, "lazy/c2"],
-                                stdout=subprocess.PIPE, text=True,
-                                env={**os.environ, "PYTHONSAFEPATH": "1"}) for _ in range(3)]
+                                stdout=subprocess.PIPE, text=True) for _ in range(3)]
     outputs = [reader.communicate(timeout=120)[0].split() for reader in readers]
     assert outputs == [["lazy", hashlib.sha256(blob).hexdigest()]] * 3
     assert lo_tx() - before < 1.5 * size  # not once per process

@@ -36,9 +36,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-os.environ["PYTHONSAFEPATH"] = "1"
-
-from vas.cluster import CoordinatorProcess, EtcdProcess, NodeProcess, free_port  # noqa: E402
+from vas.cluster import CoordinatorProcess, EtcdProcess, NodeProcess, free_port
 
 #: Agents (namespaces) the fixture starts.
 HOSTS = 2
@@ -128,8 +126,7 @@ class Hosts:
             env: dict | None = None) -> subprocess.CompletedProcess:
         """Run ``python -c code`` inside namespace ``host`` with VAS_NODE set to that
         host's agent socket; the completed process (stdout/stderr text)."""
-        child_env = {**os.environ, "PYTHONSAFEPATH": "1", "VAS_NODE": self.nodes[host].socket,
-                     **(env or {})}
+        child_env = {**os.environ, "VAS_NODE": self.nodes[host].socket, **(env or {})}
         done = subprocess.run(["ip", "netns", "exec", self.namespaces[host], sys.executable,
                                "-c", code], capture_output=True, text=True, env=child_env,
                               cwd="/", timeout=timeout)
@@ -154,7 +151,7 @@ with vas.connect() as c:
         """Start ``python -c code`` inside namespace ``host`` (as ``run``) with text pipes
         on stdin and stdout, for a client that lives across several steps of a test;
         the caller kills it."""
-        child_env = {**os.environ, "PYTHONSAFEPATH": "1", "VAS_NODE": self.nodes[host].socket}
+        child_env = {**os.environ, "VAS_NODE": self.nodes[host].socket}
         return subprocess.Popen(["ip", "netns", "exec", self.namespaces[host], sys.executable,
                                  "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 text=True, env=child_env, cwd="/")

@@ -37,7 +37,7 @@ def test_vasctl_seg_get_in_the_other_namespace(hosts):
     done = subprocess.run(
         ["ip", "netns", "exec", hosts.namespaces[1], sys.executable, "-m", "vas.cli", "seg",
          "get", "mh/big"], capture_output=True, timeout=120, cwd="/",
-        env={**os.environ, "PYTHONSAFEPATH": "1", "VAS_NODE": hosts.nodes[1].socket})
+        env={**os.environ, "VAS_NODE": hosts.nodes[1].socket})
     assert done.returncode == 0, done.stderr
     assert len(done.stdout) == SIZE
     made = hosts.run(0, """

@@ -7,7 +7,7 @@ import pytest
 from vas.coordinator import access, keys
 from vas.coordinator.etcd import grpc_target
 from vas.coordinator.segments import ALIGN, GUARD, WINDOW_END, WINDOW_START, place, state_of
-from vas.errors import CapacityExceeded, InvalidArgument, PermissionDenied
+from vas.core.errors import CapacityExceeded, InvalidArgument, PermissionDenied
 from vas.proto import types_pb2
 
 

@@ -12,7 +12,7 @@ import types
 
 import pytest
 
-from vas.errors import InvalidArgument, NotFound, Unavailable
+from vas.core.errors import InvalidArgument, NotFound, Unavailable
 from vas.node import bulk, lazy
 from vas.node import store as store_mod
 

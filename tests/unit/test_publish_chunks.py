@@ -5,7 +5,7 @@ import doctest
 
 import pytest
 
-from vas.errors import InvalidArgument
+from vas.core.errors import InvalidArgument
 from vas.node import lazy, publish
 from vas.node.publish import CHUNK, RUN, Staged, chunks_of, differing, hashes, runs, stale_runs
 

@@ -6,9 +6,9 @@ import os
 import pytest
 
 import vas
-from vas import validate
-from vas.errors import InvalidArgument
-from vas.sizes import format_size, parse_size
+from vas.core import validate
+from vas.core.errors import InvalidArgument
+from vas.core.sizes import format_size, parse_size
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 

@@ -9,12 +9,11 @@ import stat
 import sys
 import time
 
-from vas import validate
 from vas.cli import printers
 from vas.cli.main import add_node_option, add_output_option, connect, mode_type, size_type
-from vas.errors import InvalidArgument
-from vas.mapping import lazy_fetch_here
-from vas.sizes import format_size
+from vas.core import validate
+from vas.core.errors import InvalidArgument
+from vas.core.sizes import format_size
 
 #: Bytes moved per read/write call by put and get.
 CHUNK = 8 << 20
@@ -118,6 +117,10 @@ def ls(args) -> int:
 
 
 def stat_(args) -> int:
+    # Here, not at the top: the daemons' `vasctl ... serve` loads this module too and
+    # must not load the client side (vas.mapping).
+    from vas.mapping import lazy_fetch_here
+
     validate.check_name(args.name)
     with connect(args) as client:
         info = client.stat(args.name)

@@ -18,9 +18,9 @@ import math
 import os
 import time
 
-from vas import validate
-from vas.errors import AddressConflict, Busy, InvalidArgument, NotFound, PermissionDenied, Unavailable, VasError
-from vas.types import SegmentInfo
+from vas.core import validate
+from vas.core.errors import AddressConflict, Busy, InvalidArgument, NotFound, PermissionDenied, Unavailable, VasError
+from vas.core.types import SegmentInfo
 
 log = logging.getLogger(__name__)
 
@@ -325,7 +325,7 @@ class Mapping:
         return client is not None and self.info.home == client.local_node.id
 
     def sync(self, ranges=None) -> int:
-        """Publish this writer's changes cluster-wide ("rw" only); returns the new version.
+        r"""Publish this writer's changes cluster-wide ("rw" only); returns the new version.
 
         On the home node the pages are the home's: sync bumps the version. On
         another node the agent sends the home the chunks changed since the last

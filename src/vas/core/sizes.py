@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 
-from vas.errors import InvalidArgument
+from vas.core.errors import InvalidArgument
 
 _UNITS = {
     "": 1, "b": 1,

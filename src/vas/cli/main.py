@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vas.errors import InvalidArgument, VasError
+from vas.core.defaults import DEFAULT_SOCKET
+from vas.core.errors import InvalidArgument, VasError
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -32,7 +33,7 @@ class Parser(argparse.ArgumentParser):
 
 def size_type(text: str) -> int:
     """argparse type for sizes: "4096", "64KiB", "1GiB" (bad text is a usage error)."""
-    from vas.sizes import parse_size
+    from vas.core.sizes import parse_size
 
     try:
         return parse_size(text)
@@ -53,7 +54,7 @@ def mode_type(text: str) -> int:
 def add_node_option(parser: argparse.ArgumentParser) -> None:
     """``--node PATH``: the agent socket a client command talks to."""
     parser.add_argument("--node", metavar="PATH", default=None,
-                        help="the local agent's Unix socket (default $VAS_NODE, else /run/vas/node.sock)")
+                        help=f"the local agent's Unix socket (default $VAS_NODE, else {DEFAULT_SOCKET})")
 
 
 def add_output_option(parser: argparse.ArgumentParser) -> None:

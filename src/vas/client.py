@@ -1,10 +1,10 @@
 """The client side of the local protocol: ``vas.connect()`` and ``Client``.
 
 A ``Client`` is one SOCK_SEQPACKET connection to the node agent of this machine
-(proto/vas/v1/local.proto over vas/wire.py). Every call validates its arguments
+(proto/vas/v1/local.proto over vas/core/wire.py). Every call validates its arguments
 here first (so bad input fails fast with ``InvalidArgument``), then sends one
 ``LocalRequest`` and waits for the ``LocalResponse`` with the same id; a
-non-zero status becomes the matching ``vas.VasError`` through vas.errors.
+non-zero status becomes the matching ``vas.VasError`` through vas.core.errors.
 
 The agent learns who we are from the socket (SO_PEERCRED), and closing the
 connection releases every attachment and writer lock it holds, so a process
@@ -21,14 +21,13 @@ import threading
 import weakref
 from typing import Iterator
 
-from vas import validate, wire
-from vas.errors import InvalidArgument, Unavailable, VasError, from_status, status_code
+from vas.core import validate, wire
+from vas.core.defaults import DEFAULT_SOCKET
+from vas.core.errors import InvalidArgument, Unavailable, VasError, from_status, status_code
+from vas.core.types import NodeInfo, SegmentInfo, SpaceInfo
 from vas.mapping import Mapping
 from vas.proto import LOCAL_PROTOCOL, coordinator_pb2, local_pb2
-from vas.types import NodeInfo, SegmentInfo, SpaceInfo
 
-#: Socket of the local agent when neither ``node=`` nor $VAS_NODE says otherwise.
-DEFAULT_SOCKET = "/run/vas/node.sock"
 #: Segments asked for per ListSegments page.
 LIST_PAGE_SIZE = 500
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 
-from vas.errors import InvalidArgument
+from vas.core.errors import InvalidArgument
 
 PAGE_SIZE = 4096
 #: Largest segment: the whole reserved address window could not hold more.

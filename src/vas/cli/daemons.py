@@ -7,8 +7,9 @@ from __future__ import annotations
 import argparse
 import os
 
-from vas.node.config import DEFAULT_WRITER_TTL
-from vas.sizes import parse_size
+from vas.core.defaults import (DEFAULT_COORDINATOR_LISTEN, DEFAULT_MEMORY, DEFAULT_NODE_LISTEN,
+                               DEFAULT_SOCKET, DEFAULT_WRITER_TTL)
+from vas.core.sizes import format_size, parse_size
 
 
 def register(nouns: argparse._SubParsersAction) -> None:
@@ -17,8 +18,9 @@ def register(nouns: argparse._SubParsersAction) -> None:
     serve = verbs.add_parser("serve", help="serve the Coordinator gRPC API over an etcd cluster")
     serve.add_argument("--etcd", default=os.environ.get("VAS_ETCD"),
                        help="etcd URL, e.g. http://127.0.0.1:2379 (default $VAS_ETCD)")
-    serve.add_argument("--listen", default=os.environ.get("VAS_LISTEN", "127.0.0.1:7300"),
-                       help="host:port to serve gRPC on; port 0 picks a free one (default $VAS_LISTEN or 127.0.0.1:7300)")
+    serve.add_argument("--listen", default=os.environ.get("VAS_LISTEN", DEFAULT_COORDINATOR_LISTEN),
+                       help="host:port to serve gRPC on; port 0 picks a free one "
+                            f"(default $VAS_LISTEN or {DEFAULT_COORDINATOR_LISTEN})")
     serve.set_defaults(func=serve_coordinator)
 
 
@@ -28,12 +30,15 @@ def add_node_serve(node_verbs: argparse._SubParsersAction) -> None:
     serve = node_verbs.add_parser("serve", help="run a node agent")
     serve.add_argument("--coordinator", default=os.environ.get("VAS_COORDINATOR"),
                        help="coordinator host:port (default $VAS_COORDINATOR)")
-    serve.add_argument("--listen", default=os.environ.get("VAS_NODE_LISTEN", "127.0.0.1:0"),
-                       help="host:port for the Node gRPC service (default $VAS_NODE_LISTEN or 127.0.0.1:0)")
-    serve.add_argument("--socket", default=os.environ.get("VAS_NODE", "/run/vas/node.sock"),
-                       help="local Unix socket path (default $VAS_NODE or /run/vas/node.sock)")
-    serve.add_argument("--memory", type=parse_size, default=os.environ.get("VAS_MEMORY", "1GiB"),
-                       help="segment memory capacity, e.g. 4GiB (default $VAS_MEMORY or 1GiB)")
+    serve.add_argument("--listen", default=os.environ.get("VAS_NODE_LISTEN", DEFAULT_NODE_LISTEN),
+                       help="host:port for the Node gRPC service "
+                            f"(default $VAS_NODE_LISTEN or {DEFAULT_NODE_LISTEN})")
+    serve.add_argument("--socket", default=os.environ.get("VAS_NODE", DEFAULT_SOCKET),
+                       help=f"local Unix socket path (default $VAS_NODE or {DEFAULT_SOCKET})")
+    serve.add_argument("--memory", type=parse_size,
+                       default=os.environ.get("VAS_MEMORY", str(DEFAULT_MEMORY)),
+                       help="segment memory capacity, e.g. 4GiB "
+                            f"(default $VAS_MEMORY or {format_size(DEFAULT_MEMORY)})")
     serve.add_argument("--data-dir", default=os.environ.get("VAS_DATA_DIR"),
                        help="directory that keeps segments across agent restarts (default $VAS_DATA_DIR)")
     serve.add_argument("--id", dest="node_id", default=os.environ.get("VAS_NODE_ID"),

@@ -14,8 +14,8 @@ import sys
 import time
 from typing import Iterable, Sequence, TextIO
 
-from vas.sizes import format_size
-from vas.types import NodeInfo, SegmentInfo, SpaceInfo
+from vas.core.sizes import format_size
+from vas.core.types import NodeInfo, SegmentInfo, SpaceInfo
 
 FORMATS = ("table", "json")
 

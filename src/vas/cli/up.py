@@ -19,7 +19,9 @@ import tempfile
 import threading
 
 from vas.cli.main import size_type
-from vas.errors import VasError
+from vas.core.defaults import DEFAULT_MEMORY
+from vas.core.errors import VasError
+from vas.core.sizes import format_size
 
 DEMO_SEGMENT = "demo"
 DEMO_SIZE = 64 << 20
@@ -50,8 +52,8 @@ def register(nouns: argparse._SubParsersAction) -> None:
                    help="use this etcd (e.g. http://127.0.0.1:2379) instead of starting one")
     p.add_argument("--dir", default=None,
                    help="directory for sockets, logs and etcd data (default: a new temporary one, removed at exit)")
-    p.add_argument("--memory", type=size_type, default=1 << 30,
-                   help="segment memory per node, e.g. 4GiB (default 1GiB)")
+    p.add_argument("--memory", type=size_type, default=DEFAULT_MEMORY,
+                   help=f"segment memory per node, e.g. 4GiB (default {format_size(DEFAULT_MEMORY)})")
     p.add_argument("--demo", action="store_true",
                    help="run the demo (write a segment in one process, read it in another) and exit")
     p.set_defaults(func=up)
@@ -131,7 +133,7 @@ def run_demo(env: dict) -> int:
               f"home {info.home}", flush=True)
         digests = []
         for role, code in (("writer", _DEMO_WRITER), ("reader", _DEMO_READER)):
-            proc = subprocess.run([sys.executable, "-P", "-c", code, socket_path, DEMO_SEGMENT],
+            proc = subprocess.run([sys.executable, "-c", code, socket_path, DEMO_SEGMENT],
                                   env=child_env, capture_output=True, text=True, timeout=300)
             if proc.returncode != 0:
                 sys.stderr.write(proc.stderr)

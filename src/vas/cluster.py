@@ -27,6 +27,8 @@ from concurrent import futures
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from vas.core.defaults import DEFAULT_MEMORY
+
 #: Seconds a process may take to become ready.
 DEFAULT_START_TIMEOUT = 60.0
 #: Seconds ``stop`` waits after SIGTERM before SIGKILL.
@@ -75,9 +77,8 @@ def find_etcd() -> str:
 
 
 def _child_env(extra: dict | None = None) -> dict:
-    # PYTHONSAFEPATH: a child started from a source checkout must import the installed
-    # package, not the tree's vas/ (which lacks the built extension and stubs).
-    return {**os.environ, "PYTHONSAFEPATH": "1", "PYTHONUNBUFFERED": "1", **(extra or {})}
+    # Unbuffered: a log line ("listening on ...") must reach the file when printed.
+    return {**os.environ, "PYTHONUNBUFFERED": "1", **(extra or {})}
 
 
 class _Process:
@@ -282,7 +283,7 @@ class NodeProcess(_Process):
     _LISTENING = re.compile(r"vas node (\S+) listening on (\S+) socket (\S+)")
 
     def __init__(self, directory: str, coordinator: str, *, node_id: str = "node1",
-                 memory: int = 1 << 30, socket: str | None = None, listen: str = "127.0.0.1:0",
+                 memory: int = DEFAULT_MEMORY, socket: str | None = None, listen: str = "127.0.0.1:0",
                  data_dir: str | None = None, netns: str | None = None,
                  writer_ttl: int | None = None):
         super().__init__(directory, node_id)
@@ -342,7 +343,7 @@ class LocalCluster:
     manager: ``stop()`` on exit.
     """
 
-    def __init__(self, directory: str, nodes: int = 1, memory: int = 1 << 30,
+    def __init__(self, directory: str, nodes: int = 1, memory: int = DEFAULT_MEMORY,
                  etcd_url: str | None = None, coordinators: int = 1,
                  writer_ttl: int | None = None):
         if nodes < 0 or coordinators < 1:

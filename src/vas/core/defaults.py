@@ -1,0 +1,24 @@
+"""Defaults that more than one part of vas uses, each defined here once.
+
+The client (vas.client), the CLI (vas.cli), the agent's config (vas.node.config)
+and the coordinator's config (vas.coordinator.config) import them from here, so
+a client and the agent it talks to cannot disagree on, say, the socket path. A
+default only one daemon uses stays in that daemon's config module.
+"""
+
+#: Path of the agent's local Unix socket; clients use it when neither ``node=``
+#: nor $VAS_NODE names another.
+DEFAULT_SOCKET = "/run/vas/node.sock"
+#: host:port the coordinator serves gRPC on (``vasctl coordinator serve --listen``).
+DEFAULT_COORDINATOR_LISTEN = "127.0.0.1:7300"
+#: host:port of an agent's Node gRPC service; port 0 picks a free port.
+DEFAULT_NODE_LISTEN = "127.0.0.1:0"
+#: Segment memory capacity of one agent, bytes (1 GiB).
+DEFAULT_MEMORY = 1 << 30
+#: TTL in seconds of a node's etcd lease: the agent asks for it at registration and
+#: heartbeats every ttl/3; the coordinator grants it when RegisterNode asks for 0.
+DEFAULT_NODE_TTL = 10
+#: TTL in seconds of a writer-lock lease: the agent asks for it and renews it every
+#: ttl/3 while the "rw" attachment's connection lives; the coordinator grants it
+#: when AcquireWriter asks for 0. A writer silent this long loses the lock.
+DEFAULT_WRITER_TTL = 10

@@ -1,6 +1,0 @@
-"""``python -m vas.cli`` is ``vasctl`` (the launcher in vas/cluster.py uses this form)."""
-import sys
-
-from vas.cli.main import main
-
-sys.exit(main())
