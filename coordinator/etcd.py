@@ -37,6 +37,12 @@ class EtcdError(VasError):
         super().__init__(message)
         self.etcd_code = etcd_code
 
+    @property
+    def lease_missing(self) -> bool:
+        """Whether etcd refused because a lease the request names does not exist (it
+        expired or was revoked): the only NOT_FOUND of etcd's KV and Lease calls."""
+        return self.etcd_code == grpc.StatusCode.NOT_FOUND
+
 
 def grpc_target(url: str) -> str:
     """The gRPC target of an etcd URL, or of comma-separated URLs of IPv4 literals.
@@ -182,10 +188,18 @@ class Etcd:
         try:
             self._call(self.lease.LeaseRevoke, etcdrpc.LeaseRevokeRequest(ID=lease_id))
         except EtcdError as exc:
-            if exc.etcd_code == grpc.StatusCode.NOT_FOUND:
+            if exc.lease_missing:
                 return False
             raise
         return True
+
+    def revoke_quietly(self, lease_id: int) -> None:
+        """Revoke ``lease_id``, ignoring every failure: for a lease nothing depends on any
+        more (it expires on its own within its TTL if etcd cannot be told now)."""
+        try:
+            self.revoke(lease_id)
+        except Exception:  # noqa: BLE001  the lease expires on its own
+            pass
 
     def watch(self, requests):
         """Open a Watch stream fed by the iterator ``requests``; returns the response stream.

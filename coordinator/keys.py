@@ -109,6 +109,10 @@ def prefix_end(prefix: bytes) -> bytes:
     return trimmed[:-1] + bytes([trimmed[-1] + 1])
 
 
+#: The ``range_end`` of the node keys: [NODES, NODES_END) reads the live nodes.
+NODES_END = prefix_end(NODES)
+
+
 def encode(value: dict) -> bytes:
     """A record as compact JSON bytes."""
     return _encoder.encode(value).encode()

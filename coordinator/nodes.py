@@ -85,5 +85,5 @@ class Nodes:
 
     def list(self) -> list[types_pb2.NodeInfo]:
         """All live nodes, ordered by id."""
-        response = self.etcd.range(keys.NODES, keys.prefix_end(keys.NODES))
+        response = self.etcd.range(keys.NODES, keys.NODES_END)
         return [node_of(keys.decode(kv.value)) for kv in response.kvs]

@@ -1,7 +1,7 @@
 """Segments: naming, address allocation, mode/owner changes, delete marks, attachment counts.
 
 Every read-modify-write is one etcd transaction that compares the revision the
-decision was made on, retried (a bounded number of times) when another
+decision was made on, retried (a bounded number of times: ``retry.retries``) when another
 coordinator got there first. Records seen by earlier calls are kept in a small
 cache, but only as a guess: a transaction built from a cached record compares
 its mod_revision, so a stale guess fails the compare and costs one retry with
@@ -18,13 +18,11 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-import grpc
-
 from vas.coordinator import access, keys
 from vas.coordinator.etcd import (Etcd, EtcdError, absent, created_at, delete_op, present,
                                   put_op, range_op, unchanged)
-from vas.core.errors import (AlreadyExists, CapacityExceeded, InvalidArgument, NotFound,
-                             Unavailable, VasError)
+from vas.coordinator.retry import retries
+from vas.core.errors import AlreadyExists, CapacityExceeded, InvalidArgument, NotFound, VasError
 from vas.proto import types_pb2
 
 # The address window every segment is placed in (16 TiB, far above where Linux puts
@@ -38,7 +36,6 @@ ALIGN = 2 << 20
 GUARD = 2 << 20
 
 _CACHE_ENTRIES = 4096
-_NODES_END = keys.prefix_end(keys.NODES)
 
 
 def align_up(value: int, alignment: int = ALIGN) -> int:
@@ -113,6 +110,27 @@ def attachment_counts(range_response) -> dict[tuple[str, int], int]:
     return counts
 
 
+def not_found(name: str, segment_id: int = 0) -> NotFound:
+    """The error of segment ``name`` (of id ``segment_id``, when nonzero) being absent."""
+    if segment_id:
+        return NotFound(f"segment {name!r} (id {segment_id}) not found")
+    return NotFound(f"segment {name!r} not found")
+
+
+def info_reads(name: str) -> list:
+    """The txn ops that read what a SegmentInfo of ``name`` needs beside its record:
+    the live nodes (keys only) and the name's attachment reports. See ``info_of``."""
+    prefix = keys.attach_prefix(name)
+    return [range_op(keys.NODES, keys.NODES_END, keys_only=True),
+            range_op(prefix, keys.prefix_end(prefix))]
+
+
+def info_of(entry: Entry, responses) -> types_pb2.SegmentInfo:
+    """The SegmentInfo of ``entry`` given the txn responses of its ``info_reads``."""
+    nodes, attach = (op.response_range for op in responses)
+    return to_proto(entry, live_nodes_of(nodes), attachment_counts(attach)[entry.name, entry.id])
+
+
 class RecordCache:
     """Bounded LRU of segment entries, used only as compare-guarded guesses."""
 
@@ -169,7 +187,7 @@ class Segments:
             entry = self._claim(name, record, lease)
         except BaseException:
             if lease:
-                self._revoke_quietly(lease)
+                self.etcd.revoke_quietly(lease)
             raise
         self.cache.put(entry)
         return to_proto(entry, {home})
@@ -177,7 +195,7 @@ class Segments:
     def _claim(self, name: str, record: dict, lease: int) -> Entry:
         key, home_key = keys.segment_key(name), keys.node_key(record["home"])
         with self._alloc_lock:
-            for _ in range(self.attempts):
+            for _ in retries(self.attempts, f"create segment {name!r}"):
                 alloc_mod, next_address = self._alloc
                 record["address"], after = place(next_address, record["size"])
                 response = self.etcd.txn(
@@ -198,24 +216,19 @@ class Segments:
                 self._alloc = ((alloc.kvs[0].mod_revision,
                                 keys.decode(alloc.kvs[0].value)["next_address"])
                                if alloc.kvs else (0, WINDOW_START))
-        raise Unavailable(f"could not create segment {name!r}: too many concurrent creates")
 
     # Reads -----------------------------------------------------------------------------
 
     def get(self, name: str) -> types_pb2.SegmentInfo:
         """The segment ``name`` with its state and attachment count (one read-only txn)."""
-        prefix = keys.attach_prefix(name)
-        response = self.etcd.txn(success=[
-            range_op(keys.segment_key(name)),
-            range_op(keys.NODES, _NODES_END, keys_only=True),
-            range_op(prefix, keys.prefix_end(prefix))])
-        segment, nodes, attach = (op.response_range for op in response.responses)
+        response = self.etcd.txn(success=[range_op(keys.segment_key(name)),
+                                          *info_reads(name)])
+        segment = response.responses[0].response_range
         if not segment.kvs:
-            raise NotFound(f"segment {name!r} not found")
+            raise not_found(name)
         entry = Entry.from_kv(segment.kvs[0])
         self.cache.put(entry)
-        return to_proto(entry, live_nodes_of(nodes),
-                        attachment_counts(attach)[name, entry.id])
+        return info_of(entry, response.responses[1:])
 
     def list(self, prefix: str, page_size: int, page_token: str
              ) -> tuple[list[types_pb2.SegmentInfo], str]:
@@ -226,7 +239,7 @@ class Segments:
         response = self.etcd.txn(success=[
             range_op(keys.segment_key(start_name),
                      keys.prefix_end(keys.segment_key(prefix)), limit=page_size),
-            range_op(keys.NODES, _NODES_END, keys_only=True)])
+            range_op(keys.NODES, keys.NODES_END, keys_only=True)])
         page, nodes = (op.response_range for op in response.responses)
         entries = [Entry.from_kv(kv) for kv in page.kvs]
         if not entries:
@@ -272,19 +285,18 @@ class Segments:
                 expect_id: int = 0) -> types_pb2.SegmentInfo:
         """Apply ``change`` (record -> new record, None = no change, or raise) atomically;
         with ``remove``, delete the record (and its lock and reports) once ``change`` agrees."""
-        key, prefix = keys.segment_key(name), keys.attach_prefix(name)
+        key = keys.segment_key(name)
         write = (self._removal_ops(name) if remove else
                  lambda entry, record: [put_op(key, keys.encode(record), entry.lease),
-                                        range_op(keys.NODES, _NODES_END, keys_only=True),
-                                        range_op(prefix, keys.prefix_end(prefix))])
+                                        *info_reads(name)])
         entry, fresh = self.cache.get(name), False
-        for _ in range(self.attempts):
+        for _ in retries(self.attempts, f"update segment {name!r}"):
             entry, record = self._decide(name, entry, fresh, change)
             if expect_id and entry.id != expect_id:
                 if not fresh:  # the cached entry may be stale: decide on a fresh read
                     entry, fresh = None, True
                     continue
-                raise NotFound(f"segment {name!r} (id {expect_id}) not found")
+                raise not_found(name, expect_id)
             if record is None:
                 return self.get(name)
             response = self.etcd.txn(compare=[unchanged(key, entry.mod)],
@@ -295,16 +307,13 @@ class Segments:
             if response.succeeded:
                 entry = Entry(name, entry.id, response.header.revision, entry.lease, record)
                 self.cache.put(entry)
-                nodes, attach = (op.response_range for op in response.responses[1:])
-                return to_proto(entry, live_nodes_of(nodes),
-                                attachment_counts(attach)[name, entry.id])
+                return info_of(entry, response.responses[1:])
             kvs = response.responses[0].response_range.kvs  # the record as it is now
             if not kvs:
                 self.cache.drop(name)
-                raise NotFound(f"segment {name!r} not found")
+                raise not_found(name)
             entry, fresh = Entry.from_kv(kvs[0]), True
             self.cache.put(entry)
-        raise Unavailable(f"could not update segment {name!r}: too many concurrent changes")
 
     def _decide(self, name: str, entry: Entry | None, fresh: bool, change
                 ) -> tuple[Entry, dict | None]:
@@ -322,11 +331,7 @@ class Segments:
             except VasError:
                 if fresh:
                     raise
-        entry = self._read(name)
-        if entry is None:
-            self.cache.drop(name)
-            raise NotFound(f"segment {name!r} not found")
-        self.cache.put(entry)
+        entry = self.read(name)
         return entry, change(entry.record)
 
     def _read(self, name: str) -> Entry | None:
@@ -334,11 +339,13 @@ class Segments:
         return Entry.from_kv(kvs[0]) if kvs else None
 
     def read(self, name: str, *, cached: bool = False) -> Entry:
-        """The entry of ``name`` (from the cache if ``cached`` and known). Raises NotFound."""
+        """The entry of ``name`` (from the cache if ``cached`` and known). Raises NotFound
+        (and forgets a cached entry of ``name``) when etcd has no record of it."""
         entry = self.cache.get(name) if cached else None
         entry = entry or self._read(name)
         if entry is None:
-            raise NotFound(f"segment {name!r} not found")
+            self.cache.drop(name)
+            raise not_found(name)
         self.cache.put(entry)
         return entry
 
@@ -372,7 +379,7 @@ class Segments:
     def _removed(self, name: str, lease: int) -> None:
         self.cache.drop(name)
         if lease:
-            self._revoke_quietly(lease)  # a ttl lease has nothing left to expire
+            self.etcd.revoke_quietly(lease)  # a ttl lease has nothing left to expire
 
     def report_attachments(self, node_id: str, lease_id: int, counts) -> None:
         """Store ``node_id``'s attachment counts under its lease (count 0 removes a report).
@@ -388,13 +395,7 @@ class Segments:
             try:
                 self.etcd.txn(success=ops[start:start + 128])
             except EtcdError as exc:
-                if exc.etcd_code == grpc.StatusCode.NOT_FOUND:
+                if exc.lease_missing:
                     raise NotFound(f"lease {lease_id} of node {node_id!r} has expired: "
                                    "register again") from exc
                 raise
-
-    def _revoke_quietly(self, lease: int) -> None:
-        try:
-            self.etcd.revoke(lease)
-        except Exception:  # noqa: BLE001  the lease expires on its own; nothing depends on it
-            pass

@@ -8,7 +8,6 @@ status with ``abort_with``. See proto/vas/v1/coordinator.proto for each RPC's co
 from __future__ import annotations
 
 import functools
-import math
 import threading
 
 from vas.coordinator.config import CoordinatorConfig
@@ -21,14 +20,12 @@ from vas.coordinator.watch import SegmentWatch
 from vas.coordinator.writers import Writers
 from vas.core.errors import InvalidArgument, VasError, abort_with
 from vas.core.validate import (MAX_NAME_LENGTH, check_attach_mode, check_mode, check_name,
-                               check_size)
+                               check_seconds, check_size)
 from vas.proto import coordinator_pb2 as pb, coordinator_pb2_grpc
 
 #: ListSegments page size when the request asks for 0, and the largest allowed.
 DEFAULT_PAGE_SIZE = 500
 MAX_PAGE_SIZE = 10000
-#: Longest lease a node or writer may ask for, seconds.
-MAX_TTL = 24 * 3600
 
 
 def check_node_id(node_id: str, what: str = "node id") -> str:
@@ -43,13 +40,6 @@ def check_node_id(node_id: str, what: str = "node id") -> str:
 def check_prefix(prefix: str) -> str:
     """Return ``prefix`` if it is "" or could start a valid name."""
     return check_name(prefix, "prefix") if prefix else prefix
-
-
-def check_ttl(seconds: float, what: str) -> float:
-    """Return ``seconds`` if it is a finite duration in [0, MAX_TTL] (0 = default/never)."""
-    if not math.isfinite(seconds) or not 0 <= seconds <= MAX_TTL:
-        raise InvalidArgument(f"invalid {what} {seconds!r}: must be 0..{MAX_TTL} seconds")
-    return seconds
 
 
 def check_positive(value: int, what: str) -> int:
@@ -113,7 +103,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         if not request.node.address:
             raise InvalidArgument(f"node {request.node.id!r} has no address")
         lease, ttl = self.nodes.register(request.node,
-                                         int(check_ttl(request.ttl_seconds, "node ttl")))
+                                         int(check_seconds(request.ttl_seconds, "node ttl")))
         return pb.RegisterNodeResponse(lease_id=lease, ttl_seconds=ttl)
 
     @translated
@@ -142,7 +132,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         return self.segments.create(
             caller, check_name(request.name), check_size(request.size),
             check_mode(request.mode), home, request.replicas,
-            check_ttl(request.ttl_seconds, "ttl"))
+            check_seconds(request.ttl_seconds, "ttl"))
 
     @translated
     def GetSegment(self, request, context):
@@ -192,7 +182,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
 
     @translated
     def AcquireWriter(self, request, context):
-        ttl = int(check_ttl(request.ttl_seconds, "writer ttl")) or self.config.writer_ttl
+        ttl = int(check_seconds(request.ttl_seconds, "writer ttl")) or self.config.writer_ttl
         token, lease, granted = self.writers.acquire(caller_of(request),
                                                      check_name(request.name), ttl)
         return pb.AcquireWriterResponse(token=token, lease_id=lease, ttl_seconds=granted)

@@ -11,7 +11,8 @@ from typing import Callable
 
 from vas.coordinator import access, keys
 from vas.coordinator.etcd import Etcd, absent, delete_op, present, put_op, range_op, unchanged
-from vas.core.errors import AlreadyExists, NotFound, Unavailable
+from vas.coordinator.retry import retries
+from vas.core.errors import AlreadyExists, NotFound
 from vas.proto import types_pb2
 
 
@@ -58,7 +59,7 @@ class Spaces:
     def delete(self, caller, name: str) -> None:
         """Remove the space (owner or root); its member segments stay."""
         key = keys.space_key(name)
-        for _ in range(self.attempts):
+        for _ in retries(self.attempts, f"delete space {name!r}"):
             kvs = self.etcd.range(key).kvs
             if not kvs:
                 raise NotFound(f"space {name!r} not found")
@@ -66,7 +67,6 @@ class Spaces:
             if self.etcd.txn(compare=[unchanged(key, kvs[0].mod_revision)],
                              success=[delete_op(key)]).succeeded:
                 return
-        raise Unavailable(f"could not delete space {name!r}: too many concurrent changes")
 
     def add(self, caller, name: str, segment: str, mode: str) -> types_pb2.SpaceInfo:
         """Add ``segment`` (which must exist) with attach ``mode``; needs write on the space."""
@@ -89,7 +89,7 @@ class Spaces:
                 must_exist: str | None = None) -> types_pb2.SpaceInfo:
         key = keys.space_key(name)
         segment_key = keys.segment_key(must_exist) if must_exist else None
-        for _ in range(self.attempts):
+        for _ in retries(self.attempts, f"change space {name!r}"):
             reads = [range_op(key)] + ([range_op(segment_key, keys_only=True)]
                                        if segment_key else [])
             space, *segment = (op.response_range for op in self.etcd.txn(success=reads).responses)
@@ -106,4 +106,3 @@ class Spaces:
             if self.etcd.txn(compare=compare,
                              success=[put_op(key, keys.encode(record))]).succeeded:
                 return space_of(name, record)
-        raise Unavailable(f"could not change space {name!r}: too many concurrent changes")

@@ -10,7 +10,7 @@ from vas.proto import coordinator_pb2
 def cluster_status(etcd: Etcd) -> coordinator_pb2.ClusterStatusResponse:
     """A summary of the cluster at one etcd revision."""
     response = etcd.txn(success=[
-        range_op(keys.NODES, keys.prefix_end(keys.NODES)),
+        range_op(keys.NODES, keys.NODES_END),
         range_op(keys.SEGMENTS, keys.prefix_end(keys.SEGMENTS)),
         range_op(keys.SPACES, keys.prefix_end(keys.SPACES), count_only=True)])
     nodes, segments, spaces = (op.response_range for op in response.responses)

@@ -25,7 +25,6 @@ from vas.core.errors import InvalidArgument, Unavailable
 from vas.proto import coordinator_pb2, types_pb2
 
 WatchEvent = coordinator_pb2.WatchEvent
-_NODES_END = keys.prefix_end(keys.NODES)
 
 
 class SegmentWatch:
@@ -69,7 +68,7 @@ class SegmentWatch:
             self.close()
 
     def _events(self):
-        nodes = self.etcd.range(keys.NODES, _NODES_END, keys_only=True)
+        nodes = self.etcd.range(keys.NODES, keys.NODES_END, keys_only=True)
         live = live_nodes_of(nodes)
         segments_id = self._create(keys.segment_key(self.prefix), self.start_revision, True)
         yield WatchEvent(type=WatchEvent.TYPE_CREATED, revision=self._created_revision)

@@ -11,17 +11,13 @@ so a writer whose lease lapsed (or whose lock was taken over) can never publish.
 """
 from __future__ import annotations
 
-import grpc
-
 from vas.coordinator import access, keys
 from vas.coordinator.etcd import (Etcd, EtcdError, absent, created_at, delete_op, leased, put_op,
                                   range_op, unchanged)
-from vas.coordinator.segments import (Entry, Segments, attachment_counts, live_nodes_of,
-                                      to_proto)
-from vas.core.errors import Busy, Fenced, NotFound, PermissionDenied, Unavailable
+from vas.coordinator.retry import retries
+from vas.coordinator.segments import Entry, Segments, info_of, info_reads, not_found
+from vas.core.errors import Busy, Fenced, NotFound, PermissionDenied
 from vas.proto import types_pb2
-
-_NODES_END = keys.prefix_end(keys.NODES)
 
 
 def fenced(name: str, token: int) -> Fenced:
@@ -47,7 +43,7 @@ class Writers:
         entry, fresh = self.segments.read(name, cached=True), False
         lease = granted = 0
         try:
-            for _ in range(self.attempts):
+            for _ in retries(self.attempts, f"lock segment {name!r}"):
                 if not self._may_write(caller, entry, fresh):
                     entry, fresh = self.segments.read(name), True
                     continue
@@ -57,12 +53,10 @@ class Writers:
                 if token:
                     return token, lease, granted
                 fresh = True
-        except BaseException:
+        except BaseException:  # Unavailable after the last attempt too: the lease goes
             if lease:
-                self._revoke_quietly(lease)
+                self.etcd.revoke_quietly(lease)
             raise
-        self._revoke_quietly(lease)
-        raise Unavailable(f"could not lock segment {name!r}: too many concurrent changes")
 
     def _may_write(self, caller, entry: Entry, fresh: bool) -> bool:
         """True if ``caller`` may take the lock; raises once that is known from a fresh read."""
@@ -89,7 +83,7 @@ class Writers:
             return response.header.revision, entry
         segment, held = (op.response_range for op in response.responses)
         if not segment.kvs:
-            raise NotFound(f"segment {entry.name!r} not found")
+            raise not_found(entry.name)
         if held.kvs:
             raise Busy(f"segment {entry.name!r} already has a writer")
         fresh = Entry.from_kv(segment.kvs[0])
@@ -111,7 +105,7 @@ class Writers:
         lock = keys.writer_key(name)
         self.etcd.txn(compare=[created_at(lock, token)], success=[delete_op(lock)])
         if lease_id:
-            self._revoke_quietly(lease_id)
+            self.etcd.revoke_quietly(lease_id)
 
     def publish(self, name: str, segment_id: int, token: int, lease_id: int = 0
                 ) -> types_pb2.SegmentInfo:
@@ -124,52 +118,40 @@ class Writers:
         Raises NotFound (segment gone, or the name has another id: checked
         first), Fenced (lock absent or another token/lease), Unavailable.
         """
-        key, lock, prefix = (keys.segment_key(name), keys.writer_key(name),
-                             keys.attach_prefix(name))
+        key, lock = keys.segment_key(name), keys.writer_key(name)
         holds = [created_at(lock, token)] + ([leased(lock, lease_id)] if lease_id else [])
         entry = self.segments.cache.get(name)
         if entry is None or entry.id != segment_id:  # the cache may be stale: read
             entry = self.segments.read(name)
-        for _ in range(self.attempts):
+        for _ in retries(self.attempts, f"publish segment {name!r}"):
             if entry.id != segment_id:
-                raise NotFound(f"segment {name!r} (id {segment_id}) not found")
+                raise not_found(name, segment_id)
             record = {**entry.record, "version": entry.record["version"] + 1}
             try:
                 response = self.etcd.txn(
                     compare=[created_at(key, segment_id), unchanged(key, entry.mod), *holds],
-                    success=[put_op(key, keys.encode(record), entry.lease),
-                             range_op(keys.NODES, _NODES_END, keys_only=True),
-                             range_op(prefix, keys.prefix_end(prefix))],
+                    success=[put_op(key, keys.encode(record), entry.lease), *info_reads(name)],
                     failure=[range_op(key), range_op(lock, keys_only=True)])
             except EtcdError as exc:
                 # The segment's ttl lease ended between our read and the put.
-                if entry.lease and exc.etcd_code == grpc.StatusCode.NOT_FOUND:
+                if entry.lease and exc.lease_missing:
                     self.segments.cache.drop(name)
-                    raise NotFound(f"segment {name!r} (id {segment_id}) not found") from exc
+                    raise not_found(name, segment_id) from exc
                 raise
             if response.succeeded:
                 entry = Entry(name, entry.id, response.header.revision, entry.lease, record)
                 self.segments.cache.put(entry)
-                nodes, attach = (op.response_range for op in response.responses[1:])
-                return to_proto(entry, live_nodes_of(nodes),
-                                attachment_counts(attach)[name, entry.id])
+                return info_of(entry, response.responses[1:])
             segment, held = (op.response_range for op in response.responses)
             if not segment.kvs:
                 self.segments.cache.drop(name)
-                raise NotFound(f"segment {name!r} (id {segment_id}) not found")
+                raise not_found(name, segment_id)
             entry = Entry.from_kv(segment.kvs[0])
             self.segments.cache.put(entry)
             if entry.id != segment_id:
-                raise NotFound(f"segment {name!r} (id {segment_id}) not found")
+                raise not_found(name, segment_id)
             if (not held.kvs or held.kvs[0].create_revision != token
                     or (lease_id and held.kvs[0].lease != lease_id)):
                 raise fenced(name, token)
             # Only the record changed under us: try again on the fresh one.
-        raise Unavailable(f"could not publish segment {name!r}: too many concurrent changes")
-
-    def _revoke_quietly(self, lease: int) -> None:
-        try:
-            self.etcd.revoke(lease)
-        except Exception:  # noqa: BLE001  the lease expires on its own
-            pass
 

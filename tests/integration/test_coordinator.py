@@ -16,7 +16,9 @@ from etcd3 import etcdrpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from vas.cluster import CoordinatorProcess, EtcdProcess
+from vas.cluster import CoordinatorProcess, EtcdProcess, free_port
+from vas.coordinator.config import CoordinatorConfig
+from vas.coordinator.server import serve
 from waiting import wait_for
 from vas.proto import coordinator_pb2 as pb, coordinator_pb2_grpc, types_pb2
 
@@ -662,6 +664,69 @@ def test_health_and_reflection_are_served(coordinator):
             iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5))
         names = {s.name for s in answer.list_services_response.service}
         assert {"vas.v1.Coordinator", "grpc.health.v1.Health"} <= names
+
+
+# --------------------------------------------------------------------- bounded retries
+
+@pytest.fixture
+def impatient(coordinator, etcd):
+    """A second coordinator over the same etcd, served in a thread of this process with
+    ``txn_attempts=1``: any compare that another coordinator's write made fail is final."""
+    address, stop = f"127.0.0.1:{free_port()}", threading.Event()
+    server = threading.Thread(target=serve, args=(CoordinatorConfig(
+        etcd=etcd.url, listen=address, txn_attempts=1, shutdown_grace=0.5), stop))
+    server.start()
+    try:
+        with grpc.insecure_channel(address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            wait_for(lambda: status_of_safe(lambda: health.Check(
+                health_pb2.HealthCheckRequest(), timeout=1)) == grpc.StatusCode.OK,
+                what="the in-process coordinator to serve")
+            yield coordinator_pb2_grpc.CoordinatorStub(channel)
+    finally:
+        stop.set()
+        server.join(10)
+
+
+def unavailable(call) -> str:
+    """The details of the UNAVAILABLE that ``call()`` fails with."""
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    return info.value.details()
+
+
+def test_a_conflict_in_the_last_attempt_is_unavailable(stub, n1, impatient, etcd):
+    """Each read-modify-write gives up after ``txn_attempts`` failed compares with one
+    message naming the operation; the failure branch's fresh record makes the next
+    call succeed. ``stub`` plays the other coordinator that got there first."""
+    busy = "too many concurrent changes"
+    create(stub, "retry/first")  # moves /vas/alloc past what `impatient` has seen
+    assert unavailable(lambda: create(impatient, "retry/seg", mode=0o664)) == \
+        f"could not create segment 'retry/seg': {busy}"
+    info = create(impatient, "retry/seg", mode=0o664)
+
+    def chmod(coordinator, mode):
+        return coordinator.SetSegmentMode(pb.SetSegmentModeRequest(
+            caller=ALICE, name="retry/seg", mode=mode))
+
+    chmod(stub, 0o666)  # `impatient`'s cached record is stale from here on
+    assert unavailable(lambda: chmod(impatient, 0o660)) == \
+        f"could not update segment 'retry/seg': {busy}"
+    assert chmod(impatient, 0o660).mode == 0o660
+
+    chmod(stub, 0o664)
+    acquire = lambda: impatient.AcquireWriter(  # noqa: E731
+        pb.AcquireWriterRequest(caller=ALICE, name="retry/seg"))
+    assert unavailable(acquire) == f"could not lock segment 'retry/seg': {busy}"
+    assert not etcd_get(etcd.url, b"/vas/writers/retry/seg")
+    lock = acquire()
+
+    chmod(stub, 0o660)
+    assert unavailable(lambda: publish(impatient, "retry/seg", info.id, lock.token)) == \
+        f"could not publish segment 'retry/seg': {busy}"
+    assert get(stub, "retry/seg").version == 0
+    assert publish(impatient, "retry/seg", info.id, lock.token).version == 1
 
 
 # ------------------------------------------------------------------- process behaviour

@@ -105,6 +105,38 @@ def test_attach_mode_and_fetch():
         validate.check_fetch("now")
 
 
+@pytest.mark.parametrize("value", [0, 0.0, 1, 1.5, 86400, 86400.0])
+def test_valid_seconds(value):
+    assert validate.check_seconds(value, "ttl") == value
+
+
+@pytest.mark.parametrize("value, what, message", [
+    (-1.0, "ttl", "invalid ttl -1.0: must be 0..86400 seconds"),
+    (-1e-9, "timeout", "invalid timeout -1e-09: must be 0..86400 seconds"),
+    (86401, "node ttl", "invalid node ttl 86401: must be 0..86400 seconds"),
+    (float("inf"), "ttl", "invalid ttl inf: must be 0..86400 seconds"),
+    (float("-inf"), "ttl", "invalid ttl -inf: must be 0..86400 seconds"),
+    (float("nan"), "timeout", "invalid timeout nan: must be 0..86400 seconds"),
+    ("1", "ttl", "invalid ttl '1': must be 0..86400 seconds"),
+    (None, "ttl", "invalid ttl None: must be 0..86400 seconds"),
+    (True, "writer ttl", "invalid writer ttl True: must be 0..86400 seconds"),
+])
+def test_invalid_seconds(value, what, message):
+    with pytest.raises(InvalidArgument) as info:
+        validate.check_seconds(value, what)
+    assert str(info.value) == message
+
+
+def test_seconds_with_a_minimum():
+    """A configured lease ttl, where 0 means nothing, must be at least 1 second."""
+    assert validate.check_seconds(1, "heartbeat ttl", minimum=1) == 1
+    for value in (0, 0.5):
+        with pytest.raises(InvalidArgument) as info:
+            validate.check_seconds(value, "writer ttl (--writer-ttl)", minimum=1)
+        assert str(info.value) == (f"invalid writer ttl (--writer-ttl) {value}: "
+                                   "must be 1..86400 seconds")
+
+
 def test_ranges():
     assert validate.check_range(0, 4096, 4096) == (0, 4096)
     assert validate.check_range(4096, 0, 4096) == (4096, 0)

@@ -13,6 +13,9 @@ PAGE_SIZE = 4096
 #: Largest segment: the whole reserved address window could not hold more.
 MAX_SEGMENT_SIZE = 1 << 40
 MAX_NAME_LENGTH = 255
+#: Longest ttl or timeout anyone may give (a request's ``ttl_seconds`` or
+#: ``timeout_seconds``, a daemon's configured lease ttl): one day, in seconds.
+MAX_SECONDS = 24 * 3600
 
 _NAME_RE = re.compile(r"[A-Za-z0-9._/-]+")
 
@@ -66,6 +69,28 @@ def check_fetch(fetch: object) -> str:
     if fetch not in ("lazy", "eager"):
         raise InvalidArgument(f'invalid fetch {fetch!r}: must be "lazy" or "eager"')
     return fetch
+
+
+def check_seconds(value: object, what: str, *, minimum: int = 0) -> float:
+    """Return ``value`` if it is a number of seconds in [minimum, MAX_SECONDS], else raise
+    InvalidArgument: ``invalid WHAT VALUE: must be MINIMUM..MAX_SECONDS seconds``.
+
+    The one rule of every ttl and timeout. A request field keeps ``minimum`` 0 and
+    gives 0 its meaning there (no expiry, the default lease, no limit); a configured
+    lease ttl, where 0 means nothing, passes ``minimum=1``. NaN and infinities are
+    refused (they fail the comparison), as are bools and non-numbers.
+
+    >>> check_seconds(1.5, "ttl")
+    1.5
+    >>> check_seconds(-1.0, "ttl")
+    Traceback (most recent call last):
+    ...
+    vas.errors.InvalidArgument: invalid ttl -1.0: must be 0..86400 seconds
+    """
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not minimum <= value <= MAX_SECONDS):
+        raise InvalidArgument(f"invalid {what} {value!r}: must be {minimum}..{MAX_SECONDS} seconds")
+    return value
 
 
 def check_range(offset: object, length: object, size: int) -> tuple[int, int]:
