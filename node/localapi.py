@@ -69,7 +69,7 @@ class LocalApi:
         body = response.attach
         body.segment.CopyFrom(info)
         body.attachment_id = attachment.id
-        body.fetch = how.proto
+        body.fetch = how.to_proto()
         if attachment.lease is not None:
             body.writable = True
             body.token = attachment.lease.token

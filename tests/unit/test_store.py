@@ -83,7 +83,8 @@ def test_hold_turns_a_reservation_into_held_bytes_and_drop_frees_it():
 
 def test_memory_release_is_idempotent_and_closes_everything():
     memory = store.Memory.allocate("mem", 4 * PS, mapped=True)
-    memory.mapping.write(b"x")
+    with memoryview(memory.mapping) as view:
+        view[0] = 1
     memory.release()
     memory.release()
     assert (memory.fd, memory.ro_fd, memory.mapping) == (-1, -1, None)
