@@ -307,7 +307,8 @@ class Client:
         validate.check_name(name)
         validate.check_attach_mode(mode)
         validate.check_fetch(fetch)
-        request = local_pb2.AttachRequest(name=name, mode=mode, fetch=fetch)
+        request = local_pb2.AttachRequest(name=name, mode=mode, fetch=fetch,  # provisional
+                                          fault_support=local_pb2.FAULT_SUPPORT_USERFAULTFD)
         response, fds = self._call("attach", request, "attach", want_fds=True)
         if len(fds) != 1:
             _close_fds(fds)

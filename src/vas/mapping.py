@@ -21,6 +21,7 @@ import time
 from vas.core import validate
 from vas.core.errors import AddressConflict, Busy, InvalidArgument, NotFound, PermissionDenied, Unavailable, VasError
 from vas.core.types import SegmentInfo
+from vas.proto import local_pb2
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +169,8 @@ class Mapping:
         size, address = segment.size, segment.address
         # Demand paging needs a private mapping, which vas._native cannot place at a
         # fixed address: a fixed lazy attach is fetched whole instead.
-        paged = response.lazy and not writable and not fixed and _userfaultfd_available()
+        lazy = response.fetch == local_pb2.FETCH_MODE_LAZY  # provisional until the client branch lands
+        paged = lazy and not writable and not fixed and _userfaultfd_available()
         try:
             if paged:
                 native = _private_mmap(fd, size, int(response.fd_offset))
@@ -186,7 +188,7 @@ class Mapping:
         self.size = size
         self._detached = False
         self.fetch = "eager"
-        if response.lazy:
+        if lazy:
             self._start_lazy(paged)
 
     def _start_lazy(self, paged: bool) -> None:
