@@ -30,7 +30,7 @@ variable ``VAS_LOCK_CHECK`` is set when the lock is made (read at each call):
   and a test run over real processes collects every violation from the logs.
 - ``VAS_LOCK_CHECK=raise``: the same, then ``LockOrderError`` is raised in the
   offending thread (before it blocks), for debugging one case.
-- unset, empty or ``0``: off.
+- unset, empty, ``0``, ``off``, ``false`` or ``no``: off; any other value: as ``1``.
 
 Unit tests use ``enable()`` / ``disable()`` instead of the environment.
 
@@ -82,7 +82,7 @@ MARKER = "LOCK ORDER VIOLATION:"
 #: Frames of the acquiring site shown in a report.
 STACK_FRAMES = 8
 
-_OFF_VALUES = ("", "0")
+_OFF_VALUES = ("", "0", "off", "false", "no")
 
 
 class Rank(enum.IntEnum):
