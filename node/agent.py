@@ -187,7 +187,9 @@ class Agent:
             raise NotFound(f"segment {name} not found" if info is None
                            else f"segment {name} is being deleted")
         check_access(info, session, mode)
-        if info.home == self.node_id:
+        if info.home == self.node_id:  # created here a moment ago: the reply may be in flight
+            if self.homes.find_created(name) is not None:
+                return self.attach(session, name, mode, fetch, support)
             raise Unavailable(f"segment {name} (id {info.id}) is homed on node {self.node_id} "
                               "but its memory is not held here")
         if mode == "rw":

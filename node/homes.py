@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import threading
 import time
 
 from vas.core.errors import AlreadyExists, Busy, NotFound, VasError
@@ -75,7 +76,7 @@ class HomeSegments:
         self._lock = locks.Lock("homes", locks.Rank.HOMES)
         self._by_name: dict[str, HomeSegment] = {}
         self._by_id: dict[int, HomeSegment] = {}
-        self._creating = 0
+        self._creating: dict[str, threading.Event] = {}  # name -> set when its create ends
         self._tombstones: collections.OrderedDict[int, tuple[str, str]] = \
             collections.OrderedDict()
         self._unfinished: dict[int, str] = {}  # FinishDelete to retry: id -> name
@@ -87,6 +88,15 @@ class HomeSegments:
         """The home segment ``name`` (any state), or None if not homed here."""
         with self._lock:
             return self._by_name.get(name)
+
+    def find_created(self, name: str) -> HomeSegment | None:
+        """``find``, after waiting (at most the rpc timeout) for a create of ``name`` in
+        flight here: its record is visible in the cluster before its reply arrives."""
+        with self._lock:
+            creating = self._creating.get(name)
+        if creating is not None:
+            creating.wait(self.config.rpc_timeout)
+        return self.find(name)
 
     def held(self, segment_id: int) -> HomeSegment:
         """Home segment ``segment_id`` while its memory is held; NotFound otherwise."""
@@ -121,7 +131,7 @@ class HomeSegments:
             self.store.unreserve(size)
             raise
         with self._lock:
-            self._creating += 1
+            created = self._creating[name] = threading.Event()
         started = time.monotonic()
         try:
             info = self.coordinator.create_segment(caller=caller, name=name, size=size,
@@ -130,7 +140,7 @@ class HomeSegments:
         except BaseException as exc:
             self.store.unreserve(size)
             memory.release()
-            self._settle(self._create_done())
+            self._settle(self._create_done(name, created))
             if isinstance(exc, AlreadyExists) and exist_ok:
                 return self.coordinator.get_segment(name)
             raise
@@ -142,7 +152,7 @@ class HomeSegments:
             self._by_name[name] = segment
             self._by_id[info.id] = segment
             news = self._tombstones.pop(info.id, None)
-        leftover = self._create_done()
+        leftover = self._create_done(name, created)
         if info.expires:  # the lease was granted after ``started``: it cannot expire before
             self.expiry.arm(info.id, started + (info.expires - info.created) + _EXPIRY_MARGIN)
         if news is not None:
@@ -150,11 +160,13 @@ class HomeSegments:
         self._settle(leftover)
         return info
 
-    def _create_done(self) -> list[tuple[int, str]]:
-        """A create left flight; when it was the last, drop the tombstones and return
-        the ids (with names) whose FinishDelete is still due."""
+    def _create_done(self, name: str, created: threading.Event) -> list[tuple[int, str]]:
+        """The create of ``name`` left flight; when it was the last, drop the tombstones
+        and return the ids (with names) whose FinishDelete is still due."""
         with self._lock:
-            self._creating -= 1
+            if self._creating.get(name) is created:
+                del self._creating[name]
+            created.set()
             if self._creating or not self._tombstones:
                 return []
             leftover = [(segment_id, name) for segment_id, (news, name)

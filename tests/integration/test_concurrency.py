@@ -31,8 +31,8 @@ below one this process saw before for that incarnation, and across all clients e
 version of an incarnation is published exactly once, 1, 2, 3, ... without gaps.
 
 Races are part of the load: ``Busy`` (the writer lock is taken), ``NotFound`` (deleted
-meanwhile), ``AlreadyExists`` (created meanwhile) are counted; so are the errors of the
-known agent bugs listed in ``KNOWN_BUGS`` (printed); any other error fails.
+meanwhile), ``AlreadyExists`` (created meanwhile) are counted; any other error fails
+(an attach on the home node racing with the create of the same name there included).
 
 Lazy readers of the six "churn" names (the only ones deleted) ``prefetch()`` before
 reading: a demand fault on a replica whose home copy was freed by a delete is retried
@@ -74,29 +74,12 @@ HELD = 4
 DEADLINE = 50.0
 #: What a race may raise.
 EXPECTED = (vas.Busy, vas.NotFound, vas.AlreadyExists)
-#: Known agent bugs a race shows, counted (and printed) rather than failed until fixed;
-#: each is an error class and a pattern of its message. Remove an entry with its fix.
-KNOWN_BUGS = {
-    # The home's record is in etcd once CreateSegment commits, but the agent holds the
-    # segment only after the reply arrives: an attach on the home node in between finds
-    # no local segment, reads the record and refuses (it should wait for the create).
-    "attach on the home during its create": (
-        vas.Unavailable, re.compile(r"is homed on node \S+ but its memory is not held here")),
-}
-
 _OPS = ("create", "delete", "write", "read", "refresh")
 _WEIGHTS = (10, 4, 30, 36, 20)
 
 
 class DataError(AssertionError):
     """Bytes or versions a client saw break the promises the module docstring lists."""
-
-
-def _known_bug(exc: Exception) -> str | None:
-    for bug, (kind, pattern) in KNOWN_BUGS.items():
-        if isinstance(exc, kind) and pattern.search(str(exc)):
-            return bug
-    return None
 
 
 def _base(name: str, segment_id: int, size: int) -> np.ndarray:
@@ -194,11 +177,6 @@ class _Worker:
                 getattr(self, op)(client, name)
             except EXPECTED as exc:
                 self.expected[f"{op}: {type(exc).__name__}"] += 1
-            except vas.VasError as exc:
-                bug = _known_bug(exc)
-                if bug is None:
-                    raise
-                self.expected[f"{op}: {type(exc).__name__}, known bug: {bug}"] += 1
         for m, _ in self.held:
             m.detach()
         self.held.clear()
