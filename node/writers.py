@@ -192,9 +192,11 @@ class Writers:
         return info
 
     def _publish_version(self, caller, segment, lease: WriterLease,
-                         attachment: Attachment | None = None) -> types_pb2.SegmentInfo:
+                         attachment: Attachment | None = None, *,
+                         adopt: bool = True) -> types_pb2.SegmentInfo:
         """PublishVersion for the writer holding ``lease`` (the caller is in the segment's
-        gate). A local ``attachment`` whose token is stale is fenced."""
+        gate); ``adopt``: the pages hold the new version now (else the caller adopts it
+        once they do). A local ``attachment`` whose token is stale is fenced."""
         try:
             info = self.coordinator.publish_version(caller, segment.name, segment.id,
                                                     lease.token, lease.lease_id)
@@ -202,8 +204,9 @@ class Writers:
             if attachment is not None:
                 raise self.fence(attachment) from None
             raise
-        with segment.lock:
-            segment.adopt_version_locked(info.version)
+        if adopt:
+            with segment.lock:
+                segment.adopt_version_locked(info.version)
         return info
 
     # ------------------------------------------------------------------ home side
@@ -223,9 +226,11 @@ class Writers:
             timeout = self.config.rpc_timeout + staged.total / SEND_RATE
             with segment.gate.passage(timeout, f"publish of segment {segment.name}"):
                 lease = WriterLease(header.name, header.token, header.lease_id)
-                info = self._publish_version(header.caller, segment, lease)
+                info = self._publish_version(header.caller, segment, lease, adopt=False)
                 for offset, data in staged.pieces:
                     _pwrite_all(fd, data, offset)
+                with segment.lock:  # only now: a reader never sees the version before its bytes
+                    segment.adopt_version_locked(info.version)
         finally:
             os.close(fd)
         return info
