@@ -26,6 +26,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from vas.core import validate
 from vas.core.errors import InvalidArgument
 from vas.node.agent import Agent
 from vas.node.bulk import BulkServer
@@ -61,8 +62,7 @@ class NodeServer:
                                   "agent restart; run without it")
         for name, ttl in (("heartbeat ttl", config.heartbeat_ttl),
                           ("writer ttl (--writer-ttl)", config.writer_ttl)):
-            if ttl < 1:
-                raise InvalidArgument(f"invalid {name} {ttl}: must be at least 1 second")
+            validate.check_seconds(ttl, name, minimum=1)
         self.config = config
         self.address = ""       # host:port the gRPC server listens on (real port)
         self.agent: Agent | None = None

@@ -168,7 +168,22 @@ def test_usage_errors_exit_2(vasctl, args):
 def test_node_serve_refuses_a_zero_writer_ttl(vasctl, tmp_path):
     proc = vasctl("node", "serve", "--socket", tmp_path / "n.sock", "--writer-ttl", "0", expect=1)
     assert one_error_line(proc) == ("vasctl: error: invalid writer ttl (--writer-ttl) 0: must "
-                                    "be at least 1 second")
+                                    "be 1..86400 seconds")
+
+
+def test_node_serve_refuses_a_data_dir_it_cannot_honour(vasctl, tmp_path):
+    proc = vasctl("node", "serve", "--socket", tmp_path / "n.sock", "--data-dir", tmp_path,
+                  expect=1)
+    assert one_error_line(proc) == ("vasctl: error: --data-dir is not built yet: segments do "
+                                    "not survive an agent restart; run without it")
+
+
+def test_seg_create_refuses_replicas_it_cannot_make(vasctl, cluster):
+    proc = vasctl("seg", "create", "cli/replicated", "--size", "4KiB", "--replicas", "1",
+                  expect=1)
+    assert one_error_line(proc) == ("vasctl: error: replicas=1 is not built yet: a segment has "
+                                    "no copy besides its home; create it with replicas=0")
+    vasctl("seg", "stat", "cli/replicated", expect=1)  # nothing was created
 
 
 def test_node_ls_and_status(vasctl, cluster):

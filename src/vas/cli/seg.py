@@ -28,7 +28,9 @@ def register(nouns: argparse._SubParsersAction) -> None:
     p.add_argument("--size", type=size_type, required=True,
                    help="bytes, e.g. 4096, 64KiB, 1GiB (rounded up to whole pages)")
     p.add_argument("--mode", type=mode_type, default=0o600, help="octal permission bits (default 600)")
-    p.add_argument("--replicas", type=int, default=0, help="replica copies on other nodes (default 0)")
+    p.add_argument("--replicas", type=int, default=0,
+                   help="replica copies on other nodes (default 0; not built yet: K > 0 is "
+                        "refused)")
     p.add_argument("--ttl", type=float, default=None, metavar="SECONDS",
                    help="remove the segment after this many seconds")
     p.add_argument("--exist-ok", action="store_true", help="succeed if the segment exists already")
