@@ -142,6 +142,18 @@ class _Held:
     def ro_fd(self) -> int:
         return self.memory.ro_fd
 
+    #: Legal moves of ``state`` (set by each subclass) and how errors name the kind.
+    MOVES: dict = {}
+    KIND = ""
+
+    def move(self, to) -> None:
+        """The one transition function (the caller holds ``lock``): IllegalMove unless
+        the state table lists ``state -> to``."""
+        if to not in self.MOVES[self.state]:
+            raise IllegalMove(f"{self.KIND} {self.name} (id {self.id}): {self.state.value} "
+                              f"-> {to.value}")
+        self.state = to
+
     def adopt_version_locked(self, version: int) -> None:
         """These pages now hold ``version`` (versions only grow)."""
         if version > self.info.version:
@@ -168,6 +180,8 @@ class HomeSegment(_Held):
     """
 
     __slots__ = ("finish_record", "published_hashes", "read_ticket", "adopted_ticket", "done")
+    MOVES = _HOME_MOVES
+    KIND = "home segment"
 
     def __init__(self, info: types_pb2.SegmentInfo, memory: Memory):
         super().__init__(info, memory)
@@ -177,13 +191,6 @@ class HomeSegment(_Held):
         self.published_hashes: tuple[int, bytes] | None = None
         self.read_ticket = 0
         self.adopted_ticket = 0
-
-    def move(self, to: HomeState) -> None:
-        """The one transition function (the caller holds ``lock``)."""
-        if to not in _HOME_MOVES[self.state]:
-            raise IllegalMove(f"home segment {self.name} (id {self.id}): {self.state.value} "
-                              f"-> {to.value}")
-        self.state = to
 
     def __repr__(self) -> str:
         return (f"<HomeSegment {self.name} id={self.id} size={self.size} {self.state.value} "
@@ -200,19 +207,14 @@ class Replica(_Held):
     """
 
     __slots__ = ("fill", "synced_hashes")
+    MOVES = _REPLICA_MOVES
+    KIND = "replica of"
 
     def __init__(self, info: types_pb2.SegmentInfo, memory: Memory, fill=None):
         super().__init__(info, memory)
         self.state = ReplicaState.CURRENT
         self.fill = fill
         self.synced_hashes = b""
-
-    def move(self, to: ReplicaState) -> None:
-        """The one transition function (the caller holds ``lock``)."""
-        if to not in _REPLICA_MOVES[self.state]:
-            raise IllegalMove(f"replica of {self.name} (id {self.id}): {self.state.value} "
-                              f"-> {to.value}")
-        self.state = to
 
     def __repr__(self) -> str:
         return (f"<Replica {self.name} id={self.id} v{self.info.version} {self.state.value} "
