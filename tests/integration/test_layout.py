@@ -72,6 +72,14 @@ def test_the_checkout_root_imports_the_package():
     assert not done.stdout.strip().startswith(str(ROOT / "vas") + os.sep)
 
 
+def test_the_checkout_root_shadows_no_other_package():
+    # proto-plus (from Ray's dependencies) imports as `proto`: a package folder of that
+    # name at the root would replace it in every process started there.
+    assert not (ROOT / "proto" / "__init__.py").exists()
+    done = python_at_root("import proto; print(getattr(proto, '__file__', None))")
+    assert not done.stdout.strip().startswith(str(ROOT / "proto")), done.stdout
+
+
 def test_the_daemon_packages_load_no_client_side():
     done = python_at_root("import sys, vas.node.server, vas.coordinator.server, vas.cli.main\n"
                           "vas.cli.main.build_parser()  # every noun module, as `serve` does\n"
