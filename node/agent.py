@@ -46,6 +46,7 @@ import time
 import grpc
 
 from vas import _native, validate
+from vas.core.fetch import FetchMode, decide as decide_fetch
 from vas.errors import (AlreadyExists, Busy, Fenced, InvalidArgument, NotFound,
                         PermissionDenied, Unavailable, VasError)
 from vas.node import bulk, lazy
@@ -414,14 +415,23 @@ class Agent(PublishMixin):
                     body = response.attach
                     body.segment.CopyFrom(segment.info)
                     body.attachment_id = attachment.id
+                    body.fetch = FetchMode.HOME.to_proto()
                     return [fd]
                 if segment.writer is not None:
                     raise Busy(f'segment {name} is already attached "rw" on node {self.node_id}')
                 segment.writer = Segment.PENDING
         if segment is None:
-            return self._attach_elsewhere(session, validate.check_name(name), mode,
-                                          request.fetch or "lazy", response)
-        return self._attach_writer(session, segment, response)
+            # Decided once (vas/core/fetch.py); a remote "rw" attach is fetched whole.
+            how = decide_fetch("eager" if mode == "rw" else request.fetch or "lazy",
+                               home=False, support=request.fault_support)
+            fds = self._attach_elsewhere(session, validate.check_name(name), mode,
+                                         "lazy" if how is FetchMode.LAZY else "eager", response)
+            if how is not FetchMode.LAZY:  # a complete replica: say why it was fetched whole
+                response.attach.fetch = how.to_proto()
+            return fds
+        fds = self._attach_writer(session, segment, response)
+        response.attach.fetch = FetchMode.HOME.to_proto()
+        return fds
 
     def _attach_elsewhere(self, session: Session, name: str, mode: str, fetch: str,
                           response: local_pb2.LocalResponse) -> list[int]:
@@ -536,7 +546,8 @@ class Agent(PublishMixin):
             fd = os.dup(replica.fd)
             attachment = self._add_writer_locked(session, replica, writer, body)
         body.attachment_id = attachment.id
-        body.lazy = replica.lazy is not None
+        # A lazy attach of a replica that is complete already has nothing to fault in.
+        body.fetch = (FetchMode.LAZY if replica.lazy is not None else FetchMode.EAGER).to_proto()
         return [fd]
 
     def _add_writer_locked(self, session: Session, segment: Segment,

@@ -1,0 +1,158 @@
+"""How a segment's pages reach this node: the fetch mode, decided in one place.
+
+An attach asks for a fetch ("lazy", the default, or "eager") and states whether
+the client can take userfaultfd faults on the mapping it is about to make
+(``FaultSupport`` in local.proto, found by ``probe_fault_support``). The agent
+decides the mode with ``decide``, makes a lazy replica only for
+``FetchMode.LAZY`` (every other mode hands out complete pages), and answers the
+mode (``AttachResponse.fetch``); the client maps by it and shows its string as
+``Mapping.fetch``. ``vasctl seg stat`` shows "fetch here" by the same rule.
+
+==========  =========  ======================  ==========================================
+requested   home node  fault support           mode (string users see)
+==========  =========  ======================  ==========================================
+any         yes        any                     HOME ("home (no fetch)")
+"eager"     no         any                     EAGER ("eager")
+"lazy"      no         USERFAULTFD             LAZY ("lazy")
+"lazy"      no         NO_USERFAULTFD, none    EAGER_NO_USERFAULTFD ("eager (userfaultfd
+                                               unavailable)")
+"lazy"      no         FIXED_ADDRESS           EAGER_FIXED ("eager (fixed address)")
+==========  =========  ======================  ==========================================
+
+A remote "rw" attach is always fetched whole (``sync()`` diffs every chunk): the
+agent asks ``decide`` with requested="eager" then. A LAZY attach of a replica
+that is already complete is answered EAGER (nothing is left to fault in), and a
+client whose userfaultfd registration fails at run time fetches the rest at once
+and reports EAGER_NO_USERFAULTFD.
+
+Example::
+
+    mode = decide("lazy", home=False, support=probe_fault_support(fixed=False))
+    print(mode.value)  # "lazy" where userfaultfd works
+"""
+from __future__ import annotations
+
+import enum
+import logging
+import os
+
+from vas import validate
+from vas.proto import local_pb2
+
+log = logging.getLogger(__name__)
+
+#: Set to 1 to behave as if this kernel had no userfaultfd (lazy attaches turn eager).
+DISABLE_USERFAULTFD_ENV = "VAS_DISABLE_USERFAULTFD"
+
+
+class FetchMode(enum.Enum):
+    """How an attachment's pages reach this node; the value is what users see."""
+
+    HOME = "home (no fetch)"
+    LAZY = "lazy"
+    EAGER = "eager"
+    EAGER_NO_USERFAULTFD = "eager (userfaultfd unavailable)"
+    EAGER_FIXED = "eager (fixed address)"
+
+    def to_proto(self) -> int:
+        """The ``vas.v1.FetchMode`` value of this mode."""
+        return _TO_PROTO[self]
+
+    @classmethod
+    def from_proto(cls, value: int) -> "FetchMode":
+        """The mode of a ``vas.v1.FetchMode`` value.
+
+        :raises ValueError: FETCH_MODE_UNSPECIFIED or a value this build does not know.
+        """
+        try:
+            return _FROM_PROTO[value]
+        except KeyError:
+            raise ValueError(f"unknown fetch mode {value}") from None
+
+
+_TO_PROTO = {
+    FetchMode.HOME: local_pb2.FETCH_MODE_HOME,
+    FetchMode.LAZY: local_pb2.FETCH_MODE_LAZY,
+    FetchMode.EAGER: local_pb2.FETCH_MODE_EAGER,
+    FetchMode.EAGER_NO_USERFAULTFD: local_pb2.FETCH_MODE_EAGER_NO_USERFAULTFD,
+    FetchMode.EAGER_FIXED: local_pb2.FETCH_MODE_EAGER_FIXED,
+}
+_FROM_PROTO = {number: mode for mode, number in _TO_PROTO.items()}
+
+
+def decide(requested: str, *, home: bool, support: int) -> FetchMode:
+    """The fetch mode of an attach: the one place this rule lives (table above).
+
+    :param requested: "lazy" or "eager" (the attach's ``fetch``; the agent passes
+        "eager" for a remote "rw" attach).
+    :param home: the segment is homed on the deciding node.
+    :param support: the client's ``vas.v1.FaultSupport`` value; UNSPECIFIED and
+        unknown values count as NO_USERFAULTFD.
+    :raises InvalidArgument: ``requested`` is neither "lazy" nor "eager".
+
+    Example::
+
+        decide("lazy", home=False, support=local_pb2.FAULT_SUPPORT_FIXED_ADDRESS)
+        # -> FetchMode.EAGER_FIXED
+    """
+    validate.check_fetch(requested)
+    if home:
+        return FetchMode.HOME
+    if requested == "eager":
+        return FetchMode.EAGER
+    if support == local_pb2.FAULT_SUPPORT_USERFAULTFD:
+        return FetchMode.LAZY
+    if support == local_pb2.FAULT_SUPPORT_FIXED_ADDRESS:
+        return FetchMode.EAGER_FIXED
+    return FetchMode.EAGER_NO_USERFAULTFD
+
+
+_userfaultfd_ok: bool | None = None  # probed once per process
+
+
+def userfaultfd_available() -> bool:
+    """Whether this process can register shmem mappings for MISSING and MINOR userfaults.
+
+    Probed once per process (a userfaultfd, its API handshake, close) and logged
+    once when it is not; ``VAS_DISABLE_USERFAULTFD=1`` answers False without probing.
+    """
+    global _userfaultfd_ok
+    if _userfaultfd_ok is None:
+        _userfaultfd_ok = _probe()
+    return _userfaultfd_ok
+
+
+def _probe() -> bool:
+    if os.environ.get(DISABLE_USERFAULTFD_ENV, "") not in ("", "0"):
+        log.warning("%s is set: lazy attaches fetch eagerly", DISABLE_USERFAULTFD_ENV)
+        return False
+    from vas import _native  # imported on first use (cached in sys.modules after)
+
+    wanted = _native.UFFD_FEATURE_MINOR_SHMEM | _native.UFFD_FEATURE_MISSING_SHMEM
+    try:
+        fd = _native.userfaultfd()
+        try:
+            ok = _native.uffd_api(fd) & wanted == wanted
+        finally:
+            os.close(fd)
+        reason = "no shmem MISSING/MINOR fault support"
+    except OSError as exc:
+        ok, reason = False, str(exc)
+    if not ok:
+        log.warning("userfaultfd unavailable (%s): lazy attaches fetch eagerly", reason)
+    return ok
+
+
+def probe_fault_support(fixed: bool) -> int:
+    """The ``vas.v1.FaultSupport`` value this process states for a mapping it is
+    about to make (``fixed``: at the segment's own address).
+
+    Without userfaultfd that is NO_USERFAULTFD whatever ``fixed`` says; with it,
+    FIXED_ADDRESS for a fixed mapping (mapped shared: a private mapping, which
+    registration needs, is not placed at a fixed address), else USERFAULTFD.
+    """
+    if not userfaultfd_available():
+        return local_pb2.FAULT_SUPPORT_NO_USERFAULTFD
+    if fixed:
+        return local_pb2.FAULT_SUPPORT_FIXED_ADDRESS
+    return local_pb2.FAULT_SUPPORT_USERFAULTFD
