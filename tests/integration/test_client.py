@@ -77,6 +77,7 @@ def test_lifecycle(client):
         assert writer.write(100, b"hello") == 5
         with client.attach("life/a") as reader:
             assert reader.read(100, 5) == b"hello"
+            assert writer.fetch == reader.fetch == "home (no fetch)"  # nothing fetched
             assert reader.buffer.readonly and not writer.buffer.readonly
             wait_for(lambda: client.stat("life/a").attachments == 2, what="2 attachments")
     wait_for(lambda: client.stat("life/a").attachments == 0, what="0 attachments")
