@@ -216,6 +216,7 @@ typedef struct {
     char closed;
     Py_ssize_t exports; /* live buffer exports */
     Py_ssize_t busy;    /* madvise calls running without the GIL */
+    PyObject *weakreflist; /* weak references (callbacks run after munmap) */
 } MappingObject;
 
 static PyTypeObject MappingType;
@@ -239,6 +240,9 @@ mapping_dealloc(MappingObject *self)
         (void)munmap(addr, size);
         Py_END_ALLOW_THREADS
     }
+    /* after munmap: a weakref callback may rely on the pages being gone */
+    if (self->weakreflist != NULL)
+        PyObject_ClearWeakRefs((PyObject *)self);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -419,7 +423,10 @@ PyDoc_STRVAR(mapping_doc,
 "A MAP_SHARED mapping made by vas._native.mmap().\n\n"
 "Exports its bytes through the buffer protocol (1-D, format 'B', read-only\n"
 "unless writable), so memoryview(m) and numpy.frombuffer(m) are zero-copy.\n"
-"close() (or the with statement, or garbage collection) unmaps it.");
+"close() (or the with statement, or garbage collection) unmaps it.  Weak\n"
+"references are supported; their callbacks run after the pages are unmapped\n"
+"(the buffer views of a mapping hold a reference to it, so weakref.finalize\n"
+"on it runs once the last view is gone).");
 
 static PyTypeObject MappingType = {
     PyVarObject_HEAD_INIT(NULL, 0)
@@ -429,6 +436,7 @@ static PyTypeObject MappingType = {
     .tp_repr = (reprfunc)mapping_repr,
     .tp_as_buffer = &mapping_as_buffer,
     .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_weaklistoffset = offsetof(MappingObject, weakreflist),
     .tp_doc = mapping_doc,
     .tp_methods = mapping_methods,
     .tp_members = mapping_members,
@@ -534,6 +542,7 @@ vas_mmap(PyObject *Py_UNUSED(mod), PyObject *args, PyObject *kw)
     m->closed = 0;
     m->exports = 0;
     m->busy = 0;
+    m->weakreflist = NULL;
     return (PyObject *)m;
 }
 

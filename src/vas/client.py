@@ -9,6 +9,15 @@ non-zero status becomes the matching ``vas.VasError`` through vas.core.errors.
 The agent learns who we are from the socket (SO_PEERCRED), and closing the
 connection releases every attachment and writer lock it holds, so a process
 that dies cleans up after itself.
+
+Threads: ``_lock`` spans each request/response pair and is the only lock here.
+A Client that has attached something runs one helper thread ("vas-client"),
+holding only a weak reference to it between rounds, that sends the Detach of
+attachments whose last buffer view went away (see vas/mapping.py: their
+finalizers, which may run in any thread, even one inside a request, only put the
+id on the ``_releases`` queue and nudge the helper) and a KeepAlive every
+``keepalive_seconds`` while a "rw" attachment lives. Every request, and close(),
+sends the queued Detaches first.
 """
 from __future__ import annotations
 
@@ -16,14 +25,19 @@ import builtins
 import collections.abc
 import contextlib
 import itertools
+import logging
+import math
 import os
+import queue
 import threading
+import time
 import weakref
 from typing import Iterator
 
 from vas.core import validate, wire
 from vas.core.defaults import DEFAULT_SOCKET
 from vas.core.errors import InvalidArgument, Unavailable, VasError, from_status, status_code
+from vas.core.fetch import probe_fault_support
 from vas.core.types import NodeInfo, SegmentInfo, SpaceInfo
 from vas.mapping import Mapping
 from vas.proto import LOCAL_PROTOCOL, coordinator_pb2, local_pb2
@@ -32,6 +46,10 @@ from vas.proto import LOCAL_PROTOCOL, coordinator_pb2, local_pb2
 LIST_PAGE_SIZE = 500
 
 _MAX_UINT32 = (1 << 32) - 1
+#: Shortest interval between two KeepAlives, seconds (whatever the agent asks).
+_MIN_KEEPALIVE_SECONDS = 0.05
+
+log = logging.getLogger(__name__)
 
 
 class Client:
@@ -39,7 +57,7 @@ class Client:
 
     Thread-safe: one request is in flight at a time (a lock spans each
     request/response pair). A context manager: leaving the ``with`` block
-    closes the connection, which releases the attachments it made.
+    closes the connection, which releases the attachments it made (see ``close``).
 
     Attributes: ``socket_path`` (the agent's socket), ``local_node`` (the
     agent's ``NodeInfo`` as of connecting), ``uid``/``gid``/``pid`` (the
@@ -53,12 +71,19 @@ class Client:
         self._ids = itertools.count(1)
         self._closed = False
         self._pid = os.getpid()
-        # Attachment ids whose Mapping was garbage-collected while the lock was
-        # taken; detached at the next request (see _detach_later).
-        self._pending_detach: builtins.list[int] = []
+        # Attachment ids whose pages are unmapped but whose Detach is not sent yet
+        # (queued by finalizers, see _release_later); sent before the next request.
+        self._releases: queue.SimpleQueue[int] = queue.SimpleQueue()
+        # Wake-ups of the helper thread (a Detach queued, a writer attached, closed).
+        self._nudges: queue.SimpleQueue[None] = queue.SimpleQueue()
+        # "rw" attachments alive at the agent (mapped here, views included): while
+        # there are any the helper sends a KeepAlive every _keepalive_seconds.
+        self._writer_ids: set[int] = set()
+        self._keepalive_seconds = math.inf
         self._mappings: weakref.WeakSet[Mapping] = weakref.WeakSet()
-        self._keepalive: threading.Thread | None = None
-        self._stopping = threading.Event()  # set by close(): ends the keepalive thread
+        self._helper: threading.Thread | None = None
+        # A Client dropped without close(): its helper must not wait for it forever.
+        weakref.finalize(self, self._nudges.put, None).atexit = False
         sock = wire.new_socket()
         try:
             sock.connect(path)
@@ -87,7 +112,7 @@ class Client:
         """
         with self._lock:
             self._check_open()
-            self._flush_pending_detach()
+            self._flush_releases()
             response, fds = self._roundtrip(field, body, send_fds)
         try:
             if response.code != 0:
@@ -142,6 +167,7 @@ class Client:
 
     def _detach(self, attachment_id: int) -> None:
         """Release one attachment (used by Mapping.detach)."""
+        self._writer_ids.discard(attachment_id)
         self._call("detach", local_pb2.DetachRequest(attachment_id=attachment_id),
                    ("detach", "empty", None))
 
@@ -172,53 +198,63 @@ class Client:
         return self._call("wait", local_pb2.WaitRequest(
             attachment_id=attachment_id, version=version, timeout_seconds=timeout), "segment")
 
-    def _keep_writers_alive(self, interval: float) -> None:
-        """Start the thread that tells the agent every ``interval`` seconds that this
-        process is alive, for as long as it holds a "rw" mapping (the agent renews
-        the writer lease only then: a stopped process loses its lock)."""
-        if self._keepalive is not None and self._keepalive.is_alive():
+    def _start_helper(self) -> None:
+        """Start the helper thread (module docstring) once: at the first attach, never
+        from a finalizer (starting a thread takes locks and waits). It runs until the
+        connection is closed or broken, or the Client is gone."""
+        if self._helper is not None:
             return
-        self._keepalive = threading.Thread(
-            target=_keepalive_loop, args=(weakref.ref(self), max(interval, 0.05)),
-            name="vas-keepalive", daemon=True)
-        self._keepalive.start()
+        with self._lock:  # one helper even when threads attach at once
+            if self._helper is None:
+                self._helper = threading.Thread(
+                    target=_helper_loop, args=(weakref.ref(self), self._nudges),
+                    name="vas-client", daemon=True)
+                self._helper.start()
 
-    def _holds_writer(self) -> bool:
-        return any(m.mode == "rw" and not m.detached for m in builtins.list(self._mappings))
+    def _release_later(self, attachment_id: int) -> None:
+        """Queue the Detach of an attachment whose pages were just unmapped.
 
-    def _detach_later(self, attachment_id: int) -> None:
-        """Detach from a finalizer: never block on (or re-enter) the lock.
-
-        A garbage-collected Mapping may be finalized in the middle of another
-        request of this very thread; sending then would interleave two
-        requests, so the id waits for the next request unless the lock is free.
+        The finalizer of a mapping's native object (vas/mapping.py) calls this
+        when its last view goes: in any thread, possibly one that holds
+        ``_lock`` in the middle of a request. So it neither locks nor sends:
+        ``SimpleQueue.put`` is safe there, and the helper thread (or the next
+        request, or close) sends it.
         """
-        if self._closed:
-            return
-        self._pending_detach.append(attachment_id)
-        if os.getpid() == self._pid and self._lock.acquire(blocking=False):
-            try:
-                if not self._closed:
-                    self._flush_pending_detach()
-            except VasError:
-                pass  # the connection broke: the agent released everything anyway
-            finally:
-                self._lock.release()
+        self._releases.put(attachment_id)
+        self._nudges.put(None)
 
-    def _flush_pending_detach(self) -> None:
-        while self._pending_detach:
-            attachment_id = self._pending_detach.pop()
+    def _flush_releases(self) -> None:
+        """Send the queued Detaches; the caller holds the lock."""
+        while True:
+            try:
+                attachment_id = self._releases.get_nowait()
+            except queue.Empty:
+                return
+            self._writer_ids.discard(attachment_id)
             response, fds = self._roundtrip(
                 "detach", local_pb2.DetachRequest(attachment_id=attachment_id))
             _close_fds(fds)  # an error here only means it is gone already
 
+    def _flush_releases_now(self) -> None:
+        """Take the lock and send the queued Detaches (the helper thread)."""
+        with self._lock:
+            self._check_open()
+            self._flush_releases()
+
     # -- lifetime -----------------------------------------------------------------
 
     def close(self) -> None:
-        """Close the connection; the agent releases its attachments and writer locks.
+        """Close the connection: the agent then releases every attachment it made,
+        with its writer lock, at once.
 
-        Idempotent. Mappings made through this client stay readable in this
-        process until detached, but no longer count as attachments.
+        Idempotent. Detaches already queued (mappings whose last view went) are
+        sent first. Mappings still attached and views still alive stay mapped
+        in this process (valid memory: never a crash), but no attachment holds
+        their pages any more: the agent may free a deleted segment's pages (they
+        then read as zeros), a lazy mapping's pages not touched yet read as
+        zeros, and a writer's lock is gone. ``Mapping`` methods then raise
+        ``Unavailable`` (or ``InvalidArgument`` once detached). Detach and drop
+        views before closing to keep the bytes.
         """
         if self._closed:
             return
@@ -227,10 +263,11 @@ class Client:
                 return
             with contextlib.suppress(VasError, OSError):
                 if os.getpid() == self._pid:
-                    self._flush_pending_detach()
+                    self._flush_releases()
             self._closed = True
-            self._stopping.set()
             self._sock.close()
+        self._writer_ids.clear()
+        self._nudges.put(None)  # the helper thread ends
         for mapping in builtins.list(self._mappings):
             mapping._client_closed()
 
@@ -289,10 +326,12 @@ class Client:
         :param fixed: map at the segment's own address (``info.address``), so
             pointers stored inside it are valid here; otherwise anywhere.
         :param fetch: ``"lazy"`` or ``"eager"`` (how a remote segment's pages arrive:
-            lazy maps at once and fills pages on first touch; without userfaultfd
-            it falls back to eager, logged and shown in ``Mapping.fetch``). A remote
+            lazy maps at once and fills pages on first touch; without userfaultfd,
+            or with ``fixed=True``, the agent fetches the whole segment instead,
+            logged and shown in ``Mapping.fetch``; see vas/core/fetch.py). A remote
             ``"rw"`` attach always fetches eagerly: sync() diffs every chunk.
-        :returns: a ``Mapping`` (a context manager that detaches on exit).
+        :returns: a ``Mapping`` (a context manager that detaches on exit; leaving
+            the block by an exception never replaces that exception).
         :raises InvalidArgument: bad name, mode or fetch.
         :raises NotFound: no such segment (or it is being deleted).
         :raises PermissionDenied: the mode bits do not allow it.
@@ -307,8 +346,9 @@ class Client:
         validate.check_name(name)
         validate.check_attach_mode(mode)
         validate.check_fetch(fetch)
-        request = local_pb2.AttachRequest(name=name, mode=mode, fetch=fetch,  # provisional
-                                          fault_support=local_pb2.FAULT_SUPPORT_USERFAULTFD)
+        request = local_pb2.AttachRequest(name=name, mode=mode, fetch=fetch,
+                                          fault_support=probe_fault_support(bool(fixed)))
+        self._start_helper()
         response, fds = self._call("attach", request, "attach", want_fds=True)
         if len(fds) != 1:
             _close_fds(fds)
@@ -323,7 +363,9 @@ class Client:
             _close_fds(fds)  # the mapping keeps the pages; the fd is not needed after mmap
         self._mappings.add(mapping)
         if mode == "rw":
-            self._keep_writers_alive(response.keepalive_seconds)
+            self._keepalive_seconds = max(response.keepalive_seconds, _MIN_KEEPALIVE_SECONDS)
+            self._writer_ids.add(mapping._attachment_id)
+            self._nudges.put(None)  # the helper starts its keepalive rounds
         return mapping
 
     def _release_quietly(self, attachment_id: int) -> None:
@@ -515,6 +557,7 @@ class Client:
         exit every member is detached.
 
         :yields: a ``SpaceView``: ``view[segment_name]`` is that member's ``Mapping``.
+            Leaving the block by an exception never replaces that exception.
         :raises NotFound: no such space, or a member segment is gone.
         :raises AddressConflict: a member's range is already mapped in this process.
         :raises PermissionDenied, Busy: as for ``attach``.
@@ -537,8 +580,10 @@ class Client:
         view = SpaceView(info, mappings)
         try:
             yield view
-        finally:
-            view._detach_all()
+        except BaseException as exc:
+            view._detach_all(exc)
+            raise
+        view._detach_all()
 
     # -- cluster ------------------------------------------------------------------
 
@@ -598,32 +643,56 @@ class SpaceView(collections.abc.Mapping):
     def __repr__(self) -> str:
         return f"<vas.SpaceView {self.info.name} {builtins.list(self._mappings)}>"
 
-    def _detach_all(self) -> None:
+    def _detach_all(self, leaving: BaseException | None = None) -> None:
+        """Detach every member; raise the first error, or, when the block is left by
+        ``leaving``, add the errors to it as notes (never replacing it)."""
         first: BaseException | None = None
         for mapping in reversed(builtins.list(self._mappings.values())):
             try:
                 mapping.detach()
             except VasError as exc:
+                if leaving is not None:
+                    leaving.add_note(f"and detaching segment {mapping.name} failed: {exc!r}")
                 first = first or exc
-        if first is not None:
+        if first is not None and leaving is None:
             raise first
 
 
-def _keepalive_loop(client_ref, interval: float) -> None:
-    """Body of a Client's keepalive thread (holds only a weak reference to it)."""
-    client = client_ref()
-    while client is not None:
-        stopping = client._stopping
-        del client
-        if stopping.wait(interval):
-            return
+def _helper_loop(client_ref, nudges: queue.SimpleQueue) -> None:
+    """Body of a Client's helper thread (module docstring): send queued Detaches when
+    nudged, a KeepAlive when one is due; end when the Client is closed or gone.
+    Holds the Client only while working, never while waiting."""
+    keepalive_due = math.inf
+    while True:
         client = client_ref()
-        if client is None or client.closed or not client._holds_writer():
+        if client is None or client.closed:
+            return
+        now = time.monotonic()
+        if not client._writer_ids:
+            keepalive_due = math.inf
+        elif keepalive_due == math.inf:
+            keepalive_due = now + client._keepalive_seconds
+        del client
+        try:
+            nudges.get(timeout=None if keepalive_due == math.inf else max(0.0, keepalive_due - now))
+            keepalive = False
+        except queue.Empty:
+            keepalive = True
+        client = client_ref()
+        if client is None or client.closed:
             return
         try:
-            client._call("keepalive", local_pb2.KeepAliveRequest(), "empty")
-        except VasError:
-            return  # the connection is gone: the agent released the lock already
+            if keepalive:  # any request proves us alive; it also sends queued Detaches
+                keepalive_due = math.inf
+                client._call("keepalive", local_pb2.KeepAliveRequest(), "empty")
+            else:
+                client._flush_releases_now()
+        except VasError as exc:
+            if client.closed:
+                return  # the connection is gone: the agent released everything already
+            log.warning("vas agent at %s refused a request of the client's helper "
+                        "thread: %s", client.socket_path, exc)
+        del client
 
 
 def connect(node: str | None = None) -> Client:

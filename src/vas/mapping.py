@@ -6,9 +6,18 @@ extension (``vas._native.mmap``, MAP_SHARED, and MAP_FIXED_NOREPLACE for
 Every local attach of a segment maps the same physical pages (zero-copy).
 
 Buffer views are the one hazard of a mapping in Python: a ``memoryview`` or a
-numpy array over unmapped memory would crash the process. So, like CPython's
-``mmap``, ``detach()`` refuses (``vas.Busy``) while a view made from the mapping
-is still alive, and the native object unmaps only when the last view is gone.
+numpy array over unmapped memory would crash the process. The native object
+(``vas._native.Mapping``, or an ``mmap.mmap`` for a lazy mapping) counts its
+buffer exports and refuses to unmap while one is alive, and every view holds a
+reference to it. So ``detach()`` never unmaps under a view: it unmaps at once
+when no view is left, and otherwise leaves the unmapping to the native object's
+end (when the last view goes). The attachment at the agent must live exactly as
+long as the pages are mapped (else the agent could free a deleted segment's
+pages under the views, or stop resolving a lazy mapping's faults), so its
+Detach is tied to the native object too: a ``weakref.finalize`` on it queues the
+Detach with the Client (``Client._release_later``), which sends it from its
+helper thread, before its next request, or at close. A finalizer may run in any
+thread, even one in the middle of a request, so it only queues.
 """
 from __future__ import annotations
 
@@ -17,51 +26,19 @@ import logging
 import math
 import os
 import time
+import weakref
 
 from vas.core import validate
-from vas.core.errors import AddressConflict, Busy, InvalidArgument, NotFound, PermissionDenied, Unavailable, VasError
+from vas.core.errors import AddressConflict, InvalidArgument, NotFound, PermissionDenied, Unavailable, VasError
+from vas.core.fetch import FetchMode
 from vas.core.types import SegmentInfo
-from vas.proto import local_pb2
 
 log = logging.getLogger(__name__)
 
-#: Set to 1 to behave as if this kernel had no userfaultfd (lazy attaches turn eager).
-_DISABLE_ENV = "VAS_DISABLE_USERFAULTFD"
-_FALLBACK = "eager (userfaultfd unavailable)"
-#: Longest single wait request of Mapping.wait(), seconds.
-_WAIT_SLICE = 1.0
-_uffd_ok: bool | None = None  # probed once per process
-
-
-def _userfaultfd_available() -> bool:
-    """Whether this process can register shmem mappings for MISSING+MINOR userfaults."""
-    global _uffd_ok
-    if _uffd_ok is None:
-        from vas import _native
-
-        _uffd_ok = False
-        if os.environ.get(_DISABLE_ENV, "") not in ("", "0"):
-            log.warning("%s is set: lazy attaches fetch eagerly", _DISABLE_ENV)
-            return False
-        wanted = _native.UFFD_FEATURE_MINOR_SHMEM | _native.UFFD_FEATURE_MISSING_SHMEM
-        try:
-            fd = _native.userfaultfd()
-            try:
-                _uffd_ok = _native.uffd_api(fd) & wanted == wanted
-            finally:
-                os.close(fd)
-            reason = "no shmem MISSING/MINOR fault support"
-        except OSError as exc:
-            reason = str(exc)
-        if not _uffd_ok:
-            log.warning("userfaultfd unavailable (%s): lazy attaches fetch eagerly", reason)
-    return _uffd_ok
-
-
-def lazy_fetch_here() -> str:
-    """How a lazy attach of a remote segment gets its pages in this process: "lazy"
-    (demand paging), or the eager fallback with its reason (vasctl seg stat shows it)."""
-    return "lazy" if _userfaultfd_available() else _FALLBACK
+#: Longest WaitRequest that Mapping.wait() sends, seconds: the connection serves one
+#: request at a time, so a long wait is asked in slices and other threads of the
+#: process get their turn on the connection between them.
+_WAIT_REQUEST_SECONDS = 1.0
 
 
 def _private_mmap(fd: int, size: int, offset: int):
@@ -136,11 +113,16 @@ class Mapping:
     - ``version``: the published version this mapping reflects
     - ``info``: the ``SegmentInfo`` at attach time; ``name``, ``mode`` ("r"/"rw"),
       ``token`` (writer fencing token; 0 for "r")
-    - ``fetch``: how the pages arrive: ``"lazy"`` (a replica filled on first
-      touch), ``"eager"`` (all present: home pages or a complete replica), or
-      ``"eager (userfaultfd unavailable)"`` (a lazy attach this process could
-      not page on demand: the whole segment was fetched before returning), or
-      ``"eager (fixed address)"`` (lazy with ``fixed=True``: fetched whole too)
+    - ``fetch``: how the pages arrive (``vas.core.fetch.FetchMode`` values):
+      ``"home (no fetch)"`` (a segment homed on this node: its own pages),
+      ``"lazy"`` (a replica filled on first touch), ``"eager"`` (a complete
+      replica), ``"eager (userfaultfd unavailable)"`` (a lazy attach this
+      process cannot page on demand: the agent fetched the whole segment before
+      answering), or ``"eager (fixed address)"`` (lazy with ``fixed=True``:
+      fetched whole too)
+
+    Views made from it (``buffer`` and its slices, arrays from ``ndarray()``)
+    stay valid after ``detach()`` for as long as they live: see ``detach``.
 
     Example::
 
@@ -162,17 +144,22 @@ class Mapping:
         self._version = segment.version
         self._native = None
         self._view: memoryview | None = None
-        self._detached = True  # until the mapping exists (for __del__ on a failed init)
+        self._detached = True  # until the mapping exists
         writable = mode == "rw"
         if writable and not response.writable:
             raise VasError(f"segment {segment.name}: the agent refused a writable mapping")
-        size, address = segment.size, segment.address
-        # Demand paging needs a private mapping, which vas._native cannot place at a
-        # fixed address: a fixed lazy attach is fetched whole instead.
-        lazy = response.fetch == local_pb2.FETCH_MODE_LAZY  # provisional until the client branch lands
-        paged = lazy and not writable and not fixed and _userfaultfd_available()
         try:
-            if paged:
+            fetch = FetchMode.from_proto(response.fetch)
+        except ValueError as exc:
+            raise VasError(f"segment {segment.name}: the vas agent did not say how it fetched "
+                           f"the pages ({exc}; a protocol mismatch?)") from exc
+        lazy = fetch is FetchMode.LAZY
+        if lazy and (writable or fixed):  # the agent decides LAZY only for what we stated
+            raise VasError(f"segment {segment.name}: the vas agent answered a lazy fetch for "
+                           f"a {'writable' if writable else 'fixed'} mapping")
+        size, address = segment.size, segment.address
+        try:
+            if lazy:
                 native = _private_mmap(fd, size, int(response.fd_offset))
             else:
                 native = _native_mmap(fd, size, writable=writable,
@@ -182,36 +169,45 @@ class Mapping:
             raise AddressConflict(
                 f"segment {segment.name}: address range 0x{address:x}-0x{address + size:x} "
                 "is already mapped in this process") from exc
+        view = _view_of(native, writable)
+        try:
+            self.address = _address_of(native, view)
+            self.size = size
+            if lazy:
+                fetch = self._start_lazy()
+        except BaseException:
+            view.release()
+            with contextlib.suppress(BufferError):  # else it unmaps when garbage-collected
+                native.close()
+            raise
+        self.fetch = fetch.value
         self._native = native
-        self._view = _view_of(native, writable)
-        self.address = _address_of(native, self._view)
-        self.size = size
+        self._view = view
+        # The attachment's Detach, due when the pages are unmapped: by detach() at
+        # once, or when the native object ends, i.e. when the last view of it goes
+        # (the callback runs after the munmap; it only queues, see the module docstring).
+        self._release = weakref.finalize(native, client._release_later, self._attachment_id)
+        self._release.atexit = False  # at exit the connection's end releases it
         self._detached = False
-        self.fetch = "eager"
-        if lazy:
-            self._start_lazy(paged)
 
-    def _start_lazy(self, paged: bool) -> None:
-        """Make the agent page this lazy mapping in on demand, or fetch it all now.
+    def _start_lazy(self) -> FetchMode:
+        """Make the agent page this lazy mapping in on demand, or fetch it all now
+        if this kernel refuses the userfaultfd registration; the mode it ends in.
 
         Nothing may read the mapping before this: its missing pages would read as zeros.
         """
-        if paged:
-            try:
-                uffd = _register_lazy(self.address, self.size)
-            except OSError as exc:
-                log.warning("cannot register segment %s for userfaults (%s): fetching it "
-                            "eagerly", self.name, exc)
-            else:
-                try:
-                    self._client._register_faults(self._attachment_id, self.address,
-                                                  self.size, uffd)
-                finally:
-                    os.close(uffd)  # the agent holds it now; its close ends the registration
-                self.fetch = "lazy"
-                return
-        self._client._prefetch(self._attachment_id, 0, self.size)
-        self.fetch = "eager (fixed address)" if self.fixed and _uffd_ok else _FALLBACK
+        try:
+            uffd = _register_lazy(self.address, self.size)
+        except OSError as exc:
+            log.warning("cannot register segment %s for userfaults (%s): fetching it "
+                        "eagerly", self.name, exc)
+            self._client._prefetch(self._attachment_id, 0, self.size)
+            return FetchMode.EAGER_NO_USERFAULTFD
+        try:
+            self._client._register_faults(self._attachment_id, self.address, self.size, uffd)
+        finally:
+            os.close(uffd)  # the agent holds it now; its close ends the registration
+        return FetchMode.LAZY
 
     @property
     def info(self) -> SegmentInfo:
@@ -226,8 +222,8 @@ class Mapping:
     def buffer(self) -> memoryview:
         """The mapped pages as a memoryview (read-only for ``"r"``).
 
-        ``detach()`` releases this view; slices and other views made from it
-        must be dropped before detaching (else ``Busy``).
+        Like every view, it keeps the pages mapped for as long as it is
+        referenced, after ``detach()`` too.
         """
         return self._live_view()
 
@@ -291,10 +287,9 @@ class Mapping:
         :param dtype: any numpy dtype.
         :param shape: an int or tuple; default: as many whole items as fit after ``offset``.
         :param offset: byte offset of the first item.
-        :returns: ``numpy.ndarray`` whose data pointer is ``address + offset``.
+        :returns: ``numpy.ndarray`` whose data pointer is ``address + offset``; it
+            keeps the pages mapped (and the attachment alive) while it lives.
         :raises InvalidArgument: the array would not fit inside the segment.
-
-        Drop the array (and arrays derived from it) before ``detach()``.
 
         Example::
 
@@ -430,7 +425,7 @@ class Mapping:
         deadline = math.inf if timeout is None else time.monotonic() + float(timeout)
         while True:
             # At least 1 ms: a zero timeout would mean "no limit" on the wire.
-            slice_ = max(min(_WAIT_SLICE, deadline - time.monotonic()), 1e-3)
+            slice_ = max(min(_WAIT_REQUEST_SECONDS, deadline - time.monotonic()), 1e-3)
             version = self._connected()._wait(self._attachment_id, floor, slice_).version
             if version > floor or time.monotonic() >= deadline:
                 return version
@@ -444,13 +439,20 @@ class Mapping:
     # -- lifetime -----------------------------------------------------------------
 
     def detach(self) -> None:
-        """Unmap the segment from this process and release the attachment.
+        """Detach from the segment: this Mapping's methods stop working at once, and
+        the pages are unmapped and the attachment released as soon as no view of
+        them is left.
 
-        Releases ``buffer``; for "rw" also the writer lock. Idempotent.
+        Never raises for live views and never leaves one dangling: a view made
+        before (``buffer`` or a slice of it, a numpy array from ``ndarray()``, a
+        ``memoryview`` of any of them) keeps the pages mapped, and the attachment
+        alive at the agent (for "rw" with its writer lock, kept renewed), until
+        the last such view is gone; then this process unmaps them and tells the
+        agent (from the client's helper thread, its next request, or its close).
+        Without views both happen before ``detach()`` returns. Idempotent.
 
-        :raises Busy: a view made from the mapping (a slice of ``buffer``, a
-            numpy array from ``ndarray()``) is still alive; drop it and retry.
-            Unmapping under it would crash the process.
+        :raises Unavailable: the agent could not be told (the connection broke:
+            the agent released the attachment itself).
 
         Example::
 
@@ -462,32 +464,22 @@ class Mapping:
         """
         if self._detached:
             return
-        self._unmap(busy_raises=True)
         self._detached = True
         client, self._client = self._client, None
-        if client is not None and not client.closed:
+        native, self._native = self._native, None
+        self._view = None  # ours; a caller holding ``buffer`` keeps it, and the pages
+        try:
+            native.close()  # BufferError while any view of the pages is alive
+            unmapped = True
+        except BufferError:
+            unmapped = False  # the native object unmaps when the last view goes
+        if unmapped or client is None or client.closed:
+            # Released here (or by the connection's end): not by the finalizer.
+            self._release.detach()
+        del native
+        if unmapped and client is not None and not client.closed:
             with contextlib.suppress(NotFound):  # a forced delete revoked it already
                 client._detach(self._attachment_id)
-
-    def _unmap(self, busy_raises: bool) -> bool:
-        native = self._native
-        try:
-            if self._view is not None:
-                self._view.release()  # BufferError if something holds a buffer of it
-                self._view = None
-            native.close()  # BufferError while any other view of the pages is alive
-        except BufferError as exc:
-            exports = getattr(native, "exports", None)
-            count = exports if isinstance(exports, int) and exports > 0 else 1
-            if self._view is None:  # still attached: keep read()/write() working
-                self._view = _view_of(native, self.mode == "rw")
-            if not busy_raises:
-                return False
-            raise Busy(f"cannot detach segment {self.name}: {count} buffer view(s) "
-                       "still in use") from exc
-        self._view = None
-        self._native = None
-        return True
 
     def _client_closed(self) -> None:
         """The connection closed: the agent released the attachment already."""
@@ -496,22 +488,14 @@ class Mapping:
     def __enter__(self) -> "Mapping":
         return self
 
-    def __exit__(self, *exc_info) -> None:
-        self.detach()
-
-    def __del__(self):
-        # Best effort: unmap unless views are alive (then the native object
-        # unmaps when the last one dies and the attachment lasts until the
-        # connection closes), and detach without blocking.
-        try:
-            if getattr(self, "_detached", True) or not self._unmap(busy_raises=False):
-                return
-            self._detached = True
-            client, self._client = self._client, None
-            if client is not None:
-                client._detach_later(self._attachment_id)
-        except Exception:  # noqa: BLE001  (a finalizer must not raise; e.g. at interpreter exit)
-            pass
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is None:
+            self.detach()
+            return
+        try:  # leaving the block by an exception: never replace it with a detach error
+            self.detach()
+        except Exception as error:  # noqa: BLE001  (kept as a note on the block's exception)
+            exc.add_note(f"and detaching segment {self.name} failed: {error!r}")
 
     def __repr__(self) -> str:
         state = "detached" if self._detached else f"at 0x{self.address:x}"

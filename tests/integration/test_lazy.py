@@ -141,11 +141,42 @@ def test_without_userfaultfd_lazy_falls_back_to_eager(two):
     digest = fill(c1, "lazy/f", 32 * MiB)
     fetch, seen = sha_in_subprocess(node2.socket, "lazy/f", VAS_DISABLE_USERFAULTFD="1")
     assert (fetch, seen) == ("eager (userfaultfd unavailable)", digest)
+    assert replicas_made(node2, "lazy/f") == ["eager"]  # the agent fetched it whole
+
+
+@needs_uffd
+def test_the_fetch_mode_each_attach_reports(two):
+    node1, node2, c1, c2 = two
+    digest = fill(c1, "lazy/m", 8 * MiB)
+    with c1.attach("lazy/m") as home, c1.attach("lazy/m", "rw") as home_writer:
+        assert home.fetch == home_writer.fetch == "home (no fetch)"
+    with c2.attach("lazy/m", fixed=True) as fixed:
+        assert fixed.fetch == "eager (fixed address)"
+        assert fixed.address == fixed.info.address
+        assert hashlib.sha256(fixed.buffer).hexdigest() == digest
+    assert replicas_made(node2, "lazy/m") == ["eager"]
+    with c2.attach("lazy/m") as complete:  # lazy, but the replica is complete already
+        assert complete.fetch == "eager"
+    c1.create("lazy/m2", 8 * MiB, mode=0o644)
+    with c2.attach("lazy/m2") as m:
+        assert m.fetch == "lazy"
+    with c2.attach("lazy/m2", "rw") as writer:  # a remote writer: completed first
+        assert writer.fetch == "eager"
+    assert replicas_made(node2, "lazy/m2") == ["lazy"]
 
 
 def _log(node) -> str:
     with open(node.log_path, errors="replace") as log:
         return log.read()
+
+
+def replicas_made(node, name: str) -> list[str]:
+    """"lazy" or "eager" for each replica of ``name`` that ``node`` made, in order."""
+    kinds = []
+    for line in _log(node).splitlines():
+        if f"replica of {name} (id" in line:
+            kinds.append("lazy" if line.endswith(": lazy") else "eager")
+    return kinds
 
 
 @needs_uffd

@@ -268,6 +268,26 @@ def test_dealloc_unmaps(memfd):
     _native.mmap(fd, PS, writable=True, address=address, fixed=True).close()
 
 
+def test_weakref_callback_runs_after_the_last_view_and_the_munmap(memfd):
+    import weakref
+
+    fd = memfd(1)
+    m = _native.mmap(fd, PS, writable=False)
+    address = m.address
+    seen = []
+
+    def address_free() -> None:  # the range can be mapped again: it was unmapped
+        _native.mmap(fd, PS, writable=False, address=address, fixed=True).close()
+        seen.append("unmapped")
+
+    weakref.finalize(m, address_free)
+    view = memoryview(m)
+    del m
+    assert seen == [] and view[0] == 0  # the view holds the mapping
+    view.release()
+    assert seen == ["unmapped"]
+
+
 def test_fixed_mapping(memfd, mapper):
     fd = memfd(pages=2)
     probe = _native.mmap(fd, 2 * PS, writable=True)

@@ -223,6 +223,18 @@ def test_connect_defaults_to_vas_node(tmp_path, monkeypatch):
 
 # -- a Mapping's own bounds checks (no agent: a memfd mapped directly) ---------------------
 
+class NoAgent:
+    """What a Mapping asks of its Client, with no agent behind it (a closed connection)."""
+
+    closed = True
+
+    def __init__(self):
+        self.released: list[int] = []
+
+    def _release_later(self, attachment_id: int) -> None:
+        self.released.append(attachment_id)
+
+
 @pytest.fixture
 def local_mapping():
     pytest.importorskip("vas._native")
@@ -230,9 +242,10 @@ def local_mapping():
 
     fd = os.memfd_create("vas-unit")
     os.ftruncate(fd, 8192)
-    response = local_pb2.AttachResponse(attachment_id=1, writable=True)
+    response = local_pb2.AttachResponse(attachment_id=1, writable=True,
+                                        fetch=local_pb2.FETCH_MODE_HOME)
     response.segment.name, response.segment.size = "unit", 8192
-    mapping = vas.Mapping(None, response, fd, "rw")
+    mapping = vas.Mapping(NoAgent(), response, fd, "rw")
     os.close(fd)
     yield mapping
     mapping.detach()
@@ -254,11 +267,65 @@ def test_mapping_bounds_and_views(local_mapping):
     assert array.ctypes.data == m.address and array.shape == (2, 1024)
     array[0, 0] = 0x01020304
     assert m.read(0, 4) == (0x01020304).to_bytes(4, "little")
-    with pytest.raises(vas.Busy, match=r"^cannot detach segment unit: \d+ buffer view\(s\) still in use$"):
-        m.detach()
-    assert m.read(0, 1) == b"\x04"  # still attached and usable after Busy
-    del array
-    m.detach()
+    assert m.fetch == "home (no fetch)"
+    m.detach()  # a live view: no error, the array keeps the pages mapped
     m.detach()  # idempotent
-    with pytest.raises(vas.InvalidArgument, match="segment unit is detached"):
+    with pytest.raises(vas.InvalidArgument, match="^segment unit is detached from this process$"):
         m.read(0, 1)
+    assert array[0, 0] == 0x01020304
+    array[1, 0] = 5
+    del array  # the last view: unmapped now (the closed connection released it already)
+
+
+class RecordingClient(NoAgent):
+    """An open connection that records what the Mapping tells it."""
+
+    closed = False
+
+    def __init__(self):
+        super().__init__()
+        self.detached: list[int] = []
+
+    def _detach(self, attachment_id: int) -> None:
+        self.detached.append(attachment_id)
+
+
+def _mapping_of(client, attachment_id: int):
+    from vas.proto import local_pb2
+
+    fd = os.memfd_create("vas-unit")
+    os.ftruncate(fd, 4096)
+    response = local_pb2.AttachResponse(attachment_id=attachment_id,
+                                        fetch=local_pb2.FETCH_MODE_HOME)
+    response.segment.name, response.segment.size = "unit", 4096
+    try:
+        return vas.Mapping(client, response, fd, "r")
+    finally:
+        os.close(fd)
+
+
+def test_detach_hands_the_release_to_the_last_view():
+    np = pytest.importorskip("numpy")
+    pytest.importorskip("vas._native")
+    client = RecordingClient()
+    plain = _mapping_of(client, 1)
+    plain.detach()  # no view: unmapped and released at once
+    assert (client.detached, client.released) == ([1], [])
+    del plain
+
+    viewed = _mapping_of(client, 2)
+    array = viewed.ndarray(np.uint8)
+    piece = viewed.buffer[100:200]
+    viewed.detach()
+    del viewed
+    assert (client.detached, client.released) == ([1], [])  # the views hold it
+    del array
+    assert client.released == []
+    assert bytes(piece[:2]) == b"\0\0"
+    del piece  # the last view: unmapped, then the Detach queued with the client
+    assert (client.detached, client.released) == ([1], [2])
+
+    dropped = _mapping_of(client, 3).ndarray(np.uint8)  # never detached: the same path
+    assert client.released == [2]
+    del dropped
+    assert client.released == [2, 3]

@@ -11,7 +11,7 @@ import time
 
 from vas.cli import printers
 from vas.cli.main import add_node_option, add_output_option, connect, mode_type, size_type
-from vas.core import validate
+from vas.core import fetch, validate
 from vas.core.errors import InvalidArgument
 from vas.core.sizes import format_size
 
@@ -127,8 +127,10 @@ def stat_(args) -> int:
     with connect(args) as client:
         info = client.stat(args.name)
         here = client.local_node.id
-    fetch = "home (no fetch)" if info.home == here else lazy_fetch_here()
-    printers.print_segment(info, args.output, fetch_here=fetch)
+    # How an attach from this process would get the pages (fetch="lazy", fixed=False).
+    here_mode = fetch.decide("lazy", home=info.home == here,
+                             support=fetch.probe_fault_support(fixed=False))
+    printers.print_segment(info, args.output, fetch_here=here_mode.value)
     return 0
 
 
