@@ -290,16 +290,20 @@ class Replicas:
             fill.ensure(offset, length)
 
     def register_faults(self, attachment, uffd: int, address: int, size: int) -> None:
-        """Resolve the faults of a client's mapping of a lazy replica on ``uffd``
-        (taken over by this call)."""
+        """Resolve the faults of a client's mapping of a lazy replica on ``uffd`` (taken
+        over by this call). A replica that became complete since the attach needs no
+        resolving: its uffd is closed (which unregisters the mapping) and all is well."""
         replica = attachment.segment
-        fill = replica.fill if isinstance(replica, Replica) else None
-        if fill is None or attachment.uffd >= 0:
-            raise InvalidArgument(f"attachment {attachment.id} is not a lazy "
-                                           "attachment waiting for its userfaultfd")
+        if not isinstance(replica, Replica) or attachment.uffd >= 0:
+            raise InvalidArgument(f"attachment {attachment.id} is not a lazy attachment "
+                                  "waiting for its userfaultfd")
         if size != replica.size:
             raise InvalidArgument(f"RegisterFaults size {size} is not the segment's "
-                                           f"{replica.size}")
+                                  f"{replica.size}")
+        fill = replica.fill
+        if fill is None:
+            os.close(uffd)
+            return
         self._fault_handler().add(uffd, fill, address, size)
         attachment.uffd = uffd
 

@@ -119,10 +119,6 @@ def ls(args) -> int:
 
 
 def stat_(args) -> int:
-    # Here, not at the top: the daemons' `vasctl ... serve` loads this module too and
-    # must not load the client side (vas.mapping).
-    from vas.mapping import lazy_fetch_here
-
     validate.check_name(args.name)
     with connect(args) as client:
         info = client.stat(args.name)
