@@ -31,9 +31,10 @@ def child(code: str, env: dict, *, uid: int | None = None, timeout: float = 60) 
     """Run ``code`` in a fresh Python process; it prints one JSON line, returned parsed."""
     code = textwrap.dedent(code)
     if uid is not None:
-        # Drop to ``uid`` inside the child after its imports: the interpreter itself may
+        # Drop to ``uid`` inside the child after its imports (vas.client too: `import vas`
+        # loads it on first use): the interpreter itself may
         # live where that uid cannot read (e.g. under /root).
-        code = ("import json, os, vas\n"
+        code = ("import json, os, vas, vas.client\n"
                 f"os.setgroups([]); os.setgid({uid}); os.setuid({uid})\n" + code)
     proc = subprocess.run(
         [sys.executable, "-c", code], env={**os.environ, **env},

@@ -87,7 +87,7 @@ def test_small_segment_and_mode_bits(two):
     # The same mode-bit rules as a home attach: uid 65534 gets the "other" bits (none).
     # The child drops root after its imports (the venv is not readable by others).
     code = f"""
-import os, sys, vas
+import os, sys, vas, vas.client  # the client side loads on first use: before the drop
 os.setgroups([]); os.setgid(65534); os.setuid(65534)
 with vas.connect({running.nodes[1].socket!r}) as c:
     try:
