@@ -1,8 +1,8 @@
 """fetch="lazy" remote attach between two loopback agents: demand paging with userfaultfd.
 
-Bytes moved between the agents are counted with the loopback interface's tx
-counter (/proc/net/dev): both agents talk over lo, and nothing else in a test
-sends megabytes there.
+Bytes moved from the home are counted by the home agent process itself (``sent_by``:
+its wchar in /proc/PID/io, which sendfile and socket sends add to): other processes
+of the machine cannot inflate it, as they could a count on the loopback interface.
 """
 from __future__ import annotations
 
