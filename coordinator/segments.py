@@ -92,7 +92,7 @@ def to_proto(entry: Entry, live_nodes, attachments: int = 0) -> types_pb2.Segmen
         name=entry.name, id=entry.id, size=r["size"], address=r["address"], mode=r["mode"],
         uid=r["uid"], gid=r["gid"], home=r["home"], replicas=r["replicas"],
         version=r["version"], state=state_of(r, live_nodes), attachments=attachments,
-        created=r["created"], expires=r["expires"])
+        created=r["created"], expires=r["expires"], meta=r.get("meta") or {})
 
 
 def live_nodes_of(range_response) -> set[str]:
@@ -171,7 +171,7 @@ class Segments:
     # Create ----------------------------------------------------------------------------
 
     def create(self, caller, name: str, size: int, mode: int, home: str, replicas: int,
-               ttl: float) -> types_pb2.SegmentInfo:
+               ttl: float, meta: dict[str, str] | None = None) -> types_pb2.SegmentInfo:
         """Claim ``name`` and an address range in one transaction; the new SegmentInfo.
 
         Raises AlreadyExists, InvalidArgument (unknown home), CapacityExceeded
@@ -183,6 +183,8 @@ class Segments:
                   "gid": caller.gid, "home": home, "replicas": replicas, "version": 0,
                   "created": created, "expires": created + granted if lease else 0.0,
                   "deleting": False}
+        if meta:  # absent when empty: records without metadata stay as they were
+            record["meta"] = meta
         try:
             entry = self._claim(name, record, lease)
         except BaseException:

@@ -19,8 +19,8 @@ from vas.coordinator.status import cluster_status
 from vas.coordinator.watch import SegmentWatch
 from vas.coordinator.writers import Writers
 from vas.core.errors import InvalidArgument, VasError, abort_with
-from vas.core.validate import (MAX_NAME_LENGTH, check_attach_mode, check_mode, check_name,
-                               check_seconds, check_size)
+from vas.core.validate import (MAX_NAME_LENGTH, check_attach_mode, check_meta, check_mode,
+                               check_name, check_seconds, check_size)
 from vas.proto import coordinator_pb2 as pb, coordinator_pb2_grpc
 
 #: ListSegments page size when the request asks for 0, and the largest allowed.
@@ -132,7 +132,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         return self.segments.create(
             caller, check_name(request.name), check_size(request.size),
             check_mode(request.mode), home, request.replicas,
-            check_seconds(request.ttl_seconds, "ttl"))
+            check_seconds(request.ttl_seconds, "ttl"), check_meta(request.meta))
 
     @translated
     def GetSegment(self, request, context):

@@ -113,7 +113,7 @@ class HomeSegments:
     # ------------------------------------------------------------------ create
 
     def create(self, caller, name: str, size: int, mode: int, replicas: int, ttl: float,
-               exist_ok: bool) -> types_pb2.SegmentInfo:
+               exist_ok: bool, meta: dict[str, str] | None = None) -> types_pb2.SegmentInfo:
         """Reserve room, make the memfd, then the record (home = here, owner = caller).
 
         Any failure gives the memory and the reservation back. ``exist_ok``
@@ -136,7 +136,8 @@ class HomeSegments:
         try:
             info = self.coordinator.create_segment(caller=caller, name=name, size=size,
                                                    mode=mode, home=self.node_id,
-                                                   replicas=replicas, ttl_seconds=ttl)
+                                                   replicas=replicas, ttl_seconds=ttl,
+                                                   meta=meta or {})
         except BaseException as exc:
             self.store.unreserve(size)
             memory.release()

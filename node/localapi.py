@@ -58,7 +58,8 @@ class LocalApi:
         info = self.agent.homes.create(
             session.caller, validate.check_name(request.name), validate.check_size(request.size),
             validate.check_mode(request.mode), request.replicas,
-            validate.check_seconds(request.ttl_seconds, "ttl"), request.exist_ok)
+            validate.check_seconds(request.ttl_seconds, "ttl"), request.exist_ok,
+            validate.check_meta(request.meta))
         response.segment.CopyFrom(info)
         return []
 

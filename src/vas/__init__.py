@@ -14,8 +14,9 @@ Example::
         with c.attach("weights", "rw") as m:
             m.ndarray(np.float32)[:] = 1.0
 
-The module-level functions ``create``, ``attach``, ``stat``, ``list`` and ``delete``
-use one default connection, made on first use.
+The module-level functions ``create``, ``attach``, ``stat``, ``list``, ``delete``,
+``put_array``/``get_array`` and ``put_table``/``get_table`` use one default
+connection, made on first use.
 
 Importing ``vas`` loads only the shared core (vas.core: exceptions, records,
 defaults). The client side (``Client``, ``connect``, ``Mapping``, ...) is loaded
@@ -53,6 +54,7 @@ if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and
         list,  # noqa: A004  (the contract names it vas.list)
         stat,
     )
+    from vas.datasets import SegmentRef, get_array, get_table, put_array, put_table  # noqa: F401
     from vas.mapping import Mapping  # noqa: F401
 
 __version__ = "0.1.0"
@@ -65,9 +67,14 @@ _LAZY = {
     "connect": "vas.client",
     "create": "vas.client",
     "delete": "vas.client",
+    "get_array": "vas.datasets",
+    "get_table": "vas.datasets",
     "list": "vas.client",
+    "put_array": "vas.datasets",
+    "put_table": "vas.datasets",
     "stat": "vas.client",
     "Mapping": "vas.mapping",
+    "SegmentRef": "vas.datasets",
 }
 
 
@@ -87,6 +94,6 @@ def __dir__() -> list[str]:
 __all__ = [
     "AddressConflict", "AlreadyExists", "Busy", "CapacityExceeded", "Client", "DEFAULT_SOCKET",
     "Fenced", "InvalidArgument", "Mapping", "NodeInfo", "NotFound", "PermissionDenied",
-    "SegmentInfo", "SpaceInfo", "SpaceView", "Unavailable", "VasError", "attach", "connect",
-    "create", "delete", "stat",
+    "SegmentInfo", "SegmentRef", "SpaceInfo", "SpaceView", "Unavailable", "VasError", "attach",
+    "connect", "create", "delete", "get_array", "get_table", "put_array", "put_table", "stat",
 ]  # vas.list is left out so `from vas import *` cannot shadow the builtin list

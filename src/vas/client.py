@@ -23,6 +23,7 @@ import os
 import threading
 from typing import Iterator
 
+from vas import datasets
 from vas.connection import Connection, close_fds
 from vas.core import validate
 from vas.core.defaults import DEFAULT_SOCKET
@@ -92,7 +93,8 @@ class Client:
     # -- segments -----------------------------------------------------------------
 
     def create(self, name: str, size: int, *, mode: int = 0o600, replicas: int = 0,
-               ttl: float | None = None, exist_ok: bool = False) -> SegmentInfo:
+               ttl: float | None = None, exist_ok: bool = False,
+               meta: dict[str, str] | None = None) -> SegmentInfo:
         """Create a segment homed on this client's node.
 
         :param name: 1-255 chars of ``[A-Za-z0-9._/-]``, no leading ``/``, no ``..``.
@@ -100,24 +102,31 @@ class Client:
         :param mode: permission bits, like a file's (default 0o600).
         :param replicas: extra copies kept on other nodes (0 = none).
         :param ttl: seconds until the segment is removed (None = never).
-        :param exist_ok: return the existing segment of that name instead of failing.
+        :param exist_ok: return the existing segment of that name instead of failing
+            (its own ``meta``, whatever ``meta`` says).
+        :param meta: small user metadata kept in the record and returned in every
+            ``SegmentInfo.meta``: str keys of 1-128 chars of ``[A-Za-z0-9._/:-]`` to
+            str values, at most 4096 bytes (UTF-8) of keys and values together. Keys
+            starting with ``vas.`` are those ``put_array``/``put_table`` write.
         :returns: the new segment's ``SegmentInfo`` (its cluster-unique ``address`` included).
-        :raises InvalidArgument: bad name, size, mode, replicas or ttl.
+        :raises InvalidArgument: bad name, size, mode, replicas, ttl or meta.
         :raises AlreadyExists: the name is taken (and not ``exist_ok``).
         :raises CapacityExceeded: the node's --memory cannot hold it.
         :raises Unavailable: the agent or coordinator cannot be reached.
 
         Example::
 
-            info = c.create("frames/0", 64 << 20, mode=0o640)
+            info = c.create("frames/0", 64 << 20, mode=0o640, meta={"codec": "raw"})
         """
         validate.check_name(name)
         size = validate.check_size(size)
         validate.check_mode(mode)
         replicas = _check_count(replicas, "replicas")
         ttl_seconds = _check_ttl(ttl)
+        meta = validate.check_meta(meta)
         request = local_pb2.CreateRequest(name=name, size=size, mode=mode, replicas=replicas,
-                                          ttl_seconds=ttl_seconds, exist_ok=bool(exist_ok))
+                                          ttl_seconds=ttl_seconds, exist_ok=bool(exist_ok),
+                                          meta=meta)
         return SegmentInfo.from_proto(self._connection.call("create", request, "segment"))
 
     def attach(self, name: str, mode: str = "r", *, fixed: bool = False,
@@ -159,7 +168,8 @@ class Client:
             self._release_quietly(response.attachment_id)
             raise VasError(f"vas agent sent {len(fds)} file descriptors for attach of {name}")
         try:
-            mapping = Mapping(connection, response, fds[0], mode, fixed=bool(fixed))
+            mapping = Mapping(connection, response, fds[0], mode, fixed=bool(fixed),
+                              requested_fetch=fetch)
         except BaseException:
             self._release_quietly(response.attachment_id)
             raise
@@ -169,6 +179,49 @@ class Client:
         if mode == "rw":
             connection.add_writer(int(response.attachment_id), response.keepalive_seconds)
         return mapping
+
+    # -- datasets (vas/datasets.py) --------------------------------------------------
+
+    def put_array(self, name: str, array, *, mode: int = 0o600, ttl: float | None = None,
+                  exist_ok: bool = False) -> SegmentInfo:
+        """A new segment, homed here, holding a copy of a numpy array (C order); dtype
+        and shape go to its ``meta``, so ``get_array`` needs only the name. Written
+        and published (version 1) before returning; deleted again if that fails.
+
+        :param exist_ok: if ``name`` exists and holds an array of the same dtype and
+            shape, return it unchanged (nothing is written); other contents are
+            ``AlreadyExists``.
+        :raises InvalidArgument: an object dtype (Python references), or bad name/mode/ttl.
+
+        Example::
+
+            c.put_array("points", np.arange(10.0))
+        """
+        return datasets.write_array(self, name, array, mode=mode, ttl=ttl, exist_ok=exist_ok)
+
+    def get_array(self, name: str, *, fetch: str = "lazy"):
+        """A read-only, zero-copy numpy array over a segment made by ``put_array``; the
+        array keeps the pages mapped (and the attachment alive) as long as it lives.
+
+        :raises NotFound: no such segment.
+        :raises InvalidArgument: the segment holds no array (see its ``meta``).
+
+        Example::
+
+            points = c.get_array("points")
+        """
+        return datasets.read_array(self, name, fetch=fetch)
+
+    def put_table(self, name: str, table, *, mode: int = 0o600, ttl: float | None = None,
+                  exist_ok: bool = False) -> SegmentInfo:
+        """Like ``put_array`` for a ``pyarrow.Table`` (or ``RecordBatch``), kept in Arrow
+        IPC stream format (needs pyarrow). ``exist_ok`` returns an existing table."""
+        return datasets.write_table(self, name, table, mode=mode, ttl=ttl, exist_ok=exist_ok)
+
+    def get_table(self, name: str, *, fetch: str = "lazy"):
+        """A ``pyarrow.Table`` over the pages of a segment made by ``put_table``: no byte
+        copied; its buffers keep the pages mapped. Errors as ``get_array``."""
+        return datasets.read_table(self, name, fetch=fetch)
 
     def _release_quietly(self, attachment_id: int) -> None:
         with contextlib.suppress(VasError):
@@ -518,9 +571,11 @@ def _default() -> Client:
 
 
 def create(name: str, size: int, *, mode: int = 0o600, replicas: int = 0,
-           ttl: float | None = None, exist_ok: bool = False) -> SegmentInfo:
+           ttl: float | None = None, exist_ok: bool = False,
+           meta: dict[str, str] | None = None) -> SegmentInfo:
     """``Client.create`` on the default connection. Example: ``vas.create("x", 4096)``."""
-    return _default().create(name, size, mode=mode, replicas=replicas, ttl=ttl, exist_ok=exist_ok)
+    return _default().create(name, size, mode=mode, replicas=replicas, ttl=ttl,
+                             exist_ok=exist_ok, meta=meta)
 
 
 def attach(name: str, mode: str = "r", *, fixed: bool = False, fetch: str = "lazy") -> Mapping:
@@ -541,3 +596,4 @@ def list(prefix: str = "") -> builtins.list[SegmentInfo]:  # noqa: A001  (SPEC n
 def delete(name: str, *, force: bool = False) -> None:
     """``Client.delete`` on the default connection. Example: ``vas.delete("x")``."""
     return _default().delete(name, force=force)
+

@@ -165,6 +165,9 @@ class Mapping:
       answering), or ``"eager (fixed address)"`` (lazy with ``fixed=True``:
       fetched whole too)
 
+    Pickling a Mapping pickles a reference (see ``__reduce__``): unpickled in
+    another process, on any node, it is a new attachment of the same segment.
+
     Views made from it (``buffer`` and its slices, arrays from ``ndarray()``)
     stay valid after ``detach()`` for as long as they live: see ``detach``.
 
@@ -175,7 +178,7 @@ class Mapping:
     """
 
     def __init__(self, connection: Connection, response, fd: int, mode: str, *,
-                 fixed: bool = False):
+                 fixed: bool = False, requested_fetch: str = "lazy"):
         segment = response.segment
         # ``info`` is built on first use: attach is on the hot path (p50 budget 300 us).
         self._segment = segment
@@ -183,6 +186,7 @@ class Mapping:
         self.name = segment.name
         self.mode = mode
         self.fixed = fixed
+        self.requested_fetch = requested_fetch  # what attach() was asked: for pickling
         self.token = int(response.token)
         self._connection: Connection | None = connection  # None once detached or closed
         self._attachment_id = int(response.attachment_id)
@@ -542,7 +546,21 @@ class Mapping:
         except Exception as error:  # noqa: BLE001  (kept as a note on the block's exception)
             exc.add_note(f"and detaching segment {self.name} failed: {error!r}")
 
+    def __reduce__(self):
+        """Pickled as a reference: (name, mode, fetch, fixed). Unpickling attaches the
+        segment again, on the default connection of the process doing it (its own
+        node's agent), like ``vas.attach(name, mode, fetch=fetch, fixed=fixed)``; an
+        ``"rw"`` one is then ``Busy`` while this writer holds the lock."""
+        return (_reattach, (self.name, self.mode, self.requested_fetch, self.fixed))
+
     def __repr__(self) -> str:
         state = "detached" if self._detached else f"at 0x{self.address:x}"
         return f"<vas.Mapping {self.name} {self.mode} {self.size} bytes {state}>"
 
+
+
+def _reattach(name: str, mode: str, fetch: str, fixed: bool) -> Mapping:
+    """Unpickling a ``Mapping``: attach the segment on this process's default connection."""
+    from vas.client import attach
+
+    return attach(name, mode, fixed=fixed, fetch=fetch)

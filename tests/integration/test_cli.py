@@ -63,7 +63,8 @@ def test_create_ls_stat_json(vasctl):
     listing = json.loads(vasctl("seg", "ls", "cli/", "-o", "json").stdout)
     (seg,) = listing
     assert set(seg) == {"name", "id", "size", "address", "mode", "uid", "gid", "home",
-                        "replicas", "version", "state", "attachments", "created", "expires"}
+                        "replicas", "version", "state", "attachments", "created", "expires",
+                        "meta"}
     assert (seg["name"], seg["size"], seg["mode"], seg["home"], seg["uid"], seg["state"]) == \
         ("cli/a", 3 * MiB, 0o640, "node1", os.getuid(), "ready")
     assert seg["address"] == int(row[3], 16) and seg["expires"] is None

@@ -157,7 +157,7 @@ def test_segment_json_has_every_field(capsys):
     assert obj == {"name": "demo", "id": 7, "size": 64 << 20, "address": 0x200000000000,
                    "mode": 0o640, "uid": 0, "gid": 0, "home": "node1", "replicas": 0,
                    "version": 3, "state": "ready", "attachments": 2, "created": 1700000000.0,
-                   "expires": None}
+                   "expires": None, "meta": {}}
 
 
 def test_node_json_and_stat(capsys):

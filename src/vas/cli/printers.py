@@ -121,6 +121,7 @@ def print_segment(s: SegmentInfo, fmt: str, out: TextIO | None = None,
         ("attachments", s.attachments), ("created", format_time(s.created)),
         ("expires", format_time(s.expires) if s.expires else "never"),
     ]
+    rows += [(f"meta {key}", value) for key, value in sorted(s.meta.items())]
     if fetch_here is not None:
         rows.append(("fetch here", fetch_here))
     print(table(("FIELD", "VALUE"), rows).split("\n", 1)[1], file=out)

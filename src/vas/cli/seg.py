@@ -34,6 +34,8 @@ def register(nouns: argparse._SubParsersAction) -> None:
     p.add_argument("--ttl", type=float, default=None, metavar="SECONDS",
                    help="remove the segment after this many seconds")
     p.add_argument("--exist-ok", action="store_true", help="succeed if the segment exists already")
+    p.add_argument("--meta", action="append", default=[], type=meta_type, metavar="KEY=VALUE",
+                   help="metadata kept in the record and shown by `seg stat` (repeatable)")
     add_output_option(p)
     add_node_option(p)
     p.set_defaults(func=create)
@@ -100,13 +102,25 @@ def owner_type(text: str) -> tuple[int, int]:
     return uid, gid
 
 
+def meta_type(text: str) -> tuple[str, str]:
+    """``KEY=VALUE`` of ``--meta`` as a pair (the key and value are checked with the rest)."""
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"invalid metadata {text!r}: expected KEY=VALUE")
+    return key, value
+
+
 def create(args) -> int:
     # Refuse bad values before reaching for the agent, so the message is about them.
     validate.check_name(args.name)
     validate.check_size(args.size)
+    meta = dict(args.meta)
+    if len(meta) != len(args.meta):
+        raise InvalidArgument("invalid metadata: a key is given twice")
+    validate.check_meta(meta)
     with connect(args) as client:
         info = client.create(args.name, args.size, mode=args.mode, replicas=args.replicas,
-                             ttl=args.ttl, exist_ok=args.exist_ok)
+                             ttl=args.ttl, exist_ok=args.exist_ok, meta=meta)
     printers.print_segments([info], args.output)
     return 0
 

@@ -4,7 +4,7 @@ Frozen dataclasses, built from their vas.v1 protobuf messages by ``from_proto``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from vas.proto import types_pb2
 
@@ -27,7 +27,8 @@ class SegmentInfo:
     ``size`` and ``address`` are bytes; ``mode`` is permission bits (0o640);
     ``home`` is a node id; ``replicas`` the requested replica count;
     ``state`` one of "ready", "degraded", "lost", "deleting"; ``created`` and
-    ``expires`` Unix seconds (``expires`` None when the segment has no ttl).
+    ``expires`` Unix seconds (``expires`` None when the segment has no ttl);
+    ``meta`` the metadata given at create (str -> str; empty when none).
     """
 
     name: str
@@ -44,6 +45,7 @@ class SegmentInfo:
     attachments: int
     created: float
     expires: float | None
+    meta: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_proto(cls, msg: types_pb2.SegmentInfo) -> "SegmentInfo":
@@ -51,7 +53,7 @@ class SegmentInfo:
             name=msg.name, id=msg.id, size=msg.size, address=msg.address, mode=msg.mode,
             uid=msg.uid, gid=msg.gid, home=msg.home, replicas=msg.replicas, version=msg.version,
             state=SEGMENT_STATES.get(msg.state, "unknown"), attachments=msg.attachments,
-            created=msg.created, expires=msg.expires or None,
+            created=msg.created, expires=msg.expires or None, meta=dict(msg.meta),
         )
 
 

@@ -5,6 +5,7 @@ runs the same checks so bad input is refused at the first hop.
 """
 from __future__ import annotations
 
+import collections.abc
 import re
 
 from vas.core.errors import InvalidArgument
@@ -17,7 +18,12 @@ MAX_NAME_LENGTH = 255
 #: ``timeout_seconds``, a daemon's configured lease ttl): one day, in seconds.
 MAX_SECONDS = 24 * 3600
 
+#: Most bytes of a segment's metadata: the UTF-8 of every key and value, added up.
+MAX_META_BYTES = 4096
+MAX_META_KEY_LENGTH = 128
+
 _NAME_RE = re.compile(r"[A-Za-z0-9._/-]+")
+_META_KEY_RE = re.compile(r"[A-Za-z0-9._/:-]+")
 
 
 def check_name(name: object, what: str = "segment") -> str:
@@ -37,6 +43,49 @@ def check_name(name: object, what: str = "segment") -> str:
     if ".." in name.split("/"):
         raise InvalidArgument(f"invalid {what} name {name!r}: must not contain a '..' component")
     return name
+
+
+def check_meta(meta: object) -> dict[str, str]:
+    """Return ``meta`` as a plain dict if it is valid segment metadata, else raise
+    InvalidArgument naming the first bad key or value.
+
+    Metadata maps keys (1-128 chars of ``[A-Za-z0-9._/:-]``) to strings; the UTF-8
+    bytes of all keys and values add up to at most 4096. None means none.
+
+    >>> check_meta({"vas.dtype": "<f8"})
+    {'vas.dtype': '<f8'}
+    >>> check_meta({"k": 1})
+    Traceback (most recent call last):
+    ...
+    vas.core.errors.InvalidArgument: invalid meta value for key 'k': must be a string, not int
+    """
+    if meta is None:
+        return {}
+    if not isinstance(meta, collections.abc.Mapping):
+        raise InvalidArgument(f"invalid meta of type {type(meta).__name__}: must be a dict "
+                              "of str to str")
+    total = 0
+    for key, value in meta.items():
+        if not isinstance(key, str) or not key:
+            raise InvalidArgument(f"invalid meta key {key!r}: must be a non-empty string")
+        if len(key) > MAX_META_KEY_LENGTH:
+            raise InvalidArgument(f"invalid meta key {key[:32]!r}...: longer than "
+                                  f"{MAX_META_KEY_LENGTH} characters")
+        if not _META_KEY_RE.fullmatch(key):
+            raise InvalidArgument(f"invalid meta key {key!r}: only A-Z a-z 0-9 . _ / : - "
+                                  "are allowed")
+        if not isinstance(value, str):
+            raise InvalidArgument(f"invalid meta value for key {key!r}: must be a string, "
+                                  f"not {type(value).__name__}")
+        try:
+            total += len(key) + len(value.encode("utf-8"))
+        except UnicodeEncodeError as exc:
+            raise InvalidArgument(f"invalid meta value for key {key!r}: not valid UTF-8 "
+                                  f"({exc.reason})") from exc
+    if total > MAX_META_BYTES:
+        raise InvalidArgument(f"invalid meta: {total} bytes of keys and values, more than "
+                              f"the maximum {MAX_META_BYTES}")
+    return dict(meta)
 
 
 def check_size(size: object) -> int:
