@@ -89,6 +89,9 @@ class _Process:
         self.name = name
         self.log_path = os.path.join(self.dir, f"{name}.log")
         self.proc: subprocess.Popen | None = None
+        #: Words put before the command when launching (e.g. ``ip netns exec NAME``, or
+        #: vas.ray's wrapper that ties the process's life to its launcher's).
+        self.launch_prefix: list[str] = []
 
     @property
     def pid(self) -> int | None:
@@ -103,7 +106,7 @@ class _Process:
             self._log_offset = log.tell()  # a restart appends: wait for the new lines only
             # A session of its own: a Ctrl-C at the terminal reaches only the launcher,
             # which then stops its children in order.
-            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+            self.proc = subprocess.Popen([*self.launch_prefix, *argv], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                          env=env, cwd=self.dir, start_new_session=True)
         _LAUNCHED.add(self)
 

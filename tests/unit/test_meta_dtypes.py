@@ -70,3 +70,15 @@ def test_segment_ref_pickles_and_is_frozen():
     assert pickle.loads(pickle.dumps(ref)) == ref
     with pytest.raises(AttributeError):
         ref.name = "other"  # type: ignore[misc]
+
+
+def test_import_vas_loads_neither_ray_nor_pyarrow():
+    import subprocess
+    import sys
+
+    code = ("import sys, vas, vas.datasets; vas.Client; vas.get_array; vas.SegmentRef; "
+            "print(sorted(m for m in ('ray', 'pyarrow') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, cwd="/")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -9,6 +9,17 @@ default only one daemon uses stays in that daemon's config module.
 #: Path of the agent's local Unix socket; clients use it when neither ``node=``
 #: nor $VAS_NODE names another.
 DEFAULT_SOCKET = "/run/vas/node.sock"
+#: Folder of the sockets of the agents that vas.ray starts: the agent of Ray node
+#: NODE_ID listens at RAY_SOCKET_DIR/NODE_ID/node.sock, so a process on that node
+#: finds it from its Ray node id alone (vas.connect() inside Ray; vas/ray.py).
+RAY_SOCKET_DIR = "/tmp/vas-ray"
+
+
+def ray_socket(ray_node_id: str) -> str:
+    """Socket path of the vas agent that vas.ray runs on Ray node ``ray_node_id``."""
+    return f"{RAY_SOCKET_DIR}/{ray_node_id}/node.sock"
+
+
 #: host:port the coordinator serves gRPC on (``vasctl coordinator serve --listen``).
 DEFAULT_COORDINATOR_LISTEN = "127.0.0.1:7300"
 #: host:port of an agent's Node gRPC service; port 0 picks a free port.
