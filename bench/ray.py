@@ -1,0 +1,282 @@
+"""vas.ray against Ray's own object store, in one run: 8 tasks spread over 2 Ray nodes
+each reduce (sum) one array made by the driver.
+
+    .venv/bin/python bench/ray.py [--quick] [--size BYTES] [--tasks N]   # from the checkout root
+
+Two Ray clusters are made one after the other (ray.cluster_utils.Cluster: a head
+node A and a worker node B, one CPU each, on this machine), one whose object
+stores are larger than the data (2.5 x) and one whose stores are smaller (0.6 x:
+Ray must spill or fall back to disk). In each, both sides run on the same
+cluster, Ray first:
+
+  ray:  ray.put(array) in the driver, then N tasks (half pinned to A, half to B,
+        B's first) get an ObjectRef argument (inside a list, so the task's own
+        ray.get is timed) and sum the array.
+  vas:  vas.ray.start() (not timed: the agents run before any dataset exists),
+        vas.ray.put(array) in the driver, then the same N tasks take the SegmentRef
+        and sum ref.get() (lazy: node B's agent fills its one replica on touch).
+
+Figures per side: put time (driver); end-to-end (from the put's start until every
+task's result is back); first-task time (the slowest of each node's first task:
+the one that moves the data), later-task time (median of the others), each
+measured inside the task (get + sum); node-B memory for the data: the peak, over
+samples every 50 ms during the tasks, of the summed PSS of every process of node
+B (its raylet, which holds B's object store, and everything under it: Ray's
+workers, the vas agent actor and the agent itself), minus the same sum just
+before the put (a worker on each node is started before either side runs). vas also reports the home-node ref.get() time (median of 200
+calls in one task on A, after one warm-up call) and node B's agent-held bytes.
+
+The readable table comes first; the LAST line is one JSON object with every figure
+and the vas/ray ratios (< 1: vas is faster or smaller). --quick uses 96 MiB.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+
+# This file is bench/ray.py and Python put its folder first on sys.path: drop it, so
+# that `import ray` finds Ray, not this file.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+
+import numpy as np  # noqa: E402
+import ray  # noqa: E402
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: E402
+
+import vas  # noqa: E402
+import vas.ray  # noqa: E402
+
+MiB = 1 << 20
+GiB = 1 << 30
+SAMPLE_SECONDS = 0.05
+
+
+# -- memory of node B -----------------------------------------------------------------------
+
+def pss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as rollup:
+            for line in rollup:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:  # gone meanwhile
+        pass
+    return 0
+
+
+def tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (from /proc's children lists)."""
+    out, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        out.append(current)
+        try:
+            with open(f"/proc/{current}/task/{current}/children") as children:
+                todo += [int(c) for c in children.read().split()]
+        except OSError:
+            continue
+    return out
+
+
+def node_pss(raylet_pid: int) -> int:
+    return sum(pss(pid) for pid in tree(raylet_pid))
+
+
+class Sampler:
+    """Peak of node_pss(raylet) above a baseline, sampled on a thread."""
+
+    def __init__(self, raylet_pid: int):
+        self.raylet_pid = raylet_pid
+        self.baseline = node_pss(raylet_pid)
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, node_pss(self.raylet_pid) - self.baseline)
+            self._stop.wait(SAMPLE_SECONDS)
+
+    def __enter__(self) -> "Sampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self.peak = max(self.peak, node_pss(self.raylet_pid) - self.baseline)
+
+
+# -- tasks ----------------------------------------------------------------------------------
+
+@ray.remote
+def reduce_ray(boxed):
+    started = time.perf_counter()
+    total = float(ray.get(boxed[0]).sum())
+    return ray.get_runtime_context().get_node_id(), time.perf_counter() - started, total
+
+
+@ray.remote
+def reduce_vas(ref):
+    started = time.perf_counter()
+    total = float(ref.get().sum())
+    return ray.get_runtime_context().get_node_id(), time.perf_counter() - started, total
+
+
+@ray.remote
+def time_home_get(ref, rounds: int):
+    ref.get()  # warm-up: the connection to the agent
+    times = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        ref.get()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+@ray.remote
+def warm_up():
+    import vas.ray  # noqa: F401  (the imports a task of either side pays once per worker)
+
+
+def agent_bytes(node_id: str, size: int, timeout: float = 15.0) -> int:
+    """Bytes node ``node_id``'s agent holds, once its heartbeat reported at least
+    ``size`` (or what it reported at the deadline)."""
+    deadline = time.monotonic() + timeout
+    with vas.connect() as client:
+        while True:
+            held = {n.id: n.memory_used for n in client.nodes()}[node_id]
+            if held >= size or time.monotonic() > deadline:
+                return held
+            time.sleep(0.1)
+
+
+def pinned(node_id: str) -> dict:
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id, soft=False)}
+
+
+def run_tasks(task, argument, a: str, b: str, count: int) -> list[tuple[str, float, float]]:
+    order = [b, a] * (count // 2) + [b] * (count % 2)  # B's first task is submitted first
+    return ray.get([task.options(**pinned(node)).remote(argument) for node in order],
+                   timeout=1800)
+
+
+def summarize(results, a: str, b: str, expected: float) -> dict:
+    for _, _, total in results:
+        if not np.isclose(total, expected, rtol=1e-9):
+            raise SystemExit(f"a task summed {total}, expected {expected}")
+    firsts, later = {}, []
+    for node, seconds, _ in results:  # results are in submission order, per node in order
+        if node in firsts:
+            later.append(seconds)
+        else:
+            firsts[node] = seconds
+    if set(firsts) != {a, b}:
+        raise SystemExit(f"tasks ran on {sorted(firsts)}, not on both nodes")
+    return {"first_task_s": max(firsts.values()),
+            "later_task_s": statistics.median(later) if later else None}
+
+
+# -- one cluster ----------------------------------------------------------------------------
+
+def one_store(size: int, store: int, tasks: int) -> dict:
+    from ray.cluster_utils import Cluster
+
+    node_args = {"num_cpus": 1, "object_store_memory": store}
+    cluster = Cluster(initialize_head=True,
+                      head_node_args={**node_args, "include_dashboard": False})
+    try:
+        worker = cluster.add_node(**node_args)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, logging_level="ERROR")
+        a, b = cluster.head_node.node_id, worker.node_id
+        raylet_b = worker.all_processes["raylet"][0].process.pid
+        data = np.random.default_rng(0).random(size // 8)
+        expected = float(data.sum())
+        out: dict = {"object_store_bytes": store}
+        # a worker on each node before any sampling: neither side pays a worker's start
+        ray.get([warm_up.options(**pinned(node)).remote() for node in (a, b)], timeout=300)
+
+        # Ray's object store
+        with Sampler(raylet_b) as memory:
+            started = time.perf_counter()
+            object_ref = ray.put(data)
+            put = time.perf_counter() - started
+            results = run_tasks(reduce_ray, [object_ref], a, b, tasks)
+            end_to_end = time.perf_counter() - started
+        out["ray"] = {"put_s": put, "end_to_end_s": end_to_end,
+                      **summarize(results, a, b, expected), "node_b_bytes": memory.peak}
+        del object_ref, results
+
+        # vas
+        vas.ray.start(memory=2 * size + 64 * MiB)
+        with Sampler(raylet_b) as memory:
+            started = time.perf_counter()
+            ref = vas.ray.put(data)
+            put = time.perf_counter() - started
+            results = run_tasks(reduce_vas, ref, a, b, tasks)
+            end_to_end = time.perf_counter() - started
+        held = agent_bytes(b, size)
+        home_get = ray.get(time_home_get.options(**pinned(a)).remote(ref, 200), timeout=600)
+        out["vas"] = {"put_s": put, "end_to_end_s": end_to_end,
+                      **summarize(results, a, b, expected), "node_b_bytes": memory.peak,
+                      "node_b_agent_bytes": held, "home_get_ms": home_get * 1e3}
+        out["data_bytes"] = data.nbytes
+        return out
+    finally:
+        try:
+            if ray.is_initialized():
+                vas.ray.stop()
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
+
+
+def ratio(x, y):
+    return None if x is None or y in (None, 0) else x / y
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a 96 MiB array")
+    parser.add_argument("--size", type=int, help="array bytes (default 1 GiB)")
+    parser.add_argument("--tasks", type=int, default=8)
+    args = parser.parse_args()
+    size = args.size or (96 * MiB if args.quick else GiB)
+    size -= size % 8
+    if "VAS_NODE" in os.environ:
+        raise SystemExit("unset VAS_NODE: the tasks must find their own node's agent")
+    figures = {"data_bytes": size, "tasks": args.tasks, "stores": {}}
+    for label, factor in (("large_store", 2.5), ("small_store", 0.6)):
+        store = max(int(size * factor), 80 * MiB)  # Ray refuses stores under ~75 MiB
+        print(f"== {label}: object store {store / MiB:.0f} MiB per node, data "
+              f"{size / MiB:.0f} MiB", file=sys.stderr, flush=True)
+        figures["stores"][label] = one_store(size, store, args.tasks)
+    rows = []
+    for label, result in figures["stores"].items():
+        v, r = result["vas"], result["ray"]
+        result["ratios"] = {key: ratio(v[key], r[key]) for key in
+                            ("put_s", "end_to_end_s", "first_task_s", "later_task_s",
+                             "node_b_bytes")}
+        result["ratios"]["node_b_bytes_per_copy"] = ratio(v["node_b_bytes"], size)
+        result["ratios"]["ray_node_b_bytes_per_copy"] = ratio(r["node_b_bytes"], size)
+        for key, unit, scale in (("put_s", "s", 1), ("end_to_end_s", "s", 1),
+                                 ("first_task_s", "s", 1), ("later_task_s", "s", 1),
+                                 ("node_b_bytes", "MiB", 1 / MiB)):
+            rows.append((f"{label} {key}", f"{v[key] * scale:.3f} {unit}",
+                         f"{r[key] * scale:.3f} {unit}", result["ratios"][key]))
+        rows.append((f"{label} home ref.get()", f"{v['home_get_ms']:.3f} ms", "-", None))
+    print(f"{'figure':<32} {'vas':>14} {'ray':>14} {'vas/ray':>8}")
+    for name, v, r, x in rows:
+        print(f"{name:<32} {v:>14} {r:>14} {'' if x is None else f'{x:.2f}':>8}")
+    print(json.dumps(figures), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
