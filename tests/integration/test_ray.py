@@ -280,6 +280,19 @@ def test_a_dataset_outlives_the_driver_that_made_it(cluster, nodes):
     assert checksum == made
 
 
+def test_the_example_runs_against_this_cluster(cluster):
+    example = os.path.join(os.path.dirname(__file__), "..", "..", "examples",
+                           "ray_shared_dataset.py")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "VAS_NODE")}
+    proc = subprocess.run([sys.executable, example, "--address", cluster[0].address,
+                           "--rows", str(1 << 20)], capture_output=True, timeout=300, env=env,
+                          cwd="/")
+    out = proc.stdout.decode()
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    assert out.count(" ok\n") == 10 and "WRONG" not in out
+    assert out.rstrip().endswith("before and after the first driver exited")
+
+
 # -- the agents' lives ----------------------------------------------------------------------
 
 def pid_alive(pid: int) -> bool:
