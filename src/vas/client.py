@@ -185,32 +185,18 @@ class Client:
 
     def put_array(self, name: str, array, *, mode: int = 0o600, ttl: float | None = None,
                   exist_ok: bool = False) -> SegmentInfo:
-        """A new segment, homed here, holding a copy of a numpy array (C order); dtype
-        and shape go to its ``meta``, so ``get_array`` needs only the name. Written
-        and published (version 1) before returning; deleted again if that fails.
+        """A new segment, homed here, holding a C-order copy of ``array``, written and
+        published (version 1); dtype and shape go to its ``meta``. ``exist_ok``: an
+        existing array of the same dtype and shape is returned unchanged, other contents
+        are ``AlreadyExists``. Raises InvalidArgument for an object dtype. See vas/datasets.py.
 
-        :param exist_ok: if ``name`` exists and holds an array of the same dtype and
-            shape, return it unchanged (nothing is written); other contents are
-            ``AlreadyExists``.
-        :raises InvalidArgument: an object dtype (Python references), or bad name/mode/ttl.
-
-        Example::
-
-            c.put_array("points", np.arange(10.0))
-        """
+        Example: ``c.put_array("points", np.arange(10.0))``"""
         return datasets.write_array(self, name, array, mode=mode, ttl=ttl, exist_ok=exist_ok)
 
     def get_array(self, name: str, *, fetch: str = "lazy"):
-        """A read-only, zero-copy numpy array over a segment made by ``put_array``; the
-        array keeps the pages mapped (and the attachment alive) as long as it lives.
-
-        :raises NotFound: no such segment.
-        :raises InvalidArgument: the segment holds no array (see its ``meta``).
-
-        Example::
-
-            points = c.get_array("points")
-        """
+        """A read-only, zero-copy numpy array over a segment made by ``put_array``; it keeps
+        the pages mapped (and the attachment alive) as long as it lives. Raises NotFound,
+        or InvalidArgument when the segment holds no array. Example: ``c.get_array("p")``"""
         return datasets.read_array(self, name, fetch=fetch)
 
     def put_table(self, name: str, table, *, mode: int = 0o600, ttl: float | None = None,
