@@ -36,6 +36,7 @@ How vas rides on Ray (Ray is the only launcher; nothing else is installed):
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -136,8 +137,9 @@ class _Agent:
         self.socket = ray_socket(node_id)
         self.dir = os.path.dirname(self.socket)
         os.makedirs(self.dir, exist_ok=True)
-        os.chmod(RAY_SOCKET_DIR, 0o755)
-        os.chmod(self.dir, 0o755)
+        for path in (RAY_SOCKET_DIR, self.dir):  # every local user may connect
+            with contextlib.suppress(PermissionError):  # made by another user: as it is
+                os.chmod(path, 0o755)
         self.process = NodeProcess(self.dir, coordinator, node_id=node_id, memory=memory,
                                    socket=self.socket,
                                    listen=f"{ray.util.get_node_ip_address()}:0")
@@ -206,7 +208,8 @@ def start(memory: int | str | None = None, etcd: str | None = None) -> Deploymen
     """Run vas on this Ray cluster: etcd (unless ``etcd`` names one) and a coordinator
     on the head node, and an agent on every alive Ray node. Idempotent, from the
     driver or any task: what runs already is kept (a later call only adds agents for
-    nodes that joined since); ``ray.init()`` is called first if this process has not.
+    nodes that joined since, and replaces an agent whose process exited);
+    ``ray.init()`` is called first if this process has not.
 
     :param memory: segment memory of each agent, bytes or a size like ``"4GiB"``
         (default 4 GiB). Once running, ``None`` or the running value.
@@ -233,14 +236,36 @@ def start(memory: int | str | None = None, etcd: str | None = None) -> Deploymen
     if etcd is not None and etcd != config["etcd"]:
         raise InvalidArgument(f"vas is running on this Ray cluster with etcd "
                               f"{config['etcd'] or 'of its own'}, not {etcd}: stop() it first")
-    agents = {node["NodeID"]: _Agent.options(name=AGENT_PREFIX + node["NodeID"],
-                                             **_pinned(node["NodeID"])).remote(
-                  node["NodeID"], config["coordinator"], config["memory"])
-              for node in _alive_nodes()}
-    described = _get([agent.describe.remote() for agent in agents.values()],
-                     "starting the agents", agents.values())
+    node_ids = [node["NodeID"] for node in _alive_nodes()]
+    described = _start_agents(node_ids, config)
+    dead = [node_id for node_id, info in described.items() if not info["alive"]]
+    if dead:  # an agent that exited on its own: end its actor and start a new one
+        for node_id in dead:
+            ray.kill(ray.get_actor(AGENT_PREFIX + node_id, namespace=NAMESPACE),
+                     no_restart=True)
+        described.update(_start_agents(dead, config))
     return Deployment(config["coordinator"], config["etcd_url"], config["memory"],
-                      {node_id: info["socket"] for node_id, info in zip(agents, described)})
+                      {node_id: info["socket"] for node_id, info in described.items()})
+
+
+def _start_agents(node_ids: list[str], config: dict) -> dict[str, dict]:
+    """Find or make the agent actor of each node; their ``describe()`` by node id. An
+    actor that fails (or does not answer in time) is ended, and only that one: the
+    others, and the datasets they hold, are kept; then Unavailable names the failures."""
+    agents = [_Agent.options(name=AGENT_PREFIX + node_id, **_pinned(node_id)).remote(
+                  node_id, config["coordinator"], config["memory"]) for node_id in node_ids]
+    pending = [agent.describe.remote() for agent in agents]
+    described, failed = {}, []
+    for node_id, agent, answer in zip(node_ids, agents, pending):
+        try:
+            described[node_id] = ray.get(answer, timeout=ACTOR_TIMEOUT)
+        except (ray.exceptions.RayError, TimeoutError) as exc:
+            ray.kill(agent, no_restart=True)
+            failed.append(f"Ray node {node_id}: {exc}")
+    if failed:
+        raise Unavailable(f"vas.ray: starting the agent failed on {len(failed)} node(s): "
+                          + "; ".join(failed))
+    return described
 
 
 def agents() -> dict[str, dict]:

@@ -313,6 +313,15 @@ def test_an_agent_dies_with_its_actor_and_start_replaces_it(cluster, nodes):
     assert vas.ray.start().agents == cluster[2].agents
     new = vas.ray.agents()[other]
     assert new["alive"] and new["pid"] != old["pid"]
+    # an agent process that ends on its own is replaced by the next start() as well
+    os.kill(new["pid"], 9)
+    waiting.wait_for(lambda: not vas.ray.agents()[other]["alive"], "the agent to be seen gone",
+                     timeout=WAIT)
+    assert vas.ray.start().agents == cluster[2].agents
+    third = vas.ray.agents()[other]
+    assert third["alive"] and third["pid"] not in (old["pid"], new["pid"])
+    with vas.connect(third["socket"]) as client:  # and it serves
+        assert client.local_node.id == other
 
 
 def test_stop_ends_every_daemon(cluster):
