@@ -320,12 +320,13 @@ def _client():
     from vas.client import _default
 
     _ensure_ray()
-    if not os.environ.get("VAS_NODE"):
-        node_id = ray.get_runtime_context().get_node_id()
-        if not os.path.exists(ray_socket(node_id)):
-            raise Unavailable(f"no vas agent on Ray node {node_id}: call vas.ray.start() "
-                              "first")
-    return _default()
+    if os.environ.get("VAS_NODE"):
+        return _default()
+    node_id = ray.get_runtime_context().get_node_id()
+    path = ray_socket(node_id)
+    if not os.path.exists(path):
+        raise Unavailable(f"no vas agent on Ray node {node_id}: call vas.ray.start() first")
+    return _default(path)  # this node's agent, even if the default went elsewhere before
 
 
 def _is_table(data) -> bool:

@@ -200,7 +200,11 @@ def test_array_errors(clients):
 
 
 def test_module_level_shortcuts(two, monkeypatch):
+    import vas.client
+
     monkeypatch.setenv("VAS_NODE", two.nodes[1].socket)
+    # a default connection of this test's own, gone with it (not left to later modules)
+    monkeypatch.setattr(vas.client, "_default_client", None)
     vas.put_array("arr/module", np.arange(5))
     assert vas.get_array("arr/module").tolist() == [0, 1, 2, 3, 4]
 
