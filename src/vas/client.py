@@ -159,17 +159,27 @@ class Client:
         validate.check_name(name)
         validate.check_attach_mode(mode)
         validate.check_fetch(fetch)
+        response, fds = self._attach_request(name, mode, bool(fixed), fetch)
+        return self._map(response, fds, mode, bool(fixed), fetch)
+
+    def _attach_request(self, name: str, mode: str, fixed: bool, fetch: str):
+        """Attach's request: (response, fds); the caller maps them (``_map``) or closes
+        the fds and releases the attachment (vas/datasets.py reuses a warm mapping)."""
         request = local_pb2.AttachRequest(name=name, mode=mode, fetch=fetch,
-                                          fault_support=probe_fault_support(bool(fixed)))
+                                          fault_support=probe_fault_support(fixed))
+        self._connection.start_helper()
+        return self._connection.call("attach", request, "attach", want_fds=True)
+
+    def _map(self, response, fds: list[int], mode: str, fixed: bool, fetch: str) -> Mapping:
+        """The ``Mapping`` of an attach response; closes ``fds``."""
         connection = self._connection
-        connection.start_helper()
-        response, fds = connection.call("attach", request, "attach", want_fds=True)
         if len(fds) != 1:
             close_fds(fds)
             self._release_quietly(response.attachment_id)
-            raise VasError(f"vas agent sent {len(fds)} file descriptors for attach of {name}")
+            raise VasError(f"vas agent sent {len(fds)} file descriptors for attach of "
+                           f"{response.segment.name}")
         try:
-            mapping = Mapping(connection, response, fds[0], mode, fixed=bool(fixed),
+            mapping = Mapping(connection, response, fds[0], mode, fixed=fixed,
                               requested_fetch=fetch)
         except BaseException:
             self._release_quietly(response.attachment_id)
@@ -263,6 +273,7 @@ class Client:
             c.delete("frames/0")
         """
         validate.check_name(name)
+        datasets.WARM.drop(self._connection, name)  # this process's own reads let go first
         self._connection.call("delete", local_pb2.DeleteRequest(name=name, force=bool(force)))
 
     def chmod(self, name: str, mode: int) -> SegmentInfo | None:

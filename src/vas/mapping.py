@@ -45,6 +45,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: Smallest write() that an "rw" mapping makes with pwrite(2) on its memfd rather than
+#: with a store through the mapping: pwrite fills the page cache without faulting each
+#: page into this process (96 MiB: 27 ms against 70 ms on the 2-CPU development VM).
+_PWRITE_MIN = 64 << 10
+
 #: Longest WaitRequest that Mapping.wait() sends, seconds: the connection serves one
 #: request at a time, so a long wait is asked in slices and other threads of the
 #: process get their turn on the connection between them.
@@ -232,6 +237,13 @@ class Mapping:
         self.fetch = fetch.value
         self._native = native
         self._view = view
+        # "rw": a duplicate of the memfd for write()'s pwrite(2), closed at detach (or
+        # when this object goes, if it is never detached).
+        self._fd = -1
+        if writable:
+            self._fd = os.dup(fd)
+            self._fd_offset = int(response.fd_offset)
+            self._fd_closer = weakref.finalize(self, os.close, self._fd)
         # The attachment's Detach, due when the pages are unmapped: by detach() at
         # once, or when the native object ends, i.e. when the last view of it goes
         # (the callback runs after the munmap; it only queues, see the module docstring).
@@ -322,7 +334,10 @@ class Mapping:
             raise PermissionDenied(f"segment {self.name} is attached read-only")
         with memoryview(data) as source:
             validate.check_range(offset, source.nbytes, self.size)
-            if source.c_contiguous:
+            if self._fd >= 0 and source.c_contiguous and source.nbytes >= _PWRITE_MIN:
+                with source.cast("B") as flat:
+                    _pwrite_all(self._fd, flat, self._fd_offset + offset)
+            elif source.c_contiguous:
                 with source.cast("B") as flat, view[offset:offset + flat.nbytes] as target:
                     target[:] = flat
             else:
@@ -513,6 +528,9 @@ class Mapping:
         if self._detached:
             return
         self._detached = True
+        if self._fd >= 0:
+            self._fd = -1
+            self._fd_closer()  # closes the write fd, once
         connection, self._connection = self._connection, None
         native, self._native = self._native, None
         self._view = None  # ours; a caller holding ``buffer`` keeps it, and the pages
@@ -557,6 +575,13 @@ class Mapping:
         state = "detached" if self._detached else f"at 0x{self.address:x}"
         return f"<vas.Mapping {self.name} {self.mode} {self.size} bytes {state}>"
 
+
+
+def _pwrite_all(fd: int, data: memoryview, position: int) -> None:
+    """pwrite(2) all of ``data`` at ``position`` (a call may write less than asked)."""
+    done = 0
+    while done < data.nbytes:
+        done += os.pwrite(fd, data[done:], position + done)
 
 
 def _reattach(name: str, mode: str, fetch: str, fixed: bool) -> Mapping:

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import vas
+import waiting
 from vas.cluster import LocalCluster
 from vas.proto import coordinator_pb2, coordinator_pb2_grpc, local_pb2, types_pb2
 
@@ -287,3 +288,47 @@ def test_segment_ref_travels_and_refuses_a_replaced_name(two, clients):
         ref.get(client=a)
     with pytest.raises(vas.InvalidArgument, match="holds no array or table"):
         vas.SegmentRef.of(a.stat("meta/one"))
+
+
+# -- warm mappings --------------------------------------------------------------------------
+
+def test_a_second_read_reuses_the_warm_mapping_until_the_data_changes(clients):
+    a, b = clients
+    data = np.arange(1 << 16, dtype=np.int64)
+    a.put_array("warm/x", data)
+    first = b.get_array("warm/x")
+    again = b.get_array("warm/x")
+    assert again.ctypes.data == first.ctypes.data  # the same pages, mapped once
+    del first, again
+    with a.attach("warm/x", "rw") as m:  # a new version on the home
+        m.write(0, np.full(1 << 16, 7, dtype=np.int64))
+        m.sync()
+    for client in (a, b):  # every reader sees it: a warm mapping serves only its version
+        assert digest(client.get_array("warm/x")) == digest(np.full(1 << 16, 7, np.int64))
+
+
+def test_a_warm_mapping_lets_go_of_a_deleted_dataset(two, clients, monkeypatch):
+    import vas.datasets
+
+    a, _ = clients
+    monkeypatch.setattr(vas.datasets, "KEEP_SECONDS", 0.5)
+    a.put_array("warm/gone", np.ones(1000))
+    with vas.connect(two.nodes[0].socket) as reader:  # another reader on the home node
+        assert reader.get_array("warm/gone").sum() == 1000  # warm there, array dropped
+        a.delete("warm/gone")  # from another connection: the warm mapping holds it ...
+        assert a.stat("warm/gone").state == "deleting"
+
+        def freed():
+            try:
+                a.stat("warm/gone")
+            except vas.NotFound:
+                return True
+            return False
+
+        waiting.wait_for(freed, "the warm mapping to expire", timeout=15)  # ... KEEP_SECONDS
+    # a delete from the reading connection itself is not held up at all
+    a.put_array("warm/mine", np.ones(10))
+    assert a.get_array("warm/mine").sum() == 10
+    a.delete("warm/mine")
+    a.put_array("warm/mine", np.zeros(10))  # the name is free at once
+    assert a.get_array("warm/mine").sum() == 0
