@@ -574,12 +574,12 @@ _default_client: Client | None = None
 
 def _default(node: str | None = None) -> Client:
     """The shared connection of vas.create/attach/...: made on first use, and again
-    after it broke or after a fork (a connection must not be shared across processes),
-    or when ``node`` names another agent than the one it goes to (vas.ray)."""
+    after it broke or the agent closed it (restarted), after a fork (a connection must
+    not be shared across processes), or when ``node`` names another agent (vas.ray)."""
     global _default_client
     with _default_lock:
         client = _default_client
-        if (client is None or client.closed or client._connection.forked
+        if (client is None or client._connection.forked or client._connection.peer_gone()
                 or (node is not None and client.socket_path != node)):
             _default_client = client = Client(node)
         return client

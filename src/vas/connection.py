@@ -37,6 +37,7 @@ import logging
 import math
 import os
 import queue
+import select
 import threading
 import time
 import weakref
@@ -291,6 +292,17 @@ class Connection:
     def closed(self) -> bool:
         """True once ``close()`` ran or the connection broke."""
         return self._closed
+
+    def peer_gone(self) -> bool:
+        """True when the agent has closed its end (it stopped or was restarted), told by
+        one poll(2) of the socket (HUP or ERR), without a request. The default
+        connection (vas.client._default) asks this before each use, so a process's
+        next call after an agent restart reconnects instead of failing once."""
+        if self._closed:
+            return True
+        poller = select.poll()
+        poller.register(self._sock, select.POLLHUP | select.POLLERR)
+        return any(events & (select.POLLHUP | select.POLLERR) for _, events in poller.poll(0))
 
     @property
     def forked(self) -> bool:

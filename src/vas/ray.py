@@ -134,6 +134,7 @@ class _Agent:
 
         if ray.get_runtime_context().get_node_id() != node_id:  # soft=False makes it so
             raise Unavailable(f"the vas agent of Ray node {node_id} was placed elsewhere")
+        self.coordinator = coordinator
         self.socket = ray_socket(node_id)
         self.dir = os.path.dirname(self.socket)
         os.makedirs(self.dir, exist_ok=True)
@@ -152,7 +153,8 @@ class _Agent:
 
     def describe(self) -> dict:
         return {"socket": self.socket, "address": self.process.address,
-                "pid": self.process.pid, "alive": self.process.alive()}
+                "pid": self.process.pid, "alive": self.process.alive(),
+                "coordinator": self.coordinator}
 
     def stop(self) -> None:
         self.process.stop()
@@ -238,8 +240,11 @@ def start(memory: int | str | None = None, etcd: str | None = None) -> Deploymen
                               f"{config['etcd'] or 'of its own'}, not {etcd}: stop() it first")
     node_ids = [node["NodeID"] for node in _alive_nodes()]
     described = _start_agents(node_ids, config)
-    dead = [node_id for node_id, info in described.items() if not info["alive"]]
-    if dead:  # an agent that exited on its own: end its actor and start a new one
+    # An agent that exited on its own, or that serves a coordinator no longer running
+    # (the control actor was ended and made again): end its actor and start a new one.
+    dead = [node_id for node_id, info in described.items()
+            if not info["alive"] or info["coordinator"] != config["coordinator"]]
+    if dead:
         for node_id in dead:
             ray.kill(ray.get_actor(AGENT_PREFIX + node_id, namespace=NAMESPACE),
                      no_restart=True)
@@ -269,7 +274,8 @@ def _start_agents(node_ids: list[str], config: dict) -> dict[str, dict]:
 
 
 def agents() -> dict[str, dict]:
-    """The running agents by Ray node id: ``{"socket", "address", "pid", "alive"}`` each."""
+    """The running agents by Ray node id: ``{"socket", "address", "pid", "alive",
+    "coordinator"}`` each."""
     _ensure_ray()
     handles = {name.removeprefix(AGENT_PREFIX): ray.get_actor(name, namespace=NAMESPACE)
                for name in _named_actors() if name.startswith(AGENT_PREFIX)}

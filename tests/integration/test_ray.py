@@ -324,6 +324,24 @@ def test_an_agent_dies_with_its_actor_and_start_replaces_it(cluster, nodes):
         assert client.local_node.id == other
 
 
+def test_a_lost_control_plane_is_made_again_with_new_agents(nodes):
+    head, other = nodes
+    old_agents = vas.ray.agents()
+    old = vas.ray.start()
+    ray.kill(ray.get_actor(vas.ray.CONTROL_NAME, namespace=vas.ray.NAMESPACE))
+    new = vas.ray.start()  # a new etcd and coordinator; every agent follows them
+    assert new.coordinator != old.coordinator and new.agents == old.agents
+    agents = vas.ray.agents()
+    assert {info["coordinator"] for info in agents.values()} == {new.coordinator}
+    for node_id, info in old_agents.items():
+        waiting.wait_for(lambda: not pid_alive(info["pid"]), f"old agent of {node_id} to end",
+                         timeout=WAIT)
+    ref = vas.ray.put(np.arange(1000), "ray/after-restart")  # and it all works again
+    (_, _, _, checksum, _), = ray.get([read_array.options(**on(other)).remote(ref)],
+                                      timeout=WAIT)
+    assert checksum == digest(np.arange(1000))
+
+
 def test_stop_ends_every_daemon(cluster):
     pids = [a["pid"] for a in vas.ray.agents().values()]
     vas.ray.stop()
