@@ -20,14 +20,13 @@ import builtins
 import collections.abc
 import contextlib
 import os
-import sys
 import threading
 from typing import Iterator
 
 from vas import datasets
 from vas.connection import Connection, close_fds
 from vas.core import validate
-from vas.core.defaults import DEFAULT_SOCKET, ray_socket
+from vas.core.defaults import DEFAULT_SOCKET, ray_node_socket
 from vas.core.errors import InvalidArgument, VasError
 from vas.core.fetch import probe_fault_support
 from vas.core.types import NodeInfo, SegmentInfo, SpaceInfo
@@ -53,7 +52,7 @@ class Client:
     """
 
     def __init__(self, node: str | None = None):
-        path = node or os.environ.get("VAS_NODE") or _ray_node_socket() or DEFAULT_SOCKET
+        path = node or os.environ.get("VAS_NODE") or ray_node_socket() or DEFAULT_SOCKET
         self.socket_path = path
         connection = self._connection = Connection(path)
         self.local_node = connection.local_node
@@ -510,20 +509,6 @@ class SpaceView(collections.abc.Mapping):
                 first = first or exc
         if first is not None and leaving is None:
             raise first
-
-
-def _ray_node_socket() -> str | None:
-    """Inside a Ray process (driver, task or actor) whose Ray node runs an agent of
-    vas.ray, that agent's socket; else None. Never imports ray: a process that has
-    not imported it is not inside Ray."""
-    ray = sys.modules.get("ray")
-    if ray is None or not getattr(ray, "is_initialized", lambda: False)():
-        return None
-    try:
-        path = ray_socket(ray.get_runtime_context().get_node_id())
-    except Exception:  # noqa: BLE001  (no Ray node to ask: not inside Ray after all)
-        return None
-    return path if os.path.exists(path) else None
 
 
 def connect(node: str | None = None) -> Client:

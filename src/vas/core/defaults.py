@@ -5,6 +5,8 @@ and the coordinator's config (vas.coordinator.config) import them from here, so
 a client and the agent it talks to cannot disagree on, say, the socket path. A
 default only one daemon uses stays in that daemon's config module.
 """
+import os
+import sys
 
 #: Path of the agent's local Unix socket; clients use it when neither ``node=``
 #: nor $VAS_NODE names another.
@@ -18,6 +20,20 @@ RAY_SOCKET_DIR = "/tmp/vas-ray"
 def ray_socket(ray_node_id: str) -> str:
     """Socket path of the vas agent that vas.ray runs on Ray node ``ray_node_id``."""
     return f"{RAY_SOCKET_DIR}/{ray_node_id}/node.sock"
+
+
+def ray_node_socket() -> str | None:
+    """Inside a Ray process (driver, task or actor) whose Ray node runs an agent of
+    vas.ray, that agent's socket; else None (the client's default after $VAS_NODE).
+    Never imports ray: a process that has not imported it is not inside Ray."""
+    ray = sys.modules.get("ray")
+    if ray is None or not getattr(ray, "is_initialized", lambda: False)():
+        return None
+    try:
+        path = ray_socket(ray.get_runtime_context().get_node_id())
+    except Exception:  # noqa: BLE001  (no Ray node to ask: not inside Ray after all)
+        return None
+    return path if os.path.exists(path) else None
 
 
 #: host:port the coordinator serves gRPC on (``vasctl coordinator serve --listen``).
