@@ -335,13 +335,13 @@ def _client():
     return _default(path)  # this node's agent, even if the default went elsewhere before
 
 
-def _is_table(data) -> bool:
-    return type(data).__module__.split(".")[0] == "pyarrow"
+def _is_table(value) -> bool:
+    return type(value).__module__.split(".")[0] == "pyarrow"
 
 
-def put(data, name: str | None = None, *, ttl: float | None = None) -> SegmentRef:
-    """Share a numpy array or a pyarrow Table/RecordBatch as a new dataset homed on this
-    Ray node; returns its ``SegmentRef`` (picklable: pass it to tasks).
+def put(array, name: str | None = None, *, ttl: float | None = None) -> SegmentRef:
+    """Share ``array`` (a numpy array, or a pyarrow Table/RecordBatch) as a new dataset
+    homed on this Ray node; returns its ``SegmentRef`` (picklable: pass it to tasks).
 
     :param name: the segment's name (default ``ray/<random hex>``).
     :param ttl: seconds until the dataset is removed (None: until deleted).
@@ -355,8 +355,8 @@ def put(data, name: str | None = None, *, ttl: float | None = None) -> SegmentRe
     """
     client = _client()
     name = f"ray/{uuid.uuid4().hex}" if name is None else name
-    info = (client.put_table(name, data, ttl=ttl) if _is_table(data)
-            else client.put_array(name, data, ttl=ttl))
+    info = (client.put_table(name, array, ttl=ttl) if _is_table(array)
+            else client.put_array(name, array, ttl=ttl))
     return SegmentRef.of(info)
 
 

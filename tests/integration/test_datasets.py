@@ -332,3 +332,21 @@ def test_a_warm_mapping_lets_go_of_a_deleted_dataset(two, clients, monkeypatch):
     a.delete("warm/mine")
     a.put_array("warm/mine", np.zeros(10))  # the name is free at once
     assert a.get_array("warm/mine").sum() == 0
+
+
+def test_put_with_a_ttl_expires(clients):
+    a, b = clients
+    info = a.put_array("ttl/x", np.ones(10), ttl=2)
+    assert info.expires is not None and info.expires - info.created >= 2
+    assert b.get_array("ttl/x").sum() == 10
+
+    def gone():
+        try:
+            a.stat("ttl/x")
+        except vas.NotFound:
+            return True
+        return False
+
+    waiting.wait_for(gone, "the dataset's ttl to end", timeout=20)
+    with pytest.raises(vas.NotFound):
+        b.get_array("ttl/x")
