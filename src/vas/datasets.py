@@ -107,8 +107,13 @@ def _shape_of(meta: dict[str, str], name: str) -> tuple[int, ...]:
     return shape
 
 
-def _kind_of(info: SegmentInfo, want: str, reader: str) -> None:
+def _kind_of(info: SegmentInfo, want: str | None, reader: str) -> None:
     kind = info.meta.get("vas.kind")
+    if want is None:  # either
+        if kind not in (KIND_NDARRAY, KIND_ARROW):
+            held = f"vas.kind={kind!r}" if kind else "no vas.kind metadata"
+            raise InvalidArgument(f"segment {info.name} holds no array or table: it has {held}")
+        return
     if kind != want:
         held = f"vas.kind={kind!r}" if kind else "no vas.kind metadata"
         raise InvalidArgument(f"segment {info.name} does not hold what {reader} reads "
@@ -340,8 +345,8 @@ WARM = _Warm()
 os.register_at_fork(after_in_child=WARM.forget)
 
 
-def _read(client: "Client", name: str, fetch: str, kind: str, reader: str, segment_id: int,
-          build):
+def _read(client: "Client", name: str, fetch: str, kind: str | None, reader: str,
+          segment_id: int, build):
     """``build(mapping)`` over an "r" mapping of dataset ``name`` of ``kind``: a warm one
     when it is current (see _Warm), else a new one, which then stays warm."""
     validate.check_name(name)
@@ -373,34 +378,48 @@ def _read(client: "Client", name: str, fetch: str, kind: str, reader: str, segme
     return result
 
 
+def _array_of(mapping: "Mapping"):
+    meta = mapping.info.meta
+    return mapping.ndarray(decode_dtype(meta.get("vas.dtype", "")),
+                           _shape_of(meta, mapping.name))
+
+
+def _table_of(mapping: "Mapping"):
+    pa = _pyarrow()
+    name = mapping.name
+    try:
+        nbytes = int(mapping.info.meta["vas.nbytes"])
+    except (KeyError, ValueError) as exc:
+        raise InvalidArgument(f"segment {name}: its metadata has no valid vas.nbytes") from exc
+    if not 0 < nbytes <= mapping.size:
+        raise InvalidArgument(f"segment {name}: vas.nbytes={nbytes} is outside the "
+                              f"segment of {mapping.size} bytes")
+    try:
+        return pa.ipc.open_stream(pa.py_buffer(mapping.buffer[:nbytes])).read_all()
+    except pa.ArrowInvalid as exc:
+        raise InvalidArgument(f"segment {name} does not hold a valid Arrow IPC stream: "
+                              f"{exc}") from exc
+
+
+def _data_of(mapping: "Mapping"):
+    kind = mapping.info.meta.get("vas.kind")
+    return _array_of(mapping) if kind == KIND_NDARRAY else _table_of(mapping)
+
+
 def read_array(client: "Client", name: str, *, fetch: str = "lazy", segment_id: int = 0):
     """``Client.get_array``: a read-only zero-copy ndarray over the segment's pages."""
-    def build(mapping: "Mapping"):
-        meta = mapping.info.meta
-        return mapping.ndarray(decode_dtype(meta.get("vas.dtype", "")), _shape_of(meta, name))
-
-    return _read(client, name, fetch, KIND_NDARRAY, "get_array", segment_id, build)
+    return _read(client, name, fetch, KIND_NDARRAY, "get_array", segment_id, _array_of)
 
 
 def read_table(client: "Client", name: str, *, fetch: str = "lazy", segment_id: int = 0):
     """``Client.get_table``: a pyarrow.Table whose buffers are the segment's pages."""
-    pa = _pyarrow()
+    _pyarrow()  # a clear ImportError before anything is attached
+    return _read(client, name, fetch, KIND_ARROW, "get_table", segment_id, _table_of)
 
-    def build(mapping: "Mapping"):
-        try:
-            nbytes = int(mapping.info.meta["vas.nbytes"])
-        except (KeyError, ValueError) as exc:
-            raise InvalidArgument(f"segment {name}: its metadata has no valid vas.nbytes") from exc
-        if not 0 < nbytes <= mapping.size:
-            raise InvalidArgument(f"segment {name}: vas.nbytes={nbytes} is outside the "
-                                  f"segment of {mapping.size} bytes")
-        try:
-            return pa.ipc.open_stream(pa.py_buffer(mapping.buffer[:nbytes])).read_all()
-        except pa.ArrowInvalid as exc:
-            raise InvalidArgument(f"segment {name} does not hold a valid Arrow IPC stream: "
-                                  f"{exc}") from exc
 
-    return _read(client, name, fetch, KIND_ARROW, "get_table", segment_id, build)
+def read_any(client: "Client", name: str, *, fetch: str = "lazy", segment_id: int = 0):
+    """An array or a table, whichever the segment holds (``vas.ray.get``, ``SegmentRef.get``)."""
+    return _read(client, name, fetch, None, "get", segment_id, _data_of)
 
 
 # -- the default connection's shortcuts (vas.put_array, ...) ----------------------
@@ -485,6 +504,4 @@ class SegmentRef:
 
         :raises NotFound: the segment was deleted (or replaced by another of that name).
         """
-        client = client or _client()
-        reader = read_array if self.kind == KIND_NDARRAY else read_table
-        return reader(client, self.name, fetch=fetch, segment_id=self.id)
+        return read_any(client or _client(), self.name, fetch=fetch, segment_id=self.id)

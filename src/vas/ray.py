@@ -367,15 +367,19 @@ def ref(name: str) -> SegmentRef:
 
 def get(name: str, *, fetch: str = "lazy"):
     """The dataset ``name`` (an array or a table), read-only and zero-copy from this
-    node's agent; made by any driver or task, including one that has exited.
+    node's agent; made by any driver or task, including one that has exited. One
+    request to this node's agent, like ``ref.get()``.
 
     :raises NotFound: no such dataset.
+    :raises InvalidArgument: the segment holds no array or table.
 
     Example::
 
         points = vas.ray.get("points")
     """
-    return ref(name).get(fetch=fetch, client=_client())
+    from vas.datasets import read_any
+
+    return read_any(_client(), name, fetch=fetch)
 
 
 def node_affinity(dataset: SegmentRef | str, soft: bool = True) -> NodeAffinitySchedulingStrategy:
