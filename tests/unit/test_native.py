@@ -6,7 +6,10 @@ import mmap as pymmap
 import os
 import re
 import select
+import signal
 import struct
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -87,6 +90,7 @@ def test_constants_match_the_system():
             _native.UFFDIO_REGISTER_MODE_MINOR) == (1, 2, 4)
     assert _native.UFFD_FEATURE_MISSING_SHMEM == 1 << 5
     assert _native.UFFD_FEATURE_MINOR_SHMEM == 1 << 10
+    assert _native.UFFD_FEATURE_POISON == 1 << 14
     assert _native.UFFD_EVENT_PAGEFAULT == 0x12
     assert _native.UFFD_PAGEFAULT_FLAG_WRITE == 1 << 0
     assert _native.UFFD_PAGEFAULT_FLAG_MINOR == 1 << 2
@@ -97,7 +101,7 @@ def test_signatures():
         "memfd_create", "fallocate", "ftruncate", "mmap", "chunk_hashes",
         "userfaultfd", "uffd_api", "uffd_register", "uffd_unregister",
         "uffd_copy", "uffd_copy_from", "uffd_zeropage", "uffd_continue",
-        "uffd_wake", "uffd_read")}
+        "uffd_poison", "uffd_wake", "uffd_read")}
     assert sig["memfd_create"] == f"(name, flags={os.MFD_CLOEXEC})"
     assert sig["fallocate"] == "(fd, offset, length, mode=0)"
     assert sig["mmap"] == ("(fd, length, *, writable, offset=0, address=0, "
@@ -107,6 +111,7 @@ def test_signatures():
     assert sig["uffd_copy"] == "(fd, dst, src, mode=0)"
     assert sig["uffd_copy_from"] == "(fd, dst, src_address, length, mode=0)"
     assert sig["uffd_read"] == "(fd, max_events=64)"
+    assert sig["uffd_poison"] == "(fd, address, length, mode=0)"
     assert str(inspect.signature(_native.Mapping.madvise)) == \
         "(self, /, advice, offset=0, length=None)"
     for name in sig:
@@ -444,6 +449,12 @@ LL_MAX = 2 ** 63 - 1
     (lambda fd: _native.uffd_zeropage(-1, PS, -PS),
      "length must be a positive multiple of the page size"),
     (lambda fd: _native.uffd_continue(-1, 3, PS), "address must be a multiple of the page size"),
+    (lambda fd: _native.uffd_poison(-1, PS + 1, PS), "address must be a multiple of the page size"),
+    (lambda fd: _native.uffd_poison(-1, PS, PS - 1),
+     "length must be a positive multiple of the page size"),
+    (lambda fd: _native.uffd_poison(-1, PS, 0),
+     "length must be a positive multiple of the page size"),
+    (lambda fd: _native.uffd_poison(-1, 2 ** 64 - PS, PS), "address + length overflows"),
     (lambda fd: _native.uffd_read(-1, 0), "max_events must be > 0"),
 ])
 def test_value_error_messages(memfd, call, msg):
@@ -692,6 +703,115 @@ def test_uffd_minor_fault_resolved_by_continue(uffd_factory, memfd, mapper):
     assert _native.uffd_continue(uffd, m.address, PS) == PS
     assert reader.finish() == payload
     _native.uffd_unregister(uffd, m.address, PS)
+
+
+class SyscallReader(threading.Thread):
+    """Writes n bytes at address into a pipe: the kernel reads the page (a fault taken
+    in a system call), so a poisoned page fails the write with EFAULT instead of
+    killing the process with SIGBUS."""
+
+    def __init__(self, address, n):
+        super().__init__(daemon=True)
+        self.address, self.n, self.result = address, n, None
+
+    def run(self):
+        r, w = os.pipe()
+        try:
+            view = (ctypes.c_char * self.n).from_address(self.address)
+            self.result = os.write(w, memoryview(view).cast("B"))
+        except OSError as exc:
+            self.result = exc
+        finally:
+            os.close(r)
+            os.close(w)
+
+    def finish(self):
+        self.join(WAIT)
+        assert not self.is_alive(), "reader still blocked on its page fault"
+        return self.result
+
+
+def test_uffd_poison_wakes_the_fault_and_fails_later_reads(uffd_factory, memfd):
+    np = pytest.importorskip("numpy")
+    uffd = uffd_factory(_native.UFFD_FEATURE_MISSING_SHMEM | _native.UFFD_FEATURE_MINOR_SHMEM
+                        | _native.UFFD_FEATURE_POISON)
+    fd = memfd(pages=4, reserve=False)
+    os.pwrite(fd, b"\xab" * PS, 0)  # page 0 in the page cache
+    ro = ro_reopen(fd)
+    try:
+        # A lazy mapping: MAP_PRIVATE PROT_READ of the read-only fd (vas/mapping.py).
+        m = pymmap.mmap(ro, 4 * PS, flags=pymmap.MAP_PRIVATE, prot=pymmap.PROT_READ)
+    finally:
+        os.close(ro)
+    view = memoryview(m)
+    try:
+        base = int(np.frombuffer(view, dtype=np.uint8, count=1).ctypes.data)
+        ioctls = _native.uffd_register(uffd, base, 4 * PS, _native.UFFDIO_REGISTER_MODE_MISSING
+                                       | _native.UFFDIO_REGISTER_MODE_MINOR)
+        assert ioctls & (1 << 0x08)  # _UFFDIO_POISON
+
+        reader = SyscallReader(base + PS, 16)  # blocks on a missing fault
+        reader.start()
+        event, flags, address = wait_fault(uffd)
+        assert address & ~(PS - 1) == base + PS
+        assert _native.uffd_poison(uffd, base + PS, PS) == PS  # and wakes the reader
+        result = reader.finish()
+        assert isinstance(result, OSError) and result.errno == errno.EFAULT
+        again = SyscallReader(base + PS + 8, 8)  # the marker stays: no new fault
+        again.start()
+        assert again.finish().errno == errno.EFAULT
+        assert _native.uffd_read(uffd) == []
+
+        # A page in the page cache but not mapped here (a minor fault) is poisoned too;
+        # a mapped one is refused with EEXIST.
+        os.pwrite(fd, b"\xcd" * PS, 2 * PS)
+        assert _native.uffd_poison(uffd, base + 2 * PS, 2 * PS) == 2 * PS
+        assert _native.uffd_continue(uffd, base, PS) == PS
+        assert view[0] == 0xab
+        with pytest.raises(FileExistsError):
+            _native.uffd_poison(uffd, base, PS)
+        _native.uffd_unregister(uffd, base, 4 * PS)
+    finally:
+        view.release()
+        m.close()
+
+
+def test_a_touch_of_a_poisoned_page_is_sigbus():
+    """What a client thread sees (in a child: the signal ends it)."""
+    code = """if True:
+        import mmap, os, sys
+        import numpy as np
+        from vas import _native
+        PS = _native.PAGE_SIZE
+        fd = _native.memfd_create("poison")
+        _native.ftruncate(fd, PS)
+        m = mmap.mmap(fd, PS, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
+        view = memoryview(m)
+        base = int(np.frombuffer(view, dtype=np.uint8, count=1).ctypes.data)
+        uffd = _native.userfaultfd()
+        _native.uffd_api(uffd, _native.UFFD_FEATURE_MISSING_SHMEM | _native.UFFD_FEATURE_POISON)
+        _native.uffd_register(uffd, base, PS, _native.UFFDIO_REGISTER_MODE_MISSING)
+        _native.uffd_poison(uffd, base, PS)
+        print("poisoned", flush=True)
+        print(view[0], flush=True)  # SIGBUS here
+    """
+    if _native.UFFD_FEATURE_POISON & ~_supported_features():
+        pytest.skip("the kernel lacks UFFDIO_POISON (Linux 6.6)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert done.stdout == "poisoned\n", done.stderr
+    assert done.returncode == -signal.SIGBUS
+
+
+def _supported_features() -> int:
+    try:
+        fd = _native.userfaultfd()
+    except OSError as exc:
+        pytest.skip(f"userfaultfd unavailable: {exc}")
+    try:
+        return _native.uffd_api(fd)
+    finally:
+        os.close(fd)
 
 
 def test_uffd_bad_fd_raises_oserror():
