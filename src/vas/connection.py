@@ -52,6 +52,7 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from vas import guard
 from vas.core import wire
 from vas.core.errors import Unavailable, VasError, from_status, status_code
 from vas.core.types import NodeInfo
@@ -215,8 +216,6 @@ class Connection:
             closes its dup), or None if no guardian can take it: the caller must
             fetch the mapping whole.
         """
-        from vas import guard
-
         guardian = guard.current()
         with self._lock:  # one WATCH per connection and guardian
             if self._guarded is None or self._guarded[0] is not guardian:
