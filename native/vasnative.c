@@ -41,6 +41,20 @@
 #ifndef USERFAULTFD_IOC_NEW
 #define USERFAULTFD_IOC_NEW _IO(0xAA, 0x00)
 #endif
+/* UFFDIO_POISON (Linux 6.6): older userspace headers lack it. */
+#ifndef UFFD_FEATURE_POISON
+#define UFFD_FEATURE_POISON (1 << 14)
+#endif
+#ifndef _UFFDIO_POISON
+#define _UFFDIO_POISON (0x08)
+struct uffdio_poison {
+    struct uffdio_range range;
+#define UFFDIO_POISON_MODE_DONTWAKE ((__u64)1 << 0)
+    __u64 mode;
+    __s64 updated;
+};
+#define UFFDIO_POISON _IOWR(UFFDIO, _UFFDIO_POISON, struct uffdio_poison)
+#endif
 
 #define MFD_NAME_MAX 249 /* NAME_MAX - strlen("memfd:") */
 
@@ -1006,6 +1020,41 @@ vas_uffd_continue(PyObject *Py_UNUSED(mod), PyObject *args, PyObject *kw)
     return resolve_result(r, cont.mapped);
 }
 
+PyDoc_STRVAR(uffd_poison_doc,
+"uffd_poison($module, /, fd, address, length, mode=0)\n--\n\n"
+"ioctl(UFFDIO_POISON, Linux 6.6+): mark the unmapped pages of [address,\n"
+"address + length) poisoned, so that touching one raises SIGBUS (and a\n"
+"system call reading it fails with EFAULT), and wake the threads faulting\n"
+"there.  address, length: bytes, multiples of PAGE_SIZE; mode:\n"
+"UFFDIO_POISON_MODE_* bits.  Returns the number of bytes poisoned (int).\n"
+"The GIL is released.\n"
+"Raises ValueError (as uffd_register), FileExistsError if a page is\n"
+"already mapped, BlockingIOError, OSError (EINVAL where the kernel lacks\n"
+"it).");
+
+static PyObject *
+vas_uffd_poison(PyObject *Py_UNUSED(mod), PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"fd", "address", "length", "mode", NULL};
+    int fd, r;
+    uint64_t address, mode = 0;
+    Py_ssize_t length;
+    struct uffdio_poison poison;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iO&n|O&:uffd_poison", kwlist,
+                                     &fd, conv_u64, &address, &length,
+                                     conv_u64, &mode))
+        return NULL;
+    if (!check_range(address, length))
+        return NULL;
+    memset(&poison, 0, sizeof poison);
+    poison.range.start = address;
+    poison.range.len = (uint64_t)length;
+    poison.mode = mode;
+    SYSCALL(r, -1, ioctl(fd, UFFDIO_POISON, &poison));
+    return resolve_result(r, poison.updated);
+}
+
 PyDoc_STRVAR(uffd_read_doc,
 "uffd_read($module, /, fd, max_events=64)\n--\n\n"
 "read(2) up to max_events struct uffd_msg from a userfaultfd.\n\n"
@@ -1088,6 +1137,7 @@ static PyMethodDef vas_methods[] = {
     KW_METH(uffd_copy_from),
     KW_METH(uffd_zeropage),
     KW_METH(uffd_continue),
+    KW_METH(uffd_poison),
     KW_METH(uffd_wake),
     KW_METH(uffd_read),
     {NULL, NULL, 0, NULL},
@@ -1142,6 +1192,7 @@ PyInit__native(void)
     ADD_INT("UFFDIO_REGISTER_MODE_MINOR", UFFDIO_REGISTER_MODE_MINOR);
     ADD_INT("UFFD_FEATURE_MISSING_SHMEM", UFFD_FEATURE_MISSING_SHMEM);
     ADD_INT("UFFD_FEATURE_MINOR_SHMEM", UFFD_FEATURE_MINOR_SHMEM);
+    ADD_INT("UFFD_FEATURE_POISON", UFFD_FEATURE_POISON);
     ADD_INT("UFFD_EVENT_PAGEFAULT", UFFD_EVENT_PAGEFAULT);
     ADD_INT("UFFD_PAGEFAULT_FLAG_WRITE", UFFD_PAGEFAULT_FLAG_WRITE);
     ADD_INT("UFFD_PAGEFAULT_FLAG_MINOR", UFFD_PAGEFAULT_FLAG_MINOR);

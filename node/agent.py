@@ -183,9 +183,10 @@ class Agent:
             return attachment, fd, segment.info, FetchMode.HOME
         info = self.coordinator.find_segment(validate.check_name(name))
         if info is None or info.state == types_pb2.SEGMENT_STATE_DELETING:
-            self.replicas.retire_name(name)
-            raise NotFound(f"segment {name} not found" if info is None
-                           else f"segment {name} is being deleted")
+            gone = (f"segment {name} not found" if info is None
+                    else f"segment {name} is being deleted")
+            self.replicas.retire_name(name, lost=gone)
+            raise NotFound(gone)
         check_access(info, session, mode)
         if info.home == self.node_id:  # created here a moment ago: the reply may be in flight
             if self.homes.find_created(name) is not None:
@@ -250,7 +251,7 @@ class Agent:
             except NotFound:  # homed here but not held (e.g. before a restart)
                 self.homes.finish_delete(info.name, info.id)
         else:
-            self.replicas.retire_name(info.name)
+            self.replicas.retire_name(info.name, lost=f"segment {info.name} was deleted")
             self._release_remote(info, force)
         return info
 

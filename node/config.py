@@ -8,8 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # Shared with the client, the CLI and the coordinator: defined once, in vas.core.defaults.
-from vas.core.defaults import (DEFAULT_MEMORY, DEFAULT_NODE_LISTEN, DEFAULT_NODE_TTL,
-                               DEFAULT_SOCKET, DEFAULT_WRITER_TTL)
+from vas.core.defaults import (DEFAULT_FAULT_TIMEOUT, DEFAULT_MEMORY, DEFAULT_NODE_LISTEN,
+                               DEFAULT_NODE_TTL, DEFAULT_SOCKET, DEFAULT_WRITER_TTL)
 
 #: Seconds the agent gathers attachment changes before reporting them to the coordinator.
 DEFAULT_REPORT_DELAY = 0.05
@@ -41,6 +41,9 @@ class NodeConfig:
     :param rpc_timeout: deadline of one outgoing unary gRPC call, seconds.
     :param shutdown_grace: grace period of the gRPC server stop on SIGTERM, seconds.
     :param fetch_streams: TCP connections per replica fetch (bulk channel).
+    :param fault_timeout: seconds a page fault of a lazy mapping may wait for its
+        chunk while the home fails to deliver it; then the faulting thread gets
+        SIGBUS (at once when the home's bytes are known to be gone).
 
     Example::
 
@@ -60,3 +63,4 @@ class NodeConfig:
     rpc_timeout: float = DEFAULT_RPC_TIMEOUT
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
     fetch_streams: int = DEFAULT_FETCH_STREAMS
+    fault_timeout: float = DEFAULT_FAULT_TIMEOUT

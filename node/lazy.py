@@ -10,12 +10,19 @@ bytes are written into the memfd's page cache), then ``UFFDIO_CONTINUE`` maps
 the pages into the client and wakes the faulting thread. The client's thread
 sleeps in the kernel, so it may hold the GIL: the agent is another process.
 
-A fetch that fails is retried with bounded backoff for as long as the
-registration lives: the faulting thread blocks until the home answers (never
-zeros in place of the home's bytes).
+A fetch that fails is retried with backoff for at most ``fault_timeout``
+seconds (``NodeConfig``); then, or at once when the bytes can never come
+(``PagesLost``: the home no longer holds the segment, is not registered, or the
+replica was deleted here), the faulting pages are **poisoned**
+(``UFFDIO_POISON``): the faulting thread gets SIGBUS, as from a truncated
+mmap'd file, never zeros in place of the home's bytes and never an endless
+wait. Later faults of that mapping that need a fetch are poisoned at once.
+(If this agent itself dies, the client's guardian process poisons instead:
+vas/guard.py.)
 """
 from __future__ import annotations
 
+import enum
 import logging
 import os
 import select
@@ -24,8 +31,9 @@ import time
 from collections.abc import Callable
 
 from vas import _native
-from vas.core.errors import Unavailable, VasError
+from vas.core.errors import NotFound, Unavailable, VasError
 from vas.node import bulk, locks
+from vas.node.segments import IllegalMove
 
 log = logging.getLogger(__name__)
 
@@ -56,25 +64,71 @@ _MISSING, _FETCHING, _PRESENT = 0, 1, 2
 _PRESENT_ONLY = bytes(int(i == _PRESENT) for i in range(256))
 
 
+class PagesLost(Unavailable):
+    """The missing pages of a lazy replica can never be fetched: its home no longer
+    holds the segment (deleted, or the home restarted empty), the home is not
+    registered (its lease is gone), or the replica was deleted or freed here.
+    Faults on such pages are poisoned (SIGBUS) at once. Reaches clients (a
+    ``Prefetch``) as ``Unavailable``. ``home_gone``: the home node is not registered,
+    so every replica of that home is lost."""
+
+    def __init__(self, message: str, *, home_gone: bool = False):
+        super().__init__(message)
+        self.home_gone = home_gone
+
+
+class FillState(enum.Enum):
+    """The life of a ``LazyFill``: FILLING ──► LOST ──► CLOSED, FILLING ──► CLOSED.
+
+    FILLING: missing chunks are fetched on demand. LOST: they never will be (the
+    home's bytes are gone; ``PagesLost``); present chunks still serve. CLOSED: the
+    replica is freed (its fetcher released); present chunks still serve.
+    """
+
+    FILLING = "filling"
+    LOST = "lost"
+    CLOSED = "closed"
+
+
+_FILL_MOVES = {FillState.FILLING: {FillState.LOST, FillState.CLOSED},
+               FillState.LOST: {FillState.CLOSED},
+               FillState.CLOSED: set()}
+
+
 class LazyFill:
     """The present chunks of one lazy replica and the fetching of missing ones.
 
-    ``fetch(offset, length)`` copies those bytes from the home into the replica.
-    A chunk is claimed (``_FETCHING``) before its fetch starts, outside the
-    lock: concurrent faults on one chunk fetch it once (the others wait for
-    it), faults on different chunks fetch in parallel.
+    ``fetch(offset, length, deadline)`` copies those bytes from the home into the
+    replica (``deadline``: a ``time.monotonic()`` value to give up at, or None for
+    the fetcher's own timeouts). A chunk is claimed (``_FETCHING``) before its
+    fetch starts, outside the lock: concurrent faults on one chunk fetch it once
+    (the others wait for it), faults on different chunks fetch in parallel.
+
+    ``on_lost(exc)`` is called (outside the lock, by the thread whose fetch raised
+    ``PagesLost``) when a fetch finds the home's bytes gone; the fill is LOST from
+    then on (see ``FillState``).
     """
 
-    def __init__(self, size: int, fetch: Callable[[int, int], None]):
+    def __init__(self, size: int, fetch: Callable[[int, int, float | None], None],
+                 on_lost: Callable[[PagesLost], None] | None = None):
         self.size = size
         self.state = bytearray(-(-size // CHUNK))
         self._fetch = fetch
+        self._on_lost = on_lost
         self._cv = threading.Condition(locks.Lock("lazy fill", locks.Rank.LAZY_FILL))
-        self._closed = False
+        self._life = FillState.FILLING
+        self._lost = ""  # why, once LOST or CLOSED
 
-    def ensure(self, offset: int, length: int) -> None:
+    def ensure(self, offset: int, length: int, deadline: float | None = None) -> None:
         """Fetch the missing chunks overlapping [offset, offset + length) (clipped to
-        the segment) and wait for those other threads are fetching."""
+        the segment) and wait for those other threads are fetching.
+
+        :param deadline: ``time.monotonic()`` value after which waiting for another
+            thread's fetch raises Unavailable (and the fetches made here are given
+            only the time left); None: no limit but the fetcher's own timeouts.
+        :raises PagesLost: a chunk of the range is missing and the fill is LOST or
+            CLOSED (or becomes so while waiting).
+        """
         if offset < 0 or length < 0 or offset > self.size:
             raise ValueError(f"range [{offset}, +{length}) is outside a {self.size}-byte replica")
         first, last = offset // CHUNK, min(-(-(offset + length) // CHUNK), len(self.state))
@@ -84,9 +138,14 @@ class LazyFill:
                 if not pieces:
                     if self.state.find(_FETCHING, first, last) < 0:
                         return
-                    self._cv.wait()
+                    if self._life is not FillState.FILLING:
+                        raise PagesLost(self._lost)
+                    timeout = None if deadline is None else deadline - time.monotonic()
+                    if timeout is not None and timeout <= 0:
+                        raise Unavailable("timed out waiting for a chunk another thread fetches")
+                    self._cv.wait(timeout)
                     continue
-            self._fetch_pieces(pieces)
+            self._fetch_pieces(pieces, deadline)
 
     def present_run(self, chunk: int, limit: int) -> int:
         """How many chunks from ``chunk`` on (at most ``limit``) are present."""
@@ -101,25 +160,57 @@ class LazyFill:
         with self._cv:
             return self.state.translate(_PRESENT_ONLY)
 
+    @property
+    def life(self) -> FillState:
+        with self._cv:
+            return self._life
+
+    def lose(self, reason: str) -> bool:
+        """The home's bytes are gone (``reason`` says why): missing chunks are never
+        fetched from now on, and threads waiting for one raise PagesLost. True if
+        this call made the fill LOST."""
+        with self._cv:
+            if self._life is not FillState.FILLING:
+                return False
+            self._move_locked(FillState.LOST, reason)
+            self._cv.notify_all()
+            return True
+
+    def wait_lost(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the fill to stop FILLING (a retrying
+        fault's backoff ends at once when the pages are lost); True if it did."""
+        with self._cv:
+            return self._cv.wait_for(lambda: self._life is not FillState.FILLING, timeout)
+
     def close(self) -> None:
         """The replica is being freed: wait for fetches in flight, then release the
-        fetcher (its connections and fd). Later fetches raise Unavailable."""
+        fetcher (its connections and fd). Later fetches raise PagesLost."""
         with self._cv:
-            self._closed = True
+            if self._life is not FillState.CLOSED:
+                self._move_locked(FillState.CLOSED, self._lost or "the lazy replica was released")
+            self._cv.notify_all()
             while self.state.find(_FETCHING) >= 0:
                 self._cv.wait()
         close = getattr(self._fetch, "close", None)
         if close is not None:
             close()
 
+    def _move_locked(self, to: FillState, reason: str) -> None:
+        """The one transition function (``_cv`` held): IllegalMove unless
+        ``FillState`` lists ``life -> to``."""
+        if to not in _FILL_MOVES[self._life]:
+            raise IllegalMove(f"lazy fill: {self._life.value} -> {to.value}")
+        self._life, self._lost = to, reason
+
     def _claim_locked(self, first: int, last: int) -> list[tuple[int, int]]:
         """Mark up to ``_CLAIM`` pieces of missing chunks of [first, last) fetching;
-        their (start, end) chunk numbers."""
+        their (start, end) chunk numbers. PagesLost if one is missing and the fill
+        is not FILLING."""
         pieces = []
         index = self.state.find(_MISSING, first, last)
         while index >= 0 and len(pieces) < _CLAIM:
-            if self._closed:
-                raise Unavailable("the lazy replica was released")
+            if self._life is not FillState.FILLING:
+                raise PagesLost(self._lost)
             end = index + 1
             while end < last and end - index < _PIECE and self.state[end] == _MISSING:
                 end += 1
@@ -128,11 +219,16 @@ class LazyFill:
             index = self.state.find(_MISSING, end, last)
         return pieces
 
-    def _fetch_pieces(self, pieces: list[tuple[int, int]]) -> None:
+    def _fetch_pieces(self, pieces: list[tuple[int, int]], deadline: float | None) -> None:
         for number, (start, end) in enumerate(pieces):
             try:
                 offset = start * CHUNK
-                self._fetch(offset, min(end * CHUNK, self.size) - offset)
+                self._fetch(offset, min(end * CHUNK, self.size) - offset, deadline)
+            except PagesLost as exc:
+                self._settle(pieces[number:], _MISSING)
+                if self.lose(str(exc)) and self._on_lost is not None:
+                    self._on_lost(exc)
+                raise
             except BaseException:
                 self._settle(pieces[number:], _MISSING)  # unclaimed: others may retry
                 raise
@@ -165,13 +261,14 @@ class Homes:
         self._opening: dict[str, threading.Event] = {}
 
     def address(self, node: str) -> str:
-        """The gRPC address of ``node``; Unavailable if it is not registered."""
+        """The gRPC address of ``node``; PagesLost (``home_gone``) if it is not
+        registered: its lease is gone, and with it the segments it held."""
         with self._lock:
             address = self._addresses.get(node)
         if address is None:
             address = self._lookup(node)
             if address is None:
-                raise Unavailable(f"home node {node} is not registered (down?)")
+                raise PagesLost(f"home node {node} is not registered (down?)", home_gone=True)
             with self._lock:
                 self._addresses[node] = address
         return address
@@ -230,13 +327,16 @@ class Homes:
 
 
 class HomeReader:
-    """``fetch(offset, length)`` of a LazyFill: a request on the home's bulk channel
-    (``Homes.channel``) written into the replica's memfd, else ReadPages.
+    """``fetch(offset, length, deadline)`` of a LazyFill: a request on the home's bulk
+    channel (``Homes.channel``) written into the replica's memfd, else ReadPages.
 
-    ``read_pages(address, offset, length)`` is the gRPC fallback, used for
-    ``_BULK_RETRY`` seconds after the channel failed. A VasError the home
-    answers (NotFound, InvalidArgument) is raised as it is; any failure makes
-    ``homes`` forget the home, so the next attempt looks it up again.
+    ``read_pages(address, offset, length, timeout)`` is the gRPC fallback, used for
+    ``_BULK_RETRY`` seconds after the channel failed. The home answering NotFound
+    (it does not hold the segment: deleted, or the home restarted empty) and the
+    home not being registered are raised as ``PagesLost``; another VasError the
+    home answers (InvalidArgument) as it is. Any failure makes ``homes`` forget
+    the home, so the next attempt looks it up again. With a ``deadline``, each
+    network wait is cut to the time left (at most the channel's own timeout).
     """
 
     def __init__(self, homes: Homes, home: str, name: str, segment_id: int, fd: int,
@@ -254,22 +354,33 @@ class HomeReader:
         except (VasError, OSError) as exc:  # the first fetch tries again, then falls back
             log.info("cannot reach the bulk channel of node %s yet: %s", self._home, exc)
 
-    def __call__(self, offset: int, length: int) -> None:
+    def __call__(self, offset: int, length: int, deadline: float | None = None) -> None:
         if self._fd < 0:
-            raise Unavailable("the lazy replica was released")
+            raise PagesLost("the lazy replica was released")
+        try:
+            self._read(offset, length, deadline)
+        except NotFound as exc:
+            raise PagesLost(f"home node {self._home} no longer holds segment {self._name} "
+                            f"(id {self._segment_id}): {exc}") from exc
+
+    def _read(self, offset: int, length: int, deadline: float | None) -> None:
         if time.monotonic() >= self._bulk_after:
             channel = None
             try:
                 channel = self._homes.channel(self._home, self._name, self._segment_id)
-                channel.read(self._segment_id, offset, length, self._fd)
+                channel.read(self._segment_id, offset, length, self._fd,
+                             _time_left(deadline, "bulk chunk read"))
                 return
+            except PagesLost:
+                raise
             except Unavailable as exc:
                 log.warning("bulk chunk read from node %s failed: %s; using ReadPages for "
                             "%.0f s", self._home, exc, _BULK_RETRY)
                 self._homes.forget(self._home, channel)
                 self._bulk_after = time.monotonic() + _BULK_RETRY
         try:
-            self._read_pages(self._homes.address(self._home), offset, length)
+            self._read_pages(self._homes.address(self._home), offset, length,
+                             _time_left(deadline, "ReadPages of a chunk"))
         except VasError:
             self._homes.forget(self._home)
             raise
@@ -280,15 +391,27 @@ class HomeReader:
             os.close(fd)
 
 
+def _time_left(deadline: float | None, what: str) -> float | None:
+    """Seconds until ``deadline`` (None for none); Unavailable once it has passed."""
+    if deadline is None:
+        return None
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise Unavailable(f"{what}: out of time")
+    return left
+
+
 class _Registration:
     """One client mapping of a lazy replica: its userfaultfd and where it is mapped.
 
     ``active`` counts resolver threads working on it; a removed registration's
-    uffd is closed only once that is 0.
+    uffd is closed only once that is 0. ``lost``: why its faults that need a
+    fetch are poisoned at once (a fault of it already waited ``fault_timeout``
+    in vain, or its pages are lost); "" while they are fetched.
     """
 
     __slots__ = ("uffd", "fill", "address", "size", "next_chunk", "ahead", "active",
-                 "removed")
+                 "removed", "lost")
 
     def __init__(self, uffd: int, fill: LazyFill, address: int, size: int):
         self.uffd, self.fill, self.address, self.size = uffd, fill, address, size
@@ -296,6 +419,7 @@ class _Registration:
         self.ahead = 1
         self.active = 0
         self.removed = False
+        self.lost = ""
 
     def step(self, chunk: int) -> int:
         """Chunks to have present from ``chunk`` on: a fault just past what the last
@@ -304,6 +428,13 @@ class _Registration:
         self.ahead = (min(self.ahead * 2, READ_AHEAD_BYTES // CHUNK)
                       if chunk == self.next_chunk else 1)
         return self.ahead
+
+
+class _Outcome(enum.Enum):
+    """What became of the chunk a fault needs."""
+    PRESENT = "present"  # map it in
+    LOST = "lost"        # poison it: the faulting thread gets SIGBUS
+    GONE = "gone"        # the registration went away (or the agent stops): nothing to do
 
 
 class FaultHandler:
@@ -315,7 +446,9 @@ class FaultHandler:
     different chunks are fetched in parallel.
     """
 
-    def __init__(self, threads: int = RESOLVERS):
+    def __init__(self, timeout: float, threads: int = RESOLVERS):
+        #: Seconds a fault may wait for its chunk before it is poisoned.
+        self._timeout = timeout
         self._registrations: dict[int, _Registration] = {}
         self._closing: list[_Registration] = []  # removed: closed once idle
         self._lock = locks.Lock("fault registrations", locks.Rank.FAULTS)
@@ -439,7 +572,11 @@ class FaultHandler:
         chunk = offset // CHUNK
         ahead = registration.step(chunk)
         start = chunk * CHUNK
-        if not self._fetch_retrying(registration, start, CHUNK):
+        outcome = self._fetch_for_fault(registration, start, CHUNK)
+        if outcome is _Outcome.GONE:
+            return
+        if outcome is _Outcome.LOST:
+            _poison(registration, start, min(CHUNK, registration.size - start), page)
             return
         run = registration.fill.present_run(chunk, ahead)
         registration.next_chunk = chunk + run
@@ -448,28 +585,51 @@ class FaultHandler:
             self._read_ahead(registration, start + CHUNK, (ahead - 1) * CHUNK)
 
     def _read_ahead(self, registration: _Registration, offset: int, length: int) -> None:
-        if offset >= registration.size:
+        if offset >= registration.size or registration.lost:
             return
         try:
             registration.fill.ensure(offset, length)
         except Exception as exc:  # noqa: BLE001  (speculative: the fault itself retries)
             log.debug("read-ahead of [%d, +%d) failed: %s", offset, length, exc)
 
-    def _fetch_retrying(self, registration: _Registration, offset: int, length: int) -> bool:
-        """Make the range present; False when the registration went away first."""
+    def _fetch_for_fault(self, registration: _Registration, offset: int,
+                         length: int) -> _Outcome:
+        """Make the range present, retrying failed fetches with backoff for at most
+        ``fault_timeout`` seconds; LOST when that ran out or the pages are lost
+        (PagesLost), GONE when the registration went away first."""
+        fill = registration.fill
+        if registration.lost:  # poisoned once already: no more waiting for this mapping
+            present = fill.present_run(offset // CHUNK, 1)
+            return _Outcome.PRESENT if present else _Outcome.LOST
+        deadline = time.monotonic() + self._timeout
         for attempt in range(1 << 62):
             try:
-                registration.fill.ensure(offset, length)
-                return True
+                fill.ensure(offset, length, deadline)
+                return _Outcome.PRESENT
+            except PagesLost as exc:
+                reason = str(exc)
+                break
             except Exception as exc:  # noqa: BLE001  (any failure: retry, the thread waits)
                 if self._stopping.is_set() or not self.registered(registration.uffd):
-                    return False
-                delay = _BACKOFF[min(attempt, len(_BACKOFF) - 1)]
+                    return _Outcome.GONE
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    reason = (f"the home did not deliver it within the fault timeout "
+                              f"({self._timeout:g} s): {exc}")
+                    break
+                delay = min(_BACKOFF[min(attempt, len(_BACKOFF) - 1)], left)
                 log.error("lazy fetch of [%d, +%d) failed (attempt %d): %s; the faulting "
                           "thread waits, retrying in %.2f s", offset, length, attempt + 1,
                           exc, delay)
-                self._stopping.wait(delay)
-        return False
+                fill.wait_lost(delay)  # ends early when the pages are lost meanwhile
+        if self._stopping.is_set() or not self.registered(registration.uffd):
+            return _Outcome.GONE
+        if not registration.lost:
+            registration.lost = reason
+            log.warning("lazy fetch of [%d, +%d) for a client mapping failed for good: %s; "
+                        "its faults on pages not fetched yet get SIGBUS", offset, length,
+                        reason)
+        return _Outcome.LOST
 
 
 def _map_in(registration: _Registration, offset: int, length: int, page: int) -> None:
@@ -493,6 +653,32 @@ def _map_in(registration: _Registration, offset: int, length: int, page: int) ->
             continue
         except OSError as exc:  # EAGAIN: the mapping is changing; ENOENT/ESRCH: process gone
             log.debug("UFFDIO_CONTINUE failed: %s", exc)
+    try:
+        _native.uffd_wake(uffd, page, _native.PAGE_SIZE)
+    except OSError as exc:
+        log.debug("UFFDIO_WAKE failed: %s", exc)
+
+
+def _poison(registration: _Registration, offset: int, length: int, page: int) -> None:
+    """Poison [offset, offset + length) of the client's mapping (it holds the faulting
+    ``page``; UFFDIO_POISON wakes the thread, whose access then raises SIGBUS).
+
+    A page of the range mapped already stops the ioctl with EEXIST: then the
+    faulting page alone is poisoned, and if it is mapped too (a racing resolve),
+    the thread is just woken.
+    """
+    uffd, base = registration.uffd, registration.address
+    attempts = [(base + offset, length)]
+    if length > _native.PAGE_SIZE:
+        attempts.append((page, _native.PAGE_SIZE))
+    for address, size in attempts:
+        try:
+            _native.uffd_poison(uffd, address, size)
+            return
+        except FileExistsError:
+            continue
+        except OSError as exc:  # EAGAIN: the mapping is changing; ENOENT/ESRCH: process gone
+            log.debug("UFFDIO_POISON failed: %s", exc)
     try:
         _native.uffd_wake(uffd, page, _native.PAGE_SIZE)
     except OSError as exc:

@@ -18,9 +18,14 @@ again. Concurrent attaches of one name share one fetch.
 Replicas are capacity-accounted like home segments; room is made by evicting
 unattached replicas, least recently attached first. A replica is retired (no
 new attaches, freed at its last detach) when the record is gone, deleting, of
-another id or newer, when it is evicted, or when a writer leaves it (it may
-hold writes never published). ``refresh`` fetches only the chunks whose hash
-differs from the home's (node/publish.py).
+another id or newer, when its home is gone (not registered: the record's state
+at an attach, or a chunk fetch that failed and then found the home missing from
+ListNodes), when it is evicted, or when a writer leaves it (it may hold writes
+never published). Retired because the home's bytes are gone (deleted, home
+gone), a lazy replica's fill is *lost*: its missing pages are never fetched,
+and faults on them are poisoned (SIGBUS in the client; node/lazy.py).
+``refresh`` fetches only the chunks whose hash differs from the home's
+(node/publish.py).
 
 Locking: ``_lock`` (rank REPLICAS) guards the tables; each replica's own lock
 its state; no lock is held across a network call or a slow syscall.
@@ -93,6 +98,11 @@ class Replicas:
         is current; writable, holding ``lease``, when given (a remote writer)."""
         deadline = time.monotonic() + self.config.rpc_timeout + info.size / _STREAM_RATE
         lazy_ok = mode is FetchMode.LAZY and lease is None
+        if info.state != types_pb2.SEGMENT_STATE_READY:  # the home's lease is gone
+            gone = (f"home node {info.home} of segment {info.name} is not registered "
+                    "(down?)")
+            self.retire_name(info.name, lost=gone)
+            raise Unavailable(gone)
         while True:
             step, replica, event = self._next_step(info, lazy_ok)
             if step is _Step.FETCH:
@@ -132,8 +142,9 @@ class Replicas:
                  done: threading.Event) -> Replica:
         """Fetch a new replica of ``info`` (retiring ``stale``) and make it current."""
         try:
-            if stale is not None:
-                self.retire(stale)
+            if stale is not None:  # of an older version, or of a deleted segment of the name
+                self.retire(stale, lost=None if stale.id == info.id else
+                            f"segment {info.name} (id {stale.id}) was deleted")
             replica = (self._lazy_replica(info) if mode is FetchMode.LAZY
                        else self._eager_replica(info))
             self.store.hold(info.size)
@@ -211,9 +222,6 @@ class Replicas:
         registered, and its address and bulk channel come from ``self.homes``
         (looked up in the background on a first attach).
         """
-        if info.state != types_pb2.SEGMENT_STATE_READY:
-            raise Unavailable(f"home node {info.home} of segment {info.name} is not "
-                              "registered (down?)")
         spare = self.make_room(info.size, info.name)
         try:
             memory = Memory.allocate("replica", info.size, reserve=False, mapped=True)
@@ -222,7 +230,8 @@ class Replicas:
             self.release_spare(spare)
             raise
         reader = self._chunk_reader(info, memory)
-        replica = Replica(info, memory, lazy.LazyFill(info.size, reader))
+        replica = Replica(info, memory, lazy.LazyFill(
+            info.size, reader, on_lost=lambda exc: self._pages_lost(replica, exc)))
         threading.Thread(target=self._after_lazy_attach, args=(reader, spare),
                          name="vas-node-lazy-attach", daemon=True).start()
         log.info("replica of %s (id %d, version %d, %d bytes) from %s: lazy", info.name,
@@ -243,8 +252,11 @@ class Replicas:
     def _chunk_reader(self, info: types_pb2.SegmentInfo, memory: Memory) -> lazy.HomeReader:
         """``fetch(offset, length)`` for a LazyFill: chunk requests on the home's bulk
         channel, ReadPages into the replica's mapping as the fallback."""
-        def read_pages(address: str, offset: int, length: int) -> None:
+        def read_pages(address: str, offset: int, length: int,
+                       limit: float | None = None) -> None:
             timeout = self.config.rpc_timeout + length / _STREAM_RATE
+            if limit is not None:  # a fault's deadline
+                timeout = min(timeout, limit)
             with memoryview(memory.mapping) as raw, raw.cast("B") as view, \
                     view[offset:offset + length] as part:
                 self.peers.read_pages_into(address, info.name, info.id, part, timeout, offset)
@@ -317,7 +329,7 @@ class Replicas:
         with self._lock:
             if self._faults is not None:
                 return self._faults
-        handler = lazy.FaultHandler()
+        handler = lazy.FaultHandler(self.config.fault_timeout)
         with self._lock:
             if self._faults is None:
                 self._faults, handler = handler, None
@@ -391,19 +403,44 @@ class Replicas:
             else:
                 item.release()
 
-    def retire_name(self, name: str) -> None:
-        """The record of ``name`` is gone or deleting: retire this node's replica of it."""
+    def retire_name(self, name: str, lost: str | None = None) -> None:
+        """Retire this node's replica of ``name`` (``lost``: as for ``retire``); callers
+        pass why when the record is gone or deleting, or the home is gone."""
         with self._lock:
             replica = self._current.get(name)
         if replica is not None:
-            self.retire(replica)
+            self.retire(replica, lost)
 
-    def retire(self, replica: Replica) -> None:
-        """Stop handing out ``replica``; freed now if unattached, else at its last detach."""
+    def retire(self, replica: Replica, lost: str | None = None) -> None:
+        """Stop handing out ``replica``; freed now if unattached, else at its last detach.
+
+        ``lost``: why the home's bytes of it are gone (deleted, home gone). A lazy
+        replica's missing pages are then never fetched: the faults of readers still
+        attached are poisoned (SIGBUS) at once. Without it (a newer version, an
+        eviction, a writer leaving) they keep being fetched from the home.
+        """
+        fill = replica.fill
+        if lost and fill is not None and fill.lose(lost):
+            log.warning("replica of %s (id %d): pages not fetched yet are lost: %s",
+                        replica.name, replica.id, lost)
         with self._lock:
             free = self._retire_locked(replica)
         if free:
             _release(replica)
+
+    def _pages_lost(self, replica: Replica, exc: lazy.PagesLost) -> None:
+        """A chunk fetch of ``replica`` found the home's bytes gone (its fill is lost
+        already): retire it, and when its home is not registered any more, every
+        replica of that home (their segments are gone with it)."""
+        log.warning("replica of %s (id %d): pages not fetched yet are lost: %s", replica.name,
+                    replica.id, exc)
+        victims = [replica]
+        if exc.home_gone:
+            with self._lock:
+                victims += [r for r in self._current.values()
+                            if r.info.home == replica.info.home and r is not replica]
+        for victim in victims:
+            self.retire(victim, lost=str(exc))
 
     def _retire_locked(self, replica: Replica) -> bool:
         """``retire`` with the table lock held; True when the caller must ``_release`` it."""
@@ -457,7 +494,7 @@ class Replicas:
             if info is None or info.id != replica.id or \
                     info.state == types_pb2.SEGMENT_STATE_DELETING:
                 log.info("dropping the replica of %s: its segment was deleted", replica.name)
-                self.retire(replica)
+                self.retire(replica, lost=f"segment {replica.name} (id {replica.id}) was deleted")
 
     def home_address(self, info: types_pb2.SegmentInfo) -> str:
         """The gRPC address of the home of ``info``; Unavailable if it is not registered."""

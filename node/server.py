@@ -61,7 +61,8 @@ class NodeServer:
             raise InvalidArgument("--data-dir is not built yet: segments do not survive an "
                                   "agent restart; run without it")
         for name, ttl in (("heartbeat ttl", config.heartbeat_ttl),
-                          ("writer ttl (--writer-ttl)", config.writer_ttl)):
+                          ("writer ttl (--writer-ttl)", config.writer_ttl),
+                          ("fault timeout (--fault-timeout)", config.fault_timeout)):
             validate.check_seconds(ttl, name, minimum=1)
         self.config = config
         self.address = ""       # host:port the gRPC server listens on (real port)

@@ -65,12 +65,12 @@ class Client:
 
         Idempotent. Detaches already queued (mappings whose last view went) are
         sent first. Mappings still attached and views still alive stay mapped
-        in this process (valid memory: never a crash), but no attachment holds
-        their pages any more: the agent may free a deleted segment's pages (they
-        then read as zeros), a lazy mapping's pages not touched yet read as
-        zeros, and a writer's lock is gone. ``Mapping`` methods then raise
-        ``Unavailable`` (or ``InvalidArgument`` once detached). Detach and drop
-        views before closing to keep the bytes.
+        in this process (valid memory), but no attachment holds their pages any
+        more: the agent may free a deleted segment's pages (they then read as
+        zeros), a touch of a lazy mapping's page not fetched yet raises SIGBUS
+        (never zeros in place of the home's bytes), and a writer's lock is gone.
+        ``Mapping`` methods then raise ``Unavailable`` (or ``InvalidArgument``
+        once detached). Detach and drop views before closing to keep the bytes.
         """
         self._connection.close()
 

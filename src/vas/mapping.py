@@ -64,12 +64,14 @@ def _private_mmap(fd: int, size: int, offset: int):
 
 
 def _register_lazy(address: int, size: int) -> int:
-    """A userfaultfd on which [address, address + size) reports MISSING and MINOR faults."""
+    """A userfaultfd on which [address, address + size) reports MISSING and MINOR faults
+    (and whose faults may be poisoned: ``vas.core.fetch.lazy_features``)."""
     from vas import _native
+    from vas.core.fetch import lazy_features
 
     uffd = _native.userfaultfd()
     try:
-        _native.uffd_api(uffd, _native.UFFD_FEATURE_MINOR_SHMEM | _native.UFFD_FEATURE_MISSING_SHMEM)
+        _native.uffd_api(uffd, lazy_features())
         _native.uffd_register(uffd, address, size, _native.UFFDIO_REGISTER_MODE_MISSING
                               | _native.UFFDIO_REGISTER_MODE_MINOR)
     except BaseException:
@@ -181,11 +183,12 @@ class Mapping:
                 f"segment {segment.name}: address range 0x{address:x}-0x{address + size:x} "
                 "is already mapped in this process") from exc
         view = _view_of(native, writable)
+        unguard = None
         try:
             self.address = _address_of(native, view)
             self.size = size
             if lazy:
-                fetch = self._start_lazy()
+                fetch, unguard = self._start_lazy()
         except BaseException:
             view.release()
             with contextlib.suppress(BufferError):  # else it unmaps when garbage-collected
@@ -199,26 +202,42 @@ class Mapping:
         # (the callback runs after the munmap; it only queues, see the module docstring).
         self._release = weakref.finalize(native, connection.release_later, self._attachment_id)
         self._release.atexit = False  # at exit the connection's end releases it
+        # A lazy mapping's guardian keeps a dup of its userfaultfd until it is unmapped.
+        self._unguard = weakref.finalize(native, unguard) if unguard is not None else None
+        if self._unguard is not None:
+            self._unguard.atexit = False  # the guardian ends with the process
         self._detached = False
 
-    def _start_lazy(self) -> FetchMode:
-        """Make the agent page this lazy mapping in on demand, or fetch it all now
-        if this kernel refuses the userfaultfd registration; the mode it ends in.
+    def _start_lazy(self):
+        """Make the agent page this lazy mapping in on demand, with this process's
+        guardian (vas/guard.py) holding the registration too, so that pages not
+        fetched yet raise SIGBUS rather than read zeros if the agent dies. Fetch it
+        all now if this kernel refuses the userfaultfd registration or there is no
+        guardian. (mode it ends in, the guardian's drop to call once unmapped or None).
 
         Nothing may read the mapping before this: its missing pages would read as zeros.
         """
+        connection, attachment_id, size = self._connection, self._attachment_id, self.size
         try:
-            uffd = _register_lazy(self.address, self.size)
+            uffd = _register_lazy(self.address, size)
         except OSError as exc:
             log.warning("cannot register segment %s for userfaults (%s): fetching it "
                         "eagerly", self.name, exc)
-            self._connection.prefetch(self._attachment_id, 0, self.size)
-            return FetchMode.EAGER_NO_USERFAULTFD
+            connection.prefetch(attachment_id, 0, size)
+            return FetchMode.EAGER_NO_USERFAULTFD, None
         try:
-            self._connection.register_faults(self._attachment_id, self.address, self.size, uffd)
+            connection.register_faults(attachment_id, self.address, size, uffd)
+            unguard = connection.guard_faults(
+                attachment_id, self.address, size, uffd,
+                fallback=lambda: connection.prefetch(attachment_id, 0, size))
         finally:
-            os.close(uffd)  # the agent holds it now; its close ends the registration
-        return FetchMode.LAZY
+            os.close(uffd)  # the agent and the guardian hold it now
+        if unguard is None:
+            log.warning("segment %s: no guardian process to keep it safe from its agent's "
+                        "death: fetching it eagerly", self.name)
+            connection.prefetch(attachment_id, 0, size)
+            return FetchMode.EAGER_NO_USERFAULTFD, None
+        return FetchMode.LAZY, unguard
 
     @property
     def info(self) -> SegmentInfo:
@@ -484,6 +503,8 @@ class Mapping:
             unmapped = True
         except BufferError:
             unmapped = False  # the native object unmaps when the last view goes
+        if unmapped and self._unguard is not None:
+            self._unguard()  # unmapped: the guardian closes its dup of the uffd
         if unmapped or connection is None or connection.closed:
             # Released here (or by the connection's end): not by the finalizer.
             self._release.detach()

@@ -7,8 +7,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from vas.core.defaults import (DEFAULT_COORDINATOR_LISTEN, DEFAULT_MEMORY, DEFAULT_NODE_LISTEN,
-                               DEFAULT_SOCKET, DEFAULT_WRITER_TTL)
+from vas.core.defaults import (DEFAULT_COORDINATOR_LISTEN, DEFAULT_FAULT_TIMEOUT, DEFAULT_MEMORY,
+                               DEFAULT_NODE_LISTEN, DEFAULT_SOCKET, DEFAULT_WRITER_TTL)
 from vas.core.sizes import format_size, parse_size
 
 
@@ -47,6 +47,11 @@ def add_node_serve(node_verbs: argparse._SubParsersAction) -> None:
                        default=os.environ.get("VAS_WRITER_TTL", str(DEFAULT_WRITER_TTL)),
                        help="lease of a writer lock: a writer silent this long loses it "
                             f"(default $VAS_WRITER_TTL or {DEFAULT_WRITER_TTL})")
+    serve.add_argument("--fault-timeout", type=float, metavar="SECONDS",
+                       default=os.environ.get("VAS_FAULT_TIMEOUT", str(DEFAULT_FAULT_TIMEOUT)),
+                       help="longest wait of a page fault of a lazy mapping for a home that "
+                            "fails to deliver its chunk; then the faulting thread gets SIGBUS "
+                            f"(default $VAS_FAULT_TIMEOUT or {DEFAULT_FAULT_TIMEOUT:g})")
     serve.set_defaults(func=serve_node)
 
 
@@ -70,5 +75,5 @@ def serve_node(args: argparse.Namespace) -> int:
         raise UsageError("--coordinator is required (or set $VAS_COORDINATOR)")
     serve(NodeConfig(coordinator=args.coordinator, listen=args.listen, socket=args.socket,
                      memory=args.memory, data_dir=args.data_dir, node_id=args.node_id,
-                     writer_ttl=args.writer_ttl))
+                     writer_ttl=args.writer_ttl, fault_timeout=args.fault_timeout))
     return 0

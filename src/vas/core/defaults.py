@@ -22,3 +22,7 @@ DEFAULT_NODE_TTL = 10
 #: ttl/3 while the "rw" attachment's connection lives; the coordinator grants it
 #: when AcquireWriter asks for 0. A writer silent this long loses the lock.
 DEFAULT_WRITER_TTL = 10
+#: Seconds a page fault of a lazy mapping may wait while the home fails to deliver
+#: its chunk (the agent retries meanwhile); then its pages are poisoned and the
+#: faulting thread gets SIGBUS (``vasctl node serve --fault-timeout``).
+DEFAULT_FAULT_TIMEOUT = 10.0

@@ -110,8 +110,19 @@ def decide(requested: str, *, home: bool, support: int) -> FetchMode:
 _userfaultfd_ok: bool | None = None  # probed once per process
 
 
+def lazy_features() -> int:
+    """The userfaultfd features a lazy mapping needs: MISSING and MINOR faults on shmem
+    (Linux 5.14), and UFFDIO_POISON (Linux 6.6), so that a page whose bytes can no
+    longer be fetched raises SIGBUS instead of reading zeros or waiting for ever."""
+    from vas import _native
+
+    return (_native.UFFD_FEATURE_MINOR_SHMEM | _native.UFFD_FEATURE_MISSING_SHMEM
+            | _native.UFFD_FEATURE_POISON)
+
+
 def userfaultfd_available() -> bool:
-    """Whether this process can register shmem mappings for MISSING and MINOR userfaults.
+    """Whether this process can register shmem mappings for lazy attaches: MISSING and
+    MINOR userfaults whose pages may be poisoned (``lazy_features``).
 
     Probed once per process (a userfaultfd, its API handshake, close) and logged
     once when it is not; ``VAS_DISABLE_USERFAULTFD=1`` answers False without probing.
@@ -128,14 +139,16 @@ def _probe() -> bool:
         return False
     from vas import _native  # imported on first use (cached in sys.modules after)
 
-    wanted = _native.UFFD_FEATURE_MINOR_SHMEM | _native.UFFD_FEATURE_MISSING_SHMEM
+    wanted = lazy_features()
     try:
         fd = _native.userfaultfd()
         try:
-            ok = _native.uffd_api(fd) & wanted == wanted
+            missing = wanted & ~_native.uffd_api(fd)
         finally:
             os.close(fd)
-        reason = "no shmem MISSING/MINOR fault support"
+        ok = not missing
+        reason = (f"the kernel lacks userfaultfd features 0x{missing:x} (shmem MISSING/MINOR "
+                  "faults: Linux 5.14; UFFDIO_POISON: Linux 6.6)")
     except OSError as exc:
         ok, reason = False, str(exc)
     if not ok:
