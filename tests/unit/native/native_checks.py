@@ -1,4 +1,5 @@
 """What the tests of vas._native share besides fixtures: the page size and exact messages."""
+import os
 import re
 
 from vas import _native
