@@ -8,8 +8,10 @@ One ``Agent`` per process. Its parts, each a module of its own:
   lazy fill, eviction, refresh;
 - ``Writers`` (node/writers.py): writer locks, keepalive, sync/publish, wait;
 - ``Sessions`` (node/sessions.py): local connections and their attachments;
-- ``Membership`` and ``Reporter`` (node/membership.py): registration, heartbeats,
-  attachment reports;
+- ``Membership`` and ``Reporter`` (node/membership.py): registration (with
+  reconciliation at start), heartbeats, attachment and replica reports;
+- ``ReplicaNotices`` (node/notices.py): telling the nodes that hold replicas of
+  a segment deleted or freed here to drop them;
 - ``Store`` (node/store.py) and ``WarmPool`` (node/pool.py): capacity and memory.
 
 What is left here are the flows that need several parts: an attach (home
@@ -18,7 +20,8 @@ and the start and stop of the background threads:
 
 - heartbeat (Membership.run; also FinishDelete retries and lazy re-reads),
 - expiry (the ttl timer of HomeSegments), reporter (Reporter.run),
-- writer keepalive (Writers.run_keepalive), warm pool (WarmPool.run).
+- writer keepalive (Writers.run_keepalive), warm pool (WarmPool.run),
+- notices (ReplicaNotices.run).
 
 The local request layer is node/localapi.py; the Node gRPC service node/service.py.
 Lock order: docs/ARCHITECTURE.md "Locks" and node/locks.py.
@@ -30,20 +33,21 @@ import os
 import threading
 
 from vas.core import validate
-from vas.core.errors import InvalidArgument, NotFound, Unavailable, VasError
+from vas.core.errors import InvalidArgument, NotFound, Unavailable, VasError, segment_lost
 from vas.core.fetch import FetchMode, decide
 from vas.node.access import check_access
 from vas.node.clients import CoordinatorClient, PeerClients
 from vas.node.config import NodeConfig
 from vas.node.homes import HomeSegments
 from vas.node.membership import Membership, Reporter
+from vas.node.notices import ReplicaNotices
 from vas.node.pool import WarmPool
 from vas.node.replicas import Replicas
 from vas.node.segments import HomeSegment, HomeState, Replica
 from vas.node.sessions import Attachment, Session, Sessions
 from vas.node.store import Store
 from vas.node.writers import Writers
-from vas.proto import types_pb2
+from vas.proto import coordinator_pb2, types_pb2
 
 log = logging.getLogger(__name__)
 
@@ -68,18 +72,20 @@ class Agent:
         self.store = Store(config.memory, f"node {node_id}")
         self.pool = WarmPool(self.store)
         self.sessions = Sessions(node_id)
-        self.reporter = Reporter(node_id, self.coordinator, config.report_delay, self._count)
+        self.reporter = Reporter(node_id, self.coordinator, config.report_delay, self._count,
+                                 lambda replica: self.replicas.drop(replica.name, replica.id))
         self.replicas = Replicas(node_id, config, self.store, self.pool, self.coordinator,
                                  self.peers, self.sessions, self.reporter, self.node_address)
+        self.notices = ReplicaNotices(node_id, self.coordinator, self.peers, self.replicas.drop)
         self.writers = Writers(node_id, config, self.coordinator, self.peers,
                                self.replicas.home_address, self.replicas.retire,
                                self.cleanup_timeout)
         self.homes = HomeSegments(node_id, config, self.store, self.coordinator, self.sessions,
-                                  self.writers, self.reporter, self.replicas,
+                                  self.writers, self.reporter, self.replicas, self.notices,
                                   self.cleanup_timeout)
         self.membership = Membership(node_id, config, self.coordinator, self.reporter,
-                                     self.node_info, self._held, self._chores,
-                                     self.cleanup_timeout)
+                                     self.node_info, self._held, self._home_ids,
+                                     self._registered, self._chores, self.cleanup_timeout)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -93,7 +99,8 @@ class Agent:
             state=types_pb2.NODE_STATE_READY)
 
     def register(self, stop: threading.Event | None = None) -> bool:
-        """Register with the coordinator, retrying until it answers or ``stop`` is set."""
+        """Register with the coordinator (reconciling: the records homed here that this
+        agent does not hold become lost), retrying until it answers or ``stop`` is set."""
         return self.membership.register(stop or self._stop)
 
     def start(self) -> None:
@@ -102,7 +109,8 @@ class Agent:
                              (self.homes.expiry.run, "expiry"),
                              (lambda: self.reporter.run(self._stop), "reporter"),
                              (lambda: self.writers.run_keepalive(self._stop), "writer-keepalive"),
-                             (self.pool.run, "warm-pool")):
+                             (self.pool.run, "warm-pool"),
+                             (lambda: self.notices.run(self._stop), "notices")):
             thread = threading.Thread(target=target, name=f"vas-node-{name}", daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -112,6 +120,7 @@ class Agent:
         deregistering removes them anyway)."""
         self._stop.set()
         self.reporter.stop()
+        self.notices.stop()
         self.homes.expiry.stop()
         self.pool.stop()
         self.replicas.stop()
@@ -140,18 +149,32 @@ class Agent:
     def _held(self) -> list:
         return self.homes.all() + self.replicas.all()
 
+    def _home_ids(self) -> list[int]:
+        """Ids of the home segments whose memory is held (told to RegisterNode)."""
+        return [segment.id for segment in self.homes.all()
+                if segment.state is not HomeState.FREED]
+
+    def _registered(self, response: coordinator_pb2.RegisterNodeResponse, again: bool) -> None:
+        """After a registration: tell the nodes holding replicas of the records it marked
+        lost; after registering again (the lease lapsed), check every replica, since
+        notices of deletes made meanwhile may have missed this node."""
+        for info in response.lost:
+            self.notices.tell(info.name, info.id, info.copies)
+        if again:
+            self.replicas.recheck_all()
+
     def _chores(self) -> None:
         """Periodic work of the heartbeat thread."""
         self.homes.retry_unfinished()
         self.homes.recheck_stale()
         self.replicas.recheck_stale()
 
-    def _count(self, segment) -> int:
-        """The attachment count to report for ``segment``."""
+    def _count(self, segment) -> tuple[int, bool]:
+        """(attachment count, whether a replica is held) to report for ``segment``."""
         if isinstance(segment, Replica):
-            return self.replicas.count_of(segment)
+            return self.replicas.report_of(segment)
         with segment.lock:
-            return 0 if segment.state is HomeState.FREED else max(0, segment.attachments)
+            return (0 if segment.state is HomeState.FREED else max(0, segment.attachments)), False
 
     def node_address(self, node_id: str) -> str | None:
         """The gRPC address of live node ``node_id`` (None if it is not registered)."""
@@ -188,6 +211,9 @@ class Agent:
             self.replicas.retire_name(name, lost=gone)
             raise NotFound(gone)
         check_access(info, session, mode)
+        if self._marked_lost(info):
+            self.replicas.retire_name(name)
+            raise segment_lost(name, info.home)
         if info.home == self.node_id:  # created here a moment ago: the reply may be in flight
             if self.homes.find_created(name) is not None:
                 return self.attach(session, name, mode, fetch, support)
@@ -200,6 +226,15 @@ class Agent:
         if how is FetchMode.LAZY and attachment.segment.fill is None:
             how = FetchMode.EAGER  # the replica was complete already: nothing to page in
         return attachment, fd, info, how
+
+    def _marked_lost(self, info: types_pb2.SegmentInfo) -> bool:
+        """Whether ``info`` is lost for good (its home restarted without it), as opposed
+        to a home that is not registered now (down or cut off: it may come back with
+        the memory, and the attach fails Unavailable further on). A lost record whose
+        home is registered can only be marked: a live home derives ``ready``."""
+        if info.state != types_pb2.SEGMENT_STATE_LOST:
+            return False
+        return info.home == self.node_id or self.node_address(info.home) is not None
 
     def _attach_remote_writer(self, session: Session, info: types_pb2.SegmentInfo):
         """The "rw" attach of a segment homed elsewhere: take the writer lock, then make
@@ -241,18 +276,25 @@ class Agent:
     # ------------------------------------------------------------------ delete, chmod, chown
 
     def delete(self, session: Session, name: str, force: bool) -> types_pb2.SegmentInfo:
+        """Delete ``name``: free its memory (here, or through its home), and tell the
+        nodes holding replicas of it (the reply's ``copies``) to drop them."""
         segment = self.homes.claim(session, name)
         if segment is not None:
-            return self.homes.delete_claimed(session.caller, segment)
-        info = self.coordinator.delete_segment(caller=session.caller, name=name, force=force)
-        if info.home == self.node_id:
-            try:
-                self.homes.release(info.name, info.id, force)
-            except NotFound:  # homed here but not held (e.g. before a restart)
-                self.homes.finish_delete(info.name, info.id)
+            info = self.homes.delete_claimed(session.caller, segment)
         else:
-            self.replicas.retire_name(info.name, lost=f"segment {info.name} was deleted")
-            self._release_remote(info, force)
+            info = self.coordinator.delete_segment(caller=session.caller, name=name,
+                                                   force=force)
+            if info.state == types_pb2.SEGMENT_STATE_LOST:  # removed: no memory anywhere
+                self.replicas.retire_name(info.name, lost=f"segment {info.name} was lost")
+            elif info.home == self.node_id:
+                try:
+                    self.homes.release(info.name, info.id, force)
+                except NotFound:  # homed here but not held (e.g. before a restart)
+                    self.homes.finish_delete(info.name, info.id)
+            else:
+                self.replicas.retire_name(info.name, lost=f"segment {info.name} was deleted")
+                self._release_remote(info, force)
+        self.notices.tell(info.name, info.id, info.copies)
         return info
 
     def _release_remote(self, info: types_pb2.SegmentInfo, force: bool) -> None:

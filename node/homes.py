@@ -63,7 +63,7 @@ class HomeSegments:
     """
 
     def __init__(self, node_id: str, config, store, coordinator, sessions, writers,
-                 reporter, replicas, cleanup_timeout):
+                 reporter, replicas, notices, cleanup_timeout):
         self.node_id = node_id
         self.config = config
         self.store = store
@@ -72,6 +72,7 @@ class HomeSegments:
         self.writers = writers
         self.reporter = reporter
         self.replicas = replicas          # make_room: creates may evict idle replicas
+        self.notices = notices            # the replicas elsewhere of what is freed here
         self._cleanup_timeout = cleanup_timeout
         self._lock = locks.Lock("homes", locks.Rank.HOMES)
         self._by_name: dict[str, HomeSegment] = {}
@@ -134,9 +135,12 @@ class HomeSegments:
             created = self._creating[name] = threading.Event()
         started = time.monotonic()
         try:
+            # The node lease proves to the coordinator that this agent, which holds the
+            # memory, makes the record (a record is never ready without memory).
             info = self.coordinator.create_segment(caller=caller, name=name, size=size,
                                                    mode=mode, home=self.node_id,
-                                                   replicas=replicas, ttl_seconds=ttl)
+                                                   replicas=replicas, ttl_seconds=ttl,
+                                                   lease_id=self.reporter.lease_id)
         except BaseException as exc:
             self.store.unreserve(size)
             memory.release()
@@ -322,8 +326,10 @@ class HomeSegments:
         """Mark ``segment`` deleting; free it now if unattached or ``force``. True once
         it is freed (by this call or one before it).
 
-        ``finish``: the coordinator's record still exists and needs FinishDelete
-        after the pages are gone (False when the record vanished, e.g. ttl expiry).
+        ``finish``: call FinishDelete after the pages are gone: it removes the
+        record if it is still there and names the nodes holding replicas, which
+        are then told (False only when a call made here removed the record and
+        told them already).
         """
         revoked = None
         with segment.lock:
@@ -375,11 +381,13 @@ class HomeSegments:
             segment.done.set()
 
     def finish_delete(self, name: str, segment_id: int) -> None:
-        """Remove the coordinator's record of a freed segment (retried in the background)."""
+        """Remove the coordinator's record of a freed segment (retried in the background)
+        and tell the nodes holding replicas of it."""
         try:
-            self.coordinator.finish_delete(name, segment_id, self._cleanup_timeout())
+            copies = self.coordinator.finish_delete(name, segment_id, self._cleanup_timeout())
             with self._lock:
                 self._unfinished.pop(segment_id, None)
+            self.notices.tell(name, segment_id, copies)
         except VasError as exc:
             log.warning("FinishDelete of %s (id %d) failed: %s; will retry", name, segment_id,
                         exc)
@@ -442,8 +450,9 @@ class HomeSegments:
         Same id, not deleting: adopt it as the cached record (unless a read started
         later was adopted already). Marked deleting: free it (at once if
         unattached, else at the last detach) and finish the delete. Gone, or the
-        name now has another id (ttl expiry, a lost delete): free it likewise,
-        nothing to finish. Raises VasError when the coordinator cannot answer.
+        name now has another id (ttl expiry, a lost delete): free it likewise;
+        the FinishDelete after it removes nothing but names the nodes holding
+        replicas, to be told. Raises VasError when the coordinator cannot answer.
         """
         with segment.lock:
             if segment.state is not HomeState.LIVE:
@@ -464,7 +473,7 @@ class HomeSegments:
         if not current:
             log.info("segment %s (id %d) was removed from the cluster (ttl or delete)",
                      segment.name, segment.id)
-            self.begin_delete(segment, finish=False, force=False)
+            self.begin_delete(segment, finish=True, force=False)
             return False
         if info.state == types_pb2.SEGMENT_STATE_DELETING:
             self.begin_delete(segment, finish=True, force=False)

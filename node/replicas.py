@@ -17,21 +17,31 @@ again. Concurrent attaches of one name share one fetch.
 
 Replicas are capacity-accounted like home segments; room is made by evicting
 unattached replicas, least recently attached first. A replica is retired (no
-new attaches, freed at its last detach) when the record is gone, deleting, of
-another id or newer, when its home is gone (not registered: the record's state
-at an attach, or a chunk fetch that failed and then found the home missing from
-ListNodes), when it is evicted, or when a writer leaves it (it may hold writes
+new attaches, freed at its last detach) when the record is gone, deleting,
+lost, of another id or newer, when its home is gone (not registered: the
+record's state at an attach, or a chunk fetch that failed and then found the
+home missing from ListNodes), when it is evicted, or when a writer leaves it (it may hold writes
 never published). Retired because the home's bytes are gone (deleted, home
 gone), a lazy replica's fill is *lost*: its missing pages are never fetched,
 and faults on them are poisoned (SIGBUS in the client; node/lazy.py).
 ``refresh`` fetches only the chunks whose hash differs from the home's
 (node/publish.py).
 
+Deletes made elsewhere: while a replica is held its node reports it (an
+attachment report with ``copy``, kept at count 0), so the agent that deletes
+the segment, or the home that frees it, is told which nodes to tell
+(``Node.ReleaseReplica`` -> ``drop``; node/notices.py). ``recheck_stale`` is
+the safety net behind those notices (a node cut off when the delete
+happened): every heartbeat it asks the coordinator, in batches
+(``CheckSegments``), about every replica whose record was not read for
+``RECHECK_AGE`` seconds, and about all of them after the node registered again.
+
 Locking: ``_lock`` (rank REPLICAS) guards the tables; each replica's own lock
 its state; no lock is held across a network call or a slow syscall.
 """
 from __future__ import annotations
 
+import collections
 import enum
 import logging
 import os
@@ -39,7 +49,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from vas.core.errors import Busy, InvalidArgument, Unavailable, VasError
+from vas.core.errors import Busy, InvalidArgument, NotFound, Unavailable, VasError
 from vas.core import validate
 from vas.core.fetch import FetchMode
 from vas.node import bulk, lazy, locks
@@ -57,10 +67,15 @@ _SMALL_FETCH = 4 << 20
 #: gRPC streams are given this many bytes per second (on top of the rpc
 #: timeout) before their deadline.
 _STREAM_RATE = 50e6
-#: ``recheck_stale`` re-reads at most this many records per call, of replicas
-#: not used for ``_RECHECK_AGE`` seconds.
-_RECHECK_BATCH = 8
-_RECHECK_AGE = 60.0
+#: ``recheck_stale`` checks the replicas whose record was not read for this many
+#: seconds, ``_RECHECK_BATCH`` per CheckSegments call, at most ``_RECHECK_MAX``
+#: per heartbeat (a node holding more catches up over the next beats).
+RECHECK_AGE = 30.0
+_RECHECK_BATCH = 128
+_RECHECK_MAX = 1024
+#: Ids of segments this node was told are gone (``drop``), remembered so that a
+#: fetch of one already in flight is discarded.
+_MAX_DROPPED = 4096
 
 
 class _Step(enum.Enum):
@@ -89,6 +104,8 @@ class Replicas:
         self._current: dict[str, Replica] = {}            # name -> replica handed out
         self._fetching: dict[str, threading.Event] = {}   # name -> set when its fetch ends
         self._held: set[Replica] = set()                  # every replica not FREED
+        self._dropped: collections.OrderedDict[int, None] = collections.OrderedDict()
+        self._recheck_all = False                         # after registering again
         self._faults: lazy.FaultHandler | None = None     # started by the first RegisterFaults
 
     # ------------------------------------------------------------------ attach
@@ -98,6 +115,7 @@ class Replicas:
         is current; writable, holding ``lease``, when given (a remote writer)."""
         deadline = time.monotonic() + self.config.rpc_timeout + info.size / _STREAM_RATE
         lazy_ok = mode is FetchMode.LAZY and lease is None
+        self._check_not_dropped(info)
         if info.state != types_pb2.SEGMENT_STATE_READY:  # the home's lease is gone
             gone = (f"home node {info.home} of segment {info.name} is not registered "
                     "(down?)")
@@ -140,7 +158,9 @@ class Replicas:
 
     def _refetch(self, info: types_pb2.SegmentInfo, mode: FetchMode, stale: Replica | None,
                  done: threading.Event) -> Replica:
-        """Fetch a new replica of ``info`` (retiring ``stale``) and make it current."""
+        """Fetch a new replica of ``info`` (retiring ``stale``) and make it current; it is
+        reported (a copy held here) so that a delete made elsewhere tells this node.
+        NotFound when the segment was dropped (deleted) while it was being fetched."""
         try:
             if stale is not None:  # of an older version, or of a deleted segment of the name
                 self.retire(stale, lost=None if stale.id == info.id else
@@ -149,13 +169,25 @@ class Replicas:
                        else self._eager_replica(info))
             self.store.hold(info.size)
             with self._lock:
-                self._current[info.name] = replica
+                dropped = info.id in self._dropped
+                if not dropped:
+                    self._current[info.name] = replica
                 self._held.add(replica)
+            if dropped:
+                self.retire(replica)
+                self._check_not_dropped(info)
+            self.reporter.mark(replica)
             return replica
         finally:
             with self._lock:
                 del self._fetching[info.name]
             done.set()
+
+    def _check_not_dropped(self, info: types_pb2.SegmentInfo) -> None:
+        with self._lock:
+            dropped = info.id in self._dropped
+        if dropped:
+            raise NotFound(f"segment {info.name} (id {info.id}) was deleted")
 
     def _hand_out(self, session, replica: Replica, info: types_pb2.SegmentInfo, lease):
         """(attachment, fd) of ``replica``, or None if it was retired meanwhile."""
@@ -399,7 +431,7 @@ class Replicas:
             if isinstance(item, Replica):
                 log.info("evicted the replica of %s (%d bytes) to make room", item.name,
                          item.size)
-                _release(item)
+                self._release(item)
             else:
                 item.release()
 
@@ -426,7 +458,22 @@ class Replicas:
         with self._lock:
             free = self._retire_locked(replica)
         if free:
-            _release(replica)
+            self._release(replica)
+
+    def drop(self, name: str, segment_id: int) -> bool:
+        """Segment ``segment_id`` is gone (Node.ReleaseReplica): retire this node's replica
+        of ``name`` if it is of that incarnation or an older one, and discard a fetch
+        of it in flight; True if a replica was retired."""
+        with self._lock:
+            self._dropped[segment_id] = None
+            while len(self._dropped) > _MAX_DROPPED:
+                self._dropped.popitem(last=False)
+            replica = self._current.get(name)
+        if replica is None or replica.id > segment_id:
+            return False
+        log.info("dropping the replica of %s (id %d): the segment is gone", name, replica.id)
+        self.retire(replica, lost=f"segment {name} (id {replica.id}) was deleted")
+        return True
 
     def _pages_lost(self, replica: Replica, exc: lazy.PagesLost) -> None:
         """A chunk fetch of ``replica`` found the home's bytes gone (its fill is lost
@@ -464,37 +511,55 @@ class Replicas:
             if free:
                 free = self._retire_locked(replica)
         if free:
-            _release(replica)
+            self._release(replica)
 
-    def count_of(self, replica: Replica) -> int:
-        """Local attachments of ``replica``'s id (a retired replica and its successor
-        share the id)."""
+    def _release(self, replica: Replica) -> None:
+        """Give back the memory of a FREED replica; its report goes (no copy held here)."""
+        _release(replica)
+        self.reporter.mark(replica)
+
+    def report_of(self, replica: Replica) -> tuple[int, bool]:
+        """(local attachments, whether a copy is held) of ``replica``'s id (a retired
+        replica and its successor share the id)."""
         with self._lock:
-            return sum(r.attachments for r in self._held if r.id == replica.id)
+            same = [r for r in self._held if r.id == replica.id]
+            return sum(r.attachments for r in same), bool(same)
 
     def all(self) -> list[Replica]:
         with self._lock:
             return list(self._held)
 
-    def recheck_stale(self) -> None:
-        """Retire replicas whose segment was deleted (nobody tells a replica's node),
-        checking a few not used for a while per call."""
-        horizon = time.monotonic() - _RECHECK_AGE
+    def recheck_all(self) -> None:
+        """Check every replica at the next ``recheck_stale`` (after registering again:
+        notices of deletes made meanwhile may have missed this node)."""
         with self._lock:
-            stale = sorted((r for r in self._current.values() if r.checked < horizon),
-                           key=lambda r: r.checked)[:_RECHECK_BATCH]
-        for replica in stale:
+            self._recheck_all = True
+
+    def recheck_stale(self) -> None:
+        """Retire replicas whose segment is gone (the safety net behind ReleaseReplica):
+        ask the coordinator about those whose record was not read for a while."""
+        horizon = time.monotonic() - RECHECK_AGE
+        with self._lock:
+            everything, self._recheck_all = self._recheck_all, False
+            due = sorted((r for r in self._current.values() if everything or r.checked < horizon),
+                         key=lambda r: r.checked)[:_RECHECK_MAX]
+        for first in range(0, len(due), _RECHECK_BATCH):
+            batch = due[first:first + _RECHECK_BATCH]
             try:
-                info = self.coordinator.find_segment(replica.name)
+                gone = set(self.coordinator.check_segments([(r.name, r.id) for r in batch]))
             except VasError as exc:
-                log.warning("cannot re-read segment %s: %s", replica.name, exc)
+                log.warning("cannot check the records of %d replicas: %s", len(batch), exc)
+                if everything:
+                    self.recheck_all()
                 return
-            with replica.lock:
-                replica.checked = time.monotonic()
-            if info is None or info.id != replica.id or \
-                    info.state == types_pb2.SEGMENT_STATE_DELETING:
-                log.info("dropping the replica of %s: its segment was deleted", replica.name)
-                self.retire(replica, lost=f"segment {replica.name} (id {replica.id}) was deleted")
+            now = time.monotonic()
+            for replica in batch:
+                with replica.lock:
+                    replica.checked = now
+                if replica.id in gone:
+                    log.info("dropping the replica of %s (id %d): its segment is gone",
+                             replica.name, replica.id)
+                    self.retire(replica, lost=f"segment {replica.name} (id {replica.id}) is gone")
 
     def home_address(self, info: types_pb2.SegmentInfo) -> str:
         """The gRPC address of the home of ``info``; Unavailable if it is not registered."""
@@ -522,7 +587,7 @@ class Replicas:
                     replica.move(ReplicaState.FREED)
                 self._held.discard(replica)
                 self.store.drop(replica.size)
-            _release(replica)
+            _release(replica)  # no report: deregistering removes them all
 
 
 def _release(replica: Replica) -> None:

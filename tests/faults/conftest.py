@@ -1,5 +1,62 @@
-"""Fault-injection tests: real clusters (tests/conftest.py's ``etcd``, ``coordinator``,
-``cluster``, ``world_dir`` fixtures, which pytest finds in the parent folder) with
-processes killed, stopped or restarted on purpose. Each test file here stops every
-process it started; shared helpers go in the test files, so that several people
-can add files to this folder without touching one another's."""
+"""Fault-injection tests: real clusters with processes killed, stopped or restarted on
+purpose; each test file stops every process it started.
+
+Fixtures here: two real agents, and etcd read (and poked) directly as an
+independent oracle. The helpers they share (kill and restart an agent, a call
+that must not hang, usage and fd counts) are in faultkit.py.
+
+The fixtures of tests/conftest.py (``etcd``, ``cluster``, ``world_dir``, ...) apply
+here as everywhere under tests/; this module adds:
+
+    def test_x(pair, oracle, coordinator_stub):
+        node1, node2 = pair.nodes               # NodeProcess: .socket, .pid, .node_id
+        oracle.kvs(b"/vas/nodes/node1")         # etcd's own view
+        coordinator_stub.GetSegment(...)        # the coordinator, no agent in between
+"""
+from __future__ import annotations
+
+import grpc
+import pytest
+from etcd3 import etcdrpc
+
+from faultkit import PAIR_MEMORY
+from vas.proto import coordinator_pb2_grpc
+
+
+@pytest.fixture
+def pair(cluster):
+    """Two agents, "node1" and "node2", over the session etcd (an empty keyspace)."""
+    return cluster(nodes=2, memory=PAIR_MEMORY)
+
+
+class Oracle:
+    """etcd read and changed straight through its own API, bypassing vas."""
+
+    def __init__(self, url: str):
+        self._channel = grpc.insecure_channel(url.removeprefix("http://"))
+        self.kv = etcdrpc.KVStub(self._channel)
+        self.lease = etcdrpc.LeaseStub(self._channel)
+
+    def kvs(self, key: bytes, prefix: bool = False):
+        end = key[:-1] + bytes([key[-1] + 1]) if prefix else b""
+        return self.kv.Range(etcdrpc.RangeRequest(key=key, range_end=end), timeout=10).kvs
+
+    def revoke(self, lease_id: int) -> None:
+        self.lease.LeaseRevoke(etcdrpc.LeaseRevokeRequest(ID=lease_id), timeout=10)
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+@pytest.fixture
+def oracle(etcd):
+    view = Oracle(etcd.url)
+    yield view
+    view.close()
+
+
+@pytest.fixture
+def coordinator_stub(pair):
+    """A Coordinator stub straight to ``pair``'s coordinator (no agent in between)."""
+    with grpc.insecure_channel(pair.coordinators[0].address) as channel:
+        yield coordinator_pb2_grpc.CoordinatorStub(channel)
