@@ -347,10 +347,9 @@ class Agent:
         if length <= 0:
             raise InvalidArgument(f"invalid length {length}: must be > 0")
         validate.check_range(offset, length, segment.size)
+        fd = segment.dup_fd()
         with segment.lock:
-            if segment.state is HomeState.FREED:
-                raise NotFound(f"segment id {segment_id} is not held by node {self.node_id}")
-            return os.dup(segment.fd), segment.info.version
+            return fd, segment.info.version
 
     def bulk_source(self, segment_id: int, offset: int, length: int) -> int:
         """``page_source`` for the bulk channel (node/bulk.py)."""

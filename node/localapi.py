@@ -114,12 +114,11 @@ class LocalApi:
         """Ensure a range of an attachment's pages is present here (bounds-checked):
         home pages and complete replicas return at once."""
         attachment = self.agent.sessions.get(session, request.attachment_id)
+        size = attachment.segment.size
+        length = request.length or max(0, size - request.offset)
+        validate.check_range(request.offset, length, size)
         if isinstance(attachment.segment, Replica):
-            self.agent.replicas.prefetch(attachment, request.offset, request.length)
-        else:
-            size = attachment.segment.size
-            validate.check_range(request.offset, request.length or max(0, size - request.offset),
-                                 size)
+            self.agent.replicas.prefetch(attachment, request.offset, length)
         response.empty.SetInParent()
         return []
 

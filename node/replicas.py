@@ -50,7 +50,6 @@ import time
 from collections.abc import Callable
 
 from vas.core.errors import Busy, InvalidArgument, NotFound, Unavailable, VasError
-from vas.core import validate
 from vas.core.fetch import FetchMode
 from vas.node import bulk, lazy, locks
 from vas.node.pool import Warm
@@ -325,10 +324,9 @@ class Replicas:
             fill.close()  # every chunk is present: its channel and fd are not needed
 
     def prefetch(self, attachment, offset: int, length: int) -> None:
-        """Make [offset, offset + length) of ``attachment``'s replica present (0: to the end)."""
+        """Make [offset, offset + length) of ``attachment``'s replica present (the caller
+        checked the range)."""
         replica = attachment.segment
-        length = length or max(0, replica.size - offset)
-        validate.check_range(offset, length, replica.size)
         fill = replica.fill
         if fill is not None and length:
             fill.ensure(offset, length)

@@ -29,10 +29,11 @@ run outside that lock; work that must not interleave across a network call
 from __future__ import annotations
 
 import enum
+import os
 import threading
 import time
 
-from vas.core.errors import Unavailable
+from vas.core.errors import NotFound, Unavailable
 from vas.node import locks
 from vas.node.store import Memory
 from vas.proto import types_pb2
@@ -145,6 +146,14 @@ class _Held:
     #: Legal moves of ``state`` (set by each subclass) and how errors name the kind.
     MOVES: dict = {}
     KIND = ""
+    FREED = None  # the final state
+
+    def dup_fd(self) -> int:
+        """A dup of the writable memfd (the caller closes it); NotFound once FREED."""
+        with self.lock:
+            if self.state is self.FREED:
+                raise NotFound(f"segment {self.name} (id {self.id}) is no longer held here")
+            return os.dup(self.memory.fd)
 
     def move(self, to) -> None:
         """The one transition function (the caller holds ``lock``): IllegalMove unless
@@ -183,6 +192,7 @@ class HomeSegment(_Held):
     __slots__ = ("finish_record", "published_hashes", "read_ticket", "adopted_ticket", "done")
     MOVES = _HOME_MOVES
     KIND = "home segment"
+    FREED = HomeState.FREED
 
     def __init__(self, info: types_pb2.SegmentInfo, memory: Memory):
         super().__init__(info, memory)
@@ -210,6 +220,7 @@ class Replica(_Held):
     __slots__ = ("fill", "synced_hashes")
     MOVES = _REPLICA_MOVES
     KIND = "replica of"
+    FREED = ReplicaState.FREED
 
     def __init__(self, info: types_pb2.SegmentInfo, memory: Memory, fill=None):
         super().__init__(info, memory)

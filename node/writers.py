@@ -221,7 +221,7 @@ class Writers:
         staged = Staged(segment.size)
         for offset, data in pieces:
             staged.add(offset, data)
-        fd = _dup_fd(segment)
+        fd = segment.dup_fd()
         try:
             timeout = self.config.rpc_timeout + staged.total / SEND_RATE
             with segment.gate.passage(timeout, f"publish of segment {segment.name}"):
@@ -240,7 +240,7 @@ class Writers:
         if chunk_size != CHUNK:
             raise InvalidArgument(f"invalid chunk size {chunk_size}: this agent hashes "
                                   f"{CHUNK}-byte chunks")
-        fd = _dup_fd(segment)
+        fd = segment.dup_fd()
         try:
             timeout = self.config.rpc_timeout + segment.size / SEND_RATE
             with segment.gate.passage(timeout, f"hashes of segment {segment.name}"):
@@ -313,11 +313,6 @@ def _rehash(view: memoryview, synced: bytes, chunks: list[int]) -> bytes:
             fresh = hashes(part)
             fresh_all[first:first + len(fresh)] = fresh
     return bytes(fresh_all)
-
-
-def _dup_fd(segment) -> int:
-    with segment.lock:
-        return os.dup(segment.fd)
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
