@@ -25,6 +25,7 @@ import pytest
 
 import vas
 from vas.core import fetch
+from vas.node.locks import MARKER
 
 from waiting import wait_for
 
@@ -167,13 +168,16 @@ def readers():
 def two(cluster, monkeypatch):
     """Factory: ``two(fault_timeout)`` -> (node1, node2, client of node1, client of
     node2) over a started 2-node cluster whose agents have that fault timeout, and a
-    segment "faults/seg" homed on node1 holding the pattern."""
-    clients = []
+    segment "faults/seg" homed on node1 holding the pattern. The agents check their
+    lock order; the test fails on a violation or a traceback in their logs."""
+    clients, nodes = [], []
 
     def start(fault_timeout: float = 10.0):
         monkeypatch.setenv("VAS_FAULT_TIMEOUT", str(fault_timeout))
+        monkeypatch.setenv("VAS_LOCK_CHECK", "1")  # the agents inherit the environment
         running = cluster(nodes=2, memory=640 * MiB)
         node1, node2 = running.nodes
+        nodes.extend((node1, node2))
         c1, c2 = vas.connect(node1.socket), vas.connect(node2.socket)
         clients.extend((c1, c2))
         c1.create("faults/seg", SIZE, mode=0o644)
@@ -186,6 +190,9 @@ def two(cluster, monkeypatch):
     yield start
     for client in clients:
         client.close()
+    for node in nodes:
+        log = _log(node)
+        assert MARKER not in log and "Traceback" not in log, f"{node.name}:\n{log[-5000:]}"
 
 
 def _log(node) -> str:
