@@ -27,7 +27,7 @@ import vas
 from vas.core import fetch
 from vas.node.locks import MARKER
 
-from waiting import wait_for
+from waiting import in_userfault, wait_for
 
 MiB = 1 << 20
 PAGE = 4096
@@ -119,14 +119,6 @@ class Reader:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             pytest.fail(f"the reader still runs {timeout:.0f} s later (hung?): {self.tail()}")
-
-    def blocked_in_fault(self) -> bool:
-        """Whether the reader's main thread sleeps in a userfault."""
-        try:
-            with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/wchan") as wchan:
-                return wchan.read() == "handle_userfault"
-        except OSError:
-            return False
 
     def tail(self) -> str:
         if self.proc.poll() is None:
@@ -275,7 +267,7 @@ def test_seg_rm_while_a_reader_waits(two, readers):
     _started(reader)
     node1.kill()  # the reader's next fetch fails again and again: it waits in the fault
     told = reader.go()
-    wait_for(reader.blocked_in_fault, "the reader to wait in a page fault", 60)
+    wait_for(lambda: in_userfault(reader.proc.pid), "the reader to wait in a page fault", 60)
     removed = time.monotonic()
     c2.delete("faults/seg")  # what `vasctl seg rm faults/seg` sends (no CLI start-up here:
     # it must land well before node1's lease lapses, which would lose the pages too)

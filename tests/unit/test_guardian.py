@@ -20,7 +20,7 @@ import pytest
 from vas import guard
 from vas.core import fetch
 
-from waiting import wait_for
+from waiting import in_userfault, wait_for
 
 needs_poison = pytest.mark.skipif(not fetch.userfaultfd_available(),
                                   reason="userfaultfd with shmem faults and UFFDIO_POISON "
@@ -89,14 +89,6 @@ def _gone(pid: int) -> bool:
         return True
 
 
-def _in_fault(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/wchan") as wchan:
-            return wchan.read() == "handle_userfault"
-    except OSError:
-        return False
-
-
 def _finish(client) -> None:
     if client.poll() is None:
         client.kill()
@@ -114,7 +106,7 @@ def test_the_guardian_poisons_once_the_agent_connection_is_gone(agent_dies):
         client.stdin.write("touch\n")
         client.stdin.flush()
         if agent_dies == "during the touch":  # a fault nobody read: woken, then poisoned
-            wait_for(lambda: _in_fault(client.pid), "the client to wait in its fault", 30)
+            wait_for(lambda: in_userfault(client.pid), "the client to wait in its fault", 30)
             os.kill(agent, signal.SIGKILL)
         out, err = client.communicate(timeout=60)
         assert client.returncode == -signal.SIGBUS, (out, err)
