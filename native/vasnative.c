@@ -4,7 +4,7 @@
  * A vas segment is a memfd (memfd_create, fallocate, ftruncate) mapped
  * MAP_SHARED (mmap -> Mapping, Mapping.madvise).  chunk_hashes finds the
  * changed chunks of a segment cheaply, and the uffd_* functions let an agent
- * resolve the page faults of a client's mapping with userfaultfd.
+ * resolve (or poison) the page faults of a client's mapping with userfaultfd.
  *
  * House rules: C does syscalls, Python does policy.  Every function wraps
  * one syscall (or ioctl); its arguments are checked before the call and bad
@@ -20,6 +20,7 @@
 #include <endian.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/ioctl.h>
@@ -955,6 +956,47 @@ vas_uffd_copy_from(PyObject *Py_UNUSED(mod), PyObject *args, PyObject *kw)
     return do_copy(fd, dst, src, length, mode);
 }
 
+/*
+ * UFFDIO_ZEROPAGE, UFFDIO_CONTINUE and UFFDIO_POISON take one layout: a
+ * range, a mode, and the bytes resolved (zeropage / mapped / updated).
+ */
+struct uffdio_resolve {
+    struct uffdio_range range;
+    __u64 mode;
+    __s64 done;
+};
+#define SAME_LAYOUT(type, field)                                         \
+    _Static_assert(sizeof(struct type) == sizeof(struct uffdio_resolve) && \
+                   offsetof(struct type, field) ==                       \
+                   offsetof(struct uffdio_resolve, done), #type)
+SAME_LAYOUT(uffdio_zeropage, zeropage);
+SAME_LAYOUT(uffdio_continue, mapped);
+SAME_LAYOUT(uffdio_poison, updated);
+#undef SAME_LAYOUT
+
+/* One resolving ioctl on [address, address + length) with mode. */
+static PyObject *
+resolving_ioctl(PyObject *args, PyObject *kw, const char *format,
+                char **kwlist, unsigned long request)
+{
+    int fd, r;
+    uint64_t address, mode = 0;
+    Py_ssize_t length;
+    struct uffdio_resolve res;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kw, format, kwlist, &fd, conv_u64,
+                                     &address, &length, conv_u64, &mode))
+        return NULL;
+    if (!check_range(address, length))
+        return NULL;
+    memset(&res, 0, sizeof res);
+    res.range.start = address;
+    res.range.len = (uint64_t)length;
+    res.mode = mode;
+    SYSCALL(r, -1, ioctl(fd, request, &res));
+    return resolve_result(r, res.done);
+}
+
 PyDoc_STRVAR(uffd_zeropage_doc,
 "uffd_zeropage($module, /, fd, dst, length, mode=0)\n--\n\n"
 "ioctl(UFFDIO_ZEROPAGE): fill the missing pages [dst, dst + length) with\n"
@@ -968,23 +1010,9 @@ static PyObject *
 vas_uffd_zeropage(PyObject *Py_UNUSED(mod), PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"fd", "dst", "length", "mode", NULL};
-    int fd, r;
-    uint64_t dst, mode = 0;
-    Py_ssize_t length;
-    struct uffdio_zeropage zp;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "iO&n|O&:uffd_zeropage", kwlist,
-                                     &fd, conv_u64, &dst, &length, conv_u64,
-                                     &mode))
-        return NULL;
-    if (!check_range(dst, length))
-        return NULL;
-    memset(&zp, 0, sizeof zp);
-    zp.range.start = dst;
-    zp.range.len = (uint64_t)length;
-    zp.mode = mode;
-    SYSCALL(r, -1, ioctl(fd, UFFDIO_ZEROPAGE, &zp));
-    return resolve_result(r, zp.zeropage);
+    return resolving_ioctl(args, kw, "iO&n|O&:uffd_zeropage", kwlist,
+                           UFFDIO_ZEROPAGE);
 }
 
 PyDoc_STRVAR(uffd_continue_doc,
@@ -1001,23 +1029,9 @@ static PyObject *
 vas_uffd_continue(PyObject *Py_UNUSED(mod), PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"fd", "address", "length", "mode", NULL};
-    int fd, r;
-    uint64_t address, mode = 0;
-    Py_ssize_t length;
-    struct uffdio_continue cont;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "iO&n|O&:uffd_continue", kwlist,
-                                     &fd, conv_u64, &address, &length,
-                                     conv_u64, &mode))
-        return NULL;
-    if (!check_range(address, length))
-        return NULL;
-    memset(&cont, 0, sizeof cont);
-    cont.range.start = address;
-    cont.range.len = (uint64_t)length;
-    cont.mode = mode;
-    SYSCALL(r, -1, ioctl(fd, UFFDIO_CONTINUE, &cont));
-    return resolve_result(r, cont.mapped);
+    return resolving_ioctl(args, kw, "iO&n|O&:uffd_continue", kwlist,
+                           UFFDIO_CONTINUE);
 }
 
 PyDoc_STRVAR(uffd_poison_doc,
@@ -1036,23 +1050,9 @@ static PyObject *
 vas_uffd_poison(PyObject *Py_UNUSED(mod), PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"fd", "address", "length", "mode", NULL};
-    int fd, r;
-    uint64_t address, mode = 0;
-    Py_ssize_t length;
-    struct uffdio_poison poison;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "iO&n|O&:uffd_poison", kwlist,
-                                     &fd, conv_u64, &address, &length,
-                                     conv_u64, &mode))
-        return NULL;
-    if (!check_range(address, length))
-        return NULL;
-    memset(&poison, 0, sizeof poison);
-    poison.range.start = address;
-    poison.range.len = (uint64_t)length;
-    poison.mode = mode;
-    SYSCALL(r, -1, ioctl(fd, UFFDIO_POISON, &poison));
-    return resolve_result(r, poison.updated);
+    return resolving_ioctl(args, kw, "iO&n|O&:uffd_poison", kwlist,
+                           UFFDIO_POISON);
 }
 
 PyDoc_STRVAR(uffd_read_doc,

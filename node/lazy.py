@@ -640,23 +640,12 @@ def _map_in(registration: _Registration, offset: int, length: int, page: int) ->
     EEXIST: then the first chunk alone is tried, then the faulting page, then
     the thread is just woken (its page is there too).
     """
-    uffd, base = registration.uffd, registration.address
+    base = registration.address
     attempts = [(base + offset, length)]
     if length > CHUNK:
         attempts.append((base + offset, CHUNK))
     attempts.append((page, _native.PAGE_SIZE))
-    for address, size in attempts:
-        try:
-            _native.uffd_continue(uffd, address, size)
-            return
-        except FileExistsError:
-            continue
-        except OSError as exc:  # EAGAIN: the mapping is changing; ENOENT/ESRCH: process gone
-            log.debug("UFFDIO_CONTINUE failed: %s", exc)
-    try:
-        _native.uffd_wake(uffd, page, _native.PAGE_SIZE)
-    except OSError as exc:
-        log.debug("UFFDIO_WAKE failed: %s", exc)
+    _first_that_fits(registration.uffd, _native.uffd_continue, attempts, page)
 
 
 def _poison(registration: _Registration, offset: int, length: int, page: int) -> None:
@@ -667,18 +656,24 @@ def _poison(registration: _Registration, offset: int, length: int, page: int) ->
     faulting page alone is poisoned, and if it is mapped too (a racing resolve),
     the thread is just woken.
     """
-    uffd, base = registration.uffd, registration.address
-    attempts = [(base + offset, length)]
+    attempts = [(registration.address + offset, length)]
     if length > _native.PAGE_SIZE:
         attempts.append((page, _native.PAGE_SIZE))
+    _first_that_fits(registration.uffd, _native.uffd_poison, attempts, page)
+
+
+def _first_that_fits(uffd: int, ioctl, attempts: list[tuple[int, int]], page: int) -> None:
+    """``ioctl(uffd, address, size)`` (it wakes the faulting thread) on the first of
+    ``attempts`` that no mapped page refuses (EEXIST); if none fits, just wake the
+    thread faulting at ``page``."""
     for address, size in attempts:
         try:
-            _native.uffd_poison(uffd, address, size)
+            ioctl(uffd, address, size)
             return
         except FileExistsError:
             continue
         except OSError as exc:  # EAGAIN: the mapping is changing; ENOENT/ESRCH: process gone
-            log.debug("UFFDIO_POISON failed: %s", exc)
+            log.debug("%s failed: %s", ioctl.__name__, exc)
     try:
         _native.uffd_wake(uffd, page, _native.PAGE_SIZE)
     except OSError as exc:

@@ -207,7 +207,11 @@ def _wake(native, uffd: int, address: int, length: int) -> None:
 
 
 def _say(message: str) -> None:
-    print(f"vas guardian (pid {os.getpid()}): {message}", file=sys.stderr, flush=True)
+    """One line on the client's stderr; never fatal (that pipe may be gone)."""
+    try:
+        print(f"vas guardian (pid {os.getpid()}): {message}", file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
 
 
 def _load_native(path: str):

@@ -25,8 +25,9 @@ import pytest
 
 import vas
 from vas.core import fetch
+from vas.node.locks import MARKER
 
-from waiting import wait_for
+from waiting import in_userfault, wait_for
 
 MiB = 1 << 20
 PAGE = 4096
@@ -119,14 +120,6 @@ class Reader:
         except subprocess.TimeoutExpired:
             pytest.fail(f"the reader still runs {timeout:.0f} s later (hung?): {self.tail()}")
 
-    def blocked_in_fault(self) -> bool:
-        """Whether the reader's main thread sleeps in a userfault."""
-        try:
-            with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/wchan") as wchan:
-                return wchan.read() == "handle_userfault"
-        except OSError:
-            return False
-
     def tail(self) -> str:
         if self.proc.poll() is None:
             return f"(running) stdout so far {self.lines}"
@@ -167,13 +160,16 @@ def readers():
 def two(cluster, monkeypatch):
     """Factory: ``two(fault_timeout)`` -> (node1, node2, client of node1, client of
     node2) over a started 2-node cluster whose agents have that fault timeout, and a
-    segment "faults/seg" homed on node1 holding the pattern."""
-    clients = []
+    segment "faults/seg" homed on node1 holding the pattern. The agents check their
+    lock order; the test fails on a violation or a traceback in their logs."""
+    clients, nodes = [], []
 
     def start(fault_timeout: float = 10.0):
         monkeypatch.setenv("VAS_FAULT_TIMEOUT", str(fault_timeout))
+        monkeypatch.setenv("VAS_LOCK_CHECK", "1")  # the agents inherit the environment
         running = cluster(nodes=2, memory=640 * MiB)
         node1, node2 = running.nodes
+        nodes.extend((node1, node2))
         c1, c2 = vas.connect(node1.socket), vas.connect(node2.socket)
         clients.extend((c1, c2))
         c1.create("faults/seg", SIZE, mode=0o644)
@@ -186,6 +182,9 @@ def two(cluster, monkeypatch):
     yield start
     for client in clients:
         client.close()
+    for node in nodes:
+        log = _log(node)
+        assert MARKER not in log and "Traceback" not in log, f"{node.name}:\n{log[-5000:]}"
 
 
 def _log(node) -> str:
@@ -268,7 +267,7 @@ def test_seg_rm_while_a_reader_waits(two, readers):
     _started(reader)
     node1.kill()  # the reader's next fetch fails again and again: it waits in the fault
     told = reader.go()
-    wait_for(reader.blocked_in_fault, "the reader to wait in a page fault", 60)
+    wait_for(lambda: in_userfault(reader.proc.pid), "the reader to wait in a page fault", 60)
     removed = time.monotonic()
     c2.delete("faults/seg")  # what `vasctl seg rm faults/seg` sends (no CLI start-up here:
     # it must land well before node1's lease lapses, which would lose the pages too)

@@ -20,26 +20,16 @@ import grpc
 import pytest
 
 import vas
-from vas import _native
+from vas.core import fetch
 from vas.proto import node_pb2, node_pb2_grpc
 
 MiB = 1 << 20
 PAGE = 4096
 
 
-def _uffd_ok() -> bool:
-    try:
-        fd = _native.userfaultfd()
-    except OSError:
-        return False
-    try:
-        wanted = _native.UFFD_FEATURE_MINOR_SHMEM | _native.UFFD_FEATURE_MISSING_SHMEM
-        return _native.uffd_api(fd) & wanted == wanted
-    finally:
-        os.close(fd)
-
-
-needs_uffd = pytest.mark.skipif(not _uffd_ok(), reason="userfaultfd with shmem faults unavailable")
+# What lazy attaches need (shmem MISSING/MINOR faults, UFFDIO_POISON), as the client probes it.
+needs_uffd = pytest.mark.skipif(not fetch.userfaultfd_available(),
+                                reason="userfaultfd with shmem faults and UFFDIO_POISON unavailable")
 
 
 def sent_by(node) -> int:

@@ -19,6 +19,7 @@ import time
 import pytest
 
 from vas import _native
+from vas.core import fetch as fetch_mode
 from vas.core.errors import NotFound, Unavailable
 from vas.node import lazy
 from vas.node import store as store_mod
@@ -68,13 +69,19 @@ def test_a_lost_fill_serves_present_chunks_and_refuses_missing_ones():
         fill.ensure(lazy.CHUNK, 1)
 
 
+def _fetch_held(fill: lazy.LazyFill, fetch: Fetch) -> threading.Thread:
+    """A thread whose fetch of chunk 0 is held (``fetch.gate``) until the test sets it."""
+    fetch.gate.clear()
+    holder = threading.Thread(target=lambda: _quietly(fill.ensure, 0, 1), daemon=True)
+    holder.start()
+    wait_for(lambda: fetch.calls, "the first fetch")
+    return holder
+
+
 def test_losing_wakes_the_threads_waiting_for_a_fetch():
     fetch = Fetch()
-    fetch.gate.clear()
     fill = lazy.LazyFill(SIZE, fetch)
-    first = threading.Thread(target=lambda: _quietly(fill.ensure, 0, 1), daemon=True)
-    first.start()
-    wait_for(lambda: fetch.calls, "the first fetch")
+    first = _fetch_held(fill, fetch)
     errors: list[BaseException] = []
     waiter = threading.Thread(target=lambda: _record(errors, fill.ensure, 0, 1), daemon=True)
     waiter.start()  # waits for the chunk being fetched (or, if it comes late, sees it lost)
@@ -101,11 +108,8 @@ def test_a_fetch_raising_pages_lost_loses_the_fill_and_tells_once():
 
 def test_waiting_for_another_fetch_ends_at_the_deadline():
     fetch = Fetch()
-    fetch.gate.clear()
     fill = lazy.LazyFill(SIZE, fetch)
-    holder = threading.Thread(target=lambda: _quietly(fill.ensure, 0, 1), daemon=True)
-    holder.start()
-    wait_for(lambda: fetch.calls, "the first fetch")
+    holder = _fetch_held(fill, fetch)
     started = time.monotonic()
     with pytest.raises(Unavailable, match="timed out"):
         fill.ensure(0, 1, deadline=time.monotonic() + 0.2)
@@ -170,21 +174,9 @@ def test_a_reader_out_of_time_does_not_call_the_home():
 # ---------------------------------------------------------------- FaultHandler
 
 
-def _uffd_ok() -> bool:
-    try:
-        fd = _native.userfaultfd()
-    except OSError:
-        return False
-    try:
-        wanted = (_native.UFFD_FEATURE_MINOR_SHMEM | _native.UFFD_FEATURE_MISSING_SHMEM
-                  | _native.UFFD_FEATURE_POISON)
-        return _native.uffd_api(fd) & wanted == wanted
-    finally:
-        os.close(fd)
-
-
-needs_poison = pytest.mark.skipif(not _uffd_ok(), reason="userfaultfd with shmem faults "
-                                  "and UFFDIO_POISON (Linux 6.6) unavailable")
+needs_poison = pytest.mark.skipif(not fetch_mode.userfaultfd_available(),
+                                  reason="userfaultfd with shmem faults and UFFDIO_POISON "
+                                  "(Linux 6.6) unavailable")
 
 
 class LazyMapping:
@@ -200,8 +192,7 @@ class LazyMapping:
         self.view = memoryview(self.map)
         self.address = int(np.frombuffer(self.view, dtype=np.uint8, count=1).ctypes.data)
         uffd = _native.userfaultfd()
-        _native.uffd_api(uffd, _native.UFFD_FEATURE_MINOR_SHMEM
-                         | _native.UFFD_FEATURE_MISSING_SHMEM | _native.UFFD_FEATURE_POISON)
+        _native.uffd_api(uffd, fetch_mode.lazy_features())
         _native.uffd_register(uffd, self.address, SIZE, _native.UFFDIO_REGISTER_MODE_MISSING
                               | _native.UFFDIO_REGISTER_MODE_MINOR)
         self.handler = lazy.FaultHandler(timeout)
