@@ -273,7 +273,8 @@ def test_closed_connection_revokes_a_home_writer_at_once(two):
     try:
         assert old.line().startswith("synced ")
         assert old.line() == "write: Fenced\n"
-        new = wait_for(attach_rw(c1, "hf/eof"), "the lock of a closed connection", timeout=TTL)
+        new = wait_for(attach_rw(c1, "hf/eof"), "the lock of a closed connection",
+                       timeout=3 * TTL)
         new.write(0, B)
         version = new.sync()
         old.send("go")
