@@ -514,11 +514,8 @@ def _check_id(value: object, what: str) -> int:
 
 
 def _check_ttl(ttl: object) -> float:
-    if ttl is None:
-        return 0.0
-    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl < float("inf"):
-        raise InvalidArgument(f"invalid ttl {ttl!r}: must be a number of seconds > 0, or None")
-    return float(ttl)
+    """Seconds of a segment's lease; None (like 0) means no expiry."""
+    return 0.0 if ttl is None else validate.check_seconds(ttl, "ttl")
 
 
 # -- the default connection of the module-level shortcuts ------------------------

@@ -496,8 +496,8 @@ class Mapping:
         floor = self._version if version is None else version
         if isinstance(floor, bool) or not isinstance(floor, int) or floor < 0:
             raise InvalidArgument(f"invalid version {version!r}: must be an integer >= 0")
-        if timeout is not None and not (isinstance(timeout, (int, float)) and timeout >= 0):
-            raise InvalidArgument(f"invalid timeout {timeout!r}: must be seconds >= 0")
+        if timeout is not None:
+            timeout = validate.check_seconds(timeout, "timeout")
         # Wait in slices: the connection serves one request at a time, so other threads
         # of this process get their turn between slices.
         deadline = math.inf if timeout is None else time.monotonic() + float(timeout)
