@@ -20,7 +20,8 @@ and the start and stop of the background threads:
 
 - heartbeat (Membership.run; also FinishDelete retries and lazy re-reads),
 - expiry (the ttl timer of HomeSegments), reporter (Reporter.run),
-- writer keepalive (Writers.run_keepalive), warm pool (WarmPool.run),
+- writer keepalive (Writers.run_keepalive), writer deadlines (Writers.deadlines:
+  fences a writer whose lease was not renewed in time), warm pool (WarmPool.run),
 - notices (ReplicaNotices.run).
 
 The local request layer is node/localapi.py; the Node gRPC service node/service.py.
@@ -109,6 +110,7 @@ class Agent:
                              (self.homes.expiry.run, "expiry"),
                              (lambda: self.reporter.run(self._stop), "reporter"),
                              (lambda: self.writers.run_keepalive(self._stop), "writer-keepalive"),
+                             (self.writers.deadlines.run, "writer-deadline"),
                              (self.pool.run, "warm-pool"),
                              (lambda: self.notices.run(self._stop), "notices")):
             thread = threading.Thread(target=target, name=f"vas-node-{name}", daemon=True)
@@ -121,6 +123,7 @@ class Agent:
         self._stop.set()
         self.reporter.stop()
         self.notices.stop()
+        self.writers.stop()
         self.homes.expiry.stop()
         self.pool.stop()
         self.replicas.stop()
@@ -133,6 +136,7 @@ class Agent:
 
     def free_all(self) -> None:
         """Free every held segment and replica (at shutdown, after the sessions closed)."""
+        self.writers.revocations.close_all()
         self.homes.free_all()
         self.replicas.free_all()
 
@@ -168,6 +172,7 @@ class Agent:
         self.homes.retry_unfinished()
         self.homes.recheck_stale()
         self.replicas.recheck_stale()
+        self.writers.revocations.reap()
 
     def _count(self, segment) -> tuple[int, bool]:
         """(attachment count, whether a replica is held) to report for ``segment``."""
@@ -189,20 +194,27 @@ class Agent:
     def close_session(self, session: Session) -> None:
         """The connection is gone (EOF): end all its attachments and writer locks now."""
         attachments = self.sessions.take_all(session)
+        # The process may live on with its mappings, unless the agent is stopping (its
+        # home pages go with it): then nothing is revoked.
+        revoke = not self._stop.is_set()
         for attachment in attachments:
-            self.end_attachment(attachment)
+            self.end_attachment(attachment, revoke=revoke)
         if attachments:
             log.debug("%r closed: released %d attachments", session, len(attachments))
 
     # ------------------------------------------------------------------ attach
 
-    def attach(self, session: Session, name: str, mode: str, fetch: str,
-               support: int) -> tuple[Attachment, int, types_pb2.SegmentInfo, FetchMode]:
-        """(attachment, fd, record, how the pages come) of ``name`` in ``mode``."""
+    def attach(self, session: Session, name: str, mode: str, fetch: str, support: int,
+               write_protect: bool = False
+               ) -> tuple[Attachment, int, types_pb2.SegmentInfo, FetchMode]:
+        """(attachment, fd, record, how the pages come) of ``name`` in ``mode``;
+        ``write_protect``: the client can make a home "rw" mapping revocable."""
         segment = self.homes.find(name)
         if segment is not None:
-            attach = self.homes.attach_reader if mode == "r" else self.homes.attach_writer
-            attachment, fd = attach(session, segment)
+            if mode == "r":
+                attachment, fd = self.homes.attach_reader(session, segment)
+            else:
+                attachment, fd = self.homes.attach_writer(session, segment, write_protect)
             return attachment, fd, segment.info, FetchMode.HOME
         info = self.coordinator.find_segment(validate.check_name(name))
         if info is None or info.state == types_pb2.SEGMENT_STATE_DELETING:
@@ -216,7 +228,7 @@ class Agent:
             raise segment_lost(name, info.home)
         if info.home == self.node_id:  # created here a moment ago: the reply may be in flight
             if self.homes.find_created(name) is not None:
-                return self.attach(session, name, mode, fetch, support)
+                return self.attach(session, name, mode, fetch, support, write_protect)
             raise Unavailable(f"segment {name} (id {info.id}) is homed on node {self.node_id} "
                               "but its memory is not held here")
         if mode == "rw":
@@ -253,21 +265,23 @@ class Agent:
                 replica.synced_hashes = base
                 info = replica.info
         except BaseException:
-            self.detach(session, attachment.id)
+            self.detach(session, attachment.id)  # never mapped: as good as unmapped
             os.close(fd)
             raise
         self.writers.track(attachment)
         return attachment, fd, info, FetchMode.EAGER
 
     def detach(self, session: Session, attachment_id: int) -> None:
-        """End ``session``'s attachment ``attachment_id`` (NotFound if it has none such)."""
-        self.end_attachment(self.sessions.take(session, attachment_id))
+        """End ``session``'s attachment ``attachment_id`` (NotFound if it has none such);
+        the client unmapped it before asking."""
+        self.end_attachment(self.sessions.take(session, attachment_id), revoke=False)
 
-    def end_attachment(self, attachment: Attachment) -> None:
-        """Stop resolving its faults, release its writer lock, count it out."""
+    def end_attachment(self, attachment: Attachment, *, revoke: bool) -> None:
+        """Stop resolving its faults, release its writer lock (a home writer's mapping
+        write-protected first if ``revoke``: see Writers.ended), count it out."""
         self.replicas.unregister_faults(attachment)
         if attachment.lease is not None:
-            self.writers.ended(attachment)
+            self.writers.ended(attachment, revoke=revoke)
         if isinstance(attachment.segment, HomeSegment):
             self.homes.detached(attachment)
         else:

@@ -115,9 +115,10 @@ class CoordinatorClient:
         return self._call(self.stub.AcquireWriter,
                           pb.AcquireWriterRequest(caller=caller, name=name, ttl_seconds=ttl))
 
-    def renew_writer(self, name: str, token: int, lease_id: int) -> None:
+    def renew_writer(self, name: str, token: int, lease_id: int,
+                     timeout: float | None = None) -> None:
         self._call(self.stub.RenewWriter,
-                   pb.RenewWriterRequest(name=name, token=token, lease_id=lease_id))
+                   pb.RenewWriterRequest(name=name, token=token, lease_id=lease_id), timeout)
 
     def release_writer(self, name: str, token: int, lease_id: int, timeout: float) -> None:
         self._call(self.stub.ReleaseWriter,

@@ -28,9 +28,10 @@ import os
 import threading
 import time
 
-from vas.core.errors import AlreadyExists, Busy, NotFound, VasError
+from vas.core.errors import AlreadyExists, Busy, NotFound, Unavailable, VasError
 from vas.node import locks
 from vas.node.access import check_access
+from vas.node.revoke import Guard, pidfd_of
 from vas.node.segments import HomeSegment, HomeState, WriterState
 from vas.node.store import Memory
 from vas.node.timer import Timer
@@ -224,11 +225,25 @@ class HomeSegments:
         self.reporter.mark(segment)
         return attachment, fd
 
-    def attach_writer(self, session, segment: HomeSegment) -> tuple[object, int]:
+    def attach_writer(self, session, segment: HomeSegment,
+                      write_protect: bool) -> tuple[object, int]:
         """The "rw" attachment of ``segment`` (the cluster-wide writer lock is taken first)
-        and a dup of its writable fd."""
+        and a dup of its writable fd.
+
+        The attachment is revocable (node/revoke.py): its writer maps the home
+        pages themselves, so the client must be able to have that mapping
+        write-protected when the lock is revoked (``write_protect``); a client
+        that cannot is refused, never handed an unfenced mapping.
+        """
         with segment.lock:
             self._check_attachable_locked(session, segment, "rw")
+            if not write_protect:
+                raise Unavailable(
+                    f'segment {segment.name} is homed on this node: a "rw" attach here needs '
+                    "userfaultfd write-protection of shared memory in the calling process "
+                    "(Linux 5.19 or later, userfaultfd allowed, VAS_DISABLE_USERFAULTFD unset) "
+                    "so that its stores can be revoked with its lock; attach \"rw\" from "
+                    "another node instead")
             if segment.writer_state is not WriterState.FREE:
                 raise Busy(f'segment {segment.name} is already attached "rw" on node '
                            f'{self.node_id}')
@@ -239,17 +254,20 @@ class HomeSegments:
             with segment.lock:
                 segment.free_writer_locked()
             raise
-        with segment.lock:
-            segment.free_writer_locked()
-            live = segment.state is HomeState.LIVE
-            if live:
+        guard = Guard(segment.name, session.pid, pidfd_of(session))
+        try:
+            with segment.lock:
+                segment.free_writer_locked()
+                if segment.state is not HomeState.LIVE:
+                    raise NotFound(f"segment {segment.name} is being deleted")
                 fd = os.dup(segment.fd)
                 segment.attachments += 1
-                attachment = self.sessions.add(session, segment, "rw", lease)
+                attachment = self.sessions.add(session, segment, "rw", lease, guard)
                 segment.take_writer_locked(attachment)
-        if not live:
+        except BaseException:
+            guard.close()
             self.writers.release(lease)
-            raise NotFound(f"segment {segment.name} is being deleted")
+            raise
         self.writers.track(attachment)
         self.reporter.mark(segment)
         return attachment, fd

@@ -68,7 +68,8 @@ class LocalApi:
             validate.check_attach_mode(mode)
         fetch = validate.check_fetch(request.fetch) if request.fetch else "lazy"
         attachment, fd, info, how = self.agent.attach(session, request.name, mode, fetch,
-                                                      request.fault_support)
+                                                      request.fault_support,
+                                                      request.write_protect_support)
         body = response.attach
         body.segment.CopyFrom(info)
         body.attachment_id = attachment.id
@@ -77,6 +78,7 @@ class LocalApi:
             body.writable = True
             body.token = attachment.lease.token
             body.keepalive_seconds = self.agent.config.writer_ttl / 3
+            body.revocable = attachment.guard is not None
         return [fd]
 
     def detach(self, session: Session, request, response) -> list[int]:
@@ -123,11 +125,16 @@ class LocalApi:
         return []
 
     def register_faults(self, session: Session, request, response, fds: list[int]) -> list[int]:
-        """Take the client's userfaultfd of a lazy attachment and resolve its faults."""
+        """Take the client's userfaultfd of a lazy attachment (and resolve its faults)
+        or of a revocable "rw" one (to write-protect it when the lock is revoked)."""
         if len(fds) != 1:
             raise InvalidArgument(f"RegisterFaults carries one userfaultfd, not {len(fds)} fds")
         attachment = self.agent.sessions.get(session, request.attachment_id)
-        self.agent.replicas.register_faults(attachment, fds[0], request.address, request.size)
+        if request.purpose == local_pb2.FAULT_PURPOSE_WRITE_PROTECT:
+            self.agent.writers.arm(attachment, fds[0], request.address, request.size)
+        else:  # LAZY, or UNSPECIFIED from an older client
+            self.agent.replicas.register_faults(attachment, fds[0], request.address,
+                                                request.size)
         fds.pop()  # taken over
         response.empty.SetInParent()
         return []

@@ -101,6 +101,8 @@ class Rank(enum.IntEnum):
     LAZY_FILL = 60      # node/lazy.py: one lazy replica's chunk states
     FAULT_LEADER = 65   # node/lazy.py: the fault resolver that polls
     FAULTS = 70         # node/lazy.py: userfaultfd registrations
+    WRITE_GUARD = 72    # node/revoke.py: one home writer's write-protect registration
+    KEPT_GUARDS = 74    # node/revoke.py: revoked registrations kept until their process exits
     HOME_CHANNELS = 80  # node/lazy.py: home addresses and bulk channels of lazy replicas
     BULK = 90           # node/bulk.py: one bulk channel's idle connections
     PEERS = 100         # node/clients.py: gRPC channels to other agents

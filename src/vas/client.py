@@ -27,7 +27,7 @@ from vas.connection import Connection, close_fds
 from vas.core import validate
 from vas.core.defaults import DEFAULT_SOCKET
 from vas.core.errors import InvalidArgument, VasError
-from vas.core.fetch import probe_fault_support
+from vas.core.fetch import probe_fault_support, write_protect_available
 from vas.core.types import NodeInfo, SegmentInfo, SpaceInfo
 from vas.mapping import Mapping
 from vas.proto import coordinator_pb2, local_pb2
@@ -69,8 +69,11 @@ class Client:
         more: the agent may free a deleted segment's pages (they then read as
         zeros), a touch of a lazy mapping's page not fetched yet raises SIGBUS
         (never zeros in place of the home's bytes), and a writer's lock is gone.
-        ``Mapping`` methods then raise ``Unavailable`` (or ``InvalidArgument``
-        once detached). Detach and drop views before closing to keep the bytes.
+        A ``"rw"`` mapping of a segment homed on this node is write-protected
+        before that lock goes: a store into it ends the process with SIGBUS
+        (``Mapping.write`` raises ``Fenced`` instead). ``Mapping`` methods then
+        raise ``Unavailable`` (or ``InvalidArgument`` once detached). Detach and
+        drop views before closing to keep the bytes.
         """
         self._connection.close()
 
@@ -140,6 +143,19 @@ class Client:
         :raises PermissionDenied: the mode bits do not allow it.
         :raises Busy: ``"rw"`` while another attachment holds the writer lock.
         :raises AddressConflict: ``fixed=True`` and the range is already mapped here.
+        :raises Unavailable: ``"rw"`` of a segment homed on this node, from a
+            process that cannot have its mapping write-protected (no userfaultfd
+            write-protect of shared memory: Linux before 5.19, userfaultfd denied,
+            or ``VAS_DISABLE_USERFAULTFD=1``): attach ``"rw"`` from another node.
+        :raises Fenced: ``"rw"`` whose writer lock was revoked before the attach
+            finished (the process stalled past its lease meanwhile).
+
+        A ``"rw"`` mapping of a segment homed on this node maps the home pages
+        themselves (local readers see every store at once) and is *revocable*:
+        when the agent lets its writer lock go without a detach (the process
+        stalled past its lease, the connection closed, a force delete), it first
+        write-protects the mapping, and a later store into it ends the process
+        with SIGBUS instead of reaching the pages (see ``Mapping.sync``).
 
         Example::
 
@@ -151,6 +167,8 @@ class Client:
         validate.check_fetch(fetch)
         request = local_pb2.AttachRequest(name=name, mode=mode, fetch=fetch,
                                           fault_support=probe_fault_support(bool(fixed)))
+        if mode == "rw":  # a home "rw" mapping must be revocable (vas/mapping.py)
+            request.write_protect_support = write_protect_available()
         connection = self._connection
         connection.start_helper()
         response, fds = connection.call("attach", request, "attach", want_fds=True)

@@ -197,11 +197,14 @@ class Connection:
         self.call("prefetch", local_pb2.PrefetchRequest(
             attachment_id=attachment_id, offset=offset, length=length), "empty")
 
-    def register_faults(self, attachment_id: int, address: int, size: int, uffd: int) -> None:
-        """Hand the userfaultfd of a lazy mapping to the agent (the caller still closes
-        ``uffd``)."""
+    def register_faults(self, attachment_id: int, address: int, size: int, uffd: int,
+                        purpose: int = local_pb2.FAULT_PURPOSE_LAZY) -> None:
+        """Hand the userfaultfd of a mapping to the agent: of a lazy one (``purpose``
+        FAULT_PURPOSE_LAZY) or the writable mapping of a revocable "rw" attachment
+        (FAULT_PURPOSE_WRITE_PROTECT). The caller still closes ``uffd``."""
         self.call("register_faults", local_pb2.RegisterFaultsRequest(
-            attachment_id=attachment_id, address=address, size=size), "empty", send_fds=[uffd])
+            attachment_id=attachment_id, address=address, size=size, purpose=purpose),
+            "empty", send_fds=[uffd])
 
     def guard_faults(self, attachment_id: int, address: int, size: int, uffd: int,
                      fallback: Callable[[], None]) -> Callable[[], None] | None:

@@ -20,6 +20,16 @@ which sends it from its helper thread, before its next request, or at close. A
 finalizer may run in any thread, even one in the middle of a request, so it only
 queues.
 
+A "rw" mapping of a segment homed on this node maps the home pages themselves, so
+the agent makes it *revocable* (``AttachResponse.revocable``): before the Mapping
+is handed out, its range is registered on a userfaultfd for write-protect faults
+answered with SIGBUS, and the fd goes to the agent (``RegisterFaults``, purpose
+WRITE_PROTECT). When the agent lets the writer lock go without a Detach it
+write-protects the range first, so a later store ends this process with SIGBUS
+instead of reaching the pages (node/revoke.py). The Detach of such a mapping is
+sent only once it is unmapped (as for every mapping): the agent may then close
+that fd, which would lift a protection.
+
 A Mapping talks to the agent through the ``Connection`` of the Client that made
 it, by that class's public methods (``detach``, ``prefetch``, ``register_faults``,
 ``sync``, ``refresh``, ``wait``, ``release_later``); the connection calls
@@ -36,9 +46,11 @@ import weakref
 from typing import TYPE_CHECKING
 
 from vas.core import validate
-from vas.core.errors import AddressConflict, InvalidArgument, NotFound, PermissionDenied, Unavailable, VasError
-from vas.core.fetch import FetchMode
+from vas.core.errors import (AddressConflict, Fenced, InvalidArgument, NotFound,
+                             PermissionDenied, Unavailable, VasError)
+from vas.core.fetch import FetchMode, write_protect_features
 from vas.core.types import SegmentInfo
+from vas.proto import local_pb2
 
 if TYPE_CHECKING:
     from vas.connection import Connection
@@ -74,6 +86,23 @@ def _register_lazy(address: int, size: int) -> int:
         _native.uffd_api(uffd, lazy_features())
         _native.uffd_register(uffd, address, size, _native.UFFDIO_REGISTER_MODE_MISSING
                               | _native.UFFDIO_REGISTER_MODE_MINOR)
+    except BaseException:
+        os.close(uffd)
+        raise
+    return uffd
+
+
+def _register_write_protect(address: int, size: int) -> int:
+    """A userfaultfd on which [address, address + size), a shared writable mapping,
+    is registered for write-protect faults answered with SIGBUS (a revocable "rw"
+    mapping: node/revoke.py). Registering protects nothing yet: only the agent's
+    UFFDIO_WRITEPROTECT does, when it revokes the writer."""
+    from vas import _native
+
+    uffd = _native.userfaultfd(os.O_CLOEXEC | os.O_NONBLOCK | _native.UFFD_USER_MODE_ONLY)
+    try:
+        _native.uffd_api(uffd, write_protect_features())
+        _native.uffd_register(uffd, address, size, _native.UFFDIO_REGISTER_MODE_WP)
     except BaseException:
         os.close(uffd)
         raise
@@ -170,6 +199,11 @@ class Mapping:
         if lazy and (writable or fixed):  # the agent decides LAZY only for what we stated
             raise VasError(f"segment {segment.name}: the vas agent answered a lazy fetch for "
                            f"a {'writable' if writable else 'fixed'} mapping")
+        # A "rw" mapping of the home pages: registered for write-protect before any store.
+        self._revocable = bool(response.revocable)
+        if self._revocable and not writable:
+            raise VasError(f"segment {segment.name}: the vas agent asked to revoke the stores "
+                           "of a read-only mapping (a protocol mismatch?)")
         size, address = segment.size, segment.address
         try:
             if lazy:
@@ -189,6 +223,8 @@ class Mapping:
             self.size = size
             if lazy:
                 fetch, unguard = self._start_lazy()
+            elif self._revocable:
+                self._make_revocable()
         except BaseException:
             view.release()
             with contextlib.suppress(BufferError):  # else it unmaps when garbage-collected
@@ -238,6 +274,26 @@ class Mapping:
             connection.prefetch(attachment_id, 0, size)
             return FetchMode.EAGER_NO_USERFAULTFD, None
         return FetchMode.LAZY, unguard
+
+    def _make_revocable(self) -> None:
+        """Register this writable mapping of the home pages for write-protect and hand
+        the userfaultfd to the agent, which protects the mapping when it revokes the
+        writer lock (node/revoke.py). Nothing may store into it before this.
+
+        :raises Unavailable: the registration failed (the agent was told this
+            process could do it: the kernel changed its mind).
+        :raises Fenced: the lock was revoked before the registration arrived.
+        """
+        try:
+            uffd = _register_write_protect(self.address, self.size)
+        except OSError as exc:
+            raise Unavailable(f"segment {self.name}: cannot register its writable home "
+                              f"mapping for write-protection: {exc}") from exc
+        try:
+            self._connection.register_faults(self._attachment_id, self.address, self.size,
+                                             uffd, local_pb2.FAULT_PURPOSE_WRITE_PROTECT)
+        finally:
+            os.close(uffd)  # the agent holds it now; it lives as long as the mapping
 
     @property
     def info(self) -> SegmentInfo:
@@ -294,6 +350,9 @@ class Mapping:
         :returns: the number of bytes written.
         :raises PermissionDenied: the segment is attached read-only.
         :raises InvalidArgument: the range is outside the segment, or it is detached.
+        :raises Fenced: a ``"rw"`` mapping of a segment homed on this node whose
+            connection was closed (its lock was released and the mapping
+            write-protected: storing would end the process with SIGBUS).
 
         Example::
 
@@ -302,6 +361,10 @@ class Mapping:
         view = self._live_view()
         if self.mode != "rw":
             raise PermissionDenied(f"segment {self.name} is attached read-only")
+        if self._revocable and self._connection is None:
+            raise Fenced(f"segment {self.name}: the connection to the agent is closed, so "
+                         "this writer's lock was released and its home mapping "
+                         "write-protected")
         with memoryview(data) as source:
             validate.check_range(offset, source.nbytes, self.size)
             if source.c_contiguous:
@@ -367,6 +430,10 @@ class Mapping:
         :raises InvalidArgument: a range outside the segment.
         :raises Fenced: the writer lock lapsed (e.g. the process was stopped past
             its lease) and another writer may have taken over: nothing was published.
+            On the home node the agent write-protected the mapping before letting
+            the lock go: a store made after that ends the process with SIGBUS
+            (it never reaches the home pages); stores made while the lock held
+            stay in the pages, unpublished.
 
         Example::
 

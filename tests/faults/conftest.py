@@ -6,7 +6,8 @@ independent oracle. The helpers they share (kill and restart an agent, a call
 that must not hang, usage and fd counts) are in faultkit.py.
 
 The fixtures of tests/conftest.py (``etcd``, ``cluster``, ``world_dir``, ...) apply
-here as everywhere under tests/; this module adds:
+here as everywhere under tests/, as does ``waiting.wait_for`` (tests/waiting.py, on
+sys.path through that conftest); this module adds:
 
     def test_x(pair, oracle, coordinator_stub):
         node1, node2 = pair.nodes               # NodeProcess: .socket, .pid, .node_id
