@@ -105,7 +105,9 @@ class Rank(enum.IntEnum):
     BULK = 90           # node/bulk.py: one bulk channel's idle connections
     PEERS = 100         # node/clients.py: gRPC channels to other agents
     TIMER = 110         # node/timer.py: the expiry heap
-    CONNECTIONS = 120   # node/local.py: the local connections
+    CONNECTIONS = 120   # node/local.py: the local connections, refused ones, the listener
+    LIMITS = 125        # node/limits.py: per-uid counts of connections, attachments, uffds
+    DISPATCH = 130      # node/dispatch.py: the queues of local requests per uid
 
 # None: follow the environment; else (checking, raising) as set by enable()/disable().
 _forced: tuple[bool, bool] | None = None
