@@ -36,6 +36,7 @@ from vas.node.access import check_access
 from vas.node.clients import CoordinatorClient, PeerClients
 from vas.node.config import NodeConfig
 from vas.node.homes import HomeSegments
+from vas.node.limits import Limit, UidCounts
 from vas.node.membership import Membership, Reporter
 from vas.node.pool import WarmPool
 from vas.node.replicas import Replicas
@@ -68,6 +69,10 @@ class Agent:
         self.store = Store(config.memory, f"node {node_id}")
         self.pool = WarmPool(self.store)
         self.sessions = Sessions(node_id)
+        #: Per-uid counts (node/limits.py): attachments, attaches in flight included;
+        #: userfaultfds held for lazy attachments.
+        self.attachment_counts = UidCounts(Limit.ATTACHMENTS, config.max_attachments_per_uid)
+        self.fault_counts = UidCounts(Limit.FAULTS, config.max_faults_per_uid)
         self.reporter = Reporter(node_id, self.coordinator, config.report_delay, self._count)
         self.replicas = Replicas(node_id, config, self.store, self.pool, self.coordinator,
                                  self.peers, self.sessions, self.reporter, self.node_address)
@@ -175,7 +180,17 @@ class Agent:
 
     def attach(self, session: Session, name: str, mode: str, fetch: str,
                support: int) -> tuple[Attachment, int, types_pb2.SegmentInfo, FetchMode]:
-        """(attachment, fd, record, how the pages come) of ``name`` in ``mode``."""
+        """(attachment, fd, record, how the pages come) of ``name`` in ``mode``.
+        CapacityExceeded when the caller's uid holds its most attachments already."""
+        self.attachment_counts.take(session.uid)  # given back when the attachment ends
+        try:
+            return self._attach(session, name, mode, fetch, support)
+        except BaseException:
+            self.attachment_counts.give(session.uid)
+            raise
+
+    def _attach(self, session: Session, name: str, mode: str, fetch: str,
+                support: int) -> tuple[Attachment, int, types_pb2.SegmentInfo, FetchMode]:
         segment = self.homes.find(name)
         if segment is not None:
             attach = self.homes.attach_reader if mode == "r" else self.homes.attach_writer
@@ -189,7 +204,7 @@ class Agent:
         check_access(info, session, mode)
         if info.home == self.node_id:  # created here a moment ago: the reply may be in flight
             if self.homes.find_created(name) is not None:
-                return self.attach(session, name, mode, fetch, support)
+                return self._attach(session, name, mode, fetch, support)
             raise Unavailable(f"segment {name} (id {info.id}) is homed on node {self.node_id} "
                               "but its memory is not held here")
         if mode == "rw":
@@ -217,7 +232,7 @@ class Agent:
                 replica.synced_hashes = base
                 info = replica.info
         except BaseException:
-            self.detach(session, attachment.id)
+            self._end(self.sessions.take(session, attachment.id))  # attach() gives its slot
             os.close(fd)
             raise
         self.writers.track(attachment)
@@ -229,13 +244,32 @@ class Agent:
 
     def end_attachment(self, attachment: Attachment) -> None:
         """Stop resolving its faults, release its writer lock, count it out."""
-        self.replicas.unregister_faults(attachment)
+        self._end(attachment)
+        self.attachment_counts.give(attachment.session.uid)
+
+    def _end(self, attachment: Attachment) -> None:
+        if self.replicas.unregister_faults(attachment):
+            self.fault_counts.give(attachment.session.uid)
         if attachment.lease is not None:
             self.writers.ended(attachment)
         if isinstance(attachment.segment, HomeSegment):
             self.homes.detached(attachment)
         else:
             self.replicas.detached(attachment)
+
+    def register_faults(self, session: Session, attachment_id: int, uffd: int, address: int,
+                        size: int) -> None:
+        """Resolve the faults of ``session``'s lazy attachment on ``uffd`` (taken over).
+        CapacityExceeded when the uid has its most userfaultfds registered already."""
+        attachment = self.sessions.get(session, attachment_id)
+        self.fault_counts.take(session.uid)  # given back when the attachment ends
+        try:
+            registered = self.replicas.register_faults(attachment, uffd, address, size)
+        except BaseException:
+            self.fault_counts.give(session.uid)
+            raise
+        if not registered:  # complete already: nothing to resolve, the uffd is closed
+            self.fault_counts.give(session.uid)
 
     # ------------------------------------------------------------------ delete, chmod, chown
 

@@ -37,7 +37,7 @@ from collections.abc import Callable
 from vas.core.errors import Busy, InvalidArgument, Unavailable, VasError
 from vas.core import validate
 from vas.core.fetch import FetchMode
-from vas.node import bulk, lazy, locks
+from vas.node import bulk, faults, lazy, locks
 from vas.node.pool import Warm
 from vas.node.publish import CHUNK, stale_runs
 from vas.node.segments import Replica, ReplicaState, WriterState
@@ -84,7 +84,7 @@ class Replicas:
         self._current: dict[str, Replica] = {}            # name -> replica handed out
         self._fetching: dict[str, threading.Event] = {}   # name -> set when its fetch ends
         self._held: set[Replica] = set()                  # every replica not FREED
-        self._faults: lazy.FaultHandler | None = None     # started by the first RegisterFaults
+        self._faults: faults.FaultHandler | None = None   # started by the first RegisterFaults
 
     # ------------------------------------------------------------------ attach
 
@@ -289,12 +289,13 @@ class Replicas:
         if fill is not None and length:
             fill.ensure(offset, length)
 
-    def register_faults(self, attachment, uffd: int, address: int, size: int) -> None:
+    def register_faults(self, attachment, uffd: int, address: int, size: int) -> bool:
         """Resolve the faults of a client's mapping of a lazy replica on ``uffd`` (taken
-        over by this call). A replica that became complete since the attach needs no
-        resolving: its uffd is closed (which unregisters the mapping) and all is well."""
+        over by this call); whether it was registered. A replica that became complete
+        since the attach needs no resolving: its uffd is closed (which unregisters the
+        mapping), False, and all is well."""
         replica = attachment.segment
-        if not isinstance(replica, Replica) or attachment.uffd >= 0:
+        if not isinstance(replica, Replica) or attachment.faults is not None:
             raise InvalidArgument(f"attachment {attachment.id} is not a lazy attachment "
                                   "waiting for its userfaultfd")
         if size != replica.size:
@@ -303,28 +304,31 @@ class Replicas:
         fill = replica.fill
         if fill is None:
             os.close(uffd)
-            return
-        self._fault_handler().add(uffd, fill, address, size)
-        attachment.uffd = uffd
+            return False
+        attachment.faults = self._fault_handler().add(uffd, fill, address, size)
+        return True
 
-    def unregister_faults(self, attachment) -> None:
-        if attachment.uffd >= 0 and self._faults is not None:
-            self._faults.remove(attachment.uffd)
-            attachment.uffd = -1
+    def unregister_faults(self, attachment) -> bool:
+        """Stop resolving the faults of ``attachment``; whether it had registered them."""
+        registration, attachment.faults = attachment.faults, None
+        if registration is None:
+            return False
+        self._faults.remove(registration)
+        return True
 
-    def _fault_handler(self) -> lazy.FaultHandler:
+    def _fault_handler(self) -> faults.FaultHandler:
         """The FaultHandler, made on first use outside the lock (its threads take ~1 ms)."""
         with self._lock:
             if self._faults is not None:
                 return self._faults
-        handler = lazy.FaultHandler()
+        handler = faults.FaultHandler()
         with self._lock:
             if self._faults is None:
                 self._faults, handler = handler, None
-            faults = self._faults
+            made = self._faults
         if handler is not None:  # another RegisterFaults made one meanwhile
             handler.stop()
-        return faults
+        return made
 
     # ------------------------------------------------------------------ refresh
 

@@ -81,7 +81,7 @@ class Session:
 class Attachment:
     """One local attachment of a home segment or a replica."""
 
-    __slots__ = ("id", "segment", "mode", "session", "lease", "uffd")
+    __slots__ = ("id", "segment", "mode", "session", "lease", "faults")
 
     def __init__(self, attachment_id: int, segment, mode: str, session: Session,
                  lease: WriterLease | None = None):
@@ -90,7 +90,9 @@ class Attachment:
         self.mode = mode
         self.session = session
         self.lease = lease
-        self.uffd = -1  # the client's userfaultfd of a lazy attachment (RegisterFaults)
+        #: The registration of the client's userfaultfd of a lazy attachment
+        #: (RegisterFaults; node/faults.py), until the attachment ends.
+        self.faults = None
 
 
 class Sessions:

@@ -337,6 +337,8 @@ class Client:
         :raises PermissionDenied: the mode bits do not allow it.
         :raises Busy: ``"rw"`` while another attachment holds the writer lock.
         :raises AddressConflict: ``fixed=True`` and the range is already mapped here.
+        :raises CapacityExceeded: no room for a remote segment's copy, or this uid
+            holds the most attachments (or lazy mappings) the agent allows.
 
         Example::
 
@@ -702,6 +704,8 @@ def connect(node: str | None = None) -> Client:
         ``/run/vas/node.sock``.
     :returns: a ``Client`` (a context manager; ``close()`` is idempotent).
     :raises Unavailable: nothing listens on that socket.
+    :raises CapacityExceeded: this uid holds the most connections the agent allows
+        (``vasctl node serve --max-connections-per-uid``).
 
     Example::
 
