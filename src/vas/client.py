@@ -1,55 +1,41 @@
-"""The client side of the local protocol: ``vas.connect()`` and ``Client``.
+"""The public client API: ``vas.connect()``, ``Client``, ``SpaceView`` and the
+module-level shortcuts (``vas.create``, ``vas.attach``, ...).
 
-A ``Client`` is one SOCK_SEQPACKET connection to the node agent of this machine
-(proto/vas/v1/local.proto over vas/core/wire.py). Every call validates its arguments
-here first (so bad input fails fast with ``InvalidArgument``), then sends one
-``LocalRequest`` and waits for the ``LocalResponse`` with the same id; a
-non-zero status becomes the matching ``vas.VasError`` through vas.core.errors.
+A ``Client`` holds one ``Connection`` (vas/connection.py: the SOCK_SEQPACKET socket
+to the node agent of this machine, its lock, the helper thread and the queued
+Detaches), as the agent's node/localapi.py sits over node/local.py. Every call
+validates its arguments here first (so bad input fails fast with
+``InvalidArgument``), then sends one request over the connection; a non-zero
+status comes back as the matching ``vas.VasError``. ``attach`` maps the segment
+into a ``Mapping`` (vas/mapping.py) that talks to the same connection.
 
-The agent learns who we are from the socket (SO_PEERCRED), and closing the
-connection releases every attachment and writer lock it holds, so a process
-that dies cleans up after itself.
-
-Threads: ``_lock`` spans each request/response pair and is the only lock here.
-A Client that has attached something runs one helper thread ("vas-client"),
-holding only a weak reference to it between rounds, that sends the Detach of
-attachments whose last buffer view went away (see vas/mapping.py: their
-finalizers, which may run in any thread, even one inside a request, only put the
-id on the ``_releases`` queue and nudge the helper) and a KeepAlive every
-``keepalive_seconds`` while a "rw" attachment lives. Every request, and close(),
-sends the queued Detaches first.
+Closing the client closes its connection, and the agent then releases every
+attachment and writer lock it made, so a process that dies cleans up after itself.
+Threads: see vas/connection.py (one request at a time; a mapping's finalizer only
+queues its Detach).
 """
 from __future__ import annotations
 
 import builtins
 import collections.abc
 import contextlib
-import itertools
-import logging
-import math
 import os
-import queue
 import threading
-import time
-import weakref
 from typing import Iterator
 
-from vas.core import validate, wire
+from vas.connection import Connection, close_fds
+from vas.core import validate
 from vas.core.defaults import DEFAULT_SOCKET
-from vas.core.errors import InvalidArgument, Unavailable, VasError, from_status, status_code
+from vas.core.errors import InvalidArgument, VasError
 from vas.core.fetch import probe_fault_support
 from vas.core.types import NodeInfo, SegmentInfo, SpaceInfo
 from vas.mapping import Mapping
-from vas.proto import LOCAL_PROTOCOL, coordinator_pb2, local_pb2
+from vas.proto import coordinator_pb2, local_pb2
 
 #: Segments asked for per ListSegments page.
 LIST_PAGE_SIZE = 500
 
 _MAX_UINT32 = (1 << 32) - 1
-#: Shortest interval between two KeepAlives, seconds (whatever the agent asks).
-_MIN_KEEPALIVE_SECONDS = 0.05
-
-log = logging.getLogger(__name__)
 
 
 class Client:
@@ -67,179 +53,9 @@ class Client:
     def __init__(self, node: str | None = None):
         path = node or os.environ.get("VAS_NODE") or DEFAULT_SOCKET
         self.socket_path = path
-        self._lock = threading.Lock()
-        self._ids = itertools.count(1)
-        self._closed = False
-        self._pid = os.getpid()
-        # Attachment ids whose pages are unmapped but whose Detach is not sent yet
-        # (queued by finalizers, see _release_later); sent before the next request.
-        self._releases: queue.SimpleQueue[int] = queue.SimpleQueue()
-        # Wake-ups of the helper thread (a Detach queued, a writer attached, closed).
-        self._nudges: queue.SimpleQueue[None] = queue.SimpleQueue()
-        # "rw" attachments alive at the agent (mapped here, views included): while
-        # there are any the helper sends a KeepAlive every _keepalive_seconds.
-        self._writer_ids: set[int] = set()
-        self._keepalive_seconds = math.inf
-        self._mappings: weakref.WeakSet[Mapping] = weakref.WeakSet()
-        self._helper: threading.Thread | None = None
-        # A Client dropped without close(): its helper must not wait for it forever.
-        weakref.finalize(self, self._nudges.put, None).atexit = False
-        sock = wire.new_socket()
-        try:
-            sock.connect(path)
-        except OSError as exc:
-            sock.close()
-            raise Unavailable(
-                f"cannot reach the vas agent at {path}: {exc.strerror or exc} "
-                "(is `vasctl node serve` running? set $VAS_NODE)") from exc
-        self._sock = sock
-        try:
-            hello = self._call("hello", local_pb2.HelloRequest(protocol=LOCAL_PROTOCOL), "hello")
-        except BaseException:
-            self.close()
-            raise
-        self.local_node = NodeInfo.from_proto(hello.node)
-        self.uid, self.gid, self.pid = hello.caller.uid, hello.caller.gid, hello.caller.pid
-
-    # -- plumbing ---------------------------------------------------------------
-
-    def _call(self, field: str, body, expect: str | tuple[str, ...] | None = None, *,
-              want_fds: bool = False, send_fds=()):
-        """Send one request with ``body`` in oneof ``field`` (and ``send_fds``); return the
-        response body.
-
-        With ``want_fds`` returns ``(body, fds)`` and the caller owns the fds.
-        """
-        with self._lock:
-            self._check_open()
-            self._flush_releases()
-            response, fds = self._roundtrip(field, body, send_fds)
-        try:
-            if response.code != 0:
-                raise from_status(status_code(response.code), response.message)
-            kind = response.WhichOneof("body")
-            wanted = (expect,) if isinstance(expect, str) else expect
-            if wanted is not None and kind not in wanted:
-                raise VasError(f"vas agent at {self.socket_path} answered {field} with "
-                               f"{kind or 'nothing'} (a protocol mismatch?)")
-            result = getattr(response, kind) if kind else None
-        except BaseException:
-            _close_fds(fds)
-            raise
-        if want_fds:
-            return result, fds
-        _close_fds(fds)
-        return result
-
-    def _roundtrip(self, field: str, body, send_fds=()):
-        """One request/response exchange; the caller holds the lock."""
-        request = local_pb2.LocalRequest(id=next(self._ids))
-        getattr(request, field).CopyFrom(body)
-        try:
-            wire.send_message(self._sock, request, send_fds)
-            response, fds = wire.recv_message(self._sock, local_pb2.LocalResponse)
-        except OSError as exc:
-            self._broken()
-            raise Unavailable(f"lost the connection to the vas agent at {self.socket_path}: "
-                              f"{exc.strerror or exc}") from exc
-        if response is None:
-            self._broken()
-            raise Unavailable(f"the vas agent at {self.socket_path} closed the connection")
-        if response.id != request.id:
-            _close_fds(fds)
-            self._broken()
-            raise Unavailable(f"the vas agent at {self.socket_path} answered request "
-                              f"{request.id} with id {response.id}; connection dropped")
-        return response, fds
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise Unavailable(f"this connection to the vas agent at {self.socket_path} is closed")
-        if os.getpid() != self._pid:
-            raise Unavailable("this vas connection was made by another process (before a "
-                              "fork); call vas.connect() again in this one")
-
-    def _broken(self) -> None:
-        """The socket is unusable: close it so every later call fails at once."""
-        self._closed = True
-        with contextlib.suppress(OSError):
-            self._sock.close()
-
-    def _detach(self, attachment_id: int) -> None:
-        """Release one attachment (used by Mapping.detach)."""
-        self._writer_ids.discard(attachment_id)
-        self._call("detach", local_pb2.DetachRequest(attachment_id=attachment_id),
-                   ("detach", "empty", None))
-
-    def _prefetch(self, attachment_id: int, offset: int, length: int) -> None:
-        """Ask the agent to make [offset, offset + length) of an attachment present
-        (used by Mapping.prefetch)."""
-        self._call("prefetch", local_pb2.PrefetchRequest(
-            attachment_id=attachment_id, offset=offset, length=length), "empty")
-
-    def _register_faults(self, attachment_id: int, address: int, size: int, uffd: int) -> None:
-        """Hand the userfaultfd of a lazy mapping to the agent (used by Mapping)."""
-        self._call("register_faults", local_pb2.RegisterFaultsRequest(
-            attachment_id=attachment_id, address=address, size=size), "empty", send_fds=[uffd])
-
-    def _sync(self, attachment_id: int, ranges) -> local_pb2.LocalResponse:
-        """Publish a "rw" attachment's writes (used by Mapping.sync); the new record."""
-        return self._call("sync", local_pb2.SyncRequest(
-            attachment_id=attachment_id,
-            ranges=[local_pb2.ByteRange(offset=o, length=n) for o, n in ranges]), "segment")
-
-    def _refresh(self, attachment_id: int):
-        """Bring an attachment's copy to the newest version (used by Mapping.refresh)."""
-        return self._call("refresh", local_pb2.RefreshRequest(attachment_id=attachment_id),
-                          "segment")
-
-    def _wait(self, attachment_id: int, version: int, timeout: float):
-        """Block until a version above ``version`` is published (used by Mapping.wait)."""
-        return self._call("wait", local_pb2.WaitRequest(
-            attachment_id=attachment_id, version=version, timeout_seconds=timeout), "segment")
-
-    def _start_helper(self) -> None:
-        """Start the helper thread (module docstring) once: at the first attach, never
-        from a finalizer (starting a thread takes locks and waits). It runs until the
-        connection is closed or broken, or the Client is gone."""
-        if self._helper is not None:
-            return
-        with self._lock:  # one helper even when threads attach at once
-            if self._helper is None:
-                self._helper = threading.Thread(
-                    target=_helper_loop, args=(weakref.ref(self), self._nudges),
-                    name="vas-client", daemon=True)
-                self._helper.start()
-
-    def _release_later(self, attachment_id: int) -> None:
-        """Queue the Detach of an attachment whose pages were just unmapped.
-
-        The finalizer of a mapping's native object (vas/mapping.py) calls this
-        when its last view goes: in any thread, possibly one that holds
-        ``_lock`` in the middle of a request. So it neither locks nor sends:
-        ``SimpleQueue.put`` is safe there, and the helper thread (or the next
-        request, or close) sends it.
-        """
-        self._releases.put(attachment_id)
-        self._nudges.put(None)
-
-    def _flush_releases(self) -> None:
-        """Send the queued Detaches; the caller holds the lock."""
-        while True:
-            try:
-                attachment_id = self._releases.get_nowait()
-            except queue.Empty:
-                return
-            self._writer_ids.discard(attachment_id)
-            response, fds = self._roundtrip(
-                "detach", local_pb2.DetachRequest(attachment_id=attachment_id))
-            _close_fds(fds)  # an error here only means it is gone already
-
-    def _flush_releases_now(self) -> None:
-        """Take the lock and send the queued Detaches (the helper thread)."""
-        with self._lock:
-            self._check_open()
-            self._flush_releases()
+        connection = self._connection = Connection(path)
+        self.local_node = connection.local_node
+        self.uid, self.gid, self.pid = connection.uid, connection.gid, connection.pid
 
     # -- lifetime -----------------------------------------------------------------
 
@@ -256,25 +72,12 @@ class Client:
         ``Unavailable`` (or ``InvalidArgument`` once detached). Detach and drop
         views before closing to keep the bytes.
         """
-        if self._closed:
-            return
-        with self._lock:
-            if self._closed:
-                return
-            with contextlib.suppress(VasError, OSError):
-                if os.getpid() == self._pid:
-                    self._flush_releases()
-            self._closed = True
-            self._sock.close()
-        self._writer_ids.clear()
-        self._nudges.put(None)  # the helper thread ends
-        for mapping in builtins.list(self._mappings):
-            mapping._client_closed()
+        self._connection.close()
 
     @property
     def closed(self) -> bool:
         """True once ``close()`` ran or the connection broke."""
-        return self._closed
+        return self._connection.closed
 
     def __enter__(self) -> "Client":
         return self
@@ -283,7 +86,7 @@ class Client:
         self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else f"node={self.local_node.id!r}"
+        state = "closed" if self.closed else f"node={self.local_node.id!r}"
         return f"<vas.Client {self.socket_path} {state}>"
 
     # -- segments -----------------------------------------------------------------
@@ -315,7 +118,7 @@ class Client:
         ttl_seconds = _check_ttl(ttl)
         request = local_pb2.CreateRequest(name=name, size=size, mode=mode, replicas=replicas,
                                           ttl_seconds=ttl_seconds, exist_ok=bool(exist_ok))
-        return SegmentInfo.from_proto(self._call("create", request, "segment"))
+        return SegmentInfo.from_proto(self._connection.call("create", request, "segment"))
 
     def attach(self, name: str, mode: str = "r", *, fixed: bool = False,
                fetch: str = "lazy") -> Mapping:
@@ -350,29 +153,28 @@ class Client:
         validate.check_fetch(fetch)
         request = local_pb2.AttachRequest(name=name, mode=mode, fetch=fetch,
                                           fault_support=probe_fault_support(bool(fixed)))
-        self._start_helper()
-        response, fds = self._call("attach", request, "attach", want_fds=True)
+        connection = self._connection
+        connection.start_helper()
+        response, fds = connection.call("attach", request, "attach", want_fds=True)
         if len(fds) != 1:
-            _close_fds(fds)
+            close_fds(fds)
             self._release_quietly(response.attachment_id)
             raise VasError(f"vas agent sent {len(fds)} file descriptors for attach of {name}")
         try:
-            mapping = Mapping(self, response, fds[0], mode, fixed=bool(fixed))
+            mapping = Mapping(connection, response, fds[0], mode, fixed=bool(fixed))
         except BaseException:
             self._release_quietly(response.attachment_id)
             raise
         finally:
-            _close_fds(fds)  # the mapping keeps the pages; the fd is not needed after mmap
-        self._mappings.add(mapping)
+            close_fds(fds)  # the mapping keeps the pages; the fd is not needed after mmap
+        connection.track(mapping)
         if mode == "rw":
-            self._keepalive_seconds = max(response.keepalive_seconds, _MIN_KEEPALIVE_SECONDS)
-            self._writer_ids.add(mapping._attachment_id)
-            self._nudges.put(None)  # the helper starts its keepalive rounds
+            connection.add_writer(int(response.attachment_id), response.keepalive_seconds)
         return mapping
 
     def _release_quietly(self, attachment_id: int) -> None:
         with contextlib.suppress(VasError):
-            self._detach(attachment_id)
+            self._connection.detach(attachment_id)
 
     def stat(self, name: str) -> SegmentInfo:
         """The segment's current ``SegmentInfo``.
@@ -386,7 +188,7 @@ class Client:
         """
         validate.check_name(name)
         return SegmentInfo.from_proto(
-            self._call("stat", coordinator_pb2.GetSegmentRequest(name=name), "segment"))
+            self._connection.call("stat", coordinator_pb2.GetSegmentRequest(name=name), "segment"))
 
     def list(self, prefix: str = "") -> builtins.list[SegmentInfo]:
         """Every segment whose name starts with ``prefix``, ordered by name.
@@ -402,7 +204,7 @@ class Client:
         segments: builtins.list[SegmentInfo] = []
         token = ""
         while True:
-            page = self._call("list", coordinator_pb2.ListSegmentsRequest(
+            page = self._connection.call("list", coordinator_pb2.ListSegmentsRequest(
                 prefix=prefix, page_size=LIST_PAGE_SIZE, page_token=token), "list")
             segments.extend(SegmentInfo.from_proto(s) for s in page.segments)
             token = page.next_page_token
@@ -423,7 +225,7 @@ class Client:
             c.delete("frames/0")
         """
         validate.check_name(name)
-        self._call("delete", local_pb2.DeleteRequest(name=name, force=bool(force)))
+        self._connection.call("delete", local_pb2.DeleteRequest(name=name, force=bool(force)))
 
     def chmod(self, name: str, mode: int) -> SegmentInfo | None:
         """Set a segment's permission bits (owner or root only).
@@ -439,7 +241,8 @@ class Client:
         """
         validate.check_name(name)
         validate.check_mode(mode)
-        return _segment_or_none(self._call("chmod", local_pb2.ChmodRequest(name=name, mode=mode)))
+        return _segment_or_none(
+            self._connection.call("chmod", local_pb2.ChmodRequest(name=name, mode=mode)))
 
     def chown(self, name: str, uid: int, gid: int) -> SegmentInfo | None:
         """Set a segment's owner and group (owner or root only).
@@ -457,14 +260,14 @@ class Client:
         uid = _check_id(uid, "uid")
         gid = _check_id(gid, "gid")
         return _segment_or_none(
-            self._call("chown", local_pb2.ChownRequest(name=name, uid=uid, gid=gid)))
+            self._connection.call("chown", local_pb2.ChownRequest(name=name, uid=uid, gid=gid)))
 
     # -- spaces -------------------------------------------------------------------
 
     def _space(self, op: str, body, expect):
         request = local_pb2.LocalSpaceRequest()
         getattr(request, op).CopyFrom(body)
-        return self._call("space", request, expect)
+        return self._connection.call("space", request, expect)
 
     def create_space(self, name: str, *, mode: int = 0o600) -> SpaceInfo:
         """Create an empty space (a named set of segments).
@@ -596,7 +399,7 @@ class Client:
 
             sockets = {n.id: n.socket for n in c.nodes()}
         """
-        response = self._call("nodes", coordinator_pb2.ListNodesRequest(), "nodes")
+        response = self._connection.call("nodes", coordinator_pb2.ListNodesRequest(), "nodes")
         return [NodeInfo.from_proto(n) for n in response.nodes]
 
     def status(self) -> dict:
@@ -610,7 +413,7 @@ class Client:
 
             print(c.status()["segments"])
         """
-        response = self._call("status", coordinator_pb2.ClusterStatusRequest(), "status")
+        response = self._connection.call("status", coordinator_pb2.ClusterStatusRequest(), "status")
         return {
             "etcd": response.etcd, "revision": response.revision,
             "nodes": [NodeInfo.from_proto(n) for n in response.nodes],
@@ -660,43 +463,6 @@ class SpaceView(collections.abc.Mapping):
             raise first
 
 
-def _helper_loop(client_ref, nudges: queue.SimpleQueue) -> None:
-    """Body of a Client's helper thread (module docstring): send queued Detaches when
-    nudged, a KeepAlive when one is due; end when the Client is closed or gone.
-    Holds the Client only while working, never while waiting."""
-    keepalive_due = math.inf
-    while True:
-        client = client_ref()
-        if client is None or client.closed:
-            return
-        now = time.monotonic()
-        if not client._writer_ids:
-            keepalive_due = math.inf
-        elif keepalive_due == math.inf:
-            keepalive_due = now + client._keepalive_seconds
-        del client
-        try:
-            nudges.get(timeout=None if keepalive_due == math.inf else max(0.0, keepalive_due - now))
-            keepalive = False
-        except queue.Empty:
-            keepalive = True
-        client = client_ref()
-        if client is None or client.closed:
-            return
-        try:
-            if keepalive:  # any request proves us alive; it also sends queued Detaches
-                keepalive_due = math.inf
-                client._call("keepalive", local_pb2.KeepAliveRequest(), "empty")
-            else:
-                client._flush_releases_now()
-        except VasError as exc:
-            if client.closed:
-                return  # the connection is gone: the agent released everything already
-            log.warning("vas agent at %s refused a request of the client's helper "
-                        "thread: %s", client.socket_path, exc)
-        del client
-
-
 def connect(node: str | None = None) -> Client:
     """Connect to the vas agent of this machine.
 
@@ -713,12 +479,6 @@ def connect(node: str | None = None) -> Client:
             print([s.name for s in c.list()])
     """
     return Client(node)
-
-
-def _close_fds(fds) -> None:
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
 
 
 def _segment_or_none(body) -> SegmentInfo | None:
@@ -740,11 +500,8 @@ def _check_id(value: object, what: str) -> int:
 
 
 def _check_ttl(ttl: object) -> float:
-    if ttl is None:
-        return 0.0
-    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl < float("inf"):
-        raise InvalidArgument(f"invalid ttl {ttl!r}: must be a number of seconds > 0, or None")
-    return float(ttl)
+    """Seconds of a segment's lease; None (like 0) means no expiry."""
+    return 0.0 if ttl is None else validate.check_seconds(ttl, "ttl")
 
 
 # -- the default connection of the module-level shortcuts ------------------------
@@ -759,7 +516,7 @@ def _default() -> Client:
     global _default_client
     with _default_lock:
         client = _default_client
-        if client is None or client.closed or client._pid != os.getpid():
+        if client is None or client.closed or client._connection.forked:
             _default_client = client = Client()
         return client
 

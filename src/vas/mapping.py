@@ -15,9 +15,15 @@ end (when the last view goes). The attachment at the agent must live exactly as
 long as the pages are mapped (else the agent could free a deleted segment's
 pages under the views, or stop resolving a lazy mapping's faults), so its
 Detach is tied to the native object too: a ``weakref.finalize`` on it queues the
-Detach with the Client (``Client._release_later``), which sends it from its
-helper thread, before its next request, or at close. A finalizer may run in any
-thread, even one in the middle of a request, so it only queues.
+Detach with the connection (``Connection.release_later``, vas/connection.py),
+which sends it from its helper thread, before its next request, or at close. A
+finalizer may run in any thread, even one in the middle of a request, so it only
+queues.
+
+A Mapping talks to the agent through the ``Connection`` of the Client that made
+it, by that class's public methods (``detach``, ``prefetch``, ``register_faults``,
+``sync``, ``refresh``, ``wait``, ``release_later``); the connection calls
+``connection_closed`` when it closes.
 """
 from __future__ import annotations
 
@@ -27,11 +33,15 @@ import math
 import os
 import time
 import weakref
+from typing import TYPE_CHECKING
 
 from vas.core import validate
 from vas.core.errors import AddressConflict, InvalidArgument, NotFound, PermissionDenied, Unavailable, VasError
 from vas.core.fetch import FetchMode
 from vas.core.types import SegmentInfo
+
+if TYPE_CHECKING:
+    from vas.connection import Connection
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +140,8 @@ class Mapping:
             header = m.read(0, 64)
     """
 
-    def __init__(self, client, response, fd: int, mode: str, *, fixed: bool = False):
+    def __init__(self, connection: Connection, response, fd: int, mode: str, *,
+                 fixed: bool = False):
         segment = response.segment
         # ``info`` is built on first use: attach is on the hot path (p50 budget 300 us).
         self._segment = segment
@@ -139,7 +150,7 @@ class Mapping:
         self.mode = mode
         self.fixed = fixed
         self.token = int(response.token)
-        self._client = client
+        self._connection: Connection | None = connection  # None once detached or closed
         self._attachment_id = int(response.attachment_id)
         self._version = segment.version
         self._native = None
@@ -186,7 +197,7 @@ class Mapping:
         # The attachment's Detach, due when the pages are unmapped: by detach() at
         # once, or when the native object ends, i.e. when the last view of it goes
         # (the callback runs after the munmap; it only queues, see the module docstring).
-        self._release = weakref.finalize(native, client._release_later, self._attachment_id)
+        self._release = weakref.finalize(native, connection.release_later, self._attachment_id)
         self._release.atexit = False  # at exit the connection's end releases it
         self._detached = False
 
@@ -201,10 +212,10 @@ class Mapping:
         except OSError as exc:
             log.warning("cannot register segment %s for userfaults (%s): fetching it "
                         "eagerly", self.name, exc)
-            self._client._prefetch(self._attachment_id, 0, self.size)
+            self._connection.prefetch(self._attachment_id, 0, self.size)
             return FetchMode.EAGER_NO_USERFAULTFD
         try:
-            self._client._register_faults(self._attachment_id, self.address, self.size, uffd)
+            self._connection.register_faults(self._attachment_id, self.address, self.size, uffd)
         finally:
             os.close(uffd)  # the agent holds it now; its close ends the registration
         return FetchMode.LAZY
@@ -318,8 +329,8 @@ class Mapping:
     # -- versions -----------------------------------------------------------------
 
     def _is_home(self) -> bool:
-        client = self._client
-        return client is not None and self.info.home == client.local_node.id
+        connection = self._connection
+        return connection is not None and self.info.home == connection.local_node.id
 
     def sync(self, ranges=None) -> int:
         r"""Publish this writer's changes cluster-wide ("rw" only); returns the new version.
@@ -350,7 +361,7 @@ class Mapping:
         for item in ranges or ():
             offset, length = item
             pairs.append(validate.check_range(offset, length, self.size))
-        segment = self._connected()._sync(self._attachment_id, pairs)
+        segment = self._connected().sync(self._attachment_id, pairs)
         self._version = max(self._version, segment.version)
         return self._version
 
@@ -369,7 +380,7 @@ class Mapping:
             version = m.refresh()
         """
         self._live_view()
-        segment = self._connected()._refresh(self._attachment_id)
+        segment = self._connected().refresh(self._attachment_id)
         self._version = max(self._version, segment.version)
         return self._version
 
@@ -395,10 +406,10 @@ class Mapping:
         validate.check_range(offset, length, self.size)
         if self._is_home() or not length:
             return
-        client = self._client
-        if client is None:
+        connection = self._connection
+        if connection is None:
             raise Unavailable(f"segment {self.name}: the connection to the agent is closed")
-        client._prefetch(self._attachment_id, offset, length)
+        connection.prefetch(self._attachment_id, offset, length)
 
     def wait(self, version: int | None = None, timeout: float | None = None) -> int:
         """Block until a version newer than ``version`` (default: this mapping's) is
@@ -418,23 +429,23 @@ class Mapping:
         floor = self._version if version is None else version
         if isinstance(floor, bool) or not isinstance(floor, int) or floor < 0:
             raise InvalidArgument(f"invalid version {version!r}: must be an integer >= 0")
-        if timeout is not None and not (isinstance(timeout, (int, float)) and timeout >= 0):
-            raise InvalidArgument(f"invalid timeout {timeout!r}: must be seconds >= 0")
+        if timeout is not None:
+            timeout = validate.check_seconds(timeout, "timeout")
         # Wait in slices: the connection serves one request at a time, so other threads
         # of this process get their turn between slices.
         deadline = math.inf if timeout is None else time.monotonic() + float(timeout)
         while True:
             # At least 1 ms: a zero timeout would mean "no limit" on the wire.
             slice_ = max(min(_WAIT_REQUEST_SECONDS, deadline - time.monotonic()), 1e-3)
-            version = self._connected()._wait(self._attachment_id, floor, slice_).version
+            version = self._connected().wait(self._attachment_id, floor, slice_).version
             if version > floor or time.monotonic() >= deadline:
                 return version
 
-    def _connected(self):
-        client = self._client
-        if client is None or client.closed:
+    def _connected(self) -> Connection:
+        connection = self._connection
+        if connection is None or connection.closed:
             raise Unavailable(f"segment {self.name}: the connection to the agent is closed")
-        return client
+        return connection
 
     # -- lifetime -----------------------------------------------------------------
 
@@ -465,7 +476,7 @@ class Mapping:
         if self._detached:
             return
         self._detached = True
-        client, self._client = self._client, None
+        connection, self._connection = self._connection, None
         native, self._native = self._native, None
         self._view = None  # ours; a caller holding ``buffer`` keeps it, and the pages
         try:
@@ -473,17 +484,18 @@ class Mapping:
             unmapped = True
         except BufferError:
             unmapped = False  # the native object unmaps when the last view goes
-        if unmapped or client is None or client.closed:
+        if unmapped or connection is None or connection.closed:
             # Released here (or by the connection's end): not by the finalizer.
             self._release.detach()
         del native
-        if unmapped and client is not None and not client.closed:
+        if unmapped and connection is not None and not connection.closed:
             with contextlib.suppress(NotFound):  # a forced delete revoked it already
-                client._detach(self._attachment_id)
+                connection.detach(self._attachment_id)
 
-    def _client_closed(self) -> None:
-        """The connection closed: the agent released the attachment already."""
-        self._client = None
+    def connection_closed(self) -> None:
+        """Called by the Connection when it closes: the agent released the attachment
+        already, so nothing is sent for it any more (not part of the user API)."""
+        self._connection = None
 
     def __enter__(self) -> "Mapping":
         return self

@@ -105,7 +105,7 @@ def test_a_failing_detach_is_a_note_on_the_blocks_exception(cluster):
     client.create("det/note", 4096)
     with pytest.raises(KeyError) as info:
         with client.attach("det/note") as m:
-            client._sock.shutdown(socket.SHUT_RDWR)  # the connection breaks under the block
+            client._connection._sock.shutdown(socket.SHUT_RDWR)  # the connection breaks under the block
             raise KeyError("from the block")
     assert m.detached
     assert any("detaching segment det/note failed" in note for note in info.value.__notes__)
@@ -208,7 +208,7 @@ def test_a_view_dying_in_a_thread_that_holds_the_connection_lock(c1):
     done = threading.Event()
 
     def drop_while_holding_the_lock() -> None:
-        with c1._lock:
+        with c1._connection._lock:
             arrays.clear()  # the last view: munmap and the finalizer run here
         done.set()
 

@@ -2,7 +2,7 @@
 
 - The daemons never load the client side: a real agent and coordinator run with
   PYTHONPROFILEIMPORTTIME=1, which makes each print every module it imports to
-  stderr (its log), and neither log names vas.client or vas.mapping.
+  stderr (its log), and neither log names vas.client, vas.connection or vas.mapping.
 - The checkout imports like the installed package: from the checkout root (where
   ``python -c`` puts the cwd first on sys.path) vas, vas.node and vas.coordinator
   import, because nothing at the root is named vas (the client package is src/vas).
@@ -20,7 +20,7 @@ import tomllib
 import vas
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-CLIENT_SIDE = {"vas.client", "vas.mapping"}
+CLIENT_SIDE = {"vas.client", "vas.connection", "vas.mapping"}
 
 
 def imported_modules(log_path: str) -> set[str]:
@@ -83,7 +83,7 @@ def test_the_checkout_root_shadows_no_other_package():
 def test_the_daemon_packages_load_no_client_side():
     done = python_at_root("import sys, vas.node.server, vas.coordinator.server, vas.cli.main\n"
                           "vas.cli.main.build_parser()  # every noun module, as `serve` does\n"
-                          "print(sorted(m for m in sys.modules if m in ('vas.client', 'vas.mapping')))")
+                          f"print(sorted(m for m in sys.modules if m in {sorted(CLIENT_SIDE)}))")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
     done = python_at_root("import sys, vas.node; print('vas.client' in sys.modules)")

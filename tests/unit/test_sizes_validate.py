@@ -166,13 +166,14 @@ def test_exceptions_are_exported_and_subclass_builtins():
 
 @pytest.fixture
 def offline_client():
-    """A Client whose transport fails the test if anything would be sent."""
+    """A Client whose connection fails the test if anything would be sent."""
     client = object.__new__(vas.Client)
 
-    def no_send(*args, **kwargs):
-        pytest.fail(f"bad input reached the wire: {args}")
+    class NoSend:
+        def call(self, *args, **kwargs):
+            pytest.fail(f"bad input reached the wire: {args}")
 
-    client._call = no_send
+    client._connection = NoSend()
     return client
 
 
@@ -184,7 +185,8 @@ def offline_client():
     (lambda c: c.create("ok", (1 << 40) + 1), "larger than the maximum"),
     (lambda c: c.create("ok", 4096, mode=0o1777), "invalid mode"),
     (lambda c: c.create("ok", 4096, replicas=-1), "invalid replicas -1: must be an integer >= 0"),
-    (lambda c: c.create("ok", 4096, ttl=0), "invalid ttl 0: must be a number of seconds > 0, or None"),
+    (lambda c: c.create("ok", 4096, ttl=-1), "invalid ttl -1: must be 0..86400 seconds"),
+    (lambda c: c.create("ok", 4096, ttl=86401), "invalid ttl 86401: must be 0..86400 seconds"),
     (lambda c: c.create("ok", 4096, ttl="1"), "invalid ttl '1'"),
     (lambda c: c.attach("/x"), "must not start with '/'"),
     (lambda c: c.attach("ok", "w"), "invalid attach mode 'w'"),
@@ -224,14 +226,14 @@ def test_connect_defaults_to_vas_node(tmp_path, monkeypatch):
 # -- a Mapping's own bounds checks (no agent: a memfd mapped directly) ---------------------
 
 class NoAgent:
-    """What a Mapping asks of its Client, with no agent behind it (a closed connection)."""
+    """What a Mapping asks of its Connection, with no agent behind it (a closed connection)."""
 
     closed = True
 
     def __init__(self):
         self.released: list[int] = []
 
-    def _release_later(self, attachment_id: int) -> None:
+    def release_later(self, attachment_id: int) -> None:
         self.released.append(attachment_id)
 
 
@@ -277,7 +279,7 @@ def test_mapping_bounds_and_views(local_mapping):
     del array  # the last view: unmapped now (the closed connection released it already)
 
 
-class RecordingClient(NoAgent):
+class RecordingConnection(NoAgent):
     """An open connection that records what the Mapping tells it."""
 
     closed = False
@@ -286,11 +288,11 @@ class RecordingClient(NoAgent):
         super().__init__()
         self.detached: list[int] = []
 
-    def _detach(self, attachment_id: int) -> None:
+    def detach(self, attachment_id: int) -> None:
         self.detached.append(attachment_id)
 
 
-def _mapping_of(client, attachment_id: int):
+def _mapping_of(connection, attachment_id: int):
     from vas.proto import local_pb2
 
     fd = os.memfd_create("vas-unit")
@@ -299,7 +301,7 @@ def _mapping_of(client, attachment_id: int):
                                         fetch=local_pb2.FETCH_MODE_HOME)
     response.segment.name, response.segment.size = "unit", 4096
     try:
-        return vas.Mapping(client, response, fd, "r")
+        return vas.Mapping(connection, response, fd, "r")
     finally:
         os.close(fd)
 
@@ -307,25 +309,25 @@ def _mapping_of(client, attachment_id: int):
 def test_detach_hands_the_release_to_the_last_view():
     np = pytest.importorskip("numpy")
     pytest.importorskip("vas._native")
-    client = RecordingClient()
-    plain = _mapping_of(client, 1)
+    connection = RecordingConnection()
+    plain = _mapping_of(connection, 1)
     plain.detach()  # no view: unmapped and released at once
-    assert (client.detached, client.released) == ([1], [])
+    assert (connection.detached, connection.released) == ([1], [])
     del plain
 
-    viewed = _mapping_of(client, 2)
+    viewed = _mapping_of(connection, 2)
     array = viewed.ndarray(np.uint8)
     piece = viewed.buffer[100:200]
     viewed.detach()
     del viewed
-    assert (client.detached, client.released) == ([1], [])  # the views hold it
+    assert (connection.detached, connection.released) == ([1], [])  # the views hold it
     del array
-    assert client.released == []
+    assert connection.released == []
     assert bytes(piece[:2]) == b"\0\0"
-    del piece  # the last view: unmapped, then the Detach queued with the client
-    assert (client.detached, client.released) == ([1], [2])
+    del piece  # the last view: unmapped, then the Detach queued with the connection
+    assert (connection.detached, connection.released) == ([1], [2])
 
-    dropped = _mapping_of(client, 3).ndarray(np.uint8)  # never detached: the same path
-    assert client.released == [2]
+    dropped = _mapping_of(connection, 3).ndarray(np.uint8)  # never detached: the same path
+    assert connection.released == [2]
     del dropped
-    assert client.released == [2, 3]
+    assert connection.released == [2, 3]

@@ -2,7 +2,7 @@
 
 The socket is SOCK_SEQPACKET, so one datagram is exactly one serialized
 message and file descriptors ride along as SCM_RIGHTS ancillary data. Both
-the client (vas.client) and the agent (vas.node) use these two functions.
+the client (vas.connection) and the agent (vas.node) use these two functions.
 """
 from __future__ import annotations
 

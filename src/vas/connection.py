@@ -1,0 +1,340 @@
+"""``Connection``: the client's one SOCK_SEQPACKET connection to the local agent.
+
+The transport under ``vas.Client`` (vas/client.py: the public API and its argument
+checks) and under each ``Mapping`` (vas/mapping.py), as node/local.py is under
+node/localapi.py in the agent. It speaks proto/vas/v1/local.proto over
+vas/core/wire.py: ``call`` sends one ``LocalRequest`` and waits for the
+``LocalResponse`` with the same id; a non-zero status becomes the matching
+``vas.VasError`` through vas.core.errors. Opening a connection says Hello, which
+gives ``local_node`` and the identity the agent saw (``uid``/``gid``/``pid``).
+
+The agent learns who we are from the socket (SO_PEERCRED), and closing the
+connection releases every attachment and writer lock it holds, so a process
+that dies cleans up after itself. A connection belongs to the process that made
+it: after a fork every request raises ``Unavailable``. A socket error, an EOF or
+an answer with another id breaks it: the socket is closed and every later request
+fails at once.
+
+Threads: ``_lock`` spans each request/response pair and is the only lock here.
+A Connection that has attached something runs one helper thread ("vas-client"),
+holding only a weak reference to it between rounds, that sends the Detach of
+attachments whose last buffer view went away and a KeepAlive every
+``keepalive_seconds`` while a "rw" attachment lives. Every request, and close(),
+sends the queued Detaches first.
+
+Those Detaches come from finalizers (vas/mapping.py: one on each mapping's native
+object, run when its last view goes), and a finalizer may run in any thread, even
+one inside a request of this very connection, holding ``_lock``. So
+``release_later``, what it calls, neither locks nor sends: it only puts the id on
+the ``_releases`` SimpleQueue (safe there) and nudges the helper.
+"""
+from __future__ import annotations
+
+import builtins
+import contextlib
+import itertools
+import logging
+import math
+import os
+import queue
+import threading
+import time
+import weakref
+from typing import TYPE_CHECKING
+
+from vas.core import wire
+from vas.core.errors import Unavailable, VasError, from_status, status_code
+from vas.core.types import NodeInfo
+from vas.proto import LOCAL_PROTOCOL, local_pb2
+
+if TYPE_CHECKING:
+    from vas.mapping import Mapping
+
+#: Shortest interval between two KeepAlives, seconds (whatever the agent asks).
+_MIN_KEEPALIVE_SECONDS = 0.05
+
+log = logging.getLogger(__name__)
+
+
+class Connection:
+    """One connection to the local agent, shared by a ``Client`` and its mappings.
+
+    Thread-safe: one request is in flight at a time. Attributes: ``socket_path``,
+    ``local_node`` (the agent's ``NodeInfo`` as of Hello), ``uid``/``gid``/``pid``
+    (the identity the agent saw on the socket).
+
+    :raises Unavailable: nothing listens on ``socket_path``, or Hello failed.
+    """
+
+    def __init__(self, socket_path: str):
+        self.socket_path = socket_path
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._closed = False
+        self._pid = os.getpid()
+        # Attachment ids whose pages are unmapped but whose Detach is not sent yet
+        # (queued by finalizers, see release_later); sent before the next request.
+        self._releases: queue.SimpleQueue[int] = queue.SimpleQueue()
+        # Wake-ups of the helper thread (a Detach queued, a writer attached, closed).
+        self._nudges: queue.SimpleQueue[None] = queue.SimpleQueue()
+        # "rw" attachments alive at the agent (mapped here, views included): while
+        # there are any the helper sends a KeepAlive every _keepalive_seconds.
+        self._writer_ids: set[int] = set()
+        self._keepalive_seconds = math.inf
+        # Mappings told at close that the agent released their attachments.
+        self._mappings: weakref.WeakSet[Mapping] = weakref.WeakSet()
+        self._helper: threading.Thread | None = None
+        # A Connection dropped without close(): its helper must not wait for it forever.
+        weakref.finalize(self, self._nudges.put, None).atexit = False
+        sock = wire.new_socket()
+        try:
+            sock.connect(socket_path)
+        except OSError as exc:
+            sock.close()
+            raise Unavailable(
+                f"cannot reach the vas agent at {socket_path}: {exc.strerror or exc} "
+                "(is `vasctl node serve` running? set $VAS_NODE)") from exc
+        self._sock = sock
+        try:
+            hello = self.call("hello", local_pb2.HelloRequest(protocol=LOCAL_PROTOCOL), "hello")
+        except BaseException:
+            self.close()
+            raise
+        self.local_node = NodeInfo.from_proto(hello.node)
+        self.uid, self.gid, self.pid = hello.caller.uid, hello.caller.gid, hello.caller.pid
+
+    # -- requests -----------------------------------------------------------------
+
+    def call(self, field: str, body, expect: str | tuple[str, ...] | None = None, *,
+             want_fds: bool = False, send_fds=()):
+        """Send one request with ``body`` in oneof ``field`` (and ``send_fds``); return the
+        response body.
+
+        :param expect: the response bodies that may answer (``None`` in the tuple:
+            no body); ``None``: any.
+        :returns: the body, or ``(body, fds)`` with ``want_fds`` (the caller owns the fds).
+        :raises VasError: the agent's status as its exception; a body not expected.
+        :raises Unavailable: closed, made by another process, or broken now.
+        """
+        with self._lock:
+            self._check_open()
+            self._flush_releases()
+            response, fds = self._roundtrip(field, body, send_fds)
+        try:
+            if response.code != 0:
+                raise from_status(status_code(response.code), response.message)
+            kind = response.WhichOneof("body")
+            wanted = (expect,) if isinstance(expect, str) else expect
+            if wanted is not None and kind not in wanted:
+                raise VasError(f"vas agent at {self.socket_path} answered {field} with "
+                               f"{kind or 'nothing'} (a protocol mismatch?)")
+            result = getattr(response, kind) if kind else None
+        except BaseException:
+            close_fds(fds)
+            raise
+        if want_fds:
+            return result, fds
+        close_fds(fds)
+        return result
+
+    def _roundtrip(self, field: str, body, send_fds=()):
+        """One request/response exchange; the caller holds the lock."""
+        request = local_pb2.LocalRequest(id=next(self._ids))
+        getattr(request, field).CopyFrom(body)
+        try:
+            wire.send_message(self._sock, request, send_fds)
+            response, fds = wire.recv_message(self._sock, local_pb2.LocalResponse)
+        except OSError as exc:
+            self._broken()
+            raise Unavailable(f"lost the connection to the vas agent at {self.socket_path}: "
+                              f"{exc.strerror or exc}") from exc
+        if response is None:
+            self._broken()
+            raise Unavailable(f"the vas agent at {self.socket_path} closed the connection")
+        if response.id != request.id:
+            close_fds(fds)
+            self._broken()
+            raise Unavailable(f"the vas agent at {self.socket_path} answered request "
+                              f"{request.id} with id {response.id}; connection dropped")
+        return response, fds
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise Unavailable(f"this connection to the vas agent at {self.socket_path} is closed")
+        if self.forked:
+            raise Unavailable("this vas connection was made by another process (before a "
+                              "fork); call vas.connect() again in this one")
+
+    def _broken(self) -> None:
+        """The socket is unusable: close it so every later call fails at once."""
+        self._closed = True
+        with contextlib.suppress(OSError):
+            self._sock.close()
+
+    # -- the requests of a Mapping --------------------------------------------------
+
+    def detach(self, attachment_id: int) -> None:
+        """Release one attachment (Mapping.detach, and a failed attach)."""
+        self._writer_ids.discard(attachment_id)
+        self.call("detach", local_pb2.DetachRequest(attachment_id=attachment_id),
+                  ("detach", "empty", None))
+
+    def prefetch(self, attachment_id: int, offset: int, length: int) -> None:
+        """Ask the agent to make [offset, offset + length) of an attachment present
+        (Mapping.prefetch)."""
+        self.call("prefetch", local_pb2.PrefetchRequest(
+            attachment_id=attachment_id, offset=offset, length=length), "empty")
+
+    def register_faults(self, attachment_id: int, address: int, size: int, uffd: int) -> None:
+        """Hand the userfaultfd of a lazy mapping to the agent (the caller still closes
+        ``uffd``)."""
+        self.call("register_faults", local_pb2.RegisterFaultsRequest(
+            attachment_id=attachment_id, address=address, size=size), "empty", send_fds=[uffd])
+
+    def sync(self, attachment_id: int, ranges):
+        """Publish a "rw" attachment's writes (Mapping.sync); the new segment record."""
+        return self.call("sync", local_pb2.SyncRequest(
+            attachment_id=attachment_id,
+            ranges=[local_pb2.ByteRange(offset=o, length=n) for o, n in ranges]), "segment")
+
+    def refresh(self, attachment_id: int):
+        """Bring an attachment's copy to the newest version (Mapping.refresh); its record."""
+        return self.call("refresh", local_pb2.RefreshRequest(attachment_id=attachment_id),
+                         "segment")
+
+    def wait(self, attachment_id: int, version: int, timeout: float):
+        """Block until a version above ``version`` is published or ``timeout`` seconds
+        pass (Mapping.wait); the segment record."""
+        return self.call("wait", local_pb2.WaitRequest(
+            attachment_id=attachment_id, version=version, timeout_seconds=timeout), "segment")
+
+    # -- attachments: the helper thread, queued Detaches, KeepAlives ----------------
+
+    def start_helper(self) -> None:
+        """Start the helper thread (module docstring) once: at the first attach, never
+        from a finalizer (starting a thread takes locks and waits). It runs until the
+        connection is closed or broken, or the Connection is gone."""
+        if self._helper is not None:
+            return
+        with self._lock:  # one helper even when threads attach at once
+            if self._helper is None:
+                self._helper = threading.Thread(
+                    target=_helper_loop, args=(weakref.ref(self), self._nudges),
+                    name="vas-client", daemon=True)
+                self._helper.start()
+
+    def track(self, mapping: Mapping) -> None:
+        """Tell ``mapping`` (``connection_closed``) when this connection closes."""
+        self._mappings.add(mapping)
+
+    def add_writer(self, attachment_id: int, keepalive_seconds: float) -> None:
+        """A "rw" attachment lives: the helper sends a KeepAlive every
+        ``keepalive_seconds`` (the agent's figure; at least _MIN_KEEPALIVE_SECONDS)
+        until it is detached."""
+        self._keepalive_seconds = max(keepalive_seconds, _MIN_KEEPALIVE_SECONDS)
+        self._writer_ids.add(attachment_id)
+        self._nudges.put(None)  # the helper starts its keepalive rounds
+
+    def release_later(self, attachment_id: int) -> None:
+        """Queue the Detach of an attachment whose pages were just unmapped.
+
+        The finalizer of a mapping's native object (vas/mapping.py) calls this
+        when its last view goes: in any thread, possibly one that holds
+        ``_lock`` in the middle of a request. So it neither locks nor sends:
+        ``SimpleQueue.put`` is safe there, and the helper thread (or the next
+        request, or close) sends it.
+        """
+        self._releases.put(attachment_id)
+        self._nudges.put(None)
+
+    def _flush_releases(self) -> None:
+        """Send the queued Detaches; the caller holds the lock."""
+        while True:
+            try:
+                attachment_id = self._releases.get_nowait()
+            except queue.Empty:
+                return
+            self._writer_ids.discard(attachment_id)
+            response, fds = self._roundtrip(
+                "detach", local_pb2.DetachRequest(attachment_id=attachment_id))
+            close_fds(fds)  # an error here only means it is gone already
+
+    def _flush_releases_now(self) -> None:
+        """Take the lock and send the queued Detaches (the helper thread)."""
+        with self._lock:
+            self._check_open()
+            self._flush_releases()
+
+    # -- lifetime -----------------------------------------------------------------
+
+    def close(self) -> None:
+        """Send the queued Detaches, then close the socket (the agent releases every
+        attachment of it) and tell the tracked mappings. Idempotent."""
+        if self._closed:
+            return
+        with self._lock:
+            if self._closed:
+                return
+            with contextlib.suppress(VasError, OSError):
+                if not self.forked:
+                    self._flush_releases()
+            self._closed = True
+            self._sock.close()
+        self._writer_ids.clear()
+        self._nudges.put(None)  # the helper thread ends
+        for mapping in builtins.list(self._mappings):
+            mapping.connection_closed()
+
+    @property
+    def closed(self) -> bool:
+        """True once ``close()`` ran or the connection broke."""
+        return self._closed
+
+    @property
+    def forked(self) -> bool:
+        """True in a process other than the one that made this connection (a fork)."""
+        return os.getpid() != self._pid
+
+
+def _helper_loop(connection_ref, nudges: queue.SimpleQueue) -> None:
+    """Body of a Connection's helper thread (module docstring): send queued Detaches when
+    nudged, a KeepAlive when one is due; end when the Connection is closed or gone.
+    Holds the Connection only while working, never while waiting."""
+    keepalive_due = math.inf
+    while True:
+        connection = connection_ref()
+        if connection is None or connection.closed:
+            return
+        now = time.monotonic()
+        if not connection._writer_ids:
+            keepalive_due = math.inf
+        elif keepalive_due == math.inf:
+            keepalive_due = now + connection._keepalive_seconds
+        del connection
+        try:
+            nudges.get(timeout=None if keepalive_due == math.inf else max(0.0, keepalive_due - now))
+            keepalive = False
+        except queue.Empty:
+            keepalive = True
+        connection = connection_ref()
+        if connection is None or connection.closed:
+            return
+        try:
+            if keepalive:  # any request proves us alive; it also sends queued Detaches
+                keepalive_due = math.inf
+                connection.call("keepalive", local_pb2.KeepAliveRequest(), "empty")
+            else:
+                connection._flush_releases_now()
+        except VasError as exc:
+            if connection.closed:
+                return  # the connection is gone: the agent released everything already
+            log.warning("vas agent at %s refused a request of the client's helper "
+                        "thread: %s", connection.socket_path, exc)
+        del connection
+
+
+def close_fds(fds) -> None:
+    """Close every fd of ``fds``, ignoring errors (fds a response carried)."""
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
