@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 
 from fault_kit import LIMITS, Child
+from vas.node import locks
 
 
 @pytest.fixture
@@ -31,5 +32,13 @@ def nobody():
 
 @pytest.fixture
 def limited(cluster):
-    """Two agents (node1, node2) with the small LIMITS, over a fresh cluster."""
-    return cluster(nodes=2, node_args=LIMITS)
+    """Two agents (node1, node2) with the small LIMITS, over a fresh cluster; after the
+    test they are stopped and their logs must hold no traceback and, when run with
+    VAS_LOCK_CHECK, no lock-order violation."""
+    running = cluster(nodes=2, node_args=LIMITS)
+    yield running
+    running.stop()
+    for node in running.nodes:
+        with open(node.log_path, errors="replace") as log:
+            text = log.read()
+        assert locks.MARKER not in text and "Traceback" not in text, node.tail(80)

@@ -57,8 +57,8 @@ def _add_local_limits(serve: argparse.ArgumentParser) -> None:
     """The flags of the local worker pool and of the per-uid limits (node/limits.py)."""
     serve.add_argument("--local-workers", type=int, metavar="N",
                        default=os.environ.get("VAS_LOCAL_WORKERS", str(DEFAULT_LOCAL_WORKERS)),
-                       help="threads serving local requests, shared by every connection "
-                            f"(default $VAS_LOCAL_WORKERS or {DEFAULT_LOCAL_WORKERS})")
+                       help="local requests served at once, by N + 1 threads shared by every "
+                            f"connection (default $VAS_LOCAL_WORKERS or {DEFAULT_LOCAL_WORKERS})")
     serve.add_argument("--max-requests-per-uid", type=int, metavar="N",
                        default=os.environ.get("VAS_MAX_REQUESTS_PER_UID"),
                        help="local requests of one uid served at once; more wait their turn "
