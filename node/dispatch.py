@@ -98,7 +98,11 @@ class Dispatcher:
             if (not tenant.tasks and tenant.running < self.per_uid
                     and self._running < self.workers
                     and (uid == ROOT or self._others_running < self.others)):
-                self._count_locked(tenant)  # the usual case: nothing waits, a slot is free
+                # The usual case: nothing waits, a slot is free (counted inline: hot path).
+                self._running += 1
+                tenant.running += 1
+                if uid != ROOT:
+                    self._others_running += 1
                 return tenant, task
             tenant.tasks.append(task)
             if not tenant.queued and tenant.running < self.per_uid:

@@ -44,6 +44,7 @@ from __future__ import annotations
 import collections
 import enum
 import errno
+import functools
 import logging
 import os
 import select
@@ -275,18 +276,25 @@ class LocalServer:
                     except Exception:  # serving everyone: no event may end a thread
                         log.exception("local connections: handling fd %d failed", fd)
                         continue
-                    while job is not None:
-                        self._run_job(job)
-                        job = self.dispatcher.done(job)
+                    self._run_jobs(job)
         finally:
             receiver.close()
 
-    @staticmethod
-    def _run_job(job: Job) -> None:
-        try:
-            job[1]()
-        except Exception:
-            log.exception("a local request task failed")
+    def _run_jobs(self, job: Job | None) -> None:
+        """Run ``job`` and then whatever the dispatcher gives this thread next."""
+        while job is not None:
+            answered = None
+            try:
+                answered = job[1]()
+            except Exception:
+                log.exception("a local request task failed")
+            job = self.dispatcher.done(job)
+            if answered is not None:  # answered: read its next request (re-armed after
+                try:                  # done(), so a thread woken for it seldom waits for our GIL)
+                    self._epoll.modify(answered.fd, _READ_ONCE)
+                except OSError as exc:
+                    log.error("cannot watch the connection of %r again: %s", answered.session,
+                              exc)
 
     def _handle(self, fd: int, receiver: Receiver) -> Job | None:
         """Handle the event of ``fd``; a job for this thread to run, or None."""
@@ -375,7 +383,7 @@ class LocalServer:
             return None
         session.last_seen, session.busy = time.monotonic(), True
         return self.dispatcher.offer(session.uid,
-                                     lambda: self._serve(connection, request, fds))
+                                     functools.partial(self._serve, connection, request, fds))
 
     def _end(self, connection: _Connection) -> bool:
         """Close a connection that this thread holds (no other can); True when its
@@ -451,25 +459,32 @@ class LocalServer:
     # ------------------------------------------------------------------ serving
 
     def _serve(self, connection: _Connection, request: local_pb2.LocalRequest,
-               fds: list[int]) -> None:
+               fds: list[int]) -> _Connection | None:
         session = connection.session
         try:
-            response, out = self.responder.handle(session, request, fds)
-        finally:
-            session.last_seen, session.busy = time.monotonic(), False
-            close_fds(fds)  # whatever a handler did not take
-        self._answer(connection, response, out)
+            try:
+                response, out = self.responder.handle(session, request, fds)
+            finally:
+                session.last_seen, session.busy = time.monotonic(), False
+                close_fds(fds)  # whatever a handler did not take
+            return self._answer(connection, response, out)
+        except Exception:  # a bug: end the connection rather than leave its client waiting
+            log.exception("connection of %r failed", session)
+            if self._end(connection):
+                self._release(session)
+            return None
 
     def _answer(self, connection: _Connection, response: local_pb2.LocalResponse,
-                fds: list[int]) -> None:
-        """Send the answer, then re-arm the connection for its next request."""
+                fds: list[int]) -> _Connection | None:
+        """Send the answer; the connection, to be read again (``_run``), or None if it ended."""
         try:
             self.responder.send(connection.sock, response, fds)
-            self._epoll.modify(connection.fd, _READ_ONCE)
+            return connection
         except (OSError, ValueError) as exc:  # gone, not reading its answers, or shut down
             log.debug("connection of %r ended: %s", connection.session, exc)
             if self._end(connection):
                 self._release(connection.session)  # within this task of its uid
+            return None
 
     def _release(self, session: Session) -> None:
         try:
