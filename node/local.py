@@ -408,11 +408,11 @@ class LocalServer:
         if now - self._warned.get(uid, -_WARN_EVERY) >= _WARN_EVERY:
             self._warned[uid] = now
             log.warning("refusing local connections: %s", error.message)
-        waiting = self._refused.setdefault(uid, collections.deque())
+        waiting = self._refused.get(uid, ())
         if len(waiting) >= _MOST_REFUSED_WAITING:
             self._evict_locked(waiting[0])
         refused = _Refused(sock, uid, error)
-        waiting.append(refused)
+        self._refused.setdefault(uid, collections.deque()).append(refused)
         self._owners[refused.fd] = refused
         self._epoll.register(refused.fd, _READ_ONCE)
 
