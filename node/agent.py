@@ -40,6 +40,7 @@ from vas.node.access import check_access
 from vas.node.clients import CoordinatorClient, PeerClients
 from vas.node.config import NodeConfig
 from vas.node.homes import HomeSegments
+from vas.node.limits import Limit, UidCounts
 from vas.node.membership import Membership, Reporter
 from vas.node.notices import ReplicaNotices
 from vas.node.pool import WarmPool
@@ -73,6 +74,10 @@ class Agent:
         self.store = Store(config.memory, f"node {node_id}")
         self.pool = WarmPool(self.store)
         self.sessions = Sessions(node_id)
+        #: Per-uid counts (node/limits.py): attachments, attaches in flight included;
+        #: userfaultfds held for lazy attachments.
+        self.attachment_counts = UidCounts(Limit.ATTACHMENTS, config.max_attachments_per_uid)
+        self.fault_counts = UidCounts(Limit.FAULTS, config.max_faults_per_uid)
         self.reporter = Reporter(node_id, self.coordinator, config.report_delay, self._count,
                                  lambda replica: self.replicas.drop(replica.name, replica.id))
         self.replicas = Replicas(node_id, config, self.store, self.pool, self.coordinator,
@@ -208,7 +213,18 @@ class Agent:
                write_protect: bool = False
                ) -> tuple[Attachment, int, types_pb2.SegmentInfo, FetchMode]:
         """(attachment, fd, record, how the pages come) of ``name`` in ``mode``;
-        ``write_protect``: the client can make a home "rw" mapping revocable."""
+        ``write_protect``: the client can make a home "rw" mapping revocable.
+        CapacityExceeded when the caller's uid holds its most attachments already."""
+        self.attachment_counts.take(session.uid)  # given back when the attachment ends
+        try:
+            return self._attach(session, name, mode, fetch, support, write_protect)
+        except BaseException:
+            self.attachment_counts.give(session.uid)
+            raise
+
+    def _attach(self, session: Session, name: str, mode: str, fetch: str, support: int,
+                write_protect: bool
+                ) -> tuple[Attachment, int, types_pb2.SegmentInfo, FetchMode]:
         segment = self.homes.find(name)
         if segment is not None:
             if mode == "r":
@@ -228,7 +244,7 @@ class Agent:
             raise segment_lost(name, info.home)
         if info.home == self.node_id:  # created here a moment ago: the reply may be in flight
             if self.homes.find_created(name) is not None:
-                return self.attach(session, name, mode, fetch, support, write_protect)
+                return self._attach(session, name, mode, fetch, support, write_protect)
             raise Unavailable(f"segment {name} (id {info.id}) is homed on node {self.node_id} "
                               "but its memory is not held here")
         if mode == "rw":
@@ -265,7 +281,8 @@ class Agent:
                 replica.synced_hashes = base
                 info = replica.info
         except BaseException:
-            self.detach(session, attachment.id)  # never mapped: as good as unmapped
+            # never mapped: as good as unmapped; attach() gives its slot back
+            self._end(self.sessions.take(session, attachment.id), revoke=False)
             os.close(fd)
             raise
         self.writers.track(attachment)
@@ -279,13 +296,32 @@ class Agent:
     def end_attachment(self, attachment: Attachment, *, revoke: bool) -> None:
         """Stop resolving its faults, release its writer lock (a home writer's mapping
         write-protected first if ``revoke``: see Writers.ended), count it out."""
-        self.replicas.unregister_faults(attachment)
+        self._end(attachment, revoke=revoke)
+        self.attachment_counts.give(attachment.session.uid)
+
+    def _end(self, attachment: Attachment, *, revoke: bool) -> None:
+        if self.replicas.unregister_faults(attachment):
+            self.fault_counts.give(attachment.session.uid)
         if attachment.lease is not None:
             self.writers.ended(attachment, revoke=revoke)
         if isinstance(attachment.segment, HomeSegment):
             self.homes.detached(attachment)
         else:
             self.replicas.detached(attachment)
+
+    def register_faults(self, session: Session, attachment_id: int, uffd: int, address: int,
+                        size: int) -> None:
+        """Resolve the faults of ``session``'s lazy attachment on ``uffd`` (taken over).
+        CapacityExceeded when the uid has its most userfaultfds registered already."""
+        attachment = self.sessions.get(session, attachment_id)
+        self.fault_counts.take(session.uid)  # given back when the attachment ends
+        try:
+            registered = self.replicas.register_faults(attachment, uffd, address, size)
+        except BaseException:
+            self.fault_counts.give(session.uid)
+            raise
+        if not registered:  # complete already: nothing to resolve, the uffd is closed
+            self.fault_counts.give(session.uid)
 
     # ------------------------------------------------------------------ delete, chmod, chown
 

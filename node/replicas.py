@@ -12,8 +12,8 @@ again. Concurrent attaches of one name share one fetch.
   (the bulk channel, node/bulk.py; ReadPages for small segments and as the
   fallback), into prepared memory when the warm pool has some (node/pool.py);
 - lazy (``FetchMode.LAZY``): a sparse memfd whose chunks are fetched on first
-  touch through the client's userfaultfd (node/lazy.py); nothing per byte is
-  paid at attach.
+  touch through the client's userfaultfd (node/lazy.py; the fault resolvers are
+  node/faults.py); nothing per byte is paid at attach.
 
 Replicas are capacity-accounted like home segments; room is made by evicting
 unattached replicas, least recently attached first. A replica is retired (no
@@ -23,7 +23,7 @@ record's state at an attach, or a chunk fetch that failed and then found the
 home missing from ListNodes), when it is evicted, or when a writer leaves it (it may hold writes
 never published). Retired because the home's bytes are gone (deleted, home
 gone), a lazy replica's fill is *lost*: its missing pages are never fetched,
-and faults on them are poisoned (SIGBUS in the client; node/lazy.py).
+and faults on them are poisoned (SIGBUS in the client; node/faults.py).
 ``refresh`` fetches only the chunks whose hash differs from the home's
 (node/publish.py).
 
@@ -51,7 +51,7 @@ from collections.abc import Callable
 
 from vas.core.errors import Busy, InvalidArgument, NotFound, Unavailable, VasError
 from vas.core.fetch import FetchMode
-from vas.node import bulk, lazy, locks
+from vas.node import bulk, faults, lazy, locks
 from vas.node.pool import Warm
 from vas.node.publish import CHUNK, stale_runs
 from vas.node.segments import Replica, ReplicaState, WriterState
@@ -105,7 +105,7 @@ class Replicas:
         self._held: set[Replica] = set()                  # every replica not FREED
         self._dropped: collections.OrderedDict[int, None] = collections.OrderedDict()
         self._recheck_all = False                         # after registering again
-        self._faults: lazy.FaultHandler | None = None     # started by the first RegisterFaults
+        self._faults: faults.FaultHandler | None = None   # started by the first RegisterFaults
 
     # ------------------------------------------------------------------ attach
 
@@ -331,12 +331,13 @@ class Replicas:
         if fill is not None and length:
             fill.ensure(offset, length)
 
-    def register_faults(self, attachment, uffd: int, address: int, size: int) -> None:
+    def register_faults(self, attachment, uffd: int, address: int, size: int) -> bool:
         """Resolve the faults of a client's mapping of a lazy replica on ``uffd`` (taken
-        over by this call). A replica that became complete since the attach needs no
-        resolving: its uffd is closed (which unregisters the mapping) and all is well."""
+        over by this call); whether it was registered. A replica that became complete
+        since the attach needs no resolving: its uffd is closed (which unregisters the
+        mapping), False, and all is well."""
         replica = attachment.segment
-        if not isinstance(replica, Replica) or attachment.uffd >= 0:
+        if not isinstance(replica, Replica) or attachment.faults is not None:
             raise InvalidArgument(f"attachment {attachment.id} is not a lazy attachment "
                                   "waiting for its userfaultfd")
         if size != replica.size:
@@ -345,28 +346,31 @@ class Replicas:
         fill = replica.fill
         if fill is None:
             os.close(uffd)
-            return
-        self._fault_handler().add(uffd, fill, address, size)
-        attachment.uffd = uffd
+            return False
+        attachment.faults = self._fault_handler().add(uffd, fill, address, size)
+        return True
 
-    def unregister_faults(self, attachment) -> None:
-        if attachment.uffd >= 0 and self._faults is not None:
-            self._faults.remove(attachment.uffd)
-            attachment.uffd = -1
+    def unregister_faults(self, attachment) -> bool:
+        """Stop resolving the faults of ``attachment``; whether it had registered them."""
+        registration, attachment.faults = attachment.faults, None
+        if registration is None:
+            return False
+        self._faults.remove(registration)
+        return True
 
-    def _fault_handler(self) -> lazy.FaultHandler:
+    def _fault_handler(self) -> faults.FaultHandler:
         """The FaultHandler, made on first use outside the lock (its threads take ~1 ms)."""
         with self._lock:
             if self._faults is not None:
                 return self._faults
-        handler = lazy.FaultHandler(self.config.fault_timeout)
+        handler = faults.FaultHandler(self.config.fault_timeout)
         with self._lock:
             if self._faults is None:
                 self._faults, handler = handler, None
-            faults = self._faults
+            made = self._faults
         if handler is not None:  # another RegisterFaults made one meanwhile
             handler.stop()
-        return faults
+        return made
 
     # ------------------------------------------------------------------ refresh
 

@@ -92,7 +92,7 @@ class Attachment:
     home segment (node/revoke.py), else None.
     """
 
-    __slots__ = ("id", "segment", "mode", "session", "lease", "uffd", "guard")
+    __slots__ = ("id", "segment", "mode", "session", "lease", "faults", "guard")
 
     def __init__(self, attachment_id: int, segment, mode: str, session: Session,
                  lease: WriterLease | None = None, guard=None):
@@ -101,7 +101,9 @@ class Attachment:
         self.mode = mode
         self.session = session
         self.lease = lease
-        self.uffd = -1  # the client's userfaultfd of a lazy attachment (RegisterFaults)
+        #: The registration of the client's userfaultfd of a lazy attachment
+        #: (RegisterFaults; node/faults.py), until the attachment ends.
+        self.faults = None
         self.guard = guard
 
 

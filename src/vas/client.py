@@ -149,6 +149,8 @@ class Client:
             or ``VAS_DISABLE_USERFAULTFD=1``): attach ``"rw"`` from another node.
         :raises Fenced: ``"rw"`` whose writer lock was revoked before the attach
             finished (the process stalled past its lease meanwhile).
+        :raises CapacityExceeded: no room for a remote segment's copy, or this uid
+            holds the most attachments (or lazy mappings) the agent allows.
 
         A ``"rw"`` mapping of a segment homed on this node maps the home pages
         themselves (local readers see every store at once) and is *revocable*:
@@ -486,6 +488,8 @@ def connect(node: str | None = None) -> Client:
         ``/run/vas/node.sock``.
     :returns: a ``Client`` (a context manager; ``close()`` is idempotent).
     :raises Unavailable: nothing listens on that socket.
+    :raises CapacityExceeded: this uid holds the most connections the agent allows
+        (``vasctl node serve --max-connections-per-uid``).
 
     Example::
 

@@ -2,7 +2,7 @@
 SIGBUS on a page not fetched yet, instead of reading zeros or hanging.
 
 Why it exists. A lazy mapping (``fetch="lazy"``, vas/mapping.py) is registered
-on a userfaultfd whose faults the local agent resolves (node/lazy.py). Were the
+on a userfaultfd whose faults the local agent resolves (node/faults.py). Were the
 agent the only holder of that fd, its death would close it, the registration
 would end with it, and the kernel would fill the mapping's missing pages with
 zeros: wrong bytes, silently. A thread of the client cannot take over: the

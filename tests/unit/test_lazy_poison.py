@@ -1,6 +1,6 @@
 """Pages that can no longer be fetched, without daemons: ``LazyFill`` losing its
 home's bytes, ``HomeReader`` telling a gone home from a failing one, and the
-``FaultHandler`` poisoning a fault (a real userfaultfd on a lazy-style mapping of
+``FaultHandler`` (node/faults.py) poisoning a fault (a real userfaultfd on a lazy-style mapping of
 this process) after ``fault_timeout`` or at once when the pages are lost.
 
 The faulting reads are made by a system call (``os.write`` from the mapping into a
@@ -21,7 +21,7 @@ import pytest
 from vas import _native
 from vas.core import fetch as fetch_mode
 from vas.core.errors import NotFound, Unavailable
-from vas.node import lazy
+from vas.node import faults, lazy
 from vas.node import store as store_mod
 
 from waiting import wait_for
@@ -195,7 +195,7 @@ class LazyMapping:
         _native.uffd_api(uffd, fetch_mode.lazy_features())
         _native.uffd_register(uffd, self.address, SIZE, _native.UFFDIO_REGISTER_MODE_MISSING
                               | _native.UFFDIO_REGISTER_MODE_MINOR)
-        self.handler = lazy.FaultHandler(timeout)
+        self.handler = faults.FaultHandler(timeout)
         self.handler.add(uffd, self.fill, self.address, SIZE)
 
     def read(self, offset: int, length: int):
