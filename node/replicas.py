@@ -60,8 +60,7 @@ from vas.proto import types_pb2
 
 log = logging.getLogger(__name__)
 
-#: Replicas up to this size are fetched with one ReadPages stream (no bulk
-#: connections to set up).
+#: Replicas up to this size are fetched with one ReadPages stream (no bulk connections).
 _SMALL_FETCH = 4 << 20
 #: gRPC streams are given this many bytes per second (on top of the rpc
 #: timeout) before their deadline.

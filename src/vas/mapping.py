@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING
 from vas.core import validate
 from vas.core.errors import (AddressConflict, Fenced, InvalidArgument, NotFound,
                              PermissionDenied, Unavailable, VasError)
-from vas.core.fetch import FetchMode, write_protect_features
+from vas.core.fetch import FetchMode, register_lazy, register_write_protect
 from vas.core.types import SegmentInfo
 from vas.proto import local_pb2
 
@@ -73,40 +73,6 @@ def _private_mmap(fd: int, size: int, offset: int):
     import mmap
 
     return mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ, offset=offset)
-
-
-def _register_lazy(address: int, size: int) -> int:
-    """A userfaultfd on which [address, address + size) reports MISSING and MINOR faults
-    (and whose faults may be poisoned: ``vas.core.fetch.lazy_features``)."""
-    from vas import _native
-    from vas.core.fetch import lazy_features
-
-    uffd = _native.userfaultfd()
-    try:
-        _native.uffd_api(uffd, lazy_features())
-        _native.uffd_register(uffd, address, size, _native.UFFDIO_REGISTER_MODE_MISSING
-                              | _native.UFFDIO_REGISTER_MODE_MINOR)
-    except BaseException:
-        os.close(uffd)
-        raise
-    return uffd
-
-
-def _register_write_protect(address: int, size: int) -> int:
-    """A userfaultfd on which [address, address + size), a shared writable mapping,
-    is registered for write-protect faults answered with SIGBUS (a revocable "rw"
-    mapping: node/revoke.py). Registering protects nothing yet: only the agent's
-    UFFDIO_WRITEPROTECT does, when it revokes the writer."""
-    from vas import _native
-
-    uffd = _native.userfaultfd(os.O_CLOEXEC | os.O_NONBLOCK | _native.UFFD_USER_MODE_ONLY)
-    try:
-        _native.uffd_api(uffd, write_protect_features())
-        _native.uffd_register(uffd, address, size, _native.UFFDIO_REGISTER_MODE_WP)
-    except BaseException:
-        os.close(uffd)
-        raise
-    return uffd
 
 
 def _native_mmap(fd: int, size: int, *, writable: bool, address: int, fixed: bool, offset: int):
@@ -255,7 +221,7 @@ class Mapping:
         """
         connection, attachment_id, size = self._connection, self._attachment_id, self.size
         try:
-            uffd = _register_lazy(self.address, size)
+            uffd = register_lazy(self.address, size)
         except OSError as exc:
             log.warning("cannot register segment %s for userfaults (%s): fetching it "
                         "eagerly", self.name, exc)
@@ -285,7 +251,7 @@ class Mapping:
         :raises Fenced: the lock was revoked before the registration arrived.
         """
         try:
-            uffd = _register_write_protect(self.address, self.size)
+            uffd = register_write_protect(self.address, self.size)
         except OSError as exc:
             raise Unavailable(f"segment {self.name}: cannot register its writable home "
                               f"mapping for write-protection: {exc}") from exc

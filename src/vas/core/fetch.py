@@ -25,10 +25,11 @@ that is already complete is answered EAGER (nothing is left to fault in), and a
 client whose userfaultfd registration fails at run time fetches the rest at once
 and reports EAGER_NO_USERFAULTFD.
 
-The client's userfaultfd probes live here too: ``userfaultfd_available`` (lazy
-faults) and ``write_protect_available`` (whether a "rw" mapping of a segment
-homed on this node can be made revocable, which the agent requires: see
-node/revoke.py).
+The client's userfaultfd probes and registrations live here too:
+``userfaultfd_available`` and ``register_lazy`` (lazy faults), and
+``write_protect_available`` and ``register_write_protect`` (whether a "rw"
+mapping of a segment homed on this node can be made revocable, which the agent
+requires, and making it so: see node/revoke.py).
 
 Example::
 
@@ -126,6 +127,16 @@ def lazy_features() -> int:
             | _native.UFFD_FEATURE_POISON)
 
 
+def register_lazy(address: int, size: int) -> int:
+    """A userfaultfd on which [address, address + size), a lazy mapping (vas/mapping.py),
+    reports MISSING and MINOR faults (and whose faults may be poisoned:
+    ``lazy_features``); the caller hands it to the agent and closes it."""
+    from vas import _native
+
+    return _registered(os.O_CLOEXEC | os.O_NONBLOCK, lazy_features(), address, size,
+                       _native.UFFDIO_REGISTER_MODE_MISSING | _native.UFFDIO_REGISTER_MODE_MINOR)
+
+
 def userfaultfd_available() -> bool:
     """Whether this process can register shmem mappings for lazy attaches: MISSING and
     MINOR userfaults whose pages may be poisoned (``lazy_features``).
@@ -179,6 +190,33 @@ def write_protect_features() -> int:
     from vas import _native
 
     return _native.UFFD_FEATURE_WP_HUGETLBFS_SHMEM | _native.UFFD_FEATURE_SIGBUS
+
+
+def register_write_protect(address: int, size: int) -> int:
+    """A userfaultfd on which [address, address + size), a shared writable mapping,
+    is registered for write-protect faults answered with SIGBUS (a revocable "rw"
+    mapping: node/revoke.py). Registering protects nothing yet: only the agent's
+    UFFDIO_WRITEPROTECT does, when it revokes the writer."""
+    from vas import _native
+
+    return _registered(os.O_CLOEXEC | os.O_NONBLOCK | _native.UFFD_USER_MODE_ONLY,
+                       write_protect_features(), address, size,
+                       _native.UFFDIO_REGISTER_MODE_WP)
+
+
+def _registered(flags: int, features: int, address: int, size: int, mode: int) -> int:
+    """A new userfaultfd (``flags``, handshake with ``features``) with the range
+    registered in ``mode``; closed again if any step fails."""
+    from vas import _native
+
+    uffd = _native.userfaultfd(flags)
+    try:
+        _native.uffd_api(uffd, features)
+        _native.uffd_register(uffd, address, size, mode)
+    except BaseException:
+        os.close(uffd)
+        raise
+    return uffd
 
 
 def write_protect_available() -> bool:
