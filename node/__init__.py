@@ -9,9 +9,11 @@ Modules, by responsibility (docs/ARCHITECTURE.md "Node agent" draws the map):
   handler per local.proto request); ``service`` (the Node gRPC service for other agents);
 - ``agent`` (the parts joined, and the flows that cross them);
 - ``homes`` (segments homed here), ``replicas`` (copies of segments homed
-  elsewhere), ``writers`` (writer locks, publishing, wait), ``sessions``
+  elsewhere), ``writers`` (writer locks, publishing, wait), ``revoke`` (home
+  writers' mappings write-protected when their lock is revoked), ``sessions``
   (connections and attachments), ``membership`` (registration, heartbeats,
-  attachment reports);
+  attachment reports), ``notices`` (telling the nodes holding replicas of a gone
+  segment);
 - ``segments`` (the held types and their life cycles), ``store`` (memfds,
   capacity), ``pool`` (warm replica memory), ``access`` (mode-bit checks);
 - ``lazy`` (demand paging), ``faults`` (the userfault resolvers), ``bulk`` (the
