@@ -60,7 +60,12 @@ def _private_mmap(fd: int, size: int, offset: int):
     """
     import mmap
 
-    return mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ, offset=offset)
+    native = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ, offset=offset)
+    # Not inherited by a forked child: the child's copy would not be registered with
+    # the userfaultfd, so its missing pages would read as zeros. There, touching
+    # it is SIGSEGV (attach again in the child).
+    native.madvise(mmap.MADV_DONTFORK)
+    return native
 
 
 def _register_lazy(address: int, size: int) -> int:
