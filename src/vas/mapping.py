@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import mmap
 import os
 import time
 import weakref
@@ -52,14 +53,13 @@ _WAIT_REQUEST_SECONDS = 1.0
 
 
 def _private_mmap(fd: int, size: int, offset: int):
-    """A read-only MAP_PRIVATE mapping of ``fd``, for lazy attaches.
+    """A read-only MAP_PRIVATE mapping of ``fd``, for lazy attaches, not inherited by a
+    forked child.
 
     Why private: UFFDIO_REGISTER needs VM_MAYWRITE, which a shared mapping of
     the read-only fd lacks; a private one has it, yet it maps the replica's own
     page-cache pages (PROT_READ: never copied on write), so nothing is duplicated.
     """
-    import mmap
-
     native = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ, offset=offset)
     # Not inherited by a forked child: the child's copy would not be registered with
     # the userfaultfd, so its missing pages would read as zeros. There, touching
@@ -225,6 +225,8 @@ class Mapping:
             self.size = size
             if lazy:
                 fetch = self._start_lazy()
+                if fetch is not FetchMode.LAZY:  # fetched whole instead: a child may have it
+                    native.madvise(mmap.MADV_DOFORK)
         except BaseException:
             view.release()
             with contextlib.suppress(BufferError):  # else it unmaps when garbage-collected
