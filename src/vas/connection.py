@@ -291,6 +291,8 @@ class Connection:
 
     def _flush_releases(self) -> None:
         """Send the queued Detaches; the caller holds the lock."""
+        if self._releases.empty():  # the usual case: no exception raised per request
+            return
         while True:
             try:
                 attachment_id = self._releases.get_nowait()

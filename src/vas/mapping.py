@@ -14,8 +14,8 @@ when no view is left, and otherwise leaves the unmapping to the native object's
 end (when the last view goes). The attachment at the agent must live exactly as
 long as the pages are mapped (else the agent could free a deleted segment's
 pages under the views, or stop resolving a lazy mapping's faults), so its
-Detach is tied to the native object too: a ``weakref.finalize`` on it queues the
-Detach with the connection (``Connection.release_later``, vas/connection.py),
+Detach is tied to the native object too: a weak reference to it with a callback
+(``_ReleaseHook``) queues the Detach with the connection (``Connection.release_later``, vas/connection.py),
 which sends it from its helper thread, before its next request, or at close. A
 finalizer may run in any thread, even one in the middle of a request, so it only
 queues.
@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import mmap
 import os
 import time
 import weakref
@@ -64,15 +65,19 @@ _WAIT_REQUEST_SECONDS = 1.0
 
 
 def _private_mmap(fd: int, size: int, offset: int):
-    """A read-only MAP_PRIVATE mapping of ``fd``, for lazy attaches.
+    """A read-only MAP_PRIVATE mapping of ``fd``, for lazy attaches, not inherited by a
+    forked child.
 
     Why private: UFFDIO_REGISTER needs VM_MAYWRITE, which a shared mapping of
     the read-only fd lacks; a private one has it, yet it maps the replica's own
     page-cache pages (PROT_READ: never copied on write), so nothing is duplicated.
     """
-    import mmap
-
-    return mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ, offset=offset)
+    native = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ, offset=offset)
+    # Not inherited by a forked child: the child's copy would not be registered with
+    # the userfaultfd, so its missing pages would read as zeros. There, touching
+    # it is SIGSEGV (attach again in the child).
+    native.madvise(mmap.MADV_DONTFORK)
+    return native
 
 
 def _native_mmap(fd: int, size: int, *, writable: bool, address: int, fixed: bool, offset: int):
@@ -107,6 +112,40 @@ def _address_of(native, view: memoryview) -> int:
         return int(array.ctypes.data)
     finally:
         del array
+
+
+class _ReleaseHook:
+    """Queues an attachment's Detach (``Connection.release_later``) when the native
+    object of its pages ends, unless cancelled first.
+
+    A ``weakref.finalize`` does the same at several times the cost (its registry
+    and atexit bookkeeping were ~10 % of a local attach+detach): here a plain weak
+    reference with a callback, kept alive by the module-level ``_LIVE`` set until
+    it fires or is cancelled (a weak reference that dies first never calls back).
+    Nothing runs at interpreter exit: the connection's end releases everything.
+    """
+
+    __slots__ = ("_ref", "__weakref__")
+
+    def __init__(self, native, connection: "Connection", attachment_id: int):
+        release_later = connection.release_later
+
+        def fire(ref):
+            _LIVE.discard(ref)
+            release_later(attachment_id)
+
+        self._ref = weakref.ref(native, fire)
+        _LIVE.add(self._ref)
+
+    def cancel(self) -> None:
+        """Never queue the Detach (it was sent, or the connection's end released it):
+        the weak reference is dropped, and a dead weak reference calls nobody."""
+        _LIVE.discard(self._ref)
+        self._ref = None
+
+
+#: The armed release hooks' weak references (see _ReleaseHook).
+_LIVE: set = set()
 
 
 class Mapping:
@@ -189,6 +228,8 @@ class Mapping:
             self.size = size
             if lazy:
                 fetch, unguard = self._start_lazy()
+                if fetch is not FetchMode.LAZY:  # fetched whole instead: a child may have it
+                    native.madvise(mmap.MADV_DOFORK)
             elif self._revocable:
                 self._make_revocable()
         except BaseException:
@@ -202,8 +243,7 @@ class Mapping:
         # The attachment's Detach, due when the pages are unmapped: by detach() at
         # once, or when the native object ends, i.e. when the last view of it goes
         # (the callback runs after the munmap; it only queues, see the module docstring).
-        self._release = weakref.finalize(native, connection.release_later, self._attachment_id)
-        self._release.atexit = False  # at exit the connection's end releases it
+        self._release = _ReleaseHook(native, connection, self._attachment_id)
         # A lazy mapping's guardian keeps a dup of its userfaultfd until it is unmapped.
         self._unguard = weakref.finalize(native, unguard) if unguard is not None else None
         if self._unguard is not None:
@@ -540,7 +580,7 @@ class Mapping:
             self._unguard()  # unmapped: the guardian closes its dup of the uffd
         if unmapped or connection is None or connection.closed:
             # Released here (or by the connection's end): not by the finalizer.
-            self._release.detach()
+            self._release.cancel()
         del native
         if unmapped and connection is not None and not connection.closed:
             with contextlib.suppress(NotFound):  # a forced delete revoked it already

@@ -63,7 +63,7 @@ class FetchMode(enum.Enum):
 
     def to_proto(self) -> int:
         """The ``vas.v1.FetchMode`` value of this mode."""
-        return _TO_PROTO[self]
+        return _TO_PROTO[self._value_]  # keyed by the str: Enum.__hash__ is Python code
 
     @classmethod
     def from_proto(cls, value: int) -> "FetchMode":
@@ -78,13 +78,13 @@ class FetchMode(enum.Enum):
 
 
 _TO_PROTO = {
-    FetchMode.HOME: local_pb2.FETCH_MODE_HOME,
-    FetchMode.LAZY: local_pb2.FETCH_MODE_LAZY,
-    FetchMode.EAGER: local_pb2.FETCH_MODE_EAGER,
-    FetchMode.EAGER_NO_USERFAULTFD: local_pb2.FETCH_MODE_EAGER_NO_USERFAULTFD,
-    FetchMode.EAGER_FIXED: local_pb2.FETCH_MODE_EAGER_FIXED,
+    FetchMode.HOME.value: local_pb2.FETCH_MODE_HOME,
+    FetchMode.LAZY.value: local_pb2.FETCH_MODE_LAZY,
+    FetchMode.EAGER.value: local_pb2.FETCH_MODE_EAGER,
+    FetchMode.EAGER_NO_USERFAULTFD.value: local_pb2.FETCH_MODE_EAGER_NO_USERFAULTFD,
+    FetchMode.EAGER_FIXED.value: local_pb2.FETCH_MODE_EAGER_FIXED,
 }
-_FROM_PROTO = {number: mode for mode, number in _TO_PROTO.items()}
+_FROM_PROTO = {number: FetchMode(value) for value, number in _TO_PROTO.items()}
 
 
 def decide(requested: str, *, home: bool, support: int) -> FetchMode:
