@@ -231,7 +231,7 @@ class Mapping:
                 if fetch is not FetchMode.LAZY:  # fetched whole instead: a child may have it
                     native.madvise(mmap.MADV_DOFORK)
             elif self._revocable:
-                self._make_revocable()
+                self._make_revocable(native)
         except BaseException:
             view.release()
             with contextlib.suppress(BufferError):  # else it unmaps when garbage-collected
@@ -281,16 +281,20 @@ class Mapping:
             return FetchMode.EAGER_NO_USERFAULTFD, None
         return FetchMode.LAZY, unguard
 
-    def _make_revocable(self) -> None:
+    def _make_revocable(self, native) -> None:
         """Register this writable mapping of the home pages for write-protect and hand
         the userfaultfd to the agent, which protects the mapping when it revokes the
         writer lock (node/revoke.py). Nothing may store into it before this.
+
+        Not inherited by a forked child (MADV_DONTFORK): the child's copy would not be
+        registered, so its stores would reach the home pages after the revocation.
 
         :raises Unavailable: the registration failed (the agent was told this
             process could do it: the kernel changed its mind).
         :raises Fenced: the lock was revoked before the registration arrived.
         """
         try:
+            native.madvise(mmap.MADV_DONTFORK)
             uffd = register_write_protect(self.address, self.size)
         except OSError as exc:
             raise Unavailable(f"segment {self.name}: cannot register its writable home "

@@ -288,6 +288,38 @@ def test_closed_connection_revokes_a_home_writer_at_once(two):
         old.close()
 
 
+_FORKING_WRITER = """
+    import os, sys, vas
+    m = vas.connect(sys.argv[1]).attach(sys.argv[2], "rw")
+    m.write(0, b"A" * m.size)
+    print("synced", m.sync(), flush=True)
+    pid = os.fork()
+    if pid == 0:  # the child's copy would not be write-protected at a revocation
+        m.buffer[:4096] = b"C" * 4096
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    print("child", os.WTERMSIG(status) if os.WIFSIGNALED(status) else -os.WEXITSTATUS(status),
+          flush=True)
+    print("pages", bytes(m.buffer[:4096]) == b"A" * 4096, flush=True)
+"""
+
+
+def test_a_home_writers_forked_child_cannot_store_into_the_home_pages(two):
+    """A forked child does not share the writer's write-protect registration, so a
+    revocation could not fence it: the mapping is not inherited (SIGSEGV there)."""
+    writer = home_writer(two, "hf/fork", _FORKING_WRITER)
+    try:
+        assert writer.line().startswith("synced ")
+        assert writer.line() == f"child {int(signal.SIGSEGV)}\n"
+        assert writer.line() == "pages True\n"
+        assert writer.exit_code() == 0
+    finally:
+        writer.close()
+    _, c1, _ = two
+    with c1.attach("hf/fork") as home:
+        assert digest(bytes(home.buffer)) == digest(A)
+
+
 _REFUSED = """
     import sys, vas
     try:
