@@ -29,6 +29,7 @@ Lock order: docs/ARCHITECTURE.md "Locks" and node/locks.py.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -295,9 +296,18 @@ class Agent:
 
     def end_attachment(self, attachment: Attachment, *, revoke: bool) -> None:
         """Stop resolving its faults, release its writer lock (a home writer's mapping
-        write-protected first if ``revoke``: see Writers.ended), count it out."""
-        self._end(attachment, revoke=revoke)
-        self.attachment_counts.give(attachment.session.uid)
+        write-protected first if ``revoke``: see Writers.ended), count it out.
+
+        A revoked home writer's guard may be kept until its process exits (it still
+        maps the pages): the attachment counts against its uid until then, so a
+        process cannot pile up kept guards (fds here) by reconnecting."""
+        give = functools.partial(self.attachment_counts.give, attachment.session.uid)
+        if revoke and attachment.guard is not None:
+            attachment.guard.when_closed(give)
+            self._end(attachment, revoke=True)
+        else:
+            self._end(attachment, revoke=revoke)
+            give()
 
     def _end(self, attachment: Attachment, *, revoke: bool) -> None:
         if self.replicas.unregister_faults(attachment):

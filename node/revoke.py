@@ -129,7 +129,8 @@ class Guard:
     docstring). ``name`` is the segment's; ``pidfd`` the client process's (or -1),
     owned by the guard from its creation."""
 
-    __slots__ = ("name", "pid", "pidfd", "uffd", "address", "size", "gone", "state", "_cv")
+    __slots__ = ("name", "pid", "pidfd", "uffd", "address", "size", "gone", "state", "_cv",
+                 "_on_closed")
 
     def __init__(self, name: str, pid: int, pidfd: int):
         self.name, self.pid, self.pidfd = name, pid, pidfd
@@ -137,6 +138,7 @@ class Guard:
         self.gone = False  # the write-protect found the mapping (or the process) gone
         self.state = GuardState.AWAITING
         self._cv = threading.Condition(locks.Lock(f"guard {name}", locks.Rank.WRITE_GUARD))
+        self._on_closed = None
 
     def _move(self, to: GuardState) -> None:
         """The one transition function (the caller holds the lock)."""
@@ -222,6 +224,15 @@ class Guard:
         poller.register(self.pidfd, select.POLLIN)
         return bool(poller.poll(0))
 
+    def when_closed(self, callback) -> None:
+        """Call ``callback()`` once this guard is closed (now, if it is already): what
+        its process still maps keeps counting until then (Agent.end_attachment)."""
+        with self._cv:
+            if self.state is not GuardState.CLOSED:
+                self._on_closed = callback
+                return
+        callback()
+
     def close(self) -> None:
         """The mapping is gone: close the fd (which would lift a protection) and the pidfd."""
         with self._cv:
@@ -230,9 +241,12 @@ class Guard:
                 return
             self._move(GuardState.CLOSED)
             fds, self.uffd, self.pidfd = (self.uffd, self.pidfd), -1, -1
+            on_closed, self._on_closed = self._on_closed, None
         for fd in fds:
             if fd >= 0:
                 os.close(fd)
+        if on_closed is not None:
+            on_closed()
 
     def __repr__(self) -> str:
         return f"<Guard {self.name} pid={self.pid} {self.state.value}>"

@@ -269,3 +269,60 @@ def test_a_uid_at_its_request_quota_does_not_delay_another(limited, nobody):
     assert rounds and max(rounds) < ROOT_DEADLINE, max(rounds, default=None)
     print(f"{waits} Waits of {seconds} s took {elapsed:.2f} s; root: {len(rounds)} "
           f"attach+detach rounds meanwhile, the slowest {max(rounds):.3f} s")
+
+
+RECONNECTING_WRITER = """
+    path, name = sys.argv[1], sys.argv[2]
+    kept, refused = [], None
+    for _ in range(ATTACHMENTS + 1):    # each round: a new connection, "rw", then EOF
+        client = vas.connect(path)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                kept.append(client.attach(name, "rw"))
+                break
+            except vas.Busy:            # the agent has not handled the last EOF yet
+                assert time.monotonic() < deadline, "the lock of a closed connection stayed"
+                time.sleep(0.02)
+            except vas.CapacityExceeded as exc:
+                refused = f"CapacityExceeded: {exc}"
+                break
+        if refused:
+            break
+        client.close()                  # revoked, not unmapped: the agent keeps its guard
+    say(kept=len(kept), refused=refused)
+    sys.stdin.readline()
+"""
+
+AGAIN = """
+    path, name = sys.argv[1], sys.argv[2]
+    client = vas.connect(path)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            client.attach(name, "rw").detach()
+            break
+        except (vas.CapacityExceeded, vas.Busy):
+            assert time.monotonic() < deadline, "the kept guards of an exited process stayed"
+            time.sleep(0.05)
+    say(done=True)
+"""
+
+
+def test_revoked_home_writers_kept_by_their_process_count_as_its_attachments(limited, nobody):
+    """A process that reconnects, attaches "rw" and closes its connection keeps each
+    mapping (write-protected; the agent keeps its userfaultfd and pidfd until the
+    process exits): those count against the uid until then, so it cannot pile up
+    fds in the agent; after it exits they come back."""
+    node = limited.nodes[0]
+    with vas.connect(node.socket) as root:
+        root.create("faults/keep", PAGE, mode=0o666)
+    child = nobody(RECONNECTING_WRITER.replace("ATTACHMENTS", str(ATTACHMENTS)), node.socket,
+                   "faults/keep")
+    assert child.line() == {"kept": ATTACHMENTS, "refused": limit_message(
+        ATTACHMENTS, "attachments on this agent", "--max-attachments-per-uid")}
+    child.send()
+    child.finish()
+    again = nobody(AGAIN, node.socket, "faults/keep")
+    assert again.line() == {"done": True}
+    again.finish()
