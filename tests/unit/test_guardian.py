@@ -9,6 +9,7 @@ woken and poisoned too.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -90,9 +91,14 @@ def _gone(pid: int) -> bool:
 
 
 def _finish(client) -> None:
+    """Kill and reap the client; its pipes are closed, not read to EOF (its guardian or
+    agent may still hold their write ends)."""
     if client.poll() is None:
         client.kill()
-    client.communicate()
+    client.wait(30)
+    for stream in (client.stdin, client.stdout, client.stderr):
+        with contextlib.suppress(OSError):
+            stream.close()
 
 
 @needs_poison
@@ -126,8 +132,11 @@ def test_the_guardian_closes_a_dropped_uffd_and_ends_with_its_client():
         guardian, agent = _ready(client)
 
         def uffds() -> int:
-            return sum(os.readlink(f"/proc/{guardian}/fd/{fd}") == "anon_inode:[userfaultfd]"
-                       for fd in os.listdir(f"/proc/{guardian}/fd"))
+            count = 0
+            for fd in os.listdir(f"/proc/{guardian}/fd"):
+                with contextlib.suppress(FileNotFoundError):  # closed since the listing
+                    count += os.readlink(f"/proc/{guardian}/fd/{fd}") == "anon_inode:[userfaultfd]"
+            return count
 
         wait_for(lambda: uffds() == 1, "the guardian to hold the uffd", 30)
         client.stdin.write("drop\n")
