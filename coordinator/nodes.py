@@ -3,11 +3,22 @@
 RegisterNode grants a lease and writes ``/vas/nodes/ID`` with it; Heartbeat
 keeps the lease alive (and refreshes the usage figures); when the lease
 lapses etcd deletes the record and the node's attachment reports with it.
+
+An agent starting up registers with ``reconcile``: it holds no memory of an
+earlier incarnation, so before its record is written the old lease is revoked
+and the segment records homed on it that it does not hold are marked lost
+(``Segments.mark_lost``). In that order no record homed on the node reads
+``ready`` without memory at any moment: until the new record is written the
+node is absent (those records derive ``lost``), and a CreateSegment of the old
+incarnation still in flight fails its lease compare.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from vas.coordinator import keys
 from vas.coordinator.etcd import Etcd, put_op, unchanged
+from vas.coordinator.segments import Segments
 from vas.core.errors import NotFound
 from vas.proto import types_pb2
 
@@ -33,23 +44,34 @@ def node_of(record: dict) -> types_pb2.NodeInfo:
 class Nodes:
     """Node registration, heartbeats and listing over one etcd client."""
 
-    def __init__(self, etcd: Etcd, default_ttl: int):
+    def __init__(self, etcd: Etcd, default_ttl: int, segments: Segments):
         self.etcd = etcd
         self.default_ttl = default_ttl
+        self.segments = segments
 
-    def register(self, node: types_pb2.NodeInfo, ttl: int) -> tuple[int, int]:
-        """Write ``node``'s record under a fresh lease; (lease id, granted ttl).
+    def register(self, node: types_pb2.NodeInfo, ttl: int, *, reconcile: bool = False,
+                 held: Iterable[int] = ()) -> tuple[int, int, list[types_pb2.SegmentInfo]]:
+        """Write ``node``'s record under a fresh lease; (lease id, granted ttl, records
+        marked lost).
 
         A record of the same id is replaced, and its old lease revoked, so the
         attachment reports of the node's previous incarnation vanish at once.
+        With ``reconcile`` the old lease goes first and the records homed on the
+        node whose ids are not in ``held`` are marked lost before the new record
+        is written (see the module docstring); without it no segment changes.
         """
         key = keys.node_key(node.id)
         old = self.etcd.range(key).kvs
+        lost = []
+        if reconcile:
+            if old and old[0].lease:
+                self.etcd.revoke(old[0].lease)
+            lost = self.segments.mark_lost(node.id, set(held))
         lease, granted = self.etcd.grant(ttl or self.default_ttl)
         self.etcd.txn(success=[put_op(key, keys.encode(record_of(node)), lease)])
-        if old and old[0].lease and old[0].lease != lease:
+        if not reconcile and old and old[0].lease and old[0].lease != lease:
             self.etcd.revoke(old[0].lease)
-        return lease, granted
+        return lease, granted, lost
 
     def heartbeat(self, node_id: str, lease_id: int, memory_used: int, segments: int,
                   state: int) -> int:

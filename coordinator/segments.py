@@ -19,10 +19,11 @@ from dataclasses import dataclass
 from typing import Callable
 
 from vas.coordinator import access, keys
-from vas.coordinator.etcd import (Etcd, EtcdError, absent, created_at, delete_op, present,
+from vas.coordinator.etcd import (Etcd, EtcdError, absent, created_at, delete_op, leased,
                                   put_op, range_op, unchanged)
 from vas.coordinator.retry import retries
-from vas.core.errors import AlreadyExists, CapacityExceeded, InvalidArgument, NotFound, VasError
+from vas.core.errors import (AlreadyExists, CapacityExceeded, InvalidArgument, NotFound,
+                             Unavailable, VasError)
 from vas.proto import types_pb2
 
 # The address window every segment is placed in (16 TiB, far above where Linux puts
@@ -36,6 +37,12 @@ ALIGN = 2 << 20
 GUARD = 2 << 20
 
 _CACHE_ENTRIES = 4096
+#: etcd's default --max-txn-ops: the most operations in one branch of a transaction.
+_MAX_TXN_OPS = 128
+#: ``mark_lost`` reads the segment records in pages of this many, and writes them in
+#: transactions of ``_LOST_BATCH`` records (a removal is 3 operations: 96 <= 128).
+_SCAN_PAGE = 1000
+_LOST_BATCH = 32
 
 
 def align_up(value: int, alignment: int = ALIGN) -> int:
@@ -75,9 +82,16 @@ class Entry:
 
 
 def state_of(record: dict, live_nodes: set[str] | frozenset[str]) -> int:
-    """The SegmentState a record is in, given the ids of the live nodes."""
+    """The SegmentState a record is in, given the ids of the live nodes.
+
+    A delete mark wins; then the lost mark (the home restarted without the
+    segment: permanent, whatever nodes live); then the home's liveness.
+    Records written before the lost mark existed have no "lost" key.
+    """
     if record["deleting"]:
         return types_pb2.SEGMENT_STATE_DELETING
+    if record.get("lost"):
+        return types_pb2.SEGMENT_STATE_LOST
     if record["home"] in live_nodes:
         return types_pb2.SEGMENT_STATE_READY
     if record["replicas"] > 0:
@@ -85,14 +99,16 @@ def state_of(record: dict, live_nodes: set[str] | frozenset[str]) -> int:
     return types_pb2.SEGMENT_STATE_LOST
 
 
-def to_proto(entry: Entry, live_nodes, attachments: int = 0) -> types_pb2.SegmentInfo:
+def to_proto(entry: Entry, live_nodes, attachments: int = 0,
+             copies: list[str] = ()) -> types_pb2.SegmentInfo:
     """The SegmentInfo of ``entry``."""
     r = entry.record
     return types_pb2.SegmentInfo(
         name=entry.name, id=entry.id, size=r["size"], address=r["address"], mode=r["mode"],
         uid=r["uid"], gid=r["gid"], home=r["home"], replicas=r["replicas"],
         version=r["version"], state=state_of(r, live_nodes), attachments=attachments,
-        created=r["created"], expires=r["expires"], meta=r.get("meta") or {})
+        created=r["created"], expires=r["expires"], copies=copies,
+        meta=r.get("meta") or {})
 
 
 def live_nodes_of(range_response) -> set[str]:
@@ -100,14 +116,30 @@ def live_nodes_of(range_response) -> set[str]:
     return {keys.name_of(kv.key, keys.NODES) for kv in range_response.kvs}
 
 
-def attachment_counts(range_response) -> dict[tuple[str, int], int]:
-    """Sum of reported counts per (segment name, segment id) in a range of attach keys."""
-    counts: dict[tuple[str, int], int] = collections.Counter()
-    for kv in range_response.kvs:
-        name, _ = keys.split_attach_key(kv.key)
-        report = keys.decode(kv.value)
-        counts[name, report["id"]] += report["count"]
-    return counts
+class Reports:
+    """The attachment reports in some attach keys, summed per (segment name, id).
+
+    ``count(name, id)`` is the sum of the nodes' counts; ``copies(name, id)`` the
+    nodes that reported holding a replica of that incarnation (sorted: attach
+    keys sort by node id within a name). Reports of other ids (an older
+    incarnation of the name) count for nothing.
+    """
+
+    def __init__(self, kvs):
+        self._counts: dict[tuple[str, int], int] = collections.Counter()
+        self._copies: dict[tuple[str, int], list[str]] = collections.defaultdict(list)
+        for kv in kvs:
+            name, node = keys.split_attach_key(kv.key)
+            report = keys.decode(kv.value)
+            self._counts[name, report["id"]] += report["count"]
+            if report.get("copy"):
+                self._copies[name, report["id"]].append(node)
+
+    def count(self, name: str, segment_id: int) -> int:
+        return self._counts.get((name, segment_id), 0)
+
+    def copies(self, name: str, segment_id: int) -> list[str]:
+        return self._copies.get((name, segment_id), [])
 
 
 def not_found(name: str, segment_id: int = 0) -> NotFound:
@@ -128,7 +160,9 @@ def info_reads(name: str) -> list:
 def info_of(entry: Entry, responses) -> types_pb2.SegmentInfo:
     """The SegmentInfo of ``entry`` given the txn responses of its ``info_reads``."""
     nodes, attach = (op.response_range for op in responses)
-    return to_proto(entry, live_nodes_of(nodes), attachment_counts(attach)[entry.name, entry.id])
+    reports = Reports(attach.kvs)
+    return to_proto(entry, live_nodes_of(nodes), reports.count(entry.name, entry.id),
+                    reports.copies(entry.name, entry.id))
 
 
 class RecordCache:
@@ -171,22 +205,35 @@ class Segments:
     # Create ----------------------------------------------------------------------------
 
     def create(self, caller, name: str, size: int, mode: int, home: str, replicas: int,
-               ttl: float, meta: dict[str, str] | None = None) -> types_pb2.SegmentInfo:
+               ttl: float, home_lease: int,
+               meta: dict[str, str] | None = None) -> types_pb2.SegmentInfo:
         """Claim ``name`` and an address range in one transaction; the new SegmentInfo.
 
-        Raises AlreadyExists, InvalidArgument (unknown home), CapacityExceeded
-        (address window full), Unavailable.
+        The transaction also compares that node ``home`` is registered under
+        ``home_lease``: only the home's current agent, which allocated the memory
+        before calling, can make a record, so a record is never ``ready`` without
+        memory behind it (a call from a tool, or one still in flight from an agent
+        incarnation that restarted since, is refused).
+
+        Raises AlreadyExists, InvalidArgument (unknown home; ``home_lease`` 0),
+        Unavailable (the home is registered under another lease; or etcd),
+        CapacityExceeded (address window full).
         """
+        if not home_lease:  # lease 0 would match an absent node key: refuse before the txn
+            if not self.etcd.range(keys.node_key(home), keys_only=True).kvs:
+                raise InvalidArgument(f"unknown home node {home!r}")
+            raise InvalidArgument(f"CreateSegment needs the lease id of home node {home!r}: "
+                                  "segments are created by their home's agent")
         lease, granted = self.etcd.grant(max(1, math.ceil(ttl))) if ttl > 0 else (0, 0)
         created = time.time()
         record = {"size": size, "address": 0, "mode": mode, "uid": caller.uid,
                   "gid": caller.gid, "home": home, "replicas": replicas, "version": 0,
                   "created": created, "expires": created + granted if lease else 0.0,
-                  "deleting": False}
+                  "deleting": False, "lost": False}
         if meta:  # absent when empty: records without metadata stay as they were
             record["meta"] = meta
         try:
-            entry = self._claim(name, record, lease)
+            entry = self._claim(name, record, lease, home_lease)
         except BaseException:
             if lease:
                 self.etcd.revoke_quietly(lease)
@@ -194,14 +241,15 @@ class Segments:
         self.cache.put(entry)
         return to_proto(entry, {home})
 
-    def _claim(self, name: str, record: dict, lease: int) -> Entry:
+    def _claim(self, name: str, record: dict, lease: int, home_lease: int) -> Entry:
         key, home_key = keys.segment_key(name), keys.node_key(record["home"])
         with self._alloc_lock:
             for _ in retries(self.attempts, f"create segment {name!r}"):
                 alloc_mod, next_address = self._alloc
                 record["address"], after = place(next_address, record["size"])
                 response = self.etcd.txn(
-                    compare=[absent(key), unchanged(keys.ALLOC, alloc_mod), present(home_key)],
+                    compare=[absent(key), unchanged(keys.ALLOC, alloc_mod),
+                             leased(home_key, home_lease)],
                     success=[put_op(key, keys.encode(record), lease),
                              put_op(keys.ALLOC, keys.encode({"next_address": after}))],
                     failure=[range_op(key, keys_only=True), range_op(keys.ALLOC),
@@ -215,6 +263,11 @@ class Segments:
                     raise AlreadyExists(f"segment {name!r} already exists")
                 if not node.kvs:
                     raise InvalidArgument(f"unknown home node {record['home']!r}")
+                if node.kvs[0].lease != home_lease:
+                    raise Unavailable(
+                        f"node {record['home']!r} is not registered under lease {home_lease} "
+                        "(it registered again, or a tool called): only its current agent "
+                        "creates segments homed there")
                 self._alloc = ((alloc.kvs[0].mod_revision,
                                 keys.decode(alloc.kvs[0].value)["next_address"])
                                if alloc.kvs else (0, WINDOW_START))
@@ -247,10 +300,11 @@ class Segments:
         if not entries:
             return [], ""
         start, end = keys.attach_span(entries[0].name, entries[-1].name)
-        counts = attachment_counts(self.etcd.range(start, end))
+        reports = Reports(self.etcd.range(start, end).kvs)
         live = live_nodes_of(nodes)
         token = keys.encode_page_token(entries[-1].name + "\0") if page.more else ""
-        return [to_proto(e, live, counts[e.name, e.id]) for e in entries], token
+        return [to_proto(e, live, reports.count(e.name, e.id), reports.copies(e.name, e.id))
+                for e in entries], token
 
     # Read-modify-writes ----------------------------------------------------------------
 
@@ -273,24 +327,29 @@ class Segments:
         """Mark the segment DELETING (owner or root); a no-op if it is already marked.
 
         With ``finish`` (the home agent frees the pages now) the record is removed
-        instead, in the same transaction, as ``finish_delete`` would. A nonzero
-        ``segment_id`` must be the record's id, else NotFound.
+        instead, in the same transaction, as ``finish_delete`` would. A record
+        marked lost is removed at once whatever ``finish`` says: its memory is
+        gone, nothing waits to be freed; the reply is then its last record, in
+        state LOST. A nonzero ``segment_id`` must be the record's id, else NotFound.
+        The reply's ``copies`` name the nodes holding replicas (to be told).
         """
         def change(record: dict) -> dict | None:
             access.require_owner(caller, record, f"segment {name!r}")
+            if record.get("lost"):
+                return record
             if record["deleting"] and not finish:
                 return None
             return {**record, "deleting": True}
-        return self._update(name, change, remove=finish, expect_id=segment_id)
+        return self._update(name, change, remove=lambda record: finish or record.get("lost"),
+                            expect_id=segment_id)
 
-    def _update(self, name: str, change: Callable[[dict], dict | None], remove: bool = False,
+    def _update(self, name: str, change: Callable[[dict], dict | None],
+                remove: Callable[[dict], bool] = lambda record: False,
                 expect_id: int = 0) -> types_pb2.SegmentInfo:
         """Apply ``change`` (record -> new record, None = no change, or raise) atomically;
-        with ``remove``, delete the record (and its lock and reports) once ``change`` agrees."""
+        when ``remove(new record)`` is true, delete the record (and its lock and
+        reports) instead once ``change`` agrees."""
         key = keys.segment_key(name)
-        write = (self._removal_ops(name) if remove else
-                 lambda entry, record: [put_op(key, keys.encode(record), entry.lease),
-                                        *info_reads(name)])
         entry, fresh = self.cache.get(name), False
         for _ in retries(self.attempts, f"update segment {name!r}"):
             entry, record = self._decide(name, entry, fresh, change)
@@ -301,11 +360,15 @@ class Segments:
                 raise not_found(name, expect_id)
             if record is None:
                 return self.get(name)
-            response = self.etcd.txn(compare=[unchanged(key, entry.mod)],
-                                     success=write(entry, record), failure=[range_op(key)])
-            if response.succeeded and remove:
+            removing = remove(record)
+            write = (self._removal_ops(name) if removing else
+                     [put_op(key, keys.encode(record), entry.lease), *info_reads(name)])
+            response = self.etcd.txn(compare=[unchanged(key, entry.mod)], success=write,
+                                     failure=[range_op(key)])
+            if response.succeeded and removing:
                 self._removed(name, entry.lease)
-                return to_proto(Entry(name, entry.id, entry.mod, entry.lease, record), ())
+                return to_proto(Entry(name, entry.id, entry.mod, entry.lease, record), (),
+                                copies=self._removed_copies(response, name, entry.id))
             if response.succeeded:
                 entry = Entry(name, entry.id, response.header.revision, entry.lease, record)
                 self.cache.put(entry)
@@ -353,51 +416,193 @@ class Segments:
 
     # Removal and attachment reports ----------------------------------------------------
 
-    def finish_delete(self, name: str, segment_id: int) -> None:
-        """Remove segment ``segment_id`` named ``name`` with its writer lock and reports.
+    def finish_delete(self, name: str, segment_id: int) -> list[str]:
+        """Remove segment ``segment_id`` named ``name`` with its writer lock and reports;
+        the nodes that reported a replica of that id (to be told to drop it).
 
-        Idempotent: an absent record or one with another id is left alone.
+        Idempotent: an absent record or one with another id is left alone (its
+        replicas are still named: ttl expiry removes the record, not the reports).
         """
+        prefix = keys.attach_prefix(name)
         response = self.etcd.txn(compare=[created_at(keys.segment_key(name), segment_id)],
-                                 success=self._removal_ops(name)())
+                                 success=self._removal_ops(name),
+                                 failure=[range_op(prefix, keys.prefix_end(prefix))])
         if response.succeeded:
             previous = response.responses[0].response_delete_range.prev_kvs
             self._removed(name, previous[0].lease if previous else 0)
-        else:
-            self.cache.drop(name)
+            return self._removed_copies(response, name, segment_id)
+        self.cache.drop(name)
+        return Reports(response.responses[0].response_range.kvs).copies(name, segment_id)
 
     @staticmethod
-    def _removal_ops(name: str):
-        """A builder of the ops removing segment ``name``: its record, and — because only
-        the incarnation being removed can own them while its record exists — its
-        writer lock and attachment reports."""
+    def _removal_ops(name: str) -> list:
+        """The ops removing segment ``name``: its record, and — because only the
+        incarnation being removed can own them while its record exists — its writer
+        lock and attachment reports (read back: they name the replicas' nodes)."""
         key, prefix = keys.segment_key(name), keys.attach_prefix(name)
+        return [delete_op(key, prev_kv=True), delete_op(keys.writer_key(name)),
+                delete_op(prefix, keys.prefix_end(prefix), prev_kv=True)]
 
-        def ops(*_):
-            return [delete_op(key, prev_kv=True), delete_op(keys.writer_key(name)),
-                    delete_op(prefix, keys.prefix_end(prefix))]
-        return ops
+    @staticmethod
+    def _removed_copies(response, name: str, segment_id: int, at: int = 0) -> list[str]:
+        """The replica holders of a removal (``_removal_ops`` at response op ``at``)."""
+        reports = response.responses[at + 2].response_delete_range.prev_kvs
+        return Reports(reports).copies(name, segment_id)
 
     def _removed(self, name: str, lease: int) -> None:
         self.cache.drop(name)
         if lease:
             self.etcd.revoke_quietly(lease)  # a ttl lease has nothing left to expire
 
-    def report_attachments(self, node_id: str, lease_id: int, counts) -> None:
-        """Store ``node_id``'s attachment counts under its lease (count 0 removes a report).
+    # The safety net of replicas, and records a restarted home no longer holds ---------
 
+    def check(self, refs) -> list[int]:
+        """The ids among ``refs`` (SegmentRefs) whose record is absent, has another id,
+        or is marked deleting or lost: one read-only transaction per 128."""
+        gone = []
+        for start in range(0, len(refs), _MAX_TXN_OPS):
+            batch = refs[start:start + _MAX_TXN_OPS]
+            response = self.etcd.txn(success=[range_op(keys.segment_key(ref.name))
+                                              for ref in batch])
+            gone += [ref.id for ref, op in zip(batch, response.responses)
+                     if _gone(op.response_range.kvs, ref.id)]
+        return gone
+
+    def mark_lost(self, home: str, held: set[int]) -> list[types_pb2.SegmentInfo]:
+        """Mark lost every record homed on ``home`` whose id is not in ``held``; remove
+        those already marked deleting (their delete is done: nothing to free).
+
+        For an agent that starts without the memory of its earlier incarnation
+        (RegisterNode with ``reconcile``). Reads every segment record, in pages
+        (there is no index by home: a start-up cost, once per agent start), and
+        writes in transactions of ``_LOST_BATCH`` records, each record compared
+        unchanged since read (a concurrent change re-decides on the fresh one).
+        Returns the records marked (state LOST) or removed (state DELETING), each
+        with its ``copies``.
+        """
+        done: list[types_pb2.SegmentInfo] = []
+        start, end = keys.SEGMENTS, keys.prefix_end(keys.SEGMENTS)
+        while True:
+            page = self.etcd.range(start, end, limit=_SCAN_PAGE)
+            doomed = [entry for entry in map(Entry.from_kv, page.kvs)
+                      if _homeless(entry, home, held)]
+            for first in range(0, len(doomed), _LOST_BATCH):
+                done += self._mark_lost(doomed[first:first + _LOST_BATCH], home, held)
+            if not page.more or not page.kvs:
+                return done
+            start = page.kvs[-1].key + b"\0"
+
+    def _mark_lost(self, entries: list[Entry], home: str, held: set[int]
+                   ) -> list[types_pb2.SegmentInfo]:
+        """``mark_lost`` of one batch: one transaction, retried on the fresh records."""
+        for _ in retries(self.attempts, f"mark the segments of node {home!r} lost"):
+            if not entries:
+                return []
+            compare, success = [], []
+            for entry in entries:
+                key, prefix = keys.segment_key(entry.name), keys.attach_prefix(entry.name)
+                compare.append(unchanged(key, entry.mod))
+                if entry.record["deleting"]:
+                    success += self._removal_ops(entry.name)
+                else:
+                    lost = {**entry.record, "lost": True}
+                    success += [put_op(key, keys.encode(lost), entry.lease),
+                                range_op(prefix, keys.prefix_end(prefix))]
+            response = self.etcd.txn(compare=compare, success=success,
+                                     failure=[range_op(keys.segment_key(entry.name))
+                                              for entry in entries])
+            if response.succeeded:
+                return self._marked(entries, response)
+            fresh = [Entry.from_kv(op.response_range.kvs[0]) for op in response.responses
+                     if op.response_range.kvs]
+            entries = [entry for entry in fresh if _homeless(entry, home, held)]
+
+    def _marked(self, entries: list[Entry], response) -> list[types_pb2.SegmentInfo]:
+        """The replies of a successful ``_mark_lost`` transaction."""
+        done, at = [], 0
+        for entry in entries:
+            if entry.record["deleting"]:
+                self._removed(entry.name, entry.lease)
+                done.append(to_proto(entry, (), copies=self._removed_copies(
+                    response, entry.name, entry.id, at)))
+                at += 3
+            else:
+                marked = Entry(entry.name, entry.id, response.header.revision, entry.lease,
+                               {**entry.record, "lost": True})
+                self.cache.put(marked)
+                reports = Reports(response.responses[at + 1].response_range.kvs)
+                done.append(to_proto(marked, (), copies=reports.copies(entry.name, entry.id)))
+                at += 2
+        return done
+
+    def report_attachments(self, node_id: str, lease_id: int, counts) -> list[int]:
+        """Store ``node_id``'s attachment counts under its lease (count 0 removes a report,
+        unless ``copy``: a held replica is reported at count 0 too); the ids of the
+        reported copies whose segment is gone (see ``check``).
+
+        The records of the copies are read in the same transaction as their reports are
+        written, so for each copy either its report was in etcd before the record was
+        removed or marked (and the delete named this node in its ``copies``), or the
+        record was already gone here: no replica is missed by both.
         Raises NotFound when the lease has expired (the node must register again).
         """
         latest = {count.name: count for count in counts}  # a txn may not name a key twice
-        ops = [put_op(keys.attach_key(name, node_id),
-                      keys.encode({"id": c.id, "count": c.count}), lease_id)
-               if c.count else delete_op(keys.attach_key(name, node_id))
-               for name, c in latest.items()]
-        for start in range(0, len(ops), 128):  # etcd's default --max-txn-ops
-            try:
-                self.etcd.txn(success=ops[start:start + 128])
-            except EtcdError as exc:
-                if exc.lease_missing:
-                    raise NotFound(f"lease {lease_id} of node {node_id!r} has expired: "
-                                   "register again") from exc
-                raise
+        gone, batch, ops = [], [], 0
+        for count in latest.values():
+            batch.append(count)
+            ops += 2 if count.copy else 1
+            if ops >= _MAX_TXN_OPS - 1:
+                gone += self._report_batch(node_id, lease_id, batch)
+                batch, ops = [], 0
+        if batch:
+            gone += self._report_batch(node_id, lease_id, batch)
+        return gone
+
+    def _report_batch(self, node_id: str, lease_id: int, counts) -> list[int]:
+        ops = []
+        for count in counts:
+            key = keys.attach_key(count.name, node_id)
+            if count.count or count.copy:
+                ops.append(put_op(key, keys.encode(_stored_report(count)), lease_id))
+            else:
+                ops.append(delete_op(key))
+            if count.copy:
+                ops.append(range_op(keys.segment_key(count.name)))
+        try:
+            response = self.etcd.txn(success=ops)
+        except EtcdError as exc:
+            if exc.lease_missing:
+                raise NotFound(f"lease {lease_id} of node {node_id!r} has expired: "
+                               "register again") from exc
+            raise
+        gone, at = [], 0
+        for count in counts:
+            at += 1
+            if count.copy:
+                if _gone(response.responses[at].response_range.kvs, count.id):
+                    gone.append(count.id)
+                at += 1
+        return gone
+
+def _homeless(entry: Entry, home: str, held: set[int]) -> bool:
+    """Whether ``entry`` is homed on ``home`` without memory there (not in ``held``) and
+    not marked lost yet."""
+    return (entry.record["home"] == home and entry.id not in held
+            and not entry.record.get("lost"))
+
+
+def _gone(kvs, segment_id: int) -> bool:
+    """Whether a read of a segment key (``kvs``) shows segment ``segment_id`` gone: no
+    record, a record of another id, or one marked deleting or lost."""
+    if not kvs or kvs[0].create_revision != segment_id:
+        return True
+    record = keys.decode(kvs[0].value)
+    return bool(record["deleting"] or record.get("lost"))
+
+
+def _stored_report(count) -> dict:
+    """The stored value of an AttachmentCount ("copy" only when set: values stay small)."""
+    value = {"id": count.id, "count": count.count}
+    if count.copy:
+        value["copy"] = True
+    return value

@@ -26,6 +26,8 @@ from vas.proto import coordinator_pb2 as pb, coordinator_pb2_grpc
 #: ListSegments page size when the request asks for 0, and the largest allowed.
 DEFAULT_PAGE_SIZE = 500
 MAX_PAGE_SIZE = 10000
+#: Most segments one CheckSegments may name.
+MAX_CHECK_SEGMENTS = 1000
 
 
 def check_node_id(node_id: str, what: str = "node id") -> str:
@@ -80,7 +82,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         self.config = config
         self.etcd = etcd
         self.segments = Segments(etcd, config.txn_attempts)
-        self.nodes = Nodes(etcd, config.node_ttl)
+        self.nodes = Nodes(etcd, config.node_ttl, self.segments)
         self.writers = Writers(etcd, self.segments, config.txn_attempts)
         self.spaces = Spaces(etcd, config.txn_attempts)
         self._watches_lock = threading.Lock()
@@ -102,9 +104,12 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         check_node_id(request.node.id)
         if not request.node.address:
             raise InvalidArgument(f"node {request.node.id!r} has no address")
-        lease, ttl = self.nodes.register(request.node,
-                                         int(check_seconds(request.ttl_seconds, "node ttl")))
-        return pb.RegisterNodeResponse(lease_id=lease, ttl_seconds=ttl)
+        for segment_id in request.held:
+            check_positive(segment_id, "held segment id")
+        lease, ttl, lost = self.nodes.register(
+            request.node, int(check_seconds(request.ttl_seconds, "node ttl")),
+            reconcile=request.reconcile, held=request.held)
+        return pb.RegisterNodeResponse(lease_id=lease, ttl_seconds=ttl, lost=lost)
 
     @translated
     def Heartbeat(self, request, context):
@@ -132,11 +137,22 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         return self.segments.create(
             caller, check_name(request.name), check_size(request.size),
             check_mode(request.mode), home, request.replicas,
-            check_seconds(request.ttl_seconds, "ttl"), check_meta(request.meta))
+            check_seconds(request.ttl_seconds, "ttl"), check_lease(request.lease_id),
+            check_meta(request.meta))
 
     @translated
     def GetSegment(self, request, context):
         return self.segments.get(check_name(request.name))
+
+    @translated
+    def CheckSegments(self, request, context):
+        if len(request.segments) > MAX_CHECK_SEGMENTS:
+            raise InvalidArgument(f"CheckSegments of {len(request.segments)} segments: at most "
+                                  f"{MAX_CHECK_SEGMENTS}")
+        for ref in request.segments:
+            check_name(ref.name)
+            check_positive(ref.id, "segment id")
+        return pb.CheckSegmentsResponse(gone=self.segments.check(request.segments))
 
     @translated
     def ListSegments(self, request, context):
@@ -165,18 +181,18 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
 
     @translated
     def FinishDelete(self, request, context):
-        self.segments.finish_delete(check_name(request.name),
-                                    check_positive(request.id, "segment id"))
-        return pb.FinishDeleteResponse()
+        copies = self.segments.finish_delete(check_name(request.name),
+                                             check_positive(request.id, "segment id"))
+        return pb.FinishDeleteResponse(copies=copies)
 
     @translated
     def ReportAttachments(self, request, context):
         check_node_id(request.node_id)
         for count in request.counts:
             check_name(count.name)
-        self.segments.report_attachments(
+        gone = self.segments.report_attachments(
             request.node_id, check_positive(request.lease_id, "lease id"), request.counts)
-        return pb.ReportAttachmentsResponse()
+        return pb.ReportAttachmentsResponse(gone=gone)
 
     # Writer lock -----------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ from vas.coordinator.etcd import (Etcd, EtcdError, absent, created_at, delete_op
                                   range_op, unchanged)
 from vas.coordinator.retry import retries
 from vas.coordinator.segments import Entry, Segments, info_of, info_reads, not_found
-from vas.core.errors import Busy, Fenced, NotFound, PermissionDenied
+from vas.core.errors import Busy, Fenced, NotFound, PermissionDenied, segment_lost
 from vas.proto import types_pb2
 
 
@@ -37,7 +37,7 @@ class Writers:
     def acquire(self, caller, name: str, ttl: int) -> tuple[int, int, int]:
         """Take the lock of ``name`` for ``caller``; (token, lease id, granted ttl).
 
-        Raises NotFound (no such segment, or it is being deleted), PermissionDenied
+        Raises NotFound (no such segment, or it is being deleted or lost), PermissionDenied
         (no read+write permission), Busy (held by someone else).
         """
         entry, fresh = self.segments.read(name, cached=True), False
@@ -63,6 +63,8 @@ class Writers:
         try:
             if entry.record["deleting"]:
                 raise NotFound(f"segment {entry.name!r} is being deleted")
+            if entry.record.get("lost"):
+                raise segment_lost(entry.name, entry.record["home"])
             access.require(caller, entry.record, access.ATTACH_BITS["rw"],
                            f"segment {entry.name!r}")
         except (NotFound, PermissionDenied):

@@ -8,8 +8,10 @@ One ``Agent`` per process. Its parts, each a module of its own:
   lazy fill, eviction, refresh;
 - ``Writers`` (node/writers.py): writer locks, keepalive, sync/publish, wait;
 - ``Sessions`` (node/sessions.py): local connections and their attachments;
-- ``Membership`` and ``Reporter`` (node/membership.py): registration, heartbeats,
-  attachment reports;
+- ``Membership`` and ``Reporter`` (node/membership.py): registration (with
+  reconciliation at start), heartbeats, attachment and replica reports;
+- ``ReplicaNotices`` (node/notices.py): telling the nodes that hold replicas of
+  a segment deleted or freed here to drop them;
 - ``Store`` (node/store.py) and ``WarmPool`` (node/pool.py): capacity and memory.
 
 What is left here are the flows that need several parts: an attach (home
@@ -18,32 +20,37 @@ and the start and stop of the background threads:
 
 - heartbeat (Membership.run; also FinishDelete retries and lazy re-reads),
 - expiry (the ttl timer of HomeSegments), reporter (Reporter.run),
-- writer keepalive (Writers.run_keepalive), warm pool (WarmPool.run).
+- writer keepalive (Writers.run_keepalive), writer deadlines (Writers.deadlines:
+  fences a writer whose lease was not renewed in time), warm pool (WarmPool.run),
+- notices (ReplicaNotices.run).
 
 The local request layer is node/localapi.py; the Node gRPC service node/service.py.
 Lock order: docs/ARCHITECTURE.md "Locks" and node/locks.py.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
 
 from vas.core import validate
-from vas.core.errors import InvalidArgument, NotFound, Unavailable, VasError
+from vas.core.errors import InvalidArgument, NotFound, Unavailable, VasError, segment_lost
 from vas.core.fetch import FetchMode, decide
 from vas.node.access import check_access
 from vas.node.clients import CoordinatorClient, PeerClients
 from vas.node.config import NodeConfig
 from vas.node.homes import HomeSegments
+from vas.node.limits import Limit, UidCounts
 from vas.node.membership import Membership, Reporter
+from vas.node.notices import ReplicaNotices
 from vas.node.pool import WarmPool
 from vas.node.replicas import Replicas
 from vas.node.segments import HomeSegment, HomeState, Replica
 from vas.node.sessions import Attachment, Session, Sessions
 from vas.node.store import Store
 from vas.node.writers import Writers
-from vas.proto import types_pb2
+from vas.proto import coordinator_pb2, types_pb2
 
 log = logging.getLogger(__name__)
 
@@ -68,18 +75,24 @@ class Agent:
         self.store = Store(config.memory, f"node {node_id}")
         self.pool = WarmPool(self.store)
         self.sessions = Sessions(node_id)
-        self.reporter = Reporter(node_id, self.coordinator, config.report_delay, self._count)
+        #: Per-uid counts (node/limits.py): attachments, attaches in flight included;
+        #: userfaultfds held for lazy attachments.
+        self.attachment_counts = UidCounts(Limit.ATTACHMENTS, config.max_attachments_per_uid)
+        self.fault_counts = UidCounts(Limit.FAULTS, config.max_faults_per_uid)
+        self.reporter = Reporter(node_id, self.coordinator, config.report_delay, self._count,
+                                 lambda replica: self.replicas.drop(replica.name, replica.id))
         self.replicas = Replicas(node_id, config, self.store, self.pool, self.coordinator,
                                  self.peers, self.sessions, self.reporter, self.node_address)
+        self.notices = ReplicaNotices(node_id, self.coordinator, self.peers, self.replicas.drop)
         self.writers = Writers(node_id, config, self.coordinator, self.peers,
                                self.replicas.home_address, self.replicas.retire,
                                self.cleanup_timeout)
         self.homes = HomeSegments(node_id, config, self.store, self.coordinator, self.sessions,
-                                  self.writers, self.reporter, self.replicas,
+                                  self.writers, self.reporter, self.replicas, self.notices,
                                   self.cleanup_timeout)
         self.membership = Membership(node_id, config, self.coordinator, self.reporter,
-                                     self.node_info, self._held, self._chores,
-                                     self.cleanup_timeout)
+                                     self.node_info, self._held, self._home_ids,
+                                     self._registered, self._chores, self.cleanup_timeout)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -93,7 +106,8 @@ class Agent:
             state=types_pb2.NODE_STATE_READY)
 
     def register(self, stop: threading.Event | None = None) -> bool:
-        """Register with the coordinator, retrying until it answers or ``stop`` is set."""
+        """Register with the coordinator (reconciling: the records homed here that this
+        agent does not hold become lost), retrying until it answers or ``stop`` is set."""
         return self.membership.register(stop or self._stop)
 
     def start(self) -> None:
@@ -102,7 +116,9 @@ class Agent:
                              (self.homes.expiry.run, "expiry"),
                              (lambda: self.reporter.run(self._stop), "reporter"),
                              (lambda: self.writers.run_keepalive(self._stop), "writer-keepalive"),
-                             (self.pool.run, "warm-pool")):
+                             (self.writers.deadlines.run, "writer-deadline"),
+                             (self.pool.run, "warm-pool"),
+                             (lambda: self.notices.run(self._stop), "notices")):
             thread = threading.Thread(target=target, name=f"vas-node-{name}", daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -112,6 +128,8 @@ class Agent:
         deregistering removes them anyway)."""
         self._stop.set()
         self.reporter.stop()
+        self.notices.stop()
+        self.writers.stop()
         self.homes.expiry.stop()
         self.pool.stop()
         self.replicas.stop()
@@ -124,6 +142,7 @@ class Agent:
 
     def free_all(self) -> None:
         """Free every held segment and replica (at shutdown, after the sessions closed)."""
+        self.writers.revocations.close_all()
         self.homes.free_all()
         self.replicas.free_all()
 
@@ -140,18 +159,33 @@ class Agent:
     def _held(self) -> list:
         return self.homes.all() + self.replicas.all()
 
+    def _home_ids(self) -> list[int]:
+        """Ids of the home segments whose memory is held (told to RegisterNode)."""
+        return [segment.id for segment in self.homes.all()
+                if segment.state is not HomeState.FREED]
+
+    def _registered(self, response: coordinator_pb2.RegisterNodeResponse, again: bool) -> None:
+        """After a registration: tell the nodes holding replicas of the records it marked
+        lost; after registering again (the lease lapsed), check every replica, since
+        notices of deletes made meanwhile may have missed this node."""
+        for info in response.lost:
+            self.notices.tell(info.name, info.id, info.copies)
+        if again:
+            self.replicas.recheck_all()
+
     def _chores(self) -> None:
         """Periodic work of the heartbeat thread."""
         self.homes.retry_unfinished()
         self.homes.recheck_stale()
         self.replicas.recheck_stale()
+        self.writers.revocations.reap()
 
-    def _count(self, segment) -> int:
-        """The attachment count to report for ``segment``."""
+    def _count(self, segment) -> tuple[int, bool]:
+        """(attachment count, whether a replica is held) to report for ``segment``."""
         if isinstance(segment, Replica):
-            return self.replicas.count_of(segment)
+            return self.replicas.report_of(segment)
         with segment.lock:
-            return 0 if segment.state is HomeState.FREED else max(0, segment.attachments)
+            return (0 if segment.state is HomeState.FREED else max(0, segment.attachments)), False
 
     def node_address(self, node_id: str) -> str | None:
         """The gRPC address of live node ``node_id`` (None if it is not registered)."""
@@ -166,30 +200,52 @@ class Agent:
     def close_session(self, session: Session) -> None:
         """The connection is gone (EOF): end all its attachments and writer locks now."""
         attachments = self.sessions.take_all(session)
+        # The process may live on with its mappings, unless the agent is stopping (its
+        # home pages go with it): then nothing is revoked.
+        revoke = not self._stop.is_set()
         for attachment in attachments:
-            self.end_attachment(attachment)
+            self.end_attachment(attachment, revoke=revoke)
         if attachments:
             log.debug("%r closed: released %d attachments", session, len(attachments))
 
     # ------------------------------------------------------------------ attach
 
-    def attach(self, session: Session, name: str, mode: str, fetch: str,
-               support: int) -> tuple[Attachment, int, types_pb2.SegmentInfo, FetchMode]:
-        """(attachment, fd, record, how the pages come) of ``name`` in ``mode``."""
+    def attach(self, session: Session, name: str, mode: str, fetch: str, support: int,
+               write_protect: bool = False
+               ) -> tuple[Attachment, int, types_pb2.SegmentInfo, FetchMode]:
+        """(attachment, fd, record, how the pages come) of ``name`` in ``mode``;
+        ``write_protect``: the client can make a home "rw" mapping revocable.
+        CapacityExceeded when the caller's uid holds its most attachments already."""
+        self.attachment_counts.take(session.uid)  # given back when the attachment ends
+        try:
+            return self._attach(session, name, mode, fetch, support, write_protect)
+        except BaseException:
+            self.attachment_counts.give(session.uid)
+            raise
+
+    def _attach(self, session: Session, name: str, mode: str, fetch: str, support: int,
+                write_protect: bool
+                ) -> tuple[Attachment, int, types_pb2.SegmentInfo, FetchMode]:
         segment = self.homes.find(name)
         if segment is not None:
-            attach = self.homes.attach_reader if mode == "r" else self.homes.attach_writer
-            attachment, fd = attach(session, segment)
+            if mode == "r":
+                attachment, fd = self.homes.attach_reader(session, segment)
+            else:
+                attachment, fd = self.homes.attach_writer(session, segment, write_protect)
             return attachment, fd, segment.info, FetchMode.HOME
         info = self.coordinator.find_segment(validate.check_name(name))
         if info is None or info.state == types_pb2.SEGMENT_STATE_DELETING:
-            self.replicas.retire_name(name)
-            raise NotFound(f"segment {name} not found" if info is None
-                           else f"segment {name} is being deleted")
+            gone = (f"segment {name} not found" if info is None
+                    else f"segment {name} is being deleted")
+            self.replicas.retire_name(name, lost=gone)
+            raise NotFound(gone)
         check_access(info, session, mode)
+        if self._marked_lost(info):
+            self.replicas.retire_name(name)
+            raise segment_lost(name, info.home)
         if info.home == self.node_id:  # created here a moment ago: the reply may be in flight
             if self.homes.find_created(name) is not None:
-                return self.attach(session, name, mode, fetch, support)
+                return self._attach(session, name, mode, fetch, support, write_protect)
             raise Unavailable(f"segment {name} (id {info.id}) is homed on node {self.node_id} "
                               "but its memory is not held here")
         if mode == "rw":
@@ -199,6 +255,15 @@ class Agent:
         if how is FetchMode.LAZY and attachment.segment.fill is None:
             how = FetchMode.EAGER  # the replica was complete already: nothing to page in
         return attachment, fd, info, how
+
+    def _marked_lost(self, info: types_pb2.SegmentInfo) -> bool:
+        """Whether ``info`` is lost for good (its home restarted without it), as opposed
+        to a home that is not registered now (down or cut off: it may come back with
+        the memory, and the attach fails Unavailable further on). A lost record whose
+        home is registered can only be marked: a live home derives ``ready``."""
+        if info.state != types_pb2.SEGMENT_STATE_LOST:
+            return False
+        return info.home == self.node_id or self.node_address(info.home) is not None
 
     def _attach_remote_writer(self, session: Session, info: types_pb2.SegmentInfo):
         """The "rw" attach of a segment homed elsewhere: take the writer lock, then make
@@ -217,41 +282,79 @@ class Agent:
                 replica.synced_hashes = base
                 info = replica.info
         except BaseException:
-            self.detach(session, attachment.id)
+            # never mapped: as good as unmapped; attach() gives its slot back
+            self._end(self.sessions.take(session, attachment.id), revoke=False)
             os.close(fd)
             raise
         self.writers.track(attachment)
         return attachment, fd, info, FetchMode.EAGER
 
     def detach(self, session: Session, attachment_id: int) -> None:
-        """End ``session``'s attachment ``attachment_id`` (NotFound if it has none such)."""
-        self.end_attachment(self.sessions.take(session, attachment_id))
+        """End ``session``'s attachment ``attachment_id`` (NotFound if it has none such);
+        the client unmapped it before asking."""
+        self.end_attachment(self.sessions.take(session, attachment_id), revoke=False)
 
-    def end_attachment(self, attachment: Attachment) -> None:
-        """Stop resolving its faults, release its writer lock, count it out."""
-        self.replicas.unregister_faults(attachment)
+    def end_attachment(self, attachment: Attachment, *, revoke: bool) -> None:
+        """Stop resolving its faults, release its writer lock (a home writer's mapping
+        write-protected first if ``revoke``: see Writers.ended), count it out.
+
+        A revoked home writer's guard may be kept until its process exits (it still
+        maps the pages): the attachment counts against its uid until then, so a
+        process cannot pile up kept guards (fds here) by reconnecting."""
+        give = functools.partial(self.attachment_counts.give, attachment.session.uid)
+        if revoke and attachment.guard is not None:
+            attachment.guard.when_closed(give)
+            self._end(attachment, revoke=True)
+        else:
+            self._end(attachment, revoke=revoke)
+            give()
+
+    def _end(self, attachment: Attachment, *, revoke: bool) -> None:
+        if self.replicas.unregister_faults(attachment):
+            self.fault_counts.give(attachment.session.uid)
         if attachment.lease is not None:
-            self.writers.ended(attachment)
+            self.writers.ended(attachment, revoke=revoke)
         if isinstance(attachment.segment, HomeSegment):
             self.homes.detached(attachment)
         else:
             self.replicas.detached(attachment)
 
+    def register_faults(self, session: Session, attachment_id: int, uffd: int, address: int,
+                        size: int) -> None:
+        """Resolve the faults of ``session``'s lazy attachment on ``uffd`` (taken over).
+        CapacityExceeded when the uid has its most userfaultfds registered already."""
+        attachment = self.sessions.get(session, attachment_id)
+        self.fault_counts.take(session.uid)  # given back when the attachment ends
+        try:
+            registered = self.replicas.register_faults(attachment, uffd, address, size)
+        except BaseException:
+            self.fault_counts.give(session.uid)
+            raise
+        if not registered:  # complete already: nothing to resolve, the uffd is closed
+            self.fault_counts.give(session.uid)
+
     # ------------------------------------------------------------------ delete, chmod, chown
 
     def delete(self, session: Session, name: str, force: bool) -> types_pb2.SegmentInfo:
+        """Delete ``name``: free its memory (here, or through its home), and tell the
+        nodes holding replicas of it (the reply's ``copies``) to drop them."""
         segment = self.homes.claim(session, name)
         if segment is not None:
-            return self.homes.delete_claimed(session.caller, segment)
-        info = self.coordinator.delete_segment(caller=session.caller, name=name, force=force)
-        if info.home == self.node_id:
-            try:
-                self.homes.release(info.name, info.id, force)
-            except NotFound:  # homed here but not held (e.g. before a restart)
-                self.homes.finish_delete(info.name, info.id)
+            info = self.homes.delete_claimed(session.caller, segment)
         else:
-            self.replicas.retire_name(info.name)
-            self._release_remote(info, force)
+            info = self.coordinator.delete_segment(caller=session.caller, name=name,
+                                                   force=force)
+            if info.state == types_pb2.SEGMENT_STATE_LOST:  # removed: no memory anywhere
+                self.replicas.retire_name(info.name, lost=f"segment {info.name} was lost")
+            elif info.home == self.node_id:
+                try:
+                    self.homes.release(info.name, info.id, force)
+                except NotFound:  # homed here but not held (e.g. before a restart)
+                    self.homes.finish_delete(info.name, info.id)
+            else:
+                self.replicas.retire_name(info.name, lost=f"segment {info.name} was deleted")
+                self._release_remote(info, force)
+        self.notices.tell(info.name, info.id, info.copies)
         return info
 
     def _release_remote(self, info: types_pb2.SegmentInfo, force: bool) -> None:

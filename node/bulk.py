@@ -46,6 +46,10 @@ _PAGE = 4096
 _RECV_BUFFER = 256 << 10
 #: Idle connections a ``Channel`` keeps (more concurrent requests open extra ones).
 _IDLE_MAX = 4
+#: Seconds a caller's deadline may exceed the time left under the channel's timeout
+#: before the socket timeouts are cut to it: a fault's first request has a deadline
+#: a hair under the timeout, and cutting costs two setsockopt calls each way.
+_CUT_SLACK = 0.25
 
 #: ``source(segment_id, offset, length) -> fd``: a dup of the held memfd after
 #: checking id and bounds (raises VasError); the server closes it.
@@ -211,15 +215,25 @@ class Channel:
         self._lock = locks.Lock("bulk channel", locks.Rank.BULK)
         self._closed = False
 
-    def read(self, segment_id: int, offset: int, length: int, fd: int) -> None:
+    def read(self, segment_id: int, offset: int, length: int, fd: int,
+             timeout: float | None = None) -> None:
         """Copy [offset, offset + length) of ``segment_id`` into ``fd``. Raises the
-        home's VasError, or Unavailable when a fresh connection fails too."""
+        home's VasError, or Unavailable when a fresh connection fails too.
+
+        ``timeout``: seconds this call may wait on the network in all (connect,
+        each send and receive; at most the channel's own timeout each), for a
+        caller with a deadline; None: the channel's timeout per wait.
+        """
         if offset < 0 or length <= 0 or offset + length >= 1 << 63:
             raise ValueError(f"invalid bulk range offset {offset} length {length}")
+        deadline = None if timeout is None else time.monotonic() + timeout
         for attempt in range(1, _ATTEMPTS + 1):
             conn = None
             try:
-                conn, buffer = self._take()
+                wait = self._wait(deadline)
+                conn, buffer = self._take(wait)
+                if wait != self._timeout:
+                    _set_timeouts(conn, wait)
                 conn.sendall(_REQUEST.pack(MAGIC, segment_id, offset, length))
                 _read_reply(conn)
                 _recv_to_fd(conn, buffer, fd, offset, length)
@@ -228,19 +242,31 @@ class Channel:
                     conn.close()
                 raise
             except VasError:
-                self._put(conn, buffer)  # a whole reply: the connection stays usable
+                self._put(conn, buffer, wait)  # a whole reply: the connection stays usable
                 raise
             except OSError as exc:
                 if conn is not None:
                     conn.close()
                 self._close_idle()  # likely dead as well (the home restarted): retry afresh
-                if attempt == _ATTEMPTS:
+                if attempt == _ATTEMPTS or (deadline is not None
+                                            and time.monotonic() >= deadline):
                     raise Unavailable(f"bulk read from {self.address} failed: "
                                       f"{exc.strerror or exc}") from exc
                 log.info("bulk read from %s failed (%s); retrying", self.address, exc)
             else:
-                self._put(conn, buffer)
+                self._put(conn, buffer, wait)
                 return
+
+    def _wait(self, deadline: float | None) -> float:
+        """Seconds one network wait may take: the channel's timeout, cut to the time
+        left before ``deadline`` when that is shorter by more than ``_CUT_SLACK`` (at
+        least 1 ms: a zero socket timeout means none)."""
+        if deadline is None:
+            return self._timeout
+        left = deadline - time.monotonic()
+        if left > self._timeout - _CUT_SLACK:
+            return self._timeout
+        return max(left, 1e-3)
 
     def connect(self) -> None:
         """Open one connection ahead of the first ``read``."""
@@ -257,7 +283,7 @@ class Channel:
         for _, conn, _ in idle:
             conn.close()
 
-    def _take(self) -> tuple[socket.socket, bytearray]:
+    def _take(self, connect_timeout: float | None = None) -> tuple[socket.socket, bytearray]:
         # The home ends a connection idle for ``timeout``: use only younger ones.
         fresh_after = time.monotonic() - self._timeout / 2
         with self._lock:
@@ -266,7 +292,7 @@ class Channel:
                 if since >= fresh_after:
                     return conn, buffer
                 conn.close()
-        conn = socket.create_connection(self._target, timeout=self._timeout)
+        conn = socket.create_connection(self._target, timeout=connect_timeout or self._timeout)
         try:
             _set_timeouts(conn, self._timeout)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -275,7 +301,15 @@ class Channel:
             raise
         return conn, bytearray(_RECV_BUFFER)
 
-    def _put(self, conn: socket.socket, buffer: bytearray) -> None:
+    def _put(self, conn: socket.socket, buffer: bytearray, wait: float | None = None) -> None:
+        """Keep ``conn`` for the next request (its timeouts back to the channel's if
+        ``wait`` changed them), or close it."""
+        try:
+            if wait is not None and wait != self._timeout:
+                _set_timeouts(conn, self._timeout)
+        except OSError:
+            conn.close()
+            return
         with self._lock:
             if not self._closed and len(self._idle) < _IDLE_MAX:
                 self._idle.append((time.monotonic(), conn, buffer))

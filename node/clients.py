@@ -45,9 +45,10 @@ class CoordinatorClient:
         return unary(rpc, request, timeout or self.timeout)
 
     # -- nodes
-    def register_node(self, node: types_pb2.NodeInfo, ttl: int) -> pb.RegisterNodeResponse:
-        return self._call(self.stub.RegisterNode, pb.RegisterNodeRequest(node=node,
-                                                                         ttl_seconds=ttl))
+    def register_node(self, node: types_pb2.NodeInfo, ttl: int, reconcile: bool = False,
+                      held: list[int] = ()) -> pb.RegisterNodeResponse:
+        return self._call(self.stub.RegisterNode, pb.RegisterNodeRequest(
+            node=node, ttl_seconds=ttl, reconcile=reconcile, held=held))
 
     def heartbeat(self, node_id: str, lease_id: int, memory_used: int,
                   segments: int) -> pb.HeartbeatResponse:
@@ -65,9 +66,10 @@ class CoordinatorClient:
     def cluster_status(self, request: pb.ClusterStatusRequest) -> pb.ClusterStatusResponse:
         return self._call(self.stub.ClusterStatus, request)
 
-    def report_attachments(self, node_id: str, lease_id: int, counts) -> None:
-        self._call(self.stub.ReportAttachments, pb.ReportAttachmentsRequest(
-            node_id=node_id, lease_id=lease_id, counts=counts))
+    def report_attachments(self, node_id: str, lease_id: int, counts) -> list[int]:
+        """Store the counts; the ids of reported copies whose segment is gone."""
+        return list(self._call(self.stub.ReportAttachments, pb.ReportAttachmentsRequest(
+            node_id=node_id, lease_id=lease_id, counts=counts)).gone)
 
     # -- segments
     def create_segment(self, **fields) -> types_pb2.SegmentInfo:
@@ -83,6 +85,12 @@ class CoordinatorClient:
         except NotFound:
             return None
 
+    def check_segments(self, refs: list[tuple[str, int]]) -> list[int]:
+        """The ids among ``refs`` ((name, id), at most 1000) whose segment is gone."""
+        request = pb.CheckSegmentsRequest(
+            segments=[pb.SegmentRef(name=name, id=segment_id) for name, segment_id in refs])
+        return list(self._call(self.stub.CheckSegments, request).gone)
+
     def list_segments(self, request: pb.ListSegmentsRequest) -> pb.ListSegmentsResponse:
         return self._call(self.stub.ListSegments, request)
 
@@ -97,18 +105,20 @@ class CoordinatorClient:
     def delete_segment(self, **fields) -> types_pb2.SegmentInfo:
         return self._call(self.stub.DeleteSegment, pb.DeleteSegmentRequest(**fields))
 
-    def finish_delete(self, name: str, segment_id: int, timeout: float) -> None:
-        self._call(self.stub.FinishDelete, pb.FinishDeleteRequest(name=name, id=segment_id),
-                   timeout)
+    def finish_delete(self, name: str, segment_id: int, timeout: float) -> list[str]:
+        """Remove the record of a freed segment; the nodes holding replicas of it."""
+        return list(self._call(self.stub.FinishDelete,
+                               pb.FinishDeleteRequest(name=name, id=segment_id), timeout).copies)
 
     # -- writer lock and versions
     def acquire_writer(self, caller, name: str, ttl: int) -> pb.AcquireWriterResponse:
         return self._call(self.stub.AcquireWriter,
                           pb.AcquireWriterRequest(caller=caller, name=name, ttl_seconds=ttl))
 
-    def renew_writer(self, name: str, token: int, lease_id: int) -> None:
+    def renew_writer(self, name: str, token: int, lease_id: int,
+                     timeout: float | None = None) -> None:
         self._call(self.stub.RenewWriter,
-                   pb.RenewWriterRequest(name=name, token=token, lease_id=lease_id))
+                   pb.RenewWriterRequest(name=name, token=token, lease_id=lease_id), timeout)
 
     def release_writer(self, name: str, token: int, lease_id: int, timeout: float) -> None:
         self._call(self.stub.ReleaseWriter,
@@ -202,6 +212,13 @@ class PeerClients:
         """Tell the home agent at ``address`` to re-read the record of ``segment_id``."""
         request = node_pb2.SegmentChangedRequest(name=name, id=segment_id)
         unary(self._stub(address).SegmentChanged, request, self.timeout)
+
+    def release_replica(self, address: str, name: str, segment_id: int,
+                        timeout: float) -> bool:
+        """Tell the agent at ``address`` that segment ``segment_id`` is gone: it drops its
+        replica; True if one was retired."""
+        request = node_pb2.ReleaseReplicaRequest(name=name, id=segment_id)
+        return unary(self._stub(address).ReleaseReplica, request, timeout).dropped
 
     def open_bulk(self, address: str, name: str, segment_id: int) -> node_pb2.OpenBulkResponse:
         """Where the agent at ``address`` serves segment ``segment_id`` over the bulk channel."""

@@ -8,8 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # Shared with the client, the CLI and the coordinator: defined once, in vas.core.defaults.
-from vas.core.defaults import (DEFAULT_MEMORY, DEFAULT_NODE_LISTEN, DEFAULT_NODE_TTL,
-                               DEFAULT_SOCKET, DEFAULT_WRITER_TTL)
+from vas.core.defaults import (DEFAULT_FAULT_TIMEOUT, DEFAULT_LOCAL_WORKERS,
+                               DEFAULT_MAX_ATTACHMENTS_PER_UID, DEFAULT_MAX_CONNECTIONS_PER_UID,
+                               DEFAULT_MAX_FAULTS_PER_UID, DEFAULT_MEMORY, DEFAULT_NODE_LISTEN,
+                               DEFAULT_NODE_TTL, DEFAULT_SOCKET, DEFAULT_WORKERS_LEFT_TO_OTHERS,
+                               DEFAULT_WRITER_TTL)
 
 #: Seconds the agent gathers attachment changes before reporting them to the coordinator.
 DEFAULT_REPORT_DELAY = 0.05
@@ -41,6 +44,18 @@ class NodeConfig:
     :param rpc_timeout: deadline of one outgoing unary gRPC call, seconds.
     :param shutdown_grace: grace period of the gRPC server stop on SIGTERM, seconds.
     :param fetch_streams: TCP connections per replica fetch (bulk channel).
+    :param fault_timeout: seconds a page fault of a lazy mapping may wait for its
+        chunk while the home fails to deliver it; then the faulting thread gets
+        SIGBUS (at once when the home's bytes are known to be gone).
+    :param local_workers: threads serving local requests, shared by all connections.
+    :param max_connections_per_uid: local connections one uid may hold open at once.
+    :param max_attachments_per_uid: attachments one uid may hold at once (all connections).
+    :param max_faults_per_uid: userfaultfd registrations (RegisterFaults) one uid may
+        have the agent hold at once.
+    :param max_requests_per_uid: requests of one uid served at once (more wait their
+        turn, in order, without an error); None: ``local_workers`` minus
+        ``DEFAULT_WORKERS_LEFT_TO_OTHERS`` (at least 1), so one uid always leaves
+        workers to the others (``requests_per_uid()``).
 
     Example::
 
@@ -60,3 +75,16 @@ class NodeConfig:
     rpc_timeout: float = DEFAULT_RPC_TIMEOUT
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
     fetch_streams: int = DEFAULT_FETCH_STREAMS
+    fault_timeout: float = DEFAULT_FAULT_TIMEOUT
+    local_workers: int = DEFAULT_LOCAL_WORKERS
+    max_connections_per_uid: int = DEFAULT_MAX_CONNECTIONS_PER_UID
+    max_attachments_per_uid: int = DEFAULT_MAX_ATTACHMENTS_PER_UID
+    max_faults_per_uid: int = DEFAULT_MAX_FAULTS_PER_UID
+    max_requests_per_uid: int | None = None
+
+    def requests_per_uid(self) -> int:
+        """Requests of one uid served at once: ``max_requests_per_uid``, by default
+        ``local_workers - DEFAULT_WORKERS_LEFT_TO_OTHERS`` (at least 1)."""
+        if self.max_requests_per_uid is not None:
+            return self.max_requests_per_uid
+        return max(1, self.local_workers - DEFAULT_WORKERS_LEFT_TO_OTHERS)

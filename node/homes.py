@@ -28,9 +28,10 @@ import os
 import threading
 import time
 
-from vas.core.errors import AlreadyExists, Busy, NotFound, VasError
+from vas.core.errors import AlreadyExists, Busy, NotFound, Unavailable, VasError
 from vas.node import locks
 from vas.node.access import check_access
+from vas.node.revoke import Guard, pidfd_of
 from vas.node.segments import HomeSegment, HomeState, WriterState
 from vas.node.store import Memory
 from vas.node.timer import Timer
@@ -63,7 +64,7 @@ class HomeSegments:
     """
 
     def __init__(self, node_id: str, config, store, coordinator, sessions, writers,
-                 reporter, replicas, cleanup_timeout):
+                 reporter, replicas, notices, cleanup_timeout):
         self.node_id = node_id
         self.config = config
         self.store = store
@@ -72,6 +73,7 @@ class HomeSegments:
         self.writers = writers
         self.reporter = reporter
         self.replicas = replicas          # make_room: creates may evict idle replicas
+        self.notices = notices            # the replicas elsewhere of what is freed here
         self._cleanup_timeout = cleanup_timeout
         self._lock = locks.Lock("homes", locks.Rank.HOMES)
         self._by_name: dict[str, HomeSegment] = {}
@@ -134,9 +136,12 @@ class HomeSegments:
             created = self._creating[name] = threading.Event()
         started = time.monotonic()
         try:
+            # The node lease proves to the coordinator that this agent, which holds the
+            # memory, makes the record (a record is never ready without memory).
             info = self.coordinator.create_segment(caller=caller, name=name, size=size,
                                                    mode=mode, home=self.node_id,
                                                    replicas=replicas, ttl_seconds=ttl,
+                                                   lease_id=self.reporter.lease_id,
                                                    meta=meta or {})
         except BaseException as exc:
             self.store.unreserve(size)
@@ -221,11 +226,25 @@ class HomeSegments:
         self.reporter.mark(segment)
         return attachment, fd
 
-    def attach_writer(self, session, segment: HomeSegment) -> tuple[object, int]:
+    def attach_writer(self, session, segment: HomeSegment,
+                      write_protect: bool) -> tuple[object, int]:
         """The "rw" attachment of ``segment`` (the cluster-wide writer lock is taken first)
-        and a dup of its writable fd."""
+        and a dup of its writable fd.
+
+        The attachment is revocable (node/revoke.py): its writer maps the home
+        pages themselves, so the client must be able to have that mapping
+        write-protected when the lock is revoked (``write_protect``); a client
+        that cannot is refused, never handed an unfenced mapping.
+        """
         with segment.lock:
             self._check_attachable_locked(session, segment, "rw")
+            if not write_protect:
+                raise Unavailable(
+                    f'segment {segment.name} is homed on this node: a "rw" attach here needs '
+                    "userfaultfd write-protection of shared memory in the calling process "
+                    "(Linux 5.19 or later, userfaultfd allowed, VAS_DISABLE_USERFAULTFD unset) "
+                    "so that its stores can be revoked with its lock; attach \"rw\" from "
+                    "another node instead")
             if segment.writer_state is not WriterState.FREE:
                 raise Busy(f'segment {segment.name} is already attached "rw" on node '
                            f'{self.node_id}')
@@ -236,17 +255,20 @@ class HomeSegments:
             with segment.lock:
                 segment.free_writer_locked()
             raise
-        with segment.lock:
-            segment.free_writer_locked()
-            live = segment.state is HomeState.LIVE
-            if live:
+        guard = Guard(segment.name, session.pid, pidfd_of(session))
+        try:
+            with segment.lock:
+                segment.free_writer_locked()
+                if segment.state is not HomeState.LIVE:
+                    raise NotFound(f"segment {segment.name} is being deleted")
                 fd = os.dup(segment.fd)
                 segment.attachments += 1
-                attachment = self.sessions.add(session, segment, "rw", lease)
+                attachment = self.sessions.add(session, segment, "rw", lease, guard)
                 segment.take_writer_locked(attachment)
-        if not live:
+        except BaseException:
+            guard.close()
             self.writers.release(lease)
-            raise NotFound(f"segment {segment.name} is being deleted")
+            raise
         self.writers.track(attachment)
         self.reporter.mark(segment)
         return attachment, fd
@@ -323,8 +345,10 @@ class HomeSegments:
         """Mark ``segment`` deleting; free it now if unattached or ``force``. True once
         it is freed (by this call or one before it).
 
-        ``finish``: the coordinator's record still exists and needs FinishDelete
-        after the pages are gone (False when the record vanished, e.g. ttl expiry).
+        ``finish``: call FinishDelete after the pages are gone: it removes the
+        record if it is still there and names the nodes holding replicas, which
+        are then told (False only when a call made here removed the record and
+        told them already).
         """
         revoked = None
         with segment.lock:
@@ -376,11 +400,13 @@ class HomeSegments:
             segment.done.set()
 
     def finish_delete(self, name: str, segment_id: int) -> None:
-        """Remove the coordinator's record of a freed segment (retried in the background)."""
+        """Remove the coordinator's record of a freed segment (retried in the background)
+        and tell the nodes holding replicas of it."""
         try:
-            self.coordinator.finish_delete(name, segment_id, self._cleanup_timeout())
+            copies = self.coordinator.finish_delete(name, segment_id, self._cleanup_timeout())
             with self._lock:
                 self._unfinished.pop(segment_id, None)
+            self.notices.tell(name, segment_id, copies)
         except VasError as exc:
             log.warning("FinishDelete of %s (id %d) failed: %s; will retry", name, segment_id,
                         exc)
@@ -443,8 +469,9 @@ class HomeSegments:
         Same id, not deleting: adopt it as the cached record (unless a read started
         later was adopted already). Marked deleting: free it (at once if
         unattached, else at the last detach) and finish the delete. Gone, or the
-        name now has another id (ttl expiry, a lost delete): free it likewise,
-        nothing to finish. Raises VasError when the coordinator cannot answer.
+        name now has another id (ttl expiry, a lost delete): free it likewise;
+        the FinishDelete after it removes nothing but names the nodes holding
+        replicas, to be told. Raises VasError when the coordinator cannot answer.
         """
         with segment.lock:
             if segment.state is not HomeState.LIVE:
@@ -465,7 +492,7 @@ class HomeSegments:
         if not current:
             log.info("segment %s (id %d) was removed from the cluster (ttl or delete)",
                      segment.name, segment.id)
-            self.begin_delete(segment, finish=False, force=False)
+            self.begin_delete(segment, finish=True, force=False)
             return False
         if info.state == types_pb2.SEGMENT_STATE_DELETING:
             self.begin_delete(segment, finish=True, force=False)

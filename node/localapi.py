@@ -9,6 +9,9 @@ puts into the response.
 """
 from __future__ import annotations
 
+import os
+import re
+
 import grpc
 
 from vas.core import validate
@@ -19,10 +22,37 @@ from vas.node.sessions import Session
 from vas.proto import LOCAL_PROTOCOL, local_pb2
 
 
+#: What /proc/self/fd/N links to for a userfaultfd.
+_USERFAULTFD = "anon_inode:[userfaultfd]"
+
+
 class Unimplemented(VasError):
     """A request type this agent does not know (a newer client)."""
 
     code = grpc.StatusCode.UNIMPLEMENTED
+
+
+def check_userfaultfd(fd: int) -> None:
+    """InvalidArgument unless ``fd`` is a userfaultfd: the fault resolvers poll it, and
+    another kind (a pipe whose writer is gone) would be ready forever."""
+    try:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError as exc:
+        raise InvalidArgument(f"RegisterFaults needs a userfaultfd: cannot inspect fd "
+                              f"({exc.strerror})") from exc
+    if target != _USERFAULTFD:
+        raise InvalidArgument(f"RegisterFaults needs a userfaultfd, not {_kind(target)}")
+
+
+def _kind(target: str) -> str:
+    """What an fd's /proc link names, without inode numbers: "a pipe", "a socket",
+    "anon_inode:[eventfd]", "the file /tmp/x"."""
+    match = re.fullmatch(r"([a-z]+):\[\d+\]", target)
+    if match:
+        return f"a {match.group(1)}"
+    if target.startswith("/"):
+        return f"the file {target}"
+    return target
 
 
 class LocalApi:
@@ -69,7 +99,8 @@ class LocalApi:
             validate.check_attach_mode(mode)
         fetch = validate.check_fetch(request.fetch) if request.fetch else "lazy"
         attachment, fd, info, how = self.agent.attach(session, request.name, mode, fetch,
-                                                      request.fault_support)
+                                                      request.fault_support,
+                                                      request.write_protect_support)
         body = response.attach
         body.segment.CopyFrom(info)
         body.attachment_id = attachment.id
@@ -78,6 +109,7 @@ class LocalApi:
             body.writable = True
             body.token = attachment.lease.token
             body.keepalive_seconds = self.agent.config.writer_ttl / 3
+            body.revocable = attachment.guard is not None
         return [fd]
 
     def detach(self, session: Session, request, response) -> list[int]:
@@ -124,11 +156,18 @@ class LocalApi:
         return []
 
     def register_faults(self, session: Session, request, response, fds: list[int]) -> list[int]:
-        """Take the client's userfaultfd of a lazy attachment and resolve its faults."""
+        """Take the client's userfaultfd of a lazy attachment (and resolve its faults)
+        or of a revocable "rw" one (to write-protect it when the lock is revoked)."""
         if len(fds) != 1:
             raise InvalidArgument(f"RegisterFaults carries one userfaultfd, not {len(fds)} fds")
-        attachment = self.agent.sessions.get(session, request.attachment_id)
-        self.agent.replicas.register_faults(attachment, fds[0], request.address, request.size)
+        check_userfaultfd(fds[0])
+        if request.purpose == local_pb2.FAULT_PURPOSE_WRITE_PROTECT:
+            # One per revocable "rw" attachment: counted with the attachments.
+            attachment = self.agent.sessions.get(session, request.attachment_id)
+            self.agent.writers.arm(attachment, fds[0], request.address, request.size)
+        else:  # LAZY, or UNSPECIFIED from an older client
+            self.agent.register_faults(session, request.attachment_id, fds[0],
+                                       request.address, request.size)
         fds.pop()  # taken over
         response.empty.SetInParent()
         return []

@@ -99,13 +99,17 @@ class Rank(enum.IntEnum):
     SESSIONS = 50       # node/sessions.py attachments; node/membership.py report queue
     WRITERS = 55        # node/writers.py: the "rw" attachments renewed by the keepalive
     LAZY_FILL = 60      # node/lazy.py: one lazy replica's chunk states
-    FAULT_LEADER = 65   # node/lazy.py: the fault resolver that polls
-    FAULTS = 70         # node/lazy.py: userfaultfd registrations
+    FAULT_LEADER = 65   # node/faults.py: the fault resolver that polls
+    FAULTS = 70         # node/faults.py: userfaultfd registrations
+    WRITE_GUARD = 72    # node/revoke.py: one home writer's write-protect registration
+    KEPT_GUARDS = 74    # node/revoke.py: revoked registrations kept until their process exits
     HOME_CHANNELS = 80  # node/lazy.py: home addresses and bulk channels of lazy replicas
     BULK = 90           # node/bulk.py: one bulk channel's idle connections
     PEERS = 100         # node/clients.py: gRPC channels to other agents
-    TIMER = 110         # node/timer.py: the expiry heap
-    CONNECTIONS = 120   # node/local.py: the local connections
+    TIMER = 110         # node/timer.py: a timer's heap (expiry, writer deadlines)
+    CONNECTIONS = 120   # node/local.py: the local connections, refused ones, the listener
+    LIMITS = 125        # node/limits.py: per-uid counts of connections, attachments, uffds
+    DISPATCH = 130      # node/dispatch.py: the queues of local requests per uid
 
 # None: follow the environment; else (checking, raising) as set by enable()/disable().
 _forced: tuple[bool, bool] | None = None

@@ -5,11 +5,22 @@
   (NOT_FOUND: the lease expired, register again), ``DeregisterNode`` at
   shutdown. Each beat also runs the agent's periodic chores (FinishDelete
   retries, lazy re-reads of records).
+- Reconciliation: the first registration of a process (its start) says
+  ``reconcile`` with the ids of the home segments it holds (none: memory does
+  not survive a restart), so the coordinator marks every other record homed
+  on this node lost before the node is listed again; an agent killed and
+  restarted with the same id never shows records ``ready`` that it cannot
+  serve. Registering again after a lapsed lease does not reconcile: the
+  process kept its memory.
 - ``Reporter``: ``ReportAttachments``, debounced (``report_delay``): attach and
-  detach only mark the segment; one call carries every changed count (0
-  removes the report). Reports live under the node lease, so a dead agent's
+  detach only mark the segment; one call carries every changed count (count 0
+  without ``copy`` removes the report; a held replica is reported with
+  ``copy`` even unattached, so deletes made elsewhere can name this node).
+  The reply names the reported replicas whose segment is already gone (a
+  delete that happened before their report could not name this node); those
+  are dropped at once. Reports live under the node lease, so a dead agent's
   counts vanish with it, and a new lease starts with none: after registering
-  again every held segment and replica with attachments is reported anew.
+  again every home segment with attachments and every replica is reported anew.
 """
 from __future__ import annotations
 
@@ -30,16 +41,21 @@ _MAX_BACKOFF = 5.0
 class Reporter:
     """Debounced attachment counts (see the module docstring).
 
-    ``count(segment)`` gives the count to report for a marked segment.
+    ``count(segment)`` gives (count, whether a replica is held) to report for a
+    marked segment; ``gone(segment)`` is called for a reported replica whose
+    segment the coordinator says is gone. ``lease_id`` is the node's current
+    lease (also what proves this agent to CreateSegment).
     """
 
     def __init__(self, node_id: str, coordinator, delay: float,
-                 count: Callable[[object], int]):
+                 count: Callable[[object], tuple[int, bool]],
+                 gone: Callable[[object], None]):
         self.node_id = node_id
         self.coordinator = coordinator
         self.delay = delay
         self.lease_id = 0
         self._count = count
+        self._gone = gone
         self._lock = locks.Lock("reporter", locks.Rank.SESSIONS)
         self._dirty: dict[int, object] = {}  # segment id -> segment to report
         self._wake = threading.Event()
@@ -52,8 +68,10 @@ class Reporter:
             self._wake.set()
 
     def mark_all(self, segments: Iterable) -> None:
+        """Report every one of ``segments`` that has something to report (after
+        registering again: the old lease took the reports with it)."""
         for segment in segments:
-            if segment.attachments:
+            if any(self._count(segment)):
                 self.mark(segment)
 
     def stop(self) -> None:
@@ -67,12 +85,15 @@ class Reporter:
             self._wake.clear()
             with self._lock:
                 dirty, self._dirty = self._dirty, {}
-            counts = [coordinator_pb2.AttachmentCount(name=s.name, id=s.id, count=self._count(s))
-                      for s in dirty.values()]
+            counts = []
+            for segment in dirty.values():
+                count, copy = self._count(segment)
+                counts.append(coordinator_pb2.AttachmentCount(name=segment.name, id=segment.id,
+                                                              count=count, copy=copy))
             if not counts:
                 continue
             try:
-                self.coordinator.report_attachments(self.node_id, self.lease_id, counts)
+                gone = self.coordinator.report_attachments(self.node_id, self.lease_id, counts)
             except VasError as exc:
                 log.warning("cannot report attachments: %s; retrying", exc)
                 with self._lock:
@@ -81,17 +102,24 @@ class Reporter:
                 self._wake.set()
                 if stop.wait(1.0):
                     return
+                continue
+            for segment_id in gone:
+                self._gone(dirty[segment_id])
 
 
 class Membership:
     """Registration, heartbeats and deregistration of this node (see the module docstring).
 
     ``node_info()`` describes the node; ``held()`` lists every held segment and
-    replica (re-reported after registering again); ``chores()`` runs at each beat.
+    replica (re-reported after registering again); ``home_ids()`` the ids of
+    the held home segments (told when reconciling); ``registered(response,
+    again)`` runs after each registration; ``chores()`` runs at each beat.
     """
 
     def __init__(self, node_id: str, config, coordinator, reporter: Reporter,
                  node_info: Callable[[], types_pb2.NodeInfo], held: Callable[[], list],
+                 home_ids: Callable[[], list[int]],
+                 registered: Callable[[coordinator_pb2.RegisterNodeResponse, bool], None],
                  chores: Callable[[], None], cleanup_timeout: Callable[[], float]):
         self.node_id = node_id
         self.config = config
@@ -99,9 +127,12 @@ class Membership:
         self.reporter = reporter
         self._node_info = node_info
         self._held = held
+        self._home_ids = home_ids
+        self._registered = registered
         self._chores = chores
         self._cleanup_timeout = cleanup_timeout
         self._ttl = config.heartbeat_ttl
+        self._reconciled = False  # the first registration of this process reconciles
 
     def register(self, stop: threading.Event) -> bool:
         """Register with the coordinator, retrying until it answers or ``stop`` is set."""
@@ -118,12 +149,21 @@ class Membership:
             backoff = min(backoff * 2, _MAX_BACKOFF)
 
     def _register_once(self) -> None:
-        response = self.coordinator.register_node(self._node_info(), self.config.heartbeat_ttl)
+        again = self._reconciled
+        response = self.coordinator.register_node(
+            self._node_info(), self.config.heartbeat_ttl, reconcile=not again,
+            held=[] if again else self._home_ids())
+        self._reconciled = True
         self.reporter.lease_id = response.lease_id
         self._ttl = response.ttl_seconds or self.config.heartbeat_ttl
         self.reporter.mark_all(self._held())
         log.info("registered node %s (lease %x, ttl %ds)", self.node_id, response.lease_id,
                  self._ttl)
+        if response.lost:
+            log.warning("%d segments homed on node %s before this start are lost (their "
+                        "memory went with the previous process)", len(response.lost),
+                        self.node_id)
+        self._registered(response, again)
 
     def run(self, stop: threading.Event) -> None:
         """The heartbeat thread."""

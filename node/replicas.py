@@ -12,21 +12,36 @@ again. Concurrent attaches of one name share one fetch.
   (the bulk channel, node/bulk.py; ReadPages for small segments and as the
   fallback), into prepared memory when the warm pool has some (node/pool.py);
 - lazy (``FetchMode.LAZY``): a sparse memfd whose chunks are fetched on first
-  touch through the client's userfaultfd (node/lazy.py); nothing per byte is
-  paid at attach.
+  touch through the client's userfaultfd (node/lazy.py; the fault resolvers are
+  node/faults.py); nothing per byte is paid at attach.
 
 Replicas are capacity-accounted like home segments; room is made by evicting
 unattached replicas, least recently attached first. A replica is retired (no
-new attaches, freed at its last detach) when the record is gone, deleting, of
-another id or newer, when it is evicted, or when a writer leaves it (it may
-hold writes never published). ``refresh`` fetches only the chunks whose hash
-differs from the home's (node/publish.py).
+new attaches, freed at its last detach) when the record is gone, deleting,
+lost, of another id or newer, when its home is gone (not registered: the
+record's state at an attach, or a chunk fetch that failed and then found the
+home missing from ListNodes), when it is evicted, or when a writer leaves it (it may hold writes
+never published). Retired because the home's bytes are gone (deleted, home
+gone), a lazy replica's fill is *lost*: its missing pages are never fetched,
+and faults on them are poisoned (SIGBUS in the client; node/faults.py).
+``refresh`` fetches only the chunks whose hash differs from the home's
+(node/publish.py).
+
+Deletes made elsewhere: while a replica is held its node reports it (an
+attachment report with ``copy``, kept at count 0), so the agent that deletes
+the segment, or the home that frees it, is told which nodes to tell
+(``Node.ReleaseReplica`` -> ``drop``; node/notices.py). ``recheck_stale`` is
+the safety net behind those notices (a node cut off when the delete
+happened): every heartbeat it asks the coordinator, in batches
+(``CheckSegments``), about every replica whose record was not read for
+``RECHECK_AGE`` seconds, and about all of them after the node registered again.
 
 Locking: ``_lock`` (rank REPLICAS) guards the tables; each replica's own lock
 its state; no lock is held across a network call or a slow syscall.
 """
 from __future__ import annotations
 
+import collections
 import enum
 import logging
 import os
@@ -34,9 +49,9 @@ import threading
 import time
 from collections.abc import Callable
 
-from vas.core.errors import Busy, InvalidArgument, Unavailable, VasError
+from vas.core.errors import Busy, InvalidArgument, NotFound, Unavailable, VasError
 from vas.core.fetch import FetchMode
-from vas.node import bulk, lazy, locks
+from vas.node import bulk, faults, lazy, locks
 from vas.node.pool import Warm
 from vas.node.publish import CHUNK, stale_runs
 from vas.node.segments import Replica, ReplicaState, WriterState
@@ -45,16 +60,20 @@ from vas.proto import types_pb2
 
 log = logging.getLogger(__name__)
 
-#: Replicas up to this size are fetched with one ReadPages stream (no bulk
-#: connections to set up).
+#: Replicas up to this size are fetched with one ReadPages stream (no bulk connections).
 _SMALL_FETCH = 4 << 20
 #: gRPC streams are given this many bytes per second (on top of the rpc
 #: timeout) before their deadline.
 _STREAM_RATE = 50e6
-#: ``recheck_stale`` re-reads at most this many records per call, of replicas
-#: not used for ``_RECHECK_AGE`` seconds.
-_RECHECK_BATCH = 8
-_RECHECK_AGE = 60.0
+#: ``recheck_stale`` checks the replicas whose record was not read for this many
+#: seconds, ``_RECHECK_BATCH`` per CheckSegments call, at most ``_RECHECK_MAX``
+#: per heartbeat (a node holding more catches up over the next beats).
+RECHECK_AGE = 30.0
+_RECHECK_BATCH = 128
+_RECHECK_MAX = 1024
+#: Ids of segments this node was told are gone (``drop``), remembered so that a
+#: fetch of one already in flight is discarded.
+_MAX_DROPPED = 4096
 
 
 class _Step(enum.Enum):
@@ -83,7 +102,9 @@ class Replicas:
         self._current: dict[str, Replica] = {}            # name -> replica handed out
         self._fetching: dict[str, threading.Event] = {}   # name -> set when its fetch ends
         self._held: set[Replica] = set()                  # every replica not FREED
-        self._faults: lazy.FaultHandler | None = None     # started by the first RegisterFaults
+        self._dropped: collections.OrderedDict[int, None] = collections.OrderedDict()
+        self._recheck_all = False                         # after registering again
+        self._faults: faults.FaultHandler | None = None   # started by the first RegisterFaults
 
     # ------------------------------------------------------------------ attach
 
@@ -92,6 +113,12 @@ class Replicas:
         is current; writable, holding ``lease``, when given (a remote writer)."""
         deadline = time.monotonic() + self.config.rpc_timeout + info.size / _STREAM_RATE
         lazy_ok = mode is FetchMode.LAZY and lease is None
+        self._check_not_dropped(info)
+        if info.state != types_pb2.SEGMENT_STATE_READY:  # the home's lease is gone
+            gone = (f"home node {info.home} of segment {info.name} is not registered "
+                    "(down?)")
+            self.retire_name(info.name, lost=gone)
+            raise Unavailable(gone)
         while True:
             step, replica, event = self._next_step(info, lazy_ok)
             if step is _Step.FETCH:
@@ -129,21 +156,36 @@ class Replicas:
 
     def _refetch(self, info: types_pb2.SegmentInfo, mode: FetchMode, stale: Replica | None,
                  done: threading.Event) -> Replica:
-        """Fetch a new replica of ``info`` (retiring ``stale``) and make it current."""
+        """Fetch a new replica of ``info`` (retiring ``stale``) and make it current; it is
+        reported (a copy held here) so that a delete made elsewhere tells this node.
+        NotFound when the segment was dropped (deleted) while it was being fetched."""
         try:
-            if stale is not None:
-                self.retire(stale)
+            if stale is not None:  # of an older version, or of a deleted segment of the name
+                self.retire(stale, lost=None if stale.id == info.id else
+                            f"segment {info.name} (id {stale.id}) was deleted")
             replica = (self._lazy_replica(info) if mode is FetchMode.LAZY
                        else self._eager_replica(info))
             self.store.hold(info.size)
             with self._lock:
-                self._current[info.name] = replica
+                dropped = info.id in self._dropped
+                if not dropped:
+                    self._current[info.name] = replica
                 self._held.add(replica)
+            if dropped:
+                self.retire(replica)
+                self._check_not_dropped(info)
+            self.reporter.mark(replica)
             return replica
         finally:
             with self._lock:
                 del self._fetching[info.name]
             done.set()
+
+    def _check_not_dropped(self, info: types_pb2.SegmentInfo) -> None:
+        with self._lock:
+            dropped = info.id in self._dropped
+        if dropped:
+            raise NotFound(f"segment {info.name} (id {info.id}) was deleted")
 
     def _hand_out(self, session, replica: Replica, info: types_pb2.SegmentInfo, lease):
         """(attachment, fd) of ``replica``, or None if it was retired meanwhile."""
@@ -210,9 +252,6 @@ class Replicas:
         registered, and its address and bulk channel come from ``self.homes``
         (looked up in the background on a first attach).
         """
-        if info.state != types_pb2.SEGMENT_STATE_READY:
-            raise Unavailable(f"home node {info.home} of segment {info.name} is not "
-                              "registered (down?)")
         spare = self.make_room(info.size, info.name)
         try:
             memory = Memory.allocate("replica", info.size, reserve=False, mapped=True)
@@ -221,7 +260,8 @@ class Replicas:
             self.release_spare(spare)
             raise
         reader = self._chunk_reader(info, memory)
-        replica = Replica(info, memory, lazy.LazyFill(info.size, reader))
+        replica = Replica(info, memory, lazy.LazyFill(
+            info.size, reader, on_lost=lambda exc: self._pages_lost(replica, exc)))
         threading.Thread(target=self._after_lazy_attach, args=(reader, spare),
                          name="vas-node-lazy-attach", daemon=True).start()
         log.info("replica of %s (id %d, version %d, %d bytes) from %s: lazy", info.name,
@@ -242,8 +282,11 @@ class Replicas:
     def _chunk_reader(self, info: types_pb2.SegmentInfo, memory: Memory) -> lazy.HomeReader:
         """``fetch(offset, length)`` for a LazyFill: chunk requests on the home's bulk
         channel, ReadPages into the replica's mapping as the fallback."""
-        def read_pages(address: str, offset: int, length: int) -> None:
+        def read_pages(address: str, offset: int, length: int,
+                       limit: float | None = None) -> None:
             timeout = self.config.rpc_timeout + length / _STREAM_RATE
+            if limit is not None:  # a fault's deadline
+                timeout = min(timeout, limit)
             with memoryview(memory.mapping) as raw, raw.cast("B") as view, \
                     view[offset:offset + length] as part:
                 self.peers.read_pages_into(address, info.name, info.id, part, timeout, offset)
@@ -287,12 +330,13 @@ class Replicas:
         if fill is not None and length:
             fill.ensure(offset, length)
 
-    def register_faults(self, attachment, uffd: int, address: int, size: int) -> None:
+    def register_faults(self, attachment, uffd: int, address: int, size: int) -> bool:
         """Resolve the faults of a client's mapping of a lazy replica on ``uffd`` (taken
-        over by this call). A replica that became complete since the attach needs no
-        resolving: its uffd is closed (which unregisters the mapping) and all is well."""
+        over by this call); whether it was registered. A replica that became complete
+        since the attach needs no resolving: its uffd is closed (which unregisters the
+        mapping), False, and all is well."""
         replica = attachment.segment
-        if not isinstance(replica, Replica) or attachment.uffd >= 0:
+        if not isinstance(replica, Replica) or attachment.faults is not None:
             raise InvalidArgument(f"attachment {attachment.id} is not a lazy attachment "
                                   "waiting for its userfaultfd")
         if size != replica.size:
@@ -301,28 +345,31 @@ class Replicas:
         fill = replica.fill
         if fill is None:
             os.close(uffd)
-            return
-        self._fault_handler().add(uffd, fill, address, size)
-        attachment.uffd = uffd
+            return False
+        attachment.faults = self._fault_handler().add(uffd, fill, address, size)
+        return True
 
-    def unregister_faults(self, attachment) -> None:
-        if attachment.uffd >= 0 and self._faults is not None:
-            self._faults.remove(attachment.uffd)
-            attachment.uffd = -1
+    def unregister_faults(self, attachment) -> bool:
+        """Stop resolving the faults of ``attachment``; whether it had registered them."""
+        registration, attachment.faults = attachment.faults, None
+        if registration is None:
+            return False
+        self._faults.remove(registration)
+        return True
 
-    def _fault_handler(self) -> lazy.FaultHandler:
+    def _fault_handler(self) -> faults.FaultHandler:
         """The FaultHandler, made on first use outside the lock (its threads take ~1 ms)."""
         with self._lock:
             if self._faults is not None:
                 return self._faults
-        handler = lazy.FaultHandler()
+        handler = faults.FaultHandler(self.config.fault_timeout)
         with self._lock:
             if self._faults is None:
                 self._faults, handler = handler, None
-            faults = self._faults
+            made = self._faults
         if handler is not None:  # another RegisterFaults made one meanwhile
             handler.stop()
-        return faults
+        return made
 
     # ------------------------------------------------------------------ refresh
 
@@ -385,23 +432,63 @@ class Replicas:
             if isinstance(item, Replica):
                 log.info("evicted the replica of %s (%d bytes) to make room", item.name,
                          item.size)
-                _release(item)
+                self._release(item)
             else:
                 item.release()
 
-    def retire_name(self, name: str) -> None:
-        """The record of ``name`` is gone or deleting: retire this node's replica of it."""
+    def retire_name(self, name: str, lost: str | None = None) -> None:
+        """Retire this node's replica of ``name`` (``lost``: as for ``retire``); callers
+        pass why when the record is gone or deleting, or the home is gone."""
         with self._lock:
             replica = self._current.get(name)
         if replica is not None:
-            self.retire(replica)
+            self.retire(replica, lost)
 
-    def retire(self, replica: Replica) -> None:
-        """Stop handing out ``replica``; freed now if unattached, else at its last detach."""
+    def retire(self, replica: Replica, lost: str | None = None) -> None:
+        """Stop handing out ``replica``; freed now if unattached, else at its last detach.
+
+        ``lost``: why the home's bytes of it are gone (deleted, home gone). A lazy
+        replica's missing pages are then never fetched: the faults of readers still
+        attached are poisoned (SIGBUS) at once. Without it (a newer version, an
+        eviction, a writer leaving) they keep being fetched from the home.
+        """
+        fill = replica.fill
+        if lost and fill is not None and fill.lose(lost):
+            log.warning("replica of %s (id %d): pages not fetched yet are lost: %s",
+                        replica.name, replica.id, lost)
         with self._lock:
             free = self._retire_locked(replica)
         if free:
-            _release(replica)
+            self._release(replica)
+
+    def drop(self, name: str, segment_id: int) -> bool:
+        """Segment ``segment_id`` is gone (Node.ReleaseReplica): retire this node's replica
+        of ``name`` if it is of that incarnation or an older one, and discard a fetch
+        of it in flight; True if a replica was retired."""
+        with self._lock:
+            self._dropped[segment_id] = None
+            while len(self._dropped) > _MAX_DROPPED:
+                self._dropped.popitem(last=False)
+            replica = self._current.get(name)
+        if replica is None or replica.id > segment_id:
+            return False
+        log.info("dropping the replica of %s (id %d): the segment is gone", name, replica.id)
+        self.retire(replica, lost=f"segment {name} (id {replica.id}) was deleted")
+        return True
+
+    def _pages_lost(self, replica: Replica, exc: lazy.PagesLost) -> None:
+        """A chunk fetch of ``replica`` found the home's bytes gone (its fill is lost
+        already): retire it, and when its home is not registered any more, every
+        replica of that home (their segments are gone with it)."""
+        log.warning("replica of %s (id %d): pages not fetched yet are lost: %s", replica.name,
+                    replica.id, exc)
+        victims = [replica]
+        if exc.home_gone:
+            with self._lock:
+                victims += [r for r in self._current.values()
+                            if r.info.home == replica.info.home and r is not replica]
+        for victim in victims:
+            self.retire(victim, lost=str(exc))
 
     def _retire_locked(self, replica: Replica) -> bool:
         """``retire`` with the table lock held; True when the caller must ``_release`` it."""
@@ -425,37 +512,55 @@ class Replicas:
             if free:
                 free = self._retire_locked(replica)
         if free:
-            _release(replica)
+            self._release(replica)
 
-    def count_of(self, replica: Replica) -> int:
-        """Local attachments of ``replica``'s id (a retired replica and its successor
-        share the id)."""
+    def _release(self, replica: Replica) -> None:
+        """Give back the memory of a FREED replica; its report goes (no copy held here)."""
+        _release(replica)
+        self.reporter.mark(replica)
+
+    def report_of(self, replica: Replica) -> tuple[int, bool]:
+        """(local attachments, whether a copy is held) of ``replica``'s id (a retired
+        replica and its successor share the id)."""
         with self._lock:
-            return sum(r.attachments for r in self._held if r.id == replica.id)
+            same = [r for r in self._held if r.id == replica.id]
+            return sum(r.attachments for r in same), bool(same)
 
     def all(self) -> list[Replica]:
         with self._lock:
             return list(self._held)
 
-    def recheck_stale(self) -> None:
-        """Retire replicas whose segment was deleted (nobody tells a replica's node),
-        checking a few not used for a while per call."""
-        horizon = time.monotonic() - _RECHECK_AGE
+    def recheck_all(self) -> None:
+        """Check every replica at the next ``recheck_stale`` (after registering again:
+        notices of deletes made meanwhile may have missed this node)."""
         with self._lock:
-            stale = sorted((r for r in self._current.values() if r.checked < horizon),
-                           key=lambda r: r.checked)[:_RECHECK_BATCH]
-        for replica in stale:
+            self._recheck_all = True
+
+    def recheck_stale(self) -> None:
+        """Retire replicas whose segment is gone (the safety net behind ReleaseReplica):
+        ask the coordinator about those whose record was not read for a while."""
+        horizon = time.monotonic() - RECHECK_AGE
+        with self._lock:
+            everything, self._recheck_all = self._recheck_all, False
+            due = sorted((r for r in self._current.values() if everything or r.checked < horizon),
+                         key=lambda r: r.checked)[:_RECHECK_MAX]
+        for first in range(0, len(due), _RECHECK_BATCH):
+            batch = due[first:first + _RECHECK_BATCH]
             try:
-                info = self.coordinator.find_segment(replica.name)
+                gone = set(self.coordinator.check_segments([(r.name, r.id) for r in batch]))
             except VasError as exc:
-                log.warning("cannot re-read segment %s: %s", replica.name, exc)
+                log.warning("cannot check the records of %d replicas: %s", len(batch), exc)
+                if everything:
+                    self.recheck_all()
                 return
-            with replica.lock:
-                replica.checked = time.monotonic()
-            if info is None or info.id != replica.id or \
-                    info.state == types_pb2.SEGMENT_STATE_DELETING:
-                log.info("dropping the replica of %s: its segment was deleted", replica.name)
-                self.retire(replica)
+            now = time.monotonic()
+            for replica in batch:
+                with replica.lock:
+                    replica.checked = now
+                if replica.id in gone:
+                    log.info("dropping the replica of %s (id %d): its segment is gone",
+                             replica.name, replica.id)
+                    self.retire(replica, lost=f"segment {replica.name} (id {replica.id}) is gone")
 
     def home_address(self, info: types_pb2.SegmentInfo) -> str:
         """The gRPC address of the home of ``info``; Unavailable if it is not registered."""
@@ -483,7 +588,7 @@ class Replicas:
                     replica.move(ReplicaState.FREED)
                 self._held.discard(replica)
                 self.store.drop(replica.size)
-            _release(replica)
+            _release(replica)  # no report: deregistering removes them all
 
 
 def _release(replica: Replica) -> None:

@@ -180,9 +180,10 @@ class _Held:
 class HomeSegment(_Held):
     """One segment this agent is home for.
 
-    ``finish_record``: the coordinator's record still waits for FinishDelete
-    once the memory is gone (False when the record vanished on its own, e.g.
-    ttl expiry). ``published_hashes``: (version, chunk hashes) cached for
+    ``finish_record``: FinishDelete is due once the memory is gone (it removes
+    the record if still there and names the nodes holding replicas; False when
+    a call that removed the record already did both, and at shutdown).
+    ``published_hashes``: (version, chunk hashes) cached for
     refreshing readers (node/writers.py). ``read_ticket``/``adopted_ticket``
     order re-reads of the record, so an older read never overwrites a newer one.
     ``done`` is set once the segment is FREED and its record finished.

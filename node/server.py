@@ -61,8 +61,16 @@ class NodeServer:
             raise InvalidArgument("--data-dir is not built yet: segments do not survive an "
                                   "agent restart; run without it")
         for name, ttl in (("heartbeat ttl", config.heartbeat_ttl),
-                          ("writer ttl (--writer-ttl)", config.writer_ttl)):
+                          ("writer ttl (--writer-ttl)", config.writer_ttl),
+                          ("fault timeout (--fault-timeout)", config.fault_timeout)):
             validate.check_seconds(ttl, name, minimum=1)
+        for flag, value in (("--local-workers", config.local_workers),
+                            ("--max-connections-per-uid", config.max_connections_per_uid),
+                            ("--max-attachments-per-uid", config.max_attachments_per_uid),
+                            ("--max-faults-per-uid", config.max_faults_per_uid),
+                            ("--max-requests-per-uid", config.requests_per_uid())):
+            if value < 1:
+                raise InvalidArgument(f"invalid {flag} {value}: must be >= 1")
         self.config = config
         self.address = ""       # host:port the gRPC server listens on (real port)
         self.agent: Agent | None = None
@@ -103,7 +111,10 @@ class NodeServer:
             self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         self._grpc.start()
 
-        self.local = LocalServer(config.socket, LocalApi(self.agent))
+        self.local = LocalServer(config.socket, LocalApi(self.agent),
+                                 workers=config.local_workers,
+                                 requests_per_uid=config.requests_per_uid(),
+                                 connections_per_uid=config.max_connections_per_uid)
         self.local.bind()
         if not self.agent.register(stop):
             return False

@@ -40,6 +40,16 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
             abort_with(context, exc)
         return node_pb2.SegmentChangedResponse()
 
+    def ReleaseReplica(self, request: node_pb2.ReleaseReplicaRequest,
+                       context: grpc.ServicerContext) -> node_pb2.ReleaseReplicaResponse:
+        try:
+            if not request.id:
+                raise InvalidArgument("ReleaseReplica needs a segment id")
+            dropped = self.agent.replicas.drop(request.name, request.id)
+        except VasError as exc:
+            abort_with(context, exc)
+        return node_pb2.ReleaseReplicaResponse(dropped=dropped)
+
     def ReadPages(self, request: node_pb2.ReadPagesRequest, context: grpc.ServicerContext):
         try:
             fd, version = self.agent.page_source(request.id, request.offset, request.length)

@@ -22,18 +22,25 @@ from vas.proto import types_pb2
 
 class LeaseState(enum.Enum):
     HELD = "held"          # renewed while the client shows it is alive
-    FENCED = "fenced"      # lapsed or taken over: every sync raises Fenced
-    RELEASED = "released"  # given back (detach, EOF, force delete)
+    FENCED = "fenced"      # ended without its writer (not renewed in time, lapsed, force
+                           # delete): every sync raises Fenced
+    RELEASED = "released"  # given back by its writer (detach, EOF)
 
 
 class WriterLease:
-    """The writer lock a "rw" attachment holds: its fencing token and etcd lease."""
+    """The writer lock a "rw" attachment holds: its fencing token and etcd lease.
 
-    __slots__ = ("name", "token", "lease_id", "state")
+    ``renewed`` is when (``time.monotonic()``) the last grant or renewal that
+    succeeded was sent: etcd counts the lease's ttl from a moment after that, so
+    the lease cannot lapse before ``renewed + ttl``.
+    """
 
-    def __init__(self, name: str, token: int, lease_id: int):
+    __slots__ = ("name", "token", "lease_id", "state", "renewed")
+
+    def __init__(self, name: str, token: int, lease_id: int, renewed: float = 0.0):
         self.name, self.token, self.lease_id = name, token, lease_id
         self.state = LeaseState.HELD
+        self.renewed = renewed or time.monotonic()
 
     def end(self, state: LeaseState) -> bool:
         """Move a held lease to ``state`` (FENCED or RELEASED); False if it had ended
@@ -79,18 +86,25 @@ class Session:
 
 
 class Attachment:
-    """One local attachment of a home segment or a replica."""
+    """One local attachment of a home segment or a replica.
 
-    __slots__ = ("id", "segment", "mode", "session", "lease", "uffd")
+    ``guard``: the write-protect registration of a revocable "rw" attachment of a
+    home segment (node/revoke.py), else None.
+    """
+
+    __slots__ = ("id", "segment", "mode", "session", "lease", "faults", "guard")
 
     def __init__(self, attachment_id: int, segment, mode: str, session: Session,
-                 lease: WriterLease | None = None):
+                 lease: WriterLease | None = None, guard=None):
         self.id = attachment_id
         self.segment = segment
         self.mode = mode
         self.session = session
         self.lease = lease
-        self.uffd = -1  # the client's userfaultfd of a lazy attachment (RegisterFaults)
+        #: The registration of the client's userfaultfd of a lazy attachment
+        #: (RegisterFaults; node/faults.py), until the attachment ends.
+        self.faults = None
+        self.guard = guard
 
 
 class Sessions:
@@ -105,11 +119,11 @@ class Sessions:
         return Session(uid, gid, pid, self.node_id)
 
     def add(self, session: Session, segment, mode: str,
-            lease: WriterLease | None = None) -> Attachment:
+            lease: WriterLease | None = None, guard=None) -> Attachment:
         """Register a new attachment of ``segment`` (the caller holds the segment's lock
         and counts it there)."""
         with self.lock:
-            attachment = Attachment(next(self._ids), segment, mode, session, lease)
+            attachment = Attachment(next(self._ids), segment, mode, session, lease, guard)
             session.attachments[attachment.id] = attachment
         return attachment
 

@@ -3,10 +3,19 @@
 An "rw" attach takes the cluster-wide writer lock (``AcquireWriter``: a fencing
 token and an etcd lease of ``writer_ttl``). The keepalive thread renews a lease
 every ttl/3 **only while its client shows it is alive** (a request in the last
-2/3 ttl, or one being served): a stopped or hung writer loses the lock and
-another can take over. A lease that lapsed is FENCED: every later sync raises
-``Fenced`` without contacting anyone, and a remote writer's replica is retired
-(it holds writes that will never be published).
+2/3 ttl, or one being served). A lease that was not renewed in time -- its
+client is stopped or hung, or the coordinator did not answer -- is **fenced
+before it can lapse**: the deadline timer fires ``REVOKE_MARGIN`` of the ttl
+before the lease could end (``renewed + ttl``) and ``fence`` then, in this
+order, write-protects a home writer's mapping (node/revoke.py: its later stores
+fault with SIGBUS instead of reaching the home pages), marks the lease FENCED
+(every later sync raises ``Fenced`` without contacting anyone), frees the local
+writer slot, retires a remote writer's replica (it holds writes that will never
+be published) and has the keepalive thread release the lock at the coordinator,
+so another writer, on this node or any other, can take it at once. A renewal or
+a publish that finds the lease lapsed fences it the same way (late, but never
+leaving the slot held). The deadline timer makes no network call, so a
+coordinator that hangs cannot hold a revocation up.
 
 Publishing (chunk arithmetic in node/publish.py):
 
@@ -38,8 +47,10 @@ from vas import _native
 from vas.core.errors import Fenced, InvalidArgument, NotFound, PermissionDenied, VasError
 from vas.node import locks
 from vas.node.publish import CHUNK, Staged, chunks_of, differing, hashes, runs
+from vas.node.revoke import Revocations
 from vas.node.segments import Replica
 from vas.node.sessions import Attachment, LeaseState, WriterLease
+from vas.node.timer import Timer
 from vas.proto import coordinator_pb2, node_pb2, types_pb2
 
 log = logging.getLogger(__name__)
@@ -49,6 +60,11 @@ SEND_RATE = 50e6
 #: Longest single coordinator Watch of a wait(), seconds: between watches the
 #: agent checks that the waiting client is still connected.
 WATCH_SLICE = 5.0
+#: How long before its lease could lapse a writer not renewed in time is fenced,
+#: as a fraction of the ttl: time for the write-protect (~0.1 s per populated
+#: GiB) and a late timer thread. Renewals come every ttl/3, so a writer whose
+#: client is alive has two rounds to get one through before its deadline.
+REVOKE_MARGIN = 1 / 6
 
 
 class Writers:
@@ -67,43 +83,98 @@ class Writers:
         self._cleanup_timeout = cleanup_timeout
         self._lock = locks.Lock("writers", locks.Rank.WRITERS)
         self._live: dict[int, Attachment] = {}  # attachment id -> "rw" attachment renewed
+        self._unreleased: list[WriterLease] = []  # fenced, to release at the coordinator
+        self._nudge = threading.Event()  # wakes the keepalive thread (a release is due, stop)
+        #: Fences writers whose lease was not renewed in time (run by the agent's thread).
+        self.deadlines = Timer(self._overdue, "writer deadline")
+        #: Home writers revoked at EOF whose process may still map the pages.
+        self.revocations = Revocations()
 
     # ------------------------------------------------------------------ the lock
 
     def acquire(self, caller, name: str) -> WriterLease:
         """Take the cluster-wide writer lock of ``name`` (Busy if held anywhere)."""
+        sent = time.monotonic()  # etcd starts the lease's ttl after this
         response = self.coordinator.acquire_writer(caller, name, self.config.writer_ttl)
-        return WriterLease(name, response.token, response.lease_id)
+        return WriterLease(name, response.token, response.lease_id, sent)
 
     def track(self, attachment: Attachment) -> None:
-        """Renew ``attachment``'s lease from now on (while its client is alive)."""
+        """Renew ``attachment``'s lease from now on (while its client is alive), and
+        fence it if that does not happen in time."""
         with self._lock:
             self._live[attachment.id] = attachment
+        self.deadlines.arm(attachment.id, self._deadline(attachment.lease))
+
+    def _deadline(self, lease: WriterLease) -> float:
+        """When a lease not renewed since is fenced (``REVOKE_MARGIN`` before it could lapse)."""
+        ttl = self.config.writer_ttl
+        return lease.renewed + ttl * (1 - REVOKE_MARGIN)
+
+    def arm(self, attachment: Attachment, uffd: int, address: int, size: int) -> None:
+        """Take the write-protect registration of a revocable "rw" attachment (its
+        RegisterFaults); ``uffd`` is taken over on success.
+
+        :raises InvalidArgument: not a revocable attachment, already registered,
+            or a size other than the segment's.
+        :raises Fenced: the writer lock ended before the registration came.
+        """
+        guard = attachment.guard
+        if guard is None or guard.armed:
+            raise InvalidArgument(f"attachment {attachment.id} is not a revocable \"rw\" "
+                                  "attachment waiting for its userfaultfd")
+        if size != attachment.segment.size:
+            raise InvalidArgument(f"RegisterFaults size {size} is not the segment's "
+                                  f"{attachment.segment.size}")
+        guard.arm(uffd, address, size, _fenced_error(attachment))
 
     def release(self, lease: WriterLease) -> None:
         """Give the lock back (detach, EOF, a failed attach); a no-op once it ended."""
         if lease.end(LeaseState.RELEASED):
             self._release_at_coordinator(lease)
 
-    def ended(self, attachment: Attachment) -> None:
-        """``attachment`` (an "rw" one) detached: stop renewing and release its lock."""
+    def ended(self, attachment: Attachment, *, revoke: bool) -> None:
+        """``attachment`` (an "rw" one) ended: stop renewing and release its lock.
+
+        ``revoke``: the process may live on with the mapping (the connection's
+        EOF) and the pages stay the home's: a home writer's mapping is
+        write-protected before the lock goes, and its registration kept until
+        the process exits. Not for a Detach (the client library unmaps before it
+        sends one), nor while the agent shuts down (the home pages go with it).
+        """
         with self._lock:
             self._live.pop(attachment.id, None)
+        guard = attachment.guard
+        if guard is not None and revoke:
+            guard.revoke()
         self.release(attachment.lease)
+        if guard is not None:
+            if revoke:
+                self.revocations.keep(guard)
+            else:
+                guard.close()
 
     def revoke(self, attachment: Attachment) -> None:
         """A force delete ends the writer's lock now: later syncs raise Fenced."""
-        with self._lock:
-            self._live.pop(attachment.id, None)
-        if attachment.lease.end(LeaseState.FENCED):
-            self._release_at_coordinator(attachment.lease)
+        self.fence(attachment)
 
     def fence(self, attachment: Attachment) -> Fenced:
-        """``attachment``'s lease lapsed: mark it, free the local writer slot, retire a
-        remote writer's replica; the error to raise."""
-        attachment.lease.end(LeaseState.FENCED)
+        """End ``attachment``'s lock without its writer (not renewed in time, lapsed,
+        force delete); the error to raise.
+
+        In this order: write-protect a home writer's mapping, mark the lease
+        FENCED, free the local writer slot, retire a remote writer's replica, and
+        have the keepalive thread release the lock at the coordinator (a no-op if
+        another writer holds it already). No network call here.
+        """
+        if attachment.guard is not None:
+            attachment.guard.revoke()  # first: from now on its stores fault
+        fenced = attachment.lease.end(LeaseState.FENCED)
         with self._lock:
             self._live.pop(attachment.id, None)
+            if fenced:
+                self._unreleased.append(attachment.lease)
+        if fenced:
+            self._nudge.set()
         segment = attachment.segment
         with segment.lock:
             segment.free_writer_locked(attachment)
@@ -119,31 +190,76 @@ class Writers:
             log.warning("cannot release the writer lock of %s (token %d): %s", lease.name,
                         lease.token, exc)
 
+    def _overdue(self, attachment_id: int, _retries: int) -> None:
+        """The deadline timer's action: fence the writer unless renewed since."""
+        with self._lock:
+            attachment = self._live.get(attachment_id)
+        if attachment is None or attachment.lease.state is not LeaseState.HELD:
+            return
+        lease = attachment.lease
+        if time.monotonic() < self._deadline(lease):
+            return  # renewed meanwhile: a later deadline is armed
+        session = attachment.session
+        log.warning("writer lock of %s (token %d, pid %d) not renewed for %.1f s (client "
+                    "last seen %.1f s ago): revoking it before its lease can lapse",
+                    lease.name, lease.token, session.pid, time.monotonic() - lease.renewed,
+                    time.monotonic() - session.last_seen)
+        self.fence(attachment)
+
+    def stop(self) -> None:
+        """Stop the deadline timer and wake the keepalive thread (its stop event is set)."""
+        self.deadlines.stop()
+        self._nudge.set()
+
     def run_keepalive(self, stop: threading.Event) -> None:
-        """Renew each live writer's lease every writer_ttl/3 (see the module docstring)."""
+        """Renew each live writer's lease every writer_ttl/3 (see the module docstring)
+        and release the locks of fenced writers as soon as they are fenced."""
         ttl = self.config.writer_ttl
-        while not stop.wait(max(ttl / 3, 0.1)):
+        interval = max(ttl / 3, 0.1)
+        next_round = time.monotonic() + interval
+        while not stop.is_set():
+            self._nudge.wait(max(0.0, next_round - time.monotonic()))
+            self._nudge.clear()
+            if stop.is_set():
+                return
+            self._release_fenced()
+            if time.monotonic() < next_round:
+                continue
+            next_round = time.monotonic() + interval
             with self._lock:
                 writers = list(self._live.values())
             for attachment in writers:
-                self._renew(attachment, ttl)
+                self._renew(attachment, ttl, interval)
 
-    def _renew(self, attachment: Attachment, ttl: float) -> None:
+    def _release_fenced(self) -> None:
+        with self._lock:
+            leases, self._unreleased = self._unreleased, []
+        for lease in leases:
+            self._release_at_coordinator(lease)
+
+    def _renew(self, attachment: Attachment, ttl: float, timeout: float) -> None:
         lease, session = attachment.lease, attachment.session
         if lease.state is not LeaseState.HELD:
             return
         if not session.alive_within(ttl * 2 / 3):
-            # Stopped or hung: let the lease lapse so another writer can take over.
+            # Stopped or hung: not renewed, so the deadline timer fences it (unless
+            # it shows up in time) and another writer can take over.
             log.warning("writer of %s (pid %d) sent no keepalive for %.1f s: not renewing "
                         "its lock", lease.name, session.pid, time.monotonic() - session.last_seen)
             return
+        sent = time.monotonic()
         try:
-            self.coordinator.renew_writer(lease.name, lease.token, lease.lease_id)
+            self.coordinator.renew_writer(lease.name, lease.token, lease.lease_id,
+                                          min(timeout, self.config.rpc_timeout))
         except Fenced as exc:
             log.warning("writer lock of %s (token %d) lapsed: %s", lease.name, lease.token, exc)
             self.fence(attachment)
-        except VasError as exc:
+            return
+        except VasError as exc:  # the deadline timer fences it if this lasts
             log.warning("cannot renew the writer lock of %s: %s", lease.name, exc)
+            return
+        lease.renewed = max(lease.renewed, sent)
+        self.deadlines.arm(attachment.id, self._deadline(lease))
 
     # ------------------------------------------------------------------ sync
 

@@ -14,3 +14,13 @@ def wait_for(condition, what: str = "condition", timeout: float = 15.0, interval
             return value
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(interval)
+
+
+def in_userfault(pid: int) -> bool:
+    """Whether process ``pid``'s main thread sleeps in a userfaultfd page fault (a
+    condition for ``wait_for``: the kernel names the wait in /proc)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/wchan") as wchan:
+            return wchan.read() == "handle_userfault"
+    except OSError:
+        return False

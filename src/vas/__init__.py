@@ -46,7 +46,6 @@ from vas.core.types import NodeInfo, SegmentInfo, SpaceInfo
 if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and IDEs
     from vas.client import (  # noqa: F401
         Client,
-        SpaceView,
         attach,
         connect,
         create,
@@ -56,13 +55,14 @@ if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and
     )
     from vas.datasets import SegmentRef, get_array, get_table, put_array, put_table  # noqa: F401
     from vas.mapping import Mapping  # noqa: F401
+    from vas.spaceview import SpaceView  # noqa: F401
 
 __version__ = "0.1.0"
 
 #: Public names of the client side, loaded on first access: name -> module.
 _LAZY = {
     "Client": "vas.client",
-    "SpaceView": "vas.client",
+    "SpaceView": "vas.spaceview",
     "attach": "vas.client",
     "connect": "vas.client",
     "create": "vas.client",

@@ -17,7 +17,6 @@ queues its Detach).
 from __future__ import annotations
 
 import builtins
-import collections.abc
 import contextlib
 import os
 import threading
@@ -28,9 +27,10 @@ from vas.connection import Connection, close_fds
 from vas.core import validate
 from vas.core.defaults import DEFAULT_SOCKET, ray_node_socket
 from vas.core.errors import InvalidArgument, VasError
-from vas.core.fetch import probe_fault_support
+from vas.core.fetch import probe_fault_support, write_protect_available
 from vas.core.types import NodeInfo, SegmentInfo, SpaceInfo
 from vas.mapping import Mapping
+from vas.spaceview import SpaceView
 from vas.proto import coordinator_pb2, local_pb2
 
 #: Segments asked for per ListSegments page.
@@ -66,12 +66,15 @@ class Client:
 
         Idempotent. Detaches already queued (mappings whose last view went) are
         sent first. Mappings still attached and views still alive stay mapped
-        in this process (valid memory: never a crash), but no attachment holds
-        their pages any more: the agent may free a deleted segment's pages (they
-        then read as zeros), a lazy mapping's pages not touched yet read as
-        zeros, and a writer's lock is gone. ``Mapping`` methods then raise
-        ``Unavailable`` (or ``InvalidArgument`` once detached). Detach and drop
-        views before closing to keep the bytes.
+        in this process (valid memory), but no attachment holds their pages any
+        more: the agent may free a deleted segment's pages (they then read as
+        zeros), a touch of a lazy mapping's page not fetched yet raises SIGBUS
+        (never zeros in place of the home's bytes), and a writer's lock is gone.
+        A ``"rw"`` mapping of a segment homed on this node is write-protected
+        before that lock goes: a store into it ends the process with SIGBUS
+        (``Mapping.write`` raises ``Fenced`` instead). ``Mapping`` methods then
+        raise ``Unavailable`` (or ``InvalidArgument`` once detached). Detach and
+        drop views before closing to keep the bytes.
         """
         self._connection.close()
 
@@ -149,6 +152,21 @@ class Client:
         :raises PermissionDenied: the mode bits do not allow it.
         :raises Busy: ``"rw"`` while another attachment holds the writer lock.
         :raises AddressConflict: ``fixed=True`` and the range is already mapped here.
+        :raises Unavailable: ``"rw"`` of a segment homed on this node, from a
+            process that cannot have its mapping write-protected (no userfaultfd
+            write-protect of shared memory: Linux before 5.19, userfaultfd denied,
+            or ``VAS_DISABLE_USERFAULTFD=1``): attach ``"rw"`` from another node.
+        :raises Fenced: ``"rw"`` whose writer lock was revoked before the attach
+            finished (the process stalled past its lease meanwhile).
+        :raises CapacityExceeded: no room for a remote segment's copy, or this uid
+            holds the most attachments (or lazy mappings) the agent allows.
+
+        A ``"rw"`` mapping of a segment homed on this node maps the home pages
+        themselves (local readers see every store at once) and is *revocable*:
+        when the agent lets its writer lock go without a detach (the process
+        stalled past its lease, the connection closed, a force delete), it first
+        write-protects the mapping, and a later store into it ends the process
+        with SIGBUS instead of reaching the pages (see ``Mapping.sync``).
 
         Example::
 
@@ -166,6 +184,8 @@ class Client:
         the fds and releases the attachment (vas/datasets.py reuses a warm mapping)."""
         request = local_pb2.AttachRequest(name=name, mode=mode, fetch=fetch,
                                           fault_support=probe_fault_support(fixed))
+        if mode == "rw":  # a home "rw" mapping must be revocable (vas/mapping.py)
+            request.write_protect_support = write_protect_available()
         self._connection.start_helper()
         return self._connection.call("attach", request, "attach", want_fds=True)
 
@@ -470,47 +490,6 @@ class Client:
         }
 
 
-class SpaceView(collections.abc.Mapping):
-    """The members of a space while switched into it: ``view[name]`` is a ``Mapping``.
-
-    Iterates over segment names in the order they were added; ``view.info`` is
-    the ``SpaceInfo`` read when switching.
-    """
-
-    def __init__(self, info: SpaceInfo, mappings: dict[str, Mapping]):
-        self.info = info
-        self._mappings = mappings
-
-    def __getitem__(self, name: str) -> Mapping:
-        try:
-            return self._mappings[name]
-        except KeyError:
-            raise KeyError(f"segment {name!r} is not a member of space {self.info.name!r}") from None
-
-    def __iter__(self):
-        return iter(self._mappings)
-
-    def __len__(self) -> int:
-        return len(self._mappings)
-
-    def __repr__(self) -> str:
-        return f"<vas.SpaceView {self.info.name} {builtins.list(self._mappings)}>"
-
-    def _detach_all(self, leaving: BaseException | None = None) -> None:
-        """Detach every member; raise the first error, or, when the block is left by
-        ``leaving``, add the errors to it as notes (never replacing it)."""
-        first: BaseException | None = None
-        for mapping in reversed(builtins.list(self._mappings.values())):
-            try:
-                mapping.detach()
-            except VasError as exc:
-                if leaving is not None:
-                    leaving.add_note(f"and detaching segment {mapping.name} failed: {exc!r}")
-                first = first or exc
-        if first is not None and leaving is None:
-            raise first
-
-
 def connect(node: str | None = None) -> Client:
     """Connect to the vas agent of this machine.
 
@@ -519,6 +498,8 @@ def connect(node: str | None = None) -> Client:
         that agent; else ``/run/vas/node.sock``.
     :returns: a ``Client`` (a context manager; ``close()`` is idempotent).
     :raises Unavailable: nothing listens on that socket.
+    :raises CapacityExceeded: this uid holds the most connections the agent allows
+        (``vasctl node serve --max-connections-per-uid``).
 
     Example::
 

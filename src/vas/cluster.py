@@ -279,7 +279,8 @@ class CoordinatorProcess(_Process):
 class NodeProcess(_Process):
     """``vasctl node serve`` as node ``node_id`` with its socket at ``socket``.
 
-    ``netns`` runs it inside that network namespace (``ip netns exec NAME``).
+    ``netns`` runs it inside that network namespace (``ip netns exec NAME``);
+    ``args`` are more flags of ``vasctl node serve`` (e.g. ``["--local-workers", "4"]``).
     ``address`` is its Node gRPC host:port once started.
     """
 
@@ -288,9 +289,10 @@ class NodeProcess(_Process):
     def __init__(self, directory: str, coordinator: str, *, node_id: str = "node1",
                  memory: int = DEFAULT_MEMORY, socket: str | None = None, listen: str = "127.0.0.1:0",
                  data_dir: str | None = None, netns: str | None = None,
-                 writer_ttl: int | None = None):
+                 writer_ttl: int | None = None, args: list[str] | tuple[str, ...] = ()):
         super().__init__(directory, node_id)
         self.writer_ttl = writer_ttl
+        self.args = list(args)
         self.coordinator = coordinator
         self.node_id = node_id
         self.memory = memory
@@ -309,6 +311,7 @@ class NodeProcess(_Process):
             argv += ["--data-dir", self.data_dir]
         if self.writer_ttl:
             argv += ["--writer-ttl", str(self.writer_ttl)]
+        argv += self.args
         if self.netns:
             argv = ["ip", "netns", "exec", self.netns, *argv]
         self._spawn(argv, _child_env())
@@ -342,13 +345,13 @@ class LocalCluster:
 
     Agents are "node1", "node2", ... with sockets ``DIR/node1.sock``, ...; each gets
     ``memory`` bytes of capacity (and ``writer_ttl``, when given: the writer-lock
-    lease in seconds) and all coordinators as its target. A context
-    manager: ``stop()`` on exit.
+    lease in seconds; ``node_args``: more flags of ``vasctl node serve``) and all
+    coordinators as its target. A context manager: ``stop()`` on exit.
     """
 
     def __init__(self, directory: str, nodes: int = 1, memory: int = DEFAULT_MEMORY,
                  etcd_url: str | None = None, coordinators: int = 1,
-                 writer_ttl: int | None = None):
+                 writer_ttl: int | None = None, node_args: list[str] | tuple[str, ...] = ()):
         if nodes < 0 or coordinators < 1:
             raise ValueError("a cluster needs >= 1 coordinator and >= 0 nodes")
         self.dir = os.path.abspath(directory)
@@ -356,6 +359,7 @@ class LocalCluster:
         self.memory = memory
         self.coordinator_count = coordinators
         self.writer_ttl = writer_ttl
+        self.node_args = list(node_args)
         self.etcd: EtcdProcess | None = None
         self.etcd_url = etcd_url
         self.coordinators: list[CoordinatorProcess] = []
@@ -373,7 +377,7 @@ class LocalCluster:
             _start_all(self.coordinators, timeout)
             target = coordinator_target([c.address for c in self.coordinators])
             self.nodes = [NodeProcess(self.dir, target, node_id=f"node{i}", memory=self.memory,
-                                      writer_ttl=self.writer_ttl)
+                                      writer_ttl=self.writer_ttl, args=self.node_args)
                           for i in range(1, self.node_count + 1)]
             _start_all(self.nodes, timeout)
         except BaseException:

@@ -27,22 +27,33 @@ object, run when its last view goes), and a finalizer may run in any thread, eve
 one inside a request of this very connection, holding ``_lock``. So
 ``release_later``, what it calls, neither locks nor sends: it only puts the id on
 the ``_releases`` SimpleQueue (safe there) and nudges the helper.
+
+Lazy mappings are also handed to this process's guardian (vas/guard.py,
+vas/guardian.py: ``guard_faults``), which holds a dup of this socket to see the
+agent go. A dup keeps the socket open, so closing it would not end the
+connection for the agent: ``close()``, a broken connection and a Connection
+dropped without ``close()`` shut the socket down first (the agent sees EOF, the
+guardian a hang-up).
 """
 from __future__ import annotations
 
 import builtins
 import contextlib
+import functools
 import itertools
 import logging
 import math
 import os
 import queue
 import select
+import socket
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from vas import guard
 from vas.core import wire
 from vas.core.errors import Unavailable, VasError, from_status, status_code
 from vas.core.types import NodeInfo
@@ -85,6 +96,8 @@ class Connection:
         # Mappings told at close that the agent released their attachments.
         self._mappings: weakref.WeakSet[Mapping] = weakref.WeakSet()
         self._helper: threading.Thread | None = None
+        # (guardian, key) once this connection's socket is watched by one (guard_faults).
+        self._guarded: tuple | None = None
         # A Connection dropped without close(): its helper must not wait for it forever.
         weakref.finalize(self, self._nudges.put, None).atexit = False
         sock = wire.new_socket()
@@ -169,8 +182,7 @@ class Connection:
     def _broken(self) -> None:
         """The socket is unusable: close it so every later call fails at once."""
         self._closed = True
-        with contextlib.suppress(OSError):
-            self._sock.close()
+        _end_socket(self._sock, self._pid)
 
     # -- the requests of a Mapping --------------------------------------------------
 
@@ -186,11 +198,41 @@ class Connection:
         self.call("prefetch", local_pb2.PrefetchRequest(
             attachment_id=attachment_id, offset=offset, length=length), "empty")
 
-    def register_faults(self, attachment_id: int, address: int, size: int, uffd: int) -> None:
-        """Hand the userfaultfd of a lazy mapping to the agent (the caller still closes
-        ``uffd``)."""
+    def register_faults(self, attachment_id: int, address: int, size: int, uffd: int,
+                        purpose: int = local_pb2.FAULT_PURPOSE_LAZY) -> None:
+        """Hand the userfaultfd of a mapping to the agent: of a lazy one (``purpose``
+        FAULT_PURPOSE_LAZY) or the writable mapping of a revocable "rw" attachment
+        (FAULT_PURPOSE_WRITE_PROTECT). The caller still closes ``uffd``."""
         self.call("register_faults", local_pb2.RegisterFaultsRequest(
-            attachment_id=attachment_id, address=address, size=size), "empty", send_fds=[uffd])
+            attachment_id=attachment_id, address=address, size=size, purpose=purpose),
+            "empty", send_fds=[uffd])
+
+    def guard_faults(self, attachment_id: int, address: int, size: int, uffd: int,
+                     fallback: Callable[[], None]) -> Callable[[], None] | None:
+        """Hand a dup of a lazy mapping's userfaultfd to this process's guardian
+        (started on first use), after ``register_faults``: if the agent goes, the
+        guardian poisons the mapping's faults (SIGBUS) instead of letting them read
+        zeros. The caller still closes ``uffd``.
+
+        :param fallback: fetches the mapping whole; run (from another thread) if the
+            guardian turns out not to start.
+        :returns: the function to call once the mapping is unmapped (the guardian
+            closes its dup), or None if no guardian can take it: the caller must
+            fetch the mapping whole.
+        """
+        guardian = guard.current()
+        with self._lock:  # one WATCH per connection and guardian
+            if self._guarded is None or self._guarded[0] is not guardian:
+                key = guardian.watch(self._sock)
+                if key is None:
+                    return None
+                self._guarded = (guardian, key)
+                # Dropped without close(): still end the connection for the agent.
+                weakref.finalize(self, _end_socket, self._sock, self._pid).atexit = False
+            key = self._guarded[1]
+        if not guardian.add(key, attachment_id, address, size, uffd, fallback):
+            return None
+        return functools.partial(guardian.drop, key, attachment_id)
 
     def sync(self, attachment_id: int, ranges):
         """Publish a "rw" attachment's writes (Mapping.sync); the new segment record."""
@@ -282,7 +324,7 @@ class Connection:
                 if not self.forked:
                     self._flush_releases()
             self._closed = True
-            self._sock.close()
+            _end_socket(self._sock, self._pid)
         self._writer_ids.clear()
         self._nudges.put(None)  # the helper thread ends
         for mapping in builtins.list(self._mappings):
@@ -345,6 +387,17 @@ def _helper_loop(connection_ref, nudges: queue.SimpleQueue) -> None:
             log.warning("vas agent at %s refused a request of the client's helper "
                         "thread: %s", connection.socket_path, exc)
         del connection
+
+
+def _end_socket(sock, owner_pid: int) -> None:
+    """Shut ``sock`` down, then close it: a dup held by the guardian must not keep the
+    connection open for the agent. In a forked child (not ``owner_pid``) only close:
+    the shutdown would end the parent's connection too."""
+    if os.getpid() == owner_pid:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+    with contextlib.suppress(OSError):
+        sock.close()
 
 
 def close_fds(fds) -> None:

@@ -15,10 +15,20 @@ end (when the last view goes). The attachment at the agent must live exactly as
 long as the pages are mapped (else the agent could free a deleted segment's
 pages under the views, or stop resolving a lazy mapping's faults), so its
 Detach is tied to the native object too: a weak reference to it with a callback
-(``_ReleaseHook``) queues the Detach with the connection (``Connection.release_later``, vas/connection.py),
-which sends it from its helper thread, before its next request, or at close. A
+(``ReleaseHook``, vas/pages.py) queues the Detach with the connection
+(``Connection.release_later``, vas/connection.py), which sends it from its helper thread, before its next request, or at close. A
 finalizer may run in any thread, even one in the middle of a request, so it only
 queues.
+
+A "rw" mapping of a segment homed on this node maps the home pages themselves, so
+the agent makes it *revocable* (``AttachResponse.revocable``): before the Mapping
+is handed out, its range is registered on a userfaultfd for write-protect faults
+answered with SIGBUS, and the fd goes to the agent (``RegisterFaults``, purpose
+WRITE_PROTECT). When the agent lets the writer lock go without a Detach it
+write-protects the range first, so a later store ends this process with SIGBUS
+instead of reaching the pages (node/revoke.py). The Detach of such a mapping is
+sent only once it is unmapped (as for every mapping): the agent may then close
+that fd, which would lift a protection.
 
 A Mapping talks to the agent through the ``Connection`` of the Client that made
 it, by that class's public methods (``detach``, ``prefetch``, ``register_faults``,
@@ -30,125 +40,29 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import mmap
 import os
 import time
 import weakref
 from typing import TYPE_CHECKING
 
+from vas import pages
 from vas.core import validate
-from vas.core.errors import AddressConflict, InvalidArgument, NotFound, PermissionDenied, Unavailable, VasError
-from vas.core.fetch import FetchMode
+from vas.core.errors import (AddressConflict, Fenced, InvalidArgument, NotFound,
+                             PermissionDenied, Unavailable, VasError)
+from vas.core.fetch import FetchMode, register_lazy, register_write_protect
 from vas.core.types import SegmentInfo
+from vas.proto import local_pb2
 
 if TYPE_CHECKING:
     from vas.connection import Connection
 
 log = logging.getLogger(__name__)
 
-#: Smallest write() that an "rw" mapping makes with pwrite(2) on its memfd rather than
-#: with a store through the mapping: pwrite fills the page cache without faulting each
-#: page into this process (96 MiB: 27 ms against 70 ms on the 2-CPU development VM).
-_PWRITE_MIN = 64 << 10
-
 #: Longest WaitRequest that Mapping.wait() sends, seconds: the connection serves one
 #: request at a time, so a long wait is asked in slices and other threads of the
 #: process get their turn on the connection between them.
 _WAIT_REQUEST_SECONDS = 1.0
-
-
-def _private_mmap(fd: int, size: int, offset: int):
-    """A read-only MAP_PRIVATE mapping of ``fd``, for lazy attaches.
-
-    Why private: UFFDIO_REGISTER needs VM_MAYWRITE, which a shared mapping of
-    the read-only fd lacks; a private one has it, yet it maps the replica's own
-    page-cache pages (PROT_READ: never copied on write), so nothing is duplicated.
-    """
-    import mmap
-
-    return mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ, offset=offset)
-
-
-def _register_lazy(address: int, size: int) -> int:
-    """A userfaultfd on which [address, address + size) reports MISSING and MINOR faults."""
-    from vas import _native
-
-    uffd = _native.userfaultfd()
-    try:
-        _native.uffd_api(uffd, _native.UFFD_FEATURE_MINOR_SHMEM | _native.UFFD_FEATURE_MISSING_SHMEM)
-        _native.uffd_register(uffd, address, size, _native.UFFDIO_REGISTER_MODE_MISSING
-                              | _native.UFFDIO_REGISTER_MODE_MINOR)
-    except BaseException:
-        os.close(uffd)
-        raise
-    return uffd
-
-
-def _native_mmap(fd: int, size: int, *, writable: bool, address: int, fixed: bool, offset: int):
-    from vas import _native  # imported on first use (cached in sys.modules after)
-
-    return _native.mmap(fd, size, writable=writable, offset=offset, address=address, fixed=fixed)
-
-
-def _view_of(native, writable: bool) -> memoryview:
-    """A 1-D unsigned-byte memoryview over the native mapping (read-only unless ``writable``)."""
-    view = memoryview(native)
-    if view.format != "B" or view.ndim != 1:
-        cast = view.cast("B")
-        view.release()
-        view = cast
-    if not writable and not view.readonly:
-        readonly = view.toreadonly()
-        view.release()
-        view = readonly
-    return view
-
-
-def _address_of(native, view: memoryview) -> int:
-    address = getattr(native, "address", None)
-    if isinstance(address, int):
-        return address
-    # No attribute: the address of the first byte, through a throwaway numpy view.
-    import numpy as np
-
-    array = np.frombuffer(view, dtype=np.uint8, count=1)
-    try:
-        return int(array.ctypes.data)
-    finally:
-        del array
-
-
-class _ReleaseHook:
-    """Queues an attachment's Detach (``Connection.release_later``) when the native
-    object of its pages ends, unless cancelled first.
-
-    A ``weakref.finalize`` does the same at several times the cost (its registry
-    and atexit bookkeeping were ~10 % of a local attach+detach): here a plain weak
-    reference with a callback, kept alive by the module-level ``_LIVE`` set until
-    it fires or is cancelled (a weak reference that dies first never calls back).
-    Nothing runs at interpreter exit: the connection's end releases everything.
-    """
-
-    __slots__ = ("_ref", "__weakref__")
-
-    def __init__(self, native, connection: "Connection", attachment_id: int):
-        release_later = connection.release_later
-
-        def fire(ref):
-            _LIVE.discard(ref)
-            release_later(attachment_id)
-
-        self._ref = weakref.ref(native, fire)
-        _LIVE.add(self._ref)
-
-    def cancel(self) -> None:
-        """Never queue the Detach (it was sent, or the connection's end released it):
-        the weak reference is dropped, and a dead weak reference calls nobody."""
-        _LIVE.discard(self._ref)
-        self._ref = None
-
-
-#: The armed release hooks' weak references (see _ReleaseHook).
-_LIVE: set = set()
 
 
 class Mapping:
@@ -211,24 +125,34 @@ class Mapping:
         if lazy and (writable or fixed):  # the agent decides LAZY only for what we stated
             raise VasError(f"segment {segment.name}: the vas agent answered a lazy fetch for "
                            f"a {'writable' if writable else 'fixed'} mapping")
+        # A "rw" mapping of the home pages: registered for write-protect before any store.
+        self._revocable = bool(response.revocable)
+        if self._revocable and not writable:
+            raise VasError(f"segment {segment.name}: the vas agent asked to revoke the stores "
+                           "of a read-only mapping (a protocol mismatch?)")
         size, address = segment.size, segment.address
         try:
             if lazy:
-                native = _private_mmap(fd, size, int(response.fd_offset))
+                native = pages.private_mmap(fd, size, int(response.fd_offset))
             else:
-                native = _native_mmap(fd, size, writable=writable,
+                native = pages.native_mmap(fd, size, writable=writable,
                                       address=address if fixed else 0, fixed=fixed,
                                       offset=int(response.fd_offset))
         except FileExistsError as exc:
             raise AddressConflict(
                 f"segment {segment.name}: address range 0x{address:x}-0x{address + size:x} "
                 "is already mapped in this process") from exc
-        view = _view_of(native, writable)
+        view = pages.view_of(native, writable)
+        unguard = None
         try:
-            self.address = _address_of(native, view)
+            self.address = pages.address_of(native, view)
             self.size = size
             if lazy:
-                fetch = self._start_lazy()
+                fetch, unguard = self._start_lazy()
+                if fetch is not FetchMode.LAZY:  # fetched whole instead: a child may have it
+                    native.madvise(mmap.MADV_DOFORK)
+            elif self._revocable:
+                self._make_revocable(native)
         except BaseException:
             view.release()
             with contextlib.suppress(BufferError):  # else it unmaps when garbage-collected
@@ -238,36 +162,77 @@ class Mapping:
         self._native = native
         self._view = view
         # "rw": a duplicate of the memfd for write()'s pwrite(2), closed at detach (or
-        # when this object goes, if it is never detached).
+        # when this object goes, if it is never detached). Not for a revocable (home)
+        # mapping: a pwrite would pass the write-protect that fences a revoked writer.
         self._fd = -1
-        if writable:
+        if writable and not self._revocable:
             self._fd = os.dup(fd)
             self._fd_offset = int(response.fd_offset)
             self._fd_closer = weakref.finalize(self, os.close, self._fd)
         # The attachment's Detach, due when the pages are unmapped: by detach() at
         # once, or when the native object ends, i.e. when the last view of it goes
         # (the callback runs after the munmap; it only queues, see the module docstring).
-        self._release = _ReleaseHook(native, connection, self._attachment_id)
+        self._release = pages.ReleaseHook(native, connection, self._attachment_id)
+        # A lazy mapping's guardian keeps a dup of its userfaultfd until it is unmapped.
+        self._unguard = weakref.finalize(native, unguard) if unguard is not None else None
+        if self._unguard is not None:
+            self._unguard.atexit = False  # the guardian ends with the process
         self._detached = False
 
-    def _start_lazy(self) -> FetchMode:
-        """Make the agent page this lazy mapping in on demand, or fetch it all now
-        if this kernel refuses the userfaultfd registration; the mode it ends in.
+    def _start_lazy(self):
+        """Make the agent page this lazy mapping in on demand, with this process's
+        guardian (vas/guard.py) holding the registration too, so that pages not
+        fetched yet raise SIGBUS rather than read zeros if the agent dies. Fetch it
+        all now if this kernel refuses the userfaultfd registration or there is no
+        guardian. (mode it ends in, the guardian's drop to call once unmapped or None).
 
         Nothing may read the mapping before this: its missing pages would read as zeros.
         """
+        connection, attachment_id, size = self._connection, self._attachment_id, self.size
         try:
-            uffd = _register_lazy(self.address, self.size)
+            uffd = register_lazy(self.address, size)
         except OSError as exc:
             log.warning("cannot register segment %s for userfaults (%s): fetching it "
                         "eagerly", self.name, exc)
-            self._connection.prefetch(self._attachment_id, 0, self.size)
-            return FetchMode.EAGER_NO_USERFAULTFD
+            connection.prefetch(attachment_id, 0, size)
+            return FetchMode.EAGER_NO_USERFAULTFD, None
         try:
-            self._connection.register_faults(self._attachment_id, self.address, self.size, uffd)
+            connection.register_faults(attachment_id, self.address, size, uffd)
+            unguard = connection.guard_faults(
+                attachment_id, self.address, size, uffd,
+                fallback=lambda: connection.prefetch(attachment_id, 0, size))
         finally:
-            os.close(uffd)  # the agent holds it now; its close ends the registration
-        return FetchMode.LAZY
+            os.close(uffd)  # the agent and the guardian hold it now
+        if unguard is None:
+            log.warning("segment %s: no guardian process to keep it safe from its agent's "
+                        "death: fetching it eagerly", self.name)
+            connection.prefetch(attachment_id, 0, size)
+            return FetchMode.EAGER_NO_USERFAULTFD, None
+        return FetchMode.LAZY, unguard
+
+    def _make_revocable(self, native) -> None:
+        """Register this writable mapping of the home pages for write-protect and hand
+        the userfaultfd to the agent, which protects the mapping when it revokes the
+        writer lock (node/revoke.py). Nothing may store into it before this.
+
+        Not inherited by a forked child (MADV_DONTFORK): the child's copy would not be
+        registered, so its stores would reach the home pages after the revocation.
+
+        :raises Unavailable: the registration failed (the agent was told this
+            process could do it: the kernel changed its mind).
+        :raises Fenced: the lock was revoked before the registration arrived.
+        """
+        try:
+            native.madvise(mmap.MADV_DONTFORK)
+            uffd = register_write_protect(self.address, self.size)
+        except OSError as exc:
+            raise Unavailable(f"segment {self.name}: cannot register its writable home "
+                              f"mapping for write-protection: {exc}") from exc
+        try:
+            self._connection.register_faults(self._attachment_id, self.address, self.size,
+                                             uffd, local_pb2.FAULT_PURPOSE_WRITE_PROTECT)
+        finally:
+            os.close(uffd)  # the agent holds it now; it lives as long as the mapping
 
     @property
     def info(self) -> SegmentInfo:
@@ -324,6 +289,9 @@ class Mapping:
         :returns: the number of bytes written.
         :raises PermissionDenied: the segment is attached read-only.
         :raises InvalidArgument: the range is outside the segment, or it is detached.
+        :raises Fenced: a ``"rw"`` mapping of a segment homed on this node whose
+            connection was closed (its lock was released and the mapping
+            write-protected: storing would end the process with SIGBUS).
 
         Example::
 
@@ -332,11 +300,15 @@ class Mapping:
         view = self._live_view()
         if self.mode != "rw":
             raise PermissionDenied(f"segment {self.name} is attached read-only")
+        if self._revocable and self._connection is None:
+            raise Fenced(f"segment {self.name}: the connection to the agent is closed, so "
+                         "this writer's lock was released and its home mapping "
+                         "write-protected")
         with memoryview(data) as source:
             validate.check_range(offset, source.nbytes, self.size)
-            if self._fd >= 0 and source.c_contiguous and source.nbytes >= _PWRITE_MIN:
+            if self._fd >= 0 and source.c_contiguous and source.nbytes >= pages.PWRITE_MIN:
                 with source.cast("B") as flat:
-                    _pwrite_all(self._fd, flat, self._fd_offset + offset)
+                    pages.pwrite_all(self._fd, flat, self._fd_offset + offset)
             elif source.c_contiguous:
                 with source.cast("B") as flat, view[offset:offset + flat.nbytes] as target:
                     target[:] = flat
@@ -400,6 +372,10 @@ class Mapping:
         :raises InvalidArgument: a range outside the segment.
         :raises Fenced: the writer lock lapsed (e.g. the process was stopped past
             its lease) and another writer may have taken over: nothing was published.
+            On the home node the agent write-protected the mapping before letting
+            the lock go: a store made after that ends the process with SIGBUS
+            (it never reaches the home pages); stores made while the lock held
+            stay in the pages, unpublished.
 
         Example::
 
@@ -539,6 +515,8 @@ class Mapping:
             unmapped = True
         except BufferError:
             unmapped = False  # the native object unmaps when the last view goes
+        if unmapped and self._unguard is not None:
+            self._unguard()  # unmapped: the guardian closes its dup of the uffd
         if unmapped or connection is None or connection.closed:
             # Released here (or by the connection's end): not by the finalizer.
             self._release.cancel()
@@ -575,13 +553,6 @@ class Mapping:
         state = "detached" if self._detached else f"at 0x{self.address:x}"
         return f"<vas.Mapping {self.name} {self.mode} {self.size} bytes {state}>"
 
-
-
-def _pwrite_all(fd: int, data: memoryview, position: int) -> None:
-    """pwrite(2) all of ``data`` at ``position`` (a call may write less than asked)."""
-    done = 0
-    while done < data.nbytes:
-        done += os.pwrite(fd, data[done:], position + done)
 
 
 def _reattach(name: str, mode: str, fetch: str, fixed: bool) -> Mapping:

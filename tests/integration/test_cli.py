@@ -159,6 +159,7 @@ def test_errors_exit_1_with_one_line(vasctl, tmp_path):
     ("seg", "ls", "--frobnicate"),
     ("seg", "ls", "-o", "yaml"),
     ("node", "serve", "--writer-ttl", "soon"),
+    ("node", "serve", "--fault-timeout", "soon"),
 ])
 def test_usage_errors_exit_2(vasctl, args):
     proc = vasctl(*args, expect=2)
@@ -170,6 +171,13 @@ def test_node_serve_refuses_a_zero_writer_ttl(vasctl, tmp_path):
     proc = vasctl("node", "serve", "--socket", tmp_path / "n.sock", "--writer-ttl", "0", expect=1)
     assert one_error_line(proc) == ("vasctl: error: invalid writer ttl (--writer-ttl) 0: must "
                                     "be 1..86400 seconds")
+
+
+def test_node_serve_refuses_a_fault_timeout_below_a_second(vasctl, tmp_path):
+    proc = vasctl("node", "serve", "--socket", tmp_path / "n.sock", "--fault-timeout", "0.5",
+                  expect=1)
+    assert one_error_line(proc) == ("vasctl: error: invalid fault timeout (--fault-timeout) "
+                                    "0.5: must be 1..86400 seconds")
 
 
 def test_node_serve_refuses_a_data_dir_it_cannot_honour(vasctl, tmp_path):

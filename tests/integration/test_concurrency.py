@@ -44,7 +44,6 @@ from __future__ import annotations
 import collections
 import multiprocessing
 import os
-import queue
 import random
 import re
 import time
@@ -55,6 +54,7 @@ import numpy as np
 
 import vas
 from vas.node.locks import MARKER
+from workers import run_workers
 
 MiB = 1 << 20
 PAGE = 4096
@@ -336,7 +336,6 @@ def test_concurrent_clients_keep_data_and_lock_order(cluster, monkeypatch):
     sockets = [node.socket for node in running.nodes]
     load_started = time.monotonic()
     context = multiprocessing.get_context("spawn")  # no fork of a process with gRPC threads
-    reports = []
     with context.Manager() as manager:
         published, published_lock = manager.dict(), context.Lock()
         barrier = context.Barrier(WORKERS, timeout=30)
@@ -345,22 +344,7 @@ def test_concurrent_clients_keep_data_and_lock_order(cluster, monkeypatch):
                                    args=(i, sockets, published, published_lock, barrier,
                                          results, 1000 + i, OPERATIONS, BUDGET))
                    for i in range(WORKERS)]
-        deadline = started + DEADLINE
-        try:
-            for process in workers:
-                process.start()
-            for _ in workers:
-                try:
-                    reports.append(results.get(timeout=max(0.1, deadline - time.monotonic())))
-                except queue.Empty:
-                    break
-            for process in workers:
-                process.join(max(0.1, deadline - time.monotonic()))
-        finally:
-            for process in workers:
-                if process.is_alive():
-                    process.kill()
-                    process.join(5)
+        reports = run_workers(workers, results, started + DEADLINE)
     load_seconds = time.monotonic() - load_started
 
     errors = [f"worker {r['worker']}:\n{r['error']}" for r in reports if r["error"]]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import signal
 import socket
 import struct
 import subprocess
@@ -20,26 +21,16 @@ import grpc
 import pytest
 
 import vas
-from vas import _native
+from vas.core import fetch
 from vas.proto import node_pb2, node_pb2_grpc
 
 MiB = 1 << 20
 PAGE = 4096
 
 
-def _uffd_ok() -> bool:
-    try:
-        fd = _native.userfaultfd()
-    except OSError:
-        return False
-    try:
-        wanted = _native.UFFD_FEATURE_MINOR_SHMEM | _native.UFFD_FEATURE_MISSING_SHMEM
-        return _native.uffd_api(fd) & wanted == wanted
-    finally:
-        os.close(fd)
-
-
-needs_uffd = pytest.mark.skipif(not _uffd_ok(), reason="userfaultfd with shmem faults unavailable")
+# What lazy attaches need (shmem MISSING/MINOR faults, UFFDIO_POISON), as the client probes it.
+needs_uffd = pytest.mark.skipif(not fetch.userfaultfd_available(),
+                                reason="userfaultfd with shmem faults and UFFDIO_POISON unavailable")
 
 
 def sent_by(node) -> int:
@@ -248,3 +239,29 @@ def test_chunks_fall_back_to_read_pages_when_the_bulk_channel_refuses(two):
         for conn in held:
             conn.close()
     assert "using ReadPages" in _log(node2)
+
+
+_FORK_CHILD_READS = """
+import os, signal, sys, vas
+with vas.connect(sys.argv[1]) as c, c.attach(sys.argv[2]) as m:
+    assert m.fetch == "lazy", m.fetch
+    pid = os.fork()
+    if pid == 0:  # the child touches a page nobody has fetched yet
+        page = bytes(m.buffer[-4096:])
+        os._exit(3 if page == bytes(4096) else 4)
+    _, status = os.waitpid(pid, 0)
+    print(os.WTERMSIG(status) if os.WIFSIGNALED(status) else -os.WEXITSTATUS(status))
+    print(int(bytes(m.buffer[-4096:]) != bytes(4096)))  # the parent still pages in
+"""
+
+
+@needs_uffd
+def test_a_forked_child_never_reads_a_lazy_mappings_missing_pages_as_zeros(two):
+    """The child of a lazy reader does not inherit the userfaultfd registration, so an
+    inherited mapping would read unfetched pages as zeros: lazy mappings are not
+    inherited at all (MADV_DONTFORK), and touching one in the child is SIGSEGV."""
+    node1, node2, c1, c2 = two
+    fill(c1, "lazy/fork", 8 * MiB)
+    out = subprocess.run([sys.executable, "-c", _FORK_CHILD_READS, node2.socket, "lazy/fork"],
+                         check=True, capture_output=True, text=True, timeout=60).stdout.split()
+    assert out == [str(int(signal.SIGSEGV)), "1"], out

@@ -115,6 +115,17 @@ def test_state_derivation():
     assert state_of({**record, "deleting": True}, {"n1"}) == types_pb2.SEGMENT_STATE_DELETING
 
 
+def test_the_lost_mark_outranks_a_live_home_but_not_a_delete_mark():
+    """A record marked lost (its home restarted without it) stays lost whatever nodes
+    live and whatever replicas it asked for; records written before the mark existed
+    have no "lost" key and derive as before."""
+    record = {"deleting": False, "home": "n1", "replicas": 0, "lost": True}
+    assert state_of(record, {"n1"}) == types_pb2.SEGMENT_STATE_LOST
+    assert state_of({**record, "replicas": 1}, {"n1"}) == types_pb2.SEGMENT_STATE_LOST
+    assert state_of({**record, "deleting": True}, {"n1"}) == types_pb2.SEGMENT_STATE_DELETING
+    assert state_of({**record, "lost": False}, {"n1"}) == types_pb2.SEGMENT_STATE_READY
+
+
 def test_grpc_target_of_etcd_urls():
     assert grpc_target("http://127.0.0.1:2379") == "127.0.0.1:2379"
     assert grpc_target("http://etcd") == "etcd:2379"

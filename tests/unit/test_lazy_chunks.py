@@ -131,7 +131,7 @@ class Recorder:
         self.gate.set()
         self.failures = 0
 
-    def __call__(self, offset: int, length: int) -> None:
+    def __call__(self, offset: int, length: int, deadline: float | None = None) -> None:
         self.calls.append((offset, length))
         assert self.gate.wait(TIMEOUT)
         if self.failures:
@@ -232,5 +232,6 @@ def test_home_reader_falls_back_to_read_pages(reachable, replica):
         finally:
             reader.close()
             homes.close()
-    assert pages == [("grpc-of-node1", lazy.CHUNK, lazy.CHUNK), ("grpc-of-node1", 0, lazy.CHUNK)]
+    assert pages == [("grpc-of-node1", lazy.CHUNK, lazy.CHUNK, None),
+                     ("grpc-of-node1", 0, lazy.CHUNK, None)]
     assert len(opened) == 1

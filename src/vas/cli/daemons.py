@@ -7,8 +7,11 @@ from __future__ import annotations
 import argparse
 import os
 
-from vas.core.defaults import (DEFAULT_COORDINATOR_LISTEN, DEFAULT_MEMORY, DEFAULT_NODE_LISTEN,
-                               DEFAULT_SOCKET, DEFAULT_WRITER_TTL)
+from vas.core.defaults import (DEFAULT_COORDINATOR_LISTEN, DEFAULT_FAULT_TIMEOUT,
+                               DEFAULT_LOCAL_WORKERS, DEFAULT_MAX_ATTACHMENTS_PER_UID,
+                               DEFAULT_MAX_CONNECTIONS_PER_UID, DEFAULT_MAX_FAULTS_PER_UID,
+                               DEFAULT_MEMORY, DEFAULT_NODE_LISTEN, DEFAULT_SOCKET,
+                               DEFAULT_WORKERS_LEFT_TO_OTHERS, DEFAULT_WRITER_TTL)
 from vas.core.sizes import format_size, parse_size
 
 
@@ -47,7 +50,36 @@ def add_node_serve(node_verbs: argparse._SubParsersAction) -> None:
                        default=os.environ.get("VAS_WRITER_TTL", str(DEFAULT_WRITER_TTL)),
                        help="lease of a writer lock: a writer silent this long loses it "
                             f"(default $VAS_WRITER_TTL or {DEFAULT_WRITER_TTL})")
+    serve.add_argument("--fault-timeout", type=float, metavar="SECONDS",
+                       default=os.environ.get("VAS_FAULT_TIMEOUT", str(DEFAULT_FAULT_TIMEOUT)),
+                       help="longest wait of a page fault of a lazy mapping for a home that "
+                            "fails to deliver its chunk; then the faulting thread gets SIGBUS "
+                            f"(default $VAS_FAULT_TIMEOUT or {DEFAULT_FAULT_TIMEOUT:g})")
+    _add_local_limits(serve)
     serve.set_defaults(func=serve_node)
+
+
+def _add_local_limits(serve: argparse.ArgumentParser) -> None:
+    """The flags of the local worker pool and of the per-uid limits (node/limits.py)."""
+    serve.add_argument("--local-workers", type=int, metavar="N",
+                       default=os.environ.get("VAS_LOCAL_WORKERS", str(DEFAULT_LOCAL_WORKERS)),
+                       help="local requests served at once, by N + 1 threads shared by every "
+                            f"connection (default $VAS_LOCAL_WORKERS or {DEFAULT_LOCAL_WORKERS})")
+    serve.add_argument("--max-requests-per-uid", type=int, metavar="N",
+                       default=os.environ.get("VAS_MAX_REQUESTS_PER_UID"),
+                       help="local requests of one uid served at once; more wait their turn "
+                            "(default $VAS_MAX_REQUESTS_PER_UID or --local-workers minus "
+                            f"{DEFAULT_WORKERS_LEFT_TO_OTHERS}, at least 1)")
+    for flag, variable, default, what in (
+            ("--max-connections-per-uid", "VAS_MAX_CONNECTIONS_PER_UID",
+             DEFAULT_MAX_CONNECTIONS_PER_UID, "local connections one uid may hold open"),
+            ("--max-attachments-per-uid", "VAS_MAX_ATTACHMENTS_PER_UID",
+             DEFAULT_MAX_ATTACHMENTS_PER_UID, "attachments one uid may hold"),
+            ("--max-faults-per-uid", "VAS_MAX_FAULTS_PER_UID", DEFAULT_MAX_FAULTS_PER_UID,
+             "userfaultfds of lazy attachments one uid may have the agent hold")):
+        serve.add_argument(flag, type=int, metavar="N",
+                           default=os.environ.get(variable, str(default)),
+                           help=f"{what}; more are refused (default ${variable} or {default})")
 
 
 def serve_coordinator(args: argparse.Namespace) -> int:
@@ -70,5 +102,10 @@ def serve_node(args: argparse.Namespace) -> int:
         raise UsageError("--coordinator is required (or set $VAS_COORDINATOR)")
     serve(NodeConfig(coordinator=args.coordinator, listen=args.listen, socket=args.socket,
                      memory=args.memory, data_dir=args.data_dir, node_id=args.node_id,
-                     writer_ttl=args.writer_ttl))
+                     writer_ttl=args.writer_ttl, fault_timeout=args.fault_timeout,
+                     local_workers=args.local_workers,
+                     max_connections_per_uid=args.max_connections_per_uid,
+                     max_attachments_per_uid=args.max_attachments_per_uid,
+                     max_faults_per_uid=args.max_faults_per_uid,
+                     max_requests_per_uid=args.max_requests_per_uid))
     return 0

@@ -137,10 +137,14 @@ def stat_(args) -> int:
     with connect(args) as client:
         info = client.stat(args.name)
         here = client.local_node.id
-    # How an attach from this process would get the pages (fetch="lazy", fixed=False).
-    here_mode = fetch.decide("lazy", home=info.home == here,
-                             support=fetch.probe_fault_support(fixed=False))
-    printers.print_segment(info, args.output, fetch_here=here_mode.value)
+    # How an attach from this process would get the pages (fetch="lazy", fixed=False);
+    # a lost or deleting segment cannot be attached at all.
+    if info.state in ("lost", "deleting"):
+        fetch_here = f"none (segment {info.state})"
+    else:
+        fetch_here = fetch.decide("lazy", home=info.home == here,
+                                  support=fetch.probe_fault_support(fixed=False)).value
+    printers.print_segment(info, args.output, fetch_here=fetch_here)
     return 0
 
 

@@ -49,3 +49,18 @@ DEFAULT_NODE_TTL = 10
 #: ttl/3 while the "rw" attachment's connection lives; the coordinator grants it
 #: when AcquireWriter asks for 0. A writer silent this long loses the lock.
 DEFAULT_WRITER_TTL = 10
+#: Seconds a page fault of a lazy mapping may wait while the home fails to deliver
+#: its chunk (the agent retries meanwhile); then its pages are poisoned and the
+#: faulting thread gets SIGBUS (``vasctl node serve --fault-timeout``).
+DEFAULT_FAULT_TIMEOUT = 10.0
+#: Threads of an agent serving the requests of local clients (all connections share them).
+DEFAULT_LOCAL_WORKERS = 16
+#: Workers one uid leaves to the others by default: ``max_requests_per_uid`` is
+#: ``local_workers`` minus this (at least 1) unless given.
+DEFAULT_WORKERS_LEFT_TO_OTHERS = 2
+#: Local connections one uid may hold open at once (more are refused: CapacityExceeded).
+DEFAULT_MAX_CONNECTIONS_PER_UID = 256
+#: Attachments one uid may hold at once, over all its connections (attaches in flight count).
+DEFAULT_MAX_ATTACHMENTS_PER_UID = 4096
+#: Userfaultfds (RegisterFaults of lazy attachments) one uid may have the agent hold at once.
+DEFAULT_MAX_FAULTS_PER_UID = 256

@@ -121,6 +121,15 @@ def from_rpc_error(exc: grpc.RpcError) -> VasError:
     return from_status(exc.code(), exc.details() or "")
 
 
+def segment_lost(name: str, home: str) -> NotFound:
+    """The error of attaching (or locking) segment ``name`` whose record is marked lost:
+    its home node ``home`` restarted without it, so no memory holds its bytes. One
+    message for the agent and the coordinator; NotFound, like a segment being deleted,
+    because nothing is left to attach and retrying cannot help."""
+    return NotFound(f"segment {name} was lost: its home node {home} restarted without it "
+                    "(delete it to free the name)")
+
+
 def abort_with(context: grpc.ServicerContext, exc: VasError):
     """Abort a servicer call with the status and message of ``exc``."""
     context.abort(exc.code, exc.message)

@@ -25,6 +25,12 @@ that is already complete is answered EAGER (nothing is left to fault in), and a
 client whose userfaultfd registration fails at run time fetches the rest at once
 and reports EAGER_NO_USERFAULTFD.
 
+The client's userfaultfd probes and registrations live here too:
+``userfaultfd_available`` and ``register_lazy`` (lazy faults), and
+``write_protect_available`` and ``register_write_protect`` (whether a "rw"
+mapping of a segment homed on this node can be made revocable, which the agent
+requires, and making it so: see node/revoke.py).
+
 Example::
 
     mode = decide("lazy", home=False, support=probe_fault_support(fixed=False))
@@ -41,7 +47,8 @@ from vas.proto import local_pb2
 
 log = logging.getLogger(__name__)
 
-#: Set to 1 to behave as if this kernel had no userfaultfd (lazy attaches turn eager).
+#: Set to 1 to behave as if this kernel had no userfaultfd (lazy attaches turn eager;
+#: "rw" attaches on a segment's home node are refused: see write_protect_available).
 DISABLE_USERFAULTFD_ENV = "VAS_DISABLE_USERFAULTFD"
 
 
@@ -110,8 +117,29 @@ def decide(requested: str, *, home: bool, support: int) -> FetchMode:
 _userfaultfd_ok: bool | None = None  # probed once per process
 
 
+def lazy_features() -> int:
+    """The userfaultfd features a lazy mapping needs: MISSING and MINOR faults on shmem
+    (Linux 5.14), and UFFDIO_POISON (Linux 6.6), so that a page whose bytes can no
+    longer be fetched raises SIGBUS instead of reading zeros or waiting for ever."""
+    from vas import _native
+
+    return (_native.UFFD_FEATURE_MINOR_SHMEM | _native.UFFD_FEATURE_MISSING_SHMEM
+            | _native.UFFD_FEATURE_POISON)
+
+
+def register_lazy(address: int, size: int) -> int:
+    """A userfaultfd on which [address, address + size), a lazy mapping (vas/mapping.py),
+    reports MISSING and MINOR faults (and whose faults may be poisoned:
+    ``lazy_features``); the caller hands it to the agent and closes it."""
+    from vas import _native
+
+    return _registered(os.O_CLOEXEC | os.O_NONBLOCK, lazy_features(), address, size,
+                       _native.UFFDIO_REGISTER_MODE_MISSING | _native.UFFDIO_REGISTER_MODE_MINOR)
+
+
 def userfaultfd_available() -> bool:
-    """Whether this process can register shmem mappings for MISSING and MINOR userfaults.
+    """Whether this process can register shmem mappings for lazy attaches: MISSING and
+    MINOR userfaults whose pages may be poisoned (``lazy_features``).
 
     Probed once per process (a userfaultfd, its API handshake, close) and logged
     once when it is not; ``VAS_DISABLE_USERFAULTFD=1`` answers False without probing.
@@ -123,24 +151,94 @@ def userfaultfd_available() -> bool:
 
 
 def _probe() -> bool:
+    return _probe_features(lazy_features(), os.O_CLOEXEC | os.O_NONBLOCK,
+                           "shmem MISSING/MINOR faults: Linux 5.14; UFFDIO_POISON: Linux 6.6",
+                           "lazy attaches fetch eagerly")
+
+
+def _probe_features(wanted: int, flags: int, needs: str, consequence: str) -> bool:
+    """Whether a userfaultfd made with ``flags`` offers the features ``wanted`` (a
+    throw-away fd: one handshake per fd); logs ``consequence`` when not, and which
+    features the kernel lacks (``needs``: what they are and since when)."""
     if os.environ.get(DISABLE_USERFAULTFD_ENV, "") not in ("", "0"):
-        log.warning("%s is set: lazy attaches fetch eagerly", DISABLE_USERFAULTFD_ENV)
+        log.warning("%s is set: %s", DISABLE_USERFAULTFD_ENV, consequence)
         return False
     from vas import _native  # imported on first use (cached in sys.modules after)
 
-    wanted = _native.UFFD_FEATURE_MINOR_SHMEM | _native.UFFD_FEATURE_MISSING_SHMEM
     try:
-        fd = _native.userfaultfd()
+        fd = _native.userfaultfd(flags)
         try:
-            ok = _native.uffd_api(fd) & wanted == wanted
+            missing = wanted & ~_native.uffd_api(fd)
         finally:
             os.close(fd)
-        reason = "no shmem MISSING/MINOR fault support"
+        ok = not missing
+        reason = f"the kernel lacks userfaultfd features 0x{missing:x} ({needs})"
     except OSError as exc:
         ok, reason = False, str(exc)
     if not ok:
-        log.warning("userfaultfd unavailable (%s): lazy attaches fetch eagerly", reason)
+        log.warning("userfaultfd unavailable (%s): %s", reason, consequence)
     return ok
+
+
+_write_protect_ok: bool | None = None  # probed once per process
+
+
+def write_protect_features() -> int:
+    """The features of a revocable "rw" mapping's userfaultfd (vas/mapping.py):
+    UFFD_FEATURE_WP_HUGETLBFS_SHMEM | UFFD_FEATURE_SIGBUS, i.e. write-protect faults
+    on shared memory, answered by the kernel with SIGBUS."""
+    from vas import _native
+
+    return _native.UFFD_FEATURE_WP_HUGETLBFS_SHMEM | _native.UFFD_FEATURE_SIGBUS
+
+
+def register_write_protect(address: int, size: int) -> int:
+    """A userfaultfd on which [address, address + size), a shared writable mapping,
+    is registered for write-protect faults answered with SIGBUS (a revocable "rw"
+    mapping: node/revoke.py). Registering protects nothing yet: only the agent's
+    UFFDIO_WRITEPROTECT does, when it revokes the writer."""
+    from vas import _native
+
+    return _registered(os.O_CLOEXEC | os.O_NONBLOCK | _native.UFFD_USER_MODE_ONLY,
+                       write_protect_features(), address, size,
+                       _native.UFFDIO_REGISTER_MODE_WP)
+
+
+def _registered(flags: int, features: int, address: int, size: int, mode: int) -> int:
+    """A new userfaultfd (``flags``, handshake with ``features``) with the range
+    registered in ``mode``; closed again if any step fails."""
+    from vas import _native
+
+    uffd = _native.userfaultfd(flags)
+    try:
+        _native.uffd_api(uffd, features)
+        _native.uffd_register(uffd, address, size, mode)
+    except BaseException:
+        os.close(uffd)
+        raise
+    return uffd
+
+
+def write_protect_available() -> bool:
+    """Whether this process can make a "rw" mapping of a segment homed on its node
+    revocable (``AttachRequest.write_protect_support``): a userfaultfd made with
+    UFFD_USER_MODE_ONLY whose kernel offers ``write_protect_features()`` (Linux 5.19
+    with PTE markers). Probed once per process and logged once when not;
+    ``VAS_DISABLE_USERFAULTFD=1`` answers False without probing.
+    """
+    global _write_protect_ok
+    if _write_protect_ok is None:
+        _write_protect_ok = _probe_write_protect()
+    return _write_protect_ok
+
+
+def _probe_write_protect() -> bool:
+    from vas import _native
+
+    return _probe_features(write_protect_features(),
+                           os.O_CLOEXEC | os.O_NONBLOCK | _native.UFFD_USER_MODE_ONLY,
+                           "write-protect of shared memory: Linux 5.19; SIGBUS: Linux 4.14",
+                           "\"rw\" attaches on a segment's home node are refused")
 
 
 def probe_fault_support(fixed: bool) -> int:

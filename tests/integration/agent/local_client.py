@@ -61,8 +61,11 @@ LOCAL_CLIENT = textwrap.dedent('''
                 name=name, size=size, mode=mode, ttl_seconds=ttl, exist_ok=exist_ok))[0].segment
 
         def attach(self, name, mode="r"):
-            """-> (AttachResponse, fd)"""
-            response, fds = self.call(attach=local_pb2.AttachRequest(name=name, mode=mode))
+            """-> (AttachResponse, fd). Claims write-protect support for "rw" (a home
+            "rw" attach is refused without) but never registers a mapping
+            (RegisterFaults): these tests exercise the lock, not its revocation."""
+            response, fds = self.call(attach=local_pb2.AttachRequest(
+                name=name, mode=mode, write_protect_support=mode == "rw"))
             assert len(fds) == 1, fds
             return response.attach, fds[0]
 

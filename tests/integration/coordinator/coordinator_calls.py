@@ -1,8 +1,9 @@
 """Callers and one-line calls shared by the Coordinator API tests.
 
 The tests call the vas.v1 stubs directly; these helpers only fill in the requests
-(``create`` as ALICE on home "n1" unless told otherwise) and read a status code, or a
-key straight from etcd (the independent oracle).
+(``create`` as ALICE on home "n1" unless told otherwise, with the lease ``register``
+got for that home) and read a status code, or a key straight from etcd (the
+independent oracle).
 """
 from __future__ import annotations
 
@@ -20,17 +21,25 @@ CAROL = types_pb2.Caller(uid=1002, gid=1000, pid=13, node="n1")  # in alice's gr
 ROOT = types_pb2.Caller(uid=0, gid=0, pid=1, node="n1")
 
 
+#: The lease each node id was last registered under here: these tests play the agents,
+#: and CreateSegment takes the home's lease as proof that its agent makes the call.
+LEASES: dict[str, int] = {}
+
+
 def register(stub, node_id: str, ttl: int = 0) -> pb.RegisterNodeResponse:
-    return stub.RegisterNode(pb.RegisterNodeRequest(node=types_pb2.NodeInfo(
+    response = stub.RegisterNode(pb.RegisterNodeRequest(node=types_pb2.NodeInfo(
         id=node_id, address=f"127.0.0.1:{7400 + len(node_id)}", socket=f"/tmp/{node_id}.sock",
         memory_total=1 << 30), ttl_seconds=ttl))
+    LEASES[node_id] = response.lease_id
+    return response
 
 
 def create(stub, name: str, size: int = MiB, *, mode=0o640, caller=ALICE, home="n1",
            replicas=0, ttl=0.0) -> types_pb2.SegmentInfo:
+    """CreateSegment as the agent of ``home`` (its lease from ``register``) would make it."""
     return stub.CreateSegment(pb.CreateSegmentRequest(
         caller=caller, name=name, size=size, mode=mode, home=home, replicas=replicas,
-        ttl_seconds=ttl))
+        ttl_seconds=ttl, lease_id=LEASES.get(home, 0)))
 
 
 def get(stub, name: str) -> types_pb2.SegmentInfo:

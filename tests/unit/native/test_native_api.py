@@ -33,6 +33,11 @@ def test_constants_match_the_system():
             _native.UFFDIO_REGISTER_MODE_MINOR) == (1, 2, 4)
     assert _native.UFFD_FEATURE_MISSING_SHMEM == 1 << 5
     assert _native.UFFD_FEATURE_MINOR_SHMEM == 1 << 10
+    assert _native.UFFD_FEATURE_POISON == 1 << 14
+    assert _native.UFFD_FEATURE_SIGBUS == 1 << 7
+    assert _native.UFFD_FEATURE_WP_HUGETLBFS_SHMEM == 1 << 12
+    assert _native.UFFD_USER_MODE_ONLY == 1
+    assert (_native.UFFDIO_WRITEPROTECT_MODE_WP, _native.UFFDIO_WRITEPROTECT_MODE_DONTWAKE) == (1, 2)
     assert _native.UFFD_EVENT_PAGEFAULT == 0x12
     assert _native.UFFD_PAGEFAULT_FLAG_WRITE == 1 << 0
     assert _native.UFFD_PAGEFAULT_FLAG_MINOR == 1 << 2
@@ -43,7 +48,7 @@ def test_signatures():
         "memfd_create", "fallocate", "ftruncate", "mmap", "chunk_hashes",
         "userfaultfd", "uffd_api", "uffd_register", "uffd_unregister",
         "uffd_copy", "uffd_copy_from", "uffd_zeropage", "uffd_continue",
-        "uffd_wake", "uffd_read")}
+        "uffd_poison", "uffd_wake", "uffd_writeprotect", "uffd_read")}
     assert sig["memfd_create"] == f"(name, flags={os.MFD_CLOEXEC})"
     assert sig["fallocate"] == "(fd, offset, length, mode=0)"
     assert sig["mmap"] == ("(fd, length, *, writable, offset=0, address=0, "
@@ -53,6 +58,8 @@ def test_signatures():
     assert sig["uffd_copy"] == "(fd, dst, src, mode=0)"
     assert sig["uffd_copy_from"] == "(fd, dst, src_address, length, mode=0)"
     assert sig["uffd_read"] == "(fd, max_events=64)"
+    assert sig["uffd_poison"] == "(fd, address, length, mode=0)"
+    assert sig["uffd_writeprotect"] == "(fd, address, length, mode)"
     assert str(inspect.signature(_native.Mapping.madvise)) == \
         "(self, /, advice, offset=0, length=None)"
     for name in sig:
@@ -139,7 +146,20 @@ LL_MAX = 2 ** 63 - 1
     (lambda fd: _native.uffd_zeropage(-1, PS, -PS),
      "length must be a positive multiple of the page size"),
     (lambda fd: _native.uffd_continue(-1, 3, PS), "address must be a multiple of the page size"),
+    (lambda fd: _native.uffd_poison(-1, PS + 1, PS), "address must be a multiple of the page size"),
+    (lambda fd: _native.uffd_poison(-1, PS, PS - 1),
+     "length must be a positive multiple of the page size"),
+    (lambda fd: _native.uffd_poison(-1, PS, 0),
+     "length must be a positive multiple of the page size"),
+    (lambda fd: _native.uffd_poison(-1, 2 ** 64 - PS, PS), "address + length overflows"),
     (lambda fd: _native.uffd_read(-1, 0), "max_events must be > 0"),
+    (lambda fd: _native.uffd_writeprotect(-1, PS + 1, PS, 1),
+     "address must be a multiple of the page size"),
+    (lambda fd: _native.uffd_writeprotect(-1, PS, 0, 1),
+     "length must be a positive multiple of the page size"),
+    (lambda fd: _native.uffd_writeprotect(-1, PS, PS - 1, 1),
+     "length must be a positive multiple of the page size"),
+    (lambda fd: _native.uffd_writeprotect(-1, 2 ** 64 - PS, PS, 1), "address + length overflows"),
 ])
 def test_value_error_messages(memfd, call, msg):
     with pytest.raises(ValueError, match=exact(msg)):

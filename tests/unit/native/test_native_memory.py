@@ -12,13 +12,8 @@ import struct
 
 import pytest
 
-from native_checks import PS, exact
+from native_checks import PS, exact, ro_reopen
 from vas import _native
-
-
-def ro_reopen(fd):
-    """The memfd reopened read-only, as a read-only attachment gets it."""
-    return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
 
 
 # --------------------------------------------------------------------------

@@ -1,0 +1,157 @@
+"""The agent's side of the local protocol's framing: datagrams in, responses out.
+
+``Receiver`` turns one datagram into a ``LocalRequest`` and its fds (or
+``BadRequest``); ``Responder`` runs a request through its handler
+(node/localapi.py) and turns the outcome into a ``LocalResponse``: a
+``vas.core.errors`` exception becomes its status code and one-line message, any
+other exception INTERNAL (traceback in the log); ``send`` sends it with its
+fds. node/local.py moves the datagrams; this module decides what they say.
+"""
+from __future__ import annotations
+
+import array
+import errno
+import logging
+import mmap
+import os
+import socket
+
+from google.protobuf.message import DecodeError
+
+from vas.core import wire
+from vas.core.errors import InvalidArgument, VasError
+from vas.node.localapi import LocalApi, Unimplemented
+from vas.node.sessions import Session
+from vas.proto import local_pb2
+
+log = logging.getLogger(__name__)
+
+_ANCILLARY_SPACE = socket.CMSG_SPACE(wire.MAX_FDS * 4)
+# Plain ints: ``flags & socket.MSG_TRUNC`` goes through enum.Flag and costs ~2 us.
+_MSG_TRUNC = int(socket.MSG_TRUNC)
+_DONTWAIT = int(socket.MSG_DONTWAIT)
+_SOL_SOCKET, _SCM_RIGHTS = int(socket.SOL_SOCKET), int(socket.SCM_RIGHTS)
+_INTERNAL = 13            # grpc.StatusCode.INTERNAL
+INVALID_ARGUMENT = 3      # grpc.StatusCode.INVALID_ARGUMENT
+
+
+class BadRequest(Exception):
+    """A datagram that is not a LocalRequest; answered with id 0."""
+
+
+def one_line(text: str) -> str:
+    return " ".join(str(text).split())[:1000]
+
+
+def close_fds(fds) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+class Receiver:
+    """Receives requests (the event loop's: one at a time, from any connection).
+
+    The framing is vas.wire's, but received here rather than with
+    ``wire.recv_message`` for two reasons: fds sent along with garbage are
+    closed at once (the agent takes an fd only with RegisterFaults); and the
+    datagram lands in one buffer reused across requests (an anonymous mapping
+    whose untouched pages cost nothing), where a fresh 4 MiB buffer per
+    receive would add ~15 us to every request. The request is parsed before
+    the next receive, so one buffer serves every connection.
+    """
+
+    def __init__(self):
+        # One byte more than the largest request, so an oversized one shows as MSG_TRUNC.
+        self._buffer = mmap.mmap(-1, wire.MAX_MESSAGE + 1)
+        self._view = memoryview(self._buffer)
+
+    def close(self) -> None:
+        try:
+            self._view.release()
+            self._buffer.close()
+        except BufferError:  # a slice still alive somewhere: the GC unmaps it later
+            pass
+
+    def receive(self, sock: socket.socket) -> tuple[local_pb2.LocalRequest | None, list[int]]:
+        """(one request or None at EOF, the fds that came with it; the caller closes them).
+
+        Never blocks (BlockingIOError when nothing is there); raises BadRequest for a
+        datagram that is not a request (its fds closed).
+        """
+        size, ancdata, flags, _ = sock.recvmsg_into([self._view], _ANCILLARY_SPACE, _DONTWAIT)
+        fds: list[int] = []
+        for level, kind, payload in ancdata:
+            if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
+                received = array.array("i")
+                received.frombytes(payload[: len(payload) - len(payload) % received.itemsize])
+                fds.extend(received)
+        if not size:
+            close_fds(fds)
+            return None, []
+        if flags & _MSG_TRUNC or size > wire.MAX_MESSAGE:
+            close_fds(fds)
+            raise BadRequest(f"request larger than {wire.MAX_MESSAGE} bytes")
+        request = local_pb2.LocalRequest()
+        try:
+            request.ParseFromString(self._view[:size])
+        except DecodeError as exc:
+            close_fds(fds)
+            raise BadRequest(f"malformed request: not a LocalRequest ({one_line(exc)})") from exc
+        return request, fds
+
+
+class Responder:
+    """Runs requests through the handlers of ``api`` into responses, and sends them."""
+
+    def __init__(self, api: LocalApi):
+        self._handlers = api.handlers
+
+    @staticmethod
+    def bad(exc: BadRequest) -> local_pb2.LocalResponse:
+        """The answer to a datagram that is not a request (id 0: it has none)."""
+        return local_pb2.LocalResponse(id=0, code=INVALID_ARGUMENT, message=str(exc))
+
+    def handle(self, session: Session, request: local_pb2.LocalRequest, fds=None):
+        """The response to one request and the fds to send with it.
+
+        ``fds`` (a list) came with the request; a handler that keeps one removes it.
+        """
+        response = local_pb2.LocalResponse(id=request.id)
+        body = request.WhichOneof("body")
+        try:
+            if request.id == 0:
+                raise InvalidArgument("request id must not be 0")
+            handler = self._handlers.get(body)
+            if handler is None:
+                raise Unimplemented("unknown or empty request" if body is None
+                                    else f"unknown request {body}")
+            if body == "register_faults":
+                return response, handler(session, request.register_faults, response,
+                                         fds if fds is not None else [])
+            return response, handler(session, getattr(request, body), response)
+        except VasError as exc:
+            failed = local_pb2.LocalResponse(id=request.id, code=exc.code.value[0],
+                                             message=one_line(exc.message))
+        except Exception as exc:
+            log.exception("request %s of %r failed", body, session)
+            failed = local_pb2.LocalResponse(
+                id=request.id, code=_INTERNAL,
+                message=one_line(f"internal error in {body}: {type(exc).__name__}: {exc}"))
+        return failed, []
+
+    def send(self, sock: socket.socket, response: local_pb2.LocalResponse, fds) -> None:
+        try:
+            wire.send_message(sock, response, fds)
+        except (ValueError, OSError) as exc:
+            if isinstance(exc, OSError) and exc.errno != errno.EMSGSIZE:
+                raise
+            # Too big for one datagram (a huge listing page): say so instead.
+            wire.send_message(sock, local_pb2.LocalResponse(
+                id=response.id, code=INVALID_ARGUMENT,
+                message=f"response of {response.ByteSize()} bytes is too large for the local "
+                        "socket; ask for a smaller page_size"))
+        finally:
+            close_fds(fds)

@@ -1,0 +1,39 @@
+"""The flags of the local pool and the per-uid limits: parsed, defaulted from VAS_*, checked."""
+from __future__ import annotations
+
+import pytest
+
+from vas.cli.main import build_parser
+from vas.core.errors import InvalidArgument
+from vas.node.config import (DEFAULT_LOCAL_WORKERS, DEFAULT_MAX_ATTACHMENTS_PER_UID,
+                             DEFAULT_MAX_CONNECTIONS_PER_UID, DEFAULT_MAX_FAULTS_PER_UID,
+                             NodeConfig)
+from vas.node.server import NodeServer
+
+SERVE = ["node", "serve", "--coordinator", "h:1"]
+FLAGS = {"--local-workers": "local_workers", "--max-requests-per-uid": "max_requests_per_uid",
+         "--max-connections-per-uid": "max_connections_per_uid",
+         "--max-attachments-per-uid": "max_attachments_per_uid",
+         "--max-faults-per-uid": "max_faults_per_uid"}
+
+
+def test_defaults_flags_and_environment(monkeypatch):
+    for flag in FLAGS:
+        monkeypatch.delenv("VAS_" + flag[2:].upper().replace("-", "_"), raising=False)
+    args = build_parser().parse_args(SERVE)
+    assert (args.local_workers, args.max_requests_per_uid, args.max_connections_per_uid,
+            args.max_attachments_per_uid, args.max_faults_per_uid) == (
+        DEFAULT_LOCAL_WORKERS, None, DEFAULT_MAX_CONNECTIONS_PER_UID,
+        DEFAULT_MAX_ATTACHMENTS_PER_UID, DEFAULT_MAX_FAULTS_PER_UID)
+    assert NodeConfig(coordinator="h:1").requests_per_uid() == DEFAULT_LOCAL_WORKERS - 2
+    assert NodeConfig(coordinator="h:1", local_workers=2).requests_per_uid() == 1
+    for number, (flag, field) in enumerate(FLAGS.items(), start=3):
+        monkeypatch.setenv("VAS_" + flag[2:].upper().replace("-", "_"), str(number))
+        assert getattr(build_parser().parse_args(SERVE), field) == number
+        assert getattr(build_parser().parse_args(SERVE + [flag, "99"]), field) == 99
+
+
+@pytest.mark.parametrize("flag, field", FLAGS.items())
+def test_a_count_below_one_is_refused_before_anything_starts(flag, field):
+    with pytest.raises(InvalidArgument, match=f"^invalid {flag} 0: must be >= 1$"):
+        NodeServer(NodeConfig(coordinator="h:1", **{field: 0}))
