@@ -138,8 +138,26 @@ def bench_lazy(out: dict, c1, c2, env1: dict, size: int, touches: int, seed: int
         delete_quietly(c1, name)
 
 
+def wait_until_empty(socket_path: str, seconds: float = 60) -> None:
+    """Wait until the agent at ``socket_path`` holds no memory: the replicas of the
+    previous phase's deleted segments are freed in the background (a 1 GiB free is tens
+    of ms of kernel time), which must not be timed as part of the next phase."""
+    import vas
+
+    ends = time.monotonic() + seconds
+    while True:
+        with vas.connect(socket_path) as probe:
+            if probe.local_node.memory_used == 0:
+                return
+        if time.monotonic() > ends:
+            raise PhaseTimeout(f"the agent at {socket_path} still holds memory after "
+                               f"{seconds:.0f} s")
+        time.sleep(0.05)
+
+
 def bench_sync(out: dict, c1, c2, env1: dict, size: int, rounds: int, seed: int) -> None:
     name = "bench/remote/sync"
+    wait_until_empty(c2.socket_path)  # the lazy phase's 1 GiB replica, freed in the background
     c1.create(name, size)
     chunks = size // MiB
     per_round = max(1, chunks // 100)

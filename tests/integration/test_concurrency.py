@@ -35,9 +35,11 @@ meanwhile), ``AlreadyExists`` (created meanwhile) are counted; any other error f
 (an attach on the home node racing with the create of the same name there included).
 
 Lazy readers of the six "churn" names (the only ones deleted) ``prefetch()`` before
-reading: a demand fault on a replica whose home copy was freed by a delete is retried
-by the agent until the home answers, i.e. forever (see ARCHITECTURE, "Lazy attach",
-Failures), which would hang the reader; the other names are read by demand faults.
+reading: a demand fault on a replica whose home copy was freed by a delete raises
+SIGBUS (see ARCHITECTURE, "Lazy attach", Failures), which would end the worker; a
+prefetch of those pages raises ``Unavailable`` ("home node N no longer holds segment
+X ...", docs/errors.md), counted here as the delete it is (``NotFound``). The other
+names are read by demand faults.
 """
 from __future__ import annotations
 
@@ -258,7 +260,12 @@ class _Worker:
 
     def _check(self, m: vas.Mapping, floor: int, reported: int, kind: str) -> None:
         if m.name in CHURN and m.fetch == "lazy":
-            m.prefetch()  # see the module docstring: no demand fault on a deletable name
+            try:  # see the module docstring: no demand fault on a deletable name
+                m.prefetch()
+            except vas.Unavailable as exc:
+                if "no longer holds segment" not in str(exc) and "was deleted" not in str(exc):
+                    raise
+                raise vas.NotFound(f"deleted while read: {exc}") from exc
         self.verify(m, floor, reported, kind)
 
     def close(self) -> None:
