@@ -324,6 +324,9 @@ class Connection:
                 if not self.forked:
                     self._flush_releases()
             self._closed = True
+            if self._guarded is not None and not self.forked:
+                guardian, key = self._guarded
+                guardian.closing(key)  # our own close, not the agent's death: no alarm
             _end_socket(self._sock, self._pid)
         self._writer_ids.clear()
         self._nudges.put(None)  # the helper thread ends

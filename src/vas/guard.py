@@ -122,6 +122,11 @@ class Guardian:
         Safe in a finalizer (one non-blocking send, no lock)."""
         self._send(program.DROP, key, attachment_id)
 
+    def closing(self, key: int) -> None:
+        """The client closes connection ``key`` itself: the guardian still poisons its
+        mappings' missing pages at the hang-up, without reporting the agent gone."""
+        self._send(program.CLOSING, key)
+
     def _send(self, kind: int, key: int, attachment_id: int = 0, address: int = 0,
               size: int = 0, fd: int = -1) -> bool:
         data = program.MESSAGE.pack(kind, key, attachment_id, address, size)

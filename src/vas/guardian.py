@@ -30,7 +30,9 @@ with at most one fd (SCM_RIGHTS):
 
 - ``WATCH`` key, fd = the agent socket of the client's connection ``key``;
 - ``ADD`` key, attachment, address, size, fd = the uffd of that lazy mapping;
-- ``DROP`` key, attachment: the mapping is unmapped.
+- ``DROP`` key, attachment: the mapping is unmapped;
+- ``CLOSING`` key: the client closes that connection itself (the hang-up that follows
+  is not reported on its stderr as the agent's death).
 
 Run as ``python -I -S PATH/vas/guardian.py NATIVE CONTROL_FD``: a script, so it
 imports neither site-packages nor the ``vas`` package (whose core imports grpc:
@@ -50,7 +52,7 @@ import sys
 
 #: One control datagram: kind, connection key, attachment id, address, size.
 MESSAGE = struct.Struct("<B3xIQQQ")
-WATCH, ADD, DROP = 1, 2, 3
+WATCH, ADD, DROP, CLOSING = 1, 2, 3, 4
 #: Most fault messages read from one uffd at a time.
 _READ_BATCH = 64
 #: poll() events that end an agent connection (HUP, ERR and NVAL are always reported).
@@ -69,13 +71,15 @@ class _Mapping:
 class _Connection:
     """One agent connection of the client: its socket (``-1`` once it hung up) and
     its guarded mappings by attachment id. Kept after the hang-up: a mapping the
-    client registered just before may be ADDed after it, and is poisoned at once."""
+    client registered just before may be ADDed after it, and is poisoned at once.
+    ``closing``: the client said it closes the connection itself (CLOSING)."""
 
-    __slots__ = ("sock", "mappings")
+    __slots__ = ("sock", "mappings", "closing")
 
     def __init__(self, sock: int):
         self.sock = sock
         self.mappings: dict[int, _Mapping] = {}
+        self.closing = False
 
 
 class Watch:
@@ -139,6 +143,8 @@ class Watch:
                 self._arm(mapping)
         elif kind == DROP and connection is not None:
             self._forget(connection.mappings.pop(attachment, None))
+        elif kind == CLOSING and connection is not None:
+            connection.closing = True
         else:
             _say(f"ignoring control message kind {kind} for connection {key}")
             if fd >= 0:
@@ -162,8 +168,9 @@ class Watch:
         connection.sock = -1  # kept: an ADD sent before the hang-up may still come
         if not connection.mappings:
             return
-        _say(f"the agent connection of process {os.getppid()} is gone: pages of its "
-             f"{len(connection.mappings)} lazy mapping(s) not fetched yet raise SIGBUS")
+        if not connection.closing:
+            _say(f"the agent connection of process {os.getppid()} is gone: pages of its "
+                 f"{len(connection.mappings)} lazy mapping(s) not fetched yet raise SIGBUS")
         for mapping in connection.mappings.values():
             self._arm(mapping)
 

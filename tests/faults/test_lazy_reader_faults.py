@@ -218,6 +218,7 @@ def test_the_readers_own_agent_killed(two, readers):
     node2.kill()
     told = reader.go()
     _ended_by_sigbus(reader, told, PROMPT)
+    assert "agent connection of process" in reader.tail()  # the guardian says why
 
 
 @needs_poison
@@ -288,6 +289,8 @@ def test_a_closed_connection_never_reads_zeros(two, readers):
     _started(reader)
     told = reader.go()  # closes its client, keeps reading through its live view
     _ended_by_sigbus(reader, told, PROMPT)
+    # Its own close, not the agent's death: the guardian raises no alarm on its stderr.
+    assert "agent connection of process" not in reader.tail()
 
 
 @needs_poison
