@@ -311,7 +311,7 @@ class Mapping:
                     pages.pwrite_all(self._fd, flat, self._fd_offset + offset)
             elif source.c_contiguous:
                 if self._revocable and source.nbytes >= pages.PWRITE_MIN:
-                    pages.populate_write(self._native, offset, source.nbytes, self.size)
+                    pages.populate_write(self._native, offset, source.nbytes)
                 with source.cast("B") as flat, view[offset:offset + flat.nbytes] as target:
                     target[:] = flat
             else:

@@ -10,6 +10,8 @@ import os
 import weakref
 from typing import TYPE_CHECKING
 
+from vas.core.validate import PAGE_SIZE, round_up_to_pages
+
 if TYPE_CHECKING:
     from vas.connection import Connection
 
@@ -110,7 +112,7 @@ def pwrite_all(fd: int, data: memoryview, position: int) -> None:
         done += os.pwrite(fd, data[done:], position + done)
 
 
-def populate_write(native, offset: int, length: int, size: int) -> None:
+def populate_write(native, offset: int, length: int) -> None:
     """Fault [offset, offset + length) of a writable native mapping in for writing at
     once (MADV_POPULATE_WRITE, whole pages), before a large copy into it.
 
@@ -121,8 +123,8 @@ def populate_write(native, offset: int, length: int, size: int) -> None:
     """
     from vas import _native
 
-    start = offset - offset % _native.PAGE_SIZE
-    end = min(size, -(-(offset + length) // _native.PAGE_SIZE) * _native.PAGE_SIZE)
+    start = offset - offset % PAGE_SIZE
+    end = round_up_to_pages(offset + length)  # within the mapping: its size is whole pages
     try:
         native.madvise(_native.MADV_POPULATE_WRITE, start, end - start)
     except OSError:
