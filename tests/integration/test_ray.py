@@ -8,11 +8,15 @@ Every check compares data by checksum; every wait has a deadline.
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import numpy as np
 import pytest
@@ -53,8 +57,7 @@ def cluster():
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
     node_args = {"num_cpus": 1, "object_store_memory": 100 * MiB}
-    cluster = Cluster(initialize_head=True,
-                      head_node_args={**node_args, "include_dashboard": False})
+    cluster = start_head(Cluster, {**node_args, "include_dashboard": False})
     try:
         ray.init(address=cluster.address)
         first = vas.ray.start(memory="768MiB")
@@ -68,6 +71,66 @@ def cluster():
         finally:
             ray.shutdown()
             cluster.shutdown()
+
+
+def start_head(cluster_type, head_args: dict):
+    """A Cluster with its head node. Ray's head start waits (30 s by default) for its
+    GCS server to publish its port; on a loaded CI machine that wait once ran out
+    with no sign of why. So wait longer, try a second time in a new Ray session, and
+    say what the failed session's GCS logged: in a warning if the second try
+    starts, in the error if it does not."""
+    os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "60")
+    failures = []
+    for _ in range(2):
+        before = set(glob.glob("/tmp/ray/session_2*"))
+        try:
+            cluster = cluster_type(initialize_head=True, head_node_args=head_args)
+        except Exception as error:  # noqa: BLE001 (any start failure is reported)
+            sessions = sorted(set(glob.glob("/tmp/ray/session_2*")) - before)
+            killed = end_processes_of(sessions)
+            failures.append(f"{type(error).__name__}: {error}\n{describe_sessions(sessions)}"
+                            f"\nstill running then (killed): {killed}")
+            continue
+        if failures:
+            warnings.warn("Ray's head node started on the second try; the first:\n"
+                          + failures[0])
+        return cluster
+    raise RuntimeError("Ray's head node did not start, twice:\n" + "\n".join(failures))
+
+
+def describe_sessions(sessions: list[str]) -> str:
+    """What a failed Ray start left: its GCS server's log tails, disk and load."""
+    lines = [f"/tmp free: {shutil.disk_usage('/tmp').free >> 20} MiB; "
+             f"load: {open('/proc/loadavg').read().strip()}"]
+    for session in sessions:
+        for name in ("gcs_server.out", "gcs_server.err"):
+            path = os.path.join(session, "logs", name)
+            try:
+                with open(path, errors="replace") as f:
+                    tail = f.read()[-3000:]
+            except OSError as error:
+                tail = f"({error})"
+            lines.append(f"--- {path}:\n{tail}")
+    return "\n".join(lines)
+
+
+def end_processes_of(sessions: list[str]) -> list[str]:
+    """Kill what a failed Ray start left running (processes naming its session);
+    their program names."""
+    killed = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read().decode(errors="replace")
+        except OSError:
+            continue
+        if any(session in cmdline for session in sessions):
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except OSError:
+                continue
+            killed.append(os.path.basename(cmdline.split("\0", 1)[0]))
+    return killed
 
 
 @pytest.fixture(scope="module")
