@@ -86,7 +86,7 @@ class Agent:
         self.notices = ReplicaNotices(node_id, self.coordinator, self.peers, self.replicas.drop)
         self.writers = Writers(node_id, config, self.coordinator, self.peers,
                                self.replicas.home_address, self.replicas.retire,
-                               self.cleanup_timeout)
+                               self.cleanup_timeout, self.pool.transfer)
         self.homes = HomeSegments(node_id, config, self.store, self.coordinator, self.sessions,
                                   self.writers, self.reporter, self.replicas, self.notices,
                                   self.cleanup_timeout)

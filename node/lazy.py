@@ -22,12 +22,14 @@ client's guardian process poisons instead: vas/guard.py.)
 """
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 from vas.core.errors import NotFound, Unavailable, VasError
 from vas.node import bulk, locks
@@ -328,13 +330,16 @@ class HomeReader:
     home answers (InvalidArgument) as it is. Any failure makes ``homes`` forget
     the home, so the next attempt looks it up again. With a ``deadline``, each
     network wait is cut to the time left (at most the channel's own timeout).
+    ``transfer()`` marks each read as a transfer under way (the warm pool waits).
     """
 
     def __init__(self, homes: Homes, home: str, name: str, segment_id: int, fd: int,
-                 read_pages: Callable[[str, int, int], None]):
+                 read_pages: Callable[[str, int, int], None],
+                 transfer: Callable[[], AbstractContextManager] = contextlib.nullcontext):
         self._homes, self._home, self._name, self._segment_id = homes, home, name, segment_id
         self._fd = os.dup(fd)  # ours: the replica's fds may be closed under a late fetch
         self._read_pages = read_pages
+        self._transfer = transfer
         self._bulk_after = 0.0
 
     def prepare(self) -> None:
@@ -349,7 +354,8 @@ class HomeReader:
         if self._fd < 0:
             raise PagesLost("the lazy replica was released")
         try:
-            self._read(offset, length, deadline)
+            with self._transfer():
+                self._read(offset, length, deadline)
         except NotFound as exc:
             raise PagesLost(f"home node {self._home} no longer holds segment {self._name} "
                             f"(id {self._segment_id}): {exc}") from exc

@@ -226,9 +226,10 @@ class Replicas:
         try:
             address = self.home_address(info)
             if warm is None:
-                warm = Warm(info.size, populate=False)
+                warm = Warm(info.size)
             started = time.monotonic()
-            self._transfer(address, info, warm)
+            with self.pool.transfer():
+                self._transfer(address, info, warm)
         except BaseException:
             self.store.unreserve(info.size)
             if warm is not None:
@@ -290,7 +291,8 @@ class Replicas:
             with memoryview(memory.mapping) as raw, raw.cast("B") as view, \
                     view[offset:offset + length] as part:
                 self.peers.read_pages_into(address, info.name, info.id, part, timeout, offset)
-        return lazy.HomeReader(self.homes, info.home, info.name, info.id, memory.fd, read_pages)
+        return lazy.HomeReader(self.homes, info.home, info.name, info.id, memory.fd, read_pages,
+                               self.pool.transfer)
 
     def _transfer(self, address: str, info: types_pb2.SegmentInfo, warm: Warm) -> None:
         """Copy the home's bytes into ``warm``: ReadPages for small segments, else the

@@ -42,6 +42,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 from vas import _native
 from vas.core.errors import Fenced, InvalidArgument, NotFound, PermissionDenied, VasError
@@ -73,7 +74,8 @@ class Writers:
     def __init__(self, node_id: str, config, coordinator, peers,
                  home_address: Callable[[types_pb2.SegmentInfo], str],
                  retire_replica: Callable[[Replica], None],
-                 cleanup_timeout: Callable[[], float]):
+                 cleanup_timeout: Callable[[], float],
+                 transfer: Callable[[], AbstractContextManager]):
         self.node_id = node_id
         self.config = config
         self.coordinator = coordinator
@@ -81,6 +83,7 @@ class Writers:
         self._home_address = home_address
         self._retire_replica = retire_replica
         self._cleanup_timeout = cleanup_timeout
+        self._transfer = transfer  # marks a sync under way (the warm pool waits)
         self._lock = locks.Lock("writers", locks.Rank.WRITERS)
         self._live: dict[int, Attachment] = {}  # attachment id -> "rw" attachment renewed
         self._unreleased: list[WriterLease] = []  # fenced, to release at the coordinator
@@ -274,7 +277,8 @@ class Writers:
         if attachment.lease.state is not LeaseState.HELD:
             raise _fenced_error(attachment)
         timeout = self.config.rpc_timeout + segment.size / SEND_RATE
-        with segment.gate.passage(timeout, f"sync of segment {segment.name}"):
+        with segment.gate.passage(timeout, f"sync of segment {segment.name}"), \
+                self._transfer():
             if isinstance(segment, Replica):
                 return self._publish_remote(attachment, chunks)
             return self._publish_version(attachment.session.caller, segment,
