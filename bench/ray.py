@@ -26,8 +26,15 @@ workers, the vas agent actor and the agent itself), minus the same sum just
 before the put (a worker on each node is started before either side runs). vas also reports the home-node ref.get() time (median of 200
 calls in one task on A, after one warm-up call) and node B's agent-held bytes.
 
+Each cluster runs --rounds rounds (default 3), alternating the sides (ray, vas, ray,
+vas, ...), each round with a new object or dataset (vas deletes its dataset and waits
+for node B's replica to go before the next round). The first round of a side is its
+cold figure: this VM hands freed memory back to its host, and the first GiB a process
+touches after another side freed one costs several times more. The median of the
+other rounds is its warm figure (Ray's store and vas's agents then reuse memory).
+
 The readable table comes first; the LAST line is one JSON object with every figure
-and the vas/ray ratios (< 1: vas is faster or smaller). --quick uses 96 MiB.
+and the vas/ray ratios (< 1: vas is faster or smaller), cold and warm. --quick uses 96 MiB.
 """
 from __future__ import annotations
 
@@ -144,14 +151,14 @@ def warm_up():
     import vas.ray  # noqa: F401  (the imports a task of either side pays once per worker)
 
 
-def agent_bytes(node_id: str, size: int, timeout: float = 15.0) -> int:
-    """Bytes node ``node_id``'s agent holds, once its heartbeat reported at least
-    ``size`` (or what it reported at the deadline)."""
+def agent_bytes(node_id: str, done, timeout: float = 30.0) -> int:
+    """Bytes node ``node_id``'s agent holds, once its heartbeat reported a value that
+    ``done(value)`` accepts (or what it reported at the deadline)."""
     deadline = time.monotonic() + timeout
     with vas.connect() as client:
         while True:
             held = {n.id: n.memory_used for n in client.nodes()}[node_id]
-            if held >= size or time.monotonic() > deadline:
+            if done(held) or time.monotonic() > deadline:
                 return held
             time.sleep(0.1)
 
@@ -184,7 +191,9 @@ def summarize(results, a: str, b: str, expected: float) -> dict:
 
 # -- one cluster ----------------------------------------------------------------------------
 
-def one_store(size: int, store: int, tasks: int) -> dict:
+def one_store(size: int, store: int, tasks: int, rounds: int) -> dict:
+    """``rounds`` rounds of each side on one cluster, alternating (ray, vas, ray, ...):
+    the first round of each is its cold figure, the median of the others its warm one."""
     from ray.cluster_utils import Cluster
 
     node_args = {"num_cpus": 1, "object_store_memory": store}
@@ -198,36 +207,15 @@ def one_store(size: int, store: int, tasks: int) -> dict:
         raylet_b = worker.all_processes["raylet"][0].process.pid
         data = np.random.default_rng(0).random(size // 8)
         expected = float(data.sum())
-        out: dict = {"object_store_bytes": store}
         # a worker on each node before any sampling: neither side pays a worker's start
         ray.get([warm_up.options(**pinned(node)).remote() for node in (a, b)], timeout=300)
-
-        # Ray's object store
-        with Sampler(raylet_b) as memory:
-            started = time.perf_counter()
-            object_ref = ray.put(data)
-            put = time.perf_counter() - started
-            results = run_tasks(reduce_ray, [object_ref], a, b, tasks)
-            end_to_end = time.perf_counter() - started
-        out["ray"] = {"put_s": put, "end_to_end_s": end_to_end,
-                      **summarize(results, a, b, expected), "node_b_bytes": memory.peak}
-        del object_ref, results
-
-        # vas
-        vas.ray.start(memory=2 * size + 64 * MiB)
-        with Sampler(raylet_b) as memory:
-            started = time.perf_counter()
-            ref = vas.ray.put(data)
-            put = time.perf_counter() - started
-            results = run_tasks(reduce_vas, ref, a, b, tasks)
-            end_to_end = time.perf_counter() - started
-        held = agent_bytes(b, size)
-        home_get = ray.get(time_home_get.options(**pinned(a)).remote(ref, 200), timeout=600)
-        out["vas"] = {"put_s": put, "end_to_end_s": end_to_end,
-                      **summarize(results, a, b, expected), "node_b_bytes": memory.peak,
-                      "node_b_agent_bytes": held, "home_get_ms": home_get * 1e3}
-        out["data_bytes"] = data.nbytes
-        return out
+        vas.ray.start(memory=2 * size + 64 * MiB)  # not timed: agents run before any dataset
+        sides = {"ray": [], "vas": []}
+        for _ in range(rounds):
+            sides["ray"].append(ray_round(data, expected, a, b, raylet_b, tasks))
+            sides["vas"].append(vas_round(data, expected, a, b, raylet_b, tasks))
+        return {"object_store_bytes": store, "data_bytes": data.nbytes,
+                **{side: cold_and_warm(runs) for side, runs in sides.items()}}
     finally:
         try:
             if ray.is_initialized():
@@ -237,8 +225,50 @@ def one_store(size: int, store: int, tasks: int) -> dict:
             cluster.shutdown()
 
 
+def ray_round(data, expected: float, a: str, b: str, raylet_b: int, tasks: int) -> dict:
+    """ray.put, then the tasks on ObjectRef arguments."""
+    with Sampler(raylet_b) as memory:
+        started = time.perf_counter()
+        object_ref = ray.put(data)
+        put = time.perf_counter() - started
+        results = run_tasks(reduce_ray, [object_ref], a, b, tasks)
+        end_to_end = time.perf_counter() - started
+    return {"put_s": put, "end_to_end_s": end_to_end,
+            **summarize(results, a, b, expected), "node_b_bytes": memory.peak}
+
+
+def vas_round(data, expected: float, a: str, b: str, raylet_b: int, tasks: int) -> dict:
+    """vas.ray.put, then the tasks on the SegmentRef; the dataset is deleted after (and
+    node B's replica gone) so that every round moves the bytes again."""
+    with Sampler(raylet_b) as memory:
+        started = time.perf_counter()
+        ref = vas.ray.put(data)
+        put = time.perf_counter() - started
+        results = run_tasks(reduce_vas, ref, a, b, tasks)
+        end_to_end = time.perf_counter() - started
+    held = agent_bytes(b, lambda used: used >= data.nbytes)
+    home_get = ray.get(time_home_get.options(**pinned(a)).remote(ref, 200), timeout=600)
+    with vas.connect() as client:
+        client.delete(ref.name, force=True)
+    agent_bytes(b, lambda used: used == 0)
+    return {"put_s": put, "end_to_end_s": end_to_end,
+            **summarize(results, a, b, expected), "node_b_bytes": memory.peak,
+            "node_b_agent_bytes": held, "home_get_ms": home_get * 1e3}
+
+
+def cold_and_warm(runs: list[dict]) -> dict:
+    warm = runs[1:] or runs
+    return {"cold": runs[0],
+            "warm": {key: statistics.median(run[key] for run in warm) for key in runs[0]
+                     if all(run[key] is not None for run in warm)}}
+
+
 def ratio(x, y):
     return None if x is None or y in (None, 0) else x / y
+
+
+FIGURES = (("put_s", "s", 1), ("end_to_end_s", "s", 1), ("first_task_s", "s", 1),
+           ("later_task_s", "s", 1), ("node_b_bytes", "MiB", 1 / MiB))
 
 
 def main() -> int:
@@ -246,36 +276,44 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="a 96 MiB array")
     parser.add_argument("--size", type=int, help="array bytes (default 1 GiB)")
     parser.add_argument("--tasks", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds of each side per store (>= 2: the first is cold)")
     args = parser.parse_args()
+    if args.rounds < 2:
+        parser.error("--rounds must be >= 2 (one cold round, then warm ones)")
     size = args.size or (96 * MiB if args.quick else GiB)
     size -= size % 8
     if "VAS_NODE" in os.environ:
         raise SystemExit("unset VAS_NODE: the tasks must find their own node's agent")
-    figures = {"data_bytes": size, "tasks": args.tasks, "stores": {}}
+    figures = {"data_bytes": size, "tasks": args.tasks, "rounds": args.rounds, "stores": {}}
     for label, factor in (("large_store", 2.5), ("small_store", 0.6)):
         store = max(int(size * factor), 80 * MiB)  # Ray refuses stores under ~75 MiB
         print(f"== {label}: object store {store / MiB:.0f} MiB per node, data "
               f"{size / MiB:.0f} MiB", file=sys.stderr, flush=True)
-        figures["stores"][label] = one_store(size, store, args.tasks)
+        figures["stores"][label] = one_store(size, store, args.tasks, args.rounds)
     rows = []
     for label, result in figures["stores"].items():
-        v, r = result["vas"], result["ray"]
-        result["ratios"] = {key: ratio(v[key], r[key]) for key in
-                            ("put_s", "end_to_end_s", "first_task_s", "later_task_s",
-                             "node_b_bytes")}
-        result["ratios"]["node_b_bytes_per_copy"] = ratio(v["node_b_bytes"], size)
-        result["ratios"]["ray_node_b_bytes_per_copy"] = ratio(r["node_b_bytes"], size)
-        for key, unit, scale in (("put_s", "s", 1), ("end_to_end_s", "s", 1),
-                                 ("first_task_s", "s", 1), ("later_task_s", "s", 1),
-                                 ("node_b_bytes", "MiB", 1 / MiB)):
-            rows.append((f"{label} {key}", f"{v[key] * scale:.3f} {unit}",
-                         f"{r[key] * scale:.3f} {unit}", result["ratios"][key]))
-        rows.append((f"{label} home ref.get()", f"{v['home_get_ms']:.3f} ms", "-", None))
-    print(f"{'figure':<32} {'vas':>14} {'ray':>14} {'vas/ray':>8}")
+        result["ratios"] = {}
+        for phase in ("cold", "warm"):
+            v, r = result["vas"][phase], result["ray"][phase]
+            ratios = result["ratios"][phase] = {key: ratio(v.get(key), r.get(key))
+                                                for key, _, _ in FIGURES}
+            ratios["node_b_bytes_per_copy"] = ratio(v["node_b_bytes"], size)
+            ratios["ray_node_b_bytes_per_copy"] = ratio(r["node_b_bytes"], size)
+            for key, unit, scale in FIGURES:
+                rows.append((f"{label} {phase} {key}", cell(v.get(key), scale, unit),
+                             cell(r.get(key), scale, unit), ratios[key]))
+            rows.append((f"{label} {phase} home ref.get()", cell(v["home_get_ms"], 1, "ms"),
+                         "-", None))
+    print(f"{'figure':<38} {'vas':>14} {'ray':>14} {'vas/ray':>8}")
     for name, v, r, x in rows:
-        print(f"{name:<32} {v:>14} {r:>14} {'' if x is None else f'{x:.2f}':>8}")
+        print(f"{name:<38} {v:>14} {r:>14} {'' if x is None else f'{x:.2f}':>8}")
     print(json.dumps(figures), flush=True)
     return 0
+
+
+def cell(value, scale: float, unit: str) -> str:
+    return "-" if value is None else f"{value * scale:.3f} {unit}"
 
 
 if __name__ == "__main__":

@@ -127,11 +127,14 @@ class HomeSegments:
                 raise AlreadyExists(f"segment {name} already exists")
             return existing.info
         self.replicas.release_spare(self.replicas.make_room(size, name))
+        pool = self.replicas.pool
         try:
-            memory = Memory.allocate(name, size)
+            memory = pool.take(size) or Memory.allocate(name, size)
         except BaseException:
             self.store.unreserve(size)
             raise
+        finally:
+            pool.want(size)  # the next create of this size finds its memory ready
         with self._lock:
             created = self._creating[name] = threading.Event()
         started = time.monotonic()

@@ -1,4 +1,5 @@
-"""Warm replica memory: fresh memfds whose pages are allocated and mapped ahead of use.
+"""Warm memory: fresh memfds whose pages are allocated and mapped ahead of use, for
+the next replica or home segment of the size last asked for.
 
 Why: a replica is filled by ``recv_into`` through the agent's own mapping of
 its memfd, and the first touch of fresh pages is what limits a transfer. On the
@@ -8,7 +9,10 @@ takes ~0.45 s and ``MADV_POPULATE_WRITE`` (the page-table entries) another
 streams); receiving into unfaulted pages runs at ~0.6 GB/s. So after a replica
 of size S is fetched, one memfd of size S is prepared in the background: the
 next replica of that size (the common case: shards of one size) starts
-receiving at once.
+receiving at once. Home creates take from the pool too: allocating a GiB is
+~0.5 s of a put (create, fill, publish) that Ray's object store does not pay
+for memory it reuses. Sizes under ``MIN_SIZE`` are not pooled (they cost
+little, and sizes that vary would only churn the pool).
 
 The refill yields to transfers: preparing a GiB takes ~1 s of CPU, and on a
 2-core node it doubled the time of a remote writer's first sync that ran beside
@@ -16,7 +20,7 @@ it. So it prepares in steps (``_STEP``) and runs a step only while no transfer
 (a replica fetch, a lazy chunk, a sync) is under way on this node
 (``transfer()`` marks one).
 
-A pooled memfd is never handed to a client before it becomes a replica, and is
+A pooled memfd is never handed to a client before it becomes a segment, and is
 never reused after: a client may keep its read-only fd past detach, so memory
 that held one segment must not later hold another. The pool only takes
 capacity no segment uses (``Store.pooled``) and gives it back as soon as a
@@ -39,6 +43,8 @@ log = logging.getLogger(__name__)
 
 #: Prepared memfds kept at most (of the size last asked for).
 _ENTRIES = 1
+#: Smallest size pooled, bytes.
+MIN_SIZE = 16 << 20
 #: Pause after a failed preparation (e.g. ENOMEM), seconds.
 _RETRY = 5.0
 #: Bytes prepared between two looks for a transfer (a transfer that starts waits
@@ -47,14 +53,14 @@ _STEP = 32 << 20
 
 
 class Warm(Memory):
-    """Replica memory: a sealed memfd of ``size`` bytes, its read-only reopen and the
+    """Segment memory: a sealed memfd of ``size`` bytes, its read-only reopen and the
     agent's writable mapping; ``populated`` once every page is faulted in ahead."""
 
     __slots__ = ("populated",)
 
     def __init__(self, size: int, *, reserve: bool = True):
         """``reserve=False``: sparse, for the pool to populate step by step."""
-        memory = Memory.allocate("replica", size, reserve=reserve, mapped=True)
+        memory = Memory.allocate("segment", size, reserve=reserve, mapped=True)
         super().__init__(size, memory.fd, memory.ro_fd, memory.mapping)
         self.populated = False
 
@@ -110,8 +116,10 @@ class WarmPool:
         return None
 
     def want(self, size: int) -> None:
-        """A replica of ``size`` bytes was asked for: prepare the next one of that size
-        (entries of other sizes are released)."""
+        """A segment of ``size`` bytes was asked for: prepare the next one of that size
+        (entries of other sizes are released); sizes under ``MIN_SIZE`` change nothing."""
+        if size < MIN_SIZE:
+            return
         with self._cv:
             self._wanted = size
             stale = [warm for warm in self._entries if warm.size != size]
@@ -188,12 +196,12 @@ class WarmPool:
         except (OSError, VasError) as exc:
             if warm is not None:
                 warm.release()
-            log.warning("cannot prepare %d bytes of replica memory: %s", size, exc)
+            log.warning("cannot prepare %d bytes of segment memory: %s", size, exc)
             with self._cv:
                 self._cv.wait(_RETRY)
             return None
         warm.populated = True
-        log.debug("prepared %d bytes of replica memory", size)
+        log.debug("prepared %d bytes of segment memory", size)
         return warm
 
     def _wait_for_quiet(self) -> bool:
