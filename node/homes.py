@@ -82,6 +82,7 @@ class HomeSegments:
         self._tombstones: collections.OrderedDict[int, tuple[str, str]] = \
             collections.OrderedDict()
         self._unfinished: dict[int, str] = {}  # FinishDelete to retry: id -> name
+        self._last_size = 0  # of the last create (see _expect)
         self.expiry = Timer(self._expire, "expiry")
 
     # ------------------------------------------------------------------ lookups
@@ -127,14 +128,13 @@ class HomeSegments:
                 raise AlreadyExists(f"segment {name} already exists")
             return existing.info
         self.replicas.release_spare(self.replicas.make_room(size, name))
-        pool = self.replicas.pool
         try:
-            memory = pool.take(size) or Memory.allocate(name, size)
+            memory = self.replicas.pool.take(size) or Memory.allocate(name, size)
         except BaseException:
             self.store.unreserve(size)
             raise
         finally:
-            pool.want(size)  # the next create of this size finds its memory ready
+            self._expect(size)
         with self._lock:
             created = self._creating[name] = threading.Event()
         started = time.monotonic()
@@ -168,6 +168,15 @@ class HomeSegments:
             self._apply_news(segment, news[0])
         self._settle(leftover)
         return info
+
+    def _expect(self, size: int) -> None:
+        """After a create of ``size`` bytes: when the one before had that size too (shards,
+        rounds of puts), have the warm pool prepare the next one. Not after a first or
+        one-off create: preparing a GiB costs ~1 s of CPU beside what the node serves."""
+        with self._lock:
+            again, self._last_size = self._last_size == size, size
+        if again:
+            self.replicas.pool.want(size)
 
     def _create_done(self, name: str, created: threading.Event) -> list[tuple[int, str]]:
         """The create of ``name`` left flight; when it was the last, drop the tombstones

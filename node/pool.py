@@ -9,10 +9,11 @@ takes ~0.45 s and ``MADV_POPULATE_WRITE`` (the page-table entries) another
 streams); receiving into unfaulted pages runs at ~0.6 GB/s. So after a replica
 of size S is fetched, one memfd of size S is prepared in the background: the
 next replica of that size (the common case: shards of one size) starts
-receiving at once. Home creates take from the pool too: allocating a GiB is
-~0.5 s of a put (create, fill, publish) that Ray's object store does not pay
-for memory it reuses. Sizes under ``MIN_SIZE`` are not pooled (they cost
-little, and sizes that vary would only churn the pool).
+receiving at once. Home creates take from the pool too, once two creates in a
+row had one size (node/homes.py): allocating a GiB is ~0.5 s of a put (create,
+fill, publish) that Ray's object store does not pay for memory it reuses.
+Sizes under ``MIN_SIZE`` are not pooled (they cost little, and sizes that vary
+would only churn the pool).
 
 The refill yields to transfers: preparing a GiB takes ~1 s of CPU, and on a
 2-core node it doubled the time of a remote writer's first sync that ran beside
