@@ -32,6 +32,7 @@ import os
 import select
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from vas import _native
 from vas.node import locks
@@ -40,7 +41,12 @@ from vas.node.lazy import CHUNK, LazyFill, PagesLost
 log = logging.getLogger(__name__)
 
 #: Most bytes fetched ahead of a fault while faults run sequentially.
-READ_AHEAD_BYTES = 8 << 20
+READ_AHEAD_BYTES = 16 << 20
+#: Read-ahead is fetched in pieces of this size on this many connections at once: one
+#: connection (~1 GB/s on the development VM) held a sequential scan of a lazy
+#: mapping to a third of what an eager fetch on 4 streams moves.
+_READ_AHEAD_PIECE = 2 << 20
+READ_AHEAD_STREAMS = 3
 #: Threads resolving faults: faults of different chunks (other client threads or
 #: processes) are fetched concurrently; one fault costs no thread hand-off.
 RESOLVERS = 3
@@ -59,13 +65,14 @@ class Registration:
     in vain, or its pages are lost); "" while they are fetched.
     """
 
-    __slots__ = ("uffd", "fill", "address", "size", "next_chunk", "ahead", "active",
-                 "removed", "lost")
+    __slots__ = ("uffd", "fill", "address", "size", "next_chunk", "ahead", "ahead_end",
+                 "active", "removed", "lost")
 
     def __init__(self, uffd: int, fill: LazyFill, address: int, size: int):
         self.uffd, self.fill, self.address, self.size = uffd, fill, address, size
         self.next_chunk = -1
         self.ahead = 1
+        self.ahead_end = 0  # end of the range the read-ahead was asked for so far
         self.active = 0
         self.removed = False
         self.lost = ""
@@ -74,8 +81,10 @@ class Registration:
         """Chunks to have present from ``chunk`` on: a fault just past what the last
         one mapped doubles the read-ahead, a jump starts over at one chunk.
         (Racy across resolver threads by design: it is a heuristic.)"""
-        self.ahead = (min(self.ahead * 2, READ_AHEAD_BYTES // CHUNK)
-                      if chunk == self.next_chunk else 1)
+        if chunk == self.next_chunk:
+            self.ahead = min(self.ahead * 2, READ_AHEAD_BYTES // CHUNK)
+        else:
+            self.ahead, self.ahead_end = 1, 0
         return self.ahead
 
 
@@ -107,6 +116,8 @@ class FaultHandler:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._poll.register(self._wake_r, select.POLLIN)
         self._stopping = threading.Event()
+        self._read_aheads = ThreadPoolExecutor(READ_AHEAD_STREAMS,
+                                               thread_name_prefix="vas-read-ahead")
         self._threads = [threading.Thread(target=self._run, name="vas-faults", daemon=True)
                          for _ in range(threads)]
         for thread in self._threads:
@@ -141,6 +152,7 @@ class FaultHandler:
 
     def stop(self) -> None:
         self._stopping.set()
+        self._read_aheads.shutdown(wait=False, cancel_futures=True)
         self._wake()
         for thread in self._threads:
             thread.join(5.0)
@@ -249,7 +261,23 @@ class FaultHandler:
             self._read_ahead(registration, start + CHUNK, (ahead - 1) * CHUNK)
 
     def _read_ahead(self, registration: Registration, offset: int, length: int) -> None:
-        if offset >= registration.size or registration.lost:
+        """Have [offset, offset + length) fetched in the background, in pieces on parallel
+        connections: only the part past what earlier read-aheads asked for. (Racy across
+        resolver threads by design: a piece asked for twice is fetched once.)"""
+        end = min(offset + length, registration.size)
+        start = max(offset, registration.ahead_end)
+        if start >= end or registration.lost:
+            return
+        registration.ahead_end = end
+        for piece in range(start, end, _READ_AHEAD_PIECE):
+            try:
+                self._read_aheads.submit(self._fetch_ahead, registration, piece,
+                                         min(_READ_AHEAD_PIECE, end - piece))
+            except RuntimeError:  # shut down: the agent stops
+                return
+
+    def _fetch_ahead(self, registration: Registration, offset: int, length: int) -> None:
+        if registration.removed or registration.lost:
             return
         try:
             registration.fill.ensure(offset, length)
