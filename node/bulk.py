@@ -82,7 +82,8 @@ def split(length: int, streams: int) -> list[tuple[int, int]]:
 
 
 class BulkServer:
-    """The home side: a TCP listener that streams held segments with ``os.sendfile``."""
+    """The home side: a TCP listener that streams held segments with ``os.sendfile`` (with
+    TLS: ``preadv`` + ``sendall``, see the module docstring)."""
 
     def __init__(self, host: str, source: Source, timeout: float,
                  tls: ssl.SSLContext | None = None):

@@ -117,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if getattr(args, "tls_options", True):  # checked by every command but `up`
+            tls_config(args)
         return args.func(args) or EXIT_OK
     except UsageError as exc:
         parser.exit(EXIT_USAGE, f"vasctl: error: {exc}\n")

@@ -60,7 +60,8 @@ def register(nouns: argparse._SubParsersAction) -> None:
                         "admin client (this user)")
     p.add_argument("--demo", action="store_true",
                    help="run the demo (write a segment in one process, read it in another) and exit")
-    p.set_defaults(func=up)
+    # Its daemons get certificates of their own (--tls): the TLS options are not its.
+    p.set_defaults(func=up, tls_options=False)
 
 
 def _positive_int(text: str) -> int:

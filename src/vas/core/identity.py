@@ -17,6 +17,7 @@ bits themselves are checked by the domain code against the record.
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass
 
 import grpc
@@ -89,7 +90,13 @@ def peer_of_context(context: grpc.ServicerContext) -> Peer:
     pem = context.auth_context().get("x509_pem_cert")
     if not pem:
         return LOOPBACK
-    return peer_of_cert(x509.load_pem_x509_certificate(pem[0]))
+    return _peer_of_pem(pem[0])
+
+
+@functools.lru_cache(maxsize=1024)
+def _peer_of_pem(pem: bytes) -> Peer:
+    # Every call of a connection presents the same certificate: parse it once.
+    return peer_of_cert(x509.load_pem_x509_certificate(pem))
 
 
 def peer_of_der(der: bytes | None) -> Peer:
