@@ -22,6 +22,7 @@ import textwrap
 
 import grpc
 import numpy as np
+from etcd3 import etcdrpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -134,16 +135,20 @@ def test_tls_cluster_reads_across_nodes(tls_cluster):
                                   length=SIZE), timeout=DEADLINE)
     assert hashlib.sha256(b"".join(c.data for c in chunks)).hexdigest() == digest
     assert tls_cluster.env()["VAS_TLS_CERT"] == tls_cluster.certs.admin.cert
+    with open(tls_cluster.nodes[1].log_path) as log:
+        assert "using ReadPages" not in log.read()  # the eager copy came over the bulk channel
 
 
 @pytest.mark.parametrize("who", ["plaintext", "no certificate", "another CA"])
 def test_stranger_is_refused_on_every_port(tls_cluster, who):
-    """Coordinator gRPC, agent gRPC and the bulk port refuse the stranger in the
+    """Coordinator gRPC, agent gRPC, the bulk port and etcd refuse the stranger in the
     handshake: gRPC calls fail UNAVAILABLE, the bulk socket closes without a byte of data."""
     certs = tls_cluster.certs
+    etcd_target = tls_cluster.etcd_url.split("://", 1)[1]
     if who == "plaintext":
         channels = [grpc.insecure_channel(a) for a in
                     (tls_cluster.coordinators[0].address, tls_cluster.nodes[0].address)]
+        etcd = grpc.insecure_channel(etcd_target)
     else:
         creds = (grpc.ssl_channel_credentials(open(certs.ca.cert_path, "rb").read())
                  if who == "no certificate" else tls_cluster.strangers.admin.channel_credentials)
@@ -156,6 +161,11 @@ def test_stranger_is_refused_on_every_port(tls_cluster, who):
             ("grpc.ssl_target_name_override", name)]) for address, name in
             ((tls_cluster.coordinators[0].address, COORDINATOR_HOST),
              (tls_cluster.nodes[0].address, NODE_HOST))]
+        etcd = grpc.secure_channel(etcd_target, creds)
+    with etcd:
+        assert code_of(lambda: etcdrpc.KVStub(etcd).Range(etcdrpc.RangeRequest(key=b"/vas/"),
+                                                          timeout=DEADLINE)) \
+            == grpc.StatusCode.UNAVAILABLE
     for channel in channels:
         with channel:
             status = code_of(lambda: health_pb2_grpc.HealthStub(channel).Check(
