@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = Parser(
         prog="vasctl",
+        # The global --tls-* options must not claim a subcommand's `--tls` as their prefix.
+        allow_abbrev=False,
         description="Operate a vas cluster: named, permissioned memory segments shared across machines.",
     )
     add_tls_options(parser)
