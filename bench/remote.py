@@ -1,7 +1,11 @@
 """Remote-attach benchmarks of vas (two agents on one machine, over loopback) against
 baselines measured in the same run.
 
-    .venv/bin/python bench/remote.py [--quick] [--skip tcp,ray,vas]
+    .venv/bin/python bench/remote.py [--quick] [--skip tcp,ray,vas] [--tls]
+
+--tls runs the vas cluster with mutual TLS on every hop (LocalCluster(tls=True)): the
+bulk channel then encrypts, and the home reads the memfd instead of sendfile()ing it.
+The JSON's "vas_tls" says which it was.
 
 Baselines (payload 1 GiB; 256 MiB with --quick):
   raw TCP, one stream over loopback: a sender process os.sendfile()s a memfd to this
@@ -86,6 +90,8 @@ def main() -> int:
                         help="256 MiB payload, 1 GiB lazy segment, fewer rounds")
     parser.add_argument("--skip", default="", help="comma-separated phases to skip: tcp,ray,vas")
     parser.add_argument("--seed", type=int, default=20240601)
+    parser.add_argument("--tls", action="store_true",
+                        help="run the vas cluster with mutual TLS on every hop")
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--tcp-sender", metavar="PORT_FILE", help=argparse.SUPPRESS)
     parser.add_argument("--vas-fill", metavar="NAME", help=argparse.SUPPRESS)
@@ -104,7 +110,8 @@ def main() -> int:
 
     results: dict = {"payload_bytes": size, "lazy_segment_bytes": lazy_size,
                      "warm_rounds": repeats, "first_touch_pages": touches,
-                     "machine": os.uname().nodename, "cpus": os.cpu_count()}
+                     "machine": os.uname().nodename, "cpus": os.cpu_count(),
+                     "vas_tls": args.tls}
     reasons: dict = {}
     ok = True
     for phase, keys, run in (
@@ -129,7 +136,8 @@ def main() -> int:
         reasons.update(dict.fromkeys(vas_keys, "skipped (--skip)"))
     else:
         try:
-            ok &= bench_vas(results, reasons, size, lazy_size, repeats, touches, args.seed)
+            ok &= bench_vas(results, reasons, size, lazy_size, repeats, touches, args.seed,
+                            args.tls)
         except Exception as exc:  # the cluster itself did not start
             ok = False
             for key in vas_keys:

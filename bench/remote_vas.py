@@ -231,7 +231,7 @@ def guarded(results: dict, reasons: dict, keys: list[str], fn) -> bool:
 
 
 def bench_vas(results: dict, reasons: dict, size: int, lazy_size: int, repeats: int,
-              touches: int, seed: int) -> bool:
+              touches: int, seed: int, tls: bool = False) -> bool:
     import vas
     from vas.cluster import LocalCluster
 
@@ -239,7 +239,7 @@ def bench_vas(results: dict, reasons: dict, size: int, lazy_size: int, repeats: 
     memory = lazy_size + 3 * size
     with tempfile.TemporaryDirectory(prefix="vas-bench-") as tmp:
         os.chmod(tmp, 0o755)
-        with LocalCluster(tmp, nodes=2, memory=memory) as cluster:
+        with LocalCluster(tmp, nodes=2, memory=memory, tls=tls) as cluster:
             env1 = {**cluster.env(), "VAS_NODE": cluster.nodes[0].socket}
             with vas.connect(cluster.nodes[0].socket) as c1, \
                     vas.connect(cluster.nodes[1].socket) as c2:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 # Shared with the agent and the CLI: defined once, in vas.core.defaults.
 from vas.core.defaults import DEFAULT_COORDINATOR_LISTEN, DEFAULT_NODE_TTL, DEFAULT_WRITER_TTL
+from vas.core.tls import TlsConfig
 
 #: Deadline in seconds of one call to etcd.
 DEFAULT_ETCD_TIMEOUT = 5.0
@@ -35,6 +36,11 @@ class CoordinatorConfig:
     :param workers: gRPC server threads.
     :param shutdown_grace: grace period of the gRPC server stop, seconds.
     :param txn_attempts: attempts of a conflicting read-modify-write before Unavailable.
+    :param tls: mutual TLS of the gRPC port (and of the calls to agents); None: plaintext,
+        loopback only unless ``insecure``.
+    :param insecure: allow a plaintext non-loopback ``listen``.
+    :param etcd_tls: client certificate, key and CA for an ``https://`` etcd (the
+        CLI defaults them to ``tls``).
 
     Example::
 
@@ -49,3 +55,6 @@ class CoordinatorConfig:
     workers: int = DEFAULT_WORKERS
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
     txn_attempts: int = DEFAULT_TXN_ATTEMPTS
+    tls: TlsConfig | None = None
+    insecure: bool = False
+    etcd_tls: TlsConfig | None = None

@@ -17,6 +17,7 @@ import grpc
 from etcd3 import etcdrpc
 
 from vas.core.errors import InvalidArgument, Unavailable, VasError
+from vas.core.tls import TlsConfig
 
 _CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 << 20),
@@ -45,7 +46,8 @@ class EtcdError(VasError):
 
 
 def grpc_target(url: str) -> str:
-    """The gRPC target of an etcd URL, or of comma-separated URLs of IPv4 literals.
+    """The gRPC target of an etcd URL, or of comma-separated URLs of IPv4 literals
+    (``http://`` or, for etcd behind TLS, ``https://``; all alike).
 
     >>> grpc_target("http://127.0.0.1:2379")
     '127.0.0.1:2379'
@@ -53,11 +55,16 @@ def grpc_target(url: str) -> str:
     'ipv4:10.0.0.1:2379,10.0.0.2:2379'
     """
     hosts = []
+    schemes = set()
     for part in url.split(","):
         parsed = urlparse(part.strip())
-        if parsed.scheme != "http" or not parsed.hostname:
-            raise InvalidArgument(f"invalid etcd URL {part!r}: expected http://HOST:PORT")
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise InvalidArgument(f"invalid etcd URL {part!r}: expected http://HOST:PORT "
+                                  "(or https:// for etcd behind TLS)")
+        schemes.add(parsed.scheme)
         hosts.append(f"{parsed.hostname}:{parsed.port or 2379}")
+    if len(schemes) > 1:
+        raise InvalidArgument(f"invalid etcd URLs {url!r}: mix http:// and https://")
     if len(hosts) == 1:
         return hosts[0]
     for host in hosts:
@@ -136,10 +143,21 @@ class Etcd:
     >>> etcd.range(b"/vas/alloc").kvs                     # doctest: +SKIP
     """
 
-    def __init__(self, url: str, timeout: float):
+    def __init__(self, url: str, timeout: float, tls: TlsConfig | None = None):
+        """``tls``: the client certificate, key and CA for an ``https://`` etcd (etcd
+        checks the certificate with ``--client-cert-auth``; its own certificate must
+        name the address dialled). InvalidArgument if the scheme and ``tls`` disagree."""
         self.url = url
         self.timeout = timeout
-        self.channel = grpc.insecure_channel(grpc_target(url), options=_CHANNEL_OPTIONS)
+        target = grpc_target(url)
+        secure = url.strip().startswith("https://")
+        if secure != (tls is not None):
+            raise InvalidArgument(
+                f"etcd URL {url} needs TLS files (--etcd-cert/--etcd-key/--etcd-ca or the "
+                "--tls-* ones)" if secure else
+                f"etcd TLS files given but etcd URL {url} is http://: use https://")
+        self.channel = (grpc.secure_channel(target, tls.channel_credentials, _CHANNEL_OPTIONS)
+                        if tls else grpc.insecure_channel(target, options=_CHANNEL_OPTIONS))
         self.kv = etcdrpc.KVStub(self.channel)
         self.lease = etcdrpc.LeaseStub(self.channel)
         self.watcher = etcdrpc.WatchStub(self.channel)

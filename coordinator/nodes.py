@@ -105,6 +105,11 @@ class Nodes:
         """Revoke the node's lease (its record and reports vanish); idempotent."""
         self.etcd.revoke(lease_id)
 
+    def address(self, node_id: str) -> str | None:
+        """The gRPC address of live node ``node_id``; None if it is not registered."""
+        response = self.etcd.range(keys.node_key(node_id))
+        return node_of(keys.decode(response.kvs[0].value)).address if response.kvs else None
+
     def list(self) -> list[types_pb2.NodeInfo]:
         """All live nodes, ordered by id."""
         response = self.etcd.range(keys.NODES, keys.NODES_END)

@@ -22,6 +22,7 @@ from vas.coordinator.config import CoordinatorConfig
 from vas.coordinator.etcd import Etcd
 from vas.coordinator.service import CoordinatorService
 from vas.core.errors import VasError
+from vas.core.tls import add_port, check_listen
 from vas.proto import coordinator_pb2, coordinator_pb2_grpc
 
 log = logging.getLogger("vas.coordinator")
@@ -34,7 +35,8 @@ def serve(config: CoordinatorConfig, stop: threading.Event | None = None) -> Non
     run the server in a thread, where signal handlers cannot be installed).
 
     Prints ``vas coordinator listening on HOST:PORT`` (the real port when 0 was
-    asked) to stdout once serving. Raises RuntimeError if the address cannot be bound.
+    asked) to stdout once serving. Raises RuntimeError if the address cannot be bound,
+    InvalidArgument for a plaintext non-loopback ``listen`` without ``insecure``.
 
     Example::
 
@@ -43,7 +45,8 @@ def serve(config: CoordinatorConfig, stop: threading.Event | None = None) -> Non
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                             format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    etcd = Etcd(config.etcd, config.etcd_timeout)
+    check_listen(config.listen, config.tls, config.insecure)
+    etcd = Etcd(config.etcd, config.etcd_timeout, config.etcd_tls)
     _probe(etcd)
     service = CoordinatorService(config, etcd)
     server = grpc.server(
@@ -55,13 +58,16 @@ def serve(config: CoordinatorConfig, stop: threading.Event | None = None) -> Non
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(config.listen)
+    port = add_port(server, config.listen, config.tls)
+    if not port:
+        raise RuntimeError(f"cannot listen on {config.listen}")
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     host = config.listen.rsplit(":", 1)[0]
     print(f"vas coordinator listening on {host}:{port}", flush=True)
-    log.info("serving etcd %s on %s:%d", config.etcd, host, port)
+    log.info("serving etcd %s on %s:%d (%s)", config.etcd, host, port,
+             "mutual TLS" if config.tls else "plaintext")
 
     stop = stop or _signal_event()
     # Wake up now and then: a signal the kernel hands to a gRPC thread only runs its
@@ -72,6 +78,7 @@ def serve(config: CoordinatorConfig, stop: threading.Event | None = None) -> Non
     health_servicer.enter_graceful_shutdown()
     service.close_watches()
     server.stop(config.shutdown_grace).wait()
+    service.close()
     etcd.close()
 
 

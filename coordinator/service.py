@@ -1,9 +1,17 @@
 """The Coordinator gRPC servicer: validate the request, call the domain module, map errors.
 
 Nothing here touches etcd directly; each method checks its input (names, sizes,
-modes with vas.core.validate, plus the coordinator's own fields), calls one method of
+modes with vas.core.validate, plus the coordinator's own fields), asks the calling
+``Peer`` (vas.core.identity) who the request may act as, calls one method of
 segments/nodes/writers/spaces/watch/status, and turns a VasError into its gRPC
 status with ``abort_with``. See proto/vas/v1/coordinator.proto for each RPC's contract.
+
+Who may call what (with TLS; without it every peer is LOOPBACK and passes):
+node records and reports (RegisterNode, Heartbeat, DeregisterNode,
+ReportAttachments) only the node itself; CreateSegment only the home agent (it
+allocated the memory); FinishDelete only agents; calls that carry a Caller act as
+``peer.caller(request.caller)``: the Caller an agent vouches for, the uid/gid a
+user certificate names. Reads of records are open to every authenticated peer.
 """
 from __future__ import annotations
 
@@ -12,6 +20,7 @@ import threading
 
 from vas.coordinator.config import CoordinatorConfig
 from vas.coordinator.etcd import Etcd
+from vas.coordinator.homes import Homes
 from vas.coordinator.nodes import Nodes
 from vas.coordinator.segments import Segments
 from vas.coordinator.spaces import Spaces
@@ -19,6 +28,7 @@ from vas.coordinator.status import cluster_status
 from vas.coordinator.watch import SegmentWatch
 from vas.coordinator.writers import Writers
 from vas.core.errors import InvalidArgument, VasError, abort_with
+from vas.core.identity import PeerKind, peer_of_context
 from vas.core.validate import (MAX_NAME_LENGTH, check_attach_mode, check_meta, check_mode,
                                check_name, check_seconds, check_size)
 from vas.proto import coordinator_pb2 as pb, coordinator_pb2_grpc
@@ -57,11 +67,18 @@ def check_lease(lease_id: int) -> int:
     return lease_id
 
 
-def caller_of(request):
-    """The request's Caller; InvalidArgument if the agent did not send one."""
+def caller_of(request, context):
+    """Who the request acts as: its Caller as the calling peer may send it (see the
+    module docstring); InvalidArgument if the request has none."""
     if not request.HasField("caller"):
         raise InvalidArgument("the request has no caller")
-    return request.caller
+    return peer_of_context(context).caller(request.caller)
+
+
+def require_node(context, node_id: str, what: str) -> str:
+    """``node_id`` if the calling peer may act as that node (PermissionDenied if not)."""
+    peer_of_context(context).require_node(node_id, what)
+    return node_id
 
 
 def translated(method):
@@ -85,9 +102,14 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         self.nodes = Nodes(etcd, config.node_ttl, self.segments)
         self.writers = Writers(etcd, self.segments, config.txn_attempts)
         self.spaces = Spaces(etcd, config.txn_attempts)
+        self.homes = Homes(self.nodes, config.tls)
         self._watches_lock = threading.Lock()
         self._watches: set[SegmentWatch] = set()
         self._closing = False
+
+    def close(self) -> None:
+        """Close the channels to the agents (after the server stopped)."""
+        self.homes.close()
 
     def close_watches(self) -> None:
         """End every open Watch stream (cleanly) and refuse new ones: server shutdown."""
@@ -101,7 +123,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
 
     @translated
     def RegisterNode(self, request, context):
-        check_node_id(request.node.id)
+        require_node(context, check_node_id(request.node.id), "register")
         if not request.node.address:
             raise InvalidArgument(f"node {request.node.id!r} has no address")
         for segment_id in request.held:
@@ -113,14 +135,15 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
 
     @translated
     def Heartbeat(self, request, context):
-        ttl = self.nodes.heartbeat(check_node_id(request.node_id),
+        ttl = self.nodes.heartbeat(require_node(context, check_node_id(request.node_id),
+                                                "heartbeat"),
                                    check_positive(request.lease_id, "lease id"),
                                    request.memory_used, request.segments, request.state)
         return pb.HeartbeatResponse(ttl_seconds=ttl)
 
     @translated
     def DeregisterNode(self, request, context):
-        check_node_id(request.node_id)
+        require_node(context, check_node_id(request.node_id), "deregister")
         self.nodes.deregister(request.node_id, check_positive(request.lease_id, "lease id"))
         return pb.DeregisterNodeResponse()
 
@@ -132,8 +155,9 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
 
     @translated
     def CreateSegment(self, request, context):
-        caller = caller_of(request)
-        home = check_node_id(request.home or caller.node, "home node")
+        caller = caller_of(request, context)
+        home = require_node(context, check_node_id(request.home or caller.node, "home node"),
+                            "create a segment homed")
         return self.segments.create(
             caller, check_name(request.name), check_size(request.size),
             check_mode(request.mode), home, request.replicas,
@@ -165,29 +189,35 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
 
     @translated
     def SetSegmentMode(self, request, context):
-        return self.segments.set_mode(caller_of(request), check_name(request.name),
+        info = self.segments.set_mode(caller_of(request, context), check_name(request.name),
                                       check_mode(request.mode))
+        self.homes.changed(info)
+        return info
 
     @translated
     def SetSegmentOwner(self, request, context):
-        return self.segments.set_owner(caller_of(request), check_name(request.name),
+        info = self.segments.set_owner(caller_of(request, context), check_name(request.name),
                                        request.uid, request.gid)
+        self.homes.changed(info)
+        return info
 
     @translated
     def DeleteSegment(self, request, context):
         # `force` is the agents' business (they revoke attachments); the mark is the same.
-        return self.segments.mark_deleting(caller_of(request), check_name(request.name),
+        return self.segments.mark_deleting(caller_of(request, context),
+                                           check_name(request.name),
                                            finish=request.finish, segment_id=request.id)
 
     @translated
     def FinishDelete(self, request, context):
+        peer_of_context(context).require((PeerKind.NODE,), "finish a delete")
         copies = self.segments.finish_delete(check_name(request.name),
                                              check_positive(request.id, "segment id"))
         return pb.FinishDeleteResponse(copies=copies)
 
     @translated
     def ReportAttachments(self, request, context):
-        check_node_id(request.node_id)
+        require_node(context, check_node_id(request.node_id), "report attachments")
         for count in request.counts:
             check_name(count.name)
         gone = self.segments.report_attachments(
@@ -199,8 +229,10 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
     @translated
     def AcquireWriter(self, request, context):
         ttl = int(check_seconds(request.ttl_seconds, "writer ttl")) or self.config.writer_ttl
-        token, lease, granted = self.writers.acquire(caller_of(request),
-                                                     check_name(request.name), ttl)
+        caller = caller_of(request, context)
+        if caller.node:  # the lock records the holder's node: only that agent may name it
+            require_node(context, caller.node, "take a writer lock")
+        token, lease, granted = self.writers.acquire(caller, check_name(request.name), ttl)
         return pb.AcquireWriterResponse(token=token, lease_id=lease, ttl_seconds=granted)
 
     @translated
@@ -218,8 +250,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
 
     @translated
     def PublishVersion(self, request, context):
-        caller_of(request)
-        return self.writers.publish(check_name(request.name),
+        return self.writers.publish(caller_of(request, context), check_name(request.name),
                                     check_positive(request.id, "segment id"),
                                     check_positive(request.token, "token"),
                                     check_lease(request.lease_id))
@@ -228,7 +259,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
 
     @translated
     def CreateSpace(self, request, context):
-        return self.spaces.create(caller_of(request), check_name(request.name, "space"),
+        return self.spaces.create(caller_of(request, context), check_name(request.name, "space"),
                                   check_mode(request.mode))
 
     @translated
@@ -241,17 +272,17 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
 
     @translated
     def DeleteSpace(self, request, context):
-        self.spaces.delete(caller_of(request), check_name(request.name, "space"))
+        self.spaces.delete(caller_of(request, context), check_name(request.name, "space"))
         return pb.DeleteSpaceResponse()
 
     @translated
     def SpaceAdd(self, request, context):
-        return self.spaces.add(caller_of(request), check_name(request.space, "space"),
+        return self.spaces.add(caller_of(request, context), check_name(request.space, "space"),
                                check_name(request.segment), check_attach_mode(request.mode))
 
     @translated
     def SpaceRemove(self, request, context):
-        return self.spaces.remove(caller_of(request), check_name(request.space, "space"),
+        return self.spaces.remove(caller_of(request, context), check_name(request.space, "space"),
                                   check_name(request.segment))
 
     # Watching and status ---------------------------------------------------------------

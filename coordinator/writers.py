@@ -109,9 +109,10 @@ class Writers:
         if lease_id:
             self.etcd.revoke_quietly(lease_id)
 
-    def publish(self, name: str, segment_id: int, token: int, lease_id: int = 0
+    def publish(self, caller, name: str, segment_id: int, token: int, lease_id: int = 0
                 ) -> types_pb2.SegmentInfo:
-        """Bump the version of segment ``segment_id`` if ``token`` still holds its lock.
+        """Bump the version of segment ``segment_id`` if ``token`` still holds its lock
+        and ``caller`` may write the segment (mode bits of the current record).
 
         One transaction compares the lock (create_revision == ``token``, and its
         lease == ``lease_id`` when nonzero), the record's id and the mod_revision
@@ -128,6 +129,7 @@ class Writers:
         for _ in retries(self.attempts, f"publish segment {name!r}"):
             if entry.id != segment_id:
                 raise not_found(name, segment_id)
+            access.require(caller, entry.record, access.WRITE, f"segment {name!r}")
             record = {**entry.record, "version": entry.record["version"] + 1}
             try:
                 response = self.etcd.txn(

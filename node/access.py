@@ -37,3 +37,13 @@ def check_access(info: types_pb2.SegmentInfo, session, mode: str) -> None:
             f"permission denied: uid {session.uid} gid {session.gid} may not attach "
             f"segment {info.name} (mode 0o{info.mode:03o}, owner {info.uid}:{info.gid}) "
             f"{mode!r}")
+
+
+def check_peer_access(info: types_pb2.SegmentInfo, peer, mode: str) -> None:
+    """PermissionDenied unless the user certificate ``peer`` (a vas.core.identity.Peer)
+    may use ``info``'s pages in ``mode`` over TCP."""
+    if not may_attach(info, peer.uid, peer.gid, mode):
+        need = "write" if mode == "rw" else "read"
+        raise PermissionDenied(
+            f"permission denied: {peer} may not {need} segment {info.name} "
+            f"(mode 0o{info.mode:03o}, owner {info.uid}:{info.gid})")

@@ -37,7 +37,8 @@ import threading
 from vas.core import validate
 from vas.core.errors import InvalidArgument, NotFound, Unavailable, VasError, segment_lost
 from vas.core.fetch import FetchMode, decide
-from vas.node.access import check_access
+from vas.core.identity import LOOPBACK, Peer, PeerKind
+from vas.node.access import check_access, check_peer_access
 from vas.node.clients import CoordinatorClient, PeerClients
 from vas.node.config import NodeConfig
 from vas.node.homes import HomeSegments
@@ -70,8 +71,9 @@ class Agent:
         self.socket_path = socket_path
         #: host:port of this agent's bulk listener (set by the server before serving).
         self.bulk_address = ""
-        self.coordinator = coordinator or CoordinatorClient(config.coordinator, config.rpc_timeout)
-        self.peers = peers or PeerClients(config.rpc_timeout)
+        self.coordinator = coordinator or CoordinatorClient(config.coordinator, config.rpc_timeout,
+                                                            config.tls)
+        self.peers = peers or PeerClients(config.rpc_timeout, config.tls)
         self.store = Store(config.memory, f"node {node_id}")
         self.pool = WarmPool(self.store)
         self.sessions = Sessions(node_id)
@@ -383,34 +385,45 @@ class Agent:
         return info
 
     def _changed(self, info: types_pb2.SegmentInfo) -> None:
-        """A chmod/chown made here holds on the home before the request returns."""
+        """A chmod/chown made here holds on this home before the request returns (the
+        coordinator tells a home elsewhere itself: coordinator/homes.py)."""
         if info.home == self.node_id:
             self.homes.changed_here(info)
-            return
-        try:
-            address = self.node_address(info.home)
-            if address is not None:
-                self.peers.segment_changed(address, info.name, info.id)
-        except NotFound:  # the home no longer holds it: nothing is cached there
-            pass
-        except VasError as exc:  # the home re-reads its records on its own (heartbeat)
-            log.warning("cannot tell node %s that segment %s changed: %s", info.home,
-                        info.name, exc)
 
     # ------------------------------------------------------------------ serving peers
 
-    def page_source(self, segment_id: int, offset: int, length: int) -> tuple[int, int]:
+    def page_source(self, segment_id: int, offset: int, length: int,
+                    peer: Peer = LOOPBACK) -> tuple[int, int]:
         """(a dup of the memfd, version) of home segment ``segment_id`` for reading
         [offset, offset + length); the caller closes the fd. NotFound unless held,
-        InvalidArgument for an empty or out-of-bounds range."""
+        InvalidArgument for an empty or out-of-bounds range, PermissionDenied unless
+        ``peer`` may read it (``check_peer``)."""
         segment = self.homes.held(segment_id)
         if length <= 0:
             raise InvalidArgument(f"invalid length {length}: must be > 0")
         validate.check_range(offset, length, segment.size)
+        self.check_peer(peer, segment, "r")
         fd = segment.dup_fd()
         with segment.lock:
             return fd, segment.info.version
 
-    def bulk_source(self, segment_id: int, offset: int, length: int) -> int:
+    def bulk_source(self, segment_id: int, offset: int, length: int, peer: Peer) -> int:
         """``page_source`` for the bulk channel (node/bulk.py)."""
-        return self.page_source(segment_id, offset, length)[0]
+        return self.page_source(segment_id, offset, length, peer)[0]
+
+    def check_peer(self, peer: Peer, segment, mode: str) -> None:
+        """PermissionDenied unless ``peer`` may use the pages of home ``segment`` in
+        ``mode`` ("r" or "rw") over TCP.
+
+        An agent asks for its own callers, which it checked against the record
+        before asking (and it may hold replicas of anything): believed. A user
+        certificate is checked here, against the coordinator's current record (not
+        this agent's cached copy: a chmod elsewhere must hold at once).
+        """
+        peer.require((PeerKind.NODE, PeerKind.USER), "use segment pages")
+        if peer.kind is not PeerKind.USER:
+            return
+        info = self.coordinator.get_segment(segment.info.name)
+        if info.id != segment.info.id:
+            raise NotFound(f"segment {segment.info.name} (id {segment.info.id}) not found")
+        check_peer_access(info, peer, mode)

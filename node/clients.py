@@ -12,6 +12,7 @@ import threading
 import grpc
 
 from vas.core.errors import NotFound, Unavailable, from_rpc_error
+from vas.core.tls import COORDINATOR_HOST, NODE_HOST, TlsConfig, open_channel
 from vas.node import locks
 from vas.proto import coordinator_pb2 as pb
 from vas.proto import coordinator_pb2_grpc, node_pb2, node_pb2_grpc, types_pb2
@@ -29,16 +30,17 @@ class CoordinatorClient:
     VasError translation (and the lock-order check: no agent lock is held across one).
 
     ``target`` is a gRPC target: "host:port", or "ipv4:a:1,b:2" to fail over between
-    several coordinators. Example::
+    several coordinators; ``tls``: mutual TLS (the server must hold a coordinator
+    certificate), None for plaintext. Example::
 
         coordinator = CoordinatorClient("127.0.0.1:7300", timeout=10)
         nodes = coordinator.list_nodes().nodes
     """
 
-    def __init__(self, target: str, timeout: float):
+    def __init__(self, target: str, timeout: float, tls: TlsConfig | None = None):
         self.target = target
         self.timeout = timeout
-        self.channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self.channel = open_channel(target, tls, COORDINATOR_HOST, CHANNEL_OPTIONS)
         self.stub = coordinator_pb2_grpc.CoordinatorStub(self.channel)
 
     def _call(self, rpc, request, timeout: float | None = None):
@@ -188,10 +190,12 @@ def _method_name(rpc) -> str:
 
 
 class PeerClients:
-    """Node-service stubs of other agents, one cached channel per address."""
+    """Node-service stubs of other agents, one cached channel per address (mutual TLS
+    with ``tls``: the server must hold an agent certificate)."""
 
-    def __init__(self, timeout: float):
+    def __init__(self, timeout: float, tls: TlsConfig | None = None):
         self.timeout = timeout
+        self.tls = tls
         self._lock = locks.Lock("peer channels", locks.Rank.PEERS)
         self._channels: dict[str, tuple[grpc.Channel, node_pb2_grpc.NodeStub]] = {}
 
@@ -199,7 +203,7 @@ class PeerClients:
         with self._lock:
             entry = self._channels.get(address)
             if entry is None:
-                channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+                channel = open_channel(address, self.tls, NODE_HOST, CHANNEL_OPTIONS)
                 entry = self._channels[address] = (channel, node_pb2_grpc.NodeStub(channel))
             return entry[1]
 
@@ -207,11 +211,6 @@ class PeerClients:
         """Ask the agent at ``address`` to free segment ``segment_id``; True if freed at once."""
         request = node_pb2.ReleaseSegmentRequest(name=name, id=segment_id, force=force)
         return unary(self._stub(address).ReleaseSegment, request, self.timeout).freed
-
-    def segment_changed(self, address: str, name: str, segment_id: int) -> None:
-        """Tell the home agent at ``address`` to re-read the record of ``segment_id``."""
-        request = node_pb2.SegmentChangedRequest(name=name, id=segment_id)
-        unary(self._stub(address).SegmentChanged, request, self.timeout)
 
     def release_replica(self, address: str, name: str, segment_id: int,
                         timeout: float) -> bool:

@@ -13,6 +13,7 @@ from vas.core.defaults import (DEFAULT_FAULT_TIMEOUT, DEFAULT_LOCAL_WORKERS,
                                DEFAULT_MAX_FAULTS_PER_UID, DEFAULT_MEMORY, DEFAULT_NODE_LISTEN,
                                DEFAULT_NODE_TTL, DEFAULT_SOCKET, DEFAULT_WORKERS_LEFT_TO_OTHERS,
                                DEFAULT_WRITER_TTL)
+from vas.core.tls import TlsConfig
 
 #: Seconds the agent gathers attachment changes before reporting them to the coordinator.
 DEFAULT_REPORT_DELAY = 0.05
@@ -35,7 +36,8 @@ class NodeConfig:
     :param memory: capacity for segment memory, bytes (sum of held segment sizes).
     :param data_dir: directory that keeps segments across restarts (later issue;
         accepted and ignored today).
-    :param node_id: unique node id; default ``"<hostname>:<grpc port>"``.
+    :param node_id: unique node id; default ``"<hostname>:<grpc port>"``, with TLS the
+        name its certificate gives (``vas://node/<id>``), which ``node_id`` must match.
     :param advertise: host:port other agents use to reach this one; default the
         listen address with the real port (the hostname when listening on a wildcard).
     :param heartbeat_ttl: node lease TTL, seconds.
@@ -56,6 +58,10 @@ class NodeConfig:
         turn, in order, without an error); None: ``local_workers`` minus
         ``DEFAULT_WORKERS_LEFT_TO_OTHERS`` (at least 1), so one uid always leaves
         workers to the others (``requests_per_uid()``).
+    :param tls: mutual TLS of the gRPC port, the bulk channel and every channel this
+        agent opens (its certificate must be an agent's); None: plaintext, loopback only
+        unless ``insecure``.
+    :param insecure: allow a plaintext non-loopback ``listen``.
 
     Example::
 
@@ -81,6 +87,8 @@ class NodeConfig:
     max_attachments_per_uid: int = DEFAULT_MAX_ATTACHMENTS_PER_UID
     max_faults_per_uid: int = DEFAULT_MAX_FAULTS_PER_UID
     max_requests_per_uid: int | None = None
+    tls: TlsConfig | None = None
+    insecure: bool = False
 
     def requests_per_uid(self) -> int:
         """Requests of one uid served at once: ``max_requests_per_uid``, by default

@@ -26,6 +26,7 @@ import contextlib
 import enum
 import logging
 import os
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -239,13 +240,16 @@ class Homes:
     home's gRPC address (``lookup``: ListNodes) and one shared bulk ``Channel``
     (``open_bulk``: OpenBulk, asked once per home, not per segment). Both are
     forgotten after a failure: the home may have restarted at another port.
+    ``tls``: the bulk channel's client context (None: plaintext).
     """
 
     def __init__(self, lookup: Callable[[str], str | None],
-                 open_bulk: Callable[[str, str, int], object], timeout: float):
+                 open_bulk: Callable[[str, str, int], object], timeout: float,
+                 tls: ssl.SSLContext | None = None):
         self._lookup = lookup
         self._open_bulk = open_bulk
         self._timeout = timeout
+        self._tls = tls
         self._addresses: dict[str, str] = {}
         self._channels: dict[str, bulk.Channel] = {}
         self._lock = locks.Lock("lazy homes", locks.Rank.HOME_CHANNELS)
@@ -292,7 +296,7 @@ class Homes:
             except VasError:
                 self.forget(node)
                 raise
-            channel = bulk.Channel(response.address, self._timeout)
+            channel = bulk.Channel(response.address, self._timeout, self._tls)
             with self._lock:
                 self._channels[node] = channel
             return channel

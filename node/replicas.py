@@ -97,7 +97,10 @@ class Replicas:
         self.sessions = sessions
         self.reporter = reporter
         self._node_address = node_address
-        self.homes = lazy.Homes(node_address, peers.open_bulk, config.rpc_timeout)
+        #: Client context of the bulk channel to homes (None: plaintext).
+        self.bulk_tls = config.tls.client_context() if config.tls else None
+        self.homes = lazy.Homes(node_address, peers.open_bulk, config.rpc_timeout,
+                                self.bulk_tls)
         self._lock = locks.Lock("replicas", locks.Rank.REPLICAS)
         self._current: dict[str, Replica] = {}            # name -> replica handed out
         self._fetching: dict[str, threading.Event] = {}   # name -> set when its fetch ends
@@ -306,7 +309,8 @@ class Replicas:
                                       f"{opened.size} bytes, not {info.size}")
                 try:
                     bulk.fetch(opened.address, info.id, view, streams=self.config.fetch_streams,
-                               timeout=self.config.rpc_timeout, prepare=warm.populate)
+                               timeout=self.config.rpc_timeout, prepare=warm.populate,
+                               tls=self.bulk_tls)
                     return
                 except Unavailable as exc:
                     log.warning("bulk fetch of %s from %s failed: %s; using ReadPages",

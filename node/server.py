@@ -23,11 +23,14 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+from cryptography import x509
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from vas.core import validate
-from vas.core.errors import InvalidArgument
+from vas.core.errors import InvalidArgument, PermissionDenied
+from vas.core.identity import PeerKind, peer_of_cert
+from vas.core.tls import TlsConfig, add_port, check_listen
 from vas.node.agent import Agent
 from vas.node.bulk import BulkServer
 from vas.node.clients import CHANNEL_OPTIONS
@@ -84,23 +87,29 @@ class NodeServer:
         config = self.config
         _raise_fd_limit()
         host, _ = split_host_port(config.listen)
+        check_listen(config.listen, config.tls, config.insecure)
+        certified = own_node_id(config.tls)
+        if config.node_id and certified and config.node_id != certified:
+            raise InvalidArgument(f"--id {config.node_id} differs from the node its certificate "
+                                  f"{config.tls.cert} names ({certified})")
         self._grpc = grpc.server(ThreadPoolExecutor(max_workers=8,
                                                     thread_name_prefix="vas-node-grpc"),
                                  options=CHANNEL_OPTIONS)
         try:
-            port = self._grpc.add_insecure_port(config.listen)
+            port = add_port(self._grpc, config.listen, config.tls)
         except RuntimeError as exc:
             raise OSError(f"cannot listen on {config.listen}: {exc}") from exc
         if not port:
             raise OSError(f"cannot listen on {config.listen}")
         self.address = f"{host}:{port}"
-        node_id = config.node_id or f"{socket.gethostname()}:{port}"
+        node_id = config.node_id or certified or f"{socket.gethostname()}:{port}"
         advertise = config.advertise or (
             f"{socket.gethostname()}:{port}" if host in _WILDCARDS else self.address)
 
         self.agent = Agent(config, node_id, advertise, os.path.abspath(config.socket))
         # The bulk listener shares the gRPC host; its port is told per transfer (OpenBulk).
-        self.bulk = BulkServer(host, self.agent.bulk_source, config.rpc_timeout)
+        self.bulk = BulkServer(host, self.agent.bulk_source, config.rpc_timeout,
+                               config.tls.server_context() if config.tls else None)
         self.agent.bulk_address = f"{advertise.rpartition(':')[0]}:{self.bulk.port}"
         self.bulk.start()
         node_pb2_grpc.add_NodeServicer_to_server(NodeServicer(self.agent), self._grpc)
@@ -148,6 +157,22 @@ class NodeServer:
         log.info("node stopped")
 
 
+def own_node_id(tls: TlsConfig | None) -> str | None:
+    """The node id this agent's certificate names; None without TLS. InvalidArgument if
+    the certificate is not an agent's (``vas://node/<id>``)."""
+    if tls is None:
+        return None
+    with open(tls.cert, "rb") as pem:
+        try:
+            peer = peer_of_cert(x509.load_pem_x509_certificate(pem.read()))
+        except PermissionDenied as exc:
+            raise InvalidArgument(f"--tls-cert {tls.cert}: {exc}") from exc
+    if peer.kind is not PeerKind.NODE:
+        raise InvalidArgument(f"--tls-cert {tls.cert} names {peer}, not a node "
+                              "(an agent needs a vas://node/<id> certificate)")
+    return peer.name
+
+
 def _raise_fd_limit() -> None:
     """Each held segment keeps two fds and each client one: lift the soft limit to the hard one."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -175,7 +200,8 @@ def serve(config: NodeConfig, stop: threading.Event | None = None) -> None:
     :param config: the agent's configuration.
     :param stop: an event that ends the agent like SIGTERM (for embedding; the
         signal handlers are installed only in the main thread).
-    :raises InvalidArgument: for a bad configuration.
+    :raises InvalidArgument: for a bad configuration (a plaintext non-loopback listen
+        without ``insecure``; an ``--id`` other than the certificate's).
     :raises OSError: when the gRPC port or the socket path cannot be bound.
 
     Example::

@@ -1,4 +1,12 @@
-"""The Node gRPC service: what this agent offers to other agents (thin: check, call, translate)."""
+"""The Node gRPC service: what this agent offers to other agents (thin: check, call, translate).
+
+Who may call (with TLS; without it every peer is LOOPBACK and passes): the
+page calls (ReadPages, OpenBulk, ChunkHashes, WritePages) agents, which vouch for
+their callers, and user certificates, checked against the segment's current
+record (``Agent.check_peer``); ReleaseSegment and ReleaseReplica (steps of a delete
+that the coordinator already allowed) only agents; SegmentChanged agents and
+coordinators.
+"""
 from __future__ import annotations
 
 import os
@@ -6,6 +14,7 @@ import os
 import grpc
 
 from vas.core.errors import InvalidArgument, VasError, abort_with
+from vas.core.identity import PeerKind, peer_of_context
 from vas.node.agent import Agent
 from vas.proto import node_pb2, node_pb2_grpc
 
@@ -23,6 +32,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
     def ReleaseSegment(self, request: node_pb2.ReleaseSegmentRequest,
                        context: grpc.ServicerContext) -> node_pb2.ReleaseSegmentResponse:
         try:
+            peer_of_context(context).require((PeerKind.NODE,), "release a segment")
             if not request.id:
                 raise InvalidArgument("ReleaseSegment needs a segment id")
             freed = self.agent.homes.release(request.name, request.id, request.force)
@@ -33,6 +43,8 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
     def SegmentChanged(self, request: node_pb2.SegmentChangedRequest,
                        context: grpc.ServicerContext) -> node_pb2.SegmentChangedResponse:
         try:
+            peer_of_context(context).require((PeerKind.NODE, PeerKind.COORDINATOR),
+                                             "announce a record change")
             if not request.id:
                 raise InvalidArgument("SegmentChanged needs a segment id")
             self.agent.homes.segment_changed(request.name, request.id)
@@ -43,6 +55,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
     def ReleaseReplica(self, request: node_pb2.ReleaseReplicaRequest,
                        context: grpc.ServicerContext) -> node_pb2.ReleaseReplicaResponse:
         try:
+            peer_of_context(context).require((PeerKind.NODE,), "release a replica")
             if not request.id:
                 raise InvalidArgument("ReleaseReplica needs a segment id")
             dropped = self.agent.replicas.drop(request.name, request.id)
@@ -52,7 +65,8 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
 
     def ReadPages(self, request: node_pb2.ReadPagesRequest, context: grpc.ServicerContext):
         try:
-            fd, version = self.agent.page_source(request.id, request.offset, request.length)
+            fd, version = self.agent.page_source(request.id, request.offset, request.length,
+                                                 peer_of_context(context))
         except VasError as exc:
             abort_with(context, exc)
         try:
@@ -67,7 +81,9 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
     def OpenBulk(self, request: node_pb2.OpenBulkRequest,
                  context: grpc.ServicerContext) -> node_pb2.OpenBulkResponse:
         try:
-            info = self.agent.homes.held(request.id).info
+            segment = self.agent.homes.held(request.id)
+            self.agent.check_peer(peer_of_context(context), segment, "r")
+            info = segment.info
         except VasError as exc:
             abort_with(context, exc)
         return node_pb2.OpenBulkResponse(address=self.agent.bulk_address, size=info.size,
@@ -81,13 +97,17 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
             header = first.header
             if not header.id or not header.token:
                 raise InvalidArgument("WritePages needs a segment id and a writer token")
+            segment = self.agent.homes.held(header.id)
+            peer = peer_of_context(context)
+            self.agent.check_peer(peer, segment, "rw")
+            # The coordinator believes the Caller this home forwards: a user's is its own.
+            header.caller.CopyFrom(peer.caller(header.caller))
 
             def pieces():
                 yield first.offset, first.data
                 for chunk in request_iterator:
                     yield chunk.offset, chunk.data
-            return self.agent.writers.write_pages(self.agent.homes.held(header.id), header,
-                                                 pieces())
+            return self.agent.writers.write_pages(segment, header, pieces())
         except VasError as exc:
             abort_with(context, exc)
 
@@ -96,8 +116,9 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         try:
             if not request.id:
                 raise InvalidArgument("ChunkHashes needs a segment id")
-            version, hashes = self.agent.writers.published_hashes(
-                self.agent.homes.held(request.id), request.chunk_size)
+            segment = self.agent.homes.held(request.id)
+            self.agent.check_peer(peer_of_context(context), segment, "r")
+            version, hashes = self.agent.writers.published_hashes(segment, request.chunk_size)
         except VasError as exc:
             abort_with(context, exc)
         return node_pb2.ChunkHashesResponse(version=version, hashes=hashes)

@@ -7,6 +7,10 @@ grpc.health SERVING reply. A process that dies while starting raises
 ``LaunchError`` with the tail of its log. ``stop()`` never leaves a process
 behind: SIGTERM, then SIGKILL at a deadline.
 
+With ``tls=True`` the cluster makes a throwaway CA and certificates in
+``DIR/tls`` (``ClusterCerts``) and runs every hop over mutual TLS, etcd's
+included; its health probes present the certificate of the process they probe.
+
     with LocalCluster("/tmp/vas", nodes=2, memory=1 << 30) as cluster:
         os.environ.update(cluster.env())     # VAS_COORDINATOR, VAS_NODE
         ...
@@ -27,7 +31,9 @@ from concurrent import futures
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from vas.core import certs
 from vas.core.defaults import DEFAULT_MEMORY
+from vas.core.tls import COORDINATOR_HOST, NODE_HOST, TlsConfig, open_channel
 
 #: Seconds a process may take to become ready.
 DEFAULT_START_TIMEOUT = 60.0
@@ -139,9 +145,11 @@ class _Process:
                 raise self._fail("did not report listening in time")
             time.sleep(_POLL)
 
-    def _await_health(self, address: str, deadline: float) -> None:
-        """Wait until grpc.health at ``address`` reports the server SERVING."""
-        with grpc.insecure_channel(address) as channel:
+    def _await_health(self, address: str, deadline: float, tls: TlsConfig | None = None,
+                      server_name: str = "") -> None:
+        """Wait until grpc.health at ``address`` reports the server SERVING (over mutual
+        TLS with ``tls``, checking the server as ``server_name``)."""
+        with open_channel(address, tls, server_name) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while True:
                 try:
@@ -186,9 +194,12 @@ class EtcdProcess(_Process):
     """
 
     def __init__(self, directory: str, *, name: str = "etcd", binary: str | None = None,
-                 unsafe_no_fsync: bool = False):
+                 unsafe_no_fsync: bool = False, tls: TlsConfig | None = None):
+        """``tls``: etcd's certificate (server and client); clients then need
+        ``https://`` and a certificate from the same CA (``--client-cert-auth``)."""
         super().__init__(directory, name)
         self.binary = binary
+        self.tls = tls
         self.unsafe_no_fsync = unsafe_no_fsync
         self.data_dir = os.path.join(self.dir, f"{name}.data")
         self.url = ""
@@ -198,7 +209,9 @@ class EtcdProcess(_Process):
         """Start the process without waiting for it (see ``wait_ready``)."""
         binary = self.binary or find_etcd()
         if not self.url:  # a restart keeps its ports, so clients find it again
-            self.url, self.peer_url = (f"http://127.0.0.1:{free_port()}" for _ in range(2))
+            scheme = "https" if self.tls else "http"
+            self.url = f"{scheme}://127.0.0.1:{free_port()}"
+            self.peer_url = f"http://127.0.0.1:{free_port()}"  # one member: no peer traffic
         client, peer = self.url, self.peer_url
         argv = [binary, "--name", self.name, "--data-dir", self.data_dir,
                 "--listen-client-urls", client, "--advertise-client-urls", client,
@@ -207,6 +220,9 @@ class EtcdProcess(_Process):
                 # Keep an hour of history (for resumed watches), not all of it forever.
                 "--auto-compaction-mode", "periodic", "--auto-compaction-retention", "1h",
                 "--logger", "zap", "--log-outputs", "stderr"]
+        if self.tls:
+            argv += ["--client-cert-auth", "--trusted-ca-file", self.tls.ca,
+                     "--cert-file", self.tls.cert, "--key-file", self.tls.key]
         if self.unsafe_no_fsync:
             argv.append("--unsafe-no-fsync")
         self._spawn(argv, _child_env())
@@ -217,7 +233,10 @@ class EtcdProcess(_Process):
         from etcd3 import etcdrpc
 
         deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(self.url.removeprefix("http://")) as channel:
+        target = self.url.split("://", 1)[1]
+        channel = (grpc.secure_channel(target, self.tls.channel_credentials) if self.tls
+                   else grpc.insecure_channel(target))
+        with channel:
             kv = etcdrpc.KVStub(channel)
             while True:
                 try:
@@ -252,23 +271,29 @@ class CoordinatorProcess(_Process):
     _LISTENING = re.compile(r"vas coordinator listening on (\S+)")
 
     def __init__(self, directory: str, etcd_url: str, *, name: str = "coordinator1",
-                 listen: str = "127.0.0.1:0"):
+                 listen: str = "127.0.0.1:0", tls: TlsConfig | None = None,
+                 args: list[str] | tuple[str, ...] = ()):
+        """``tls``: its certificate (a coordinator's), also used with an https:// etcd;
+        ``args``: more flags of ``vasctl coordinator serve`` (e.g. ``["--insecure"]``)."""
         super().__init__(directory, name)
         self.etcd_url = etcd_url
         self.listen = listen
+        self.tls = tls
+        self.args = list(args)
         self.address = ""
 
     def launch(self) -> "CoordinatorProcess":
         """Start the process without waiting for it (see ``wait_ready``)."""
-        self._spawn([sys.executable, "-m", "vas.cli", "coordinator", "serve",
-                     "--etcd", self.etcd_url, "--listen", self.listen], _child_env())
+        self._spawn([sys.executable, "-m", "vas.cli", *(self.tls.flags() if self.tls else []),
+                     "coordinator", "serve", "--etcd", self.etcd_url, "--listen", self.listen,
+                     *self.args], _child_env())
         return self
 
     def wait_ready(self, timeout: float = DEFAULT_START_TIMEOUT) -> "CoordinatorProcess":
         """Wait for the listening line and health SERVING."""
         deadline = time.monotonic() + timeout
         self.address = self._await_line(self._LISTENING, deadline).group(1)
-        self._await_health(self.address, deadline)
+        self._await_health(self.address, deadline, self.tls, COORDINATOR_HOST)
         return self
 
     def start(self, timeout: float = DEFAULT_START_TIMEOUT) -> "CoordinatorProcess":
@@ -280,7 +305,8 @@ class NodeProcess(_Process):
     """``vasctl node serve`` as node ``node_id`` with its socket at ``socket``.
 
     ``netns`` runs it inside that network namespace (``ip netns exec NAME``);
-    ``args`` are more flags of ``vasctl node serve`` (e.g. ``["--local-workers", "4"]``).
+    ``args`` are more flags of ``vasctl node serve`` (e.g. ``["--local-workers", "4"]``);
+    ``tls`` its certificate (one naming ``vas://node/<node_id>``).
     ``address`` is its Node gRPC host:port once started.
     """
 
@@ -289,8 +315,10 @@ class NodeProcess(_Process):
     def __init__(self, directory: str, coordinator: str, *, node_id: str = "node1",
                  memory: int = DEFAULT_MEMORY, socket: str | None = None, listen: str = "127.0.0.1:0",
                  data_dir: str | None = None, netns: str | None = None,
-                 writer_ttl: int | None = None, args: list[str] | tuple[str, ...] = ()):
+                 writer_ttl: int | None = None, args: list[str] | tuple[str, ...] = (),
+                 tls: TlsConfig | None = None):
         super().__init__(directory, node_id)
+        self.tls = tls
         self.writer_ttl = writer_ttl
         self.args = list(args)
         self.coordinator = coordinator
@@ -304,7 +332,8 @@ class NodeProcess(_Process):
 
     def launch(self) -> "NodeProcess":
         """Start the process without waiting for it (see ``wait_ready``)."""
-        argv = [sys.executable, "-m", "vas.cli", "node", "serve",
+        argv = [sys.executable, "-m", "vas.cli", *(self.tls.flags() if self.tls else []),
+                "node", "serve",
                 "--coordinator", self.coordinator, "--listen", self.listen,
                 "--socket", self.socket, "--memory", str(self.memory), "--id", self.node_id]
         if self.data_dir:
@@ -322,7 +351,7 @@ class NodeProcess(_Process):
         deadline = time.monotonic() + timeout
         match = self._await_line(self._LISTENING, deadline)
         self.address = match.group(2)
-        self._await_health(self.address, deadline)
+        self._await_health(self.address, deadline, self.tls, NODE_HOST)
         return self
 
     def start(self, timeout: float = DEFAULT_START_TIMEOUT) -> "NodeProcess":
@@ -340,6 +369,35 @@ def coordinator_target(addresses: list[str]) -> str:
     return addresses[0] if len(addresses) == 1 else "ipv4:" + ",".join(addresses)
 
 
+class ClusterCerts:
+    """A throwaway CA in ``DIR`` and the certificates of a local cluster, each a TlsConfig:
+    ``etcd``, ``coordinator``, ``node(node_id)`` (made on first use) and ``admin`` (a
+    client acting as ``uid``/``gid``, by default this process's)."""
+
+    def __init__(self, directory: str, uid: int | None = None, gid: int | None = None):
+        self.dir = os.path.abspath(directory)
+        self.ca = certs.make_ca(self.dir, "vas throwaway CA")
+        self.etcd = self._issue("etcd", certs.etcd_identity())
+        self.coordinator = self._issue("coordinator", certs.coordinator_identity())
+        uid = os.getuid() if uid is None else uid
+        gid = os.getgid() if gid is None else gid
+        self.admin = self._issue("admin", certs.user_identity(uid, gid))
+        self._nodes: dict[str, TlsConfig] = {}
+
+    def node(self, node_id: str) -> TlsConfig:
+        if node_id not in self._nodes:
+            self._nodes[node_id] = self._issue(node_id, certs.node_identity(node_id))
+        return self._nodes[node_id]
+
+    def user(self, uid: int, gid: int) -> TlsConfig:
+        """A client certificate acting as ``uid``/``gid``."""
+        return self._issue(f"user-{uid}-{gid}", certs.user_identity(uid, gid))
+
+    def _issue(self, stem: str, identity: certs.Identity) -> TlsConfig:
+        cert, key = certs.issue(self.ca, self.dir, stem, identity)
+        return TlsConfig(cert, key, self.ca.cert_path)
+
+
 class LocalCluster:
     """etcd (unless ``etcd_url``), ``coordinators`` coordinators and ``nodes`` agents.
 
@@ -347,14 +405,22 @@ class LocalCluster:
     ``memory`` bytes of capacity (and ``writer_ttl``, when given: the writer-lock
     lease in seconds; ``node_args``: more flags of ``vasctl node serve``) and all
     coordinators as its target. A context manager: ``stop()`` on exit.
+
+    ``tls=True``: mutual TLS everywhere with certificates made in ``DIR/tls``
+    (``certs``, a ClusterCerts); its own etcd then requires client certificates too.
+    An ``etcd_url`` given with ``tls`` must be plaintext (the throwaway CA signs no
+    certificate it would trust).
     """
 
     def __init__(self, directory: str, nodes: int = 1, memory: int = DEFAULT_MEMORY,
                  etcd_url: str | None = None, coordinators: int = 1,
-                 writer_ttl: int | None = None, node_args: list[str] | tuple[str, ...] = ()):
+                 writer_ttl: int | None = None, node_args: list[str] | tuple[str, ...] = (),
+                 tls: bool = False):
         if nodes < 0 or coordinators < 1:
             raise ValueError("a cluster needs >= 1 coordinator and >= 0 nodes")
         self.dir = os.path.abspath(directory)
+        self.tls = tls
+        self.certs: ClusterCerts | None = None
         self.node_count = nodes
         self.memory = memory
         self.coordinator_count = coordinators
@@ -368,16 +434,22 @@ class LocalCluster:
     def start(self, timeout: float = DEFAULT_START_TIMEOUT) -> "LocalCluster":
         """Start everything, waiting on each; on failure stop what started and raise."""
         try:
+            if self.tls and self.certs is None:
+                self.certs = ClusterCerts(os.path.join(self.dir, "tls"))
+            issued = self.certs
             if self.etcd_url is None:
-                self.etcd = EtcdProcess(self.dir).start(timeout)
+                self.etcd = EtcdProcess(self.dir, tls=issued and issued.etcd).start(timeout)
                 self.etcd_url = self.etcd.url
+            # The coordinators' certificate is also their etcd client certificate.
             self.coordinators = [CoordinatorProcess(self.dir, self.etcd_url,
-                                                    name=f"coordinator{i}")
+                                                    name=f"coordinator{i}",
+                                                    tls=issued and issued.coordinator)
                                  for i in range(1, self.coordinator_count + 1)]
             _start_all(self.coordinators, timeout)
             target = coordinator_target([c.address for c in self.coordinators])
             self.nodes = [NodeProcess(self.dir, target, node_id=f"node{i}", memory=self.memory,
-                                      writer_ttl=self.writer_ttl, args=self.node_args)
+                                      writer_ttl=self.writer_ttl, args=self.node_args,
+                                      tls=issued and issued.node(f"node{i}"))
                           for i in range(1, self.node_count + 1)]
             _start_all(self.nodes, timeout)
         except BaseException:
@@ -396,10 +468,13 @@ class LocalCluster:
             raise errors[0]
 
     def env(self) -> dict[str, str]:
-        """Environment for clients: VAS_COORDINATOR (first coordinator), VAS_NODE (first node)."""
+        """Environment for clients: VAS_COORDINATOR (first coordinator), VAS_NODE (first
+        node), and with TLS the VAS_TLS_* files of the admin certificate."""
         env = {"VAS_COORDINATOR": self.coordinators[0].address}
         if self.nodes:
             env["VAS_NODE"] = self.nodes[0].socket
+        if self.certs is not None:
+            env.update(self.certs.admin.env())
         return env
 
     def __enter__(self) -> "LocalCluster":

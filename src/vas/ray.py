@@ -31,6 +31,9 @@ How vas rides on Ray (Ray is the only launcher; nothing else is installed):
 - **Child processes die with their actor**: each is started through a one-line
   wrapper that sets ``PR_SET_PDEATHSIG`` and then execs the daemon, so a killed
   actor (``ray stop``, a node's end) does not leave an agent or etcd behind.
+- **Plaintext, like Ray**: the coordinator and agents listen on the nodes' IPs with
+  ``--insecure`` (no TLS): the Ray cluster's network is trusted, as Ray's own ports
+  (GCS, raylets, object manager) are by default. Mutual TLS here is not built yet.
 - **Locality**: the agent's node id *is* the Ray node id, so a dataset's home
   (``SegmentRef.home``) names the Ray node to run a task on (``node_affinity``).
 """
@@ -106,7 +109,8 @@ class _Control:
                 _tie_to_this_process(self.etcd)
                 self.etcd.start()
             self.coordinator = CoordinatorProcess(
-                self.dir, etcd or self.etcd.url, listen=f"{ray.util.get_node_ip_address()}:0")
+                self.dir, etcd or self.etcd.url, listen=f"{ray.util.get_node_ip_address()}:0",
+                args=["--insecure"])  # plaintext on Ray's network (module docstring)
             _tie_to_this_process(self.coordinator)
             self.coordinator.start()
         except BaseException:
@@ -142,7 +146,7 @@ class _Agent:
             with contextlib.suppress(PermissionError):  # made by another user: as it is
                 os.chmod(path, 0o755)
         self.process = NodeProcess(self.dir, coordinator, node_id=node_id, memory=memory,
-                                   socket=self.socket,
+                                   socket=self.socket, args=["--insecure"],
                                    listen=f"{ray.util.get_node_ip_address()}:0")
         _tie_to_this_process(self.process)
         try:

@@ -18,6 +18,8 @@ import pytest
 
 import vas
 from vas.cluster import LocalCluster
+from vas.core.tls import COORDINATOR_HOST, TlsConfig, open_channel
+from vas.proto import coordinator_pb2, coordinator_pb2_grpc
 
 MiB = 1 << 20
 NODE_MEMORY = 256 * MiB
@@ -235,8 +237,11 @@ def test_spaces(vasctl):
 # -- vasctl up ----------------------------------------------------------------------------
 
 def test_up_serves_until_sigterm():
+    """With --tls (the plaintext cluster is the next test's): the exports name an admin
+    certificate that the coordinator accepts over mutual TLS, and local clients work."""
     directory = tempfile.mkdtemp(prefix="vas-it-up-")
-    proc = subprocess.Popen([*VASCTL, "up", "--nodes", "2", "--dir", directory, "--memory", "64MiB"],
+    proc = subprocess.Popen([*VASCTL, "up", "--nodes", "2", "--dir", directory, "--memory", "64MiB",
+                             "--tls"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/")
     try:
         exports, sockets = {}, []
@@ -252,6 +257,13 @@ def test_up_serves_until_sigterm():
         assert exports["VAS_NODE"] == sockets[0]
         with vas.connect(exports["VAS_NODE"]) as c:
             assert [n.socket for n in c.nodes()] == sockets
+        admin = TlsConfig.load(exports["VAS_TLS_CERT"], exports["VAS_TLS_KEY"],
+                               exports["VAS_TLS_CA"])
+        assert admin.cert == os.path.join(directory, "tls", "admin.pem")
+        with open_channel(exports["VAS_COORDINATOR"], admin, COORDINATOR_HOST) as channel:
+            nodes = coordinator_pb2_grpc.CoordinatorStub(channel).ListNodes(
+                coordinator_pb2.ListNodesRequest(), timeout=10).nodes
+            assert [n.id for n in nodes] == ["node1", "node2"]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
         assert not any(os.path.exists(s) for s in sockets)  # the agents are gone

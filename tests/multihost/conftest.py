@@ -232,12 +232,15 @@ def hosts():
         hosts.etcd.url = f"http://{hosts.bridge_ip}:{free_port()}"
         hosts.etcd.peer_url = f"http://127.0.0.1:{free_port()}"
         hosts.etcd.start()
+        # Plaintext on the bridge: --insecure (the network is this test's own; the TLS
+        # tests are in tests/integration/test_tls.py).
         hosts.coordinator = CoordinatorProcess(hosts.dir, hosts.etcd.url,
-                                               listen=f"{hosts.bridge_ip}:0").start()
+                                               listen=f"{hosts.bridge_ip}:0",
+                                               args=["--insecure"]).start()
         hosts.nodes = [NodeProcess(hosts.dir, hosts.coordinator.address, node_id=f"host-{c}",
                                    memory=MEMORY, listen=f"{ip}:0", netns=ns,
                                    socket=os.path.join(hosts.dir, f"{c}.sock"),
-                                   writer_ttl=WRITER_TTL)
+                                   writer_ttl=WRITER_TTL, args=["--insecure"])
                        for c, ip, ns in zip(letters, hosts.ips, hosts.namespaces)]
         for node in hosts.nodes:
             node.launch()

@@ -130,6 +130,8 @@ def test_grpc_target_of_etcd_urls():
     assert grpc_target("http://127.0.0.1:2379") == "127.0.0.1:2379"
     assert grpc_target("http://etcd") == "etcd:2379"
     assert grpc_target("http://10.0.0.1:1,http://10.0.0.2:2") == "ipv4:10.0.0.1:1,10.0.0.2:2"
-    for bad in ("127.0.0.1:2379", "https://x:1", "http://a:1,http://b:2"):
+    assert grpc_target("https://127.0.0.1:2379") == "127.0.0.1:2379"  # etcd behind TLS
+    for bad in ("127.0.0.1:2379", "ftp://x:1", "http://a:1,http://b:2",
+                "http://10.0.0.1:1,https://10.0.0.2:2"):
         with pytest.raises(InvalidArgument):
             grpc_target(bad)

@@ -31,7 +31,7 @@ def home():
     fd, ro_fd = store_mod.allocate("home", SIZE)
     os.pwrite(fd, data, 0)
 
-    def source(segment_id: int, offset: int, length: int) -> int:
+    def source(segment_id: int, offset: int, length: int, peer) -> int:
         if segment_id != SEGMENT:
             raise NotFound(f"segment id {segment_id} is not held")
         if length <= 0 or offset < 0 or offset + length > SIZE:

@@ -1,6 +1,7 @@
 """``vasctl coordinator serve`` and ``vasctl node serve``: flags and VAS_* variables -> configs.
 
-This is the one place where daemon flags meet their environment-variable defaults.
+This is the one place where daemon flags meet their environment-variable defaults (the
+TLS files, global options of every command, are resolved by vas.cli.main.tls_config).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from vas.core.defaults import (DEFAULT_COORDINATOR_LISTEN, DEFAULT_FAULT_TIMEOUT
                                DEFAULT_MAX_CONNECTIONS_PER_UID, DEFAULT_MAX_FAULTS_PER_UID,
                                DEFAULT_MEMORY, DEFAULT_NODE_LISTEN, DEFAULT_SOCKET,
                                DEFAULT_WORKERS_LEFT_TO_OTHERS, DEFAULT_WRITER_TTL)
+from vas.core.errors import InvalidArgument
 from vas.core.sizes import format_size, parse_size
 
 
@@ -24,7 +26,25 @@ def register(nouns: argparse._SubParsersAction) -> None:
     serve.add_argument("--listen", default=os.environ.get("VAS_LISTEN", DEFAULT_COORDINATOR_LISTEN),
                        help="host:port to serve gRPC on; port 0 picks a free one "
                             f"(default $VAS_LISTEN or {DEFAULT_COORDINATOR_LISTEN})")
+    _add_tls_serve_options(serve)
+    for flag, env, what in (("--etcd-cert", "VAS_ETCD_CERT", "client certificate"),
+                            ("--etcd-key", "VAS_ETCD_KEY", "its private key"),
+                            ("--etcd-ca", "VAS_ETCD_CA", "CA of etcd's certificate")):
+        serve.add_argument(flag, metavar="FILE", default=os.environ.get(env),
+                           help=f"for an https:// etcd: {what} (PEM); all three or none; "
+                                f"default ${env}, else the --tls-* files")
     serve.set_defaults(func=serve_coordinator)
+
+
+def _add_tls_serve_options(serve: argparse.ArgumentParser) -> None:
+    """The TLS flags (also global) and --insecure, of a daemon."""
+    from vas.cli.main import add_tls_options
+
+    add_tls_options(serve, here=True)
+    serve.add_argument("--insecure", action="store_true",
+                       default=os.environ.get("VAS_INSECURE") == "1",
+                       help="without TLS, listen on a non-loopback address anyway: whoever "
+                            "reaches the port is trusted (default: refused; $VAS_INSECURE=1)")
 
 
 
@@ -56,6 +76,7 @@ def add_node_serve(node_verbs: argparse._SubParsersAction) -> None:
                             "fails to deliver its chunk; then the faulting thread gets SIGBUS "
                             f"(default $VAS_FAULT_TIMEOUT or {DEFAULT_FAULT_TIMEOUT:g})")
     _add_local_limits(serve)
+    _add_tls_serve_options(serve)
     serve.set_defaults(func=serve_node)
 
 
@@ -89,8 +110,41 @@ def serve_coordinator(args: argparse.Namespace) -> int:
 
     if not args.etcd:
         raise UsageError("--etcd is required (or set $VAS_ETCD)")
-    serve(CoordinatorConfig(etcd=args.etcd, listen=args.listen))
+    tls = _checked_tls(args)
+    serve(CoordinatorConfig(etcd=args.etcd, listen=args.listen, tls=tls,
+                            insecure=args.insecure, etcd_tls=_etcd_tls(args, tls)))
     return 0
+
+
+def _checked_tls(args: argparse.Namespace):
+    """The daemon's TlsConfig; UsageError (exit 2) for a plaintext non-loopback --listen
+    without --insecure (serve checks it too, for callers that skip the CLI)."""
+    from vas.cli.main import UsageError, tls_config
+    from vas.core.tls import check_listen
+
+    tls = tls_config(args)
+    try:
+        check_listen(args.listen, tls, args.insecure)
+    except InvalidArgument as exc:
+        raise UsageError(str(exc)) from exc
+    return tls
+
+
+def _etcd_tls(args: argparse.Namespace, tls):
+    """The etcd client TLS files: --etcd-cert/--etcd-key/--etcd-ca, else for an
+    https:// etcd the --tls-* ones (one CA may sign both); None for http://."""
+    from vas.cli.main import UsageError
+    from vas.core.tls import TlsConfig
+
+    flags = (("--etcd-cert", "VAS_ETCD_CERT"), ("--etcd-key", "VAS_ETCD_KEY"),
+             ("--etcd-ca", "VAS_ETCD_CA"))
+    try:
+        own = TlsConfig.load(args.etcd_cert, args.etcd_key, args.etcd_ca, flags)
+    except InvalidArgument as exc:
+        raise UsageError(str(exc)) from exc
+    if own is not None or not args.etcd.strip().startswith("https://"):
+        return own
+    return tls
 
 
 def serve_node(args: argparse.Namespace) -> int:
@@ -100,7 +154,7 @@ def serve_node(args: argparse.Namespace) -> int:
 
     if not args.coordinator:
         raise UsageError("--coordinator is required (or set $VAS_COORDINATOR)")
-    serve(NodeConfig(coordinator=args.coordinator, listen=args.listen, socket=args.socket,
+    serve(NodeConfig(tls=_checked_tls(args), insecure=args.insecure,coordinator=args.coordinator, listen=args.listen, socket=args.socket,
                      memory=args.memory, data_dir=args.data_dir, node_id=args.node_id,
                      writer_ttl=args.writer_ttl, fault_timeout=args.fault_timeout,
                      local_workers=args.local_workers,

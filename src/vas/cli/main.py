@@ -63,6 +63,34 @@ def add_output_option(parser: argparse.ArgumentParser) -> None:
                         help="output format (default table)")
 
 
+def add_tls_options(parser: argparse.ArgumentParser, *, here: bool = False) -> None:
+    """``--tls-cert/--tls-key/--tls-ca``: mutual TLS on every TCP connection the command
+    makes or serves. Global options; ``here`` repeats them on a subcommand (its values,
+    when given there, win) so that ``vasctl node serve --tls-cert ...`` works too."""
+    default = argparse.SUPPRESS if here else None
+    for flag, env, what in (("--tls-cert", "VAS_TLS_CERT", "this process's certificate (PEM)"),
+                            ("--tls-key", "VAS_TLS_KEY", "its private key (PEM)"),
+                            ("--tls-ca", "VAS_TLS_CA", "the CA that signs every peer's "
+                                                       "certificate (PEM)")):
+        parser.add_argument(flag, metavar="FILE", default=default,
+                            help=f"{what}; all three or none (default ${env})")
+
+
+def tls_config(args: argparse.Namespace):
+    """The TlsConfig of the TLS options (or $VAS_TLS_*), None without; UsageError when
+    only some are given or a file cannot be used."""
+    import os
+
+    from vas.core.tls import FLAGS, TlsConfig
+
+    paths = [getattr(args, flag[2:].replace("-", "_"), None) or os.environ.get(env)
+             for flag, env in FLAGS]
+    try:
+        return TlsConfig.load(*paths)
+    except InvalidArgument as exc:
+        raise UsageError(str(exc)) from exc
+
+
 def connect(args: argparse.Namespace):
     """The client for a command's ``--node``."""
     import vas
@@ -76,8 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = Parser(
         prog="vasctl",
+        # The global --tls-* options must not claim a subcommand's `--tls` as their prefix.
+        allow_abbrev=False,
         description="Operate a vas cluster: named, permissioned memory segments shared across machines.",
     )
+    add_tls_options(parser)
     nouns = parser.add_subparsers(dest="noun", metavar="COMMAND", required=True)
     for module in (up, daemons, seg, space, node, status):
         module.register(nouns)
@@ -88,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if getattr(args, "tls_options", True):  # checked by every command but `up`
+            tls_config(args)
         return args.func(args) or EXIT_OK
     except UsageError as exc:
         parser.exit(EXIT_USAGE, f"vasctl: error: {exc}\n")

@@ -54,9 +54,14 @@ def register(nouns: argparse._SubParsersAction) -> None:
                    help="directory for sockets, logs and etcd data (default: a new temporary one, removed at exit)")
     p.add_argument("--memory", type=size_type, default=DEFAULT_MEMORY,
                    help=f"segment memory per node, e.g. 4GiB (default {format_size(DEFAULT_MEMORY)})")
+    p.add_argument("--tls", action="store_true",
+                   help="mutual TLS on every hop, etcd's included, with a throwaway CA and "
+                        "certificates made in DIR/tls; prints the VAS_TLS_* exports of an "
+                        "admin client (this user)")
     p.add_argument("--demo", action="store_true",
                    help="run the demo (write a segment in one process, read it in another) and exit")
-    p.set_defaults(func=up)
+    # Its daemons get certificates of their own (--tls): the TLS options are not its.
+    p.set_defaults(func=up, tls_options=False)
 
 
 def _positive_int(text: str) -> int:
@@ -70,7 +75,15 @@ def _positive_int(text: str) -> int:
 
 
 def up(args) -> int:
+    from vas.cli.main import UsageError
     from vas.cluster import LocalCluster
+
+    if args.tls_cert or args.tls_key or args.tls_ca:
+        raise UsageError("vasctl up does not take --tls-cert/--tls-key/--tls-ca: its daemons "
+                         "each need their own certificate; --tls makes them")
+    if args.tls and args.etcd and args.etcd.strip().startswith("https://"):
+        raise UsageError("vasctl up --tls cannot use an https:// --etcd: its throwaway CA "
+                         "signs no certificate that etcd trusts")
 
     made_dir = args.dir is None
     directory = tempfile.mkdtemp(prefix="vas-") if made_dir else os.path.abspath(args.dir)
@@ -81,7 +94,8 @@ def up(args) -> int:
 
     stop = threading.Event()
     previous = {}
-    cluster = LocalCluster(directory, nodes=args.nodes, memory=args.memory, etcd_url=args.etcd)
+    cluster = LocalCluster(directory, nodes=args.nodes, memory=args.memory, etcd_url=args.etcd,
+                           tls=args.tls)
     try:
         # Until serving starts, SIGINT is a KeyboardInterrupt (exit 130), still stopping
         # whatever started; SIGTERM too.

@@ -219,7 +219,7 @@ def test_remote_rw_attach_takes_the_lock_and_delete_reaches_the_home(node1, node
 
 
 def test_chmod_and_chown_elsewhere_reach_the_home_cache_at_once(node1, node2, client, name):
-    """node2 tells the home (Node.SegmentChanged) before its chmod/chown returns."""
+    """The coordinator tells the home (Node.SegmentChanged) before node2's chmod/chown returns."""
     client.create(name, PS, mode=0o600)
     probe = """
         import json, sys
