@@ -154,12 +154,13 @@ def serve_node(args: argparse.Namespace) -> int:
 
     if not args.coordinator:
         raise UsageError("--coordinator is required (or set $VAS_COORDINATOR)")
-    serve(NodeConfig(tls=_checked_tls(args), insecure=args.insecure,coordinator=args.coordinator, listen=args.listen, socket=args.socket,
+    serve(NodeConfig(coordinator=args.coordinator, listen=args.listen, socket=args.socket,
                      memory=args.memory, data_dir=args.data_dir, node_id=args.node_id,
                      writer_ttl=args.writer_ttl, fault_timeout=args.fault_timeout,
                      local_workers=args.local_workers,
                      max_connections_per_uid=args.max_connections_per_uid,
                      max_attachments_per_uid=args.max_attachments_per_uid,
                      max_faults_per_uid=args.max_faults_per_uid,
-                     max_requests_per_uid=args.max_requests_per_uid))
+                     max_requests_per_uid=args.max_requests_per_uid,
+                     tls=_checked_tls(args), insecure=args.insecure))
     return 0
