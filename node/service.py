@@ -85,6 +85,10 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
             def pieces():
                 yield first.offset, first.data
                 for chunk in request_iterator:
+                    # A second header could name another segment: refused, never ignored.
+                    if chunk.HasField("header"):
+                        raise InvalidArgument("WritePages takes a header in its first "
+                                              "message only")
                     yield chunk.offset, chunk.data
             return self.agent.writers.write_pages(self.agent.homes.held(header.id), header,
                                                  pieces())
