@@ -20,7 +20,8 @@ from vas.coordinator.watch import SegmentWatch
 from vas.coordinator.writers import Writers
 from vas.core.errors import InvalidArgument, VasError, abort_with
 from vas.core.validate import (MAX_NAME_LENGTH, check_attach_mode, check_meta, check_mode,
-                               check_name, check_seconds, check_size)
+                               check_name, check_replicas, check_seconds, check_segment_id,
+                               check_size)
 from vas.proto import coordinator_pb2 as pb, coordinator_pb2_grpc
 
 #: ListSegments page size when the request asks for 0, and the largest allowed.
@@ -105,7 +106,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         if not request.node.address:
             raise InvalidArgument(f"node {request.node.id!r} has no address")
         for segment_id in request.held:
-            check_positive(segment_id, "held segment id")
+            check_segment_id(segment_id, "held segment id")
         lease, ttl, lost = self.nodes.register(
             request.node, int(check_seconds(request.ttl_seconds, "node ttl")),
             reconcile=request.reconcile, held=request.held)
@@ -136,7 +137,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         home = check_node_id(request.home or caller.node, "home node")
         return self.segments.create(
             caller, check_name(request.name), check_size(request.size),
-            check_mode(request.mode), home, request.replicas,
+            check_mode(request.mode), home, check_replicas(request.replicas),
             check_seconds(request.ttl_seconds, "ttl"), check_lease(request.lease_id),
             check_meta(request.meta))
 
@@ -151,7 +152,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                                   f"{MAX_CHECK_SEGMENTS}")
         for ref in request.segments:
             check_name(ref.name)
-            check_positive(ref.id, "segment id")
+            check_segment_id(ref.id)
         return pb.CheckSegmentsResponse(gone=self.segments.check(request.segments))
 
     @translated
@@ -177,12 +178,13 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
     def DeleteSegment(self, request, context):
         # `force` is the agents' business (they revoke attachments); the mark is the same.
         return self.segments.mark_deleting(caller_of(request), check_name(request.name),
-                                           finish=request.finish, segment_id=request.id)
+                                           finish=request.finish,
+                                           segment_id=check_segment_id(request.id, optional=True))
 
     @translated
     def FinishDelete(self, request, context):
         copies = self.segments.finish_delete(check_name(request.name),
-                                             check_positive(request.id, "segment id"))
+                                             check_segment_id(request.id))
         return pb.FinishDeleteResponse(copies=copies)
 
     @translated
@@ -190,6 +192,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         check_node_id(request.node_id)
         for count in request.counts:
             check_name(count.name)
+            check_segment_id(count.id)
         gone = self.segments.report_attachments(
             request.node_id, check_positive(request.lease_id, "lease id"), request.counts)
         return pb.ReportAttachmentsResponse(gone=gone)
@@ -220,7 +223,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
     def PublishVersion(self, request, context):
         caller_of(request)
         return self.writers.publish(check_name(request.name),
-                                    check_positive(request.id, "segment id"),
+                                    check_segment_id(request.id),
                                     check_positive(request.token, "token"),
                                     check_lease(request.lease_id))
 

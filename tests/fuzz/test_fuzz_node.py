@@ -8,10 +8,11 @@ checking.
 from __future__ import annotations
 
 import grpc
+import pytest
 from hypothesis import given, strategies as st
 
 import strategies as s
-from fuzzkit import CALL_TIMEOUT, CANARY_SIZE, expect_precise, examples
+from fuzzkit import CALL_TIMEOUT, CANARY, CANARY_SIZE, VICTIMS, examples, expect_precise
 from vas.proto import node_pb2, types_pb2
 
 
@@ -78,16 +79,13 @@ def test_write_pages(fuzzed, data, index):
 
 
 def test_write_pages_refuses_a_second_header(fuzzed):
-    """A header in a later chunk (another segment's id) is refused, not ignored."""
-    victim = fuzzed.ids()[1]
+    """A header in a later message (another segment's) is refused, not ignored: before
+    the token is even checked, so the canary named first is never written."""
     first = node_pb2.WritePagesChunk(header=node_pb2.WritePagesHeader(
-        name="fuzz-victim", id=victim, token=1, lease_id=1), offset=0, data=b"x")
+        name=CANARY, id=fuzzed.canary.id, token=1, lease_id=1), offset=0, data=b"x")
     second = node_pb2.WritePagesChunk(header=node_pb2.WritePagesHeader(
-        name="fuzz-canary", id=fuzzed.canary.id, token=1, lease_id=1), offset=0, data=b"y")
-    try:
+        name=VICTIMS[0], id=fuzzed.ids()[1], token=1, lease_id=1), offset=0, data=b"y")
+    with pytest.raises(grpc.RpcError) as caught:
         fuzzed.nodes[0].WritePages(iter([first, second]), timeout=CALL_TIMEOUT)
-    except grpc.RpcError as exc:
-        assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT, exc
-        assert "header" in exc.details()
-    else:
-        raise AssertionError("WritePages accepted a second header")
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value
+    assert caught.value.details() == "WritePages takes a header in its first message only"
