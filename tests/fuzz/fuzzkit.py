@@ -109,6 +109,8 @@ class FuzzCluster:
             pytest.fail(f"daemons died during {target}: {dead}\n"
                         + "\n".join(p.tail(40) for p in self.processes if not p.alive()))
         for process in self.processes:
+            with open(process.log_path, errors="replace") as log:
+                assert "Traceback" not in log.read(), f"{process.name}:\n{process.tail(60)}"
             with grpc.insecure_channel(process.address) as channel:
                 status = health_pb2_grpc.HealthStub(channel).Check(
                     health_pb2.HealthCheckRequest(), timeout=CALL_TIMEOUT).status
