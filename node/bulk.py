@@ -15,6 +15,13 @@ bytes. A connection carries any number of requests, one after another: an
 eager fetch sends one range per connection (``fetch``), a lazy replica keeps a
 few connections open and sends one small range per page fault (``Channel``),
 so a chunk costs one round trip on a warm connection instead of a gRPC call.
+
+Hostile peers: a header with the wrong magic is answered INVALID_ARGUMENT and the
+connection closed (its framing cannot be trusted); a range outside the segment or an
+unknown id gets its status and the connection stays; a truncated header or a peer
+silent past the timeout just ends the connection. One peer host holds at most
+``--max-bulk-per-peer`` connections and all peers ``_MAX_CONNECTIONS``; past either
+the connection is answered RESOURCE_EXHAUSTED naming the limit, and closed.
 """
 from __future__ import annotations
 
@@ -26,8 +33,10 @@ import threading
 import time
 from collections.abc import Callable
 
-from vas.core.errors import Unavailable, VasError, from_status, status_code
+from vas.core.errors import (CapacityExceeded, InvalidArgument, Unavailable, VasError,
+                             from_status, status_code)
 from vas.node import locks
+from vas.node.limits import Counts, Limit
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +45,8 @@ _REQUEST = struct.Struct("<8sQQQ")
 _REPLY = struct.Struct("<8sIQ")
 #: Largest single recv_into: big reads keep the per-call overhead negligible.
 _RECV_MAX = 8 << 20
-#: Concurrent bulk connections a home serves; more are refused (UNAVAILABLE).
+#: Concurrent bulk connections a home serves, from all peers; more are refused
+#: (RESOURCE_EXHAUSTED).
 _MAX_CONNECTIONS = 64
 #: Attempts per range before the transfer fails (a reset connection is retried once).
 _ATTEMPTS = 2
@@ -71,13 +81,14 @@ def split(length: int, streams: int) -> list[tuple[int, int]]:
 class BulkServer:
     """The home side: a TCP listener that streams held segments with ``os.sendfile``."""
 
-    def __init__(self, host: str, source: Source, timeout: float):
+    def __init__(self, host: str, source: Source, timeout: float, *, per_peer: int):
         self.source = source
         self.timeout = timeout
         host = host.strip("[]")
         self._listener = socket.create_server((host, 0), backlog=128, family=_family(host))
         self.port = self._listener.getsockname()[1]
         self._slots = threading.BoundedSemaphore(_MAX_CONNECTIONS)
+        self._peers = Counts(Limit.BULK, per_peer)
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -103,12 +114,21 @@ class BulkServer:
                     return
                 threading.Event().wait(0.1)  # EMFILE and friends: keep serving
                 continue
-            if not self._slots.acquire(blocking=False):
-                _reply(conn, Unavailable("too many bulk transfers in progress"))
-                conn.close()
+            try:
+                self._admit(peer[0])
+            except CapacityExceeded as exc:
+                _refuse(conn, exc)
                 continue
             threading.Thread(target=self._serve, args=(conn, peer), daemon=True,
                              name="vas-node-bulk-conn").start()
+
+    def _admit(self, host: str) -> None:
+        """Count a connection of ``host``; CapacityExceeded past either limit."""
+        self._peers.take(host)
+        if not self._slots.acquire(blocking=False):
+            self._peers.give(host)
+            raise CapacityExceeded(f"this agent serves {_MAX_CONNECTIONS} bulk connections, "
+                                   "the most allowed")
 
     def _serve(self, conn: socket.socket, peer) -> None:
         try:
@@ -121,6 +141,7 @@ class BulkServer:
         finally:
             conn.close()
             self._slots.release()
+            self._peers.give(peer[0])
 
     def _serve_one(self, conn: socket.socket) -> bool:
         """Answer one request; False when the peer closed (or idled past the timeout)
@@ -133,6 +154,8 @@ class BulkServer:
             return False
         magic, segment_id, offset, length = _REQUEST.unpack(header)
         if magic != MAGIC:
+            _reply(conn, InvalidArgument(f"not a bulk request: magic {magic!r}, "
+                                         f"expected {MAGIC!r}"))
             raise ConnectionError("not a bulk request")
         try:
             fd = self.source(segment_id, offset, length)
@@ -237,7 +260,7 @@ class Channel:
                 conn.sendall(_REQUEST.pack(MAGIC, segment_id, offset, length))
                 _read_reply(conn)
                 _recv_to_fd(conn, buffer, fd, offset, length)
-            except Unavailable:  # the home refused (too many connections) and closed it
+            except CapacityExceeded:  # the home refused (too many connections) and closed it
                 if conn is not None:
                     conn.close()
                 raise
@@ -342,6 +365,18 @@ def _read_reply(conn: socket.socket) -> None:
     message = _recv_exact(conn, size).decode(errors="replace")
     if code:
         raise from_status(status_code(code), message)
+
+
+def _refuse(conn: socket.socket, error: VasError) -> None:
+    """Answer a connection that is not served with ``error`` (without waiting on a
+    peer that does not read), and close it."""
+    try:
+        conn.setblocking(False)
+        _reply(conn, error)
+    except OSError:
+        pass
+    finally:
+        conn.close()
 
 
 def _reply(conn: socket.socket, error: VasError | None, *, more: bool = False) -> None:

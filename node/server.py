@@ -27,6 +27,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from vas.core import validate
+from vas.core.defaults import MAX_CONCURRENT_RPCS
 from vas.core.errors import InvalidArgument
 from vas.node.agent import Agent
 from vas.node.bulk import BulkServer
@@ -68,7 +69,9 @@ class NodeServer:
                             ("--max-connections-per-uid", config.max_connections_per_uid),
                             ("--max-attachments-per-uid", config.max_attachments_per_uid),
                             ("--max-faults-per-uid", config.max_faults_per_uid),
-                            ("--max-requests-per-uid", config.requests_per_uid())):
+                            ("--max-requests-per-uid", config.requests_per_uid()),
+                            ("--max-bulk-per-peer", config.max_bulk_per_peer),
+                            ("--max-streams-per-peer", config.max_streams_per_peer)):
             if value < 1:
                 raise InvalidArgument(f"invalid {flag} {value}: must be >= 1")
         self.config = config
@@ -86,7 +89,8 @@ class NodeServer:
         host, _ = split_host_port(config.listen)
         self._grpc = grpc.server(ThreadPoolExecutor(max_workers=8,
                                                     thread_name_prefix="vas-node-grpc"),
-                                 options=CHANNEL_OPTIONS)
+                                 options=CHANNEL_OPTIONS,
+                                 maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS)
         try:
             port = self._grpc.add_insecure_port(config.listen)
         except RuntimeError as exc:
@@ -100,10 +104,12 @@ class NodeServer:
 
         self.agent = Agent(config, node_id, advertise, os.path.abspath(config.socket))
         # The bulk listener shares the gRPC host; its port is told per transfer (OpenBulk).
-        self.bulk = BulkServer(host, self.agent.bulk_source, config.rpc_timeout)
+        self.bulk = BulkServer(host, self.agent.bulk_source, config.rpc_timeout,
+                               per_peer=config.max_bulk_per_peer)
         self.agent.bulk_address = f"{advertise.rpartition(':')[0]}:{self.bulk.port}"
         self.bulk.start()
-        node_pb2_grpc.add_NodeServicer_to_server(NodeServicer(self.agent), self._grpc)
+        node_pb2_grpc.add_NodeServicer_to_server(
+            NodeServicer(self.agent, config.max_streams_per_peer), self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection(
             (_NODE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc)
