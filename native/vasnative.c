@@ -1152,7 +1152,11 @@ PyDoc_STRVAR(uffd_read_doc,
 "UFFD_FEATURE_EXACT_ADDRESS); for other events flags and address are 0.\n"
 "[] if the fd is non-blocking and nothing is pending.  The GIL is released\n"
 "(a blocking fd waits for a fault).\n"
-"Raises ValueError('max_events must be > 0'), OSError.");
+"Raises ValueError('max_events must be 1..4096'), OSError.");
+
+/* Most events one uffd_read takes: its buffer (32 bytes each) is allocated per
+ * call, so an unbounded count could ask for any amount of memory. */
+#define UFFD_READ_MAX 4096
 
 static PyObject *
 vas_uffd_read(PyObject *Py_UNUSED(mod), PyObject *args, PyObject *kw)
@@ -1166,8 +1170,8 @@ vas_uffd_read(PyObject *Py_UNUSED(mod), PyObject *args, PyObject *kw)
     if (!PyArg_ParseTupleAndKeywords(args, kw, "i|n:uffd_read", kwlist, &fd,
                                      &max_events))
         return NULL;
-    if (max_events <= 0)
-        return value_error("max_events must be > 0");
+    if (max_events <= 0 || max_events > UFFD_READ_MAX)
+        return value_error("max_events must be 1..4096");
     msgs = PyMem_New(struct uffd_msg, (size_t)max_events);
     if (msgs == NULL)
         return PyErr_NoMemory();

@@ -1,4 +1,5 @@
-"""Fuzz vas._native in this process: ``python native_fuzz.py EXAMPLES`` prints one JSON
+"""Fuzz vas._native in this process: ``python native_fuzz.py EXAMPLES [--derandomize]``
+(the suite's fixed inputs, else random ones) prints one JSON
 line ``{"calls": {function: count}}`` and exits 0, or fails with the first input that
 raised anything but the documented errors (ValueError, OverflowError, TypeError,
 OSError). A crash of the extension ends the process with a signal: test_fuzz_native.py
@@ -148,8 +149,8 @@ def _uffd_calls(draw):
     return which, function, (fd, address, length), {"mode": draw(SIZES)}
 
 
-def main(examples: int) -> None:
-    @settings(max_examples=examples, deadline=None, database=None,
+def main(examples: int, derandomize: bool) -> None:
+    @settings(max_examples=examples, deadline=None, database=None, derandomize=derandomize,
               suppress_health_check=list(HealthCheck))
     @given(data=st.data())
     def fuzz(data):
@@ -163,4 +164,4 @@ def main(examples: int) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]))
+    main(int(sys.argv[1]), derandomize="--derandomize" in sys.argv[2:])

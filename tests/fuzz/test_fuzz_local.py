@@ -21,6 +21,7 @@ from hypothesis import given, strategies as st
 import strategies as s
 from fuzzkit import CALL_TIMEOUT, EXPECTED_CODES, SENT, examples
 from vas.core import wire
+from vas.core.defaults import DEFAULT_MAX_CONNECTIONS_PER_UID
 from vas.proto import LOCAL_PROTOCOL, local_pb2
 from waiting import wait_for
 
@@ -220,3 +221,32 @@ def test_register_faults_names_the_wrong_kind(fuzzed, tmp_path, kind, words):
         reply, _ = wire.recv_message(sock, local_pb2.LocalResponse)
     assert reply.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert reply.message == f"RegisterFaults needs a userfaultfd, not {words}"
+
+
+def test_per_uid_connection_limit_holds_under_garbage(fuzzed):
+    """Connections that only ever send garbage still count: the one past
+    --max-connections-per-uid is refused at its first request, and once they close, a
+    new connection is served."""
+    path, most = fuzzed.local.nodes[0].socket, DEFAULT_MAX_CONNECTIONS_PER_UID
+    with contextlib.ExitStack() as stack:
+        held = [stack.enter_context(connected(path)) for _ in range(most)]
+        for sock in held:
+            sock.send(b"\xff\xfe garbage")
+            reply, _ = wire.recv_message(sock, local_pb2.LocalResponse)
+            assert reply.code == grpc.StatusCode.INVALID_ARGUMENT.value[0], reply
+        SENT["local.garbage-held"] += len(held)
+        with connected(path) as extra:
+            extra.send(hello_bytes())
+            reply, _ = wire.recv_message(extra, local_pb2.LocalResponse)
+        assert reply.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+        assert reply.message == (f"uid {os.getuid()} has {most} connections to this agent, "
+                                 "the most allowed (--max-connections-per-uid)")
+    wait_for(lambda: _hello_served(path), "a connection to be served again",
+             timeout=CALL_TIMEOUT)
+
+
+def _hello_served(path: str) -> bool:
+    with connected(path) as sock:
+        sock.send(hello_bytes())
+        reply, _ = wire.recv_message(sock, local_pb2.LocalResponse)
+    return reply is not None and reply.code == 0
