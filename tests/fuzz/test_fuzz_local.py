@@ -36,9 +36,11 @@ _HUGE_VARINT = bytes([0x80] * 8 + [0x40])
 @contextlib.contextmanager
 def connected(path: str):
     sock = wire.new_socket()
-    sock.settimeout(CALL_TIMEOUT)  # the deadline of every exchange: a hang fails the test
     try:
+        # Connected blocking: with a timeout set, a full listen backlog (hundreds of
+        # connections at once) fails with EAGAIN instead of waiting for the accept.
         sock.connect(path)
+        sock.settimeout(CALL_TIMEOUT)  # the deadline of every exchange: a hang fails the test
         yield sock
     finally:
         sock.close()
