@@ -23,15 +23,17 @@ import pytest
 
 from fuzzkit import CRASHES, SCALE, SENT, FuzzCluster
 from vas.cluster import LocalCluster
-from worlds import new_world_dir, wipe
+from worlds import new_world_dir
 
 
-@pytest.fixture(scope="package")
-def fuzz_cluster(etcd):
-    """The cluster every fuzzer of this folder shares (started once: 2 agents)."""
-    wipe(etcd.url)
+@pytest.fixture(scope="session")
+def fuzz_cluster():
+    """The cluster every fuzzer of this folder shares, started once, with an etcd of its
+    own: the fuzzers leave fake nodes and records behind, and its agents heartbeat until
+    the session ends (a folder without __init__.py has no narrower scope), so neither
+    may reach the session etcd that the other tests wipe and read."""
     path = new_world_dir("vas-fuzz-")
-    local = LocalCluster(path, nodes=2, memory=64 << 20, etcd_url=etcd.url).start()
+    local = LocalCluster(path, nodes=2, memory=64 << 20).start()
     shared = None
     try:
         shared = FuzzCluster(local)
