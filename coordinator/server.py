@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from vas.coordinator.config import CoordinatorConfig
 from vas.coordinator.etcd import Etcd
 from vas.coordinator.service import CoordinatorService
+from vas.core.defaults import MAX_CONCURRENT_RPCS, MAX_GRPC_MESSAGE
 from vas.core.errors import VasError
 from vas.core.tls import add_port, check_listen
 from vas.proto import coordinator_pb2, coordinator_pb2_grpc
@@ -51,8 +52,12 @@ def serve(config: CoordinatorConfig, stop: threading.Event | None = None) -> Non
     service = CoordinatorService(config, etcd)
     server = grpc.server(
         futures.ThreadPoolExecutor(config.workers, thread_name_prefix="coordinator"),
-        # Refuse a port another process listens on instead of sharing its traffic.
-        options=[("grpc.so_reuseport", 0)])
+        # Refuse a port another process listens on instead of sharing its traffic; a
+        # message over MAX_GRPC_MESSAGE is refused with RESOURCE_EXHAUSTED.
+        options=[("grpc.so_reuseport", 0),
+                 ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE),
+                 ("grpc.max_send_message_length", MAX_GRPC_MESSAGE)],
+        maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS)
     coordinator_pb2_grpc.add_CoordinatorServicer_to_server(service, server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

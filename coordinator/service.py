@@ -30,7 +30,8 @@ from vas.coordinator.writers import Writers
 from vas.core.errors import InvalidArgument, VasError, abort_with
 from vas.core.identity import PeerKind, peer_of_context
 from vas.core.validate import (MAX_NAME_LENGTH, check_attach_mode, check_meta, check_mode,
-                               check_name, check_seconds, check_size)
+                               check_name, check_replicas, check_seconds, check_segment_id,
+                               check_size)
 from vas.proto import coordinator_pb2 as pb, coordinator_pb2_grpc
 
 #: ListSegments page size when the request asks for 0, and the largest allowed.
@@ -127,7 +128,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         if not request.node.address:
             raise InvalidArgument(f"node {request.node.id!r} has no address")
         for segment_id in request.held:
-            check_positive(segment_id, "held segment id")
+            check_segment_id(segment_id, "held segment id")
         lease, ttl, lost = self.nodes.register(
             request.node, int(check_seconds(request.ttl_seconds, "node ttl")),
             reconcile=request.reconcile, held=request.held)
@@ -160,7 +161,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                             "create a segment homed")
         return self.segments.create(
             caller, check_name(request.name), check_size(request.size),
-            check_mode(request.mode), home, request.replicas,
+            check_mode(request.mode), home, check_replicas(request.replicas),
             check_seconds(request.ttl_seconds, "ttl"), check_lease(request.lease_id),
             check_meta(request.meta))
 
@@ -175,7 +176,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                                   f"{MAX_CHECK_SEGMENTS}")
         for ref in request.segments:
             check_name(ref.name)
-            check_positive(ref.id, "segment id")
+            check_segment_id(ref.id)
         return pb.CheckSegmentsResponse(gone=self.segments.check(request.segments))
 
     @translated
@@ -205,14 +206,14 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
     def DeleteSegment(self, request, context):
         # `force` is the agents' business (they revoke attachments); the mark is the same.
         return self.segments.mark_deleting(caller_of(request, context),
-                                           check_name(request.name),
-                                           finish=request.finish, segment_id=request.id)
+                                           check_name(request.name), finish=request.finish,
+                                           segment_id=check_segment_id(request.id, optional=True))
 
     @translated
     def FinishDelete(self, request, context):
         peer_of_context(context).require((PeerKind.NODE,), "finish a delete")
         copies = self.segments.finish_delete(check_name(request.name),
-                                             check_positive(request.id, "segment id"))
+                                             check_segment_id(request.id))
         return pb.FinishDeleteResponse(copies=copies)
 
     @translated
@@ -220,6 +221,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         require_node(context, check_node_id(request.node_id), "report attachments")
         for count in request.counts:
             check_name(count.name)
+            check_segment_id(count.id)
         gone = self.segments.report_attachments(
             request.node_id, check_positive(request.lease_id, "lease id"), request.counts)
         return pb.ReportAttachmentsResponse(gone=gone)
@@ -251,7 +253,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
     @translated
     def PublishVersion(self, request, context):
         return self.writers.publish(caller_of(request, context), check_name(request.name),
-                                    check_positive(request.id, "segment id"),
+                                    check_segment_id(request.id),
                                     check_positive(request.token, "token"),
                                     check_lease(request.lease_id))
 

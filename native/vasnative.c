@@ -346,14 +346,37 @@ mapping_close(MappingObject *self, PyObject *Py_UNUSED(ignored))
     Py_RETURN_NONE;
 }
 
+/*
+ * The advices a mapping takes: those that only change how its own pages are
+ * read ahead, dropped, populated or inherited.  Others are refused, not passed
+ * on: MADV_HWPOISON and MADV_SOFT_OFFLINE (allowed to root) take physical pages
+ * out of service for the whole machine.
+ */
+static int
+advice_allowed(int advice)
+{
+    switch (advice) {
+    case MADV_NORMAL: case MADV_RANDOM: case MADV_SEQUENTIAL:
+    case MADV_WILLNEED: case MADV_DONTNEED: case MADV_REMOVE:
+    case MADV_DONTFORK: case MADV_DOFORK:
+    case MADV_POPULATE_READ: case MADV_POPULATE_WRITE:
+        return 1;
+    default:
+        return 0;
+    }
+}
+
 PyDoc_STRVAR(mapping_madvise_doc,
 "madvise($self, /, advice, offset=0, length=None)\n--\n\n"
 "madvise(2) the bytes [offset, offset + length) of the mapping.\n\n"
-"advice: MADV_* constant; offset: bytes from the start of the mapping, a\n"
+"advice: one of MADV_NORMAL, RANDOM, SEQUENTIAL, WILLNEED, DONTNEED, REMOVE,\n"
+"DONTFORK, DOFORK, POPULATE_READ, POPULATE_WRITE (the mmap module's or this\n"
+"one's constants); offset: bytes from the start of the mapping, a\n"
 "multiple of PAGE_SIZE; length: bytes, None for up to the end.  Returns\n"
 "None.  The GIL is released (MADV_POPULATE_WRITE can take long).\n"
-"Raises ValueError('mapping is closed' | 'offset must be a non-negative\n"
-"multiple of the page size' | 'length must be >= 0' |\n"
+"Raises ValueError('mapping is closed' | 'advice N is not allowed' |\n"
+"'offset must be a non-negative multiple of the page size' |\n"
+"'length must be >= 0' |\n"
 "'range [A, B) is outside the mapping of N bytes'), OSError.");
 
 static PyObject *
@@ -376,6 +399,8 @@ mapping_madvise(MappingObject *self, PyObject *args, PyObject *kw)
     /* checked after the conversions: an __index__ may have closed us */
     if (self->closed)
         return value_error("mapping is closed");
+    if (!advice_allowed(advice))
+        return PyErr_Format(PyExc_ValueError, "advice %d is not allowed", advice);
     if (offset < 0 || !page_aligned((uint64_t)offset))
         return value_error(
             "offset must be a non-negative multiple of the page size");
@@ -1127,7 +1152,11 @@ PyDoc_STRVAR(uffd_read_doc,
 "UFFD_FEATURE_EXACT_ADDRESS); for other events flags and address are 0.\n"
 "[] if the fd is non-blocking and nothing is pending.  The GIL is released\n"
 "(a blocking fd waits for a fault).\n"
-"Raises ValueError('max_events must be > 0'), OSError.");
+"Raises ValueError('max_events must be 1..4096'), OSError.");
+
+/* Most events one uffd_read takes: its buffer (32 bytes each) is allocated per
+ * call, so an unbounded count could ask for any amount of memory. */
+#define UFFD_READ_MAX 4096
 
 static PyObject *
 vas_uffd_read(PyObject *Py_UNUSED(mod), PyObject *args, PyObject *kw)
@@ -1141,8 +1170,8 @@ vas_uffd_read(PyObject *Py_UNUSED(mod), PyObject *args, PyObject *kw)
     if (!PyArg_ParseTupleAndKeywords(args, kw, "i|n:uffd_read", kwlist, &fd,
                                      &max_events))
         return NULL;
-    if (max_events <= 0)
-        return value_error("max_events must be > 0");
+    if (max_events <= 0 || max_events > UFFD_READ_MAX)
+        return value_error("max_events must be 1..4096");
     msgs = PyMem_New(struct uffd_msg, (size_t)max_events);
     if (msgs == NULL)
         return PyErr_NoMemory();

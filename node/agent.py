@@ -42,7 +42,7 @@ from vas.node.access import check_access, check_peer_access
 from vas.node.clients import CoordinatorClient, PeerClients
 from vas.node.config import NodeConfig
 from vas.node.homes import HomeSegments
-from vas.node.limits import Limit, UidCounts
+from vas.node.limits import Counts, Limit
 from vas.node.membership import Membership, Reporter
 from vas.node.notices import ReplicaNotices
 from vas.node.pool import WarmPool
@@ -79,8 +79,8 @@ class Agent:
         self.sessions = Sessions(node_id)
         #: Per-uid counts (node/limits.py): attachments, attaches in flight included;
         #: userfaultfds held for lazy attachments.
-        self.attachment_counts = UidCounts(Limit.ATTACHMENTS, config.max_attachments_per_uid)
-        self.fault_counts = UidCounts(Limit.FAULTS, config.max_faults_per_uid)
+        self.attachment_counts = Counts(Limit.ATTACHMENTS, config.max_attachments_per_uid)
+        self.fault_counts = Counts(Limit.FAULTS, config.max_faults_per_uid)
         self.reporter = Reporter(node_id, self.coordinator, config.report_delay, self._count,
                                  lambda replica: self.replicas.drop(replica.name, replica.id))
         self.replicas = Replicas(node_id, config, self.store, self.pool, self.coordinator,

@@ -22,6 +22,13 @@ bytes. A connection carries any number of requests, one after another: an
 eager fetch sends one range per connection (``fetch``), a lazy replica keeps a
 few connections open and sends one small range per page fault (``Channel``),
 so a chunk costs one round trip on a warm connection instead of a gRPC call.
+
+Hostile peers: a header with the wrong magic is answered INVALID_ARGUMENT and the
+connection closed (its framing cannot be trusted); a range outside the segment or an
+unknown id gets its status and the connection stays; a truncated header or a peer
+silent past the timeout just ends the connection. One peer host holds at most
+``--max-bulk-per-peer`` connections and all peers ``_MAX_CONNECTIONS``; past either
+the connection is answered RESOURCE_EXHAUSTED naming the limit, and closed.
 """
 from __future__ import annotations
 
@@ -34,10 +41,12 @@ import threading
 import time
 from collections.abc import Callable
 
-from vas.core.errors import Unavailable, VasError, from_status, status_code
+from vas.core.errors import (CapacityExceeded, InvalidArgument, Unavailable, VasError,
+                             from_status, status_code)
 from vas.core.identity import Peer, peer_of_der
 from vas.core.tls import NODE_HOST
 from vas.node import locks
+from vas.node.limits import Counts, Limit
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +55,8 @@ _REQUEST = struct.Struct("<8sQQQ")
 _REPLY = struct.Struct("<8sIQ")
 #: Largest single recv_into: big reads keep the per-call overhead negligible.
 _RECV_MAX = 8 << 20
-#: Concurrent bulk connections a home serves; more are refused (UNAVAILABLE).
+#: Concurrent bulk connections a home serves, from all peers; more are refused
+#: (RESOURCE_EXHAUSTED).
 _MAX_CONNECTIONS = 64
 #: Attempts per range before the transfer fails (a reset connection is retried once).
 _ATTEMPTS = 2
@@ -86,9 +96,9 @@ class BulkServer:
     TLS: ``preadv`` + ``sendall``, see the module docstring)."""
 
     def __init__(self, host: str, source: Source, timeout: float,
-                 tls: ssl.SSLContext | None = None):
+                 tls: ssl.SSLContext | None = None, *, per_peer: int):
         """``tls``: a server context requiring client certificates (TlsConfig.server_context),
-        None for plaintext."""
+        None for plaintext; ``per_peer``: connections one peer host may hold open."""
         self.source = source
         self.timeout = timeout
         self.tls = tls
@@ -96,6 +106,7 @@ class BulkServer:
         self._listener = socket.create_server((host, 0), backlog=128, family=_family(host))
         self.port = self._listener.getsockname()[1]
         self._slots = threading.BoundedSemaphore(_MAX_CONNECTIONS)
+        self._peers = Counts(Limit.BULK, per_peer)
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -121,13 +132,24 @@ class BulkServer:
                     return
                 threading.Event().wait(0.1)  # EMFILE and friends: keep serving
                 continue
-            if not self._slots.acquire(blocking=False):
+            try:
+                self._admit(peer[0])
+            except CapacityExceeded as exc:
                 if self.tls is None:  # a TLS peer just sees its handshake fail: Unavailable
-                    _reply(conn, Unavailable("too many bulk transfers in progress"))
-                conn.close()
+                    _refuse(conn, exc)
+                else:
+                    conn.close()
                 continue
             threading.Thread(target=self._serve, args=(conn, peer), daemon=True,
                              name="vas-node-bulk-conn").start()
+
+    def _admit(self, host: str) -> None:
+        """Count a connection of ``host``; CapacityExceeded past either limit."""
+        self._peers.take(host)
+        if not self._slots.acquire(blocking=False):
+            self._peers.give(host)
+            raise CapacityExceeded(f"this agent serves {_MAX_CONNECTIONS} bulk connections, "
+                                   "the most allowed")
 
     def _serve(self, conn: socket.socket, address) -> None:
         try:
@@ -145,6 +167,7 @@ class BulkServer:
         finally:
             conn.close()
             self._slots.release()
+            self._peers.give(address[0])
 
     def _serve_one(self, conn: socket.socket, peer: Peer) -> bool:
         """Answer one request; False when the peer closed (or idled past the timeout)
@@ -157,6 +180,8 @@ class BulkServer:
             return False
         magic, segment_id, offset, length = _REQUEST.unpack(header)
         if magic != MAGIC:
+            _reply(conn, InvalidArgument(f"not a bulk request: magic {magic!r}, "
+                                         f"expected {MAGIC!r}"))
             raise ConnectionError("not a bulk request")
         try:
             fd = self.source(segment_id, offset, length, peer)
@@ -264,7 +289,7 @@ class Channel:
                 conn.sendall(_REQUEST.pack(MAGIC, segment_id, offset, length))
                 _read_reply(conn)
                 _recv_to_fd(conn, buffer, fd, offset, length)
-            except Unavailable:  # the home refused (too many connections) and closed it
+            except CapacityExceeded:  # the home refused (too many connections) and closed it
                 if conn is not None:
                     conn.close()
                 raise
@@ -385,6 +410,18 @@ def _read_reply(conn: socket.socket) -> None:
     message = _recv_exact(conn, size).decode(errors="replace")
     if code:
         raise from_status(status_code(code), message)
+
+
+def _refuse(conn: socket.socket, error: VasError) -> None:
+    """Answer a connection that is not served with ``error`` (without waiting on a
+    peer that does not read), and close it."""
+    try:
+        conn.setblocking(False)
+        _reply(conn, error)
+    except OSError:
+        pass
+    finally:
+        conn.close()
 
 
 def _reply(conn: socket.socket, error: VasError | None, *, more: bool = False) -> None:

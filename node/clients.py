@@ -11,17 +11,19 @@ import threading
 
 import grpc
 
+from vas.core.defaults import MAX_GRPC_MESSAGE
 from vas.core.errors import NotFound, Unavailable, from_rpc_error
 from vas.core.tls import COORDINATOR_HOST, NODE_HOST, TlsConfig, open_channel
 from vas.node import locks
 from vas.proto import coordinator_pb2 as pb
 from vas.proto import coordinator_pb2_grpc, node_pb2, node_pb2_grpc, types_pb2
 
-#: Channel options shared by every channel the agent opens: the local protocol
-#: allows 4 MiB messages, so the gRPC hop must carry them too.
+#: Channel options shared by every channel the agent opens and its server: the local
+#: protocol allows 4 MiB messages, so the gRPC hop must carry them too; a larger
+#: message is refused with RESOURCE_EXHAUSTED.
 CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", 8 << 20),
-    ("grpc.max_send_message_length", 8 << 20),
+    ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE),
+    ("grpc.max_send_message_length", MAX_GRPC_MESSAGE),
 ]
 
 

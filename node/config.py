@@ -9,8 +9,9 @@ from dataclasses import dataclass
 
 # Shared with the client, the CLI and the coordinator: defined once, in vas.core.defaults.
 from vas.core.defaults import (DEFAULT_FAULT_TIMEOUT, DEFAULT_LOCAL_WORKERS,
-                               DEFAULT_MAX_ATTACHMENTS_PER_UID, DEFAULT_MAX_CONNECTIONS_PER_UID,
-                               DEFAULT_MAX_FAULTS_PER_UID, DEFAULT_MEMORY, DEFAULT_NODE_LISTEN,
+                               DEFAULT_MAX_ATTACHMENTS_PER_UID, DEFAULT_MAX_BULK_PER_PEER,
+                               DEFAULT_MAX_CONNECTIONS_PER_UID, DEFAULT_MAX_FAULTS_PER_UID,
+                               DEFAULT_MAX_STREAMS_PER_PEER, DEFAULT_MEMORY, DEFAULT_NODE_LISTEN,
                                DEFAULT_NODE_TTL, DEFAULT_SOCKET, DEFAULT_WORKERS_LEFT_TO_OTHERS,
                                DEFAULT_WRITER_TTL)
 from vas.core.tls import TlsConfig
@@ -58,6 +59,9 @@ class NodeConfig:
         turn, in order, without an error); None: ``local_workers`` minus
         ``DEFAULT_WORKERS_LEFT_TO_OTHERS`` (at least 1), so one uid always leaves
         workers to the others (``requests_per_uid()``).
+    :param max_bulk_per_peer: bulk connections one peer host may hold open at once.
+    :param max_streams_per_peer: ReadPages and WritePages streams one peer host may
+        have open at once.
     :param tls: mutual TLS of the gRPC port, the bulk channel and every channel this
         agent opens (its certificate must be an agent's); None: plaintext, loopback only
         unless ``insecure``.
@@ -87,6 +91,8 @@ class NodeConfig:
     max_attachments_per_uid: int = DEFAULT_MAX_ATTACHMENTS_PER_UID
     max_faults_per_uid: int = DEFAULT_MAX_FAULTS_PER_UID
     max_requests_per_uid: int | None = None
+    max_bulk_per_peer: int = DEFAULT_MAX_BULK_PER_PEER
+    max_streams_per_peer: int = DEFAULT_MAX_STREAMS_PER_PEER
     tls: TlsConfig | None = None
     insecure: bool = False
 

@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 
-from vas.core.errors import NotFound, Unavailable, VasError
+from vas.core.errors import CapacityExceeded, NotFound, Unavailable, VasError
 from vas.node import bulk, locks
 from vas.node.segments import IllegalMove
 
@@ -374,7 +374,7 @@ class HomeReader:
                 return
             except PagesLost:
                 raise
-            except Unavailable as exc:
+            except (Unavailable, CapacityExceeded) as exc:  # down, or over its bulk limits
                 log.warning("bulk chunk read from node %s failed: %s; using ReadPages for "
                             "%.0f s", self._home, exc, _BULK_RETRY)
                 self._homes.forget(self._home, channel)

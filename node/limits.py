@@ -1,4 +1,5 @@
-"""Per-uid limits on what local clients may make the agent hold.
+"""Per-uid limits on what local clients may make the agent hold, and per-peer limits on
+what remote agents (any TCP peer) may make it serve at once.
 
 Why it exists: every local user shares one agent. Without limits one uid
 could take all of it — connections (fds, and formerly a thread each),
@@ -17,6 +18,13 @@ whose one-line message names the uid, the limit and its flag::
 
 The fourth per-uid limit, requests served at once, queues instead of refusing
 (node/dispatch.py).
+
+Peers are counted by address (host, without the port: one machine may open many
+connections): bulk connections (node/bulk.py) and gRPC page streams, ReadPages and
+WritePages (node/service.py), each of which holds a thread and a memfd while it
+runs. Past the limit the connection or stream is refused the same way::
+
+    peer 10.0.0.7 has 32 bulk connections to this agent, the most allowed (--max-bulk-per-peer)
 """
 from __future__ import annotations
 
@@ -27,24 +35,29 @@ from vas.node import locks
 
 
 class Limit(enum.Enum):
-    """A per-uid limit: (what is counted, the words of the message, the flag that sets it)."""
+    """A limit: (who is counted, what is counted in the words of the message, the flag
+    that sets it)."""
 
-    CONNECTIONS = ("connections to this agent", "--max-connections-per-uid")
-    ATTACHMENTS = ("attachments on this agent", "--max-attachments-per-uid")
-    FAULTS = ("userfaultfds registered with this agent", "--max-faults-per-uid")
+    CONNECTIONS = ("uid", "connections to this agent", "--max-connections-per-uid")
+    ATTACHMENTS = ("uid", "attachments on this agent", "--max-attachments-per-uid")
+    FAULTS = ("uid", "userfaultfds registered with this agent", "--max-faults-per-uid")
+    BULK = ("peer", "bulk connections to this agent", "--max-bulk-per-peer")
+    STREAMS = ("peer", "page streams (ReadPages, WritePages) open on this agent",
+               "--max-streams-per-peer")
 
-    def __init__(self, words: str, flag: str):
+    def __init__(self, who: str, words: str, flag: str):
+        self.who = who
         self.words = words
         self.flag = flag
 
-    def exceeded(self, uid: int, most: int) -> CapacityExceeded:
-        """The error of a uid that holds ``most`` already."""
-        return CapacityExceeded(f"uid {uid} has {most} {self.words}, the most allowed "
+    def exceeded(self, key, most: int) -> CapacityExceeded:
+        """The error of a uid (or peer) ``key`` that holds ``most`` already."""
+        return CapacityExceeded(f"{self.who} {key} has {most} {self.words}, the most allowed "
                                 f"({self.flag})")
 
 
-class UidCounts:
-    """How many of one ``Limit`` each uid holds; ``take`` refuses past ``most``.
+class Counts:
+    """How many of one ``Limit`` each uid (or peer) holds; ``take`` refuses past ``most``.
 
     Callers pair every successful ``take`` with one ``give``. A leaf lock: taken
     with no other lock held, or inside any (it takes none).
@@ -55,26 +68,27 @@ class UidCounts:
             raise ValueError(f"{limit.flag} must be >= 1, not {most}")
         self.limit = limit
         self.most = most
-        self._counts: dict[int, int] = {}
-        self._lock = locks.Lock(f"uid {limit.name.lower()}", locks.Rank.LIMITS)
+        self._counts: dict[object, int] = {}
+        self._lock = locks.Lock(f"{limit.who} {limit.name.lower()}", locks.Rank.LIMITS)
 
-    def take(self, uid: int) -> None:
-        """Count one more for ``uid``; CapacityExceeded if it holds ``most`` already."""
+    def take(self, key) -> None:
+        """Count one more for ``key`` (a uid, or a peer's host); CapacityExceeded if it
+        holds ``most`` already."""
         with self._lock:
-            held = self._counts.get(uid, 0)
+            held = self._counts.get(key, 0)
             if held >= self.most:
-                raise self.limit.exceeded(uid, self.most)
-            self._counts[uid] = held + 1
+                raise self.limit.exceeded(key, self.most)
+            self._counts[key] = held + 1
 
-    def give(self, uid: int) -> None:
-        """Count one fewer for ``uid`` (one that ``take`` counted)."""
+    def give(self, key) -> None:
+        """Count one fewer for ``key`` (one that ``take`` counted)."""
         with self._lock:
-            held = self._counts.get(uid, 0) - 1
+            held = self._counts.get(key, 0) - 1
             if held > 0:
-                self._counts[uid] = held
+                self._counts[key] = held
             else:
-                self._counts.pop(uid, None)
+                self._counts.pop(key, None)
 
-    def held(self, uid: int) -> int:
+    def held(self, key) -> int:
         with self._lock:
-            return self._counts.get(uid, 0)
+            return self._counts.get(key, 0)

@@ -58,7 +58,7 @@ from vas.core import wire
 from vas.core.errors import CapacityExceeded
 from vas.node import locks
 from vas.node.dispatch import Dispatcher, Job
-from vas.node.limits import Limit, UidCounts
+from vas.node.limits import Counts, Limit
 from vas.node.localapi import LocalApi
 from vas.node.localwire import BadRequest, Receiver, Responder, close_fds
 from vas.node.sessions import Session
@@ -133,7 +133,7 @@ class LocalServer:
         self.agent = api.agent
         self.backlog = backlog
         self.workers = workers
-        self.connections = UidCounts(Limit.CONNECTIONS, connections_per_uid)
+        self.connections = Counts(Limit.CONNECTIONS, connections_per_uid)
         self.responder = Responder(api)
         self.dispatcher = Dispatcher(workers, requests_per_uid)
         self.phase = Phase.SERVING

@@ -49,7 +49,8 @@ import threading
 import time
 from collections.abc import Callable
 
-from vas.core.errors import Busy, InvalidArgument, NotFound, Unavailable, VasError
+from vas.core.errors import (Busy, CapacityExceeded, InvalidArgument, NotFound, Unavailable,
+                             VasError)
 from vas.core.fetch import FetchMode
 from vas.node import bulk, faults, lazy, locks
 from vas.node.pool import Warm
@@ -312,7 +313,7 @@ class Replicas:
                                timeout=self.config.rpc_timeout, prepare=warm.populate,
                                tls=self.bulk_tls)
                     return
-                except Unavailable as exc:
+                except (Unavailable, CapacityExceeded) as exc:  # over the home's bulk limits
                     log.warning("bulk fetch of %s from %s failed: %s; using ReadPages",
                                 info.name, opened.address, exc)
             self.peers.read_pages_into(address, info.name, info.id, view, fallback_timeout)

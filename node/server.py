@@ -28,6 +28,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from vas.core import validate
+from vas.core.defaults import MAX_CONCURRENT_RPCS
 from vas.core.errors import InvalidArgument, PermissionDenied
 from vas.core.identity import PeerKind, peer_of_cert
 from vas.core.tls import TlsConfig, add_port, check_listen
@@ -71,7 +72,9 @@ class NodeServer:
                             ("--max-connections-per-uid", config.max_connections_per_uid),
                             ("--max-attachments-per-uid", config.max_attachments_per_uid),
                             ("--max-faults-per-uid", config.max_faults_per_uid),
-                            ("--max-requests-per-uid", config.requests_per_uid())):
+                            ("--max-requests-per-uid", config.requests_per_uid()),
+                            ("--max-bulk-per-peer", config.max_bulk_per_peer),
+                            ("--max-streams-per-peer", config.max_streams_per_peer)):
             if value < 1:
                 raise InvalidArgument(f"invalid {flag} {value}: must be >= 1")
         self.config = config
@@ -94,7 +97,8 @@ class NodeServer:
                                   f"{config.tls.cert} names ({certified})")
         self._grpc = grpc.server(ThreadPoolExecutor(max_workers=8,
                                                     thread_name_prefix="vas-node-grpc"),
-                                 options=CHANNEL_OPTIONS)
+                                 options=CHANNEL_OPTIONS,
+                                 maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS)
         try:
             port = add_port(self._grpc, config.listen, config.tls)
         except RuntimeError as exc:
@@ -109,10 +113,12 @@ class NodeServer:
         self.agent = Agent(config, node_id, advertise, os.path.abspath(config.socket))
         # The bulk listener shares the gRPC host; its port is told per transfer (OpenBulk).
         self.bulk = BulkServer(host, self.agent.bulk_source, config.rpc_timeout,
-                               config.tls.server_context() if config.tls else None)
+                               config.tls.server_context() if config.tls else None,
+                               per_peer=config.max_bulk_per_peer)
         self.agent.bulk_address = f"{advertise.rpartition(':')[0]}:{self.bulk.port}"
         self.bulk.start()
-        node_pb2_grpc.add_NodeServicer_to_server(NodeServicer(self.agent), self._grpc)
+        node_pb2_grpc.add_NodeServicer_to_server(
+            NodeServicer(self.agent, config.max_streams_per_peer), self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection(
             (_NODE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc)

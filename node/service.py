@@ -6,9 +6,15 @@ their callers, and user certificates, checked against the segment's current
 record (``Agent.check_peer``); ReleaseSegment and ReleaseReplica (steps of a delete
 that the coordinator already allowed) only agents; SegmentChanged agents and
 coordinators.
+
+The page streams (ReadPages, WritePages) each hold a server thread, and a memfd or
+staged bytes, while they run: one peer host may have ``--max-streams-per-peer`` of
+them open at once; past that a stream is refused with RESOURCE_EXHAUSTED naming the
+flag (node/limits.py).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import grpc
@@ -16,6 +22,7 @@ import grpc
 from vas.core.errors import InvalidArgument, VasError, abort_with
 from vas.core.identity import PeerKind, peer_of_context
 from vas.node.agent import Agent
+from vas.node.limits import Counts, Limit
 from vas.proto import node_pb2, node_pb2_grpc
 
 #: Bytes per ReadPages message: a message stays under gRPC's default 4 MiB limit,
@@ -26,8 +33,20 @@ _CHUNK = 2 << 20
 class NodeServicer(node_pb2_grpc.NodeServicer):
     """Serves vas.v1.Node for one ``Agent``."""
 
-    def __init__(self, agent: Agent):
+    def __init__(self, agent: Agent, streams_per_peer: int):
         self.agent = agent
+        self._streams = Counts(Limit.STREAMS, streams_per_peer)
+
+    @contextlib.contextmanager
+    def _stream_of(self, context: grpc.ServicerContext):
+        """Count a page stream of the calling peer's host while it runs (CapacityExceeded
+        past the limit)."""
+        host = peer_host(context.peer())
+        self._streams.take(host)
+        try:
+            yield
+        finally:
+            self._streams.give(host)
 
     def ReleaseSegment(self, request: node_pb2.ReleaseSegmentRequest,
                        context: grpc.ServicerContext) -> node_pb2.ReleaseSegmentResponse:
@@ -64,19 +83,19 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         return node_pb2.ReleaseReplicaResponse(dropped=dropped)
 
     def ReadPages(self, request: node_pb2.ReadPagesRequest, context: grpc.ServicerContext):
-        try:
-            fd, version = self.agent.page_source(request.id, request.offset, request.length,
-                                                 peer_of_context(context))
-        except VasError as exc:
-            abort_with(context, exc)
-        try:
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(self._stream_of(context))
+                fd, version = self.agent.page_source(request.id, request.offset,
+                                                     request.length, peer_of_context(context))
+            except VasError as exc:
+                abort_with(context, exc)
+            stack.callback(os.close, fd)
             offset, end = request.offset, request.offset + request.length
             while offset < end:
                 data = os.pread(fd, min(_CHUNK, end - offset), offset)
                 yield node_pb2.PageChunk(offset=offset, data=data, version=version)
                 offset += len(data)
-        finally:
-            os.close(fd)
 
     def OpenBulk(self, request: node_pb2.OpenBulkRequest,
                  context: grpc.ServicerContext) -> node_pb2.OpenBulkResponse:
@@ -91,25 +110,33 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
 
     def WritePages(self, request_iterator, context: grpc.ServicerContext):
         try:
-            first = next(request_iterator, None)
-            if first is None or not first.HasField("header"):
-                raise InvalidArgument("WritePages needs a header in its first message")
-            header = first.header
-            if not header.id or not header.token:
-                raise InvalidArgument("WritePages needs a segment id and a writer token")
-            segment = self.agent.homes.held(header.id)
-            peer = peer_of_context(context)
-            self.agent.check_peer(peer, segment, "rw")
-            # The coordinator believes the Caller this home forwards: a user's is its own.
-            header.caller.CopyFrom(peer.caller(header.caller))
-
-            def pieces():
-                yield first.offset, first.data
-                for chunk in request_iterator:
-                    yield chunk.offset, chunk.data
-            return self.agent.writers.write_pages(segment, header, pieces())
+            with self._stream_of(context):
+                return self._write_pages(request_iterator, context)
         except VasError as exc:
             abort_with(context, exc)
+
+    def _write_pages(self, request_iterator, context) -> node_pb2.SegmentInfo:
+        """WritePages: check the header and the peer, then stage and publish the pieces."""
+        first = next(request_iterator, None)
+        if first is None or not first.HasField("header"):
+            raise InvalidArgument("WritePages needs a header in its first message")
+        header = first.header
+        if not header.id or not header.token:
+            raise InvalidArgument("WritePages needs a segment id and a writer token")
+        segment = self.agent.homes.held(header.id)
+        peer = peer_of_context(context)
+        self.agent.check_peer(peer, segment, "rw")
+        # The coordinator believes the Caller this home forwards: a user's is its own.
+        header.caller.CopyFrom(peer.caller(header.caller))
+
+        def pieces():
+            yield first.offset, first.data
+            for chunk in request_iterator:
+                # A second header could name another segment: refused, never ignored.
+                if chunk.HasField("header"):
+                    raise InvalidArgument("WritePages takes a header in its first message only")
+                yield chunk.offset, chunk.data
+        return self.agent.writers.write_pages(segment, header, pieces())
 
     def ChunkHashes(self, request: node_pb2.ChunkHashesRequest,
                     context: grpc.ServicerContext) -> node_pb2.ChunkHashesResponse:
@@ -122,3 +149,12 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         except VasError as exc:
             abort_with(context, exc)
         return node_pb2.ChunkHashesResponse(version=version, hashes=hashes)
+
+
+def peer_host(peer: str) -> str:
+    """The host of a gRPC peer string: "ipv4:10.0.0.7:5000" -> "10.0.0.7",
+    "ipv6:[::1]:5000" -> "[::1]"; another form (a Unix socket) is kept whole."""
+    kind, _, address = peer.partition(":")
+    if kind not in ("ipv4", "ipv6"):
+        return peer
+    return address.rpartition(":")[0]

@@ -11,22 +11,12 @@ state of its own, so a running one is not disturbed by that).
 """
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 
-import grpc
 import pytest
 
 from vas.cluster import CoordinatorProcess, EtcdProcess, LocalCluster
-
-
-def new_world_dir(prefix: str) -> str:
-    """A fresh directory every uid can traverse (agents' sockets live there), short
-    enough for socket paths (sun_path holds 108 bytes)."""
-    path = tempfile.mkdtemp(prefix=prefix)
-    os.chmod(path, 0o755)
-    return path
+from worlds import new_world_dir, wipe
 
 
 @pytest.fixture(scope="module")
@@ -43,15 +33,6 @@ def world_dir():
     path = new_world_dir("vas-t-")
     yield path
     shutil.rmtree(path, ignore_errors=True)
-
-
-def wipe(etcd_url: str) -> None:
-    """Delete every key under /vas/ (a fresh keyspace for the next test)."""
-    from etcd3 import etcdrpc
-
-    with grpc.insecure_channel(etcd_url.removeprefix("http://")) as channel:
-        etcdrpc.KVStub(channel).DeleteRange(
-            etcdrpc.DeleteRangeRequest(key=b"/vas/", range_end=b"/vas0"), timeout=10)
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""The flags of the local pool and the per-uid limits: parsed, defaulted from VAS_*, checked."""
+"""The flags of the local pool, the per-uid and the per-peer limits: parsed, defaulted from
+VAS_*, checked."""
 from __future__ import annotations
 
 import pytest
@@ -6,7 +7,8 @@ import pytest
 from vas.cli.main import build_parser
 from vas.core.errors import InvalidArgument
 from vas.node.config import (DEFAULT_LOCAL_WORKERS, DEFAULT_MAX_ATTACHMENTS_PER_UID,
-                             DEFAULT_MAX_CONNECTIONS_PER_UID, DEFAULT_MAX_FAULTS_PER_UID,
+                             DEFAULT_MAX_BULK_PER_PEER, DEFAULT_MAX_CONNECTIONS_PER_UID,
+                             DEFAULT_MAX_FAULTS_PER_UID, DEFAULT_MAX_STREAMS_PER_PEER,
                              NodeConfig)
 from vas.node.server import NodeServer
 
@@ -14,7 +16,9 @@ SERVE = ["node", "serve", "--coordinator", "h:1"]
 FLAGS = {"--local-workers": "local_workers", "--max-requests-per-uid": "max_requests_per_uid",
          "--max-connections-per-uid": "max_connections_per_uid",
          "--max-attachments-per-uid": "max_attachments_per_uid",
-         "--max-faults-per-uid": "max_faults_per_uid"}
+         "--max-faults-per-uid": "max_faults_per_uid",
+         "--max-bulk-per-peer": "max_bulk_per_peer",
+         "--max-streams-per-peer": "max_streams_per_peer"}
 
 
 def test_defaults_flags_and_environment(monkeypatch):
@@ -25,6 +29,8 @@ def test_defaults_flags_and_environment(monkeypatch):
             args.max_attachments_per_uid, args.max_faults_per_uid) == (
         DEFAULT_LOCAL_WORKERS, None, DEFAULT_MAX_CONNECTIONS_PER_UID,
         DEFAULT_MAX_ATTACHMENTS_PER_UID, DEFAULT_MAX_FAULTS_PER_UID)
+    assert (args.max_bulk_per_peer, args.max_streams_per_peer) == (
+        DEFAULT_MAX_BULK_PER_PEER, DEFAULT_MAX_STREAMS_PER_PEER)
     assert NodeConfig(coordinator="h:1").requests_per_uid() == DEFAULT_LOCAL_WORKERS - 2
     assert NodeConfig(coordinator="h:1", local_workers=2).requests_per_uid() == 1
     for number, (flag, field) in enumerate(FLAGS.items(), start=3):

@@ -226,12 +226,13 @@ def test_chunks_fall_back_to_read_pages_when_the_bulk_channel_refuses(two):
     node1, node2, c1, c2 = two
     digest = fill(c1, "lazy/r", 16 * MiB)
     target = _bulk_port(node1, "lazy/r", c1.stat("lazy/r").id)
-    # Take every bulk slot of the home (64): its listener then refuses with UNAVAILABLE.
-    held = [socket.create_connection(target, timeout=10) for _ in range(64)]
+    # Take every bulk slot of this host at the home (--max-bulk-per-peer, 32): its
+    # listener then refuses node2's connections too, with RESOURCE_EXHAUSTED.
+    held = [socket.create_connection(target, timeout=10) for _ in range(32)]
     try:
         with socket.create_connection(target, timeout=10) as probe:
             magic, code, _ = struct.unpack("<8sIQ", probe.recv(20, socket.MSG_WAITALL))
-            assert code == grpc.StatusCode.UNAVAILABLE.value[0]
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
         with c2.attach("lazy/r") as m:
             assert m.fetch == "lazy"
             assert hashlib.sha256(m.buffer).hexdigest() == digest

@@ -38,7 +38,7 @@ def home():
             raise InvalidArgument(f"range [{offset}, +{length}) is outside the segment")
         return os.dup(fd)
 
-    server = bulk.BulkServer("127.0.0.1", source, TIMEOUT)
+    server = bulk.BulkServer("127.0.0.1", source, TIMEOUT, per_peer=32)
     server.start()
     yield server, data
     server.close()

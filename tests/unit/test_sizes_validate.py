@@ -162,6 +162,29 @@ def test_exceptions_are_exported_and_subclass_builtins():
         assert hasattr(vas, name), name
 
 
+@pytest.mark.parametrize("value, optional, message", [
+    (0, False, "invalid segment id 0: must be 1..9223372036854775807"),
+    (1 << 63, False, "invalid segment id 9223372036854775808: must be 1..9223372036854775807"),
+    ((1 << 64) - 1, True, "invalid segment id 18446744073709551615: must be "
+                          "0..9223372036854775807"),
+    (True, False, "invalid segment id True: must be 1..9223372036854775807"),
+])
+def test_check_segment_id_refuses_what_no_revision_can_be(value, optional, message):
+    """Ids are etcd revisions (int64): found by the fuzzer, an id >= 2**63 made the
+    coordinator's FinishDelete fail with UNKNOWN (etcd's compare field overflowed)."""
+    with pytest.raises(InvalidArgument) as caught:
+        validate.check_segment_id(value, optional=optional)
+    assert caught.value.message == message
+
+
+def test_check_segment_id_and_replicas_accept_their_range():
+    assert validate.check_segment_id((1 << 63) - 1) == (1 << 63) - 1
+    assert validate.check_segment_id(0, optional=True) == 0
+    assert validate.check_replicas(0) == 0 and validate.check_replicas(16) == 16
+    with pytest.raises(InvalidArgument, match=r"^invalid replicas 4294967295: must be 0..16$"):
+        validate.check_replicas((1 << 32) - 1)
+
+
 # -- the client checks before sending -------------------------------------------------
 
 @pytest.fixture

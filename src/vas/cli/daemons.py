@@ -10,7 +10,8 @@ import os
 
 from vas.core.defaults import (DEFAULT_COORDINATOR_LISTEN, DEFAULT_FAULT_TIMEOUT,
                                DEFAULT_LOCAL_WORKERS, DEFAULT_MAX_ATTACHMENTS_PER_UID,
-                               DEFAULT_MAX_CONNECTIONS_PER_UID, DEFAULT_MAX_FAULTS_PER_UID,
+                               DEFAULT_MAX_BULK_PER_PEER, DEFAULT_MAX_CONNECTIONS_PER_UID,
+                               DEFAULT_MAX_FAULTS_PER_UID, DEFAULT_MAX_STREAMS_PER_PEER,
                                DEFAULT_MEMORY, DEFAULT_NODE_LISTEN, DEFAULT_SOCKET,
                                DEFAULT_WORKERS_LEFT_TO_OTHERS, DEFAULT_WRITER_TTL)
 from vas.core.errors import InvalidArgument
@@ -75,13 +76,14 @@ def add_node_serve(node_verbs: argparse._SubParsersAction) -> None:
                        help="longest wait of a page fault of a lazy mapping for a home that "
                             "fails to deliver its chunk; then the faulting thread gets SIGBUS "
                             f"(default $VAS_FAULT_TIMEOUT or {DEFAULT_FAULT_TIMEOUT:g})")
-    _add_local_limits(serve)
+    _add_limits(serve)
     _add_tls_serve_options(serve)
     serve.set_defaults(func=serve_node)
 
 
-def _add_local_limits(serve: argparse.ArgumentParser) -> None:
-    """The flags of the local worker pool and of the per-uid limits (node/limits.py)."""
+def _add_limits(serve: argparse.ArgumentParser) -> None:
+    """The flags of the local worker pool, of the per-uid limits and of the per-peer
+    limits (node/limits.py)."""
     serve.add_argument("--local-workers", type=int, metavar="N",
                        default=os.environ.get("VAS_LOCAL_WORKERS", str(DEFAULT_LOCAL_WORKERS)),
                        help="local requests served at once, by N + 1 threads shared by every "
@@ -97,7 +99,12 @@ def _add_local_limits(serve: argparse.ArgumentParser) -> None:
             ("--max-attachments-per-uid", "VAS_MAX_ATTACHMENTS_PER_UID",
              DEFAULT_MAX_ATTACHMENTS_PER_UID, "attachments one uid may hold"),
             ("--max-faults-per-uid", "VAS_MAX_FAULTS_PER_UID", DEFAULT_MAX_FAULTS_PER_UID,
-             "userfaultfds of lazy attachments one uid may have the agent hold")):
+             "userfaultfds of lazy attachments one uid may have the agent hold"),
+            ("--max-bulk-per-peer", "VAS_MAX_BULK_PER_PEER", DEFAULT_MAX_BULK_PER_PEER,
+             "bulk-channel connections one peer host may hold open at once"),
+            ("--max-streams-per-peer", "VAS_MAX_STREAMS_PER_PEER",
+             DEFAULT_MAX_STREAMS_PER_PEER,
+             "ReadPages and WritePages streams one peer host may have open at once")):
         serve.add_argument(flag, type=int, metavar="N",
                            default=os.environ.get(variable, str(default)),
                            help=f"{what}; more are refused (default ${variable} or {default})")
@@ -162,5 +169,7 @@ def serve_node(args: argparse.Namespace) -> int:
                      max_attachments_per_uid=args.max_attachments_per_uid,
                      max_faults_per_uid=args.max_faults_per_uid,
                      max_requests_per_uid=args.max_requests_per_uid,
+                     max_bulk_per_peer=args.max_bulk_per_peer,
+                     max_streams_per_peer=args.max_streams_per_peer,
                      tls=_checked_tls(args), insecure=args.insecure))
     return 0

@@ -64,3 +64,17 @@ DEFAULT_MAX_CONNECTIONS_PER_UID = 256
 DEFAULT_MAX_ATTACHMENTS_PER_UID = 4096
 #: Userfaultfds (RegisterFaults of lazy attachments) one uid may have the agent hold at once.
 DEFAULT_MAX_FAULTS_PER_UID = 256
+#: Bulk connections (node/bulk.py) one peer host may hold open to an agent at once:
+#: an eager fetch opens 4, a lazy replica keeps up to 4 idle plus one per concurrent
+#: fault (``vasctl node serve --max-bulk-per-peer``).
+DEFAULT_MAX_BULK_PER_PEER = 32
+#: gRPC page streams (ReadPages, WritePages) one peer host may have open on an agent at
+#: once (``vasctl node serve --max-streams-per-peer``).
+DEFAULT_MAX_STREAMS_PER_PEER = 16
+#: Largest gRPC message, bytes, that either daemon sends or accepts: the local protocol
+#: allows 4 MiB messages, so a forwarded one must fit with room to spare; a larger one
+#: is refused with RESOURCE_EXHAUSTED.
+MAX_GRPC_MESSAGE = 8 << 20
+#: RPCs a daemon's gRPC server runs or queues at once; more are refused at once with
+#: RESOURCE_EXHAUSTED instead of queueing without bound behind busy threads.
+MAX_CONCURRENT_RPCS = 1024

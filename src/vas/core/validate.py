@@ -22,6 +22,11 @@ MAX_SECONDS = 24 * 3600
 MAX_META_BYTES = 4096
 MAX_META_KEY_LENGTH = 128
 
+#: Most copies of a segment besides its home.
+MAX_REPLICAS = 16
+#: Largest segment id: an id is the etcd revision that created the record, an int64.
+MAX_SEGMENT_ID = (1 << 63) - 1
+
 _NAME_RE = re.compile(r"[A-Za-z0-9._/-]+")
 _META_KEY_RE = re.compile(r"[A-Za-z0-9._/:-]+")
 
@@ -99,6 +104,39 @@ def check_size(size: object) -> int:
     return round_up_to_pages(size)
 
 
+def check_segment_id(segment_id: object, what: str = "segment id", *,
+                     optional: bool = False) -> int:
+    """Return ``segment_id`` if it is 1..MAX_SEGMENT_ID (or 0 when ``optional``: not
+    given), else raise InvalidArgument: ``invalid WHAT ID: must be 1..2**63-1``.
+
+    The wire type is uint64 but ids are etcd revisions (int64): a larger one names
+    no segment, and would overflow etcd's comparison field.
+
+    >>> check_segment_id(1 << 63)
+    Traceback (most recent call last):
+    ...
+    vas.core.errors.InvalidArgument: invalid segment id 9223372036854775808: must be 1..9223372036854775807
+    """
+    lowest = 0 if optional else 1
+    if (isinstance(segment_id, bool) or not isinstance(segment_id, int)
+            or not lowest <= segment_id <= MAX_SEGMENT_ID):
+        raise InvalidArgument(f"invalid {what} {segment_id!r}: must be "
+                              f"{lowest}..{MAX_SEGMENT_ID}")
+    return segment_id
+
+
+def check_replicas(replicas: object) -> int:
+    """Return ``replicas`` if it is 0..MAX_REPLICAS, else raise InvalidArgument.
+
+    The bound of the coordinator's record (a record asking for 2**32-1 copies could
+    never be satisfied); the local API refuses any copy until replication is built.
+    """
+    if (isinstance(replicas, bool) or not isinstance(replicas, int)
+            or not 0 <= replicas <= MAX_REPLICAS):
+        raise InvalidArgument(f"invalid replicas {replicas!r}: must be 0..{MAX_REPLICAS}")
+    return replicas
+
+
 def check_mode(mode: object) -> int:
     """Return ``mode`` if it is permission bits 0..0o777, else raise InvalidArgument."""
     if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o777:
@@ -134,7 +172,7 @@ def check_seconds(value: object, what: str, *, minimum: int = 0) -> float:
     >>> check_seconds(-1.0, "ttl")
     Traceback (most recent call last):
     ...
-    vas.errors.InvalidArgument: invalid ttl -1.0: must be 0..86400 seconds
+    vas.core.errors.InvalidArgument: invalid ttl -1.0: must be 0..86400 seconds
     """
     if (isinstance(value, bool) or not isinstance(value, (int, float))
             or not minimum <= value <= MAX_SECONDS):

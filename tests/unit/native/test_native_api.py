@@ -152,7 +152,10 @@ LL_MAX = 2 ** 63 - 1
     (lambda fd: _native.uffd_poison(-1, PS, 0),
      "length must be a positive multiple of the page size"),
     (lambda fd: _native.uffd_poison(-1, 2 ** 64 - PS, PS), "address + length overflows"),
-    (lambda fd: _native.uffd_read(-1, 0), "max_events must be > 0"),
+    (lambda fd: _native.uffd_read(-1, 0), "max_events must be 1..4096"),
+    # Found fuzzing: the buffer of 2**63-1 events was allocated (MemoryError, or GiBs).
+    (lambda fd: _native.uffd_read(-1, 2 ** 63 - 1), "max_events must be 1..4096"),
+    (lambda fd: _native.uffd_read(-1, 4097), "max_events must be 1..4096"),
     (lambda fd: _native.uffd_writeprotect(-1, PS + 1, PS, 1),
      "address must be a multiple of the page size"),
     (lambda fd: _native.uffd_writeprotect(-1, PS, 0, 1),
