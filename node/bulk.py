@@ -32,6 +32,7 @@ the connection is answered RESOURCE_EXHAUSTED naming the limit, and closed.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -96,10 +97,13 @@ class BulkServer:
     TLS: ``preadv`` + ``sendall``, see the module docstring)."""
 
     def __init__(self, host: str, source: Source, timeout: float,
-                 tls: ssl.SSLContext | None = None, *, per_peer: int):
+                 tls: ssl.SSLContext | None = None, *, per_peer: int,
+                 transfer: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
         """``tls``: a server context requiring client certificates (TlsConfig.server_context),
-        None for plaintext; ``per_peer``: connections one peer host may hold open."""
+        None for plaintext; ``per_peer``: connections one peer host may hold open;
+        ``transfer()`` marks each range sent (the warm pool waits meanwhile)."""
         self.source = source
+        self._transfer = transfer
         self.timeout = timeout
         self.tls = tls
         host = host.strip("[]")
@@ -190,7 +194,8 @@ class BulkServer:
             return True
         try:
             _reply(conn, None, more=True)
-            _send_range(conn, fd, offset, length)
+            with self._transfer():
+                _send_range(conn, fd, offset, length)
         finally:
             os.close(fd)
         return True

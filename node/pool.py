@@ -17,9 +17,10 @@ would only churn the pool).
 
 The refill yields to transfers: preparing a GiB takes ~1 s of CPU, and on a
 2-core node it doubled the time of a remote writer's first sync that ran beside
-it. So it prepares in steps (``_STEP``) and runs a step only while no transfer
-(a replica fetch, a lazy chunk, a sync) is under way on this node
-(``transfer()`` marks one).
+it, and on a home it halved the page serving of a lazy reader elsewhere. So it
+prepares in steps (``_STEP``) and runs a step only while no transfer is under way
+on this node (``transfer()`` marks one): a replica fetch, a lazy chunk, a sync,
+and on the serving side a bulk range, a ReadPages or a WritePages stream.
 
 A pooled memfd is never handed to a client before it becomes a segment, and is
 never reused after: a client may keep its read-only fd past detach, so memory

@@ -114,7 +114,8 @@ class NodeServer:
         # The bulk listener shares the gRPC host; its port is told per transfer (OpenBulk).
         self.bulk = BulkServer(host, self.agent.bulk_source, config.rpc_timeout,
                                config.tls.server_context() if config.tls else None,
-                               per_peer=config.max_bulk_per_peer)
+                               per_peer=config.max_bulk_per_peer,
+                               transfer=self.agent.pool.transfer)
         self.agent.bulk_address = f"{advertise.rpartition(':')[0]}:{self.bulk.port}"
         self.bulk.start()
         node_pb2_grpc.add_NodeServicer_to_server(

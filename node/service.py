@@ -91,6 +91,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
             except VasError as exc:
                 abort_with(context, exc)
             stack.callback(os.close, fd)
+            stack.enter_context(self.agent.pool.transfer())  # the warm pool waits meanwhile
             offset, end = request.offset, request.offset + request.length
             while offset < end:
                 data = os.pread(fd, min(_CHUNK, end - offset), offset)
@@ -110,7 +111,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
 
     def WritePages(self, request_iterator, context: grpc.ServicerContext):
         try:
-            with self._stream_of(context):
+            with self._stream_of(context), self.agent.pool.transfer():
                 return self._write_pages(request_iterator, context)
         except VasError as exc:
             abort_with(context, exc)
