@@ -23,6 +23,7 @@ from vas.coordinator.etcd import Etcd
 from vas.coordinator.service import CoordinatorService
 from vas.core.defaults import MAX_CONCURRENT_RPCS, MAX_GRPC_MESSAGE
 from vas.core.errors import VasError
+from vas.core.signals import setting
 from vas.core.tls import add_port, check_listen
 from vas.proto import coordinator_pb2, coordinator_pb2_grpc
 
@@ -91,7 +92,7 @@ def _signal_event() -> threading.Event:
     """An event set by the first SIGTERM or SIGINT."""
     event = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: event.set())
+        signal.signal(sig, setting(event))
     return event
 
 

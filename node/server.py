@@ -31,6 +31,7 @@ from vas.core import validate
 from vas.core.defaults import MAX_CONCURRENT_RPCS
 from vas.core.errors import InvalidArgument, PermissionDenied
 from vas.core.identity import PeerKind, peer_of_cert
+from vas.core.signals import setting
 from vas.core.tls import TlsConfig, add_port, check_listen
 from vas.node.agent import Agent
 from vas.node.bulk import BulkServer
@@ -220,7 +221,7 @@ def serve(config: NodeConfig, stop: threading.Event | None = None) -> None:
     previous = {}
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGTERM, signal.SIGINT):
-            previous[signum] = signal.signal(signum, lambda *_: stop.set())
+            previous[signum] = signal.signal(signum, setting(stop))
     node = NodeServer(config)
     try:
         if node.start(stop):

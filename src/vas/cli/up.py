@@ -21,6 +21,7 @@ import threading
 from vas.cli.main import size_type
 from vas.core.defaults import DEFAULT_MEMORY
 from vas.core.errors import VasError
+from vas.core.signals import setting
 from vas.core.sizes import format_size
 
 DEMO_SEGMENT = "demo"
@@ -110,7 +111,7 @@ def up(args) -> int:
         if args.demo:
             return run_demo(env)
         for sig in (signal.SIGINT, signal.SIGTERM):
-            old = signal.signal(sig, lambda *_: stop.set())
+            old = signal.signal(sig, setting(stop))
             previous.setdefault(sig, old)
         for key, value in env.items():
             print(f"export {key}={shlex.quote(str(value))}")
