@@ -12,6 +12,10 @@ ReportAttachments) only the node itself; CreateSegment only the home agent (it
 allocated the memory); FinishDelete only agents; calls that carry a Caller act as
 ``peer.caller(request.caller)``: the Caller an agent vouches for, the uid/gid a
 user certificate names. Reads of records are open to every authenticated peer.
+
+A DeleteSegment whose Caller names no node comes from an admin tool (vas.admin), not
+through an agent: the coordinator then asks the home to free the segment itself
+(``Homes.release``), which an agent does after its own DeleteSegment.
 """
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ from vas.core.identity import PeerKind, peer_of_context
 from vas.core.validate import (MAX_NAME_LENGTH, check_attach_mode, check_meta, check_mode,
                                check_name, check_replicas, check_seconds, check_segment_id,
                                check_size)
-from vas.proto import coordinator_pb2 as pb, coordinator_pb2_grpc
+from vas.proto import coordinator_pb2 as pb, coordinator_pb2_grpc, types_pb2
 
 #: ListSegments page size when the request asks for 0, and the largest allowed.
 DEFAULT_PAGE_SIZE = 500
@@ -204,10 +208,17 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
 
     @translated
     def DeleteSegment(self, request, context):
-        # `force` is the agents' business (they revoke attachments); the mark is the same.
-        return self.segments.mark_deleting(caller_of(request, context),
-                                           check_name(request.name), finish=request.finish,
+        # `force` is the home's business (it revokes attachments); the mark is the same.
+        caller = caller_of(request, context)
+        info = self.segments.mark_deleting(caller, check_name(request.name),
+                                           finish=request.finish,
                                            segment_id=check_segment_id(request.id, optional=True))
+        if not caller.node and info.state == types_pb2.SEGMENT_STATE_DELETING:
+            # No agent made this call (an admin tool straight over gRPC), so none will
+            # ask the home to free the pages: do it here, as the agent would.
+            if self.homes.release(info, request.force):  # nobody holds it: finish here
+                self.segments.finish_delete(info.name, info.id)
+        return info
 
     @translated
     def FinishDelete(self, request, context):

@@ -3,9 +3,9 @@
 Who may call (with TLS; without it every peer is LOOPBACK and passes): the
 page calls (ReadPages, OpenBulk, ChunkHashes, WritePages) agents, which vouch for
 their callers, and user certificates, checked against the segment's current
-record (``Agent.check_peer``); ReleaseSegment and ReleaseReplica (steps of a delete
-that the coordinator already allowed) only agents; SegmentChanged agents and
-coordinators.
+record (``Agent.check_peer``); ReleaseSegment (a step of a delete that the
+coordinator already allowed) agents and coordinators (for an admin tool's delete);
+ReleaseReplica only agents; SegmentChanged agents and coordinators.
 
 The page streams (ReadPages, WritePages) each hold a server thread, and a memfd or
 staged bytes, while they run: one peer host may have ``--max-streams-per-peer`` of
@@ -51,7 +51,8 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
     def ReleaseSegment(self, request: node_pb2.ReleaseSegmentRequest,
                        context: grpc.ServicerContext) -> node_pb2.ReleaseSegmentResponse:
         try:
-            peer_of_context(context).require((PeerKind.NODE,), "release a segment")
+            peer_of_context(context).require((PeerKind.NODE, PeerKind.COORDINATOR),
+                                             "release a segment")
             if not request.id:
                 raise InvalidArgument("ReleaseSegment needs a segment id")
             freed = self.agent.homes.release(request.name, request.id, request.force)

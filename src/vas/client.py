@@ -28,7 +28,7 @@ from vas.core import validate
 from vas.core.defaults import DEFAULT_SOCKET, ray_node_socket
 from vas.core.errors import InvalidArgument, VasError
 from vas.core.fetch import probe_fault_support, write_protect_available
-from vas.core.types import NodeInfo, SegmentInfo, SpaceInfo
+from vas.core.types import NodeInfo, SegmentInfo, SpaceInfo, cluster_status
 from vas.mapping import Mapping
 from vas.spaceview import SpaceView
 from vas.proto import coordinator_pb2, local_pb2
@@ -482,12 +482,7 @@ class Client:
             print(c.status()["segments"])
         """
         response = self._connection.call("status", coordinator_pb2.ClusterStatusRequest(), "status")
-        return {
-            "etcd": response.etcd, "revision": response.revision,
-            "nodes": [NodeInfo.from_proto(n) for n in response.nodes],
-            "segments": response.segments, "segment_bytes": response.segment_bytes,
-            "spaces": response.spaces, "local_node": self.local_node.id,
-        }
+        return cluster_status(response, local_node=self.local_node.id)
 
 
 def connect(node: str | None = None) -> Client:

@@ -91,16 +91,17 @@ def tls_config(args: argparse.Namespace):
         raise UsageError(str(exc)) from exc
 
 
-def connect(args: argparse.Namespace):
-    """The client for a command's ``--node``."""
-    import vas
+def connect(args: argparse.Namespace, *, agent_only: bool = False):
+    """The client for a command: its ``--node``'s agent, or a coordinator over gRPC
+    (the rule is in vas/cli/backend.py)."""
+    from vas.cli import backend
 
-    return vas.connect(getattr(args, "node", None))
+    return backend.connect(args, agent_only=agent_only)
 
 
 def build_parser() -> argparse.ArgumentParser:
     # Imported here so `vasctl --help` stays the only place that loads every noun.
-    from vas.cli import daemons, node, seg, space, status, up
+    from vas.cli import backend, daemons, node, seg, space, status, up
 
     parser = Parser(
         prog="vasctl",
@@ -109,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Operate a vas cluster: named, permissioned memory segments shared across machines.",
     )
     add_tls_options(parser)
+    backend.add_options(parser)
     nouns = parser.add_subparsers(dest="noun", metavar="COMMAND", required=True)
     for module in (up, daemons, seg, space, node, status):
         module.register(nouns)
@@ -121,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if getattr(args, "tls_options", True):  # checked by every command but `up`
             tls_config(args)
+        from vas.cli import backend
+        backend.check(args, UsageError)
         return args.func(args) or EXIT_OK
     except UsageError as exc:
         parser.exit(EXIT_USAGE, f"vasctl: error: {exc}\n")

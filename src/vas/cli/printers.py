@@ -178,7 +178,7 @@ def print_status(status: dict, fmt: str, out: TextIO | None = None) -> None:
     used = sum(n.memory_used for n in nodes)
     summary = [
         ("etcd", f"{status['etcd']} (revision {status['revision']})"),
-        ("local node", status["local_node"]),
+        ("local node", status["local_node"] or "-"),  # None: served by a coordinator
         ("nodes", f"{len(nodes)} ({format_size(used)} of {format_size(total)} in use)"),
         ("segments", f"{status['segments']} ({format_size(status['segment_bytes'])})"),
         ("spaces", status["spaces"]),

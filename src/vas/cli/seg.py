@@ -7,13 +7,13 @@ import os
 import pwd
 import stat
 import sys
-import time
 
-from vas.cli import printers
+from vas.cli import printers, transfer
+from vas.cli.backend import is_admin
 from vas.cli.main import add_node_option, add_output_option, connect, mode_type, size_type
+from vas.cli.progress import Progress
 from vas.core import fetch, validate
 from vas.core.errors import InvalidArgument
-from vas.core.sizes import format_size
 
 #: Bytes moved per read/write call by put and get.
 CHUNK = 8 << 20
@@ -118,7 +118,7 @@ def create(args) -> int:
     if len(meta) != len(args.meta):
         raise InvalidArgument("invalid metadata: a key is given twice")
     validate.check_meta(meta)
-    with connect(args) as client:
+    with connect(args, agent_only=True) as client:
         info = client.create(args.name, args.size, mode=args.mode, replicas=args.replicas,
                              ttl=args.ttl, exist_ok=args.exist_ok, meta=meta)
     printers.print_segments([info], args.output)
@@ -136,11 +136,13 @@ def stat_(args) -> int:
     validate.check_name(args.name)
     with connect(args) as client:
         info = client.stat(args.name)
-        here = client.local_node.id
+        here = None if is_admin(client) else client.local_node.id
     # How an attach from this process would get the pages (fetch="lazy", fixed=False);
-    # a lost or deleting segment cannot be attached at all.
+    # a lost or deleting segment cannot be attached at all, nor anything without an agent.
     if info.state in ("lost", "deleting"):
         fetch_here = f"none (segment {info.state})"
+    elif here is None:
+        fetch_here = "none (no local agent)"
     else:
         fetch_here = fetch.decide("lazy", home=info.home == here,
                                   support=fetch.probe_fault_support(fixed=False)).value
@@ -170,41 +172,6 @@ def chown(args) -> int:
     return 0
 
 
-class Progress:
-    """A one-line progress bar on stderr, drawn only when stderr is a terminal."""
-
-    def __init__(self, label: str, total: int | None, enabled: bool | None = None):
-        self.label = label
-        self.total = total
-        self.done = 0
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
-        self._last = 0.0
-
-    def advance(self, n: int) -> None:
-        self.done += n
-        now = time.monotonic()
-        if self.enabled and now - self._last >= 0.1:
-            self._last = now
-            self._draw()
-
-    def _draw(self) -> None:
-        if self.total:
-            frac = min(1.0, self.done / self.total)
-            bar = "#" * int(frac * 30)
-            text = (f"\r{self.label} [{bar:<30}] {format_size(self.done)} / "
-                    f"{format_size(self.total)} {frac:4.0%}")
-        else:
-            text = f"\r{self.label} {format_size(self.done)}"
-        sys.stderr.write(text)
-        sys.stderr.flush()
-
-    def finish(self) -> None:
-        if self.enabled:
-            self._draw()
-            sys.stderr.write("\n")
-            sys.stderr.flush()
-
-
 def put(args) -> int:
     validate.check_name(args.name)
     from_stdin = args.file == "-"
@@ -215,23 +182,32 @@ def put(args) -> int:
         if known is not None and from_stdin:
             known -= source.seek(0, os.SEEK_CUR) if source.seekable() else 0
         label = "stdin" if from_stdin else args.file
-        with connect(args) as client, client.attach(args.name, "rw") as mapping:
-            if known is not None and args.offset + known > mapping.size:
-                raise InvalidArgument(
-                    f"{label} ({known} bytes) does not fit in segment {args.name} of "
-                    f"{mapping.size} bytes at offset {args.offset}")
-            if args.offset > mapping.size:
-                raise InvalidArgument(
-                    f"offset {args.offset} is outside segment {args.name} of {mapping.size} bytes")
-            progress = Progress(f"put {args.name}", known)
-            written = _copy_in(source, mapping, args.offset, label, progress)
-            progress.finish()
-            # Publish: from another node this is what carries the bytes to the home.
-            mapping.sync(ranges=[(args.offset, written)])
+        with connect(args) as client:
+            if is_admin(client):
+                transfer.put(client, args.name, source, args.offset, known, label)
+            else:
+                _put_mapped(client, args, source, known, label)
     finally:
         if not from_stdin:
             source.close()
     return 0
+
+
+def _put_mapped(client, args, source, known: int | None, label: str) -> None:
+    """put through the local agent: straight into an "rw" mapping, then sync."""
+    with client.attach(args.name, "rw") as mapping:
+        if known is not None and args.offset + known > mapping.size:
+            raise InvalidArgument(
+                f"{label} ({known} bytes) does not fit in segment {args.name} of "
+                f"{mapping.size} bytes at offset {args.offset}")
+        if args.offset > mapping.size:
+            raise InvalidArgument(
+                f"offset {args.offset} is outside segment {args.name} of {mapping.size} bytes")
+        progress = Progress(f"put {args.name}", known)
+        written = _copy_in(source, mapping, args.offset, label, progress)
+        progress.finish()
+        # Publish: from another node this is what carries the bytes to the home.
+        mapping.sync(ranges=[(args.offset, written)])
 
 
 def _copy_in(source, mapping, offset: int, label: str, progress: Progress) -> int:
@@ -256,17 +232,25 @@ def _copy_in(source, mapping, offset: int, label: str, progress: Progress) -> in
 
 def get(args) -> int:
     validate.check_name(args.name)
+    with connect(args) as client:
+        if is_admin(client):
+            transfer.get(client, args.name, args.offset, args.length, args.output)
+        else:
+            _get_mapped(client, args)
+    return 0
+
+
+def _get_mapped(client, args) -> None:
+    """get through the local agent: straight out of an "r" mapping."""
     to_stdout = args.output in (None, "-")
-    with connect(args) as client, client.attach(args.name, "r") as mapping:
+    with client.attach(args.name, "r") as mapping:
         length = mapping.size - args.offset if args.length is None else args.length
         if args.offset > mapping.size or length < 0 or args.offset + length > mapping.size:
             raise InvalidArgument(
                 f"range [{args.offset}, {args.offset + max(length, 0)}) is outside segment "
                 f"{args.name} of {mapping.size} bytes")
         out = sys.stdout.buffer if to_stdout else open(args.output, "wb")
-        # Draw progress only when it cannot mix with the data on the terminal.
-        show = sys.stderr.isatty() and not (to_stdout and sys.stdout.isatty())
-        progress = Progress(f"get {args.name}", length, enabled=show)
+        progress = Progress(f"get {args.name}", length, enabled=transfer.show_progress(to_stdout))
         try:
             buffer = mapping.buffer
             position, end = args.offset, args.offset + length
@@ -281,4 +265,3 @@ def get(args) -> int:
         finally:
             if not to_stdout:
                 out.close()
-    return 0

@@ -96,3 +96,17 @@ class SpaceInfo:
             name=msg.name, mode=msg.mode, uid=msg.uid, gid=msg.gid,
             members={m.segment: m.mode for m in msg.members}, created=msg.created,
         )
+
+
+def cluster_status(response, local_node: str | None) -> dict:
+    """The operators' summary of a ClusterStatusResponse, as ``vas.Client.status`` and
+    ``vas.admin.AdminClient.status`` return it (``vasctl status`` prints it):
+    ``etcd``, ``revision``, ``nodes`` (list of NodeInfo), ``segments``,
+    ``segment_bytes``, ``spaces`` and ``local_node`` (the serving agent's id; None
+    when no agent served it)."""
+    return {
+        "etcd": response.etcd, "revision": response.revision,
+        "nodes": [NodeInfo.from_proto(n) for n in response.nodes],
+        "segments": response.segments, "segment_bytes": response.segment_bytes,
+        "spaces": response.spaces, "local_node": local_node,
+    }
