@@ -259,10 +259,15 @@ class PeerClients:
         """Send the byte ``runs`` ((offset, length) of ``view``, each at most 2 MiB) to the
         home agent at ``address`` as one WritePages publish; the record at the new version."""
         def messages():
-            yield node_pb2.WritePagesChunk(header=header)
+            # The end is marked: a stream cut short (this agent dying mid-publish) publishes
+            # nothing at the home.
+            yield node_pb2.WritePagesChunk(header=node_pb2.WritePagesHeader(
+                caller=header.caller, name=header.name, id=header.id, token=header.token,
+                lease_id=header.lease_id, end_marked=True))
             for offset, length in runs:
                 with view[offset:offset + length] as part:
                     yield node_pb2.WritePagesChunk(offset=offset, data=part.tobytes())
+            yield node_pb2.WritePagesChunk(last=True)
         locks.assert_unlocked("Node.WritePages")
         try:
             return self._stub(address).WritePages(messages(), timeout=timeout)

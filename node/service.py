@@ -133,11 +133,21 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
 
         def pieces():
             yield first.offset, first.data
+            ended = first.last
             for chunk in request_iterator:
                 # A second header could name another segment: refused, never ignored.
                 if chunk.HasField("header"):
                     raise InvalidArgument("WritePages takes a header in its first message only")
+                if ended:
+                    raise InvalidArgument("WritePages takes no message after the one marked "
+                                          "last")
+                ended = chunk.last
                 yield chunk.offset, chunk.data
+            # All bytes are staged before the publish: raised here, nothing is published.
+            if header.end_marked and not ended:
+                raise InvalidArgument(f"the WritePages stream of segment {header.name} ended "
+                                      "before its message marked last (the writer gave up or "
+                                      "went away): nothing published")
         return self.agent.writers.write_pages(segment, header, pieces())
 
     def ChunkHashes(self, request: node_pb2.ChunkHashesRequest,

@@ -289,7 +289,8 @@ class AdminClient:
             check_range(name, offset, 0, record.size)
             stub = self._home(record)
             header = node_pb2.WritePagesHeader(caller=self.caller, name=name, id=record.id,
-                                               token=lock.token, lease_id=lock.lease_id)
+                                               token=lock.token, lease_id=lock.lease_id,
+                                               end_marked=True)
             feed = _Feed(record, offset, pieces, header, renewer)
             renewer.start()
             published = self._await_publish(feed.start(stub.WritePages), feed, renewer)
@@ -411,13 +412,13 @@ def check_range(name: str, offset: int, length: int, size: int) -> None:
 
 
 class _Feed:
-    """The WritePages messages of one write: the header, then ``pieces`` re-cut into
-    CHUNK-sized messages at their offsets.
+    """The WritePages messages of one write: the header (``end_marked``), then ``pieces``
+    re-cut into CHUNK-sized messages at their offsets, then the message marked last.
 
     An exception of the pieces (or of the bounds check, or of the lock's renewal) is
-    kept and the call cancelled, so the home publishes nothing; ``reraise`` then
-    raises it in place of the CANCELLED status. (Raised inside the request iterator
-    it would also cancel the call, but gRPC logs a traceback for it.)"""
+    kept and the call cancelled before the last mark, so the home publishes nothing;
+    ``reraise`` then raises it in place of the CANCELLED status. (Raised inside the
+    request iterator it would also cancel the call, but gRPC logs a traceback for it.)"""
 
     def __init__(self, record, offset: int, pieces: Iterable[bytes], header, renewer):
         self.record = record
@@ -455,6 +456,8 @@ class _Feed:
                     position += len(part)
                     self.sent = position - self.offset
         except Exception as exc:  # noqa: BLE001  (kept for reraise; the call is cancelled)
+            # Whether the home sees the cancel or an end of stream, the end is not
+            # marked: it publishes nothing.
             self.error = exc
             # The first messages may go before start() has returned the future.
             if not self._started.wait(DEFAULT_TIMEOUT):
@@ -462,6 +465,7 @@ class _Feed:
             self._future.cancel()
             return
         self.sent_at = time.monotonic()
+        yield node_pb2.WritePagesChunk(last=True)
 
     def reraise(self) -> None:
         if self.error is not None:
