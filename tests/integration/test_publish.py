@@ -20,7 +20,7 @@ import pytest
 
 import vas
 from vas.node.publish import CHUNK
-from vas.proto import node_pb2, node_pb2_grpc, types_pb2
+from vas.proto import coordinator_pb2, coordinator_pb2_grpc, node_pb2, node_pb2_grpc, types_pb2
 from waiting import wait_for
 
 MiB = 1 << 20
@@ -229,3 +229,45 @@ def test_node_service_refuses_bad_publishes(two):
     assert hashes.version == 0 and len(hashes.hashes) == 8 * (MiB // CHUNK)
     with c1.attach("pub/bad") as m:
         assert bytes(m.buffer) == data and m.version == 0  # nothing applied, no new version
+
+
+def test_a_stream_cut_short_publishes_nothing(two):
+    """A writer that marks its end (WritePagesHeader.end_marked) and holds the lock: a
+    stream that ends before the message marked last, or goes on after it, is refused
+    and the home keeps its bytes and version; marked properly, it publishes."""
+    running, c1, _ = two
+    data = fill(c1, "pub/cut", 1 * MiB)
+    info = c1.stat("pub/cut")
+    caller = types_pb2.Caller(uid=0, gid=0, pid=1)  # no node: a tool's (loopback cluster)
+    with grpc.insecure_channel(running.coordinators[0].address) as to_coordinator, \
+            grpc.insecure_channel(running.nodes[0].address) as to_home:
+        lock = coordinator_pb2_grpc.CoordinatorStub(to_coordinator).AcquireWriter(
+            coordinator_pb2.AcquireWriterRequest(caller=caller, name="pub/cut", ttl_seconds=30),
+            timeout=10)
+        header = node_pb2.WritePagesHeader(caller=caller, name="pub/cut", id=info.id,
+                                           token=lock.token, lease_id=lock.lease_id,
+                                           end_marked=True)
+        home = node_pb2_grpc.NodeStub(to_home)
+
+        def write(*messages):
+            return home.WritePages(iter([node_pb2.WritePagesChunk(header=header),
+                                         *messages]), timeout=10)
+
+        for messages, details in (
+                ([node_pb2.WritePagesChunk(offset=0, data=b"torn")],
+                 "the WritePages stream of segment pub/cut ended before its message marked "
+                 "last (the writer gave up or went away): nothing published"),
+                ([node_pb2.WritePagesChunk(offset=0, data=b"torn", last=True),
+                  node_pb2.WritePagesChunk(offset=4, data=b"more")],
+                 "WritePages takes no message after the one marked last")):
+            with pytest.raises(grpc.RpcError) as err:
+                write(*messages)
+            assert (err.value.code(), err.value.details()) == \
+                (grpc.StatusCode.INVALID_ARGUMENT, details)
+        with c1.attach("pub/cut") as m:
+            assert bytes(m.buffer) == data and m.version == 0
+        published = write(node_pb2.WritePagesChunk(offset=0, data=b"whole"),
+                          node_pb2.WritePagesChunk(last=True))
+        assert published.version == 1
+    with c1.attach("pub/cut") as m:
+        assert bytes(m.buffer[:5]) == b"whole" and bytes(m.buffer[5:]) == data[5:]
