@@ -33,6 +33,12 @@ def format_eta(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
+def show_progress(to_stdout: bool) -> bool:
+    """Whether ``get`` draws progress: only on a terminal stderr, and never where it would
+    mix with data written to that terminal (``to_stdout``: the data goes to stdout)."""
+    return sys.stderr.isatty() and not (to_stdout and sys.stdout.isatty())
+
+
 class Progress:
     """A one-line progress display; ``advance`` after each piece, ``finish`` at the end.
 

@@ -8,10 +8,10 @@ import pwd
 import stat
 import sys
 
-from vas.cli import printers, transfer
+from vas.cli import printers
 from vas.cli.backend import is_admin
 from vas.cli.main import add_node_option, add_output_option, connect, mode_type, size_type
-from vas.cli.progress import Progress
+from vas.cli.progress import Progress, show_progress
 from vas.core import fetch, validate
 from vas.core.errors import InvalidArgument
 
@@ -184,6 +184,7 @@ def put(args) -> int:
         label = "stdin" if from_stdin else args.file
         with connect(args) as client:
             if is_admin(client):
+                from vas.cli import transfer  # gRPC streaming: loaded only when used
                 transfer.put(client, args.name, source, args.offset, known, label)
             else:
                 _put_mapped(client, args, source, known, label)
@@ -234,6 +235,7 @@ def get(args) -> int:
     validate.check_name(args.name)
     with connect(args) as client:
         if is_admin(client):
+            from vas.cli import transfer  # gRPC streaming: loaded only when used
             transfer.get(client, args.name, args.offset, args.length, args.output)
         else:
             _get_mapped(client, args)
@@ -250,7 +252,7 @@ def _get_mapped(client, args) -> None:
                 f"range [{args.offset}, {args.offset + max(length, 0)}) is outside segment "
                 f"{args.name} of {mapping.size} bytes")
         out = sys.stdout.buffer if to_stdout else open(args.output, "wb")
-        progress = Progress(f"get {args.name}", length, enabled=transfer.show_progress(to_stdout))
+        progress = Progress(f"get {args.name}", length, enabled=show_progress(to_stdout))
         try:
             buffer = mapping.buffer
             position, end = args.offset, args.offset + length

@@ -12,14 +12,8 @@ import sys
 from typing import BinaryIO, Iterator
 
 from vas.admin import CHUNK, AdminClient
-from vas.cli.progress import Progress
+from vas.cli.progress import Progress, show_progress
 from vas.core.errors import InvalidArgument
-
-
-def show_progress(to_stdout: bool) -> bool:
-    """Draw progress only on a terminal stderr, and never where it would mix with
-    data written to that terminal."""
-    return sys.stderr.isatty() and not (to_stdout and sys.stdout.isatty())
 
 
 def get(admin: AdminClient, name: str, offset: int, length: int | None,
