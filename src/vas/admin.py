@@ -232,13 +232,14 @@ class AdminClient:
                 f"permission denied: uid {self.caller.uid} gid {self.caller.gid} may not "
                 f"read segment {name} (mode 0o{record.mode:03o}, owner "
                 f"{record.uid}:{record.gid})")
-        return self._read_stream(record, offset, length)
+        # The home is found now too, so a caller learns of a down home before it made
+        # anything (an output file) to take the bytes.
+        return self._read_stream(self._home(record), record, offset, length)
 
-    def _read_stream(self, record: types_pb2.SegmentInfo, offset: int,
-                     length: int) -> Iterator[bytes]:
+    def _read_stream(self, stub: node_pb2_grpc.NodeStub, record: types_pb2.SegmentInfo,
+                     offset: int, length: int) -> Iterator[bytes]:
         if length == 0:
             return
-        stub = self._home(record)
         stream = stub.ReadPages(
             node_pb2.ReadPagesRequest(name=record.name, id=record.id, offset=offset,
                                       length=length),
