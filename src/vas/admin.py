@@ -46,8 +46,8 @@ import grpc
 from vas.core import validate
 from vas.core.access import may_attach
 from vas.core.defaults import MAX_GRPC_MESSAGE
-from vas.core.errors import (InvalidArgument, NotFound, PermissionDenied, Unavailable,
-                             VasError, from_rpc_error)
+from vas.core.errors import (InvalidArgument, PermissionDenied, Unavailable, VasError,
+                             from_rpc_error, segment_lost)
 from vas.core.tls import COORDINATOR_HOST, NODE_HOST, TlsConfig, is_loopback, open_channel
 from vas.core.types import NodeInfo, SegmentInfo, SpaceInfo, cluster_status
 from vas.proto import coordinator_pb2 as pb
@@ -386,16 +386,16 @@ class AdminClient:
     # -- the homes ----------------------------------------------------------------
 
     def _home(self, record: types_pb2.SegmentInfo) -> node_pb2_grpc.NodeStub:
-        """The Node stub of the home of ``record`` (Unavailable if it is not registered)."""
-        if record.state == types_pb2.SEGMENT_STATE_LOST:
-            raise NotFound(f"segment {record.name} was lost: its home node {record.home} "
-                           "restarted without it (delete it to free the name)")
+        """The Node stub of the home of ``record``: Unavailable if the home is not
+        registered, NotFound if it is but the record is lost (it restarted without it)."""
         address = next((n.address for n in self._call(
             self._coordinator.ListNodes, pb.ListNodesRequest()).nodes if n.id == record.home),
             None)
         if address is None:
-            raise Unavailable(f"the home node {record.home} of segment {record.name} is not "
+            raise Unavailable(f"home node {record.home} of segment {record.name} is not "
                               "registered (down?)")
+        if record.state == types_pb2.SEGMENT_STATE_LOST:
+            raise segment_lost(record.name, record.home)
         check_plaintext(address, self.tls, f"node {record.home}")
         with self._lock:
             entry = self._nodes.get(address)

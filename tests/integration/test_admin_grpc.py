@@ -26,7 +26,7 @@ import pytest
 import vas
 from vas.cluster import LocalCluster, free_port
 from waiting import wait_for
-from worlds import new_world_dir
+from worlds import new_world_dir, wipe
 
 MiB = 1 << 20
 VASCTL = [sys.executable, "-m", "vas.cli"]
@@ -312,6 +312,40 @@ def test_usage_errors_exit_2(cluster, tmp_path, argv, message):
     proc = subprocess.run([*VASCTL, *argv], capture_output=True, env=clean_env(), cwd=tmp_path,
                           timeout=DEADLINE)
     assert proc.returncode == 2 and one_error_line(proc) == f"vasctl: error: {message}"
+
+
+def test_a_down_home_is_reported_before_anything_is_written(etcd, tmp_path):
+    """Its own cluster (a node is stopped): get and put of a segment whose home is gone
+    fail with one line, exit 1, and no output file; the other node's segments still read."""
+    wipe(etcd.url)
+    directory = new_world_dir("vas-admdown-")
+    try:
+        with LocalCluster(directory, nodes=2, memory=64 * MiB, etcd_url=etcd.url) as small:
+            data = os.urandom(MiB)
+            for home, name in ((0, "down/kept"), (1, "down/gone")):
+                with vas.connect(small.nodes[home].socket) as client:
+                    client.create(name, MiB)
+                    with client.attach(name, "rw") as mapping:
+                        mapping.write(0, data)
+            small.nodes[1].stop()  # deregisters node2
+            address = small.coordinators[0].address
+
+            def run(*args):
+                return subprocess.run([*VASCTL, "--coordinator", address, *args],
+                                      input=b"x", capture_output=True, env=clean_env(),
+                                      cwd=tmp_path, timeout=DEADLINE)
+
+            for args in (("seg", "get", "down/gone", "-o", "out.bin"),
+                         ("seg", "put", "down/gone", "-")):
+                proc = run(*args)
+                assert proc.returncode == 1
+                assert one_error_line(proc) == ("vasctl: error: home node node2 of segment "
+                                                "down/gone is not registered (down?)")
+            assert not (tmp_path / "out.bin").exists()
+            proc = run("seg", "get", "down/kept")
+            assert proc.returncode == 0 and proc.stdout == data
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 # -- identity ------------------------------------------------------------------------------
