@@ -104,16 +104,19 @@ class BulkServer:
 
     def __init__(self, host: str, source: Source, timeout: float,
                  tls: ssl.SSLContext | None = None, *, per_peer: int,
-                 transfer: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
+                 transfer: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                 port: int = 0):
         """``tls``: a server context requiring client certificates (TlsConfig.server_context),
         None for plaintext; ``per_peer``: connections one peer host may hold open;
-        ``transfer()`` marks each range sent (the warm pool waits meanwhile)."""
+        ``transfer()`` marks each range sent (the warm pool waits meanwhile); ``port``: the
+        TCP port to listen on, 0 for a free one (``.port`` is the real one). OSError if it
+        cannot be bound."""
         self.source = source
         self._transfer = transfer
         self.timeout = timeout
         self.tls = tls
         host = host.strip("[]")
-        self._listener = socket.create_server((host, 0), backlog=128, family=_family(host))
+        self._listener = socket.create_server((host, port), backlog=128, family=_family(host))
         self.port = self._listener.getsockname()[1]
         self._slots = threading.BoundedSemaphore(_MAX_CONNECTIONS)
         self._peers = Counts(Limit.BULK, per_peer)

@@ -8,8 +8,9 @@ from __future__ import annotations
 import argparse
 import os
 
-from vas.core.defaults import (DEFAULT_COORDINATOR_LISTEN, DEFAULT_FAULT_TIMEOUT,
-                               DEFAULT_LOCAL_WORKERS, DEFAULT_MAX_ATTACHMENTS_PER_UID,
+from vas.core.defaults import (DEFAULT_BULK_PORT, DEFAULT_COORDINATOR_LISTEN,
+                               DEFAULT_FAULT_TIMEOUT, DEFAULT_LOCAL_WORKERS,
+                               DEFAULT_MAX_ATTACHMENTS_PER_UID,
                                DEFAULT_MAX_BULK_PER_PEER, DEFAULT_MAX_CONNECTIONS_PER_UID,
                                DEFAULT_MAX_FAULTS_PER_UID, DEFAULT_MAX_STREAMS_PER_PEER,
                                DEFAULT_MEMORY, DEFAULT_NODE_LISTEN, DEFAULT_SOCKET,
@@ -57,6 +58,15 @@ def add_node_serve(node_verbs: argparse._SubParsersAction) -> None:
     serve.add_argument("--listen", default=os.environ.get("VAS_NODE_LISTEN", DEFAULT_NODE_LISTEN),
                        help="host:port for the Node gRPC service "
                             f"(default $VAS_NODE_LISTEN or {DEFAULT_NODE_LISTEN})")
+    serve.add_argument("--advertise", metavar="HOST:PORT", default=os.environ.get("VAS_ADVERTISE"),
+                       help="address other agents dial for this agent's gRPC port; its host "
+                            "is also the bulk channel's (default $VAS_ADVERTISE, else the "
+                            "--listen address, with this machine's hostname for a wildcard)")
+    serve.add_argument("--bulk-port", type=int, metavar="PORT",
+                       default=os.environ.get("VAS_BULK_PORT", str(DEFAULT_BULK_PORT)),
+                       help="TCP port of the bulk channel (segment bytes between agents), on "
+                            "the --listen host; 0 picks a free one "
+                            f"(default $VAS_BULK_PORT or {DEFAULT_BULK_PORT})")
     serve.add_argument("--socket", default=os.environ.get("VAS_NODE", DEFAULT_SOCKET),
                        help=f"local Unix socket path (default $VAS_NODE or {DEFAULT_SOCKET})")
     serve.add_argument("--memory", type=parse_size,
@@ -162,6 +172,7 @@ def serve_node(args: argparse.Namespace) -> int:
     if not args.coordinator:
         raise UsageError("--coordinator is required (or set $VAS_COORDINATOR)")
     serve(NodeConfig(coordinator=args.coordinator, listen=args.listen, socket=args.socket,
+                     advertise=args.advertise, bulk_port=args.bulk_port,
                      memory=args.memory, data_dir=args.data_dir, node_id=args.node_id,
                      writer_ttl=args.writer_ttl, fault_timeout=args.fault_timeout,
                      local_workers=args.local_workers,
