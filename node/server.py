@@ -92,7 +92,10 @@ class NodeServer:
         _raise_fd_limit()
         host, _ = split_host_port(config.listen)
         if config.advertise:
-            advertised_host, _ = split_host_port(config.advertise)
+            try:
+                advertised_host, _ = split_host_port(config.advertise)
+            except InvalidArgument as exc:
+                raise InvalidArgument(f"--advertise: {exc}") from exc
             if advertised_host.strip("[]") in _WILDCARDS:
                 raise InvalidArgument(f"invalid --advertise {config.advertise}: other agents "
                                       "cannot dial a wildcard host; name this machine")
@@ -128,8 +131,9 @@ class NodeServer:
                                    per_peer=config.max_bulk_per_peer,
                                    transfer=self.agent.pool.transfer, port=config.bulk_port)
         except OSError as exc:
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
             raise OSError(exc.errno, f"cannot listen on {host}:{config.bulk_port} for the "
-                                     f"bulk channel (--bulk-port): {exc.strerror}") from exc
+                                     f"bulk channel (--bulk-port): {reason}") from exc
         self.agent.bulk_address = f"{advertise.rpartition(':')[0]}:{self.bulk.port}"
         self.bulk.start()
         node_pb2_grpc.add_NodeServicer_to_server(
