@@ -6,7 +6,8 @@ on 127.0.0.1, so the advertised host (not the listen host) is visibly what peers
 An eager remote attach of a segment above the small-fetch size moves its bytes over the
 home's bulk channel at the configured port: checked by OpenBulk's answer, by the
 fetching agent's log ("over the bulk channel localhost:PORT", not the ReadPages
-fallback) and by the checksum of the bytes.
+fallback) and by the checksum of the bytes. A taken bulk port, a wildcard or malformed
+advertised address and an out-of-range port stop the agent with a one-line error.
 """
 from __future__ import annotations
 
@@ -103,3 +104,20 @@ def test_a_taken_bulk_port_stops_the_agent_with_a_clear_error(fixed_agents, worl
         clash.stop()
     assert (f"cannot listen on 127.0.0.1:{bulk1} for the bulk channel (--bulk-port)"
             in str(failed.value))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--advertise", "0.0.0.0:7400"],
+     "invalid --advertise 0.0.0.0:7400: other agents cannot dial a wildcard host"),
+    (["--advertise", "nohost"], "--advertise: invalid address 'nohost': expected HOST:PORT"),
+    (["--bulk-port", "65536"], "invalid --bulk-port 65536: must be 0 (pick one) to 65535"),
+])
+def test_bad_addresses_stop_the_agent_before_it_serves(coordinator, world_dir, args, message):
+    agent = NodeProcess(world_dir, coordinator.address, node_id="bad", memory=16 << 20,
+                        args=args)
+    try:
+        with pytest.raises(LaunchError, match="exited with status 1") as failed:
+            agent.start()
+    finally:
+        agent.stop()
+    assert f"vasctl: error: {message}" in str(failed.value)
