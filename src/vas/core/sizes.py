@@ -1,4 +1,9 @@
-"""Human sizes: parse "64MiB" / "1GiB" / "4096" and print bytes readably."""
+"""Human sizes: parse "64MiB" / "1GiB" / "4096" and print bytes readably.
+
+``format_size`` is for tables and progress ("64.0 MiB"); ``human_size`` for messages
+("4 GiB", "3.9 GiB"): every message that states a size uses it, so no one reads
+"4227854336 of 4294967296 bytes". Exact byte counts stay in JSON output.
+"""
 from __future__ import annotations
 
 import re
@@ -31,11 +36,32 @@ def parse_size(text: str) -> int:
     return int(value)
 
 
-def format_size(num: int) -> str:
-    """``num`` bytes in the largest binary unit that keeps it >= 1: "64.0 MiB"."""
-    value = float(num)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
+_BINARY_UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
+
+
+def _binary_unit(num: int) -> tuple[str, int]:
+    """The largest binary unit that keeps ``num`` >= 1 (TiB at most), with its bytes."""
+    for power, unit in enumerate(_BINARY_UNITS):
+        if abs(num) < 1024 ** (power + 1) or unit == _BINARY_UNITS[-1]:
+            return unit, 1024 ** power
     raise AssertionError("unreachable")
+
+
+def format_size(num: int) -> str:
+    """``num`` bytes in the largest binary unit that keeps it >= 1, one decimal: "64.0 MiB"
+    (the fixed decimal keeps table columns and progress bars steady)."""
+    unit, scale = _binary_unit(num)
+    return f"{num} B" if scale == 1 else f"{num / scale:.1f} {unit}"
+
+
+def human_size(num: int) -> str:
+    """``num`` bytes for a message: whole units without a decimal ("4 GiB", "8 KiB"),
+    others rounded to one ("3.9 GiB"; 8193 is "8.0 KiB", not "8 KiB").
+
+    >>> human_size(4227854336), human_size(4 << 30)
+    ('3.9 GiB', '4 GiB')
+    """
+    unit, scale = _binary_unit(num)
+    if num % scale == 0:
+        return f"{num // scale} {unit}"
+    return format_size(num)
