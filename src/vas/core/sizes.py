@@ -56,12 +56,16 @@ def format_size(num: int) -> str:
 
 def human_size(num: int) -> str:
     """``num`` bytes for a message: whole units without a decimal ("4 GiB", "8 KiB"),
-    others rounded to one ("3.9 GiB"; 8193 is "8.0 KiB", not "8 KiB").
+    others rounded to one ("3.9 GiB"). A rounded size that would read as a whole one
+    says its bytes too, so that a limit and a size just over it never print alike.
 
-    >>> human_size(4227854336), human_size(4 << 30)
-    ('3.9 GiB', '4 GiB')
+    >>> human_size(4227854336), human_size(4 << 30), human_size(8193)
+    ('3.9 GiB', '4 GiB', '8.0 KiB (8193 bytes)')
     """
     unit, scale = _binary_unit(num)
     if num % scale == 0:
         return f"{num // scale} {unit}"
-    return format_size(num)
+    text = format_size(num)
+    if text.endswith(f".0 {unit}"):
+        return f"{text} ({num} bytes)"
+    return text
