@@ -40,8 +40,9 @@ def test_format_size(num, text):
 
 @pytest.mark.parametrize("num, text", [
     (0, "0 B"), (1023, "1023 B"), (4096, "4 KiB"), (1536, "1.5 KiB"), (4227854336, "3.9 GiB"),
-    (4 * GiB, "4 GiB"), (8193, "8.0 KiB (8193 bytes)"), (4 * GiB - 1, "4.0 GiB (4294967295 bytes)"),
-    (5 << 40, "5 TiB"), (2048 << 40, "2048 TiB"),
+    (4 * GiB, "4 GiB"), (8193, "8.0 KiB (8193 bytes)"), (256 * MiB - 8192, "255.9 MiB"),
+    (4 * GiB - 1, "3.9 GiB"), (GiB + 1, "1.0 GiB (1073741825 bytes)"), (5 << 40, "5 TiB"),
+    (2048 << 40, "2048 TiB"),
 ])
 def test_human_size(num, text):
     assert human_size(num) == text

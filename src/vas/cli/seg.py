@@ -247,7 +247,7 @@ def put(args) -> int:
         with connect(args) as client, client.attach(args.name, "rw") as mapping:
             if known is not None and args.offset + known > mapping.size:
                 raise InvalidArgument(
-                    f"{label} ({human_size(known)}) does not fit in segment {args.name} of "
+                    f"{label} of {human_size(known)} does not fit in segment {args.name} of "
                     f"{human_size(mapping.size)} at offset {args.offset}")
             if args.offset > mapping.size:
                 raise InvalidArgument(f"offset {args.offset} is outside segment {args.name} "

@@ -55,9 +55,11 @@ def format_size(num: int) -> str:
 
 
 def human_size(num: int) -> str:
-    """``num`` bytes for a message: whole units without a decimal ("4 GiB", "8 KiB"),
-    others rounded to one ("3.9 GiB"). A rounded size that would read as a whole one
-    says its bytes too, so that a limit and a size just over it never print alike.
+    """``num`` (>= 0) bytes for a message: whole units without a decimal ("4 GiB",
+    "8 KiB"), others cut to one decimal, never rounded up to the next unit's worth: a
+    node with 8 KiB used of 256 MiB has "255.9 MiB" free, not "256.0". A size that still
+    reads as whole (just over it) says its bytes too: a limit and a size one byte over it
+    never print alike.
 
     >>> human_size(4227854336), human_size(4 << 30), human_size(8193)
     ('3.9 GiB', '4 GiB', '8.0 KiB (8193 bytes)')
@@ -65,7 +67,6 @@ def human_size(num: int) -> str:
     unit, scale = _binary_unit(num)
     if num % scale == 0:
         return f"{num // scale} {unit}"
-    text = format_size(num)
-    if text.endswith(f".0 {unit}"):
-        return f"{text} ({num} bytes)"
-    return text
+    tenths = num * 10 // scale
+    text = f"{tenths // 10}.{tenths % 10} {unit}"
+    return f"{text} ({num} bytes)" if tenths % 10 == 0 else text
