@@ -25,12 +25,22 @@ class UsageError(Exception):
     """Bad command-line usage detected after parsing (exit code 2)."""
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Wraps a paragraph (a description) to the terminal but keeps text that has line
+    breaks of its own as written: the examples, one command a line."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
 class Parser(argparse.ArgumentParser):
     """An ArgumentParser whose usage errors are one line on stderr (exit code 2) and whose
-    epilog (the examples) keeps its line breaks."""
+    help keeps the examples' lines."""
 
     def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str):
