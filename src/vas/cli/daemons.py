@@ -64,7 +64,10 @@ def add_node_serve(node_verbs: argparse._SubParsersAction) -> None:
     serve = node_verbs.add_parser(
         "serve", help="run a node agent",
         epilog=examples("vasctl node serve --coordinator 127.0.0.1:7300 --memory 4GiB "
-                        "--socket /run/vas/node.sock"))
+                        "--socket /run/vas/node.sock",
+                        "vasctl node serve --coordinator coord1:7300 --listen 0.0.0.0:7400 "
+                        "--advertise worker-17:7400 --bulk-port 7401 --tls-cert node.pem "
+                        "--tls-key node-key.pem --tls-ca ca.pem"))
     serve.add_argument("--coordinator", default=os.environ.get("VAS_COORDINATOR"),
                        help="coordinator host:port (default $VAS_COORDINATOR)")
     serve.add_argument("--listen", default=os.environ.get("VAS_NODE_LISTEN", DEFAULT_NODE_LISTEN),
