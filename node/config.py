@@ -25,6 +25,11 @@ DEFAULT_FETCH_STREAMS = 4
 #: Seconds SIGTERM waits for in-flight gRPC calls before cancelling them.
 DEFAULT_SHUTDOWN_GRACE = 5.0
 
+#: Why ``data_dir`` is refused: an accepted flag must do what it says, and segments
+#: do not survive an agent restart yet (the CLI exits 2, ``serve`` raises InvalidArgument).
+DATA_DIR_NOT_BUILT = ("--data-dir is not built yet: segments do not survive an agent "
+                      "restart; run without it")
+
 
 @dataclass
 class NodeConfig:
@@ -35,8 +40,8 @@ class NodeConfig:
     :param socket: path of the local Unix socket (parent directories are created;
         a stale socket file is replaced; mode 0666, access is checked per caller).
     :param memory: capacity for segment memory, bytes (sum of held segment sizes).
-    :param data_dir: directory that keeps segments across restarts (later issue;
-        accepted and ignored today).
+    :param data_dir: directory that keeps segments across restarts. Not built yet:
+        anything but None is refused (``DATA_DIR_NOT_BUILT``).
     :param node_id: unique node id; default ``"<hostname>:<grpc port>"``, with TLS the
         name its certificate gives (``vas://node/<id>``), which ``node_id`` must match.
     :param advertise: host:port other agents use to reach this one; default the

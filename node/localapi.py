@@ -82,12 +82,11 @@ class LocalApi:
         return []
 
     def create(self, session: Session, request, response) -> list[int]:
-        if request.replicas:  # refused, not stored: an accepted parameter must do what it says
-            raise InvalidArgument(f"replicas={request.replicas} is not built yet: a segment "
-                                  "has no copy besides its home; create it with replicas=0")
+        # Refused, not stored: an accepted parameter must do what it says.
+        replicas = validate.check_no_replicas(request.replicas)
         info = self.agent.homes.create(
             session.caller, validate.check_name(request.name), validate.check_size(request.size),
-            validate.check_mode(request.mode), request.replicas,
+            validate.check_mode(request.mode), replicas,
             validate.check_seconds(request.ttl_seconds, "ttl"), request.exist_ok,
             validate.check_meta(request.meta))
         response.segment.CopyFrom(info)

@@ -36,7 +36,7 @@ from vas.core.tls import TlsConfig, add_port, check_listen
 from vas.node.agent import Agent
 from vas.node.bulk import BulkServer
 from vas.node.clients import CHANNEL_OPTIONS
-from vas.node.config import NodeConfig
+from vas.node.config import DATA_DIR_NOT_BUILT, NodeConfig
 from vas.node.local import LocalServer
 from vas.node.localapi import LocalApi
 from vas.node.service import NodeServicer
@@ -63,8 +63,7 @@ class NodeServer:
         if config.memory < 0:
             raise InvalidArgument(f"invalid memory {config.memory}: must be >= 0 bytes")
         if config.data_dir:  # refused, not ignored: an accepted flag must do what it says
-            raise InvalidArgument("--data-dir is not built yet: segments do not survive an "
-                                  "agent restart; run without it")
+            raise InvalidArgument(DATA_DIR_NOT_BUILT)
         for name, ttl in (("heartbeat ttl", config.heartbeat_ttl),
                           ("writer ttl (--writer-ttl)", config.writer_ttl),
                           ("fault timeout (--fault-timeout)", config.fault_timeout)):

@@ -64,7 +64,8 @@ def add_node_serve(node_verbs: argparse._SubParsersAction) -> None:
                        help="segment memory capacity, e.g. 4GiB "
                             f"(default $VAS_MEMORY or {format_size(DEFAULT_MEMORY)})")
     serve.add_argument("--data-dir", default=os.environ.get("VAS_DATA_DIR"),
-                       help="directory that keeps segments across agent restarts (default $VAS_DATA_DIR)")
+                       help="directory that keeps segments across agent restarts: not built yet, "
+                            "refused as bad usage (default $VAS_DATA_DIR)")
     serve.add_argument("--id", dest="node_id", default=os.environ.get("VAS_NODE_ID"),
                        help="node id (default $VAS_NODE_ID or <hostname>:<grpc port>)")
     serve.add_argument("--writer-ttl", type=int, metavar="SECONDS",
@@ -156,11 +157,13 @@ def _etcd_tls(args: argparse.Namespace, tls):
 
 def serve_node(args: argparse.Namespace) -> int:
     from vas.cli.main import UsageError
-    from vas.node.config import NodeConfig
+    from vas.node.config import DATA_DIR_NOT_BUILT, NodeConfig
     from vas.node.server import serve
 
     if not args.coordinator:
         raise UsageError("--coordinator is required (or set $VAS_COORDINATOR)")
+    if args.data_dir:  # serve refuses it too, for callers that skip the CLI
+        raise UsageError(DATA_DIR_NOT_BUILT)
     serve(NodeConfig(coordinator=args.coordinator, listen=args.listen, socket=args.socket,
                      memory=args.memory, data_dir=args.data_dir, node_id=args.node_id,
                      writer_ttl=args.writer_ttl, fault_timeout=args.fault_timeout,
