@@ -16,13 +16,13 @@ from concurrent import futures
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from vas.coordinator.config import CoordinatorConfig
 from vas.coordinator.etcd import Etcd
 from vas.coordinator.service import CoordinatorService
 from vas.core.defaults import MAX_CONCURRENT_RPCS, MAX_GRPC_MESSAGE
 from vas.core.errors import VasError
+from vas.core.reflection import enable_reflection
 from vas.core.signals import setting
 from vas.core.tls import add_port, check_listen
 from vas.proto import coordinator_pb2, coordinator_pb2_grpc
@@ -62,8 +62,7 @@ def serve(config: CoordinatorConfig, stop: threading.Event | None = None) -> Non
     coordinator_pb2_grpc.add_CoordinatorServicer_to_server(service, server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    enable_reflection((SERVICE_NAME, health.SERVICE_NAME), server)
     port = add_port(server, config.listen, config.tls)
     if not port:
         raise RuntimeError(f"cannot listen on {config.listen}")

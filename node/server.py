@@ -25,12 +25,12 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 from cryptography import x509
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from vas.core import validate
 from vas.core.defaults import MAX_CONCURRENT_RPCS
 from vas.core.errors import InvalidArgument, PermissionDenied
 from vas.core.identity import PeerKind, peer_of_cert
+from vas.core.reflection import enable_reflection
 from vas.core.signals import setting
 from vas.core.tls import TlsConfig, add_port, check_listen
 from vas.node.agent import Agent
@@ -121,8 +121,7 @@ class NodeServer:
         node_pb2_grpc.add_NodeServicer_to_server(
             NodeServicer(self.agent, config.max_streams_per_peer), self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
-        reflection.enable_server_reflection(
-            (_NODE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc)
+        enable_reflection((_NODE_SERVICE, health.SERVICE_NAME), self._grpc)
         for service in ("", _NODE_SERVICE):
             self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         self._grpc.start()
