@@ -70,7 +70,10 @@ class NodeConfig:
     :param tls: mutual TLS of the gRPC port, the bulk channel and every channel this
         agent opens (its certificate must be an agent's); None: plaintext, loopback only
         unless ``insecure``.
-    :param insecure: allow a plaintext non-loopback ``listen``.
+    :param insecure: allow a plaintext non-loopback ``listen`` (and metrics listener).
+    :param metrics_port: serve Prometheus metrics on ``/metrics`` at this port of the
+        ``listen`` host (0: a free one); None: no metrics listener. With ``tls`` it is
+        HTTPS requiring a client certificate from the CA (vas.core.metrics).
 
     Example::
 
@@ -100,6 +103,7 @@ class NodeConfig:
     max_streams_per_peer: int = DEFAULT_MAX_STREAMS_PER_PEER
     tls: TlsConfig | None = None
     insecure: bool = False
+    metrics_port: int | None = None
 
     def requests_per_uid(self) -> int:
         """Requests of one uid served at once: ``max_requests_per_uid``, by default

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import os
 import re
+import time
 
 import grpc
 
 from vas.core import validate
 from vas.core.errors import InvalidArgument, VasError
+from vas.node import metrics
 from vas.node.agent import Agent
 from vas.node.segments import HomeSegment, Replica
 from vas.node.sessions import Session
@@ -97,9 +99,12 @@ class LocalApi:
         if mode != "r" and mode != "rw":
             validate.check_attach_mode(mode)
         fetch = validate.check_fetch(request.fetch) if request.fetch else "lazy"
+        started = time.perf_counter()
         attachment, fd, info, how = self.agent.attach(session, request.name, mode, fetch,
                                                       request.fault_support,
                                                       request.write_protect_support)
+        metrics.observe_attach(how, started)
+        metrics.SENT_LOCAL.inc(info.size)  # mapped by the client, not copied
         body = response.attach
         body.segment.CopyFrom(info)
         body.attachment_id = attachment.id
