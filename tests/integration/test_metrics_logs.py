@@ -6,10 +6,13 @@ the port each one picked from its log ("serving metrics on URL").
 """
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
 import signal
+import socket
+import ssl
 import subprocess
 import sys
 import urllib.error
@@ -19,7 +22,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import vas
-from vas.cluster import free_port
+from vas.cluster import LocalCluster, free_port
 from waiting import wait_for
 
 MiB = 1 << 20
@@ -150,6 +153,29 @@ def test_lazy_faults_are_counted(metered):
         (value(remote, "vas_node_received_bytes_total", path="read_pages") or 0)
     assert 0 < received < SIZE  # a chunk and its read-ahead, not the segment
     assert 0 < value(remote, "vas_node_resident_bytes", kind="replica") < SIZE
+
+
+def test_metrics_over_mutual_tls(world_dir):
+    """With the TLS files the listener is HTTPS and wants a client certificate from the
+    CA, like the gRPC port; a client that connects and stays silent holds up no scrape."""
+    with LocalCluster(world_dir, nodes=1, memory=16 * MiB, tls=True,
+                      node_args=["--metrics-port", "0"]) as running:
+        url = metrics_url(running.nodes[0])
+        assert url.startswith("https://127.0.0.1:")
+        port = int(url.rsplit(":", 1)[1].split("/")[0])
+        with socket.create_connection(("127.0.0.1", port)):  # silent: no handshake
+            admin = running.certs.admin.client_context()
+            admin.check_hostname = False  # the certificate names node.vas, not 127.0.0.1
+            with urllib.request.urlopen(url, context=admin, timeout=10) as reply:
+                text = reply.read().decode()
+            names = {f.name for f in text_string_to_metric_families(text)}
+            assert {"vas_node_segments", "vas_rpc_server_handled"} <= names
+        anonymous = ssl.create_default_context(cafile=running.certs.ca.cert_path)
+        anonymous.check_hostname = False
+        with pytest.raises((OSError, http.client.HTTPException)):  # no client certificate
+            urllib.request.urlopen(url, context=anonymous, timeout=10).read()
+        with pytest.raises((OSError, http.client.HTTPException)):  # plain HTTP
+            urllib.request.urlopen(url.replace("https:", "http:"), timeout=10).read()
 
 
 def test_metrics_port_is_checked_before_anything_is_bound(vasctl_env, tmp_path):

@@ -27,13 +27,17 @@ loopback host only unless ``--insecure``.
 from __future__ import annotations
 
 import logging
+import socket
+import ssl
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import grpc
-import prometheus_client
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, make_wsgi_app
 
 from vas.core.tls import TlsConfig, check_listen
 
@@ -141,14 +145,43 @@ class _Default:
         return REGISTRY.collect()
 
 
+class _Server(ThreadingMixIn, WSGIServer):
+    """prometheus_client's threading WSGI server, with the TLS handshake moved off the
+    accepting thread (see ``start_metrics_server``)."""
+
+    daemon_threads = True
+    tls: ssl.SSLContext | None = None
+
+    def handle_error(self, request, client_address) -> None:
+        # socketserver would print a traceback to stderr (a refused handshake, a client
+        # gone mid-reply): one log line instead, in the daemon's log format.
+        log.info("metrics request from %s failed: %s", client_address[0], sys.exc_info()[1])
+
+    def get_request(self):
+        conn, address = self.socket.accept()
+        if self.tls is not None:  # handshake on the first read, in the request's thread
+            conn = self.tls.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
+        return conn, address
+
+
+class _Quiet(WSGIRequestHandler):
+    #: Seconds a scrape's connection may stay silent (TLS handshake included).
+    timeout = 30
+
+    def log_message(self, format, *args):  # noqa: A002 - the base class's name
+        pass  # one line per scrape on stderr would drown the daemon's own log
+
+
 class MetricsServer:
     """The /metrics listener of one daemon (``start_metrics_server``); ``stop()`` is idempotent."""
 
-    def __init__(self, httpd, thread: threading.Thread, url: str):
+    def __init__(self, httpd: _Server, url: str):
         self._httpd = httpd
-        self._thread = thread
         self.url = url          # e.g. "http://127.0.0.1:9464/metrics"
         self.port = httpd.server_port
+        self._thread = threading.Thread(target=httpd.serve_forever, name="vas-metrics",
+                                        daemon=True)
+        self._thread.start()
 
     def stop(self) -> None:
         httpd, self._httpd = self._httpd, None
@@ -170,6 +203,12 @@ def start_metrics_server(listen: str, port: int, tls: TlsConfig | None, insecure
     """Serve the default registry and ``collectors`` on ``/metrics`` of ``listen``'s host
     at ``port`` (0: a free port, see ``MetricsServer.port``).
 
+    prometheus_client's WSGI app behind its threading server, but not its
+    ``start_http_server``: that one wraps the listening socket, so every TLS
+    handshake runs in the accepting thread and one client that connects and stays
+    silent stops every scrape. Here each connection shakes hands in its own thread,
+    within ``_Quiet.timeout``.
+
     :param listen: the daemon's gRPC host:port (only the host is used).
     :param tls: the daemon's TLS files: HTTPS requiring a client certificate from the CA.
     :param insecure: allow plain HTTP on a non-loopback host.
@@ -188,17 +227,17 @@ def start_metrics_server(listen: str, port: int, tls: TlsConfig | None, insecure
     registry.register(_Default())
     for collector in collectors:
         registry.register(collector)
-    files = {}
-    if tls is not None:
-        files = dict(certfile=tls.cert, keyfile=tls.key, client_cafile=tls.ca,
-                     client_auth_required=True)
+
+    class Server(_Server):
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+    Server.tls = tls.server_context() if tls is not None else None
     try:
-        httpd, thread = prometheus_client.start_http_server(port, host, registry, **files)
+        httpd = make_server(host, port, make_wsgi_app(registry), Server, handler_class=_Quiet)
     except OSError as exc:
         raise OSError(exc.errno, f"cannot serve metrics on {address}: "
                                  f"{exc.strerror or exc}") from exc
-    thread.name = "vas-metrics"
     shown = f"[{host}]" if ":" in host else host
     url = f"{'https' if tls else 'http'}://{shown}:{httpd.server_port}/metrics"
     log.info("serving metrics on %s", url)
-    return MetricsServer(httpd, thread, url)
+    return MetricsServer(httpd, url)
