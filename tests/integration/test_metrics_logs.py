@@ -230,3 +230,21 @@ def test_coordinator_logs_json_lines(etcd, vasctl_env):
 def vasctl_env():
     """This environment without the VAS_* variables a developer's shell may set."""
     return {k: v for k, v in os.environ.items() if not k.startswith("VAS_")}
+
+
+def test_up_hands_the_log_format_to_its_daemons(world_dir, vasctl_env):
+    """vasctl up --log-format json: the coordinator's and the agent's logs (DIR/NAME.log)
+    are JSON lines too, at the level given."""
+    proc = subprocess.run([sys.executable, "-m", "vas.cli", "up", "--nodes", "1",
+                           "--memory", "64MiB", "--dir", world_dir, "--demo",
+                           "--log-format", "json", "--log-level", "warning"],
+                          capture_output=True, text=True, timeout=300, env=vasctl_env)
+    assert proc.returncode == 0, proc.stderr
+    for name in ("coordinator1", "node1"):
+        with open(os.path.join(world_dir, f"{name}.log")) as log:
+            lines = log.read().splitlines()
+        assert any(_READY.match(line) for line in lines), lines  # it did run
+        for line in lines:
+            if line and not _READY.match(line):
+                entry = json.loads(line)
+                assert entry["level"] in ("WARNING", "ERROR", "CRITICAL"), entry
