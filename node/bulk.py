@@ -46,6 +46,7 @@ from collections.abc import Callable
 from vas.core.errors import (CapacityExceeded, InvalidArgument, Unavailable, VasError,
                              from_status, status_code)
 from vas.core.identity import Peer, peer_of_der
+from vas.core.sizes import human_size
 from vas.core.tls import NODE_HOST
 from vas.node import locks, metrics
 from vas.node.bulk_tls import TlsConnection
@@ -408,7 +409,8 @@ def _recv_to_fd(conn: socket.socket, buffer: bytearray, fd: int, offset: int,
         while done < length:
             got = conn.recv_into(window, min(len(buffer), length - done))
             if not got:
-                raise ConnectionError(f"connection closed after {done} of {length} bytes")
+                raise ConnectionError(f"connection closed after {human_size(done)} of "
+                                      f"{human_size(length)}")
             written = 0
             while written < got:
                 wrote = os.pwrite(fd, window[written:got], offset + done + written)
@@ -479,7 +481,7 @@ def _recv_into(conn: socket.socket, part: memoryview) -> None:
         with part[done:done + min(total - done, _RECV_MAX)] as window:
             got = conn.recv_into(window)
         if not got:
-            raise ConnectionError(f"connection closed after {done} of {total} bytes")
+            raise ConnectionError(f"connection closed after {human_size(done)} of {human_size(total)}")
         done += got
 
 

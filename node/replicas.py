@@ -52,6 +52,7 @@ from collections.abc import Callable
 from vas.core.errors import (Busy, CapacityExceeded, InvalidArgument, NotFound, Unavailable,
                              VasError)
 from vas.core.fetch import FetchMode
+from vas.core.sizes import human_size
 from vas.node import bulk, faults, lazy, locks, metrics
 from vas.node.pool import Warm
 from vas.node.publish import CHUNK, stale_runs
@@ -308,7 +309,7 @@ class Replicas:
                 opened = self.peers.open_bulk(address, info.name, info.id)
                 if opened.size != info.size:
                     raise Unavailable(f"home {info.home} holds segment {info.name} with "
-                                      f"{opened.size} bytes, not {info.size}")
+                                      f"{human_size(opened.size)}, not {human_size(info.size)}")
                 try:
                     bulk.fetch(opened.address, info.id, view, streams=self.config.fetch_streams,
                                timeout=self.config.rpc_timeout, prepare=warm.populate,
@@ -348,8 +349,8 @@ class Replicas:
             raise InvalidArgument(f"attachment {attachment.id} is not a lazy attachment "
                                   "waiting for its userfaultfd")
         if size != replica.size:
-            raise InvalidArgument(f"RegisterFaults size {size} is not the segment's "
-                                  f"{replica.size}")
+            raise InvalidArgument(f"RegisterFaults size {human_size(size)} is not the "
+                                  f"segment's {human_size(replica.size)}")
         fill = replica.fill
         if fill is None:
             os.close(uffd)

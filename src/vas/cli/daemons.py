@@ -20,9 +20,16 @@ from vas.core.sizes import format_size, parse_size
 
 
 def register(nouns: argparse._SubParsersAction) -> None:
-    coordinator = nouns.add_parser("coordinator", help="run the coordinator service")
+    from vas.cli.main import examples
+
+    coordinator = nouns.add_parser("coordinator", help="run the coordinator service",
+                                   epilog=examples("vasctl coordinator serve --etcd "
+                                                   "http://127.0.0.1:2379"))
     verbs = coordinator.add_subparsers(dest="verb", metavar="VERB", required=True)
-    serve = verbs.add_parser("serve", help="serve the Coordinator gRPC API over an etcd cluster")
+    serve = verbs.add_parser(
+        "serve", help="serve the Coordinator gRPC API over an etcd cluster",
+        epilog=examples("vasctl coordinator serve --etcd http://127.0.0.1:2379 "
+                        "--listen 127.0.0.1:7300"))
     serve.add_argument("--etcd", default=os.environ.get("VAS_ETCD"),
                        help="etcd URL, e.g. http://127.0.0.1:2379 (default $VAS_ETCD)")
     serve.add_argument("--listen", default=os.environ.get("VAS_LISTEN", DEFAULT_COORDINATOR_LISTEN),
@@ -102,7 +109,12 @@ def setup_logging(args: argparse.Namespace) -> None:
 
 def add_node_serve(node_verbs: argparse._SubParsersAction) -> None:
     """Add ``serve`` to the verbs of ``vasctl node`` (the noun itself lives in vas.cli.node)."""
-    serve = node_verbs.add_parser("serve", help="run a node agent")
+    from vas.cli.main import examples
+
+    serve = node_verbs.add_parser(
+        "serve", help="run a node agent",
+        epilog=examples("vasctl node serve --coordinator 127.0.0.1:7300 --memory 4GiB "
+                        "--socket /run/vas/node.sock"))
     serve.add_argument("--coordinator", default=os.environ.get("VAS_COORDINATOR"),
                        help="coordinator host:port (default $VAS_COORDINATOR)")
     serve.add_argument("--listen", default=os.environ.get("VAS_NODE_LISTEN", DEFAULT_NODE_LISTEN),
