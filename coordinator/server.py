@@ -2,10 +2,10 @@
 
 Serves the Coordinator API, ``grpc.health.v1`` (SERVING once listening,
 NOT_SERVING while shutting down) and reflection (vas.core.reflection), counts every
-call (vas.core.metrics.RpcMetrics) and, given a metrics port, serves /metrics. On a signal: health goes
-NOT_SERVING, open Watch streams end cleanly (they would never finish on their
-own), in-flight unary calls get ``shutdown_grace`` seconds, then the etcd
-channel closes.
+call (vas.core.metrics.RpcMetrics) and, given a metrics port, serves /metrics. On a
+signal: health goes NOT_SERVING, open Watch streams end cleanly (they would never
+finish on their own), in-flight unary calls get ``shutdown_grace`` seconds, then the
+etcd channel and the metrics listener close.
 """
 from __future__ import annotations
 

@@ -1,9 +1,10 @@
 """``serve(config)``: run one node agent until SIGTERM/SIGINT.
 
 Start-up order: bind the gRPC port (the default node id needs the real port),
-the metrics listener when asked (node/metrics.py), bind the local socket, register with the coordinator (retrying until it
-answers), start the background threads, accept local connections, report
-SERVING on grpc.health.v1 and print the ready line.
+the metrics listener when asked (node/metrics.py), bind the local socket,
+register with the coordinator (retrying until it answers), start the background
+threads, accept local connections, report SERVING on grpc.health.v1 and print
+the ready line.
 
 Shutdown (SIGTERM/SIGINT) runs in the reverse spirit: health NOT_SERVING, stop
 accepting local connections, stop the background threads, deregister (the node
