@@ -48,7 +48,7 @@ from vas.core.errors import (CapacityExceeded, InvalidArgument, Unavailable, Vas
 from vas.core.identity import Peer, peer_of_der
 from vas.core.sizes import human_size
 from vas.core.tls import NODE_HOST
-from vas.node import locks
+from vas.node import locks, metrics
 from vas.node.bulk_tls import TlsConnection
 from vas.node.limits import Counts, Limit
 
@@ -205,6 +205,7 @@ class BulkServer:
             _reply(conn, None, more=True)
             with self._transfer():
                 _send_range(conn, fd, offset, length)
+            metrics.SENT_BULK.inc(length)
         finally:
             os.close(fd)
         return True
@@ -254,6 +255,7 @@ def _fetch_range(target, segment_id: int, offset: int, part: memoryview, timeout
                 conn.sendall(_REQUEST.pack(MAGIC, segment_id, offset, part.nbytes))
                 _read_reply(conn)
                 _recv_into(conn, part)
+            metrics.RECEIVED_BULK.inc(part.nbytes)
             return
         except OSError as exc:
             if attempt == _ATTEMPTS:
@@ -322,6 +324,7 @@ class Channel:
                                       f"{exc.strerror or exc}") from exc
                 log.info("bulk read from %s failed (%s); retrying", self.address, exc)
             else:
+                metrics.RECEIVED_BULK.inc(length)
                 self._put(conn, buffer, wait)
                 return
 

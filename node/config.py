@@ -25,6 +25,11 @@ DEFAULT_FETCH_STREAMS = 4
 #: Seconds SIGTERM waits for in-flight gRPC calls before cancelling them.
 DEFAULT_SHUTDOWN_GRACE = 5.0
 
+#: Why ``data_dir`` is refused: an accepted flag must do what it says, and segments
+#: do not survive an agent restart yet (the CLI exits 2, ``serve`` raises InvalidArgument).
+DATA_DIR_NOT_BUILT = ("--data-dir is not built yet: segments do not survive an agent "
+                      "restart; run without it")
+
 
 @dataclass
 class NodeConfig:
@@ -35,8 +40,8 @@ class NodeConfig:
     :param socket: path of the local Unix socket (parent directories are created;
         a stale socket file is replaced; mode 0666, access is checked per caller).
     :param memory: capacity for segment memory, bytes (sum of held segment sizes).
-    :param data_dir: directory that keeps segments across restarts (later issue;
-        accepted and ignored today).
+    :param data_dir: directory that keeps segments across restarts. Not built yet:
+        anything but None is refused (``DATA_DIR_NOT_BUILT``).
     :param node_id: unique node id; default ``"<hostname>:<grpc port>"``, with TLS the
         name its certificate gives (``vas://node/<id>``), which ``node_id`` must match.
     :param advertise: host:port other agents (and the coordinator's clients) use to
@@ -71,7 +76,10 @@ class NodeConfig:
     :param tls: mutual TLS of the gRPC port, the bulk channel and every channel this
         agent opens (its certificate must be an agent's); None: plaintext, loopback only
         unless ``insecure``.
-    :param insecure: allow a plaintext non-loopback ``listen``.
+    :param insecure: allow a plaintext non-loopback ``listen`` (and metrics listener).
+    :param metrics_port: serve Prometheus metrics on ``/metrics`` at this port of the
+        ``listen`` host (0: a free one); None: no metrics listener. With ``tls`` it is
+        HTTPS requiring a client certificate from the CA (vas.core.metrics).
 
     Example::
 
@@ -102,6 +110,7 @@ class NodeConfig:
     max_streams_per_peer: int = DEFAULT_MAX_STREAMS_PER_PEER
     tls: TlsConfig | None = None
     insecure: bool = False
+    metrics_port: int | None = None
 
     def requests_per_uid(self) -> int:
         """Requests of one uid served at once: ``max_requests_per_uid``, by default

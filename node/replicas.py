@@ -53,7 +53,7 @@ from vas.core.errors import (Busy, CapacityExceeded, InvalidArgument, NotFound, 
                              VasError)
 from vas.core.fetch import FetchMode
 from vas.core.sizes import human_size
-from vas.node import bulk, faults, lazy, locks
+from vas.node import bulk, faults, lazy, locks, metrics
 from vas.node.pool import Warm
 from vas.node.publish import CHUNK, stale_runs
 from vas.node.segments import Replica, ReplicaState, WriterState
@@ -243,6 +243,7 @@ class Replicas:
         finally:
             self.pool.want(info.size)  # prepared after the transfer, not competing for CPU
         elapsed = time.monotonic() - started
+        metrics.FETCH_EAGER.observe(elapsed)
         log.info("replica of %s (id %d, version %d): fetched %d bytes from %s %s in %.3f s "
                  "(%.2f GB/s, %s memory)", info.name, info.id, info.version, info.size,
                  info.home, via, elapsed, info.size / max(elapsed, 1e-9) / 1e9,
@@ -396,6 +397,7 @@ class Replicas:
         """Fetch the chunks of ``replica`` that differ from the home's; the home's hashes."""
         address = self.home_address(replica.info)
         timeout = self.config.rpc_timeout + replica.size / _STREAM_RATE
+        started = time.perf_counter()
         with replica.gate.passage(timeout, f"refresh of segment {replica.name}"):
             version, remote = self.peers.chunk_hashes(address, replica.name, replica.id, CHUNK)
             fill = replica.fill
@@ -408,6 +410,7 @@ class Replicas:
                             self.config.rpc_timeout + length / _STREAM_RATE, offset)
             with replica.lock:
                 replica.adopt_version_locked(version)
+        metrics.observe_since(metrics.FETCH_REFRESH, started)
         if stale:
             log.info("refresh of %s: fetched %d bytes of changed chunks from %s, now version %d",
                      replica.name, sum(length for _, length in stale), replica.info.home, version)

@@ -329,15 +329,15 @@ def test_node_serve_refuses_a_fault_timeout_below_a_second(vasctl, tmp_path):
 
 
 def test_node_serve_refuses_a_data_dir_it_cannot_honour(vasctl, tmp_path):
-    proc = vasctl("node", "serve", "--socket", tmp_path / "n.sock", "--data-dir", tmp_path,
-                  expect=1)
+    proc = vasctl("node", "serve", "--coordinator", "127.0.0.1:1", "--socket",
+                  tmp_path / "n.sock", "--data-dir", tmp_path, expect=2)
     assert one_error_line(proc) == ("vasctl: error: --data-dir is not built yet: segments do "
                                     "not survive an agent restart; run without it")
 
 
 def test_seg_create_refuses_replicas_it_cannot_make(vasctl, cluster):
     proc = vasctl("seg", "create", "cli/replicated", "--size", "4KiB", "--replicas", "1",
-                  expect=1)
+                  expect=2)
     assert one_error_line(proc) == ("vasctl: error: replicas=1 is not built yet: a segment has "
                                     "no copy besides its home; create it with replicas=0")
     vasctl("seg", "stat", "cli/replicated", expect=1)  # nothing was created

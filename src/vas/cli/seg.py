@@ -39,7 +39,7 @@ def register(nouns: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", type=mode_type, default=0o600, help="octal permission bits (default 600)")
     p.add_argument("--replicas", type=int, default=0,
                    help="replica copies on other nodes (default 0; not built yet: K > 0 is "
-                        "refused)")
+                        "refused as bad usage)")
     p.add_argument("--ttl", type=float, default=None, metavar="SECONDS",
                    help="remove the segment after this many seconds")
     p.add_argument("--exist-ok", action="store_true", help="succeed if the segment exists already")
@@ -133,6 +133,11 @@ def meta_type(text: str) -> tuple[str, str]:
 
 def create(args) -> int:
     # Refuse bad values before reaching for the agent, so the message is about them.
+    if args.replicas > 0:  # not built yet: bad usage (exit 2), nothing is created
+        try:
+            validate.check_no_replicas(args.replicas)
+        except InvalidArgument as exc:
+            raise UsageError(str(exc)) from exc
     validate.check_size(args.size)
     meta = dict(args.meta)
     if len(meta) != len(args.meta):

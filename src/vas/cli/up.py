@@ -18,6 +18,7 @@ import sys
 import tempfile
 import threading
 
+from vas.cli.daemons import add_log_options, setup_logging
 from vas.cli.main import examples, size_type
 from vas.core.defaults import DEFAULT_MEMORY
 from vas.core.errors import VasError
@@ -63,6 +64,7 @@ def register(nouns: argparse._SubParsersAction) -> None:
                         "admin client (this user)")
     p.add_argument("--demo", action="store_true",
                    help="run the demo (write a segment in one process, read it in another) and exit")
+    add_log_options(p)  # also handed to every daemon it starts
     # Its daemons get certificates of their own (--tls): the TLS options are not its.
     p.set_defaults(func=up, tls_options=False)
 
@@ -88,6 +90,8 @@ def up(args) -> int:
         raise UsageError("vasctl up --tls cannot use an https:// --etcd: its throwaway CA "
                          "signs no certificate that etcd trusts")
 
+    setup_logging(args)
+    log_args = ["--log-level", args.log_level, "--log-format", args.log_format]
     made_dir = args.dir is None
     directory = tempfile.mkdtemp(prefix="vas-") if made_dir else os.path.abspath(args.dir)
     if made_dir:
@@ -98,7 +102,7 @@ def up(args) -> int:
     stop = threading.Event()
     previous = {}
     cluster = LocalCluster(directory, nodes=args.nodes, memory=args.memory, etcd_url=args.etcd,
-                           tls=args.tls)
+                           tls=args.tls, node_args=log_args, coordinator_args=log_args)
     try:
         # Until serving starts, SIGINT is a KeyboardInterrupt (exit 130), still stopping
         # whatever started; SIGTERM too.
