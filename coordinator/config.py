@@ -38,9 +38,12 @@ class CoordinatorConfig:
     :param txn_attempts: attempts of a conflicting read-modify-write before Unavailable.
     :param tls: mutual TLS of the gRPC port (and of the calls to agents); None: plaintext,
         loopback only unless ``insecure``.
-    :param insecure: allow a plaintext non-loopback ``listen``.
+    :param insecure: allow a plaintext non-loopback ``listen`` (and metrics listener).
     :param etcd_tls: client certificate, key and CA for an ``https://`` etcd (the
         CLI defaults them to ``tls``).
+    :param metrics_port: serve Prometheus metrics on ``/metrics`` at this port of the
+        ``listen`` host (0: a free one); None: no metrics listener. With ``tls`` it is
+        HTTPS requiring a client certificate from the CA (vas.core.metrics).
 
     Example::
 
@@ -58,3 +61,4 @@ class CoordinatorConfig:
     tls: TlsConfig | None = None
     insecure: bool = False
     etcd_tls: TlsConfig | None = None
+    metrics_port: int | None = None

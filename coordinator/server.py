@@ -1,28 +1,30 @@
 """``serve(config)``: run the coordinator's gRPC server until SIGTERM/SIGINT.
 
 Serves the Coordinator API, ``grpc.health.v1`` (SERVING once listening,
-NOT_SERVING while shutting down) and reflection. On a signal: health goes
-NOT_SERVING, open Watch streams end cleanly (they would never finish on their
-own), in-flight unary calls get ``shutdown_grace`` seconds, then the etcd
-channel closes.
+NOT_SERVING while shutting down) and reflection (vas.core.reflection), counts every
+call (vas.core.metrics.RpcMetrics) and, given a metrics port, serves /metrics. On a
+signal: health goes NOT_SERVING, open Watch streams end cleanly (they would never
+finish on their own), in-flight unary calls get ``shutdown_grace`` seconds, then the
+etcd channel and the metrics listener close.
 """
 from __future__ import annotations
 
 import logging
 import signal
-import sys
 import threading
 from concurrent import futures
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from vas.coordinator.config import CoordinatorConfig
 from vas.coordinator.etcd import Etcd
 from vas.coordinator.service import CoordinatorService
 from vas.core.defaults import MAX_CONCURRENT_RPCS, MAX_GRPC_MESSAGE
 from vas.core.errors import VasError
+from vas.core.logs import setup_default_logging
+from vas.core.metrics import RpcMetrics, start_metrics_server
+from vas.core.reflection import enable_reflection
 from vas.core.signals import setting
 from vas.core.tls import add_port, check_listen
 from vas.proto import coordinator_pb2, coordinator_pb2_grpc
@@ -37,16 +39,16 @@ def serve(config: CoordinatorConfig, stop: threading.Event | None = None) -> Non
     run the server in a thread, where signal handlers cannot be installed).
 
     Prints ``vas coordinator listening on HOST:PORT`` (the real port when 0 was
-    asked) to stdout once serving. Raises RuntimeError if the address cannot be bound,
-    InvalidArgument for a plaintext non-loopback ``listen`` without ``insecure``.
+    asked) to stdout once serving; with ``metrics_port``, Prometheus metrics on
+    ``/metrics`` (vas.core.metrics). Raises RuntimeError if the address cannot be bound
+    (OSError for the metrics port), InvalidArgument for a plaintext non-loopback
+    ``listen`` without ``insecure``.
 
     Example::
 
         serve(CoordinatorConfig(etcd="http://127.0.0.1:2379", listen="127.0.0.1:0"))
     """
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                            format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    setup_default_logging()
     check_listen(config.listen, config.tls, config.insecure)
     etcd = Etcd(config.etcd, config.etcd_timeout, config.etcd_tls)
     _probe(etcd)
@@ -58,16 +60,25 @@ def serve(config: CoordinatorConfig, stop: threading.Event | None = None) -> Non
         options=[("grpc.so_reuseport", 0),
                  ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE),
                  ("grpc.max_send_message_length", MAX_GRPC_MESSAGE)],
-        maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS)
+        maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS, interceptors=(RpcMetrics(),))
     coordinator_pb2_grpc.add_CoordinatorServicer_to_server(service, server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    enable_reflection((SERVICE_NAME, health.SERVICE_NAME), server)
     port = add_port(server, config.listen, config.tls)
     if not port:
         raise RuntimeError(f"cannot listen on {config.listen}")
     server.start()
+    metrics = None
+    if config.metrics_port is not None:
+        try:
+            metrics = start_metrics_server(config.listen, config.metrics_port, config.tls,
+                                           config.insecure)
+        except BaseException:
+            server.stop(0)
+            service.close()
+            etcd.close()
+            raise
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     host = config.listen.rsplit(":", 1)[0]
@@ -86,6 +97,8 @@ def serve(config: CoordinatorConfig, stop: threading.Event | None = None) -> Non
     server.stop(config.shutdown_grace).wait()
     service.close()
     etcd.close()
+    if metrics is not None:
+        metrics.stop()
 
 
 def _signal_event() -> threading.Event:

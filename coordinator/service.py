@@ -34,7 +34,7 @@ from vas.coordinator.writers import Writers
 from vas.core.errors import InvalidArgument, VasError, abort_with
 from vas.core.identity import PeerKind, peer_of_context
 from vas.core.validate import (MAX_NAME_LENGTH, check_attach_mode, check_meta, check_mode,
-                               check_name, check_replicas, check_seconds, check_segment_id,
+                               check_name, check_no_replicas, check_seconds, check_segment_id,
                                check_size)
 from vas.proto import coordinator_pb2 as pb, coordinator_pb2_grpc, types_pb2
 
@@ -165,7 +165,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                             "create a segment homed")
         return self.segments.create(
             caller, check_name(request.name), check_size(request.size),
-            check_mode(request.mode), home, check_replicas(request.replicas),
+            check_mode(request.mode), home, check_no_replicas(request.replicas),
             check_seconds(request.ttl_seconds, "ttl"), check_lease(request.lease_id),
             check_meta(request.meta))
 

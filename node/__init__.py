@@ -18,5 +18,6 @@ Modules, by responsibility (docs/ARCHITECTURE.md "Node agent" draws the map):
   capacity), ``pool`` (warm replica memory), ``access`` (mode-bit checks);
 - ``lazy`` (demand paging), ``faults`` (the userfault resolvers), ``bulk`` (the
   TCP bulk channel), ``publish`` (chunk arithmetic), ``clients`` (typed gRPC
-  clients), ``timer``, ``locks`` (lock ranks and the lock-order checker).
+  clients), ``timer``, ``locks`` (lock ranks and the lock-order checker);
+- ``metrics`` (every Prometheus metric of the agent).
 """

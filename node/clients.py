@@ -13,8 +13,9 @@ import grpc
 
 from vas.core.defaults import MAX_GRPC_MESSAGE
 from vas.core.errors import NotFound, Unavailable, from_rpc_error
+from vas.core.sizes import human_size
 from vas.core.tls import COORDINATOR_HOST, NODE_HOST, TlsConfig, open_channel
-from vas.node import locks
+from vas.node import locks, metrics
 from vas.proto import coordinator_pb2 as pb
 from vas.proto import coordinator_pb2_grpc, node_pb2, node_pb2_grpc, types_pb2
 
@@ -247,12 +248,13 @@ class PeerClients:
                                       f"[{chunk.offset}, {chunk.offset + len(chunk.data)}) "
                                       "out of order")
                 view[start:end] = chunk.data
+                metrics.RECEIVED_READ_PAGES.inc(end - start)
                 done = end
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from exc
         if done != view.nbytes:
-            raise Unavailable(f"ReadPages of {name} from {address} ended after {done} of "
-                              f"{view.nbytes} bytes")
+            raise Unavailable(f"ReadPages of {name} from {address} ended after "
+                              f"{human_size(done)} of {human_size(view.nbytes)}")
 
     def write_pages(self, address: str, header: node_pb2.WritePagesHeader, view: memoryview,
                     runs: list[tuple[int, int]], timeout: float) -> types_pb2.SegmentInfo:
@@ -267,6 +269,7 @@ class PeerClients:
             for offset, length in runs:
                 with view[offset:offset + length] as part:
                     yield node_pb2.WritePagesChunk(offset=offset, data=part.tobytes())
+                metrics.SENT_WRITE_PAGES.inc(length)
             yield node_pb2.WritePagesChunk(last=True)
         locks.assert_unlocked("Node.WritePages")
         try:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # Shared with the client, the CLI and the coordinator: defined once, in vas.core.defaults.
-from vas.core.defaults import (DEFAULT_FAULT_TIMEOUT, DEFAULT_LOCAL_WORKERS,
+from vas.core.defaults import (DEFAULT_BULK_PORT, DEFAULT_FAULT_TIMEOUT, DEFAULT_LOCAL_WORKERS,
                                DEFAULT_MAX_ATTACHMENTS_PER_UID, DEFAULT_MAX_BULK_PER_PEER,
                                DEFAULT_MAX_CONNECTIONS_PER_UID, DEFAULT_MAX_FAULTS_PER_UID,
                                DEFAULT_MAX_STREAMS_PER_PEER, DEFAULT_MEMORY, DEFAULT_NODE_LISTEN,
@@ -25,6 +25,11 @@ DEFAULT_FETCH_STREAMS = 4
 #: Seconds SIGTERM waits for in-flight gRPC calls before cancelling them.
 DEFAULT_SHUTDOWN_GRACE = 5.0
 
+#: Why ``data_dir`` is refused: an accepted flag must do what it says, and segments
+#: do not survive an agent restart yet (the CLI exits 2, ``serve`` raises InvalidArgument).
+DATA_DIR_NOT_BUILT = ("--data-dir is not built yet: segments do not survive an agent "
+                      "restart; run without it")
+
 
 @dataclass
 class NodeConfig:
@@ -35,12 +40,18 @@ class NodeConfig:
     :param socket: path of the local Unix socket (parent directories are created;
         a stale socket file is replaced; mode 0666, access is checked per caller).
     :param memory: capacity for segment memory, bytes (sum of held segment sizes).
-    :param data_dir: directory that keeps segments across restarts (later issue;
-        accepted and ignored today).
+    :param data_dir: directory that keeps segments across restarts. Not built yet:
+        anything but None is refused (``DATA_DIR_NOT_BUILT``).
     :param node_id: unique node id; default ``"<hostname>:<grpc port>"``, with TLS the
         name its certificate gives (``vas://node/<id>``), which ``node_id`` must match.
-    :param advertise: host:port other agents use to reach this one; default the
-        listen address with the real port (the hostname when listening on a wildcard).
+    :param advertise: host:port other agents (and the coordinator's clients) use to
+        reach this agent's gRPC port; default the listen address with the real port (the
+        hostname when listening on a wildcard). Its host is also the host of the bulk
+        channel's address that ``OpenBulk`` answers.
+    :param bulk_port: TCP port of the bulk channel (node/bulk.py), on the host of
+        ``listen``; 0 picks a free one. A firewall between agents must let both this
+        port and the gRPC port through; it is advertised unchanged (a port mapping in
+        between must keep the number).
     :param heartbeat_ttl: node lease TTL, seconds.
     :param writer_ttl: writer-lock lease TTL, seconds.
     :param report_delay: attachment-report debounce, seconds.
@@ -65,7 +76,10 @@ class NodeConfig:
     :param tls: mutual TLS of the gRPC port, the bulk channel and every channel this
         agent opens (its certificate must be an agent's); None: plaintext, loopback only
         unless ``insecure``.
-    :param insecure: allow a plaintext non-loopback ``listen``.
+    :param insecure: allow a plaintext non-loopback ``listen`` (and metrics listener).
+    :param metrics_port: serve Prometheus metrics on ``/metrics`` at this port of the
+        ``listen`` host (0: a free one); None: no metrics listener. With ``tls`` it is
+        HTTPS requiring a client certificate from the CA (vas.core.metrics).
 
     Example::
 
@@ -79,6 +93,7 @@ class NodeConfig:
     data_dir: str | None = None
     node_id: str | None = None
     advertise: str | None = None
+    bulk_port: int = DEFAULT_BULK_PORT
     heartbeat_ttl: int = DEFAULT_NODE_TTL
     writer_ttl: int = DEFAULT_WRITER_TTL
     report_delay: float = DEFAULT_REPORT_DELAY
@@ -95,6 +110,7 @@ class NodeConfig:
     max_streams_per_peer: int = DEFAULT_MAX_STREAMS_PER_PEER
     tls: TlsConfig | None = None
     insecure: bool = False
+    metrics_port: int | None = None
 
     def requests_per_uid(self) -> int:
         """Requests of one uid served at once: ``max_requests_per_uid``, by default

@@ -35,7 +35,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from vas import _native
-from vas.node import locks
+from vas.node import locks, metrics
 from vas.node.lazy import CHUNK, LazyFill, PagesLost
 
 log = logging.getLogger(__name__)
@@ -253,10 +253,12 @@ class FaultHandler:
             return
         if outcome is _Outcome.LOST:
             _poison(registration, start, min(CHUNK, registration.size - start), page)
+            metrics.FAULTS_SIGBUS.inc()
             return
         run = registration.fill.present_run(chunk, ahead)
         registration.next_chunk = chunk + run
         _map_in(registration, start, min(run * CHUNK, registration.size - start), page)
+        metrics.FAULTS_SERVED.inc()
         if ahead > 1:  # after the wake-up: the client reads on while this fetches
             self._read_ahead(registration, start + CHUNK, (ahead - 1) * CHUNK)
 

@@ -33,7 +33,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 
 from vas.core.errors import CapacityExceeded, NotFound, Unavailable, VasError
-from vas.node import bulk, locks
+from vas.node import bulk, locks, metrics
 from vas.node.segments import IllegalMove
 
 log = logging.getLogger(__name__)
@@ -357,9 +357,11 @@ class HomeReader:
     def __call__(self, offset: int, length: int, deadline: float | None = None) -> None:
         if self._fd < 0:
             raise PagesLost("the lazy replica was released")
+        started = time.perf_counter()
         try:
             with self._transfer():
                 self._read(offset, length, deadline)
+            metrics.observe_since(metrics.FETCH_CHUNK, started)
         except NotFound as exc:
             raise PagesLost(f"home node {self._home} no longer holds segment {self._name} "
                             f"(id {self._segment_id}): {exc}") from exc

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import os
 import re
+import time
 
 import grpc
 
 from vas.core import validate
 from vas.core.errors import InvalidArgument, VasError
+from vas.node import metrics
 from vas.node.agent import Agent
 from vas.node.segments import HomeSegment, Replica
 from vas.node.sessions import Session
@@ -82,12 +84,11 @@ class LocalApi:
         return []
 
     def create(self, session: Session, request, response) -> list[int]:
-        if request.replicas:  # refused, not stored: an accepted parameter must do what it says
-            raise InvalidArgument(f"replicas={request.replicas} is not built yet: a segment "
-                                  "has no copy besides its home; create it with replicas=0")
+        # Refused, not stored: an accepted parameter must do what it says.
+        replicas = validate.check_no_replicas(request.replicas)
         info = self.agent.homes.create(
             session.caller, validate.check_name(request.name), validate.check_size(request.size),
-            validate.check_mode(request.mode), request.replicas,
+            validate.check_mode(request.mode), replicas,
             validate.check_seconds(request.ttl_seconds, "ttl"), request.exist_ok,
             validate.check_meta(request.meta))
         response.segment.CopyFrom(info)
@@ -98,9 +99,12 @@ class LocalApi:
         if mode != "r" and mode != "rw":
             validate.check_attach_mode(mode)
         fetch = validate.check_fetch(request.fetch) if request.fetch else "lazy"
+        started = time.perf_counter()
         attachment, fd, info, how = self.agent.attach(session, request.name, mode, fetch,
                                                       request.fault_support,
                                                       request.write_protect_support)
+        metrics.observe_attach(how, started)
+        metrics.SENT_LOCAL.inc(info.size)  # mapped by the client, not copied
         body = response.attach
         body.segment.CopyFrom(info)
         body.attachment_id = attachment.id

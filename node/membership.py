@@ -29,7 +29,7 @@ import threading
 from collections.abc import Callable, Iterable
 
 from vas.core.errors import NotFound, VasError
-from vas.node import locks
+from vas.node import locks, metrics
 from vas.proto import coordinator_pb2, types_pb2
 
 log = logging.getLogger(__name__)
@@ -174,7 +174,9 @@ class Membership:
             try:
                 self.coordinator.heartbeat(self.node_id, self.reporter.lease_id,
                                            info.memory_used, info.segments)
+                metrics.NODE_LEASE_RENEWED.inc()
             except NotFound:
+                metrics.NODE_LEASE_FAILED.inc()
                 log.warning("node lease of %s expired; registering again", self.node_id)
                 try:
                     self._register_once()
@@ -182,6 +184,7 @@ class Membership:
                     log.warning("cannot register again: %s", exc)
                     interval = min(interval, 1.0)
             except VasError as exc:
+                metrics.NODE_LEASE_FAILED.inc()
                 log.warning("heartbeat of %s failed: %s", self.node_id, exc)
                 interval = min(interval, 1.0)
             self._chores()

@@ -1,15 +1,17 @@
 """``serve(config)``: run one node agent until SIGTERM/SIGINT.
 
 Start-up order: bind the gRPC port (the default node id needs the real port),
-bind the local socket, register with the coordinator (retrying until it
-answers), start the background threads, accept local connections, report
-SERVING on grpc.health.v1 and print the ready line.
+the metrics listener when asked (node/metrics.py), bind the local socket,
+register with the coordinator (retrying until it answers), start the background
+threads, accept local connections, report SERVING on grpc.health.v1 and print
+the ready line.
 
 Shutdown (SIGTERM/SIGINT) runs in the reverse spirit: health NOT_SERVING, stop
 accepting local connections, stop the background threads, deregister (the node
 record and its attachment reports vanish at once), close every local connection
 (their writer locks are released as at EOF), stop the gRPC server with a grace
-period and the bulk listener, free the segments and remove the socket file. The process exits 0.
+period and the bulk listener, free the segments, remove the socket file and close the
+metrics listener. The process exits 0.
 """
 from __future__ import annotations
 
@@ -18,27 +20,29 @@ import os
 import resource
 import signal
 import socket
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from cryptography import x509
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from vas.core import validate
 from vas.core.defaults import MAX_CONCURRENT_RPCS
 from vas.core.errors import InvalidArgument, PermissionDenied
 from vas.core.identity import PeerKind, peer_of_cert
+from vas.core.logs import setup_default_logging
+from vas.core.metrics import MetricsServer, RpcMetrics, start_metrics_server
+from vas.core.reflection import enable_reflection
 from vas.core.signals import setting
 from vas.core.tls import TlsConfig, add_port, check_listen
 from vas.node.agent import Agent
 from vas.node.bulk import BulkServer
 from vas.node.clients import CHANNEL_OPTIONS
-from vas.node.config import NodeConfig
+from vas.node.config import DATA_DIR_NOT_BUILT, NodeConfig
 from vas.node.local import LocalServer
 from vas.node.localapi import LocalApi
+from vas.node.metrics import HeldCollector
 from vas.node.service import NodeServicer
 from vas.proto import node_pb2, node_pb2_grpc
 
@@ -63,8 +67,7 @@ class NodeServer:
         if config.memory < 0:
             raise InvalidArgument(f"invalid memory {config.memory}: must be >= 0 bytes")
         if config.data_dir:  # refused, not ignored: an accepted flag must do what it says
-            raise InvalidArgument("--data-dir is not built yet: segments do not survive an "
-                                  "agent restart; run without it")
+            raise InvalidArgument(DATA_DIR_NOT_BUILT)
         for name, ttl in (("heartbeat ttl", config.heartbeat_ttl),
                           ("writer ttl (--writer-ttl)", config.writer_ttl),
                           ("fault timeout (--fault-timeout)", config.fault_timeout)):
@@ -84,6 +87,7 @@ class NodeServer:
         self.local: LocalServer | None = None
         self.bulk: BulkServer | None = None
         self.health = health.HealthServicer(experimental_non_blocking=True)
+        self.metrics: MetricsServer | None = None
         self._grpc: grpc.Server | None = None
 
     def start(self, stop: threading.Event) -> bool:
@@ -91,6 +95,17 @@ class NodeServer:
         config = self.config
         _raise_fd_limit()
         host, _ = split_host_port(config.listen)
+        if config.advertise:
+            try:
+                advertised_host, _ = split_host_port(config.advertise)
+            except InvalidArgument as exc:
+                raise InvalidArgument(f"--advertise: {exc}") from exc
+            if advertised_host.strip("[]") in _WILDCARDS:
+                raise InvalidArgument(f"invalid --advertise {config.advertise}: other agents "
+                                      "cannot dial a wildcard host; name this machine")
+        if not 0 <= config.bulk_port <= 65535:
+            raise InvalidArgument(f"invalid --bulk-port {config.bulk_port}: "
+                                  "must be 0 (pick one) to 65535")
         check_listen(config.listen, config.tls, config.insecure)
         certified = own_node_id(config.tls)
         if config.node_id and certified and config.node_id != certified:
@@ -99,7 +114,8 @@ class NodeServer:
         self._grpc = grpc.server(ThreadPoolExecutor(max_workers=8,
                                                     thread_name_prefix="vas-node-grpc"),
                                  options=CHANNEL_OPTIONS,
-                                 maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS)
+                                 maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
+                                 interceptors=(RpcMetrics(),))
         try:
             port = add_port(self._grpc, config.listen, config.tls)
         except RuntimeError as exc:
@@ -112,21 +128,29 @@ class NodeServer:
             f"{socket.gethostname()}:{port}" if host in _WILDCARDS else self.address)
 
         self.agent = Agent(config, node_id, advertise, os.path.abspath(config.socket))
-        # The bulk listener shares the gRPC host; its port is told per transfer (OpenBulk).
-        self.bulk = BulkServer(host, self.agent.bulk_source, config.rpc_timeout,
-                               config.tls.server_context() if config.tls else None,
-                               per_peer=config.max_bulk_per_peer,
-                               transfer=self.agent.pool.transfer)
+        # The bulk listener shares the gRPC host; its port (--bulk-port, else a free one)
+        # is told per transfer (OpenBulk), on the advertised host.
+        try:
+            self.bulk = BulkServer(host, self.agent.bulk_source, config.rpc_timeout,
+                                   config.tls.server_context() if config.tls else None,
+                                   per_peer=config.max_bulk_per_peer,
+                                   transfer=self.agent.pool.transfer, port=config.bulk_port)
+        except OSError as exc:
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise OSError(exc.errno, f"cannot listen on {host}:{config.bulk_port} for the "
+                                     f"bulk channel (--bulk-port): {reason}") from exc
         self.agent.bulk_address = f"{advertise.rpartition(':')[0]}:{self.bulk.port}"
         self.bulk.start()
         node_pb2_grpc.add_NodeServicer_to_server(
             NodeServicer(self.agent, config.max_streams_per_peer), self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
-        reflection.enable_server_reflection(
-            (_NODE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc)
+        enable_reflection((_NODE_SERVICE, health.SERVICE_NAME), self._grpc)
         for service in ("", _NODE_SERVICE):
             self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         self._grpc.start()
+        if config.metrics_port is not None:
+            self.metrics = start_metrics_server(config.listen, config.metrics_port, config.tls,
+                                                config.insecure, (HeldCollector(self.agent),))
 
         self.local = LocalServer(config.socket, LocalApi(self.agent),
                                  workers=config.local_workers,
@@ -139,8 +163,10 @@ class NodeServer:
         self.local.start()
         for service in ("", _NODE_SERVICE):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        log.info("node %s serving gRPC on %s (advertised %s), socket %s, memory %d bytes",
-                 node_id, self.address, advertise, self.local.path, config.memory)
+        log.info("node %s serving gRPC on %s (advertised %s), bulk channel on %s:%d "
+                 "(advertised %s), socket %s, memory %d bytes", node_id, self.address,
+                 advertise, host, self.bulk.port, self.agent.bulk_address, self.local.path,
+                 config.memory)
         return True
 
     def stop(self) -> None:
@@ -162,6 +188,8 @@ class NodeServer:
             self.agent.close()
         if self.local is not None:
             self.local.remove_socket_file()
+        if self.metrics is not None:
+            self.metrics.stop()
         log.info("node stopped")
 
 
@@ -191,14 +219,6 @@ def _raise_fd_limit() -> None:
             log.warning("cannot raise the open-file limit from %d to %d: %s", soft, hard, exc)
 
 
-def _setup_logging() -> None:
-    root = logging.getLogger()
-    if not root.handlers:
-        logging.basicConfig(
-            level=os.environ.get("VAS_LOG_LEVEL", "INFO").upper(), stream=sys.stderr,
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
 def serve(config: NodeConfig, stop: threading.Event | None = None) -> None:
     """Run a node agent until SIGTERM or SIGINT (or ``stop`` is set), then shut down gracefully.
 
@@ -210,13 +230,13 @@ def serve(config: NodeConfig, stop: threading.Event | None = None) -> None:
         signal handlers are installed only in the main thread).
     :raises InvalidArgument: for a bad configuration (a plaintext non-loopback listen
         without ``insecure``; an ``--id`` other than the certificate's).
-    :raises OSError: when the gRPC port or the socket path cannot be bound.
+    :raises OSError: when the gRPC port, the metrics port or the socket path cannot be bound.
 
     Example::
 
         serve(NodeConfig(coordinator="127.0.0.1:7300", socket="/run/vas/node.sock"))
     """
-    _setup_logging()
+    setup_default_logging()
     stop = stop or threading.Event()
     previous = {}
     if threading.current_thread() is threading.main_thread():

@@ -21,6 +21,7 @@ import grpc
 
 from vas.core.errors import InvalidArgument, VasError, abort_with
 from vas.core.identity import PeerKind, peer_of_context
+from vas.node import metrics
 from vas.node.agent import Agent
 from vas.node.limits import Counts, Limit
 from vas.proto import node_pb2, node_pb2_grpc
@@ -97,6 +98,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
             while offset < end:
                 data = os.pread(fd, min(_CHUNK, end - offset), offset)
                 yield node_pb2.PageChunk(offset=offset, data=data, version=version)
+                metrics.SENT_READ_PAGES.inc(len(data))
                 offset += len(data)
 
     def OpenBulk(self, request: node_pb2.OpenBulkRequest,
@@ -132,6 +134,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         header.caller.CopyFrom(peer.caller(header.caller))
 
         def pieces():
+            metrics.RECEIVED_WRITE_PAGES.inc(len(first.data))
             yield first.offset, first.data
             ended = first.last
             for chunk in request_iterator:
@@ -142,6 +145,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
                     raise InvalidArgument("WritePages takes no message after the one marked "
                                           "last")
                 ended = chunk.last
+                metrics.RECEIVED_WRITE_PAGES.inc(len(chunk.data))
                 yield chunk.offset, chunk.data
             # All bytes are staged before the publish: raised here, nothing is published.
             if header.end_marked and not ended:

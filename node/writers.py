@@ -46,7 +46,8 @@ from contextlib import AbstractContextManager
 
 from vas import _native
 from vas.core.errors import Fenced, InvalidArgument, NotFound, PermissionDenied, VasError
-from vas.node import locks
+from vas.core.sizes import human_size
+from vas.node import locks, metrics
 from vas.node.publish import CHUNK, Staged, chunks_of, differing, hashes, runs
 from vas.node.revoke import Revocations
 from vas.node.segments import Replica
@@ -126,8 +127,8 @@ class Writers:
             raise InvalidArgument(f"attachment {attachment.id} is not a revocable \"rw\" "
                                   "attachment waiting for its userfaultfd")
         if size != attachment.segment.size:
-            raise InvalidArgument(f"RegisterFaults size {size} is not the segment's "
-                                  f"{attachment.segment.size}")
+            raise InvalidArgument(f"RegisterFaults size {human_size(size)} is not the "
+                                  f"segment's {human_size(attachment.segment.size)}")
         guard.arm(uffd, address, size, _fenced_error(attachment))
 
     def release(self, lease: WriterLease) -> None:
@@ -255,12 +256,15 @@ class Writers:
             self.coordinator.renew_writer(lease.name, lease.token, lease.lease_id,
                                           min(timeout, self.config.rpc_timeout))
         except Fenced as exc:
+            metrics.WRITER_LEASE_FAILED.inc()
             log.warning("writer lock of %s (token %d) lapsed: %s", lease.name, lease.token, exc)
             self.fence(attachment)
             return
         except VasError as exc:  # the deadline timer fences it if this lasts
+            metrics.WRITER_LEASE_FAILED.inc()
             log.warning("cannot renew the writer lock of %s: %s", lease.name, exc)
             return
+        metrics.WRITER_LEASE_RENEWED.inc()
         lease.renewed = max(lease.renewed, sent)
         self.deadlines.arm(attachment.id, self._deadline(lease))
 
@@ -277,12 +281,17 @@ class Writers:
         if attachment.lease.state is not LeaseState.HELD:
             raise _fenced_error(attachment)
         timeout = self.config.rpc_timeout + segment.size / SEND_RATE
+        started = time.perf_counter()
         with segment.gate.passage(timeout, f"sync of segment {segment.name}"), \
                 self._transfer():
             if isinstance(segment, Replica):
-                return self._publish_remote(attachment, chunks)
-            return self._publish_version(attachment.session.caller, segment,
+                info = self._publish_remote(attachment, chunks)
+                metrics.observe_since(metrics.SYNC_REMOTE, started)
+                return info
+            info = self._publish_version(attachment.session.caller, segment,
                                          attachment.lease, attachment)
+            metrics.observe_since(metrics.SYNC_HOME, started)
+            return info
 
     def _publish_remote(self, attachment: Attachment, chunks: list[int] | None):
         """Send a remote writer's changed chunks (``chunks``, or those whose hash changed

@@ -70,18 +70,19 @@ def coordinator(etcd, _module_coordinator):
 @pytest.fixture
 def cluster(etcd):
     """Factory: ``cluster(nodes=2, coordinators=1, memory=bytes, writer_ttl=None,
-    node_args=())`` -> a started LocalCluster over the session etcd with an empty /vas/
-    keyspace (``node_args``: more flags of every ``vasctl node serve``); stopped after
+    node_args=(), coordinator_args=())`` -> a started LocalCluster over the session etcd
+    with an empty /vas/ keyspace (``node_args``: more flags of every ``vasctl node
+    serve``, ``coordinator_args`` of every ``vasctl coordinator serve``); stopped after
     the test."""
     started: list[tuple[LocalCluster, str]] = []
 
     def start(nodes: int = 1, coordinators: int = 1, memory: int = 256 << 20,
-              writer_ttl: int | None = None, node_args=()) -> LocalCluster:
+              writer_ttl: int | None = None, node_args=(), coordinator_args=()) -> LocalCluster:
         wipe(etcd.url)
         path = new_world_dir("vas-cl-")
         local = LocalCluster(path, nodes=nodes, memory=memory, etcd_url=etcd.url,
                              coordinators=coordinators, writer_ttl=writer_ttl,
-                             node_args=node_args)
+                             node_args=node_args, coordinator_args=coordinator_args)
         started.append((local, path))
         return local.start()
 

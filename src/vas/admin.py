@@ -48,6 +48,7 @@ from vas.core.access import may_attach
 from vas.core.defaults import MAX_GRPC_MESSAGE
 from vas.core.errors import (InvalidArgument, PermissionDenied, Unavailable, VasError,
                              from_rpc_error, segment_lost)
+from vas.core.sizes import human_size
 from vas.core.tls import COORDINATOR_HOST, NODE_HOST, TlsConfig, is_loopback, open_channel
 from vas.core.types import NodeInfo, SegmentInfo, SpaceInfo, cluster_status
 from vas.proto import coordinator_pb2 as pb
@@ -409,7 +410,7 @@ def check_range(name: str, offset: int, length: int, size: int) -> None:
     """InvalidArgument unless [offset, offset + length) lies inside segment ``name``."""
     if offset < 0 or length < 0 or offset + length > size:
         raise InvalidArgument(f"range [{offset}, {offset + max(length, 0)}) is outside "
-                              f"segment {name} of {size} bytes")
+                              f"segment {name} of {human_size(size)}")
 
 
 class _Feed:
@@ -449,8 +450,8 @@ class _Feed:
                 view = memoryview(piece).cast("B")
                 if position + len(view) > size:
                     raise InvalidArgument(
-                        f"the data does not fit in segment {self.record.name} of {size} "
-                        f"bytes at offset {self.offset}")
+                        f"the data does not fit in segment {self.record.name} of "
+                        f"{human_size(size)} at offset {self.offset}")
                 for start in range(0, len(view), CHUNK):
                     part = view[start:start + CHUNK]
                     yield node_pb2.WritePagesChunk(offset=position, data=bytes(part))

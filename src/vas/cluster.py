@@ -404,7 +404,8 @@ class LocalCluster:
     Agents are "node1", "node2", ... with sockets ``DIR/node1.sock``, ...; each gets
     ``memory`` bytes of capacity (and ``writer_ttl``, when given: the writer-lock
     lease in seconds; ``node_args``: more flags of ``vasctl node serve``) and all
-    coordinators as its target. A context manager: ``stop()`` on exit.
+    coordinators as its target; ``coordinator_args`` are more flags of every
+    ``vasctl coordinator serve``. A context manager: ``stop()`` on exit.
 
     ``tls=True``: mutual TLS everywhere with certificates made in ``DIR/tls``
     (``certs``, a ClusterCerts); its own etcd then requires client certificates too.
@@ -415,7 +416,7 @@ class LocalCluster:
     def __init__(self, directory: str, nodes: int = 1, memory: int = DEFAULT_MEMORY,
                  etcd_url: str | None = None, coordinators: int = 1,
                  writer_ttl: int | None = None, node_args: list[str] | tuple[str, ...] = (),
-                 tls: bool = False):
+                 tls: bool = False, coordinator_args: list[str] | tuple[str, ...] = ()):
         if nodes < 0 or coordinators < 1:
             raise ValueError("a cluster needs >= 1 coordinator and >= 0 nodes")
         self.dir = os.path.abspath(directory)
@@ -426,6 +427,7 @@ class LocalCluster:
         self.coordinator_count = coordinators
         self.writer_ttl = writer_ttl
         self.node_args = list(node_args)
+        self.coordinator_args = list(coordinator_args)
         self.etcd: EtcdProcess | None = None
         self.etcd_url = etcd_url
         self.coordinators: list[CoordinatorProcess] = []
@@ -443,7 +445,8 @@ class LocalCluster:
             # The coordinators' certificate is also their etcd client certificate.
             self.coordinators = [CoordinatorProcess(self.dir, self.etcd_url,
                                                     name=f"coordinator{i}",
-                                                    tls=issued and issued.coordinator)
+                                                    tls=issued and issued.coordinator,
+                                                    args=self.coordinator_args)
                                  for i in range(1, self.coordinator_count + 1)]
             _start_all(self.coordinators, timeout)
             target = coordinator_target([c.address for c in self.coordinators])

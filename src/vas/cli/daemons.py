@@ -8,20 +8,29 @@ from __future__ import annotations
 import argparse
 import os
 
-from vas.core.defaults import (DEFAULT_COORDINATOR_LISTEN, DEFAULT_FAULT_TIMEOUT,
-                               DEFAULT_LOCAL_WORKERS, DEFAULT_MAX_ATTACHMENTS_PER_UID,
+from vas.core.defaults import (DEFAULT_BULK_PORT, DEFAULT_COORDINATOR_LISTEN,
+                               DEFAULT_FAULT_TIMEOUT, DEFAULT_LOCAL_WORKERS,
+                               DEFAULT_MAX_ATTACHMENTS_PER_UID,
                                DEFAULT_MAX_BULK_PER_PEER, DEFAULT_MAX_CONNECTIONS_PER_UID,
                                DEFAULT_MAX_FAULTS_PER_UID, DEFAULT_MAX_STREAMS_PER_PEER,
                                DEFAULT_MEMORY, DEFAULT_NODE_LISTEN, DEFAULT_SOCKET,
                                DEFAULT_WORKERS_LEFT_TO_OTHERS, DEFAULT_WRITER_TTL)
 from vas.core.errors import InvalidArgument
+from vas.core.logs import DEFAULT_LOG_FORMAT, DEFAULT_LOG_LEVEL, LOG_FORMATS, LOG_LEVELS
 from vas.core.sizes import format_size, parse_size
 
 
 def register(nouns: argparse._SubParsersAction) -> None:
-    coordinator = nouns.add_parser("coordinator", help="run the coordinator service")
+    from vas.cli.main import examples
+
+    coordinator = nouns.add_parser("coordinator", help="run the coordinator service",
+                                   epilog=examples("vasctl coordinator serve --etcd "
+                                                   "http://127.0.0.1:2379"))
     verbs = coordinator.add_subparsers(dest="verb", metavar="VERB", required=True)
-    serve = verbs.add_parser("serve", help="serve the Coordinator gRPC API over an etcd cluster")
+    serve = verbs.add_parser(
+        "serve", help="serve the Coordinator gRPC API over an etcd cluster",
+        epilog=examples("vasctl coordinator serve --etcd http://127.0.0.1:2379 "
+                        "--listen 127.0.0.1:7300"))
     serve.add_argument("--etcd", default=os.environ.get("VAS_ETCD"),
                        help="etcd URL, e.g. http://127.0.0.1:2379 (default $VAS_ETCD)")
     serve.add_argument("--listen", default=os.environ.get("VAS_LISTEN", DEFAULT_COORDINATOR_LISTEN),
@@ -34,6 +43,8 @@ def register(nouns: argparse._SubParsersAction) -> None:
         serve.add_argument(flag, metavar="FILE", default=os.environ.get(env),
                            help=f"for an https:// etcd: {what} (PEM); all three or none; "
                                 f"default ${env}, else the --tls-* files")
+    add_metrics_option(serve)
+    add_log_options(serve)
     serve.set_defaults(func=serve_coordinator)
 
 
@@ -49,14 +60,79 @@ def _add_tls_serve_options(serve: argparse.ArgumentParser) -> None:
 
 
 
+def _port(text: str) -> int:
+    """argparse type of a TCP port: 0..65535 (0 picks a free one)."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r}: must be 0..65535")
+    return port
+
+
+def add_metrics_option(serve: argparse.ArgumentParser) -> None:
+    """``--metrics-port N`` of a daemon (vas.core.metrics)."""
+    default = os.environ.get("VAS_METRICS_PORT") or None
+    serve.add_argument("--metrics-port", type=_port, metavar="N", default=default,
+                       help="serve Prometheus metrics on http://HOST:N/metrics, HOST being "
+                            "--listen's (with the TLS files: HTTPS requiring a client "
+                            "certificate from the CA; without: loopback only unless "
+                            "--insecure); 0 picks a free port (default $VAS_METRICS_PORT, "
+                            "else none)")
+
+
+def add_log_options(parser: argparse.ArgumentParser) -> None:
+    """``--log-level`` and ``--log-format`` of a daemon, and of ``vasctl up`` (which hands
+    them to its daemons)."""
+    parser.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS,
+                        default=os.environ.get("VAS_LOG_LEVEL", DEFAULT_LOG_LEVEL).upper(),
+                        help=f"least severe level logged (default $VAS_LOG_LEVEL or "
+                             f"{DEFAULT_LOG_LEVEL})")
+    parser.add_argument("--log-format", choices=LOG_FORMATS,
+                        default=os.environ.get("VAS_LOG_FORMAT", DEFAULT_LOG_FORMAT),
+                        help="text, or json: one object per line with time, level, logger, "
+                             f"message and exception (default $VAS_LOG_FORMAT or "
+                             f"{DEFAULT_LOG_FORMAT})")
+
+
+def setup_logging(args: argparse.Namespace) -> None:
+    """The process's logging, from --log-level and --log-format (UsageError for a bad
+    $VAS_LOG_LEVEL or $VAS_LOG_FORMAT, which argparse does not check)."""
+    from vas.cli.main import UsageError
+    from vas.core import logs
+
+    try:
+        logs.setup_logging(args.log_level, args.log_format)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+
+
 def add_node_serve(node_verbs: argparse._SubParsersAction) -> None:
     """Add ``serve`` to the verbs of ``vasctl node`` (the noun itself lives in vas.cli.node)."""
-    serve = node_verbs.add_parser("serve", help="run a node agent")
+    from vas.cli.main import examples
+
+    serve = node_verbs.add_parser(
+        "serve", help="run a node agent",
+        epilog=examples("vasctl node serve --coordinator 127.0.0.1:7300 --memory 4GiB "
+                        "--socket /run/vas/node.sock",
+                        "vasctl node serve --coordinator coord1:7300 --listen 0.0.0.0:7400 "
+                        "--advertise worker-17:7400 --bulk-port 7401 --tls-cert node.pem "
+                        "--tls-key node-key.pem --tls-ca ca.pem"))
     serve.add_argument("--coordinator", default=os.environ.get("VAS_COORDINATOR"),
                        help="coordinator host:port (default $VAS_COORDINATOR)")
     serve.add_argument("--listen", default=os.environ.get("VAS_NODE_LISTEN", DEFAULT_NODE_LISTEN),
                        help="host:port for the Node gRPC service "
                             f"(default $VAS_NODE_LISTEN or {DEFAULT_NODE_LISTEN})")
+    serve.add_argument("--advertise", metavar="HOST:PORT", default=os.environ.get("VAS_ADVERTISE"),
+                       help="address other agents dial for this agent's gRPC port; its host "
+                            "is also the bulk channel's (default $VAS_ADVERTISE, else the "
+                            "--listen address, with this machine's hostname for a wildcard)")
+    serve.add_argument("--bulk-port", type=int, metavar="PORT",
+                       default=os.environ.get("VAS_BULK_PORT", str(DEFAULT_BULK_PORT)),
+                       help="TCP port of the bulk channel (segment bytes between agents), on "
+                            "the --listen host; 0 picks a free one "
+                            f"(default $VAS_BULK_PORT or {DEFAULT_BULK_PORT})")
     serve.add_argument("--socket", default=os.environ.get("VAS_NODE", DEFAULT_SOCKET),
                        help=f"local Unix socket path (default $VAS_NODE or {DEFAULT_SOCKET})")
     serve.add_argument("--memory", type=parse_size,
@@ -64,7 +140,8 @@ def add_node_serve(node_verbs: argparse._SubParsersAction) -> None:
                        help="segment memory capacity, e.g. 4GiB "
                             f"(default $VAS_MEMORY or {format_size(DEFAULT_MEMORY)})")
     serve.add_argument("--data-dir", default=os.environ.get("VAS_DATA_DIR"),
-                       help="directory that keeps segments across agent restarts (default $VAS_DATA_DIR)")
+                       help="directory that keeps segments across agent restarts: not built yet, "
+                            "refused as bad usage (default $VAS_DATA_DIR)")
     serve.add_argument("--id", dest="node_id", default=os.environ.get("VAS_NODE_ID"),
                        help="node id (default $VAS_NODE_ID or <hostname>:<grpc port>)")
     serve.add_argument("--writer-ttl", type=int, metavar="SECONDS",
@@ -78,6 +155,8 @@ def add_node_serve(node_verbs: argparse._SubParsersAction) -> None:
                             f"(default $VAS_FAULT_TIMEOUT or {DEFAULT_FAULT_TIMEOUT:g})")
     _add_limits(serve)
     _add_tls_serve_options(serve)
+    add_metrics_option(serve)
+    add_log_options(serve)
     serve.set_defaults(func=serve_node)
 
 
@@ -118,8 +197,10 @@ def serve_coordinator(args: argparse.Namespace) -> int:
     if not args.etcd:
         raise UsageError("--etcd is required (or set $VAS_ETCD)")
     tls = _checked_tls(args)
+    setup_logging(args)
     serve(CoordinatorConfig(etcd=args.etcd, listen=args.listen, tls=tls,
-                            insecure=args.insecure, etcd_tls=_etcd_tls(args, tls)))
+                            insecure=args.insecure, etcd_tls=_etcd_tls(args, tls),
+                            metrics_port=args.metrics_port))
     return 0
 
 
@@ -156,12 +237,17 @@ def _etcd_tls(args: argparse.Namespace, tls):
 
 def serve_node(args: argparse.Namespace) -> int:
     from vas.cli.main import UsageError
-    from vas.node.config import NodeConfig
+    from vas.node.config import DATA_DIR_NOT_BUILT, NodeConfig
     from vas.node.server import serve
 
     if not args.coordinator:
         raise UsageError("--coordinator is required (or set $VAS_COORDINATOR)")
+    if args.data_dir:  # serve refuses it too, for callers that skip the CLI
+        raise UsageError(DATA_DIR_NOT_BUILT)
+    tls = _checked_tls(args)
+    setup_logging(args)
     serve(NodeConfig(coordinator=args.coordinator, listen=args.listen, socket=args.socket,
+                     advertise=args.advertise, bulk_port=args.bulk_port,
                      memory=args.memory, data_dir=args.data_dir, node_id=args.node_id,
                      writer_ttl=args.writer_ttl, fault_timeout=args.fault_timeout,
                      local_workers=args.local_workers,
@@ -171,5 +257,5 @@ def serve_node(args: argparse.Namespace) -> int:
                      max_requests_per_uid=args.max_requests_per_uid,
                      max_bulk_per_peer=args.max_bulk_per_peer,
                      max_streams_per_peer=args.max_streams_per_peer,
-                     tls=_checked_tls(args), insecure=args.insecure))
+                     tls=tls, insecure=args.insecure, metrics_port=args.metrics_port))
     return 0

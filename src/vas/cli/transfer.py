@@ -14,6 +14,7 @@ from typing import BinaryIO, Iterator
 from vas.admin import CHUNK, AdminClient
 from vas.cli.progress import Progress, show_progress
 from vas.core.errors import InvalidArgument
+from vas.core.sizes import human_size
 
 
 def get(admin: AdminClient, name: str, offset: int, length: int | None,
@@ -44,10 +45,11 @@ def put(admin: AdminClient, name: str, source: BinaryIO, offset: int, known: int
     ``offset`` and publish it; ``label`` names the source in messages."""
     size = admin.stat(name).size
     if known is not None and offset + known > size:
-        raise InvalidArgument(f"{label} ({known} bytes) does not fit in segment {name} of "
-                              f"{size} bytes at offset {offset}")
+        raise InvalidArgument(f"{label} of {human_size(known)} does not fit in segment {name} "
+                              f"of {human_size(size)} at offset {offset}")
     if offset > size:
-        raise InvalidArgument(f"offset {offset} is outside segment {name} of {size} bytes")
+        raise InvalidArgument(f"offset {offset} is outside segment {name} of "
+                              f"{human_size(size)}")
     progress = Progress(f"put {name}", known)
     admin.write(name, _pieces(source, name, size, offset, label, progress), offset)
     progress.finish()
@@ -62,8 +64,8 @@ def _pieces(source: BinaryIO, name: str, size: int, offset: int, label: str,
         if not data:
             return
         if len(data) > room:
-            raise InvalidArgument(f"{label} does not fit in segment {name} of {size} bytes "
-                                  f"at offset {offset}")
+            raise InvalidArgument(f"{label} does not fit in segment {name} of "
+                                  f"{human_size(size)} at offset {offset}")
         room -= len(data)
         progress.advance(len(data))
         yield data

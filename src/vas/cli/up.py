@@ -18,7 +18,8 @@ import sys
 import tempfile
 import threading
 
-from vas.cli.main import size_type
+from vas.cli.daemons import add_log_options, setup_logging
+from vas.cli.main import examples, size_type
 from vas.core.defaults import DEFAULT_MEMORY
 from vas.core.errors import VasError
 from vas.core.signals import setting
@@ -47,7 +48,9 @@ def register(nouns: argparse._SubParsersAction) -> None:
     p = nouns.add_parser("up", help="run a local cluster until interrupted",
                          description="Start etcd (unless --etcd), a coordinator and N node agents "
                                      "on this machine; print the export lines; serve until "
-                                     "SIGINT/SIGTERM.")
+                                     "SIGINT/SIGTERM.",
+                         epilog=examples("vasctl up --nodes 2 --memory 1GiB",
+                                         "vasctl up --demo"))
     p.add_argument("--nodes", type=_positive_int, default=1, help="number of node agents (default 1)")
     p.add_argument("--etcd", metavar="URL", default=None,
                    help="use this etcd (e.g. http://127.0.0.1:2379) instead of starting one")
@@ -61,6 +64,7 @@ def register(nouns: argparse._SubParsersAction) -> None:
                         "admin client (this user)")
     p.add_argument("--demo", action="store_true",
                    help="run the demo (write a segment in one process, read it in another) and exit")
+    add_log_options(p)  # also handed to every daemon it starts
     # Its daemons get certificates of their own (--tls): the TLS options are not its.
     p.set_defaults(func=up, tls_options=False)
 
@@ -86,6 +90,8 @@ def up(args) -> int:
         raise UsageError("vasctl up --tls cannot use an https:// --etcd: its throwaway CA "
                          "signs no certificate that etcd trusts")
 
+    setup_logging(args)
+    log_args = ["--log-level", args.log_level, "--log-format", args.log_format]
     made_dir = args.dir is None
     directory = tempfile.mkdtemp(prefix="vas-") if made_dir else os.path.abspath(args.dir)
     if made_dir:
@@ -96,7 +102,7 @@ def up(args) -> int:
     stop = threading.Event()
     previous = {}
     cluster = LocalCluster(directory, nodes=args.nodes, memory=args.memory, etcd_url=args.etcd,
-                           tls=args.tls)
+                           tls=args.tls, node_args=log_args, coordinator_args=log_args)
     try:
         # Until serving starts, SIGINT is a KeyboardInterrupt (exit 130), still stopping
         # whatever started; SIGTERM too.

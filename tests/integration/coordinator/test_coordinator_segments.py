@@ -72,6 +72,19 @@ def test_create_refuses_bad_input_and_taken_names(stub, n1):
     assert "unknown home node 'ghost'" in info.value.details()
 
 
+def test_create_refuses_replicas_until_they_are_built(stub, n1, etcd):
+    """replicas > 0 is refused, not stored as if some node kept the copies."""
+    with pytest.raises(grpc.RpcError) as info:
+        create(stub, "replicated", replicas=1)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details() == ("replicas=1 is not built yet: a segment has no copy "
+                                    "besides its home; create it with replicas=0")
+    assert not etcd_get(etcd.url, b"/vas/segments/replicated")
+    assert status_of(lambda: create(stub, "replicated", replicas=17)) == \
+        grpc.StatusCode.INVALID_ARGUMENT
+    assert create(stub, "replicated", replicas=0).replicas == 0
+
+
 def test_addresses_are_unique_aligned_and_never_reused(stub, n1):
     sizes = [1, 4096, 2 * MiB - 1, 2 * MiB, 3 * MiB, 64 * MiB, 5000]
     infos = [create(stub, f"addr/{i}", size) for i, size in enumerate(sizes)]
