@@ -22,6 +22,7 @@ import sys
 import time
 
 import pytest
+import yaml
 
 import vas
 from vas.cluster import LocalCluster, free_port
@@ -116,6 +117,12 @@ def segment(cluster):
                 pass
 
 
+def without_fetch_here(records: list[dict]) -> list[dict]:
+    """Listings minus ``fetch_here``: how this process would attach, which is all an agent
+    and a coordinator answer differently."""
+    return [{k: v for k, v in r.items() if k != "fetch_here"} for r in records]
+
+
 def held(cluster, node: int) -> int:
     """Segments agent ``node`` holds now (Hello reports its live usage)."""
     with vas.connect(cluster.nodes[node].socket) as client:
@@ -131,9 +138,14 @@ def test_listing_commands_print_what_an_agent_prints(vasctl, segment):
     listing = json.loads(vasctl("seg", "ls", "adm/", "-o", "json").stdout)
     assert [s["name"] for s in listing] == ["adm/a", "adm/b"]
     assert [s["home"] for s in listing] == ["node1", "node2"]
-    assert listing == json.loads(vasctl("seg", "ls", "adm/", "-o", "json", agent=0).stdout)
+    assert {s["fetch_here"] for s in listing} == {"none (no local agent)"}
+    through_agent = json.loads(vasctl("seg", "ls", "adm/", "-o", "json", agent=0).stdout)
+    assert set(listing[0]) == set(through_agent[0])
+    assert without_fetch_here(listing) == without_fetch_here(through_agent)
+    assert yaml.safe_load(vasctl("seg", "ls", "adm/", "-o", "yaml").stdout) == listing
     table = vasctl("seg", "ls", "adm/").stdout.decode().splitlines()
-    assert table == vasctl("seg", "ls", "adm/", agent=0).stdout.decode().splitlines()
+    assert table[0] == vasctl("seg", "ls", "adm/", agent=0).stdout.decode().splitlines()[0]
+    assert [line.split()[0] for line in table[1:]] == ["adm/a", "adm/b"]
 
     stat = json.loads(vasctl("seg", "stat", "adm/b", "-o", "json").stdout)
     through_agent = json.loads(vasctl("seg", "stat", "adm/b", "-o", "json", agent=1).stdout)
@@ -238,15 +250,15 @@ def test_errors_are_one_line_exit_1(vasctl, segment, tmp_path):
     segment("adm/small", 8192, home=1)
     proc = vasctl("seg", "get", "adm/small", "--offset", 8000, "--length", 200, expect=1)
     assert one_error_line(proc) == \
-        "vasctl: error: range [8000, 8200) is outside segment adm/small of 8192 bytes"
+        "vasctl: error: range [8000, 8200) is outside segment adm/small of 8 KiB"
     assert not (tmp_path / "x.bin").exists()
     (tmp_path / "big.bin").write_bytes(b"x" * 8193)
     proc = vasctl("seg", "put", "adm/small", "big.bin", expect=1)
-    assert one_error_line(proc) == ("vasctl: error: big.bin (8193 bytes) does not fit in "
-                                    "segment adm/small of 8192 bytes at offset 0")
+    assert one_error_line(proc) == ("vasctl: error: big.bin of 8.0 KiB (8193 bytes) does not "
+                                    "fit in segment adm/small of 8 KiB at offset 0")
     proc = vasctl("seg", "put", "adm/small", "-", input=b"y" * 8193, expect=1)
     assert one_error_line(proc) == ("vasctl: error: stdin does not fit in segment adm/small "
-                                    "of 8192 bytes at offset 0")
+                                    "of 8 KiB at offset 0")
     # Nothing of the refused puts was published, and the lock is free again.
     assert json.loads(vasctl("seg", "stat", "adm/small", "-o", "json").stdout)["version"] == 1
     vasctl("seg", "put", "adm/small", "-", input=b"z" * 8192)
