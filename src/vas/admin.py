@@ -306,10 +306,10 @@ class AdminClient:
                 pass  # the lease ends on its own within its ttl
 
     def _await_publish(self, future: grpc.Future, feed: "_Feed", renewer: "_Renewer"):
-        """The WritePages reply. No deadline while ``pieces`` still feeds the stream (the
-        bytes come as fast as the caller gives them; the renewed lock bounds nothing
-        there, the caller does); once it is all sent, the home has ``timeout`` plus
-        MIN_RATE's time for the bytes to publish and answer."""
+        """The WritePages reply. No deadline while ``pieces`` still feeds the stream: the
+        bytes come as fast as the caller gives them (a pipe may be slow), and the lock
+        stays renewed meanwhile. Once all is sent, the home has ``timeout`` plus the
+        bytes' time at MIN_RATE to publish them and answer."""
         try:
             while True:
                 try:
