@@ -173,7 +173,8 @@ class Membership:
             info = self._node_info()
             try:
                 self.coordinator.heartbeat(self.node_id, self.reporter.lease_id,
-                                           info.memory_used, info.segments)
+                                           info.memory_used, info.segments, info.replicas,
+                                           info.replica_bytes)
             except NotFound:
                 log.warning("node lease of %s expired; registering again", self.node_id)
                 try:

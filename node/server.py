@@ -65,7 +65,7 @@ class NodeServer:
         if config.data_dir:  # refused, not ignored: an accepted flag must do what it says
             raise InvalidArgument("--data-dir is not built yet: segments do not survive an "
                                   "agent restart; run without it")
-        for name, ttl in (("heartbeat ttl", config.heartbeat_ttl),
+        for name, ttl in (("node ttl (--node-ttl)", config.heartbeat_ttl),
                           ("writer ttl (--writer-ttl)", config.writer_ttl),
                           ("fault timeout (--fault-timeout)", config.fault_timeout)):
             validate.check_seconds(ttl, name, minimum=1)
