@@ -165,10 +165,16 @@ class Nodes:
                       success=[delete_op(keys.member_key(node_id))])
         self.etcd.revoke(lease_id)
 
-    def remove(self, caller: types_pb2.Caller, node_id: str,
-               force: bool) -> types_pb2.NodeInfo:
+    def remove(self, caller: types_pb2.Caller, node_id: str, force: bool
+               ) -> tuple[types_pb2.NodeInfo, list[types_pb2.SegmentInfo]]:
         """Forget node ``node_id`` (RemoveNode): a down node, or with ``force`` a live
-        one (its lease is revoked); the node as it was listed.
+        one (its lease is revoked); (the node as it was listed, the records homed on a
+        down node that this marked lost or removed, as ``Segments.mark_lost``).
+
+        Removing a down node declares its memory gone: the records homed on it are
+        marked lost (permanent: attaches get NotFound, a delete removes them at
+        once), as its restart would. A live node removed with ``force`` keeps
+        its records: its agent still holds them and registers again.
 
         Raises PermissionDenied unless ``caller`` is root, NotFound for an unknown
         node, Busy for a live node without ``force`` (or one that registered again
@@ -186,7 +192,7 @@ class Nodes:
             info = node_of(keys.decode(node_kvs[0].value))
             self.etcd.txn(success=[delete_op(member_key)])
             self.etcd.revoke(node_kvs[0].lease)
-            return info
+            return info, []
         if not member_kvs:
             raise NotFound(f"no node {node_id!r}")
         done = self.etcd.txn(compare=[absent(node_key),
@@ -195,7 +201,8 @@ class Nodes:
         if not done.succeeded:
             raise Busy(f"node {node_id!r} changed while being removed (registered again?): "
                        "list the nodes and retry")
-        return down_node_of(keys.decode(member_kvs[0].value))
+        return (down_node_of(keys.decode(member_kvs[0].value)),
+                self.segments.mark_lost(node_id, set()))
 
     def address(self, node_id: str) -> str | None:
         """The gRPC address of live node ``node_id``; None if it is not registered."""

@@ -155,9 +155,11 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
 
     @translated
     def RemoveNode(self, request, context):
-        node = self.nodes.remove(caller_of(request, context), check_node_id(request.node_id),
-                                 request.force)
-        return pb.RemoveNodeResponse(node=node)
+        node, lost = self.nodes.remove(caller_of(request, context),
+                                       check_node_id(request.node_id), request.force)
+        for info in lost:  # their replicas can never be refreshed: their nodes drop them
+            self.homes.deleted(info)
+        return pb.RemoveNodeResponse(node=node, lost=lost)
 
     # Segments --------------------------------------------------------------------------
 
