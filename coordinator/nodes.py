@@ -181,7 +181,8 @@ class Nodes:
         while it was being removed).
         """
         if caller.uid != 0:
-            raise PermissionDenied(f"only root may remove node {node_id!r} (uid {caller.uid})")
+            raise PermissionDenied(f"permission denied: only root may remove node {node_id!r} "
+                                   f"(uid {caller.uid})")
         node_key, member_key = keys.node_key(node_id), keys.member_key(node_id)
         response = self.etcd.txn(success=[range_op(node_key), range_op(member_key)])
         node_kvs, member_kvs = (op.response_range.kvs for op in response.responses)
