@@ -255,6 +255,9 @@ class DownWatch:
             except VasError as exc:
                 log.warning("watching node leases: %s; again in %.0f s", exc,
                             self.retry_interval)
+            except Exception:  # noqa: BLE001  a bug must not end the marking for good
+                log.exception("watching node leases failed; again in %.0f s",
+                              self.retry_interval)
             stop.wait(self.retry_interval)
 
     def close(self) -> None:
