@@ -46,13 +46,11 @@ import sys
 import threading
 import time
 
-# This file is bench/ray.py and Python put its folder first on sys.path: drop it, so
-# that `import ray` finds Ray, not this file.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+import numpy as np
 
-import numpy as np  # noqa: E402
-import ray  # noqa: E402
+from remote_common import import_ray
+
+ray = import_ray()  # Ray, not this file (bench/ray.py)
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: E402
 
 import vas  # noqa: E402

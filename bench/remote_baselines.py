@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from remote_common import (REMOTE, CheckFailed, checksum, deadline, fill, fresh_buffer, gbps,
+from remote_common import (REMOTE, CheckFailed, import_ray, checksum, deadline, fill, fresh_buffer, gbps,
                            med)
 
 
@@ -97,23 +97,9 @@ def bench_tcp(size: int, repeats: int, seed: int) -> dict:
 
 # -- Ray baseline -------------------------------------------------------------------------
 
-def _import_ray():
-    """Ray itself, not bench/ray.py: this folder is first on sys.path when a bench script
-    runs. Only the import skips it (Ray's workers get the driver's path and need it to
-    import this module)."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    saved = sys.path[:]
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != here]
-    try:
-        import ray
-    finally:
-        sys.path[:] = saved
-    return ray
-
-
 def bench_ray(size: int, repeats: int, seed: int, store: int, timeout: float) -> dict:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    ray = _import_ray()
+    ray = import_ray()
     from ray.cluster_utils import Cluster
 
     cluster = None

@@ -12,6 +12,7 @@ import mmap
 import os
 import signal
 import statistics
+import sys
 import zlib
 
 import numpy as np
@@ -25,6 +26,20 @@ REMOTE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "remote.py")
 
 
 # -- helpers ------------------------------------------------------------------------------
+
+def import_ray():
+    """Ray itself, not bench/ray.py: a bench script's folder is first on sys.path. Only
+    the import skips the folder (Ray's workers get the driver's path and import the bench
+    modules by it)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != here]
+    try:
+        import ray
+    finally:
+        sys.path[:] = saved
+    return ray
+
 
 class PhaseTimeout(Exception):
     """A phase ran past its deadline."""

@@ -24,6 +24,7 @@ from vas.coordinator.etcd import (Etcd, EtcdError, absent, created_at, delete_op
 from vas.coordinator.retry import retries
 from vas.core.errors import (AlreadyExists, CapacityExceeded, InvalidArgument, NotFound,
                              Unavailable, VasError)
+from vas.core.sizes import human_size
 from vas.proto import types_pb2
 
 # The address window every segment is placed in (16 TiB, far above where Linux puts
@@ -61,7 +62,7 @@ def place(next_address: int, size: int) -> tuple[int, int]:
     """
     address = align_up(max(next_address, WINDOW_START))
     if address + size > WINDOW_END:
-        raise CapacityExceeded(f"the address window is exhausted: no room for {size} bytes")
+        raise CapacityExceeded(f"the address window is exhausted: no room for {human_size(size)}")
     return address, align_up(address + size) + GUARD
 
 

@@ -46,6 +46,7 @@ from collections.abc import Callable
 from vas.core.errors import (CapacityExceeded, InvalidArgument, Unavailable, VasError,
                              from_status, status_code)
 from vas.core.identity import Peer, peer_of_der
+from vas.core.sizes import human_size
 from vas.core.tls import NODE_HOST
 from vas.node import locks
 from vas.node.bulk_tls import TlsConnection
@@ -104,16 +105,19 @@ class BulkServer:
 
     def __init__(self, host: str, source: Source, timeout: float,
                  tls: ssl.SSLContext | None = None, *, per_peer: int,
-                 transfer: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
+                 transfer: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                 port: int = 0):
         """``tls``: a server context requiring client certificates (TlsConfig.server_context),
         None for plaintext; ``per_peer``: connections one peer host may hold open;
-        ``transfer()`` marks each range sent (the warm pool waits meanwhile)."""
+        ``transfer()`` marks each range sent (the warm pool waits meanwhile); ``port``: the
+        TCP port to listen on, 0 for a free one (``.port`` is the real one). OSError if it
+        cannot be bound."""
         self.source = source
         self._transfer = transfer
         self.timeout = timeout
         self.tls = tls
         host = host.strip("[]")
-        self._listener = socket.create_server((host, 0), backlog=128, family=_family(host))
+        self._listener = socket.create_server((host, port), backlog=128, family=_family(host))
         self.port = self._listener.getsockname()[1]
         self._slots = threading.BoundedSemaphore(_MAX_CONNECTIONS)
         self._peers = Counts(Limit.BULK, per_peer)
@@ -405,7 +409,8 @@ def _recv_to_fd(conn: socket.socket, buffer: bytearray, fd: int, offset: int,
         while done < length:
             got = conn.recv_into(window, min(len(buffer), length - done))
             if not got:
-                raise ConnectionError(f"connection closed after {done} of {length} bytes")
+                raise ConnectionError(f"connection closed after {human_size(done)} of "
+                                      f"{human_size(length)}")
             written = 0
             while written < got:
                 wrote = os.pwrite(fd, window[written:got], offset + done + written)
@@ -476,7 +481,7 @@ def _recv_into(conn: socket.socket, part: memoryview) -> None:
         with part[done:done + min(total - done, _RECV_MAX)] as window:
             got = conn.recv_into(window)
         if not got:
-            raise ConnectionError(f"connection closed after {done} of {total} bytes")
+            raise ConnectionError(f"connection closed after {human_size(done)} of {human_size(total)}")
         done += got
 
 

@@ -13,6 +13,7 @@ import grpc
 
 from vas.core.defaults import MAX_GRPC_MESSAGE
 from vas.core.errors import NotFound, Unavailable, from_rpc_error
+from vas.core.sizes import human_size
 from vas.core.tls import COORDINATOR_HOST, NODE_HOST, TlsConfig, open_channel
 from vas.node import locks
 from vas.proto import coordinator_pb2 as pb
@@ -254,8 +255,8 @@ class PeerClients:
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from exc
         if done != view.nbytes:
-            raise Unavailable(f"ReadPages of {name} from {address} ended after {done} of "
-                              f"{view.nbytes} bytes")
+            raise Unavailable(f"ReadPages of {name} from {address} ended after "
+                              f"{human_size(done)} of {human_size(view.nbytes)}")
 
     def write_pages(self, address: str, header: node_pb2.WritePagesHeader, view: memoryview,
                     runs: list[tuple[int, int]], timeout: float) -> types_pb2.SegmentInfo:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # Shared with the client, the CLI and the coordinator: defined once, in vas.core.defaults.
-from vas.core.defaults import (DEFAULT_FAULT_TIMEOUT, DEFAULT_LOCAL_WORKERS,
+from vas.core.defaults import (DEFAULT_BULK_PORT, DEFAULT_FAULT_TIMEOUT, DEFAULT_LOCAL_WORKERS,
                                DEFAULT_MAX_ATTACHMENTS_PER_UID, DEFAULT_MAX_BULK_PER_PEER,
                                DEFAULT_MAX_CONNECTIONS_PER_UID, DEFAULT_MAX_FAULTS_PER_UID,
                                DEFAULT_MAX_STREAMS_PER_PEER, DEFAULT_MEMORY, DEFAULT_NODE_LISTEN,
@@ -39,8 +39,14 @@ class NodeConfig:
         accepted and ignored today).
     :param node_id: unique node id; default ``"<hostname>:<grpc port>"``, with TLS the
         name its certificate gives (``vas://node/<id>``), which ``node_id`` must match.
-    :param advertise: host:port other agents use to reach this one; default the
-        listen address with the real port (the hostname when listening on a wildcard).
+    :param advertise: host:port other agents (and the coordinator's clients) use to
+        reach this agent's gRPC port; default the listen address with the real port (the
+        hostname when listening on a wildcard). Its host is also the host of the bulk
+        channel's address that ``OpenBulk`` answers.
+    :param bulk_port: TCP port of the bulk channel (node/bulk.py), on the host of
+        ``listen``; 0 picks a free one. A firewall between agents must let both this
+        port and the gRPC port through; it is advertised unchanged (a port mapping in
+        between must keep the number).
     :param heartbeat_ttl: node lease TTL, seconds.
     :param writer_ttl: writer-lock lease TTL, seconds.
     :param report_delay: attachment-report debounce, seconds.
@@ -79,6 +85,7 @@ class NodeConfig:
     data_dir: str | None = None
     node_id: str | None = None
     advertise: str | None = None
+    bulk_port: int = DEFAULT_BULK_PORT
     heartbeat_ttl: int = DEFAULT_NODE_TTL
     writer_ttl: int = DEFAULT_WRITER_TTL
     report_delay: float = DEFAULT_REPORT_DELAY

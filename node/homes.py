@@ -133,8 +133,7 @@ class HomeSegments:
         except BaseException:
             self.store.unreserve(size)
             raise
-        finally:
-            self._expect(size)
+        self._expect(size)
         with self._lock:
             created = self._creating[name] = threading.Event()
         started = time.monotonic()

@@ -20,6 +20,7 @@ from google.protobuf.message import DecodeError
 
 from vas.core import wire
 from vas.core.errors import InvalidArgument, VasError
+from vas.core.sizes import human_size
 from vas.node.localapi import LocalApi, Unimplemented
 from vas.node.sessions import Session
 from vas.proto import local_pb2
@@ -93,7 +94,7 @@ class Receiver:
             return None, []
         if flags & _MSG_TRUNC or size > wire.MAX_MESSAGE:
             close_fds(fds)
-            raise BadRequest(f"request larger than {wire.MAX_MESSAGE} bytes")
+            raise BadRequest(f"request larger than {human_size(wire.MAX_MESSAGE)}")
         request = local_pb2.LocalRequest()
         try:
             request.ParseFromString(self._view[:size])
@@ -151,7 +152,7 @@ class Responder:
             # Too big for one datagram (a huge listing page): say so instead.
             wire.send_message(sock, local_pb2.LocalResponse(
                 id=response.id, code=INVALID_ARGUMENT,
-                message=f"response of {response.ByteSize()} bytes is too large for the local "
+                message=f"response of {human_size(response.ByteSize())} is too large for the local "
                         "socket; ask for a smaller page_size"))
         finally:
             close_fds(fds)

@@ -13,6 +13,7 @@ import numpy as np
 from vas import _native
 from vas.core import validate
 from vas.core.errors import InvalidArgument
+from vas.core.sizes import human_size
 from vas.node import lazy
 
 #: Bytes per hashed chunk: what one changed byte costs a sync. A hash is 8 bytes per
@@ -91,7 +92,8 @@ class Staged:
         self.total += len(data)
         if self.total > self.size:
             raise InvalidArgument(
-                f"a publish sent {self.total} bytes, more than the segment's {self.size}")
+                f"a publish sent {human_size(self.total)}, more than the segment's "
+                f"{human_size(self.size)}")
         if data:
             self.pieces.append((offset, data))
 

@@ -52,6 +52,7 @@ from collections.abc import Callable
 from vas.core.errors import (Busy, CapacityExceeded, InvalidArgument, NotFound, Unavailable,
                              VasError)
 from vas.core.fetch import FetchMode
+from vas.core.sizes import human_size
 from vas.node import bulk, faults, lazy, locks
 from vas.node.pool import Warm
 from vas.node.publish import CHUNK, stale_runs
@@ -233,7 +234,7 @@ class Replicas:
                 warm = Warm(info.size)
             started = time.monotonic()
             with self.pool.transfer():
-                self._transfer(address, info, warm)
+                via = self._transfer(address, info, warm)
         except BaseException:
             self.store.unreserve(info.size)
             if warm is not None:
@@ -242,9 +243,9 @@ class Replicas:
         finally:
             self.pool.want(info.size)  # prepared after the transfer, not competing for CPU
         elapsed = time.monotonic() - started
-        log.info("replica of %s (id %d, version %d): fetched %d bytes from %s in %.3f s "
+        log.info("replica of %s (id %d, version %d): fetched %d bytes from %s %s in %.3f s "
                  "(%.2f GB/s, %s memory)", info.name, info.id, info.version, info.size,
-                 info.home, elapsed, info.size / max(elapsed, 1e-9) / 1e9,
+                 info.home, via, elapsed, info.size / max(elapsed, 1e-9) / 1e9,
                  "warm" if warm.populated else "cold")
         return Replica(info, warm)
 
@@ -298,25 +299,27 @@ class Replicas:
         return lazy.HomeReader(self.homes, info.home, info.name, info.id, memory.fd, read_pages,
                                self.pool.transfer)
 
-    def _transfer(self, address: str, info: types_pb2.SegmentInfo, warm: Warm) -> None:
+    def _transfer(self, address: str, info: types_pb2.SegmentInfo, warm: Warm) -> str:
         """Copy the home's bytes into ``warm``: ReadPages for small segments, else the
-        bulk channel, falling back to ReadPages when the bulk connections fail."""
+        bulk channel, falling back to ReadPages when the bulk connections fail. Returns
+        how, for the log: "over the bulk channel HOST:PORT" or "over ReadPages at HOST:PORT"."""
         fallback_timeout = self.config.rpc_timeout + info.size / _STREAM_RATE
         with memoryview(warm.mapping) as raw, raw.cast("B") as view:
             if info.size > _SMALL_FETCH:
                 opened = self.peers.open_bulk(address, info.name, info.id)
                 if opened.size != info.size:
                     raise Unavailable(f"home {info.home} holds segment {info.name} with "
-                                      f"{opened.size} bytes, not {info.size}")
+                                      f"{human_size(opened.size)}, not {human_size(info.size)}")
                 try:
                     bulk.fetch(opened.address, info.id, view, streams=self.config.fetch_streams,
                                timeout=self.config.rpc_timeout, prepare=warm.populate,
                                tls=self.bulk_tls)
-                    return
+                    return f"over the bulk channel {opened.address}"
                 except (Unavailable, CapacityExceeded) as exc:  # over the home's bulk limits
                     log.warning("bulk fetch of %s from %s failed: %s; using ReadPages",
                                 info.name, opened.address, exc)
             self.peers.read_pages_into(address, info.name, info.id, view, fallback_timeout)
+        return f"over ReadPages at {address}"
 
     def complete(self, replica: Replica) -> None:
         """Fetch every missing chunk of a lazy replica; it is then an eager one."""
@@ -347,8 +350,8 @@ class Replicas:
             raise InvalidArgument(f"attachment {attachment.id} is not a lazy attachment "
                                   "waiting for its userfaultfd")
         if size != replica.size:
-            raise InvalidArgument(f"RegisterFaults size {size} is not the segment's "
-                                  f"{replica.size}")
+            raise InvalidArgument(f"RegisterFaults size {human_size(size)} is not the "
+                                  f"segment's {human_size(replica.size)}")
         fill = replica.fill
         if fill is None:
             os.close(uffd)

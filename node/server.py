@@ -91,6 +91,17 @@ class NodeServer:
         config = self.config
         _raise_fd_limit()
         host, _ = split_host_port(config.listen)
+        if config.advertise:
+            try:
+                advertised_host, _ = split_host_port(config.advertise)
+            except InvalidArgument as exc:
+                raise InvalidArgument(f"--advertise: {exc}") from exc
+            if advertised_host.strip("[]") in _WILDCARDS:
+                raise InvalidArgument(f"invalid --advertise {config.advertise}: other agents "
+                                      "cannot dial a wildcard host; name this machine")
+        if not 0 <= config.bulk_port <= 65535:
+            raise InvalidArgument(f"invalid --bulk-port {config.bulk_port}: "
+                                  "must be 0 (pick one) to 65535")
         check_listen(config.listen, config.tls, config.insecure)
         certified = own_node_id(config.tls)
         if config.node_id and certified and config.node_id != certified:
@@ -112,11 +123,17 @@ class NodeServer:
             f"{socket.gethostname()}:{port}" if host in _WILDCARDS else self.address)
 
         self.agent = Agent(config, node_id, advertise, os.path.abspath(config.socket))
-        # The bulk listener shares the gRPC host; its port is told per transfer (OpenBulk).
-        self.bulk = BulkServer(host, self.agent.bulk_source, config.rpc_timeout,
-                               config.tls.server_context() if config.tls else None,
-                               per_peer=config.max_bulk_per_peer,
-                               transfer=self.agent.pool.transfer)
+        # The bulk listener shares the gRPC host; its port (--bulk-port, else a free one)
+        # is told per transfer (OpenBulk), on the advertised host.
+        try:
+            self.bulk = BulkServer(host, self.agent.bulk_source, config.rpc_timeout,
+                                   config.tls.server_context() if config.tls else None,
+                                   per_peer=config.max_bulk_per_peer,
+                                   transfer=self.agent.pool.transfer, port=config.bulk_port)
+        except OSError as exc:
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise OSError(exc.errno, f"cannot listen on {host}:{config.bulk_port} for the "
+                                     f"bulk channel (--bulk-port): {reason}") from exc
         self.agent.bulk_address = f"{advertise.rpartition(':')[0]}:{self.bulk.port}"
         self.bulk.start()
         node_pb2_grpc.add_NodeServicer_to_server(
@@ -139,8 +156,10 @@ class NodeServer:
         self.local.start()
         for service in ("", _NODE_SERVICE):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        log.info("node %s serving gRPC on %s (advertised %s), socket %s, memory %d bytes",
-                 node_id, self.address, advertise, self.local.path, config.memory)
+        log.info("node %s serving gRPC on %s (advertised %s), bulk channel on %s:%d "
+                 "(advertised %s), socket %s, memory %d bytes", node_id, self.address,
+                 advertise, host, self.bulk.port, self.agent.bulk_address, self.local.path,
+                 config.memory)
         return True
 
     def stop(self) -> None:

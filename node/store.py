@@ -27,6 +27,7 @@ import os
 
 from vas import _native
 from vas.core.errors import CapacityExceeded
+from vas.core.sizes import human_size
 from vas.node import locks
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ def allocate(name: str, size: int, *, reserve: bool = True) -> tuple[int, int]:
                 _native.fallocate(fd, 0, size)
         except OSError as exc:
             raise CapacityExceeded(
-                f"cannot reserve {size} bytes of memory for segment {name}: "
+                f"cannot reserve {human_size(size)} of memory for segment {name}: "
                 f"{exc.strerror or exc}") from exc
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
         ro_fd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
@@ -161,8 +162,8 @@ class Store:
         with self.lock:
             if size > self.capacity - self.used:
                 raise CapacityExceeded(
-                    f"{self.label} has no room for segment {name} of {size} bytes: "
-                    f"{self.free} of {self.capacity} bytes free")
+                    f"{self.label} has no room for segment {name} of {human_size(size)}: "
+                    f"{human_size(self.free)} of {human_size(self.capacity)} free")
             self.reserved += size
 
     def unreserve(self, size: int) -> None:

@@ -46,6 +46,7 @@ from contextlib import AbstractContextManager
 
 from vas import _native
 from vas.core.errors import Fenced, InvalidArgument, NotFound, PermissionDenied, VasError
+from vas.core.sizes import human_size
 from vas.node import locks
 from vas.node.publish import CHUNK, Staged, chunks_of, differing, hashes, runs
 from vas.node.revoke import Revocations
@@ -126,8 +127,8 @@ class Writers:
             raise InvalidArgument(f"attachment {attachment.id} is not a revocable \"rw\" "
                                   "attachment waiting for its userfaultfd")
         if size != attachment.segment.size:
-            raise InvalidArgument(f"RegisterFaults size {size} is not the segment's "
-                                  f"{attachment.segment.size}")
+            raise InvalidArgument(f"RegisterFaults size {human_size(size)} is not the "
+                                  f"segment's {human_size(attachment.segment.size)}")
         guard.arm(uffd, address, size, _fenced_error(attachment))
 
     def release(self, lease: WriterLease) -> None:

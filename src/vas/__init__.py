@@ -57,6 +57,8 @@ if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and
     from vas.mapping import Mapping  # noqa: F401
     from vas.spaceview import SpaceView  # noqa: F401
 
+#: The package version: pyproject.toml reads it from here (its one source); `vasctl --version`
+#: prints it.
 __version__ = "0.1.0"
 
 #: Public names of the client side, loaded on first access: name -> module.

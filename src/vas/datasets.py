@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING
 from vas.connection import close_fds
 from vas.core import validate
 from vas.core.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable, VasError
+from vas.core.sizes import human_size
 from vas.core.types import SegmentInfo
 
 if TYPE_CHECKING:
@@ -393,7 +394,7 @@ def _table_of(mapping: "Mapping"):
         raise InvalidArgument(f"segment {name}: its metadata has no valid vas.nbytes") from exc
     if not 0 < nbytes <= mapping.size:
         raise InvalidArgument(f"segment {name}: vas.nbytes={nbytes} is outside the "
-                              f"segment of {mapping.size} bytes")
+                              f"segment of {human_size(mapping.size)}")
     try:
         return pa.ipc.open_stream(pa.py_buffer(mapping.buffer[:nbytes])).read_all()
     except pa.ArrowInvalid as exc:

@@ -22,6 +22,7 @@ import strategies as s
 from fuzzkit import CALL_TIMEOUT, EXPECTED_CODES, SENT, examples
 from vas.core import wire
 from vas.core.defaults import DEFAULT_MAX_CONNECTIONS_PER_UID
+from vas.core.sizes import human_size
 from vas.proto import LOCAL_PROTOCOL, local_pb2
 from waiting import wait_for
 
@@ -109,7 +110,7 @@ def test_oversized_datagram_gets_invalid_argument(fuzzed):
         sock.send(b"\x08\x01" + b"\0" * (wire.MAX_MESSAGE - 1))
         reply, _ = wire.recv_message(sock, local_pb2.LocalResponse)
         assert (reply.id, reply.code) == (0, grpc.StatusCode.INVALID_ARGUMENT.value[0])
-        assert reply.message == f"request larger than {wire.MAX_MESSAGE} bytes"
+        assert reply.message == f"request larger than {human_size(wire.MAX_MESSAGE)}"
         sock.send(hello_bytes())
         again, _ = wire.recv_message(sock, local_pb2.LocalResponse)
     assert again.code == 0 and again.id == 7

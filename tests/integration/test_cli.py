@@ -1,20 +1,24 @@
 """vasctl as users run it (a process per command) against a real two-node cluster.
 
 Checks exit codes (0 ok, 1 error, 2 usage), that every error is one line on
-stderr, the JSON fields of listings, a put/get round trip, and `vasctl up`.
+stderr, the JSON and YAML of listings, a put/get round trip, --watch, and `vasctl up`.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import pty
 import re
+import select
 import signal
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
+import yaml
 
 import vas
 from vas.cluster import LocalCluster
@@ -56,23 +60,26 @@ def one_error_line(proc) -> str:
 
 def test_create_ls_stat_json(vasctl):
     out = vasctl("seg", "create", "cli/a", "--size", "3MiB", "--mode", "640").stdout.decode()
-    assert out.splitlines()[0].split() == ["NAME", "SIZE", "ADDRESS", "MODE", "OWNER", "HOME",
-                                           "VERSION", "STATE", "ATTACH"]
-    row = out.splitlines()[1].split()
-    assert row[:3] == ["cli/a", "3.0", "MiB"] and re.fullmatch(r"0x[0-9a-f]+", row[3])
-    assert row[4] == "0640" and row[6] == "node1"
+    fields = dict(re.split(r"\s{2,}", line, maxsplit=1) for line in out.splitlines())
+    assert (fields["name"], fields["size"], fields["mode"], fields["home"]) == \
+        ("cli/a", "3.0 MiB (3145728 bytes)", "0640", "node1")
+    assert re.fullmatch(r"0x[0-9a-f]+-0x[0-9a-f]+", fields["address"])
 
     listing = json.loads(vasctl("seg", "ls", "cli/", "-o", "json").stdout)
     (seg,) = listing
     assert set(seg) == {"name", "id", "size", "address", "mode", "uid", "gid", "home",
                         "replicas", "version", "state", "attachments", "created", "expires",
-                        "meta", "copies"}
+                        "meta", "fetch_here", "copies"}
     assert (seg["name"], seg["size"], seg["mode"], seg["home"], seg["uid"], seg["state"]) == \
         ("cli/a", 3 * MiB, 0o640, "node1", os.getuid(), "ready")
-    assert seg["address"] == int(row[3], 16) and seg["expires"] is None
+    assert f"0x{seg['address']:x}-" in fields["address"] and seg["expires"] is None
+    assert seg["fetch_here"] == "home (no fetch)"
 
+    # One segment is the same object alone (stat) and as an item of a list (ls).
     stat = json.loads(vasctl("seg", "stat", "cli/a", "-o", "json").stdout)
-    assert stat == {**seg, "fetch_here": "home (no fetch)"}
+    assert stat == seg
+    assert yaml.safe_load(vasctl("seg", "stat", "cli/a", "-o", "yaml").stdout) == stat
+    assert yaml.safe_load(vasctl("seg", "ls", "cli/", "-o", "yaml").stdout) == [stat]
     text = vasctl("seg", "stat", "cli/a").stdout.decode()
     assert re.search(r"^mode\s+0640$", text, re.M) and f"0x{seg['address']:x}" in text
     elsewhere = vasctl("seg", "stat", "cli/a", node=1).stdout.decode()  # how node2 would attach
@@ -86,6 +93,23 @@ def test_create_ls_stat_json(vasctl):
     assert (seg["mode"], seg["uid"], seg["gid"]) == (0o604, 4321, 4322)
     vasctl("seg", "rm", "cli/a")
     assert json.loads(vasctl("seg", "ls", "cli/", "-o", "json").stdout) == []
+
+
+def test_create_prints_the_object_it_made(vasctl):
+    made = json.loads(vasctl("seg", "create", "cli/made", "--size", "8KiB", "--meta", "k=v",
+                             "-o", "json").stdout)
+    assert made == json.loads(vasctl("seg", "stat", "cli/made", "-o", "json").stdout)
+    assert (made["name"], made["size"], made["meta"]) == ("cli/made", 8192, {"k": "v"})
+    again = yaml.safe_load(vasctl("seg", "create", "cli/made", "--size", "8KiB", "--exist-ok",
+                                  "-o", "yaml").stdout)
+    assert again == made
+    vasctl("seg", "rm", "cli/made")
+
+
+def test_version():
+    proc = subprocess.run([*VASCTL, "--version"], capture_output=True, text=True, timeout=60,
+                          cwd="/")
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, f"vasctl {vas.__version__}\n", "")
 
 
 def test_put_get_round_trip(vasctl, tmp_path):
@@ -125,22 +149,21 @@ def test_errors_exit_1_with_one_line(vasctl, tmp_path):
     big.write_bytes(b"x" * 8193)
 
     proc = vasctl("seg", "put", "cli/small", big, expect=1)
-    assert one_error_line(proc) == (f"vasctl: error: {big} (8193 bytes) does not fit in "
-                                    "segment cli/small of 8192 bytes at offset 0")
+    assert one_error_line(proc) == (f"vasctl: error: {big} of 8.0 KiB (8193 bytes) does not "
+                                    "fit in segment cli/small of 8 KiB at offset 0")
     proc = vasctl("seg", "put", "cli/small", "-", input=b"y" * 8193, expect=1)
     assert one_error_line(proc) == ("vasctl: error: stdin does not fit in segment cli/small "
-                                    "of 8192 bytes at offset 0")
+                                    "of 8 KiB at offset 0")
     proc = vasctl("seg", "get", "cli/small", "--offset", 8000, "--length", 200, expect=1)
     assert one_error_line(proc) == \
-        "vasctl: error: range [8000, 8200) is outside segment cli/small of 8192 bytes"
+        "vasctl: error: range [8000, 8200) is outside segment cli/small of 8 KiB"
     proc = vasctl("seg", "create", "cli/small", "--size", "4096", expect=1)
     assert one_error_line(proc).startswith("vasctl: error: ") and "cli/small" in proc.stderr.decode()
     proc = vasctl("seg", "create", "cli/zero", "--size", "0", expect=1)
     assert one_error_line(proc) == "vasctl: error: invalid size 0: must be > 0"
     proc = vasctl("seg", "create", "cli/huge", "--size", "1GiB", expect=1)  # over --memory
-    assert one_error_line(proc).startswith("vasctl: error: ")
-    proc = vasctl("seg", "create", "/abs", "--size", "4096", expect=1)
-    assert one_error_line(proc) == "vasctl: error: invalid segment name '/abs': must not start with '/'"
+    assert one_error_line(proc) == ("vasctl: error: node node1 has no room for segment "
+                                    "cli/huge of 1 GiB: 255.9 MiB of 256 MiB free")  # 8 KiB used
     for args in (("seg", "stat", "cli/none"), ("seg", "rm", "cli/none"),
                  ("seg", "get", "cli/none"), ("seg", "chmod", "cli/none", "600"),
                  ("space", "rm", "cli/nospace")):
@@ -159,7 +182,10 @@ def test_errors_exit_1_with_one_line(vasctl, tmp_path):
     ("seg", "create", "cli/u", "--size", "1MiB", "--mode", "9"),
     ("seg", "chmod", "cli/u", "rwx"),
     ("seg", "ls", "--frobnicate"),
-    ("seg", "ls", "-o", "yaml"),
+    ("seg", "ls", "-o", "xml"),
+    ("seg", "create", "/abs", "--size", "4096"),
+    ("seg", "stat", "cli/../x"),
+    ("space", "add", "cli/space", "bad name"),
     ("node", "serve", "--writer-ttl", "soon"),
     ("node", "serve", "--fault-timeout", "soon"),
 ])
@@ -167,6 +193,126 @@ def test_usage_errors_exit_2(vasctl, args):
     proc = vasctl(*args, expect=2)
     assert one_error_line(proc).startswith("vasctl")
     assert proc.stdout == b""
+
+
+def test_bad_name_is_a_usage_error(vasctl):
+    proc = vasctl("seg", "create", "/abs", "--size", "4096", expect=2)
+    assert one_error_line(proc) == (
+        "vasctl seg create: error: argument name: invalid segment name '/abs': must not start "
+        "with '/' (see `vasctl seg create --help`)")
+
+
+def run_on_a_terminal(argv, env) -> tuple[int, bytes, str]:
+    """vasctl ``argv`` with its stdout on a new pseudo-terminal: (exit code, what reached
+    the terminal, stderr)."""
+    controller, terminal = pty.openpty()
+    try:
+        proc = subprocess.run([*VASCTL, *argv], stdout=terminal, stderr=subprocess.PIPE,
+                              env=env, timeout=120, cwd="/")
+        os.close(terminal)
+        terminal = -1
+        shown = b""
+        while select.select([controller], [], [], 0)[0]:
+            try:
+                chunk = os.read(controller, 4096)
+            except OSError:  # EIO: the terminal side is closed and drained
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        if terminal >= 0:
+            os.close(terminal)
+        os.close(controller)
+    return proc.returncode, shown, proc.stderr.decode()
+
+
+def test_seg_get_refuses_a_terminal_without_dash_o_dash(vasctl, cluster):
+    env = {**os.environ, **cluster.env(), "VAS_NODE": cluster.nodes[0].socket}
+    vasctl("seg", "create", "cli/tty", "--size", "4KiB")
+    vasctl("seg", "put", "cli/tty", "-", input=b"abc")
+    code, shown, err = run_on_a_terminal(["seg", "get", "cli/tty"], env)
+    assert (code, shown) == (2, b"")
+    assert err == ("vasctl: error: refusing to write a segment's bytes to a terminal: give -o "
+                   "FILE, or -o - to write them to stdout anyway\n")
+    code, shown, err = run_on_a_terminal(["seg", "get", "cli/tty", "--length", "3", "-o", "-"],
+                                         env)
+    assert (code, shown, err) == (0, b"abc", "")
+    vasctl("seg", "rm", "cli/tty")
+
+
+class Output:
+    """What a running process has written to its stdout pipe so far."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.fd = proc.stdout.fileno()
+        self.text = ""
+
+    def wait_until(self, condition, what: str, timeout: float = 30.0) -> str:
+        """Read until ``condition(text so far)`` holds (fail after ``timeout`` seconds)."""
+        deadline = time.monotonic() + timeout
+        while not condition(self.text):
+            left = deadline - time.monotonic()
+            assert left > 0, f"timed out waiting for {what} in {self.text!r}"
+            if select.select([self.fd], [], [], left)[0]:
+                chunk = os.read(self.fd, 65536)
+                assert chunk, f"the output ended before {what}: {self.text!r}"
+                self.text += chunk.decode()
+        return self.text
+
+
+def json_listings(text: str) -> list:
+    """The whole JSON values of a --watch stream so far, read one after another as jq
+    reads them (the last may still be arriving)."""
+    decoder, listings, rest = json.JSONDecoder(), [], text.lstrip()
+    while rest:
+        try:
+            value, end = decoder.raw_decode(rest)
+        except json.JSONDecodeError:
+            break
+        listings.append(value)
+        rest = rest[end:].lstrip()
+    return listings
+
+
+def test_seg_ls_watch_shows_a_new_segment_then_stops_on_sigint(vasctl, cluster):
+    env = {**os.environ, **cluster.env(), "VAS_NODE": cluster.nodes[1].socket}
+    proc = subprocess.Popen([*VASCTL, "seg", "ls", "cli/w/", "--watch", "-o", "json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd="/")
+    try:
+        seen = Output(proc)
+        seen.wait_until(lambda text: json_listings(text) == [[]], "the empty listing")
+        vasctl("seg", "create", "cli/w/new", "--size", "4KiB")
+        text = seen.wait_until(lambda text: len(json_listings(text)) == 2, "a second listing")
+        (new,) = json_listings(text)[1]
+        assert (new["name"], new["home"], new["fetch_here"]) == ("cli/w/new", "node1", "lazy")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=15) == 130
+        assert proc.stderr.read() == b""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+    vasctl("seg", "rm", "cli/w/new")
+
+
+def test_node_ls_watch_stops_on_sigint(cluster):
+    env = {**os.environ, **cluster.env(), "VAS_NODE": cluster.nodes[0].socket}
+    proc = subprocess.Popen([*VASCTL, "node", "ls", "--watch"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env, cwd="/")
+    try:
+        text = Output(proc).wait_until(lambda text: cluster.nodes[1].socket in text, "node2")
+        assert text.splitlines()[0].split()[:3] == ["ID", "ADDRESS", "SOCKET"]
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=15) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
 
 
 def test_node_serve_refuses_a_zero_writer_ttl(vasctl, tmp_path):

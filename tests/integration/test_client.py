@@ -167,7 +167,7 @@ def test_fixed_attach_and_address_conflict(client):
     (lambda c: c.create("x" * 256, 4096), vas.InvalidArgument, "invalid segment name: longer than 255 characters"),
     (lambda c: c.create("bad/size", 0), vas.InvalidArgument, "invalid size 0: must be > 0"),
     (lambda c: c.create("bad/size", -1), vas.InvalidArgument, "invalid size -1: must be > 0"),
-    (lambda c: c.create("bad/size", (1 << 40) + 1), vas.InvalidArgument, f"invalid size {(1 << 40) + 1}: larger than the maximum {1 << 40}"),
+    (lambda c: c.create("bad/size", (1 << 40) + 1), vas.InvalidArgument, f"invalid size 1.0 TiB ({(1 << 40) + 1} bytes): larger than the maximum 1 TiB"),
     (lambda c: c.create("bad/mode", 4096, mode=0o1000), vas.InvalidArgument, "invalid mode 512: must be permission bits 0..0o777"),
     (lambda c: c.attach("bad/mode", "w"), vas.InvalidArgument, 'invalid attach mode \'w\': must be "r" or "rw"'),
 ])
@@ -203,11 +203,11 @@ def test_errors_from_the_cluster(client):
             with pytest.raises(vas.InvalidArgument) as info:
                 m.read(offset, length)
             assert str(info.value) == (f"range [{offset}, {offset + length}) is outside "
-                                       "the segment of 4096 bytes")
+                                       "the segment of 4 KiB")
         with pytest.raises(vas.InvalidArgument, match="invalid offset -1: must be an integer >= 0"):
             m.read(-1, 1)
     with client.attach("bad/dup", "rw") as m:
-        with pytest.raises(vas.InvalidArgument, match=r"^range \[4095, 4097\) is outside the segment of 4096 bytes$"):
+        with pytest.raises(vas.InvalidArgument, match=r"^range \[4095, 4097\) is outside the segment of 4 KiB$"):
             m.write(4095, b"ab")
     client.delete("bad/dup")
 

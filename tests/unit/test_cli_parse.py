@@ -1,18 +1,25 @@
-"""vasctl's parsing, exit codes and printers (no cluster needed).
+"""vasctl's parsing, exit codes, printers, completion scripts and help (no cluster needed).
 
-Exit codes: 2 for bad usage (flags, size text, mode text), 1 for every other
-error, each error one line on stderr.
+Exit codes: 2 for bad usage (flags, size text, mode text, segment and space names), 1 for
+every other error, each error one line on stderr.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib.metadata
+import io
 import json
+import os
+import shutil
 import subprocess
 import sys
 
 import pytest
+import yaml
 
-from vas.cli import printers
+import vas
+from vas.cli import completion, printers, watch
 from vas.cli.main import EXIT_ERROR, EXIT_USAGE, build_parser, main, mode_type, size_type
 from vas.cli.seg import owner_type
 from vas.core.types import NodeInfo, SegmentInfo
@@ -46,7 +53,15 @@ def usage_error(argv, capsys) -> str:
     (["seg", "chown", "x", "0:no-such-group-here"], "no group named 'no-such-group-here'"),
     (["seg", "get", "x", "--length", "lots"], "argument --length: invalid size 'lots'"),
     (["seg", "put", "x"], "the following arguments are required: FILE"),
-    (["seg", "ls", "-o", "yaml"], "argument -o/--output: invalid choice: 'yaml'"),
+    (["seg", "ls", "-o", "xml"], "argument -o/--output: invalid choice: 'xml'"),
+    (["seg", "create", "/abs", "--size", "4096"],
+     "argument name: invalid segment name '/abs': must not start with '/'"),
+    (["seg", "stat", "a/../b"], "invalid segment name 'a/../b': must not contain a '..' component"),
+    (["seg", "get", "a b"], "invalid segment name 'a b': only A-Z a-z 0-9 . _ / - are allowed"),
+    (["seg", "rm", "x" * 256], "invalid segment name: longer than 255 characters"),
+    (["space", "create", "/sp"], "argument name: invalid space name '/sp'"),
+    (["space", "add", "sp", "bad name"], "argument segment: invalid segment name 'bad name'"),
+    (["completion", "fish"], "argument shell: invalid choice: 'fish'"),
     (["seg", "frobnicate"], "invalid choice: 'frobnicate'"),
     (["space", "add", "sp", "seg", "--mode", "w"], "argument --mode: invalid choice: 'w'"),
     (["node", "ls", "--bogus"], "unrecognized arguments: --bogus"),
@@ -173,3 +188,175 @@ def test_node_json_and_stat(capsys):
     assert "mode         0640" in out and "0x200000000000-0x200004000000" in out
     printers.print_segment(SEGMENT, "json")
     assert json.loads(capsys.readouterr().out)["name"] == "demo"
+
+
+def test_printers_write_yaml_with_the_data_of_json(capsys):
+    node = NodeInfo(id="node1", address="127.0.0.1:1", socket="/s", memory_total=1 << 30,
+                    memory_used=0, segments=0, state="ready")
+    status = {"etcd": "http://127.0.0.1:2379", "revision": 5, "nodes": [node], "segments": 1,
+              "segment_bytes": 64 << 20, "spaces": 0, "local_node": "node1"}
+    # Text YAML would read as another type must stay a string.
+    weird = dataclasses.replace(SEGMENT, name="yes", meta={"k": "null: [1]"})
+    for show in (lambda fmt: printers.print_segments([SEGMENT, weird], fmt),
+                 lambda fmt: printers.print_segment(SEGMENT, fmt, fetch_here=lambda s: "lazy"),
+                 lambda fmt: printers.print_nodes([node], fmt),
+                 lambda fmt: printers.print_status(status, fmt)):
+        show("json")
+        as_json = json.loads(capsys.readouterr().out)
+        show("yaml")
+        text = capsys.readouterr().out
+        assert text.startswith("---") and yaml.safe_load(text) == as_json
+
+
+def test_one_segment_is_the_same_object_alone_and_in_a_list(capsys):
+    fetch_here = lambda s: f"lazy ({s.name})"  # noqa: E731  (shows it is asked per segment)
+    printers.print_segments([SEGMENT], "json", fetch_here=fetch_here)
+    (item,) = json.loads(capsys.readouterr().out)
+    printers.print_segment(SEGMENT, "json", fetch_here=fetch_here)
+    alone = json.loads(capsys.readouterr().out)
+    assert item == alone and alone["fetch_here"] == "lazy (demo)" and alone["size"] == 64 << 20
+
+
+def test_version_is_the_package_version(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out == f"vasctl {vas.__version__}\n"
+    assert importlib.metadata.version("vas") == vas.__version__  # pyproject reads it
+
+
+def every_parser(parser: argparse.ArgumentParser, path=("vasctl",)):
+    """(command path, parser) of ``parser`` and each subcommand under it."""
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from every_parser(sub, (*path, name))
+
+
+def test_every_command_help_ends_with_an_example():
+    commands = dict(every_parser(build_parser()))
+    assert {("vasctl", "seg", "ls"), ("vasctl", "node", "serve"), ("vasctl", "completion"),
+            ("vasctl", "coordinator", "serve"), ("vasctl", "up")} <= set(commands)
+    for path, parser in commands.items():
+        text = parser.format_help()
+        examples = text[text.rindex("\nExample"):]  # the last section
+        lines = examples.strip().splitlines()
+        assert lines[0] in ("Example:", "Examples:"), (path, text)
+        # Every example runs one of our commands (or loads the completion script).
+        assert all(line.strip().startswith(("vasctl ", "source <(vasctl", "tar c data | vasctl"))
+                   for line in lines[1:]), (path, lines)
+        assert len(lines) >= 2, path
+
+
+# -- completion ---------------------------------------------------------------------------
+
+BASH_COMPLETE = """
+source "$1"; shift
+COMP_WORDS=("$@"); COMP_CWORD=$(( ${#COMP_WORDS[@]} - 1 )); COMPREPLY=()
+_vasctl
+printf '%s\\n' "${COMPREPLY[@]}"
+"""
+
+
+def bash_completions(script_path, *words: str) -> list[str]:
+    """What the script's _vasctl offers for the command line ``words`` (the last being
+    the word under the cursor), run by bash itself."""
+    proc = subprocess.run(["bash", "-c", BASH_COMPLETE, "bash", script_path, "vasctl", *words],
+                          capture_output=True, text=True, timeout=30, check=True)
+    assert proc.stderr == ""
+    return proc.stdout.split()
+
+
+@pytest.fixture(scope="module")
+def bash_script(tmp_path_factory):
+    path = tmp_path_factory.mktemp("completion") / "vasctl.bash"
+    path.write_text(completion.bash_script(completion.command_tree(build_parser())))
+    return str(path)
+
+
+@pytest.mark.parametrize("words, offered", [
+    (("se",), ["seg"]),
+    (("s",), ["seg", "space", "status"]),
+    (("seg", ""), ["create", "ls", "stat", "rm", "chmod", "chown", "put", "get"]),
+    (("seg", "ls", "--w"), ["--watch"]),
+    (("seg", "ls", "-o", ""), ["table", "json", "yaml"]),
+    (("seg", "ls", "-o", "y"), ["yaml"]),
+    (("--tls-cert", "seg", "n"), ["node"]),  # an option's value is not taken for a command
+    (("node", "ls", "-"), ["-h", "--help", "-o", "--output", "-w", "--watch", "--node"]),
+    (("completion", ""), ["bash", "zsh"]),
+    (("seg", "get", "x", "-o", ""), []),  # a FILE: bash falls back to file names
+])
+def test_bash_completion(bash_script, words, offered):
+    assert bash_completions(bash_script, *words) == offered
+
+
+def test_completion_command_prints_the_scripts(capsys):
+    assert main(["completion", "bash"]) == 0
+    assert "complete -o default -F _vasctl vasctl" in capsys.readouterr().out
+    assert main(["completion", "zsh"]) == 0
+    assert capsys.readouterr().out.startswith("#compdef vasctl\n")
+
+
+ZSH_COMPLETE = """
+compdef() { : }                       # no compinit here: record what is offered instead
+compadd() { [[ $1 == -- ]] && shift; print -l -- "$@" }
+_files() { print -- "<files>" }
+source "$1"; shift
+words=("$@"); CURRENT=$#words; PREFIX=${words[CURRENT]}
+_vasctl
+"""
+
+
+@pytest.mark.skipif(shutil.which("zsh") is None, reason="zsh is not installed")
+@pytest.mark.parametrize("words, offered", [
+    (("se",), ["up", "coordinator", "seg", "space", "node", "status", "completion"]),
+    (("seg", ""), ["create", "ls", "stat", "rm", "chmod", "chown", "put", "get"]),
+    (("seg", "ls", "-o", ""), ["table", "json", "yaml"]),
+    (("--tls-cert", "seg", ""), ["up", "coordinator", "seg", "space", "node", "status",
+                                 "completion"]),  # "seg" was the certificate's file name
+    (("--tls-cert", ""), ["<files>"]),
+    (("seg", "get", "x", "-o", ""), ["<files>"]),
+])
+def test_zsh_completion(tmp_path, words, offered):
+    """zsh filters what compadd gets by the word typed; the function offers every fit."""
+    script = tmp_path / "_vasctl"
+    script.write_text(completion.zsh_script(completion.command_tree(build_parser())))
+    proc = subprocess.run(["zsh", "-f", "-c", ZSH_COMPLETE, "zsh", str(script), "vasctl", *words],
+                          capture_output=True, text=True, timeout=30)
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert proc.stdout.split() == offered
+
+
+# -- --watch --------------------------------------------------------------------------------
+
+def test_watch_prints_each_change_once_until_interrupted():
+    listings = iter([["a"], ["a"], ["a", "b"], ["a", "b"], ["b"]])
+
+    def fetch():
+        try:
+            return next(listings)
+        except StopIteration:
+            raise KeyboardInterrupt from None  # Ctrl-C
+
+    out = io.StringIO()
+    with pytest.raises(KeyboardInterrupt):
+        watch.follow(fetch, lambda names, o: print(" ".join(names), file=o), out, interval=0)
+    assert out.getvalue() == "a\n\na b\n\nb\n"  # a pipe: listings a blank line apart
+
+
+def test_seg_get_refuses_a_terminal_before_reaching_an_agent(tmp_path):
+    """No agent at --node: the refusal (exit 2) comes first, with nothing written."""
+    import pty
+
+    controller, terminal = pty.openpty()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "vas.cli", "seg", "get", "x", "--node",
+                               str(tmp_path / "none.sock")], stdout=terminal,
+                              stderr=subprocess.PIPE, text=True, timeout=60, cwd="/")
+    finally:
+        os.close(terminal)
+        os.close(controller)
+    assert proc.returncode == EXIT_USAGE
+    assert proc.stderr == ("vasctl: error: refusing to write a segment's bytes to a terminal: "
+                           "give -o FILE, or -o - to write them to stdout anyway\n")

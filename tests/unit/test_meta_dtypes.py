@@ -23,8 +23,8 @@ def test_meta_limit_counts_utf8_bytes_of_keys_and_values():
     key = "k"
     fits = {key: "v" * (validate.MAX_META_BYTES - len(key))}
     assert validate.check_meta(fits) == fits
-    with pytest.raises(InvalidArgument, match=r"^invalid meta: 4097 bytes of keys and values, "
-                                              r"more than the maximum 4096$"):
+    with pytest.raises(InvalidArgument, match=r"^invalid meta: 4\.0 KiB \(4097 bytes\) of keys "
+                                              r"and values, more than the maximum 4 KiB$"):
         validate.check_meta({key: "v" * (validate.MAX_META_BYTES - len(key) + 1)})
     # 2048 two-byte characters are 4096 bytes: with the key, one byte too many
     with pytest.raises(InvalidArgument, match="4097 bytes"):

@@ -8,7 +8,7 @@ import pytest
 import vas
 from vas.core import validate
 from vas.core.errors import InvalidArgument
-from vas.core.sizes import format_size, parse_size
+from vas.core.sizes import format_size, human_size, parse_size
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 
@@ -36,6 +36,16 @@ def test_parse_size_rejects(text):
 ])
 def test_format_size(num, text):
     assert format_size(num) == text
+
+
+@pytest.mark.parametrize("num, text", [
+    (0, "0 B"), (1023, "1023 B"), (4096, "4 KiB"), (1536, "1.5 KiB"), (4227854336, "3.9 GiB"),
+    (4 * GiB, "4 GiB"), (8193, "8.0 KiB (8193 bytes)"), (256 * MiB - 8192, "255.9 MiB"),
+    (4 * GiB - 1, "3.9 GiB"), (GiB + 1, "1.0 GiB (1073741825 bytes)"), (5 << 40, "5 TiB"),
+    (2048 << 40, "2048 TiB"),
+])
+def test_human_size(num, text):
+    assert human_size(num) == text
 
 
 # -- validate -------------------------------------------------------------------------
@@ -74,7 +84,8 @@ def test_sizes_round_up_to_pages(size, rounded):
 @pytest.mark.parametrize("size, message", [
     (0, "invalid size 0: must be > 0"),
     (-1, "invalid size -1: must be > 0"),
-    ((1 << 40) + 1, f"invalid size {(1 << 40) + 1}: larger than the maximum {1 << 40}"),
+    ((1 << 40) + 1, f"invalid size 1.0 TiB ({(1 << 40) + 1} bytes): larger than the maximum 1 TiB"),
+    (3 << 40, "invalid size 3 TiB: larger than the maximum 1 TiB"),
     (1.5, "invalid size 1.5: must be an integer number of bytes"),
     ("4096", "invalid size '4096': must be an integer number of bytes"),
     (True, "invalid size True: must be an integer number of bytes"),
@@ -142,7 +153,7 @@ def test_ranges():
     assert validate.check_range(4096, 0, 4096) == (4096, 0)
     with pytest.raises(InvalidArgument) as info:
         validate.check_range(4000, 100, 4096)
-    assert str(info.value) == "range [4000, 4100) is outside the segment of 4096 bytes"
+    assert str(info.value) == "range [4000, 4100) is outside the segment of 4 KiB"
     with pytest.raises(InvalidArgument, match="invalid offset -1: must be an integer >= 0"):
         validate.check_range(-1, 1, 4096)
     with pytest.raises(InvalidArgument, match="invalid length 1.0"):
@@ -280,7 +291,7 @@ def test_mapping_bounds_and_views(local_mapping):
     np = pytest.importorskip("numpy")
     m = local_mapping
     assert m.write(8190, b"ab") == 2 and m.read(8190, 2) == b"ab"
-    with pytest.raises(vas.InvalidArgument, match=r"range \[8190, 8193\) is outside the segment of 8192 bytes"):
+    with pytest.raises(vas.InvalidArgument, match=r"range \[8190, 8193\) is outside the segment of 8 KiB"):
         m.write(8190, b"abc")
     with pytest.raises(vas.InvalidArgument, match=r"range \[0, 8193\)"):
         m.read(0, 8193)

@@ -61,7 +61,7 @@ def test_reserve_refuses_beyond_capacity_with_a_stable_message():
     with pytest.raises(CapacityExceeded) as err:
         s.reserve(5 * PS, "b")
     assert str(err.value) == (
-        f"node n1 has no room for segment b of {5 * PS} bytes: {4 * PS} of {10 * PS} bytes free")
+        "node n1 has no room for segment b of 20 KiB: 16 KiB of 40 KiB free")
     s.reserve(4 * PS, "b")
     assert (s.used, s.free) == (10 * PS, 0)
     s.unreserve(4 * PS)
@@ -165,6 +165,6 @@ def test_allocate_closes_its_fd_when_the_memory_cannot_be_reserved(monkeypatch):
     def fail(fd, offset, length, mode=0):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(_native, "fallocate", fail)
-    with pytest.raises(CapacityExceeded, match="cannot reserve 4096 bytes of memory for segment x"):
+    with pytest.raises(CapacityExceeded, match="cannot reserve 4 KiB of memory for segment x"):
         store.allocate("x", PS)
     # no_fd_leaks checks the memfd was closed

@@ -8,8 +8,9 @@ from __future__ import annotations
 import argparse
 import os
 
-from vas.core.defaults import (DEFAULT_COORDINATOR_LISTEN, DEFAULT_FAULT_TIMEOUT,
-                               DEFAULT_LOCAL_WORKERS, DEFAULT_MAX_ATTACHMENTS_PER_UID,
+from vas.core.defaults import (DEFAULT_BULK_PORT, DEFAULT_COORDINATOR_LISTEN,
+                               DEFAULT_FAULT_TIMEOUT, DEFAULT_LOCAL_WORKERS,
+                               DEFAULT_MAX_ATTACHMENTS_PER_UID,
                                DEFAULT_MAX_BULK_PER_PEER, DEFAULT_MAX_CONNECTIONS_PER_UID,
                                DEFAULT_MAX_FAULTS_PER_UID, DEFAULT_MAX_STREAMS_PER_PEER,
                                DEFAULT_MEMORY, DEFAULT_NODE_LISTEN, DEFAULT_SOCKET,
@@ -20,9 +21,16 @@ from vas.core.sizes import format_size, parse_size
 
 
 def register(nouns: argparse._SubParsersAction) -> None:
-    coordinator = nouns.add_parser("coordinator", help="run the coordinator service")
+    from vas.cli.main import examples
+
+    coordinator = nouns.add_parser("coordinator", help="run the coordinator service",
+                                   epilog=examples("vasctl coordinator serve --etcd "
+                                                   "http://127.0.0.1:2379"))
     verbs = coordinator.add_subparsers(dest="verb", metavar="VERB", required=True)
-    serve = verbs.add_parser("serve", help="serve the Coordinator gRPC API over an etcd cluster")
+    serve = verbs.add_parser(
+        "serve", help="serve the Coordinator gRPC API over an etcd cluster",
+        epilog=examples("vasctl coordinator serve --etcd http://127.0.0.1:2379 "
+                        "--listen 127.0.0.1:7300"))
     serve.add_argument("--etcd", default=os.environ.get("VAS_ETCD"),
                        help="etcd URL, e.g. http://127.0.0.1:2379 (default $VAS_ETCD)")
     serve.add_argument("--listen", default=os.environ.get("VAS_LISTEN", DEFAULT_COORDINATOR_LISTEN),
@@ -52,12 +60,29 @@ def _add_tls_serve_options(serve: argparse.ArgumentParser) -> None:
 
 def add_node_serve(node_verbs: argparse._SubParsersAction) -> None:
     """Add ``serve`` to the verbs of ``vasctl node`` (the noun itself lives in vas.cli.node)."""
-    serve = node_verbs.add_parser("serve", help="run a node agent")
+    from vas.cli.main import examples
+
+    serve = node_verbs.add_parser(
+        "serve", help="run a node agent",
+        epilog=examples("vasctl node serve --coordinator 127.0.0.1:7300 --memory 4GiB "
+                        "--socket /run/vas/node.sock",
+                        "vasctl node serve --coordinator coord1:7300 --listen 0.0.0.0:7400 "
+                        "--advertise worker-17:7400 --bulk-port 7401 --tls-cert node.pem "
+                        "--tls-key node-key.pem --tls-ca ca.pem"))
     serve.add_argument("--coordinator", default=os.environ.get("VAS_COORDINATOR"),
                        help="coordinator host:port (default $VAS_COORDINATOR)")
     serve.add_argument("--listen", default=os.environ.get("VAS_NODE_LISTEN", DEFAULT_NODE_LISTEN),
                        help="host:port for the Node gRPC service "
                             f"(default $VAS_NODE_LISTEN or {DEFAULT_NODE_LISTEN})")
+    serve.add_argument("--advertise", metavar="HOST:PORT", default=os.environ.get("VAS_ADVERTISE"),
+                       help="address other agents dial for this agent's gRPC port; its host "
+                            "is also the bulk channel's (default $VAS_ADVERTISE, else the "
+                            "--listen address, with this machine's hostname for a wildcard)")
+    serve.add_argument("--bulk-port", type=int, metavar="PORT",
+                       default=os.environ.get("VAS_BULK_PORT", str(DEFAULT_BULK_PORT)),
+                       help="TCP port of the bulk channel (segment bytes between agents), on "
+                            "the --listen host; 0 picks a free one "
+                            f"(default $VAS_BULK_PORT or {DEFAULT_BULK_PORT})")
     serve.add_argument("--socket", default=os.environ.get("VAS_NODE", DEFAULT_SOCKET),
                        help=f"local Unix socket path (default $VAS_NODE or {DEFAULT_SOCKET})")
     serve.add_argument("--memory", type=parse_size,
@@ -168,6 +193,7 @@ def serve_node(args: argparse.Namespace) -> int:
     if not args.coordinator:
         raise UsageError("--coordinator is required (or set $VAS_COORDINATOR)")
     serve(NodeConfig(coordinator=args.coordinator, listen=args.listen, socket=args.socket,
+                     advertise=args.advertise, bulk_port=args.bulk_port,
                      memory=args.memory, data_dir=args.data_dir, node_id=args.node_id,
                      writer_ttl=args.writer_ttl, heartbeat_ttl=args.node_ttl,
                      fault_timeout=args.fault_timeout,

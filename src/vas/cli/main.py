@@ -1,8 +1,11 @@
 """vasctl entry point: builds the argument parser from the noun modules and maps errors to exit codes.
 
 Exit codes: 0 success, 1 error (a ``VasError`` or an OS error, printed as one line on
-stderr), 2 bad usage (argparse, or an ``InvalidArgument`` raised while parsing flags),
-130 interrupted.
+stderr), 2 bad usage (argparse, including a malformed segment or space name, or a
+``UsageError`` raised by a command before it does anything), 130 interrupted.
+
+Every command's help ends with examples (``examples``); ``vasctl completion`` turns the
+parser built here into shell completion (completion.py).
 """
 from __future__ import annotations
 
@@ -22,14 +25,49 @@ class UsageError(Exception):
     """Bad command-line usage detected after parsing (exit code 2)."""
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Wraps a paragraph (a description) to the terminal but keeps text that has line
+    breaks of its own as written: the examples, one command a line."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
 class Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose usage errors are one line on stderr (exit code 2)."""
+    """An ArgumentParser whose usage errors are one line on stderr (exit code 2) and whose
+    help keeps the examples' lines."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
 # -- argument types and options shared by the noun modules -----------------------
+
+def examples(*commands: str) -> str:
+    """The epilog of a command's help: an "Example(s):" section listing ``commands``."""
+    title = "Example:" if len(commands) == 1 else "Examples:"
+    return "\n  ".join((title, *commands))
+
+
+def name_type(what: str):
+    """argparse type for a segment or space name (``what``): a malformed one is a usage
+    error, like any malformed argument."""
+    from vas.core import validate
+
+    def check(text: str) -> str:
+        try:
+            return validate.check_name(text, what)
+        except InvalidArgument as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from exc
+
+    return check
+
 
 def size_type(text: str) -> int:
     """argparse type for sizes: "4096", "64KiB", "1GiB" (bad text is a usage error)."""
@@ -58,9 +96,18 @@ def add_node_option(parser: argparse.ArgumentParser) -> None:
 
 
 def add_output_option(parser: argparse.ArgumentParser) -> None:
-    """``-o table|json`` of listing commands."""
-    parser.add_argument("-o", "--output", choices=("table", "json"), default="table",
-                        help="output format (default table)")
+    """``-o table|json|yaml`` of listing commands (printers.py writes each)."""
+    from vas.cli.printers import FORMATS
+
+    parser.add_argument("-o", "--output", choices=FORMATS, default=FORMATS[0],
+                        help=f"output format (default {FORMATS[0]})")
+
+
+def add_watch_option(parser: argparse.ArgumentParser) -> None:
+    """``-w/--watch`` of listings that can follow changes (watch.py)."""
+    parser.add_argument("-w", "--watch", action="store_true",
+                        help="keep running and print the listing again whenever it changes "
+                             "(Ctrl-C stops)")
 
 
 def add_tls_options(parser: argparse.ArgumentParser, *, here: bool = False) -> None:
@@ -100,17 +147,21 @@ def connect(args: argparse.Namespace):
 
 def build_parser() -> argparse.ArgumentParser:
     # Imported here so `vasctl --help` stays the only place that loads every noun.
-    from vas.cli import daemons, node, seg, space, status, up
+    import vas
+    from vas.cli import completion, daemons, node, seg, space, status, up
 
     parser = Parser(
         prog="vasctl",
         # The global --tls-* options must not claim a subcommand's `--tls` as their prefix.
         allow_abbrev=False,
         description="Operate a vas cluster: named, permissioned memory segments shared across machines.",
+        epilog=examples("vasctl up --nodes 2", "vasctl seg create frames/0 --size 64MiB",
+                        "vasctl seg ls -o json"),
     )
+    parser.add_argument("--version", action="version", version=f"vasctl {vas.__version__}")
     add_tls_options(parser)
     nouns = parser.add_subparsers(dest="noun", metavar="COMMAND", required=True)
-    for module in (up, daemons, seg, space, node, status):
+    for module in (up, daemons, seg, space, node, status, completion):
         module.register(nouns)
     return parser
 
@@ -124,9 +175,6 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args) or EXIT_OK
     except UsageError as exc:
         parser.exit(EXIT_USAGE, f"vasctl: error: {exc}\n")
-    except InvalidArgument as exc:
-        print(f"vasctl: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE if getattr(args, "_usage_phase", False) else EXIT_ERROR
     except VasError as exc:
         print(f"vasctl: error: {exc}", file=sys.stderr)
         return EXIT_ERROR

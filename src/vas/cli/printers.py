@@ -1,8 +1,10 @@
-"""Output of vasctl: aligned tables for people, JSON for scripts.
+"""Output of vasctl: aligned tables for people, JSON or YAML for scripts.
 
 Tables show human sizes ("64.0 MiB"), modes as octal ("0640"), addresses in
-hex and owners by name; JSON keeps every field with its raw value (bytes,
-integer modes and addresses, numeric uids) so scripts never parse text.
+hex and owners by name; JSON and YAML keep every field with its raw value
+(bytes, integer modes and addresses, numeric uids) so scripts never parse text.
+A segment is the same object wherever it is printed: alone (``seg stat``,
+``seg create``) or as an item of a list (``seg ls``).
 """
 from __future__ import annotations
 
@@ -12,12 +14,13 @@ import json
 import pwd
 import sys
 import time
-from typing import Iterable, Sequence, TextIO
+from typing import Callable, Iterable, Sequence, TextIO
 
 from vas.core.sizes import format_size
 from vas.core.types import NodeInfo, SegmentInfo, SpaceInfo
 
-FORMATS = ("table", "json")
+#: Values of ``-o`` on listing commands; the first is the default.
+FORMATS = ("table", "json", "yaml")
 
 
 def format_mode(mode: int) -> str:
@@ -84,6 +87,23 @@ def print_json(value, out: TextIO | None = None) -> None:
     out.write("\n")
 
 
+def print_yaml(value, out: TextIO | None = None) -> None:
+    """``value`` as one YAML document: the same data as ``print_json``, keys in order."""
+    import yaml  # only `-o yaml` pays for loading it
+
+    out = out or sys.stdout
+    yaml.safe_dump(to_json(value), out, sort_keys=False, default_flow_style=False,
+                   allow_unicode=True, explicit_start=True)
+
+
+def print_data(value, fmt: str, out: TextIO | None = None) -> None:
+    """``value`` (records, or lists and dicts of them) in a machine format: json or yaml."""
+    if fmt == "yaml":
+        print_yaml(value, out)
+    else:
+        print_json(value, out)
+
+
 # -- segments ---------------------------------------------------------------------
 
 SEGMENT_HEADERS = ("NAME", "SIZE", "ADDRESS", "MODE", "OWNER", "HOME", "VERSION", "STATE", "ATTACH")
@@ -94,24 +114,35 @@ def segment_row(s: SegmentInfo) -> tuple:
             format_owner(s.uid, s.gid), s.home, s.version, s.state, s.attachments)
 
 
-def print_segments(segments: list[SegmentInfo], fmt: str, out: TextIO | None = None) -> None:
+#: How an attach from this node would get a segment's pages (see vas.core.fetch).
+FetchHere = Callable[[SegmentInfo], str]
+
+
+def segment_object(s: SegmentInfo, fetch_here: FetchHere | None = None) -> dict:
+    """The JSON/YAML object of one segment: every field of the record, plus
+    ``fetch_here`` when it is known."""
+    value = to_json(s)
+    if fetch_here is not None:
+        value["fetch_here"] = fetch_here(s)
+    return value
+
+
+def print_segments(segments: list[SegmentInfo], fmt: str, out: TextIO | None = None,
+                   fetch_here: FetchHere | None = None) -> None:
+    """A list of segments: a table, or an array of ``segment_object``s."""
     out = out or sys.stdout
-    if fmt == "json":
-        print_json(segments, out)
-    else:
+    if fmt == "table":
         print(table(SEGMENT_HEADERS, map(segment_row, segments)), file=out)
+    else:
+        print_data([segment_object(s, fetch_here) for s in segments], fmt, out)
 
 
 def print_segment(s: SegmentInfo, fmt: str, out: TextIO | None = None,
-                  fetch_here: str | None = None) -> None:
-    """One segment: a JSON object, or one "field  value" line per field; ``fetch_here``
-    (how an attach from this node gets the pages) is added when given."""
+                  fetch_here: FetchHere | None = None) -> None:
+    """One segment: a ``segment_object``, or one "field  value" line per field."""
     out = out or sys.stdout
-    if fmt == "json":
-        value = to_json(s)
-        if fetch_here is not None:
-            value["fetch_here"] = fetch_here
-        print_json(value, out)
+    if fmt != "table":
+        print_data(segment_object(s, fetch_here), fmt, out)
         return
     rows = [
         ("name", s.name), ("id", s.id), ("size", f"{format_size(s.size)} ({s.size} bytes)"),
@@ -125,7 +156,7 @@ def print_segment(s: SegmentInfo, fmt: str, out: TextIO | None = None,
                  if s.copies else "-"))
     rows += [(f"meta {key}", value) for key, value in sorted(s.meta.items())]
     if fetch_here is not None:
-        rows.append(("fetch here", fetch_here))
+        rows.append(("fetch here", fetch_here(s)))
     print(table(("FIELD", "VALUE"), rows).split("\n", 1)[1], file=out)
 
 
@@ -141,15 +172,23 @@ def space_json(s: SpaceInfo) -> dict:
 
 
 def print_spaces(spaces: list[SpaceInfo], fmt: str, out: TextIO | None = None) -> None:
+    """A list of spaces: a table, or an array of ``space_json`` objects."""
     out = out or sys.stdout
-    if fmt == "json":
-        json.dump([space_json(s) for s in spaces], out, indent=2)
-        out.write("\n")
+    if fmt != "table":
+        print_data([space_json(s) for s in spaces], fmt, out)
         return
     rows = [(s.name, format_mode(s.mode), format_owner(s.uid, s.gid),
              ",".join(f"{name}:{mode}" for name, mode in s.members.items()) or "-",
              format_time(s.created)) for s in spaces]
     print(table(SPACE_HEADERS, rows), file=out)
+
+
+def print_space(space: SpaceInfo, fmt: str, out: TextIO | None = None) -> None:
+    """One space: a one-row table, or one ``space_json`` object."""
+    if fmt == "table":
+        print_spaces([space], fmt, out)
+    else:
+        print_data(space_json(space), fmt, out)
 
 
 # -- nodes and status -------------------------------------------------------------
@@ -168,16 +207,16 @@ def node_row(n: NodeInfo) -> tuple:
 
 def print_nodes(nodes: list[NodeInfo], fmt: str, out: TextIO | None = None) -> None:
     out = out or sys.stdout
-    if fmt == "json":
-        print_json(nodes, out)
-    else:
+    if fmt == "table":
         print(table(NODE_HEADERS, map(node_row, nodes)), file=out)
+    else:
+        print_data(nodes, fmt, out)
 
 
 def print_status(status: dict, fmt: str, out: TextIO | None = None) -> None:
     out = out or sys.stdout
-    if fmt == "json":
-        print_json(status, out)
+    if fmt != "table":
+        print_data(status, fmt, out)
         return
     nodes = status["nodes"]
     total = sum(n.memory_total for n in nodes)

@@ -9,22 +9,31 @@ import stat
 import sys
 import time
 
-from vas.cli import printers
-from vas.cli.main import add_node_option, add_output_option, connect, mode_type, size_type
+from vas.cli import printers, watch
+from vas.cli.main import (UsageError, add_node_option, add_output_option, add_watch_option,
+                          connect, examples, mode_type, name_type, size_type)
 from vas.core import fetch, validate
 from vas.core.errors import InvalidArgument
-from vas.core.sizes import format_size
+from vas.core.sizes import format_size, human_size
 
 #: Bytes moved per read/write call by put and get.
 CHUNK = 8 << 20
 
 
 def register(nouns: argparse._SubParsersAction) -> None:
-    seg = nouns.add_parser("seg", help="manage segments", description="Manage segments.")
+    seg = nouns.add_parser("seg", help="manage segments", description="Manage segments.",
+                           epilog=examples("vasctl seg create frames/0 --size 64MiB --mode 640",
+                                           "vasctl seg ls frames/"))
     verbs = seg.add_subparsers(dest="verb", metavar="VERB", required=True)
+    segment_name = name_type("segment")
 
-    p = verbs.add_parser("create", help="create a segment homed on the local node")
-    p.add_argument("name")
+    p = verbs.add_parser("create", help="create a segment homed on the local node",
+                         description="Create a segment homed on the local node and print it "
+                                     "as `seg stat` does.",
+                         epilog=examples("vasctl seg create frames/0 --size 64MiB --mode 640",
+                                         "vasctl seg create cache --size 1GiB --ttl 3600 "
+                                         "--meta codec=zstd -o json"))
+    p.add_argument("name", type=segment_name)
     p.add_argument("--size", type=size_type, required=True,
                    help="bytes, e.g. 4096, 64KiB, 1GiB (rounded up to whole pages)")
     p.add_argument("--mode", type=mode_type, default=0o600, help="octal permission bits (default 600)")
@@ -40,48 +49,60 @@ def register(nouns: argparse._SubParsersAction) -> None:
     add_node_option(p)
     p.set_defaults(func=create)
 
-    p = verbs.add_parser("ls", help="list segments")
+    p = verbs.add_parser("ls", help="list segments",
+                         epilog=examples("vasctl seg ls frames/", "vasctl seg ls -o json",
+                                         "vasctl seg ls --watch"))
     p.add_argument("prefix", nargs="?", default="", metavar="PREFIX", help="only names starting with this")
     add_output_option(p)
+    add_watch_option(p)
     add_node_option(p)
     p.set_defaults(func=ls)
 
-    p = verbs.add_parser("stat", help="show one segment")
-    p.add_argument("name")
+    p = verbs.add_parser("stat", help="show one segment",
+                         epilog=examples("vasctl seg stat frames/0 -o yaml"))
+    p.add_argument("name", type=segment_name)
     add_output_option(p)
     add_node_option(p)
     p.set_defaults(func=stat_)
 
-    p = verbs.add_parser("rm", help="delete a segment (freed at its last detach)")
-    p.add_argument("name")
+    p = verbs.add_parser("rm", help="delete a segment (freed at its last detach)",
+                         epilog=examples("vasctl seg rm frames/0"))
+    p.add_argument("name", type=segment_name)
     p.add_argument("--force", action="store_true", help="revoke attachments at once")
     add_node_option(p)
     p.set_defaults(func=rm)
 
-    p = verbs.add_parser("chmod", help="change a segment's mode")
-    p.add_argument("name")
+    p = verbs.add_parser("chmod", help="change a segment's mode",
+                         epilog=examples("vasctl seg chmod frames/0 644"))
+    p.add_argument("name", type=segment_name)
     p.add_argument("mode", type=mode_type, help="octal permission bits, e.g. 640")
     add_node_option(p)
     p.set_defaults(func=chmod)
 
-    p = verbs.add_parser("chown", help="change a segment's owner and group")
-    p.add_argument("name")
+    p = verbs.add_parser("chown", help="change a segment's owner and group",
+                         epilog=examples("vasctl seg chown frames/0 alice:staff"))
+    p.add_argument("name", type=segment_name)
     p.add_argument("owner", type=owner_type, metavar="UID:GID", help="numbers or names, e.g. 1000:1000 or alice:staff")
     add_node_option(p)
     p.set_defaults(func=chown)
 
-    p = verbs.add_parser("put", help="copy a file into a segment")
-    p.add_argument("name")
+    p = verbs.add_parser("put", help="copy a file into a segment",
+                         epilog=examples("vasctl seg put frames/0 frame0.bin",
+                                         "tar c data | vasctl seg put archive - --offset 4KiB"))
+    p.add_argument("name", type=segment_name)
     p.add_argument("file", metavar="FILE", help="file to copy in; - reads stdin")
     p.add_argument("--offset", type=size_type, default=0, help="byte offset in the segment (default 0)")
     add_node_option(p)
     p.set_defaults(func=put)
 
-    p = verbs.add_parser("get", help="copy a segment's bytes out")
-    p.add_argument("name")
+    p = verbs.add_parser("get", help="copy a segment's bytes out",
+                         epilog=examples("vasctl seg get frames/0 -o frame0.bin",
+                                         "vasctl seg get frames/0 --length 16 -o - | xxd"))
+    p.add_argument("name", type=segment_name)
     p.add_argument("--offset", type=size_type, default=0, help="byte offset in the segment (default 0)")
     p.add_argument("--length", type=size_type, default=None, help="bytes to copy (default: to the end)")
-    p.add_argument("-o", "--output", metavar="FILE", default=None, help="output file (default stdout)")
+    p.add_argument("-o", "--output", metavar="FILE", default=None,
+                   help="output file; - is stdout (default stdout, unless it is a terminal)")
     add_node_option(p)
     p.set_defaults(func=get)
 
@@ -112,7 +133,6 @@ def meta_type(text: str) -> tuple[str, str]:
 
 def create(args) -> int:
     # Refuse bad values before reaching for the agent, so the message is about them.
-    validate.check_name(args.name)
     validate.check_size(args.size)
     meta = dict(args.meta)
     if len(meta) != len(args.meta):
@@ -121,49 +141,59 @@ def create(args) -> int:
     with connect(args) as client:
         info = client.create(args.name, args.size, mode=args.mode, replicas=args.replicas,
                              ttl=args.ttl, exist_ok=args.exist_ok, meta=meta)
-    printers.print_segments([info], args.output)
+        printers.print_segment(info, args.output, fetch_here=fetch_here_of(client))
     return 0
 
 
 def ls(args) -> int:
     with connect(args) as client:
-        segments = client.list(args.prefix)
-    printers.print_segments(segments, args.output)
+        fetch_here = fetch_here_of(client)
+
+        def render(segments, out):
+            printers.print_segments(segments, args.output, out, fetch_here=fetch_here)
+
+        if args.watch:
+            watch.follow(lambda: client.list(args.prefix), render)
+        else:
+            render(client.list(args.prefix), sys.stdout)
     return 0
 
 
 def stat_(args) -> int:
-    validate.check_name(args.name)
     with connect(args) as client:
         info = client.stat(args.name)
-        here = client.local_node.id
-    # How an attach from this process would get the pages (fetch="lazy", fixed=False);
-    # a lost or deleting segment cannot be attached at all.
-    if info.state in ("lost", "deleting"):
-        fetch_here = f"none (segment {info.state})"
-    else:
-        fetch_here = fetch.decide("lazy", home=info.home == here,
-                                  support=fetch.probe_fault_support(fixed=False)).value
-    printers.print_segment(info, args.output, fetch_here=fetch_here)
+        printers.print_segment(info, args.output, fetch_here=fetch_here_of(client))
     return 0
 
 
+def fetch_here_of(client) -> printers.FetchHere:
+    """How an attach from this process would get a segment's pages (fetch="lazy",
+    fixed=False), by the agent's own rule; a lost or deleting segment cannot be
+    attached at all."""
+    here = client.local_node.id
+    support = fetch.probe_fault_support(fixed=False)
+
+    def fetch_here(info) -> str:
+        if info.state in ("lost", "deleting"):
+            return f"none (segment {info.state})"
+        return fetch.decide("lazy", home=info.home == here, support=support).value
+
+    return fetch_here
+
+
 def rm(args) -> int:
-    validate.check_name(args.name)
     with connect(args) as client:
         client.delete(args.name, force=args.force)
     return 0
 
 
 def chmod(args) -> int:
-    validate.check_name(args.name)
     with connect(args) as client:
         client.chmod(args.name, args.mode)
     return 0
 
 
 def chown(args) -> int:
-    validate.check_name(args.name)
     uid, gid = args.owner
     with connect(args) as client:
         client.chown(args.name, uid, gid)
@@ -206,7 +236,6 @@ class Progress:
 
 
 def put(args) -> int:
-    validate.check_name(args.name)
     from_stdin = args.file == "-"
     source = sys.stdin.buffer if from_stdin else open(args.file, "rb", buffering=0)
     try:
@@ -218,11 +247,11 @@ def put(args) -> int:
         with connect(args) as client, client.attach(args.name, "rw") as mapping:
             if known is not None and args.offset + known > mapping.size:
                 raise InvalidArgument(
-                    f"{label} ({known} bytes) does not fit in segment {args.name} of "
-                    f"{mapping.size} bytes at offset {args.offset}")
+                    f"{label} of {human_size(known)} does not fit in segment {args.name} of "
+                    f"{human_size(mapping.size)} at offset {args.offset}")
             if args.offset > mapping.size:
-                raise InvalidArgument(
-                    f"offset {args.offset} is outside segment {args.name} of {mapping.size} bytes")
+                raise InvalidArgument(f"offset {args.offset} is outside segment {args.name} "
+                                      f"of {human_size(mapping.size)}")
             progress = Progress(f"put {args.name}", known)
             written = _copy_in(source, mapping, args.offset, label, progress)
             progress.finish()
@@ -244,7 +273,7 @@ def _copy_in(source, mapping, offset: int, label: str, progress: Progress) -> in
             # Full: only fine if the input is exhausted too.
             if source.read(1):
                 raise InvalidArgument(f"{label} does not fit in segment {mapping.name} of "
-                                      f"{mapping.size} bytes at offset {offset}")
+                                      f"{human_size(mapping.size)} at offset {offset}")
             return position - offset
         with buffer[position:position + min(CHUNK, room)] as target:
             n = source.readinto(target)
@@ -255,14 +284,16 @@ def _copy_in(source, mapping, offset: int, label: str, progress: Progress) -> in
 
 
 def get(args) -> int:
-    validate.check_name(args.name)
     to_stdout = args.output in (None, "-")
+    if args.output is None and sys.stdout.isatty():
+        raise UsageError("refusing to write a segment's bytes to a terminal: give -o FILE, "
+                         "or -o - to write them to stdout anyway")
     with connect(args) as client, client.attach(args.name, "r") as mapping:
         length = mapping.size - args.offset if args.length is None else args.length
         if args.offset > mapping.size or length < 0 or args.offset + length > mapping.size:
             raise InvalidArgument(
                 f"range [{args.offset}, {args.offset + max(length, 0)}) is outside segment "
-                f"{args.name} of {mapping.size} bytes")
+                f"{args.name} of {human_size(mapping.size)}")
         out = sys.stdout.buffer if to_stdout else open(args.output, "wb")
         # Draw progress only when it cannot mix with the data on the terminal.
         show = sys.stderr.isatty() and not (to_stdout and sys.stdout.isatty())

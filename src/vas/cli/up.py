@@ -18,7 +18,7 @@ import sys
 import tempfile
 import threading
 
-from vas.cli.main import size_type
+from vas.cli.main import examples, size_type
 from vas.core.defaults import DEFAULT_MEMORY
 from vas.core.errors import VasError
 from vas.core.signals import setting
@@ -47,7 +47,9 @@ def register(nouns: argparse._SubParsersAction) -> None:
     p = nouns.add_parser("up", help="run a local cluster until interrupted",
                          description="Start etcd (unless --etcd), a coordinator and N node agents "
                                      "on this machine; print the export lines; serve until "
-                                     "SIGINT/SIGTERM.")
+                                     "SIGINT/SIGTERM.",
+                         epilog=examples("vasctl up --nodes 2 --memory 1GiB",
+                                         "vasctl up --demo"))
     p.add_argument("--nodes", type=_positive_int, default=1, help="number of node agents (default 1)")
     p.add_argument("--etcd", metavar="URL", default=None,
                    help="use this etcd (e.g. http://127.0.0.1:2379) instead of starting one")

@@ -40,6 +40,9 @@ def ray_node_socket() -> str | None:
 DEFAULT_COORDINATOR_LISTEN = "127.0.0.1:7300"
 #: host:port of an agent's Node gRPC service; port 0 picks a free port.
 DEFAULT_NODE_LISTEN = "127.0.0.1:0"
+#: TCP port of an agent's bulk channel (segment bytes between agents), on the host of its
+#: gRPC listen address; 0 picks a free one (``vasctl node serve --bulk-port``).
+DEFAULT_BULK_PORT = 0
 #: Segment memory capacity of one agent, bytes (1 GiB).
 DEFAULT_MEMORY = 1 << 30
 #: TTL in seconds of a node's etcd lease: the agent asks for it at registration and

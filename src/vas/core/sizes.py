@@ -1,4 +1,9 @@
-"""Human sizes: parse "64MiB" / "1GiB" / "4096" and print bytes readably."""
+"""Human sizes: parse "64MiB" / "1GiB" / "4096" and print bytes readably.
+
+``format_size`` is for tables and progress ("64.0 MiB"); ``human_size`` for messages
+("4 GiB", "3.9 GiB"): every message that states a size uses it, so no one reads
+"4227854336 of 4294967296 bytes". Exact byte counts stay in JSON output.
+"""
 from __future__ import annotations
 
 import re
@@ -31,11 +36,37 @@ def parse_size(text: str) -> int:
     return int(value)
 
 
-def format_size(num: int) -> str:
-    """``num`` bytes in the largest binary unit that keeps it >= 1: "64.0 MiB"."""
-    value = float(num)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
+_BINARY_UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
+
+
+def _binary_unit(num: int) -> tuple[str, int]:
+    """The largest binary unit that keeps ``num`` >= 1 (TiB at most), with its bytes."""
+    for power, unit in enumerate(_BINARY_UNITS):
+        if abs(num) < 1024 ** (power + 1) or unit == _BINARY_UNITS[-1]:
+            return unit, 1024 ** power
     raise AssertionError("unreachable")
+
+
+def format_size(num: int) -> str:
+    """``num`` bytes in the largest binary unit that keeps it >= 1, one decimal: "64.0 MiB"
+    (the fixed decimal keeps table columns and progress bars steady)."""
+    unit, scale = _binary_unit(num)
+    return f"{num} B" if scale == 1 else f"{num / scale:.1f} {unit}"
+
+
+def human_size(num: int) -> str:
+    """``num`` (>= 0) bytes for a message: whole units without a decimal ("4 GiB",
+    "8 KiB"), others cut to one decimal, never rounded up to the next unit's worth: a
+    node with 8 KiB used of 256 MiB has "255.9 MiB" free, not "256.0". A size that still
+    reads as whole (just over it) says its bytes too: a limit and a size one byte over it
+    never print alike.
+
+    >>> human_size(4227854336), human_size(4 << 30), human_size(8193)
+    ('3.9 GiB', '4 GiB', '8.0 KiB (8193 bytes)')
+    """
+    unit, scale = _binary_unit(num)
+    if num % scale == 0:
+        return f"{num // scale} {unit}"
+    tenths = num * 10 // scale
+    text = f"{tenths // 10}.{tenths % 10} {unit}"
+    return f"{text} ({num} bytes)" if tenths % 10 == 0 else text

@@ -9,6 +9,7 @@ import collections.abc
 import re
 
 from vas.core.errors import InvalidArgument
+from vas.core.sizes import human_size
 
 PAGE_SIZE = 4096
 #: Largest segment: the whole reserved address window could not hold more.
@@ -88,8 +89,8 @@ def check_meta(meta: object) -> dict[str, str]:
             raise InvalidArgument(f"invalid meta value for key {key!r}: not valid UTF-8 "
                                   f"({exc.reason})") from exc
     if total > MAX_META_BYTES:
-        raise InvalidArgument(f"invalid meta: {total} bytes of keys and values, more than "
-                              f"the maximum {MAX_META_BYTES}")
+        raise InvalidArgument(f"invalid meta: {human_size(total)} of keys and values, more "
+                              f"than the maximum {human_size(MAX_META_BYTES)}")
     return dict(meta)
 
 
@@ -100,7 +101,8 @@ def check_size(size: object) -> int:
     if size <= 0:
         raise InvalidArgument(f"invalid size {size}: must be > 0")
     if size > MAX_SEGMENT_SIZE:
-        raise InvalidArgument(f"invalid size {size}: larger than the maximum {MAX_SEGMENT_SIZE}")
+        raise InvalidArgument(f"invalid size {human_size(size)}: larger than the maximum "
+                              f"{human_size(MAX_SEGMENT_SIZE)}")
     return round_up_to_pages(size)
 
 
@@ -187,7 +189,7 @@ def check_range(offset: object, length: object, size: int) -> tuple[int, int]:
             raise InvalidArgument(f"invalid {label} {value!r}: must be an integer >= 0")
     if offset + length > size:
         raise InvalidArgument(
-            f"range [{offset}, {offset + length}) is outside the segment of {size} bytes")
+            f"range [{offset}, {offset + length}) is outside the segment of {human_size(size)}")
     return offset, length
 
 

@@ -10,6 +10,8 @@ import array
 import os
 import socket
 
+from vas.core.sizes import human_size
+
 #: Largest message either side sends or accepts.
 MAX_MESSAGE = 4 << 20
 #: Most file descriptors one message may carry.
@@ -36,7 +38,8 @@ def send_message(sock: socket.socket, message, fds=()) -> None:
     """Send one protobuf ``message`` (never empty: requests carry an id) with ``fds``."""
     data = message.SerializeToString()
     if len(data) > MAX_MESSAGE:
-        raise ValueError(f"message of {len(data)} bytes exceeds the {MAX_MESSAGE}-byte limit")
+        raise ValueError(f"message of {human_size(len(data))} exceeds the "
+                         f"{human_size(MAX_MESSAGE)} limit")
     if fds:
         sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
     else:

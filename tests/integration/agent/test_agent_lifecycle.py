@@ -35,8 +35,8 @@ def test_capacity_is_enforced_by_the_agent(coordinator, workdir):
         assert used(c) == 6 * MiB
         with pytest.raises(errors.CapacityExceeded) as err:
             c.create("cap/b", 3 * MiB)
-        assert str(err.value) == (f"node small has no room for segment cap/b of {3 * MiB} bytes: "
-                                  f"{2 * MiB} of {8 * MiB} bytes free")
+        assert str(err.value) == ("node small has no room for segment cap/b of 3 MiB: "
+                                  "2 MiB of 8 MiB free")
         assert gone(c, "cap/b")  # refused before the coordinator saw it
         c.create("cap/b", 2 * MiB)
         c.delete("cap/a")
