@@ -139,7 +139,8 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         ttl = self.nodes.heartbeat(require_node(context, check_node_id(request.node_id),
                                                 "heartbeat"),
                                    check_positive(request.lease_id, "lease id"),
-                                   request.memory_used, request.segments, request.state)
+                                   request.memory_used, request.segments, request.state,
+                                   request.replicas, request.replica_bytes)
         return pb.HeartbeatResponse(ttl_seconds=ttl)
 
     @translated
@@ -150,7 +151,15 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
 
     @translated
     def ListNodes(self, request, context):
-        return pb.ListNodesResponse(nodes=self.nodes.list())
+        return pb.ListNodesResponse(nodes=self.nodes.list(request.include_down))
+
+    @translated
+    def RemoveNode(self, request, context):
+        node, lost = self.nodes.remove(caller_of(request, context),
+                                       check_node_id(request.node_id), request.force)
+        for info in lost:  # their replicas can never be refreshed: their nodes drop them
+            self.homes.deleted(info)
+        return pb.RemoveNodeResponse(node=node, lost=lost)
 
     # Segments --------------------------------------------------------------------------
 
@@ -205,9 +214,13 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
     @translated
     def DeleteSegment(self, request, context):
         # `force` is the agents' business (they revoke attachments); the mark is the same.
-        return self.segments.mark_deleting(caller_of(request, context),
-                                           check_name(request.name), finish=request.finish,
+        caller = caller_of(request, context)
+        info = self.segments.mark_deleting(caller, check_name(request.name),
+                                           finish=request.finish,
                                            segment_id=check_segment_id(request.id, optional=True))
+        if not caller.node:  # no agent made this call, so none tells the holders: we do
+            self.homes.deleted(info)
+        return info
 
     @translated
     def FinishDelete(self, request, context):
