@@ -14,7 +14,15 @@ The storage layout at a glance (all keys under ``/vas/``; values are compact JSO
         0 and only PublishVersion changes it (+1, fenced by the writer token).
     /vas/nodes/NODE_ID            {"id", "address", "socket", "memory_total",
                                    "memory_used", "segments", "state"}
-        A live node agent, under the node's lease.
+        A live node agent, under the node's lease; "replicas" and "replica_bytes"
+        (the replicas it holds, from its heartbeats) too.
+    /vas/members/NODE_ID          {"id", "address", "socket", "memory_total",
+                                   "down_since", "replicas": [[name, id], ...]}
+        A node that registered and did not leave (DeregisterNode, RemoveNode):
+        no lease, so it outlives a lapsed node lease. A member without a node
+        key is down; "down_since" (0 while up) is set by the coordinators'
+        DownWatch when they see the node key vanish, with the replicas whose
+        reports vanished with it (nodes.py).
     /vas/attach/NAME#NODE_ID      {"id": segment id, "count": n}
         A node's live local attachments of one segment, under the node's lease.
         "#" sorts below every character a name may hold, so the attach keys of
@@ -40,6 +48,7 @@ ROOT = b"/vas/"
 ALLOC = b"/vas/alloc"
 SEGMENTS = b"/vas/segments/"
 NODES = b"/vas/nodes/"
+MEMBERS = b"/vas/members/"
 ATTACH = b"/vas/attach/"
 WRITERS = b"/vas/writers/"
 SPACES = b"/vas/spaces/"
@@ -60,6 +69,11 @@ def segment_key(name: str) -> bytes:
 def node_key(node_id: str) -> bytes:
     """``/vas/nodes/NODE_ID``."""
     return NODES + node_id.encode()
+
+
+def member_key(node_id: str) -> bytes:
+    """``/vas/members/NODE_ID``."""
+    return MEMBERS + node_id.encode()
 
 
 def attach_key(name: str, node_id: str) -> bytes:
@@ -112,6 +126,8 @@ def prefix_end(prefix: bytes) -> bytes:
 
 #: The ``range_end`` of the node keys: [NODES, NODES_END) reads the live nodes.
 NODES_END = prefix_end(NODES)
+#: The ``range_end`` of the member keys.
+MEMBERS_END = prefix_end(MEMBERS)
 
 
 def encode(value: dict) -> bytes:

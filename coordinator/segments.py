@@ -86,8 +86,12 @@ def state_of(record: dict, live_nodes: set[str] | frozenset[str]) -> int:
     """The SegmentState a record is in, given the ids of the live nodes.
 
     A delete mark wins; then the lost mark (the home restarted without the
-    segment: permanent, whatever nodes live); then the home's liveness.
-    Records written before the lost mark existed have no "lost" key.
+    segment: permanent, whatever nodes live); then the home's liveness: a
+    segment whose home is not registered is lost, even when other nodes hold
+    replicas (no replica is promoted to serve it: not built). Records written
+    before the lost mark existed have no "lost" key. DEGRADED is never derived
+    per record: ClusterStatus names the ready segments that lost a replica with
+    a down node (status.py).
     """
     if record["deleting"]:
         return types_pb2.SEGMENT_STATE_DELETING
@@ -95,8 +99,6 @@ def state_of(record: dict, live_nodes: set[str] | frozenset[str]) -> int:
         return types_pb2.SEGMENT_STATE_LOST
     if record["home"] in live_nodes:
         return types_pb2.SEGMENT_STATE_READY
-    if record["replicas"] > 0:
-        return types_pb2.SEGMENT_STATE_DEGRADED
     return types_pb2.SEGMENT_STATE_LOST
 
 

@@ -19,6 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from vas.coordinator.config import CoordinatorConfig
 from vas.coordinator.etcd import Etcd
+from vas.coordinator.nodes import DownWatch
 from vas.coordinator.service import CoordinatorService
 from vas.core.defaults import MAX_CONCURRENT_RPCS, MAX_GRPC_MESSAGE
 from vas.core.errors import VasError
@@ -87,12 +88,18 @@ def serve(config: CoordinatorConfig, stop: threading.Event | None = None) -> Non
              "mutual TLS" if config.tls else "plaintext")
 
     stop = stop or _signal_event()
+    downs = DownWatch(etcd)
+    down_thread = threading.Thread(target=downs.run, args=(stop,), name="down-watch",
+                                   daemon=True)
+    down_thread.start()
     # Wake up now and then: a signal the kernel hands to a gRPC thread only runs its
     # Python handler once the main thread is back in the interpreter.
     while not stop.wait(1.0):
         pass
     log.info("stopping")
     health_servicer.enter_graceful_shutdown()
+    downs.close()
+    down_thread.join(config.shutdown_grace)
     service.close_watches()
     server.stop(config.shutdown_grace).wait()
     service.close()

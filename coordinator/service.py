@@ -14,8 +14,8 @@ allocated the memory); FinishDelete only agents; calls that carry a Caller act a
 user certificate names. Reads of records are open to every authenticated peer.
 
 A DeleteSegment whose Caller names no node comes from an admin tool (vas.admin), not
-through an agent: the coordinator then asks the home to free the segment itself
-(``Homes.release``), which an agent does after its own DeleteSegment.
+through an agent: the coordinator then announces it to the home and the replicas'
+nodes itself (``Homes.deleted``), which an agent does after its own DeleteSegment.
 """
 from __future__ import annotations
 
@@ -143,7 +143,8 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         ttl = self.nodes.heartbeat(require_node(context, check_node_id(request.node_id),
                                                 "heartbeat"),
                                    check_positive(request.lease_id, "lease id"),
-                                   request.memory_used, request.segments, request.state)
+                                   request.memory_used, request.segments, request.state,
+                                   request.replicas, request.replica_bytes)
         return pb.HeartbeatResponse(ttl_seconds=ttl)
 
     @translated
@@ -154,7 +155,15 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
 
     @translated
     def ListNodes(self, request, context):
-        return pb.ListNodesResponse(nodes=self.nodes.list())
+        return pb.ListNodesResponse(nodes=self.nodes.list(request.include_down))
+
+    @translated
+    def RemoveNode(self, request, context):
+        node, lost = self.nodes.remove(caller_of(request, context),
+                                       check_node_id(request.node_id), request.force)
+        for info in lost:  # their replicas can never be refreshed: their nodes drop them
+            self.homes.deleted(info)
+        return pb.RemoveNodeResponse(node=node, lost=lost)
 
     # Segments --------------------------------------------------------------------------
 
@@ -213,11 +222,8 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         info = self.segments.mark_deleting(caller, check_name(request.name),
                                            finish=request.finish,
                                            segment_id=check_segment_id(request.id, optional=True))
-        if not caller.node and info.state == types_pb2.SEGMENT_STATE_DELETING:
-            # No agent made this call (an admin tool straight over gRPC), so none will
-            # ask the home to free the pages: do it here, as the agent would.
-            if self.homes.release(info, request.force):  # nobody holds it: finish here
-                self.segments.finish_delete(info.name, info.id)
+        if not caller.node:  # no agent made this call, so none tells the holders: we do
+            self.homes.deleted(info, force=request.force)
         return info
 
     @translated

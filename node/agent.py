@@ -102,10 +102,11 @@ class Agent:
 
     def node_info(self) -> types_pb2.NodeInfo:
         used, count = self.store.usage()
+        replicas, replica_bytes = self.replicas.usage()
         return types_pb2.NodeInfo(
             id=self.node_id, address=self.address, socket=self.socket_path,
             memory_total=self.store.capacity, memory_used=used, segments=count,
-            state=types_pb2.NODE_STATE_READY)
+            state=types_pb2.NODE_STATE_READY, replicas=replicas, replica_bytes=replica_bytes)
 
     def register(self, stop: threading.Event | None = None) -> bool:
         """Register with the coordinator (reconciling: the records homed here that this

@@ -55,11 +55,14 @@ class CoordinatorClient:
         return self._call(self.stub.RegisterNode, pb.RegisterNodeRequest(
             node=node, ttl_seconds=ttl, reconcile=reconcile, held=held))
 
-    def heartbeat(self, node_id: str, lease_id: int, memory_used: int,
-                  segments: int) -> pb.HeartbeatResponse:
+    def heartbeat(self, node_id: str, lease_id: int, memory_used: int, segments: int,
+                  replicas: int = 0, replica_bytes: int = 0) -> pb.HeartbeatResponse:
         return self._call(self.stub.Heartbeat, pb.HeartbeatRequest(
             node_id=node_id, lease_id=lease_id, memory_used=memory_used, segments=segments,
-            state=types_pb2.NODE_STATE_READY))
+            state=types_pb2.NODE_STATE_READY, replicas=replicas, replica_bytes=replica_bytes))
+
+    def remove_node(self, request: pb.RemoveNodeRequest) -> pb.RemoveNodeResponse:
+        return self._call(self.stub.RemoveNode, request)
 
     def deregister_node(self, node_id: str, lease_id: int, timeout: float) -> None:
         self._call(self.stub.DeregisterNode,

@@ -21,7 +21,7 @@ from vas.node import metrics
 from vas.node.agent import Agent
 from vas.node.segments import HomeSegment, Replica
 from vas.node.sessions import Session
-from vas.proto import LOCAL_PROTOCOL, local_pb2
+from vas.proto import LOCAL_PROTOCOL, coordinator_pb2, local_pb2
 
 
 #: What /proc/self/fd/N links to for a userfaultfd.
@@ -67,6 +67,7 @@ class LocalApi:
             "detach": self.detach, "stat": self.stat, "list": self.list,
             "delete": self.delete, "chmod": self.chmod, "chown": self.chown,
             "nodes": self.nodes, "space": self.space, "status": self.status,
+            "remove_node": self.remove_node,
             "prefetch": self.prefetch, "register_faults": self.register_faults,
             "sync": self.sync, "refresh": self.refresh, "wait": self.wait,
             "keepalive": self.keepalive,
@@ -214,12 +215,20 @@ class LocalApi:
         self._patch_own_usage(response.status.nodes)
         return []
 
+    def remove_node(self, session: Session, request, response) -> list[int]:
+        """RemoveNode, forwarded with the caller filled in (the coordinator checks it)."""
+        forwarded = coordinator_pb2.RemoveNodeRequest(
+            caller=session.caller, node_id=request.node_id, force=request.force)
+        response.removed_node.CopyFrom(self.agent.coordinator.remove_node(forwarded))
+        return []
+
     def _patch_own_usage(self, nodes) -> None:
         """Show this node's live usage: its record holds the last heartbeat's (ttl/3 old)."""
-        used, count = self.agent.store.usage()
+        info = self.agent.node_info()
         for node in nodes:
             if node.id == self.agent.node_id:
-                node.memory_used, node.segments = used, count
+                node.memory_used, node.segments = info.memory_used, info.segments
+                node.replicas, node.replica_bytes = info.replicas, info.replica_bytes
 
     def space(self, session: Session, request, response) -> list[int]:
         """Space operations: checked, then forwarded with the caller filled in."""

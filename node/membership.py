@@ -173,7 +173,8 @@ class Membership:
             info = self._node_info()
             try:
                 self.coordinator.heartbeat(self.node_id, self.reporter.lease_id,
-                                           info.memory_used, info.segments)
+                                           info.memory_used, info.segments, info.replicas,
+                                           info.replica_bytes)
                 metrics.NODE_LEASE_RENEWED.inc()
             except NotFound:
                 metrics.NODE_LEASE_FAILED.inc()

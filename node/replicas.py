@@ -543,6 +543,12 @@ class Replicas:
         with self._lock:
             return list(self._held)
 
+    def usage(self) -> tuple[int, int]:
+        """(replicas held, their bytes): the part of the store's usage that is replicas
+        (retired ones still attached included, as in ``memory_used``)."""
+        with self._lock:
+            return len(self._held), sum(replica.size for replica in self._held)
+
     def recheck_all(self) -> None:
         """Check every replica at the next ``recheck_stale`` (after registering again:
         notices of deletes made meanwhile may have missed this node)."""

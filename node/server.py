@@ -68,7 +68,7 @@ class NodeServer:
             raise InvalidArgument(f"invalid memory {config.memory}: must be >= 0 bytes")
         if config.data_dir:  # refused, not ignored: an accepted flag must do what it says
             raise InvalidArgument(DATA_DIR_NOT_BUILT)
-        for name, ttl in (("heartbeat ttl", config.heartbeat_ttl),
+        for name, ttl in (("node ttl (--node-ttl)", config.heartbeat_ttl),
                           ("writer ttl (--writer-ttl)", config.writer_ttl),
                           ("fault timeout (--fault-timeout)", config.fault_timeout)):
             validate.check_seconds(ttl, name, minimum=1)

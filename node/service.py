@@ -4,8 +4,8 @@ Who may call (with TLS; without it every peer is LOOPBACK and passes): the
 page calls (ReadPages, OpenBulk, ChunkHashes, WritePages) agents, which vouch for
 their callers, and user certificates, checked against the segment's current
 record (``Agent.check_peer``); ReleaseSegment (a step of a delete that the
-coordinator already allowed) agents and coordinators (for an admin tool's delete);
-ReleaseReplica only agents; SegmentChanged agents and coordinators.
+coordinator already allowed), ReleaseReplica and SegmentChanged agents and coordinators
+(which announce deletes made over gRPC by admin tools).
 
 The page streams (ReadPages, WritePages) each hold a server thread, and a memfd or
 staged bytes, while they run: one peer host may have ``--max-streams-per-peer`` of
@@ -76,7 +76,9 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
     def ReleaseReplica(self, request: node_pb2.ReleaseReplicaRequest,
                        context: grpc.ServicerContext) -> node_pb2.ReleaseReplicaResponse:
         try:
-            peer_of_context(context).require((PeerKind.NODE,), "release a replica")
+            # Agents, and coordinators for a delete made over gRPC by an admin tool.
+            peer_of_context(context).require((PeerKind.NODE, PeerKind.COORDINATOR),
+                                             "release a replica")
             if not request.id:
                 raise InvalidArgument("ReleaseReplica needs a segment id")
             dropped = self.agent.replicas.drop(request.name, request.id)

@@ -4,7 +4,7 @@
 go to the Coordinator service; ``read``/``write`` stream a segment's bytes from/to
 its *home* agent (Node.ReadPages, Node.WritePages), which the coordinator's record
 names. Methods have the names, arguments and return types of ``vas.Client``'s
-(``stat``, ``list``, ``delete``, ``chmod``, ..., ``nodes``, ``status``), so the CLI
+(``stat``, ``list``, ``delete``, ``chmod``, ..., ``nodes``, ``remove_node``, ``status``), so the CLI
 prints the same shapes whichever served it; every failed call becomes the
 ``VasError`` of its status (vas.core.errors), with its message.
 
@@ -18,8 +18,8 @@ Who the requests act as:
   this process's uid/gid/pid, as an agent's do for its local callers, and are
   believed as the machine is trusted. A home believes a plaintext page read, so
   ``read`` first checks the mode bits for this uid/gid itself, as an agent would.
-  The Caller names no node: no agent vouches for it, and a delete made so is carried
-  out by the coordinator (it asks the home to free the segment).
+  The Caller names no node: no agent vouches for it, and a delete made so is
+  announced by the coordinator (to the home and the nodes holding copies).
 
 A write takes the segment's writer lock (Coordinator.AcquireWriter: Busy while
 another writer holds it), renews it while the bytes stream, and releases it at the
@@ -182,9 +182,9 @@ class AdminClient:
                 return segments
 
     def delete(self, name: str, *, force: bool = False) -> None:
-        """Delete a segment (owner or root). The coordinator marks it deleting and asks
-        its home to free it: at once when unattached or with ``force``, else at its
-        last detach. Raises NotFound, PermissionDenied."""
+        """Delete a segment (owner or root). The coordinator marks it deleting and tells
+        its home, which frees it at once when unattached or with ``force``, else at its
+        last detach (the reply does not wait for that). Raises NotFound, PermissionDenied."""
         validate.check_name(name)
         self._call(self._coordinator.DeleteSegment, pb.DeleteSegmentRequest(
             caller=self.caller, name=name, force=bool(force)))
@@ -374,10 +374,18 @@ class AdminClient:
 
     # -- cluster ------------------------------------------------------------------
 
-    def nodes(self) -> builtins.list[NodeInfo]:
-        """Every live node agent, ordered by id."""
-        response = self._call(self._coordinator.ListNodes, pb.ListNodesRequest())
+    def nodes(self, *, include_down: bool = False) -> builtins.list[NodeInfo]:
+        """Every live node agent, ordered by id (``include_down``: also the down ones)."""
+        response = self._call(self._coordinator.ListNodes,
+                              pb.ListNodesRequest(include_down=include_down))
         return [NodeInfo.from_proto(n) for n in response.nodes]
+
+    def remove_node(self, node_id: str, *, force: bool = False) -> NodeInfo:
+        """Forget node ``node_id`` (root only; ``force``: even a live one), as
+        ``vas.Client.remove_node``; the node as it was listed."""
+        response = self._call(self._coordinator.RemoveNode, pb.RemoveNodeRequest(
+            caller=self.caller, node_id=node_id, force=force))
+        return NodeInfo.from_proto(response.node)
 
     def status(self) -> dict:
         """The cluster summary of ``vas.Client.status``; ``local_node`` is None (no agent)."""

@@ -460,22 +460,51 @@ class Client:
 
     # -- cluster ------------------------------------------------------------------
 
-    def nodes(self) -> builtins.list[NodeInfo]:
+    def nodes(self, *, include_down: bool = False) -> builtins.list[NodeInfo]:
         """Every live node agent, ordered by id.
+
+        :param include_down: also the nodes whose lease lapsed (state "down", with
+            ``down_since``) and that were not removed since (``remove_node``).
 
         Example::
 
             sockets = {n.id: n.socket for n in c.nodes()}
         """
-        response = self._connection.call("nodes", coordinator_pb2.ListNodesRequest(), "nodes")
+        response = self._connection.call(
+            "nodes", coordinator_pb2.ListNodesRequest(include_down=include_down), "nodes")
         return [NodeInfo.from_proto(n) for n in response.nodes]
+
+    def remove_node(self, node_id: str, *, force: bool = False) -> NodeInfo:
+        """Forget node ``node_id`` (root only): a down node is no longer listed.
+
+        :param force: also remove a live node (its lease is revoked; an agent still
+            running registers again at its next heartbeat).
+        :returns: the node as it was listed.
+        :raises Busy: the node is up and ``force`` is not set.
+        :raises NotFound: no node has that id.
+        :raises PermissionDenied: the caller is not root.
+
+        Example::
+
+            for n in c.nodes(include_down=True):
+                if n.state == "down":
+                    c.remove_node(n.id)
+        """
+        response = self._connection.call(
+            "remove_node", coordinator_pb2.RemoveNodeRequest(node_id=node_id, force=force),
+            "removed_node")
+        return NodeInfo.from_proto(response.node)
 
     def status(self) -> dict:
         """A summary of the cluster for operators (what ``vasctl status`` prints).
 
         :returns: a dict with ``etcd`` (endpoint), ``revision``, ``nodes``
-            (list of ``NodeInfo``), ``segments`` (count), ``segment_bytes``,
-            ``spaces`` (count), ``local_node`` (this agent's id).
+            (list of live ``NodeInfo``), ``segments`` (count), ``segment_bytes``,
+            ``spaces`` (count), ``local_node`` (this agent's id), ``down_nodes``
+            (``NodeInfo`` of the nodes whose lease lapsed), ``lost`` (names of the
+            segments no memory can serve: home down or gone, or marked lost) and
+            ``degraded`` (names of segments whose home is up but that lost a replica
+            with a down node).
 
         Example::
 

@@ -202,9 +202,10 @@ def test_rm_frees_the_home(vasctl, segment, cluster):
     before = held(cluster, 1)
     segment("adm/rm", 4 * MiB, home=1)
     assert held(cluster, 1) == before + 1
-    vasctl("seg", "rm", "adm/rm")
-    assert json.loads(vasctl("seg", "ls", "adm/", "-o", "json").stdout) == []
+    vasctl("seg", "rm", "adm/rm")  # the coordinator tells the home; the reply does not wait
     wait_for(lambda: held(cluster, 1) == before, "node2 to free the segment")
+    wait_for(lambda: json.loads(vasctl("seg", "ls", "adm/", "-o", "json").stdout) == [],
+             "the record to go")
 
     # Attached: deleting until the last detach, or at once with --force.
     segment("adm/rm", 4 * MiB, home=1)
@@ -218,9 +219,12 @@ def test_rm_frees_the_home(vasctl, segment, cluster):
                  "the record to go at the last detach")
     segment("adm/rm", 4 * MiB, home=1)
     with vas.connect(cluster.nodes[1].socket) as client, client.attach("adm/rm", "r"):
-        vasctl("seg", "rm", "adm/rm", "--force")
-        proc = vasctl("seg", "stat", "adm/rm", expect=1)
-        assert one_error_line(proc) == "vasctl: error: segment 'adm/rm' not found"
+        vasctl("seg", "rm", "adm/rm", "--force")  # attached, freed all the same
+        wait_for(lambda: vasctl("seg", "stat", "adm/rm", expect=None).returncode == 1,
+                 "the forced delete to free the segment")
+        wait_for(lambda: held(cluster, 1) == before, "node2 to free the segment")
+    proc = vasctl("seg", "stat", "adm/rm", expect=1)
+    assert one_error_line(proc) == "vasctl: error: segment 'adm/rm' not found"
 
 
 def test_chmod_chown_and_spaces(vasctl, segment):
@@ -247,6 +251,8 @@ def test_errors_are_one_line_exit_1(vasctl, segment, tmp_path):
                  ("seg", "rm", "adm/none"), ("seg", "chmod", "adm/none", "600")):
         assert one_error_line(vasctl(*args, expect=1)) == \
             "vasctl: error: segment 'adm/none' not found"
+    assert one_error_line(vasctl("node", "rm", "node9", expect=1)).startswith(
+        "vasctl: error: no node 'node9'")
     segment("adm/small", 8192, home=1)
     proc = vasctl("seg", "get", "adm/small", "--offset", 8000, "--length", 200, expect=1)
     assert one_error_line(proc) == \

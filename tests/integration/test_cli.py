@@ -69,7 +69,7 @@ def test_create_ls_stat_json(vasctl):
     (seg,) = listing
     assert set(seg) == {"name", "id", "size", "address", "mode", "uid", "gid", "home",
                         "replicas", "version", "state", "attachments", "created", "expires",
-                        "meta", "fetch_here"}
+                        "meta", "fetch_here", "copies"}
     assert (seg["name"], seg["size"], seg["mode"], seg["home"], seg["uid"], seg["state"]) == \
         ("cli/a", 3 * MiB, 0o640, "node1", os.getuid(), "ready")
     assert f"0x{seg['address']:x}-" in fields["address"] and seg["expires"] is None
@@ -348,7 +348,8 @@ def test_node_ls_and_status(vasctl, cluster):
     assert [n["id"] for n in nodes] == ["node1", "node2"]
     assert {n["socket"] for n in nodes} == {node.socket for node in cluster.nodes}
     assert set(nodes[0]) == {"id", "address", "socket", "memory_total", "memory_used",
-                             "segments", "state"}
+                             "segments", "state", "down_since", "replicas", "replica_bytes"}
+    assert nodes[0]["down_since"] is None and nodes[0]["state"] == "ready"
     assert all(n["memory_total"] == NODE_MEMORY for n in nodes)
     table = vasctl("node", "ls").stdout.decode().splitlines()
     assert table[0].split()[:3] == ["ID", "ADDRESS", "SOCKET"] and len(table) == 3
@@ -356,7 +357,9 @@ def test_node_ls_and_status(vasctl, cluster):
     status = json.loads(vasctl("status", "-o", "json").stdout)
     assert status["local_node"] == "node1" and len(status["nodes"]) == 2
     assert status["etcd"] and status["revision"] > 0
-    assert "nodes" in vasctl("status").stdout.decode()
+    assert (status["down_nodes"], status["lost"], status["degraded"]) == ([], [], [])
+    text = vasctl("status").stdout.decode()
+    assert "nodes" in text and "nodes down         0" in text
 
 
 def test_spaces(vasctl):

@@ -27,6 +27,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import vas
+from waiting import wait_for
 from vas.cluster import ClusterCerts, LaunchError, LocalCluster, NodeProcess
 from vas.core.tls import COORDINATOR_HOST, NODE_HOST, TlsConfig, open_channel
 from vas.node import bulk
@@ -331,6 +332,32 @@ def test_user_certificate_acts_as_itself(tls_cluster):
     finally:
         with vas.connect(tls_cluster.nodes[0].socket) as client:
             client.delete("theirs")
+
+
+def test_a_delete_over_grpc_frees_the_home_and_the_replicas_at_once(tls_cluster):
+    """A user certificate deletes straight at the coordinator (no agent makes the call):
+    the coordinator tells the home and the replica's node itself, over mutual TLS as a
+    coordinator (before, the replica held its memory until its node's 30 s re-check)."""
+    node1, node2 = tls_cluster.nodes
+    with vas.connect(node1.socket) as client:
+        client.create("tls/doomed", 4 << 20, mode=0o600)
+        client.chown("tls/doomed", NOBODY, NOBODY)
+    def held(client) -> int:  # node2's replica bytes (other tests' replicas too)
+        (mine,) = [n.replica_bytes for n in client.nodes() if n.id == "node2"]
+        return mine
+
+    with vas.connect(node2.socket) as client:
+        before = held(client)
+        with client.attach("tls/doomed", fetch="eager"):  # root reads it: node2 keeps a copy
+            pass
+        assert held(client) == before + (4 << 20)
+    coordinator(tls_cluster, tls_cluster.nobody).DeleteSegment(cpb.DeleteSegmentRequest(
+        caller=types_pb2.Caller(), name="tls/doomed"), timeout=DEADLINE)
+    with vas.connect(node2.socket) as client:
+        wait_for(lambda: held(client) == before, what="node2 to drop its replica", timeout=3)
+    with vas.connect(node1.socket) as client:
+        wait_for(lambda: not client.list("tls/doomed"), what="the home to finish the delete",
+                 timeout=3)
 
 
 def test_forged_writer_token_is_refused(tls_cluster):

@@ -172,7 +172,7 @@ def test_segment_json_has_every_field(capsys):
     assert obj == {"name": "demo", "id": 7, "size": 64 << 20, "address": 0x200000000000,
                    "mode": 0o640, "uid": 0, "gid": 0, "home": "node1", "replicas": 0,
                    "version": 3, "state": "ready", "attachments": 2, "created": 1700000000.0,
-                   "expires": None, "meta": {}}
+                   "expires": None, "meta": {}, "copies": []}
 
 
 def test_node_json_and_stat(capsys):
@@ -181,7 +181,8 @@ def test_node_json_and_stat(capsys):
     printers.print_nodes([node], "json")
     assert json.loads(capsys.readouterr().out) == [{
         "id": "node1", "address": "127.0.0.1:1", "socket": "/s", "memory_total": 1 << 30,
-        "memory_used": 0, "segments": 0, "state": "ready"}]
+        "memory_used": 0, "segments": 0, "state": "ready", "down_since": None, "replicas": 0,
+        "replica_bytes": 0}]
     printers.print_segment(SEGMENT, "table")
     out = capsys.readouterr().out
     assert "mode         0640" in out and "0x200000000000-0x200004000000" in out

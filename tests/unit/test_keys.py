@@ -111,7 +111,8 @@ def test_state_derivation():
     record = {"deleting": False, "home": "n1", "replicas": 0}
     assert state_of(record, {"n1"}) == types_pb2.SEGMENT_STATE_READY
     assert state_of(record, set()) == types_pb2.SEGMENT_STATE_LOST
-    assert state_of({**record, "replicas": 1}, set()) == types_pb2.SEGMENT_STATE_DEGRADED
+    # No replica is promoted when the home is gone: a segment that asked for one is lost too.
+    assert state_of({**record, "replicas": 1}, set()) == types_pb2.SEGMENT_STATE_LOST
     assert state_of({**record, "deleting": True}, {"n1"}) == types_pb2.SEGMENT_STATE_DELETING
 
 

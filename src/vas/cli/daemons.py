@@ -14,7 +14,8 @@ from vas.core.defaults import (DEFAULT_BULK_PORT, DEFAULT_COORDINATOR_LISTEN,
                                DEFAULT_MAX_BULK_PER_PEER, DEFAULT_MAX_CONNECTIONS_PER_UID,
                                DEFAULT_MAX_FAULTS_PER_UID, DEFAULT_MAX_STREAMS_PER_PEER,
                                DEFAULT_MEMORY, DEFAULT_NODE_LISTEN, DEFAULT_SOCKET,
-                               DEFAULT_WORKERS_LEFT_TO_OTHERS, DEFAULT_WRITER_TTL)
+                               DEFAULT_NODE_TTL, DEFAULT_WORKERS_LEFT_TO_OTHERS,
+                               DEFAULT_WRITER_TTL)
 from vas.core.errors import InvalidArgument
 from vas.core.logs import DEFAULT_LOG_FORMAT, DEFAULT_LOG_LEVEL, LOG_FORMATS, LOG_LEVELS
 from vas.core.sizes import format_size, parse_size
@@ -148,6 +149,11 @@ def add_node_serve(node_verbs: argparse._SubParsersAction) -> None:
                        default=os.environ.get("VAS_WRITER_TTL", str(DEFAULT_WRITER_TTL)),
                        help="lease of a writer lock: a writer silent this long loses it "
                             f"(default $VAS_WRITER_TTL or {DEFAULT_WRITER_TTL})")
+    serve.add_argument("--node-ttl", type=int, metavar="SECONDS",
+                       default=os.environ.get("VAS_NODE_TTL", str(DEFAULT_NODE_TTL)),
+                       help="lease of this node's registration: it heartbeats every third "
+                            "of it, and is listed down this long after it stops "
+                            f"(default $VAS_NODE_TTL or {DEFAULT_NODE_TTL})")
     serve.add_argument("--fault-timeout", type=float, metavar="SECONDS",
                        default=os.environ.get("VAS_FAULT_TIMEOUT", str(DEFAULT_FAULT_TIMEOUT)),
                        help="longest wait of a page fault of a lazy mapping for a home that "
@@ -249,7 +255,8 @@ def serve_node(args: argparse.Namespace) -> int:
     serve(NodeConfig(coordinator=args.coordinator, listen=args.listen, socket=args.socket,
                      advertise=args.advertise, bulk_port=args.bulk_port,
                      memory=args.memory, data_dir=args.data_dir, node_id=args.node_id,
-                     writer_ttl=args.writer_ttl, fault_timeout=args.fault_timeout,
+                     writer_ttl=args.writer_ttl, heartbeat_ttl=args.node_ttl,
+                     fault_timeout=args.fault_timeout,
                      local_workers=args.local_workers,
                      max_connections_per_uid=args.max_connections_per_uid,
                      max_attachments_per_uid=args.max_attachments_per_uid,

@@ -152,6 +152,8 @@ def print_segment(s: SegmentInfo, fmt: str, out: TextIO | None = None,
         ("attachments", s.attachments), ("created", format_time(s.created)),
         ("expires", format_time(s.expires) if s.expires else "never"),
     ]
+    rows.append(("copies", ", ".join(s.copies) + f" ({format_size(s.size)} each)"
+                 if s.copies else "-"))
     rows += [(f"meta {key}", value) for key, value in sorted(s.meta.items())]
     if fetch_here is not None:
         rows.append(("fetch here", fetch_here(s)))
@@ -191,12 +193,16 @@ def print_space(space: SpaceInfo, fmt: str, out: TextIO | None = None) -> None:
 
 # -- nodes and status -------------------------------------------------------------
 
-NODE_HEADERS = ("ID", "ADDRESS", "SOCKET", "MEMORY", "USED", "SEGMENTS", "STATE")
+NODE_HEADERS = ("ID", "ADDRESS", "SOCKET", "MEMORY", "USED", "SEGMENTS", "REPLICAS", "STATE",
+                "DOWN SINCE")
 
 
 def node_row(n: NodeInfo) -> tuple:
+    if n.state == "down":  # its usage went with it
+        return (n.id, n.address, n.socket, format_size(n.memory_total), "-", "-", "-", n.state,
+                format_time(n.down_since))
     return (n.id, n.address, n.socket, format_size(n.memory_total), format_size(n.memory_used),
-            n.segments, n.state)
+            n.segments, f"{n.replicas} ({format_size(n.replica_bytes)})", n.state, "-")
 
 
 def print_nodes(nodes: list[NodeInfo], fmt: str, out: TextIO | None = None) -> None:
@@ -221,8 +227,19 @@ def print_status(status: dict, fmt: str, out: TextIO | None = None) -> None:
         ("nodes", f"{len(nodes)} ({format_size(used)} of {format_size(total)} in use)"),
         ("segments", f"{status['segments']} ({format_size(status['segment_bytes'])})"),
         ("spaces", status["spaces"]),
+        ("nodes down", _names([n.id for n in status["down_nodes"]])),
+        ("segments lost", _names(status["lost"])),
+        ("segments degraded", _names(status["degraded"])),
     ]
     print(table(("FIELD", "VALUE"), summary).split("\n", 1)[1], file=out)
-    if nodes:
+    if nodes or status["down_nodes"]:
         print(file=out)
-        print(table(NODE_HEADERS, map(node_row, nodes)), file=out)
+        print(table(NODE_HEADERS, map(node_row, nodes + status["down_nodes"])), file=out)
+
+
+def _names(names: list[str], most: int = 10) -> str:
+    """'N: a, b, ...' (at most ``most`` names), or '0'."""
+    if not names:
+        return "0"
+    shown = ", ".join(names[:most]) + (", ..." if len(names) > most else "")
+    return f"{len(names)}: {shown}"

@@ -126,7 +126,9 @@ def _streaming(behavior: Callable, observe: Callable) -> Callable:
         code = _UNKNOWN
         try:
             yield from behavior(request, context)
-            code = _code_of(context, _OK)
+            # A handler that stops because its client went away (``is_active()`` false)
+            # ends like one that finished: that call was cancelled, not OK.
+            code = _code_of(context, _OK if context.is_active() else _CANCELLED)
         except GeneratorExit:  # the client went away mid-stream
             code = _CANCELLED
             raise

@@ -17,7 +17,7 @@ from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from coordinator_calls import (ALICE, MiB, create, etcd_get, get, register, status_of,
+from coordinator_calls import (ALICE, ROOT, MiB, create, etcd_get, get, register, status_of,
                                status_of_safe)
 from vas.cluster import CoordinatorProcess, EtcdProcess
 from vas.proto import coordinator_pb2 as pb, coordinator_pb2_grpc, types_pb2
@@ -62,6 +62,88 @@ def test_nodes_register_heartbeat_list_and_expire(stub, etcd):
     assert not stub.ListNodes(pb.ListNodesRequest()).nodes
     assert not etcd_get(etcd.url, b"/vas/nodes/n1")
     stub.DeregisterNode(pb.DeregisterNodeRequest(node_id="n1", lease_id=again.lease_id))
+
+
+def listed(stub, include_down=True) -> dict[str, types_pb2.NodeInfo]:
+    nodes = stub.ListNodes(pb.ListNodesRequest(include_down=include_down)).nodes
+    return {n.id: n for n in nodes}
+
+
+def test_a_lapsed_node_is_listed_down_until_removed(stub, etcd):
+    register(stub, "n1")
+    short = register(stub, "short", ttl=2)
+    beat = pb.HeartbeatRequest(node_id="short", lease_id=short.lease_id, memory_used=MiB,
+                               segments=1, replicas=1, replica_bytes=MiB)
+    stub.Heartbeat(beat)
+    assert (listed(stub)["short"].replicas, listed(stub)["short"].replica_bytes) == (1, MiB)
+    copied = create(stub, "down/copied")  # homed on n1, a replica reported by "short"
+    stub.ReportAttachments(pb.ReportAttachmentsRequest(
+        node_id="short", lease_id=short.lease_id,
+        counts=[pb.AttachmentCount(name="down/copied", id=copied.id, copy=True)]))
+    create(stub, "down/homed", home="short")
+    stopped = time.time()
+    wait_for(lambda: listed(stub)["short"].state == types_pb2.NODE_STATE_DOWN,
+             what="the lapsed node listed down", timeout=10)
+    down = listed(stub)["short"]
+    assert stopped < down.down_since <= time.time() and down.memory_used == 0
+    assert list(listed(stub, include_down=False)) == ["n1"]  # what placement etc. read
+    status = stub.ClusterStatus(pb.ClusterStatusRequest())
+    assert [n.id for n in status.down_nodes] == ["short"] and [n.id for n in status.nodes] == ["n1"]
+    assert [ref.name for ref in status.lost] == ["down/homed"]
+    assert [(ref.name, ref.id) for ref in status.degraded] == [("down/copied", copied.id)]
+
+    def remove(node_id, caller=ROOT, force=False):
+        return stub.RemoveNode(pb.RemoveNodeRequest(caller=caller, node_id=node_id,
+                                                    force=force))
+    assert status_of(lambda: remove("short", caller=ALICE)) == grpc.StatusCode.PERMISSION_DENIED
+    assert status_of(lambda: remove("n1")) == grpc.StatusCode.ABORTED
+    assert status_of(lambda: remove("nobody")) == grpc.StatusCode.NOT_FOUND
+    assert status_of(lambda: remove("bad/id")) == grpc.StatusCode.INVALID_ARGUMENT
+    removed = remove("short")
+    assert removed.node.state == types_pb2.NODE_STATE_DOWN
+    assert [(s.name, s.state) for s in removed.lost] == [("down/homed",
+                                                          types_pb2.SEGMENT_STATE_LOST)]
+    assert list(listed(stub)) == ["n1"] and not etcd_get(etcd.url, b"/vas/members/short")
+    status = stub.ClusterStatus(pb.ClusterStatusRequest())
+    assert not status.down_nodes and not status.degraded
+    assert status_of(lambda: remove("short")) == grpc.StatusCode.NOT_FOUND
+
+    # --force removes a live node: lease revoked, record and member gone.
+    assert remove("n1", force=True).node.state == types_pb2.NODE_STATE_READY
+    assert not listed(stub) and not etcd_get(etcd.url, b"/vas/nodes/n1")
+
+
+def test_a_deregistered_node_is_not_listed_down(stub, etcd):
+    gone = register(stub, "leaving")
+    stub.DeregisterNode(pb.DeregisterNodeRequest(node_id="leaving", lease_id=gone.lease_id))
+    assert not listed(stub) and not etcd_get(etcd.url, b"/vas/members/leaving")
+
+
+def test_a_lease_that_lapsed_while_no_coordinator_watched_is_marked_by_the_next(tmp_path):
+    """The DownWatch of a coordinator that starts sweeps first: a member without a node
+    key and not marked is marked then (its own etcd: the module's coordinator would
+    mark it itself)."""
+    store = EtcdProcess(str(tmp_path)).start()
+    try:
+        first = CoordinatorProcess(str(tmp_path), store.url, name="c1").start()
+        with grpc.insecure_channel(first.address) as channel:
+            register(coordinator_pb2_grpc.CoordinatorStub(channel), "orphan", ttl=2)
+        first.kill()  # nobody watches while its lease lapses
+        wait_for(lambda: not etcd_get(store.url, b"/vas/nodes/orphan"),
+                 what="the lease to lapse", timeout=10)
+        assert etcd_get(store.url, b"/vas/members/orphan")
+        second = CoordinatorProcess(str(tmp_path), store.url, name="c2").start()
+        try:
+            started = time.time()
+            with grpc.insecure_channel(second.address) as channel:
+                two = coordinator_pb2_grpc.CoordinatorStub(channel)
+                wait_for(lambda: listed(two)["orphan"].down_since >= started - 1,
+                         what="the sweep to mark the node down")
+                assert listed(two)["orphan"].state == types_pb2.NODE_STATE_DOWN
+        finally:
+            second.stop()
+    finally:
+        store.stop()
 
 
 def test_node_requests_are_validated(stub):

@@ -195,22 +195,6 @@ def test_delete_marks_then_finish_removes(stub, n1, etcd):
         name="del/seg", id=0))) == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_delete_without_an_agent_is_carried_out_by_the_coordinator(stub, n1, etcd):
-    """A Caller naming no node (an admin tool, vas.admin) has no agent to free the pages:
-    the coordinator asks the home (Node.ReleaseSegment). A home that does not answer
-    keeps the mark (it frees the segment at its next re-read); an unregistered home
-    holds nothing, so the record is removed at once."""
-    admin = types_pb2.Caller(uid=1000, gid=1000, pid=11)  # ALICE, without a node
-    create(stub, "adm/seg")
-    marked = stub.DeleteSegment(pb.DeleteSegmentRequest(caller=admin, name="adm/seg"))
-    assert marked.state == types_pb2.SEGMENT_STATE_DELETING  # n1's address answers nothing
-    assert get(stub, "adm/seg").state == types_pb2.SEGMENT_STATE_DELETING
-    stub.DeregisterNode(pb.DeregisterNodeRequest(node_id="n1", lease_id=n1))
-    stub.DeleteSegment(pb.DeleteSegmentRequest(caller=admin, name="adm/seg"))
-    assert status_of(lambda: get(stub, "adm/seg")) == grpc.StatusCode.NOT_FOUND
-    assert not etcd_get(etcd.url, b"/vas/segments/adm/seg")
-
-
 def test_segment_with_ttl_expires(stub, n1):
     info = create(stub, "ttl/seg", ttl=1.5)
     assert info.expires > info.created
