@@ -13,9 +13,9 @@ else to announce it, so ``deleted`` does: ``SegmentChanged`` to the home (it
 re-reads, sees the deleting mark, frees and finishes the delete; for a forced
 delete ``Node.ReleaseSegment`` with ``force``, which revokes the attachments and
 frees at once) and ``Node.ReleaseReplica`` to the nodes in ``copies``, without
-waiting for the answers. Before, nobody told them: the home freed the segment at a later
-re-read and the replicas held their memory until their nodes' periodic check
-(``RECHECK_AGE``, 30 s, plus a heartbeat: 33 s measured).
+waiting for the answers. Before, nobody told them: the home freed the segment at
+a later re-read and the replicas held their memory until their nodes' periodic
+check (``RECHECK_AGE``, 30 s, plus a heartbeat: 33 s measured).
 """
 from __future__ import annotations
 

@@ -36,7 +36,7 @@ from vas.core.identity import PeerKind, peer_of_context
 from vas.core.validate import (MAX_NAME_LENGTH, check_attach_mode, check_meta, check_mode,
                                check_name, check_no_replicas, check_seconds, check_segment_id,
                                check_size)
-from vas.proto import coordinator_pb2 as pb, coordinator_pb2_grpc, types_pb2
+from vas.proto import coordinator_pb2 as pb, coordinator_pb2_grpc
 
 #: ListSegments page size when the request asks for 0, and the largest allowed.
 DEFAULT_PAGE_SIZE = 500
