@@ -70,7 +70,7 @@ def listed(stub, include_down=True) -> dict[str, types_pb2.NodeInfo]:
 
 
 def test_a_lapsed_node_is_listed_down_until_removed(stub, etcd):
-    register(stub, "n1")
+    register(stub, "n1", ttl=60)  # stays up however slow the machine is
     short = register(stub, "short", ttl=2)
     beat = pb.HeartbeatRequest(node_id="short", lease_id=short.lease_id, memory_used=MiB,
                                segments=1, replicas=1, replica_bytes=MiB)
@@ -81,7 +81,8 @@ def test_a_lapsed_node_is_listed_down_until_removed(stub, etcd):
         node_id="short", lease_id=short.lease_id,
         counts=[pb.AttachmentCount(name="down/copied", id=copied.id, copy=True)]))
     create(stub, "down/homed", home="short")
-    stopped = time.time()
+    stopped = time.time()  # its last heartbeat: the lease lapses 2 s after, not before
+    stub.Heartbeat(beat)
     wait_for(lambda: listed(stub)["short"].state == types_pb2.NODE_STATE_DOWN,
              what="the lapsed node listed down", timeout=10)
     down = listed(stub)["short"]
