@@ -185,6 +185,21 @@ def test_attachment_reports_are_summed_and_vanish_with_the_node(stub, n1):
 
 # -------------------------------------------------------------------- watch and status
 
+def test_open_watches_leave_threads_for_other_calls(stub, n1):
+    """Each Watch stream holds a server thread while it lives (an agent's wait() keeps one
+    open): forty of them must not starve unary calls such as heartbeats (with 32 threads
+    the 33rd stream, and every call after it, waited for one to end)."""
+    streams = [stub.Watch(pb.WatchRequest(prefix="busy/"), timeout=15) for _ in range(40)]
+    try:
+        for stream in streams:  # established: its handler holds a thread from now on
+            assert next(stream).type == pb.WatchEvent.TYPE_CREATED
+        status = stub.ClusterStatus(pb.ClusterStatusRequest(), timeout=5)
+        assert [n.id for n in status.nodes] == ["n1"]
+    finally:
+        for stream in streams:
+            stream.cancel()
+
+
 def test_watch_sees_puts_and_deletes_under_its_prefix(stub, n1):
     stream = stub.Watch(pb.WatchRequest(prefix="wa/"))
     try:
