@@ -356,8 +356,10 @@ def test_concurrent_clients_keep_data_and_lock_order(cluster, monkeypatch):
 
     errors = [f"worker {r['worker']}:\n{r['error']}" for r in reports if r["error"]]
     assert not errors, "\n".join(errors)
-    assert len(reports) == WORKERS, f"only {len(reports)} of {WORKERS} workers reported in time"
-    assert [p.exitcode for p in workers] == [0] * WORKERS
+    exits = [p.exitcode for p in workers]  # -9: killed at the deadline; -N: died of signal N
+    assert len(reports) == WORKERS, (f"only workers {sorted(r['worker'] for r in reports)} of "
+                                     f"{WORKERS} reported in time; exit codes {exits}")
+    assert exits == [0] * WORKERS
     for report in reports:
         ops = report["ops"]
         assert sum(ops.values()) > 0 and report["syncs"], report
