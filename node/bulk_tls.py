@@ -91,14 +91,9 @@ class TlsConnection:
                 return 0
 
     def recv(self, nbytes: int) -> bytes:
-        while True:
-            try:
-                return self._tls.read(nbytes)
-            except ssl.SSLWantReadError:
-                if not self._fill():
-                    return b""
-            except ssl.SSLZeroReturnError:
-                return b""
+        """Up to ``nbytes`` decrypted bytes; b"" when the peer closed."""
+        buffer = bytearray(nbytes)
+        return bytes(buffer[:self.recv_into(buffer)])
 
     def setsockopt(self, *args) -> None:
         self.sock.setsockopt(*args)
