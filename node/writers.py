@@ -2,20 +2,21 @@
 
 An "rw" attach takes the cluster-wide writer lock (``AcquireWriter``: a fencing
 token and an etcd lease of ``writer_ttl``). The keepalive thread renews a lease
-every ttl/3 **only while its client shows it is alive** (a request in the last
-2/3 ttl, or one being served). A lease that was not renewed in time -- its
-client is stopped or hung, or the coordinator did not answer -- is **fenced
-before it can lapse**: the deadline timer fires ``REVOKE_MARGIN`` of the ttl
-before the lease could end (``renewed + ttl``) and ``fence`` then, in this
-order, write-protects a home writer's mapping (node/revoke.py: its later stores
-fault with SIGBUS instead of reaching the home pages), marks the lease FENCED
-(every later sync raises ``Fenced`` without contacting anyone), frees the local
-writer slot, retires a remote writer's replica (it holds writes that will never
-be published) and has the keepalive thread release the lock at the coordinator,
-so another writer, on this node or any other, can take it at once. A renewal or
-a publish that finds the lease lapsed fences it the same way (late, but never
-leaving the slot held). The deadline timer makes no network call, so a
-coordinator that hangs cannot hold a revocation up.
+every ttl/3 (one that did not get through again after ttl/12) **only while its
+client shows it is alive** (a request in the last 2/3 ttl, or one being served).
+A lease that was not renewed in time -- its client is stopped or hung, or the
+coordinator did not answer -- is **fenced before it can lapse**: the deadline
+timer fires ``REVOKE_MARGIN`` of the ttl before the lease could end (``renewed +
+ttl``) and ``fence`` then, in this order, write-protects a home writer's mapping
+(node/revoke.py: its later stores fault with SIGBUS instead of reaching the home
+pages), marks the lease FENCED (every later sync raises ``Fenced`` without
+contacting anyone), frees the local writer slot, retires a remote writer's
+replica (it holds writes that will never be published) and has the keepalive
+thread release the lock at the coordinator, so another writer, on this node or
+any other, can take it at once. A renewal or a publish that finds the lease
+lapsed fences it the same way (late, but never leaving the slot held). The
+deadline timer makes no network call, so a coordinator that hangs cannot hold a
+revocation up.
 
 Publishing (chunk arithmetic in node/publish.py):
 
@@ -229,11 +230,12 @@ class Writers:
             self._release_fenced()
             if time.monotonic() < next_round:
                 continue
-            next_round = time.monotonic() + interval
             with self._lock:
                 writers = list(self._live.values())
-            for attachment in writers:
-                self._renew(attachment, ttl, interval)
+            renewed = [self._renew(attachment, ttl) for attachment in writers]
+            # A renewal that did not get through is tried again soon, not a whole
+            # interval later: one slow coordinator answer must not cost the lock.
+            next_round = time.monotonic() + (interval if all(renewed) else interval / 4)
 
     def _release_fenced(self) -> None:
         with self._lock:
@@ -241,32 +243,37 @@ class Writers:
         for lease in leases:
             self._release_at_coordinator(lease)
 
-    def _renew(self, attachment: Attachment, ttl: float, timeout: float) -> None:
+    def _renew(self, attachment: Attachment, ttl: float) -> bool:
+        """Renew ``attachment``'s lease if its client is alive; False if a renewal was
+        due and did not get through (tried again soon, fenced by the deadline timer
+        if that lasts)."""
         lease, session = attachment.lease, attachment.session
         if lease.state is not LeaseState.HELD:
-            return
+            return True
         if not session.alive_within(ttl * 2 / 3):
             # Stopped or hung: not renewed, so the deadline timer fences it (unless
             # it shows up in time) and another writer can take over.
             log.warning("writer of %s (pid %d) sent no keepalive for %.1f s: not renewing "
                         "its lock", lease.name, session.pid, time.monotonic() - session.last_seen)
-            return
+            return True
         sent = time.monotonic()
+        # Worth waiting for up to the deadline: past it the writer is fenced anyway.
+        timeout = min(self.config.rpc_timeout, max(0.1, self._deadline(lease) - sent))
         try:
-            self.coordinator.renew_writer(lease.name, lease.token, lease.lease_id,
-                                          min(timeout, self.config.rpc_timeout))
+            self.coordinator.renew_writer(lease.name, lease.token, lease.lease_id, timeout)
         except Fenced as exc:
             metrics.WRITER_LEASE_FAILED.inc()
             log.warning("writer lock of %s (token %d) lapsed: %s", lease.name, lease.token, exc)
             self.fence(attachment)
-            return
+            return True
         except VasError as exc:  # the deadline timer fences it if this lasts
             metrics.WRITER_LEASE_FAILED.inc()
             log.warning("cannot renew the writer lock of %s: %s", lease.name, exc)
-            return
+            return False
         metrics.WRITER_LEASE_RENEWED.inc()
         lease.renewed = max(lease.renewed, sent)
         self.deadlines.arm(attachment.id, self._deadline(lease))
+        return True
 
     # ------------------------------------------------------------------ sync
 

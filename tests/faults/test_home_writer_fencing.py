@@ -154,7 +154,11 @@ def test_stopped_home_writer_is_revoked_and_its_late_stores_never_land(two, take
         assert f"write-protected the home mapping of hf/stale in process {old.process.pid}" \
             in log_of(node1)
         new.write(0, B)
-        new_version = new.sync()
+        try:
+            new_version = new.sync()
+        except vas.Fenced:  # say why: the agents' logs hold the renewals and fences
+            pytest.fail("the new writer was fenced:\n" + "\n".join(
+                node.tail() for node in running.nodes))
         assert new_version > old_version
 
         old.resume()
