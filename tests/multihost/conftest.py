@@ -16,6 +16,11 @@ no uplink port and no NAT is set up.
     def test_x(hosts):
         hosts.nodes[0].address          # "10.77.X.10:PORT"
         hosts.run(1, "import vas; ...")  # a Python client inside namespace b; its stdout
+        with hosts.cut(1) as link:          # namespace b's veth down: a pulled cable
+            ...; link.heal()                # up again (also when the block ends)
+
+A test module may set ``HOSTS_NODE_ARGS`` (more flags of every agent, e.g. a short
+``--node-ttl``); its agents then start with them.
 
 The module is skipped with the reason when namespaces, veths or bridges cannot be
 made (not root / no CAP_NET_ADMIN / no iproute2). Teardown always stops processes
@@ -32,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import pytest
@@ -157,6 +163,34 @@ with vas.connect() as c:
                                 text=True, env=child_env, cwd="/")
 
 
+    @contextmanager
+    def cut(self, host: int):
+        """Cut namespace ``host`` off: its bridge-side veth goes down, so every packet
+        to or from it is dropped (open TCP connections stay, silent, as behind a pulled
+        cable). Yields a ``Link`` whose ``heal()`` brings it up again; the block's end
+        heals it in any case (a failed test never leaves a host cut off)."""
+        link = Link(self.host_veths[host])
+        _ip("link", "set", link.veth, "down")
+        try:
+            yield link
+        finally:
+            link.heal()
+
+
+@dataclass
+class Link:
+    """A bridge-side veth taken down by ``Hosts.cut``."""
+
+    veth: str
+    healed: bool = False
+
+    def heal(self) -> None:
+        """Bring the veth up again (once; later calls do nothing)."""
+        if not self.healed:
+            _ip("link", "set", self.veth, "up")
+            self.healed = True
+
+
 def _build_network(hosts: Hosts) -> None:
     pid = os.getpid()
     _ip("link", "add", hosts.bridge, "type", "bridge")
@@ -203,9 +237,10 @@ def _wait_gone(links: list[str], namespaces: list[str], timeout: float = 10.0) -
 
 
 @pytest.fixture(scope="module")
-def hosts():
+def hosts(request):
     """A bridge, ``HOSTS`` namespaces, etcd + coordinator on the bridge IP and one
-    agent per namespace; see the module docstring."""
+    agent per namespace (with the module's ``HOSTS_NODE_ARGS``); see the module docstring."""
+    node_args = list(getattr(request.module, "HOSTS_NODE_ARGS", ()))
     if os.geteuid() != 0 or shutil.which("ip") is None:
         pytest.skip("network namespaces need root (CAP_NET_ADMIN) and iproute2's `ip`")
     _clean_stale()
@@ -240,7 +275,7 @@ def hosts():
         hosts.nodes = [NodeProcess(hosts.dir, hosts.coordinator.address, node_id=f"host-{c}",
                                    memory=MEMORY, listen=f"{ip}:0", netns=ns,
                                    socket=os.path.join(hosts.dir, f"{c}.sock"),
-                                   writer_ttl=WRITER_TTL, args=["--insecure"])
+                                   writer_ttl=WRITER_TTL, args=["--insecure", *node_args])
                        for c, ip, ns in zip(letters, hosts.ips, hosts.namespaces)]
         for node in hosts.nodes:
             node.launch()
