@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import select
 import signal
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 
 import grpc
 import pytest
@@ -50,41 +52,49 @@ LAPSE = 5 * NODE_TTL
 #: Deadline of one client command.
 ANSWER = 30.0
 
-# One command per stdin line, one JSON line per answer; a VasError is answered with
-# its class name. "spin" starts a thread storing into the mapping for ever.
+# One command per stdin line naming a segment (its mapping in this process), one JSON
+# line per answer; a VasError is answered with its class name. "spin" starts a thread
+# storing into every page of the mapping for ever (each store writes the byte that is
+# there: the bytes never change); "held" answers this node's replica bytes.
 _CLIENT = r"""
 import hashlib, json, os, sys, threading, vas
-c, m = vas.connect(), None
+c, maps = vas.connect(), {}
 def answer(**fields):
     print(json.dumps(fields), flush=True)
-def digest():
+def digest(m):
     return hashlib.sha256(m.buffer).hexdigest()
-def spin():
+def spin(m):
     while True:
         for offset in range(0, m.size, 4096):
-            m.buffer[offset] = 1
+            m.buffer[offset] = m.buffer[offset]
 for line in sys.stdin:
-    verb, *args = line.split()
+    verb, name, *args = line.split()
+    m = maps.get(name)
     try:
         if verb == "create":
-            c.create(args[0], int(args[1]), mode=0o644)
+            c.create(name, int(args[0]), mode=0o644)
+            answer()
+        elif verb == "delete":
+            c.delete(name)
             answer()
         elif verb == "attach":
-            m = c.attach(args[0], args[1], fetch=args[2])
-            answer(version=m.version, token=m.token, sha=digest())
+            m = maps[name] = c.attach(name, args[0], fetch=args[1])
+            answer(version=m.version, token=m.token, sha=digest(m))
         elif verb == "fill":
             m.write(0, os.urandom(m.size))
-            answer(sha=digest())
+            answer(sha=digest(m))
         elif verb == "sync":
-            answer(version=m.sync(), token=m.token, sha=digest())
+            answer(version=m.sync(), token=m.token, sha=digest(m))
         elif verb == "refresh":
-            answer(version=m.refresh(), sha=digest())
+            answer(version=m.refresh(), sha=digest(m))
         elif verb == "spin":
-            threading.Thread(target=spin, daemon=True).start()
+            threading.Thread(target=spin, args=(m,), daemon=True).start()
             answer()
         elif verb == "detach":
-            m.detach()
+            maps.pop(name).detach()
             answer()
+        elif verb == "held":
+            answer(bytes=next(n.replica_bytes for n in c.nodes() if n.id == c.local_node.id))
     except vas.VasError as exc:
         answer(error=type(exc).__name__, message=str(exc))
 """
@@ -97,15 +107,24 @@ class Client:
         self.label = label
         self.process = hosts.spawn(host, _CLIENT)
 
-    def ask(self, command: str, timeout: float = ANSWER) -> dict:
-        """Send ``command``; its answer (failing the test after ``timeout`` seconds)."""
+    def send(self, command: str) -> None:
         self.process.stdin.write(command + "\n")
         self.process.stdin.flush()
+
+    def answer(self, timeout: float = ANSWER) -> dict:
+        """The next answer (failing the test after ``timeout`` seconds)."""
         ready, _, _ = select.select([self.process.stdout], [], [], timeout)
-        assert ready, f"{self.label} did not answer {command!r} within {timeout} s"
+        assert ready, f"{self.label} did not answer within {timeout} s"
         line = self.process.stdout.readline()
-        assert line, f"{self.label} exited ({self.process.poll()}) on {command!r}"
+        assert line, f"{self.label} exited ({self.process.poll()})"
         return json.loads(line)
+
+    def ask(self, command: str, timeout: float = ANSWER) -> dict:
+        """Send ``command``; its answer, which must not be an error."""
+        self.send(command)
+        answer = self.answer(timeout)
+        assert "error" not in answer, (self.label, command, answer)
+        return answer
 
     def close(self) -> None:
         if self.process.poll() is None:
@@ -122,12 +141,16 @@ class Ledger:
 
     acks: list[tuple[str, str, int, int]] = field(default_factory=list)
 
-    def sync(self, client: Client, name: str) -> dict:
-        """``client`` syncs ``name``; its answer, recorded if acknowledged."""
-        answer = client.ask("sync")
+    def record(self, client: Client, name: str, answer: dict) -> dict:
+        """``answer`` to a sync of ``name`` by ``client``, recorded if acknowledged."""
         if "error" not in answer:
             self.acks.append((name, client.label, answer["token"], answer["version"]))
         return answer
+
+    def sync(self, client: Client, name: str) -> dict:
+        """``client`` syncs ``name``; its answer (recorded if acknowledged)."""
+        client.send(f"sync {name}")
+        return self.record(client, name, client.answer())
 
     def check(self) -> None:
         """One writer per version; versions and tokens grow together."""
@@ -170,13 +193,25 @@ def segment(coordinator, name: str) -> types_pb2.SegmentInfo:
     return coordinator.GetSegment(pb.GetSegmentRequest(name=name), timeout=10)
 
 
-def take_lock(client: Client, name: str) -> dict:
+def take_lock(client: Client, name: str):
     """A condition for wait_for: ``client``'s "rw" attach of ``name``, or None while Busy."""
-    answer = client.ask(f"attach {name} rw eager")
+    client.send(f"attach {name} rw eager")
+    answer = client.answer()
     if answer.get("error") == "Busy":
         return None
     assert "error" not in answer, answer
     return answer
+
+
+def fenced_at(node, name: str, offset: int) -> float:
+    """When (Unix seconds, from its log past ``offset``) ``node`` fenced the writer of ``name``."""
+    with open(node.log_path) as log:
+        log.seek(offset)
+        for line in log:
+            if f"writer lock of {name} " in line and "revoking it" in line:
+                stamp = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+                return stamp.timestamp()
+    raise AssertionError(f"{node.node_id} did not log fencing the writer of {name}")
 
 
 def since(start: float) -> float:
@@ -185,59 +220,69 @@ def since(start: float) -> float:
 
 def test_a_cut_remote_writer_is_fenced_and_its_node_rejoins_without_stale_copies(
         hosts, clients, coordinator):
-    name, ledger = "part/remote", Ledger()
-    home, old = clients(0, "a-writer"), clients(1, "b-writer")
+    name, gone, ledger = "part/remote", "part/gone", Ledger()
+    node_b = hosts.nodes[1]
+    home, old, reader = clients(0, "a-writer"), clients(1, "b-writer"), clients(1, "b-reader")
     home.ask(f"create {name} {SIZE}")
+    home.ask(f"create {gone} {MiB}")
     old.ask(f"attach {name} rw eager")
-    old.ask("fill")
-    synced = ledger.sync(old, name)
-    assert synced["version"] == 1
-    reader = clients(1, "b-reader")  # shares b's copy with its writer
-    assert reader.ask(f"attach {name} r eager")["sha"] == synced["sha"]
-    stale = old.ask("fill")["sha"]  # written, never published
+    old.ask(f"fill {name}")
+    assert ledger.sync(old, name)["version"] == 1
+    reader.ask(f"attach {name} r eager")  # shares b's copy (and sees its writer's stores)
+    reader.ask(f"attach {gone} r eager")
+    reader.ask(f"detach {gone}")  # b keeps an idle copy of it
+    held = reader.ask(f"held {gone}")["bytes"]
+    old.ask(f"fill {name}")  # written, never published
 
-    node_b = hosts.nodes[1].node_id
+    log_offset = os.path.getsize(node_b.log_path)
     with hosts.cut(1) as link:
-        cut = time.monotonic()
+        cut, cut_wall = time.monotonic(), time.time()
+        old.send(f"sync {name}")  # before its deadline: the stream is stuck in the cut
         wait_for(lambda: take_lock(home, name), "a to take b's lapsed lock", timeout=LAPSE)
         taken = since(cut)
-        home.ask("fill")
+        home.ask(f"fill {name}")
         newer = ledger.sync(home, name)
         assert newer["version"] == 2
-        wait_for(lambda: node_state(coordinator, node_b) == types_pb2.NODE_STATE_DOWN,
+        home.ask(f"delete {gone}")  # b cannot be told
+        wait_for(lambda: node_state(coordinator, node_b.node_id) == types_pb2.NODE_STATE_DOWN,
                  "b listed down", timeout=LAPSE)
         down = since(cut)
         link.heal()
         healed = time.monotonic()
-        wait_for(lambda: node_state(coordinator, node_b) == types_pb2.NODE_STATE_READY,
+        wait_for(lambda: node_state(coordinator, node_b.node_id) == types_pb2.NODE_STATE_READY,
                  "b to register again", timeout=LAPSE)
         back = since(healed)
 
+    stuck = ledger.record(old, name, old.answer())  # the stream ended after the heal
+    assert stuck["error"] == "Fenced", stuck
     late = ledger.sync(old, name)
     assert late["error"] == "Fenced", late
+    fenced = round(fenced_at(node_b, name, log_offset) - cut_wall, 2)
     assert segment(coordinator, name).version == 2
-    assert home.ask("refresh") == {"version": 2, "sha": newer["sha"]}  # b's bytes never landed
-    assert reader.ask("refresh") == {"version": 2, "sha": newer["sha"]}
+    assert home.ask(f"refresh {name}") == {"version": 2, "sha": newer["sha"]}  # b's never landed
+    wait_for(lambda: reader.ask(f"held {gone}")["bytes"] == held - MiB,
+             "b to drop its copy of the segment deleted meanwhile", timeout=LAPSE)
+    assert reader.ask(f"refresh {name}") == {"version": 2, "sha": newer["sha"]}
     for mode in ("eager", "lazy"):
         fresh = clients(1, f"b-{mode}-reader").ask(f"attach {name} r {mode}")
         assert (fresh["version"], fresh["sha"]) == (2, newer["sha"]), mode
-    assert stale != newer["sha"]
     ledger.check()
-    print(f"\nremote writer cut: lock taken over {taken} s after the cut, "
-          f"node down after {down} s, up again {back} s after the heal")
+    print(f"\nremote writer cut: fenced on b {fenced} s after the cut, lock taken over by a "
+          f"after {taken} s, b down after {down} s, b up again {back} s after the heal")
 
 
 def test_a_cut_home_loses_its_lease_revokes_its_writer_and_rejoins_with_its_memory(
         hosts, clients, coordinator):
     name, ledger = "part/home", Ledger()
+    node_a = hosts.nodes[0].node_id
     writer = clients(0, "a-writer")
     writer.ask(f"create {name} {SIZE}")
     writer.ask(f"attach {name} rw eager")
-    written = writer.ask("fill")
-    assert ledger.sync(writer, name)["version"] == 1
-    writer.ask("spin")
+    writer.ask(f"fill {name}")
+    synced = ledger.sync(writer, name)
+    assert synced["version"] == 1
+    writer.ask(f"spin {name}")
 
-    node_a = hosts.nodes[0].node_id
     with hosts.cut(0) as link:
         cut = time.monotonic()
         assert writer.process.wait(LAPSE) == -signal.SIGBUS  # revoked: a store faulted
@@ -254,15 +299,16 @@ def test_a_cut_home_loses_its_lease_revokes_its_writer_and_rejoins_with_its_memo
 
     info = segment(coordinator, name)
     assert (info.state, info.version) == (types_pb2.SEGMENT_STATE_READY, 1)
-    assert written["sha"]  # the stores made while the lock held stay, unpublished
+    kept = clients(1, "b-reader").ask(f"attach {name} r eager")
+    assert (kept["version"], kept["sha"]) == (1, synced["sha"])  # a kept its memory
     successor = clients(0, "a-successor")
-    assert wait_for(lambda: take_lock(successor, name), "the lock to be free",
-                    timeout=LAPSE)["version"] == 1
-    successor.ask("fill")
+    taken = wait_for(lambda: take_lock(successor, name), "the lock to be free", timeout=LAPSE)
+    assert (taken["version"], taken["sha"]) == (1, synced["sha"])
+    successor.ask(f"fill {name}")
     newer = ledger.sync(successor, name)
     assert newer["version"] == 2
-    fresh = clients(1, "b-reader").ask(f"attach {name} r eager")
+    fresh = clients(1, "b-new-reader").ask(f"attach {name} r eager")
     assert (fresh["version"], fresh["sha"]) == (2, newer["sha"])
     ledger.check()
-    print(f"\nhome cut: writer revoked (SIGBUS) {revoked} s after the cut, node down "
-          f"after {down} s, up again {back} s after the heal")
+    print(f"\nhome cut: writer revoked (SIGBUS) {revoked} s after the cut, a down after "
+          f"{down} s, a up again {back} s after the heal")
