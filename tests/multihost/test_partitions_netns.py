@@ -4,8 +4,8 @@ as behind a pulled cable) while a writer holds a segment's lock, then healed.
 - A remote writer on b, cut off: its lock lapses at the coordinator and a writer on
   a (the home) takes it and syncs; b's node lease lapses (listed down). Healed, b
   registers again by itself, the old writer gets Fenced on its next sync and its
-  bytes never reach the home, and readers on b read the new version, never b's stale
-  copy.
+  bytes never reach the home, readers on b read the new version, never b's stale
+  copy, and a new writer on b publishes again.
 - The home a, cut off while its writer stores: its node lease lapses (its segment
   reads lost at the coordinator), the writer cannot renew and is revoked (a later
   store ends it with SIGBUS). Healed, a registers again under its id with its
@@ -193,6 +193,13 @@ def segment(coordinator, name: str) -> types_pb2.SegmentInfo:
     return coordinator.GetSegment(pb.GetSegmentRequest(name=name), timeout=10)
 
 
+def troubles(coordinator) -> tuple[list[str], list[str], list[str]]:
+    """What ``vasctl status`` shows wrong: nodes down, segments lost, segments degraded."""
+    status = coordinator.ClusterStatus(pb.ClusterStatusRequest(), timeout=10)
+    return ([node.id for node in status.down_nodes], [ref.name for ref in status.lost],
+            [ref.name for ref in status.degraded])
+
+
 def take_lock(client: Client, name: str):
     """A condition for wait_for: ``client``'s "rw" attach of ``name``, or None while Busy."""
     client.send(f"attach {name} rw eager")
@@ -239,7 +246,7 @@ def test_a_cut_remote_writer_is_fenced_and_its_node_rejoins_without_stale_copies
         cut, cut_wall = time.monotonic(), time.time()
         old.send(f"sync {name}")  # before its deadline: the stream is stuck in the cut
         wait_for(lambda: take_lock(home, name), "a to take b's lapsed lock", timeout=LAPSE)
-        taken = since(cut)
+        takeover = since(cut)
         home.ask(f"fill {name}")
         newer = ledger.sync(home, name)
         assert newer["version"] == 2
@@ -247,11 +254,13 @@ def test_a_cut_remote_writer_is_fenced_and_its_node_rejoins_without_stale_copies
         wait_for(lambda: node_state(coordinator, node_b.node_id) == types_pb2.NODE_STATE_DOWN,
                  "b listed down", timeout=LAPSE)
         down = since(cut)
+        assert troubles(coordinator)[:2] == ([node_b.node_id], [])
         link.heal()
         healed = time.monotonic()
         wait_for(lambda: node_state(coordinator, node_b.node_id) == types_pb2.NODE_STATE_READY,
                  "b to register again", timeout=LAPSE)
         back = since(healed)
+    assert troubles(coordinator) == ([], [], [])
 
     stuck = ledger.record(old, name, old.answer())  # the stream ended after the heal
     assert stuck["error"] == "Fenced", stuck
@@ -266,9 +275,17 @@ def test_a_cut_remote_writer_is_fenced_and_its_node_rejoins_without_stale_copies
     for mode in ("eager", "lazy"):
         fresh = clients(1, f"b-{mode}-reader").ask(f"attach {name} r {mode}")
         assert (fresh["version"], fresh["sha"]) == (2, newer["sha"]), mode
+    home.ask(f"detach {name}")  # b writes again: its path to the home works after the heal
+    successor = clients(1, "b-successor")
+    taken = wait_for(lambda: take_lock(successor, name), "a to release the lock")
+    assert (taken["version"], taken["sha"]) == (2, newer["sha"])
+    successor.ask(f"fill {name}")
+    newest = ledger.sync(successor, name)
+    assert newest["version"] == 3
+    assert reader.ask(f"refresh {name}") == {"version": 3, "sha": newest["sha"]}
     ledger.check()
     print(f"\nremote writer cut: fenced on b {fenced} s after the cut, lock taken over by a "
-          f"after {taken} s, b down after {down} s, b up again {back} s after the heal")
+          f"after {takeover} s, b down after {down} s, b up again {back} s after the heal")
 
 
 def test_a_cut_home_loses_its_lease_revokes_its_writer_and_rejoins_with_its_memory(
@@ -291,11 +308,14 @@ def test_a_cut_home_loses_its_lease_revokes_its_writer_and_rejoins_with_its_memo
                  "a listed down", timeout=LAPSE)
         down = since(cut)
         assert segment(coordinator, name).state == types_pb2.SEGMENT_STATE_LOST
+        down_nodes, lost, _ = troubles(coordinator)
+        assert down_nodes == [node_a] and name in lost
         link.heal()
         healed = time.monotonic()
         wait_for(lambda: node_state(coordinator, node_a) == types_pb2.NODE_STATE_READY,
                  "a to register again", timeout=LAPSE)
         back = since(healed)
+    assert troubles(coordinator) == ([], [], [])
 
     info = segment(coordinator, name)
     assert (info.state, info.version) == (types_pb2.SEGMENT_STATE_READY, 1)
