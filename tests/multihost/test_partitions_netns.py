@@ -48,7 +48,7 @@ NODE_TTL = 2  # seconds: the agents' node lease (the fixture's writer lease is 2
 HOSTS_NODE_ARGS = ["--node-ttl", str(NODE_TTL)]
 MiB = 1 << 20
 SIZE = 4 * MiB
-#: Deadline of a lapse (measured 1.4-2.5 s after the cut) or of a return (0.1-1.8 s
+#: Deadline of a lapse (measured 1.4-2.7 s after the cut) or of a return (0.1-1.8 s
 #: after the heal): docs/ARCHITECTURE.md "Partitions".
 LAPSE = 3 * NODE_TTL
 #: Deadline of one client command.
@@ -208,6 +208,13 @@ def node_state(coordinator, node_id: str) -> int:
     return next(node.state for node in nodes if node.id == node_id)
 
 
+def await_state(coordinator, node_id: str, state: int, start: float) -> float:
+    """Wait (at most LAPSE) until ``node_id`` is listed in ``state``; seconds since ``start``."""
+    wait_for(lambda: node_state(coordinator, node_id) == state,
+             f"{node_id} listed {types_pb2.NodeState.Name(state)}", timeout=LAPSE)
+    return since(start)
+
+
 def segment(coordinator, name: str) -> types_pb2.SegmentInfo:
     return coordinator.GetSegment(pb.GetSegmentRequest(name=name), timeout=10)
 
@@ -270,16 +277,12 @@ def test_a_cut_remote_writer_is_fenced_and_its_node_rejoins_without_stale_copies
         newer = ledger.sync(home, name)
         assert newer["version"] == 2
         home.ask(f"delete {gone}")  # b cannot be told
-        wait_for(lambda: node_state(coordinator, node_b.node_id) == types_pb2.NODE_STATE_DOWN,
-                 "b listed down", timeout=LAPSE)
-        down = since(cut)
+        down = await_state(coordinator, node_b.node_id, types_pb2.NODE_STATE_DOWN, cut)
         assert troubles(coordinator)[:2] == ([node_b.node_id], [])
         assert old.waiting()  # its sync is still stuck
         link.heal()
-        healed = time.monotonic()
-        wait_for(lambda: node_state(coordinator, node_b.node_id) == types_pb2.NODE_STATE_READY,
-                 "b to register again", timeout=LAPSE)
-        back = since(healed)
+        back = await_state(coordinator, node_b.node_id, types_pb2.NODE_STATE_READY,
+                           time.monotonic())
     assert troubles(coordinator) == ([], [], [])
 
     stuck = ledger.record(old, name, old.answer())  # the stream ended after the heal
@@ -324,17 +327,12 @@ def test_a_cut_home_loses_its_lease_revokes_its_writer_and_rejoins_with_its_memo
         cut = time.monotonic()
         assert writer.process.wait(LAPSE) == -signal.SIGBUS  # revoked: a store faulted
         revoked = since(cut)
-        wait_for(lambda: node_state(coordinator, node_a) == types_pb2.NODE_STATE_DOWN,
-                 "a listed down", timeout=LAPSE)
-        down = since(cut)
+        down = await_state(coordinator, node_a, types_pb2.NODE_STATE_DOWN, cut)
         assert segment(coordinator, name).state == types_pb2.SEGMENT_STATE_LOST
         down_nodes, lost, _ = troubles(coordinator)
         assert down_nodes == [node_a] and name in lost
         link.heal()
-        healed = time.monotonic()
-        wait_for(lambda: node_state(coordinator, node_a) == types_pb2.NODE_STATE_READY,
-                 "a to register again", timeout=LAPSE)
-        back = since(healed)
+        back = await_state(coordinator, node_a, types_pb2.NODE_STATE_READY, time.monotonic())
     assert troubles(coordinator) == ([], [], [])
 
     info = segment(coordinator, name)
