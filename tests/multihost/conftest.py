@@ -162,7 +162,6 @@ with vas.connect() as c:
                                  "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 text=True, env=child_env, cwd="/")
 
-
     @contextmanager
     def cut(self, host: int):
         """Cut namespace ``host`` off: its bridge-side veth goes down, so every packet
