@@ -46,7 +46,8 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 
 from vas import _native
-from vas.core.errors import Fenced, InvalidArgument, NotFound, PermissionDenied, VasError
+from vas.core.errors import (Fenced, InvalidArgument, NotFound, PermissionDenied, Unavailable,
+                             VasError)
 from vas.core.sizes import human_size
 from vas.node import locks, metrics
 from vas.node.publish import CHUNK, Staged, chunks_of, differing, hashes, runs
@@ -77,7 +78,7 @@ class Writers:
                  home_address: Callable[[types_pb2.SegmentInfo], str],
                  retire_replica: Callable[[Replica], None],
                  cleanup_timeout: Callable[[], float],
-                 transfer: Callable[[], AbstractContextManager]):
+                 transfer: Callable[[], AbstractContextManager], data_dir=None):
         self.node_id = node_id
         self.config = config
         self.coordinator = coordinator
@@ -86,6 +87,7 @@ class Writers:
         self._retire_replica = retire_replica
         self._cleanup_timeout = cleanup_timeout
         self._transfer = transfer  # marks a sync under way (the warm pool waits)
+        self.data_dir = data_dir    # node/datadir.py: each home publish is kept there, or None
         self._lock = locks.Lock("writers", locks.Rank.WRITERS)
         self._live: dict[int, Attachment] = {}  # attachment id -> "rw" attachment renewed
         self._unreleased: list[WriterLease] = []  # fenced, to release at the coordinator
@@ -295,8 +297,13 @@ class Writers:
                 info = self._publish_remote(attachment, chunks)
                 metrics.observe_since(metrics.SYNC_REMOTE, started)
                 return info
+            # Hashed before the publish, as a remote writer's sync does: a store racing
+            # with the sync shows as a changed chunk, never as part of this version.
+            before = self._hashes(segment) if self.data_dir is not None else b""
             info = self._publish_version(attachment.session.caller, segment,
                                          attachment.lease, attachment)
+            if self.data_dir is not None:
+                self._keep(segment, info.version, before)
             metrics.observe_since(metrics.SYNC_HOME, started)
             return info
 
@@ -365,6 +372,8 @@ class Writers:
                 info = self._publish_version(header.caller, segment, lease, adopt=False)
                 for offset, data in staged.pieces:
                     _pwrite_all(fd, data, offset)
+                if self.data_dir is not None:
+                    self._keep(segment, info.version, self._hashes(segment))
                 with segment.lock:  # only now: a reader never sees the version before its bytes
                     segment.adopt_version_locked(info.version)
         finally:
@@ -384,17 +393,33 @@ class Writers:
                     version, cached = segment.info.version, segment.published_hashes
                 if cached is not None and cached[0] == version:
                     return cached
-                mapping = _native.mmap(fd, segment.size, writable=False)
-                try:
-                    with memoryview(mapping) as raw, raw.cast("B") as view:
-                        fresh = (version, hashes(view))
-                finally:
-                    mapping.close()
+                fresh = (version, _hashes_of(fd, segment.size))
                 with segment.lock:
                     segment.published_hashes = fresh
                 return fresh
         finally:
             os.close(fd)
+
+    def _hashes(self, segment) -> bytes:
+        """Chunk hashes of home ``segment``'s pages as they are now."""
+        fd = segment.dup_fd()
+        try:
+            return _hashes_of(fd, segment.size)
+        finally:
+            os.close(fd)
+
+    def _keep(self, segment, version: int, chunk_hashes: bytes) -> None:
+        """Write the manifest of a home publish to the data dir before it is
+        acknowledged (the caller is in the segment's gate); Unavailable if that fails:
+        the writer's sync then fails, so nothing unkept is acknowledged."""
+        try:
+            self.data_dir.save(segment.info, version, chunk_hashes)
+        except OSError as exc:
+            raise Unavailable(f"segment {segment.name}: version {version} was published but "
+                              f"could not be kept in --data-dir {self.data_dir.path}: "
+                              f"{exc.strerror or exc}") from exc
+        with segment.lock:
+            segment.published_hashes = (version, chunk_hashes)
 
     # ------------------------------------------------------------------ wait
 
@@ -449,6 +474,16 @@ def _rehash(view: memoryview, synced: bytes, chunks: list[int]) -> bytes:
             fresh = hashes(part)
             fresh_all[first:first + len(fresh)] = fresh
     return bytes(fresh_all)
+
+
+def _hashes_of(fd: int, size: int) -> bytes:
+    """Chunk hashes of the first ``size`` bytes of the file or memfd ``fd``."""
+    mapping = _native.mmap(fd, size, writable=False)
+    try:
+        with memoryview(mapping) as raw, raw.cast("B") as view:
+            return hashes(view)
+    finally:
+        mapping.close()
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:

@@ -1,0 +1,346 @@
+"""``--data-dir``: home segments kept in files, so that they survive an agent restart.
+
+Without a data dir a home segment lives in a memfd and dies with the agent. With
+one, its memory is a regular file ``DIR/segments/ID.data`` (tmpfs, DAX or disk),
+handed to clients exactly like a memfd (a MAP_SHARED mapping of a regular file
+shares the page cache the same way), next to a manifest ``DIR/segments/ID.json``:
+name, id, size, address, the version of the last publish and the XXH64 hash of
+each ``publish.CHUNK`` of the bytes of that version. A manifest is replaced
+atomically (temporary file, fsync, rename, fsync of the directory) at the create
+and at every publish, before either is acknowledged; a delete removes both files.
+
+At start the agent adopts what the directory holds (``stored``): every data
+file with its manifest is hashed again, chunk by chunk; a chunk whose hash
+differs holds bytes that are not those of the last acknowledged version
+(corrupted at rest, or written by a home writer after its last sync while the
+agent died: they cannot be told apart, and neither is acknowledged), and is
+reported, never served (see ``Damage``). Replicas of segments homed elsewhere
+and the warm pool stay in memfds: only home segments persist.
+
+Layout::
+
+    DIR/lock                 flock'd by the running agent: one agent per directory
+    DIR/node.json            {"id": NODE_ID}: the node these segments are homed on
+    DIR/segments/ID.data     the segment's bytes (mode 0600)
+    DIR/segments/ID.json     its manifest
+    DIR/segments/.new-*      a create in flight (removed at start: never acknowledged)
+
+What a memfd gave that a file does not: seals (``F_SEAL_SHRINK | F_SEAL_GROW``)
+cannot be set on a regular file, so a writer holding the "rw" fd could resize
+it under other mappings (the protection was never against hostile writers:
+they could ``pwrite`` garbage anyway). Userfaultfd write-protection, which makes
+a home "rw" attachment revocable (node/revoke.py), works on shmem only: on tmpfs
+yes, on a disk file system (ext4, xfs, DAX) ``UFFDIO_REGISTER`` refuses it. It
+is probed at start (``write_protect``); without it home "rw" attaches are refused
+with a message that says why (remote writers work everywhere).
+"""
+from __future__ import annotations
+
+import base64
+import errno
+import fcntl
+import itertools
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+from vas import _native
+from vas.core.errors import CapacityExceeded, DataLoss, InvalidArgument
+from vas.core.sizes import human_size
+from vas.node.publish import CHUNK, hashes
+from vas.node.store import Memory
+
+log = logging.getLogger(__name__)
+
+_MANIFEST_FORMAT = 1
+_NEW_PREFIX = ".new-"
+
+
+class DataDirError(InvalidArgument):
+    """A --data-dir the agent cannot use (bad usage: the CLI exits 2)."""
+
+
+class FileMemory(Memory):
+    """A home segment's memory in a file of the data dir. ``release`` (a delete)
+    gives the pages back and removes the files; ``close`` (shutdown) keeps them."""
+
+    __slots__ = ("path",)
+
+    def __init__(self, size: int, fd: int, ro_fd: int, path: str):
+        super().__init__(size, fd, ro_fd)
+        self.path = path
+
+    def release(self) -> None:
+        path, self.path = self.path, ""
+        super().release()
+        for each in (path, _manifest_of(path)):
+            _unlink(each)
+
+    def close(self) -> None:
+        fd, ro_fd, self.fd, self.ro_fd = self.fd, self.ro_fd, -1, -1
+        for each in (ro_fd, fd):
+            if each >= 0:
+                os.close(each)
+
+
+@dataclass
+class Damage:
+    """Chunks of a re-adopted segment whose bytes failed their checksum at start."""
+
+    offsets: list[int]   # byte offsets of the failed chunks
+    version: int         # the version whose bytes they should hold
+    node_id: str
+
+    def error(self, name: str) -> DataLoss:
+        first = self.offsets[0]
+        more = f" (and {len(self.offsets) - 1} more)" if len(self.offsets) > 1 else ""
+        return DataLoss(f"chunk at offset {first}{more} of segment {name} failed its checksum "
+                        f"when node {self.node_id} restarted: its bytes of version "
+                        f"{self.version} are lost, never served (delete the segment)")
+
+
+@dataclass
+class Stored:
+    """A segment found in the data dir at start: its manifest and open memory."""
+
+    manifest: dict
+    memory: FileMemory
+    failed: list[int]   # byte offsets of the chunks that failed their checksum
+
+
+class DataDir:
+    """The agent's data dir (see the module docstring); ``open`` it once per process."""
+
+    def __init__(self, path: str, lock_fd: int, write_protect: bool):
+        self.path = path
+        self.segments = os.path.join(path, "segments")
+        self._lock_fd = lock_fd
+        self.write_protect = write_protect
+        self._names = itertools.count()
+
+    @classmethod
+    def open(cls, path: str) -> "DataDir":
+        """Create (if needed) and lock ``path``; DataDirError if it cannot be used."""
+        path = os.path.abspath(path)
+        try:
+            os.makedirs(os.path.join(path, "segments"), mode=0o700, exist_ok=True)
+            lock_fd = os.open(os.path.join(path, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                              0o600)
+        except OSError as exc:
+            raise DataDirError(f"cannot use --data-dir {path}: {exc.strerror or exc}") from exc
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(lock_fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EACCES):
+                raise DataDirError(f"--data-dir {path} is in use by another agent") from exc
+            raise DataDirError(f"cannot lock --data-dir {path}: {exc.strerror}") from exc
+        data_dir = cls(path, lock_fd, write_protect=False)
+        try:
+            data_dir.write_protect = data_dir._probe_write_protect()
+        except OSError as exc:
+            data_dir.close()
+            raise DataDirError(f"cannot write in --data-dir {path}: {exc.strerror or exc}") \
+                from exc
+        return data_dir
+
+    def close(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = -1
+
+    # ------------------------------------------------------------------ node id
+
+    def node_id(self, wanted: str | None, default: str) -> str:
+        """The node id to run as: the one the directory's segments are homed on (an
+        ``wanted`` id other than it is a DataDirError), else ``wanted`` or ``default``,
+        written down for the next start."""
+        record = os.path.join(self.path, "node.json")
+        try:
+            with open(record) as stored:
+                known = json.load(stored)["id"]
+        except FileNotFoundError:
+            known = None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise DataDirError(f"cannot read {record}: {exc}") from exc
+        if known is not None:
+            if wanted and wanted != known:
+                raise DataDirError(f"--data-dir {self.path} holds the segments of node {known}, "
+                                   f"not {wanted}: start it with --id {known} (or another "
+                                   "--data-dir)")
+            return known
+        chosen = wanted or default
+        try:
+            _write_atomically(record, json.dumps({"id": chosen}).encode())
+        except OSError as exc:
+            raise DataDirError(f"cannot write in --data-dir {self.path}: "
+                               f"{exc.strerror or exc}") from exc
+        return chosen
+
+    # ------------------------------------------------------------------ create, publish
+
+    def allocate(self, name: str, size: int) -> FileMemory:
+        """A new file of ``size`` bytes, every block reserved (like a memfd's fallocate);
+        named as a create in flight until ``keep`` names it by id."""
+        path = os.path.join(self.segments, f"{_NEW_PREFIX}{os.getpid()}-{next(self._names)}")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        ro_fd = -1
+        try:
+            _native.ftruncate(fd, size)
+            try:
+                _native.fallocate(fd, 0, size)
+            except OSError as exc:
+                raise CapacityExceeded(
+                    f"cannot reserve {human_size(size)} in --data-dir {self.path} for segment "
+                    f"{name}: {exc.strerror or exc}") from exc
+            ro_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except BaseException:
+            os.close(fd)
+            _unlink(path)
+            raise
+        return FileMemory(size, fd, ro_fd, path)
+
+    def keep(self, memory: FileMemory, info) -> bytes:
+        """Name the file of a created segment by its id and write its manifest (version
+        0, all zeros); the chunk hashes written."""
+        path = os.path.join(self.segments, f"{info.id}.data")
+        os.rename(memory.path, path)
+        memory.path = path
+        zeros = zero_hashes(info.size)
+        self.save(info, info.version, zeros)
+        return zeros
+
+    def save(self, info, version: int, chunk_hashes: bytes) -> None:
+        """Replace the manifest of segment ``info`` atomically: its bytes are those of
+        ``version``, with these chunk hashes."""
+        manifest = {"format": _MANIFEST_FORMAT, "name": info.name, "id": info.id,
+                    "size": info.size, "address": info.address, "version": version,
+                    "chunk": CHUNK, "hashes": base64.b64encode(chunk_hashes).decode()}
+        _write_atomically(os.path.join(self.segments, f"{info.id}.json"),
+                          json.dumps(manifest).encode())
+
+    # ------------------------------------------------------------------ start
+
+    def stored(self) -> list[Stored]:
+        """Every segment the directory holds, opened and verified chunk by chunk.
+
+        Files of creates in flight and data files without a manifest were never
+        acknowledged: removed. A manifest that cannot be read, or whose data file
+        is missing or of another size, is logged and its files are removed (the
+        coordinator then marks the record lost: nothing can serve it).
+        """
+        found = []
+        for entry in sorted(os.listdir(self.segments)):
+            path = os.path.join(self.segments, entry)
+            if entry.startswith(_NEW_PREFIX) or entry.endswith(".tmp") or (
+                    entry.endswith(".data") and not os.path.exists(_manifest_of(path))):
+                log.info("removing %s: a create that never finished", path)
+                _unlink(path)
+            elif entry.endswith(".json"):
+                stored = self._load(path)
+                if stored is not None:
+                    found.append(stored)
+        return found
+
+    def _load(self, manifest_path: str) -> Stored | None:
+        data_path = manifest_path[:-len(".json")] + ".data"
+        fds: list[int] = []
+        try:
+            with open(manifest_path, "rb") as source:
+                manifest = json.loads(source.read())
+            expected = base64.b64decode(manifest["hashes"], validate=True)
+            size = int(manifest["size"])
+            if manifest.get("format") != _MANIFEST_FORMAT or manifest["chunk"] != CHUNK \
+                    or len(expected) != 8 * -(-size // CHUNK):
+                raise ValueError("unknown format, chunk size or hash count")
+            fds.append(os.open(data_path, os.O_RDWR | os.O_CLOEXEC))
+            actual = os.fstat(fds[0]).st_size
+            if actual != size:
+                raise ValueError(f"{data_path} has {actual} bytes, not {size}")
+            fds.append(os.open(data_path, os.O_RDONLY | os.O_CLOEXEC))
+            failed = _failed_chunks(fds[1], size, expected)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            for fd in fds:
+                os.close(fd)
+            log.error("segment files %s cannot be used (%s): removed; the coordinator marks "
+                      "the segment lost", manifest_path, exc)
+            for each in (data_path, manifest_path):
+                _unlink(each)
+            return None
+        return Stored(manifest, FileMemory(size, fds[0], fds[1], data_path), failed)
+
+    def _probe_write_protect(self) -> bool:
+        """Whether a writable mapping of a file here can be registered for userfaultfd
+        write-protection (shmem: tmpfs; not a disk file system). OSError if the
+        directory is not writable."""
+        from vas.core.fetch import register_write_protect
+
+        memory = self.allocate("probe", os.sysconf("SC_PAGE_SIZE"))
+        try:
+            mapping = _native.mmap(memory.fd, memory.size, writable=True)
+            try:
+                os.close(register_write_protect(mapping.address, memory.size))
+                return True
+            except OSError as exc:
+                log.warning("--data-dir %s: userfaultfd write-protection of its files is not "
+                            "available (%s; it needs tmpfs): \"rw\" attaches on this node of "
+                            "segments homed here are refused, remote writers work",
+                            self.path, exc.strerror or exc)
+                return False
+            finally:
+                mapping.close()
+        finally:
+            memory.release()
+
+
+def zero_hashes(size: int) -> bytes:
+    """The chunk hashes of ``size`` zero bytes (a new segment)."""
+    full, tail = divmod(size, CHUNK)
+    out = hashes(memoryview(bytes(CHUNK))) * full if full else b""
+    return out + (hashes(memoryview(bytes(tail))) if tail else b"")
+
+
+def _failed_chunks(fd: int, size: int, expected: bytes) -> list[int]:
+    """Byte offsets of the chunks of the file whose hash is not ``expected``'s."""
+    from vas.node.publish import differing
+
+    mapping = _native.mmap(fd, size, writable=False)
+    try:
+        with memoryview(mapping) as raw, raw.cast("B") as view:
+            actual = hashes(view)
+    finally:
+        mapping.close()
+    return [index * CHUNK for index in differing(expected, actual)]
+
+
+def _manifest_of(data_path: str) -> str:
+    return data_path[:-len(".data")] + ".json" if data_path.endswith(".data") else ""
+
+
+def _unlink(path: str) -> None:
+    if not path:
+        return
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _write_atomically(path: str, data: bytes) -> None:
+    """``path`` holds ``data`` or its old content, never a mix, even across a crash."""
+    temporary = path + ".tmp"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(temporary, path)
+    directory = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)

@@ -1,0 +1,217 @@
+"""``--data-dir``: a home agent killed with SIGKILL and started again on the same
+directory re-adopts its segments, verified chunk by chunk.
+
+Segments written and synced (by a writer on the home and by one on another node)
+read back with their exact bytes (sha256) at the same version, locally and from
+the other node, and take new writes; a segment deleted while the home was down
+leaves no files; chunks that differ from the last sync -- a byte flipped on disk
+while the agent was down, or a home writer's stores after its last sync -- are
+reported (log), the segment reads ``lost`` everywhere and an attach of it fails
+(on its home with DataLoss naming the chunk), while the others serve on. Started without the directory the agent behaves as
+before: the segments are lost.
+
+The data dirs are on tmpfs (/dev/shm): the home "rw" attaches here need it
+(userfaultfd write-protection of shared memory; node/datadir.py).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+
+import pytest
+
+import vas
+from faultkit import restart, usage
+from vas.node.publish import CHUNK
+from waiting import wait_for
+
+MiB = 1 << 20
+PAGE = 4096
+
+
+@pytest.fixture
+def data_dir():
+    path = tempfile.mkdtemp(prefix="vas-data-", dir="/dev/shm")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def on_data_dir(node, path: str | None) -> None:
+    """Start ``node`` again (nothing held yet) with ``--data-dir path``."""
+    node.stop()
+    node.data_dir = path
+    node.start()
+
+
+def pattern(seed: int, size: int) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_and_sync(node, name: str, offset: int, data: bytes) -> int:
+    with vas.connect(node.socket) as client, client.attach(name, "rw") as mapping:
+        mapping.write(offset, data)
+        return mapping.sync()
+
+
+def read_all(node, name: str, fetch: str = "eager") -> tuple[int, bytes]:
+    with vas.connect(node.socket) as client, client.attach(name, fetch=fetch) as mapping:
+        return mapping.version, mapping.read(0, mapping.size)
+
+
+def files_of(path: str, segment_id: int) -> list[str]:
+    return sorted(entry for entry in os.listdir(os.path.join(path, "segments"))
+                  if entry.split(".")[0] == str(segment_id))
+
+
+def stat_cli(node, name: str) -> dict:
+    """``vasctl seg stat NAME -o json`` against ``node``'s agent, as a user runs it."""
+    done = subprocess.run([sys.executable, "-m", "vas.cli", "seg", "stat", name, "-o", "json",
+                           "--node", node.socket], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_synced_segments_survive_kill_9_with_their_exact_bytes(pair, data_dir):
+    node1, node2 = pair.nodes
+    on_data_dir(node1, data_dir)
+    sizes = {"dd/home": MiB + 3 * PAGE, "dd/remote": 3 * MiB, "dd/zeros": CHUNK,
+             "dd/gone": CHUNK}
+    with vas.connect(node1.socket) as c1:
+        ids = {name: c1.create(name, size, mode=0o644).id for name, size in sizes.items()}
+    content = {name: bytes(size) for name, size in sizes.items()}
+    # A writer on the home (its sync is PublishVersion) ...
+    content["dd/home"] = pattern(1, sizes["dd/home"])
+    assert write_and_sync(node1, "dd/home", 0, content["dd/home"]) == 1
+    edit = pattern(2, 1000)
+    assert write_and_sync(node1, "dd/home", MiB + 5, edit) == 2
+    content["dd/home"] = content["dd/home"][:MiB + 5] + edit + content["dd/home"][MiB + 1005:]
+    # ... and one on another node (its sync streams the changed chunks: WritePages).
+    content["dd/remote"] = pattern(3, sizes["dd/remote"])
+    assert write_and_sync(node2, "dd/remote", 0, content["dd/remote"]) == 1
+    versions = {"dd/home": 2, "dd/remote": 1, "dd/zeros": 0}
+
+    took = restart(node1)
+    print(f"\nnode1 killed and serving again on its data dir after {took:.2f} s")
+    node1.kill()  # down again: a delete made meanwhile must not leave files behind
+    with vas.connect(node2.socket) as c2:
+        c2.delete("dd/gone")
+    node1.start()
+    assert files_of(data_dir, ids["dd/gone"]) == []
+
+    assert stat_cli(node1, "dd/home")["state"] == "ready"
+    with vas.connect(node2.socket) as c2:
+        for name, version in versions.items():
+            info = c2.stat(name)
+            assert (info.state, info.id, info.version) == ("ready", ids[name], version), info
+    for name, version in versions.items():
+        for node, fetch in ((node1, "lazy"), (node2, "eager")):
+            seen, data = read_all(node, name, fetch)
+            assert (seen, sha(data)) == (version, sha(content[name])), (name, node.node_id)
+    assert usage(node1) == (sum(sizes.values()) - sizes["dd/gone"], 3)
+
+    # Both kinds of writer carry on from the re-adopted bytes.
+    assert write_and_sync(node1, "dd/home", 0, b"after") == 3
+    assert write_and_sync(node2, "dd/remote", 2 * MiB, b"after too") == 2
+    with open(os.path.join(data_dir, "segments", f"{ids['dd/home']}.json")) as manifest:
+        assert json.load(manifest)["version"] == 3
+    assert read_all(node2, "dd/home")[1][:5] == b"after"
+    assert read_all(node1, "dd/remote")[1][2 * MiB:2 * MiB + 9] == b"after too"
+
+    with vas.connect(node1.socket) as c1:
+        c1.delete("dd/zeros")
+    assert files_of(data_dir, ids["dd/zeros"]) == []
+    assert files_of(data_dir, ids["dd/home"]) == [f"{ids['dd/home']}.data",
+                                                 f"{ids['dd/home']}.json"]
+
+
+#: A home writer that syncs, then writes again without syncing and waits to be killed.
+UNSYNCED_WRITER = textwrap.dedent("""
+    import sys, vas
+    socket, name, chunk = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    client = vas.connect(socket)
+    mapping = client.attach(name, "rw")
+    mapping.write(chunk + 10, b"synced")
+    mapping.sync()
+    mapping.write(2 * chunk + 5, b"never synced")
+    print("written", flush=True)
+    sys.stdin.read()
+""")
+
+
+def test_chunks_that_differ_from_the_last_sync_are_reported_never_served(pair, data_dir):
+    node1, node2 = pair.nodes
+    on_data_dir(node1, data_dir)
+    with vas.connect(node1.socket) as c1:
+        ids = {name: c1.create(name, MiB, mode=0o644).id
+               for name in ("dd/unsynced", "dd/corrupt", "dd/fine")}
+    fine = pattern(4, MiB)
+    write_and_sync(node1, "dd/fine", 0, fine)
+    write_and_sync(node1, "dd/corrupt", 0, pattern(5, MiB))
+    writer = subprocess.Popen([sys.executable, "-c", UNSYNCED_WRITER, node1.socket,
+                               "dd/unsynced", str(CHUNK)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline() == "written\n"
+        node1.kill()
+    finally:
+        writer.kill()
+        writer.wait()
+        writer.stdin.close()
+        writer.stdout.close()
+    # A byte flipped at rest while the agent is down.
+    with open(os.path.join(data_dir, "segments", f"{ids['dd/corrupt']}.data"), "r+b") as data:
+        data.seek(3 * CHUNK + 123)
+        byte = data.read(1)
+        data.seek(3 * CHUNK + 123)
+        data.write(bytes([byte[0] ^ 0x40]))
+    node1.start()
+
+    for name, offset, version in (("dd/corrupt", 3 * CHUNK, 1), ("dd/unsynced", 2 * CHUNK, 1)):
+        reported = (f"chunk at offset {offset} of segment {name} failed its checksum when node "
+                    f"node1 restarted: its bytes of version {version} are lost, never served "
+                    "(delete the segment)")
+        with open(node1.log_path, errors="replace") as log:
+            assert reported in log.read()
+        assert stat_cli(node2, name)["state"] == "lost"
+        for fetch in ("eager", "lazy"):  # the home names the chunk; elsewhere it is lost
+            with pytest.raises(vas.DataLoss) as failed:
+                read_all(node1, name, fetch)
+            assert str(failed.value) == reported
+            with pytest.raises(vas.NotFound) as failed:
+                read_all(node2, name, fetch)
+            assert str(failed.value) == (f"segment {name} was lost: its home node node1 "
+                                         "restarted without it (delete it to free the name)")
+    # The rest serves on, and a damaged segment can be deleted.
+    assert read_all(node2, "dd/fine") == (1, fine)
+    with vas.connect(node1.socket) as c1:
+        c1.delete("dd/corrupt")
+        assert files_of(data_dir, ids["dd/corrupt"]) == []
+        c1.create("dd/corrupt", CHUNK)
+    assert write_and_sync(node1, "dd/corrupt", 0, b"new") == 1
+
+
+def test_a_start_without_the_data_dir_loses_the_segments_as_before(pair, data_dir):
+    node1, _ = pair.nodes
+    on_data_dir(node1, data_dir)
+    with vas.connect(node1.socket) as c1:
+        segment_id = c1.create("dd/kept", CHUNK, mode=0o644).id
+    write_and_sync(node1, "dd/kept", 0, b"bytes")
+    node1.kill()
+    node1.data_dir = None
+    node1.start()
+    with vas.connect(node1.socket) as c1:
+        assert c1.stat("dd/kept").state == "lost"
+    # The files stay where they were: nothing but that directory's agent touches them.
+    assert files_of(data_dir, segment_id) == [f"{segment_id}.data", f"{segment_id}.json"]
+    wait_for(lambda: usage(node1) == (0, 0), "node1 to hold nothing")

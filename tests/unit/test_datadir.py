@@ -1,0 +1,96 @@
+"""node/datadir.py on its own: the lock, the node id kept in the directory, manifests
+written and verified, and what a start removes (no agent, no cluster)."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from vas.node.datadir import DataDir, DataDirError, zero_hashes
+from vas.node.publish import CHUNK, hashes
+from vas.proto import types_pb2
+
+SIZE = 2 * CHUNK + 8192  # the last chunk is a short one
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    opened = DataDir.open(str(tmp_path / "data"))
+    yield opened
+    opened.close()
+
+
+def created(data_dir: DataDir, segment_id: int, data: bytes = b"") -> types_pb2.SegmentInfo:
+    """A segment of SIZE bytes kept as a create would keep it, then ``data`` published
+    at version 1 (when given)."""
+    info = types_pb2.SegmentInfo(name=f"seg/{segment_id}", id=segment_id, size=SIZE,
+                                 address=0x2000_0000_0000)
+    memory = data_dir.allocate(info.name, SIZE)
+    data_dir.keep(memory, info)
+    if data:
+        os.pwrite(memory.fd, data, 0)
+        data_dir.save(info, 1, hashes(memoryview(data.ljust(SIZE, b"\0"))))
+    memory.close()
+    return info
+
+
+def test_one_agent_per_directory(data_dir):
+    with pytest.raises(DataDirError) as refused:
+        DataDir.open(data_dir.path)
+    assert str(refused.value) == f"--data-dir {data_dir.path} is in use by another agent"
+    data_dir.close()
+    DataDir.open(data_dir.path).close()
+
+
+def test_the_node_id_is_kept_and_another_is_refused(data_dir):
+    assert data_dir.node_id(None, "host:1234") == "host:1234"
+    assert data_dir.node_id(None, "host:999") == "host:1234"  # a later start, another port
+    assert data_dir.node_id("host:1234", "x") == "host:1234"
+    with pytest.raises(DataDirError) as refused:
+        data_dir.node_id("node7", "x")
+    assert str(refused.value) == (f"--data-dir {data_dir.path} holds the segments of node "
+                                  "host:1234, not node7: start it with --id host:1234 (or "
+                                  "another --data-dir)")
+
+
+def test_a_new_segment_is_all_zeros_and_verifies(data_dir):
+    info = created(data_dir, 7)
+    [stored] = data_dir.stored()
+    assert stored.failed == []
+    assert (stored.manifest["id"], stored.manifest["version"], stored.manifest["size"]) == \
+        (7, 0, SIZE)
+    assert zero_hashes(SIZE) == hashes(memoryview(bytes(SIZE)))
+    stored.memory.release()  # a delete: both files go
+    assert os.listdir(data_dir.segments) == []
+    assert info.id == 7
+
+
+def test_a_flipped_byte_fails_its_chunk_only(data_dir):
+    created(data_dir, 8, os.urandom(SIZE))
+    path = os.path.join(data_dir.segments, "8.data")
+    with open(path, "r+b") as data:
+        data.seek(SIZE - 1)
+        last = data.read(1)
+        data.seek(SIZE - 1)
+        data.write(bytes([last[0] ^ 1]))
+    [stored] = data_dir.stored()
+    assert stored.failed == [2 * CHUNK]
+    stored.memory.close()  # shutdown: the files stay
+    assert sorted(os.listdir(data_dir.segments)) == ["8.data", "8.json"]
+
+
+def test_a_start_removes_what_was_never_acknowledged(data_dir):
+    data_dir.allocate("in flight", SIZE).close()          # a create that never finished
+    created(data_dir, 9)
+    os.unlink(os.path.join(data_dir.segments, "9.json"))  # a data file without manifest
+    created(data_dir, 10)
+    with open(os.path.join(data_dir.segments, "10.json"), "w") as manifest:
+        manifest.write("{not json")                       # a manifest that cannot be read
+    created(data_dir, 11)
+    with open(os.path.join(data_dir.segments, "11.json")) as manifest:
+        record = json.load(manifest)
+    os.truncate(os.path.join(data_dir.segments, "11.data"), CHUNK)  # another size
+    assert data_dir.stored() == []
+    assert os.listdir(data_dir.segments) == []
+    assert record["size"] == SIZE
