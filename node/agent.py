@@ -310,7 +310,10 @@ class Agent:
     def detach(self, session: Session, attachment_id: int) -> None:
         """End ``session``'s attachment ``attachment_id`` (NotFound if it has none such);
         the client unmapped it before asking."""
-        self.end_attachment(self.sessions.take(session, attachment_id), revoke=False)
+        attachment = self.sessions.take(session, attachment_id)
+        self.end_attachment(attachment, revoke=False)
+        if attachment.mode == "rw" and isinstance(attachment.segment, HomeSegment):
+            self.homes.writer_unmapped(attachment.segment)
 
     def end_attachment(self, attachment: Attachment, *, revoke: bool) -> None:
         """Stop resolving its faults, release its writer lock (a home writer's mapping

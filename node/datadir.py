@@ -211,13 +211,30 @@ class DataDir:
         self.save(info, info.version, zeros)
         return zeros
 
-    def save(self, info, version: int, chunk_hashes: bytes) -> None:
+    def save(self, info, version: int, chunk_hashes: bytes, writer: bool = False) -> None:
         """Replace the manifest of segment ``info`` atomically: its bytes are those of
-        ``version``, with these chunk hashes."""
+        ``version``, with these chunk hashes; ``writer``: a process on this node may
+        map the file writable (see ``mark_writer``)."""
         manifest = {"format": _MANIFEST_FORMAT, "name": info.name, "id": info.id,
                     "size": info.size, "address": info.address, "version": version,
-                    "chunk": CHUNK, "hashes": base64.b64encode(chunk_hashes).decode()}
-        _write_atomically(os.path.join(self.segments, f"{info.id}.json"),
+                    "chunk": CHUNK, "hashes": base64.b64encode(chunk_hashes).decode(),
+                    "writer": writer}
+        self._write_manifest(info.id, manifest)
+
+    def mark_writer(self, segment_id: int, writer: bool) -> None:
+        """Note in the manifest whether a home writer (a process on this node) may map
+        the file writable. Such a process outlives a killed agent with its mapping,
+        and its stores would land in the file the next start adopts: that start
+        moves the bytes to a fresh file first (``_fresh_inode``), out of its reach."""
+        path = os.path.join(self.segments, f"{segment_id}.json")
+        with open(path, "rb") as source:
+            manifest = json.loads(source.read())
+        if manifest.get("writer") != writer:
+            manifest["writer"] = writer
+            self._write_manifest(segment_id, manifest)
+
+    def _write_manifest(self, segment_id: int, manifest: dict) -> None:
+        _write_atomically(os.path.join(self.segments, f"{segment_id}.json"),
                           json.dumps(manifest).encode())
 
     # ------------------------------------------------------------------ start
@@ -254,10 +271,14 @@ class DataDir:
             if manifest.get("format") != _MANIFEST_FORMAT or manifest["chunk"] != CHUNK \
                     or len(expected) != 8 * -(-size // CHUNK):
                 raise ValueError("unknown format, chunk size or hash count")
-            fds.append(os.open(data_path, os.O_RDWR | os.O_CLOEXEC))
-            actual = os.fstat(fds[0]).st_size
+            actual = os.stat(data_path).st_size
             if actual != size:
                 raise ValueError(f"{data_path} has {actual} bytes, not {size}")
+            if manifest.get("writer"):
+                self._fresh_inode(data_path, size)
+                manifest["writer"] = False
+                self._write_manifest(manifest["id"], manifest)
+            fds.append(os.open(data_path, os.O_RDWR | os.O_CLOEXEC))
             fds.append(os.open(data_path, os.O_RDONLY | os.O_CLOEXEC))
             failed = _failed_chunks(fds[1], size, expected)
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -269,6 +290,25 @@ class DataDir:
                 _unlink(each)
             return None
         return Stored(manifest, FileMemory(size, fds[0], fds[1], data_path), failed)
+
+    def _fresh_inode(self, data_path: str, size: int) -> None:
+        """Replace ``data_path`` by a copy of it: a writer of the previous agent that
+        still maps the old file can no longer reach the bytes this start adopts (the
+        copy is verified afterwards, so stores it made before are caught too)."""
+        fresh = os.path.join(self.segments, f"{_NEW_PREFIX}{os.getpid()}-{next(self._names)}")
+        with open(data_path, "rb") as source, open(fresh, "wb") as target:
+            os.fchmod(target.fileno(), 0o600)
+            os.posix_fallocate(target.fileno(), 0, size)  # every block reserved, as at create
+            done = 0
+            while done < size:
+                copied = os.copy_file_range(source.fileno(), target.fileno(), size - done)
+                if not copied:
+                    raise OSError(f"{data_path} ended after {done} of {size} bytes")
+                done += copied
+            os.fsync(target.fileno())
+        os.rename(fresh, data_path)
+        log.info("%s: a writer on this node may still map its old file (the previous agent "
+                 "died with it attached): moved to a fresh one", data_path)
 
     def _probe_write_protect(self) -> bool:
         """Whether a writable mapping of a file here can be registered for userfaultfd

@@ -337,6 +337,7 @@ class HomeSegments:
             raise
         guard = Guard(segment.name, session.pid, pidfd_of(session))
         try:
+            self._writer_mapped(segment, True)
             with segment.lock:
                 segment.free_writer_locked()
                 if segment.state is not HomeState.LIVE:
@@ -352,6 +353,30 @@ class HomeSegments:
         self.writers.track(attachment)
         self.reporter.mark(segment)
         return attachment, fd
+
+    def writer_unmapped(self, segment: HomeSegment) -> None:
+        """The home writer of ``segment`` detached (its process unmapped first): a
+        restart need not move the file out of its reach any more. Only a Detach says
+        so: after an EOF or a revocation the process may still map it."""
+        try:
+            self._writer_mapped(segment, False)
+        except VasError as exc:  # kept set: it only costs a copy at the next start
+            log.info("segment %s: writer mark not cleared: %s", segment.name, exc)
+
+    def _writer_mapped(self, segment: HomeSegment, mapped: bool) -> None:
+        """Keep in the manifest whether a home writer may map the file (node/datadir.py
+        ``mark_writer``); in the segment's gate, so a publish's manifest agrees."""
+        if self.data_dir is None:
+            return
+        with segment.gate.passage(self.config.rpc_timeout, f"writer of segment {segment.name}"):
+            try:
+                self.data_dir.mark_writer(segment.id, mapped)
+            except OSError as exc:
+                raise Unavailable(f"cannot note the writer of segment {segment.name} in "
+                                  f"--data-dir {self.data_dir.path}: {exc.strerror or exc}") \
+                    from exc
+            with segment.lock:
+                segment.writer_mapped = mapped
 
     def _check_attachable_locked(self, session, segment: HomeSegment, mode: str) -> None:
         if segment.state is not HomeState.LIVE:

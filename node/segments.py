@@ -189,10 +189,12 @@ class HomeSegment(_Held):
     ``done`` is set once the segment is FREED and its record finished.
     ``damage``: chunks that failed their checksum when the agent re-adopted the
     segment from its data dir (node/datadir.py): it is never served (``intact``).
+    ``writer_mapped``: a home writer may map its data-dir file writable (kept in
+    the manifest; changed in the segment's gate).
     """
 
     __slots__ = ("finish_record", "published_hashes", "read_ticket", "adopted_ticket", "done",
-                 "damage")
+                 "damage", "writer_mapped")
     MOVES = _HOME_MOVES
     KIND = "home segment"
     FREED = HomeState.FREED
@@ -206,6 +208,7 @@ class HomeSegment(_Held):
         self.read_ticket = 0
         self.adopted_ticket = 0
         self.damage = None
+        self.writer_mapped = False
 
     def check_intact(self) -> None:
         """DataLoss if some of its chunks failed their checksum (never served)."""

@@ -413,7 +413,7 @@ class Writers:
         acknowledged (the caller is in the segment's gate); Unavailable if that fails:
         the writer's sync then fails, so nothing unkept is acknowledged."""
         try:
-            self.data_dir.save(segment.info, version, chunk_hashes)
+            self.data_dir.save(segment.info, version, chunk_hashes, segment.writer_mapped)
         except OSError as exc:
             raise Unavailable(f"segment {segment.name}: version {version} was published but "
                               f"could not be kept in --data-dir {self.data_dir.path}: "

@@ -7,7 +7,9 @@ the other node, and take new writes; a segment deleted while the home was down
 leaves no files; chunks that differ from the last sync -- a byte flipped on disk
 while the agent was down, or a home writer's stores after its last sync -- are
 reported (log), the segment reads ``lost`` everywhere and an attach of it fails
-(on its home with DataLoss naming the chunk), while the others serve on. Started without the directory the agent behaves as
+(on its home with DataLoss naming the chunk), while the others serve on; a home
+writer of the killed agent that still maps the segment cannot change what the
+restarted agent serves. Started without the directory the agent behaves as
 before: the segments are lost.
 
 The data dirs are on tmpfs (/dev/shm): the home "rw" attaches here need it
@@ -135,18 +137,32 @@ def test_synced_segments_survive_kill_9_with_their_exact_bytes(pair, data_dir):
                                                  f"{ids['dd/home']}.json"]
 
 
-#: A home writer that syncs, then writes again without syncing and waits to be killed.
-UNSYNCED_WRITER = textwrap.dedent("""
+#: A home writer that syncs, then writes again without syncing (unless told -1), then
+#: waits; told "go" (its agent killed and started again meanwhile), it stores into its
+#: mapping, which it still holds.
+HOME_WRITER = textwrap.dedent("""
     import sys, vas
-    socket, name, chunk = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    socket, name, chunk, unsynced = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     client = vas.connect(socket)
     mapping = client.attach(name, "rw")
     mapping.write(chunk + 10, b"synced")
     mapping.sync()
-    mapping.write(2 * chunk + 5, b"never synced")
+    if unsynced >= 0:
+        mapping.write(unsynced, b"never synced")
     print("written", flush=True)
-    sys.stdin.read()
+    sys.stdin.readline()
+    mapping.buffer[0:6] = b"zombie"
+    print("stored", flush=True)
+    sys.stdin.readline()
 """)
+
+
+def home_writer(node, name: str, unsynced: int) -> subprocess.Popen:
+    writer = subprocess.Popen([sys.executable, "-c", HOME_WRITER, node.socket, name, str(CHUNK),
+                               str(unsynced)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline() == "written\n"
+    return writer
 
 
 def test_chunks_that_differ_from_the_last_sync_are_reported_never_served(pair, data_dir):
@@ -154,28 +170,36 @@ def test_chunks_that_differ_from_the_last_sync_are_reported_never_served(pair, d
     on_data_dir(node1, data_dir)
     with vas.connect(node1.socket) as c1:
         ids = {name: c1.create(name, MiB, mode=0o644).id
-               for name in ("dd/unsynced", "dd/corrupt", "dd/fine")}
+               for name in ("dd/unsynced", "dd/corrupt", "dd/fine", "dd/zombie")}
     fine = pattern(4, MiB)
     write_and_sync(node1, "dd/fine", 0, fine)
     write_and_sync(node1, "dd/corrupt", 0, pattern(5, MiB))
-    writer = subprocess.Popen([sys.executable, "-c", UNSYNCED_WRITER, node1.socket,
-                               "dd/unsynced", str(CHUNK)],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    writers = [home_writer(node1, "dd/unsynced", 2 * CHUNK + 5),
+               home_writer(node1, "dd/zombie", -1)]
     try:
-        assert writer.stdout.readline() == "written\n"
         node1.kill()
+        # A byte flipped at rest while the agent is down.
+        with open(os.path.join(data_dir, "segments", f"{ids['dd/corrupt']}.data"),
+                  "r+b") as data:
+            data.seek(3 * CHUNK + 123)
+            byte = data.read(1)
+            data.seek(3 * CHUNK + 123)
+            data.write(bytes([byte[0] ^ 0x40]))
+        node1.start()
+        # The writer of the killed agent still maps the old file: its stores now must
+        # not reach what the restarted agent serves.
+        writers[1].stdin.write("go\n")
+        writers[1].stdin.flush()
+        assert writers[1].stdout.readline() == "stored\n"
+        zombie = bytes(CHUNK + 10) + b"synced" + bytes(MiB - CHUNK - 16)
+        assert read_all(node2, "dd/zombie") == (1, zombie)
+        assert read_all(node1, "dd/zombie", "lazy") == (1, zombie)
     finally:
-        writer.kill()
-        writer.wait()
-        writer.stdin.close()
-        writer.stdout.close()
-    # A byte flipped at rest while the agent is down.
-    with open(os.path.join(data_dir, "segments", f"{ids['dd/corrupt']}.data"), "r+b") as data:
-        data.seek(3 * CHUNK + 123)
-        byte = data.read(1)
-        data.seek(3 * CHUNK + 123)
-        data.write(bytes([byte[0] ^ 0x40]))
-    node1.start()
+        for writer in writers:
+            writer.kill()
+            writer.wait()
+            writer.stdin.close()
+            writer.stdout.close()
 
     for name, offset, version in (("dd/corrupt", 3 * CHUNK, 1), ("dd/unsynced", 2 * CHUNK, 1)):
         reported = (f"chunk at offset {offset} of segment {name} failed its checksum when node "
