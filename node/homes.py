@@ -191,7 +191,7 @@ class HomeSegments:
             raise Unavailable(f"cannot keep segment {segment.name} in --data-dir "
                               f"{self.data_dir.path}: {exc.strerror or exc}") from exc
         with segment.lock:
-            segment.published_hashes = (segment.info.version, zeros)
+            segment.kept_hashes = zeros
 
     def _expect(self, size: int) -> None:
         """After a create of ``size`` bytes: when the one before had that size too (shards,
@@ -270,6 +270,7 @@ class HomeSegments:
         self.store.reserve(memory.size, record.name)
         self.store.hold(memory.size)
         segment = HomeSegment(record, memory)
+        segment.kept_hashes = stored.kept
         if stored.failed:
             segment.damage = Damage(stored.failed, manifest["version"], self.node_id)
             metrics.CHUNKS_FAILED.inc(len(stored.failed))

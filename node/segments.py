@@ -190,11 +190,12 @@ class HomeSegment(_Held):
     ``damage``: chunks that failed their checksum when the agent re-adopted the
     segment from its data dir (node/datadir.py): it is never served (``intact``).
     ``writer_mapped``: a home writer may map its data-dir file writable (kept in
-    the manifest; changed in the segment's gate).
+    the manifest; changed in the segment's gate). ``kept_hashes``: the chunk
+    hashes its manifest holds (the last publish kept; b"" without a data dir).
     """
 
     __slots__ = ("finish_record", "published_hashes", "read_ticket", "adopted_ticket", "done",
-                 "damage", "writer_mapped")
+                 "damage", "writer_mapped", "kept_hashes")
     MOVES = _HOME_MOVES
     KIND = "home segment"
     FREED = HomeState.FREED
@@ -209,6 +210,7 @@ class HomeSegment(_Held):
         self.adopted_ticket = 0
         self.damage = None
         self.writer_mapped = False
+        self.kept_hashes = b""
 
     def check_intact(self) -> None:
         """DataLoss if some of its chunks failed their checksum (never served)."""

@@ -299,7 +299,7 @@ class Writers:
                 return info
             # Hashed before the publish, as a remote writer's sync does: a store racing
             # with the sync shows as a changed chunk, never as part of this version.
-            before = self._hashes(segment) if self.data_dir is not None else b""
+            before = self._hashes(segment, chunks) if self.data_dir is not None else b""
             info = self._publish_version(attachment.session.caller, segment,
                                          attachment.lease, attachment)
             if self.data_dir is not None:
@@ -373,7 +373,7 @@ class Writers:
                 for offset, data in staged.pieces:
                     _pwrite_all(fd, data, offset)
                 if self.data_dir is not None:
-                    self._keep(segment, info.version, self._hashes(segment))
+                    self._keep(segment, info.version, self._hashes(segment, staged.chunks()))
                 with segment.lock:  # only now: a reader never sees the version before its bytes
                     segment.adopt_version_locked(info.version)
         finally:
@@ -400,13 +400,17 @@ class Writers:
         finally:
             os.close(fd)
 
-    def _hashes(self, segment) -> bytes:
-        """Chunk hashes of home ``segment``'s pages as they are now."""
-        fd = segment.dup_fd()
-        try:
-            return _hashes_of(fd, segment.size)
-        finally:
-            os.close(fd)
+    @staticmethod
+    def _hashes(segment, chunks: list[int] | None) -> bytes:
+        """Chunk hashes of home ``segment``'s pages (a data-dir file) as they are now:
+        the kept ones with ``chunks`` hashed again, or (None) every chunk. A home
+        writer's stores outside the chunks it syncs are not kept: like any store
+        after a sync, a restart finds them differing (node/datadir.py)."""
+        with segment.lock:
+            kept = segment.kept_hashes
+        if chunks is None or not kept:
+            return segment.memory.hashes()
+        return segment.memory.hashes(kept, chunks)
 
     def _keep(self, segment, version: int, chunk_hashes: bytes) -> None:
         """Write the manifest of a home publish to the data dir before it is
@@ -419,7 +423,7 @@ class Writers:
                               f"could not be kept in --data-dir {self.data_dir.path}: "
                               f"{exc.strerror or exc}") from exc
         with segment.lock:
-            segment.published_hashes = (version, chunk_hashes)
+            segment.kept_hashes = chunk_hashes
 
     # ------------------------------------------------------------------ wait
 
