@@ -59,6 +59,8 @@ log = logging.getLogger(__name__)
 #: Deadline of the clean-up calls made while shutting down (a dead coordinator must
 #: not hold up the exit: leases expire on their own), seconds.
 _SHUTDOWN_RPC_TIMEOUT = 2.0
+#: Most segments one CheckSegments call may name.
+_CHECK_BATCH = 1000
 
 
 class Agent:
@@ -175,9 +177,15 @@ class Agent:
         checksum is held (this agent answers its attaches with the DataLoss that
         names them, and its delete frees the files) but not told: the coordinator
         marks it lost, so every other node and ``seg stat`` say so at once."""
+        refs = [(stored.manifest["name"], stored.manifest["id"]) for stored in self._found]
+        gone: set[int] = set()  # absent, another id, deleting or marked lost
+        for first in range(0, len(refs), _CHECK_BATCH):
+            gone.update(self.coordinator.check_segments(refs[first:first + _CHECK_BATCH]))
         while self._found:
             stored = self._found[0]
-            self.homes.adopt(stored, self.coordinator.find_segment(stored.manifest["name"]))
+            name, segment_id = stored.manifest["name"], stored.manifest["id"]
+            self.homes.adopt(stored, None if segment_id in gone
+                             else self.coordinator.find_segment(name))
             self._found.pop(0)
         return [segment.id for segment in self.homes.all()
                 if segment.state is not HomeState.FREED and segment.damage is None]

@@ -253,7 +253,8 @@ class HomeSegments:
 
     def adopt(self, stored, record: types_pb2.SegmentInfo | None) -> None:
         """Hold ``stored``, a segment found in the data dir at start (node/datadir.py),
-        if ``record`` (its coordinator record now, None if gone) still names it;
+        if ``record`` (its coordinator record now, None if gone or marked lost) still
+        names it;
         otherwise remove its files. Runs before registering; the caller checked that
         everything stored fits in ``--memory``.
 
@@ -643,7 +644,8 @@ class HomeSegments:
 def _not_adoptable(record: types_pb2.SegmentInfo | None, segment_id: int, node_id: str) -> str:
     """Why a segment found in the data dir is not held again ("" if it is)."""
     if record is None:
-        return "its record is gone (deleted, or its ttl ended, while the agent was down)"
+        return ("its record is gone, deleting or marked lost (deleted, expired or declared "
+                "lost while the agent was down)")
     if record.id != segment_id:
         return f"its name now belongs to segment id {record.id}"
     if record.home != node_id:

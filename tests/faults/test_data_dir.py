@@ -33,7 +33,6 @@ import vas
 from faultkit import restart, usage
 from vas.node import locks
 from vas.node.publish import CHUNK
-from waiting import wait_for
 
 MiB = 1 << 20
 PAGE = 4096
@@ -245,4 +244,13 @@ def test_a_start_without_the_data_dir_loses_the_segments_as_before(pair, data_di
         assert c1.stat("dd/kept").state == "lost"
     # The files stay where they were: nothing but that directory's agent touches them.
     assert files_of(data_dir, segment_id) == [f"{segment_id}.data", f"{segment_id}.json"]
-    wait_for(lambda: usage(node1) == (0, 0), "node1 to hold nothing")
+    assert usage(node1) == (0, 0)
+    # Back on the data dir: the record was marked lost meanwhile (for good), so the
+    # files go instead of a copy the rest of the cluster calls lost.
+    node1.kill()
+    node1.data_dir = data_dir
+    node1.start()
+    assert files_of(data_dir, segment_id) == []
+    assert usage(node1) == (0, 0)
+    with vas.connect(node1.socket) as c1:
+        assert c1.stat("dd/kept").state == "lost"
