@@ -3,14 +3,14 @@ directory re-adopts its segments, verified chunk by chunk.
 
 Segments written and synced (by a writer on the home and by one on another node)
 read back with their exact bytes (sha256) at the same version, locally and from
-the other node, and take new writes; a segment deleted while the home was down
-leaves no files; chunks that differ from the last sync -- a byte flipped on disk
-while the agent was down, or a home writer's stores after its last sync -- are
-reported (log), the segment reads ``lost`` everywhere and an attach of it fails
-(on its home with DataLoss naming the chunk), while the others serve on; a home
-writer of the killed agent that still maps the segment cannot change what the
-restarted agent serves. Started without the directory the agent behaves as
-before: the segments are lost.
+the other node, and take new writes; a clean stop keeps them too, and a segment
+deleted while the home was down leaves no files. Chunks that differ from the last
+sync -- a byte flipped on disk while the agent was down, or a home writer's stores
+after its last sync -- are reported (log), the segment reads ``lost`` everywhere
+and an attach of it fails (on its home with DataLoss naming the chunk), while the
+others serve on; a home writer of the killed agent that still maps the segment
+cannot change what the restarted agent serves. Started without the directory the
+agent behaves as before: the segments are lost.
 
 The data dirs are on tmpfs (/dev/shm): the home "rw" attaches here need it
 (userfaultfd write-protection of shared memory; node/datadir.py).
@@ -111,7 +111,7 @@ def test_synced_segments_survive_kill_9_with_their_exact_bytes(pair, data_dir):
 
     took = restart(node1)
     print(f"\nnode1 killed and serving again on its data dir after {took:.2f} s")
-    node1.kill()  # down again: a delete made meanwhile must not leave files behind
+    node1.stop()  # a clean stop keeps them too; a delete made meanwhile leaves no files
     with vas.connect(node2.socket) as c2:
         c2.delete("dd/gone")
     node1.start()
