@@ -94,7 +94,9 @@ class FileMemory(Memory):
         mapping, self.mapping = self.mapping, None
         super().release()
         _close(mapping)
-        for each in (path, _manifest_of(path)):
+        # The manifest first: a data file left alone by a crash here is removed at the
+        # next start like a create that never finished.
+        for each in (_manifest_of(path), path):
             _unlink(each)
 
     def close(self) -> None:
@@ -267,17 +269,20 @@ class DataDir:
     def stored(self) -> list[Stored]:
         """Every segment the directory holds, opened and verified chunk by chunk.
 
-        Files of creates in flight and data files without a manifest were never
+        Files of creates in flight, temporary files and data files without a
+        manifest (a create or a delete that never finished) were never
         acknowledged: removed. A manifest that cannot be read, or whose data file
         is missing or of another size, is logged and its files are removed (the
-        coordinator then marks the record lost: nothing can serve it).
+        coordinator then marks the record lost: nothing can serve it). Any other
+        failure to read a file (EMFILE, EIO, no room for a copy) refuses the start
+        (DataDirError) and removes nothing.
         """
         found = []
         for entry in sorted(os.listdir(self.segments)):
             path = os.path.join(self.segments, entry)
             if entry.startswith(_NEW_PREFIX) or entry.endswith(".tmp") or (
                     entry.endswith(".data") and not os.path.exists(_manifest_of(path))):
-                log.info("removing %s: a create that never finished", path)
+                log.info("removing %s: a create or delete that never finished", path)
                 _unlink(path)
             elif entry.endswith(".json"):
                 stored = self._load(path)
@@ -287,18 +292,19 @@ class DataDir:
 
     def _load(self, manifest_path: str) -> Stored | None:
         data_path = manifest_path[:-len(".json")] + ".data"
+        try:
+            manifest, expected = _read_manifest(manifest_path, data_path)
+        except (FileNotFoundError, ValueError, KeyError, TypeError) as exc:
+            log.error("segment files %s cannot be used (%s): removed; the coordinator marks "
+                      "the segment lost", manifest_path, exc)
+            for each in (manifest_path, data_path):
+                _unlink(each)
+            return None
+        except OSError as exc:
+            raise DataDirError(f"cannot read {manifest_path}: {exc.strerror or exc}") from exc
+        size = manifest["size"]
         fds: list[int] = []
         try:
-            with open(manifest_path, "rb") as source:
-                manifest = json.loads(source.read())
-            expected = base64.b64decode(manifest["hashes"], validate=True)
-            size = int(manifest["size"])
-            if manifest.get("format") != _MANIFEST_FORMAT or manifest["chunk"] != CHUNK \
-                    or len(expected) != 8 * -(-size // CHUNK):
-                raise ValueError("unknown format, chunk size or hash count")
-            actual = os.stat(data_path).st_size
-            if actual != size:
-                raise ValueError(f"{data_path} has {actual} bytes, not {size}")
             if manifest.get("writer"):
                 self._fresh_inode(data_path, size)
                 manifest["writer"] = False
@@ -306,14 +312,10 @@ class DataDir:
             fds.append(os.open(data_path, os.O_RDWR | os.O_CLOEXEC))
             fds.append(os.open(data_path, os.O_RDONLY | os.O_CLOEXEC))
             memory = FileMemory(size, fds[0], fds[1], data_path)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except OSError as exc:
             for fd in fds:
                 os.close(fd)
-            log.error("segment files %s cannot be used (%s): removed; the coordinator marks "
-                      "the segment lost", manifest_path, exc)
-            for each in (data_path, manifest_path):
-                _unlink(each)
-            return None
+            raise DataDirError(f"cannot adopt {data_path}: {exc.strerror or exc}") from exc
         failed = [index * CHUNK for index in differing(expected, memory.hashes())]
         return Stored(manifest, memory, expected, failed)
 
@@ -365,6 +367,24 @@ def zero_hashes(size: int) -> bytes:
     full, tail = divmod(size, CHUNK)
     out = hashes(memoryview(bytes(CHUNK))) * full if full else b""
     return out + (hashes(memoryview(bytes(tail))) if tail else b"")
+
+
+def _read_manifest(manifest_path: str, data_path: str) -> tuple[dict, bytes]:
+    """(manifest, chunk hashes) of a segment; ValueError (or KeyError, TypeError) if
+    the manifest is not one, or its data file is not of its size; FileNotFoundError
+    if either is missing."""
+    with open(manifest_path, "rb") as source:
+        manifest = json.loads(source.read())
+    expected = base64.b64decode(manifest["hashes"], validate=True)
+    size = manifest["size"]
+    if manifest.get("format") != _MANIFEST_FORMAT or manifest["chunk"] != CHUNK \
+            or not isinstance(size, int) or len(expected) != 8 * -(-size // CHUNK) \
+            or not isinstance(manifest["id"], int) or not isinstance(manifest["name"], str):
+        raise ValueError("unknown format, chunk size, hash count, id or name")
+    actual = os.stat(data_path).st_size
+    if actual != size:
+        raise ValueError(f"{data_path} has {actual} bytes, not {size}")
+    return manifest, expected
 
 
 def _close(mapping) -> None:

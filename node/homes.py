@@ -254,9 +254,8 @@ class HomeSegments:
     def adopt(self, stored, record: types_pb2.SegmentInfo | None) -> None:
         """Hold ``stored``, a segment found in the data dir at start (node/datadir.py),
         if ``record`` (its coordinator record now, None if gone or marked lost) still
-        names it;
-        otherwise remove its files. Runs before registering; the caller checked that
-        everything stored fits in ``--memory``.
+        names it; otherwise remove its files. Runs before registering; the caller
+        checked that everything stored fits in ``--memory``.
 
         Chunks that failed their checksum are reported (log, metric) and the segment
         is held but never served (``HomeSegment.damage``): delete it.

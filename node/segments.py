@@ -188,7 +188,7 @@ class HomeSegment(_Held):
     order re-reads of the record, so an older read never overwrites a newer one.
     ``done`` is set once the segment is FREED and its record finished.
     ``damage``: chunks that failed their checksum when the agent re-adopted the
-    segment from its data dir (node/datadir.py): it is never served (``intact``).
+    segment from its data dir (node/datadir.py): it is never served (``check_intact``).
     ``writer_mapped``: a home writer may map its data-dir file writable (kept in
     the manifest; changed in the segment's gate). ``kept_hashes``: the chunk
     hashes its manifest holds (the last publish kept; b"" without a data dir).
