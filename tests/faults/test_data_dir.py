@@ -117,7 +117,8 @@ def test_synced_segments_survive_kill_9_with_their_exact_bytes(pair, data_dir):
     node1.start()
     assert files_of(data_dir, ids["dd/gone"]) == []
 
-    assert stat_cli(node1, "dd/home")["state"] == "ready"
+    seen = stat_cli(node1, "dd/home")
+    assert (seen["state"], seen["version"]) == ("ready", 2), seen
     with vas.connect(node2.socket) as c2:
         for name, version in versions.items():
             info = c2.stat(name)

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
+import tempfile
 
 import pytest
 
+from vas.core.fetch import write_protect_available
 from vas.node.datadir import DataDir, DataDirError, zero_hashes
 from vas.node.publish import CHUNK, hashes
 from vas.proto import types_pb2
@@ -94,3 +98,25 @@ def test_a_start_removes_what_was_never_acknowledged(data_dir):
     assert data_dir.stored() == []
     assert os.listdir(data_dir.segments) == []
     assert record["size"] == SIZE
+
+
+def _file_system(path) -> str:
+    return subprocess.run(["stat", "-f", "-c", "%T", str(path)], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def test_write_protect_is_probed_on_the_directory_s_own_file_system(tmp_path):
+    """tmpfs files take userfaultfd write-protection (home "rw" attaches are revocable);
+    a disk file system's do not, and the agent must know before it hands one out."""
+    shm = tempfile.mkdtemp(prefix="vas-data-", dir="/dev/shm")
+    try:
+        on_tmpfs = DataDir.open(shm)
+        assert on_tmpfs.write_protect == write_protect_available()
+        on_tmpfs.close()
+    finally:
+        shutil.rmtree(shm)
+    if _file_system(tmp_path) == "tmpfs":
+        pytest.skip(f"{tmp_path} is on tmpfs: no disk file system to compare with")
+    on_disk = DataDir.open(str(tmp_path / "disk"))
+    assert on_disk.write_protect is False
+    on_disk.close()
