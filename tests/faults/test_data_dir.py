@@ -21,11 +21,13 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import textwrap
+import urllib.request
 
 import pytest
 
@@ -172,6 +174,16 @@ def home_writer(node, name: str, unsynced: int) -> subprocess.Popen:
     return writer
 
 
+def failed_chunks_counted(node) -> float:
+    """``vas_node_chunks_failed_checksum_total`` of ``node``'s current process (its
+    metrics listener is the last one its log names)."""
+    with open(node.log_path, errors="replace") as log:
+        url = re.findall(r"serving metrics on (http://[^\s\"]+/metrics)", log.read())[-1]
+    with urllib.request.urlopen(url, timeout=10) as page:
+        text = page.read().decode()
+    return float(re.search(r"^vas_node_chunks_failed_checksum_total (\S+)$", text, re.M)[1])
+
+
 def test_chunks_that_differ_from_the_last_sync_are_reported_never_served(pair, data_dir):
     node1, node2 = pair.nodes
     on_data_dir(node1, data_dir)
@@ -192,6 +204,7 @@ def test_chunks_that_differ_from_the_last_sync_are_reported_never_served(pair, d
             byte = data.read(1)
             data.seek(3 * CHUNK + 123)
             data.write(bytes([byte[0] ^ 0x40]))
+        node1.args += ["--metrics-port", "0"]
         node1.start()
         # The writer of the killed agent still maps the old file: its stores now must
         # not reach what the restarted agent serves.
@@ -223,6 +236,7 @@ def test_chunks_that_differ_from_the_last_sync_are_reported_never_served(pair, d
                 read_all(node2, name, fetch)
             assert str(failed.value) == (f"segment {name} was lost: its home node node1 "
                                          "restarted without it (delete it to free the name)")
+    assert failed_chunks_counted(node1) == 2.0
     # The rest serves on, and a damaged segment can be deleted.
     assert read_all(node2, "dd/fine") == (1, fine)
     with vas.connect(node1.socket) as c1:
