@@ -23,6 +23,7 @@ Layout::
     DIR/node.json            {"id": NODE_ID}: the node these segments are homed on
     DIR/segments/ID.data     the segment's bytes (mode 0600)
     DIR/segments/ID.json     its manifest
+    DIR/segments/ID.redo     a remote writer's publish being applied (``intend``)
     DIR/segments/.new-*      a create in flight (removed at start: never acknowledged)
 
 What a memfd gave that a file does not: seals (``F_SEAL_SHRINK | F_SEAL_GROW``)
@@ -89,6 +90,34 @@ class FileMemory(Memory):
                     fresh[8 * index:8 * index + 8] = hashes(part)
             return bytes(fresh)
 
+    def hashes_after(self, base: bytes, pieces: list[tuple[int, bytes]]) -> bytes:
+        """``base`` (the hashes of the bytes now) with those of the chunks ``pieces``
+        ((offset, bytes), applied in order) will touch, as they will be once applied:
+        a chunk one piece covers is hashed from it, a partly covered one from a copy."""
+        mapping = self.mapping
+        if mapping is None:
+            raise NotFound(f"the file {self.path or 'of a deleted segment'} is closed")
+        fresh = bytearray(base)
+        whole: dict[int, memoryview] = {}
+        partial: dict[int, bytearray] = {}
+        with memoryview(mapping) as raw, raw.cast("B") as view:
+            for offset, data in pieces:
+                data = memoryview(data)
+                for index in range(offset // CHUNK, -(-(offset + len(data)) // CHUNK)):
+                    start, stop = index * CHUNK, min((index + 1) * CHUNK, self.size)
+                    low, high = max(start, offset), min(stop, offset + len(data))
+                    if (low, high) == (start, stop) and index not in partial:
+                        whole[index] = data[low - offset:high - offset]
+                        continue
+                    if index not in partial:
+                        earlier = whole.pop(index, None)
+                        partial[index] = bytearray(view[start:stop] if earlier is None
+                                                   else earlier)
+                    partial[index][low - start:high - start] = data[low - offset:high - offset]
+            for index, chunk in [*whole.items(), *partial.items()]:
+                fresh[8 * index:8 * index + 8] = hashes(memoryview(chunk))
+        return bytes(fresh)
+
     def release(self) -> None:
         path, self.path = self.path, ""
         mapping, self.mapping = self.mapping, None
@@ -96,7 +125,7 @@ class FileMemory(Memory):
         _close(mapping)
         # The manifest first: a data file left alone by a crash here is removed at the
         # next start like a create that never finished.
-        for each in (_manifest_of(path), path):
+        for each in (_manifest_of(path), _redo_of(path), path):
             _unlink(each)
 
     def close(self) -> None:
@@ -197,7 +226,7 @@ class DataDir:
             return known
         chosen = wanted or default
         try:
-            _write_atomically(record, json.dumps({"id": chosen}).encode())
+            _write_atomically(record, [json.dumps({"id": chosen}).encode()])
         except OSError as exc:
             raise DataDirError(f"cannot write in --data-dir {self.path}: "
                                f"{exc.strerror or exc}") from exc
@@ -260,9 +289,27 @@ class DataDir:
             manifest["writer"] = writer
             self._write_manifest(segment_id, manifest)
 
+    def intend(self, segment_id: int, version: int, pieces: list[tuple[int, bytes]],
+               chunk_hashes: bytes) -> None:
+        """Before a remote writer's bytes (``pieces``, published as ``version``) are
+        applied to the file: keep them in a redo file, with the chunk hashes they
+        result in. A start that finds it replays them (``_replay``), so a crash while
+        they are applied loses neither the version before (its bytes were being
+        overwritten) nor this one (already published)."""
+        header = json.dumps({"format": _MANIFEST_FORMAT, "id": segment_id, "version": version,
+                             "hashes": base64.b64encode(chunk_hashes).decode(),
+                             "pieces": [[offset, len(data)] for offset, data in pieces]})
+        _write_atomically(os.path.join(self.segments, f"{segment_id}.redo"),
+                          [len(header).to_bytes(8, "little"), header.encode(),
+                           *(data for _, data in pieces)])
+
+    def done(self, segment_id: int) -> None:
+        """The bytes of the last ``intend`` are applied and the manifest says so."""
+        _unlink(os.path.join(self.segments, f"{segment_id}.redo"))
+
     def _write_manifest(self, segment_id: int, manifest: dict) -> None:
         _write_atomically(os.path.join(self.segments, f"{segment_id}.json"),
-                          json.dumps(manifest).encode())
+                          [json.dumps(manifest).encode()])
 
     # ------------------------------------------------------------------ start
 
@@ -281,7 +328,8 @@ class DataDir:
         for entry in sorted(os.listdir(self.segments)):
             path = os.path.join(self.segments, entry)
             if entry.startswith(_NEW_PREFIX) or entry.endswith(".tmp") or (
-                    entry.endswith(".data") and not os.path.exists(_manifest_of(path))):
+                    entry.endswith((".data", ".redo"))
+                    and not os.path.exists(_manifest_of(path))):
                 log.info("removing %s: a create or delete that never finished", path)
                 _unlink(path)
             elif entry.endswith(".json"):
@@ -305,6 +353,7 @@ class DataDir:
         size = manifest["size"]
         fds: list[int] = []
         try:
+            expected = self._replay(manifest, data_path, expected)
             if manifest.get("writer"):
                 self._fresh_inode(data_path, size)
                 manifest["writer"] = False
@@ -318,6 +367,41 @@ class DataDir:
             raise DataDirError(f"cannot adopt {data_path}: {exc.strerror or exc}") from exc
         failed = [index * CHUNK for index in differing(expected, memory.hashes())]
         return Stored(manifest, memory, expected, failed)
+
+    def _replay(self, manifest: dict, data_path: str, expected: bytes) -> bytes:
+        """Apply the redo file of the segment, if one is left over from a publish the
+        agent died in (``intend``), and record its version in the manifest; the chunk
+        hashes the manifest now holds. A redo of a version the manifest has reached
+        already is removed. OSError if the files cannot be read or written."""
+        redo_path = _redo_of(data_path)
+        try:
+            with open(redo_path, "rb") as source:
+                redo = source.read()
+        except FileNotFoundError:
+            return expected
+        try:
+            header, pieces = _parse_redo(redo, manifest)
+        except (ValueError, KeyError, TypeError) as exc:
+            log.error("%s cannot be replayed (%s): removed", redo_path, exc)
+            _unlink(redo_path)
+            return expected
+        if header["version"] > manifest["version"]:
+            fd = os.open(data_path, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                for offset, data in pieces:
+                    done = 0
+                    while done < len(data):
+                        done += os.pwrite(fd, data[done:], offset + done)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            manifest["version"], manifest["hashes"] = header["version"], header["hashes"]
+            self._write_manifest(manifest["id"], manifest)
+            expected = base64.b64decode(header["hashes"])
+            log.warning("%s: replayed version %d, published while the previous agent died "
+                        "applying it", data_path, header["version"])
+        _unlink(redo_path)
+        return expected
 
     def _fresh_inode(self, data_path: str, size: int) -> None:
         """Replace ``data_path`` by a copy of it: a writer of the previous agent that
@@ -387,6 +471,26 @@ def _read_manifest(manifest_path: str, data_path: str) -> tuple[dict, bytes]:
     return manifest, expected
 
 
+def _parse_redo(redo: bytes, manifest: dict) -> tuple[dict, list[tuple[int, memoryview]]]:
+    """(header, pieces) of a redo file of the segment of ``manifest``; ValueError (or
+    KeyError, TypeError) if it is not one."""
+    length = int.from_bytes(redo[:8], "little")
+    header = json.loads(redo[8:8 + length])
+    hashes_ = base64.b64decode(header["hashes"], validate=True)
+    if header["format"] != _MANIFEST_FORMAT or header["id"] != manifest["id"] \
+            or len(hashes_) != len(base64.b64decode(manifest["hashes"])):
+        raise ValueError("not a redo of this segment")
+    body, at, pieces = memoryview(redo), 8 + length, []
+    for offset, size in header["pieces"]:
+        if offset < 0 or size < 0 or offset + size > manifest["size"] or at + size > len(redo):
+            raise ValueError(f"piece [{offset}, +{size}) out of bounds")
+        pieces.append((offset, body[at:at + size]))
+        at += size
+    if at != len(redo):
+        raise ValueError(f"{len(redo) - at} bytes after the last piece")
+    return header, pieces
+
+
 def _close(mapping) -> None:
     """Unmap ``mapping`` (None: nothing); one a hash still reads is unmapped when that
     ends (the native object unmaps when its last reference goes)."""
@@ -398,8 +502,13 @@ def _close(mapping) -> None:
         pass
 
 
-def _manifest_of(data_path: str) -> str:
-    return data_path[:-len(".data")] + ".json" if data_path.endswith(".data") else ""
+def _manifest_of(path: str) -> str:
+    """``ID.json`` of ``ID.data`` or ``ID.redo`` ("" for "")."""
+    return path.rpartition(".")[0] + ".json" if path else ""
+
+
+def _redo_of(data_path: str) -> str:
+    return data_path.rpartition(".")[0] + ".redo" if data_path else ""
 
 
 def _unlink(path: str) -> None:
@@ -411,14 +520,16 @@ def _unlink(path: str) -> None:
         pass
 
 
-def _write_atomically(path: str, data: bytes) -> None:
-    """``path`` holds ``data`` or its old content, never a mix, even across a crash."""
+def _write_atomically(path: str, parts: list) -> None:
+    """``path`` holds ``parts`` (bytes-like, one after the other) or its old content,
+    never a mix, even across a crash."""
     temporary = path + ".tmp"
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        for part in parts:
+            view = memoryview(part)
+            while view:
+                view = view[os.write(fd, view):]
         os.fsync(fd)
     finally:
         os.close(fd)

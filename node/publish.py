@@ -97,10 +97,6 @@ class Staged:
         if data:
             self.pieces.append((offset, data))
 
-    def chunks(self) -> list[int]:
-        """Indices of the chunks the pieces touch."""
-        return chunks_of([(offset, len(data)) for offset, data in self.pieces], self.size)
-
 
 def stale_runs(view: memoryview, remote: bytes, present: bytes | None
                ) -> list[tuple[int, int]]:

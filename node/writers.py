@@ -370,10 +370,12 @@ class Writers:
             with segment.gate.passage(timeout, f"publish of segment {segment.name}"):
                 lease = WriterLease(header.name, header.token, header.lease_id)
                 info = self._publish_version(header.caller, segment, lease, adopt=False)
+                after = self._intend(segment, info.version, staged.pieces)
                 for offset, data in staged.pieces:
                     _pwrite_all(fd, data, offset)
                 if self.data_dir is not None:
-                    self._keep(segment, info.version, self._hashes(segment, staged.chunks()))
+                    self._keep(segment, info.version, after)
+                    self.data_dir.done(segment.id)
                 with segment.lock:  # only now: a reader never sees the version before its bytes
                     segment.adopt_version_locked(info.version)
         finally:
@@ -411,6 +413,23 @@ class Writers:
         if chunks is None or not kept:
             return segment.memory.hashes()
         return segment.memory.hashes(kept, chunks)
+
+    def _intend(self, segment, version: int, pieces: list[tuple[int, bytes]]) -> bytes:
+        """With a data dir: keep a remote writer's published ``pieces`` in a redo file
+        before they overwrite the home file (node/datadir.py ``intend``); the chunk
+        hashes they result in. Unavailable if that fails: nothing was applied."""
+        if self.data_dir is None:
+            return b""
+        with segment.lock:
+            kept = segment.kept_hashes
+        after = segment.memory.hashes_after(kept or segment.memory.hashes(), pieces)
+        try:
+            self.data_dir.intend(segment.id, version, pieces, after)
+        except OSError as exc:
+            raise Unavailable(f"segment {segment.name}: version {version} was published but "
+                              f"could not be kept in --data-dir {self.data_dir.path}: "
+                              f"{exc.strerror or exc}") from exc
+        return after
 
     def _keep(self, segment, version: int, chunk_hashes: bytes) -> None:
         """Write the manifest of a home publish to the data dir before it is

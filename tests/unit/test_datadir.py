@@ -120,3 +120,47 @@ def test_write_protect_is_probed_on_the_directory_s_own_file_system(tmp_path):
     on_disk = DataDir.open(str(tmp_path / "disk"))
     assert on_disk.write_protect is False
     on_disk.close()
+
+
+def test_hashes_after_pieces_are_those_of_the_bytes_once_applied(data_dir):
+    info = created(data_dir, 12, os.urandom(SIZE))
+    [stored] = data_dir.stored()
+    memory = stored.memory
+    pieces = [(0, os.urandom(CHUNK)),                  # a whole chunk
+              (CHUNK + 5, b"partial"),                 # part of one
+              (2 * CHUNK, os.urandom(8192)),           # the short last chunk, whole
+              (100, b"over the first piece")]          # a later piece over an earlier one
+    after = memory.hashes_after(stored.kept, pieces)
+    for offset, data in pieces:
+        os.pwrite(memory.fd, data, offset)
+    assert after == memory.hashes()
+    memory.close()
+    assert info.id == 12
+
+
+def test_a_publish_interrupted_while_applied_is_replayed_at_start(data_dir):
+    before = os.urandom(SIZE)
+    info = created(data_dir, 13, before)
+    [stored] = data_dir.stored()
+    pieces = [(CHUNK - 10, b"across two chunks"), (2 * CHUNK, b"tail")]
+    after = stored.memory.hashes_after(stored.kept, pieces)
+    data_dir.intend(info.id, 2, pieces, after)
+    os.pwrite(stored.memory.fd, pieces[0][1][:4], pieces[0][0])  # the agent dies mid-apply
+    stored.memory.close()
+
+    [replayed] = data_dir.stored()
+    assert (replayed.manifest["version"], replayed.failed) == (2, [])
+    expected = bytearray(before)
+    for offset, data in pieces:
+        expected[offset:offset + len(data)] = data
+    assert os.pread(replayed.memory.fd, SIZE, 0) == bytes(expected)
+    assert sorted(os.listdir(data_dir.segments)) == ["13.data", "13.json"]
+    # A redo the manifest has caught up with already (the agent died before removing it)
+    # is removed, not applied again.
+    data_dir.intend(info.id, 2, [(0, b"stale")], after)
+    replayed.memory.close()
+    [again] = data_dir.stored()
+    assert (again.manifest["version"], again.failed) == (2, [])
+    assert os.pread(again.memory.fd, 5, 0) == bytes(expected[:5])
+    assert sorted(os.listdir(data_dir.segments)) == ["13.data", "13.json"]
+    again.memory.close()
