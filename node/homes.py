@@ -332,13 +332,17 @@ class HomeSegments:
             segment.writer_state = WriterState.ACQUIRING
         try:
             lease = self.writers.acquire(session.caller, segment.name)
+            try:
+                self._writer_mapped(segment, True)  # before the fd is handed out
+            except BaseException:
+                self.writers.release(lease)
+                raise
         except BaseException:
             with segment.lock:
                 segment.free_writer_locked()
             raise
         guard = Guard(segment.name, session.pid, pidfd_of(session))
         try:
-            self._writer_mapped(segment, True)
             with segment.lock:
                 segment.free_writer_locked()
                 if segment.state is not HomeState.LIVE:

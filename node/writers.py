@@ -395,7 +395,12 @@ class Writers:
                     version, cached = segment.info.version, segment.published_hashes
                 if cached is not None and cached[0] == version:
                     return cached
-                fresh = (version, _hashes_of(fd, segment.size))
+                mapping = _native.mmap(fd, segment.size, writable=False)
+                try:
+                    with memoryview(mapping) as raw, raw.cast("B") as view:
+                        fresh = (version, hashes(view))
+                finally:
+                    mapping.close()
                 with segment.lock:
                     segment.published_hashes = fresh
                 return fresh
@@ -497,16 +502,6 @@ def _rehash(view: memoryview, synced: bytes, chunks: list[int]) -> bytes:
             fresh = hashes(part)
             fresh_all[first:first + len(fresh)] = fresh
     return bytes(fresh_all)
-
-
-def _hashes_of(fd: int, size: int) -> bytes:
-    """Chunk hashes of the first ``size`` bytes of the file or memfd ``fd``."""
-    mapping = _native.mmap(fd, size, writable=False)
-    try:
-        with memoryview(mapping) as raw, raw.cast("B") as view:
-            return hashes(view)
-    finally:
-        mapping.close()
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
