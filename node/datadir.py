@@ -32,7 +32,7 @@ it under other mappings (the protection was never against hostile writers:
 they could ``pwrite`` garbage anyway). Userfaultfd write-protection, which makes
 a home "rw" attachment revocable (node/revoke.py), works on shmem only: on tmpfs
 yes, on a disk file system (ext4, xfs, DAX) ``UFFDIO_REGISTER`` refuses it. It
-is probed at start (``write_protect``); without it home "rw" attaches are refused
+is probed at start (``no_write_protect``); without it home "rw" attaches are refused
 with a message that says why (remote writers work everywhere).
 """
 from __future__ import annotations
@@ -166,11 +166,12 @@ class Stored:
 class DataDir:
     """The agent's data dir (see the module docstring); ``open`` it once per process."""
 
-    def __init__(self, path: str, lock_fd: int, write_protect: bool):
+    def __init__(self, path: str, lock_fd: int):
         self.path = path
         self.segments = os.path.join(path, "segments")
         self._lock_fd = lock_fd
-        self.write_protect = write_protect
+        #: Why a writable mapping of a file here cannot be write-protected ("" if it can).
+        self.no_write_protect = ""
         self._names = itertools.count()
 
     @classmethod
@@ -190,9 +191,9 @@ class DataDir:
             if exc.errno in (errno.EWOULDBLOCK, errno.EACCES):
                 raise DataDirError(f"--data-dir {path} is in use by another agent") from exc
             raise DataDirError(f"cannot lock --data-dir {path}: {exc.strerror}") from exc
-        data_dir = cls(path, lock_fd, write_protect=False)
+        data_dir = cls(path, lock_fd)
         try:
-            data_dir.write_protect = data_dir._probe_write_protect()
+            data_dir.no_write_protect = data_dir._probe_write_protect()
         except OSError as exc:
             data_dir.close()
             raise DataDirError(f"cannot write in --data-dir {path}: {exc.strerror or exc}") \
@@ -422,10 +423,10 @@ class DataDir:
         log.info("%s: a writer on this node may still map its old file (the previous agent "
                  "died with it attached): moved to a fresh one", data_path)
 
-    def _probe_write_protect(self) -> bool:
-        """Whether a writable mapping of a file here can be registered for userfaultfd
-        write-protection (shmem: tmpfs; not a disk file system). OSError if the
-        directory is not writable."""
+    def _probe_write_protect(self) -> str:
+        """Why a writable mapping of a file here cannot be registered for userfaultfd
+        write-protection ("" if it can: shmem, i.e. tmpfs; not a disk file system, and
+        not where userfaultfd is denied). OSError if the directory is not writable."""
         from vas.core.fetch import register_write_protect
 
         memory = self.allocate("probe", os.sysconf("SC_PAGE_SIZE"))
@@ -433,13 +434,13 @@ class DataDir:
             mapping = _native.mmap(memory.fd, memory.size, writable=True)
             try:
                 os.close(register_write_protect(mapping.address, memory.size))
-                return True
+                return ""
             except OSError as exc:
-                log.warning("--data-dir %s: userfaultfd write-protection of its files is not "
-                            "available (%s; it needs tmpfs): \"rw\" attaches on this node of "
-                            "segments homed here are refused, remote writers work",
-                            self.path, exc.strerror or exc)
-                return False
+                why = (f"userfaultfd write-protection of its files failed "
+                       f"({exc.strerror or exc}; it needs tmpfs)")
+                log.warning("--data-dir %s: %s: \"rw\" attaches on this node of segments "
+                            "homed here are refused, remote writers work", self.path, why)
+                return why
             finally:
                 mapping.close()
         finally:

@@ -313,12 +313,12 @@ class HomeSegments:
         """
         with segment.lock:
             self._check_attachable_locked(session, segment, "rw")
-            if self.data_dir is not None and not self.data_dir.write_protect:
+            if self.data_dir is not None and self.data_dir.no_write_protect:
                 raise Unavailable(
-                    f'segment {segment.name} is homed on this node, whose --data-dir '
-                    f"{self.data_dir.path} is not on tmpfs: its files cannot be "
-                    "write-protected, so a \"rw\" attach here could not be revoked; attach "
-                    "\"rw\" from another node instead")
+                    f"segment {segment.name} is homed on this node, whose --data-dir "
+                    f"{self.data_dir.path} cannot take a revocable \"rw\" mapping: "
+                    f"{self.data_dir.no_write_protect}; attach \"rw\" from another node "
+                    "instead")
             if not write_protect:
                 raise Unavailable(
                     f'segment {segment.name} is homed on this node: a "rw" attach here needs '

@@ -269,3 +269,27 @@ def test_a_start_without_the_data_dir_loses_the_segments_as_before(pair, data_di
     assert usage(node1) == (0, 0)
     with vas.connect(node1.socket) as c1:
         assert c1.stat("dd/kept").state == "lost"
+
+
+def test_on_a_disk_home_writers_are_refused_and_remote_ones_kept(pair, tmp_path):
+    """A disk file's mapping takes no userfaultfd write-protection, so a home "rw"
+    attach could not be revoked: refused, saying why; a writer on another node works."""
+    kind = subprocess.run(["stat", "-f", "-c", "%T", str(tmp_path)], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    if kind == "tmpfs":
+        pytest.skip(f"{tmp_path} is on tmpfs: no disk file system here")
+    node1, node2 = pair.nodes
+    path = str(tmp_path / "data")
+    on_data_dir(node1, path)
+    with vas.connect(node1.socket) as c1:
+        c1.create("dd/disk", MiB, mode=0o644)
+        with pytest.raises(vas.Unavailable) as refused:
+            c1.attach("dd/disk", "rw")
+    assert str(refused.value) == (
+        f'segment dd/disk is homed on this node, whose --data-dir {path} cannot take a '
+        'revocable "rw" mapping: userfaultfd write-protection of its files failed (Invalid '
+        'argument; it needs tmpfs); attach "rw" from another node instead')
+    data = pattern(6, MiB)
+    assert write_and_sync(node2, "dd/disk", 0, data) == 1
+    restart(node1)
+    assert read_all(node1, "dd/disk") == (1, data)
