@@ -41,6 +41,7 @@ from vas.core.identity import LOOPBACK, Peer, PeerKind
 from vas.node.access import check_access, check_peer_access
 from vas.node.clients import CoordinatorClient, PeerClients
 from vas.node.config import NodeConfig
+from vas.node.datadir import DataDir, Stored
 from vas.node.homes import HomeSegments
 from vas.node.limits import Counts, Limit
 from vas.node.membership import Membership, Reporter
@@ -58,13 +59,16 @@ log = logging.getLogger(__name__)
 #: Deadline of the clean-up calls made while shutting down (a dead coordinator must
 #: not hold up the exit: leases expire on their own), seconds.
 _SHUTDOWN_RPC_TIMEOUT = 2.0
+#: Most segments one CheckSegments call may name.
+_CHECK_BATCH = 1000
 
 
 class Agent:
     """One node agent (see the module docstring)."""
 
     def __init__(self, config: NodeConfig, node_id: str, address: str, socket_path: str,
-                 coordinator: CoordinatorClient | None = None, peers: PeerClients | None = None):
+                 coordinator: CoordinatorClient | None = None, peers: PeerClients | None = None,
+                 data_dir: DataDir | None = None, found: list[Stored] = ()):
         self.config = config
         self.node_id = node_id
         self.address = address
@@ -88,10 +92,12 @@ class Agent:
         self.notices = ReplicaNotices(node_id, self.coordinator, self.peers, self.replicas.drop)
         self.writers = Writers(node_id, config, self.coordinator, self.peers,
                                self.replicas.home_address, self.replicas.retire,
-                               self.cleanup_timeout, self.pool.transfer)
+                               self.cleanup_timeout, self.pool.transfer, data_dir)
         self.homes = HomeSegments(node_id, config, self.store, self.coordinator, self.sessions,
                                   self.writers, self.reporter, self.replicas, self.notices,
-                                  self.cleanup_timeout)
+                                  self.cleanup_timeout, data_dir)
+        #: Segments found in the data dir at start whose records are still to be checked.
+        self._found = list(found)
         self.membership = Membership(node_id, config, self.coordinator, self.reporter,
                                      self.node_info, self._held, self._home_ids,
                                      self._registered, self._chores, self.cleanup_timeout)
@@ -163,9 +169,26 @@ class Agent:
         return self.homes.all() + self.replicas.all()
 
     def _home_ids(self) -> list[int]:
-        """Ids of the home segments whose memory is held (told to RegisterNode)."""
+        """Ids of the home segments whose memory is held (told to RegisterNode).
+
+        At start, first the segments found in the data dir are checked against
+        their records and adopted (or their files removed): a VasError of a record
+        lookup is retried with the registration. One with chunks that failed their
+        checksum is held (this agent answers its attaches with the DataLoss that
+        names them, and its delete frees the files) but not told: the coordinator
+        marks it lost, so every other node and ``seg stat`` say so at once."""
+        refs = [(stored.manifest["name"], stored.manifest["id"]) for stored in self._found]
+        gone: set[int] = set()  # absent, another id, deleting or marked lost
+        for first in range(0, len(refs), _CHECK_BATCH):
+            gone.update(self.coordinator.check_segments(refs[first:first + _CHECK_BATCH]))
+        while self._found:
+            stored = self._found[0]
+            name, segment_id = stored.manifest["name"], stored.manifest["id"]
+            self.homes.adopt(stored, None if segment_id in gone
+                             else self.coordinator.find_segment(name))
+            self._found.pop(0)
         return [segment.id for segment in self.homes.all()
-                if segment.state is not HomeState.FREED]
+                if segment.state is not HomeState.FREED and segment.damage is None]
 
     def _registered(self, response: coordinator_pb2.RegisterNodeResponse, again: bool) -> None:
         """After a registration: tell the nodes holding replicas of the records it marked
@@ -295,7 +318,10 @@ class Agent:
     def detach(self, session: Session, attachment_id: int) -> None:
         """End ``session``'s attachment ``attachment_id`` (NotFound if it has none such);
         the client unmapped it before asking."""
-        self.end_attachment(self.sessions.take(session, attachment_id), revoke=False)
+        attachment = self.sessions.take(session, attachment_id)
+        self.end_attachment(attachment, revoke=False)
+        if attachment.mode == "rw" and isinstance(attachment.segment, HomeSegment):
+            self.homes.writer_unmapped(attachment.segment)
 
     def end_attachment(self, attachment: Attachment, *, revoke: bool) -> None:
         """Stop resolving its faults, release its writer lock (a home writer's mapping

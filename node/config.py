@@ -25,12 +25,6 @@ DEFAULT_FETCH_STREAMS = 4
 #: Seconds SIGTERM waits for in-flight gRPC calls before cancelling them.
 DEFAULT_SHUTDOWN_GRACE = 5.0
 
-#: Why ``data_dir`` is refused: an accepted flag must do what it says, and segments
-#: do not survive an agent restart yet (the CLI exits 2, ``serve`` raises InvalidArgument).
-DATA_DIR_NOT_BUILT = ("--data-dir is not built yet: segments do not survive an agent "
-                      "restart; run without it")
-
-
 @dataclass
 class NodeConfig:
     """Everything ``serve`` needs to run one node agent.
@@ -40,10 +34,13 @@ class NodeConfig:
     :param socket: path of the local Unix socket (parent directories are created;
         a stale socket file is replaced; mode 0666, access is checked per caller).
     :param memory: capacity for segment memory, bytes (sum of held segment sizes).
-    :param data_dir: directory that keeps segments across restarts. Not built yet:
-        anything but None is refused (``DATA_DIR_NOT_BUILT``).
+    :param data_dir: directory that keeps the home segments in files (tmpfs, DAX or
+        disk), so that they survive an agent restart (node/datadir.py); created if
+        missing, one agent at a time; None: memfds, gone with the agent.
     :param node_id: unique node id; default ``"<hostname>:<grpc port>"``, with TLS the
         name its certificate gives (``vas://node/<id>``), which ``node_id`` must match.
+        With ``data_dir`` the id is kept there at the first start and later starts
+        run as it (another ``node_id`` is refused).
     :param advertise: host:port other agents (and the coordinator's clients) use to
         reach this agent's gRPC port; default the listen address with the real port (the
         hostname when listening on a wildcard). Its host is also the host of the bulk

@@ -29,8 +29,9 @@ import threading
 import time
 
 from vas.core.errors import AlreadyExists, Busy, NotFound, Unavailable, VasError
-from vas.node import locks
+from vas.node import locks, metrics
 from vas.node.access import check_access
+from vas.node.datadir import Damage
 from vas.node.revoke import Guard, pidfd_of
 from vas.node.segments import HomeSegment, HomeState, WriterState
 from vas.node.store import Memory
@@ -64,7 +65,7 @@ class HomeSegments:
     """
 
     def __init__(self, node_id: str, config, store, coordinator, sessions, writers,
-                 reporter, replicas, notices, cleanup_timeout):
+                 reporter, replicas, notices, cleanup_timeout, data_dir=None):
         self.node_id = node_id
         self.config = config
         self.store = store
@@ -75,6 +76,7 @@ class HomeSegments:
         self.replicas = replicas          # make_room: creates may evict idle replicas
         self.notices = notices            # the replicas elsewhere of what is freed here
         self._cleanup_timeout = cleanup_timeout
+        self.data_dir = data_dir          # node/datadir.py: home segments in files, or None
         self._lock = locks.Lock("homes", locks.Rank.HOMES)
         self._by_name: dict[str, HomeSegment] = {}
         self._by_id: dict[int, HomeSegment] = {}
@@ -107,6 +109,7 @@ class HomeSegments:
             segment = self._by_id.get(segment_id)
         if segment is None or segment.state is HomeState.FREED:
             raise NotFound(f"segment id {segment_id} is not held by node {self.node_id}")
+        segment.check_intact()
         return segment
 
     def all(self) -> list[HomeSegment]:
@@ -129,11 +132,10 @@ class HomeSegments:
             return existing.info
         self.replicas.release_spare(self.replicas.make_room(size, name))
         try:
-            memory = self.replicas.pool.take(size) or Memory.allocate(name, size)
+            memory = self._allocate(name, size)
         except BaseException:
             self.store.unreserve(size)
             raise
-        self._expect(size)
         with self._lock:
             created = self._creating[name] = threading.Event()
         started = time.monotonic()
@@ -163,10 +165,33 @@ class HomeSegments:
         leftover = self._create_done(name, created)
         if info.expires:  # the lease was granted after ``started``: it cannot expire before
             self.expiry.arm(info.id, started + (info.expires - info.created) + _EXPIRY_MARGIN)
+        if self.data_dir is not None:
+            self._keep(segment)
         if news is not None:
             self._apply_news(segment, news[0])
         self._settle(leftover)
         return info
+
+    def _allocate(self, name: str, size: int) -> Memory:
+        """The memory of a new home segment: a file of the data dir, else a memfd (from
+        the warm pool when prepared)."""
+        if self.data_dir is not None:
+            return self.data_dir.allocate(name, size)
+        memory = self.replicas.pool.take(size) or Memory.allocate(name, size)
+        self._expect(size)
+        return memory
+
+    def _keep(self, segment: HomeSegment) -> None:
+        """Name a new segment's file by its id and write its manifest, before the create
+        is acknowledged; if that fails the segment and its record go again."""
+        try:
+            zeros = self.data_dir.keep(segment.memory, segment.info)
+        except OSError as exc:
+            self.begin_delete(segment, finish=True, force=True)
+            raise Unavailable(f"cannot keep segment {segment.name} in --data-dir "
+                              f"{self.data_dir.path}: {exc.strerror or exc}") from exc
+        with segment.lock:
+            segment.kept_hashes = zeros
 
     def _expect(self, size: int) -> None:
         """After a create of ``size`` bytes: when the one before had that size too (shards,
@@ -224,6 +249,45 @@ class HomeSegments:
                 self._tombstones.popitem(last=False)
             return True
 
+    # ------------------------------------------------------------------ restart
+
+    def adopt(self, stored, record: types_pb2.SegmentInfo | None) -> None:
+        """Hold ``stored``, a segment found in the data dir at start (node/datadir.py),
+        if ``record`` (its coordinator record now, None if gone or marked lost) still
+        names it; otherwise remove its files. Runs before registering; the caller
+        checked that everything stored fits in ``--memory``.
+
+        Chunks that failed their checksum are reported (log, metric) and the segment
+        is held but never served (``HomeSegment.damage``): delete it.
+        """
+        manifest, memory = stored.manifest, stored.memory
+        why = _not_adoptable(record, manifest["id"], self.node_id)
+        if why:
+            log.info("segment %s (id %d) in the data dir is not kept: %s", manifest["name"],
+                     manifest["id"], why)
+            memory.release()
+            return
+        self.store.reserve(memory.size, record.name)
+        self.store.hold(memory.size)
+        segment = HomeSegment(record, memory)
+        segment.kept_hashes = stored.kept
+        if stored.failed:
+            segment.damage = Damage(stored.failed, manifest["version"], self.node_id)
+            metrics.CHUNKS_FAILED.inc(len(stored.failed))
+            log.error("%s", segment.damage.error(record.name))
+        if record.version > manifest["version"]:
+            log.warning("segment %s: version %d was published but never kept (the agent died "
+                        "before that sync returned); serving the bytes of version %d",
+                        record.name, record.version, manifest["version"])
+        with self._lock:
+            self._by_name[record.name] = segment
+            self._by_id[record.id] = segment
+        if record.expires:
+            left = max(0.0, record.expires - time.time())
+            self.expiry.arm(record.id, time.monotonic() + left + _EXPIRY_MARGIN)
+        log.info("adopted segment %s (id %d, version %d) from the data dir", record.name,
+                 record.id, record.version)
+
     # ------------------------------------------------------------------ attach / detach
 
     def attach_reader(self, session, segment: HomeSegment) -> tuple[object, int]:
@@ -249,6 +313,12 @@ class HomeSegments:
         """
         with segment.lock:
             self._check_attachable_locked(session, segment, "rw")
+            if self.data_dir is not None and self.data_dir.no_write_protect:
+                raise Unavailable(
+                    f"segment {segment.name} is homed on this node, whose --data-dir "
+                    f"{self.data_dir.path} cannot take a revocable \"rw\" mapping: "
+                    f"{self.data_dir.no_write_protect}; attach \"rw\" from another node "
+                    "instead")
             if not write_protect:
                 raise Unavailable(
                     f'segment {segment.name} is homed on this node: a "rw" attach here needs '
@@ -262,6 +332,11 @@ class HomeSegments:
             segment.writer_state = WriterState.ACQUIRING
         try:
             lease = self.writers.acquire(session.caller, segment.name)
+            try:
+                self._writer_mapped(segment, True)  # before the fd is handed out
+            except BaseException:
+                self.writers.release(lease)
+                raise
         except BaseException:
             with segment.lock:
                 segment.free_writer_locked()
@@ -284,10 +359,35 @@ class HomeSegments:
         self.reporter.mark(segment)
         return attachment, fd
 
+    def writer_unmapped(self, segment: HomeSegment) -> None:
+        """The home writer of ``segment`` detached (its process unmapped first): a
+        restart need not move the file out of its reach any more. Only a Detach says
+        so: after an EOF or a revocation the process may still map it."""
+        try:
+            self._writer_mapped(segment, False)
+        except VasError as exc:  # kept set: it only costs a copy at the next start
+            log.info("segment %s: writer mark not cleared: %s", segment.name, exc)
+
+    def _writer_mapped(self, segment: HomeSegment, mapped: bool) -> None:
+        """Keep in the manifest whether a home writer may map the file (node/datadir.py
+        ``mark_writer``); in the segment's gate, so a publish's manifest agrees."""
+        if self.data_dir is None:
+            return
+        with segment.gate.passage(self.config.rpc_timeout, f"writer of segment {segment.name}"):
+            try:
+                self.data_dir.mark_writer(segment.id, mapped)
+            except OSError as exc:
+                raise Unavailable(f"cannot note the writer of segment {segment.name} in "
+                                  f"--data-dir {self.data_dir.path}: {exc.strerror or exc}") \
+                    from exc
+            with segment.lock:
+                segment.writer_mapped = mapped
+
     def _check_attachable_locked(self, session, segment: HomeSegment, mode: str) -> None:
         if segment.state is not HomeState.LIVE:
             raise NotFound(f"segment {segment.name} is being deleted")
         check_access(segment.info, session, mode)
+        segment.check_intact()
 
     def detached(self, attachment) -> None:
         """``attachment`` of a home segment ended: count it out; free at the last detach
@@ -395,11 +495,15 @@ class HomeSegments:
             if self._by_name.get(segment.name) is segment:
                 del self._by_name[segment.name]
 
-    def _free(self, segment: HomeSegment) -> None:
-        """Give back the memory of a FREED segment and, if due, finish its delete."""
+    def _free(self, segment: HomeSegment, *, keep: bool = False) -> None:
+        """Give back the memory of a FREED segment and, if due, finish its delete.
+        ``keep`` (shutdown): a file of the data dir stays for the next start."""
         try:
             self.store.drop(segment.size)
-            segment.memory.release()
+            if keep:
+                segment.memory.close()
+            else:
+                segment.memory.release()
             log.debug("freed segment %s (id %d, %d bytes)", segment.name, segment.id,
                       segment.size)
             with self._lock:
@@ -432,7 +536,8 @@ class HomeSegments:
 
     def free_all(self) -> None:
         """Free every held segment (at shutdown, after the sessions are closed); the
-        records stay (the node's lease going makes them ``lost``)."""
+        records stay (the node's lease going makes them ``lost`` until a start on the
+        same data dir adopts them again; without one their memory is gone)."""
         for segment in self.all():
             with segment.lock:
                 if segment.state is HomeState.FREED:
@@ -441,7 +546,7 @@ class HomeSegments:
                     segment.move(HomeState.DELETING)
                 segment.move(HomeState.FREED)
                 segment.finish_record = False
-            self._free(segment)
+            self._free(segment, keep=True)
 
     # ------------------------------------------------------------------ record changes
 
@@ -538,3 +643,16 @@ class HomeSegments:
             delay = min(_EXPIRY_MARGIN * 2 ** (retries + 1), _EXPIRY_RETRY_MAX)
             self.expiry.arm(segment_id, time.monotonic() + delay, retries + 1)
 
+
+def _not_adoptable(record: types_pb2.SegmentInfo | None, segment_id: int, node_id: str) -> str:
+    """Why a segment found in the data dir is not held again ("" if it is)."""
+    if record is None:
+        return ("its record is gone, deleting or marked lost (deleted, expired or declared "
+                "lost while the agent was down)")
+    if record.id != segment_id:
+        return f"its name now belongs to segment id {record.id}"
+    if record.home != node_id:
+        return f"its record names node {record.home} as its home"
+    if record.state == types_pb2.SEGMENT_STATE_DELETING:
+        return "it is being deleted"
+    return ""

@@ -6,8 +6,9 @@
   shutdown. Each beat also runs the agent's periodic chores (FinishDelete
   retries, lazy re-reads of records).
 - Reconciliation: the first registration of a process (its start) says
-  ``reconcile`` with the ids of the home segments it holds (none: memory does
-  not survive a restart), so the coordinator marks every other record homed
+  ``reconcile`` with the ids of the home segments it holds (none without a
+  ``--data-dir``: memory does not survive a restart; with one, those it
+  re-adopted from its files), so the coordinator marks every other record homed
   on this node lost before the node is listed again; an agent killed and
   restarted with the same id never shows records ``ready`` that it cannot
   serve. Registering again after a lapsed lease does not reconcile: the
@@ -150,9 +151,9 @@ class Membership:
 
     def _register_once(self) -> None:
         again = self._reconciled
+        held = [] if again else self._home_ids()  # first: it may adopt segments (their usage)
         response = self.coordinator.register_node(
-            self._node_info(), self.config.heartbeat_ttl, reconcile=not again,
-            held=[] if again else self._home_ids())
+            self._node_info(), self.config.heartbeat_ttl, reconcile=not again, held=held)
         self._reconciled = True
         self.reporter.lease_id = response.lease_id
         self._ttl = response.ttl_seconds or self.config.heartbeat_ttl

@@ -38,6 +38,9 @@ metric                                      type       labels and meaning
                                                        ``writer`` (writer-lock keepalives)
 ``vas_node_lease_renewal_failures_total``   counter    ``lease``: as above; a renewal the
                                                        coordinator refused or did not answer
+``vas_node_chunks_failed_checksum_total``   counter    chunks of home segments in the
+                                                       ``--data-dir`` that failed their
+                                                       checksum at start (never served)
 ``vas_node_segments``                       gauge      ``kind``: ``home``, ``replica``
 ``vas_node_resident_bytes``                 gauge      ``kind``: bytes of memory holding
                                                        them (a lazy replica: its fetched
@@ -77,6 +80,9 @@ LEASE_RENEWALS = Counter("vas_node_lease_renewals",
 LEASE_RENEWAL_FAILURES = Counter("vas_node_lease_renewal_failures",
                                  "Lease renewals refused or not answered, by lease",
                                  ("lease",))
+CHUNKS_FAILED = Counter("vas_node_chunks_failed_checksum",
+                        "Chunks of home segments in the --data-dir whose bytes failed their "
+                        "checksum when the agent started (never served)")
 
 # The children the data path uses, bound once (a labels() call costs a dict lookup
 # under a lock).

@@ -187,9 +187,15 @@ class HomeSegment(_Held):
     refreshing readers (node/writers.py). ``read_ticket``/``adopted_ticket``
     order re-reads of the record, so an older read never overwrites a newer one.
     ``done`` is set once the segment is FREED and its record finished.
+    ``damage``: chunks that failed their checksum when the agent re-adopted the
+    segment from its data dir (node/datadir.py): it is never served (``check_intact``).
+    ``writer_mapped``: a home writer may map its data-dir file writable (kept in
+    the manifest; changed in the segment's gate). ``kept_hashes``: the chunk
+    hashes its manifest holds (the last publish kept; b"" without a data dir).
     """
 
-    __slots__ = ("finish_record", "published_hashes", "read_ticket", "adopted_ticket", "done")
+    __slots__ = ("finish_record", "published_hashes", "read_ticket", "adopted_ticket", "done",
+                 "damage", "writer_mapped", "kept_hashes")
     MOVES = _HOME_MOVES
     KIND = "home segment"
     FREED = HomeState.FREED
@@ -202,6 +208,14 @@ class HomeSegment(_Held):
         self.published_hashes: tuple[int, bytes] | None = None
         self.read_ticket = 0
         self.adopted_ticket = 0
+        self.damage = None
+        self.writer_mapped = False
+        self.kept_hashes = b""
+
+    def check_intact(self) -> None:
+        """DataLoss if some of its chunks failed their checksum (never served)."""
+        if self.damage is not None:
+            raise self.damage.error(self.name)
 
     def __repr__(self) -> str:
         return (f"<HomeSegment {self.name} id={self.id} size={self.size} {self.state.value} "

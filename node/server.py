@@ -1,17 +1,19 @@
 """``serve(config)``: run one node agent until SIGTERM/SIGINT.
 
-Start-up order: bind the gRPC port (the default node id needs the real port),
-the metrics listener when asked (node/metrics.py), bind the local socket,
-register with the coordinator (retrying until it answers), start the background
-threads, accept local connections, report SERVING on grpc.health.v1 and print
-the ready line.
+Start-up order: lock the ``--data-dir`` when given (node/datadir.py), bind the
+gRPC port (the default node id needs the real port; with a data dir the id kept
+there wins), verify the segments the data dir holds, the metrics listener when
+asked (node/metrics.py), bind the local socket, register with the coordinator
+(retrying until it answers; the data dir's segments whose records still name
+them are adopted first and told as held), start the background threads, accept
+local connections, report SERVING on grpc.health.v1 and print the ready line.
 
 Shutdown (SIGTERM/SIGINT) runs in the reverse spirit: health NOT_SERVING, stop
 accepting local connections, stop the background threads, deregister (the node
 record and its attachment reports vanish at once), close every local connection
 (their writer locks are released as at EOF), stop the gRPC server with a grace
-period and the bulk listener, free the segments, remove the socket file and close the
-metrics listener. The process exits 0.
+period and the bulk listener, free the segments (the files of a data dir stay), remove
+the socket file and close the metrics listener. The process exits 0.
 """
 from __future__ import annotations
 
@@ -35,11 +37,13 @@ from vas.core.logs import setup_default_logging
 from vas.core.metrics import MetricsServer, RpcMetrics, start_metrics_server
 from vas.core.reflection import enable_reflection
 from vas.core.signals import setting
+from vas.core.sizes import human_size
 from vas.core.tls import TlsConfig, add_port, check_listen
 from vas.node.agent import Agent
 from vas.node.bulk import BulkServer
 from vas.node.clients import CHANNEL_OPTIONS
-from vas.node.config import DATA_DIR_NOT_BUILT, NodeConfig
+from vas.node.config import NodeConfig
+from vas.node.datadir import DataDir, DataDirError
 from vas.node.local import LocalServer
 from vas.node.localapi import LocalApi
 from vas.node.metrics import HeldCollector
@@ -66,8 +70,6 @@ class NodeServer:
     def __init__(self, config: NodeConfig):
         if config.memory < 0:
             raise InvalidArgument(f"invalid memory {config.memory}: must be >= 0 bytes")
-        if config.data_dir:  # refused, not ignored: an accepted flag must do what it says
-            raise InvalidArgument(DATA_DIR_NOT_BUILT)
         for name, ttl in (("node ttl (--node-ttl)", config.heartbeat_ttl),
                           ("writer ttl (--writer-ttl)", config.writer_ttl),
                           ("fault timeout (--fault-timeout)", config.fault_timeout)):
@@ -89,6 +91,8 @@ class NodeServer:
         self.health = health.HealthServicer(experimental_non_blocking=True)
         self.metrics: MetricsServer | None = None
         self._grpc: grpc.Server | None = None
+        # Locked now (one agent per directory), before anything is bound.
+        self.data_dir = DataDir.open(config.data_dir) if config.data_dir else None
 
     def start(self, stop: threading.Event) -> bool:
         """Start everything; False if ``stop`` was set while waiting for the coordinator."""
@@ -123,11 +127,15 @@ class NodeServer:
         if not port:
             raise OSError(f"cannot listen on {config.listen}")
         self.address = f"{host}:{port}"
-        node_id = config.node_id or certified or f"{socket.gethostname()}:{port}"
+        node_id = config.node_id or certified
+        if self.data_dir is not None:  # the id its segments are homed on, kept there
+            node_id = self.data_dir.node_id(node_id, f"{socket.gethostname()}:{port}")
+        node_id = node_id or f"{socket.gethostname()}:{port}"
         advertise = config.advertise or (
             f"{socket.gethostname()}:{port}" if host in _WILDCARDS else self.address)
 
-        self.agent = Agent(config, node_id, advertise, os.path.abspath(config.socket))
+        self.agent = Agent(config, node_id, advertise, os.path.abspath(config.socket),
+                           data_dir=self.data_dir, found=self._found())
         # The bulk listener shares the gRPC host; its port (--bulk-port, else a free one)
         # is told per transfer (OpenBulk), on the advertised host.
         try:
@@ -186,11 +194,29 @@ class NodeServer:
         if self.agent is not None:
             self.agent.free_all()
             self.agent.close()
+        if self.data_dir is not None:
+            self.data_dir.close()
         if self.local is not None:
             self.local.remove_socket_file()
         if self.metrics is not None:
             self.metrics.stop()
         log.info("node stopped")
+
+
+    def _found(self) -> list:
+        """The segments of the data dir, verified (none without one); DataDirError if
+        they do not fit in ``--memory``."""
+        if self.data_dir is None:
+            return []
+        found = self.data_dir.stored()
+        held = sum(stored.memory.size for stored in found)
+        if held > self.config.memory:
+            for stored in found:
+                stored.memory.close()
+            raise DataDirError(f"--data-dir {self.data_dir.path} holds {len(found)} segments "
+                               f"of {human_size(held)} in all, more than --memory "
+                               f"{human_size(self.config.memory)}")
+        return found
 
 
 def own_node_id(tls: TlsConfig | None) -> str | None:
@@ -229,7 +255,9 @@ def serve(config: NodeConfig, stop: threading.Event | None = None) -> None:
     :param stop: an event that ends the agent like SIGTERM (for embedding; the
         signal handlers are installed only in the main thread).
     :raises InvalidArgument: for a bad configuration (a plaintext non-loopback listen
-        without ``insecure``; an ``--id`` other than the certificate's).
+        without ``insecure``; an ``--id`` other than the certificate's); its
+        ``DataDirError`` for a ``data_dir`` that cannot be created, locked or
+        written, holds another node's segments or more than ``memory``.
     :raises OSError: when the gRPC port, the metrics port or the socket path cannot be bound.
 
     Example::

@@ -119,6 +119,11 @@ class Memory:
         if mapping is not None:
             mapping.close()
 
+    def close(self) -> None:
+        """At shutdown: a memfd does not outlive the agent, so this is ``release``
+        (a file of the data dir is kept: node/datadir.py)."""
+        self.release()
+
 
 class Store:
     """The capacity of this agent, in bytes (thread-safe: its own lock, a leaf).

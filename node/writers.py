@@ -46,7 +46,8 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 
 from vas import _native
-from vas.core.errors import Fenced, InvalidArgument, NotFound, PermissionDenied, VasError
+from vas.core.errors import (Fenced, InvalidArgument, NotFound, PermissionDenied, Unavailable,
+                             VasError)
 from vas.core.sizes import human_size
 from vas.node import locks, metrics
 from vas.node.publish import CHUNK, Staged, chunks_of, differing, hashes, runs
@@ -77,7 +78,7 @@ class Writers:
                  home_address: Callable[[types_pb2.SegmentInfo], str],
                  retire_replica: Callable[[Replica], None],
                  cleanup_timeout: Callable[[], float],
-                 transfer: Callable[[], AbstractContextManager]):
+                 transfer: Callable[[], AbstractContextManager], data_dir=None):
         self.node_id = node_id
         self.config = config
         self.coordinator = coordinator
@@ -86,6 +87,7 @@ class Writers:
         self._retire_replica = retire_replica
         self._cleanup_timeout = cleanup_timeout
         self._transfer = transfer  # marks a sync under way (the warm pool waits)
+        self.data_dir = data_dir    # node/datadir.py: each home publish is kept there, or None
         self._lock = locks.Lock("writers", locks.Rank.WRITERS)
         self._live: dict[int, Attachment] = {}  # attachment id -> "rw" attachment renewed
         self._unreleased: list[WriterLease] = []  # fenced, to release at the coordinator
@@ -295,8 +297,13 @@ class Writers:
                 info = self._publish_remote(attachment, chunks)
                 metrics.observe_since(metrics.SYNC_REMOTE, started)
                 return info
+            # Hashed before the publish, as a remote writer's sync does: a store racing
+            # with the sync shows as a changed chunk, never as part of this version.
+            before = self._hashes(segment, chunks) if self.data_dir is not None else b""
             info = self._publish_version(attachment.session.caller, segment,
                                          attachment.lease, attachment)
+            if self.data_dir is not None:
+                self._keep(segment, info.version, before)
             metrics.observe_since(metrics.SYNC_HOME, started)
             return info
 
@@ -363,8 +370,12 @@ class Writers:
             with segment.gate.passage(timeout, f"publish of segment {segment.name}"):
                 lease = WriterLease(header.name, header.token, header.lease_id)
                 info = self._publish_version(header.caller, segment, lease, adopt=False)
+                after = self._intend(segment, info.version, staged.pieces)
                 for offset, data in staged.pieces:
                     _pwrite_all(fd, data, offset)
+                if self.data_dir is not None:
+                    self._keep(segment, info.version, after)
+                    self.data_dir.done(segment.id)
                 with segment.lock:  # only now: a reader never sees the version before its bytes
                     segment.adopt_version_locked(info.version)
         finally:
@@ -395,6 +406,48 @@ class Writers:
                 return fresh
         finally:
             os.close(fd)
+
+    @staticmethod
+    def _hashes(segment, chunks: list[int] | None) -> bytes:
+        """Chunk hashes of home ``segment``'s pages (a data-dir file) as they are now:
+        the kept ones with ``chunks`` hashed again, or (None) every chunk. A home
+        writer's stores outside the chunks it syncs are not kept: like any store
+        after a sync, a restart finds them differing (node/datadir.py)."""
+        with segment.lock:
+            kept = segment.kept_hashes
+        if chunks is None or not kept:
+            return segment.memory.hashes()
+        return segment.memory.hashes(kept, chunks)
+
+    def _intend(self, segment, version: int, pieces: list[tuple[int, bytes]]) -> bytes:
+        """With a data dir: keep a remote writer's published ``pieces`` in a redo file
+        before they overwrite the home file (node/datadir.py ``intend``); the chunk
+        hashes they result in. Unavailable if that fails: nothing was applied."""
+        if self.data_dir is None:
+            return b""
+        with segment.lock:
+            kept = segment.kept_hashes
+        after = segment.memory.hashes_after(kept or segment.memory.hashes(), pieces)
+        try:
+            self.data_dir.intend(segment.id, version, pieces, after)
+        except OSError as exc:
+            raise Unavailable(f"segment {segment.name}: version {version} was published but "
+                              f"could not be kept in --data-dir {self.data_dir.path}: "
+                              f"{exc.strerror or exc}") from exc
+        return after
+
+    def _keep(self, segment, version: int, chunk_hashes: bytes) -> None:
+        """Write the manifest of a home publish to the data dir before it is
+        acknowledged (the caller is in the segment's gate); Unavailable if that fails:
+        the writer's sync then fails, so nothing unkept is acknowledged."""
+        try:
+            self.data_dir.save(segment.info, version, chunk_hashes, segment.writer_mapped)
+        except OSError as exc:
+            raise Unavailable(f"segment {segment.name}: version {version} was published but "
+                              f"could not be kept in --data-dir {self.data_dir.path}: "
+                              f"{exc.strerror or exc}") from exc
+        with segment.lock:
+            segment.kept_hashes = chunk_hashes
 
     # ------------------------------------------------------------------ wait
 

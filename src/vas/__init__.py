@@ -34,6 +34,7 @@ from vas.core.errors import (
     AlreadyExists,
     Busy,
     CapacityExceeded,
+    DataLoss,
     Fenced,
     InvalidArgument,
     NotFound,
@@ -95,7 +96,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "AddressConflict", "AlreadyExists", "Busy", "CapacityExceeded", "Client", "DEFAULT_SOCKET",
-    "Fenced", "InvalidArgument", "Mapping", "NodeInfo", "NotFound", "PermissionDenied",
+    "DataLoss", "Fenced", "InvalidArgument", "Mapping", "NodeInfo", "NotFound", "PermissionDenied",
     "SegmentInfo", "SegmentRef", "SpaceInfo", "SpaceView", "Unavailable", "VasError", "attach",
     "connect", "create", "delete", "get_array", "get_table", "put_array", "put_table", "stat",
 ]  # vas.list is left out so `from vas import *` cannot shadow the builtin list

@@ -328,11 +328,14 @@ def test_node_serve_refuses_a_fault_timeout_below_a_second(vasctl, tmp_path):
                                     "0.5: must be 1..86400 seconds")
 
 
-def test_node_serve_refuses_a_data_dir_it_cannot_honour(vasctl, tmp_path):
+def test_node_serve_refuses_a_data_dir_it_cannot_use(vasctl, tmp_path):
+    """Bad usage (exit 2), found before the agent registers anywhere."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
     proc = vasctl("node", "serve", "--coordinator", "127.0.0.1:1", "--socket",
-                  tmp_path / "n.sock", "--data-dir", tmp_path, expect=2)
-    assert one_error_line(proc) == ("vasctl: error: --data-dir is not built yet: segments do "
-                                    "not survive an agent restart; run without it")
+                  tmp_path / "n.sock", "--data-dir", blocker / "dir", expect=2)
+    assert one_error_line(proc) == (f"vasctl: error: cannot use --data-dir {blocker / 'dir'}: "
+                                    "Not a directory")
 
 
 def test_seg_create_refuses_replicas_it_cannot_make(vasctl, cluster):

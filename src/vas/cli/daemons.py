@@ -141,8 +141,9 @@ def add_node_serve(node_verbs: argparse._SubParsersAction) -> None:
                        help="segment memory capacity, e.g. 4GiB "
                             f"(default $VAS_MEMORY or {format_size(DEFAULT_MEMORY)})")
     serve.add_argument("--data-dir", default=os.environ.get("VAS_DATA_DIR"),
-                       help="directory that keeps segments across agent restarts: not built yet, "
-                            "refused as bad usage (default $VAS_DATA_DIR)")
+                       help="directory that keeps this node's segments in files (tmpfs, DAX or "
+                            "disk) so that they survive an agent restart; created if missing "
+                            "(default $VAS_DATA_DIR)")
     serve.add_argument("--id", dest="node_id", default=os.environ.get("VAS_NODE_ID"),
                        help="node id (default $VAS_NODE_ID or <hostname>:<grpc port>)")
     serve.add_argument("--writer-ttl", type=int, metavar="SECONDS",
@@ -243,26 +244,29 @@ def _etcd_tls(args: argparse.Namespace, tls):
 
 def serve_node(args: argparse.Namespace) -> int:
     from vas.cli.main import UsageError
-    from vas.node.config import DATA_DIR_NOT_BUILT, NodeConfig
+    from vas.node.config import NodeConfig
+    from vas.node.datadir import DataDirError
     from vas.node.server import serve
 
     if not args.coordinator:
         raise UsageError("--coordinator is required (or set $VAS_COORDINATOR)")
-    if args.data_dir:  # serve refuses it too, for callers that skip the CLI
-        raise UsageError(DATA_DIR_NOT_BUILT)
     tls = _checked_tls(args)
     setup_logging(args)
-    serve(NodeConfig(coordinator=args.coordinator, listen=args.listen, socket=args.socket,
-                     advertise=args.advertise, bulk_port=args.bulk_port,
-                     memory=args.memory, data_dir=args.data_dir, node_id=args.node_id,
-                     writer_ttl=args.writer_ttl, heartbeat_ttl=args.node_ttl,
-                     fault_timeout=args.fault_timeout,
-                     local_workers=args.local_workers,
-                     max_connections_per_uid=args.max_connections_per_uid,
-                     max_attachments_per_uid=args.max_attachments_per_uid,
-                     max_faults_per_uid=args.max_faults_per_uid,
-                     max_requests_per_uid=args.max_requests_per_uid,
-                     max_bulk_per_peer=args.max_bulk_per_peer,
-                     max_streams_per_peer=args.max_streams_per_peer,
-                     tls=tls, insecure=args.insecure, metrics_port=args.metrics_port))
+    config = NodeConfig(coordinator=args.coordinator, listen=args.listen, socket=args.socket,
+                        advertise=args.advertise, bulk_port=args.bulk_port,
+                        memory=args.memory, data_dir=args.data_dir, node_id=args.node_id,
+                        writer_ttl=args.writer_ttl, heartbeat_ttl=args.node_ttl,
+                        fault_timeout=args.fault_timeout,
+                        local_workers=args.local_workers,
+                        max_connections_per_uid=args.max_connections_per_uid,
+                        max_attachments_per_uid=args.max_attachments_per_uid,
+                        max_faults_per_uid=args.max_faults_per_uid,
+                        max_requests_per_uid=args.max_requests_per_uid,
+                        max_bulk_per_peer=args.max_bulk_per_peer,
+                        max_streams_per_peer=args.max_streams_per_peer,
+                        tls=tls, insecure=args.insecure, metrics_port=args.metrics_port)
+    try:
+        serve(config)
+    except DataDirError as exc:  # a directory it cannot use is bad usage (exit 2)
+        raise UsageError(str(exc)) from exc
     return 0

@@ -13,7 +13,8 @@ the same exception with ``from_status``/``from_rpc_error``::
     ├── Busy                                 ABORTED
     ├── CapacityExceeded                     RESOURCE_EXHAUSTED
     ├── Unavailable (ConnectionError)        UNAVAILABLE (and DEADLINE_EXCEEDED)
-    └── Fenced                               FAILED_PRECONDITION
+    ├── Fenced                               FAILED_PRECONDITION
+    └── DataLoss (OSError)                   DATA_LOSS
 
 Each exception carries ``.code`` (a ``grpc.StatusCode``). Messages are one
 line and stable: tests and scripts match on them.
@@ -90,11 +91,18 @@ class Fenced(VasError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class DataLoss(VasError, OSError):
+    """Bytes of a segment failed their checksum (its home's --data-dir, after a restart):
+    they are never served; retrying cannot help."""
+
+    code = grpc.StatusCode.DATA_LOSS
+
+
 #: The one status -> exception table (client side).
 EXCEPTION_FOR: dict[grpc.StatusCode, type[VasError]] = {
     cls.code: cls
     for cls in (NotFound, AlreadyExists, PermissionDenied, InvalidArgument, AddressConflict,
-                Busy, CapacityExceeded, Unavailable, Fenced)
+                Busy, CapacityExceeded, Unavailable, Fenced, DataLoss)
 }
 EXCEPTION_FOR[grpc.StatusCode.DEADLINE_EXCEEDED] = Unavailable
 
