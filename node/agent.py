@@ -296,23 +296,24 @@ class Agent:
         this node's replica complete and equal to the home's bytes (the base the next
         sync() diffs against) and map it writable."""
         lease = self.writers.acquire(session.caller, info.name)
-        try:
-            attachment, fd = self.replicas.attach(session, info, FetchMode.EAGER, lease)
-        except BaseException:
-            self.writers.release(lease)
-            raise
-        replica = attachment.segment
-        try:
-            base = self.replicas.bring_current(replica)
-            with replica.lock:
-                replica.synced_hashes = base
-                info = replica.info
-        except BaseException:
-            # never mapped: as good as unmapped; attach() gives its slot back
-            self._end(self.sessions.take(session, attachment.id), revoke=False)
-            os.close(fd)
-            raise
-        self.writers.track(attachment)
+        with self.writers.renewing(lease, session):
+            try:
+                attachment, fd = self.replicas.attach(session, info, FetchMode.EAGER, lease)
+            except BaseException:
+                self.writers.release(lease)
+                raise
+            replica = attachment.segment
+            try:
+                base = self.replicas.bring_current(replica)
+                with replica.lock:
+                    replica.synced_hashes = base
+                    info = replica.info
+                self.writers.track(attachment)
+            except BaseException:
+                # never mapped: as good as unmapped; attach() gives its slot back
+                self._end(self.sessions.take(session, attachment.id), revoke=False)
+                os.close(fd)
+                raise
         return attachment, fd, info, FetchMode.EAGER
 
     def detach(self, session: Session, attachment_id: int) -> None:

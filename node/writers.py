@@ -16,7 +16,8 @@ thread release the lock at the coordinator, so another writer, on this node or
 any other, can take it at once. A renewal or a publish that finds the lease
 lapsed fences it the same way (late, but never leaving the slot held). The
 deadline timer makes no network call, so a coordinator that hangs cannot hold a
-revocation up.
+revocation up. A remote writer's attach fetching its replica has its lease renewed the
+same way meanwhile (``renewing``).
 
 Publishing (chunk arithmetic in node/publish.py):
 
@@ -37,13 +38,14 @@ is held across the network calls.
 """
 from __future__ import annotations
 
+import enum
 import logging
 import math
 import os
 import threading
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 
 from vas import _native
 from vas.core.errors import (Fenced, InvalidArgument, NotFound, PermissionDenied, Unavailable,
@@ -53,7 +55,7 @@ from vas.node import locks, metrics
 from vas.node.publish import CHUNK, Staged, chunks_of, differing, hashes, runs
 from vas.node.revoke import Revocations
 from vas.node.segments import Replica
-from vas.node.sessions import Attachment, LeaseState, WriterLease
+from vas.node.sessions import Attachment, LeaseState, Session, WriterLease
 from vas.node.timer import Timer
 from vas.proto import coordinator_pb2, node_pb2, types_pb2
 
@@ -90,6 +92,8 @@ class Writers:
         self.data_dir = data_dir    # node/datadir.py: each home publish is kept there, or None
         self._lock = locks.Lock("writers", locks.Rank.WRITERS)
         self._live: dict[int, Attachment] = {}  # attachment id -> "rw" attachment renewed
+        #: Leases of remote writers' attaches still fetching (renewed: see ``renewing``).
+        self._fetching: dict[int, tuple[WriterLease, Session]] = {}
         self._unreleased: list[WriterLease] = []  # fenced, to release at the coordinator
         self._nudge = threading.Event()  # wakes the keepalive thread (a release is due, stop)
         #: Fences writers whose lease was not renewed in time (run by the agent's thread).
@@ -105,9 +109,27 @@ class Writers:
         response = self.coordinator.acquire_writer(caller, name, self.config.writer_ttl)
         return WriterLease(name, response.token, response.lease_id, sent)
 
+    @contextmanager
+    def renewing(self, lease: WriterLease, session: Session):
+        """Renew ``lease`` while a remote writer's attach fetches its replica: a fetch
+        can outlast the ttl (a GiB on a busy node), and a lease taken before it must
+        not lapse before the attach returns."""
+        with self._lock:
+            self._fetching[id(lease)] = (lease, session)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._fetching.pop(id(lease), None)
+
     def track(self, attachment: Attachment) -> None:
         """Renew ``attachment``'s lease from now on (while its client is alive), and
-        fence it if that does not happen in time."""
+        fence it if that does not happen in time.
+
+        :raises Fenced: the lease was lost while the attach fetched.
+        """
+        if attachment.lease.state is not LeaseState.HELD:
+            raise _fenced_error(attachment)
         with self._lock:
             self._live[attachment.id] = attachment
         self.deadlines.arm(attachment.id, self._deadline(attachment.lease))
@@ -234,7 +256,9 @@ class Writers:
                 continue
             with self._lock:
                 writers = list(self._live.values())
+                fetching = list(self._fetching.values())
             renewed = [self._renew(attachment, ttl) for attachment in writers]
+            renewed += [self._renew_fetching(lease, session, ttl) for lease, session in fetching]
             # A renewal that did not get through is tried again soon, not a whole
             # interval later: one slow coordinator answer must not cost the lock.
             next_round = time.monotonic() + (interval if all(renewed) else interval / 4)
@@ -249,15 +273,31 @@ class Writers:
         """Renew ``attachment``'s lease if its client is alive; False if a renewal was
         due and did not get through (tried again soon, fenced by the deadline timer
         if that lasts)."""
-        lease, session = attachment.lease, attachment.session
+        outcome = self._renew_lease(attachment.lease, attachment.session, ttl)
+        if outcome is _Renewal.FENCED:
+            self.fence(attachment)
+        elif outcome is _Renewal.RENEWED:
+            self.deadlines.arm(attachment.id, self._deadline(attachment.lease))
+        return outcome is not _Renewal.FAILED
+
+    def _renew_fetching(self, lease: WriterLease, session: Session, ttl: float) -> bool:
+        """``_renew`` for a lease whose attach is still fetching: a lost lock ends the
+        lease (``track`` then fails the attach)."""
+        outcome = self._renew_lease(lease, session, ttl)
+        if outcome is _Renewal.FENCED and lease.end(LeaseState.FENCED):
+            with self._lock:
+                self._unreleased.append(lease)
+        return outcome is not _Renewal.FAILED
+
+    def _renew_lease(self, lease: WriterLease, session: Session, ttl: float) -> _Renewal:
         if lease.state is not LeaseState.HELD:
-            return True
+            return _Renewal.SKIPPED
         if not session.alive_within(ttl * 2 / 3):
             # Stopped or hung: not renewed, so the deadline timer fences it (unless
             # it shows up in time) and another writer can take over.
             log.warning("writer of %s (pid %d) sent no keepalive for %.1f s: not renewing "
                         "its lock", lease.name, session.pid, time.monotonic() - session.last_seen)
-            return True
+            return _Renewal.SKIPPED
         sent = time.monotonic()
         # Worth waiting for up to the deadline: past it the writer is fenced anyway.
         timeout = min(self.config.rpc_timeout, max(0.1, self._deadline(lease) - sent))
@@ -266,16 +306,14 @@ class Writers:
         except Fenced as exc:
             metrics.WRITER_LEASE_FAILED.inc()
             log.warning("writer lock of %s (token %d) lapsed: %s", lease.name, lease.token, exc)
-            self.fence(attachment)
-            return True
+            return _Renewal.FENCED
         except VasError as exc:  # the deadline timer fences it if this lasts
             metrics.WRITER_LEASE_FAILED.inc()
             log.warning("cannot renew the writer lock of %s: %s", lease.name, exc)
-            return False
+            return _Renewal.FAILED
         metrics.WRITER_LEASE_RENEWED.inc()
         lease.renewed = max(lease.renewed, sent)
-        self.deadlines.arm(attachment.id, self._deadline(lease))
-        return True
+        return _Renewal.RENEWED
 
     # ------------------------------------------------------------------ sync
 
@@ -485,6 +523,13 @@ class Writers:
                 if info.version > floor or info.state == types_pb2.SEGMENT_STATE_DELETING:
                     break
         return info
+
+
+class _Renewal(enum.Enum):
+    RENEWED = 1
+    FAILED = 2   # no answer in time: tried again soon
+    FENCED = 3   # the lock is lost
+    SKIPPED = 4  # nothing to renew: ended, or its client shows no sign of life
 
 
 def _fenced_error(attachment: Attachment) -> Fenced:

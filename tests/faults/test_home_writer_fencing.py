@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -384,3 +385,40 @@ def test_force_delete_revokes_the_home_writer(two):
         assert old.exit_code() == -signal.SIGBUS
     finally:
         old.close()
+
+
+def test_remote_writer_keeps_its_lock_while_its_fetch_waits(two):
+    """A remote "rw" attach takes the lock, then fetches the replica: its lease is renewed
+    while the fetch waits (here on a home paused for 2 ttls; a GiB on a busy node takes as
+    long), so the writer it returns is not fenced at its first sync."""
+    running, c1, c2 = two
+    node1 = running.nodes[0]
+    c1.create("hf/slowfetch", SIZE, mode=0o666)
+    with c1.attach("hf/slowfetch", "rw") as seed:
+        seed.write(0, A)
+        seed.sync()
+    result = {}
+
+    def attach():
+        try:
+            result["mapping"] = c2.attach("hf/slowfetch", "rw")
+        except vas.VasError as exc:
+            result["error"] = exc
+
+    os.kill(node1.pid, signal.SIGSTOP)
+    try:
+        thread = threading.Thread(target=attach, daemon=True)
+        thread.start()
+        thread.join(2 * TTL)  # the pause: long enough for an unrenewed lease to lapse
+        assert thread.is_alive(), f"the attach did not wait for the paused home: {result}"
+    finally:
+        os.kill(node1.pid, signal.SIGCONT)
+    thread.join(30)
+    assert not thread.is_alive() and "error" not in result, result
+    writer = result["mapping"]
+    assert digest(bytes(writer.buffer)) == digest(A)
+    writer.write(0, B)
+    assert writer.sync() == 2  # not Fenced
+    writer.detach()
+    with c1.attach("hf/slowfetch") as home:
+        assert digest(bytes(home.buffer)) == digest(B)
