@@ -219,7 +219,8 @@ class Segments:
         incarnation that restarted since, is refused).
 
         Raises AlreadyExists, InvalidArgument (unknown home; ``home_lease`` 0),
-        Unavailable (the home is registered under another lease; or etcd),
+        Unavailable (the home is registered under another lease, or its lease lapsed;
+        or etcd),
         CapacityExceeded (address window full).
         """
         if not home_lease:  # lease 0 would match an absent node key: refuse before the txn
@@ -256,16 +257,24 @@ class Segments:
                     success=[put_op(key, keys.encode(record), lease),
                              put_op(keys.ALLOC, keys.encode({"next_address": after}))],
                     failure=[range_op(key, keys_only=True), range_op(keys.ALLOC),
-                             range_op(home_key, keys_only=True)])
+                             range_op(home_key, keys_only=True),
+                             range_op(keys.member_key(record["home"]), keys_only=True)])
                 revision = response.header.revision
                 if response.succeeded:
                     self._alloc = (revision, after)
                     return Entry(name, revision, revision, lease, record)
-                segment, alloc, node = (op.response_range for op in response.responses)
+                segment, alloc, node, member = (op.response_range for op in response.responses)
                 if segment.kvs:
                     raise AlreadyExists(f"segment {name!r} already exists")
-                if not node.kvs:
+                if not node.kvs and not member.kvs:
                     raise InvalidArgument(f"unknown home node {record['home']!r}")
+                if not node.kvs:
+                    # A member without a node key: its lease lapsed (etcd was paused or
+                    # cut off longer than the node ttl). Its agent registers again at
+                    # its next heartbeat, after which a retry of this create works.
+                    raise Unavailable(
+                        f"node {record['home']!r} is not registered (its lease lapsed; its "
+                        "agent registers again at its next heartbeat)")
                 if node.kvs[0].lease != home_lease:
                     raise Unavailable(
                         f"node {record['home']!r} is not registered under lease {home_lease} "
