@@ -191,6 +191,10 @@ class RecordCache:
         with self._lock:
             self._entries.pop(name, None)
 
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
 
 class Segments:
     """Segment operations over one etcd client. Thread-safe; holds no authoritative state."""
@@ -204,6 +208,15 @@ class Segments:
         # Creates of this coordinator take turns on /vas/alloc rather than failing
         # each other's compares (every create rewrites that one key).
         self._alloc_lock = threading.Lock()
+
+    def forget(self) -> None:
+        """Drop every guess (cached records, the allocator's mod_revision): etcd went back
+        to an older revision (restored from a snapshot), and a revision written after the
+        snapshot may be written again with other contents, so an old guess could pass
+        its compare."""
+        self.cache.clear()
+        with self._alloc_lock:
+            self._alloc = (0, WINDOW_START)
 
     # Create ----------------------------------------------------------------------------
 

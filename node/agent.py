@@ -169,12 +169,14 @@ class Agent:
 
     def _registered(self, response: coordinator_pb2.RegisterNodeResponse, again: bool) -> None:
         """After a registration: tell the nodes holding replicas of the records it marked
-        lost; after registering again (the lease lapsed), check every replica, since
-        notices of deletes made meanwhile may have missed this node."""
+        lost; after registering again (the lease lapsed), check every replica and every
+        home segment, since notices of deletes made meanwhile may have missed this node
+        and etcd may have come back from a snapshot without their records."""
         for info in response.lost:
             self.notices.tell(info.name, info.id, info.copies)
         if again:
             self.replicas.recheck_all()
+            self.homes.check_all()
 
     def _chores(self) -> None:
         """Periodic work of the heartbeat thread."""

@@ -55,6 +55,8 @@ _EXPIRY_RETRY_MAX = 5.0
 #: for ``RECHECK_AGE`` seconds.
 RECHECK_BATCH = 8
 RECHECK_AGE = 60.0
+#: Home segments asked about per CheckSegments call (``check_all``).
+CHECK_BATCH = 128
 #: How many answered reads (one per heartbeat) look for the record of a create that
 #: was answered Unavailable (``settle_doubted``).
 DOUBT_READS = 2
@@ -549,6 +551,30 @@ class HomeSegments:
             self.begin_delete(segment, finish=True, force=False)
             return False
         return True
+
+    def check_all(self) -> None:
+        """After registering again: free every held home segment whose record is gone,
+        of another id, deleting or lost (CheckSegments, CHECK_BATCH at a time). A lapsed
+        lease may hide a delete whose notice never came, and an etcd restored from a
+        snapshot has no record of what was created after it: that memory is orphaned.
+        When the coordinator cannot answer, ``recheck_stale`` re-reads them instead."""
+        live = [segment for segment in self.all() if segment.state is HomeState.LIVE]
+        for first in range(0, len(live), CHECK_BATCH):
+            batch = live[first:first + CHECK_BATCH]
+            try:
+                gone = set(self.coordinator.check_segments([(s.name, s.id) for s in batch]))
+            except VasError as exc:
+                log.warning("cannot check %d home segments: %s; re-reading them one by one",
+                            len(live) - first, exc)
+                for segment in live[first:]:
+                    with segment.lock:
+                        segment.checked = -math.inf
+                return
+            for segment in batch:
+                if segment.id in gone:
+                    log.info("segment %s (id %d) homed here is gone from the cluster; "
+                             "freeing it", segment.name, segment.id)
+                    self.begin_delete(segment, finish=True, force=False)
 
     @contextlib.contextmanager
     def doubtful(self, name: str):

@@ -27,7 +27,7 @@ import time
 import pytest
 
 import vas
-from faultkit import bounded
+from faultkit import bounded, usage
 from vas.admin import AdminClient
 from vas.cluster import LocalCluster
 from vas.coordinator import keys
@@ -242,3 +242,117 @@ def created_again(node) -> bool:
         return True
     except vas.Unavailable:
         return False
+
+
+def records(oracle_url: str) -> dict[str, tuple[int, dict]]:
+    """name -> (id, record) of every segment, read from etcd directly."""
+    from etcd3 import etcdrpc
+    import grpc
+
+    with grpc.insecure_channel(oracle_url.removeprefix("http://")) as channel:
+        kvs = etcdrpc.KVStub(channel).Range(etcdrpc.RangeRequest(
+            key=keys.SEGMENTS, range_end=keys.prefix_end(keys.SEGMENTS)), timeout=10).kvs
+    return {kv.key[len(keys.SEGMENTS):].decode(): (kv.create_revision, keys.decode(kv.value))
+            for kv in kvs}
+
+
+def create_within(node, name: str, timeout: float) -> float:
+    """Seconds until a create of ``name`` through ``node`` works (retried while Unavailable)."""
+    started = time.monotonic()
+
+    def attempt() -> bool:
+        try:
+            with vas.connect(node.socket) as client:
+                client.create(name, MiB, mode=0o644, exist_ok=True)
+            return True
+        except vas.Unavailable:
+            return False
+
+    wait_for(attempt, f"a create of {name} to work", timeout=timeout)
+    return time.monotonic() - started
+
+
+def test_etcd_killed_and_restarted_on_its_data_dir_keeps_every_record(own):
+    node1, node2 = own.nodes
+    data = os.urandom(MiB)
+    with vas.connect(node1.socket) as c1, vas.connect(node2.socket) as c2:
+        c1.create("restart/a", MiB, mode=0o644)
+        c2.create("restart/b", MiB, mode=0o644)
+        with c1.attach("restart/a", "rw") as mapping:
+            mapping.write(0, data)
+            mapping.sync()
+    before = records(own.etcd_url)
+
+    own.etcd.kill()
+    own.etcd.start()
+    took = create_within(node1, "restart/after", BACK_WITHIN)
+    print(f"\netcd killed and restarted: creates work {took:.2f} s after it answers")
+
+    after = records(own.etcd_url)
+    assert {name: after[name] for name in before} == before  # every record, as it was
+    with vas.connect(node2.socket) as c2, c2.attach("restart/a", fetch="eager") as mapping:
+        assert digest(mapping.read(0, MiB)) == digest(data)
+    assert all(proc.alive() for proc in own.nodes)
+
+
+def etcdctl(*args: str, url: str = "") -> None:
+    env = {**os.environ, "ETCDCTL_API": "3"}
+    done = subprocess.run(["etcdctl", *(["--endpoints", url] if url else []), *args],
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.skipif(shutil.which("etcdctl") is None,
+                    reason="needs etcdctl (Debian package etcd-client; ./dev.sh installs it)")
+def test_etcd_restored_from_a_snapshot_agents_reconcile_by_themselves(own):
+    """The documented restore (docs/ARCHITECTURE.md "Restoring etcd"): snapshot save,
+    then etcd lost and restored into a new data dir on the same address. Records newer
+    than the snapshot are gone and their memory is freed by its agent; records of the
+    snapshot whose memory is held read ready again; one whose memory was freed after
+    the snapshot reads lost. The coordinator notices etcd's revision going back,
+    writes until it passes the newest it saw (no id or token is handed out twice; the
+    Debian etcd 3.4 here has no ``--bump-revision``) and revokes the node leases
+    (they are in the snapshot, so they would not lapse)."""
+    node1, node2 = own.nodes
+    data = os.urandom(MiB)
+    with vas.connect(node1.socket) as c1, vas.connect(node2.socket) as c2:
+        kept = c1.create("snap/kept", MiB, mode=0o644)
+        c2.create("snap/freed", MiB, mode=0o644)
+        with c1.attach("snap/kept", "rw") as mapping:
+            mapping.write(0, data)
+            mapping.sync()
+        snapshot = os.path.join(own.dir, "snapshot.db")
+        etcdctl("snapshot", "save", snapshot, url=own.etcd_url)
+        for number in range(20):  # revisions the restore loses: ids not to hand out again
+            c1.create(f"snap/gone{number}", MiB)
+            c1.delete(f"snap/gone{number}")
+        newer = c1.create("snap/newer", MiB, mode=0o644)   # after the snapshot
+        c2.delete("snap/freed")                            # its memory goes
+        assert usage(node1) == (2 * MiB, 2) and usage(node2) == (0, 0)
+
+    own.etcd.kill()
+    restored = os.path.join(own.dir, "etcd.restored")
+    etcdctl("snapshot", "restore", snapshot, "--data-dir", restored, "--name", own.etcd.name,
+            "--initial-cluster", f"{own.etcd.name}={own.etcd.peer_url}",
+            "--initial-advertise-peer-urls", own.etcd.peer_url)
+    own.etcd.data_dir = restored
+    own.etcd.start()
+    resumed = time.monotonic()
+
+    # By themselves: node1 frees the memory no record names; snap/freed reads lost.
+    wait_for(lambda: usage(node1) == (MiB, 1), "node1 to free snap/newer's memory",
+             timeout=BACK_WITHIN + 10)
+    with vas.connect(node1.socket) as c1:
+        wait_for(lambda: {s.name: s.state for s in c1.list("snap/")} == {
+            "snap/kept": "ready", "snap/freed": "lost"}, "the records to be reconciled",
+            timeout=BACK_WITHIN + 10)
+    print(f"\nrestored etcd: reconciled {time.monotonic() - resumed:.2f} s after it answered")
+    with open(own.coordinators[0].log_path, errors="replace") as log:
+        assert "etcd's revision went back" in log.read(), own.coordinators[0].tail()
+    with vas.connect(node2.socket) as c2, c2.attach("snap/kept", fetch="eager") as mapping:
+        assert digest(mapping.read(0, MiB)) == digest(data)
+        assert mapping.info.id == kept.id
+    with vas.connect(node1.socket) as c1:
+        fresh = c1.create("snap/newer", MiB, mode=0o644)
+    assert fresh.id > newer.id  # the coordinator carried the revision past the lost ones
+    print(f"ids: newest before the loss {newer.id}, first create after the restore {fresh.id}")
