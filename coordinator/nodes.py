@@ -260,12 +260,14 @@ class DownWatch:
         self._call = None
         self._requests: queue.Queue | None = None
         self._stopped = False
+        # The newest revision of any etcd answer when the watch last broke (0: none yet):
+        # taken then, not at the reopen, when answers of a restored etcd may have come.
+        self._seen = 0
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
             try:
-                seen = self.etcd.newest_revision  # before the sweep reads a newer one
-                self._watch(self._resume_from(seen, self._sweep()))
+                self._watch(self._resume_from(self._seen, self._sweep()))
             except grpc.RpcError as exc:
                 if not self._stopped and exc.code() != grpc.StatusCode.CANCELLED:
                     log.warning("watching node leases: %s; again in %.0f s",
@@ -302,8 +304,8 @@ class DownWatch:
 
     def _resume_from(self, seen: int, revision: int) -> int:
         """The revision to watch after: ``seen``, the newest this coordinator saw in any
-        etcd answer before the sweep (so that a compaction past it shows), unless the
-        sweep read an older ``revision`` (etcd went back) or nothing was seen yet."""
+        etcd answer before the watch broke (so that a compaction past it shows), unless
+        the sweep read an older ``revision`` (etcd went back) or nothing was seen yet."""
         if revision < seen:
             why = f"etcd's revision went back from {seen} to {revision}"
             revision = self._catch_up(revision, seen)  # before any agent registers again
@@ -332,7 +334,7 @@ class DownWatch:
         log.warning("%s (restored from a snapshot?): revoking every node lease so that "
                     "the agents register again and reconcile", why)
         self._rewound()
-        self.etcd.newest_revision = revision
+        self.etcd.newest_revision = self._seen = revision
         for kv in self.etcd.range(keys.NODES, keys.NODES_END, keys_only=True).kvs:
             if kv.lease:
                 self.etcd.revoke(kv.lease)
@@ -348,6 +350,13 @@ class DownWatch:
         requests.put(etcdrpc.WatchRequest(create_request=etcdrpc.WatchCreateRequest(
             key=keys.ATTACH, range_end=keys.NODES_END, start_revision=revision + 1,
             prev_kv=True, filters=[etcdrpc.WatchCreateRequest.NOPUT])))
+        try:
+            self._follow(call, revision)
+        finally:
+            self._seen = max(self._seen, self.etcd.newest_revision)
+
+    def _follow(self, call, revision: int) -> None:
+        """Mark members as the watch (from after ``revision``) reports their node keys gone."""
         for response in call:
             if response.canceled and response.compact_revision > revision + 1:
                 # Compacted past a revision seen before (etcd keeps an hour of history).
