@@ -12,11 +12,14 @@ etcd round trip in the common case.
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
 import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
+
+import grpc
 
 from vas.coordinator import access, keys
 from vas.coordinator.etcd import (Etcd, EtcdError, absent, created_at, delete_op, leased,
@@ -208,6 +211,8 @@ class Segments:
         # Creates of this coordinator take turns on /vas/alloc rather than failing
         # each other's compares (every create rewrites that one key).
         self._alloc_lock = threading.Lock()
+        # (monotonic time, message) of the last create that found etcd unavailable.
+        self._alloc_failure = (0.0, "")
 
     def forget(self) -> None:
         """Drop every guess (cached records, the allocator's mod_revision): etcd went back
@@ -219,6 +224,29 @@ class Segments:
             self._alloc = (0, WINDOW_START)
 
     # Create ----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _alloc_turn(self, name: str):
+        """This create's turn on /vas/alloc. A turn normally lasts one transaction (ms),
+        but while etcd does not answer each lasts the whole etcd deadline, and queued
+        creates would add theirs up (the second one 10 s, ...). So a create waits for its
+        turn at most one deadline, and one whose turn comes after another create found
+        etcd unavailable while it waited fails at once with that create's error."""
+        started = time.monotonic()
+        if not self._alloc_lock.acquire(timeout=self.etcd.timeout):
+            raise Unavailable(f"could not create segment {name!r}: the creates before it "
+                              f"waited over {self.etcd.timeout:g} s for etcd at {self.etcd.url}")
+        try:
+            failed_at, error = self._alloc_failure
+            if failed_at > started:
+                raise Unavailable(error)
+            yield
+        except Unavailable as exc:
+            if isinstance(exc.__cause__, grpc.RpcError):  # etcd itself did not answer
+                self._alloc_failure = (time.monotonic(), str(exc))
+            raise
+        finally:
+            self._alloc_lock.release()
 
     def create(self, caller, name: str, size: int, mode: int, home: str, replicas: int,
                ttl: float, home_lease: int,
@@ -260,7 +288,7 @@ class Segments:
 
     def _claim(self, name: str, record: dict, lease: int, home_lease: int) -> Entry:
         key, home_key = keys.segment_key(name), keys.node_key(record["home"])
-        with self._alloc_lock:
+        with self._alloc_turn(name):
             for _ in retries(self.attempts, f"create segment {name!r}"):
                 alloc_mod, next_address = self._alloc
                 record["address"], after = place(next_address, record["size"])
