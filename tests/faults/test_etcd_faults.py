@@ -1,5 +1,5 @@
-"""etcd paused (SIGSTOP) and killed: metadata calls fail fast, mappings keep working,
-and the cluster comes back by itself.
+"""etcd paused (SIGSTOP), killed, and restored from a snapshot: metadata calls fail
+fast, mappings keep working, and the cluster comes back by itself.
 
 Each test runs its own etcd (the session's is shared by every other test), two
 agents and a coordinator over it. While etcd is paused every metadata call, through
@@ -8,8 +8,10 @@ within its deadline with Unavailable (``vasctl``: exit 1, one line on stderr), a
 the bytes of existing mappings stay readable and writable (shared memory needs no
 metadata). After SIGCONT, or a restart on the same data dir, creates work again
 with nobody restarting anything: agents whose leases lapsed in etcd's view
-register again (no reconcile: they kept their memory) and their records read
-``ready``. Figures are printed (``-s``).
+register again (reconciling with all they hold, so nothing of theirs is marked) and
+their records read ``ready``. After a restore from a snapshot (with or without a
+revision bump) the coordinator notices and the agents reconcile: what the snapshot
+lacks is freed, what they no longer hold reads ``lost``. Figures are printed (``-s``).
 
 etcd is read directly as the oracle of what is stored.
 """
