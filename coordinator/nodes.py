@@ -31,7 +31,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import grpc
 from etcd3 import etcdrpc
@@ -221,6 +221,11 @@ class Nodes:
         return list_of(nodes, members, True)
 
 
+#: Most writes a coordinator makes to carry etcd's revision past the newest it saw
+#: before a restore without a revision bump (DownWatch._catch_up).
+MAX_CATCH_UP = 100_000
+
+
 class DownWatch:
     """Marks members down when their node key vanishes (see the module docstring).
 
@@ -234,20 +239,35 @@ class DownWatch:
     compare (node key absent, member unchanged) lets one write win. A node
     that left on purpose has no member record by then, so nothing is marked.
     A failed watch (etcd away) is opened again, after a new sweep.
+
+    It also notices etcd going back in time (restored from a snapshot, see
+    "Restoring etcd" in docs/ARCHITECTURE.md): a sweep reading a revision below the
+    newest this watch has seen (a plain restore), or a watch resumed just after that
+    revision answered "compacted" (a restore with ``--bump-revision
+    --mark-compacted``). Then it calls ``rewound`` (the coordinator drops its
+    guesses) and revokes every node lease: each agent finds its lease gone at its
+    next heartbeat and registers again, reconciling with what it holds, so records
+    the snapshot has and the agents freed since read ``lost`` and memory the
+    snapshot has no record of is freed.
     """
 
-    def __init__(self, etcd: Etcd, retry_interval: float = 1.0):
+    def __init__(self, etcd: Etcd, retry_interval: float = 1.0,
+                 rewound: Callable[[], None] = lambda: None):
         self.etcd = etcd
         self.retry_interval = retry_interval
+        self._rewound = rewound
         self._lock = threading.Lock()
         self._call = None
         self._requests: queue.Queue | None = None
         self._stopped = False
+        # The newest revision of any etcd answer when the watch last broke (0: none yet):
+        # taken then, not at the reopen, when answers of a restored etcd may have come.
+        self._seen = 0
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
             try:
-                self._watch(self._sweep())
+                self._watch(self._resume_from(self._seen, self._sweep()))
             except grpc.RpcError as exc:
                 if not self._stopped and exc.code() != grpc.StatusCode.CANCELLED:
                     log.warning("watching node leases: %s; again in %.0f s",
@@ -282,6 +302,43 @@ class DownWatch:
                 self._mark(member["id"], [])
         return response.header.revision
 
+    def _resume_from(self, seen: int, revision: int) -> int:
+        """The revision to watch after: ``seen``, the newest this coordinator saw in any
+        etcd answer before the watch broke (so that a compaction past it shows), unless
+        the sweep read an older ``revision`` (etcd went back) or nothing was seen yet."""
+        if revision < seen:
+            why = f"etcd's revision went back from {seen} to {revision}"
+            revision = self._catch_up(revision, seen)  # before any agent registers again
+            self._rewind(why, revision)
+            return revision
+        return seen or revision
+
+    def _catch_up(self, revision: int, seen: int) -> int:
+        """Write /vas/rewind until etcd's revision passes ``seen`` (what ``etcdutl snapshot
+        restore --bump-revision`` does at once, which etcd 3.4 lacks): segment ids and
+        fencing tokens are revisions, and the lost timeline handed out those up to
+        ``seen``. At most MAX_CATCH_UP writes (~1 ms each); beyond that it says so (the
+        agents' checks after registering again still drop every stale holder, but a new
+        segment of an old name could meet an old id meanwhile). The revision reached."""
+        if seen - revision > MAX_CATCH_UP:
+            log.error("etcd is %d revisions behind the newest seen (%d): too many to catch "
+                      "up one write at a time; restore with `etcdutl snapshot restore "
+                      "--bump-revision N --mark-compacted` instead", seen - revision, seen)
+            return revision
+        while revision <= seen:
+            revision = self.etcd.txn(success=[put_op(keys.REWIND, b"")]).header.revision
+        return self.etcd.txn(success=[delete_op(keys.REWIND)]).header.revision
+
+    def _rewind(self, why: str, revision: int) -> None:
+        """etcd was restored from a snapshot: drop guesses, make every agent register again."""
+        log.warning("%s (restored from a snapshot?): revoking every node lease so that "
+                    "the agents register again and reconcile", why)
+        self._rewound()
+        self.etcd.newest_revision = self._seen = revision
+        for kv in self.etcd.range(keys.NODES, keys.NODES_END, keys_only=True).kvs:
+            if kv.lease:
+                self.etcd.revoke(kv.lease)
+
     def _watch(self, revision: int) -> None:
         requests: queue.Queue = queue.Queue()
         call = self.etcd.watch(iter(requests.get, None))
@@ -293,7 +350,20 @@ class DownWatch:
         requests.put(etcdrpc.WatchRequest(create_request=etcdrpc.WatchCreateRequest(
             key=keys.ATTACH, range_end=keys.NODES_END, start_revision=revision + 1,
             prev_kv=True, filters=[etcdrpc.WatchCreateRequest.NOPUT])))
+        try:
+            self._follow(call, revision)
+        finally:
+            self._seen = max(self._seen, self.etcd.newest_revision)
+
+    def _follow(self, call, revision: int) -> None:
+        """Mark members as the watch (from after ``revision``) reports their node keys gone."""
         for response in call:
+            if response.canceled and response.compact_revision > revision + 1:
+                # Compacted past a revision seen before (etcd keeps an hour of history).
+                self._rewind(f"etcd compacted its history up to revision "
+                             f"{response.compact_revision}, past revision {revision} seen",
+                             response.compact_revision)
+                return
             if response.canceled:
                 raise Unavailable(f"etcd cancelled the watch of node keys: "
                                f"{response.cancel_reason or 'compacted'}")

@@ -12,11 +12,14 @@ etcd round trip in the common case.
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
 import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
+
+import grpc
 
 from vas.coordinator import access, keys
 from vas.coordinator.etcd import (Etcd, EtcdError, absent, created_at, delete_op, leased,
@@ -191,6 +194,10 @@ class RecordCache:
         with self._lock:
             self._entries.pop(name, None)
 
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
 
 class Segments:
     """Segment operations over one etcd client. Thread-safe; holds no authoritative state."""
@@ -204,8 +211,42 @@ class Segments:
         # Creates of this coordinator take turns on /vas/alloc rather than failing
         # each other's compares (every create rewrites that one key).
         self._alloc_lock = threading.Lock()
+        # (monotonic time, message) of the last create that found etcd unavailable.
+        self._alloc_failure = (0.0, "")
+
+    def forget(self) -> None:
+        """Drop every guess (cached records, the allocator's mod_revision): etcd went back
+        to an older revision (restored from a snapshot), and a revision written after the
+        snapshot may be written again with other contents, so an old guess could pass
+        its compare."""
+        self.cache.clear()
+        with self._alloc_lock:
+            self._alloc = (0, WINDOW_START)
 
     # Create ----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _alloc_turn(self, name: str):
+        """This create's turn on /vas/alloc. A turn normally lasts one transaction (ms),
+        but while etcd does not answer each lasts the whole etcd deadline, and queued
+        creates would add theirs up (the second one 10 s, ...). So a create waits for its
+        turn at most one deadline, and one whose turn comes after another create found
+        etcd unavailable while it waited fails at once with that create's error."""
+        started = time.monotonic()
+        if not self._alloc_lock.acquire(timeout=self.etcd.timeout):
+            raise Unavailable(f"could not create segment {name!r}: the creates before it "
+                              f"waited over {self.etcd.timeout:g} s for etcd at {self.etcd.url}")
+        try:
+            failed_at, error = self._alloc_failure
+            if failed_at > started:
+                raise Unavailable(error)
+            yield
+        except Unavailable as exc:
+            if isinstance(exc.__cause__, grpc.RpcError):  # etcd itself did not answer
+                self._alloc_failure = (time.monotonic(), str(exc))
+            raise
+        finally:
+            self._alloc_lock.release()
 
     def create(self, caller, name: str, size: int, mode: int, home: str, replicas: int,
                ttl: float, home_lease: int,
@@ -219,7 +260,8 @@ class Segments:
         incarnation that restarted since, is refused).
 
         Raises AlreadyExists, InvalidArgument (unknown home; ``home_lease`` 0),
-        Unavailable (the home is registered under another lease; or etcd),
+        Unavailable (the home is registered under another lease, or its lease lapsed;
+        or etcd),
         CapacityExceeded (address window full).
         """
         if not home_lease:  # lease 0 would match an absent node key: refuse before the txn
@@ -246,7 +288,7 @@ class Segments:
 
     def _claim(self, name: str, record: dict, lease: int, home_lease: int) -> Entry:
         key, home_key = keys.segment_key(name), keys.node_key(record["home"])
-        with self._alloc_lock:
+        with self._alloc_turn(name):
             for _ in retries(self.attempts, f"create segment {name!r}"):
                 alloc_mod, next_address = self._alloc
                 record["address"], after = place(next_address, record["size"])
@@ -256,16 +298,24 @@ class Segments:
                     success=[put_op(key, keys.encode(record), lease),
                              put_op(keys.ALLOC, keys.encode({"next_address": after}))],
                     failure=[range_op(key, keys_only=True), range_op(keys.ALLOC),
-                             range_op(home_key, keys_only=True)])
+                             range_op(home_key, keys_only=True),
+                             range_op(keys.member_key(record["home"]), keys_only=True)])
                 revision = response.header.revision
                 if response.succeeded:
                     self._alloc = (revision, after)
                     return Entry(name, revision, revision, lease, record)
-                segment, alloc, node = (op.response_range for op in response.responses)
+                segment, alloc, node, member = (op.response_range for op in response.responses)
                 if segment.kvs:
                     raise AlreadyExists(f"segment {name!r} already exists")
-                if not node.kvs:
+                if not node.kvs and not member.kvs:
                     raise InvalidArgument(f"unknown home node {record['home']!r}")
+                if not node.kvs:
+                    # A member without a node key: its lease lapsed (etcd was paused or
+                    # cut off longer than the node ttl). Its agent registers again at
+                    # its next heartbeat, after which a retry of this create works.
+                    raise Unavailable(
+                        f"node {record['home']!r} is not registered (its lease lapsed; its "
+                        "agent registers again at its next heartbeat)")
                 if node.kvs[0].lease != home_lease:
                     raise Unavailable(
                         f"node {record['home']!r} is not registered under lease {home_lease} "

@@ -192,16 +192,19 @@ class Agent:
 
     def _registered(self, response: coordinator_pb2.RegisterNodeResponse, again: bool) -> None:
         """After a registration: tell the nodes holding replicas of the records it marked
-        lost; after registering again (the lease lapsed), check every replica, since
-        notices of deletes made meanwhile may have missed this node."""
+        lost; after registering again (the lease lapsed), check every replica and every
+        home segment, since notices of deletes made meanwhile may have missed this node
+        and etcd may have come back from a snapshot without their records."""
         for info in response.lost:
             self.notices.tell(info.name, info.id, info.copies)
         if again:
             self.replicas.recheck_all()
+            self.homes.check_all()
 
     def _chores(self) -> None:
         """Periodic work of the heartbeat thread."""
         self.homes.retry_unfinished()
+        self.homes.settle_doubted()
         self.homes.recheck_stale()
         self.replicas.recheck_stale()
         self.writers.revocations.reap()
@@ -368,6 +371,10 @@ class Agent:
     def delete(self, session: Session, name: str, force: bool) -> types_pb2.SegmentInfo:
         """Delete ``name``: free its memory (here, or through its home), and tell the
         nodes holding replicas of it (the reply's ``copies``) to drop them."""
+        with self.homes.doubtful(name):
+            return self._delete(session, name, force)
+
+    def _delete(self, session: Session, name: str, force: bool) -> types_pb2.SegmentInfo:
         segment = self.homes.claim(session, name)
         if segment is not None:
             info = self.homes.delete_claimed(session.caller, segment)
@@ -403,12 +410,14 @@ class Agent:
             log.warning("cannot ask node %s to release segment %s: %s", info.home, info.name, exc)
 
     def chmod(self, session: Session, name: str, mode: int) -> types_pb2.SegmentInfo:
-        info = self.coordinator.set_segment_mode(session.caller, name, mode)
+        with self.homes.doubtful(name):
+            info = self.coordinator.set_segment_mode(session.caller, name, mode)
         self._changed(info)
         return info
 
     def chown(self, session: Session, name: str, uid: int, gid: int) -> types_pb2.SegmentInfo:
-        info = self.coordinator.set_segment_owner(session.caller, name, uid, gid)
+        with self.homes.doubtful(name):
+            info = self.coordinator.set_segment_owner(session.caller, name, uid, gid)
         self._changed(info)
         return info
 

@@ -23,7 +23,9 @@ one coordinator call, or it is LIVE again if the coordinator refuses.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
+import math
 import os
 import threading
 import time
@@ -54,6 +56,11 @@ _EXPIRY_RETRY_MAX = 5.0
 #: for ``RECHECK_AGE`` seconds.
 RECHECK_BATCH = 8
 RECHECK_AGE = 60.0
+#: Home segments asked about per CheckSegments call (``check_all``).
+CHECK_BATCH = 128
+#: How many answered reads (one per heartbeat) look for the record of a create that
+#: was answered Unavailable (``settle_doubted``).
+DOUBT_READS = 2
 
 
 class HomeSegments:
@@ -84,6 +91,7 @@ class HomeSegments:
         self._tombstones: collections.OrderedDict[int, tuple[str, str]] = \
             collections.OrderedDict()
         self._unfinished: dict[int, str] = {}  # FinishDelete to retry: id -> name
+        self._doubted: dict[str, int] = {}  # creates answered Unavailable: name -> reads left
         self._last_size = 0  # of the last create (see _expect)
         self.expiry = Timer(self._expire, "expiry")
 
@@ -150,6 +158,9 @@ class HomeSegments:
         except BaseException as exc:
             self.store.unreserve(size)
             memory.release()
+            if isinstance(exc, Unavailable):
+                with self._lock:
+                    self._doubted[name] = DOUBT_READS
             self._settle(self._create_done(name, created))
             if isinstance(exc, AlreadyExists) and exist_ok:
                 return self.coordinator.get_segment(name)
@@ -528,6 +539,37 @@ class HomeSegments:
             with self._lock:
                 self._unfinished[segment_id] = name
 
+    def settle_doubted(self) -> None:
+        """Remove the records of creates that were answered Unavailable and stored all
+        the same: the coordinator gave up waiting for etcd (paused, slow) and etcd
+        applied the transaction later. The memory went back when the call failed, so
+        such a record, homed here and not held, has nothing behind it: FinishDelete
+        removes it (compared on its id). Each name is read at DOUBT_READS heartbeats
+        that the coordinator answers; a create of that name in flight, or one done
+        meanwhile, is left alone."""
+        with self._lock:
+            doubted = list(self._doubted)
+        for name in doubted:
+            try:
+                info = self.coordinator.get_segment(name)
+            except NotFound:
+                info = None
+            except VasError:
+                return  # not answering yet: the next beat reads again
+            with self._lock:
+                held = self._by_name.get(name)
+                busy = name in self._creating
+                orphan = (info is not None and info.home == self.node_id and not busy
+                          and (held is None or held.id != info.id))
+                left = self._doubted.pop(name, 1) - 1
+                if left > 0 and not orphan:
+                    self._doubted[name] = left
+            if orphan:
+                log.warning("segment %s (id %d) was created after its create was answered "
+                            "Unavailable; removing its record (no memory is behind it)",
+                            name, info.id)
+                self.finish_delete(name, info.id)
+
     def retry_unfinished(self) -> None:
         with self._lock:
             unfinished = dict(self._unfinished)
@@ -614,6 +656,46 @@ class HomeSegments:
             self.begin_delete(segment, finish=True, force=False)
             return False
         return True
+
+    def check_all(self) -> None:
+        """After registering again: free every held home segment whose record is gone,
+        of another id, deleting or lost (CheckSegments, CHECK_BATCH at a time). A lapsed
+        lease may hide a delete whose notice never came, and an etcd restored from a
+        snapshot has no record of what was created after it: that memory is orphaned.
+        When the coordinator cannot answer, ``recheck_stale`` re-reads them instead."""
+        live = [segment for segment in self.all() if segment.state is HomeState.LIVE]
+        for first in range(0, len(live), CHECK_BATCH):
+            batch = live[first:first + CHECK_BATCH]
+            try:
+                gone = set(self.coordinator.check_segments([(s.name, s.id) for s in batch]))
+            except VasError as exc:
+                log.warning("cannot check %d home segments: %s; re-reading them one by one",
+                            len(live) - first, exc)
+                for segment in live[first:]:
+                    with segment.lock:
+                        segment.checked = -math.inf
+                return
+            for segment in batch:
+                if segment.id in gone:
+                    log.info("segment %s (id %d) homed here is gone from the cluster; "
+                             "freeing it", segment.name, segment.id)
+                    self.begin_delete(segment, finish=True, force=False)
+
+    @contextlib.contextmanager
+    def doubtful(self, name: str):
+        """Around a call that changes the record of ``name``: when it fails with
+        Unavailable, etcd may still have applied it (a write whose answer timed out,
+        e.g. while etcd was paused, is not a write refused), so a home segment of that
+        name is re-read at the next heartbeat (``recheck_stale``) rather than after
+        RECHECK_AGE: a delete that did land frees it, a chmod that did is adopted."""
+        try:
+            yield
+        except Unavailable:
+            segment = self.find(name)
+            if segment is not None:
+                with segment.lock:
+                    segment.checked = -math.inf
+            raise
 
     def recheck_stale(self) -> None:
         """Re-read a few records not read for a while (a lost notification heals)."""

@@ -11,8 +11,10 @@
   re-adopted from its files), so the coordinator marks every other record homed
   on this node lost before the node is listed again; an agent killed and
   restarted with the same id never shows records ``ready`` that it cannot
-  serve. Registering again after a lapsed lease does not reconcile: the
-  process kept its memory.
+  serve. Registering again after a lapsed lease reconciles too, with the ids
+  it holds (the process kept its memory, so nothing it holds is marked): etcd
+  may have come back from a snapshot in which records homed here name memory
+  this process freed since, and those must read ``lost``, not ``ready``.
 - ``Reporter``: ``ReportAttachments``, debounced (``report_delay``): attach and
   detach only mark the segment; one call carries every changed count (count 0
   without ``copy`` removes the report; a held replica is reported with
@@ -133,7 +135,7 @@ class Membership:
         self._chores = chores
         self._cleanup_timeout = cleanup_timeout
         self._ttl = config.heartbeat_ttl
-        self._reconciled = False  # the first registration of this process reconciles
+        self._reconciled = False  # set by the first registration of this process
 
     def register(self, stop: threading.Event) -> bool:
         """Register with the coordinator, retrying until it answers or ``stop`` is set."""
@@ -151,9 +153,9 @@ class Membership:
 
     def _register_once(self) -> None:
         again = self._reconciled
-        held = [] if again else self._home_ids()  # first: it may adopt segments (their usage)
+        held = self._home_ids()  # first: it may adopt segments (their usage)
         response = self.coordinator.register_node(
-            self._node_info(), self.config.heartbeat_ttl, reconcile=not again, held=held)
+            self._node_info(), self.config.heartbeat_ttl, reconcile=True, held=held)
         self._reconciled = True
         self.reporter.lease_id = response.lease_id
         self._ttl = response.ttl_seconds or self.config.heartbeat_ttl

@@ -471,9 +471,10 @@ class LocalCluster:
             raise errors[0]
 
     def env(self) -> dict[str, str]:
-        """Environment for clients: VAS_COORDINATOR (first coordinator), VAS_NODE (first
-        node), and with TLS the VAS_TLS_* files of the admin certificate."""
-        env = {"VAS_COORDINATOR": self.coordinators[0].address}
+        """Environment for clients: VAS_COORDINATOR (every coordinator, one gRPC target
+        that fails over: ``coordinator_target``), VAS_NODE (first node), and with TLS the
+        VAS_TLS_* files of the admin certificate."""
+        env = {"VAS_COORDINATOR": coordinator_target([c.address for c in self.coordinators])}
         if self.nodes:
             env["VAS_NODE"] = self.nodes[0].socket
         if self.certs is not None:
