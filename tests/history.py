@@ -41,6 +41,7 @@ restarts them.
 from __future__ import annotations
 
 import collections
+import faulthandler
 import itertools
 import json
 import multiprocessing
@@ -94,6 +95,7 @@ def writer(index: int, socket: str, logdir: str, segments: dict, stop, paused_at
     ``stop``. ``segments`` maps names to their home's index: while ``hold`` is set, the
     writer waits (``holding`` set) inside an attachment of a segment homed on node 0,
     for the harness to pause it there."""
+    faulthandler.register(signal.SIGUSR1)  # Crew.stop asks a stuck one where it is
     log = Log(os.path.join(logdir, f"writer{index}-{os.getpid()}.jsonl"))
     rng = random.Random(seed)
     tags = itertools.cycle(range(1 + index * TAG_SPAN, (index + 1) * TAG_SPAN))
@@ -156,6 +158,7 @@ def read_once(client, name: str, fetch: str, segment_mask: np.ndarray, log,
 
 
 def reader(index: int, socket: str, logdir: str, segments: dict, stop, seed: int) -> None:
+    faulthandler.register(signal.SIGUSR1)
     log = Log(os.path.join(logdir, f"reader{index}-{os.getpid()}.jsonl"))
     rng = random.Random(seed)
     masks = {name: mask(name) for name in segments}
@@ -187,17 +190,19 @@ class Crew:
         self._holdings = [self._ctx.Event() for _ in writer_sockets]
         self.writers: list = []
         self.readers: list = []
+        #: Processes that did not stop when asked (killed at the deadline of ``stop``).
+        self.stuck: list[str] = []
         self._probe_log = Log(os.path.join(logdir, "reader-probe.jsonl"))
 
     def _start_writer(self, i: int):
-        proc = self._ctx.Process(target=writer, args=(
+        proc = self._ctx.Process(name=f"writer{i}", target=writer, args=(
             i, self._writer_sockets[i], self._logdir, self._segments, self.stop_event,
             self._pauses[i], self._holds[i], self._holdings[i], self._rng.random()))
         proc.start()
         return proc
 
     def _start_reader(self, i: int):
-        proc = self._ctx.Process(target=reader, args=(
+        proc = self._ctx.Process(name=f"reader{i}", target=reader, args=(
             i, self._reader_sockets[i], self._logdir, self._segments, self.stop_event,
             self._rng.random()))
         proc.start()
@@ -261,8 +266,9 @@ class Crew:
         except vas.VasError as exc:  # the probe's agent may be down right now (chaos)
             self._probe_log(kind="read-failed", name="", error=type(exc).__name__)
 
-    def stop(self, timeout: float = 20.0) -> None:
-        """Stop every process: ask, SIGCONT (one may be paused), join, SIGKILL at the end."""
+    def stop(self, timeout: float = 20.0, on_stuck=None) -> None:
+        """Stop every process: ask, SIGCONT (one may be paused), join, SIGKILL at the
+        end; ``on_stuck(name)`` is called before a process still running then is killed."""
         self.stop_event.set()
         for proc in self.writers + self.readers:
             if proc.is_alive():
@@ -271,6 +277,11 @@ class Crew:
         for proc in self.writers + self.readers:
             proc.join(max(0.1, deadline - time.monotonic()))
             if proc.is_alive():
+                self.stuck.append(proc.name)
+                os.kill(proc.pid, signal.SIGUSR1)  # its threads' stacks, to stderr
+                if on_stuck is not None:
+                    on_stuck(proc.name)
+                proc.join(1)
                 proc.kill()
                 proc.join(5)
 
