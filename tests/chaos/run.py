@@ -20,6 +20,8 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # chaoskit, and tests/ (history)
 
 import chaoskit  # noqa: E402
+import vas  # noqa: E402
+from vas.cluster import LaunchError  # noqa: E402
 
 #: Checker figures printed, in this order (the JSON line has all of them).
 _SHOWN = ("bytes verified", "final bytes verified", "versions acknowledged",
@@ -67,6 +69,11 @@ def main(argv=None) -> int:
     os.chmod(directory, 0o755)  # agents' sockets live there
     try:
         result = chaoskit.run(config, directory)
+    except (vas.VasError, LaunchError) as exc:  # e.g. --replicas or --data-dir, not built yet
+        lines = [line for line in str(exc).splitlines() if line.strip()]
+        print(f"chaos run could not start: {lines[0]}"
+              + (f" ({lines[-1].strip()})" if len(lines) > 1 else ""), file=sys.stderr)
+        return 1
     finally:
         if not args.keep:
             shutil.rmtree(directory, ignore_errors=True)
