@@ -39,10 +39,12 @@ would lose acknowledged versions by design. ``replicas`` is passed to every crea
 product refuses both (create says InvalidArgument, the agent exits 2), so a durable run
 fails at its start rather than claim anything.
 
-After ``duration`` seconds (the last ``quiet`` of them without faults, so writers end on a
-sync that went through) the writers and readers stop, every segment is read on every
-agent, and the checker's "final" rule holds each copy to the last acknowledged write's
-exact bytes. Every wait has a deadline; ``World.stop`` SIGCONTs, then stops, every process
+Faults stop after ``duration`` - ``quiet`` seconds (or ``rounds`` rounds); ``quiet``
+seconds later (without faults, so writers end on syncs that went through) the writers and
+readers stop, every segment is read on every agent, and the checker's "final" rule holds
+each copy to the last acknowledged write's exact bytes. A writer or reader that does not
+stop within ``STOP_TIMEOUT`` is reported ("stuck"; its stack goes to stderr and, with
+py-spy in the venv, every agent's to ``DIR/stacks-NODE.txt``) and killed. Every wait has a deadline; ``World.stop`` SIGCONTs, then stops, every process
 (and removes the network), also after a failure.
 
     result = run(Config(duration=30, seed=12), directory)
