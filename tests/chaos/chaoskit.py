@@ -101,7 +101,7 @@ class Config:
     netns: bool = False
     replicas: int = 0
     data_dir: bool = False
-    gap: tuple[float, float] = (0.3, 1.5)
+    gap: tuple[float, float] = (0.2, 1.0)
     quiet: float = 5.0
 
     @property

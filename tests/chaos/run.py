@@ -25,8 +25,9 @@ from vas.cluster import LaunchError  # noqa: E402
 
 #: Checker figures printed, in this order (the JSON line has all of them).
 _SHOWN = ("bytes verified", "final bytes verified", "versions acknowledged",
-          "versions seen by readers", "read", "final", "ack", "begin", "stale writes",
-          "sync-failed", "read-failed", "attach-failed")
+          "versions seen by readers", "versions skipped after an ambiguous sync", "read",
+          "final", "ack", "begin", "stale writes", "sync-failed", "read-failed",
+          "attach-failed")
 
 
 def _parse(argv):
@@ -55,8 +56,8 @@ def _table(result: chaoskit.Result) -> str:
     lines += [f"{kind:<20} {n:>8}  (could not be set up)" for kind, n in result.skipped.items()]
     lines += ["", f"{'process exits (restarted)':<28} {'count':>6}"]
     lines += [f"{kind:<28} {n:>6}" for kind, n in sorted(result.exits.items())]
-    lines += ["", f"{'history':<28} {'figure':>14}"]
-    lines += [f"{name:<28} {result.figures[name]:>14,}" for name in _SHOWN]
+    lines += ["", f"{'history':<42} {'figure':>14}"]
+    lines += [f"{name:<42} {result.figures[name]:>14,}" for name in _SHOWN]
     return "\n".join(lines)
 
 
