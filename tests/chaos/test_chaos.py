@@ -13,8 +13,8 @@ import random
 
 import chaoskit
 
-#: One round of the six kinds (~15-20 s), a 4 s quiet tail; 60 s is only a bound.
-CONFIG = dict(rounds=1, duration=60.0, gap=(0.2, 0.8), quiet=4.0)
+#: One round of the six kinds (~15-20 s), a 3 s quiet tail; 60 s is only a bound.
+CONFIG = dict(rounds=1, duration=60.0, gap=(0.1, 0.5), quiet=3.0)
 
 
 def _seed() -> int:
