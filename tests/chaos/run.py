@@ -26,7 +26,7 @@ from vas.cluster import LaunchError  # noqa: E402
 #: Checker figures printed, in this order (the JSON line has all of them).
 _SHOWN = ("bytes verified", "final bytes verified", "versions acknowledged",
           "versions seen by readers", "versions skipped after an ambiguous sync", "read",
-          "final", "ack", "begin", "stale writes", "sync-failed", "read-failed",
+          "final", "final-failed", "ack", "begin", "stale writes", "sync-failed", "read-failed",
           "attach-failed")
 
 
