@@ -4,12 +4,18 @@ reads the whole history (the words' encoding, the processes and every promise ch
 are described there).
 
 The world (``World``): one etcd, two coordinators (every agent is given both, as
-``ipv4:A,B``, and fails over), four agents with a 2 s writer lease::
+``ipv4:A,B``, and fails over), five agents with a 2 s writer lease::
 
     node1  home of chaos/a, chaos/b   writer 0 (a home writer of a, b; remote of c)
     node2  home of chaos/c            writer 1
-    node3                             writer 2 (a remote writer only), reader 0
-    node4                             readers 1, 2
+    node3                             writer 2 (a remote writer only)
+    node4                             reader 0
+    node5                             readers 1, 2
+
+Readers run where no writer does: a reader on a writer's node shares its pages and sees
+its unsynced stores at once, torn words included (a word read while it was being
+stored: half one write's bytes, half the next's), which the checker cannot tell from
+garbage.
 
 With ``netns`` every agent runs in a network namespace of its own, joined to etcd and the
 coordinators by a veth on a bridge (tests/multihost/conftest.py's network helpers; root
@@ -18,7 +24,7 @@ only), and links can be cut.
 Faults (``FAULTS``), one at a time, a pause of ``gap`` seconds between two; they come
 in rounds, each a shuffled list of every enabled kind, so a short run has each once:
 
-- ``agent-kill``: SIGKILL of an agent that is the home of no segment (node3, node4),
+- ``agent-kill``: SIGKILL of an agent that is the home of no segment (node3-node5),
   started again with the same id and socket;
 - ``agent-pause``: SIGSTOP of any agent for 0.5-2.5 s (under the 10 s node lease), SIGCONT;
 - ``writer-pause``: a writer SIGSTOPped past its lease while it holds a segment homed on
@@ -73,10 +79,10 @@ from vas.cluster import (CoordinatorProcess, EtcdProcess, NodeProcess, coordinat
 from history import SEGMENT_BYTES, Crew, Log, check_history, read_final
 
 SEGMENTS = {"chaos/a": 0, "chaos/b": 0, "chaos/c": 1}
-AGENTS = 4
-#: Writer i runs on agent WRITER_AGENTS[i], reader i on READER_AGENTS[i].
+AGENTS = 5
+#: Writer i runs on agent WRITER_AGENTS[i], reader i on READER_AGENTS[i] (never the same).
 WRITER_AGENTS = (0, 1, 2)
-READER_AGENTS = (2, 3, 3)
+READER_AGENTS = (3, 4, 4)
 #: Agents that are the home of no checked segment (killed without a durability mode).
 SPARE_AGENTS = tuple(i for i in range(AGENTS) if i not in SEGMENTS.values())
 PROBE_AGENT = 3
