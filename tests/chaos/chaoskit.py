@@ -41,8 +41,9 @@ in rounds, each a shuffled list of every enabled kind, so a short run has each o
 Enabled today: every kind but ``home-kill`` (and ``link-cut`` only with ``netns``): an agent
 killed with SIGKILL loses its memory, so killing a home without replicas or a data dir
 would lose acknowledged versions by design. ``replicas`` is passed to every create and
-``data_dir`` gives each agent ``DIR/data/<node id>``; until those features are built the
-product refuses both (create says InvalidArgument, the agent exits 2), so a durable run
+``data_dir`` gives each agent ``DATA_DIR/<node id>`` (on tmpfs, or home "rw" attaches are
+refused where userfaultfd cannot write-protect the files); until those features are built
+the product refuses both (create says InvalidArgument, the agent exits 2), so a durable run
 fails at its start rather than claim anything.
 
 Faults stop after ``duration`` - ``quiet`` seconds (or ``rounds`` rounds); ``quiet``
@@ -106,13 +107,13 @@ class Config:
     seed: int = 0
     netns: bool = False
     replicas: int = 0
-    data_dir: bool = False
+    data_dir: str | None = None
     gap: tuple[float, float] = (0.2, 1.0)
     quiet: float = 5.0
 
     @property
     def durable(self) -> bool:
-        return self.replicas > 0 or self.data_dir
+        return self.replicas > 0 or self.data_dir is not None
 
     def kinds(self) -> list[str]:
         """The fault kinds this run injects (see the module docstring)."""
@@ -206,7 +207,7 @@ class World:
 
     def _node(self, i: int, target: str, flags: list[str]) -> NodeProcess:
         node_id = f"node{i + 1}"
-        data_dir = os.path.join(self.dir, "data", node_id) if self.config.data_dir else None
+        data_dir = os.path.join(self.config.data_dir, node_id) if self.config.data_dir else None
         ip = self.net.hosts.ips[i] if self.net else "127.0.0.1"
         return NodeProcess(self.dir, target, node_id=node_id, memory=MEMORY,
                            listen=f"{ip}:0", data_dir=data_dir,

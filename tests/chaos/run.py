@@ -38,14 +38,17 @@ def _parse(argv):
                         help="agents in network namespaces; adds link cuts (root only)")
     parser.add_argument("--replicas", type=int, default=0,
                         help="replicas of every segment (enables home kills)")
-    parser.add_argument("--data-dir", action="store_true",
-                        help="agents keep segments in DIR/data/NODE (enables home kills)")
+    parser.add_argument("--data-dir", metavar="DIR",
+                        help="agents keep segments in DIR/NODE (a new directory, best on "
+                             "tmpfs such as /dev/shm; enables home kills)")
     parser.add_argument("--keep", metavar="DIR", help="run in DIR and keep its logs")
     args = parser.parse_args(argv)
     if args.duration < 15:
         parser.error("--duration must be at least 15 seconds")
     if args.replicas < 0:
         parser.error("--replicas must be >= 0")
+    if args.data_dir and os.path.isdir(args.data_dir) and os.listdir(args.data_dir):
+        parser.error("--data-dir must be a new or empty directory (agents adopt what is there)")
     return args
 
 
