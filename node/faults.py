@@ -250,6 +250,12 @@ class FaultHandler:
         start = chunk * CHUNK
         outcome = self._fetch_for_fault(registration, start, CHUNK)
         if outcome is _Outcome.GONE:
+            if not self._stopping.is_set():
+                # The client's guardian reads this uffd now, and it woke the mapping's
+                # threads once, when it took over: a fault this agent read after that
+                # would leave its thread asleep for good. Woken, it faults again, and
+                # the guardian poisons that one. (The uffd is open: we are active on it.)
+                _wake_thread(registration.uffd, page)
             return
         if outcome is _Outcome.LOST:
             _poison(registration, start, min(CHUNK, registration.size - start), page)
@@ -325,6 +331,7 @@ class FaultHandler:
                         reason)
         return _Outcome.LOST
 
+
 def _map_in(registration: Registration, offset: int, length: int, page: int) -> None:
     """Map [offset, offset + length) of the replica (it holds the faulting ``page``)
     into the client and wake the faulting thread.
@@ -367,10 +374,16 @@ def _first_that_fits(uffd: int, ioctl, attempts: list[tuple[int, int]], page: in
             continue
         except OSError as exc:  # EAGAIN: the mapping is changing; ENOENT/ESRCH: process gone
             log.debug("%s failed: %s", ioctl.__name__, exc)
+    _wake_thread(uffd, page)
+
+
+def _wake_thread(uffd: int, page: int) -> None:
+    """Wake the thread faulting at ``page`` (it retries the access)."""
     try:
         _native.uffd_wake(uffd, page, _native.PAGE_SIZE)
     except OSError as exc:
         log.debug("UFFDIO_WAKE failed: %s", exc)
+
 
 def _describe(events: int) -> str:
     return "|".join(name for name in ("POLLHUP", "POLLERR", "POLLNVAL")
