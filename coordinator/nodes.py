@@ -101,6 +101,9 @@ class Nodes:
         self.etcd = etcd
         self.default_ttl = default_ttl
         self.segments = segments
+        #: node id -> promote the backups of the records homed there (set by the
+        #: service: coordinator/promote.py); the records marked lost for want of one.
+        self.promote = lambda node_id, held=frozenset(): []
 
     def register(self, node: types_pb2.NodeInfo, ttl: int, *, reconcile: bool = False,
                  held: Iterable[int] = ()) -> tuple[int, int, list[types_pb2.SegmentInfo]]:
@@ -119,7 +122,10 @@ class Nodes:
         if reconcile:
             if old and old[0].lease:
                 self.etcd.revoke(old[0].lease)
-            lost = self.segments.mark_lost(node.id, set(held))
+            # A record with backups is not lost with this node's memory: a backup
+            # becomes its home first (the node key is absent now, as promotion needs).
+            lost = self.promote(node.id, frozenset(held))
+            lost += self.segments.mark_lost(node.id, set(held))
         lease, granted = self.etcd.grant(ttl or self.default_ttl)
         self.etcd.txn(success=[put_op(key, keys.encode(record_of(node)), lease),
                                put_op(keys.member_key(node.id), keys.encode(member_of(node)))])
@@ -236,9 +242,12 @@ class DownWatch:
     A failed watch (etcd away) is opened again, after a new sweep.
     """
 
-    def __init__(self, etcd: Etcd, retry_interval: float = 1.0):
+    def __init__(self, etcd: Etcd, retry_interval: float = 1.0,
+                 promote=lambda node_id: []):
         self.etcd = etcd
         self.retry_interval = retry_interval
+        #: node id -> promote backups of the records homed on it (coordinator/promote.py)
+        self.promote = promote
         self._lock = threading.Lock()
         self._call = None
         self._requests: queue.Queue | None = None
@@ -280,6 +289,8 @@ class DownWatch:
             member = keys.decode(kv.value)
             if member["id"] not in live and not member["down_since"]:
                 self._mark(member["id"], [])
+            if member["id"] not in live:  # also finishes a promotion a dead coordinator began
+                self.promote(member["id"])
         return response.header.revision
 
     def _watch(self, revision: int) -> None:
@@ -317,6 +328,7 @@ class DownWatch:
                     copies.setdefault(event.prev_kv.lease, []).append([name, report["id"]])
         for node_id, lease in gone:
             self._mark(node_id, copies.get(lease, []))
+            self.promote(node_id)
 
     def _mark(self, node_id: str, replicas: list) -> None:
         """Write ``down_since`` (now) and the lost ``replicas`` into the member record of

@@ -67,6 +67,9 @@ _SMALL_FETCH = 4 << 20
 #: gRPC streams are given this many bytes per second (on top of the rpc
 #: timeout) before their deadline.
 _STREAM_RATE = 50e6
+#: Record states whose home serves pages: DEGRADED has fewer backups than asked, not
+#: fewer bytes.
+_SERVED = (types_pb2.SEGMENT_STATE_READY, types_pb2.SEGMENT_STATE_DEGRADED)
 #: ``recheck_stale`` checks the replicas whose record was not read for this many
 #: seconds, ``_RECHECK_BATCH`` per CheckSegments call, at most ``_RECHECK_MAX``
 #: per heartbeat (a node holding more catches up over the next beats).
@@ -119,7 +122,7 @@ class Replicas:
         deadline = time.monotonic() + self.config.rpc_timeout + info.size / _STREAM_RATE
         lazy_ok = mode is FetchMode.LAZY and lease is None
         self._check_not_dropped(info)
-        if info.state != types_pb2.SEGMENT_STATE_READY:  # the home's lease is gone
+        if info.state not in _SERVED:  # the home's lease is gone, no backup promoted yet
             gone = (f"home node {info.home} of segment {info.name} is not registered "
                     "(down?)")
             self.retire_name(info.name, lost=gone)
@@ -148,8 +151,11 @@ class Replicas:
         with self._lock:
             replica = self._current.get(info.name)
             pending = self._fetching.get(info.name)
+            # A promoted backup is a new home: a replica of the old one (a lazy one
+            # fetches from it) is fetched again, the bytes are the same.
             usable = (replica is not None and replica.id == info.id
-                      and replica.info.version >= info.version)
+                      and replica.info.version >= info.version
+                      and replica.info.home == info.home)
             if usable and (replica.fill is None or lazy_ok):
                 return _Step.HAND_OUT, replica, None
             if pending is not None:
@@ -496,10 +502,11 @@ class Replicas:
         log.warning("replica of %s (id %d): pages not fetched yet are lost: %s", replica.name,
                     replica.id, exc)
         victims = [replica]
-        if exc.home_gone:
+        if exc.home_gone:  # but a segment with backups lives on at a promoted one
             with self._lock:
                 victims += [r for r in self._current.values()
-                            if r.info.home == replica.info.home and r is not replica]
+                            if r.info.home == replica.info.home and r is not replica
+                            and not r.info.backups]
         for victim in victims:
             self.retire(victim, lost=str(exc))
 

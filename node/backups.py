@@ -1,0 +1,211 @@
+"""Backups: the full, pinned copies this node keeps of segments homed elsewhere.
+
+A segment created with ``replicas=k`` names k backup nodes in its record
+(placed by the coordinator). Unlike the on-demand replicas of node/replicas.py
+a backup is never handed to local attaches, never evicted, and never retired
+because its home vanished: it is what survives the home. Its life, driven by
+the home's agent (the ``BackupPusher`` in node/writers.py) and by a
+coordinator's promotion (coordinator/promote.py)::
+
+    HoldBackup (all zeros, version 0: a new segment's bytes)
+      -> StageBackup(base N): the changed bytes of N+1 kept aside, not applied
+      -> CommitBackup(N+1): applied (the home published N+1 meanwhile)
+      -> ... -> PromoteBackup(V): becomes this node's home segment at V
+      or ReleaseReplica / a heartbeat re-check finding the record gone: freed
+
+Staged bytes are applied only once the version they make is published: a
+fenced publish leaves them staged, and the next stage (of the same base)
+replaces them. A stage whose base is the staged version applies that first:
+the home published it and its commit did not arrive. So whatever moment the
+home dies at, a backup holds the record's version either applied or staged,
+and promotion applies it (never a version the record does not have).
+
+Locking: ``_lock`` (rank BACKUPS) guards the table; each backup's ``gate``
+(over its own SEGMENT-rank lock) keeps stage, commit and promote of one backup
+in turn without holding a lock across the pwrites.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from vas.core.errors import NotFound, Unavailable
+from vas.node import locks
+from vas.node.publish import Staged
+from vas.node.segments import Gate
+from vas.node.store import Memory
+
+log = logging.getLogger(__name__)
+
+#: Seconds a stage, commit or promotion waits for the one before it on the same backup.
+GATE_TIMEOUT = 30.0
+#: Backups re-checked per CheckSegments call (its limit is 1000).
+_CHECK_BATCH = 1000
+
+
+class Backup:
+    """One backup: its memory, the version applied, the bytes of the next one staged."""
+
+    __slots__ = ("name", "id", "size", "memory", "applied", "staged", "lock", "gate",
+                 "checked")
+
+    def __init__(self, name: str, segment_id: int, memory: Memory):
+        self.name, self.id, self.size, self.memory = name, segment_id, memory.size, memory
+        self.applied = 0
+        self.staged: tuple[int, Staged] | None = None  # (version, bytes), at applied + 1
+        self.lock = locks.Lock(f"backup {name}", locks.Rank.SEGMENT)
+        self.gate = Gate(self.lock)
+        self.checked = time.monotonic()  # when its record was last seen (re-checks)
+
+    def staged_version(self) -> int:
+        with self.lock:
+            return self.staged[0] if self.staged else 0
+
+    def apply_staged(self, version: int) -> bool:
+        """Apply the staged bytes if they are ``version`` (the caller is in the gate);
+        whether the backup holds ``version`` now."""
+        with self.lock:
+            if self.applied == version:
+                return True
+            staged = self.staged
+            if staged is None or staged[0] != version:
+                return False
+        for offset, data in staged[1].pieces:
+            _pwrite_all(self.memory.fd, data, offset)
+        with self.lock:
+            self.applied, self.staged = version, None
+        return True
+
+
+class Backups:
+    """The backups held by this node (see the module docstring)."""
+
+    def __init__(self, node_id: str, store, coordinator):
+        self.node_id = node_id
+        self.store = store
+        self.coordinator = coordinator
+        self._lock = locks.Lock("backups", locks.Rank.BACKUPS)
+        self._by_id: dict[int, Backup] = {}
+
+    def hold(self, name: str, segment_id: int, size: int) -> None:
+        """Make an all-zero backup of new segment ``segment_id`` (version 0); a no-op if
+        held already. CapacityExceeded without room."""
+        with self._lock:
+            if segment_id in self._by_id:
+                return
+        self.store.reserve(size, name)
+        try:
+            memory = Memory.allocate(name, size)
+        except BaseException:
+            self.store.unreserve(size)
+            raise
+        with self._lock:
+            if segment_id not in self._by_id:
+                self._by_id[segment_id] = Backup(name, segment_id, memory)
+                self.store.hold(size)
+                memory = None
+        if memory is not None:  # a concurrent hold won
+            self.store.unreserve(size)
+            memory.release()
+        log.info("holding a backup of %s (id %d, %d bytes)", name, segment_id, size)
+
+    def get(self, segment_id: int) -> Backup:
+        """Backup ``segment_id``; NotFound if none is held."""
+        with self._lock:
+            backup = self._by_id.get(segment_id)
+        if backup is None:
+            raise NotFound(f"no backup of segment id {segment_id} is held by node {self.node_id}")
+        return backup
+
+    def stage(self, segment_id: int, base: int, pieces) -> None:
+        """Keep ``pieces`` ((offset, bytes)) aside as version ``base`` + 1.
+        Unavailable when the backup does not hold ``base``."""
+        backup = self.get(segment_id)
+        staged = Staged(backup.size)
+        for offset, data in pieces:
+            staged.add(offset, data)
+        with backup.gate.passage(GATE_TIMEOUT, f"stage of backup {backup.name}"):
+            if not backup.apply_staged(base):
+                with backup.lock:
+                    applied = backup.applied
+                raise Unavailable(f"backup of {backup.name} holds version {applied}, "
+                                         f"not {base}")
+            with backup.lock:
+                backup.staged = (base + 1, staged)
+
+    def commit(self, segment_id: int, version: int) -> None:
+        """Apply the staged ``version``; Unavailable if it is not staged."""
+        backup = self.get(segment_id)
+        with backup.gate.passage(GATE_TIMEOUT, f"commit of backup {backup.name}"):
+            if not backup.apply_staged(version):
+                raise Unavailable(f"backup of {backup.name} has no version {version} "
+                                         "staged")
+
+    def state(self, segment_id: int) -> tuple[int, int]:
+        """(version applied, version staged or 0) of backup ``segment_id``."""
+        backup = self.get(segment_id)
+        with backup.lock:
+            return backup.applied, backup.staged[0] if backup.staged else 0
+
+    def take(self, segment_id: int, version: int) -> Backup:
+        """Remove backup ``segment_id`` from the table for its promotion, holding
+        ``version`` (applied from the staged bytes if need be); its memory and
+        capacity pass to the caller. Unavailable if it holds another version."""
+        backup = self.get(segment_id)
+        with backup.gate.passage(GATE_TIMEOUT, f"promotion of backup {backup.name}"):
+            if not backup.apply_staged(version):
+                with backup.lock:
+                    applied = backup.applied
+                raise Unavailable(f"backup of {backup.name} holds version {applied}, "
+                                         f"not {version}")
+            with self._lock:
+                if self._by_id.pop(segment_id, None) is None:
+                    raise NotFound(f"the backup of {backup.name} was released meanwhile")
+        return backup
+
+    def drop(self, name: str, segment_id: int) -> bool:
+        """Free backup ``segment_id`` (its segment was deleted or is gone); whether one was held."""
+        with self._lock:
+            backup = self._by_id.get(segment_id)
+            if backup is None or backup.name != name:
+                return False
+            del self._by_id[segment_id]
+        self._free(backup)
+        return True
+
+    def _free(self, backup: Backup) -> None:
+        self.store.drop(backup.size)
+        backup.memory.release()
+        log.info("freed the backup of %s (id %d)", backup.name, backup.id)
+
+    def all(self) -> list[Backup]:
+        with self._lock:
+            return list(self._by_id.values())
+
+    def recheck(self) -> None:
+        """Free the backups whose record is gone, deleting or lost (a notice that never
+        came: the heartbeat's safety net, one CheckSegments per 128)."""
+        held = self.all()
+        if not held:
+            return
+        gone: set[int] = set()
+        for first in range(0, len(held), _CHECK_BATCH):
+            gone.update(self.coordinator.check_segments(
+                [(b.name, b.id) for b in held[first:first + _CHECK_BATCH]]))
+        for backup in held:
+            if backup.id in gone:
+                self.drop(backup.name, backup.id)
+
+    def free_all(self) -> None:
+        with self._lock:
+            held, self._by_id = list(self._by_id.values()), {}
+        for backup in held:
+            self._free(backup)
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    with memoryview(data) as view:
+        done = 0
+        while done < len(view):
+            done += os.pwrite(fd, view[done:], offset + done)

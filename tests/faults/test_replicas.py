@@ -1,0 +1,155 @@
+"""replicas=k with real processes: backups on other nodes, sync waits for them, and a
+backup is promoted when the home agent is killed (SIGKILL), so readers on a third node
+read the last synced bytes again; a segment left with no copy is lost, never zeros.
+
+Every agent runs with ``--node-ttl 2``; the acceptance bound is 2 x that TTL from the
+kill to the first read of the last synced version on another node.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import time
+
+import pytest
+
+import vas
+from vas.coordinator import keys
+from waiting import wait_for
+
+MiB = 1 << 20
+NODE_TTL = 2
+SIZE = 8 * MiB
+
+
+@pytest.fixture
+def trio(cluster):
+    """Three agents with a 2 s node lease."""
+    return cluster(nodes=3, node_args=["--node-ttl", str(NODE_TTL)])
+
+
+def pattern(seed: int, size: int = SIZE) -> bytes:
+    """``size`` bytes that differ per seed and per block (so a stale chunk shows)."""
+    block = hashlib.sha256(seed.to_bytes(8, "little")).digest() * (4096 // 32)
+    return bytes(b ^ (i % 251) for i, b in enumerate(block[:256])) * (size // 256)
+
+
+def digest(data) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_and_sync(client, name: str, data: bytes, offset: int = 0) -> int:
+    with client.attach(name, "rw") as m:
+        m.write(offset, data)
+        return m.sync()
+
+
+def read_all(client, name: str, fetch: str) -> tuple[bytes, int]:
+    with client.attach(name, fetch=fetch) as m:
+        return m.read(0, m.size), m.version
+
+
+def node_by_id(cluster, node_id: str):
+    return next(node for node in cluster.nodes if node.node_id == node_id)
+
+
+def memory_used(client, node_id: str) -> int:
+    return next(n.memory_used for n in client.nodes() if n.id == node_id)
+
+
+def test_killed_home_promotes_its_backup_and_readers_continue(trio):
+    node1, _, _ = trio.nodes
+    with vas.connect(node1.socket) as c1:
+        with pytest.raises(vas.CapacityExceeded, match="replicas=3 needs 3 live nodes"):
+            c1.create("rep/too-many", SIZE, replicas=3)
+        with pytest.raises(vas.NotFound):
+            c1.stat("rep/too-many")  # nothing stored
+
+        info = c1.create("rep/kept", SIZE, replicas=1)
+        assert info.replicas == 1 and info.state == "ready"
+        backup = c1.stat("rep/kept").copies[0]
+        assert backup != "node1"
+        holder = node_by_id(trio, backup)
+        reader = next(n for n in trio.nodes if n.node_id not in ("node1", backup))
+
+        # A deleted segment's backup gives its memory back on the holder.
+        with vas.connect(holder.socket) as ch:
+            before = memory_used(ch, backup)
+            c1.create("rep/freed", SIZE, replicas=1)
+            assert backup in c1.stat("rep/freed").copies
+            assert memory_used(ch, backup) == before + SIZE
+            c1.delete("rep/freed")
+            wait_for(lambda: memory_used(ch, backup) == before, "the backup freed")
+
+        first, last = pattern(1), pattern(2)
+        write_and_sync(c1, "rep/kept", first)
+        # A second sync changes half the chunks: the backup must apply them over the first.
+        version = write_and_sync(c1, "rep/kept", last[:SIZE // 2])
+        expected = digest(last[:SIZE // 2] + first[SIZE // 2:])
+        assert c1.stat("rep/kept").version == version == 2
+
+    killed = time.monotonic()
+    node1.kill()
+    with vas.connect(reader.socket) as c3:
+        def eager_read():
+            try:
+                return read_all(c3, "rep/kept", "eager")
+            except (vas.Unavailable, vas.NotFound):
+                return None
+        data, seen = wait_for(eager_read, "an eager read after the promotion",
+                              timeout=2 * NODE_TTL, interval=0.05)
+        took = time.monotonic() - killed
+        print(f"\nlast synced version read on {reader.node_id} {took:.2f} s after the "
+              f"kill -9 of the home (bound {2 * NODE_TTL} s)")
+        assert digest(data) == expected and seen == version
+        assert took <= 2 * NODE_TTL
+
+        lazy, seen = read_all(c3, "rep/kept", "lazy")
+        assert digest(lazy) == expected and seen == version
+
+        info = c3.stat("rep/kept")
+        assert info.home == backup
+        # One copy is gone and no new backup is made: degraded until one is.
+        assert info.state == "degraded"
+
+        # The promoted home takes writes; readers elsewhere see them.
+        with vas.connect(holder.socket) as c2:
+            assert write_and_sync(c2, "rep/kept", pattern(3)) == version + 1
+        with c3.attach("rep/kept", fetch="eager") as m:
+            assert digest(m.read(0, m.size)) == digest(pattern(3))
+
+
+def test_sync_drops_a_stopped_backup_and_a_home_without_copies_is_lost(trio, oracle):
+    node1 = trio.nodes[0]
+    with vas.connect(node1.socket) as c1:
+        c1.create("rep/stopped", SIZE, replicas=1)
+        backup = c1.stat("rep/stopped").copies[0]
+        stopped = node_by_id(trio, backup)
+        os.kill(stopped.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            version = write_and_sync(c1, "rep/stopped", pattern(4))
+            took = time.monotonic() - started
+        finally:
+            os.kill(stopped.pid, signal.SIGCONT)
+        print(f"\nsync with a stopped backup returned in {took:.2f} s")
+        assert took < 6 and version == 1
+        info = c1.stat("rep/stopped")
+        assert info.state == "degraded" and backup not in info.copies
+
+        # No copy left: its backup's node dies, then its home.
+        c1.create("rep/lost", SIZE, replicas=1)
+        write_and_sync(c1, "rep/lost", pattern(5))
+        gone = node_by_id(trio, c1.stat("rep/lost").copies[0])
+        survivor = next(n for n in trio.nodes if n not in (node1, gone))
+    gone.kill()
+    node1.kill()
+    def marked_lost():
+        kvs = oracle.kvs(keys.segment_key("rep/lost"))
+        return kvs and keys.decode(kvs[0].value).get("lost")
+    wait_for(marked_lost, "rep/lost marked lost (no backup to promote)", timeout=4 * NODE_TTL)
+    with vas.connect(survivor.socket) as c:
+        assert c.stat("rep/lost").state == "lost"
+        with pytest.raises((vas.NotFound, vas.Unavailable)):  # never zeros
+            read_all(c, "rep/lost", "eager")
