@@ -123,8 +123,8 @@ def place_backups(nodes: list[dict], home: str, size: int, count: int) -> list[s
                    key=lambda node: (-free(node), node["id"]))
     if len(roomy) < count:
         raise CapacityExceeded(
-            f"replicas={count} needs {count} live nodes other than the home {home!r} with "
-            f"{human_size(size)} free; {len(roomy)} have room")
+            f"replicas={count}: only {len(roomy)} of the live nodes other than the home "
+            f"{home!r} have {human_size(size)} free, {count} needed")
     return sorted(node["id"] for node in roomy[:count])
 
 
