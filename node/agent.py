@@ -418,14 +418,15 @@ class Agent:
         if segment is not None and segment.id == segment_id:
             return segment.info
         try:
-            backup = self.backups.take(segment_id, info.version)
+            self.backups.promote(segment_id, info.version,
+                                 lambda memory: self.homes.adopt(info, memory))
         except NotFound:
-            segment = self.homes.find(name)  # a concurrent promotion took it
+            segment = self.homes.find(name)  # a concurrent promotion adopted it
             if segment is not None and segment.id == segment_id:
                 return segment.info
             raise
         self.replicas.retire_name(name)  # a replica of the old home's pages: same bytes, not needed
-        return self.homes.adopt(info, backup.memory).info
+        return info
 
     def _promoted(self, info: types_pb2.SegmentInfo) -> bool:
         """Whether this node held a backup of ``info`` (whose record names it home) and

@@ -148,21 +148,25 @@ class Backups:
         with backup.lock:
             return backup.applied, backup.staged[0] if backup.staged else 0
 
-    def take(self, segment_id: int, version: int) -> Backup:
-        """Remove backup ``segment_id`` from the table for its promotion, holding
-        ``version`` (applied from the staged bytes if need be); its memory and
-        capacity pass to the caller. Unavailable if it holds another version."""
+    def promote(self, segment_id: int, version: int, adopt) -> None:
+        """Hand backup ``segment_id``, holding ``version`` (applied from the staged bytes
+        if need be), to ``adopt(memory)`` (which makes it a home segment) and forget it;
+        its memory and capacity pass with it. All in the backup's gate, so a
+        concurrent promotion waits and then finds it gone (NotFound) and adopted.
+        Unavailable if it holds another version."""
         backup = self.get(segment_id)
         with backup.gate.passage(GATE_TIMEOUT, f"promotion of backup {backup.name}"):
+            with self._lock:
+                if self._by_id.get(segment_id) is not backup:
+                    raise NotFound(f"the backup of {backup.name} is promoted or released")
             if not backup.apply_staged(version):
                 with backup.lock:
                     applied = backup.applied
                 raise Unavailable(f"backup of {backup.name} holds version {applied}, "
-                                         f"not {version}")
+                                  f"not {version}")
+            adopt(backup.memory)
             with self._lock:
-                if self._by_id.pop(segment_id, None) is None:
-                    raise NotFound(f"the backup of {backup.name} was released meanwhile")
-        return backup
+                del self._by_id[segment_id]
 
     def drop(self, name: str, segment_id: int) -> bool:
         """Free backup ``segment_id`` (its segment was deleted or is gone); whether one was held."""

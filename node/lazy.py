@@ -339,8 +339,12 @@ class HomeReader:
 
     def __init__(self, homes: Homes, home: str, name: str, segment_id: int, fd: int,
                  read_pages: Callable[[str, int, int], None],
-                 transfer: Callable[[], AbstractContextManager] = contextlib.nullcontext):
+                 transfer: Callable[[], AbstractContextManager] = contextlib.nullcontext,
+                 rehome: Callable[[str, float | None], str | None] | None = None):
         self._homes, self._home, self._name, self._segment_id = homes, home, name, segment_id
+        #: (gone home, deadline) -> the node a backup was promoted on, holding the
+        #: version this replica is at; None when there is none (node/replicas.py).
+        self._rehome = rehome
         self._fd = os.dup(fd)  # ours: the replica's fds may be closed under a late fetch
         self._read_pages = read_pages
         self._transfer = transfer
@@ -360,7 +364,13 @@ class HomeReader:
         started = time.perf_counter()
         try:
             with self._transfer():
-                self._read(offset, length, deadline)
+                try:
+                    self._read(offset, length, deadline)
+                except PagesLost as exc:
+                    # A segment with backups outlives its home: fetch from the promoted one.
+                    if not (exc.home_gone and self._moved(deadline)):
+                        raise
+                    self._read(offset, length, deadline)
             metrics.observe_since(metrics.FETCH_CHUNK, started)
         except NotFound as exc:
             raise PagesLost(f"home node {self._home} no longer holds segment {self._name} "
@@ -387,6 +397,17 @@ class HomeReader:
         except VasError:
             self._homes.forget(self._home)
             raise
+
+    def _moved(self, deadline: float | None) -> bool:
+        """Whether the segment has a new home (a promoted backup at this replica's
+        version) to fetch from; it is used from now on."""
+        home = self._rehome(self._home, deadline) if self._rehome else None
+        if home is None:
+            return False
+        log.warning("segment %s: home %s is gone, fetching from %s (a promoted backup)",
+                    self._name, self._home, home)
+        self._home = home
+        return True
 
     def close(self) -> None:
         fd, self._fd = self._fd, -1

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import collections
 import enum
+import functools
 import logging
 import os
 import threading
@@ -70,6 +71,11 @@ _STREAM_RATE = 50e6
 #: Record states whose home serves pages: DEGRADED has fewer backups than asked, not
 #: fewer bytes.
 _SERVED = (types_pb2.SEGMENT_STATE_READY, types_pb2.SEGMENT_STATE_DEGRADED)
+#: A lazy replica whose home is gone waits at most this many node TTLs for a backup's
+#: promotion (the lease lapses within one, etcd notices within 0.5 s more), re-reading
+#: the record every ``_REHOME_POLL`` seconds.
+_REHOME_WAIT = 2
+_REHOME_POLL = 0.1
 #: ``recheck_stale`` checks the replicas whose record was not read for this many
 #: seconds, ``_RECHECK_BATCH`` per CheckSegments call, at most ``_RECHECK_MAX``
 #: per heartbeat (a node holding more catches up over the next beats).
@@ -113,6 +119,7 @@ class Replicas:
         self._dropped: collections.OrderedDict[int, None] = collections.OrderedDict()
         self._recheck_all = False                         # after registering again
         self._faults: faults.FaultHandler | None = None   # started by the first RegisterFaults
+        self._stopping = threading.Event()                # set by stop()
 
     # ------------------------------------------------------------------ attach
 
@@ -304,7 +311,35 @@ class Replicas:
                     view[offset:offset + length] as part:
                 self.peers.read_pages_into(address, info.name, info.id, part, timeout, offset)
         return lazy.HomeReader(self.homes, info.home, info.name, info.id, memory.fd, read_pages,
-                               self.pool.transfer)
+                               self.pool.transfer,
+                               functools.partial(self._promoted_home, info))
+
+    def _promoted_home(self, info: types_pb2.SegmentInfo, gone: str,
+                       deadline: float | None) -> str | None:
+        """The node a backup of ``info`` was promoted on after its home ``gone`` lapsed,
+        if it holds the version this replica is at (``info`` is the replica's record:
+        refreshes move its version); None when there is none, or not by ``deadline``
+        (at most ``_REHOME_WAIT`` node TTLs: promotion follows the lease's lapse).
+        A newer promoted version is not this replica's: its chunks would mix versions."""
+        if not info.backups:
+            return None
+        limit = time.monotonic() + _REHOME_WAIT * self.config.heartbeat_ttl
+        until = limit if deadline is None else min(deadline, limit)
+        while True:
+            try:
+                record = self.coordinator.get_segment(info.name)
+            except NotFound:
+                return None
+            except VasError:
+                record = None
+            if record is not None:
+                if record.id != info.id or record.state == types_pb2.SEGMENT_STATE_DELETING:
+                    return None
+                if record.home != gone and record.state in _SERVED:
+                    return record.home if record.version == info.version else None
+            if time.monotonic() + _REHOME_POLL > until:
+                return None
+            self._stopping.wait(_REHOME_POLL)
 
     def _transfer(self, address: str, info: types_pb2.SegmentInfo, warm: Warm) -> str:
         """Copy the home's bytes into ``warm``: ReadPages for small segments, else the
@@ -597,6 +632,7 @@ class Replicas:
         return address
 
     def stop(self) -> None:
+        self._stopping.set()  # ends the waits for a promoted home
         if self._faults is not None:
             self._faults.stop()
         self.homes.close()
