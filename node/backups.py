@@ -35,13 +35,16 @@ from vas.node import locks
 from vas.node.publish import Staged
 from vas.node.segments import Gate
 from vas.node.store import Memory
+from vas.proto import types_pb2
 
 log = logging.getLogger(__name__)
 
 #: Seconds a stage, commit or promotion waits for the one before it on the same backup.
 GATE_TIMEOUT = 30.0
-#: Backups re-checked per CheckSegments call (its limit is 1000).
-_CHECK_BATCH = 1000
+#: A backup whose record was not read for this many seconds is re-checked.
+RECHECK_AGE = 30.0
+#: Most backups re-checked per heartbeat.
+_RECHECK_MAX = 8
 
 
 class Backup:
@@ -188,17 +191,19 @@ class Backups:
             return list(self._by_id.values())
 
     def recheck(self) -> None:
-        """Free the backups whose record is gone, deleting or lost (a notice that never
-        came: the heartbeat's safety net, one CheckSegments per 128)."""
-        held = self.all()
-        if not held:
-            return
-        gone: set[int] = set()
-        for first in range(0, len(held), _CHECK_BATCH):
-            gone.update(self.coordinator.check_segments(
-                [(b.name, b.id) for b in held[first:first + _CHECK_BATCH]]))
-        for backup in held:
-            if backup.id in gone:
+        """Free the backups this node no longer keeps for anyone (the heartbeat's safety
+        net behind ReleaseReplica): the record is gone, of another id or deleting,
+        or names this node neither backup nor home (the home dropped it while it did
+        not answer). At most ``_RECHECK_MAX`` per beat, each unread for ``RECHECK_AGE``."""
+        horizon = time.monotonic() - RECHECK_AGE
+        due = sorted((b for b in self.all() if b.checked < horizon),
+                     key=lambda b: b.checked)[:_RECHECK_MAX]
+        for backup in due:
+            info = self.coordinator.find_segment(backup.name)
+            backup.checked = time.monotonic()
+            if not _still_kept(info, backup.id, self.node_id):
+                log.info("dropping the backup of %s (id %d): no longer kept for its segment",
+                         backup.name, backup.id)
                 self.drop(backup.name, backup.id)
 
     def free_all(self) -> None:
@@ -206,6 +211,17 @@ class Backups:
             held, self._by_id = list(self._by_id.values()), {}
         for backup in held:
             self._free(backup)
+
+
+def _still_kept(info, segment_id: int, node_id: str) -> bool:
+    """Whether record ``info`` (None: gone) still wants this node's backup of ``segment_id``."""
+    if info is None or info.id != segment_id:
+        return False
+    if info.state == types_pb2.SEGMENT_STATE_DELETING:
+        return False
+    # LOST is not enough: a home down and not yet replaced reads LOST too, and this copy
+    # may be the one to promote (a record marked lost is announced: ReleaseReplica).
+    return node_id in info.backups or info.home == node_id  # home: promotion pending
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
