@@ -11,7 +11,8 @@ RemoveNode (an operator's ``vasctl node rm``). A member without a node key is
 coordinator) watches the node keys and writes when it saw one vanish
 (``down_since``) into the member record, with the replicas whose reports
 vanished in the same revision (the copies lost with the node: their segments
-read ``degraded`` in ClusterStatus). Node states::
+read ``degraded`` in ClusterStatus), and promotes a backup of each segment
+homed on that node (coordinator/promote.py). Node states::
 
     (absent) --RegisterNode--> up --lease lapses--> down --RegisterNode--> up
         up --DeregisterNode / RemoveNode --force--> (absent)
