@@ -22,8 +22,8 @@ from vas.coordinator import access, keys
 from vas.coordinator.etcd import (Etcd, EtcdError, absent, created_at, delete_op, leased,
                                   put_op, range_op, unchanged)
 from vas.coordinator.retry import retries
-from vas.core.errors import (AlreadyExists, CapacityExceeded, InvalidArgument, NotFound,
-                             PermissionDenied, Unavailable, VasError)
+from vas.core.errors import (AlreadyExists, Busy, CapacityExceeded, InvalidArgument,
+                             NotFound, PermissionDenied, Unavailable, VasError)
 from vas.core.sizes import human_size
 from vas.proto import types_pb2
 
@@ -373,6 +373,24 @@ class Segments:
             if node not in backups:
                 return None
             return {**record, "backups": [other for other in backups if other != node]}
+        return self._update(name, change, expect_id=segment_id)
+
+    def add_backup(self, home: str, name: str, segment_id: int, node: str, version: int
+                   ) -> types_pb2.SegmentInfo:
+        """Add ``node``, holding ``version``, to the backups of segment ``segment_id`` (asked
+        by its home ``home`` only). Raises NotFound, PermissionDenied, Busy (the record
+        moved past ``version``, or is deleting or lost)."""
+        def change(record: dict) -> dict | None:
+            if record["home"] != home:
+                raise PermissionDenied(f"segment {name!r} is homed on node "
+                                       f"{record['home']!r}, not {home!r}")
+            if record["version"] != version or record["deleting"] or record.get("lost"):
+                raise Busy(f"segment {name!r} is at version {record['version']}, not "
+                           f"{version} (or deleting or lost): backup on {node!r} not added")
+            backups = record.get("backups", [])
+            if node in backups or node == home:
+                return None
+            return {**record, "backups": sorted([*backups, node])}
         return self._update(name, change, expect_id=segment_id)
 
     def mark_deleting(self, caller, name: str, finish: bool = False, segment_id: int = 0

@@ -286,6 +286,15 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                                          check_segment_id(request.id),
                                          check_node_id(request.node, "backup node"))
 
+    @translated
+    def AddBackup(self, request, context):
+        home = require_node(context, check_node_id(request.home, "home node"),
+                            "add a backup of a segment homed")
+        return self.segments.add_backup(home, check_name(request.name),
+                                        check_segment_id(request.id),
+                                        check_node_id(request.node, "backup node"),
+                                        request.version)
+
     # Spaces ----------------------------------------------------------------------------
 
     @translated

@@ -126,6 +126,7 @@ class Agent:
                              (lambda: self.writers.run_keepalive(self._stop), "writer-keepalive"),
                              (self.writers.deadlines.run, "writer-deadline"),
                              (self.pool.run, "warm-pool"),
+                             (lambda: self._run_restore(self._stop), "backups"),
                              (lambda: self.notices.run(self._stop), "notices")):
             thread = threading.Thread(target=target, name=f"vas-node-{name}", daemon=True)
             thread.start()
@@ -437,6 +438,22 @@ class Agent:
             return False
         self.promote(info.name, info.id)
         return True
+
+    def _run_restore(self, stop: threading.Event) -> None:
+        """Every heartbeat interval: replace the backups lost by the home segments with
+        ``replicas`` (node/backup_push.py ``restore``). Its own thread: a fill moves a
+        whole segment, which must not hold up the heartbeat."""
+        while not stop.wait(max(self.config.heartbeat_ttl / 3, 0.1)):
+            short = [segment for segment in self.homes.all()
+                     if segment.info.replicas and segment.state is HomeState.LIVE]
+            if not short:
+                continue
+            try:
+                nodes = self.coordinator.list_nodes().nodes
+                for segment in short:
+                    self.writers.backup_push.restore(segment, nodes)
+            except VasError as exc:
+                log.warning("cannot restore the backups of home segments: %s", exc)
 
     def held_home(self, segment_id: int):
         """``homes.held``; a backup of ``segment_id`` whose record names this node home

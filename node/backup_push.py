@@ -8,6 +8,10 @@ A sync of a segment with backups runs, in the segment's gate (node/writers.py):
 2. PublishVersion (the commit point, fenced by the writer's token);
 3. ``commit``: each backup applies N+1; only then does sync() return.
 
+``restore`` replaces backups lost (dropped, promoted, their node down): a new
+one is held at the published version, filled with the home's non-zero chunks and
+only then added to the record (``AddBackup``), all in the segment's gate.
+
 A backup that does not answer within ``BACKUP_TIMEOUT`` (plus its bytes at the
 send rate), or refuses, is removed from the record (``DropBackup``) before the
 sync goes on: a sync never waits for ever and the record never names a copy
@@ -18,8 +22,12 @@ the backups' staged bytes unapplied; the next stage replaces them.
 from __future__ import annotations
 
 import logging
+import os
 
+from vas import _native
 from vas.core.errors import Unavailable, VasError
+from vas.node.publish import differing, hashes, runs, zero_hashes
+from vas.node.segments import HomeState, WriterState
 from vas.proto import types_pb2
 
 log = logging.getLogger(__name__)
@@ -76,6 +84,82 @@ class BackupPush:
                                          BACKUP_TIMEOUT)
             except VasError as exc:
                 self._drop_from(segment, node, exc)
+
+    def restore(self, segment, nodes: list[types_pb2.NodeInfo]) -> None:
+        """Bring home ``segment`` back to ``replicas`` backups: drop the listed ones whose
+        node is not live (``nodes``), then fill new ones on the live nodes with the most
+        free memory. Only while no home writer is attached: the pages are then exactly
+        the published version (a remote writer's bytes land only through a publish,
+        which waits for the gate held meanwhile)."""
+        with segment.lock:
+            info = segment.info
+            if segment.state is not HomeState.LIVE or segment.writer_state is not WriterState.FREE:
+                return
+        live = {node.id: node for node in nodes}
+        for node in [node for node in info.backups if node not in live]:
+            self._drop_from(segment, node, Unavailable(f"node {node} is not registered"))
+        with segment.lock:
+            info = segment.info
+        missing = info.replicas - len(info.backups)
+        if missing <= 0:
+            return
+        roomy = sorted((node for node in nodes if node.id != self.node_id
+                        and node.id not in info.backups
+                        and node.memory_total - node.memory_used >= info.size),
+                       key=lambda node: (node.memory_used - node.memory_total, node.id))
+        for node in roomy[:missing]:
+            try:
+                self._fill(segment, node)
+            except VasError as exc:
+                log.warning("cannot make a new backup of %s on node %s: %s", segment.name,
+                            node.id, exc)
+
+    def _fill(self, segment, node: types_pb2.NodeInfo) -> None:
+        """Make ``node`` a backup of home ``segment``: hold, fill with the published bytes
+        (the non-zero chunks), then add it to the record, all in the segment's gate."""
+        timeout = BACKUP_TIMEOUT + segment.size / SEND_RATE
+        with segment.gate.passage(timeout, f"new backup of segment {segment.name}"):
+            with segment.lock:
+                version = segment.info.version
+            self.peers.hold_backup(node.address, segment.name, segment.id, segment.size,
+                                   BACKUP_TIMEOUT, version)
+            fresh = self._fill_pages(segment, node.address, version, timeout)
+            with segment.lock:
+                if segment.writer_state is not WriterState.FREE:
+                    raise Unavailable("a home writer attached meanwhile: its pages may "
+                                      "hold unpublished bytes; tried again later")
+            info = self.coordinator.add_backup(self.node_id, segment.name, segment.id,
+                                               node.id, version)
+            with segment.lock:
+                segment.pushed_hashes = fresh
+                del segment.info.backups[:]
+                segment.info.backups.extend(info.backups)
+                segment.info.state = info.state
+        log.info("segment %s: new backup on node %s at version %d", segment.name, node.id,
+                 version)
+
+    def _fill_pages(self, segment, address: str, version: int, timeout: float) -> bytes:
+        """Send the non-zero chunks of home ``segment``'s pages to the backup at
+        ``address`` (a fill of ``version``); the pages' chunk hashes."""
+        fd = segment.dup_fd()
+        try:
+            mapping = _native.mmap(fd, segment.size, writable=False)
+        finally:
+            os.close(fd)
+        try:
+            with memoryview(mapping) as raw, raw.cast("B") as view:
+                fresh = hashes(view)
+                pieces = [(offset, view[offset:offset + length]) for offset, length in
+                          runs(differing(zero_hashes(segment.size), fresh), segment.size)]
+                try:
+                    self.peers.stage_backup(address, segment.name, segment.id, version,
+                                            pieces, timeout, fill=True)
+                finally:
+                    for _, piece in pieces:
+                        piece.release()
+        finally:
+            mapping.close()
+        return fresh
 
     def _address(self, node: str) -> str:
         address = self._node_address(node)

@@ -30,6 +30,7 @@ import logging
 import os
 import time
 
+from vas.core import validate
 from vas.core.errors import NotFound, Unavailable
 from vas.node import locks
 from vas.node.publish import Staged
@@ -91,12 +92,18 @@ class Backups:
         self._lock = locks.Lock("backups", locks.Rank.BACKUPS)
         self._by_id: dict[int, Backup] = {}
 
-    def hold(self, name: str, segment_id: int, size: int) -> None:
-        """Make an all-zero backup of new segment ``segment_id`` (version 0); a no-op if
-        held already. CapacityExceeded without room."""
+    def hold(self, name: str, segment_id: int, size: int, version: int = 0) -> None:
+        """Make an all-zero backup of segment ``segment_id`` at ``version`` (0: a new
+        segment, whose bytes are zeros, a no-op if held already; else one the home fills
+        next, replacing any copy held). CapacityExceeded without room."""
         with self._lock:
-            if segment_id in self._by_id:
+            held = self._by_id.get(segment_id)
+        if held is not None:
+            if not version:
                 return
+            # To be filled again: an old copy (dropped from the record while this node
+            # did not answer) is not zeros, and the fill sends only non-zero chunks.
+            self.drop(name, segment_id)
         self.store.reserve(size, name)
         try:
             memory = Memory.allocate(name, size)
@@ -105,7 +112,8 @@ class Backups:
             raise
         with self._lock:
             if segment_id not in self._by_id:
-                self._by_id[segment_id] = Backup(name, segment_id, memory)
+                backup = self._by_id[segment_id] = Backup(name, segment_id, memory)
+                backup.applied = version
                 self.store.hold(size)
                 memory = None
         if memory is not None:  # a concurrent hold won
@@ -136,6 +144,20 @@ class Backups:
                                          f"not {base}")
             with backup.lock:
                 backup.staged = (base + 1, staged)
+
+    def fill(self, segment_id: int, version: int, pieces) -> None:
+        """Write ``pieces`` of ``version`` into a new backup held at that version (its
+        home fills it before the record names it). Unavailable at another version."""
+        backup = self.get(segment_id)
+        with backup.gate.passage(GATE_TIMEOUT, f"fill of backup {backup.name}"):
+            with backup.lock:
+                applied = backup.applied
+            if applied != version:
+                raise Unavailable(f"backup of {backup.name} holds version {applied}, "
+                                  f"not {version}")
+            for offset, data in pieces:
+                validate.check_range(offset, len(data), backup.size)
+                _pwrite_all(backup.memory.fd, data, offset)
 
     def commit(self, segment_id: int, version: int) -> None:
         """Apply the staged ``version``; Unavailable if it is not staged."""

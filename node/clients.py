@@ -119,6 +119,12 @@ class CoordinatorClient:
         return self._call(self.stub.DropBackup, pb.DropBackupRequest(
             home=home, name=name, id=segment_id, node=node))
 
+    def add_backup(self, home: str, name: str, segment_id: int, node: str, version: int
+                   ) -> types_pb2.SegmentInfo:
+        """Add ``node``, filled to ``version``, to the backups of segment ``segment_id``."""
+        return self._call(self.stub.AddBackup, pb.AddBackupRequest(
+            home=home, name=name, id=segment_id, node=node, version=version))
+
     def finish_delete(self, name: str, segment_id: int, timeout: float) -> list[str]:
         """Remove the record of a freed segment; the nodes holding replicas of it."""
         return list(self._call(self.stub.FinishDelete,
@@ -291,18 +297,21 @@ class PeerClients:
             raise from_rpc_error(exc) from exc
 
     def hold_backup(self, address: str, name: str, segment_id: int, size: int,
-                    timeout: float) -> None:
-        """Have the agent at ``address`` make an all-zero backup of new segment ``segment_id``."""
-        request = node_pb2.HoldBackupRequest(name=name, id=segment_id, size=size)
+                    timeout: float, version: int = 0) -> None:
+        """Have the agent at ``address`` make an all-zero backup of segment ``segment_id``
+        at ``version`` (0: a new segment; else one to fill)."""
+        request = node_pb2.HoldBackupRequest(name=name, id=segment_id, size=size,
+                                             version=version)
         unary(self._stub(address).HoldBackup, request, timeout)
 
     def stage_backup(self, address: str, name: str, segment_id: int, base: int,
-                     pieces, timeout: float) -> None:
+                     pieces, timeout: float, fill: bool = False) -> None:
         """Stage ``pieces`` ((offset, bytes-like), each at most 2 MiB) at the backup held by
-        the agent at ``address`` as version ``base`` + 1 (StageBackup)."""
+        the agent at ``address`` as version ``base`` + 1 (StageBackup); with ``fill``,
+        write them at once as bytes of ``base`` (a new backup being filled)."""
         def messages():
             yield node_pb2.StageBackupChunk(header=node_pb2.StageBackupHeader(
-                name=name, id=segment_id, base_version=base))
+                name=name, id=segment_id, base_version=base, fill=fill))
             for offset, data in pieces:
                 yield node_pb2.StageBackupChunk(offset=offset, data=bytes(data))
                 metrics.SENT_WRITE_PAGES.inc(len(data))

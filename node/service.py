@@ -184,7 +184,8 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
             self._backup_caller(context, "hold a backup")
             validate.check_name(request.name)
             validate.check_segment_id(request.id)
-            self.agent.backups.hold(request.name, request.id, validate.check_size(request.size))
+            self.agent.backups.hold(request.name, request.id, validate.check_size(request.size),
+                                    request.version)
         except VasError as exc:
             abort_with(context, exc)
         return node_pb2.HoldBackupResponse()
@@ -198,8 +199,11 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
                     raise InvalidArgument("StageBackup needs a header in its first message")
                 header = first.header
                 validate.check_segment_id(header.id)
-                self.agent.backups.stage(header.id, header.base_version,
-                                         _staged_pieces(first, request_iterator, header.name))
+                pieces = _staged_pieces(first, request_iterator, header.name)
+                if header.fill:
+                    self.agent.backups.fill(header.id, header.base_version, pieces)
+                else:
+                    self.agent.backups.stage(header.id, header.base_version, pieces)
         except VasError as exc:
             abort_with(context, exc)
         return node_pb2.StageBackupResponse()
