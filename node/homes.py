@@ -31,8 +31,8 @@ import time
 from vas import _native
 from vas.core.errors import AlreadyExists, Busy, NotFound, Unavailable, VasError
 from vas.node import locks
-from vas.node.publish import hashes, zero_hashes
 from vas.node.access import check_access
+from vas.node.publish import hashes, zero_hashes
 from vas.node.revoke import Guard, pidfd_of
 from vas.node.segments import HomeSegment, HomeState, WriterState
 from vas.node.store import Memory
@@ -571,7 +571,6 @@ class HomeSegments:
         if alive:  # not removed yet (etcd's lease clock, a leader change): look again
             delay = min(_EXPIRY_MARGIN * 2 ** (retries + 1), _EXPIRY_RETRY_MAX)
             self.expiry.arm(segment_id, time.monotonic() + delay, retries + 1)
-
 
 
 def _hash_pages(fd: int, size: int) -> bytes:
