@@ -71,11 +71,10 @@ _STREAM_RATE = 50e6
 #: Record states whose home serves pages: DEGRADED has fewer backups than asked, not
 #: fewer bytes.
 _SERVED = (types_pb2.SEGMENT_STATE_READY, types_pb2.SEGMENT_STATE_DEGRADED)
-#: A lazy replica whose home is gone waits at most this many node TTLs for a backup's
-#: promotion (the lease lapses within one, etcd notices within 0.5 s more), re-reading
-#: the record every ``_REHOME_POLL`` seconds.
+#: A lazy replica of a segment with backups whose home fails waits at most this many
+#: node TTLs (and its fault's deadline) for a backup's promotion: the lease lapses
+#: within one, etcd notices within 0.5 s more.
 _REHOME_WAIT = 2
-_REHOME_POLL = 0.1
 #: ``recheck_stale`` checks the replicas whose record was not read for this many
 #: seconds, ``_RECHECK_BATCH`` per CheckSegments call, at most ``_RECHECK_MAX``
 #: per heartbeat (a node holding more catches up over the next beats).
@@ -119,7 +118,6 @@ class Replicas:
         self._dropped: collections.OrderedDict[int, None] = collections.OrderedDict()
         self._recheck_all = False                         # after registering again
         self._faults: faults.FaultHandler | None = None   # started by the first RegisterFaults
-        self._stopping = threading.Event()                # set by stop()
 
     # ------------------------------------------------------------------ attach
 
@@ -158,11 +156,8 @@ class Replicas:
         with self._lock:
             replica = self._current.get(info.name)
             pending = self._fetching.get(info.name)
-            # A promoted backup is a new home: a replica of the old one (a lazy one
-            # fetches from it) is fetched again, the bytes are the same.
             usable = (replica is not None and replica.id == info.id
-                      and replica.info.version >= info.version
-                      and replica.info.home == info.home)
+                      and replica.info.version >= info.version)
             if usable and (replica.fill is None or lazy_ok):
                 return _Step.HAND_OUT, replica, None
             if pending is not None:
@@ -210,6 +205,9 @@ class Replicas:
         with replica.lock:
             if replica.state is not ReplicaState.CURRENT:
                 return None
+            # A promoted backup is the new home of the same bytes: the replica stays (a
+            # lazy one's reader finds the new home when the old one fails it).
+            replica.info.home = info.home
             if lease is not None and replica.writer_state is not WriterState.FREE:
                 raise Busy(f'segment {info.name} is already attached "rw" on node {self.node_id}')
             replica.checked = time.monotonic()
@@ -310,36 +308,24 @@ class Replicas:
             with memoryview(memory.mapping) as raw, raw.cast("B") as view, \
                     view[offset:offset + length] as part:
                 self.peers.read_pages_into(address, info.name, info.id, part, timeout, offset)
+        rehome = functools.partial(self._promoted_home, info) if info.backups else None
         return lazy.HomeReader(self.homes, info.home, info.name, info.id, memory.fd, read_pages,
-                               self.pool.transfer,
-                               functools.partial(self._promoted_home, info))
+                               self.pool.transfer, rehome,
+                               _REHOME_WAIT * self.config.heartbeat_ttl)
 
-    def _promoted_home(self, info: types_pb2.SegmentInfo, gone: str,
-                       deadline: float | None) -> str | None:
-        """The node a backup of ``info`` was promoted on after its home ``gone`` lapsed,
-        if it holds the version this replica is at (``info`` is the replica's record:
-        refreshes move its version); None when there is none, or not by ``deadline``
-        (at most ``_REHOME_WAIT`` node TTLs: promotion follows the lease's lapse).
-        A newer promoted version is not this replica's: its chunks would mix versions."""
-        if not info.backups:
+    def _promoted_home(self, info: types_pb2.SegmentInfo, failed: str) -> str | None:
+        """The node a backup of ``info`` was promoted on after its home ``failed``, if it
+        holds the version this replica is at (``info`` is the replica's record: refreshes
+        move its version); None when there is none (yet). One record read. A newer
+        promoted version is not this replica's: its chunks would mix versions."""
+        try:
+            record = self.coordinator.get_segment(info.name)
+        except VasError:
             return None
-        limit = time.monotonic() + _REHOME_WAIT * self.config.heartbeat_ttl
-        until = limit if deadline is None else min(deadline, limit)
-        while True:
-            try:
-                record = self.coordinator.get_segment(info.name)
-            except NotFound:
-                return None
-            except VasError:
-                record = None
-            if record is not None:
-                if record.id != info.id or record.state == types_pb2.SEGMENT_STATE_DELETING:
-                    return None
-                if record.home != gone and record.state in _SERVED:
-                    return record.home if record.version == info.version else None
-            if time.monotonic() + _REHOME_POLL > until:
-                return None
-            self._stopping.wait(_REHOME_POLL)
+        if (record.id != info.id or record.home == failed or record.state not in _SERVED
+                or record.version != info.version):
+            return None
+        return record.home
 
     def _transfer(self, address: str, info: types_pb2.SegmentInfo, warm: Warm) -> str:
         """Copy the home's bytes into ``warm``: ReadPages for small segments, else the
@@ -632,7 +618,6 @@ class Replicas:
         return address
 
     def stop(self) -> None:
-        self._stopping.set()  # ends the waits for a promoted home
         if self._faults is not None:
             self._faults.stop()
         self.homes.close()
