@@ -132,9 +132,7 @@ class BackupPush:
                                                node.id, version)
             with segment.lock:
                 segment.pushed_hashes = fresh
-                del segment.info.backups[:]
-                segment.info.backups.extend(info.backups)
-                segment.info.state = info.state
+            _adopt_backups(segment, info)
         log.info("segment %s: new backup on node %s at version %d", segment.name, node.id,
                  version)
 
@@ -170,11 +168,7 @@ class BackupPush:
     def _drop_from(self, segment, node: str, exc: VasError) -> None:
         with segment.lock:
             info = segment.info
-        fresh = self._drop(info, node, exc)
-        with segment.lock:
-            del segment.info.backups[:]
-            segment.info.backups.extend(fresh.backups)
-            segment.info.state = fresh.state
+        _adopt_backups(segment, self._drop(info, node, exc))
 
     def _drop(self, info: types_pb2.SegmentInfo, node: str, exc: VasError
               ) -> types_pb2.SegmentInfo:
@@ -187,3 +181,15 @@ class BackupPush:
         except VasError as drop_exc:
             raise Unavailable(f"backup of segment {info.name} on node {node} failed ({exc}) "
                               f"and cannot be dropped from its record: {drop_exc}") from exc
+
+
+def _adopt_backups(segment, record: types_pb2.SegmentInfo) -> None:
+    """The held record of home ``segment`` with the backups and state of ``record`` (a
+    new object: the one before may be being copied into a reply)."""
+    with segment.lock:
+        info = types_pb2.SegmentInfo()
+        info.CopyFrom(segment.info)
+        del info.backups[:]
+        info.backups.extend(record.backups)
+        info.state = record.state
+        segment.info = info
