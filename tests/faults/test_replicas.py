@@ -26,8 +26,9 @@ SIZE = 8 * MiB
 
 @pytest.fixture
 def trio(cluster):
-    """Three agents with a 2 s node lease."""
-    return cluster(nodes=3, node_args=["--node-ttl", str(NODE_TTL)])
+    """Three agents with a 2 s node lease, and two coordinators: both see a home's lease
+    lapse and race to promote its backups (one transaction wins)."""
+    return cluster(nodes=3, coordinators=2, node_args=["--node-ttl", str(NODE_TTL)])
 
 
 def pattern(seed: int, size: int = SIZE) -> bytes:
