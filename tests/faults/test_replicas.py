@@ -129,15 +129,19 @@ def test_sync_drops_a_stopped_backup_and_a_home_without_copies_is_lost(trio, ora
     node1 = trio.nodes[0]
     # A home killed and restarted at once (before its lease lapsed) reconciles: its
     # backup is promoted then, instead of the segment being marked lost.
+    # The bytes come from a remote writer (WritePages at the home, staged at the backup).
     with vas.connect(node1.socket) as c1:
         c1.create("rep/restarted", SIZE, replicas=1)
-        write_and_sync(c1, "rep/restarted", pattern(6))
         backup = c1.stat("rep/restarted").copies[0]
-    took = restart(node1)
     reader = next(n for n in trio.nodes if n.node_id not in ("node1", backup))
     with vas.connect(reader.socket) as c3:
-        data, _ = read_all(c3, "rep/restarted", "eager")
-        assert digest(data) == digest(pattern(6)) and c3.stat("rep/restarted").home == backup
+        write_and_sync(c3, "rep/restarted", pattern(6))
+        write_and_sync(c3, "rep/restarted", pattern(7)[:4096], offset=SIZE - 4096)
+    took = restart(node1)
+    with vas.connect(reader.socket) as c3:
+        data, seen = read_all(c3, "rep/restarted", "eager")
+        assert digest(data) == digest(pattern(6)[:SIZE - 4096] + pattern(7)[:4096])
+        assert seen == 2 and c3.stat("rep/restarted").home == backup
     print(f"\nhome restarted in {took:.2f} s; its backup on {backup} serves the last version")
 
     with vas.connect(node1.socket) as c1:
