@@ -401,9 +401,9 @@ def test_backups_take_every_version_over_mutual_tls(tls_cluster):
     node2 as an agent; node2 holds the bytes (its copy's memory shows in its usage) and
     frees them when the segment is deleted through an agent."""
     node1, node2 = tls_cluster.nodes
-    with vas.connect(node1.socket) as client:
-        def held() -> int:  # node2's replica and backup bytes (other tests' replicas too)
-            (mine,) = [n.replica_bytes for n in client.nodes() if n.id == "node2"]
+    with vas.connect(node1.socket) as client, vas.connect(node2.socket) as on_node2:
+        def held() -> int:  # node2's replica and backup bytes, live (other tests' too)
+            (mine,) = [n.replica_bytes for n in on_node2.nodes() if n.id == "node2"]
             return mine
         before = held()
         client.create("tls/backed", 1 << 20, replicas=1)
