@@ -89,6 +89,10 @@ class Homes:
         for node, call in calls:
             call.add_done_callback(functools.partial(_log_failure, node, info.name))
 
+    def stub(self, address: str) -> node_pb2_grpc.NodeStub:
+        """The Node stub of the agent at ``address`` (one channel per address)."""
+        return self._stub(address)
+
     def _stub(self, address: str) -> node_pb2_grpc.NodeStub:
         with self._lock:
             entry = self._stubs.get(address)

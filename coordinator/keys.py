@@ -7,7 +7,8 @@ The storage layout at a glance (all keys under ``/vas/``; values are compact JSO
         compares its mod_revision and rewrites it.
     /vas/segments/NAME            {"size", "address", "mode", "uid", "gid", "home",
                                    "replicas", "version", "created", "expires", "deleting",
-                                   "meta" (only when not empty)}
+                                   "lost", "meta" (only when not empty),
+                                   "backups" (node ids; only with replicas > 0)}
         One segment. Its id is the key's create_revision (unique, never reused,
         grows with every create), so it is not stored in the value. Attached to
         a lease of the segment's ttl when created with one. "version" starts at

@@ -11,7 +11,8 @@ RemoveNode (an operator's ``vasctl node rm``). A member without a node key is
 coordinator) watches the node keys and writes when it saw one vanish
 (``down_since``) into the member record, with the replicas whose reports
 vanished in the same revision (the copies lost with the node: their segments
-read ``degraded`` in ClusterStatus). Node states::
+read ``degraded`` in ClusterStatus), and promotes a backup of each segment
+homed on that node (coordinator/promote.py). Node states::
 
     (absent) --RegisterNode--> up --lease lapses--> down --RegisterNode--> up
         up --DeregisterNode / RemoveNode --force--> (absent)
@@ -101,6 +102,9 @@ class Nodes:
         self.etcd = etcd
         self.default_ttl = default_ttl
         self.segments = segments
+        #: node id -> promote the backups of the records homed there (set by the
+        #: service: coordinator/promote.py); the records marked lost for want of one.
+        self.promote = lambda node_id, held=frozenset(): []
 
     def register(self, node: types_pb2.NodeInfo, ttl: int, *, reconcile: bool = False,
                  held: Iterable[int] = ()) -> tuple[int, int, list[types_pb2.SegmentInfo]]:
@@ -119,7 +123,10 @@ class Nodes:
         if reconcile:
             if old and old[0].lease:
                 self.etcd.revoke(old[0].lease)
-            lost = self.segments.mark_lost(node.id, set(held))
+            # A record with backups is not lost with this node's memory: a backup
+            # becomes its home first (the node key is absent now, as promotion needs).
+            lost = self.promote(node.id, frozenset(held))
+            lost += self.segments.mark_lost(node.id, set(held))
         lease, granted = self.etcd.grant(ttl or self.default_ttl)
         self.etcd.txn(success=[put_op(key, keys.encode(record_of(node)), lease),
                                put_op(keys.member_key(node.id), keys.encode(member_of(node)))])
@@ -252,10 +259,13 @@ class DownWatch:
     """
 
     def __init__(self, etcd: Etcd, retry_interval: float = 1.0,
-                 rewound: Callable[[], None] = lambda: None):
+                 rewound: Callable[[], None] = lambda: None,
+                 promote=lambda node_id: []):
         self.etcd = etcd
         self.retry_interval = retry_interval
         self._rewound = rewound
+        #: node id -> promote backups of the records homed on it (coordinator/promote.py)
+        self.promote = promote
         self._lock = threading.Lock()
         self._call = None
         self._requests: queue.Queue | None = None
@@ -300,6 +310,8 @@ class DownWatch:
             member = keys.decode(kv.value)
             if member["id"] not in live and not member["down_since"]:
                 self._mark(member["id"], [])
+            if member["id"] not in live:  # also finishes a promotion a dead coordinator began
+                self.promote(member["id"])
         return response.header.revision
 
     def _resume_from(self, seen: int, revision: int) -> int:
@@ -387,6 +399,7 @@ class DownWatch:
                     copies.setdefault(event.prev_kv.lease, []).append([name, report["id"]])
         for node_id, lease in gone:
             self._mark(node_id, copies.get(lease, []))
+            self.promote(node_id)
 
     def _mark(self, node_id: str, replicas: list) -> None:
         """Write ``down_since`` (now) and the lost ``replicas`` into the member record of

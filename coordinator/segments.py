@@ -25,8 +25,8 @@ from vas.coordinator import access, keys
 from vas.coordinator.etcd import (Etcd, EtcdError, absent, created_at, delete_op, leased,
                                   put_op, range_op, unchanged)
 from vas.coordinator.retry import retries
-from vas.core.errors import (AlreadyExists, CapacityExceeded, InvalidArgument, NotFound,
-                             Unavailable, VasError)
+from vas.core.errors import (AlreadyExists, Busy, CapacityExceeded, InvalidArgument,
+                             NotFound, PermissionDenied, Unavailable, VasError)
 from vas.core.sizes import human_size
 from vas.proto import types_pb2
 
@@ -89,32 +89,60 @@ def state_of(record: dict, live_nodes: set[str] | frozenset[str]) -> int:
     """The SegmentState a record is in, given the ids of the live nodes.
 
     A delete mark wins; then the lost mark (the home restarted without the
-    segment: permanent, whatever nodes live); then the home's liveness: a
-    segment whose home is not registered is lost, even when other nodes hold
-    replicas (no replica is promoted to serve it: not built). Records written
-    before the lost mark existed have no "lost" key. DEGRADED is never derived
-    per record: ClusterStatus names the ready segments that lost a replica with
-    a down node (status.py).
+    segment, or went down with no backup holding its version: permanent,
+    whatever nodes live); then the home's liveness: a segment whose home is not
+    registered is lost until a coordinator promotes a backup (nodes.py
+    ``Promoter``: the record then names the new home). A live home with fewer
+    live backups than ``replicas`` is degraded. Records written before the lost
+    mark or backups existed have no "lost" or "backups" key. ClusterStatus also
+    names as degraded the ready segments that lost an on-demand replica with a
+    down node (status.py).
     """
     if record["deleting"]:
         return types_pb2.SEGMENT_STATE_DELETING
     if record.get("lost"):
         return types_pb2.SEGMENT_STATE_LOST
-    if record["home"] in live_nodes:
-        return types_pb2.SEGMENT_STATE_READY
-    return types_pb2.SEGMENT_STATE_LOST
+    if record["home"] not in live_nodes:
+        return types_pb2.SEGMENT_STATE_LOST
+    live_backups = sum(1 for node in record.get("backups", ()) if node in live_nodes)
+    if live_backups < record["replicas"]:
+        return types_pb2.SEGMENT_STATE_DEGRADED
+    return types_pb2.SEGMENT_STATE_READY
+
+
+def place_backups(nodes: list[dict], home: str, size: int, count: int) -> list[str]:
+    """The ids of ``count`` live nodes other than ``home`` to keep backups of a segment of
+    ``size`` bytes: those with the most free memory, each with at least ``size`` free
+    (``nodes`` are node records). Raises CapacityExceeded when fewer have room.
+
+    >>> place_backups([{"id": "a", "memory_total": 8, "memory_used": 0},
+    ...                {"id": "b", "memory_total": 8, "memory_used": 6},
+    ...                {"id": "c", "memory_total": 8, "memory_used": 1}], "a", 2, 2)
+    ['b', 'c']
+    """
+    def free(node: dict) -> int:
+        return node["memory_total"] - node["memory_used"]
+    roomy = sorted((node for node in nodes if node["id"] != home and free(node) >= size),
+                   key=lambda node: (-free(node), node["id"]))
+    if len(roomy) < count:
+        raise CapacityExceeded(
+            f"replicas={count}: only {len(roomy)} of the live nodes other than the home "
+            f"{home!r} have {human_size(size)} free, {count} needed")
+    return sorted(node["id"] for node in roomy[:count])
 
 
 def to_proto(entry: Entry, live_nodes, attachments: int = 0,
              copies: list[str] = ()) -> types_pb2.SegmentInfo:
-    """The SegmentInfo of ``entry``."""
+    """The SegmentInfo of ``entry``; its ``copies`` are the reported replica holders
+    and the record's backups."""
     r = entry.record
+    backups = r.get("backups", [])
     return types_pb2.SegmentInfo(
         name=entry.name, id=entry.id, size=r["size"], address=r["address"], mode=r["mode"],
         uid=r["uid"], gid=r["gid"], home=r["home"], replicas=r["replicas"],
         version=r["version"], state=state_of(r, live_nodes), attachments=attachments,
-        created=r["created"], expires=r["expires"], copies=copies,
-        meta=r.get("meta") or {})
+        created=r["created"], expires=r["expires"], copies=sorted({*copies, *backups}),
+        meta=r.get("meta") or {}, backups=backups)
 
 
 def live_nodes_of(range_response) -> set[str]:
@@ -269,12 +297,15 @@ class Segments:
                 raise InvalidArgument(f"unknown home node {home!r}")
             raise InvalidArgument(f"CreateSegment needs the lease id of home node {home!r}: "
                                   "segments are created by their home's agent")
+        backups = self._place_backups(home, size, replicas) if replicas else []
         lease, granted = self.etcd.grant(max(1, math.ceil(ttl))) if ttl > 0 else (0, 0)
         created = time.time()
         record = {"size": size, "address": 0, "mode": mode, "uid": caller.uid,
                   "gid": caller.gid, "home": home, "replicas": replicas, "version": 0,
                   "created": created, "expires": created + granted if lease else 0.0,
                   "deleting": False, "lost": False}
+        if backups:  # absent without: records of unreplicated segments stay as they were
+            record["backups"] = backups
         if meta:  # absent when empty: records without metadata stay as they were
             record["meta"] = meta
         try:
@@ -284,7 +315,12 @@ class Segments:
                 self.etcd.revoke_quietly(lease)
             raise
         self.cache.put(entry)
-        return to_proto(entry, {home})
+        return to_proto(entry, {home, *backups})
+
+    def _place_backups(self, home: str, size: int, count: int) -> list[str]:
+        """``place_backups`` over the live node records (their last heartbeat's usage)."""
+        nodes = [keys.decode(kv.value) for kv in self.etcd.range(keys.NODES, keys.NODES_END).kvs]
+        return place_backups(nodes, home, size, count)
 
     def _claim(self, name: str, record: dict, lease: int, home_lease: int) -> Entry:
         key, home_key = keys.segment_key(name), keys.node_key(record["home"])
@@ -374,6 +410,38 @@ class Segments:
             access.require_owner(caller, record, f"segment {name!r}")
             return {**record, "uid": uid, "gid": gid}
         return self._update(name, change)
+
+    def drop_backup(self, home: str, name: str, segment_id: int, node: str
+                    ) -> types_pb2.SegmentInfo:
+        """Remove ``node`` from the backups of segment ``segment_id`` (asked by its home
+        ``home`` only: PermissionDenied otherwise). Raises NotFound."""
+        def change(record: dict) -> dict | None:
+            if record["home"] != home:
+                raise PermissionDenied(f"segment {name!r} is homed on node "
+                                       f"{record['home']!r}, not {home!r}")
+            backups = record.get("backups", [])
+            if node not in backups:
+                return None
+            return {**record, "backups": [other for other in backups if other != node]}
+        return self._update(name, change, expect_id=segment_id)
+
+    def add_backup(self, home: str, name: str, segment_id: int, node: str, version: int
+                   ) -> types_pb2.SegmentInfo:
+        """Add ``node``, holding ``version``, to the backups of segment ``segment_id`` (asked
+        by its home ``home`` only). Raises NotFound, PermissionDenied, Busy (the record
+        moved past ``version``, or is deleting or lost)."""
+        def change(record: dict) -> dict | None:
+            if record["home"] != home:
+                raise PermissionDenied(f"segment {name!r} is homed on node "
+                                       f"{record['home']!r}, not {home!r}")
+            if record["version"] != version or record["deleting"] or record.get("lost"):
+                raise Busy(f"segment {name!r} is at version {record['version']}, not "
+                           f"{version} (or deleting or lost): backup on {node!r} not added")
+            backups = record.get("backups", [])
+            if node in backups or node == home:
+                return None
+            return {**record, "backups": sorted([*backups, node])}
+        return self._update(name, change, expect_id=segment_id)
 
     def mark_deleting(self, caller, name: str, finish: bool = False, segment_id: int = 0
                       ) -> types_pb2.SegmentInfo:
@@ -498,9 +566,12 @@ class Segments:
 
     @staticmethod
     def _removed_copies(response, name: str, segment_id: int, at: int = 0) -> list[str]:
-        """The replica holders of a removal (``_removal_ops`` at response op ``at``)."""
+        """The replica and backup holders of a removal (``_removal_ops`` at response op
+        ``at``)."""
+        records = response.responses[at].response_delete_range.prev_kvs
+        backups = keys.decode(records[0].value).get("backups", []) if records else []
         reports = response.responses[at + 2].response_delete_range.prev_kvs
-        return Reports(reports).copies(name, segment_id)
+        return sorted({*Reports(reports).copies(name, segment_id), *backups})
 
     def _removed(self, name: str, lease: int) -> None:
         self.cache.drop(name)
@@ -544,6 +615,12 @@ class Segments:
             if not page.more or not page.kvs:
                 return done
             start = page.kvs[-1].key + b"\0"
+
+    def mark_entries_lost(self, entries: list[Entry], home: str
+                          ) -> list[types_pb2.SegmentInfo]:
+        """Mark ``entries`` (homed on ``home``, read before) lost in one transaction:
+        a home down with no backup holding the version (coordinator/promote.py)."""
+        return self._mark_lost(entries, home, set())
 
     def _mark_lost(self, entries: list[Entry], home: str, held: set[int]
                    ) -> list[types_pb2.SegmentInfo]:

@@ -88,7 +88,8 @@ def serve(config: CoordinatorConfig, stop: threading.Event | None = None) -> Non
              "mutual TLS" if config.tls else "plaintext")
 
     stop = stop or _signal_event()
-    downs = DownWatch(etcd, rewound=service.segments.forget)
+    downs = DownWatch(etcd, rewound=service.segments.forget,
+                      promote=service.promoter.promote_node)
     down_thread = threading.Thread(target=downs.run, args=(stop,), name="down-watch",
                                    daemon=True)
     down_thread.start()

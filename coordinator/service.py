@@ -27,6 +27,7 @@ from vas.coordinator.etcd import Etcd
 from vas.coordinator.homes import Homes
 from vas.coordinator.nodes import Nodes
 from vas.coordinator.segments import Segments
+from vas.coordinator.promote import Promoter
 from vas.coordinator.spaces import Spaces
 from vas.coordinator.status import cluster_status
 from vas.coordinator.watch import SegmentWatch
@@ -34,7 +35,7 @@ from vas.coordinator.writers import Writers
 from vas.core.errors import InvalidArgument, VasError, abort_with
 from vas.core.identity import PeerKind, peer_of_context
 from vas.core.validate import (MAX_NAME_LENGTH, check_attach_mode, check_meta, check_mode,
-                               check_name, check_no_replicas, check_seconds, check_segment_id,
+                               check_name, check_replicas, check_seconds, check_segment_id,
                                check_size)
 from vas.proto import coordinator_pb2 as pb, coordinator_pb2_grpc
 
@@ -108,6 +109,9 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         self.writers = Writers(etcd, self.segments, config.txn_attempts)
         self.spaces = Spaces(etcd, config.txn_attempts)
         self.homes = Homes(self.nodes, config.tls)
+        #: Backups promoted when a home went down (DownWatch) or restarted (RegisterNode).
+        self.promoter = Promoter(self.segments, self.homes.stub, self.homes.deleted)
+        self.nodes.promote = self.promoter.promote_node
         self._watches_lock = threading.Lock()
         self._watches: set[SegmentWatch] = set()
         self._closing = False
@@ -174,7 +178,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                             "create a segment homed")
         return self.segments.create(
             caller, check_name(request.name), check_size(request.size),
-            check_mode(request.mode), home, check_no_replicas(request.replicas),
+            check_mode(request.mode), home, check_replicas(request.replicas),
             check_seconds(request.ttl_seconds, "ttl"), check_lease(request.lease_id),
             check_meta(request.meta))
 
@@ -273,6 +277,23 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                                     check_segment_id(request.id),
                                     check_positive(request.token, "token"),
                                     check_lease(request.lease_id))
+
+    @translated
+    def DropBackup(self, request, context):
+        home = require_node(context, check_node_id(request.home, "home node"),
+                            "drop a backup of a segment homed")
+        return self.segments.drop_backup(home, check_name(request.name),
+                                         check_segment_id(request.id),
+                                         check_node_id(request.node, "backup node"))
+
+    @translated
+    def AddBackup(self, request, context):
+        home = require_node(context, check_node_id(request.home, "home node"),
+                            "add a backup of a segment homed")
+        return self.segments.add_backup(home, check_name(request.name),
+                                        check_segment_id(request.id),
+                                        check_node_id(request.node, "backup node"),
+                                        request.version)
 
     # Spaces ----------------------------------------------------------------------------
 

@@ -44,7 +44,8 @@ def cluster_status(etcd: Etcd) -> coordinator_pb2.ClusterStatusResponse:
         ref = coordinator_pb2.SegmentRef(name=entry.name, id=entry.id)
         if state == types_pb2.SEGMENT_STATE_LOST:
             lost.append(ref)
-        elif state == types_pb2.SEGMENT_STATE_READY and (entry.name, entry.id) in lost_copies:
+        elif state == types_pb2.SEGMENT_STATE_DEGRADED or (
+                state == types_pb2.SEGMENT_STATE_READY and (entry.name, entry.id) in lost_copies):
             degraded.append(ref)
     return coordinator_pb2.ClusterStatusResponse(
         etcd=etcd.url, revision=response.header.revision, nodes=live,

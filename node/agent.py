@@ -39,6 +39,7 @@ from vas.core.errors import InvalidArgument, NotFound, Unavailable, VasError, se
 from vas.core.fetch import FetchMode, decide
 from vas.core.identity import LOOPBACK, Peer, PeerKind
 from vas.node.access import check_access, check_peer_access
+from vas.node.backups import Backups
 from vas.node.clients import CoordinatorClient, PeerClients
 from vas.node.config import NodeConfig
 from vas.node.datadir import DataDir, Stored
@@ -92,7 +93,9 @@ class Agent:
         self.notices = ReplicaNotices(node_id, self.coordinator, self.peers, self.replicas.drop)
         self.writers = Writers(node_id, config, self.coordinator, self.peers,
                                self.replicas.home_address, self.replicas.retire,
-                               self.cleanup_timeout, self.pool.transfer, data_dir)
+                               self.cleanup_timeout, self.pool.transfer, self.node_address,
+                               data_dir)
+        self.backups = Backups(node_id, self.store, self.coordinator)
         self.homes = HomeSegments(node_id, config, self.store, self.coordinator, self.sessions,
                                   self.writers, self.reporter, self.replicas, self.notices,
                                   self.cleanup_timeout, data_dir)
@@ -109,6 +112,9 @@ class Agent:
     def node_info(self) -> types_pb2.NodeInfo:
         used, count = self.store.usage()
         replicas, replica_bytes = self.replicas.usage()
+        backups = self.backups.all()  # copies held for others, like replicas
+        replicas += len(backups)
+        replica_bytes += sum(backup.size for backup in backups)
         return types_pb2.NodeInfo(
             id=self.node_id, address=self.address, socket=self.socket_path,
             memory_total=self.store.capacity, memory_used=used, segments=count,
@@ -127,6 +133,7 @@ class Agent:
                              (lambda: self.writers.run_keepalive(self._stop), "writer-keepalive"),
                              (self.writers.deadlines.run, "writer-deadline"),
                              (self.pool.run, "warm-pool"),
+                             (lambda: self._run_restore(self._stop), "backups"),
                              (lambda: self.notices.run(self._stop), "notices")):
             thread = threading.Thread(target=target, name=f"vas-node-{name}", daemon=True)
             thread.start()
@@ -154,6 +161,7 @@ class Agent:
         self.writers.revocations.close_all()
         self.homes.free_all()
         self.replicas.free_all()
+        self.backups.free_all()
 
     def close(self) -> None:
         self.coordinator.close()
@@ -207,6 +215,10 @@ class Agent:
         self.homes.settle_doubted()
         self.homes.recheck_stale()
         self.replicas.recheck_stale()
+        try:
+            self.backups.recheck()
+        except VasError as exc:
+            log.warning("cannot check the records of the backups held: %s", exc)
         self.writers.revocations.reap()
 
     def _count(self, segment) -> tuple[int, bool]:
@@ -273,7 +285,7 @@ class Agent:
             self.replicas.retire_name(name)
             raise segment_lost(name, info.home)
         if info.home == self.node_id:  # created here a moment ago: the reply may be in flight
-            if self.homes.find_created(name) is not None:
+            if self.homes.find_created(name) is not None or self._promoted(info):
                 return self._attach(session, name, mode, fetch, support, write_protect)
             raise Unavailable(f"segment {name} (id {info.id}) is homed on node {self.node_id} "
                               "but its memory is not held here")
@@ -427,6 +439,73 @@ class Agent:
         if info.home == self.node_id:
             self.homes.changed_here(info)
 
+    # ------------------------------------------------------------------ backups
+
+    def promote(self, name: str, segment_id: int) -> types_pb2.SegmentInfo:
+        """Make this node's backup of ``name`` (id ``segment_id``) its home segment, the
+        record naming this node home now (Node.PromoteBackup, or this agent finding
+        itself named home). Idempotent. NotFound without such a record or backup;
+        Unavailable when the record names another home."""
+        info = self.coordinator.get_segment(name)
+        if info.id != segment_id:
+            raise NotFound(f"segment {name} (id {segment_id}) not found")
+        if info.home != self.node_id:
+            raise Unavailable(f"segment {name} is homed on node {info.home}, not "
+                              f"{self.node_id}: its backup here is not promoted")
+        segment = self.homes.find(name)
+        if segment is not None and segment.id == segment_id:
+            return segment.info
+        try:
+            self.backups.promote(segment_id, info.version,
+                                 lambda memory: self.homes.adopt_promoted(info, memory))
+        except NotFound:
+            segment = self.homes.find(name)  # a concurrent promotion adopted it
+            if segment is not None and segment.id == segment_id:
+                return segment.info
+            raise
+        self.replicas.retire_name(name)  # a replica of the old home's pages: same bytes, not needed
+        return info
+
+    def _promoted(self, info: types_pb2.SegmentInfo) -> bool:
+        """Whether this node held a backup of ``info`` (whose record names it home) and
+        promoted it now: the coordinator's PromoteBackup may not have arrived."""
+        try:
+            self.backups.get(info.id)
+        except NotFound:
+            return False
+        self.promote(info.name, info.id)
+        return True
+
+    def _run_restore(self, stop: threading.Event) -> None:
+        """Every heartbeat interval: replace the backups lost by the home segments with
+        ``replicas`` (node/backup_push.py ``restore``). Its own thread: a fill moves a
+        whole segment, which must not hold up the heartbeat."""
+        while not stop.wait(max(self.config.heartbeat_ttl / 3, 0.1)):
+            short = [segment for segment in self.homes.all()
+                     if segment.info.replicas and segment.state is HomeState.LIVE]
+            if not short:
+                continue
+            try:
+                nodes = self.coordinator.list_nodes().nodes
+                for segment in short:
+                    self.writers.backup_push.restore(segment, nodes)
+            except VasError as exc:
+                log.warning("cannot restore the backups of home segments: %s", exc)
+
+    def held_home(self, segment_id: int):
+        """``homes.held``; a backup of ``segment_id`` whose record names this node home
+        is promoted first (a peer asking for its pages found it home)."""
+        try:
+            return self.homes.held(segment_id)
+        except NotFound:
+            try:
+                backup = self.backups.get(segment_id)
+            except NotFound:
+                pass
+            else:
+                self.promote(backup.name, segment_id)
+            return self.homes.held(segment_id)
+
     # ------------------------------------------------------------------ serving peers
 
     def page_source(self, segment_id: int, offset: int, length: int,
@@ -435,7 +514,7 @@ class Agent:
         [offset, offset + length); the caller closes the fd. NotFound unless held,
         InvalidArgument for an empty or out-of-bounds range, PermissionDenied unless
         ``peer`` may read it (``check_peer``)."""
-        segment = self.homes.held(segment_id)
+        segment = self.held_home(segment_id)
         if length <= 0:
             raise InvalidArgument(f"invalid length {length}: must be > 0")
         validate.check_range(offset, length, segment.size)

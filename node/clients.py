@@ -113,6 +113,18 @@ class CoordinatorClient:
     def delete_segment(self, **fields) -> types_pb2.SegmentInfo:
         return self._call(self.stub.DeleteSegment, pb.DeleteSegmentRequest(**fields))
 
+    def drop_backup(self, home: str, name: str, segment_id: int, node: str
+                    ) -> types_pb2.SegmentInfo:
+        """Remove ``node`` from the backups of segment ``segment_id`` homed on ``home``."""
+        return self._call(self.stub.DropBackup, pb.DropBackupRequest(
+            home=home, name=name, id=segment_id, node=node))
+
+    def add_backup(self, home: str, name: str, segment_id: int, node: str, version: int
+                   ) -> types_pb2.SegmentInfo:
+        """Add ``node``, filled to ``version``, to the backups of segment ``segment_id``."""
+        return self._call(self.stub.AddBackup, pb.AddBackupRequest(
+            home=home, name=name, id=segment_id, node=node, version=version))
+
     def finish_delete(self, name: str, segment_id: int, timeout: float) -> list[str]:
         """Remove the record of a freed segment; the nodes holding replicas of it."""
         return list(self._call(self.stub.FinishDelete,
@@ -193,6 +205,10 @@ def unary(rpc, request, timeout: float):
 def _method_name(rpc) -> str:
     method = getattr(rpc, "_method", b"")
     return method.decode() if isinstance(method, bytes) else str(method)
+
+
+#: Seconds past its deadline a streaming call is waited for before it is cancelled here.
+_DEADLINE_GRACE = 0.5
 
 
 class PeerClients:
@@ -279,6 +295,45 @@ class PeerClients:
             return self._stub(address).WritePages(messages(), timeout=timeout)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from exc
+
+    def hold_backup(self, address: str, name: str, segment_id: int, size: int,
+                    timeout: float, version: int = 0) -> None:
+        """Have the agent at ``address`` make an all-zero backup of segment ``segment_id``
+        at ``version`` (0: a new segment; else one to fill)."""
+        request = node_pb2.HoldBackupRequest(name=name, id=segment_id, size=size,
+                                             version=version)
+        unary(self._stub(address).HoldBackup, request, timeout)
+
+    def stage_backup(self, address: str, name: str, segment_id: int, base: int,
+                     pieces, timeout: float, fill: bool = False) -> None:
+        """Stage ``pieces`` ((offset, bytes-like), each at most 2 MiB) at the backup held by
+        the agent at ``address`` as version ``base`` + 1 (StageBackup); with ``fill``,
+        write them at once as bytes of ``base`` (a new backup being filled)."""
+        def messages():
+            yield node_pb2.StageBackupChunk(header=node_pb2.StageBackupHeader(
+                name=name, id=segment_id, base_version=base, fill=fill))
+            for offset, data in pieces:
+                yield node_pb2.StageBackupChunk(offset=offset, data=bytes(data))
+                metrics.SENT_WRITE_PAGES.inc(len(data))
+            yield node_pb2.StageBackupChunk(last=True)
+        locks.assert_unlocked("Node.StageBackup")
+        call = self._stub(address).StageBackup.future(messages(), timeout=timeout)
+        try:
+            # Waited for here, not by gRPC: a blocking stream call to a stopped peer
+            # (SIGSTOP: its window full) was seen to outlive its deadline.
+            call.result(timeout=timeout + _DEADLINE_GRACE)
+        except grpc.FutureTimeoutError:
+            call.cancel()
+            raise Unavailable(f"backup of {name} at {address} did not take version "
+                              f"{base + 1} within {timeout:.1f} s") from None
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+
+    def commit_backup(self, address: str, name: str, segment_id: int, version: int,
+                      timeout: float) -> None:
+        """Have the backup at ``address`` apply its staged ``version`` (published now)."""
+        request = node_pb2.CommitBackupRequest(name=name, id=segment_id, version=version)
+        unary(self._stub(address).CommitBackup, request, timeout)
 
     def chunk_hashes(self, address: str, name: str, segment_id: int, chunk_size: int
                      ) -> tuple[int, bytes]:

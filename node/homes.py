@@ -30,10 +30,12 @@ import os
 import threading
 import time
 
+from vas import _native
 from vas.core.errors import AlreadyExists, Busy, NotFound, Unavailable, VasError
 from vas.node import locks, metrics
 from vas.node.access import check_access
 from vas.node.datadir import Damage
+from vas.node.publish import hashes, zero_hashes
 from vas.node.revoke import Guard, pidfd_of
 from vas.node.segments import HomeSegment, HomeState, WriterState
 from vas.node.store import Memory
@@ -168,12 +170,16 @@ class HomeSegments:
         if info.size != size:  # the coordinator rounds like we do; never hand out a short fd
             log.error("coordinator created %s with size %d, not %d", name, info.size, size)
         segment = HomeSegment(info, memory)
+        if info.backups:  # what they hold: zeros, like these new pages
+            segment.pushed_hashes = zero_hashes(size)
         self.store.hold(size)
         with self._lock:
             self._by_name[name] = segment
             self._by_id[info.id] = segment
             news = self._tombstones.pop(info.id, None)
         leftover = self._create_done(name, created)
+        if info.backups:  # create returns once they hold their copies (or are dropped)
+            self._hold_backups(segment)
         if info.expires:  # the lease was granted after ``started``: it cannot expire before
             self.expiry.arm(info.id, started + (info.expires - info.created) + _EXPIRY_MARGIN)
         if self.data_dir is not None:
@@ -203,6 +209,34 @@ class HomeSegments:
                               f"{self.data_dir.path}: {exc.strerror or exc}") from exc
         with segment.lock:
             segment.kept_hashes = zeros
+
+    def _hold_backups(self, segment: HomeSegment) -> None:
+        """Have the backup nodes of new ``segment`` make their copies; those that cannot
+        are dropped from the record (it reads degraded)."""
+        try:
+            info = self.writers.backup_push.hold(segment.info)
+        except VasError as exc:  # the record still names them: the next sync drops them
+            log.warning("segment %s: cannot settle its backups: %s", segment.name, exc)
+            return
+        with segment.lock:
+            segment.info = info
+
+    def adopt_promoted(self, info: types_pb2.SegmentInfo, memory: Memory) -> HomeSegment:
+        """Make ``memory`` (a promoted backup's, holding version ``info.version``, its
+        capacity held already) the home segment of ``info``, whose record names this
+        node home now."""
+        segment = HomeSegment(info, memory)
+        if info.backups:
+            segment.pushed_hashes = _hash_pages(memory.fd, info.size)
+        with self._lock:
+            self._by_name[info.name] = segment
+            self._by_id[info.id] = segment
+        if info.expires:
+            left = max(0.0, info.expires - time.time())
+            self.expiry.arm(info.id, time.monotonic() + left + _EXPIRY_MARGIN)
+        log.warning("now home of segment %s (id %d, version %d): its backup here was "
+                    "promoted", info.name, info.id, info.version)
+        return segment
 
     def _expect(self, size: int) -> None:
         """After a create of ``size`` bytes: when the one before had that size too (shards,
@@ -738,3 +772,12 @@ def _not_adoptable(record: types_pb2.SegmentInfo | None, segment_id: int, node_i
     if record.state == types_pb2.SEGMENT_STATE_DELETING:
         return "it is being deleted"
     return ""
+
+def _hash_pages(fd: int, size: int) -> bytes:
+    """Chunk hashes of the ``size`` bytes of memfd ``fd``."""
+    mapping = _native.mmap(fd, size, writable=False)
+    try:
+        with memoryview(mapping) as raw, raw.cast("B") as view:
+            return hashes(view)
+    finally:
+        mapping.close()

@@ -339,8 +339,13 @@ class HomeReader:
 
     def __init__(self, homes: Homes, home: str, name: str, segment_id: int, fd: int,
                  read_pages: Callable[[str, int, int], None],
-                 transfer: Callable[[], AbstractContextManager] = contextlib.nullcontext):
+                 transfer: Callable[[], AbstractContextManager] = contextlib.nullcontext,
+                 rehome: Callable[[str], str | None] | None = None, rehome_wait: float = 0.0):
         self._homes, self._home, self._name, self._segment_id = homes, home, name, segment_id
+        #: For a segment with backups: failed home -> the node a backup was promoted on,
+        #: holding the version this replica is at, or None (yet); one record read
+        #: (node/replicas.py). Looked for during at most ``rehome_wait`` seconds.
+        self._rehome, self._rehome_wait = rehome, rehome_wait
         self._fd = os.dup(fd)  # ours: the replica's fds may be closed under a late fetch
         self._read_pages = read_pages
         self._transfer = transfer
@@ -360,7 +365,15 @@ class HomeReader:
         started = time.perf_counter()
         try:
             with self._transfer():
-                self._read(offset, length, deadline)
+                try:
+                    self._read(offset, length, deadline)
+                except (Unavailable, NotFound) as exc:
+                    # A segment with backups outlives its home (unreachable, gone, or
+                    # restarted without it): fetch from the promoted one.
+                    if self._rehome is None or (isinstance(exc, PagesLost)
+                                                and not exc.home_gone):
+                        raise
+                    self._await_home(offset, length, deadline, exc)
             metrics.observe_since(metrics.FETCH_CHUNK, started)
         except NotFound as exc:
             raise PagesLost(f"home node {self._home} no longer holds segment {self._name} "
@@ -388,10 +401,39 @@ class HomeReader:
             self._homes.forget(self._home)
             raise
 
+    def _await_home(self, offset: int, length: int, deadline: float | None,
+                    failure: VasError) -> None:
+        """The home failed a read of a segment with backups: until ``deadline`` (at most
+        ``rehome_wait`` seconds), alternately look for a promoted home (the record) and
+        try the old one again (it may only have blinked); read from whichever answers.
+        Raises the last failure when neither does in time."""
+        limit = time.monotonic() + self._rehome_wait
+        until = limit if deadline is None else min(deadline, limit)
+        while True:
+            home = self._rehome(self._home)
+            if home is not None and home != self._home:
+                log.warning("segment %s: home %s failed (%s), fetching from %s (a promoted "
+                            "backup)", self._name, self._home, failure, home)
+                self._home = home
+            try:
+                self._read(offset, length, deadline)
+                return
+            except (Unavailable, NotFound) as exc:
+                if isinstance(exc, PagesLost) and not exc.home_gone:
+                    raise
+                failure = exc
+            if time.monotonic() + _REHOME_POLL > until:
+                raise failure
+            time.sleep(_REHOME_POLL)
+
     def close(self) -> None:
         fd, self._fd = self._fd, -1
         if fd >= 0:
             os.close(fd)
+
+
+#: Seconds between looks for a promoted home while the home fails (``_await_home``).
+_REHOME_POLL = 0.1
 
 
 def _time_left(deadline: float | None, what: str) -> float | None:

@@ -85,8 +85,7 @@ class LocalApi:
         return []
 
     def create(self, session: Session, request, response) -> list[int]:
-        # Refused, not stored: an accepted parameter must do what it says.
-        replicas = validate.check_no_replicas(request.replicas)
+        replicas = validate.check_replicas(request.replicas)
         info = self.agent.homes.create(
             session.caller, validate.check_name(request.name), validate.check_size(request.size),
             validate.check_mode(request.mode), replicas,

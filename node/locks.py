@@ -94,6 +94,7 @@ class Rank(enum.IntEnum):
 
     HOMES = 10          # node/homes.py: home segments by name and id, creates in flight
     REPLICAS = 20       # node/replicas.py: replicas by name, fetches in flight
+    BACKUPS = 25        # node/backups.py: the backups held, by id
     SEGMENT = 30        # one home segment or replica: state, count, record, writer slot
     STORE = 40          # node/store.py capacity, and the warm pool (node/pool.py)
     SESSIONS = 50       # node/sessions.py attachments; node/membership.py report queue

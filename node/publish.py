@@ -30,6 +30,17 @@ def hashes(view: memoryview) -> bytes:
     return _native.chunk_hashes(view, CHUNK)
 
 
+def zero_hashes(size: int) -> bytes:
+    """The chunk hashes of ``size`` zero bytes (a new segment), without reading its pages.
+
+    >>> zero_hashes(CHUNK + 4096)[:8] == hashes(memoryview(bytes(CHUNK)))
+    True
+    """
+    full, tail = divmod(size, CHUNK)
+    out = hashes(memoryview(bytes(CHUNK))) * full
+    return out + hashes(memoryview(bytes(tail))) if tail else out
+
+
 def differing(old: bytes, new: bytes) -> list[int]:
     """Indices of the chunks whose hashes differ between two equal-length hash strings.
 

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import collections
 import enum
+import functools
 import logging
 import os
 import threading
@@ -67,6 +68,13 @@ _SMALL_FETCH = 4 << 20
 #: gRPC streams are given this many bytes per second (on top of the rpc
 #: timeout) before their deadline.
 _STREAM_RATE = 50e6
+#: Record states whose home serves pages: DEGRADED has fewer backups than asked, not
+#: fewer bytes.
+_SERVED = (types_pb2.SEGMENT_STATE_READY, types_pb2.SEGMENT_STATE_DEGRADED)
+#: A lazy replica of a segment with backups whose home fails waits at most this many
+#: node TTLs (and its fault's deadline) for a backup's promotion: the lease lapses
+#: within one, etcd notices within 0.5 s more.
+_REHOME_WAIT = 2
 #: ``recheck_stale`` checks the replicas whose record was not read for this many
 #: seconds, ``_RECHECK_BATCH`` per CheckSegments call, at most ``_RECHECK_MAX``
 #: per heartbeat (a node holding more catches up over the next beats).
@@ -119,7 +127,7 @@ class Replicas:
         deadline = time.monotonic() + self.config.rpc_timeout + info.size / _STREAM_RATE
         lazy_ok = mode is FetchMode.LAZY and lease is None
         self._check_not_dropped(info)
-        if info.state != types_pb2.SEGMENT_STATE_READY:  # the home's lease is gone
+        if info.state not in _SERVED:  # the home's lease is gone, no backup promoted yet
             gone = (f"home node {info.home} of segment {info.name} is not registered "
                     "(down?)")
             self.retire_name(info.name, lost=gone)
@@ -197,6 +205,9 @@ class Replicas:
         with replica.lock:
             if replica.state is not ReplicaState.CURRENT:
                 return None
+            # A promoted backup is the new home of the same bytes: the replica stays (a
+            # lazy one's reader finds the new home when the old one fails it).
+            replica.info.home = info.home
             if lease is not None and replica.writer_state is not WriterState.FREE:
                 raise Busy(f'segment {info.name} is already attached "rw" on node {self.node_id}')
             replica.checked = time.monotonic()
@@ -297,8 +308,24 @@ class Replicas:
             with memoryview(memory.mapping) as raw, raw.cast("B") as view, \
                     view[offset:offset + length] as part:
                 self.peers.read_pages_into(address, info.name, info.id, part, timeout, offset)
+        rehome = functools.partial(self._promoted_home, info) if info.backups else None
         return lazy.HomeReader(self.homes, info.home, info.name, info.id, memory.fd, read_pages,
-                               self.pool.transfer)
+                               self.pool.transfer, rehome,
+                               _REHOME_WAIT * self.config.heartbeat_ttl)
+
+    def _promoted_home(self, info: types_pb2.SegmentInfo, failed: str) -> str | None:
+        """The node a backup of ``info`` was promoted on after its home ``failed``, if it
+        holds the version this replica is at (``info`` is the replica's record: refreshes
+        move its version); None when there is none (yet). One record read. A newer
+        promoted version is not this replica's: its chunks would mix versions."""
+        try:
+            record = self.coordinator.get_segment(info.name)
+        except VasError:
+            return None
+        if (record.id != info.id or record.home == failed or record.state not in _SERVED
+                or record.version != info.version):
+            return None
+        return record.home
 
     def _transfer(self, address: str, info: types_pb2.SegmentInfo, warm: Warm) -> str:
         """Copy the home's bytes into ``warm``: ReadPages for small segments, else the
@@ -496,10 +523,11 @@ class Replicas:
         log.warning("replica of %s (id %d): pages not fetched yet are lost: %s", replica.name,
                     replica.id, exc)
         victims = [replica]
-        if exc.home_gone:
+        if exc.home_gone:  # but a segment with backups lives on at a promoted one
             with self._lock:
                 victims += [r for r in self._current.values()
-                            if r.info.home == replica.info.home and r is not replica]
+                            if r.info.home == replica.info.home and r is not replica
+                            and not r.info.backups]
         for victim in victims:
             self.retire(victim, lost=str(exc))
 

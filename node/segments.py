@@ -184,7 +184,8 @@ class HomeSegment(_Held):
     the record if still there and names the nodes holding replicas; False when
     a call that removed the record already did both, and at shutdown).
     ``published_hashes``: (version, chunk hashes) cached for
-    refreshing readers (node/writers.py). ``read_ticket``/``adopted_ticket``
+    refreshing readers (node/writers.py); ``pushed_hashes``: those of the bytes
+    its backups hold (node/backup_push.py). ``read_ticket``/``adopted_ticket``
     order re-reads of the record, so an older read never overwrites a newer one.
     ``done`` is set once the segment is FREED and its record finished.
     ``damage``: chunks that failed their checksum when the agent re-adopted the
@@ -194,8 +195,8 @@ class HomeSegment(_Held):
     hashes its manifest holds (the last publish kept; b"" without a data dir).
     """
 
-    __slots__ = ("finish_record", "published_hashes", "read_ticket", "adopted_ticket", "done",
-                 "damage", "writer_mapped", "kept_hashes")
+    __slots__ = ("finish_record", "published_hashes", "pushed_hashes", "read_ticket",
+                 "adopted_ticket", "done", "damage", "writer_mapped", "kept_hashes")
     MOVES = _HOME_MOVES
     KIND = "home segment"
     FREED = HomeState.FREED
@@ -206,6 +207,9 @@ class HomeSegment(_Held):
         self.done = threading.Event()  # set once FREED and the delete finished
         self.finish_record = False
         self.published_hashes: tuple[int, bytes] | None = None
+        #: Chunk hashes of what the backups hold (their version), for a segment with
+        #: backups: a home writer's sync sends them the chunks that differ.
+        self.pushed_hashes: bytes | None = None
         self.read_ticket = 0
         self.adopted_ticket = 0
         self.damage = None

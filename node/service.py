@@ -19,6 +19,7 @@ import os
 
 import grpc
 
+from vas.core import validate
 from vas.core.errors import InvalidArgument, VasError, abort_with
 from vas.core.identity import PeerKind, peer_of_context
 from vas.node import metrics
@@ -82,6 +83,8 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
             if not request.id:
                 raise InvalidArgument("ReleaseReplica needs a segment id")
             dropped = self.agent.replicas.drop(request.name, request.id)
+            # A backup goes the same way: its segment is gone.
+            dropped = self.agent.backups.drop(request.name, request.id) or dropped
         except VasError as exc:
             abort_with(context, exc)
         return node_pb2.ReleaseReplicaResponse(dropped=dropped)
@@ -106,7 +109,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
     def OpenBulk(self, request: node_pb2.OpenBulkRequest,
                  context: grpc.ServicerContext) -> node_pb2.OpenBulkResponse:
         try:
-            segment = self.agent.homes.held(request.id)
+            segment = self.agent.held_home(request.id)
             self.agent.check_peer(peer_of_context(context), segment, "r")
             info = segment.info
         except VasError as exc:
@@ -129,7 +132,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         header = first.header
         if not header.id or not header.token:
             raise InvalidArgument("WritePages needs a segment id and a writer token")
-        segment = self.agent.homes.held(header.id)
+        segment = self.agent.held_home(header.id)
         peer = peer_of_context(context)
         self.agent.check_peer(peer, segment, "rw")
         # The coordinator believes the Caller this home forwards: a user's is its own.
@@ -161,12 +164,92 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         try:
             if not request.id:
                 raise InvalidArgument("ChunkHashes needs a segment id")
-            segment = self.agent.homes.held(request.id)
+            segment = self.agent.held_home(request.id)
             self.agent.check_peer(peer_of_context(context), segment, "r")
             version, hashes = self.agent.writers.published_hashes(segment, request.chunk_size)
         except VasError as exc:
             abort_with(context, exc)
         return node_pb2.ChunkHashesResponse(version=version, hashes=hashes)
+
+
+    # ------------------------------------------------------------------ backups
+
+    def _backup_caller(self, context, what: str) -> None:
+        # The home's agent (pushes) and coordinators (promotion) only.
+        peer_of_context(context).require((PeerKind.NODE, PeerKind.COORDINATOR), what)
+
+    def HoldBackup(self, request: node_pb2.HoldBackupRequest,
+                   context: grpc.ServicerContext) -> node_pb2.HoldBackupResponse:
+        try:
+            self._backup_caller(context, "hold a backup")
+            validate.check_name(request.name)
+            validate.check_segment_id(request.id)
+            self.agent.backups.hold(request.name, request.id, validate.check_size(request.size),
+                                    request.version)
+        except VasError as exc:
+            abort_with(context, exc)
+        return node_pb2.HoldBackupResponse()
+
+    def StageBackup(self, request_iterator, context: grpc.ServicerContext):
+        try:
+            self._backup_caller(context, "stage a backup")
+            with self._stream_of(context), self.agent.pool.transfer():
+                first = next(request_iterator, None)
+                if first is None or not first.HasField("header"):
+                    raise InvalidArgument("StageBackup needs a header in its first message")
+                header = first.header
+                validate.check_segment_id(header.id)
+                pieces = _staged_pieces(first, request_iterator, header.name)
+                if header.fill:
+                    self.agent.backups.fill(header.id, header.base_version, pieces)
+                else:
+                    self.agent.backups.stage(header.id, header.base_version, pieces)
+        except VasError as exc:
+            abort_with(context, exc)
+        return node_pb2.StageBackupResponse()
+
+    def CommitBackup(self, request: node_pb2.CommitBackupRequest,
+                     context: grpc.ServicerContext) -> node_pb2.CommitBackupResponse:
+        try:
+            self._backup_caller(context, "commit a backup")
+            self.agent.backups.commit(validate.check_segment_id(request.id), request.version)
+        except VasError as exc:
+            abort_with(context, exc)
+        return node_pb2.CommitBackupResponse()
+
+    def BackupState(self, request: node_pb2.BackupStateRequest,
+                    context: grpc.ServicerContext) -> node_pb2.BackupStateResponse:
+        try:
+            self._backup_caller(context, "read a backup's state")
+            applied, staged = self.agent.backups.state(validate.check_segment_id(request.id))
+        except VasError as exc:
+            abort_with(context, exc)
+        return node_pb2.BackupStateResponse(applied=applied, staged=staged)
+
+    def PromoteBackup(self, request: node_pb2.PromoteBackupRequest,
+                      context: grpc.ServicerContext):
+        try:
+            self._backup_caller(context, "promote a backup")
+            return self.agent.promote(validate.check_name(request.name),
+                                      validate.check_segment_id(request.id))
+        except VasError as exc:
+            abort_with(context, exc)
+
+
+def _staged_pieces(first, rest, name: str):
+    """(offset, bytes) of a StageBackup stream; InvalidArgument unless its end is marked
+    (a home that died mid-stream stages nothing)."""
+    yield first.offset, first.data
+    ended = first.last
+    for chunk in rest:
+        if chunk.HasField("header") or ended:
+            raise InvalidArgument("StageBackup takes a header in its first message only, "
+                                  "and no message after the one marked last")
+        ended = chunk.last
+        yield chunk.offset, chunk.data
+    if not ended:
+        raise InvalidArgument(f"the StageBackup stream of segment {name} ended before its "
+                              "message marked last: nothing staged")
 
 
 def peer_host(peer: str) -> str:

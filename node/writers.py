@@ -52,6 +52,7 @@ from vas.core.errors import (Fenced, InvalidArgument, NotFound, PermissionDenied
                              VasError)
 from vas.core.sizes import human_size
 from vas.node import locks, metrics
+from vas.node.backup_push import BackupPush
 from vas.node.publish import CHUNK, Staged, chunks_of, differing, hashes, runs
 from vas.node.revoke import Revocations
 from vas.node.segments import Replica
@@ -80,7 +81,8 @@ class Writers:
                  home_address: Callable[[types_pb2.SegmentInfo], str],
                  retire_replica: Callable[[Replica], None],
                  cleanup_timeout: Callable[[], float],
-                 transfer: Callable[[], AbstractContextManager], data_dir=None):
+                 transfer: Callable[[], AbstractContextManager],
+                 node_address: Callable[[str], str | None], data_dir=None):
         self.node_id = node_id
         self.config = config
         self.coordinator = coordinator
@@ -100,6 +102,8 @@ class Writers:
         self.deadlines = Timer(self._overdue, "writer deadline")
         #: Home writers revoked at EOF whose process may still map the pages.
         self.revocations = Revocations()
+        #: Brings the backups of home segments to each new version (node/backup_push.py).
+        self.backup_push = BackupPush(node_id, coordinator, peers, node_address)
 
     # ------------------------------------------------------------------ the lock
 
@@ -338,12 +342,51 @@ class Writers:
             # Hashed before the publish, as a remote writer's sync does: a store racing
             # with the sync shows as a changed chunk, never as part of this version.
             before = self._hashes(segment, chunks) if self.data_dir is not None else b""
-            info = self._publish_version(attachment.session.caller, segment,
-                                         attachment.lease, attachment)
+            if segment.info.backups:
+                info = self._publish_home_backed(attachment, chunks)
+            else:
+                info = self._publish_version(attachment.session.caller, segment,
+                                             attachment.lease, attachment)
             if self.data_dir is not None:
                 self._keep(segment, info.version, before)
             metrics.observe_since(metrics.SYNC_HOME, started)
             return info
+
+    def _publish_home_backed(self, attachment: Attachment, chunks: list[int] | None):
+        """sync() of a home writer whose segment has backups: stage the chunks changed
+        since the backups' version (``chunks`` of the ranges given, else those whose
+        hash changed) at every backup, publish, have them apply it (node/backup_push.py)."""
+        segment = attachment.segment
+        fd = segment.dup_fd()
+        try:
+            mapping = _native.mmap(fd, segment.size, writable=False)
+        finally:
+            os.close(fd)
+        try:
+            with memoryview(mapping) as raw, raw.cast("B") as view:
+                # Hashed before the bytes are read: a racing write shows at the next sync.
+                if chunks is not None:
+                    fresh = _rehash(view, segment.pushed_hashes, chunks)
+                else:
+                    fresh = hashes(view)
+                    chunks = differing(segment.pushed_hashes, fresh)
+                pieces = [(offset, view[offset:offset + length])
+                          for offset, length in runs(chunks, segment.size)]
+                try:
+                    staged = self.backup_push.stage(segment, pieces)
+                finally:
+                    for _, piece in pieces:
+                        piece.release()
+        finally:
+            mapping.close()
+        info = self._publish_version(attachment.session.caller, segment, attachment.lease,
+                                     attachment)
+        self.backup_push.commit(segment, info.version, staged)
+        with segment.lock:
+            segment.pushed_hashes = fresh
+        log.info("sync of %s: %d changed chunks staged at %d backups, now version %d",
+                 segment.name, len(chunks), len(staged), info.version)
+        return info
 
     def _publish_remote(self, attachment: Attachment, chunks: list[int] | None):
         """Send a remote writer's changed chunks (``chunks``, or those whose hash changed
@@ -407,6 +450,8 @@ class Writers:
             timeout = self.config.rpc_timeout + staged.total / SEND_RATE
             with segment.gate.passage(timeout, f"publish of segment {segment.name}"):
                 lease = WriterLease(header.name, header.token, header.lease_id)
+                backed = self.backup_push.stage(segment, staged.pieces) \
+                    if segment.info.backups else []
                 info = self._publish_version(header.caller, segment, lease, adopt=False)
                 after = self._intend(segment, info.version, staged.pieces)
                 for offset, data in staged.pieces:
@@ -416,9 +461,27 @@ class Writers:
                     self.data_dir.done(segment.id)
                 with segment.lock:  # only now: a reader never sees the version before its bytes
                     segment.adopt_version_locked(info.version)
+                if segment.pushed_hashes is not None:
+                    self._rehash_pushed(segment, fd, staged.pieces)
+                self.backup_push.commit(segment, info.version, backed)
         finally:
             os.close(fd)
         return info
+
+    @staticmethod
+    def _rehash_pushed(segment, fd: int, pieces) -> None:
+        """After a remote writer's publish: the backups hold the home's bytes again, so
+        the chunks ``pieces`` touched are hashed anew into ``pushed_hashes``."""
+        chunks = sorted({index for offset, data in pieces
+                         for index in range(offset // CHUNK, -(-(offset + len(data)) // CHUNK))})
+        mapping = _native.mmap(fd, segment.size, writable=False)
+        try:
+            with memoryview(mapping) as raw, raw.cast("B") as view:
+                fresh = _rehash(view, segment.pushed_hashes, chunks)
+        finally:
+            mapping.close()
+        with segment.lock:
+            segment.pushed_hashes = fresh
 
     def published_hashes(self, segment, chunk_size: int) -> tuple[int, bytes]:
         """(version, chunk hashes) of home ``segment``, never mid-publish."""

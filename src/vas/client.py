@@ -103,7 +103,9 @@ class Client:
         :param name: 1-255 chars of ``[A-Za-z0-9._/-]``, no leading ``/``, no ``..``.
         :param size: bytes (> 0), rounded up to whole pages.
         :param mode: permission bits, like a file's (default 0o600).
-        :param replicas: extra copies kept on other nodes (0 = none).
+        :param replicas: backups kept on that many other nodes (0-16; 0 = none):
+            ``sync()`` returns once they hold the new version, and one becomes the
+            home if the home's agent dies.
         :param ttl: seconds until the segment is removed (None = never).
         :param exist_ok: return the existing segment of that name instead of failing
             (its own ``meta``, whatever ``meta`` says).
@@ -114,7 +116,8 @@ class Client:
         :returns: the new segment's ``SegmentInfo`` (its cluster-unique ``address`` included).
         :raises InvalidArgument: bad name, size, mode, replicas, ttl or meta.
         :raises AlreadyExists: the name is taken (and not ``exist_ok``).
-        :raises CapacityExceeded: the node's --memory cannot hold it.
+        :raises CapacityExceeded: the node's --memory cannot hold it, or fewer than
+            ``replicas`` other live nodes have room for a backup.
         :raises Unavailable: the agent or coordinator cannot be reached.
 
         Example::

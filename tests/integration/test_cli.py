@@ -338,12 +338,17 @@ def test_node_serve_refuses_a_data_dir_it_cannot_use(vasctl, tmp_path):
                                     "Not a directory")
 
 
-def test_seg_create_refuses_replicas_it_cannot_make(vasctl, cluster):
-    proc = vasctl("seg", "create", "cli/replicated", "--size", "4KiB", "--replicas", "1",
-                  expect=2)
-    assert one_error_line(proc) == ("vasctl: error: replicas=1 is not built yet: a segment has "
-                                    "no copy besides its home; create it with replicas=0")
+def test_seg_create_replicas_keeps_backups_on_other_nodes(vasctl, cluster):
+    proc = vasctl("seg", "create", "cli/replicated", "--size", "4KiB", "--replicas", "2",
+                  expect=1)  # two nodes: one other than the home
+    assert one_error_line(proc) == ("vasctl: error: replicas=2: only 1 of the live nodes other "
+                                    "than the home 'node1' have 4 KiB free, 2 needed")
     vasctl("seg", "stat", "cli/replicated", expect=1)  # nothing was created
+    vasctl("seg", "create", "cli/replicated", "--size", "4KiB", "--replicas", "17", expect=2)
+    vasctl("seg", "create", "cli/replicated", "--size", "4KiB", "--replicas", "1")
+    info = json.loads(vasctl("seg", "stat", "cli/replicated", "-o", "json").stdout)
+    assert (info["replicas"], info["state"], info["copies"]) == (1, "ready", ["node2"])
+    vasctl("seg", "rm", "cli/replicated")
 
 
 def test_node_ls_and_status(vasctl, cluster):

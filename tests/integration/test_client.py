@@ -212,13 +212,10 @@ def test_errors_from_the_cluster(client):
     client.delete("bad/dup")
 
 
-def test_create_refuses_replicas_until_they_are_built(client):
-    """replicas > 0 is refused by the agent (InvalidArgument), and nothing is created."""
-    with pytest.raises(vas.InvalidArgument) as info:
+def test_create_refuses_replicas_without_room_on_other_nodes(client):
+    """replicas=2 on a two-node cluster: CapacityExceeded, and nothing is created."""
+    with pytest.raises(vas.CapacityExceeded, match=r"^replicas=2: only 1 of the live nodes "):
         client.create("bad/replicated", 4096, replicas=2)
-    assert type(info.value) is vas.InvalidArgument
-    assert str(info.value) == ("replicas=2 is not built yet: a segment has no copy besides "
-                               "its home; create it with replicas=0")
     with pytest.raises(vas.NotFound):
         client.stat("bad/replicated")
     assert client.create("bad/replicated", 4096, replicas=0).replicas == 0

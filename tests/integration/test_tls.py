@@ -394,3 +394,25 @@ def test_daemon_flags_refused_with_usage_errors(argv, message):
                           text=True, timeout=60, env=env)
     assert done.returncode == 2, done.stderr
     assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_backups_take_every_version_over_mutual_tls(tls_cluster):
+    """replicas=1 under TLS: the home's HoldBackup, StageBackup and CommitBackup reach
+    node2 as an agent; node2 holds the bytes (its copy's memory shows in its usage) and
+    frees them when the segment is deleted through an agent."""
+    node1, node2 = tls_cluster.nodes
+    with vas.connect(node1.socket) as client, vas.connect(node2.socket) as on_node2:
+        def held() -> int:  # node2's replica and backup bytes, live (other tests' too)
+            (mine,) = [n.replica_bytes for n in on_node2.nodes() if n.id == "node2"]
+            return mine
+        before = held()
+        client.create("tls/backed", 1 << 20, replicas=1)
+        with client.attach("tls/backed", "rw") as mapping:
+            mapping.write(0, b"backed up" * 1000)
+            assert mapping.sync() == 1
+        info = client.stat("tls/backed")
+        assert (info.state, info.copies) == ("ready", ("node2",))
+        wait_for(lambda: held() == before + (1 << 20), what="node2's backup in its usage",
+                 timeout=5)
+        client.delete("tls/backed")
+        wait_for(lambda: held() == before, what="node2 to free its backup", timeout=5)

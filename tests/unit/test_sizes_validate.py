@@ -196,16 +196,6 @@ def test_check_segment_id_and_replicas_accept_their_range():
         validate.check_replicas((1 << 32) - 1)
 
 
-def test_check_no_replicas_refuses_every_copy_until_replication_is_built():
-    assert validate.check_no_replicas(0) == 0
-    with pytest.raises(InvalidArgument, match=r"^replicas=3 is not built yet: a segment has no "
-                                              r"copy besides its home; create it with "
-                                              r"replicas=0$"):
-        validate.check_no_replicas(3)
-    with pytest.raises(InvalidArgument, match=r"^invalid replicas 17: must be 0..16$"):
-        validate.check_no_replicas(17)
-
-
 # -- the client checks before sending -------------------------------------------------
 
 @pytest.fixture

@@ -39,8 +39,8 @@ def register(nouns: argparse._SubParsersAction) -> None:
                    help="bytes, e.g. 4096, 64KiB, 1GiB (rounded up to whole pages)")
     p.add_argument("--mode", type=mode_type, default=0o600, help="octal permission bits (default 600)")
     p.add_argument("--replicas", type=int, default=0,
-                   help="replica copies on other nodes (default 0; not built yet: K > 0 is "
-                        "refused as bad usage)")
+                   help="backup copies kept on K other nodes: sync waits for them, one is "
+                        "promoted if the home dies (default 0)")
     p.add_argument("--ttl", type=float, default=None, metavar="SECONDS",
                    help="remove the segment after this many seconds")
     p.add_argument("--exist-ok", action="store_true", help="succeed if the segment exists already")
@@ -134,11 +134,10 @@ def meta_type(text: str) -> tuple[str, str]:
 
 def create(args) -> int:
     # Refuse bad values before reaching for the agent, so the message is about them.
-    if args.replicas > 0:  # not built yet: bad usage (exit 2), nothing is created
-        try:
-            validate.check_no_replicas(args.replicas)
-        except InvalidArgument as exc:
-            raise UsageError(str(exc)) from exc
+    try:
+        validate.check_replicas(args.replicas)
+    except InvalidArgument as exc:  # bad usage (exit 2), nothing is created
+        raise UsageError(str(exc)) from exc
     validate.check_size(args.size)
     meta = dict(args.meta)
     if len(meta) != len(args.meta):

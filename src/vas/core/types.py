@@ -26,12 +26,13 @@ class SegmentInfo:
     """A segment as the cluster sees it.
 
     ``size`` and ``address`` are bytes; ``mode`` is permission bits (0o640);
-    ``home`` is a node id; ``replicas`` the requested replica count;
+    ``home`` is a node id; ``replicas`` the number of backups asked for at create
+    (full copies on other nodes that ``sync()`` waits for, promoted when the home dies);
     ``state`` one of "ready", "degraded", "lost", "deleting"; ``created`` and
     ``expires`` Unix seconds (``expires`` None when the segment has no ttl);
     ``meta`` the metadata given at create (str -> str; empty when none);
-    ``copies`` the ids of the other nodes holding a replica (each takes ``size``
-    bytes of that node's memory), as their agents last reported.
+    ``copies`` the ids of the other nodes holding a replica or a backup (each takes
+    ``size`` bytes of that node's memory), as their agents last reported.
     """
 
     name: str

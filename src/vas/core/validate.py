@@ -131,26 +131,11 @@ def check_replicas(replicas: object) -> int:
     """Return ``replicas`` if it is 0..MAX_REPLICAS, else raise InvalidArgument.
 
     The bound of the coordinator's record (a record asking for 2**32-1 copies could
-    never be satisfied); ``check_no_replicas`` refuses any copy until replication is built.
+    never be satisfied).
     """
     if (isinstance(replicas, bool) or not isinstance(replicas, int)
             or not 0 <= replicas <= MAX_REPLICAS):
         raise InvalidArgument(f"invalid replicas {replicas!r}: must be 0..{MAX_REPLICAS}")
-    return replicas
-
-
-def check_no_replicas(replicas: object) -> int:
-    """Return ``replicas`` if it is 0, else raise InvalidArgument.
-
-    Replica copies are not built yet: every create path (the CLI, the local API,
-    the coordinator's CreateSegment) refuses ``replicas > 0`` with this message
-    rather than storing a count nothing honours. Out-of-range values get
-    ``check_replicas``'s message.
-    """
-    replicas = check_replicas(replicas)
-    if replicas:
-        raise InvalidArgument(f"replicas={replicas} is not built yet: a segment has no copy "
-                              "besides its home; create it with replicas=0")
     return replicas
 
 

@@ -72,13 +72,13 @@ def test_create_refuses_bad_input_and_taken_names(stub, n1):
     assert "unknown home node 'ghost'" in info.value.details()
 
 
-def test_create_refuses_replicas_until_they_are_built(stub, n1, etcd):
-    """replicas > 0 is refused, not stored as if some node kept the copies."""
+def test_create_refuses_replicas_without_nodes_to_keep_them(stub, n1, etcd):
+    """replicas=k needs k live nodes besides the home with room: refused, nothing stored."""
     with pytest.raises(grpc.RpcError) as info:
         create(stub, "replicated", replicas=1)
-    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert info.value.details() == ("replicas=1 is not built yet: a segment has no copy "
-                                    "besides its home; create it with replicas=0")
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert info.value.details().startswith("replicas=1: only 0 of the live nodes other than "
+                                           "the home 'n1' have ")
     assert not etcd_get(etcd.url, b"/vas/segments/replicated")
     assert status_of(lambda: create(stub, "replicated", replicas=17)) == \
         grpc.StatusCode.INVALID_ARGUMENT
