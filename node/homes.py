@@ -773,6 +773,7 @@ def _not_adoptable(record: types_pb2.SegmentInfo | None, segment_id: int, node_i
         return "it is being deleted"
     return ""
 
+
 def _hash_pages(fd: int, size: int) -> bytes:
     """Chunk hashes of the ``size`` bytes of memfd ``fd``."""
     mapping = _native.mmap(fd, size, writable=False)
