@@ -4,9 +4,9 @@ Besides the totals it names what needs an operator's eye:
 
 - **down nodes**: members whose node key is gone (their lease lapsed; nodes.py);
 - **lost segments**: state LOST (``segments.state_of``): the home is not
-  registered (down, or gone) or the record is marked lost. No replica can
-  serve a segment whose home is gone (promotion is not built), so a segment
-  whose home is down is lost, whether or not other nodes held copies;
+  registered (down, or gone) or the record is marked lost. Read replicas never
+  serve a segment whose home is gone; backups do, once one is promoted
+  (coordinator/promote.py), until then the segment reads lost;
 - **degraded segments**: the home is up (state READY) but a node that held a
   replica of this incarnation is down: the segment is served, one of its
   copies went with that node (the replicas recorded in its member record when

@@ -675,6 +675,9 @@ class HomeSegments:
         except NotFound:
             info = None
         current = info is not None and info.id == segment.id
+        if current and info.home != self.node_id:
+            self._promoted_elsewhere(segment, info.home)
+            return False
         with segment.lock:
             segment.checked = time.monotonic()
             if current and ticket > segment.adopted_ticket and segment.state is HomeState.LIVE:
@@ -690,6 +693,16 @@ class HomeSegments:
             self.begin_delete(segment, finish=True, force=False)
             return False
         return True
+
+    def _promoted_elsewhere(self, segment: HomeSegment, home: str) -> None:
+        """The record of ``segment`` names another home: a backup was promoted while this
+        node was cut off (its lease lapsed). These pages are a stale copy now: no new
+        attach gets them, they go at the last detach, and the record stays (it is the
+        new home's)."""
+        log.warning("segment %s (id %d) is homed on node %s now (a backup was promoted while "
+                    "this node was away): dropping the copy here", segment.name, segment.id,
+                    home)
+        self.begin_delete(segment, finish=False, force=False)
 
     def check_all(self) -> None:
         """After registering again: free every held home segment whose record is gone,
@@ -714,6 +727,11 @@ class HomeSegments:
                     log.info("segment %s (id %d) homed here is gone from the cluster; "
                              "freeing it", segment.name, segment.id)
                     self.begin_delete(segment, finish=True, force=False)
+                elif segment.info.backups:  # one may have been promoted meanwhile
+                    try:
+                        self.recheck(segment)
+                    except VasError as exc:  # recheck_stale reads it later
+                        log.warning("cannot re-read segment %s: %s", segment.name, exc)
 
     @contextlib.contextmanager
     def doubtful(self, name: str):

@@ -11,6 +11,9 @@ as behind a pulled cable) while a writer holds a segment's lock, then healed.
   store ends it with SIGBUS). Healed, a registers again under its id with its
   memory: the segment is ready, at the version it had, and the next writer's sync
   takes the next version.
+- The home a of a segment with a backup on b, cut off: b's backup is promoted (the
+  segment is served from b, which takes a write meanwhile); healed, a drops its stale
+  copy, and a reader on a reads b's newer version.
 - Every sync acknowledged to a client is recorded (writer, token, version): each
   version was acknowledged to one writer only, and tokens only grow with versions.
 
@@ -55,7 +58,8 @@ LAPSE = 3 * NODE_TTL
 ANSWER = 30.0
 
 # One command per stdin line naming a segment (its mapping in this process), one JSON
-# line per answer; a VasError is answered with its class name. "spin" starts a thread
+# line per answer ("create NAME SIZE [REPLICAS]"; the rest as written below); a VasError
+# is answered with its class name. "spin" starts a thread
 # storing into every page of the mapping for ever (each store writes the byte that is
 # there: the bytes never change); "held" answers this node's replica bytes.
 _CLIENT = r"""
@@ -74,7 +78,7 @@ for line in sys.stdin:
     m = maps.get(name)
     try:
         if verb == "create":
-            c.create(name, int(args[0]), mode=0o644)
+            c.create(name, int(args[0]), mode=0o644, replicas=int(args[1]) if args[1:] else 0)
             answer()
         elif verb == "delete":
             c.delete(name)
@@ -350,3 +354,49 @@ def test_a_cut_home_loses_its_lease_revokes_its_writer_and_rejoins_with_its_memo
     ledger.check()
     print(f"\nhome cut: writer revoked (SIGBUS) {revoked} s after the cut, a down after "
           f"{down} s, a up again {back} s after the heal")
+
+
+def test_a_cut_home_with_a_backup_is_replaced_and_drops_its_stale_copy(
+        hosts, clients, coordinator):
+    name, ledger = "part/backed", Ledger()
+    node_a, node_b = (node.node_id for node in hosts.nodes)
+    writer = clients(0, "a-writer")
+    writer.ask(f"create {name} {SIZE} 1")
+    assert list(segment(coordinator, name).backups) == [node_b]
+    writer.ask(f"attach {name} rw eager")
+    writer.ask(f"fill {name}")
+    synced = ledger.sync(writer, name)  # returns once b's backup holds it
+    writer.ask(f"detach {name}")
+
+    with hosts.cut(0) as link:
+        cut = time.monotonic()
+        wait_for(lambda: segment(coordinator, name).home == node_b,
+                 "b's backup to be promoted", timeout=2 * LAPSE)
+        promoted = since(cut)
+        successor = clients(1, "b-writer")
+        taken = successor.ask(f"attach {name} rw eager")
+        assert (taken["version"], taken["sha"]) == (1, synced["sha"])
+        successor.ask(f"fill {name}")
+        newer = ledger.sync(successor, name)
+        assert newer["version"] == 2
+        successor.ask(f"detach {name}")
+        link.heal()
+        back = await_state(coordinator, node_a, types_pb2.NODE_STATE_READY, time.monotonic())
+
+    reader = clients(0, "a-reader")
+
+    def current_on_a():
+        seen = reader.ask(f"attach {name} r eager")
+        assert "error" not in seen, seen
+        assert (seen["version"], seen["sha"]) in ((1, synced["sha"]), (2, newer["sha"])), seen
+        if seen["version"] == 2:
+            return seen
+        reader.ask(f"detach {name}")  # a's stale copy, until a has re-read the record
+        return None
+
+    wait_for(current_on_a, "a to drop its stale copy", timeout=LAPSE)
+    dropped = since(cut)
+    assert segment(coordinator, name).home == node_b
+    ledger.check()
+    print(f"\nbacked home cut: b promoted {promoted} s after the cut, a up again {back} s "
+          f"after the heal, its stale copy gone {dropped} s after the cut")
