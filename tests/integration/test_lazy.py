@@ -68,7 +68,9 @@ def sha_in_subprocess(socket_path: str, name: str, **env) -> list[str]:
 
 @pytest.fixture(scope="module")
 def shared(module_cluster):
-    return module_cluster(nodes=2, memory=1280 * MiB)
+    """Three agents for the module: node1 and node2 for ``two``, node3 for the one test
+    that needs an agent with no bulk connection to node1 yet (an agent keeps idle ones)."""
+    return module_cluster(nodes=3, memory=1280 * MiB)
 
 
 @pytest.fixture
@@ -76,7 +78,7 @@ def two(shared):
     """The module's two agents, empty when the test starts and emptied after it (no test
     kills or restarts one; what a test reads of a log is about its own segments or
     written since it started)."""
-    node1, node2 = shared.nodes
+    node1, node2, _ = shared.nodes
     with vas.connect(node1.socket) as c1, vas.connect(node2.socket) as c2:
         yield node1, node2, c1, c2
     empty(shared)
@@ -233,25 +235,26 @@ def _bulk_port(node, name: str, segment_id: int) -> tuple[str, int]:
 
 
 @needs_uffd
-def test_chunks_fall_back_to_read_pages_when_the_bulk_channel_refuses(two):
-    node1, node2, c1, c2 = two
-    logged_before = len(_log(node2))
+def test_chunks_fall_back_to_read_pages_when_the_bulk_channel_refuses(two, shared):
+    node1, _, c1, _ = two
+    node3 = shared.nodes[2]  # no bulk connection to node1 of an earlier test to reuse
+    logged_before = len(_log(node3))
     digest = fill(c1, "lazy/r", 16 * MiB)
     target = _bulk_port(node1, "lazy/r", c1.stat("lazy/r").id)
     # Take every bulk slot of this host at the home (--max-bulk-per-peer, 32): its
-    # listener then refuses node2's connections too, with RESOURCE_EXHAUSTED.
+    # listener then refuses node3's connections too, with RESOURCE_EXHAUSTED.
     held = [socket.create_connection(target, timeout=10) for _ in range(32)]
     try:
         with socket.create_connection(target, timeout=10) as probe:
             magic, code, _ = struct.unpack("<8sIQ", probe.recv(20, socket.MSG_WAITALL))
             assert code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
-        with c2.attach("lazy/r") as m:
+        with vas.connect(node3.socket) as c3, c3.attach("lazy/r") as m:
             assert m.fetch == "lazy"
             assert hashlib.sha256(m.buffer).hexdigest() == digest
     finally:
         for conn in held:
             conn.close()
-    assert "using ReadPages" in _log(node2)[logged_before:]
+    assert "using ReadPages" in _log(node3)[logged_before:]
 
 
 _FORK_CHILD_READS = """
