@@ -167,18 +167,21 @@ def _delete_over_grpc(trio, name):
         channel.close()
 
 
+@pytest.fixture(scope="class")
+def class_trio(class_cluster):
+    """``trio``, shared by the tests of a class."""
+    return class_cluster(nodes=3, node_args=["--node-ttl", str(NODE_TTL)])
+
+
 class TestReplicaOfADeletedSegment:
     """Whoever deletes it, node2's replica frees its memory at once. The four deletes
     share one trio: each case ends with node2 holding no replica and node1 no memory
     (it asserts so), which is where the next one starts; none kills an agent."""
 
-    @pytest.fixture(scope="class")
-    def trio(self, class_cluster):
-        return class_cluster(nodes=3, node_args=["--node-ttl", str(NODE_TTL)])
-
     @pytest.mark.parametrize("delete", [_delete_by_home, _delete_by_holder, _delete_by_third,
                                         _delete_over_grpc])
-    def test_a_replica_of_a_deleted_segment_frees_its_memory_at_once(self, trio, delete):
+    def test_a_replica_of_a_deleted_segment_frees_its_memory_at_once(self, class_trio, delete):
+        trio = class_trio
         node1, node2, node3 = trio.nodes
         name = f"states/freed-{delete.__name__}"
         with vas.connect(node1.socket) as c1:
