@@ -38,9 +38,9 @@ def world_dir():
     shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
-def etcd():
-    """One EtcdProcess for the whole session (``.url``)."""
+@contextlib.contextmanager
+def _new_etcd():
+    """A started EtcdProcess in a directory of its own; stopped and removed on exit."""
     path = new_world_dir("vas-etcd-")
     process = EtcdProcess(path).start()
     try:
@@ -48,6 +48,13 @@ def etcd():
     finally:
         process.stop()
         shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def etcd():
+    """One EtcdProcess for the whole session (``.url``)."""
+    with _new_etcd() as process:
+        yield process
 
 
 @pytest.fixture(scope="module")
@@ -108,21 +115,21 @@ def cluster(etcd):
 
 
 @pytest.fixture(scope="module")
-def module_cluster(etcd):
+def module_cluster():
     """The ``cluster`` factory, but its clusters run until the module's last test: one
     start-up (about a second on 2 CPUs) serves every test of the module instead of one
-    each. Safe for a module whose tests neither kill, restart nor reconfigure the
-    agents and name their segments apart (or empty it after each test:
-    ``worlds.empty``). Such a module must not use ``cluster`` or ``coordinator`` as well:
-    they wipe the /vas/ keyspace under its running cluster."""
-    with _cluster_factory(etcd) as start:
+    each. Safe for tests that neither kill, restart nor reconfigure the agents and
+    name their segments apart (or empty the cluster after each test: ``worlds.empty``).
+    Its clusters use an etcd of their own (a quarter second to start), which the
+    wipes of ``cluster`` and ``coordinator`` in the same module do not reach."""
+    with _new_etcd() as etcd, _cluster_factory(etcd) as start:
         yield start
 
 
 @pytest.fixture(scope="class")
-def class_cluster(etcd):
-    """``module_cluster`` for the tests of one class: its clusters run until the class's
-    last test, so the module's other tests may use ``cluster`` before or after it."""
-    with _cluster_factory(etcd) as start:
+def class_cluster():
+    """``module_cluster`` for the tests of one class: its clusters run until the
+    class's last test."""
+    with _new_etcd() as etcd, _cluster_factory(etcd) as start:
         yield start
 

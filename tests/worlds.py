@@ -31,9 +31,9 @@ def wipe(etcd_url: str) -> None:
 
 def empty(local) -> None:
     """Delete every segment of ``local`` (a LocalCluster) and wait until none is listed
-    (a segment still attached is freed at its last detach): the next test of a shared
-    cluster finds no segment and its homes' memory free. Unattached replicas of deleted
-    segments may stay on other nodes until the agent needs their room."""
+    (a segment still attached is freed at its last detach) and every agent counts no
+    memory used (replicas included): the next test of a shared cluster starts from an
+    empty one."""
     with vas.connect(local.nodes[0].socket) as client:
         for info in client.list():
             try:
@@ -41,3 +41,11 @@ def empty(local) -> None:
             except vas.NotFound:
                 pass  # gone meanwhile (its last detach)
         wait_for(lambda: not client.list(), "the shared cluster to have no segment")
+    for node in local.nodes:
+        wait_for(lambda: memory_used(node) == 0, f"{node.node_id} to free its memory")
+
+
+def memory_used(node) -> int:
+    """What agent ``node`` counts as used right now (its Hello: no heartbeat delay)."""
+    with vas.connect(node.socket) as client:
+        return client.local_node.memory_used
