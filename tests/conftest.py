@@ -8,9 +8,12 @@ state of its own, so a running one is not disturbed by that).
 
     def test_x(coordinator):          # a CoordinatorProcess; .address is host:port
     def test_y(cluster):              # cluster(nodes=2) -> a started LocalCluster
+    def test_z(module_cluster):       # the same, kept running for the whole module
+                                      # (class_cluster: for the tests of one class)
 """
 from __future__ import annotations
 
+import contextlib
 import shutil
 
 import pytest
@@ -35,9 +38,9 @@ def world_dir():
     shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
-def etcd():
-    """One EtcdProcess for the whole session (``.url``)."""
+@contextlib.contextmanager
+def _new_etcd():
+    """A started EtcdProcess in a directory of its own; stopped and removed on exit."""
     path = new_world_dir("vas-etcd-")
     process = EtcdProcess(path).start()
     try:
@@ -45,6 +48,13 @@ def etcd():
     finally:
         process.stop()
         shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def etcd():
+    """One EtcdProcess for the whole session (``.url``)."""
+    with _new_etcd() as process:
+        yield process
 
 
 @pytest.fixture(scope="module")
@@ -67,13 +77,10 @@ def coordinator(etcd, _module_coordinator):
     return _module_coordinator
 
 
-@pytest.fixture
-def cluster(etcd):
-    """Factory: ``cluster(nodes=2, coordinators=1, memory=bytes, writer_ttl=None,
-    node_args=(), coordinator_args=())`` -> a started LocalCluster over the session etcd
-    with an empty /vas/ keyspace (``node_args``: more flags of every ``vasctl node
-    serve``, ``coordinator_args`` of every ``vasctl coordinator serve``); stopped after
-    the test."""
+@contextlib.contextmanager
+def _cluster_factory(etcd):
+    """What ``cluster`` and ``module_cluster`` hand out: a factory of started LocalClusters
+    over the session etcd, each over an empty /vas/ keyspace, all stopped on exit."""
     started: list[tuple[LocalCluster, str]] = []
 
     def start(nodes: int = 1, coordinators: int = 1, memory: int = 256 << 20,
@@ -94,3 +101,35 @@ def cluster(etcd):
                 local.stop()
             finally:
                 shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def cluster(etcd):
+    """Factory: ``cluster(nodes=2, coordinators=1, memory=bytes, writer_ttl=None,
+    node_args=(), coordinator_args=())`` -> a started LocalCluster over the session etcd
+    with an empty /vas/ keyspace (``node_args``: more flags of every ``vasctl node
+    serve``, ``coordinator_args`` of every ``vasctl coordinator serve``); stopped after
+    the test."""
+    with _cluster_factory(etcd) as start:
+        yield start
+
+
+@pytest.fixture(scope="module")
+def module_cluster():
+    """The ``cluster`` factory, but its clusters run until the module's last test: one
+    start-up (about a second on 2 CPUs) serves every test of the module instead of one
+    each. Safe for tests that neither kill, restart nor reconfigure the agents and
+    name their segments apart (or empty the cluster after each test: ``worlds.empty``).
+    Its clusters use an etcd of their own (a quarter second to start), which the
+    wipes of ``cluster`` and ``coordinator`` in the same module do not reach."""
+    with _new_etcd() as etcd, _cluster_factory(etcd) as start:
+        yield start
+
+
+@pytest.fixture(scope="class")
+def class_cluster():
+    """``module_cluster`` for the tests of one class: its clusters run until the
+    class's last test."""
+    with _new_etcd() as etcd, _cluster_factory(etcd) as start:
+        yield start
+

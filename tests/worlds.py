@@ -1,11 +1,15 @@
-"""Where test clusters live: world-traversable directories and a wiped etcd keyspace
-(used by tests/conftest.py and the package-scoped cluster of tests/fuzz)."""
+"""Where test clusters live: world-traversable directories, a wiped etcd keyspace
+(used by tests/conftest.py and the package-scoped cluster of tests/fuzz) and a shared
+cluster emptied between tests."""
 from __future__ import annotations
 
 import os
 import tempfile
 
 import grpc
+
+import vas
+from waiting import wait_for
 
 
 def new_world_dir(prefix: str) -> str:
@@ -23,3 +27,25 @@ def wipe(etcd_url: str) -> None:
     with grpc.insecure_channel(etcd_url.removeprefix("http://")) as channel:
         etcdrpc.KVStub(channel).DeleteRange(
             etcdrpc.DeleteRangeRequest(key=b"/vas/", range_end=b"/vas0"), timeout=10)
+
+
+def empty(local) -> None:
+    """Delete every segment of ``local`` (a LocalCluster) and wait until none is listed
+    (a segment still attached is freed at its last detach) and every agent counts no
+    memory used (replicas included): the next test of a shared cluster starts from an
+    empty one."""
+    with vas.connect(local.nodes[0].socket) as client:
+        for info in client.list():
+            try:
+                client.delete(info.name)
+            except vas.NotFound:
+                pass  # gone meanwhile (its last detach)
+        wait_for(lambda: not client.list(), "the shared cluster to have no segment")
+    for node in local.nodes:
+        wait_for(lambda: memory_used(node) == 0, f"{node.node_id} to free its memory")
+
+
+def memory_used(node) -> int:
+    """What agent ``node`` counts as used right now (its Hello: no heartbeat delay)."""
+    with vas.connect(node.socket) as client:
+        return client.local_node.memory_used

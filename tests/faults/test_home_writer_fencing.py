@@ -27,6 +27,7 @@ import vas
 from vas.core import fetch
 from vas.node import locks
 from waiting import wait_for
+from worlds import empty
 
 MiB = 1 << 20
 TTL = 2  # seconds: the writer lease of these agents
@@ -44,8 +45,15 @@ def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+#: Where each agent's log stood when the current test began (log path -> offset):
+#: the agents are shared by the module's tests, what one logged is no other's business.
+_LOGGED_BEFORE: dict[str, int] = {}
+
+
 def log_of(node) -> str:
+    """What agent ``node`` logged since the current test began."""
     with open(node.log_path) as log:
+        log.seek(_LOGGED_BEFORE.get(node.log_path, 0))
         return log.read()
 
 
@@ -66,11 +74,20 @@ def attach_rw(client, name: str):
     return attempt
 
 
-@pytest.fixture
-def two(cluster):
-    """Two agents with a writer ttl of TTL and a client of each; afterwards neither
-    agent's log may show a traceback or (under VAS_LOCK_CHECK=1) a lock-order violation."""
-    running = cluster(nodes=2, memory=256 * MiB, writer_ttl=TTL)
+@pytest.fixture(scope="module")
+def shared(module_cluster):
+    """The module's two agents with a writer ttl of TTL. Its tests kill no agent (the
+    one that kills the coordinator has a cluster of its own, ``own_two``), and each
+    starts from an empty cluster (``two``)."""
+    return module_cluster(nodes=2, memory=256 * MiB, writer_ttl=TTL)
+
+
+@contextlib.contextmanager
+def clients_of(running):
+    """(running, client of node1, client of node2); afterwards neither agent's log
+    may show a traceback or (under VAS_LOCK_CHECK=1) a lock-order violation."""
+    for node in running.nodes:
+        _LOGGED_BEFORE[node.log_path] = os.path.getsize(node.log_path)
     c1, c2 = vas.connect(running.nodes[0].socket), vas.connect(running.nodes[1].socket)
     yield running, c1, c2
     c1.close()
@@ -78,6 +95,22 @@ def two(cluster):
     for node in running.nodes:
         log = log_of(node)
         assert locks.MARKER not in log and "Traceback" not in log, node.tail()
+
+
+@pytest.fixture
+def two(shared):
+    """Two agents with a writer ttl of TTL and a client of each (``clients_of``), the
+    module's: emptied after the test (``worlds.empty``)."""
+    with clients_of(shared) as both:
+        yield both
+    empty(shared)
+
+
+@pytest.fixture
+def own_two(cluster):
+    """``two`` over a cluster of the test's own (for a test that kills a process of it)."""
+    with clients_of(cluster(nodes=2, memory=256 * MiB, writer_ttl=TTL)) as both:
+        yield both
 
 
 class Writer:
@@ -181,13 +214,13 @@ def test_stopped_home_writer_is_revoked_and_its_late_stores_never_land(two, take
         old.close()
 
 
-def test_live_home_writer_is_revoked_when_its_lease_cannot_be_renewed(two):
+def test_live_home_writer_is_revoked_when_its_lease_cannot_be_renewed(own_two):
     """The coordinator is gone: the agent cannot renew the lease, which will lapse (and
     another agent reaching etcd could hand the lock on), so it revokes the writer before
     that, although the writer's process is alive and keeps sending keepalives."""
-    running, c1, _ = two
+    running, c1, _ = own_two
     node1 = running.nodes[0]
-    old = home_writer(two, "hf/cut", _STALE_WRITER)
+    old = home_writer(own_two, "hf/cut", _STALE_WRITER)
     try:
         assert old.line() == "fetch home (no fetch)\n"
         assert old.line().startswith("synced ")

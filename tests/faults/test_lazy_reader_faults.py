@@ -158,16 +158,17 @@ def readers():
 
 @pytest.fixture
 def two(cluster, monkeypatch):
-    """Factory: ``two(fault_timeout)`` -> (node1, node2, client of node1, client of
-    node2) over a started 2-node cluster whose agents have that fault timeout, and a
-    segment "faults/seg" homed on node1 holding the pattern. The agents check their
-    lock order; the test fails on a violation or a traceback in their logs."""
+    """Factory: ``two(fault_timeout, node_args=())`` -> (node1, node2, client of node1,
+    client of node2) over a started 2-node cluster whose agents have that fault timeout
+    (and those more flags), and a segment "faults/seg" homed on node1 holding the
+    pattern. The agents check their lock order; the test fails on a violation or a
+    traceback in their logs."""
     clients, nodes = [], []
 
-    def start(fault_timeout: float = 10.0):
+    def start(fault_timeout: float = 10.0, node_args=()):
         monkeypatch.setenv("VAS_FAULT_TIMEOUT", str(fault_timeout))
         monkeypatch.setenv("VAS_LOCK_CHECK", "1")  # the agents inherit the environment
-        running = cluster(nodes=2, memory=640 * MiB)
+        running = cluster(nodes=2, memory=640 * MiB, node_args=node_args)
         node1, node2 = running.nodes
         nodes.extend((node1, node2))
         c1, c2 = vas.connect(node1.socket), vas.connect(node2.socket)
@@ -224,7 +225,8 @@ def test_the_readers_own_agent_killed(two, readers):
 @needs_poison
 def test_the_home_killed(two, readers):
     fault_timeout = 5.0
-    node1, node2, c1, c2 = two(fault_timeout)
+    # A 2 s node lease (the default is 10 s): the wait for it to lapse below is short.
+    node1, node2, c1, c2 = two(fault_timeout, ["--node-ttl", "2"])
     reader = readers(node2.socket, "faults/seg")
     _started(reader)
     node1.kill()

@@ -1,7 +1,10 @@
 """Whole-cluster behaviour through the public API, with clients in separate processes.
 
-Each test starts real etcd, coordinator and agent processes (vas.cluster.LocalCluster)
-and drives them from child Python processes, the way users do.
+The tests drive real coordinator and agent processes (vas.cluster.LocalCluster) from
+child Python processes, the way users do. They share one two-node cluster, emptied
+after each test (every segment deleted, every node's memory free again), so each
+starts from an empty cluster as if it were new; none kills or restarts an agent.
+The test of two coordinators starts a cluster of its own (it kills one).
 """
 from __future__ import annotations
 
@@ -17,14 +20,21 @@ import pytest
 
 import vas
 from vas.cluster import LocalCluster
+from worlds import empty
 
 MiB = 1 << 20
 
 
+@pytest.fixture(scope="module")
+def shared2(module_cluster):
+    return module_cluster(nodes=2, memory=1 << 30)
+
+
 @pytest.fixture
-def cluster2(world_dir):
-    with LocalCluster(world_dir, nodes=2, memory=1 << 30) as cluster:
-        yield cluster
+def cluster2(shared2):
+    """The module's two-node cluster, empty when the test starts and emptied after it."""
+    yield shared2
+    empty(shared2)
 
 
 def child(code: str, env: dict, *, uid: int | None = None, timeout: float = 60) -> dict:

@@ -274,21 +274,35 @@ def test_errors_are_one_line_exit_1(vasctl, segment, tmp_path):
 
 def test_no_coordinator_reachable(tmp_path):
     address = f"127.0.0.1:{free_port()}"
-    proc = subprocess.run([*VASCTL, "--coordinator", address, "seg", "ls"], capture_output=True,
-                          env=clean_env(), cwd=tmp_path, timeout=DEADLINE)
-    assert proc.returncode == 1
-    assert one_error_line(proc) == (
+    socket_path = tmp_path / "none.sock"
+    # Both run at once: each waits out the 5 s connect deadline.
+    alone, both = run_together(
+        ([*VASCTL, "--coordinator", address, "seg", "ls"], clean_env()),
+        # Neither an agent at $VAS_NODE nor the coordinator at $VAS_COORDINATOR: both named.
+        ([*VASCTL, "seg", "ls"], clean_env(VAS_NODE=str(socket_path), VAS_COORDINATOR=address)),
+        cwd=tmp_path)
+    assert alone.returncode == 1
+    assert one_error_line(alone) == (
         f"vasctl: error: cannot reach the vas coordinator at {address} within 5 s (is "
         "`vasctl coordinator serve` running? set --coordinator or $VAS_COORDINATOR)")
-    # Neither an agent at $VAS_NODE nor the coordinator at $VAS_COORDINATOR: both named.
-    socket_path = tmp_path / "none.sock"
-    proc = subprocess.run([*VASCTL, "seg", "ls"], capture_output=True, cwd=tmp_path,
-                          env=clean_env(VAS_NODE=str(socket_path), VAS_COORDINATOR=address),
-                          timeout=DEADLINE)
-    assert proc.returncode == 1
-    line = one_error_line(proc)
+    assert both.returncode == 1
+    line = one_error_line(both)
     assert line.startswith(f"vasctl: error: cannot reach the vas agent at {socket_path}: ")
     assert f"; and cannot reach the vas coordinator at {address}" in line
+
+
+def run_together(*commands, cwd) -> list[subprocess.CompletedProcess]:
+    """Run every (argv, env) of ``commands`` at the same time; their completed processes."""
+    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                              cwd=cwd) for argv, env in commands]
+    try:
+        outputs = [proc.communicate(timeout=DEADLINE) for proc in procs]
+        return [subprocess.CompletedProcess(proc.args, proc.returncode, *output)
+                for proc, output in zip(procs, outputs)]
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
 
 
 def test_plaintext_refuses_a_remote_coordinator(tmp_path):

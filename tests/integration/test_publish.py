@@ -46,9 +46,16 @@ def fill(client, name: str, size: int) -> bytes:
     return data
 
 
+@pytest.fixture(scope="module")
+def shared(module_cluster):
+    """One two-node cluster for the module: no test kills or restarts an agent and each
+    names its segments apart ("pub/<test>"), which is all the log counts look at."""
+    return module_cluster(nodes=2, memory=256 * MiB, writer_ttl=2)
+
+
 @pytest.fixture
-def two(cluster):
-    running = cluster(nodes=2, memory=256 * MiB, writer_ttl=2)
+def two(shared):
+    running = shared
     c1, c2 = vas.connect(running.nodes[0].socket), vas.connect(running.nodes[1].socket)
     yield running, c1, c2
     c1.close()

@@ -18,6 +18,7 @@ import pytest
 
 import vas
 from vas.proto import node_pb2, node_pb2_grpc
+from worlds import empty
 
 MiB = 1 << 20
 
@@ -45,14 +46,21 @@ def sha(mapping) -> str:
     return hashlib.sha256(mapping.buffer).hexdigest()
 
 
+@pytest.fixture(scope="module")
+def shared(module_cluster):
+    return module_cluster(nodes=2, memory=256 * MiB)
+
+
 @pytest.fixture
-def two(cluster):
-    running = cluster(nodes=2, memory=256 * MiB)
-    node1, node2 = running.nodes
+def two(shared):
+    """The module's two agents, empty when the test starts and emptied after it (no test
+    kills or restarts one; the log lines counted name the test's own segments)."""
+    node1, node2 = shared.nodes
     c1, c2 = vas.connect(node1.socket), vas.connect(node2.socket)
-    yield running, c1, c2
+    yield shared, c1, c2
     c1.close()
     c2.close()
+    empty(shared)
 
 
 def test_eager_remote_attach_copies_once_and_is_shared(two):

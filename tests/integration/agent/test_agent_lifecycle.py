@@ -20,7 +20,7 @@ import pytest
 
 from local_client import (LOCAL_CLIENT, MiB, PS, PYTHON, child, connect, gone, start_node,
                           used, wait_for)
-from vas.cluster import CoordinatorProcess
+from vas.cluster import CoordinatorProcess, NodeProcess
 from vas.core import errors, wire
 from vas.proto import coordinator_pb2, local_pb2, types_pb2
 
@@ -86,24 +86,47 @@ def test_the_agent_keeps_a_writer_lease_alive_while_attached(etcd_kv, node1, cli
     client.create(name, PS)
     attach, fd = client.attach(name, "rw")
     os.close(fd)
-    assert attach.keepalive_seconds == 10 / 3  # a third of the writer lease
+    assert attach.keepalive_seconds == 10 / 3  # a third of the default 10 s writer lease
     _, meta = etcd_kv.get(f"/vas/writers/{name}")
     assert meta.create_revision == attach.token  # the fencing token is the lock's revision
-    # Longer than the 10 s writer lease: it lives only if renewed, which the agent
-    # does while the client shows it is alive (as vas.Client's keepalive thread does).
-    end = time.monotonic() + 11
-    while time.monotonic() < end:
-        client.call(keepalive=local_pb2.KeepAliveRequest())
-        time.sleep(1)
-    lease = etcd_kv.get_lease_info(meta.lease_id)
-    assert lease.grantedTTL == 10 and lease.TTL >= 5, lease  # renewed every ttl/3
-    assert etcd_kv.get(f"/vas/writers/{name}")[1].create_revision == attach.token
-    other = connect(node1)
-    with pytest.raises(errors.Busy):
-        other.attach(name, "rw")
-    other.close()
+    assert etcd_kv.get_lease_info(meta.lease_id).grantedTTL == 10
     client.detach(attach.attachment_id)
     assert etcd_kv.get(f"/vas/writers/{name}")[0] is None  # released at detach, not at expiry
+
+
+def test_a_writer_lease_outlives_its_ttl_while_the_client_is_alive(etcd_kv, coordinator,
+                                                                   workdir, name):
+    """The renewal itself, on an agent with a 2 s writer lease (the default 10 s one
+    would take 11 s to outlive)."""
+    ttl = 2
+    short = NodeProcess(workdir, coordinator, node_id="shortttl", memory=8 * MiB,
+                        writer_ttl=ttl).start()
+    try:
+        client = connect(short)
+        client.create(name, PS)
+        attach, fd = client.attach(name, "rw")
+        os.close(fd)
+        assert attach.keepalive_seconds == ttl / 3
+        _, meta = etcd_kv.get(f"/vas/writers/{name}")
+        # Longer than the writer lease: it lives only if renewed, which the agent does
+        # while the client shows it is alive (as vas.Client's keepalive thread does, a
+        # few times per keepalive_seconds).
+        end = time.monotonic() + 1.5 * ttl
+        while time.monotonic() < end:
+            client.call(keepalive=local_pb2.KeepAliveRequest())
+            time.sleep(ttl / 10)
+        lease = etcd_kv.get_lease_info(meta.lease_id)
+        assert lease.grantedTTL == ttl and lease.TTL >= ttl / 2, lease  # renewed every ttl/3
+        assert etcd_kv.get(f"/vas/writers/{name}")[1].create_revision == attach.token
+        other = connect(short)
+        with pytest.raises(errors.Busy):
+            other.attach(name, "rw")
+        other.close()
+        client.detach(attach.attachment_id)
+        assert etcd_kv.get(f"/vas/writers/{name}")[0] is None  # released at detach
+        client.close()
+    finally:
+        short.stop()
 
 
 # ---------------------------------------------------------------- deletion and lifetime
