@@ -420,11 +420,12 @@ def test_force_delete_revokes_the_home_writer(two):
         old.close()
 
 
-def test_remote_writer_keeps_its_lock_while_its_fetch_waits(two):
+def test_remote_writer_keeps_its_lock_while_its_fetch_waits(own_two):
     """A remote "rw" attach takes the lock, then fetches the replica: its lease is renewed
     while the fetch waits (here on a home paused for 2 ttls; a GiB on a busy node takes as
-    long), so the writer it returns is not fenced at its first sync."""
-    running, c1, c2 = two
+    long), so the writer it returns is not fenced at its first sync. A cluster of its own:
+    it pauses an agent."""
+    running, c1, c2 = own_two
     node1 = running.nodes[0]
     c1.create("hf/slowfetch", SIZE, mode=0o666)
     with c1.attach("hf/slowfetch", "rw") as seed:
