@@ -19,14 +19,18 @@ segment once more on every node given ("final" records).
   it attached (no silent zeros) nor a word that decodes to no write (no garbage);
 - no reader ever saw a ``STALE`` word (no fenced write is visible);
 - every word seen belongs to a write that began (it was written by someone) while its
-  writer held the lock; each version was acknowledged to one write only;
+  writer held the lock, or is a byte-wise mix of two such writes of adjacent versions (a
+  page fetched while a remote writer's publish landed in the home's pages: there are no
+  snapshots; counted as "torn words"); each version was acknowledged to one write only;
 - versions a reader process saw of one segment never went back, and acknowledged
   versions grew by one per sync, except over a version whose sync failed with an
   ambiguous error (``AMBIGUOUS``: its publish may have happened while the answer was
   lost, e.g. a coordinator killed mid-call; counted, not a violation);
 - a final read holds exactly the bytes of the last acknowledged version of the segment:
   every word is that version's with that write's tag (so nothing acknowledged was lost
-  or changed, and no newer unacknowledged write is visible at rest).
+  or changed, and no newer unacknowledged write is visible at rest) -- or, at that
+  version, every word of the next write begun and never acknowledged: a home writer's
+  stores are in the home's pages as it makes them, also when its sync then fails.
 
 Readers and writers may fail with vas errors (Unavailable while their agent restarts,
 Fenced, Busy) or die of SIGBUS (a lazy page that can no longer be fetched; a home
@@ -330,6 +334,7 @@ class _Checker:
         self.problems: list[str] = []
         self.figures: collections.Counter = collections.Counter()
         self.begun: set[tuple[int, int, int]] = set()
+        self.tags: dict[tuple[int, int], set[int]] = collections.defaultdict(set)  # (id, v)
         self.acked: dict[tuple[int, int], int] = {}
         self.last_acked: dict[int, int] = {}
         self.last_version: dict[tuple[str, int], int] = {}
@@ -352,6 +357,7 @@ class _Checker:
 
     def begin(self, source: str, record: dict) -> None:
         self.begun.add((record["id"], record["version"], record["tag"]))
+        self.tags[(record["id"], record["version"])].add(record["tag"])
         self.figures["stale writes"] += record["tag"] == STALE
 
     def sync_failed(self, source: str, record: dict) -> None:
@@ -387,9 +393,36 @@ class _Checker:
             if tag == STALE:
                 self.problems.append(f"{source}: {count} words of a fenced write visible in "
                                      f"{record['name']}")
-            elif (record["id"], version, tag) not in self.begun:
+            elif (record["id"], version, tag) in self.begun:
+                continue
+            elif self._torn(record["id"], version, tag):
+                self.figures["torn words (a fetch racing a publish)"] += count
+            else:
                 self.problems.append(f"{source}: {count} words of {record['name']} decode to "
                                      f"version {version} tag {tag}, which nobody wrote")
+
+    def _torn(self, segment_id: int, version: int, tag: int) -> bool:
+        """Whether (version, tag) is a byte-wise mix of two writes begun at the same or
+        adjacent versions: a page read while a publish landed in the home's pages (no
+        snapshots: semantics "What is not promised"), never bytes nobody wrote."""
+        word = _plain(version, tag)
+        writes = [_plain(v, t) for v in range(version - 2, version + 3)
+                  for t in self.tags.get((segment_id, v), ())]
+        return any(all(byte in (_byte(first, i), _byte(second, i)) for i, byte in
+                       enumerate(_byte(word, i) for i in range(4)))
+                   for first in writes for second in writes
+                   if first != second and abs((first >> 12) - (second >> 12)) <= 1)
+
+    def _unsynced_home_write(self, record: dict, last: int) -> bool:
+        """Whether a final copy at version ``last`` holds, in every word, a write begun
+        as version ``last`` + 1 and never acknowledged: a home writer's stores land in
+        the home's pages as it makes them, and stay there when its sync fails (the
+        version does not move; semantics "What is not promised")."""
+        if record["version"] != last or len(record["pairs"]) != 1:
+            return False
+        version, tag = map(int, next(iter(record["pairs"])).split(":"))
+        return (version == last + 1 and (record["id"], version, tag) in self.begun
+                and (record["id"], version) not in self.acked)
 
     def final(self, source: str, record: dict) -> None:
         """A read after the run: all of it, and exactly the last acknowledged version."""
@@ -400,7 +433,9 @@ class _Checker:
             self.figures["final copies never written"] += 1
             return
         expected = f"{last}:{self.acked[(record['id'], last)]}"
-        if record["version"] != last or record["pairs"] != {expected: record["words"]}:
+        if self._unsynced_home_write(record, last):
+            self.figures["final copies holding a home writer's unsynced write"] += 1
+        elif record["version"] != last or record["pairs"] != {expected: record["words"]}:
             other = {p: n for p, n in record["pairs"].items() if p != expected}
             self.problems.append(
                 f"final read of {record['name']} (id {record['id']}) at version "
@@ -409,6 +444,15 @@ class _Checker:
                 f"{dict(list(other.items())[:5])}")
         else:
             self.figures["final bytes verified"] += 4 * record["words"]
+
+
+def _plain(version: int, tag: int) -> int:
+    """The word of (version, tag) before the segment's mask (``words``)."""
+    return ((version & 0xFFFFF) << 12) | tag
+
+
+def _byte(word: int, index: int) -> int:
+    return (word >> (8 * index)) & 0xFF
 
 
 def check_history(logdir: str) -> tuple[list[str], collections.Counter]:
