@@ -27,7 +27,7 @@ import os
 from vas import _native
 from vas.core.errors import Unavailable, VasError
 from vas.node.publish import differing, hashes, runs, zero_hashes
-from vas.node.segments import HomeState, WriterState
+from vas.node.segments import HomeState
 from vas.proto import types_pb2
 
 log = logging.getLogger(__name__)
@@ -88,12 +88,12 @@ class BackupPush:
     def restore(self, segment, nodes: list[types_pb2.NodeInfo]) -> None:
         """Bring home ``segment`` back to ``replicas`` backups: drop the listed ones whose
         node is not live (``nodes``), then fill new ones on the live nodes with the most
-        free memory. Only while no home writer is attached: the pages are then exactly
-        the published version (a remote writer's bytes land only through a publish,
-        which waits for the gate held meanwhile)."""
+        free memory. Also while a home writer is attached (a segment written without
+        a break would otherwise never get its copies back, and the next home kill would
+        lose it): see ``_fill``."""
         with segment.lock:
             info = segment.info
-            if segment.state is not HomeState.LIVE or segment.writer_state is not WriterState.FREE:
+            if segment.state is not HomeState.LIVE:
                 return
         live = {node.id: node for node in nodes}
         for node in [node for node in info.backups if node not in live]:
@@ -115,8 +115,12 @@ class BackupPush:
                             node.id, exc)
 
     def _fill(self, segment, node: types_pb2.NodeInfo) -> None:
-        """Make ``node`` a backup of home ``segment``: hold, fill with the published bytes
-        (the non-zero chunks), then add it to the record, all in the segment's gate."""
+        """Make ``node`` a backup of home ``segment``: hold, fill with the pages' bytes
+        (the non-zero chunks), then add it to the record, all in the segment's gate (no
+        publish lands meanwhile). A home writer's stores since its last sync are in the
+        pages, so they may be in the copy too, as they are in what the home serves; the
+        chunks are hashed before they are read, so its next sync sends every chunk it
+        changed since and the backup then holds exactly what that sync publishes."""
         timeout = BACKUP_TIMEOUT + segment.size / SEND_RATE
         with segment.gate.passage(timeout, f"new backup of segment {segment.name}"):
             with segment.lock:
@@ -124,10 +128,6 @@ class BackupPush:
             self.peers.hold_backup(node.address, segment.name, segment.id, segment.size,
                                    BACKUP_TIMEOUT, version)
             fresh = self._fill_pages(segment, node.address, version, timeout)
-            with segment.lock:
-                if segment.writer_state is not WriterState.FREE:
-                    raise Unavailable("a home writer attached meanwhile: its pages may "
-                                      "hold unpublished bytes; tried again later")
             info = self.coordinator.add_backup(self.node_id, segment.name, segment.id,
                                                node.id, version)
             with segment.lock:

@@ -178,3 +178,40 @@ def test_sync_drops_a_stopped_backup_and_a_home_without_copies_is_lost(trio, ora
         assert c.stat("rep/lost").state == "lost"
         with pytest.raises((vas.NotFound, vas.Unavailable)):  # never zeros
             read_all(c, "rep/lost", "eager")
+
+
+def test_backups_come_back_while_a_home_writer_stays_attached(trio):
+    """A writer attached on the home without a break: its backup killed, a new one is made
+    all the same (before, none was while a home writer was attached, so the next home
+    kill lost the segment), and after the home is killed too the last synced bytes are
+    read on the node left."""
+    node1 = trio.nodes[0]
+    with vas.connect(node1.socket) as c1:
+        c1.create("rep/busy", SIZE, replicas=1)
+        first = c1.stat("rep/busy").copies[0]
+        third = next(n for n in trio.nodes if n.node_id not in ("node1", first))
+        writer = c1.attach("rep/busy", "rw")
+        writer.write(0, pattern(1))
+        assert writer.sync() == 1
+        node_by_id(trio, first).kill()
+        wait_for(lambda: c1.stat("rep/busy").copies == (third.node_id,)
+                 and c1.stat("rep/busy").state == "ready",
+                 "a new backup on the third node, the writer still attached", timeout=20)
+        writer.write(0, pattern(2))
+        assert writer.sync() == 2  # returns once the new backup holds it
+        node1.kill()
+    killed = time.monotonic()
+    with vas.connect(third.socket) as c3:
+        seen = wait_for(lambda: _read_if_promoted(c3, "rep/busy"),
+                        "the third node's backup promoted", timeout=4 * NODE_TTL)
+        assert seen == (digest(pattern(2)), 2)
+    print(f"promoted and read {time.monotonic() - killed:.2f} s after the home's kill")
+
+
+def _read_if_promoted(client, name: str):
+    """(sha256, version) of ``name`` read through ``client``, or None while its home is down."""
+    try:
+        data, version = read_all(client, name, "eager")
+    except (vas.Unavailable, vas.NotFound):
+        return None
+    return digest(data), version
