@@ -99,13 +99,23 @@ class Log:
 
 # ---------------------------------------------------------------------- processes
 
+_STACKS = []  # the files faulthandler writes to: kept open for the process's life
+
+
+def _stacks_on_request(logdir: str, name: str) -> None:
+    """SIGUSR1 (Crew.stop asks a stuck process where it is) writes every thread's stack
+    to ``NAME-PID.stacks`` beside the logs: a multiprocessing child's stderr may be
+    nobody's, and a run kept with ``--keep`` then says where a stuck process waited."""
+    _STACKS.append(open(os.path.join(logdir, f"{name}-{os.getpid()}.stacks"), "w"))
+    faulthandler.register(signal.SIGUSR1, file=_STACKS[-1])
+
 def writer(index: int, socket: str, logdir: str, segments: dict, stop, paused_at, hold,
            holding, seed: int) -> None:
     """Attach a random segment "rw", write and sync it three times, detach; until
     ``stop``. ``segments`` maps names to their home's index: while ``hold`` is set, the
     writer waits (``holding`` set) inside an attachment of a segment homed on node 0,
     for the harness to pause it there."""
-    faulthandler.register(signal.SIGUSR1)  # Crew.stop asks a stuck one where it is
+    _stacks_on_request(logdir, f"writer{index}")
     log = Log(os.path.join(logdir, f"writer{index}-{os.getpid()}.jsonl"))
     rng = random.Random(seed)
     tags = itertools.cycle(range(1 + index * TAG_SPAN, (index + 1) * TAG_SPAN))
@@ -168,7 +178,7 @@ def read_once(client, name: str, fetch: str, segment_mask: np.ndarray, log,
 
 
 def reader(index: int, socket: str, logdir: str, segments: dict, stop, seed: int) -> None:
-    faulthandler.register(signal.SIGUSR1)
+    _stacks_on_request(logdir, f"reader{index}")
     log = Log(os.path.join(logdir, f"reader{index}-{os.getpid()}.jsonl"))
     rng = random.Random(seed)
     masks = {name: mask(name) for name in segments}
@@ -288,7 +298,7 @@ class Crew:
             proc.join(max(0.1, deadline - time.monotonic()))
             if proc.is_alive():
                 self.stuck.append(proc.name)
-                os.kill(proc.pid, signal.SIGUSR1)  # its threads' stacks, to stderr
+                os.kill(proc.pid, signal.SIGUSR1)  # its threads' stacks, to its .stacks file
                 if on_stuck is not None:
                     on_stuck(proc.name)
                 proc.join(1)
@@ -321,6 +331,8 @@ def read_final(logdir: str, segments: dict, sockets: list[str], timeout: float) 
 
 def _records(logdir: str):
     for entry in sorted(os.listdir(logdir)):
+        if not entry.endswith(".jsonl"):  # stacks of a stuck process: not records
+            continue
         with open(os.path.join(logdir, entry)) as lines:
             for line in lines:
                 if line.endswith("\n"):  # a line cut by a kill is not a record

@@ -50,8 +50,9 @@ Faults stop after ``duration`` - ``quiet`` seconds (or ``rounds`` rounds); ``qui
 seconds later (without faults, so writers end on syncs that went through) the writers and
 readers stop, every segment is read on every agent, and the checker's "final" rule holds
 each copy to the last acknowledged write's exact bytes. A writer or reader that does not
-stop within ``STOP_TIMEOUT`` is reported ("stuck"; its stack goes to stderr and, with
-py-spy in the venv, every agent's to ``DIR/stacks-NODE.txt``) and killed. Every wait has
+stop within ``STOP_TIMEOUT`` is reported ("stuck"; its threads' stacks go to
+``DIR/history/NAME-PID.stacks`` and, with py-spy in the venv, every agent's to
+``DIR/stacks-NODE.txt``) and killed. Every wait has
 a deadline; ``World.stop`` SIGCONTs, then stops, every process (and removes the network),
 also after a failure.
 
