@@ -22,11 +22,9 @@ the backups' staged bytes unapplied; the next stage replaces them.
 from __future__ import annotations
 
 import logging
-import os
 
-from vas import _native
 from vas.core.errors import Unavailable, VasError
-from vas.node.publish import differing, hashes, runs, zero_hashes
+from vas.node.publish import differing, hashes, run_views, zero_hashes
 from vas.node.segments import HomeState
 from vas.proto import types_pb2
 
@@ -139,24 +137,11 @@ class BackupPush:
     def _fill_pages(self, segment, address: str, version: int, timeout: float) -> bytes:
         """Send the non-zero chunks of home ``segment``'s pages to the backup at
         ``address`` (a fill of ``version``); the pages' chunk hashes."""
-        fd = segment.dup_fd()
-        try:
-            mapping = _native.mmap(fd, segment.size, writable=False)
-        finally:
-            os.close(fd)
-        try:
-            with memoryview(mapping) as raw, raw.cast("B") as view:
-                fresh = hashes(view)
-                pieces = [(offset, view[offset:offset + length]) for offset, length in
-                          runs(differing(zero_hashes(segment.size), fresh), segment.size)]
-                try:
-                    self.peers.stage_backup(address, segment.name, segment.id, version,
-                                            pieces, timeout, fill=True)
-                finally:
-                    for _, piece in pieces:
-                        piece.release()
-        finally:
-            mapping.close()
+        with segment.pages() as view:
+            fresh = hashes(view)
+            with run_views(view, differing(zero_hashes(segment.size), fresh)) as pieces:
+                self.peers.stage_backup(address, segment.name, segment.id, version,
+                                        pieces, timeout, fill=True)
         return fresh
 
     def _address(self, node: str) -> str:

@@ -30,7 +30,6 @@ import os
 import threading
 import time
 
-from vas import _native
 from vas.core.errors import AlreadyExists, Busy, NotFound, Unavailable, VasError
 from vas.node import locks, metrics
 from vas.node.access import check_access
@@ -227,7 +226,8 @@ class HomeSegments:
         node home now."""
         segment = HomeSegment(info, memory)
         if info.backups:
-            segment.pushed_hashes = _hash_pages(memory.fd, info.size)
+            with segment.pages() as view:
+                segment.pushed_hashes = hashes(view)
         with self._lock:
             self._by_name[info.name] = segment
             self._by_id[info.id] = segment
@@ -790,13 +790,3 @@ def _not_adoptable(record: types_pb2.SegmentInfo | None, segment_id: int, node_i
     if record.state == types_pb2.SEGMENT_STATE_DELETING:
         return "it is being deleted"
     return ""
-
-
-def _hash_pages(fd: int, size: int) -> bytes:
-    """Chunk hashes of the ``size`` bytes of memfd ``fd``."""
-    mapping = _native.mmap(fd, size, writable=False)
-    try:
-        with memoryview(mapping) as raw, raw.cast("B") as view:
-            return hashes(view)
-    finally:
-        mapping.close()

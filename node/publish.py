@@ -8,6 +8,8 @@ compares its chunks' hashes with the home's and fetches only those that differ.
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from vas import _native
@@ -84,6 +86,19 @@ def runs(chunks: list[int], size: int, limit: int = RUN, chunk: int = CHUNK
         else:
             out.append((start, end - start))
     return out
+
+
+@contextlib.contextmanager
+def run_views(view: memoryview, chunks: list[int]):
+    """(offset, view) of each run of ``chunks`` of ``view`` (``runs``), released on
+    leaving, so the mapping under ``view`` can be closed after."""
+    pieces = [(offset, view[offset:offset + length])
+              for offset, length in runs(chunks, len(view))]
+    try:
+        yield pieces
+    finally:
+        for _, piece in pieces:
+            piece.release()
 
 
 class Staged:

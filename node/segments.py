@@ -28,6 +28,7 @@ run outside that lock; work that must not interleave across a network call
 """
 from __future__ import annotations
 
+import contextlib
 import enum
 import os
 import threading
@@ -35,7 +36,7 @@ import time
 
 from vas.core.errors import NotFound, Unavailable
 from vas.node import locks
-from vas.node.store import Memory
+from vas.node.store import Memory, read_only_view
 from vas.proto import types_pb2
 
 
@@ -154,6 +155,17 @@ class _Held:
             if self.state is self.FREED:
                 raise NotFound(f"segment {self.name} (id {self.id}) is no longer held here")
             return os.dup(self.memory.fd)
+
+    @contextlib.contextmanager
+    def pages(self):
+        """The segment's bytes as they are now, read-only, for the agent's own reads
+        (hashing, sending); NotFound once FREED."""
+        fd = self.dup_fd()
+        try:
+            with read_only_view(fd, self.size) as view:
+                yield view
+        finally:
+            os.close(fd)
 
     def move(self, to) -> None:
         """The one transition function (the caller holds ``lock``): IllegalMove unless

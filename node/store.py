@@ -21,6 +21,7 @@ reach yet, or any more.
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -81,6 +82,18 @@ def release(fd: int, ro_fd: int, size: int) -> None:
             os.close(each)
 
 
+
+
+@contextlib.contextmanager
+def read_only_view(fd: int, size: int):
+    """The first ``size`` bytes of ``fd`` mapped read-only by the agent, as a byte
+    memoryview; unmapped on leaving (views sliced from it must be released first)."""
+    mapping = _native.mmap(fd, size, writable=False)
+    try:
+        with memoryview(mapping) as raw, raw.cast("B") as view:
+            yield view
+    finally:
+        mapping.close()
 
 
 class Memory:

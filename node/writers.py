@@ -47,15 +47,16 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, contextmanager
 
-from vas import _native
 from vas.core.errors import (Fenced, InvalidArgument, NotFound, PermissionDenied, Unavailable,
                              VasError)
 from vas.core.sizes import human_size
 from vas.node import locks, metrics
 from vas.node.backup_push import BackupPush
-from vas.node.publish import CHUNK, Staged, chunks_of, differing, hashes, runs
+from vas.node.publish import (CHUNK, Staged, chunks_of, differing, hashes, run_views,
+                              runs)
 from vas.node.revoke import Revocations
 from vas.node.segments import Replica
+from vas.node.store import read_only_view
 from vas.node.sessions import Attachment, LeaseState, Session, WriterLease
 from vas.node.timer import Timer
 from vas.proto import coordinator_pb2, node_pb2, types_pb2
@@ -357,28 +358,15 @@ class Writers:
         since the backups' version (``chunks`` of the ranges given, else those whose
         hash changed) at every backup, publish, have them apply it (node/backup_push.py)."""
         segment = attachment.segment
-        fd = segment.dup_fd()
-        try:
-            mapping = _native.mmap(fd, segment.size, writable=False)
-        finally:
-            os.close(fd)
-        try:
-            with memoryview(mapping) as raw, raw.cast("B") as view:
-                # Hashed before the bytes are read: a racing write shows at the next sync.
-                if chunks is not None:
-                    fresh = _rehash(view, segment.pushed_hashes, chunks)
-                else:
-                    fresh = hashes(view)
-                    chunks = differing(segment.pushed_hashes, fresh)
-                pieces = [(offset, view[offset:offset + length])
-                          for offset, length in runs(chunks, segment.size)]
-                try:
-                    staged = self.backup_push.stage(segment, pieces)
-                finally:
-                    for _, piece in pieces:
-                        piece.release()
-        finally:
-            mapping.close()
+        with segment.pages() as view:
+            # Hashed before the bytes are read: a racing write shows at the next sync.
+            if chunks is not None:
+                fresh = _rehash(view, segment.pushed_hashes, chunks)
+            else:
+                fresh = hashes(view)
+                chunks = differing(segment.pushed_hashes, fresh)
+            with run_views(view, chunks) as pieces:
+                staged = self.backup_push.stage(segment, pieces)
         info = self._publish_version(attachment.session.caller, segment, attachment.lease,
                                      attachment)
         self.backup_push.commit(segment, info.version, staged)
@@ -474,12 +462,8 @@ class Writers:
         the chunks ``pieces`` touched are hashed anew into ``pushed_hashes``."""
         chunks = sorted({index for offset, data in pieces
                          for index in range(offset // CHUNK, -(-(offset + len(data)) // CHUNK))})
-        mapping = _native.mmap(fd, segment.size, writable=False)
-        try:
-            with memoryview(mapping) as raw, raw.cast("B") as view:
-                fresh = _rehash(view, segment.pushed_hashes, chunks)
-        finally:
-            mapping.close()
+        with read_only_view(fd, segment.size) as view:
+            fresh = _rehash(view, segment.pushed_hashes, chunks)
         with segment.lock:
             segment.pushed_hashes = fresh
 
@@ -496,12 +480,8 @@ class Writers:
                     version, cached = segment.info.version, segment.published_hashes
                 if cached is not None and cached[0] == version:
                     return cached
-                mapping = _native.mmap(fd, segment.size, writable=False)
-                try:
-                    with memoryview(mapping) as raw, raw.cast("B") as view:
-                        fresh = (version, hashes(view))
-                finally:
-                    mapping.close()
+                with read_only_view(fd, segment.size) as view:
+                    fresh = (version, hashes(view))
                 with segment.lock:
                     segment.published_hashes = fresh
                 return fresh
