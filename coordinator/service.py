@@ -19,7 +19,6 @@ nodes itself (``Homes.deleted``), which an agent does after its own DeleteSegmen
 """
 from __future__ import annotations
 
-import functools
 import threading
 
 from vas.coordinator.config import CoordinatorConfig
@@ -32,7 +31,7 @@ from vas.coordinator.spaces import Spaces
 from vas.coordinator.status import cluster_status
 from vas.coordinator.watch import SegmentWatch
 from vas.coordinator.writers import Writers
-from vas.core.errors import InvalidArgument, VasError, abort_with
+from vas.core.errors import InvalidArgument, VasError, abort_with, translated
 from vas.core.identity import PeerKind, peer_of_context
 from vas.core.validate import (MAX_NAME_LENGTH, check_attach_mode, check_meta, check_mode,
                                check_name, check_replicas, check_seconds, check_segment_id,
@@ -85,17 +84,6 @@ def require_node(context, node_id: str, what: str) -> str:
     """``node_id`` if the calling peer may act as that node (PermissionDenied if not)."""
     peer_of_context(context).require_node(node_id, what)
     return node_id
-
-
-def translated(method):
-    """Run a unary servicer method, aborting with the status of any VasError it raises."""
-    @functools.wraps(method)
-    def handler(self, request, context):
-        try:
-            return method(self, request, context)
-        except VasError as exc:
-            abort_with(context, exc)
-    return handler
 
 
 class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):

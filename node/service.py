@@ -20,7 +20,7 @@ import os
 import grpc
 
 from vas.core import validate
-from vas.core.errors import InvalidArgument, VasError, abort_with
+from vas.core.errors import InvalidArgument, VasError, abort_with, translated
 from vas.core.identity import PeerKind, peer_of_context
 from vas.node import metrics
 from vas.node.agent import Agent
@@ -50,43 +50,37 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         finally:
             self._streams.give(host)
 
+    @translated
     def ReleaseSegment(self, request: node_pb2.ReleaseSegmentRequest,
                        context: grpc.ServicerContext) -> node_pb2.ReleaseSegmentResponse:
-        try:
-            peer_of_context(context).require((PeerKind.NODE, PeerKind.COORDINATOR),
-                                             "release a segment")
-            if not request.id:
-                raise InvalidArgument("ReleaseSegment needs a segment id")
-            freed = self.agent.homes.release(request.name, request.id, request.force)
-        except VasError as exc:
-            abort_with(context, exc)
+        peer_of_context(context).require((PeerKind.NODE, PeerKind.COORDINATOR),
+                                         "release a segment")
+        if not request.id:
+            raise InvalidArgument("ReleaseSegment needs a segment id")
+        freed = self.agent.homes.release(request.name, request.id, request.force)
         return node_pb2.ReleaseSegmentResponse(freed=freed)
 
+    @translated
     def SegmentChanged(self, request: node_pb2.SegmentChangedRequest,
                        context: grpc.ServicerContext) -> node_pb2.SegmentChangedResponse:
-        try:
-            peer_of_context(context).require((PeerKind.NODE, PeerKind.COORDINATOR),
-                                             "announce a record change")
-            if not request.id:
-                raise InvalidArgument("SegmentChanged needs a segment id")
-            self.agent.homes.segment_changed(request.name, request.id)
-        except VasError as exc:
-            abort_with(context, exc)
+        peer_of_context(context).require((PeerKind.NODE, PeerKind.COORDINATOR),
+                                         "announce a record change")
+        if not request.id:
+            raise InvalidArgument("SegmentChanged needs a segment id")
+        self.agent.homes.segment_changed(request.name, request.id)
         return node_pb2.SegmentChangedResponse()
 
+    @translated
     def ReleaseReplica(self, request: node_pb2.ReleaseReplicaRequest,
                        context: grpc.ServicerContext) -> node_pb2.ReleaseReplicaResponse:
-        try:
-            # Agents, and coordinators for a delete made over gRPC by an admin tool.
-            peer_of_context(context).require((PeerKind.NODE, PeerKind.COORDINATOR),
-                                             "release a replica")
-            if not request.id:
-                raise InvalidArgument("ReleaseReplica needs a segment id")
-            dropped = self.agent.replicas.drop(request.name, request.id)
-            # A backup goes the same way: its segment is gone.
-            dropped = self.agent.backups.drop(request.name, request.id) or dropped
-        except VasError as exc:
-            abort_with(context, exc)
+        # Agents, and coordinators for a delete made over gRPC by an admin tool.
+        peer_of_context(context).require((PeerKind.NODE, PeerKind.COORDINATOR),
+                                         "release a replica")
+        if not request.id:
+            raise InvalidArgument("ReleaseReplica needs a segment id")
+        dropped = self.agent.replicas.drop(request.name, request.id)
+        # A backup goes the same way: its segment is gone.
+        dropped = self.agent.backups.drop(request.name, request.id) or dropped
         return node_pb2.ReleaseReplicaResponse(dropped=dropped)
 
     def ReadPages(self, request: node_pb2.ReadPagesRequest, context: grpc.ServicerContext):
@@ -106,23 +100,19 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
                 metrics.SENT_READ_PAGES.inc(len(data))
                 offset += len(data)
 
+    @translated
     def OpenBulk(self, request: node_pb2.OpenBulkRequest,
                  context: grpc.ServicerContext) -> node_pb2.OpenBulkResponse:
-        try:
-            segment = self.agent.held_home(request.id)
-            self.agent.check_peer(peer_of_context(context), segment, "r")
-            info = segment.info
-        except VasError as exc:
-            abort_with(context, exc)
+        segment = self.agent.held_home(request.id)
+        self.agent.check_peer(peer_of_context(context), segment, "r")
+        info = segment.info
         return node_pb2.OpenBulkResponse(address=self.agent.bulk_address, size=info.size,
                                          version=info.version)
 
+    @translated
     def WritePages(self, request_iterator, context: grpc.ServicerContext):
-        try:
-            with self._stream_of(context), self.agent.pool.transfer():
-                return self._write_pages(request_iterator, context)
-        except VasError as exc:
-            abort_with(context, exc)
+        with self._stream_of(context), self.agent.pool.transfer():
+            return self._write_pages(request_iterator, context)
 
     def _write_pages(self, request_iterator, context) -> node_pb2.SegmentInfo:
         """WritePages: check the header and the peer, then stage and publish the pieces."""
@@ -137,38 +127,21 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         self.agent.check_peer(peer, segment, "rw")
         # The coordinator believes the Caller this home forwards: a user's is its own.
         header.caller.CopyFrom(peer.caller(header.caller))
+        # All bytes are staged before the publish: an error of the stream, nothing published.
+        pieces = _stream_pieces(first, request_iterator, "WritePages", header.name,
+                                "the writer gave up or went away", "published",
+                                end_required=header.end_marked,
+                                received=metrics.RECEIVED_WRITE_PAGES)
+        return self.agent.writers.write_pages(segment, header, pieces)
 
-        def pieces():
-            metrics.RECEIVED_WRITE_PAGES.inc(len(first.data))
-            yield first.offset, first.data
-            ended = first.last
-            for chunk in request_iterator:
-                # A second header could name another segment: refused, never ignored.
-                if chunk.HasField("header"):
-                    raise InvalidArgument("WritePages takes a header in its first message only")
-                if ended:
-                    raise InvalidArgument("WritePages takes no message after the one marked "
-                                          "last")
-                ended = chunk.last
-                metrics.RECEIVED_WRITE_PAGES.inc(len(chunk.data))
-                yield chunk.offset, chunk.data
-            # All bytes are staged before the publish: raised here, nothing is published.
-            if header.end_marked and not ended:
-                raise InvalidArgument(f"the WritePages stream of segment {header.name} ended "
-                                      "before its message marked last (the writer gave up or "
-                                      "went away): nothing published")
-        return self.agent.writers.write_pages(segment, header, pieces())
-
+    @translated
     def ChunkHashes(self, request: node_pb2.ChunkHashesRequest,
                     context: grpc.ServicerContext) -> node_pb2.ChunkHashesResponse:
-        try:
-            if not request.id:
-                raise InvalidArgument("ChunkHashes needs a segment id")
-            segment = self.agent.held_home(request.id)
-            self.agent.check_peer(peer_of_context(context), segment, "r")
-            version, hashes = self.agent.writers.published_hashes(segment, request.chunk_size)
-        except VasError as exc:
-            abort_with(context, exc)
+        if not request.id:
+            raise InvalidArgument("ChunkHashes needs a segment id")
+        segment = self.agent.held_home(request.id)
+        self.agent.check_peer(peer_of_context(context), segment, "r")
+        version, hashes = self.agent.writers.published_hashes(segment, request.chunk_size)
         return node_pb2.ChunkHashesResponse(version=version, hashes=hashes)
 
 
@@ -178,78 +151,78 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         # The home's agent (pushes) and coordinators (promotion) only.
         peer_of_context(context).require((PeerKind.NODE, PeerKind.COORDINATOR), what)
 
+    @translated
     def HoldBackup(self, request: node_pb2.HoldBackupRequest,
                    context: grpc.ServicerContext) -> node_pb2.HoldBackupResponse:
-        try:
-            self._backup_caller(context, "hold a backup")
-            validate.check_name(request.name)
-            validate.check_segment_id(request.id)
-            self.agent.backups.hold(request.name, request.id, validate.check_size(request.size),
-                                    request.version)
-        except VasError as exc:
-            abort_with(context, exc)
+        self._backup_caller(context, "hold a backup")
+        validate.check_name(request.name)
+        validate.check_segment_id(request.id)
+        self.agent.backups.hold(request.name, request.id, validate.check_size(request.size),
+                                request.version)
         return node_pb2.HoldBackupResponse()
 
+    @translated
     def StageBackup(self, request_iterator, context: grpc.ServicerContext):
-        try:
-            self._backup_caller(context, "stage a backup")
-            with self._stream_of(context), self.agent.pool.transfer():
-                first = next(request_iterator, None)
-                if first is None or not first.HasField("header"):
-                    raise InvalidArgument("StageBackup needs a header in its first message")
-                header = first.header
-                validate.check_segment_id(header.id)
-                pieces = _staged_pieces(first, request_iterator, header.name)
-                if header.fill:
-                    self.agent.backups.fill(header.id, header.base_version, pieces)
-                else:
-                    self.agent.backups.stage(header.id, header.base_version, pieces)
-        except VasError as exc:
-            abort_with(context, exc)
+        self._backup_caller(context, "stage a backup")
+        with self._stream_of(context), self.agent.pool.transfer():
+            first = next(request_iterator, None)
+            if first is None or not first.HasField("header"):
+                raise InvalidArgument("StageBackup needs a header in its first message")
+            header = first.header
+            validate.check_segment_id(header.id)
+            pieces = _stream_pieces(first, request_iterator, "StageBackup", header.name,
+                                    "the home gave up or went away", "staged")
+            if header.fill:
+                self.agent.backups.fill(header.id, header.base_version, pieces)
+            else:
+                self.agent.backups.stage(header.id, header.base_version, pieces)
         return node_pb2.StageBackupResponse()
 
+    @translated
     def CommitBackup(self, request: node_pb2.CommitBackupRequest,
                      context: grpc.ServicerContext) -> node_pb2.CommitBackupResponse:
-        try:
-            self._backup_caller(context, "commit a backup")
-            self.agent.backups.commit(validate.check_segment_id(request.id), request.version)
-        except VasError as exc:
-            abort_with(context, exc)
+        self._backup_caller(context, "commit a backup")
+        self.agent.backups.commit(validate.check_segment_id(request.id), request.version)
         return node_pb2.CommitBackupResponse()
 
+    @translated
     def BackupState(self, request: node_pb2.BackupStateRequest,
                     context: grpc.ServicerContext) -> node_pb2.BackupStateResponse:
-        try:
-            self._backup_caller(context, "read a backup's state")
-            applied, staged = self.agent.backups.state(validate.check_segment_id(request.id))
-        except VasError as exc:
-            abort_with(context, exc)
+        self._backup_caller(context, "read a backup's state")
+        applied, staged = self.agent.backups.state(validate.check_segment_id(request.id))
         return node_pb2.BackupStateResponse(applied=applied, staged=staged)
 
+    @translated
     def PromoteBackup(self, request: node_pb2.PromoteBackupRequest,
                       context: grpc.ServicerContext):
-        try:
-            self._backup_caller(context, "promote a backup")
-            return self.agent.promote(validate.check_name(request.name),
-                                      validate.check_segment_id(request.id))
-        except VasError as exc:
-            abort_with(context, exc)
+        self._backup_caller(context, "promote a backup")
+        return self.agent.promote(validate.check_name(request.name),
+                                  validate.check_segment_id(request.id))
 
 
-def _staged_pieces(first, rest, name: str):
-    """(offset, bytes) of a StageBackup stream; InvalidArgument unless its end is marked
-    (a home that died mid-stream stages nothing)."""
+def _stream_pieces(first, rest, rpc: str, name: str, why: str, outcome: str, *,
+                   end_required: bool = True, received=None):
+    """(offset, bytes) of a page stream (WritePages, StageBackup) whose ``first`` message
+    holds the header. InvalidArgument for a second header (it could name another
+    segment: refused, never ignored), a message after the one marked last, and, when
+    ``end_required``, an end before it (a sender that died mid-stream: ``why``; nothing
+    ``outcome``). ``received`` (a metrics counter) counts the bytes."""
+    if received is not None:
+        received.inc(len(first.data))
     yield first.offset, first.data
     ended = first.last
     for chunk in rest:
-        if chunk.HasField("header") or ended:
-            raise InvalidArgument("StageBackup takes a header in its first message only, "
-                                  "and no message after the one marked last")
+        if chunk.HasField("header"):
+            raise InvalidArgument(f"{rpc} takes a header in its first message only")
+        if ended:
+            raise InvalidArgument(f"{rpc} takes no message after the one marked last")
         ended = chunk.last
+        if received is not None:
+            received.inc(len(chunk.data))
         yield chunk.offset, chunk.data
-    if not ended:
-        raise InvalidArgument(f"the StageBackup stream of segment {name} ended before its "
-                              "message marked last: nothing staged")
+    if end_required and not ended:
+        raise InvalidArgument(f"the {rpc} stream of segment {name} ended before its message "
+                              f"marked last ({why}): nothing {outcome}")
 
 
 def peer_host(peer: str) -> str:

@@ -21,6 +21,8 @@ line and stable: tests and scripts match on them.
 """
 from __future__ import annotations
 
+import functools
+
 import grpc
 
 
@@ -141,3 +143,15 @@ def segment_lost(name: str, home: str) -> NotFound:
 def abort_with(context: grpc.ServicerContext, exc: VasError):
     """Abort a servicer call with the status and message of ``exc``."""
     context.abort(exc.code, exc.message)
+
+
+def translated(method):
+    """Run a servicer method that returns one response (unary, or stream-unary),
+    aborting with the status of any VasError it raises."""
+    @functools.wraps(method)
+    def handler(self, request, context):
+        try:
+            return method(self, request, context)
+        except VasError as exc:
+            abort_with(context, exc)
+    return handler
