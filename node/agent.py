@@ -48,6 +48,7 @@ from vas.node.limits import Counts, Limit
 from vas.node.membership import Membership, Reporter
 from vas.node.notices import ReplicaNotices
 from vas.node.pool import WarmPool
+from vas.node.relay import Copy, Directory
 from vas.node.replicas import Replicas
 from vas.node.segments import HomeSegment, HomeState, Replica
 from vas.node.sessions import Attachment, Session, Sessions
@@ -90,6 +91,8 @@ class Agent:
                                  lambda replica: self.replicas.drop(replica.name, replica.id))
         self.replicas = Replicas(node_id, config, self.store, self.pool, self.coordinator,
                                  self.peers, self.sessions, self.reporter, self.node_address)
+        #: Who pulls this node's home segments from whom (OpenBulk; node/relay.py).
+        self.relays = Directory(config.relay_fanout)
         self.notices = ReplicaNotices(node_id, self.coordinator, self.peers, self.replicas.drop)
         self.writers = Writers(node_id, config, self.coordinator, self.peers,
                                self.replicas.home_address, self.replicas.retire,
@@ -526,6 +529,16 @@ class Agent:
     def bulk_source(self, segment_id: int, offset: int, length: int, peer: Peer) -> int:
         """``page_source`` for the bulk channel (node/bulk.py)."""
         return self.page_source(segment_id, offset, length, peer)[0]
+
+    def relay_source(self, segment_id: int, offset: int, length: int, peer: Peer) -> Copy:
+        """The copy of ``segment_id`` this node relays, for a relay request of [offset,
+        offset + length) (node/bulk.py), checked as ``page_source`` checks a home's."""
+        copy = self.replicas.copies.find(segment_id)
+        if length <= 0:
+            raise InvalidArgument(f"invalid length {length}: must be > 0")
+        validate.check_range(offset, length, copy.size)
+        self.check_peer(peer, copy, "r")
+        return copy
 
     def check_peer(self, peer: Peer, segment, mode: str) -> None:
         """PermissionDenied unless ``peer`` may use the pages of home ``segment`` in

@@ -23,6 +23,12 @@ eager fetch sends one range per connection (``fetch``), a lazy replica keeps a
 few connections open and sends one small range per page fault (``Channel``),
 so a chunk costs one round trip on a warm connection instead of a gRPC call.
 
+Relays (node/relay.py): a request with the magic ``VASRELAY`` carries one more u64,
+the version, and asks this agent for a copy it fetches or holds of exactly that
+segment id and version; the bytes are sent as they arrive here, and a copy that
+stops serving (its fetch failed, it was retired or is about to change) ends the
+connection short: the peer fetches the rest elsewhere.
+
 Hostile peers: a header with the wrong magic is answered INVALID_ARGUMENT and the
 connection closed (its framing cannot be trusted); a range outside the segment or an
 unknown id gets its status and the connection stays; a truncated header or a peer
@@ -43,8 +49,8 @@ import threading
 import time
 from collections.abc import Callable
 
-from vas.core.errors import (CapacityExceeded, InvalidArgument, Unavailable, VasError,
-                             from_status, status_code)
+from vas.core.errors import (CapacityExceeded, InvalidArgument, NotFound, Unavailable,
+                             VasError, from_status, status_code)
 from vas.core.identity import Peer, peer_of_der
 from vas.core.sizes import human_size
 from vas.core.tls import NODE_HOST
@@ -55,7 +61,9 @@ from vas.node.limits import Counts, Limit
 log = logging.getLogger(__name__)
 
 MAGIC = b"VASBULK1"
+RELAY_MAGIC = b"VASRELAY"
 _REQUEST = struct.Struct("<8sQQQ")
+_VERSION = struct.Struct("<Q")
 _REPLY = struct.Struct("<8sIQ")
 #: Largest single recv_into: big reads keep the per-call overhead negligible.
 _RECV_MAX = 8 << 20
@@ -85,6 +93,9 @@ _TLS_SEND_BYTES = 256 << 10
 #: ``source(segment_id, offset, length, peer) -> fd``: a dup of the held memfd after
 #: checking id, bounds and that ``peer`` may read it (raises VasError); the server closes it.
 Source = Callable[[int, int, int, Peer], int]
+#: ``relay_source(segment_id, offset, length, peer) -> Copy``: the copy relayed here of
+#: that id after checking bounds and that ``peer`` may read it (raises VasError).
+RelaySource = Callable[[int, int, int, Peer], "Copy"]
 
 
 def split(length: int, streams: int) -> list[tuple[int, int]]:
@@ -106,13 +117,15 @@ class BulkServer:
     def __init__(self, host: str, source: Source, timeout: float,
                  tls: ssl.SSLContext | None = None, *, per_peer: int,
                  transfer: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-                 port: int = 0):
+                 port: int = 0, relay_source: RelaySource | None = None):
         """``tls``: a server context requiring client certificates (TlsConfig.server_context),
         None for plaintext; ``per_peer``: connections one peer host may hold open;
         ``transfer()`` marks each range sent (the warm pool waits meanwhile); ``port``: the
-        TCP port to listen on, 0 for a free one (``.port`` is the real one). OSError if it
-        cannot be bound."""
+        TCP port to listen on, 0 for a free one (``.port`` is the real one);
+        ``relay_source``: the copies relayed here (None: relay requests get NOT_FOUND).
+        OSError if it cannot be bound."""
         self.source = source
+        self.relay_source = relay_source
         self._transfer = transfer
         self.timeout = timeout
         self.tls = tls
@@ -166,6 +179,7 @@ class BulkServer:
                                    "the most allowed")
 
     def _serve(self, conn: socket.socket, address) -> None:
+        raw = conn  # a TLS connection's socket: what a relay copy shuts down to cut it
         try:
             _set_timeouts(conn, self.timeout)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -173,7 +187,7 @@ class BulkServer:
                 conn = TlsConnection.accept(conn, self.tls)  # refuses a peer without a
                 # certificate from the CA
             peer = peer_of_der(conn.getpeercert(binary_form=True) if self.tls else None)
-            while self._serve_one(conn, peer):
+            while self._serve_one(conn, peer, raw):
                 pass
         except (OSError, VasError) as exc:  # gone, timed out, or refused: the peer retries
             log.info("bulk transfer to %s ended: %s", address, exc)
@@ -182,7 +196,7 @@ class BulkServer:
             self._slots.release()
             self._peers.give(address[0])
 
-    def _serve_one(self, conn: socket.socket, peer: Peer) -> bool:
+    def _serve_one(self, conn: socket.socket, peer: Peer, raw: socket.socket) -> bool:
         """Answer one request; False when the peer closed (or idled past the timeout)
         between requests, the normal end of a connection."""
         try:
@@ -192,9 +206,13 @@ class BulkServer:
         if header is None:
             return False
         magic, segment_id, offset, length = _REQUEST.unpack(header)
+        if magic == RELAY_MAGIC:
+            version, = _VERSION.unpack(_recv_exact(conn, _VERSION.size))
+            self._relay(conn, raw, peer, segment_id, version, offset, length)
+            return True
         if magic != MAGIC:
             _reply(conn, InvalidArgument(f"not a bulk request: magic {magic!r}, "
-                                         f"expected {MAGIC!r}"))
+                                         f"expected {MAGIC!r} or {RELAY_MAGIC!r}"))
             raise ConnectionError("not a bulk request")
         try:
             fd = self.source(segment_id, offset, length, peer)
@@ -210,35 +228,67 @@ class BulkServer:
             os.close(fd)
         return True
 
+    def _relay(self, conn: socket.socket, raw: socket.socket, peer: Peer, segment_id: int,
+               version: int, offset: int, length: int) -> None:
+        """Serve a relay request: each run of the range once it has arrived here. A copy
+        that stops serving mid-range raises (the connection ends short)."""
+        try:
+            if self.relay_source is None:
+                raise NotFound(f"this agent relays no copy of segment id {segment_id}")
+            copy = self.relay_source(segment_id, offset, length, peer)
+            token, fd = copy.serve(version, raw, self.timeout)
+        except VasError as exc:
+            _reply(conn, exc)
+            return
+        try:
+            _reply(conn, None, more=True)
+            sent, end = offset, offset + length
+            with self._transfer():
+                while sent < end:
+                    upto = copy.ready(sent, end, self.timeout)
+                    _send_range(conn, fd, sent, upto - sent)
+                    metrics.SENT_RELAY.inc(upto - sent)
+                    sent = upto
+        finally:
+            copy.served(token, fd)
 
-def fetch(address: str, segment_id: int, view: memoryview, *, streams: int, timeout: float,
+
+def ranges(size: int, streams: int, tls: ssl.SSLContext | None) -> list[tuple[int, int]]:
+    """The (offset, length) ranges a fetch of ``size`` bytes receives, one per connection
+    (at most ``_TLS_STREAMS`` with TLS)."""
+    return split(size, min(streams, _TLS_STREAMS) if tls is not None else streams)
+
+
+def fetch(address: str, segment_id: int, view: memoryview, parts: list[tuple[int, int]], *,
+          timeout: float, tls: ssl.SSLContext | None = None, version: int | None = None,
           prepare: Callable[[int, int], None] | None = None,
-          tls: ssl.SSLContext | None = None) -> None:
-    """Fill ``view`` with the bytes of segment ``segment_id`` held at bulk ``address``.
+          received: Callable[[int, int], None] | None = None) -> None:
+    """Fill ``parts`` ((offset, length) ranges of ``view``) with those bytes of segment
+    ``segment_id``, held at bulk ``address`` (``version`` None) or relayed there (a copy
+    at ``version``: node/relay.py).
 
-    ``streams`` TCP connections each fetch one page-aligned range in a thread;
-    ``prepare(offset, length)`` runs in that thread first (pre-faulting the
-    range's pages in parallel). ``tls``: a client context (TlsConfig.client_context)
-    for a home that serves mutual TLS. Raises the home's VasError (e.g. NotFound), or
-    Unavailable when a range still fails after ``_ATTEMPTS`` connections.
+    One TCP connection per part, each in a thread; ``prepare(offset, length)`` runs in
+    that thread first (pre-faulting the part's pages in parallel), ``received(offset,
+    length)`` after each run of bytes that arrived (a relay serves them on). ``tls``: a
+    client context (TlsConfig.client_context) for a peer that serves mutual TLS.
+    Raises the peer's VasError (e.g. NotFound), or Unavailable when a part still fails
+    after ``_ATTEMPTS`` connections (each goes on from the bytes received before).
     """
     host, _, port = address.rpartition(":")
     target = (host.strip("[]"), int(port))
     errors: list[BaseException] = []
-    if tls is not None:
-        streams = min(streams, _TLS_STREAMS)
 
     def run(offset: int, length: int) -> None:
         try:
             if prepare is not None:
                 prepare(offset, length)
             with view[offset:offset + length] as part:
-                _fetch_range(target, segment_id, offset, part, timeout, tls)
+                _fetch_range(target, segment_id, version, offset, part, timeout, tls, received)
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
             errors.append(exc)
 
-    threads = [threading.Thread(target=run, args=rng, name="vas-node-fetch", daemon=True)
-               for rng in split(view.nbytes, streams)]
+    threads = [threading.Thread(target=run, args=part, name="vas-node-fetch", daemon=True)
+               for part in parts]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -247,21 +297,38 @@ def fetch(address: str, segment_id: int, view: memoryview, *, streams: int, time
         raise next((e for e in errors if isinstance(e, VasError)), errors[0])
 
 
-def _fetch_range(target, segment_id: int, offset: int, part: memoryview, timeout: float,
-                 tls: ssl.SSLContext | None) -> None:
-    for attempt in range(1, _ATTEMPTS + 1):
-        try:
-            with _connect(target, timeout, tls) as conn:
-                conn.sendall(_REQUEST.pack(MAGIC, segment_id, offset, part.nbytes))
-                _read_reply(conn)
-                _recv_into(conn, part)
-            metrics.RECEIVED_BULK.inc(part.nbytes)
-            return
-        except OSError as exc:
-            if attempt == _ATTEMPTS:
-                raise Unavailable(f"bulk transfer from {target[0]}:{target[1]} failed: "
-                                  f"{exc.strerror or exc}") from exc
-            log.info("bulk transfer from %s:%d failed (%s); retrying", *target, exc)
+def _fetch_range(target, segment_id: int, version: int | None, offset: int,
+                 part: memoryview, timeout: float, tls: ssl.SSLContext | None,
+                 received: Callable[[int, int], None] | None) -> None:
+    done = 0
+
+    def arrived(got: int) -> None:
+        nonlocal done
+        if received is not None:
+            received(offset + done, got)
+        done += got
+    counter = metrics.RECEIVED_RELAY if version is not None else metrics.RECEIVED_BULK
+    try:
+        for attempt in range(1, _ATTEMPTS + 1):
+            try:
+                with _connect(target, timeout, tls) as conn, part[done:] as rest:
+                    conn.sendall(_request(segment_id, offset + done, rest.nbytes, version))
+                    _read_reply(conn)
+                    _recv_into(conn, rest, arrived)
+                return
+            except OSError as exc:
+                if attempt == _ATTEMPTS:
+                    raise Unavailable(f"bulk transfer from {target[0]}:{target[1]} failed: "
+                                      f"{exc.strerror or exc}") from exc
+                log.info("bulk transfer from %s:%d failed (%s); retrying", *target, exc)
+    finally:
+        counter.inc(done)
+
+
+def _request(segment_id: int, offset: int, length: int, version: int | None) -> bytes:
+    if version is None:
+        return _REQUEST.pack(MAGIC, segment_id, offset, length)
+    return _REQUEST.pack(RELAY_MAGIC, segment_id, offset, length) + _VERSION.pack(version)
 
 
 class Channel:
@@ -478,13 +545,16 @@ def _send_range_tls(conn: TlsConnection, fd: int, offset: int, length: int) -> N
                 conn.sendall(part)
 
 
-def _recv_into(conn: socket.socket, part: memoryview) -> None:
+def _recv_into(conn: socket.socket, part: memoryview,
+               arrived: Callable[[int], None]) -> None:
+    """Fill ``part``, telling ``arrived(n)`` each run of ``n`` bytes received."""
     done, total = 0, part.nbytes
     while done < total:
         with part[done:done + min(total - done, _RECV_MAX)] as window:
             got = conn.recv_into(window)
         if not got:
             raise ConnectionError(f"connection closed after {human_size(done)} of {human_size(total)}")
+        arrived(got)
         done += got
 
 

@@ -241,9 +241,13 @@ class PeerClients:
         request = node_pb2.ReleaseReplicaRequest(name=name, id=segment_id)
         return unary(self._stub(address).ReleaseReplica, request, timeout).dropped
 
-    def open_bulk(self, address: str, name: str, segment_id: int) -> node_pb2.OpenBulkResponse:
-        """Where the agent at ``address`` serves segment ``segment_id`` over the bulk channel."""
-        request = node_pb2.OpenBulkRequest(name=name, id=segment_id)
+    def open_bulk(self, address: str, name: str, segment_id: int, relay_address: str = "",
+                  failed_relays: tuple[str, ...] = ()) -> node_pb2.OpenBulkResponse:
+        """Where the agent at ``address`` serves segment ``segment_id`` over the bulk channel,
+        and which relay to pull it from (``relay``, node/relay.py): ``relay_address``, this
+        agent's listener if it relays the copy on; ``failed_relays``, ones that failed it."""
+        request = node_pb2.OpenBulkRequest(name=name, id=segment_id, relay_address=relay_address,
+                                           failed_relays=failed_relays)
         return unary(self._stub(address).OpenBulk, request, self.timeout)
 
     def read_pages_into(self, address: str, name: str, segment_id: int, view: memoryview,

@@ -12,8 +12,8 @@ from vas.core.defaults import (DEFAULT_BULK_PORT, DEFAULT_FAULT_TIMEOUT, DEFAULT
                                DEFAULT_MAX_ATTACHMENTS_PER_UID, DEFAULT_MAX_BULK_PER_PEER,
                                DEFAULT_MAX_CONNECTIONS_PER_UID, DEFAULT_MAX_FAULTS_PER_UID,
                                DEFAULT_MAX_STREAMS_PER_PEER, DEFAULT_MEMORY, DEFAULT_NODE_LISTEN,
-                               DEFAULT_NODE_TTL, DEFAULT_SOCKET, DEFAULT_WORKERS_LEFT_TO_OTHERS,
-                               DEFAULT_WRITER_TTL)
+                               DEFAULT_NODE_TTL, DEFAULT_RELAY_FANOUT, DEFAULT_SOCKET,
+                               DEFAULT_WORKERS_LEFT_TO_OTHERS, DEFAULT_WRITER_TTL)
 from vas.core.tls import TlsConfig
 
 #: Seconds the agent gathers attachment changes before reporting them to the coordinator.
@@ -70,6 +70,9 @@ class NodeConfig:
     :param max_bulk_per_peer: bulk connections one peer host may hold open at once.
     :param max_streams_per_peer: ReadPages and WritePages streams one peer host may
         have open at once.
+    :param relay_fanout: agents one fetcher of this node's segments serves them on to
+        (node/relay.py: the home sends one copy, each relay at most this many); 0: every
+        fetcher pulls from the home.
     :param tls: mutual TLS of the gRPC port, the bulk channel and every channel this
         agent opens (its certificate must be an agent's); None: plaintext, loopback only
         unless ``insecure``.
@@ -105,6 +108,7 @@ class NodeConfig:
     max_requests_per_uid: int | None = None
     max_bulk_per_peer: int = DEFAULT_MAX_BULK_PER_PEER
     max_streams_per_peer: int = DEFAULT_MAX_STREAMS_PER_PEER
+    relay_fanout: int = DEFAULT_RELAY_FANOUT
     tls: TlsConfig | None = None
     insecure: bool = False
     metrics_port: int | None = None

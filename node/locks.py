@@ -105,6 +105,9 @@ class Rank(enum.IntEnum):
     WRITE_GUARD = 72    # node/revoke.py: one home writer's write-protect registration
     KEPT_GUARDS = 74    # node/revoke.py: revoked registrations kept until their process exits
     HOME_CHANNELS = 80  # node/lazy.py: home addresses and bulk channels of lazy replicas
+    RELAY_COPIES = 84   # node/relay.py: the copies this agent relays, by id
+    RELAY_COPY = 86     # node/relay.py: one relayed copy's received ranges and requests
+    RELAY_DIRECTORY = 87  # node/relay.py: a home's relays per segment version
     BULK = 90           # node/bulk.py: one bulk channel's idle connections
     PEERS = 100         # node/clients.py: gRPC channels to other agents
     TIMER = 110         # node/timer.py: a timer's heap (expiry, writer deadlines)

@@ -10,14 +10,19 @@ scrape time (``HeldCollector``), not tracked.
 metric                                      type       labels and meaning
 ==========================================  =========  =====================================
 ``vas_node_sent_bytes_total``               counter    ``path``: ``bulk`` (ranges served on
-                                                       the bulk channel), ``read_pages``
+                                                       the bulk channel), ``relay`` (bytes
+                                                       of copies relayed to later
+                                                       fetchers, node/relay.py),
+                                                       ``read_pages``
                                                        (ReadPages served), ``write_pages``
                                                        (a remote writer's sync sent to the
                                                        home), ``local`` (bytes of segments
                                                        handed to local clients by attach:
                                                        mapped, not copied)
 ``vas_node_received_bytes_total``           counter    ``path``: ``bulk`` (replica fetches
-                                                       and lazy chunks), ``read_pages``
+                                                       and lazy chunks from homes),
+                                                       ``relay`` (fetched from relays),
+                                                       ``read_pages``
                                                        (fetches, chunks and refreshes by
                                                        ReadPages), ``write_pages`` (remote
                                                        writers' syncs applied here)
@@ -87,10 +92,12 @@ CHUNKS_FAILED = Counter("vas_node_chunks_failed_checksum",
 # The children the data path uses, bound once (a labels() call costs a dict lookup
 # under a lock).
 SENT_BULK = SENT_BYTES.labels("bulk")
+SENT_RELAY = SENT_BYTES.labels("relay")
 SENT_READ_PAGES = SENT_BYTES.labels("read_pages")
 SENT_WRITE_PAGES = SENT_BYTES.labels("write_pages")
 SENT_LOCAL = SENT_BYTES.labels("local")
 RECEIVED_BULK = RECEIVED_BYTES.labels("bulk")
+RECEIVED_RELAY = RECEIVED_BYTES.labels("relay")
 RECEIVED_READ_PAGES = RECEIVED_BYTES.labels("read_pages")
 RECEIVED_WRITE_PAGES = RECEIVED_BYTES.labels("write_pages")
 FAULTS_SERVED = FAULTS.labels("served")

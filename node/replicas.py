@@ -54,7 +54,7 @@ from vas.core.errors import (Busy, CapacityExceeded, InvalidArgument, NotFound, 
                              VasError)
 from vas.core.fetch import FetchMode
 from vas.core.sizes import human_size
-from vas.node import bulk, faults, lazy, locks, metrics
+from vas.node import bulk, faults, lazy, locks, metrics, relay
 from vas.node.pool import Warm
 from vas.node.publish import CHUNK, stale_runs
 from vas.node.segments import Replica, ReplicaState, WriterState
@@ -84,6 +84,9 @@ _RECHECK_MAX = 1024
 #: Ids of segments this node was told are gone (``drop``), remembered so that a
 #: fetch of one already in flight is discarded.
 _MAX_DROPPED = 4096
+#: Relays an eager fetch tries (each failing one named to the home, which answers
+#: another) before it fetches the rest from the home itself.
+_RELAY_TRIES = 3
 
 
 class _Step(enum.Enum):
@@ -118,6 +121,8 @@ class Replicas:
         self._dropped: collections.OrderedDict[int, None] = collections.OrderedDict()
         self._recheck_all = False                         # after registering again
         self._faults: faults.FaultHandler | None = None   # started by the first RegisterFaults
+        #: The eager copies this node relays to later fetchers (node/relay.py).
+        self.copies = relay.Copies()
 
     # ------------------------------------------------------------------ attach
 
@@ -134,8 +139,8 @@ class Replicas:
             raise Unavailable(gone)
         while True:
             step, replica, event = self._next_step(info, lazy_ok)
-            if step is _Step.FETCH:
-                replica = self._refetch(info, mode, replica, event)
+            if step is _Step.FETCH:  # a writer's copy will change: it relays nothing
+                replica = self._refetch(info, mode, replica, event, offer=lease is None)
             elif step is _Step.COMPLETE:  # an eager attach of a lazy replica
                 self.complete(replica)
                 continue
@@ -143,6 +148,8 @@ class Replicas:
                 if not event.wait(max(0.0, deadline - time.monotonic())):
                     raise Unavailable(f"timed out waiting for the fetch of segment {info.name}")
                 continue
+            if lease is not None and replica.relay is not None:  # the writer will change it
+                replica.relay.quiesce(max(0.0, deadline - time.monotonic()))
             handed = self._hand_out(session, replica, info, lease)
             if handed is not None:
                 return handed
@@ -168,16 +175,17 @@ class Replicas:
             return _Step.FETCH, replica, done
 
     def _refetch(self, info: types_pb2.SegmentInfo, mode: FetchMode, stale: Replica | None,
-                 done: threading.Event) -> Replica:
+                 done: threading.Event, offer: bool) -> Replica:
         """Fetch a new replica of ``info`` (retiring ``stale``) and make it current; it is
         reported (a copy held here) so that a delete made elsewhere tells this node.
-        NotFound when the segment was dropped (deleted) while it was being fetched."""
+        ``offer``: an eager copy is offered to the home as a relay. NotFound when the
+        segment was dropped (deleted) while it was being fetched."""
         try:
             if stale is not None:  # of an older version, or of a deleted segment of the name
                 self.retire(stale, lost=None if stale.id == info.id else
                             f"segment {info.name} (id {stale.id}) was deleted")
             replica = (self._lazy_replica(info) if mode is FetchMode.LAZY
-                       else self._eager_replica(info))
+                       else self._eager_replica(info, offer))
             self.store.hold(info.size)
             with self._lock:
                 dropped = info.id in self._dropped
@@ -234,21 +242,27 @@ class Replicas:
 
     # ------------------------------------------------------------------ fetching
 
-    def _eager_replica(self, info: types_pb2.SegmentInfo) -> Replica:
+    def _eager_replica(self, info: types_pb2.SegmentInfo, offer: bool) -> Replica:
         """A new replica holding every byte of ``info`` (room reserved here, held by the
-        caller); on any failure nothing is left behind."""
+        caller), relayed to later fetchers from the start of its fetch when it is large
+        (``offer``: the home is told so); on any failure nothing is left behind."""
         self.release_spare(self.make_room(info.size, info.name))
         warm = self.pool.take(info.size)
+        copy = None
         try:
             address = self.home_address(info)
             if warm is None:
                 warm = Warm(info.size)
             started = time.monotonic()
+            if info.size > _SMALL_FETCH:
+                copy = self.copies.begin(info, warm.fd)
             with self.pool.transfer():
-                via = self._transfer(address, info, warm)
+                via = self._transfer(address, info, warm, copy, offer)
         except BaseException:
             self.store.unreserve(info.size)
-            if warm is not None:
+            if copy is not None:  # given back once no relay request is served from it
+                copy.release(warm.release)
+            elif warm is not None:
                 warm.release()
             raise
         finally:
@@ -259,7 +273,9 @@ class Replicas:
                  "(%.2f GB/s, %s memory)", info.name, info.id, info.version, info.size,
                  info.home, via, elapsed, info.size / max(elapsed, 1e-9) / 1e9,
                  "warm" if warm.populated else "cold")
-        return Replica(info, warm)
+        replica = Replica(info, warm)
+        replica.relay = copy
+        return replica
 
     def _lazy_replica(self, info: types_pb2.SegmentInfo) -> Replica:
         """A replica of ``info`` whose chunks are fetched on first touch or prefetch.
@@ -327,27 +343,63 @@ class Replicas:
             return None
         return record.home
 
-    def _transfer(self, address: str, info: types_pb2.SegmentInfo, warm: Warm) -> str:
-        """Copy the home's bytes into ``warm``: ReadPages for small segments, else the
-        bulk channel, falling back to ReadPages when the bulk connections fail. Returns
-        how, for the log: "over the bulk channel HOST:PORT" or "over ReadPages at HOST:PORT"."""
-        fallback_timeout = self.config.rpc_timeout + info.size / _STREAM_RATE
+    def _transfer(self, address: str, info: types_pb2.SegmentInfo, warm: Warm,
+                  copy: relay.Copy | None, offer: bool) -> str:
+        """Copy the home's bytes into ``warm``: ReadPages for small segments (``copy``
+        None), else the bulk channel from a relay or the home (``_fetch_bulk``). Returns
+        how, for the log."""
         with memoryview(warm.mapping) as raw, raw.cast("B") as view:
-            if info.size > _SMALL_FETCH:
-                opened = self.peers.open_bulk(address, info.name, info.id)
-                if opened.size != info.size:
-                    raise Unavailable(f"home {info.home} holds segment {info.name} with "
-                                      f"{human_size(opened.size)}, not {human_size(info.size)}")
-                try:
-                    bulk.fetch(opened.address, info.id, view, streams=self.config.fetch_streams,
-                               timeout=self.config.rpc_timeout, prepare=warm.populate,
-                               tls=self.bulk_tls)
-                    return f"over the bulk channel {opened.address}"
-                except (Unavailable, CapacityExceeded) as exc:  # over the home's bulk limits
-                    log.warning("bulk fetch of %s from %s failed: %s; using ReadPages",
-                                info.name, opened.address, exc)
-            self.peers.read_pages_into(address, info.name, info.id, view, fallback_timeout)
-        return f"over ReadPages at {address}"
+            if copy is None:
+                self.peers.read_pages_into(address, info.name, info.id, view,
+                                           self.config.rpc_timeout + info.size / _STREAM_RATE)
+                return f"over ReadPages at {address}"
+            copy.expect(bulk.ranges(info.size, self.config.fetch_streams, self.bulk_tls))
+            via = self._fetch_bulk(address, info, view, warm, copy, offer)
+        copy.complete()
+        return via
+
+    def _fetch_bulk(self, address: str, info: types_pb2.SegmentInfo, view: memoryview,
+                    warm: Warm, copy: relay.Copy, offer: bool) -> str:
+        """Receive the bytes ``copy`` is missing over the bulk channel: from the relay the
+        home names (node/relay.py), the next one when it fails (each failed one named to
+        the home, up to ``_RELAY_TRIES``), then from the home; when the home's bulk
+        connections fail too, by ReadPages. The parts received stay: every source
+        sends only what is still missing."""
+        failed: list[str] = []
+        while True:
+            opened = self.peers.open_bulk(address, info.name, info.id,
+                                          self.copies.address if offer else "", failed)
+            if opened.size != info.size:
+                raise Unavailable(f"home {info.home} holds segment {info.name} with "
+                                  f"{human_size(opened.size)}, not {human_size(info.size)}")
+            copy.opened(opened.version)
+            # A relay is of one version: after a publish here, the home's bytes are newer.
+            source = (opened.relay if opened.relay and opened.version == copy.version
+                      and len(failed) < _RELAY_TRIES else "")
+            try:
+                bulk.fetch(source or opened.address, info.id, view, copy.missing(),
+                           timeout=self.config.rpc_timeout, tls=self.bulk_tls,
+                           version=copy.version if source else None, prepare=warm.populate,
+                           received=copy.received)
+                return (f"over the bulk channel from relay {source} (home {opened.address})"
+                        if source else f"over the bulk channel {opened.address}")
+            except (Unavailable, CapacityExceeded, NotFound) as exc:
+                if not source and isinstance(exc, NotFound):
+                    raise  # the home does not hold it (any more)
+                if source:
+                    log.warning("relay fetch of %s from %s failed: %s; asking the home for "
+                                "another source", info.name, source, exc)
+                    failed.append(source)
+                    continue
+                log.warning("bulk fetch of %s from %s failed: %s; using ReadPages",
+                            info.name, opened.address, exc)
+            for offset, length in copy.missing():
+                with view[offset:offset + length] as part:
+                    self.peers.read_pages_into(address, info.name, info.id, part,
+                                               self.config.rpc_timeout + length / _STREAM_RATE,
+                                               offset)
+                copy.received(offset, length)
+            return f"over ReadPages at {address}"
 
     def complete(self, replica: Replica) -> None:
         """Fetch every missing chunk of a lazy replica; it is then an eager one."""
@@ -430,6 +482,8 @@ class Replicas:
             fill = replica.fill
             with memoryview(replica.memory.mapping) as raw, raw.cast("B") as view:
                 stale = stale_runs(view, remote, fill.present_map() if fill is not None else None)
+            if stale and replica.relay is not None:  # its bytes change: relay no more
+                replica.relay.quiesce(timeout)
                 for offset, length in stale:
                     with view[offset:offset + length] as part:
                         self.peers.read_pages_into(
@@ -541,6 +595,8 @@ class Replicas:
             free = replica.state is ReplicaState.RETIRED and replica.attachments <= 0
             if free:
                 replica.move(ReplicaState.FREED)
+        if replica.relay is not None:  # a later fetcher asks the home again
+            replica.relay.close()
         if free:
             self._held.discard(replica)
             self.store.drop(replica.size)
@@ -644,4 +700,7 @@ def _release(replica: Replica) -> None:
     fill, replica.fill = replica.fill, None
     if fill is not None:
         fill.close()
-    replica.memory.release()
+    if replica.relay is not None:  # after the last relay request served from it
+        replica.relay.release(replica.memory.release)
+    else:
+        replica.memory.release()

@@ -244,10 +244,11 @@ class Replica(_Held):
     ``info.version`` is the version its bytes hold. ``fill`` tracks which chunks
     hold the home's bytes while it fills on demand (node/lazy.py; None once
     complete). A replica with a writer is that remote writer's working copy:
-    ``synced_hashes`` are its chunk hashes as of its last sync.
+    ``synced_hashes`` are its chunk hashes as of its last sync. ``relay``: the
+    node/relay.py ``Copy`` that serves it to later fetchers (None for lazy replicas).
     """
 
-    __slots__ = ("fill", "synced_hashes")
+    __slots__ = ("fill", "synced_hashes", "relay")
     MOVES = _REPLICA_MOVES
     KIND = "replica of"
     FREED = ReplicaState.FREED
@@ -257,6 +258,7 @@ class Replica(_Held):
         self.state = ReplicaState.CURRENT
         self.fill = fill
         self.synced_hashes = b""
+        self.relay = None
 
     def __repr__(self) -> str:
         return (f"<Replica {self.name} id={self.id} v{self.info.version} {self.state.value} "

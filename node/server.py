@@ -83,6 +83,8 @@ class NodeServer:
                             ("--max-streams-per-peer", config.max_streams_per_peer)):
             if value < 1:
                 raise InvalidArgument(f"invalid {flag} {value}: must be >= 1")
+        if config.relay_fanout < 0:
+            raise InvalidArgument(f"invalid --relay-fanout {config.relay_fanout}: must be >= 0")
         self.config = config
         self.address = ""       # host:port the gRPC server listens on (real port)
         self.agent: Agent | None = None
@@ -142,12 +144,14 @@ class NodeServer:
             self.bulk = BulkServer(host, self.agent.bulk_source, config.rpc_timeout,
                                    config.tls.server_context() if config.tls else None,
                                    per_peer=config.max_bulk_per_peer,
-                                   transfer=self.agent.pool.transfer, port=config.bulk_port)
+                                   transfer=self.agent.pool.transfer, port=config.bulk_port,
+                                   relay_source=self.agent.relay_source)
         except OSError as exc:
             reason = os.strerror(exc.errno) if exc.errno else str(exc)
             raise OSError(exc.errno, f"cannot listen on {host}:{config.bulk_port} for the "
                                      f"bulk channel (--bulk-port): {reason}") from exc
         self.agent.bulk_address = f"{advertise.rpartition(':')[0]}:{self.bulk.port}"
+        self.agent.replicas.copies.address = self.agent.bulk_address
         self.bulk.start()
         node_pb2_grpc.add_NodeServicer_to_server(
             NodeServicer(self.agent, config.max_streams_per_peer), self._grpc)

@@ -30,6 +30,8 @@ from vas.proto import node_pb2, node_pb2_grpc
 #: Bytes per ReadPages message: a message stays under gRPC's default 4 MiB limit,
 #: so any client can read the stream without raising its limits.
 _CHUNK = 2 << 20
+#: Longest relay address (host:port) OpenBulk takes.
+_MAX_ADDRESS = 300
 
 
 class NodeServicer(node_pb2_grpc.NodeServicer):
@@ -104,10 +106,20 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
     def OpenBulk(self, request: node_pb2.OpenBulkRequest,
                  context: grpc.ServicerContext) -> node_pb2.OpenBulkResponse:
         segment = self.agent.held_home(request.id)
-        self.agent.check_peer(peer_of_context(context), segment, "r")
-        info = segment.info
-        return node_pb2.OpenBulkResponse(address=self.agent.bulk_address, size=info.size,
-                                         version=info.version)
+        peer = peer_of_context(context)
+        self.agent.check_peer(peer, segment, "r")
+        for address in (request.relay_address, *request.failed_relays):
+            if len(address) > _MAX_ADDRESS:
+                raise InvalidArgument(f"relay address of {len(address)} characters: at most "
+                                      f"{_MAX_ADDRESS}")
+        with segment.lock:
+            size, version = segment.info.size, segment.info.version
+        relay = ""
+        if peer.vouches:  # only agents join the relay tree; a user fetches from the home
+            relay = self.agent.relays.source(segment.id, version, request.relay_address,
+                                             list(request.failed_relays))
+        return node_pb2.OpenBulkResponse(address=self.agent.bulk_address, size=size,
+                                         version=version, relay=relay)
 
     @translated
     def WritePages(self, request_iterator, context: grpc.ServicerContext):

@@ -20,7 +20,8 @@ no uplink port and no NAT is set up.
             ...; link.heal()                # up again (also when the block ends)
 
 A test module may set ``HOSTS_NODE_ARGS`` (more flags of every agent, e.g. a short
-``--node-ttl``); its agents then start with them.
+``--node-ttl``); its agents then start with them. ``HOSTS_COUNT`` sets how many
+agents (namespaces) it gets (default ``HOSTS``).
 
 The module is skipped with the reason when namespaces, veths or bridges cannot be
 made (not root / no CAP_NET_ADMIN / no iproute2). Teardown always stops processes
@@ -246,10 +247,11 @@ def hosts(request):
     pid = os.getpid()
     short = pid % 10000
     x = _pick_subnet()
-    letters = "abcdefghijklmnopqrstuvwxyz"[:HOSTS]
+    count = getattr(request.module, "HOSTS_COUNT", HOSTS)
+    letters = "abcdefghijklmnopqrstuvwxyz"[:count]
     hosts = Hosts(subnet=x, bridge=f"vasbr{short}", bridge_ip=f"10.77.{x}.1",
                   namespaces=[f"vas-{pid}-{c}" for c in letters],
-                  ips=[f"10.77.{x}.{10 + i}" for i in range(HOSTS)],
+                  ips=[f"10.77.{x}.{10 + i}" for i in range(count)],
                   host_veths=[f"vh{short}{c}" for c in letters],
                   ns_veths=[f"vn{short}{c}" for c in letters],
                   dir=tempfile.mkdtemp(prefix="vas-mh-"))

@@ -115,7 +115,7 @@ def test_channel_to_nobody_is_unavailable(replica):
 def test_eager_fetch_still_takes_one_range_per_connection(home):
     server, data = home
     view = memoryview(bytearray(SIZE))
-    bulk.fetch(f"127.0.0.1:{server.port}", SEGMENT, view, streams=3, timeout=TIMEOUT)
+    bulk.fetch(f"127.0.0.1:{server.port}", SEGMENT, view, bulk.split(SIZE, 3), timeout=TIMEOUT)
     assert view.tobytes() == data
 
 

@@ -14,8 +14,8 @@ from vas.core.defaults import (DEFAULT_BULK_PORT, DEFAULT_COORDINATOR_LISTEN,
                                DEFAULT_MAX_BULK_PER_PEER, DEFAULT_MAX_CONNECTIONS_PER_UID,
                                DEFAULT_MAX_FAULTS_PER_UID, DEFAULT_MAX_STREAMS_PER_PEER,
                                DEFAULT_MEMORY, DEFAULT_NODE_LISTEN, DEFAULT_SOCKET,
-                               DEFAULT_NODE_TTL, DEFAULT_WORKERS_LEFT_TO_OTHERS,
-                               DEFAULT_WRITER_TTL)
+                               DEFAULT_NODE_TTL, DEFAULT_RELAY_FANOUT,
+                               DEFAULT_WORKERS_LEFT_TO_OTHERS, DEFAULT_WRITER_TTL)
 from vas.core.errors import InvalidArgument
 from vas.core.logs import DEFAULT_LOG_FORMAT, DEFAULT_LOG_LEVEL, LOG_FORMATS, LOG_LEVELS
 from vas.core.sizes import format_size, parse_size
@@ -161,6 +161,12 @@ def add_node_serve(node_verbs: argparse._SubParsersAction) -> None:
                             "fails to deliver its chunk; then the faulting thread gets SIGBUS "
                             f"(default $VAS_FAULT_TIMEOUT or {DEFAULT_FAULT_TIMEOUT:g})")
     _add_limits(serve)
+    serve.add_argument("--relay-fanout", type=int, metavar="N",
+                       default=os.environ.get("VAS_RELAY_FANOUT", str(DEFAULT_RELAY_FANOUT)),
+                       help="agents fetching a copy of this node's segments serve it on to "
+                            "at most N later fetchers each, so the home sends about one copy; "
+                            "0: every fetcher pulls from this node (default $VAS_RELAY_FANOUT "
+                            f"or {DEFAULT_RELAY_FANOUT})")
     _add_tls_serve_options(serve)
     add_metrics_option(serve)
     add_log_options(serve)
@@ -264,6 +270,7 @@ def serve_node(args: argparse.Namespace) -> int:
                         max_requests_per_uid=args.max_requests_per_uid,
                         max_bulk_per_peer=args.max_bulk_per_peer,
                         max_streams_per_peer=args.max_streams_per_peer,
+                        relay_fanout=args.relay_fanout,
                         tls=tls, insecure=args.insecure, metrics_port=args.metrics_port)
     try:
         serve(config)

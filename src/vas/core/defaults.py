@@ -74,6 +74,9 @@ DEFAULT_MAX_BULK_PER_PEER = 32
 #: gRPC page streams (ReadPages, WritePages) one peer host may have open on an agent at
 #: once (``vasctl node serve --max-streams-per-peer``).
 DEFAULT_MAX_STREAMS_PER_PEER = 16
+#: Fetchers one relay serves a copy of a segment on to (node/relay.py; ``vasctl node
+#: serve --relay-fanout``; 0: every fetcher pulls from the home).
+DEFAULT_RELAY_FANOUT = 2
 #: Largest gRPC message, bytes, that either daemon sends or accepts: the local protocol
 #: allows 4 MiB messages, so a forwarded one must fit with room to spare; a larger one
 #: is refused with RESOURCE_EXHAUSTED.
