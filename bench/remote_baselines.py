@@ -6,12 +6,15 @@ loopback and Ray's cross-node ray.get (remote.py's docstring says how each is ti
 from __future__ import annotations
 
 import contextlib
+import json
 import mmap
 import os
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -19,29 +22,80 @@ import numpy as np
 from remote_common import (REMOTE, CheckFailed, import_ray, checksum, deadline, fill, fresh_buffer, gbps,
                            med)
 
+#: A request to tcp_sender: offset and length of the range wanted.
+RANGE = struct.Struct("!QQ")
+
 
 # -- raw TCP baseline ---------------------------------------------------------------------
 
-def tcp_sender(port_file: str, size: int, seed: int) -> int:
-    """Child process: serve ``size`` bytes from a memfd on every b"g" request."""
+def tcp_sender(port_file: str, size: int, seed: int, host: str = "127.0.0.1") -> int:
+    """Child process: serve ranges of ``size`` pattern bytes from a memfd on ``host``.
+
+    Writes {"port", "crc"} (the pattern's checksum) to ``port_file`` once listening. Every
+    connection is served by a thread of its own: each request is two network-order
+    uint64s, offset and length, answered by os.sendfile of that range; a connection ends
+    at EOF (or a bad range). Runs until killed."""
     fd = os.memfd_create("bench-tcp")
     os.ftruncate(fd, size)
     with mmap.mmap(fd, size) as buf:
-        fill(np.frombuffer(buf, dtype=np.uint8), seed)
-        del buf
-    listener = socket.create_server(("127.0.0.1", 0))
+        array = np.frombuffer(buf, dtype=np.uint8)
+        fill(array, seed)
+        crc = checksum(array)
+        del array
+    listener = socket.create_server((host, 0))
     with open(port_file + ".tmp", "w") as f:
-        f.write(str(listener.getsockname()[1]))
+        json.dump({"port": listener.getsockname()[1], "crc": crc}, f)
     os.rename(port_file + ".tmp", port_file)
-    conn, _ = listener.accept()
-    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def serve(conn: socket.socket) -> None:
+        with conn:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            while True:
+                request = recv_exactly(conn, RANGE.size)
+                if request is None:
+                    return
+                offset, length = RANGE.unpack(request)
+                if offset + length > size:
+                    return
+                end = offset + length
+                while offset < end:
+                    offset += os.sendfile(conn.fileno(), fd, offset, end - offset)
+
     while True:
-        request = conn.recv(1)
-        if request != b"g":
-            return 0
-        offset = 0
-        while offset < size:
-            offset += os.sendfile(conn.fileno(), fd, offset, size - offset)
+        conn, _ = listener.accept()
+        threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+
+def recv_exactly(sock: socket.socket, n: int) -> bytes | None:
+    """``n`` bytes from ``sock``; None at EOF before them."""
+    data = b""
+    while len(data) < n:
+        more = sock.recv(n - len(data))
+        if not more:
+            return None
+        data += more
+    return data
+
+
+def wait_for_port(port_file: str, child: subprocess.Popen) -> dict:
+    """The {"port", "crc"} a tcp_sender child wrote (call within a deadline)."""
+    while not os.path.exists(port_file):
+        if child.poll() is not None:
+            raise RuntimeError(f"TCP sender exited with {child.returncode}")
+        time.sleep(0.02)
+    with open(port_file) as f:
+        return json.load(f)
+
+
+def receive_range(sock: socket.socket, view: memoryview, offset: int) -> None:
+    """Ask the sender for ``len(view)`` bytes at ``offset`` and receive them into ``view``."""
+    sock.sendall(RANGE.pack(offset, len(view)))
+    got = 0
+    while got < len(view):
+        n = sock.recv_into(view[got:], len(view) - got)
+        if n == 0:
+            raise RuntimeError("TCP sender closed the connection")
+        got += n
 
 
 def bench_tcp(size: int, repeats: int, seed: int) -> dict:
@@ -52,30 +106,15 @@ def bench_tcp(size: int, repeats: int, seed: int) -> dict:
                                  cwd="/")
         try:
             with deadline(120, "raw TCP"):
-                while not os.path.exists(port_file):
-                    if child.poll() is not None:
-                        raise RuntimeError(f"TCP sender exited with {child.returncode}")
-                    time.sleep(0.02)
-                with open(port_file) as f:
-                    port = int(f.read())
-                sock = socket.create_connection(("127.0.0.1", port))
+                sender = wait_for_port(port_file, child)
+                want = sender["crc"]
+                sock = socket.create_connection(("127.0.0.1", sender["port"]))
 
                 def receive(buf: np.ndarray) -> float:
-                    view = memoryview(buf)
                     t0 = time.perf_counter()
-                    sock.sendall(b"g")
-                    got = 0
-                    while got < size:
-                        n = sock.recv_into(view[got:], size - got)
-                        if n == 0:
-                            raise RuntimeError("TCP sender closed the connection")
-                        got += n
+                    receive_range(sock, memoryview(buf), 0)
                     return time.perf_counter() - t0
 
-                expected = np.empty(size, dtype=np.uint8)
-                fill(expected, seed)
-                want = checksum(expected)
-                del expected
                 cold_buf = fresh_buffer(size)
                 cold = gbps(size, receive(cold_buf))  # first touch of every page
                 if checksum(cold_buf) != want:
@@ -83,15 +122,11 @@ def bench_tcp(size: int, repeats: int, seed: int) -> dict:
                 warm = [gbps(size, receive(cold_buf)) for _ in range(repeats)]
                 if checksum(cold_buf) != want:
                     raise CheckFailed("raw TCP: received bytes differ from the sent ones")
-                sock.sendall(b"q")
                 sock.close()
                 del cold_buf
         finally:
-            try:
-                child.wait(10)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
+            child.kill()  # it serves until killed
+            child.wait()
     return {"tcp_cold_gbps": cold, "tcp_warm_gbps": med(warm), "tcp_warm_all_gbps": warm}
 
 

@@ -8,10 +8,7 @@ what each agent sent and received is read from its /metrics.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import re
-import subprocess
 import threading
 import urllib.request
 
@@ -26,7 +23,6 @@ MiB = 1 << 20
 SIZE = 48 * MiB
 #: The home's egress: 48 MiB take ~1 s, 3 copies of it ~3 s.
 RATE = "400mbit"
-_URL = re.compile(r"serving metrics on (https?://[^\s\"]+/metrics)")
 
 READ = """
 import hashlib, json, time, vas
@@ -41,21 +37,13 @@ with vas.connect() as c:
 @pytest.fixture(scope="module")
 def shaped(hosts):
     """The home's (a's) egress limited to ``RATE``."""
-    tc = ["ip", "netns", "exec", hosts.namespaces[0], "tc", "qdisc"]
-    veth = hosts.ns_veths[0]
-    done = subprocess.run([*tc, "add", "dev", veth, "root", "tbf", "rate", RATE, "burst",
-                           "256kb", "latency", "50ms"], capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot shape the home's link with tc: {done.stderr.strip()}")
-    yield hosts
-    subprocess.run([*tc, "del", "dev", veth, "root"], capture_output=True)
+    with hosts.shaped(0, RATE):
+        yield hosts
 
 
 def _metric(node, sample: str, **labels) -> float:
     """The sum of ``node``'s samples named ``sample`` with ``labels``, from its /metrics."""
-    with open(node.log_path) as log:
-        url = _URL.search(log.read()).group(1)
-    with urllib.request.urlopen(url, timeout=10) as reply:
+    with urllib.request.urlopen(node.metrics_url(), timeout=10) as reply:
         families = text_string_to_metric_families(reply.read().decode())
         return sum(s.value for f in families for s in f.samples
                    if s.name == sample and labels.items() <= s.labels.items())

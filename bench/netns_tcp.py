@@ -1,0 +1,192 @@
+"""The raw TCP baselines of bench/netns.py: a sender in the home's namespace, receivers in
+the readers' namespaces, so the bytes cross the same veths and bridge as vas's.
+
+The sender is remote_baselines.tcp_sender (ranges of a memfd by os.sendfile, a thread
+per connection). A receiver is a child process in a reader's namespace
+(``netns.py --tcp-receiver``) that opens ``MAX_STREAMS`` connections to the sender and
+then does what the bench asks on its stdin, one JSON object a line, answering each
+with one JSON line:
+
+  {"op": "bulk", "streams": k, "fresh": bool}  receive the whole payload, split in k
+      equal ranges over k connections (a thread each), into a fresh (never touched)
+      buffer when "fresh" (cold: the receive pays the first-touch page faults), else
+      into the buffer of the previous bulk op (warm). Answers {"start", "end"}
+      (CLOCK_MONOTONIC, shared by every process of the machine, so the bench can time
+      several receivers as one) and "crc", the checksum of what arrived.
+  {"op": "rtt", "count": n, "bytes": b, "seed": s}  n requests of b bytes at random
+      page-aligned offsets on one connection, one at a time: answers "us", each
+      request-to-last-byte time, and "bad", the replies whose page stamp was wrong.
+
+EOF on stdin ends it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import select
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+
+from remote_baselines import receive_range, wait_for_port
+from remote_common import PAGE, CheckFailed, checksum, deadline, fresh_buffer, stamps
+
+MAX_STREAMS = 4
+
+
+# -- the receiver child -------------------------------------------------------------------
+
+def tcp_receiver(address: str, size: int, seed: int) -> int:
+    """Child process (in a reader's namespace): see the module docstring."""
+    host, port = address.rsplit(":", 1)
+    conns = [socket.create_connection((host, int(port)), timeout=120)
+             for _ in range(MAX_STREAMS)]
+    for conn in conns:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    buf = None
+    for line in sys.stdin:
+        ask = json.loads(line)
+        if ask["op"] == "bulk":
+            if ask["fresh"] or buf is None:
+                buf = None  # unmap the old one first: the VM may be short of memory
+                buf = fresh_buffer(size)
+            reply = receive_bulk(conns[:ask["streams"]], buf)
+        else:
+            reply = round_trips(conns[0], size, ask["count"], ask["bytes"], seed, ask["seed"])
+        print(json.dumps(reply), flush=True)
+    return 0
+
+
+def receive_bulk(conns: list[socket.socket], buf: np.ndarray) -> dict:
+    view, part = memoryview(buf), buf.size // len(conns)
+    bounds = [(i * part, buf.size if i == len(conns) - 1 else (i + 1) * part)
+              for i in range(len(conns))]
+    failures: list[BaseException] = []
+
+    def stream(conn: socket.socket, lo: int, hi: int) -> None:
+        try:
+            receive_range(conn, view[lo:hi], lo)
+        except BaseException as exc:  # noqa: BLE001 - reported to the bench below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=stream, args=(conn, lo, hi))
+               for conn, (lo, hi) in zip(conns, bounds)]
+    start = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    end = time.monotonic()
+    if failures:
+        raise failures[0]
+    return {"start": start, "end": end, "crc": checksum(buf)}
+
+
+def round_trips(conn: socket.socket, size: int, count: int, nbytes: int, seed: int,
+                offsets_seed: int) -> dict:
+    """``count`` timed requests of ``nbytes`` at random pages; the pattern's ``seed``
+    says what each reply's first page stamp must be."""
+    rng = np.random.default_rng(offsets_seed)
+    pages = rng.integers(0, (size - nbytes) // PAGE, count)
+    reply = bytearray(nbytes)
+    view = memoryview(reply)
+    times, bad = [], 0
+    for page in pages:
+        t0 = time.perf_counter_ns()
+        receive_range(conn, view, int(page) * PAGE)
+        times.append((time.perf_counter_ns() - t0) / 1e3)
+        bad += bytes(reply[:8]) != stamps(int(page), 1, seed).tobytes()
+    return {"us": times, "bad": bad}
+
+
+# -- the bench's side ---------------------------------------------------------------------
+
+class Receiver:
+    """A tcp_receiver child in namespace ``host`` of ``hosts``; ``ask`` one op of it."""
+
+    def __init__(self, hosts, host: int, entry: str, address: str, size: int, seed: int):
+        self.name = hosts.namespaces[host]
+        self.proc = hosts.popen(host, [sys.executable, entry, "--tcp-receiver", address,
+                                       "--size", str(size), "--seed", str(seed)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def send(self, **ask) -> None:
+        self.proc.stdin.write(json.dumps(ask) + "\n")
+        self.proc.stdin.flush()
+
+    def answer(self, seconds: float) -> dict:
+        """The answer to the op sent last, within ``seconds``."""
+        ready, _, _ = select.select([self.proc.stdout], [], [], seconds)
+        line = self.proc.stdout.readline() if ready else ""
+        if not line:
+            code = self.proc.poll()
+            raise RuntimeError(f"TCP receiver in {self.name} "
+                               + (f"exited with {code}" if code is not None
+                                  else f"did not answer within {seconds:.0f} s"))
+        return json.loads(line)
+
+    def ask(self, seconds: float, **ask) -> dict:
+        self.send(**ask)
+        return self.answer(seconds)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self.proc.stdin.close()
+        self.proc.stdout.close()
+
+
+class RawTcp:
+    """A tcp_sender in the home's namespace and a receiver in each reader's namespace."""
+
+    def __init__(self, hosts, home: int, readers: list[int], entry: str, size: int,
+                 seed: int, tmp: str):
+        self.size = size
+        port_file = os.path.join(tmp, "tcp-port")
+        self.sender = hosts.popen(home, [sys.executable, entry, "--tcp-sender", port_file,
+                                         "--tcp-host", hosts.ips[home], "--size", str(size),
+                                         "--seed", str(seed)])
+        self.receivers: list[Receiver] = []
+        try:
+            with deadline(120, "raw TCP sender start"):
+                served = wait_for_port(port_file, self.sender)
+            self.crc = served["crc"]
+            address = f"{hosts.ips[home]}:{served['port']}"
+            self.receivers = [Receiver(hosts, r, entry, address, size, seed) for r in readers]
+        except BaseException:
+            self.close()
+            raise
+
+    def bulk(self, receivers: list[int], streams: int, fresh: bool, seconds: float) -> float:
+        """Receive the payload on ``receivers`` (indexes into the readers) at once; the
+        seconds from the first start to the last end. Raises CheckFailed when a
+        receiver's bytes differ from the sender's."""
+        chosen = [self.receivers[i] for i in receivers]
+        for receiver in chosen:
+            receiver.send(op="bulk", streams=streams, fresh=fresh)
+        answers = [receiver.answer(seconds) for receiver in chosen]
+        for receiver, answer in zip(chosen, answers):
+            if answer["crc"] != self.crc:
+                raise CheckFailed(f"raw TCP: bytes received in {receiver.name} differ from "
+                                 "the sender's")
+        return max(a["end"] for a in answers) - min(a["start"] for a in answers)
+
+    def round_trips(self, count: int, nbytes: int, seed: int, seconds: float) -> list[float]:
+        """``count`` request/reply times (us) of ``nbytes`` on the first reader, at
+        offsets drawn with ``seed``."""
+        answer = self.receivers[0].ask(seconds, op="rtt", count=count, bytes=nbytes, seed=seed)
+        if answer["bad"]:
+            raise CheckFailed(f"raw TCP: {answer['bad']} of {count} replies had wrong bytes")
+        return answer["us"]
+
+    def close(self) -> None:
+        for receiver in self.receivers:
+            receiver.close()
+        if self.sender.poll() is None:
+            self.sender.kill()  # it serves until killed
+        self.sender.wait()
