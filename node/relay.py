@@ -46,6 +46,10 @@ _MAX_SEGMENTS = 1024
 #: Relays remembered per segment version (later fetchers still get a source, but are
 #: not offered to others).
 _MAX_MEMBERS = 64
+#: Bytes a relay sends per run at least (unless the range ends sooner), and the steps
+#: in which a range's progress wakes the requests waiting on it: waking them for every
+#: ``recv_into`` (tens of KiB) cost more CPU in thread switches than the bytes did.
+_PIECE = 1 << 20
 
 
 class Directory:
@@ -106,11 +110,14 @@ class Copy:
         self.version: int | None = None  # told by the home's OpenBulk
         self._fd = fd
         self._on_close = on_close
-        self._cv = threading.Condition(locks.Lock("relay copy", locks.Rank.RELAY_COPY))
+        self._lock = locks.Lock("relay copy", locks.Rank.RELAY_COPY)
+        self._cv = threading.Condition(self._lock)  # version, state, requests served
         self._state = _State.FILLING
         self._starts: list[int] = []  # sorted range starts
         self._ends: list[int] = []
         self._filled: list[int] = []  # received up to, per range
+        self._told: list[int] = []    # ``_filled`` when its waiters were last woken
+        self._arrivals: list[threading.Condition] = []  # per range, on the same lock
         self._serving: dict[int, socket.socket] = {}  # token -> connection
         self._next_token = 0
         self._release: Callable[[], None] | None = None
@@ -124,6 +131,8 @@ class Copy:
                 self._starts.append(offset)
                 self._ends.append(offset + length)
                 self._filled.append(offset)
+                self._told.append(offset)
+                self._arrivals.append(threading.Condition(self._lock))
 
     def opened(self, version: int) -> None:
         """The home serves this copy at ``version`` (its first OpenBulk)."""
@@ -144,15 +153,17 @@ class Copy:
         with self._cv:
             i = bisect.bisect_right(self._starts, offset) - 1
             if i >= 0 and self._filled[i] == offset:
-                self._filled[i] = min(offset + length, self._ends[i])
-                self._cv.notify_all()
+                filled = self._filled[i] = min(offset + length, self._ends[i])
+                if filled - self._told[i] >= _PIECE or filled == self._ends[i]:
+                    self._told[i] = filled
+                    self._arrivals[i].notify_all()
 
     def complete(self) -> None:
         with self._cv:
             if self._state is _State.FILLING:
                 self._state = _State.COMPLETE
                 self._filled = list(self._ends)
-                self._cv.notify_all()
+                self._wake_all_locked()
 
     # ------------------------------------------------------------------ the relay's side
 
@@ -177,22 +188,30 @@ class Copy:
             return token, os.dup(self._fd)
 
     def ready(self, offset: int, end: int, timeout: float) -> int:
-        """Wait until bytes from ``offset`` on have arrived (at most ``timeout`` seconds);
-        how far they go (at most ``end``). Unavailable when the copy stops serving or
-        nothing arrives in time."""
+        """Wait until ``_PIECE`` bytes from ``offset`` on have arrived (fewer where the
+        request or a fetched range ends; at most ``timeout`` seconds); how far they go
+        (at most ``end``). Unavailable when the copy stops serving or nothing arrives
+        in time."""
         deadline = time.monotonic() + timeout
+        want = min(offset + _PIECE, end)
         with self._cv:
             while True:
                 if self._state is _State.CLOSED:
                     raise Unavailable(f"relay copy of segment id {self.id} stopped serving")
                 upto = self._present_locked(offset, end)
-                if upto > offset:
+                i = bisect.bisect_right(self._starts, upto) - 1  # the range filling at upto
+                if upto >= want or (upto > offset and self._filled[i] == self._starts[i]):
                     return upto
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise Unavailable(f"relay copy of segment id {self.id}: no bytes from "
                                       f"{offset} on within {timeout:.1f} s")
-                self._cv.wait(left)
+                self._arrivals[i].wait(left)
+
+    def _wake_all_locked(self) -> None:
+        self._cv.notify_all()
+        for arrival in self._arrivals:
+            arrival.notify_all()
 
     def _present_locked(self, offset: int, end: int) -> int:
         if self._state is _State.COMPLETE:
@@ -228,7 +247,7 @@ class Copy:
             was = self._state
             self._state = _State.CLOSED
             conns = list(self._serving.values()) if cut else []
-            self._cv.notify_all()
+            self._wake_all_locked()
         if was is not _State.CLOSED:
             self._on_close(self)
         for conn in conns:

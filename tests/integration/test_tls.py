@@ -416,3 +416,43 @@ def test_backups_take_every_version_over_mutual_tls(tls_cluster):
                  timeout=5)
         client.delete("tls/backed")
         wait_for(lambda: held() == before, what="node2 to free its backup", timeout=5)
+
+
+def test_a_relay_serves_agents_over_mutual_tls_and_checks_users(tls_cluster):
+    """node2's copy of a 0600 segment is relayed to another agent (a node certificate)
+    over mutual TLS, byte for byte, only at its version; a user certificate without
+    read bits is refused by the relay as by the home, and the home names relays to
+    agents only."""
+    data = np.random.default_rng(11).integers(0, 256, SIZE, dtype=np.uint8).tobytes()
+    with vas.connect(tls_cluster.nodes[0].socket) as client:
+        client.create("relayed", SIZE, mode=0o600)
+        with client.attach("relayed", "rw") as mapping:
+            mapping.write(0, data)
+    with vas.connect(tls_cluster.nodes[1].socket) as client, \
+            client.attach("relayed", fetch="eager") as mapping:  # node2 fetches: a relay
+        assert bytes(mapping.buffer) == data
+    info = coordinator(tls_cluster, tls_cluster.certs.admin).GetSegment(
+        cpb.GetSegmentRequest(name="relayed"), timeout=DEADLINE)
+    request = node_pb2.OpenBulkRequest(name="relayed", id=info.id, relay_address="127.0.0.1:9")
+    home = tls_cluster.nodes[0].address
+    agent = tls_cluster.certs.node("node9")
+    opened = node(home, agent).OpenBulk(request, timeout=DEADLINE)
+    assert opened.relay and opened.relay != opened.address
+    assert node(home, tls_cluster.certs.admin).OpenBulk(request, timeout=DEADLINE).relay == ""
+    host, _, port = opened.relay.rpartition(":")
+
+    def relay_reply(tls: TlsConfig, version: int) -> tuple[int, bytes]:
+        with socket.create_connection((host, int(port)), timeout=DEADLINE) as raw, \
+                tls.client_context().wrap_socket(raw, server_hostname=NODE_HOST) as conn:
+            conn.sendall(struct.pack("<8sQQQQ", bulk.RELAY_MAGIC, info.id, 0, SIZE, version))
+            conn.settimeout(DEADLINE)
+            magic, code, size = struct.unpack("<8sIQ", recv_exact(conn, 20))
+            assert magic == bulk.MAGIC
+            message = recv_exact(conn, size)
+            return code, recv_exact(conn, SIZE) if code == 0 else message
+
+    assert relay_reply(agent, opened.version) == (0, data)
+    code, message = relay_reply(tls_cluster.nobody, opened.version)
+    assert code == grpc.StatusCode.PERMISSION_DENIED.value[0] and b"may not read" in message
+    code, message = relay_reply(agent, opened.version + 1)
+    assert code == grpc.StatusCode.NOT_FOUND.value[0] and b"relays no copy" in message
