@@ -482,8 +482,8 @@ class Replicas:
             fill = replica.fill
             with memoryview(replica.memory.mapping) as raw, raw.cast("B") as view:
                 stale = stale_runs(view, remote, fill.present_map() if fill is not None else None)
-            if stale and replica.relay is not None:  # its bytes change: relay no more
-                replica.relay.quiesce(timeout)
+                if stale and replica.relay is not None:  # its bytes change: relay no more
+                    replica.relay.quiesce(timeout)
                 for offset, length in stale:
                     with view[offset:offset + length] as part:
                         self.peers.read_pages_into(

@@ -1,4 +1,4 @@
-"""The flags of the local pool, the per-uid and the per-peer limits: parsed, defaulted from
+"""The flags of the local pool, the per-uid and the per-peer limits, and --relay-fanout:
 VAS_*, checked."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from vas.core.errors import InvalidArgument
 from vas.node.config import (DEFAULT_LOCAL_WORKERS, DEFAULT_MAX_ATTACHMENTS_PER_UID,
                              DEFAULT_MAX_BULK_PER_PEER, DEFAULT_MAX_CONNECTIONS_PER_UID,
                              DEFAULT_MAX_FAULTS_PER_UID, DEFAULT_MAX_STREAMS_PER_PEER,
-                             NodeConfig)
+                             DEFAULT_RELAY_FANOUT, NodeConfig)
 from vas.node.server import NodeServer
 
 SERVE = ["node", "serve", "--coordinator", "h:1"]
@@ -43,3 +43,15 @@ def test_defaults_flags_and_environment(monkeypatch):
 def test_a_count_below_one_is_refused_before_anything_starts(flag, field):
     with pytest.raises(InvalidArgument, match=f"^invalid {flag} 0: must be >= 1$"):
         NodeServer(NodeConfig(coordinator="h:1", **{field: 0}))
+
+
+def test_relay_fanout_flag_environment_and_bounds(monkeypatch):
+    """--relay-fanout (node/relay.py): defaulted from VAS_RELAY_FANOUT, 0 turns relays off,
+    a negative fan-out is refused."""
+    monkeypatch.delenv("VAS_RELAY_FANOUT", raising=False)
+    assert build_parser().parse_args(SERVE).relay_fanout == DEFAULT_RELAY_FANOUT
+    monkeypatch.setenv("VAS_RELAY_FANOUT", "0")
+    assert build_parser().parse_args(SERVE).relay_fanout == 0
+    assert build_parser().parse_args(SERVE + ["--relay-fanout", "5"]).relay_fanout == 5
+    with pytest.raises(InvalidArgument, match="^invalid --relay-fanout -1: must be >= 0$"):
+        NodeServer(NodeConfig(coordinator="h:1", relay_fanout=-1))
