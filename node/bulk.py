@@ -48,6 +48,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from vas.core.errors import (CapacityExceeded, InvalidArgument, NotFound, Unavailable,
                              VasError, from_status, status_code)
@@ -57,6 +58,9 @@ from vas.core.tls import NODE_HOST
 from vas.node import locks, metrics
 from vas.node.bulk_tls import TlsConnection
 from vas.node.limits import Counts, Limit
+
+if TYPE_CHECKING:
+    from vas.node.relay import Copy
 
 log = logging.getLogger(__name__)
 
