@@ -377,10 +377,12 @@ class Replicas:
             source = (opened.relay if opened.relay and opened.version == copy.version
                       and len(failed) < _RELAY_TRIES else "")
             try:
+                # The first source's streams pre-fault their ranges (page-aligned); a
+                # later one's parts start wherever the bytes stopped.
                 bulk.fetch(source or opened.address, info.id, view, copy.missing(),
                            timeout=self.config.rpc_timeout, tls=self.bulk_tls,
-                           version=copy.version if source else None, prepare=warm.populate,
-                           received=copy.received)
+                           version=copy.version if source else None,
+                           prepare=None if failed else warm.populate, received=copy.received)
                 return (f"over the bulk channel from relay {source} (home {opened.address})"
                         if source else f"over the bulk channel {opened.address}")
             except (Unavailable, CapacityExceeded, NotFound) as exc:

@@ -18,7 +18,7 @@ from vas.node import store as store_mod
 from waiting import wait_for
 
 MiB = 1 << 20
-SIZE = 8 * MiB
+SIZE = 32 * MiB  # two ranges of 16 MiB: longer than a relay's 4 MiB runs
 SEGMENT = 11
 VERSION = 3
 TIMEOUT = 5.0
@@ -121,7 +121,7 @@ def test_a_copy_that_stops_cuts_its_requests_and_sent_only_what_arrived(relayed)
     copy.opened(VERSION)
     received = []
     view = memoryview(bytearray(SIZE))
-    _arrive(fd, copy, data, 0, 3 * MiB)
+    _arrive(fd, copy, data, 0, 5 * MiB)  # one run of 4 MiB or more is sent, then it waits
     errors = []
 
     def run():
@@ -133,13 +133,13 @@ def test_a_copy_that_stops_cuts_its_requests_and_sent_only_what_arrived(relayed)
             errors.append(exc)
     thread = threading.Thread(target=run)
     thread.start()
-    wait_for(lambda: sum(n for _, n in received) == 3 * MiB, "the 3 MiB that arrived")
+    wait_for(lambda: sum(n for _, n in received) == 5 * MiB, "the 5 MiB that arrived")
     copy.close()  # its own fetch failed: nothing more is sent
     thread.join(TIMEOUT * 2)
     # the cut connection is retried once: that one finds the copy gone
     assert errors and isinstance(errors[0], (Unavailable, NotFound))
-    assert sum(n for _, n in received) == 3 * MiB
-    assert view[:3 * MiB].tobytes() == data[:3 * MiB]
+    assert sum(n for _, n in received) == 5 * MiB
+    assert view[:5 * MiB].tobytes() == data[:5 * MiB]
 
 
 def test_a_relay_refuses_another_version_or_id(relayed):
