@@ -8,8 +8,9 @@ behind a 2 gbit home link: 13.5 s instead of 4.5 s). With them:
   keeps, per segment id and version, those agents in the order they asked, and
   answers the k-th one (k >= 1) the ``(k - 1) // fanout``-th as its source, the first
   one itself: a tree in which the home sends one copy and every relay at most
-  ``fanout`` (``--relay-fanout``). A source is always an earlier member, so a fetch
-  never waits on itself through a cycle.
+  ``fanout`` (``--relay-fanout``). A source is always an earlier member (or the home,
+  for a fetcher the tree forgot while it fetched), so a fetch never waits on itself
+  through a cycle.
 - **A relay serves what it has received** (``Copy``): the fetch reports each range's
   received prefix; a relay request (magic ``VASRELAY`` with the version) is answered
   only from a copy of exactly that id and version, byte runs sent as they arrive, the
@@ -89,6 +90,8 @@ class Directory:
                 position = len(members)
                 if relay_address and position < _MAX_MEMBERS:
                     members.append(relay_address)
+                if failed:  # forgotten mid-fetch (a child named it failed): its children
+                    return ""  # may sit anywhere in the order, so only the home is safe
             return members[(position - 1) // self.fanout] if position else ""
 
 

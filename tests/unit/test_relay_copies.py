@@ -46,6 +46,10 @@ def test_directory_forgets_failed_relays_and_never_points_back():
     assert tree.source(SEGMENT, VERSION, "r2:1", []) == "r1:1"
     # a fetcher cannot remove itself, and a source is always earlier in the order
     assert tree.source(SEGMENT, VERSION, "r2:1", ["r2:1"]) == "r1:1"
+    # r0, forgotten while still fetching, asks again (its own source failed): its children
+    # may be anywhere in the order now, so it pulls from the home (and relays again)
+    assert tree.source(SEGMENT, VERSION, "r0:1", ["home?"]) == ""
+    assert tree.source(SEGMENT, VERSION, "r3:1", []) == "r0:1"  # the chain goes on from it
 
 
 def test_directory_starts_over_at_a_new_version_and_can_be_off():
