@@ -16,8 +16,9 @@ behind a 2 gbit home link: 13.5 s instead of 4.5 s). With them:
   only from a copy of exactly that id and version, byte runs sent as they arrive, the
   relay waiting (``timeout`` per wait) for the ones still coming. A copy whose own
   fetch fails, or that is retired, evicted, taken by a writer or refreshed, serves
-  nothing more: a request in flight is cut (the connection closes short), so no byte
-  it never received, nor one changed since, is ever sent.
+  nothing more: a request in flight ends after its current run (at once, its
+  connection shut down, when the bytes are about to change) and the connection closes
+  short, so no byte it never received, nor one changed since, is ever sent.
 - **A fetch whose source fails goes on elsewhere** (node/replicas.py): it names the
   failed relays in its next OpenBulk (the home forgets them and answers another source
   or itself) and fetches only the bytes it does not have yet.
@@ -30,7 +31,6 @@ from __future__ import annotations
 import bisect
 import collections
 import enum
-import logging
 import os
 import socket
 import threading
@@ -39,8 +39,6 @@ from collections.abc import Callable
 
 from vas.core.errors import NotFound, Unavailable
 from vas.node import locks
-
-log = logging.getLogger(__name__)
 
 #: Segments the home's directory remembers (least recently asked about forgotten first).
 _MAX_SEGMENTS = 1024
