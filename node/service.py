@@ -30,8 +30,10 @@ from vas.proto import node_pb2, node_pb2_grpc
 #: Bytes per ReadPages message: a message stays under gRPC's default 4 MiB limit,
 #: so any client can read the stream without raising its limits.
 _CHUNK = 2 << 20
-#: Longest relay address (host:port) OpenBulk takes.
+#: Longest relay address (host:port) OpenBulk takes, and most failed relays it names (a
+#: fetcher names at most 3).
 _MAX_ADDRESS = 300
+_MAX_FAILED_RELAYS = 16
 
 
 class NodeServicer(node_pb2_grpc.NodeServicer):
@@ -108,6 +110,9 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         segment = self.agent.held_home(request.id)
         peer = peer_of_context(context)
         self.agent.check_peer(peer, segment, "r")
+        if len(request.failed_relays) > _MAX_FAILED_RELAYS:
+            raise InvalidArgument(f"{len(request.failed_relays)} failed relays: at most "
+                                  f"{_MAX_FAILED_RELAYS}")
         for address in (request.relay_address, *request.failed_relays):
             if len(address) > _MAX_ADDRESS:
                 raise InvalidArgument(f"relay address of {len(address)} characters: at most "

@@ -1,13 +1,17 @@
 """Relays on one machine (three agents on loopback, node/relay.py): a copy a writer takes
 over is relayed no more, so a later reader sent to it by the home gets the published
-bytes from the home, never the writer's unpublished ones."""
+bytes from the home, never the writer's unpublished ones; OpenBulk bounds its relay
+fields."""
 from __future__ import annotations
 
 import os
 
+import grpc
 import pytest
 
 import vas
+from vas.core.tls import open_channel
+from vas.proto import node_pb2, node_pb2_grpc
 from waiting import wait_for
 
 MiB = 1 << 20
@@ -38,3 +42,25 @@ def test_a_copy_taken_by_a_writer_is_relayed_no_more(three):
     assert "relay fetch of relay/writer from" in text and "relays no copy" in text
     wait_for(lambda: "over the bulk channel 127.0.0.1" in open(node3.log_path).read(),
              "node3's fetch from the home")
+
+
+def test_open_bulk_refuses_oversized_relay_fields(three):
+    """An agent's OpenBulk with a relay address longer than 300 characters, or naming
+    more than 16 failed relays, is INVALID_ARGUMENT with the rule broken."""
+    node1 = three.nodes[0]
+    with vas.connect(node1.socket) as home:
+        home.create("relay/fields", SIZE, mode=0o644)
+        segment_id = home.stat("relay/fields").id
+    with open_channel(node1.address, None, "") as channel:
+        stub = node_pb2_grpc.NodeStub(channel)
+        for request, message in (
+                (node_pb2.OpenBulkRequest(name="relay/fields", id=segment_id,
+                                          relay_address="h" * 301 + ":1"),
+                 "relay address of 303 characters: at most 300"),
+                (node_pb2.OpenBulkRequest(name="relay/fields", id=segment_id,
+                                          failed_relays=["h:1"] * 17),
+                 "17 failed relays: at most 16")):
+            with pytest.raises(grpc.RpcError) as raised:
+                stub.OpenBulk(request, timeout=10)
+            assert raised.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+            assert raised.value.details() == message
