@@ -60,7 +60,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench modules, however started
 from netns_tcp import RawTcp, tcp_receiver  # noqa: E402
-from remote_baselines import tcp_sender  # noqa: E402
+from remote_baselines import RTT_BYTES, RTT_COUNT, tcp_sender  # noqa: E402
 from remote_common import (GiB, MiB, CheckFailed, PhaseTimeout, checksum, gbps, med,  # noqa: E402
                            percentile)
 from remote_vas import (bench_lazy, delete_quietly, detach_quietly, eager_round,  # noqa: E402
@@ -70,8 +70,6 @@ ENTRY = os.path.abspath(__file__)
 PHASES = ("eager", "touch", "shaped", "fanout")
 HOME, FIRST = 0, 1  # the home's namespace index, the reader used alone
 TOUCHES = 200
-RTT_BYTES = 32 * 1024
-RTT_COUNT = 1000
 MAX_ROUND_S = 600  # the slowest round: 1 GiB at 2 gbit is 4.3 s; 3 readers 13 s
 
 
