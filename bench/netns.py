@@ -35,8 +35,9 @@ Phases (--skip any of them):
            (a thread each): total seconds from the first attach call to the last
            return, and bytes the home sent / payload; against one reader alone (the
            readers take turns) in the same rounds. Once over the shaped home link,
-           once unlimited; unlimited also raw TCP one sender -> all receivers at once
-           vs -> one receiver (1 stream each).
+           once unlimited (after a round not counted, so every reader is warm);
+           unlimited also raw TCP one sender -> all receivers at once vs -> one
+           receiver (1 stream each).
 
 Each round's figures are kept ("..._all"); a figure is the median, with its range in the
 table. This VM is noisy (2 vCPUs shared, and it may hand freed memory back to its host,
@@ -57,6 +58,7 @@ import time
 import urllib.request
 
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench modules, however started
 from netns_tcp import RawTcp, tcp_receiver  # noqa: E402
@@ -84,6 +86,7 @@ class Bench:
         self.home_env = {"VAS_NODE": hosts.nodes[HOME].socket}
         self.home_metrics = hosts.nodes[HOME].metrics_url()
         self.rounds = 0  # segments made so far: each gets its own name
+        self.used: set[int] = set()  # readers that fetched since their agent started
 
     def socket(self, host: int) -> str:
         return self.hosts.nodes[host].socket
@@ -96,18 +99,19 @@ class Bench:
         """Bytes of segments the home agent sent to other nodes so far: its
         vas_node_sent_bytes_total over every path but "local" (mapped, not sent)."""
         with urllib.request.urlopen(self.home_metrics, timeout=10) as reply:
-            text = reply.read().decode()
-        total = 0
-        for line in text.splitlines():
-            if line.startswith("vas_node_sent_bytes_total{") and 'path="local"' not in line:
-                total += int(float(line.rsplit(None, 1)[1]))
-        return total
+            families = text_string_to_metric_families(reply.read().decode())
+        return int(sum(sample.value for family in families for sample in family.samples
+                       if sample.name == "vas_node_sent_bytes_total"
+                       and sample.labels.get("path") != "local"))
 
-    def restart(self, host: int) -> None:
-        """A fresh agent process on ``host`` (nothing held, no warm memory)."""
-        node = self.hosts.nodes[host]
-        node.stop()
-        node.start()
+    def fresh(self, host: int) -> None:
+        """Make reader ``host``'s agent cold: a new process (nothing held, no prepared
+        memory) unless it has fetched nothing since it started."""
+        if host in self.used:
+            node = self.hosts.nodes[host]
+            node.stop()
+            node.start()
+            self.used.discard(host)
 
     def settle(self) -> None:
         """Wait until every reader holds nothing (replicas of deleted segments are
@@ -119,6 +123,7 @@ class Bench:
         """One eager attach of a fresh segment on reader ``host``: seconds, home bytes."""
         import vas
         self.settle()
+        self.used.add(host)
         with vas.connect(self.socket(HOME)) as home, vas.connect(self.socket(host)) as reader:
             return eager_round(home, reader, self.home_env, self.name(), self.size, seed,
                                counter=self.home_sent)
@@ -129,6 +134,7 @@ class Bench:
         the home sent meanwhile. Every reader's bytes are checked afterwards."""
         import vas
         self.settle()
+        self.used.update(readers)
         name = self.name()
         with vas.connect(self.socket(HOME)) as home:
             home.create(name, self.size)
@@ -202,14 +208,14 @@ def eager_phase(out: dict, bench: Bench, streams: tuple[int, ...], prefix: str) 
         vas_rates, sent = [], []
         tcp_rates: dict[int, list[float]] = {k: [] for k in streams}
         for r in range(bench.repeats):
-            if temp == "cold" and (r or prefix != "eager"):
-                bench.restart(FIRST)
+            if temp == "cold":
+                bench.fresh(FIRST)
             seconds, moved = bench.eager(FIRST, bench.seed + r)
             vas_rates.append(gbps(size, seconds))
             sent.append(moved / size)
             for k in streams:
                 tcp_rates[k].append(gbps(size, bench.tcp.bulk(
-                    [0], k, fresh=temp == "cold", seconds=MAX_ROUND_S)))
+                    [FIRST], k, fresh=temp == "cold", seconds=MAX_ROUND_S)))
             stats(out, f"{prefix}_{temp}_gbps", vas_rates)
             stats(out, f"{prefix}_{temp}_home_sent_per_byte", sent)
             for k in streams:
@@ -224,21 +230,27 @@ def lazy_size(size: int) -> int:
 def touch_phase(out: dict, bench: Bench) -> None:
     import vas
     half = RTT_COUNT // 2
-    rtt = bench.tcp.round_trips(half, RTT_BYTES, bench.seed, 120)
+    rtt = bench.tcp.round_trips(FIRST, half, RTT_BYTES, bench.seed, 120)
     bench.settle()
+    bench.used.add(FIRST)
     with vas.connect(bench.socket(HOME)) as home, vas.connect(bench.socket(FIRST)) as reader:
         bench_lazy(out, home, reader, bench.home_env, lazy_size(bench.size), TOUCHES, bench.seed,
                    counter=bench.home_sent, counted="home_sent")
-    rtt += bench.tcp.round_trips(half, RTT_BYTES, bench.seed + 1, 120)
+    rtt += bench.tcp.round_trips(FIRST, half, RTT_BYTES, bench.seed + 1, 120)
     out["tcp_rtt_32k_p50_us"] = med(rtt)
     out["tcp_rtt_32k_p99_us"] = percentile(rtt, 0.99)
 
 
-def fanout_phase(out: dict, bench: Bench, prefix: str, raw: bool) -> None:
-    """One reader alone (the readers take turns) and all at once, alternating."""
+def fanout_phase(out: dict, bench: Bench, prefix: str, unlimited: bool) -> None:
+    """One reader alone (the readers take turns) and all at once, alternating; on an
+    unlimited link raw TCP too, after a round of each that is not counted (so every
+    reader's agent and receive buffer is warm; a shaped link is slower than either)."""
     alone, together, sent_alone, sent_together = [], [], [], []
     tcp_alone, tcp_together = [], []
     readers = bench.readers
+    if unlimited:
+        bench.together(readers, bench.seed)
+        bench.tcp.bulk(readers, 1, fresh=False, seconds=MAX_ROUND_S)
     for r in range(bench.repeats):
         one = readers[r % len(readers)]
         seconds, moved = bench.together([one], bench.seed + r)
@@ -247,15 +259,14 @@ def fanout_phase(out: dict, bench: Bench, prefix: str, raw: bool) -> None:
         seconds, moved = bench.together(readers, bench.seed + r)
         together.append(seconds)
         sent_together.append(moved / bench.size)
-        if raw:
-            tcp_alone.append(bench.tcp.bulk([0], 1, fresh=False, seconds=MAX_ROUND_S))
-            tcp_together.append(bench.tcp.bulk(list(range(len(readers))), 1, fresh=False,
-                                               seconds=MAX_ROUND_S))
+        if unlimited:
+            tcp_alone.append(bench.tcp.bulk([one], 1, fresh=False, seconds=MAX_ROUND_S))
+            tcp_together.append(bench.tcp.bulk(readers, 1, fresh=False, seconds=MAX_ROUND_S))
         stats(out, f"{prefix}_one_reader_s", alone)
         stats(out, f"{prefix}_readers_s", together)
         stats(out, f"{prefix}_one_reader_home_sent_per_byte", sent_alone)
         stats(out, f"{prefix}_readers_home_sent_per_byte", sent_together)
-        if raw:
+        if unlimited:
             stats(out, f"{prefix}_tcp_one_receiver_s", tcp_alone)
             stats(out, f"{prefix}_tcp_receivers_s", tcp_together)
 
@@ -297,8 +308,8 @@ def run_phases(results: dict, reasons: dict, bench: Bench, skip: set[str], rate:
 
     def fanout(out: dict) -> None:
         with bench.hosts.shaped(HOME, rate):
-            fanout_phase(out, bench, "fanout_shaped", raw=False)
-        fanout_phase(out, bench, "fanout", raw=True)
+            fanout_phase(out, bench, "fanout_shaped", unlimited=False)
+        fanout_phase(out, bench, "fanout", unlimited=True)
 
     phase("fanout", PHASE_KEYS["fanout"], fanout)
     return ok

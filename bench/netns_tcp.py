@@ -100,22 +100,22 @@ class RawTcp:
         self.sender = hosts.popen(home, [sys.executable, entry, "--tcp-sender", port_file,
                                          "--tcp-host", hosts.ips[home], "--size", str(size),
                                          "--seed", str(seed)])
-        self.receivers: list[Receiver] = []
+        self.receivers: dict[int, Receiver] = {}  # by host
         try:
             with deadline(120, "raw TCP sender start"):
                 served = wait_for_port(port_file, self.sender)
             self.crc = served["crc"]
             address = f"{hosts.ips[home]}:{served['port']}"
-            self.receivers = [Receiver(hosts, r, entry, address, size, seed) for r in readers]
+            self.receivers = {r: Receiver(hosts, r, entry, address, size, seed) for r in readers}
         except BaseException:
             self.close()
             raise
 
-    def bulk(self, receivers: list[int], streams: int, fresh: bool, seconds: float) -> float:
-        """Receive the payload on ``receivers`` (indexes into the readers) at once; the
-        seconds from the first start to the last end. Raises CheckFailed when a
-        receiver's bytes differ from the sender's."""
-        chosen = [self.receivers[i] for i in receivers]
+    def bulk(self, hosts: list[int], streams: int, fresh: bool, seconds: float) -> float:
+        """Receive the payload on the receivers of ``hosts`` at once, ``streams``
+        connections each; the seconds from the first start to the last end. Raises
+        CheckFailed when a receiver's bytes differ from the sender's."""
+        chosen = [self.receivers[host] for host in hosts]
         for receiver in chosen:
             receiver.send(op="bulk", streams=streams, fresh=fresh)
         answers = [receiver.answer(seconds) for receiver in chosen]
@@ -125,16 +125,17 @@ class RawTcp:
                                  "the sender's")
         return max(a["end"] for a in answers) - min(a["start"] for a in answers)
 
-    def round_trips(self, count: int, nbytes: int, seed: int, seconds: float) -> list[float]:
-        """``count`` request/reply times (us) of ``nbytes`` on the first reader, at
-        offsets drawn with ``seed``."""
-        answer = self.receivers[0].ask(seconds, op="rtt", count=count, bytes=nbytes, seed=seed)
+    def round_trips(self, host: int, count: int, nbytes: int, seed: int,
+                    seconds: float) -> list[float]:
+        """``count`` request/reply times (us) of ``nbytes`` by the receiver of ``host``,
+        at offsets drawn with ``seed``."""
+        answer = self.receivers[host].ask(seconds, op="rtt", count=count, bytes=nbytes, seed=seed)
         if answer["bad"]:
             raise CheckFailed(f"raw TCP: {answer['bad']} of {count} replies had wrong bytes")
         return answer["us"]
 
     def close(self) -> None:
-        for receiver in self.receivers:
+        for receiver in self.receivers.values():
             receiver.close()
         if self.sender.poll() is None:
             self.sender.kill()  # it serves until killed
