@@ -85,6 +85,8 @@ class Bench:
         self.readers = list(range(1, len(hosts.nodes)))
         self.home_env = {"VAS_NODE": hosts.nodes[HOME].socket}
         self.home_metrics = hosts.nodes[HOME].metrics_url()
+        if self.home_metrics is None:
+            raise RuntimeError(f"the home agent logged no metrics URL:\n{hosts.nodes[HOME].tail()}")
         self.rounds = 0  # segments made so far: each gets its own name
         self.used: set[int] = set()  # readers that fetched since their agent started
 

@@ -44,8 +44,9 @@ vas figures (node1 is the home, this process is a client of node2):
     that window, an upper bound). cold = first sync, warm = median of later ones.
 
 A vas figure whose call raises vas.Unavailable or NotImplementedError (the remote
-feature not there yet), another VasError, a timeout or a failed check is null, with
-the reason under "reasons" in the JSON. The exit status is 1 when a check failed.
+feature not there yet), another VasError, a timeout, a helper process that failed
+(RuntimeError) or a failed check is null, with the reason under "reasons" in the JSON.
+The exit status is 1 when a check failed.
 The last line printed is one JSON object with every figure and ratio.
 """
 from __future__ import annotations

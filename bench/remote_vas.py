@@ -230,7 +230,8 @@ def guarded(results: dict, reasons: dict, keys: list[str], fn) -> bool:
         return True
     except (vas.Unavailable, NotImplementedError) as exc:
         reason, ok = f"{type(exc).__name__}: {exc}", True
-    except (vas.VasError, PhaseTimeout, CheckFailed, subprocess.SubprocessError) as exc:
+    except (vas.VasError, PhaseTimeout, CheckFailed, subprocess.SubprocessError,
+            RuntimeError) as exc:  # RuntimeError: a helper process failed (LaunchError, tc)
         detail = getattr(exc, "stderr", None)
         tail = f" ({detail.strip().splitlines()[-1]})" if detail and detail.strip() else ""
         reason, ok = f"{type(exc).__name__}: {exc}{tail}", False
