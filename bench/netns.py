@@ -480,6 +480,10 @@ def main() -> int:
     except NetnsUnavailable as exc:
         print(f"bench/netns.py: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM, after the teardown
+        print("bench/netns.py: interrupted (namespaces and processes removed)",
+              file=sys.stderr)
+        return 130
     add_ratios(results)
     results["reasons"] = reasons
     print(f"payload {size / GiB:g} GiB, {args.readers} readers, {repeats} rounds each "
