@@ -62,7 +62,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench modules, however started
 from netns_tcp import RawTcp, tcp_receiver  # noqa: E402
-from remote_baselines import RTT_BYTES, RTT_COUNT, tcp_sender  # noqa: E402
+from remote_baselines import MAX_STREAMS, RTT_BYTES, RTT_COUNT, tcp_sender  # noqa: E402
 from remote_common import (GiB, MiB, CheckFailed, PhaseTimeout, checksum, gbps, med,  # noqa: E402
                            percentile)
 from remote_vas import (bench_lazy, delete_quietly, detach_quietly, eager_round,  # noqa: E402
@@ -273,47 +273,51 @@ def fanout_phase(out: dict, bench: Bench, prefix: str, unlimited: bool) -> None:
             stats(out, f"{prefix}_tcp_receivers_s", tcp_together)
 
 
-PHASE_KEYS = {
+PHASE_KEYS = {  # the figures each phase nulls when it fails or is skipped
     "eager": ["eager_cold_gbps", "eager_warm_gbps", "eager_tcp1_cold_gbps",
               "eager_tcp1_warm_gbps", "eager_tcp4_cold_gbps", "eager_tcp4_warm_gbps"],
     "touch": ["first_touch_p50_us", "first_touch_p99_us", "tcp_rtt_32k_p50_us",
               "tcp_rtt_32k_p99_us"],
     "shaped": ["shaped_cold_gbps", "shaped_warm_gbps", "shaped_tcp1_cold_gbps",
                "shaped_tcp1_warm_gbps"],
-    "fanout": ["fanout_shaped_one_reader_s", "fanout_shaped_readers_s",
-               "fanout_shaped_readers_home_sent_per_byte", "fanout_one_reader_s",
-               "fanout_readers_s", "fanout_readers_home_sent_per_byte",
-               "fanout_tcp_one_receiver_s", "fanout_tcp_receivers_s"],
+    "fanout shaped": ["fanout_shaped_one_reader_s", "fanout_shaped_readers_s",
+                      "fanout_shaped_readers_home_sent_per_byte"],
+    "fanout unlimited": ["fanout_one_reader_s", "fanout_readers_s",
+                         "fanout_readers_home_sent_per_byte", "fanout_tcp_one_receiver_s",
+                         "fanout_tcp_receivers_s"],
 }
 
 
 def run_phases(results: dict, reasons: dict, bench: Bench, skip: set[str], rate: str) -> bool:
-    ok = True
+    """Each phase in turn (``skip``: names of PHASES); False when one failed."""
+    def shaped(fn):
+        def run(out: dict) -> None:
+            with bench.hosts.shaped(HOME, rate):
+                fn(out)
+        return run
 
-    def phase(name: str, keys: list[str], fn) -> None:
-        nonlocal ok
-        if name in skip:
+    steps = {
+        "eager": lambda out: eager_phase(out, bench, (1, MAX_STREAMS), "eager"),
+        "touch": lambda out: touch_phase(out, bench),
+        "shaped": shaped(lambda out: eager_phase(out, bench, (1,), "shaped")),
+        "fanout shaped": shaped(lambda out: fanout_phase(out, bench, "fanout_shaped",
+                                                          unlimited=False)),
+        "fanout unlimited": lambda out: fanout_phase(out, bench, "fanout", unlimited=True),
+    }
+    ok = True
+    for step, fn in steps.items():
+        keys = PHASE_KEYS[step]
+        if step.split()[0] in skip:
             results.update(dict.fromkeys(keys))
             reasons.update(dict.fromkeys(keys, "skipped (--skip)"))
-        else:
-            print(f"-- {name}", file=sys.stderr, flush=True)
-            ok &= guarded(results, reasons, keys, fn)
-
-    phase("eager", PHASE_KEYS["eager"], lambda out: eager_phase(out, bench, (1, 4), "eager"))
-    phase("touch", PHASE_KEYS["touch"], lambda out: touch_phase(out, bench))
-
-    def shaped(out: dict) -> None:
-        with bench.hosts.shaped(HOME, rate):
-            eager_phase(out, bench, (1,), "shaped")
-
-    phase("shaped", PHASE_KEYS["shaped"], shaped)
-
-    def fanout(out: dict) -> None:
-        with bench.hosts.shaped(HOME, rate):
-            fanout_phase(out, bench, "fanout_shaped", unlimited=False)
-        fanout_phase(out, bench, "fanout", unlimited=True)
-
-    phase("fanout", PHASE_KEYS["fanout"], fanout)
+            continue
+        print(f"-- {step}", file=sys.stderr, flush=True)
+        # Every feature measured here is built: Unavailable is a failure too.
+        if not guarded(results, reasons, keys, fn, missing_ok=False):
+            ok = False
+            for node in bench.hosts.nodes:  # the logs go with the namespaces
+                print(f"-- {step} failed; last lines of {node.name}'s log:\n{node.tail(20)}",
+                      file=sys.stderr, flush=True)
     return ok
 
 
@@ -493,7 +497,7 @@ def main() -> int:
     for name, ours, base, note in table(results, args.readers, args.rate):
         print(f"{name:<26}{ours:>26}   {base:<52} {note}")
     for key, reason in reasons.items():
-        print(f"  {key}: null - {reason}")
+        print(f"  {key}: {'null - ' if results.get(key) is None else ''}{reason}")
     print(json.dumps(results), flush=True)
     return 0 if ok else 1
 

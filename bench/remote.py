@@ -251,7 +251,7 @@ def main() -> int:
     for name, value, base in rows:
         print(f"{name:<28}{value:>13}   {base}")
     for key, reason in reasons.items():
-        print(f"  {key}: {'' if key.endswith('_target') else 'null - '}{reason}")
+        print(f"  {key}: {'null - ' if key in r and r[key] is None else ''}{reason}")
     print(json.dumps(results), flush=True)
     return 0 if ok else 1
 
