@@ -18,15 +18,17 @@ ranges of a memfd holding the same pattern by sendfile; receivers in the readers
 namespaces ask for them, and check the CRC of what they got.
 
 Phases (--skip any of them):
-  eager    a 1 GiB (--size) eager attach on reader b. cold = the first fetch of a
-           freshly (re)started reader agent (b is restarted before each cold round),
+  eager    a 1 GiB (--size; 256 MiB with --quick) eager attach on reader b. cold = the
+           first fetch of a freshly started reader agent (b is restarted before each
+           cold round if it fetched anything since it started),
            raw TCP cold = received into a fresh, never touched buffer; warm = later
            rounds (a fresh segment each, so every round moves every byte; the agent's
            memory, the TCP receive buffer are warm). Rounds alternate vas, TCP 1 stream,
            TCP 4 streams. Also: the bytes the home sent per payload byte (its
            vas_node_sent_bytes_total, all paths but "local", read before and after).
-  touch    lazy attach of a --size segment (at least 512 MiB) on reader b, its first byte and 200 first
-           touches of random pages in distinct 2 MiB regions (remote_vas.bench_lazy);
+  touch    lazy attach of a --size segment (at least 512 MiB) on reader b, its first
+           byte and 200 first touches of random pages in distinct 2 MiB regions
+           (remote_vas.bench_lazy);
            baseline: 32 KiB request/reply round trips on one TCP connection b <- a at
            random pages (half before, half after the touches).
   shaped   as eager, with what the home sends limited by tc tbf at --rate (2gbit);
@@ -39,11 +41,14 @@ Phases (--skip any of them):
            unlimited also raw TCP one sender -> all receivers at once vs -> one
            receiver (1 stream each).
 
-Each round's figures are kept ("..._all"); a figure is the median, with its range in the
-table. This VM is noisy (2 vCPUs shared, and it may hand freed memory back to its host,
-which makes "warm" memory cold again): compare figures of the same run only. A phase
-that fails leaves its figures null with the reason under "reasons" (exit status 1).
-The last line printed is one JSON object with every figure and ratio.
+Each phase runs 3 rounds (2 with --quick). Each round's figures are kept ("..._all"); a
+figure is their median, with the range in the table. This VM is noisy (2 vCPUs shared,
+and it may hand freed memory back to its host, which makes "warm" memory cold again):
+compare figures of the same run only. A phase that fails keeps the figures of its rounds
+before the failure, nulls the others and says why under "reasons", and every agent's last
+log lines go to stderr. The last line printed is one JSON object with every figure,
+ratio and issue 13 target. Exit status: 0, 1 when a phase failed, 2 when namespaces
+cannot be made here, 130 when interrupted.
 """
 from __future__ import annotations
 
