@@ -1,9 +1,9 @@
 """deploy/kubernetes's own command lines, run on hosts of their own.
 
 Two coordinators and three agents, each in its own network namespace with its own IP on a
-bridge (vas.netns, as for the other tests of tests/multihost), all on the ports deploy/ fixes: every coordinator on 7300,
-every agent on 7400 (gRPC) and 7401 (bulk channel), the same numbers on every host as on
-real machines. The agents run the DaemonSet's args with ``$(HOST_IP)`` and
+bridge (vas.netns, as for the other tests of tests/multihost), all on the ports deploy/
+fixes: every coordinator on 7300, every agent on 7400 (gRPC) and 7401 (bulk channel), the
+same numbers on every host as on real machines. The agents run the DaemonSet's args with ``$(HOST_IP)`` and
 ``$(NODE_NAME)`` filled in, and its environment (``VAS_INSECURE``, ``VAS_MEMORY``); the
 coordinators the Deployment's args. What stands in for Kubernetes: the Service names
 (``vas-coordinator``, ``vas-etcd``) become the IPs behind them, the hostPath socket a
