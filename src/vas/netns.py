@@ -132,7 +132,8 @@ class Hosts:
 
     @classmethod
     def plan(cls, count: int) -> "Hosts":
-        """Names and addresses for ``count`` hosts of this process (nothing made yet)."""
+        """Names and addresses for ``count`` hosts of this process, and their world-readable
+        directory (the network is not made yet: ``make_network``)."""
         if not 1 <= count <= len(_LETTERS):
             raise ValueError(f"hosts: count must be 1..{len(_LETTERS)}, not {count}")
         pid = os.getpid()
