@@ -235,7 +235,7 @@ def main() -> int:
          f"<= 20 ms: {flag(t['lazy_ttfb_le_20ms'])}"),
         ("first touch p50", fmt(r.get("first_touch_p50_us"), "us", ".0f"),
          f"<= 500 us: {flag(t['first_touch_p50_le_500us'])}, "
-         f"{fmt(r['first_touch_p50_vs_rtt_p50'], 'x')} TCP req/reply (<= 1.5x: "
+         f"{pct(r['first_touch_p50_vs_rtt_p50'])} of TCP req/reply (<= 150%: "
          f"{flag(t['first_touch_p50_le_1_5x_rtt'])})"),
         ("first touch p99", fmt(r.get("first_touch_p99_us"), "us", ".0f"),
          f"<= 1 ms: {flag(t['first_touch_p99_le_1ms'])}"),
