@@ -55,6 +55,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -462,6 +463,8 @@ def main() -> int:
                      f"phases are {','.join(PHASES)}")
     if size <= 0 or size % MiB:
         parser.error(f"--size must be a positive multiple of 1 MiB ({MiB}), not {size}")
+    if not re.fullmatch(r"\d+(\.\d+)?[kmgt]?(bit|bps)", args.rate):
+        parser.error(f"--rate must be a tc rate such as 2gbit or 500mbit, not {args.rate!r}")
     if not 1 <= args.readers <= 8:
         parser.error(f"--readers must be 1..8, not {args.readers}")
     repeats = 2 if args.quick else 3
