@@ -18,15 +18,17 @@ ranges of a memfd holding the same pattern by sendfile; receivers in the readers
 namespaces ask for them, and check the CRC of what they got.
 
 Phases (--skip any of them):
-  eager    a 1 GiB (--size) eager attach on reader b. cold = the first fetch of a
-           freshly (re)started reader agent (b is restarted before each cold round),
+  eager    a 1 GiB (--size; 256 MiB with --quick) eager attach on reader b. cold = the
+           first fetch of a freshly started reader agent (b is restarted before each
+           cold round if it fetched anything since it started),
            raw TCP cold = received into a fresh, never touched buffer; warm = later
            rounds (a fresh segment each, so every round moves every byte; the agent's
            memory, the TCP receive buffer are warm). Rounds alternate vas, TCP 1 stream,
            TCP 4 streams. Also: the bytes the home sent per payload byte (its
            vas_node_sent_bytes_total, all paths but "local", read before and after).
-  touch    lazy attach of a --size segment (at least 512 MiB) on reader b, its first byte and 200 first
-           touches of random pages in distinct 2 MiB regions (remote_vas.bench_lazy);
+  touch    lazy attach of a --size segment (at least 512 MiB) on reader b, its first
+           byte and 200 first touches of random pages in distinct 2 MiB regions
+           (remote_vas.bench_lazy);
            baseline: 32 KiB request/reply round trips on one TCP connection b <- a at
            random pages (half before, half after the touches).
   shaped   as eager, with what the home sends limited by tc tbf at --rate (2gbit);
@@ -35,20 +37,25 @@ Phases (--skip any of them):
            (a thread each): total seconds from the first attach call to the last
            return, and bytes the home sent / payload; against one reader alone (the
            readers take turns) in the same rounds. Once over the shaped home link,
-           once unlimited; unlimited also raw TCP one sender -> all receivers at once
-           vs -> one receiver (1 stream each).
+           once unlimited (after a round not counted, so every reader is warm);
+           unlimited also raw TCP one sender -> all receivers at once vs -> one
+           receiver (1 stream each).
 
-Each round's figures are kept ("..._all"); a figure is the median, with its range in the
-table. This VM is noisy (2 vCPUs shared, and it may hand freed memory back to its host,
-which makes "warm" memory cold again): compare figures of the same run only. A phase
-that fails leaves its figures null with the reason under "reasons" (exit status 1).
-The last line printed is one JSON object with every figure and ratio.
+Each phase runs 3 rounds (2 with --quick). Each round's figures are kept ("..._all"); a
+figure is their median, with the range in the table. This VM is noisy (2 vCPUs shared,
+and it may hand freed memory back to its host, which makes "warm" memory cold again):
+compare figures of the same run only. A phase that fails keeps the figures of its rounds
+before the failure, nulls the others and says why under "reasons", and every agent's last
+log lines go to stderr. The last line printed is one JSON object with every figure,
+ratio and issue 13 target. Exit status: 0, 1 when a phase failed, 2 when namespaces
+cannot be made here, 130 when interrupted.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -57,10 +64,11 @@ import time
 import urllib.request
 
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench modules, however started
 from netns_tcp import RawTcp, tcp_receiver  # noqa: E402
-from remote_baselines import tcp_sender  # noqa: E402
+from remote_baselines import MAX_STREAMS, RTT_BYTES, RTT_COUNT, tcp_sender  # noqa: E402
 from remote_common import (GiB, MiB, CheckFailed, PhaseTimeout, checksum, gbps, med,  # noqa: E402
                            percentile)
 from remote_vas import (bench_lazy, delete_quietly, detach_quietly, eager_round,  # noqa: E402
@@ -70,8 +78,6 @@ ENTRY = os.path.abspath(__file__)
 PHASES = ("eager", "touch", "shaped", "fanout")
 HOME, FIRST = 0, 1  # the home's namespace index, the reader used alone
 TOUCHES = 200
-RTT_BYTES = 32 * 1024
-RTT_COUNT = 1000
 MAX_ROUND_S = 600  # the slowest round: 1 GiB at 2 gbit is 4.3 s; 3 readers 13 s
 
 
@@ -85,7 +91,10 @@ class Bench:
         self.readers = list(range(1, len(hosts.nodes)))
         self.home_env = {"VAS_NODE": hosts.nodes[HOME].socket}
         self.home_metrics = hosts.nodes[HOME].metrics_url()
+        if self.home_metrics is None:
+            raise RuntimeError(f"the home agent logged no metrics URL:\n{hosts.nodes[HOME].tail()}")
         self.rounds = 0  # segments made so far: each gets its own name
+        self.used: set[int] = set()  # readers that fetched since their agent started
 
     def socket(self, host: int) -> str:
         return self.hosts.nodes[host].socket
@@ -98,18 +107,19 @@ class Bench:
         """Bytes of segments the home agent sent to other nodes so far: its
         vas_node_sent_bytes_total over every path but "local" (mapped, not sent)."""
         with urllib.request.urlopen(self.home_metrics, timeout=10) as reply:
-            text = reply.read().decode()
-        total = 0
-        for line in text.splitlines():
-            if line.startswith("vas_node_sent_bytes_total{") and 'path="local"' not in line:
-                total += int(float(line.rsplit(None, 1)[1]))
-        return total
+            families = text_string_to_metric_families(reply.read().decode())
+        return int(sum(sample.value for family in families for sample in family.samples
+                       if sample.name == "vas_node_sent_bytes_total"
+                       and sample.labels.get("path") != "local"))
 
-    def restart(self, host: int) -> None:
-        """A fresh agent process on ``host`` (nothing held, no warm memory)."""
-        node = self.hosts.nodes[host]
-        node.stop()
-        node.start()
+    def fresh(self, host: int) -> None:
+        """Make reader ``host``'s agent cold: a new process (nothing held, no prepared
+        memory) unless it has fetched nothing since it started."""
+        if host in self.used:
+            node = self.hosts.nodes[host]
+            node.stop()
+            node.start()
+            self.used.discard(host)
 
     def settle(self) -> None:
         """Wait until every reader holds nothing (replicas of deleted segments are
@@ -121,6 +131,7 @@ class Bench:
         """One eager attach of a fresh segment on reader ``host``: seconds, home bytes."""
         import vas
         self.settle()
+        self.used.add(host)
         with vas.connect(self.socket(HOME)) as home, vas.connect(self.socket(host)) as reader:
             return eager_round(home, reader, self.home_env, self.name(), self.size, seed,
                                counter=self.home_sent)
@@ -131,6 +142,7 @@ class Bench:
         the home sent meanwhile. Every reader's bytes are checked afterwards."""
         import vas
         self.settle()
+        self.used.update(readers)
         name = self.name()
         with vas.connect(self.socket(HOME)) as home:
             home.create(name, self.size)
@@ -204,14 +216,14 @@ def eager_phase(out: dict, bench: Bench, streams: tuple[int, ...], prefix: str) 
         vas_rates, sent = [], []
         tcp_rates: dict[int, list[float]] = {k: [] for k in streams}
         for r in range(bench.repeats):
-            if temp == "cold" and (r or prefix != "eager"):
-                bench.restart(FIRST)
+            if temp == "cold":
+                bench.fresh(FIRST)
             seconds, moved = bench.eager(FIRST, bench.seed + r)
             vas_rates.append(gbps(size, seconds))
             sent.append(moved / size)
             for k in streams:
                 tcp_rates[k].append(gbps(size, bench.tcp.bulk(
-                    [0], k, fresh=temp == "cold", seconds=MAX_ROUND_S)))
+                    [FIRST], k, fresh=temp == "cold", seconds=MAX_ROUND_S)))
             stats(out, f"{prefix}_{temp}_gbps", vas_rates)
             stats(out, f"{prefix}_{temp}_home_sent_per_byte", sent)
             for k in streams:
@@ -226,21 +238,27 @@ def lazy_size(size: int) -> int:
 def touch_phase(out: dict, bench: Bench) -> None:
     import vas
     half = RTT_COUNT // 2
-    rtt = bench.tcp.round_trips(half, RTT_BYTES, bench.seed, 120)
+    rtt = bench.tcp.round_trips(FIRST, half, RTT_BYTES, bench.seed, 120)
     bench.settle()
+    bench.used.add(FIRST)
     with vas.connect(bench.socket(HOME)) as home, vas.connect(bench.socket(FIRST)) as reader:
         bench_lazy(out, home, reader, bench.home_env, lazy_size(bench.size), TOUCHES, bench.seed,
                    counter=bench.home_sent, counted="home_sent")
-    rtt += bench.tcp.round_trips(half, RTT_BYTES, bench.seed + 1, 120)
+    rtt += bench.tcp.round_trips(FIRST, half, RTT_BYTES, bench.seed + 1, 120)
     out["tcp_rtt_32k_p50_us"] = med(rtt)
     out["tcp_rtt_32k_p99_us"] = percentile(rtt, 0.99)
 
 
-def fanout_phase(out: dict, bench: Bench, prefix: str, raw: bool) -> None:
-    """One reader alone (the readers take turns) and all at once, alternating."""
+def fanout_phase(out: dict, bench: Bench, prefix: str, unlimited: bool) -> None:
+    """One reader alone (the readers take turns) and all at once, alternating; on an
+    unlimited link raw TCP too, after a round of each that is not counted (so every
+    reader's agent and receive buffer is warm; a shaped link is slower than either)."""
     alone, together, sent_alone, sent_together = [], [], [], []
     tcp_alone, tcp_together = [], []
     readers = bench.readers
+    if unlimited:
+        bench.together(readers, bench.seed)
+        bench.tcp.bulk(readers, 1, fresh=False, seconds=MAX_ROUND_S)
     for r in range(bench.repeats):
         one = readers[r % len(readers)]
         seconds, moved = bench.together([one], bench.seed + r)
@@ -249,60 +267,63 @@ def fanout_phase(out: dict, bench: Bench, prefix: str, raw: bool) -> None:
         seconds, moved = bench.together(readers, bench.seed + r)
         together.append(seconds)
         sent_together.append(moved / bench.size)
-        if raw:
-            tcp_alone.append(bench.tcp.bulk([0], 1, fresh=False, seconds=MAX_ROUND_S))
-            tcp_together.append(bench.tcp.bulk(list(range(len(readers))), 1, fresh=False,
-                                               seconds=MAX_ROUND_S))
+        if unlimited:
+            tcp_alone.append(bench.tcp.bulk([one], 1, fresh=False, seconds=MAX_ROUND_S))
+            tcp_together.append(bench.tcp.bulk(readers, 1, fresh=False, seconds=MAX_ROUND_S))
         stats(out, f"{prefix}_one_reader_s", alone)
         stats(out, f"{prefix}_readers_s", together)
         stats(out, f"{prefix}_one_reader_home_sent_per_byte", sent_alone)
         stats(out, f"{prefix}_readers_home_sent_per_byte", sent_together)
-        if raw:
+        if unlimited:
             stats(out, f"{prefix}_tcp_one_receiver_s", tcp_alone)
             stats(out, f"{prefix}_tcp_receivers_s", tcp_together)
 
 
-PHASE_KEYS = {
+PHASE_KEYS = {  # the figures each phase nulls when it fails or is skipped
     "eager": ["eager_cold_gbps", "eager_warm_gbps", "eager_tcp1_cold_gbps",
               "eager_tcp1_warm_gbps", "eager_tcp4_cold_gbps", "eager_tcp4_warm_gbps"],
     "touch": ["first_touch_p50_us", "first_touch_p99_us", "tcp_rtt_32k_p50_us",
               "tcp_rtt_32k_p99_us"],
     "shaped": ["shaped_cold_gbps", "shaped_warm_gbps", "shaped_tcp1_cold_gbps",
                "shaped_tcp1_warm_gbps"],
-    "fanout": ["fanout_shaped_one_reader_s", "fanout_shaped_readers_s",
-               "fanout_shaped_readers_home_sent_per_byte", "fanout_one_reader_s",
-               "fanout_readers_s", "fanout_readers_home_sent_per_byte",
-               "fanout_tcp_one_receiver_s", "fanout_tcp_receivers_s"],
+    "fanout shaped": ["fanout_shaped_one_reader_s", "fanout_shaped_readers_s",
+                      "fanout_shaped_readers_home_sent_per_byte"],
+    "fanout unlimited": ["fanout_one_reader_s", "fanout_readers_s",
+                         "fanout_readers_home_sent_per_byte", "fanout_tcp_one_receiver_s",
+                         "fanout_tcp_receivers_s"],
 }
 
 
 def run_phases(results: dict, reasons: dict, bench: Bench, skip: set[str], rate: str) -> bool:
-    ok = True
+    """Each phase in turn (``skip``: names of PHASES); False when one failed."""
+    def shaped(fn):
+        def run(out: dict) -> None:
+            with bench.hosts.shaped(HOME, rate):
+                fn(out)
+        return run
 
-    def phase(name: str, keys: list[str], fn) -> None:
-        nonlocal ok
-        if name in skip:
+    steps = {
+        "eager": lambda out: eager_phase(out, bench, (1, MAX_STREAMS), "eager"),
+        "touch": lambda out: touch_phase(out, bench),
+        "shaped": shaped(lambda out: eager_phase(out, bench, (1,), "shaped")),
+        "fanout shaped": shaped(lambda out: fanout_phase(out, bench, "fanout_shaped",
+                                                          unlimited=False)),
+        "fanout unlimited": lambda out: fanout_phase(out, bench, "fanout", unlimited=True),
+    }
+    ok = True
+    for step, fn in steps.items():
+        keys = PHASE_KEYS[step]
+        if step.split()[0] in skip:
             results.update(dict.fromkeys(keys))
             reasons.update(dict.fromkeys(keys, "skipped (--skip)"))
-        else:
-            print(f"-- {name}", file=sys.stderr, flush=True)
-            ok &= guarded(results, reasons, keys, fn)
-
-    phase("eager", PHASE_KEYS["eager"], lambda out: eager_phase(out, bench, (1, 4), "eager"))
-    phase("touch", PHASE_KEYS["touch"], lambda out: touch_phase(out, bench))
-
-    def shaped(out: dict) -> None:
-        with bench.hosts.shaped(HOME, rate):
-            eager_phase(out, bench, (1,), "shaped")
-
-    phase("shaped", PHASE_KEYS["shaped"], shaped)
-
-    def fanout(out: dict) -> None:
-        with bench.hosts.shaped(HOME, rate):
-            fanout_phase(out, bench, "fanout_shaped", raw=False)
-        fanout_phase(out, bench, "fanout", raw=True)
-
-    phase("fanout", PHASE_KEYS["fanout"], fanout)
+            continue
+        print(f"-- {step}", file=sys.stderr, flush=True)
+        # Every feature measured here is built: Unavailable is a failure too.
+        if not guarded(results, reasons, keys, fn, missing_ok=False):
+            ok = False
+            for node in bench.hosts.nodes:  # the logs go with the namespaces
+                print(f"-- {step} failed; last lines of {node.name}'s log:\n{node.tail(20)}",
+                      file=sys.stderr, flush=True)
     return ok
 
 
@@ -442,6 +463,8 @@ def main() -> int:
                      f"phases are {','.join(PHASES)}")
     if size <= 0 or size % MiB:
         parser.error(f"--size must be a positive multiple of 1 MiB ({MiB}), not {size}")
+    if not re.fullmatch(r"\d+(\.\d+)?[kmgt]?(bit|bps)", args.rate):
+        parser.error(f"--rate must be a tc rate such as 2gbit or 500mbit, not {args.rate!r}")
     if not 1 <= args.readers <= 8:
         parser.error(f"--readers must be 1..8, not {args.readers}")
     repeats = 2 if args.quick else 3
@@ -469,6 +492,10 @@ def main() -> int:
     except NetnsUnavailable as exc:
         print(f"bench/netns.py: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM, after the teardown
+        print("bench/netns.py: interrupted (namespaces and processes removed)",
+              file=sys.stderr)
+        return 130
     add_ratios(results)
     results["reasons"] = reasons
     print(f"payload {size / GiB:g} GiB, {args.readers} readers, {repeats} rounds each "
@@ -478,7 +505,7 @@ def main() -> int:
     for name, ours, base, note in table(results, args.readers, args.rate):
         print(f"{name:<26}{ours:>26}   {base:<52} {note}")
     for key, reason in reasons.items():
-        print(f"  {key}: null - {reason}")
+        print(f"  {key}: {'null - ' if results.get(key) is None else ''}{reason}")
     print(json.dumps(results), flush=True)
     return 0 if ok else 1
 

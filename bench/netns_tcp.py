@@ -24,18 +24,12 @@ from __future__ import annotations
 import json
 import os
 import select
-import socket
 import subprocess
 import sys
-import threading
-import time
 
-import numpy as np
-
-from remote_baselines import receive_range, wait_for_port
-from remote_common import PAGE, CheckFailed, checksum, deadline, fresh_buffer, stamps
-
-MAX_STREAMS = 4
+from remote_baselines import (MAX_STREAMS, connect, receive_bulk, round_trips,
+                              wait_for_port)
+from remote_common import CheckFailed, deadline, fresh_buffer
 
 
 # -- the receiver child -------------------------------------------------------------------
@@ -43,10 +37,7 @@ MAX_STREAMS = 4
 def tcp_receiver(address: str, size: int, seed: int) -> int:
     """Child process (in a reader's namespace): see the module docstring."""
     host, port = address.rsplit(":", 1)
-    conns = [socket.create_connection((host, int(port)), timeout=120)
-             for _ in range(MAX_STREAMS)]
-    for conn in conns:
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    conns = connect((host, int(port)), MAX_STREAMS)
     buf = None
     for line in sys.stdin:
         ask = json.loads(line)
@@ -59,48 +50,6 @@ def tcp_receiver(address: str, size: int, seed: int) -> int:
             reply = round_trips(conns[0], size, ask["count"], ask["bytes"], seed, ask["seed"])
         print(json.dumps(reply), flush=True)
     return 0
-
-
-def receive_bulk(conns: list[socket.socket], buf: np.ndarray) -> dict:
-    view, part = memoryview(buf), buf.size // len(conns)
-    bounds = [(i * part, buf.size if i == len(conns) - 1 else (i + 1) * part)
-              for i in range(len(conns))]
-    failures: list[BaseException] = []
-
-    def stream(conn: socket.socket, lo: int, hi: int) -> None:
-        try:
-            receive_range(conn, view[lo:hi], lo)
-        except BaseException as exc:  # noqa: BLE001 - reported to the bench below
-            failures.append(exc)
-
-    threads = [threading.Thread(target=stream, args=(conn, lo, hi))
-               for conn, (lo, hi) in zip(conns, bounds)]
-    start = time.monotonic()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    end = time.monotonic()
-    if failures:
-        raise failures[0]
-    return {"start": start, "end": end, "crc": checksum(buf)}
-
-
-def round_trips(conn: socket.socket, size: int, count: int, nbytes: int, seed: int,
-                offsets_seed: int) -> dict:
-    """``count`` timed requests of ``nbytes`` at random pages; the pattern's ``seed``
-    says what each reply's first page stamp must be."""
-    rng = np.random.default_rng(offsets_seed)
-    pages = rng.integers(0, (size - nbytes) // PAGE, count)
-    reply = bytearray(nbytes)
-    view = memoryview(reply)
-    times, bad = [], 0
-    for page in pages:
-        t0 = time.perf_counter_ns()
-        receive_range(conn, view, int(page) * PAGE)
-        times.append((time.perf_counter_ns() - t0) / 1e3)
-        bad += bytes(reply[:8]) != stamps(int(page), 1, seed).tobytes()
-    return {"us": times, "bad": bad}
 
 
 # -- the bench's side ---------------------------------------------------------------------
@@ -151,22 +100,22 @@ class RawTcp:
         self.sender = hosts.popen(home, [sys.executable, entry, "--tcp-sender", port_file,
                                          "--tcp-host", hosts.ips[home], "--size", str(size),
                                          "--seed", str(seed)])
-        self.receivers: list[Receiver] = []
+        self.receivers: dict[int, Receiver] = {}  # by host
         try:
             with deadline(120, "raw TCP sender start"):
                 served = wait_for_port(port_file, self.sender)
             self.crc = served["crc"]
             address = f"{hosts.ips[home]}:{served['port']}"
-            self.receivers = [Receiver(hosts, r, entry, address, size, seed) for r in readers]
+            self.receivers = {r: Receiver(hosts, r, entry, address, size, seed) for r in readers}
         except BaseException:
             self.close()
             raise
 
-    def bulk(self, receivers: list[int], streams: int, fresh: bool, seconds: float) -> float:
-        """Receive the payload on ``receivers`` (indexes into the readers) at once; the
-        seconds from the first start to the last end. Raises CheckFailed when a
-        receiver's bytes differ from the sender's."""
-        chosen = [self.receivers[i] for i in receivers]
+    def bulk(self, hosts: list[int], streams: int, fresh: bool, seconds: float) -> float:
+        """Receive the payload on the receivers of ``hosts`` at once, ``streams``
+        connections each; the seconds from the first start to the last end. Raises
+        CheckFailed when a receiver's bytes differ from the sender's."""
+        chosen = [self.receivers[host] for host in hosts]
         for receiver in chosen:
             receiver.send(op="bulk", streams=streams, fresh=fresh)
         answers = [receiver.answer(seconds) for receiver in chosen]
@@ -176,16 +125,17 @@ class RawTcp:
                                  "the sender's")
         return max(a["end"] for a in answers) - min(a["start"] for a in answers)
 
-    def round_trips(self, count: int, nbytes: int, seed: int, seconds: float) -> list[float]:
-        """``count`` request/reply times (us) of ``nbytes`` on the first reader, at
-        offsets drawn with ``seed``."""
-        answer = self.receivers[0].ask(seconds, op="rtt", count=count, bytes=nbytes, seed=seed)
+    def round_trips(self, host: int, count: int, nbytes: int, seed: int,
+                    seconds: float) -> list[float]:
+        """``count`` request/reply times (us) of ``nbytes`` by the receiver of ``host``,
+        at offsets drawn with ``seed``."""
+        answer = self.receivers[host].ask(seconds, op="rtt", count=count, bytes=nbytes, seed=seed)
         if answer["bad"]:
             raise CheckFailed(f"raw TCP: {answer['bad']} of {count} replies had wrong bytes")
         return answer["us"]
 
     def close(self) -> None:
-        for receiver in self.receivers:
+        for receiver in self.receivers.values():
             receiver.close()
         if self.sender.poll() is None:
             self.sender.kill()  # it serves until killed

@@ -219,9 +219,12 @@ VAS_KEYS = {
 }
 
 
-def guarded(results: dict, reasons: dict, keys: list[str], fn) -> bool:
+def guarded(results: dict, reasons: dict, keys: list[str], fn, *,
+            missing_ok: bool = True) -> bool:
     """Run one group of figures; on a known failure null its figures with a reason.
-    False when a check failed or something unexpected happened (exit status 1)."""
+    False when a check failed or something unexpected happened (exit status 1); with
+    ``missing_ok`` vas.Unavailable and NotImplementedError (a feature not built yet) are
+    not failures."""
     import vas
     partial: dict = {}
     try:
@@ -229,16 +232,19 @@ def guarded(results: dict, reasons: dict, keys: list[str], fn) -> bool:
         results.update(partial)
         return True
     except (vas.Unavailable, NotImplementedError) as exc:
-        reason, ok = f"{type(exc).__name__}: {exc}", True
-    except (vas.VasError, PhaseTimeout, CheckFailed, subprocess.SubprocessError) as exc:
+        reason, ok = f"{type(exc).__name__}: {exc}", missing_ok
+    except (vas.VasError, PhaseTimeout, CheckFailed, subprocess.SubprocessError,
+            RuntimeError) as exc:  # RuntimeError: a helper process failed (LaunchError, tc)
         detail = getattr(exc, "stderr", None)
         tail = f" ({detail.strip().splitlines()[-1]})" if detail and detail.strip() else ""
         reason, ok = f"{type(exc).__name__}: {exc}{tail}", False
     results.update(partial)  # figures measured before the failure stand
-    for key in keys:
-        if results.get(key) is None:
-            results[key] = None
-            reasons[key] = reason
+    nulled = [key for key in keys if results.get(key) is None]
+    for key in nulled:
+        results[key] = None
+        reasons[key] = reason
+    if not nulled:  # every figure has rounds from before the failure: say they are partial
+        reasons[keys[0]] = f"from the rounds before a failure: {reason}"
     return ok
 
 

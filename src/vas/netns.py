@@ -132,7 +132,8 @@ class Hosts:
 
     @classmethod
     def plan(cls, count: int) -> "Hosts":
-        """Names and addresses for ``count`` hosts of this process (nothing made yet)."""
+        """Names and addresses for ``count`` hosts of this process, and their world-readable
+        directory (the network is not made yet: ``make_network``)."""
         if not 1 <= count <= len(_LETTERS):
             raise ValueError(f"hosts: count must be 1..{len(_LETTERS)}, not {count}")
         pid = os.getpid()
@@ -273,7 +274,32 @@ def _start_processes(hosts: Hosts, memory: int, writer_ttl: int | None,
         node.wait_ready()
 
 
-def _teardown(hosts: Hosts) -> None:
+def make_network(count: int) -> Hosts:
+    """The bridge and ``count`` namespaces with their veths, no processes yet (after
+    removing the leftovers of dead processes); ``remove`` takes them down. Raises
+    NetnsUnavailable when they cannot be made here."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        raise NetnsUnavailable("network namespaces need root (CAP_NET_ADMIN) and "
+                               "iproute2's `ip`")
+    clean_stale()
+    hosts = Hosts.plan(count)
+    try:
+        _build_network(hosts)
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        remove(hosts)
+        raise NetnsUnavailable("cannot build network namespaces with veths on a bridge "
+                               "(needs root with CAP_NET_ADMIN in the initial network "
+                               f"namespace): {exc}") from exc
+    except BaseException:
+        remove(hosts)
+        raise
+    return hosts
+
+
+def remove(hosts: Hosts) -> None:
+    """Stop the processes listed in ``hosts`` (SIGTERM, then SIGKILL), delete its
+    namespaces (killing what still runs in them), veths, bridge and directory, and wait
+    until they are gone."""
     for proc in [*hosts.nodes, hosts.coordinator, hosts.etcd]:
         if proc is not None:
             try:
@@ -305,21 +331,11 @@ def start_hosts(count: int, memory: int, *, writer_ttl: int | None = None,
                 node_args: list[str] | tuple[str, ...] = ()):
     """A bridge, ``count`` namespaces, etcd + coordinator on the bridge IP and one agent
     of ``memory`` bytes per namespace (with ``node_args``, more flags of ``vasctl node
-    serve``); yields the ``Hosts``, torn down when the block ends (see the module
+    serve``); yields the ``Hosts``, removed when the block ends (see the module
     docstring). Raises NetnsUnavailable when the network cannot be made here."""
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        raise NetnsUnavailable("network namespaces need root (CAP_NET_ADMIN) and "
-                               "iproute2's `ip`")
-    clean_stale()
-    hosts = Hosts.plan(count)
+    hosts = make_network(count)
     try:
-        try:
-            _build_network(hosts)
-        except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
-            raise NetnsUnavailable("cannot build network namespaces with veths on a bridge "
-                                   "(needs root with CAP_NET_ADMIN in the initial network "
-                                   f"namespace): {exc}") from exc
         _start_processes(hosts, memory, writer_ttl, list(node_args))
         yield hosts
     finally:
-        _teardown(hosts)
+        remove(hosts)

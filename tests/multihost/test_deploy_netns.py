@@ -1,10 +1,9 @@
 """deploy/kubernetes's own command lines, run on hosts of their own.
 
 Two coordinators and three agents, each in its own network namespace with its own IP on a
-bridge (as tests/multihost/conftest.py builds them, with the same names, so its clean-up
-of leftovers covers these too), all on the ports deploy/ fixes: every coordinator on 7300,
-every agent on 7400 (gRPC) and 7401 (bulk channel), the same numbers on every host as on
-real machines. The agents run the DaemonSet's args with ``$(HOST_IP)`` and
+bridge (vas.netns, as for the other tests of tests/multihost), all on the ports deploy/
+fixes: every coordinator on 7300, every agent on 7400 (gRPC) and 7401 (bulk channel), the
+same numbers on every host as on real machines. The agents run the DaemonSet's args with ``$(HOST_IP)`` and
 ``$(NODE_NAME)`` filled in, and its environment (``VAS_INSECURE``, ``VAS_MEMORY``); the
 coordinators the Deployment's args. What stands in for Kubernetes: the Service names
 (``vas-coordinator``, ``vas-etcd``) become the IPs behind them, the hostPath socket a
@@ -27,6 +26,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from vas import netns
 from vas.cluster import CoordinatorProcess, EtcdProcess, NodeProcess, free_port
 from vas.core.sizes import parse_size
 
@@ -36,13 +36,6 @@ HEALTH = ROOT / "deploy" / "health.py"
 SIZE = 32 << 20    # above the small-fetch size: an eager attach uses the bulk channel
 AGENTS = "abc"
 COORDINATORS = "xy"
-
-
-def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    done = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
-    if check and done.returncode != 0:
-        raise RuntimeError(f"ip {' '.join(args)}: {done.stderr.strip() or done.returncode}")
-    return done
 
 
 def container(filename: str, kind: str) -> dict:
@@ -68,68 +61,30 @@ def expand(text: str, env: dict[str, str]) -> str:
 
 
 class Network:
-    """A bridge with 10.78.X.1 and one namespace per name, each 10.78.X.(10+i) on a veth."""
+    """vas.netns's bridge and namespaces, one per host, addressed by this test's letters."""
 
     def __init__(self, letters: str):
-        pid = os.getpid()
-        short = pid % 10000
-        used = ip("-4", "-o", "addr", "show", check=False).stdout
-        x = next(x for x in range(10, 250) if f" 10.78.{x}." not in used)
-        self.bridge, self.bridge_ip = f"vasbr{short}", f"10.78.{x}.1"
-        self.namespaces = {c: f"vas-{pid}-{c}" for c in letters}
-        self.ips = {c: f"10.78.{x}.{10 + i}" for i, c in enumerate(letters)}
-        self.outer = {c: f"vh{short}{c}" for c in letters}
-        self.made: list[tuple[str, str]] = []
-
-    def build(self) -> None:
-        pid = os.getpid()
-        ip("link", "add", self.bridge, "type", "bridge")
-        self.made.append(("link", self.bridge))
-        ip("link", "set", self.bridge, "alias", f"vas-{pid}")
-        ip("addr", "add", f"{self.bridge_ip}/24", "dev", self.bridge)
-        ip("link", "set", self.bridge, "up")
-        for c, ns in self.namespaces.items():
-            inner = f"vn{self.outer[c][2:]}"
-            ip("netns", "add", ns)
-            self.made.append(("netns", ns))
-            ip("link", "add", self.outer[c], "type", "veth", "peer", "name", inner)
-            self.made.append(("link", self.outer[c]))
-            ip("link", "set", self.outer[c], "alias", f"vas-{pid}")
-            ip("link", "set", inner, "netns", ns)
-            ip("link", "set", self.outer[c], "master", self.bridge)
-            ip("link", "set", self.outer[c], "up")
-            ip("-n", ns, "link", "set", "lo", "up")
-            ip("-n", ns, "addr", "add", f"{self.ips[c]}/24", "dev", inner)
-            ip("-n", ns, "link", "set", inner, "up")
+        self.hosts = netns.make_network(len(letters))
+        self.bridge_ip = self.hosts.bridge_ip
+        self.namespaces = dict(zip(letters, self.hosts.namespaces))
+        self.ips = dict(zip(letters, self.hosts.ips))
 
     def teardown(self) -> None:
-        for kind, name in reversed(self.made):
-            if kind == "netns":
-                for pid in ip("netns", "pids", name, check=False).stdout.split():
-                    try:
-                        os.kill(int(pid), 9)
-                    except (ProcessLookupError, ValueError):
-                        pass
-                ip("netns", "del", name, check=False)
-            else:
-                ip("link", "del", name, check=False)
+        netns.remove(self.hosts)  # the processes are stopped first, by the fixture
 
 
 @pytest.fixture
 def deployed(monkeypatch):
     """etcd on the bridge IP; coordinators x, y and agents a, b, c in namespaces, started
     from deploy/kubernetes's args and environment."""
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.skip("network namespaces need root (CAP_NET_ADMIN) and iproute2's `ip`")
-    net = Network(COORDINATORS + AGENTS)
+    try:
+        net = Network(COORDINATORS + AGENTS)
+    except netns.NetnsUnavailable as exc:
+        pytest.skip(str(exc))
     workdir = tempfile.mkdtemp(prefix="vas-deploy-")
     os.chmod(workdir, 0o755)
     processes = []
     try:
-        try:
-            net.build()
-        except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
-            pytest.skip(f"cannot build network namespaces with veths on a bridge: {exc}")
         etcd = EtcdProcess(workdir)
         etcd.url = f"http://{net.bridge_ip}:{free_port()}"
         etcd.peer_url = f"http://127.0.0.1:{free_port()}"
