@@ -60,7 +60,7 @@ from vas.node import locks
 from vas.node.dispatch import Dispatcher, Job
 from vas.node.limits import Counts, Limit
 from vas.node.localapi import LocalApi
-from vas.node.localwire import BadRequest, Receiver, Responder, close_fds
+from vas.node.localwire import BadRequest, Receiver, Responder, close_fds, unanswered
 from vas.node.sessions import Session
 from vas.proto import local_pb2
 
@@ -276,25 +276,37 @@ class LocalServer:
                     except Exception:  # serving everyone: no event may end a thread
                         log.exception("local connections: handling fd %d failed", fd)
                         continue
-                    self._run_jobs(job)
+                    self._run_jobs(job, receiver)
         finally:
             receiver.close()
 
-    def _run_jobs(self, job: Job | None) -> None:
-        """Run ``job`` and then whatever the dispatcher gives this thread next."""
-        while job is not None:
+    def _run_jobs(self, job: Job | None, receiver: Receiver) -> None:
+        """Run ``job`` and then whatever the dispatcher gives this thread next.
+
+        A connection answered is read again by this thread at once (``_read``, which
+        re-arms it when nothing is there): a client that sent its next request
+        meanwhile (a Detach with no reply, then an Attach) is served without an
+        epoll round and the wake-up of another thread (~15-25 us on the 2-CPU VM).
+        """
+        jobs = [job] if job is not None else []
+        while jobs:
+            job = jobs.pop()
             answered = None
             try:
                 answered = job[1]()
             except Exception:
                 log.exception("a local request task failed")
-            job = self.dispatcher.done(job)
-            if answered is not None:  # answered: read its next request (re-armed after
-                try:                  # done(), so a thread woken for it seldom waits for our GIL)
-                    self._epoll.modify(answered.fd, _READ_ONCE)
-                except OSError as exc:
-                    log.error("cannot watch the connection of %r again: %s", answered.session,
-                              exc)
+            following = self.dispatcher.done(job)
+            if following is not None:
+                jobs.append(following)
+            if answered is not None:
+                try:
+                    following = self._read(answered, receiver)
+                except Exception:  # as in _run: no connection may end a thread
+                    log.exception("local connections: reading %r failed", answered.session)
+                    continue
+                if following is not None:
+                    jobs.append(following)
 
     def _handle(self, fd: int, receiver: Receiver) -> Job | None:
         """Handle the event of ``fd``; a job for this thread to run, or None."""
@@ -467,6 +479,12 @@ class LocalServer:
             finally:
                 session.last_seen, session.busy = time.monotonic(), False
                 close_fds(fds)  # whatever a handler did not take
+            if unanswered(request):  # the client does not wait: nothing is sent
+                close_fds(out)
+                if response.code:
+                    log.debug("an unanswered request of %r failed: %s", session,
+                              response.message)
+                return connection
             return self._answer(connection, response, out)
         except Exception:  # a bug: end the connection rather than leave its client waiting
             log.exception("connection of %r failed", session)

@@ -52,6 +52,12 @@ def close_fds(fds) -> None:
             pass
 
 
+def unanswered(request: local_pb2.LocalRequest) -> bool:
+    """Whether ``request`` asks for no response: a Detach with ``no_reply`` (the only
+    request that may: nothing the client does next depends on its outcome)."""
+    return request.WhichOneof("body") == "detach" and request.detach.no_reply
+
+
 class Receiver:
     """Receives requests (the event loop's: one at a time, from any connection).
 

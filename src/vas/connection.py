@@ -155,13 +155,11 @@ class Connection:
         """One request/response exchange; the caller holds the lock."""
         request = local_pb2.LocalRequest(id=next(self._ids))
         getattr(request, field).CopyFrom(body)
+        self._send(request, send_fds)
         try:
-            wire.send_message(self._sock, request, send_fds)
             response, fds = wire.recv_message(self._sock, local_pb2.LocalResponse)
         except OSError as exc:
-            self._broken()
-            raise Unavailable(f"lost the connection to the vas agent at {self.socket_path}: "
-                              f"{exc.strerror or exc}") from exc
+            raise self._lost(exc) from exc
         if response is None:
             self._broken()
             raise Unavailable(f"the vas agent at {self.socket_path} closed the connection")
@@ -171,6 +169,18 @@ class Connection:
             raise Unavailable(f"the vas agent at {self.socket_path} answered request "
                               f"{request.id} with id {response.id}; connection dropped")
         return response, fds
+
+    def _send(self, request, send_fds=()) -> None:
+        """Send one request; the caller holds the lock."""
+        try:
+            wire.send_message(self._sock, request, send_fds)
+        except OSError as exc:
+            raise self._lost(exc) from exc
+
+    def _lost(self, exc: OSError) -> Unavailable:
+        self._broken()
+        return Unavailable(f"lost the connection to the vas agent at {self.socket_path}: "
+                           f"{exc.strerror or exc}")
 
     def _check_open(self) -> None:
         if self._closed:
@@ -187,10 +197,28 @@ class Connection:
     # -- the requests of a Mapping --------------------------------------------------
 
     def detach(self, attachment_id: int) -> None:
-        """Release one attachment (Mapping.detach, and a failed attach)."""
+        """Release one attachment (Mapping.detach, and a failed attach) and wait for the
+        answer: a "rw" one's writer lock is released when this returns."""
         self._writer_ids.discard(attachment_id)
         self.call("detach", local_pb2.DetachRequest(attachment_id=attachment_id),
                   ("detach", "empty", None))
+
+    def detach_unmapped_reader(self, attachment_id: int) -> None:
+        """Release an "r" attachment whose pages are unmapped, without waiting for an
+        answer (``no_reply``): nothing can refuse it, so the round trip was pure
+        latency (~40 % of a local attach+detach). The agent serves this connection's
+        requests in order, so every later one sees it released."""
+        with self._lock:
+            self._check_open()
+            self._flush_releases()
+            self._send_detach(attachment_id)
+
+    def _send_detach(self, attachment_id: int) -> None:
+        """Send an unanswered Detach; the caller holds the lock."""
+        request = local_pb2.LocalRequest(id=next(self._ids))
+        request.detach.attachment_id = attachment_id
+        request.detach.no_reply = True
+        self._send(request)
 
     def prefetch(self, attachment_id: int, offset: int, length: int) -> None:
         """Ask the agent to make [offset, offset + length) of an attachment present
@@ -299,10 +327,13 @@ class Connection:
                 attachment_id = self._releases.get_nowait()
             except queue.Empty:
                 return
-            self._writer_ids.discard(attachment_id)
-            response, fds = self._roundtrip(
-                "detach", local_pb2.DetachRequest(attachment_id=attachment_id))
-            close_fds(fds)  # an error here only means it is gone already
+            if attachment_id in self._writer_ids:  # its answer: the writer lock is released
+                self._writer_ids.discard(attachment_id)
+                response, fds = self._roundtrip(
+                    "detach", local_pb2.DetachRequest(attachment_id=attachment_id))
+                close_fds(fds)  # an error here only means it is gone already
+            else:
+                self._send_detach(attachment_id)
 
     def _flush_releases_now(self) -> None:
         """Take the lock and send the queued Detaches (the helper thread)."""
