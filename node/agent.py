@@ -331,6 +331,33 @@ class Agent:
                 raise
         return attachment, fd, info, FetchMode.EAGER
 
+    def revalidate(self, session: Session, attachment_id: int) -> int | None:
+        """The version of the pages ``session``'s "r" attachment ``attachment_id`` maps,
+        if a fresh "r" attach would map those same pages (Client.switch reuses it then);
+        None for a copy that is not the current one any more; the attach's error when
+        one would fail.
+
+        A home segment: the checks of an attach, on the cached record (no coordinator
+        call). A copy: the record is read, as every remote attach reads it (gone,
+        deleting, lost, permission), and the copy must be of that id, current (not
+        retired) and at least at its version.
+        """
+        attachment = self.sessions.get(session, attachment_id)
+        if attachment.mode != "r":
+            raise InvalidArgument(f"attachment {attachment_id} is \"{attachment.mode}\": only "
+                                  "\"r\" attachments are revalidated")
+        segment = attachment.segment
+        if isinstance(segment, HomeSegment):
+            return self.homes.current_version(session, segment)
+        info = self.coordinator.find_segment(segment.name)
+        if info is None or info.state == types_pb2.SEGMENT_STATE_DELETING:
+            raise NotFound(f"segment {segment.name} not found" if info is None
+                           else f"segment {segment.name} is being deleted")
+        check_access(info, session, "r")
+        if self._marked_lost(info):
+            raise segment_lost(segment.name, info.home)
+        return self.replicas.current_version(segment, info)
+
     def detach(self, session: Session, attachment_id: int) -> None:
         """End ``session``'s attachment ``attachment_id`` (NotFound if it has none such);
         the client unmapped it before asking."""

@@ -24,6 +24,8 @@ from vas.node.sessions import Session
 from vas.proto import LOCAL_PROTOCOL, coordinator_pb2, local_pb2
 
 
+#: Most attachment ids one Revalidate request may name.
+MAX_REVALIDATE = 1024
 #: What /proc/self/fd/N links to for a userfaultfd.
 _USERFAULTFD = "anon_inode:[userfaultfd]"
 
@@ -32,6 +34,11 @@ class Unimplemented(VasError):
     """A request type this agent does not know (a newer client)."""
 
     code = grpc.StatusCode.UNIMPLEMENTED
+
+
+def one_line(text: str) -> str:
+    """An error message as one line of at most 1000 characters (a response's ``message``)."""
+    return " ".join(str(text).split())[:1000]
 
 
 def check_userfaultfd(fd: int) -> None:
@@ -70,7 +77,7 @@ class LocalApi:
             "remove_node": self.remove_node,
             "prefetch": self.prefetch, "register_faults": self.register_faults,
             "sync": self.sync, "refresh": self.refresh, "wait": self.wait,
-            "keepalive": self.keepalive,
+            "keepalive": self.keepalive, "revalidate": self.revalidate,
         }
 
     # ------------------------------------------------------------------ segments
@@ -119,6 +126,27 @@ class LocalApi:
     def detach(self, session: Session, request, response) -> list[int]:
         self.agent.detach(session, request.attachment_id)
         response.detach.SetInParent()
+        return []
+
+    def revalidate(self, session: Session, request, response) -> list[int]:
+        """Whether kept "r" attachments are still current (Client.switch): one answer
+        per id; an id that fails says why instead of failing the request."""
+        ids = request.attachment_ids
+        if len(ids) > MAX_REVALIDATE:
+            raise InvalidArgument(f"Revalidate asks about {len(ids)} attachments; at most "
+                                  f"{MAX_REVALIDATE} per request")
+        answers = response.revalidate.attachments
+        for attachment_id in ids:
+            answer = answers.add(attachment_id=attachment_id)
+            try:
+                version = self.agent.revalidate(session, attachment_id)
+            except VasError as exc:
+                answer.reason = one_line(exc.message)
+                continue
+            if version is None:
+                answer.reason = "this node's copy is not the current one any more"
+            else:
+                answer.current, answer.version = True, version
         return []
 
     def stat(self, session: Session, request, response) -> list[int]:

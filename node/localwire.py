@@ -21,7 +21,7 @@ from google.protobuf.message import DecodeError
 from vas.core import wire
 from vas.core.errors import InvalidArgument, VasError
 from vas.core.sizes import human_size
-from vas.node.localapi import LocalApi, Unimplemented
+from vas.node.localapi import LocalApi, Unimplemented, one_line
 from vas.node.sessions import Session
 from vas.proto import local_pb2
 
@@ -38,10 +38,6 @@ INVALID_ARGUMENT = 3      # grpc.StatusCode.INVALID_ARGUMENT
 
 class BadRequest(Exception):
     """A datagram that is not a LocalRequest; answered with id 0."""
-
-
-def one_line(text: str) -> str:
-    return " ".join(str(text).split())[:1000]
 
 
 def close_fds(fds) -> None:

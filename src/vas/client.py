@@ -29,8 +29,8 @@ from vas.core.defaults import DEFAULT_SOCKET, ray_node_socket
 from vas.core.errors import InvalidArgument, VasError
 from vas.core.fetch import probe_fault_support, write_protect_available
 from vas.core.types import NodeInfo, SegmentInfo, SpaceInfo, cluster_status
-from vas.mapping import Mapping
-from vas.spaceview import SpaceView
+from vas.mapping import Mapping, detach_quietly
+from vas.spaceview import KeptMembers, SpaceView, reuse_current
 from vas.proto import coordinator_pb2, local_pb2
 
 #: Segments asked for per ListSegments page.
@@ -55,6 +55,8 @@ class Client:
         path = node or os.environ.get("VAS_NODE") or ray_node_socket() or DEFAULT_SOCKET
         self.socket_path = path
         connection = self._connection = Connection(path)
+        # The "r" members of spaces switched out of, for the next switch (vas/spaceview.py).
+        self._kept = KeptMembers()
         self.local_node = connection.local_node
         self.uid, self.gid, self.pid = connection.uid, connection.gid, connection.pid
 
@@ -76,6 +78,7 @@ class Client:
         raise ``Unavailable`` (or ``InvalidArgument`` once detached). Detach and
         drop views before closing to keep the bytes.
         """
+        self._kept.release_all()
         self._connection.close()
 
     @property
@@ -179,6 +182,8 @@ class Client:
         validate.check_name(name)
         validate.check_attach_mode(mode)
         validate.check_fetch(fetch)
+        if fixed:  # a switch may have left it mapped at that address: let it go first
+            self._kept.drop(name)
         response, fds = self._attach_request(name, mode, bool(fixed), fetch)
         return self._map(response, fds, mode, bool(fixed), fetch)
 
@@ -296,6 +301,7 @@ class Client:
         """
         validate.check_name(name)
         datasets.WARM.drop(self._connection, name)  # this process's own reads let go first
+        self._kept.drop(name)                       # and its last switch's "r" members
         self._connection.call("delete", local_pb2.DeleteRequest(name=name, force=bool(force)))
 
     def chmod(self, name: str, mode: int) -> SegmentInfo | None:
@@ -444,22 +450,34 @@ class Client:
                 head = view["nodes"].read(0, 64)
         """
         info = self.get_space(space)
-        mappings: dict[str, Mapping] = {}
-        try:
-            for segment, mode in info.members.items():
-                mappings[segment] = self.attach(segment, mode, fixed=True)
-        except BaseException:
-            for mapping in reversed(builtins.list(mappings.values())):
-                with contextlib.suppress(VasError):
-                    mapping.detach()
-            raise
-        view = SpaceView(info, mappings)
+        view = SpaceView(info, self._switch_in(info))
         try:
             yield view
         except BaseException as exc:
-            view._detach_all(exc)
+            view._leave(self._kept, exc)
             raise
-        view._detach_all()
+        view._leave(self._kept)
+
+    def _switch_in(self, info: SpaceInfo) -> dict[str, Mapping]:
+        """The members of ``info`` mapped at their addresses: the kept "r" ones the agent
+        says are current, attached for the others; kept ones not needed are released.
+        On a failure every member mapped is detached and the error raised."""
+        kept = self._kept.take()
+        wanted = {name: mapping for name, mapping in kept.items()
+                  if info.members.get(name) == "r"}
+        for name in kept.keys() - wanted.keys():
+            detach_quietly(kept[name])
+        reused = reuse_current(self._connection, wanted)
+        mappings: dict[str, Mapping] = {}
+        try:
+            for segment, mode in info.members.items():
+                mapping = reused.pop(segment, None)
+                mappings[segment] = mapping or self.attach(segment, mode, fixed=True)
+        except BaseException:
+            for mapping in [*reversed(builtins.list(mappings.values())), *reused.values()]:
+                detach_quietly(mapping)
+            raise
+        return mappings
 
     # -- cluster ------------------------------------------------------------------
 

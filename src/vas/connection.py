@@ -62,6 +62,8 @@ from vas.proto import LOCAL_PROTOCOL, local_pb2
 if TYPE_CHECKING:
     from vas.mapping import Mapping
 
+#: Most attachment ids one Revalidate request names (the agent's limit).
+_REVALIDATE_BATCH = 1024
 #: Shortest interval between two KeepAlives, seconds (whatever the agent asks).
 _MIN_KEEPALIVE_SECONDS = 0.05
 
@@ -261,6 +263,20 @@ class Connection:
         if not guardian.add(key, attachment_id, address, size, uffd, fallback):
             return None
         return functools.partial(guardian.drop, key, attachment_id)
+
+    def revalidate(self, attachment_ids: list[int]) -> list:
+        """Whether kept "r" attachments are still current (Client.switch): one
+        ``Revalidated`` per id, in order (Revalidate requests of at most 1024 ids)."""
+        answers = []
+        for start in range(0, len(attachment_ids), _REVALIDATE_BATCH):
+            ids = attachment_ids[start:start + _REVALIDATE_BATCH]
+            response = self.call("revalidate", local_pb2.RevalidateRequest(attachment_ids=ids),
+                                 "revalidate")
+            if [answer.attachment_id for answer in response.attachments] != ids:
+                raise VasError(f"vas agent at {self.socket_path} answered Revalidate about "
+                               "other attachments (a protocol mismatch?)")
+            answers.extend(response.attachments)
+        return answers
 
     def sync(self, attachment_id: int, ranges):
         """Publish a "rw" attachment's writes (Mapping.sync); the new segment record."""
