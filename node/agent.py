@@ -12,7 +12,9 @@ One ``Agent`` per process. Its parts, each a module of its own:
   reconciliation at start), heartbeats, attachment and replica reports;
 - ``ReplicaNotices`` (node/notices.py): telling the nodes that hold replicas of
   a segment deleted or freed here to drop them;
-- ``Store`` (node/store.py) and ``WarmPool`` (node/pool.py): capacity and memory.
+- ``Store`` (node/store.py) and ``WarmPool`` (node/pool.py): capacity and memory;
+- ``SpaceCache`` (node/spaces.py): the spaces read through this agent, kept while
+  its watch of the space records says they did not change.
 
 What is left here are the flows that need several parts: an attach (home
 segment, replica or remote writer), ending an attachment, a delete, a chmod,
@@ -22,7 +24,7 @@ and the start and stop of the background threads:
 - expiry (the ttl timer of HomeSegments), reporter (Reporter.run),
 - writer keepalive (Writers.run_keepalive), writer deadlines (Writers.deadlines:
   fences a writer whose lease was not renewed in time), warm pool (WarmPool.run),
-- notices (ReplicaNotices.run).
+- notices (ReplicaNotices.run), spaces (SpaceCache.run).
 
 The local request layer is node/localapi.py; the Node gRPC service node/service.py.
 Lock order: docs/ARCHITECTURE.md "Locks" and node/locks.py.
@@ -51,6 +53,7 @@ from vas.node.pool import WarmPool
 from vas.node.replicas import Replicas
 from vas.node.segments import HomeSegment, HomeState, Replica
 from vas.node.sessions import Attachment, Session, Sessions
+from vas.node.spaces import SpaceCache
 from vas.node.store import Store
 from vas.node.writers import Writers
 from vas.proto import coordinator_pb2, types_pb2
@@ -101,6 +104,7 @@ class Agent:
                                   self.cleanup_timeout, data_dir)
         #: Segments found in the data dir at start whose records are still to be checked.
         self._found = list(found)
+        self.spaces = SpaceCache(self.coordinator)
         self.membership = Membership(node_id, config, self.coordinator, self.reporter,
                                      self.node_info, self._held, self._home_ids,
                                      self._registered, self._chores, self.cleanup_timeout)
@@ -138,6 +142,10 @@ class Agent:
             thread = threading.Thread(target=target, name=f"vas-node-{name}", daemon=True)
             thread.start()
             self._threads.append(thread)
+        # Not joined at stop: it waits in a Watch call for up to its slice (10 s), and
+        # ends at the next one, or when close() closes the coordinator channel.
+        threading.Thread(target=lambda: self.spaces.run(self._stop), name="vas-node-spaces",
+                         daemon=True).start()
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the background threads (the last attachment reports are dropped:

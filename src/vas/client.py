@@ -29,8 +29,8 @@ from vas.core.defaults import DEFAULT_SOCKET, ray_node_socket
 from vas.core.errors import InvalidArgument, VasError
 from vas.core.fetch import probe_fault_support, write_protect_available
 from vas.core.types import NodeInfo, SegmentInfo, SpaceInfo, cluster_status
-from vas.mapping import Mapping, detach_quietly
-from vas.spaceview import KeptMembers, SpaceView, reuse_current
+from vas.mapping import Mapping
+from vas.spaceview import KeptMembers, SpaceView, switch_in
 from vas.proto import coordinator_pb2, local_pb2
 
 #: Segments asked for per ListSegments page.
@@ -449,35 +449,14 @@ class Client:
             with c.switch("model") as view:
                 head = view["nodes"].read(0, 64)
         """
-        info = self.get_space(space)
-        view = SpaceView(info, self._switch_in(info))
+        validate.check_name(space, "space")
+        view = SpaceView(*switch_in(self, space))
         try:
             yield view
         except BaseException as exc:
             view._leave(self._kept, exc)
             raise
         view._leave(self._kept)
-
-    def _switch_in(self, info: SpaceInfo) -> dict[str, Mapping]:
-        """The members of ``info`` mapped at their addresses: the kept "r" ones the agent
-        says are current, attached for the others; kept ones not needed are released.
-        On a failure every member mapped is detached and the error raised."""
-        kept = self._kept.take()
-        wanted = {name: mapping for name, mapping in kept.items()
-                  if info.members.get(name) == "r"}
-        for name in kept.keys() - wanted.keys():
-            detach_quietly(kept[name])
-        reused = reuse_current(self._connection, wanted)
-        mappings: dict[str, Mapping] = {}
-        try:
-            for segment, mode in info.members.items():
-                mapping = reused.pop(segment, None)
-                mappings[segment] = mapping or self.attach(segment, mode, fixed=True)
-        except BaseException:
-            for mapping in [*reversed(builtins.list(mappings.values())), *reused.values()]:
-                detach_quietly(mapping)
-            raise
-        return mappings
 
     # -- cluster ------------------------------------------------------------------
 

@@ -264,19 +264,21 @@ class Connection:
             return None
         return functools.partial(guardian.drop, key, attachment_id)
 
-    def revalidate(self, attachment_ids: list[int]) -> list:
-        """Whether kept "r" attachments are still current (Client.switch): one
-        ``Revalidated`` per id, in order (Revalidate requests of at most 1024 ids)."""
-        answers = []
-        for start in range(0, len(attachment_ids), _REVALIDATE_BATCH):
+    def revalidate(self, space: str, attachment_ids: list[int]):
+        """Space ``space`` and whether kept "r" attachments are still current
+        (Client.switch): (the ``SpaceInfo`` proto, one ``Revalidated`` per id in order),
+        in one Revalidate request per 1024 ids (one in all, usually)."""
+        answers, info = [], None
+        for start in range(0, max(1, len(attachment_ids)), _REVALIDATE_BATCH):
             ids = attachment_ids[start:start + _REVALIDATE_BATCH]
-            response = self.call("revalidate", local_pb2.RevalidateRequest(attachment_ids=ids),
-                                 "revalidate")
+            response = self.call("revalidate", local_pb2.RevalidateRequest(
+                attachment_ids=ids, space="" if info else space), "revalidate")
             if [answer.attachment_id for answer in response.attachments] != ids:
                 raise VasError(f"vas agent at {self.socket_path} answered Revalidate about "
                                "other attachments (a protocol mismatch?)")
+            info = info or response.space
             answers.extend(response.attachments)
-        return answers
+        return info, answers
 
     def sync(self, attachment_id: int, ranges):
         """Publish a "rw" attachment's writes (Mapping.sync); the new segment record."""

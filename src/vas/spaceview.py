@@ -33,7 +33,7 @@ from vas.core.types import SpaceInfo
 from vas.mapping import Mapping, detach_quietly
 
 if TYPE_CHECKING:
-    from vas.connection import Connection
+    from vas.client import Client
 
 
 class SpaceView(collections.abc.Mapping):
@@ -116,25 +116,34 @@ class KeptMembers:
             detach_quietly(mapping)
 
 
-def reuse_current(connection: "Connection", kept: dict[str, Mapping]) -> dict[str, Mapping]:
-    """The mappings of ``kept`` that the agent says are still current (one Revalidate
-    request per 1024), their versions brought up to the pages'; the others are
-    detached (so that their addresses are free to attach them again). On an error
-    every one of ``kept`` is detached and the error raised."""
-    if not kept:
-        return {}
-    mappings = builtins.list(kept.values())
+def switch_in(client: "Client", space: str) -> tuple[SpaceInfo, dict[str, Mapping]]:
+    """Space ``space`` and its members mapped at their addresses: the kept "r" ones the
+    agent says are current (asked in the same request as the space: Revalidate),
+    attached for the others; kept ones the space does not have, or not current, are
+    detached first (their addresses are free to attach again). On a failure every
+    member mapped is detached and the error raised."""
+    kept = builtins.list(client._kept.take().values())
     try:
-        answers = connection.revalidate([m._attachment_id for m in mappings])
+        proto, answers = client._connection.revalidate(space, [m._attachment_id for m in kept])
+        info = SpaceInfo.from_proto(proto)
     except BaseException:
-        for mapping in mappings:
+        for mapping in kept:
             detach_quietly(mapping)
         raise
-    current = {}
-    for mapping, answer in zip(mappings, answers):
-        if answer.current:
+    reused = {}
+    for mapping, answer in zip(kept, answers):
+        if answer.current and info.members.get(mapping.name) == "r":
             mapping._revalidated(int(answer.version))
-            current[mapping.name] = mapping
+            reused[mapping.name] = mapping
         else:
             detach_quietly(mapping)
-    return current
+    mappings: dict[str, Mapping] = {}
+    try:
+        for segment, mode in info.members.items():
+            mapping = reused.pop(segment, None)
+            mappings[segment] = mapping or client.attach(segment, mode, fixed=True)
+    except BaseException:
+        for mapping in [*reversed(builtins.list(mappings.values())), *reused.values()]:
+            detach_quietly(mapping)
+        raise
+    return info, mappings

@@ -523,3 +523,39 @@ with vas.connect({env["VAS_NODE"]!r}) as c:
             child.wait()
     client.delete_space("kp/P")
     client.delete("kp/perm")
+
+
+def test_switch_sees_space_changes_made_through_another_agent(cluster):
+    """node2 keeps the space record it read (its watch of the space records says when
+    it changes): a member added through node1 is in node2's next switches within the
+    deadline, one removed is gone from them; through node2 itself, at once."""
+    with vas.connect(cluster.nodes[0].socket) as one, \
+            vas.connect(cluster.nodes[1].socket) as two:
+        for name in ("kp/w1", "kp/w2"):
+            one.create(name, 4096)
+        one.create_space("kp/W")
+        one.space_add("kp/W", "kp/w1")
+
+        def members() -> list[str]:
+            with two.switch("kp/W") as view:
+                return list(view)
+        assert members() == ["kp/w1"]
+        one.space_add("kp/W", "kp/w2")
+        wait_for(lambda: members() == ["kp/w1", "kp/w2"], what="node2 to see kp/w2 added")
+        one.space_remove("kp/W", "kp/w1")
+        wait_for(lambda: members() == ["kp/w2"], what="node2 to see kp/w1 removed")
+        two.space_add("kp/W", "kp/w1")  # through node2: its next switch has it
+        assert members() == ["kp/w2", "kp/w1"]
+        one.delete_space("kp/W")
+        wait_for(lambda: _switch_fails(two, "kp/W"), what="node2 to see kp/W deleted")
+        two.close()
+        for name in ("kp/w1", "kp/w2"):
+            one.delete(name)
+
+
+def _switch_fails(client, space: str) -> bool:
+    try:
+        with client.switch(space):
+            return False
+    except vas.NotFound:
+        return True
