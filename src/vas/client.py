@@ -66,8 +66,8 @@ class Client:
         """Close the connection: the agent then releases every attachment it made,
         with its writer lock, at once.
 
-        Idempotent. Detaches already queued (mappings whose last view went) are
-        sent first. Mappings still attached and views still alive stay mapped
+        Idempotent. The members a ``switch`` kept mapped are let go, and Detaches
+        already queued (mappings whose last view went) are sent, first. Mappings still attached and views still alive stay mapped
         in this process (valid memory), but no attachment holds their pages any
         more: the agent may free a deleted segment's pages (they then read as
         zeros), a touch of a lazy mapping's page not fetched yet raises SIGBUS
@@ -436,7 +436,12 @@ class Client:
 
         Each member is attached with the mode it was added with. If one attach
         fails, the ones already made are detached and the error is raised. On
-        exit every member is detached.
+        exit every member's ``Mapping`` is detached, but the pages of the "r" ones
+        stay mapped in this Client (still attachments) for the next switch, which
+        reuses those the agent says are still current (one request for the space
+        and all of them) and attaches the others afresh; kept members are let go
+        by a switch that does not need them, a ``delete`` or ``fixed=True`` attach
+        of the segment from this Client, and ``close()`` (vas/spaceview.py).
 
         :yields: a ``SpaceView``: ``view[segment_name]`` is that member's ``Mapping``.
             Leaving the block by an exception never replaces that exception.

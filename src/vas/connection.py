@@ -207,9 +207,9 @@ class Connection:
 
     def detach_unmapped_reader(self, attachment_id: int) -> None:
         """Release an "r" attachment whose pages are unmapped, without waiting for an
-        answer (``no_reply``): nothing can refuse it, so the round trip was pure
-        latency (~40 % of a local attach+detach). The agent serves this connection's
-        requests in order, so every later one sees it released."""
+        answer (``no_reply``): nothing can refuse it, so waiting cost a round trip per
+        detach for nothing. The agent serves this connection's requests in order, so
+        every later one sees it released."""
         with self._lock:
             self._check_open()
             self._flush_releases()
