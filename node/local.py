@@ -285,8 +285,8 @@ class LocalServer:
 
         A connection answered is read again by this thread at once (``_read``, which
         re-arms it when nothing is there): a client that sent its next request
-        meanwhile (a Detach with no reply, then an Attach) is served without an
-        epoll round and the wake-up of another thread.
+        meanwhile (its queued Detaches go unanswered, its next request right after
+        them) is served without an epoll round and the wake-up of another thread.
         """
         jobs = [job] if job is not None else []
         while jobs:

@@ -200,23 +200,16 @@ class Connection:
 
     def detach(self, attachment_id: int) -> None:
         """Release one attachment (Mapping.detach, and a failed attach) and wait for the
-        answer: a "rw" one's writer lock is released when this returns."""
+        answer: when this returns, every process sees it released (counts, a deleting
+        segment freed, a writer lock free). Not sent unanswered (``no_reply``), though
+        that saved a round trip: another process told "detached" could still find the
+        attachment, e.g. the name of a segment it deleted still taken."""
         self._writer_ids.discard(attachment_id)
         self.call("detach", local_pb2.DetachRequest(attachment_id=attachment_id),
                   ("detach", "empty", None))
 
-    def detach_unmapped_reader(self, attachment_id: int) -> None:
-        """Release an "r" attachment whose pages are unmapped, without waiting for an
-        answer (``no_reply``): nothing can refuse it, so waiting cost a round trip per
-        detach for nothing. The agent serves this connection's requests in order, so
-        every later one sees it released."""
-        with self._lock:
-            self._check_open()
-            self._flush_releases()
-            self._send_detach(attachment_id)
-
     def _send_detach(self, attachment_id: int) -> None:
-        """Send an unanswered Detach; the caller holds the lock."""
+        """Send an unanswered Detach (of a queued release); the caller holds the lock."""
         request = local_pb2.LocalRequest(id=next(self._ids))
         request.detach.attachment_id = attachment_id
         request.detach.no_reply = True

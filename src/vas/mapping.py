@@ -524,9 +524,6 @@ class Mapping:
             self._release.cancel()
         del native
         if unmapped and connection is not None and not connection.closed:
-            if self.mode == "r":  # nothing to wait for: the answer is not even sent
-                connection.detach_unmapped_reader(self._attachment_id)
-                return
             with contextlib.suppress(NotFound):  # a forced delete revoked it already
                 connection.detach(self._attachment_id)
 

@@ -325,8 +325,6 @@ class RecordingConnection(NoAgent):
     def detach(self, attachment_id: int) -> None:
         self.detached.append(attachment_id)
 
-    detach_unmapped_reader = detach  # an "r" mapping's Detach, not waited for
-
 
 def _mapping_of(connection, attachment_id: int):
     from vas.proto import local_pb2
