@@ -276,37 +276,25 @@ class LocalServer:
                     except Exception:  # serving everyone: no event may end a thread
                         log.exception("local connections: handling fd %d failed", fd)
                         continue
-                    self._run_jobs(job, receiver)
+                    self._run_jobs(job)
         finally:
             receiver.close()
 
-    def _run_jobs(self, job: Job | None, receiver: Receiver) -> None:
-        """Run ``job`` and then whatever the dispatcher gives this thread next.
-
-        A connection answered is read again by this thread at once (``_read``, which
-        re-arms it when nothing is there): a client that sent its next request
-        meanwhile (its queued Detaches go unanswered, its next request right after
-        them) is served without an epoll round and the wake-up of another thread.
-        """
-        jobs = [job] if job is not None else []
-        while jobs:
-            job = jobs.pop()
+    def _run_jobs(self, job: Job | None) -> None:
+        """Run ``job`` and then whatever the dispatcher gives this thread next."""
+        while job is not None:
             answered = None
             try:
                 answered = job[1]()
             except Exception:
                 log.exception("a local request task failed")
-            following = self.dispatcher.done(job)
-            if following is not None:
-                jobs.append(following)
-            if answered is not None:
-                try:
-                    following = self._read(answered, receiver)
-                except Exception:  # as in _run: no connection may end a thread
-                    log.exception("local connections: reading %r failed", answered.session)
-                    continue
-                if following is not None:
-                    jobs.append(following)
+            job = self.dispatcher.done(job)
+            if answered is not None:  # answered: read its next request (re-armed after
+                try:                  # done(), so a thread woken for it seldom waits for our GIL)
+                    self._epoll.modify(answered.fd, _READ_ONCE)
+                except OSError as exc:
+                    log.error("cannot watch the connection of %r again: %s", answered.session,
+                              exc)
 
     def _handle(self, fd: int, receiver: Receiver) -> Job | None:
         """Handle the event of ``fd``; a job for this thread to run, or None."""
