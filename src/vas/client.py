@@ -67,7 +67,8 @@ class Client:
         with its writer lock, at once.
 
         Idempotent. The members a ``switch`` kept mapped are let go, and Detaches
-        already queued (mappings whose last view went) are sent, first. Mappings still attached and views still alive stay mapped
+        already queued (mappings whose last view went) are sent, first. Mappings
+        still attached and views still alive stay mapped
         in this process (valid memory), but no attachment holds their pages any
         more: the agent may free a deleted segment's pages (they then read as
         zeros), a touch of a lazy mapping's page not fetched yet raises SIGBUS

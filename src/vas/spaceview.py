@@ -2,8 +2,8 @@
 ``KeptMembers``: the "r" members a switch left mapped for the next one.
 
 Why keep them: a switch attaches every member at its fixed address (one request, an
-mmap and a Detach each: ~2 ms for 10 members on the 2-CPU development VM, most of it
-the space's read), and a program switching back and forth between spaces maps the
+mmap and a Detach each, and the space read at the coordinator: 3-13 ms for 10 members
+on the loaded 2-CPU development VM), and a program switching back and forth between spaces maps the
 same segments again and again. So leaving a ``switch`` block detaches the user's
 ``Mapping`` objects but keeps their "r" pages mapped, and their attachments at the
 agent, in the Client's ``KeptMembers``; the next switch asks the agent once
