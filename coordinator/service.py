@@ -29,7 +29,7 @@ from vas.coordinator.segments import Segments
 from vas.coordinator.promote import Promoter
 from vas.coordinator.spaces import Spaces
 from vas.coordinator.status import cluster_status
-from vas.coordinator.watch import SegmentWatch
+from vas.coordinator.watch import SegmentWatch, SpaceWatch
 from vas.coordinator.writers import Writers
 from vas.core.errors import InvalidArgument, VasError, abort_with, translated
 from vas.core.identity import PeerKind, peer_of_context
@@ -319,8 +319,8 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         try:
             if request.start_revision < 0:
                 raise InvalidArgument(f"invalid start revision {request.start_revision}")
-            watch = SegmentWatch(self.etcd, check_prefix(request.prefix),
-                                 request.start_revision)
+            kind = SpaceWatch if request.spaces else SegmentWatch
+            watch = kind(self.etcd, check_prefix(request.prefix), request.start_revision)
         except VasError as exc:
             abort_with(context, exc)
         with self._watches_lock:

@@ -1,4 +1,5 @@
-"""The Watch stream: etcd watch events on segment records, as vas WatchEvents.
+"""The Watch stream: etcd watch events on segment records, as vas WatchEvents (or, with
+``WatchRequest.spaces``, the names of the space records changed: ``SpaceWatch``).
 
 Each Watch RPC opens its own etcd Watch stream holding two watches: the
 segments under the prefix (with prev_kv, so a DELETE carries the last record)
@@ -100,6 +101,26 @@ class SegmentWatch:
                 f"{response.compact_revision}): list again and watch from 0")
         raise Unavailable(f"etcd at {self.etcd.url} cancelled the watch: "
                           f"{response.cancel_reason or 'no reason given'}")
+
+
+class SpaceWatch(SegmentWatch):
+    """One client's watch of the space records under ``prefix``: a PUT or DELETE event
+    naming each space created, changed or deleted (no record: agents only drop what
+    they kept of it, node/spaces.py)."""
+
+    def _events(self):
+        spaces_id = self._create(keys.space_key(self.prefix), self.start_revision, False)
+        yield WatchEvent(type=WatchEvent.TYPE_CREATED, revision=self._created_revision)
+        for response in self._call:
+            if response.canceled:
+                self._cancelled(response)
+            if response.watch_id != spaces_id:
+                continue
+            for event in response.events:
+                kind = (WatchEvent.TYPE_DELETE if event.type == kv_pb2.Event.DELETE
+                        else WatchEvent.TYPE_PUT)
+                yield WatchEvent(type=kind, revision=event.kv.mod_revision,
+                                 space=keys.name_of(event.kv.key, keys.SPACES))
 
 
 def _create_request(key: bytes, start_revision: int, prev_kv: bool) -> etcdrpc.WatchRequest:

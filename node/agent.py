@@ -12,7 +12,9 @@ One ``Agent`` per process. Its parts, each a module of its own:
   reconciliation at start), heartbeats, attachment and replica reports;
 - ``ReplicaNotices`` (node/notices.py): telling the nodes that hold replicas of
   a segment deleted or freed here to drop them;
-- ``Store`` (node/store.py) and ``WarmPool`` (node/pool.py): capacity and memory.
+- ``Store`` (node/store.py) and ``WarmPool`` (node/pool.py): capacity and memory;
+- ``SpaceCache`` (node/spaces.py): the spaces read through this agent, kept while
+  its watch of the space records says they did not change.
 
 What is left here are the flows that need several parts: an attach (home
 segment, replica or remote writer), ending an attachment, a delete, a chmod,
@@ -22,7 +24,7 @@ and the start and stop of the background threads:
 - expiry (the ttl timer of HomeSegments), reporter (Reporter.run),
 - writer keepalive (Writers.run_keepalive), writer deadlines (Writers.deadlines:
   fences a writer whose lease was not renewed in time), warm pool (WarmPool.run),
-- notices (ReplicaNotices.run).
+- notices (ReplicaNotices.run), spaces (SpaceCache.run).
 
 The local request layer is node/localapi.py; the Node gRPC service node/service.py.
 Lock order: docs/ARCHITECTURE.md "Locks" and node/locks.py.
@@ -52,6 +54,7 @@ from vas.node.relay import Copy, Directory
 from vas.node.replicas import Replicas
 from vas.node.segments import HomeSegment, HomeState, Replica
 from vas.node.sessions import Attachment, Session, Sessions
+from vas.node.spaces import SpaceCache
 from vas.node.store import Store
 from vas.node.writers import Writers
 from vas.proto import coordinator_pb2, types_pb2
@@ -104,6 +107,7 @@ class Agent:
                                   self.cleanup_timeout, data_dir)
         #: Segments found in the data dir at start whose records are still to be checked.
         self._found = list(found)
+        self.spaces = SpaceCache(self.coordinator)
         self.membership = Membership(node_id, config, self.coordinator, self.reporter,
                                      self.node_info, self._held, self._home_ids,
                                      self._registered, self._chores, self.cleanup_timeout)
@@ -141,6 +145,10 @@ class Agent:
             thread = threading.Thread(target=target, name=f"vas-node-{name}", daemon=True)
             thread.start()
             self._threads.append(thread)
+        # Not joined at stop: it waits in a Watch call for up to its slice (10 s), and
+        # ends at the next one, or when close() closes the coordinator channel.
+        threading.Thread(target=lambda: self.spaces.run(self._stop), name="vas-node-spaces",
+                         daemon=True).start()
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the background threads (the last attachment reports are dropped:
@@ -333,6 +341,33 @@ class Agent:
                 os.close(fd)
                 raise
         return attachment, fd, info, FetchMode.EAGER
+
+    def revalidate(self, session: Session, attachment_id: int) -> int | None:
+        """The version of the pages ``session``'s "r" attachment ``attachment_id`` maps,
+        if a fresh "r" attach would map those same pages (Client.switch reuses it then);
+        None for a copy that is not the current one any more; the attach's error when
+        one would fail.
+
+        A home segment: the checks of an attach, on the cached record (no coordinator
+        call). A copy: the record is read, as every remote attach reads it (gone,
+        deleting, lost, permission), and the copy must be of that id, current (not
+        retired) and at least at its version.
+        """
+        attachment = self.sessions.get(session, attachment_id)
+        if attachment.mode != "r":
+            raise InvalidArgument(f"attachment {attachment_id} is \"{attachment.mode}\": only "
+                                  "\"r\" attachments are revalidated")
+        segment = attachment.segment
+        if isinstance(segment, HomeSegment):
+            return self.homes.current_version(session, segment)
+        info = self.coordinator.find_segment(segment.name)
+        if info is None or info.state == types_pb2.SEGMENT_STATE_DELETING:
+            raise NotFound(f"segment {segment.name} not found" if info is None
+                           else f"segment {segment.name} is being deleted")
+        check_access(info, session, "r")
+        if self._marked_lost(info):
+            raise segment_lost(segment.name, info.home)
+        return self.replicas.current_version(segment, info)
 
     def detach(self, session: Session, attachment_id: int) -> None:
         """End ``session``'s attachment ``attachment_id`` (NotFound if it has none such);

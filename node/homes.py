@@ -428,6 +428,13 @@ class HomeSegments:
             with segment.lock:
                 segment.writer_mapped = mapped
 
+    def current_version(self, session, segment: HomeSegment) -> int:
+        """The version of ``segment`` if ``session`` may attach it "r" now (it is kept
+        mapped by Client.switch: see Agent.revalidate); else the attach's error."""
+        with segment.lock:
+            self._check_attachable_locked(session, segment, "r")
+            return segment.info.version
+
     def _check_attachable_locked(self, session, segment: HomeSegment, mode: str) -> None:
         if segment.state is not HomeState.LIVE:
             raise NotFound(f"segment {segment.name} is being deleted")

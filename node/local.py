@@ -60,7 +60,7 @@ from vas.node import locks
 from vas.node.dispatch import Dispatcher, Job
 from vas.node.limits import Counts, Limit
 from vas.node.localapi import LocalApi
-from vas.node.localwire import BadRequest, Receiver, Responder, close_fds
+from vas.node.localwire import BadRequest, Receiver, Responder, close_fds, unanswered
 from vas.node.sessions import Session
 from vas.proto import local_pb2
 
@@ -467,6 +467,12 @@ class LocalServer:
             finally:
                 session.last_seen, session.busy = time.monotonic(), False
                 close_fds(fds)  # whatever a handler did not take
+            if unanswered(request):  # the client does not wait: nothing is sent
+                close_fds(out)
+                if response.code:
+                    log.debug("an unanswered request of %r failed: %s", session,
+                              response.message)
+                return connection
             return self._answer(connection, response, out)
         except Exception:  # a bug: end the connection rather than leave its client waiting
             log.exception("connection of %r failed", session)

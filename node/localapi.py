@@ -24,6 +24,10 @@ from vas.node.sessions import Session
 from vas.proto import LOCAL_PROTOCOL, coordinator_pb2, local_pb2
 
 
+#: The space operations that change a space (the agent drops its kept record of it).
+_SPACE_CHANGES = ("create", "delete", "add", "remove")
+#: Most attachment ids one Revalidate request may name.
+MAX_REVALIDATE = 1024
 #: What /proc/self/fd/N links to for a userfaultfd.
 _USERFAULTFD = "anon_inode:[userfaultfd]"
 
@@ -32,6 +36,11 @@ class Unimplemented(VasError):
     """A request type this agent does not know (a newer client)."""
 
     code = grpc.StatusCode.UNIMPLEMENTED
+
+
+def one_line(text: str) -> str:
+    """An error message as one line of at most 1000 characters (a response's ``message``)."""
+    return " ".join(str(text).split())[:1000]
 
 
 def check_userfaultfd(fd: int) -> None:
@@ -70,7 +79,7 @@ class LocalApi:
             "remove_node": self.remove_node,
             "prefetch": self.prefetch, "register_faults": self.register_faults,
             "sync": self.sync, "refresh": self.refresh, "wait": self.wait,
-            "keepalive": self.keepalive,
+            "keepalive": self.keepalive, "revalidate": self.revalidate,
         }
 
     # ------------------------------------------------------------------ segments
@@ -119,6 +128,31 @@ class LocalApi:
     def detach(self, session: Session, request, response) -> list[int]:
         self.agent.detach(session, request.attachment_id)
         response.detach.SetInParent()
+        return []
+
+    def revalidate(self, session: Session, request, response) -> list[int]:
+        """Whether kept "r" attachments are still current (Client.switch): one answer
+        per id; an id that fails says why instead of failing the request. With
+        ``space``, that space too (kept by the agent: node/spaces.py)."""
+        ids = request.attachment_ids
+        if len(ids) > MAX_REVALIDATE:
+            raise InvalidArgument(f"Revalidate asks about {len(ids)} attachments; at most "
+                                  f"{MAX_REVALIDATE} per request")
+        if request.space:
+            response.revalidate.space.CopyFrom(
+                self.agent.spaces.get(validate.check_name(request.space, "space")))
+        answers = response.revalidate.attachments
+        for attachment_id in ids:
+            answer = answers.add(attachment_id=attachment_id)
+            try:
+                version = self.agent.revalidate(session, attachment_id)
+            except VasError as exc:
+                answer.reason = one_line(exc.message)
+                continue
+            if version is None:
+                answer.reason = "this node's copy is not the current one any more"
+            else:
+                answer.current, answer.version = True, version
         return []
 
     def stat(self, session: Session, request, response) -> list[int]:
@@ -233,15 +267,27 @@ class LocalApi:
         """Space operations: checked, then forwarded with the caller filled in."""
         op = request.WhichOneof("op")
         coordinator, caller = self.agent.coordinator, session.caller
+        if op in _SPACE_CHANGES:  # whatever it did, drop the record kept of that space
+            body = getattr(request, op)
+            name = body.space if op in ("add", "remove") else body.name
+            try:
+                return self._space_change(op, request, response, coordinator, caller)
+            finally:
+                self.agent.spaces.changed(name)
+        if op == "get":
+            response.space_info.CopyFrom(self.agent.spaces.get(
+                validate.check_name(request.get.name, "space")))
+        elif op == "list":
+            response.spaces.CopyFrom(coordinator.list_spaces(request.list))
+        else:
+            raise Unimplemented("unknown space operation")
+        return []
+
+    def _space_change(self, op: str, request, response, coordinator, caller) -> list[int]:
         if op == "create":
             response.space_info.CopyFrom(coordinator.create_space(
                 caller, validate.check_name(request.create.name, "space"),
                 validate.check_mode(request.create.mode)))
-        elif op == "get":
-            response.space_info.CopyFrom(coordinator.get_space(
-                validate.check_name(request.get.name, "space")))
-        elif op == "list":
-            response.spaces.CopyFrom(coordinator.list_spaces(request.list))
         elif op == "delete":
             coordinator.delete_space(caller, validate.check_name(request.delete.name, "space"))
             response.empty.SetInParent()
@@ -250,10 +296,8 @@ class LocalApi:
                 caller, validate.check_name(request.add.space, "space"),
                 validate.check_name(request.add.segment),
                 validate.check_attach_mode(request.add.mode)))
-        elif op == "remove":
+        else:  # remove
             response.space_info.CopyFrom(coordinator.space_remove(
                 caller, validate.check_name(request.remove.space, "space"),
                 validate.check_name(request.remove.segment)))
-        else:
-            raise Unimplemented("unknown space operation")
         return []

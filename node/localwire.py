@@ -21,7 +21,7 @@ from google.protobuf.message import DecodeError
 from vas.core import wire
 from vas.core.errors import InvalidArgument, VasError
 from vas.core.sizes import human_size
-from vas.node.localapi import LocalApi, Unimplemented
+from vas.node.localapi import LocalApi, Unimplemented, one_line
 from vas.node.sessions import Session
 from vas.proto import local_pb2
 
@@ -40,16 +40,18 @@ class BadRequest(Exception):
     """A datagram that is not a LocalRequest; answered with id 0."""
 
 
-def one_line(text: str) -> str:
-    return " ".join(str(text).split())[:1000]
-
-
 def close_fds(fds) -> None:
     for fd in fds:
         try:
             os.close(fd)
         except OSError:
             pass
+
+
+def unanswered(request: local_pb2.LocalRequest) -> bool:
+    """Whether ``request`` asks for no response: a Detach with ``no_reply`` (the only
+    request that may: nothing the client does next depends on its outcome)."""
+    return request.WhichOneof("body") == "detach" and request.detach.no_reply
 
 
 class Receiver:

@@ -114,6 +114,7 @@ class Rank(enum.IntEnum):
     CONNECTIONS = 120   # node/local.py: the local connections, refused ones, the listener
     LIMITS = 125        # node/limits.py: per-uid counts of connections, attachments, uffds
     DISPATCH = 130      # node/dispatch.py: the queues of local requests per uid
+    SPACE_CACHE = 135   # node/spaces.py: the space records kept (a leaf)
 
 # None: follow the environment; else (checking, raising) as set by enable()/disable().
 _forced: tuple[bool, bool] | None = None

@@ -202,6 +202,16 @@ class Replicas:
                 del self._fetching[info.name]
             done.set()
 
+    def current_version(self, replica: Replica, info: types_pb2.SegmentInfo) -> int | None:
+        """The version ``replica`` holds if it is still what an attach of ``info`` would
+        map (current, same id, at least that version), else None (Agent.revalidate)."""
+        with replica.lock:
+            if (replica.state is not ReplicaState.CURRENT or replica.id != info.id
+                    or replica.info.version < info.version):
+                return None
+            replica.checked = time.monotonic()  # as at an attach: the record was just read
+            return replica.info.version
+
     def _check_not_dropped(self, info: types_pb2.SegmentInfo) -> None:
         with self._lock:
             dropped = info.id in self._dropped

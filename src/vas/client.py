@@ -30,7 +30,7 @@ from vas.core.errors import InvalidArgument, VasError
 from vas.core.fetch import probe_fault_support, write_protect_available
 from vas.core.types import NodeInfo, SegmentInfo, SpaceInfo, cluster_status
 from vas.mapping import Mapping
-from vas.spaceview import SpaceView
+from vas.spaceview import KeptMembers, SpaceView, switch_in
 from vas.proto import coordinator_pb2, local_pb2
 
 #: Segments asked for per ListSegments page.
@@ -55,6 +55,8 @@ class Client:
         path = node or os.environ.get("VAS_NODE") or ray_node_socket() or DEFAULT_SOCKET
         self.socket_path = path
         connection = self._connection = Connection(path)
+        # The "r" members of spaces switched out of, for the next switch (vas/spaceview.py).
+        self._kept = KeptMembers()
         self.local_node = connection.local_node
         self.uid, self.gid, self.pid = connection.uid, connection.gid, connection.pid
 
@@ -64,8 +66,9 @@ class Client:
         """Close the connection: the agent then releases every attachment it made,
         with its writer lock, at once.
 
-        Idempotent. Detaches already queued (mappings whose last view went) are
-        sent first. Mappings still attached and views still alive stay mapped
+        Idempotent. The members a ``switch`` kept mapped are let go, and Detaches
+        already queued (mappings whose last view went) are sent, first. Mappings
+        still attached and views still alive stay mapped
         in this process (valid memory), but no attachment holds their pages any
         more: the agent may free a deleted segment's pages (they then read as
         zeros), a touch of a lazy mapping's page not fetched yet raises SIGBUS
@@ -76,6 +79,7 @@ class Client:
         raise ``Unavailable`` (or ``InvalidArgument`` once detached). Detach and
         drop views before closing to keep the bytes.
         """
+        self._kept.release_all()
         self._connection.close()
 
     @property
@@ -179,6 +183,8 @@ class Client:
         validate.check_name(name)
         validate.check_attach_mode(mode)
         validate.check_fetch(fetch)
+        if fixed:  # a switch may have left it mapped at that address: let it go first
+            self._kept.drop(name)
         response, fds = self._attach_request(name, mode, bool(fixed), fetch)
         return self._map(response, fds, mode, bool(fixed), fetch)
 
@@ -296,6 +302,7 @@ class Client:
         """
         validate.check_name(name)
         datasets.WARM.drop(self._connection, name)  # this process's own reads let go first
+        self._kept.drop(name)                       # and its last switch's "r" members
         self._connection.call("delete", local_pb2.DeleteRequest(name=name, force=bool(force)))
 
     def chmod(self, name: str, mode: int) -> SegmentInfo | None:
@@ -430,7 +437,12 @@ class Client:
 
         Each member is attached with the mode it was added with. If one attach
         fails, the ones already made are detached and the error is raised. On
-        exit every member is detached.
+        exit every member's ``Mapping`` is detached, but the pages of the "r" ones
+        stay mapped in this Client (still attachments) for the next switch, which
+        reuses those the agent says are still current (one request for the space
+        and all of them) and attaches the others afresh; kept members are let go
+        by a switch that does not need them, a ``delete`` or ``fixed=True`` attach
+        of the segment from this Client, and ``close()`` (vas/spaceview.py).
 
         :yields: a ``SpaceView``: ``view[segment_name]`` is that member's ``Mapping``.
             Leaving the block by an exception never replaces that exception.
@@ -443,23 +455,14 @@ class Client:
             with c.switch("model") as view:
                 head = view["nodes"].read(0, 64)
         """
-        info = self.get_space(space)
-        mappings: dict[str, Mapping] = {}
-        try:
-            for segment, mode in info.members.items():
-                mappings[segment] = self.attach(segment, mode, fixed=True)
-        except BaseException:
-            for mapping in reversed(builtins.list(mappings.values())):
-                with contextlib.suppress(VasError):
-                    mapping.detach()
-            raise
-        view = SpaceView(info, mappings)
+        validate.check_name(space, "space")
+        view = SpaceView(*switch_in(self, space))
         try:
             yield view
         except BaseException as exc:
-            view._detach_all(exc)
+            view._leave(self._kept, exc)
             raise
-        view._detach_all()
+        view._leave(self._kept)
 
     # -- cluster ------------------------------------------------------------------
 

@@ -62,6 +62,8 @@ from vas.proto import LOCAL_PROTOCOL, local_pb2
 if TYPE_CHECKING:
     from vas.mapping import Mapping
 
+#: Most attachment ids one Revalidate request names (the agent's limit).
+_REVALIDATE_BATCH = 1024
 #: Shortest interval between two KeepAlives, seconds (whatever the agent asks).
 _MIN_KEEPALIVE_SECONDS = 0.05
 
@@ -155,13 +157,11 @@ class Connection:
         """One request/response exchange; the caller holds the lock."""
         request = local_pb2.LocalRequest(id=next(self._ids))
         getattr(request, field).CopyFrom(body)
+        self._send(request, send_fds)
         try:
-            wire.send_message(self._sock, request, send_fds)
             response, fds = wire.recv_message(self._sock, local_pb2.LocalResponse)
         except OSError as exc:
-            self._broken()
-            raise Unavailable(f"lost the connection to the vas agent at {self.socket_path}: "
-                              f"{exc.strerror or exc}") from exc
+            raise self._lost(exc) from exc
         if response is None:
             self._broken()
             raise Unavailable(f"the vas agent at {self.socket_path} closed the connection")
@@ -171,6 +171,18 @@ class Connection:
             raise Unavailable(f"the vas agent at {self.socket_path} answered request "
                               f"{request.id} with id {response.id}; connection dropped")
         return response, fds
+
+    def _send(self, request, send_fds=()) -> None:
+        """Send one request; the caller holds the lock."""
+        try:
+            wire.send_message(self._sock, request, send_fds)
+        except OSError as exc:
+            raise self._lost(exc) from exc
+
+    def _lost(self, exc: OSError) -> Unavailable:
+        self._broken()
+        return Unavailable(f"lost the connection to the vas agent at {self.socket_path}: "
+                           f"{exc.strerror or exc}")
 
     def _check_open(self) -> None:
         if self._closed:
@@ -187,10 +199,21 @@ class Connection:
     # -- the requests of a Mapping --------------------------------------------------
 
     def detach(self, attachment_id: int) -> None:
-        """Release one attachment (Mapping.detach, and a failed attach)."""
+        """Release one attachment (Mapping.detach, and a failed attach) and wait for the
+        answer: when this returns, every process sees it released (counts, a deleting
+        segment freed, a writer lock free). Not sent unanswered (``no_reply``), though
+        that saved a round trip: another process told "detached" could still find the
+        attachment, e.g. the name of a segment it deleted still taken."""
         self._writer_ids.discard(attachment_id)
         self.call("detach", local_pb2.DetachRequest(attachment_id=attachment_id),
                   ("detach", "empty", None))
+
+    def _send_detach(self, attachment_id: int) -> None:
+        """Send an unanswered Detach (of a queued release); the caller holds the lock."""
+        request = local_pb2.LocalRequest(id=next(self._ids))
+        request.detach.attachment_id = attachment_id
+        request.detach.no_reply = True
+        self._send(request)
 
     def prefetch(self, attachment_id: int, offset: int, length: int) -> None:
         """Ask the agent to make [offset, offset + length) of an attachment present
@@ -233,6 +256,22 @@ class Connection:
         if not guardian.add(key, attachment_id, address, size, uffd, fallback):
             return None
         return functools.partial(guardian.drop, key, attachment_id)
+
+    def revalidate(self, space: str, attachment_ids: list[int]):
+        """Space ``space`` and whether kept "r" attachments are still current
+        (Client.switch): (the ``SpaceInfo`` proto, one ``Revalidated`` per id in order),
+        in one Revalidate request per 1024 ids (one in all, usually)."""
+        answers, info = [], None
+        for start in range(0, max(1, len(attachment_ids)), _REVALIDATE_BATCH):
+            ids = attachment_ids[start:start + _REVALIDATE_BATCH]
+            response = self.call("revalidate", local_pb2.RevalidateRequest(
+                attachment_ids=ids, space="" if info else space), "revalidate")
+            if [answer.attachment_id for answer in response.attachments] != ids:
+                raise VasError(f"vas agent at {self.socket_path} answered Revalidate about "
+                               "other attachments (a protocol mismatch?)")
+            info = info or response.space
+            answers.extend(response.attachments)
+        return info, answers
 
     def sync(self, attachment_id: int, ranges):
         """Publish a "rw" attachment's writes (Mapping.sync); the new segment record."""
@@ -299,10 +338,13 @@ class Connection:
                 attachment_id = self._releases.get_nowait()
             except queue.Empty:
                 return
-            self._writer_ids.discard(attachment_id)
-            response, fds = self._roundtrip(
-                "detach", local_pb2.DetachRequest(attachment_id=attachment_id))
-            close_fds(fds)  # an error here only means it is gone already
+            if attachment_id in self._writer_ids:  # its answer: the writer lock is released
+                self._writer_ids.discard(attachment_id)
+                response, fds = self._roundtrip(
+                    "detach", local_pb2.DetachRequest(attachment_id=attachment_id))
+                close_fds(fds)  # an error here only means it is gone already
+            else:
+                self._send_detach(attachment_id)
 
     def _flush_releases_now(self) -> None:
         """Take the lock and send the queued Detaches (the helper thread)."""

@@ -31,7 +31,6 @@ import it, on first use.
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import json
 import os
@@ -44,6 +43,7 @@ from vas.core import validate
 from vas.core.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable, VasError
 from vas.core.sizes import human_size
 from vas.core.types import SegmentInfo
+from vas.mapping import detach_quietly
 
 if TYPE_CHECKING:
     from vas.client import Client
@@ -273,7 +273,7 @@ class _Warm:
                 self._entries.move_to_end(key)
                 return build(mapping)  # under the lock: never over a detached mapping
             stale = self._entries.pop(key)[0]
-        _quietly_detach(stale)
+        detach_quietly(stale)
         return None
 
     def keep(self, connection, mapping: "Mapping") -> None:
@@ -291,7 +291,7 @@ class _Warm:
             self._lock.notify()  # the thread sleeps until the earliest expiry it knew
         for entry in ([old] if old else []) + evicted:
             if entry[0] is not mapping:
-                _quietly_detach(entry[0])
+                detach_quietly(entry[0])
 
     def _expire(self) -> None:
         while True:
@@ -306,7 +306,7 @@ class _Warm:
                     self._lock.wait(min(e for _, _, e in self._entries.values()) - now)
                     continue
             for mapping in expired:
-                _quietly_detach(mapping)
+                detach_quietly(mapping)
 
     def drop(self, connection, name: str) -> None:
         """Detach the warm mapping of ``name`` on ``connection`` now, if there is one
@@ -315,7 +315,7 @@ class _Warm:
         with self._lock:
             entry = self._entries.pop((id(connection), name), None)
         if entry is not None:
-            _quietly_detach(entry[0])
+            detach_quietly(entry[0])
 
     def forget(self) -> None:
         """In a forked child: the parent's mappings belong to its connections, and its
@@ -330,12 +330,7 @@ class _Warm:
             entries = list(self._entries.values())
             self._entries.clear()
         for mapping, _, _ in entries:
-            _quietly_detach(mapping)
-
-
-def _quietly_detach(mapping: "Mapping") -> None:
-    with contextlib.suppress(VasError):  # a broken connection released it already
-        mapping.detach()
+            detach_quietly(mapping)
 
 
 #: Seconds a dataset's mapping stays warm in this process after its last read.
@@ -373,7 +368,7 @@ def _read(client: "Client", name: str, fetch: str, kind: str | None, reader: str
         _await_first_publish(mapping)
         result = build(mapping)
     except BaseException:
-        _quietly_detach(mapping)
+        detach_quietly(mapping)
         raise
     WARM.keep(connection, mapping)
     return result

@@ -527,6 +527,23 @@ class Mapping:
             with contextlib.suppress(NotFound):  # a forced delete revoked it already
                 connection.detach(self._attachment_id)
 
+    def _hand_over(self) -> "Mapping":
+        """A new Mapping of this one's pages and attachment; this one ends detached,
+        without unmapping (Client.switch keeps an "r" member mapped for the next
+        switch: vas/spaceview.py). Views made from this one stay valid: they are of
+        the same native mapping."""
+        kept = object.__new__(Mapping)
+        kept.__dict__.update(self.__dict__)
+        self._detached = True
+        self._connection = self._native = self._view = None
+        if kept._connection is not None:
+            kept._connection.track(kept)
+        return kept
+
+    def _revalidated(self, version: int) -> None:
+        """The agent said this mapping is still current, its pages at ``version``."""
+        self._version = version
+
     def connection_closed(self) -> None:
         """Called by the Connection when it closes: the agent released the attachment
         already, so nothing is sent for it any more (not part of the user API)."""
@@ -555,6 +572,12 @@ class Mapping:
         state = "detached" if self._detached else f"at 0x{self.address:x}"
         return f"<vas.Mapping {self.name} {self.mode} {self.size} bytes {state}>"
 
+
+
+def detach_quietly(mapping: Mapping) -> None:
+    """``mapping.detach()``, ignoring a VasError (a broken connection released it already)."""
+    with contextlib.suppress(VasError):
+        mapping.detach()
 
 
 def _reattach(name: str, mode: str, fetch: str, fixed: bool) -> Mapping:

@@ -38,9 +38,16 @@ def private_mmap(fd: int, size: int, offset: int):
 
 
 def native_mmap(fd: int, size: int, *, writable: bool, address: int, fixed: bool, offset: int):
-    from vas import _native  # imported on first use (cached in sys.modules after)
+    global _native_mmap
+    if _native_mmap is None:  # imported on first use; a module global after (an import
+        from vas import _native  # statement per attach cost ~2 us)
 
-    return _native.mmap(fd, size, writable=writable, offset=offset, address=address, fixed=fixed)
+        _native_mmap = _native.mmap
+    return _native_mmap(fd, size, writable=writable, offset=offset, address=address, fixed=fixed)
+
+
+#: ``vas._native.mmap`` once ``native_mmap`` has run.
+_native_mmap = None
 
 
 def view_of(native, writable: bool) -> memoryview:

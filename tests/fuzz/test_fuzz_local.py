@@ -23,6 +23,7 @@ from fuzzkit import CALL_TIMEOUT, EXPECTED_CODES, SENT, examples
 from vas.core import wire
 from vas.core.defaults import DEFAULT_MAX_CONNECTIONS_PER_UID
 from vas.core.sizes import human_size
+from vas.node.localwire import unanswered
 from vas.proto import LOCAL_PROTOCOL, local_pb2
 from waiting import wait_for
 
@@ -131,12 +132,15 @@ def _tame_waits(request: local_pb2.LocalRequest) -> local_pb2.LocalRequest:
                          min_size=1, max_size=4),
        node=st.integers(0, 1))
 def test_random_requests(fuzzed, requests, node):
-    """Random requests, several on one connection (any body, any field, ids included);
-    then the connection is closed, which releases whatever they attached."""
+    """Random requests, several on one connection (any body, any field, ids included;
+    a Detach with ``no_reply`` gets no answer, the next request still does); then the
+    connection is closed, which releases whatever they attached."""
     SENT["local.request"] += len(requests)
     with connected(fuzzed.local.nodes[node].socket) as sock:
         for request in requests:
             wire.send_message(sock, request)
+            if unanswered(request):  # a Detach with no_reply: nothing comes back
+                continue
             reply, back = wire.recv_message(sock, local_pb2.LocalResponse)
             for fd in back:
                 os.close(fd)

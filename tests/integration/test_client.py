@@ -6,6 +6,7 @@ Child processes run from cwd / with the environment of the tests.
 from __future__ import annotations
 
 import functools
+import hashlib
 import gc
 import json
 import os
@@ -380,5 +381,181 @@ def _gone(client, name) -> bool:
     try:
         client.stat(name)
         return False
+    except vas.NotFound:
+        return True
+
+
+# -- switch keeps the "r" members mapped ------------------------------------------------
+
+def _fill(client, name: str, byte: int) -> int:
+    """Write ``byte`` over all of segment ``name`` (a non-fixed "rw" attach) and publish;
+    the new version."""
+    with client.attach(name, "rw") as m:
+        m.write(0, bytes([byte]) * m.size)
+        return m.sync()
+
+
+def _attachments(client, name: str) -> int:
+    return client.stat(name).attachments
+
+
+def _digest(mapping) -> str:
+    return hashlib.sha256(mapping.buffer).hexdigest()
+
+
+def test_switch_between_spaces_sharing_members_and_back(client, env):
+    """A={x, y}, B={y, z}: y stays mapped from A to B and back; x is let go when B does
+    not need it; every switch shows the bytes and version a fresh attach would."""
+    for name in ("kp/x", "kp/y", "kp/z"):
+        client.create(name, 64 * 1024)
+    for space, members in (("kp/A", ("kp/x", "kp/y")), ("kp/B", ("kp/y", "kp/z"))):
+        client.create_space(space)
+        for member in members:
+            client.space_add(space, member)
+    _fill(client, "kp/x", 1)
+    _fill(client, "kp/y", 2)
+    _fill(client, "kp/z", 3)
+    expected = {n: hashlib.sha256(bytes([b]) * 64 * 1024).hexdigest()
+                for n, b in (("kp/x", 1), ("kp/y", 2), ("kp/z", 3))}
+    with client.switch("kp/A") as view:
+        assert {n: _digest(view[n]) for n in view} == {n: expected[n] for n in ("kp/x", "kp/y")}
+        y_attachment = view["kp/y"]._attachment_id
+    assert view["kp/x"].detached and view["kp/y"].detached  # for the user, as before
+    # Still attachments for the agent and the cluster: mapped, counted, not hidden.
+    wait_for(lambda: _attachments(client, "kp/x") == _attachments(client, "kp/y") == 1,
+             what="the kept members counted as attachments")
+
+    y_version = _fill(client, "kp/y", 4)  # published between two switches
+    expected["kp/y"] = hashlib.sha256(bytes([4]) * 64 * 1024).hexdigest()
+    with client.switch("kp/B") as view:
+        assert view["kp/y"]._attachment_id == y_attachment  # kept, not attached again
+        assert view["kp/y"].version == y_version
+        assert view["kp/y"].address == client.stat("kp/y").address
+        assert {n: _digest(view[n]) for n in view} == {n: expected[n] for n in ("kp/y", "kp/z")}
+    wait_for(lambda: _attachments(client, "kp/x") == 0, what="kp/x let go by the switch into B")
+
+    # A member deleted in between: the switch fails as an attach would, the others are let go.
+    with vas.connect(env["VAS_NODE"]) as other:
+        other.delete("kp/z")  # kept by this client: deleting until it lets go
+        assert other.stat("kp/z").state == "deleting"
+    with pytest.raises(vas.NotFound):
+        with client.switch("kp/B"):
+            pass
+    wait_for(lambda: _gone(client, "kp/z"), what="kp/z freed once the switch let it go")
+    wait_for(lambda: _attachments(client, "kp/y") == 0, what="kp/y let go by the failed switch")
+
+    with client.switch("kp/A") as view:  # and back: attached afresh after the failure
+        assert {n: _digest(view[n]) for n in view} == {n: expected[n] for n in ("kp/x", "kp/y")}
+        y_attachment = view["kp/y"]._attachment_id
+    # A Client.delete from this client lets its own kept member go first: freed at once.
+    client.delete("kp/x")
+    assert _gone(client, "kp/x")
+    with pytest.raises(vas.NotFound):
+        with client.switch("kp/A"):
+            pass
+    client.space_remove("kp/A", "kp/x")
+    with client.switch("kp/A") as view:
+        assert view["kp/y"]._attachment_id != y_attachment  # let go by the failed switch
+    # A fixed attach of a kept member from this client takes the range over.
+    with client.attach("kp/y", fixed=True) as m:
+        assert _digest(m) == expected["kp/y"]
+    for space in ("kp/A", "kp/B"):
+        client.delete_space(space)
+    client.delete("kp/y")
+
+
+def test_switch_on_another_node_never_reuses_an_old_copy(cluster):
+    """A member homed elsewhere is kept as this node's copy; a version published since
+    makes the next switch attach again (a fresh copy), never show the old bytes."""
+    with vas.connect(cluster.nodes[0].socket) as home, \
+            vas.connect(cluster.nodes[1].socket) as away:
+        home.create("kp/remote", 64 * 1024)
+        home.create_space("kp/R")
+        home.space_add("kp/R", "kp/remote")
+        _fill(home, "kp/remote", 5)
+        with away.switch("kp/R") as view:
+            assert view["kp/remote"].read(0, 4) == b"\5" * 4
+            kept = view["kp/remote"]._attachment_id
+        with away.switch("kp/R") as view:  # nothing changed: the copy is reused
+            assert view["kp/remote"]._attachment_id == kept
+        version = _fill(home, "kp/remote", 6)
+        with away.switch("kp/R") as view:
+            assert view["kp/remote"]._attachment_id != kept
+            assert view["kp/remote"].version == version
+            assert _digest(view["kp/remote"]) == hashlib.sha256(b"\6" * 64 * 1024).hexdigest()
+        away.close()  # lets the kept copy go
+        wait_for(lambda: _attachments(home, "kp/remote") == 0, what="kp/remote released at close")
+        home.delete_space("kp/R")
+        home.delete("kp/remote")
+
+
+def test_switch_rechecks_permission_of_kept_members(client, env):
+    """A member whose mode no longer lets the caller read it is refused at the next
+    switch (PermissionDenied), though this process still had it mapped."""
+    client.create("kp/perm", 4096, mode=0o644)
+    client.create_space("kp/P", mode=0o644)
+    client.space_add("kp/P", "kp/perm")
+    code = f"""
+import os, sys, vas, vas.client
+os.setgroups([]); os.setgid(65534); os.setuid(65534)
+with vas.connect({env["VAS_NODE"]!r}) as c:
+    with c.switch("kp/P") as view:
+        first = view["kp/perm"].read(0, 1)
+    print("left", flush=True)
+    sys.stdin.readline()  # the parent changes the mode meanwhile
+    try:
+        with c.switch("kp/P"):
+            sys.exit(4)
+    except vas.PermissionDenied:
+        sys.exit(3 if first == b"\\0" else 5)
+"""
+    child = subprocess.Popen([sys.executable, "-c", code], cwd="/", stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline() == "left\n", child.stderr.read()
+        client.chmod("kp/perm", 0o600)
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        assert child.wait(timeout=60) == 3, child.stderr.read()
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    client.delete_space("kp/P")
+    client.delete("kp/perm")
+
+
+def test_switch_sees_space_changes_made_through_another_agent(cluster):
+    """node2 keeps the space record it read (its watch of the space records says when
+    it changes): a member added through node1 is in node2's next switches within the
+    deadline, one removed is gone from them; through node2 itself, at once."""
+    with vas.connect(cluster.nodes[0].socket) as one, \
+            vas.connect(cluster.nodes[1].socket) as two:
+        for name in ("kp/w1", "kp/w2"):
+            one.create(name, 4096)
+        one.create_space("kp/W")
+        one.space_add("kp/W", "kp/w1")
+
+        def members() -> list[str]:
+            with two.switch("kp/W") as view:
+                return list(view)
+        assert members() == ["kp/w1"]
+        one.space_add("kp/W", "kp/w2")
+        wait_for(lambda: members() == ["kp/w1", "kp/w2"], what="node2 to see kp/w2 added")
+        one.space_remove("kp/W", "kp/w1")
+        wait_for(lambda: members() == ["kp/w2"], what="node2 to see kp/w1 removed")
+        two.space_add("kp/W", "kp/w1")  # through node2: its next switch has it
+        assert members() == ["kp/w2", "kp/w1"]
+        one.delete_space("kp/W")
+        wait_for(lambda: _switch_fails(two, "kp/W"), what="node2 to see kp/W deleted")
+        two.close()
+        for name in ("kp/w1", "kp/w2"):
+            one.delete(name)
+
+
+def _switch_fails(client, space: str) -> bool:
+    try:
+        with client.switch(space):
+            return False
     except vas.NotFound:
         return True

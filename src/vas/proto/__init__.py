@@ -16,5 +16,6 @@ from vas.v1 import (  # noqa: F401  (re-exports)
     types_pb2,
 )
 
-#: Version of the local (client <-> agent) protocol spoken by this build.
-LOCAL_PROTOCOL = 1
+#: Version of the local (client <-> agent) protocol spoken by this build (2: Detach
+#: ``no_reply``, which an agent of version 1 would answer all the same).
+LOCAL_PROTOCOL = 2

@@ -180,6 +180,49 @@ def test_detach_only_knows_this_connections_attachments(node1, client, name):
         client.detach(attach.attachment_id)
 
 
+def test_a_detach_with_no_reply_gets_none_and_the_next_request_is_answered(client, name):
+    client.create(name, PS)
+    attach, fd = client.attach(name)
+    os.close(fd)
+    for attachment_id in (attach.attachment_id, attach.attachment_id):  # the 2nd: unknown
+        wire.send_message(client.sock, local_pb2.LocalRequest(
+            id=next(client.ids), detach=local_pb2.DetachRequest(
+                attachment_id=attachment_id, no_reply=True)))
+    assert client.stat(name).name == name  # the answer to this request, not to the detaches
+    wait_for(lambda: client.stat(name).attachments == 0, "the detach counted")
+    with pytest.raises(errors.NotFound):
+        client.detach(attach.attachment_id)
+
+
+def test_revalidate_says_which_attachments_a_fresh_attach_would_map(node1, client, name):
+    client.create(name, PS)
+    reader, fd = client.attach(name)
+    os.close(fd)
+    writer, fd = client.attach(name, "rw")
+    os.close(fd)
+
+    def revalidate(ids, space=""):
+        return client.call(revalidate=local_pb2.RevalidateRequest(
+            attachment_ids=ids, space=space))[0].revalidate
+
+    answers = revalidate([reader.attachment_id, writer.attachment_id, 1 << 60]).attachments
+    assert [(a.attachment_id, a.current, a.version) for a in answers] == [
+        (reader.attachment_id, True, 0), (writer.attachment_id, False, 0), (1 << 60, False, 0)]
+    assert "only \"r\" attachments" in answers[1].reason
+    assert answers[2].reason == f"no attachment {1 << 60} on this connection"
+    client.detach(writer.attachment_id)
+    with pytest.raises(errors.InvalidArgument, match="at most 1024 per request"):
+        revalidate(list(range(1, 1026)))
+    with pytest.raises(errors.InvalidArgument):
+        revalidate([], "/bad")
+    with pytest.raises(errors.NotFound, match="space 'no/such' not found"):
+        revalidate([reader.attachment_id], "no/such")
+    client.delete(name)  # attached: deleting, so a fresh attach would fail
+    answer = revalidate([reader.attachment_id]).attachments[0]
+    assert not answer.current and answer.reason == f"segment {name} is being deleted"
+    client.detach(reader.attachment_id)
+
+
 def test_attachments_are_reported_to_the_coordinator(client, name):
     client.create(name, PS)
     attachments = []
