@@ -95,6 +95,19 @@ def test_channel_error_replies_keep_the_connection(used_channel, replica):
     assert os.pread(replica, 8192, 0) == data[:8192]
 
 
+def test_channel_reply_framing_at_the_buffer_edges(used_channel, replica):
+    """The header comes with the first bytes of the range: an error message longer
+    than the range asked for is read whole (the connection stays in step), and a
+    range longer than the receive buffer is received and written in rounds."""
+    channel, conn, data = used_channel
+    with pytest.raises(NotFound, match="is not held"):
+        channel.read(SEGMENT + 1, 0, 1, replica)  # the message is longer than 1 byte
+    offset, length = 4096 + 100, 3 * bulk._RECV_BUFFER + 12345
+    channel.read(SEGMENT, offset, length, replica)
+    assert os.pread(replica, length, offset) == data[offset:offset + length]
+    assert _pooled(channel) == [conn]
+
+
 def test_channel_replaces_a_connection_the_home_dropped(used_channel, replica):
     channel, conn, data = used_channel
     conn.shutdown(socket.SHUT_RDWR)  # as a home that restarted or timed it out
