@@ -52,11 +52,8 @@ READ_AHEAD_STREAMS = 3
 RESOLVERS = 3
 #: Backoff between failed fetches for a fault, seconds (doubling up to the last).
 _BACKOFF = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
-#: epoll events after which an fd never becomes readable with a fault again.
-_BROKEN = select.EPOLLHUP | select.EPOLLERR
-#: How a registered uffd is watched: one fault reported to one thread, then disarmed
-#: until that thread re-arms it.
-_ARMED = select.EPOLLIN | select.EPOLLONESHOT
+#: poll() events after which an fd never becomes readable with a fault again.
+_BROKEN = select.POLLHUP | select.POLLERR | select.POLLNVAL
 
 
 class Registration:
@@ -101,24 +98,23 @@ class _Outcome(enum.Enum):
 class FaultHandler:
     """The agent's threads resolving the userfaults of every registered client mapping.
 
-    Every thread waits in ``epoll_wait`` on one shared epoll set of the registered
-    uffds, each armed ``EPOLLONESHOT``: the kernel wakes one thread per ready
-    uffd and reports it to no other until it is re-armed. The thread woken reads
-    *one* fault, re-arms the uffd (a further fault of it goes to another thread)
-    and resolves its fault itself: a lone fault is served with no thread hand-off
-    and wakes no other thread, and faults on different chunks are fetched in
-    parallel.
+    Leader/followers: one thread at a time polls (``_leader``) and reads one
+    fault, then hands the poll to the next thread and resolves its fault
+    itself, so a lone fault is served without a thread hand-off and faults on
+    different chunks are fetched in parallel.
     """
 
     def __init__(self, timeout: float, threads: int = RESOLVERS):
         #: Seconds a fault may wait for its chunk before it is poisoned.
         self._timeout = timeout
         self._registrations: dict[int, Registration] = {}
+        self._closing: list[Registration] = []  # removed: closed once idle
         self._lock = locks.Lock("fault registrations", locks.Rank.FAULTS)
-        self._epoll = select.epoll()
-        # Level-triggered, never re-armed: once written (stop) every thread sees it.
-        self._stop_r, self._stop_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._epoll.register(self._stop_r, select.EPOLLIN)
+        # Held by the one thread polling (a leaf: it takes only _lock inside).
+        self._leader = locks.Lock("fault leader", locks.Rank.FAULT_LEADER)
+        self._poll = select.poll()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._poll.register(self._wake_r, select.POLLIN)
         self._stopping = threading.Event()
         self._read_aheads = ThreadPoolExecutor(READ_AHEAD_STREAMS,
                                                thread_name_prefix="vas-read-ahead")
@@ -133,23 +129,22 @@ class FaultHandler:
         registration = Registration(uffd, fill, address, size)
         with self._lock:
             self._registrations[uffd] = registration
-            self._epoll.register(uffd, _ARMED)
+            self._poll.register(uffd, select.POLLIN)
+        self._wake()
         return registration
 
     def remove(self, registration: Registration) -> None:
         """Forget ``registration`` (the client unmapped or is gone; a no-op if it was
-        dropped already). Its uffd is closed once no fault of it is being resolved
-        (here, or by the resolver that ends the last one), so a resolver never meets
-        a recycled fd number."""
+        dropped already). A handler thread closes its uffd once no fault of it is
+        being resolved, so a resolver never meets a recycled fd number."""
         with self._lock:
             if registration.removed:
                 return
             registration.removed = True
             del self._registrations[registration.uffd]
-            self._epoll.unregister(registration.uffd)
-            idle = not registration.active
-        if idle:
-            os.close(registration.uffd)
+            self._poll.unregister(registration.uffd)
+            self._closing.append(registration)
+        self._wake()
 
     def registered(self, registration: Registration) -> bool:
         with self._lock:
@@ -158,67 +153,69 @@ class FaultHandler:
     def stop(self) -> None:
         self._stopping.set()
         self._read_aheads.shutdown(wait=False, cancel_futures=True)
-        os.write(self._stop_w, b"x")
+        self._wake()
         for thread in self._threads:
             thread.join(5.0)
         with self._lock:
-            registrations, self._registrations = list(self._registrations.values()), {}
-            for registration in registrations:
-                registration.removed = True
-        for fd in [r.uffd for r in registrations] + [self._stop_r, self._stop_w]:
+            fds = [r.uffd for r in self._closing] + list(self._registrations)
+            self._closing, self._registrations = [], {}
+        for fd in fds + [self._wake_r, self._wake_w]:
             os.close(fd)
-        self._epoll.close()
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:  # the pipe is full: the poller wakes anyway
+            pass
 
     def _run(self) -> None:
         while not self._stopping.is_set():
-            fault = self._next_fault()
+            with self._leader:
+                fault = self._next_fault()
             if fault is None:
                 continue
             registration, address = fault
             try:
                 self._resolve(registration, address)
             finally:
-                self._release(registration)
+                with self._lock:
+                    registration.active -= 1
+                    idle_removed = registration.removed and not registration.active
+                if idle_removed:
+                    self._wake()  # the leader closes its uffd
 
     def _next_fault(self) -> tuple[Registration, int] | None:
-        """Wait for a ready uffd and read one page fault of it (its registration marked
-        active, the uffd re-armed); None when there was none to read (or stopping)."""
-        try:
-            ready = self._epoll.poll(-1, 1)
-        except OSError as exc:  # the set was closed: stopping
-            log.debug("epoll_wait failed: %s", exc)
-            return None
-        for fd, events in ready:
-            with self._lock:
-                registration = self._registrations.get(fd)
-                if registration is not None:
-                    registration.active += 1
-            if registration is None:  # the stop pipe, or removed after it was reported
-                return None
-            if events & _BROKEN:
-                self._drop(registration, f"its fd reports {_describe(events)}")
-                self._release(registration)
-                return None
-            address = self._read_fault(registration)
-            self._rearm(registration)
-            if address is not None:
-                return registration, address
-            self._release(registration)
+        """Poll until one page fault is read (its registration marked active); None
+        when stopping."""
+        while not self._stopping.is_set():
+            self._close_idle()
+            for fd, events in self._poll.poll():
+                if fd == self._wake_r:
+                    os.read(self._wake_r, 4096)
+                    continue
+                with self._lock:
+                    registration = self._registrations.get(fd)
+                    if registration is not None:
+                        registration.active += 1
+                if registration is None:
+                    continue
+                if events & _BROKEN:
+                    self._drop(registration, f"its fd reports {_describe(events)}")
+                    with self._lock:
+                        registration.active -= 1
+                    continue
+                address = self._read_fault(registration)
+                if address is not None:
+                    return registration, address
+                with self._lock:
+                    registration.active -= 1
         return None
 
-    def _rearm(self, registration: Registration) -> None:
-        """Let the next fault of ``registration`` wake a thread (a no-op once removed)."""
+    def _close_idle(self) -> None:
         with self._lock:
-            if not registration.removed:
-                self._epoll.modify(registration.uffd, _ARMED)
-
-    def _release(self, registration: Registration) -> None:
-        """A resolver is done with ``registration``: close its uffd if it was removed
-        meanwhile and this was the last resolver working on it."""
-        with self._lock:
-            registration.active -= 1
-            close = registration.removed and not registration.active
-        if close:
+            idle = [r for r in self._closing if not r.active]
+            self._closing = [r for r in self._closing if r.active]
+        for registration in idle:
             os.close(registration.uffd)
 
     def _read_fault(self, registration: Registration) -> int | None:
@@ -390,5 +387,5 @@ def _wake_thread(uffd: int, page: int) -> None:
 
 
 def _describe(events: int) -> str:
-    return "|".join(name for name in ("POLLHUP", "POLLERR")
-                    if events & getattr(select, "E" + name))
+    return "|".join(name for name in ("POLLHUP", "POLLERR", "POLLNVAL")
+                    if events & getattr(select, name))

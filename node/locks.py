@@ -100,6 +100,7 @@ class Rank(enum.IntEnum):
     SESSIONS = 50       # node/sessions.py attachments; node/membership.py report queue
     WRITERS = 55        # node/writers.py: the "rw" attachments renewed by the keepalive
     LAZY_FILL = 60      # node/lazy.py: one lazy replica's chunk states
+    FAULT_LEADER = 65   # node/faults.py: the fault resolver that polls
     FAULTS = 70         # node/faults.py: userfaultfd registrations
     WRITE_GUARD = 72    # node/revoke.py: one home writer's write-protect registration
     KEPT_GUARDS = 74    # node/revoke.py: revoked registrations kept until their process exits
