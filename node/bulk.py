@@ -413,7 +413,11 @@ def _recv_reply_to_fd(conn: socket.socket, buffer: bytearray, fd: int, offset: i
     the rest of each buffer's worth: a 32 KiB chunk costs one or two receives, one
     wake-up for its tail and one ``pwrite``, not one of each per TCP segment.
     """
-    waitall = 0 if isinstance(conn, TlsConnection) else socket.MSG_WAITALL
+    if isinstance(conn, TlsConnection):  # decrypts what came in: no MSG_WAITALL
+        receive = conn.recv_into
+    else:
+        def receive(view: memoryview, nbytes: int) -> int:
+            return conn.recv_into(view, nbytes, socket.MSG_WAITALL)
     with memoryview(buffer) as window:
         first, got = min(len(buffer), _REPLY.size + length), 0
         while got < _REPLY.size:
@@ -432,7 +436,7 @@ def _recv_reply_to_fd(conn: socket.socket, buffer: bytearray, fd: int, offset: i
         while done < length:
             end = min(len(buffer), start + length - done)
             while got < end:
-                received = conn.recv_into(window[got:end], end - got, waitall)
+                received = receive(window[got:end], end - got)
                 if not received:
                     raise ConnectionError(f"connection closed after {human_size(done)} of "
                                           f"{human_size(length)}")
