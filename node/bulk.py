@@ -387,8 +387,7 @@ class Channel:
                 if wait != self._timeout:
                     _set_timeouts(conn, wait)
                 conn.sendall(_REQUEST.pack(MAGIC, segment_id, offset, length))
-                _read_reply(conn)
-                _recv_to_fd(conn, buffer, fd, offset, length)
+                _recv_reply_to_fd(conn, buffer, fd, offset, length)
             except CapacityExceeded:  # the home refused (too many connections) and closed it
                 if conn is not None:
                     conn.close()
@@ -486,23 +485,56 @@ def _connect(target: tuple[str, int], timeout: float,
     return conn
 
 
-def _recv_to_fd(conn: socket.socket, buffer: bytearray, fd: int, offset: int,
-                length: int) -> None:
-    """Receive ``length`` bytes and ``pwrite`` them to ``fd`` from ``offset`` on."""
+def _recv_reply_to_fd(conn: socket.socket, buffer: bytearray, fd: int, offset: int,
+                      length: int) -> None:
+    """Receive a reply (raising the home's error) and its ``length`` bytes, ``pwrite``n
+    to ``fd`` from ``offset`` on.
+
+    The header and the first bytes arrive together (the home sends the header
+    with MSG_MORE), so one ``recv_into`` takes what is there, and ``MSG_WAITALL``
+    the rest of each buffer's worth: a 32 KiB chunk costs one or two receives, one
+    wake-up for its tail and one ``pwrite``, not one of each per TCP segment.
+    """
+    if isinstance(conn, TlsConnection):  # decrypts what came in: no MSG_WAITALL
+        receive = conn.recv_into
+    else:
+        def receive(view: memoryview, nbytes: int) -> int:
+            return conn.recv_into(view, nbytes, socket.MSG_WAITALL)
     with memoryview(buffer) as window:
+        first, got = min(len(buffer), _REPLY.size + length), 0
+        while got < _REPLY.size:
+            received = conn.recv_into(window[got:], first - got)
+            if not received:
+                raise ConnectionError("connection closed in a bulk reply header")
+            got += received
+        magic, code, size = _REPLY.unpack_from(buffer)
+        if magic != MAGIC or size > 4096:
+            raise ConnectionError("malformed bulk reply")
+        start = _REPLY.size + size  # where the range begins, after the message
+        if code:  # no range follows: what came is (part of) the message
+            message = bytes(window[_REPLY.size:got]) + _recv_exact(conn, start - got)
+            raise from_status(status_code(code), message.decode(errors="replace"))
         done = 0
         while done < length:
-            got = conn.recv_into(window, min(len(buffer), length - done))
-            if not got:
-                raise ConnectionError(f"connection closed after {human_size(done)} of "
-                                      f"{human_size(length)}")
-            written = 0
-            while written < got:
-                wrote = os.pwrite(fd, window[written:got], offset + done + written)
-                if wrote <= 0:
-                    raise ConnectionError(f"replica write at {offset + done + written} failed")
-                written += wrote
-            done += got
+            end = min(len(buffer), start + length - done)
+            while got < end:
+                received = receive(window[got:end], end - got)
+                if not received:
+                    raise ConnectionError(f"connection closed after {human_size(done)} of "
+                                          f"{human_size(length)}")
+                got += received
+            _pwrite_all(fd, window[start:end], offset + done)
+            done += end - start
+            start = got = 0
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    written = 0
+    while written < len(data):
+        wrote = os.pwrite(fd, data[written:], offset + written)
+        if wrote <= 0:
+            raise ConnectionError(f"replica write at {offset + written} failed")
+        written += wrote
 
 
 def _read_reply(conn: socket.socket) -> None:

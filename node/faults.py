@@ -261,7 +261,8 @@ class FaultHandler:
             _poison(registration, start, min(CHUNK, registration.size - start), page)
             metrics.FAULTS_SIGBUS.inc()
             return
-        run = registration.fill.present_run(chunk, ahead)
+        # The faulting chunk is present now; a longer run is only worth a look with read-ahead.
+        run = registration.fill.present_run(chunk, ahead) if ahead > 1 else 1
         registration.next_chunk = chunk + run
         _map_in(registration, start, min(run * CHUNK, registration.size - start), page)
         metrics.FAULTS_SERVED.inc()

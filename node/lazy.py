@@ -128,7 +128,11 @@ class LazyFill:
         first, last = offset // CHUNK, min(-(-(offset + length) // CHUNK), len(self.state))
         while True:
             with self._cv:
+                # Nothing another thread fetches and all that is missing claimed here:
+                # present once these pieces are fetched, no second look needed.
+                alone = self.state.find(_FETCHING, first, last) < 0
                 pieces = self._claim_locked(first, last)
+                alone = alone and len(pieces) < _CLAIM
                 if not pieces:
                     if self.state.find(_FETCHING, first, last) < 0:
                         return
@@ -140,6 +144,8 @@ class LazyFill:
                     self._cv.wait(timeout)
                     continue
             self._fetch_pieces(pieces, deadline)
+            if alone:
+                return
 
     def present_run(self, chunk: int, limit: int) -> int:
         """How many chunks from ``chunk`` on (at most ``limit``) are present."""

@@ -317,10 +317,16 @@ class Replicas:
         ~0.4 ms there): the home's bulk channel before the first fault, then, at
         SCHED_IDLE, the room taken from evicted replicas and the warm pool."""
         reader.prepare()
+        if not spare:  # nothing to release: no Python at SCHED_IDLE (below)
+            return
         try:  # this thread only: resolving faults comes first
             os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
         except OSError:
             pass
+        # Python run at SCHED_IDLE holds the GIL while any other thread can preempt it: a
+        # resolver waking then waits for the GIL behind a thread that may get no CPU for
+        # milliseconds on a busy node. The punching itself (most of the time) runs
+        # without the GIL; the Python in between is short.
         self.release_spare(spare)
 
     def _chunk_reader(self, info: types_pb2.SegmentInfo, memory: Memory) -> lazy.HomeReader:

@@ -1,6 +1,6 @@
 """The chunk path of lazy replicas without daemons: ``LazyFill`` claims, the bulk
-``Channel`` against a real ``BulkServer`` over loopback, and ``HomeReader``'s
-fallback to ReadPages."""
+``Channel`` against a real ``BulkServer`` over loopback (plaintext and mutual TLS), and
+``HomeReader``'s fallback to ReadPages."""
 from __future__ import annotations
 
 import hashlib
@@ -12,7 +12,9 @@ import types
 
 import pytest
 
+from vas.core import certs
 from vas.core.errors import InvalidArgument, NotFound, Unavailable
+from vas.core.tls import TlsConfig
 from vas.node import bulk, lazy
 from vas.node import store as store_mod
 
@@ -24,9 +26,20 @@ SEGMENT = 7
 TIMEOUT = 10.0
 
 
-@pytest.fixture
-def home():
-    """A BulkServer serving segment SEGMENT (random bytes in a memfd); (server, bytes)."""
+@pytest.fixture(scope="module")
+def tls_configs(tmp_path_factory):
+    """(home, reader) TlsConfigs of two agents under one CA."""
+    directory = str(tmp_path_factory.mktemp("certs"))
+    ca = certs.make_ca(directory)
+    return tuple(TlsConfig(*certs.issue(ca, directory, name, certs.node_identity(node)),
+                           ca.cert_path) for name, node in (("home", "n1"), ("reader", "n2")))
+
+
+@pytest.fixture(params=["plaintext", "tls"])
+def home(request):
+    """A BulkServer serving segment SEGMENT (random bytes in a memfd), in plaintext and
+    with mutual TLS; (server, bytes). ``server.client_tls``: the context a Channel needs."""
+    tls = request.getfixturevalue("tls_configs") if request.param == "tls" else None
     data = os.urandom(SIZE)
     fd, ro_fd = store_mod.allocate("home", SIZE)
     os.pwrite(fd, data, 0)
@@ -38,7 +51,9 @@ def home():
             raise InvalidArgument(f"range [{offset}, +{length}) is outside the segment")
         return os.dup(fd)
 
-    server = bulk.BulkServer("127.0.0.1", source, TIMEOUT, per_peer=32)
+    server = bulk.BulkServer("127.0.0.1", source, TIMEOUT,
+                             tls[0].server_context() if tls else None, per_peer=32)
+    server.client_tls = tls[1].client_context() if tls else None
     server.start()
     yield server, data
     server.close()
@@ -62,7 +77,7 @@ def used_channel(home, replica):
     """A Channel to the home that has read the first page: (channel, its one pooled
     connection, the home's bytes)."""
     server, data = home
-    channel = bulk.Channel(f"127.0.0.1:{server.port}", TIMEOUT)
+    channel = bulk.Channel(f"127.0.0.1:{server.port}", TIMEOUT, server.client_tls)
     try:
         channel.read(SEGMENT, 0, 4096, replica)
         [conn] = _pooled(channel)
@@ -95,9 +110,23 @@ def test_channel_error_replies_keep_the_connection(used_channel, replica):
     assert os.pread(replica, 8192, 0) == data[:8192]
 
 
+def test_channel_reply_framing_at_the_buffer_edges(used_channel, replica):
+    """The header comes with the first bytes of the range: an error message longer
+    than the range asked for is read whole (the connection stays in step), and a
+    range longer than the receive buffer is received and written in rounds."""
+    channel, conn, data = used_channel
+    with pytest.raises(NotFound, match="is not held"):
+        channel.read(SEGMENT + 1, 0, 1, replica)  # the message is longer than 1 byte
+    offset, length = 4096 + 100, 3 * bulk._RECV_BUFFER + 12345
+    channel.read(SEGMENT, offset, length, replica)
+    assert os.pread(replica, length, offset) == data[offset:offset + length]
+    assert _pooled(channel) == [conn]
+
+
 def test_channel_replaces_a_connection_the_home_dropped(used_channel, replica):
     channel, conn, data = used_channel
-    conn.shutdown(socket.SHUT_RDWR)  # as a home that restarted or timed it out
+    # As a home that restarted or timed it out (with TLS: the connection's own socket).
+    getattr(conn, "sock", conn).shutdown(socket.SHUT_RDWR)
     channel.read(SEGMENT, MiB, lazy.CHUNK, replica)
     assert _pooled(channel) != [conn]
     assert os.pread(replica, lazy.CHUNK, MiB) == data[MiB:MiB + lazy.CHUNK]
@@ -115,7 +144,8 @@ def test_channel_to_nobody_is_unavailable(replica):
 def test_eager_fetch_still_takes_one_range_per_connection(home):
     server, data = home
     view = memoryview(bytearray(SIZE))
-    bulk.fetch(f"127.0.0.1:{server.port}", SEGMENT, view, bulk.split(SIZE, 3), timeout=TIMEOUT)
+    bulk.fetch(f"127.0.0.1:{server.port}", SEGMENT, view, bulk.split(SIZE, 3), timeout=TIMEOUT,
+               tls=server.client_tls)
     assert view.tobytes() == data
 
 
@@ -191,19 +221,19 @@ def test_long_ranges_are_fetched_in_pieces_and_released_fills_refuse():
 # ---------------------------------------------------------------- HomeReader
 
 
-def _homes(bulk_address: str | None, opened: list):
+def _homes(bulk_address: str | None, opened: list, tls=None):
     def open_bulk(address: str, name: str, segment_id: int):
         opened.append((address, name, segment_id))
         if bulk_address is None:
             raise Unavailable("no bulk listener")
         return types.SimpleNamespace(address=bulk_address)
-    return lazy.Homes(lambda node: f"grpc-of-{node}", open_bulk, TIMEOUT)
+    return lazy.Homes(lambda node: f"grpc-of-{node}", open_bulk, TIMEOUT, tls)
 
 
 def test_home_reader_uses_one_bulk_channel_per_home(home, replica):
     server, data = home
     opened, pages = [], []
-    homes = _homes(f"127.0.0.1:{server.port}", opened)
+    homes = _homes(f"127.0.0.1:{server.port}", opened, server.client_tls)
     readers = [lazy.HomeReader(homes, "node1", "seg", SEGMENT, replica,
                                lambda *args: pages.append(args)) for _ in range(2)]
     try:
