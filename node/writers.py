@@ -23,10 +23,11 @@ Publishing (chunk arithmetic in node/publish.py):
 
 - **sync() on the home node**: ``PublishVersion`` with the token (the pages are
   already the home's).
-- **sync() of a remote writer**: hash every chunk of its replica (or those of the
-  ranges given) **before** reading the bytes to send — a write racing with the
-  sync shows as changed at the next one — and stream the changed chunks to the
-  home (``Node.WritePages``). The home keeps them aside, calls PublishVersion
+- **sync() of a remote writer**: the chunks of the pages its client tracked as
+  written (vas/written.py), or of the ranges given, else those whose hash changed
+  (every chunk of the replica hashed); hashed **before** the bytes to send are
+  read — a write racing with the sync shows as changed at the next one — and
+  streamed to the home (``Node.WritePages``). The home keeps them aside, calls PublishVersion
   with the writer's token and only if that succeeds writes them into its pages
   (``write_pages``): a fenced writer's bytes never reach the home copy.
 - ``published_hashes`` answers refreshing readers (``Node.ChunkHashes``).
@@ -322,14 +323,17 @@ class Writers:
 
     # ------------------------------------------------------------------ sync
 
-    def sync(self, attachment: Attachment, ranges) -> types_pb2.SegmentInfo:
-        """Publish ``attachment``'s writes ((offset, length) ``ranges``, or all changes)."""
+    def sync(self, attachment: Attachment, ranges, *,
+             tracked: bool = False) -> types_pb2.SegmentInfo:
+        """Publish ``attachment``'s writes ((offset, length) ``ranges``, or all changes,
+        found by hashing); ``tracked``: ``ranges`` are all the changes, possibly none
+        (the client tracked its stores: vas/written.py)."""
         segment = attachment.segment
         if attachment.mode != "rw":
             raise PermissionDenied(f"segment {segment.name} is attached read-only: only its "
                                    "writer may sync")
         # Bounds-checked before anything moves; None: find the changes by hashing.
-        chunks = chunks_of(ranges, segment.size) if ranges else None
+        chunks = chunks_of(ranges, segment.size) if ranges or tracked else None
         if attachment.lease.state is not LeaseState.HELD:
             raise _fenced_error(attachment)
         timeout = self.config.rpc_timeout + segment.size / SEND_RATE

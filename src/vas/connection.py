@@ -234,10 +234,11 @@ class Connection:
             return None
         return functools.partial(guardian.drop, key, attachment_id)
 
-    def sync(self, attachment_id: int, ranges):
-        """Publish a "rw" attachment's writes (Mapping.sync); the new segment record."""
+    def sync(self, attachment_id: int, ranges, *, tracked: bool = False):
+        """Publish a "rw" attachment's writes (Mapping.sync); the new segment record.
+        ``tracked``: ``ranges`` are every change (vas/written.py), possibly none."""
         return self.call("sync", local_pb2.SyncRequest(
-            attachment_id=attachment_id,
+            attachment_id=attachment_id, tracked=tracked,
             ranges=[local_pb2.ByteRange(offset=o, length=n) for o, n in ranges]), "segment")
 
     def refresh(self, attachment_id: int):
