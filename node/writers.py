@@ -384,12 +384,14 @@ class Writers:
         """Send a remote writer's changed chunks (``chunks``, or those whose hash changed
         since the last sync) to the home; the record at the new version."""
         replica, lease = attachment.segment, attachment.lease
+        started = time.perf_counter()
         with memoryview(replica.memory.mapping) as raw, raw.cast("B") as view:
             if chunks is not None:
                 synced = _rehash(view, replica.synced_hashes, chunks)
             else:
                 synced = hashes(view)
                 chunks = differing(replica.synced_hashes, synced)
+            hashed = time.perf_counter()
             address = self._home_address(replica.info)
             header = node_pb2.WritePagesHeader(
                 caller=attachment.session.caller, name=replica.name, id=replica.id,
@@ -403,8 +405,10 @@ class Writers:
         with replica.lock:
             replica.synced_hashes = synced
             replica.adopt_version_locked(info.version)
-        log.info("sync of %s: sent %d changed chunks (%d bytes) to %s, now version %d",
-                 replica.name, len(chunks), len(chunks) * CHUNK, replica.info.home, info.version)
+        log.info("sync of %s: sent %d changed chunks (%d bytes) to %s, now version %d "
+                 "(hashing %.1f ms, sending and publishing %.1f ms)", replica.name, len(chunks),
+                 len(chunks) * CHUNK, replica.info.home, info.version,
+                 1e3 * (hashed - started), 1e3 * (time.perf_counter() - hashed))
         return info
 
     def _publish_version(self, caller, segment, lease: WriterLease,
@@ -434,9 +438,11 @@ class Writers:
         if segment.name != header.name:
             raise NotFound(f"segment {header.name!r} (id {header.id}) is not held by "
                            f"node {self.node_id}")
+        started = time.perf_counter()
         staged = Staged(segment.size)
         for offset, data in pieces:
             staged.add(offset, data)
+        received = time.perf_counter()
         fd = segment.dup_fd()
         try:
             timeout = self.config.rpc_timeout + staged.total / SEND_RATE
@@ -445,6 +451,7 @@ class Writers:
                 backed = self.backup_push.stage(segment, staged.pieces) \
                     if segment.info.backups else []
                 info = self._publish_version(header.caller, segment, lease, adopt=False)
+                published = time.perf_counter()
                 after = self._intend(segment, info.version, staged.pieces)
                 for offset, data in staged.pieces:
                     _pwrite_all(fd, data, offset)
@@ -458,6 +465,10 @@ class Writers:
                 self.backup_push.commit(segment, info.version, backed)
         finally:
             os.close(fd)
+        log.info("publish of %s from a remote writer: %d bytes, version %d (receiving %.1f ms, "
+                 "publishing %.1f ms, writing %.1f ms)", segment.name, staged.total,
+                 info.version, 1e3 * (received - started), 1e3 * (published - received),
+                 1e3 * (time.perf_counter() - published))
         return info
 
     @staticmethod
