@@ -19,7 +19,7 @@ any         yes        any                     HOME ("home (no fetch)")
 "lazy"      no         FIXED_ADDRESS           EAGER_FIXED ("eager (fixed address)")
 ==========  =========  ======================  ==========================================
 
-A remote "rw" attach is always fetched whole (``sync()`` diffs every chunk): the
+A remote "rw" attach is always fetched whole (``sync()`` may read any chunk): the
 agent asks ``decide`` with requested="eager" then. A LAZY attach of a replica
 that is already complete is answered EAGER (nothing is left to fault in), and a
 client whose userfaultfd registration fails at run time fetches the rest at once
