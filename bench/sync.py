@@ -4,8 +4,8 @@ Two agents on loopback (LocalCluster), a segment homed on node1, this process a
 writer on node2. Alternating (tracked, hashed, tracked, ...) attaches of the same
 segment, each doing ``--rounds`` rounds of: store 1 % of the segment as scattered
 1 MiB blocks through the mapping, time sync(). Then the write path: a full rewrite
-of the segment through ``ndarray`` (every page stored to), tracked and not, and the
-sync after it. Every round checks the home bytes by sha256 (a reader on node1).
+of the segment through ``ndarray`` (every page stored to) and its sync, ``--rounds``
+times per attach (``--rewrite``). Every round checks the home bytes by sha256 (a reader on node1).
 
     .venv/bin/python bench/sync.py --size-mib 1024 --rounds 4 --pairs 2
 """
@@ -53,14 +53,15 @@ def one_attach(c1, c2, name: str, size: int, tracked: bool, rounds: int, rng,
             mine = hashlib.sha256(array).hexdigest()
             if home_digest(c1, name) != mine:
                 raise AssertionError("the home bytes differ from the writer's after sync")
-        if rewrite:
+        out["rewrite_s"], out["rewrite_sync_s"] = [], []
+        for _ in range(rounds if rewrite else 0):
             value = int(rng.integers(1, 256))
             t0 = time.perf_counter()
             array[:] = value
-            out["rewrite_s"] = time.perf_counter() - t0
+            out["rewrite_s"].append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             m.sync()
-            out["rewrite_sync_s"] = time.perf_counter() - t0
+            out["rewrite_sync_s"].append(time.perf_counter() - t0)
             if home_digest(c1, name) != hashlib.sha256(array).hexdigest():
                 raise AssertionError("the home bytes differ after the full rewrite")
         del array
@@ -113,9 +114,11 @@ def main() -> None:
                 f"(range {min(syncs):.1f}-{max(syncs):.1f}, n={len(syncs)}), first "
                 + ", ".join(f"{ms:.1f}" for ms in firsts) + " ms")
         if args.rewrite:
-            line += ("; full rewrite " + ", ".join(f"{run['rewrite_s']:.2f}" for run in runs)
-                     + " s, its sync " + ", ".join(f"{run['rewrite_sync_s']:.2f}"
-                                                   for run in runs) + " s")
+            line += ("; full rewrites " + "; ".join(" ".join(f"{x:.2f}" for x in run["rewrite_s"])
+                                                    for run in runs)
+                     + " s, their syncs " + "; ".join(
+                         " ".join(f"{x:.2f}" for x in run["rewrite_sync_s"]) for run in runs)
+                     + " s")
         print(line, flush=True)
 
 

@@ -419,7 +419,7 @@ class Mapping:
             return connection.sync(self._attachment_id, taken if tracked else [],
                                    tracked=tracked)
         except BaseException:
-            written.restore(taken)  # the next sync sends them again
+            written.restore(taken, tracked)  # the next sync sends them again
             raise
 
     def refresh(self) -> int:

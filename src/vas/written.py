@@ -26,6 +26,14 @@ Why no store is ever missed:
   page tables: it is recorded here (``note``) after its bytes are in the pages.
 - A sync that fails (the home unreachable, a fenced writer) gives its ranges
   back (``restore``), so the next sync sends them again.
+- A writer that stores to most pages between syncs would pay a fault per page at
+  every sync (far more than hashing them): after a scan finds more than
+  ``MOSTLY_WRITTEN`` of the pages written (a first walk that protects nothing; a
+  second one protects what it finds otherwise), the pages stay writable and the
+  next syncs hash (1, then 2, 4, ... up to ``MAX_BACKOFF`` while it repeats); the
+  last of them protects every page *before* the agent hashes, so stores after it
+  are tracked and those before are found by its hashing. A hashing sync that
+  fails makes the next hash too.
 - A forked child shares the pages but not the tracking (its page tables are not
   registered): after a fork, and after any failed scan, tracking stops for good
   and every later sync hashes every chunk, as without this module (logged once).
@@ -56,6 +64,12 @@ GRAIN = 256 << 10
 #: Most ranges one tracked sync sends (a ByteRange is ~13 bytes of a request of at
 #: most 4 MiB); more scattered writes than this are found by hashing instead.
 MAX_RANGES = 65536
+#: A scan that finds more than this fraction of the pages written makes the next
+#: syncs hash with the pages unprotected: a store's WP fault (2-9 us here) costs more
+#: than hashing its page (1-2 us) once a quarter of them or so are stored to.
+MOSTLY_WRITTEN = 1 / 4
+#: Most syncs one back-off hashes (it doubles while scans keep finding most pages written).
+MAX_BACKOFF = 16
 #: Regions one PAGEMAP_SCAN call may return (the scan goes on from where it stopped).
 _SCAN_REGIONS = 4096
 
@@ -74,6 +88,8 @@ class WrittenPages:
         self._noted: list[tuple[int, int]] = []  # pwrite ranges and ranges given back
         self._lost: str | None = None  # why tracking stopped, if it did
         self._forked = False
+        self._hashing = 0  # syncs left that hash, the pages unprotected (backing off)
+        self._backoff = 1  # how many syncs the next back-off hashes
         self._closer = weakref.finalize(self, _close_fds, uffd, pagemap)
 
     @classmethod
@@ -121,18 +137,26 @@ class WrittenPages:
         ``take`` (plus those given back), rounded out to ``GRAIN`` and merged, the
         pages protected again before this returns; ``tracked`` False when the
         changes must be found by hashing every chunk instead (tracking stopped
-        after a fork or a failed scan, or too many ranges for one request). If the
-        sync fails, ``restore`` the ranges: a later tracked sync hashes only what
-        it sends, so a change not sent again would be lost."""
+        after a fork or a failed scan, backing off after a mostly written scan, or
+        too many ranges for one request). If the sync fails, ``restore``: a later
+        tracked sync hashes only what it sends, so a change not sent again would
+        be lost."""
         with self._lock:
             if self._forked and self._lost is None:
                 self._stop("the process forked: a child's stores are not tracked")
             if self._lost is not None:
                 return [], False
             try:
-                scanned = self._scan()
+                if self._hashing:
+                    return self._hashed_sync()
+                scanned = self._scan(protect=False)
+                if sum(length for _, length in scanned) > self.size * MOSTLY_WRITTEN:
+                    self._back_off()  # the pages stay writable: no fault until re-armed
+                else:  # again, protecting what it finds (those written since too)
+                    scanned = self._scan(protect=True)
+                    self._backoff = 1
             except OSError as exc:
-                self._stop(f"scanning the written pages failed: {exc}")
+                self._stop(f"scanning or protecting the pages failed: {exc}")
                 return [], False
             ranges = _merged(self._noted + scanned, GRAIN, self.size)
             self._noted = []
@@ -141,10 +165,34 @@ class WrittenPages:
             return ranges, False
         return ranges, True
 
-    def restore(self, ranges: list[tuple[int, int]]) -> None:
-        """A sync of the ranges ``take`` answered failed: send them again next time."""
+    def restore(self, ranges: list[tuple[int, int]], tracked: bool) -> None:
+        """The sync of what ``take`` answered failed: send ``ranges`` again next time,
+        and after a sync that hashed, hash again (a store made before the pages
+        were protected again is in no mark)."""
         with self._lock:
             self._noted.extend(ranges)
+            if not tracked:
+                self._hashing = max(self._hashing, 1)
+
+    def _back_off(self) -> None:
+        """Most pages were written since the last sync: leave them writable (not
+        protected again) and hash for the next ``_backoff`` syncs, twice as many
+        each time this repeats."""
+        self._hashing = self._backoff
+        self._backoff = min(2 * self._backoff, MAX_BACKOFF)
+
+    def _hashed_sync(self) -> tuple[list[tuple[int, int]], bool]:
+        """take() while backing off: this sync hashes; the last one of the run protects
+        every page first, so that the stores after it are tracked again (the ones
+        before are found by its hashing)."""
+        from vas import _native
+
+        self._hashing -= 1
+        if not self._hashing:
+            _native.uffd_writeprotect(self._uffd, self.address, self.size,
+                                      _native.UFFDIO_WRITEPROTECT_MODE_WP)
+            self._noted = []
+        return [], False
 
     def forked(self) -> None:
         """This process forked: the child shares the pages, and its stores are not
@@ -162,16 +210,18 @@ class WrittenPages:
                     "sync() hashes every chunk", self.address, why)
         self.close()
 
-    def _scan(self) -> list[tuple[int, int]]:
-        """(offset, length) of the written pages, protected again in the same walk."""
+    def _scan(self, protect: bool = True) -> list[tuple[int, int]]:
+        """(offset, length) of the written pages, with ``protect`` protected again in
+        the same walk."""
         from vas import _native
 
+        flags = _native.PM_SCAN_CHECK_WPASYNC | (_native.PM_SCAN_WP_MATCHING if protect else 0)
         out: list[tuple[int, int]] = []
         start, end = self.address, self.address + self.size
         while start < end:
             regions, start = _native.pagemap_scan(
                 self._pagemap, start, end, _native.PAGE_IS_WRITTEN, _native.PAGE_IS_WRITTEN,
-                _native.PM_SCAN_WP_MATCHING | _native.PM_SCAN_CHECK_WPASYNC, _SCAN_REGIONS)
+                flags, _SCAN_REGIONS)
             out += [(first - self.address, last - first) for first, last, _ in regions]
         return out
 

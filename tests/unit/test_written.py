@@ -63,7 +63,7 @@ def test_noted_and_restored_ranges_come_back(mapping, tracker):
     tracker.note(3 * GRAIN + 10, 5)
     ranges, tracked = tracker.take()
     assert tracked and ranges == [(3 * GRAIN, GRAIN)]
-    tracker.restore(ranges)  # that sync failed
+    tracker.restore(ranges, tracked)  # that sync failed
     memoryview(m)[SIZE - 1] = 1
     assert tracker.take() == ([(3 * GRAIN, GRAIN), (8 * GRAIN, 3 * PS)], True)
     assert tracker.take() == ([], True)
@@ -90,3 +90,27 @@ def test_merged():
     assert _merged([(GRAIN - 1, 2), (3 * GRAIN, 0), (2 * GRAIN, 1)], GRAIN, 4 * GRAIN) == \
         [(0, 3 * GRAIN)]
     assert _merged([(3 * GRAIN + 5, 1)], GRAIN, 3 * GRAIN + 100) == [(3 * GRAIN, 100)]
+
+
+def test_mostly_written_backs_off_to_hashing(mapping, tracker):
+    """A scan finding most pages written leaves them unprotected and the next syncs
+    hash (1, then 2 while it repeats); the last hashing sync protects again, and one
+    that fails makes the next hash too."""
+    _, m = mapping
+    view = memoryview(m)
+    view[:] = b"\1" * SIZE  # every page
+    ranges, tracked = tracker.take()
+    assert tracked and ranges == [(0, SIZE)]  # this sync still knows them
+    view[0] = 2
+    assert tracker.take() == ([], False)  # backing off: hash (and protect again)
+    view[:] = b"\4" * SIZE  # mostly written again at once: back off for 2 syncs
+    assert tracker.take()[1]
+    assert tracker.take() == ([], False)
+    ranges, tracked = tracker.take()  # the last: protects again
+    assert (ranges, tracked) == ([], False)
+    tracker.restore(ranges, tracked)  # ... and that sync failed: hash again
+    view[GRAIN] = 5
+    assert tracker.take() == ([], False)
+    view[2 * GRAIN] = 6
+    assert tracker.take() == ([(2 * GRAIN, GRAIN)], True)  # tracked again
+    view.release()
