@@ -6,7 +6,8 @@ protected whole before its first store. A store to a protected page faults once
 and the kernel resolves it itself (no thread, no round trip): it clears the
 page's uffd-wp bit, which PAGEMAP_SCAN on /proc/self/pagemap reports as
 PAGE_IS_WRITTEN. At sync() ``take`` scans the mapping with PM_SCAN_WP_MATCHING,
-which reports the written pages and protects them again in the same walk, and
+which reports the written pages and protects them again in the same walk (after
+a first walk that only counts them: see backing off below), and
 ``Mapping.sync`` sends them as a tracked SyncRequest: the agent sends the
 chunks they overlap without hashing every chunk of the replica (node/writers.py).
 
@@ -21,7 +22,7 @@ Why no store is ever missed:
   twice is harmless).
 - The uffd-wp state of a shmem page survives its PTE being zapped (reclaim,
   MADV_DONTNEED): the kernel keeps a PTE marker in its place, and the marker of
-  a written page stays "written" (tests/unit/test_written.py checks both).
+  a written page stays "written" (tests/unit/native/test_native_pagemap_scan.py).
 - ``write()`` of 64 KiB or more uses pwrite(2) on the memfd, which bypasses the
   page tables: it is recorded here (``note``) after its bytes are in the pages.
 - A sync that fails (the home unreachable, a fenced writer) gives its ranges
