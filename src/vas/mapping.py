@@ -316,10 +316,12 @@ class Mapping:
         with memoryview(data) as source:
             validate.check_range(offset, source.nbytes, self.size)
             if self._fd >= 0 and source.c_contiguous and source.nbytes >= pages.PWRITE_MIN:
-                with source.cast("B") as flat:
-                    pages.pwrite_all(self._fd, flat, self._fd_offset + offset)
-                if self._written is not None:  # past the page tables: recorded, once done
-                    self._written.note(offset, source.nbytes)
+                try:
+                    with source.cast("B") as flat:
+                        pages.pwrite_all(self._fd, flat, self._fd_offset + offset)
+                finally:  # past the page tables: recorded once done, a part written too
+                    if self._written is not None:
+                        self._written.note(offset, source.nbytes)
             elif source.c_contiguous:
                 if self._revocable and source.nbytes >= pages.PWRITE_MIN:
                     pages.populate_write(self._native, offset, source.nbytes)
