@@ -341,7 +341,8 @@ class Writers:
         with segment.gate.passage(timeout, f"sync of segment {segment.name}"), \
                 self._transfer():
             if isinstance(segment, Replica):
-                info = self._publish_remote(attachment, chunks)
+                found = "tracked" if tracked else "ranges given" if ranges else "hashed"
+                info = self._publish_remote(attachment, chunks, found)
                 metrics.observe_since(metrics.SYNC_REMOTE, started)
                 return info
             # Hashed before the publish, as a remote writer's sync does: a store racing
@@ -380,9 +381,10 @@ class Writers:
                  segment.name, len(chunks), len(staged), info.version)
         return info
 
-    def _publish_remote(self, attachment: Attachment, chunks: list[int] | None):
+    def _publish_remote(self, attachment: Attachment, chunks: list[int] | None, found: str):
         """Send a remote writer's changed chunks (``chunks``, or those whose hash changed
-        since the last sync) to the home; the record at the new version."""
+        since the last sync) to the home; the record at the new version. ``found``:
+        how the chunks were found, for the log."""
         replica, lease = attachment.segment, attachment.lease
         started = time.perf_counter()
         with memoryview(replica.memory.mapping) as raw, raw.cast("B") as view:
@@ -405,9 +407,9 @@ class Writers:
         with replica.lock:
             replica.synced_hashes = synced
             replica.adopt_version_locked(info.version)
-        log.info("sync of %s: sent %d changed chunks (%d bytes) to %s, now version %d "
-                 "(hashing %.1f ms, sending and publishing %.1f ms)", replica.name, len(chunks),
-                 len(chunks) * CHUNK, replica.info.home, info.version,
+        log.info("sync of %s: sent %d changed chunks (%d bytes) to %s, now version %d (%s; "
+                 "hashing %.1f ms, sending and publishing %.1f ms)", replica.name, len(chunks),
+                 len(chunks) * CHUNK, replica.info.home, info.version, found,
                  1e3 * (hashed - started), 1e3 * (time.perf_counter() - hashed))
         return info
 

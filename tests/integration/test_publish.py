@@ -290,6 +290,13 @@ def tracking(mapping) -> bool:
     return mapping._written is not None
 
 
+def found(node, name: str) -> list[str]:
+    """How each sync of ``name`` logged by ``node`` found its chunks ("tracked", "hashed",
+    "ranges given")."""
+    return re.findall(rf"sync of {re.escape(name)}: sent \d+ changed chunks .*?\((\w[\w ]*);",
+                      log_of(node))
+
+
 def home_digest(client, name: str) -> str:
     """sha256 of the home's bytes of ``name`` (``client`` on the home node)."""
     with client.attach(name, "r") as home:
@@ -323,6 +330,7 @@ def test_tracked_sync_publishes_every_written_page(two):
         assert counts(node2, "sync", "pub/tracked")[-1] == 1
         w.sync()
         assert counts(node2, "sync", "pub/tracked")[-1] == 0  # nothing stored since
+        assert found(node2, "pub/tracked") == ["tracked"] * 6
         del array
 
 
@@ -373,6 +381,7 @@ def test_without_tracking_sync_hashes_and_publishes_the_same(two, monkeypatch):
         w.write(5 * CHUNK, bytes(data[5 * CHUNK:5 * CHUNK + 10]))  # changes nothing
         w.sync()
         assert counts(node2, "sync", "pub/hashed")[-1] == 3
+        assert found(node2, "pub/hashed") == ["hashed"]
         assert home_digest(c1, "pub/hashed") == hashlib.sha256(data).hexdigest()
 
 
@@ -399,6 +408,7 @@ def test_failed_sync_is_sent_again_by_the_next(cluster):
             coordinator.start()
             wait_for(lambda: try_sync(w), "a sync once the coordinator is back", timeout=30)
             assert counts(node2, "sync", "pub/failed")[-1] == 3
+            assert found(node2, "pub/failed") == ["tracked"]
             assert home_digest(c1, "pub/failed") == hashlib.sha256(array).hexdigest()
             del array
 
