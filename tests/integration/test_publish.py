@@ -194,6 +194,15 @@ def test_writer_stopped_past_its_lease_is_fenced(two):
         with c2.attach("pub/fence", fetch="eager") as fresh:
             assert fresh.read(0, 5) == b"NEWER"
         new.detach()
+        # A remote writer after the fenced one starts from the home's bytes and publishes
+        # exactly its own stores (tracked where the kernel can).
+        with c2.attach("pub/fence", "rw") as again:
+            again.write(100, b"AGAIN")
+            assert again.sync() == 3
+            with c1.attach("pub/fence") as home:
+                assert home.read(0, 5) == b"NEWER" and home.read(100, 5) == b"AGAIN"
+                assert hashlib.sha256(home.buffer).digest() == \
+                    hashlib.sha256(again.buffer).digest()
     finally:
         os.kill(writer.pid, signal.SIGCONT)
         writer.kill()
