@@ -5,7 +5,9 @@
  * MAP_SHARED (mmap -> Mapping, Mapping.madvise).  chunk_hashes finds the
  * changed chunks of a segment cheaply, and the uffd_* functions let an agent
  * resolve (or poison) the page faults of a client's mapping with userfaultfd,
- * or write-protect a writer's mapping whose lock it revokes.
+ * or write-protect a writer's mapping whose lock it revokes.  pagemap_scan
+ * lets a remote writer find (and write-protect again) the pages it wrote
+ * since its last sync.
  *
  * House rules: C does syscalls, Python does policy.  Every function wraps
  * one syscall (or ioctl); its arguments are checked before the call and bad
@@ -68,6 +70,42 @@ struct uffdio_poison {
 #ifndef UFFD_FEATURE_WP_HUGETLBFS_SHMEM
 #define UFFD_FEATURE_WP_HUGETLBFS_SHMEM (1 << 12)
 #endif
+/* Write-protect faults the kernel resolves itself (Linux 6.7), and the
+ * PAGEMAP_SCAN ioctl of /proc/PID/pagemap (6.7): older userspace headers lack
+ * them. */
+#ifndef UFFD_FEATURE_WP_ASYNC
+#define UFFD_FEATURE_WP_ASYNC (1 << 15)
+#endif
+#ifndef PAGEMAP_SCAN
+#define PAGE_IS_WPALLOWED (1 << 0)
+#define PAGE_IS_WRITTEN (1 << 1)
+#define PAGE_IS_FILE (1 << 2)
+#define PAGE_IS_PRESENT (1 << 3)
+#define PAGE_IS_SWAPPED (1 << 4)
+struct page_region {
+    __u64 start;
+    __u64 end;
+    __u64 categories;
+};
+#define PM_SCAN_WP_MATCHING (1 << 0)
+#define PM_SCAN_CHECK_WPASYNC (1 << 1)
+struct pm_scan_arg {
+    __u64 size;
+    __u64 flags;
+    __u64 start;
+    __u64 end;
+    __u64 walk_end;
+    __u64 vec;
+    __u64 vec_len;
+    __u64 max_pages;
+    __u64 category_inverted;
+    __u64 category_mask;
+    __u64 category_anyof_mask;
+    __u64 return_mask;
+};
+#define PAGEMAP_SCAN _IOWR('f', 16, struct pm_scan_arg)
+#endif
+
 #ifndef UFFDIO_WRITEPROTECT
 struct uffdio_writeprotect {
     struct uffdio_range range;
@@ -1208,6 +1246,94 @@ vas_uffd_read(PyObject *Py_UNUSED(mod), PyObject *args, PyObject *kw)
 }
 
 /* ------------------------------------------------------------------------ */
+/* pagemap                                                                  */
+
+PyDoc_STRVAR(pagemap_scan_doc,
+"pagemap_scan($module, /, fd, start, end, category_mask, return_mask,\n"
+"             flags=0, max_regions=1024)\n--\n\n"
+"ioctl(PAGEMAP_SCAN, Linux 6.7+) on fd, an open /proc/PID/pagemap: the pages\n"
+"of [start, end) of that process whose PAGE_IS_* categories include all of\n"
+"category_mask, as regions of contiguous pages of equal categories.  With\n"
+"flags PM_SCAN_WP_MATCHING the kernel write-protects the matching pages in\n"
+"the same walk (their PTEs' uffd-wp bits, so the range must be registered\n"
+"on a userfaultfd with UFFD_FEATURE_WP_ASYNC; PM_SCAN_CHECK_WPASYNC fails\n"
+"with EPERM instead of walking a range that is not).  A page written after\n"
+"the walk protected it is reported by the next scan.\n\n"
+"start, end: addresses, multiples of PAGE_SIZE, start <= end; return_mask:\n"
+"the category bits reported per region; max_regions: 1..65536, the most\n"
+"regions one call returns (the walk stops early when they are used up).\n"
+"Returns (regions, walk_end): a list of (start, end, categories) tuples of\n"
+"ints and the address the walk reached (end when it was complete; call\n"
+"again from walk_end otherwise).  The GIL is released (a GiB of\n"
+"populated pages takes ~1 ms to scan, ~10 ms when most are written).\n"
+"Raises ValueError('start and end must be multiples of the page size and\n"
+"start <= end', 'max_regions must be 1..65536'), OSError (EINVAL where the\n"
+"kernel lacks PAGEMAP_SCAN, EPERM for PM_SCAN_CHECK_WPASYNC on a range not\n"
+"registered with UFFD_FEATURE_WP_ASYNC).");
+
+/* Most regions one pagemap_scan returns: its buffer (24 bytes each) is
+ * allocated per call. */
+#define PAGEMAP_SCAN_MAX 65536
+
+static PyObject *
+vas_pagemap_scan(PyObject *Py_UNUSED(mod), PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"fd", "start", "end", "category_mask",
+                             "return_mask", "flags", "max_regions", NULL};
+    int fd;
+    long n;
+    uint64_t start, end, category_mask, return_mask, flags = 0;
+    Py_ssize_t max_regions = 1024;
+    struct pm_scan_arg arg;
+    struct page_region *regions;
+    PyObject *list;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iO&O&O&O&|O&n:pagemap_scan",
+                                     kwlist, &fd, conv_u64, &start, conv_u64,
+                                     &end, conv_u64, &category_mask, conv_u64,
+                                     &return_mask, conv_u64, &flags,
+                                     &max_regions))
+        return NULL;
+    if (!page_aligned(start) || !page_aligned(end) || start > end)
+        return value_error("start and end must be multiples of the page size "
+                           "and start <= end");
+    if (max_regions <= 0 || max_regions > PAGEMAP_SCAN_MAX)
+        return value_error("max_regions must be 1..65536");
+    regions = PyMem_New(struct page_region, (size_t)max_regions);
+    if (regions == NULL)
+        return PyErr_NoMemory();
+    memset(&arg, 0, sizeof arg);
+    arg.size = sizeof arg;
+    arg.flags = flags;
+    arg.start = start;
+    arg.end = end;
+    arg.vec = (uint64_t)(uintptr_t)regions;
+    arg.vec_len = (uint64_t)max_regions;
+    arg.category_mask = category_mask;
+    arg.return_mask = return_mask;
+    SYSCALL(n, -1, ioctl(fd, PAGEMAP_SCAN, &arg));
+    if (n == -1) {
+        PyMem_Free(regions);
+        return errno_error();
+    }
+    list = PyList_New(n);
+    for (long i = 0; list != NULL && i < n; i++) {
+        PyObject *item = Py_BuildValue(
+            "(KKK)", (unsigned long long)regions[i].start,
+            (unsigned long long)regions[i].end,
+            (unsigned long long)regions[i].categories);
+        if (item == NULL)
+            Py_CLEAR(list);
+        else
+            PyList_SET_ITEM(list, i, item);
+    }
+    PyMem_Free(regions);
+    if (list == NULL)
+        return NULL;
+    return Py_BuildValue("(NK)", list, (unsigned long long)arg.walk_end);
+}
+
+/* ------------------------------------------------------------------------ */
 /* module                                                                   */
 
 #define KW_METH(name) \
@@ -1233,12 +1359,13 @@ static PyMethodDef vas_methods[] = {
     KW_METH(uffd_wake),
     KW_METH(uffd_writeprotect),
     KW_METH(uffd_read),
+    KW_METH(pagemap_scan),
     {NULL, NULL, 0, NULL},
 };
 
 PyDoc_STRVAR(vas_doc,
 "Thin, checked wrappers of the Linux syscalls vas needs: memfds, shared\n"
-"mappings, chunk hashing and userfaultfd.  No policy lives here.");
+"mappings, chunk hashing, userfaultfd and pagemap scans.  No policy lives here.");
 
 static struct PyModuleDef vas_module = {
     PyModuleDef_HEAD_INIT,
@@ -1288,7 +1415,11 @@ PyInit__native(void)
     ADD_INT("UFFD_FEATURE_POISON", UFFD_FEATURE_POISON);
     ADD_INT("UFFD_FEATURE_SIGBUS", UFFD_FEATURE_SIGBUS);
     ADD_INT("UFFD_FEATURE_WP_HUGETLBFS_SHMEM", UFFD_FEATURE_WP_HUGETLBFS_SHMEM);
+    ADD_INT("UFFD_FEATURE_WP_ASYNC", UFFD_FEATURE_WP_ASYNC);
     ADD_INT("UFFD_USER_MODE_ONLY", UFFD_USER_MODE_ONLY);
+    ADD_INT("PAGE_IS_WRITTEN", PAGE_IS_WRITTEN);
+    ADD_INT("PM_SCAN_WP_MATCHING", PM_SCAN_WP_MATCHING);
+    ADD_INT("PM_SCAN_CHECK_WPASYNC", PM_SCAN_CHECK_WPASYNC);
     ADD_INT("UFFDIO_WRITEPROTECT_MODE_WP", UFFDIO_WRITEPROTECT_MODE_WP);
     ADD_INT("UFFDIO_WRITEPROTECT_MODE_DONTWAKE", UFFDIO_WRITEPROTECT_MODE_DONTWAKE);
     ADD_INT("UFFD_EVENT_PAGEFAULT", UFFD_EVENT_PAGEFAULT);

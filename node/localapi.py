@@ -213,7 +213,8 @@ class LocalApi:
     def sync(self, session: Session, request, response) -> list[int]:
         attachment = self.agent.sessions.get(session, request.attachment_id)
         ranges = [(r.offset, r.length) for r in request.ranges]
-        response.segment.CopyFrom(self.agent.writers.sync(attachment, ranges))
+        response.segment.CopyFrom(self.agent.writers.sync(attachment, ranges,
+                                                          tracked=request.tracked))
         return []
 
     def refresh(self, session: Session, request, response) -> list[int]:

@@ -23,10 +23,11 @@ Publishing (chunk arithmetic in node/publish.py):
 
 - **sync() on the home node**: ``PublishVersion`` with the token (the pages are
   already the home's).
-- **sync() of a remote writer**: hash every chunk of its replica (or those of the
-  ranges given) **before** reading the bytes to send — a write racing with the
-  sync shows as changed at the next one — and stream the changed chunks to the
-  home (``Node.WritePages``). The home keeps them aside, calls PublishVersion
+- **sync() of a remote writer**: the chunks of the pages its client tracked as
+  written (vas/written.py), or of the ranges given, else those whose hash changed
+  (every chunk of the replica hashed); hashed **before** the bytes to send are
+  read — a write racing with the sync shows as changed at the next one — and
+  streamed to the home (``Node.WritePages``). The home keeps them aside, calls PublishVersion
   with the writer's token and only if that succeeds writes them into its pages
   (``write_pages``): a fenced writer's bytes never reach the home copy.
 - ``published_hashes`` answers refreshing readers (``Node.ChunkHashes``).
@@ -322,14 +323,17 @@ class Writers:
 
     # ------------------------------------------------------------------ sync
 
-    def sync(self, attachment: Attachment, ranges) -> types_pb2.SegmentInfo:
-        """Publish ``attachment``'s writes ((offset, length) ``ranges``, or all changes)."""
+    def sync(self, attachment: Attachment, ranges, *,
+             tracked: bool = False) -> types_pb2.SegmentInfo:
+        """Publish ``attachment``'s writes ((offset, length) ``ranges``, or all changes,
+        found by hashing); ``tracked``: ``ranges`` are all the changes, possibly none
+        (the client tracked its stores: vas/written.py)."""
         segment = attachment.segment
         if attachment.mode != "rw":
             raise PermissionDenied(f"segment {segment.name} is attached read-only: only its "
                                    "writer may sync")
         # Bounds-checked before anything moves; None: find the changes by hashing.
-        chunks = chunks_of(ranges, segment.size) if ranges else None
+        chunks = chunks_of(ranges, segment.size) if ranges or tracked else None
         if attachment.lease.state is not LeaseState.HELD:
             raise _fenced_error(attachment)
         timeout = self.config.rpc_timeout + segment.size / SEND_RATE
@@ -337,7 +341,8 @@ class Writers:
         with segment.gate.passage(timeout, f"sync of segment {segment.name}"), \
                 self._transfer():
             if isinstance(segment, Replica):
-                info = self._publish_remote(attachment, chunks)
+                found = "tracked" if tracked else "ranges given" if ranges else "hashed"
+                info = self._publish_remote(attachment, chunks, found)
                 metrics.observe_since(metrics.SYNC_REMOTE, started)
                 return info
             # Hashed before the publish, as a remote writer's sync does: a store racing
@@ -376,16 +381,19 @@ class Writers:
                  segment.name, len(chunks), len(staged), info.version)
         return info
 
-    def _publish_remote(self, attachment: Attachment, chunks: list[int] | None):
+    def _publish_remote(self, attachment: Attachment, chunks: list[int] | None, found: str):
         """Send a remote writer's changed chunks (``chunks``, or those whose hash changed
-        since the last sync) to the home; the record at the new version."""
+        since the last sync) to the home; the record at the new version. ``found``:
+        how the chunks were found, for the log."""
         replica, lease = attachment.segment, attachment.lease
+        started = time.perf_counter()
         with memoryview(replica.memory.mapping) as raw, raw.cast("B") as view:
             if chunks is not None:
                 synced = _rehash(view, replica.synced_hashes, chunks)
             else:
                 synced = hashes(view)
                 chunks = differing(replica.synced_hashes, synced)
+            hashed = time.perf_counter()
             address = self._home_address(replica.info)
             header = node_pb2.WritePagesHeader(
                 caller=attachment.session.caller, name=replica.name, id=replica.id,
@@ -399,8 +407,10 @@ class Writers:
         with replica.lock:
             replica.synced_hashes = synced
             replica.adopt_version_locked(info.version)
-        log.info("sync of %s: sent %d changed chunks (%d bytes) to %s, now version %d",
-                 replica.name, len(chunks), len(chunks) * CHUNK, replica.info.home, info.version)
+        log.info("sync of %s: sent %d changed chunks (%d bytes) to %s, now version %d (%s; "
+                 "hashing %.1f ms, sending and publishing %.1f ms)", replica.name, len(chunks),
+                 len(chunks) * CHUNK, replica.info.home, info.version, found,
+                 1e3 * (hashed - started), 1e3 * (time.perf_counter() - hashed))
         return info
 
     def _publish_version(self, caller, segment, lease: WriterLease,
@@ -430,9 +440,11 @@ class Writers:
         if segment.name != header.name:
             raise NotFound(f"segment {header.name!r} (id {header.id}) is not held by "
                            f"node {self.node_id}")
+        started = time.perf_counter()
         staged = Staged(segment.size)
         for offset, data in pieces:
             staged.add(offset, data)
+        received = time.perf_counter()
         fd = segment.dup_fd()
         try:
             timeout = self.config.rpc_timeout + staged.total / SEND_RATE
@@ -441,6 +453,7 @@ class Writers:
                 backed = self.backup_push.stage(segment, staged.pieces) \
                     if segment.info.backups else []
                 info = self._publish_version(header.caller, segment, lease, adopt=False)
+                published = time.perf_counter()
                 after = self._intend(segment, info.version, staged.pieces)
                 for offset, data in staged.pieces:
                     _pwrite_all(fd, data, offset)
@@ -454,6 +467,10 @@ class Writers:
                 self.backup_push.commit(segment, info.version, backed)
         finally:
             os.close(fd)
+        log.info("publish of %s from a remote writer: %d bytes, version %d (receiving %.1f ms, "
+                 "publishing %.1f ms, writing %.1f ms)", segment.name, staged.total,
+                 info.version, 1e3 * (received - started), 1e3 * (published - received),
+                 1e3 * (time.perf_counter() - published))
         return info
 
     @staticmethod

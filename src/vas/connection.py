@@ -273,10 +273,11 @@ class Connection:
             answers.extend(response.attachments)
         return info, answers
 
-    def sync(self, attachment_id: int, ranges):
-        """Publish a "rw" attachment's writes (Mapping.sync); the new segment record."""
+    def sync(self, attachment_id: int, ranges, *, tracked: bool = False):
+        """Publish a "rw" attachment's writes (Mapping.sync); the new segment record.
+        ``tracked``: ``ranges`` are every change (vas/written.py), possibly none."""
         return self.call("sync", local_pb2.SyncRequest(
-            attachment_id=attachment_id,
+            attachment_id=attachment_id, tracked=tracked,
             ranges=[local_pb2.ByteRange(offset=o, length=n) for o, n in ranges]), "segment")
 
     def refresh(self, attachment_id: int):

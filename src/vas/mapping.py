@@ -30,6 +30,11 @@ instead of reaching the pages (node/revoke.py). The Detach of such a mapping is
 sent only once it is unmapped (as for every mapping): the agent may then close
 that fd, which would lift a protection.
 
+A "rw" mapping of a replica (a segment homed on another node) tracks the pages
+it stores to (vas/written.py), so that sync() tells the agent which chunks to
+send instead of having it hash every chunk of the replica; where the kernel
+cannot (before Linux 6.7, ``VAS_DISABLE_USERFAULTFD=1``) the agent hashes.
+
 A Mapping talks to the agent through the ``Connection`` of the Client that made
 it, by that class's public methods (``detach``, ``prefetch``, ``register_faults``,
 ``sync``, ``refresh``, ``wait``, ``release_later``); the connection calls
@@ -47,6 +52,7 @@ import weakref
 from typing import TYPE_CHECKING
 
 from vas import pages
+from vas.written import WrittenPages
 from vas.core import validate
 from vas.core.errors import (AddressConflict, Fenced, InvalidArgument, NotFound,
                              PermissionDenied, Unavailable, VasError)
@@ -144,6 +150,7 @@ class Mapping:
                 "is already mapped in this process") from exc
         view = pages.view_of(native, writable)
         unguard = None
+        self._written: WrittenPages | None = None  # the stores of a remote writer
         try:
             self.address = pages.address_of(native, view)
             self.size = size
@@ -153,6 +160,8 @@ class Mapping:
                     native.madvise(mmap.MADV_DOFORK)
             elif self._revocable:
                 self._make_revocable(native)
+            elif writable:  # a remote writer: tracked from before its first store
+                self._written = WrittenPages.start(self.address, size)
         except BaseException:
             view.release()
             with contextlib.suppress(BufferError):  # else it unmaps when garbage-collected
@@ -307,8 +316,12 @@ class Mapping:
         with memoryview(data) as source:
             validate.check_range(offset, source.nbytes, self.size)
             if self._fd >= 0 and source.c_contiguous and source.nbytes >= pages.PWRITE_MIN:
-                with source.cast("B") as flat:
-                    pages.pwrite_all(self._fd, flat, self._fd_offset + offset)
+                try:
+                    with source.cast("B") as flat:
+                        pages.pwrite_all(self._fd, flat, self._fd_offset + offset)
+                finally:  # past the page tables: recorded once done, a part written too
+                    if self._written is not None:
+                        self._written.note(offset, source.nbytes)
             elif source.c_contiguous:
                 if self._revocable and source.nbytes >= pages.PWRITE_MIN:
                     pages.populate_write(self._native, offset, source.nbytes)
@@ -363,9 +376,11 @@ class Mapping:
 
         On the home node the pages are the home's: sync bumps the version. On
         another node the agent sends the home the chunks changed since the last
-        sync (found by hashing every chunk, or only those overlapping
-        ``ranges``), and the home applies them only while this writer still
-        holds the lock. A reader that ``refresh()``\ es after sync returned
+        sync (those holding the pages this process stored to, tracked by the
+        kernel: vas/written.py; without that, found by hashing every chunk; or
+        only those overlapping ``ranges``), and the home applies them only
+        while this writer still holds the lock. A sync that fails leaves the
+        changes to the next one. A reader that ``refresh()``\ es after sync returned
         sees every write made before it.
 
         :param ranges: optional iterable of ``(offset, length)`` pairs that were
@@ -391,9 +406,23 @@ class Mapping:
         for item in ranges or ():
             offset, length = item
             pairs.append(validate.check_range(offset, length, self.size))
-        segment = self._connected().sync(self._attachment_id, pairs)
+        connection = self._connected()
+        if pairs or self._written is None:
+            segment = connection.sync(self._attachment_id, pairs)
+        else:
+            segment = self._sync_written(connection, self._written)
         self._version = max(self._version, segment.version)
         return self._version
+
+    def _sync_written(self, connection: Connection, written: WrittenPages):
+        """sync() of every change, found by the write tracking; the record."""
+        taken, tracked = written.take()
+        try:
+            return connection.sync(self._attachment_id, taken if tracked else [],
+                                   tracked=tracked)
+        except BaseException:
+            written.restore(taken, tracked)  # the next sync sends them again
+            raise
 
     def refresh(self) -> int:
         """Bring this node's copy up to the newest published version; returns it.
@@ -509,6 +538,8 @@ class Mapping:
         if self._fd >= 0:
             self._fd = -1
             self._fd_closer()  # closes the write fd, once
+        if self._written is not None:
+            self._written.close()  # no sync after this
         connection, self._connection = self._connection, None
         native, self._native = self._native, None
         self._view = None  # ours; a caller holding ``buffer`` keeps it, and the pages

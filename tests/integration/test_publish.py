@@ -7,7 +7,9 @@ whole-segment copy.
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import random
 import re
 import signal
 import subprocess
@@ -19,6 +21,7 @@ import grpc
 import pytest
 
 import vas
+from vas.core import fetch
 from vas.node.publish import CHUNK
 from vas.proto import coordinator_pb2, coordinator_pb2_grpc, node_pb2, node_pb2_grpc, types_pb2
 from waiting import wait_for
@@ -191,6 +194,15 @@ def test_writer_stopped_past_its_lease_is_fenced(two):
         with c2.attach("pub/fence", fetch="eager") as fresh:
             assert fresh.read(0, 5) == b"NEWER"
         new.detach()
+        # A remote writer after the fenced one starts from the home's bytes and publishes
+        # exactly its own stores (tracked where the kernel can).
+        with c2.attach("pub/fence", "rw") as again:
+            again.write(100, b"AGAIN")
+            assert again.sync() == 3
+            with c1.attach("pub/fence") as home:
+                assert home.read(0, 5) == b"NEWER" and home.read(100, 5) == b"AGAIN"
+                assert hashlib.sha256(home.buffer).digest() == \
+                    hashlib.sha256(again.buffer).digest()
     finally:
         os.kill(writer.pid, signal.SIGCONT)
         writer.kill()
@@ -278,3 +290,141 @@ def test_a_stream_cut_short_publishes_nothing(two):
         assert published.version == 1
     with c1.attach("pub/cut") as m:
         assert bytes(m.buffer[:5]) == b"whole" and bytes(m.buffer[5:]) == data[5:]
+
+
+# -- written-page tracking of a remote writer (vas/written.py) -----------------------------
+
+def tracking(mapping) -> bool:
+    """Whether this remote writer's stores are tracked (Linux 6.7+: WP_ASYNC, PAGEMAP_SCAN)."""
+    return mapping._written is not None
+
+
+def found(node, name: str) -> list[str]:
+    """How each sync of ``name`` logged by ``node`` found its chunks ("tracked", "hashed",
+    "ranges given")."""
+    return re.findall(rf"sync of {re.escape(name)}: sent \d+ changed chunks .*?\((\w[\w ]*);",
+                      log_of(node))
+
+
+def home_digest(client, name: str) -> str:
+    """sha256 of the home's bytes of ``name`` (``client`` on the home node)."""
+    with client.attach(name, "r") as home:
+        return hashlib.sha256(home.buffer).hexdigest()
+
+
+def test_tracked_sync_publishes_every_written_page(two):
+    """Random stores (single bytes at chunk edges, pwrite-sized writes, numpy slices) over
+    rounds of syncs: after each, the home's bytes are the writer's (sha256), and a store
+    of the byte already there is sent too (tracked, not found by hashing)."""
+    running, c1, c2 = two
+    node2 = running.nodes[1]
+    size = 4 * MiB + 3 * 4096  # a last chunk shorter than CHUNK
+    fill(c1, "pub/tracked", size)
+    rng = random.Random(11)
+    with c2.attach("pub/tracked", "rw") as w:
+        if not tracking(w):
+            pytest.skip("this kernel cannot track a writer's stores")
+        array = w.ndarray("u1")
+        for _ in range(4):
+            edges = [rng.randrange(size // CHUNK + 1) * CHUNK + d for d in (-1, 0)]
+            for offset in [rng.randrange(size) for _ in range(5)] + edges:
+                if 0 <= offset < size:
+                    array[offset] = rng.randrange(256)
+            offset = rng.randrange(size - 100 * 1024)
+            w.write(offset, os.urandom(100 * 1024))  # >= PWRITE_MIN: past the page tables
+            w.sync()
+            assert home_digest(c1, "pub/tracked") == hashlib.sha256(array).hexdigest()
+        array[2 * CHUNK + 5] = array[2 * CHUNK + 5]  # a store that changes nothing
+        w.sync()
+        assert counts(node2, "sync", "pub/tracked")[-1] == 1
+        w.sync()
+        assert counts(node2, "sync", "pub/tracked")[-1] == 0  # nothing stored since
+        assert found(node2, "pub/tracked") == ["tracked"] * 6
+        del array
+
+
+def test_stores_racing_syncs_are_never_lost(two):
+    """A thread stores counters into random pages while the main thread syncs: after the
+    stores stop, one more sync makes the home's bytes the writer's."""
+    _, c1, c2 = two
+    size = 2 * MiB
+    fill(c1, "pub/racing", size)
+    with c2.attach("pub/racing", "rw") as w:
+        array = w.ndarray("<u4")
+        stop = threading.Event()
+
+        def store():
+            rng = random.Random(5)
+            n = 0
+            while not stop.is_set():
+                n += 1
+                array[rng.randrange(len(array))] = n
+
+        writer = threading.Thread(target=store)
+        writer.start()
+        try:
+            for _ in range(8):
+                w.sync()
+        finally:
+            stop.set()
+            writer.join(10)
+        assert not writer.is_alive()
+        w.sync()
+        assert home_digest(c1, "pub/racing") == hashlib.sha256(array).hexdigest()
+        del array
+
+
+def test_without_tracking_sync_hashes_and_publishes_the_same(two, monkeypatch):
+    """VAS_DISABLE_USERFAULTFD=1: no tracking, the agent hashes every chunk (a store of
+    the byte already there is not sent) and the home gets the same bytes."""
+    running, c1, c2 = two
+    node2 = running.nodes[1]
+    monkeypatch.setenv("VAS_DISABLE_USERFAULTFD", "1")
+    monkeypatch.setattr(fetch, "_write_tracking_ok", None)  # probed again, per process
+    data = bytearray(fill(c1, "pub/hashed", 2 * MiB))
+    with c2.attach("pub/hashed", "rw") as w:
+        assert not tracking(w)
+        for offset in (0, CHUNK - 1, CHUNK, 2 * MiB - 1):
+            w.write(offset, b"z")
+            data[offset] = ord("z")
+        w.write(5 * CHUNK, bytes(data[5 * CHUNK:5 * CHUNK + 10]))  # changes nothing
+        w.sync()
+        assert counts(node2, "sync", "pub/hashed")[-1] == 3
+        assert found(node2, "pub/hashed") == ["hashed"]
+        assert home_digest(c1, "pub/hashed") == hashlib.sha256(data).hexdigest()
+
+
+def test_failed_sync_is_sent_again_by_the_next(cluster):
+    """A sync that fails (the coordinator stopped: the home cannot publish) keeps the
+    writer's written pages: the next good sync sends them with the later ones."""
+    running = cluster(nodes=2, memory=64 * MiB, writer_ttl=30)
+    node2 = running.nodes[1]
+    coordinator = running.coordinators[0]
+    with vas.connect(running.nodes[0].socket) as c1, \
+            vas.connect(running.nodes[1].socket) as c2:
+        fill(c1, "pub/failed", 2 * MiB)
+        with c2.attach("pub/failed", "rw") as w:
+            if not tracking(w):
+                pytest.skip("this kernel cannot track a writer's stores")
+            array = w.ndarray("u1")
+            array[0] = array[0]  # stores that change nothing: only tracking sends them
+            array[3 * CHUNK] = array[3 * CHUNK]
+            coordinator.stop()
+            with pytest.raises(vas.VasError):
+                w.sync()
+            array[5 * CHUNK] ^= 0xFF
+            coordinator.listen = coordinator.address  # the agents reconnect to its port
+            coordinator.start()
+            wait_for(lambda: try_sync(w), "a sync once the coordinator is back", timeout=30)
+            assert counts(node2, "sync", "pub/failed")[-1] == 3
+            assert found(node2, "pub/failed") == ["tracked"]
+            assert home_digest(c1, "pub/failed") == hashlib.sha256(array).hexdigest()
+            del array
+
+
+def try_sync(mapping) -> bool:
+    try:
+        mapping.sync()
+    except vas.Unavailable:
+        return False
+    return True

@@ -19,7 +19,7 @@ any         yes        any                     HOME ("home (no fetch)")
 "lazy"      no         FIXED_ADDRESS           EAGER_FIXED ("eager (fixed address)")
 ==========  =========  ======================  ==========================================
 
-A remote "rw" attach is always fetched whole (``sync()`` diffs every chunk): the
+A remote "rw" attach is always fetched whole (``sync()`` may read any chunk): the
 agent asks ``decide`` with requested="eager" then. A LAZY attach of a replica
 that is already complete is answered EAGER (nothing is left to fault in), and a
 client whose userfaultfd registration fails at run time fetches the rest at once
@@ -29,7 +29,9 @@ The client's userfaultfd probes and registrations live here too:
 ``userfaultfd_available`` and ``register_lazy`` (lazy faults), and
 ``write_protect_available`` and ``register_write_protect`` (whether a "rw"
 mapping of a segment homed on this node can be made revocable, which the agent
-requires, and making it so: see node/revoke.py).
+requires, and making it so: see node/revoke.py), and ``write_tracking_available``
+and ``register_write_tracking`` (whether a "rw" mapping of a replica can have its
+written pages tracked, so that sync() need not hash every chunk: vas/written.py).
 
 Example::
 
@@ -239,6 +241,49 @@ def _probe_write_protect() -> bool:
                            os.O_CLOEXEC | os.O_NONBLOCK | _native.UFFD_USER_MODE_ONLY,
                            "write-protect of shared memory: Linux 5.19; SIGBUS: Linux 4.14",
                            "\"rw\" attaches on a segment's home node are refused")
+
+
+_write_tracking_ok: bool | None = None  # probed once per process
+
+
+def write_tracking_features() -> int:
+    """The features of a remote writer's tracking userfaultfd (vas/written.py):
+    UFFD_FEATURE_WP_HUGETLBFS_SHMEM | UFFD_FEATURE_WP_ASYNC, i.e. write-protect on
+    shared memory whose faults the kernel resolves itself, leaving the page marked
+    written for PAGEMAP_SCAN (both Linux 6.7)."""
+    from vas import _native
+
+    return _native.UFFD_FEATURE_WP_HUGETLBFS_SHMEM | _native.UFFD_FEATURE_WP_ASYNC
+
+
+def register_write_tracking(address: int, size: int) -> int:
+    """A userfaultfd on which [address, address + size), a shared writable mapping,
+    is registered for asynchronous write-protect (``write_tracking_features``).
+    Registering protects nothing yet: the caller write-protects the range before
+    the first store (vas/written.py)."""
+    from vas import _native
+
+    return _registered(os.O_CLOEXEC | os.O_NONBLOCK | _native.UFFD_USER_MODE_ONLY,
+                       write_tracking_features(), address, size,
+                       _native.UFFDIO_REGISTER_MODE_WP)
+
+
+def write_tracking_available() -> bool:
+    """Whether this process can track the pages a remote writer stores to (a
+    userfaultfd made with UFFD_USER_MODE_ONLY whose kernel offers
+    ``write_tracking_features()``). Probed once per process and logged once when
+    not; ``VAS_DISABLE_USERFAULTFD=1`` answers False without probing: sync() then
+    finds the changes by hashing every chunk."""
+    global _write_tracking_ok
+    if _write_tracking_ok is None:
+        from vas import _native
+
+        _write_tracking_ok = _probe_features(
+            write_tracking_features(),
+            os.O_CLOEXEC | os.O_NONBLOCK | _native.UFFD_USER_MODE_ONLY,
+            "asynchronous write-protect of shared memory: Linux 6.7",
+            "a remote writer's sync() hashes every chunk to find its changes")
+    return _write_tracking_ok
 
 
 def probe_fault_support(fixed: bool) -> int:
