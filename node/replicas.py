@@ -237,12 +237,15 @@ class Replicas:
     def _eager_replica(self, info: types_pb2.SegmentInfo) -> Replica:
         """A new replica holding every byte of ``info`` (room reserved here, held by the
         caller); on any failure nothing is left behind."""
-        self.release_spare(self.make_room(info.size, info.name))
+        spare = self.make_room(info.size, info.name)
         warm = self.pool.take(info.size)
+        # Fresh pages are allocated below only without a prepared memfd: the room made
+        # must then be given back first; else between transfers.
+        self.release_spare(spare, later=warm is not None)
         try:
             address = self.home_address(info)
-            if warm is None:
-                warm = Warm(info.size)
+            if warm is None:  # sparse: the transfer allocates the pages as it goes
+                warm = Warm(info.size, reserve=False)
             started = time.monotonic()
             with self.pool.transfer():
                 via = self._transfer(address, info, warm)
@@ -288,14 +291,11 @@ class Replicas:
 
     def _after_lazy_attach(self, reader: lazy.HomeReader, spare: list) -> None:
         """The slow parts of a lazy attach, off its path (one thread: each start costs
-        ~0.4 ms there): the home's bulk channel before the first fault, then, at
-        SCHED_IDLE, the room taken from evicted replicas and the warm pool."""
+        ~0.4 ms there): the home's bulk channel before the first fault, then the room
+        taken from evicted replicas and the warm pool, given back between transfers
+        (this replica's chunk reads are transfers)."""
         reader.prepare()
-        try:  # this thread only: resolving faults comes first
-            os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
-        except OSError:
-            pass
-        self.release_spare(spare)
+        self.release_spare(spare, later=True)
 
     def _chunk_reader(self, info: types_pb2.SegmentInfo, memory: Memory) -> lazy.HomeReader:
         """``fetch(offset, length)`` for a LazyFill: chunk requests on the home's bulk
@@ -340,12 +340,14 @@ class Replicas:
                                       f"{human_size(opened.size)}, not {human_size(info.size)}")
                 try:
                     bulk.fetch(opened.address, info.id, view, streams=self.config.fetch_streams,
-                               timeout=self.config.rpc_timeout, prepare=warm.populate,
+                               timeout=self.config.rpc_timeout,
+                               prepare=None if warm.populated else warm.populate,
                                tls=self.bulk_tls)
                     return f"over the bulk channel {opened.address}"
                 except (Unavailable, CapacityExceeded) as exc:  # over the home's bulk limits
                     log.warning("bulk fetch of %s from %s failed: %s; using ReadPages",
                                 info.name, opened.address, exc)
+            warm.populate(0, info.size)  # every page allocated before it is written
             self.peers.read_pages_into(address, info.name, info.id, view, fallback_timeout)
         return f"over ReadPages at {address}"
 
@@ -467,12 +469,17 @@ class Replicas:
             raise
         return evicted + self.pool.trim()
 
-    def release_spare(self, spare: list) -> None:
+    def release_spare(self, spare: list, *, later: bool = False) -> None:
+        """Give back what ``make_room`` took (evicted replicas, trimmed warm memory): at
+        once, for a caller about to allocate fresh pages in the room made, else
+        (``later``) by the warm pool's thread between transfers."""
         for item in spare:
             if isinstance(item, Replica):
                 log.info("evicted the replica of %s (%d bytes) to make room", item.name,
                          item.size)
-                self._release(item)
+                self._release(item, later=later)
+            elif later:
+                self.pool.release_later([item])
             else:
                 item.release()
 
@@ -555,9 +562,11 @@ class Replicas:
         if free:
             self._release(replica)
 
-    def _release(self, replica: Replica) -> None:
-        """Give back the memory of a FREED replica; its report goes (no copy held here)."""
-        _release(replica)
+    def _release(self, replica: Replica, *, later: bool = True) -> None:
+        """Give back the memory of a FREED replica, by default by the warm pool's thread
+        between transfers (nothing here waits for its pages); its report goes (no copy
+        held here)."""
+        _release(replica, self.pool.release_later if later else None)
         self.reporter.mark(replica)
 
     def report_of(self, replica: Replica) -> tuple[int, bool]:
@@ -638,10 +647,13 @@ class Replicas:
             _release(replica)  # no report: deregistering removes them all
 
 
-def _release(replica: Replica) -> None:
+def _release(replica: Replica, later: Callable[[list], None] | None = None) -> None:
     """Give back the memory of a FREED replica (after its fetches in flight, which write
-    through the reader's own dup of the memfd)."""
+    through the reader's own dup of the memfd): at once, or handed to ``later``."""
     fill, replica.fill = replica.fill, None
     if fill is not None:
         fill.close()
-    replica.memory.release()
+    if later is None:
+        replica.memory.release()
+    else:
+        later([replica.memory])
