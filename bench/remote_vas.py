@@ -61,58 +61,70 @@ def delete_quietly(client, name: str) -> None:
             continue
 
 
+def eager_round(c1, c2, env1: dict, name: str, size: int, seed: int,
+                counter=lo_bytes) -> tuple[float, int]:
+    """Create ``name`` on node1 (client ``c1``), fill it from a child, time an eager
+    attach of it through ``c2``, check its bytes and delete it: the seconds, and how much
+    ``counter`` (a byte count read before and after the attach) grew."""
+    c1.create(name, size)
+    try:
+        want = run_writer(env1, name, seed, 300)
+        with deadline(300, f"eager attach of {name}"):
+            before = counter()
+            t0 = time.perf_counter()
+            m = c2.attach(name, "r", fetch="eager")
+            seconds = time.perf_counter() - t0
+            moved = counter() - before
+        try:
+            got = checksum(np.frombuffer(m.buffer, dtype=np.uint8))
+        finally:
+            detach_quietly(m)
+        if got != want:
+            raise CheckFailed(f"eager attach of {name}: bytes on the reader differ from the "
+                              "home's")
+        return seconds, moved
+    finally:
+        delete_quietly(c1, name)
+
+
 def bench_eager(out: dict, c1, c2, env1: dict, size: int, repeats: int, seed: int) -> None:
     rates = []
     for r in range(1 + repeats):
-        name = f"bench/remote/eager{r}"
-        c1.create(name, size)
-        try:
-            want = run_writer(env1, name, seed + r, 300)
-            with deadline(300, f"eager attach round {r}"):
-                lo0 = lo_bytes()
-                t0 = time.perf_counter()
-                m = c2.attach(name, "r", fetch="eager")
-                seconds = time.perf_counter() - t0
-                lo1 = lo_bytes()
-            try:
-                got = checksum(np.frombuffer(m.buffer, dtype=np.uint8))
-            finally:
-                detach_quietly(m)
-            if got != want:
-                raise CheckFailed(f"eager attach round {r}: bytes on node2 differ from node1's")
-            rates.append(gbps(size, seconds))
-            if r == 0:
-                out["eager_cold_gbps"] = rates[0]
-                out["eager_cold_loopback_bytes_per_byte"] = (lo1 - lo0) / size if lo1 else None
-            else:
-                out["eager_warm_gbps"] = med(rates[1:])
-                out["eager_warm_all_gbps"] = rates[1:]
-        finally:
-            delete_quietly(c1, name)
+        seconds, moved = eager_round(c1, c2, env1, f"bench/remote/eager{r}", size, seed + r)
+        rates.append(gbps(size, seconds))
+        if r == 0:
+            out["eager_cold_gbps"] = rates[0]
+            out["eager_cold_loopback_bytes_per_byte"] = moved / size if lo_bytes() else None
+        else:
+            out["eager_warm_gbps"] = med(rates[1:])
+            out["eager_warm_all_gbps"] = rates[1:]
 
 
-def bench_lazy(out: dict, c1, c2, env1: dict, size: int, touches: int, seed: int) -> None:
+def bench_lazy(out: dict, c1, c2, env1: dict, size: int, touches: int, seed: int,
+               counter=lo_bytes, counted: str = "loopback") -> None:
+    """Lazy attach, its first byte and ``touches`` first touches (remote.py's docstring);
+    ``counter`` counts the bytes moved up to the first byte (key lazy_ttfb_COUNTED_...)."""
     name = "bench/remote/lazy"
     c1.create(name, size)
     try:
         run_writer(env1, name, seed, 600)
         with deadline(120, "lazy attach"):
-            lo0 = lo_bytes()
+            before = counter()
             t0 = time.perf_counter()
             m = c2.attach(name, "r", fetch="lazy")
             t1 = time.perf_counter()
             first = m.buffer[0]
             t2 = time.perf_counter()
-            lo1 = lo_bytes()
+            after = counter()
         try:
             if first != stamp_byte(0, seed):
                 raise CheckFailed("lazy attach: first byte differs from node1's")
             out["lazy_attach_call_ms"] = (t1 - t0) * 1e3
             out["lazy_ttfb_ms"] = (t2 - t0) * 1e3
-            # Loopback bytes up to the first byte, per segment byte: near 1 means the
+            # Bytes moved up to the first byte, per segment byte: near 1 means the
             # "lazy" attach copied the whole segment, and the first touches below then
             # time local reads, not demand paging.
-            out["lazy_ttfb_loopback_bytes_per_byte"] = (lo1 - lo0) / size if lo1 else None
+            out[f"lazy_ttfb_{counted}_bytes_per_byte"] = (after - before) / size if after else None
             region = 2 * MiB
             rng = np.random.default_rng(seed)
             regions = rng.choice(np.arange(1, size // region), size=touches, replace=False)
@@ -218,7 +230,8 @@ def guarded(results: dict, reasons: dict, keys: list[str], fn) -> bool:
         return True
     except (vas.Unavailable, NotImplementedError) as exc:
         reason, ok = f"{type(exc).__name__}: {exc}", True
-    except (vas.VasError, PhaseTimeout, CheckFailed, subprocess.SubprocessError) as exc:
+    except (vas.VasError, PhaseTimeout, CheckFailed, subprocess.SubprocessError,
+            RuntimeError) as exc:  # RuntimeError: a helper process failed (LaunchError, tc)
         detail = getattr(exc, "stderr", None)
         tail = f" ({detail.strip().splitlines()[-1]})" if detail and detail.strip() else ""
         reason, ok = f"{type(exc).__name__}: {exc}{tail}", False

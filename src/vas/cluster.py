@@ -41,6 +41,7 @@ DEFAULT_START_TIMEOUT = 60.0
 DEFAULT_STOP_TIMEOUT = 10.0
 _POLL = 0.02
 _TAIL_LINES = 30
+_METRICS_URL = re.compile(r"serving metrics on (https?://[^\s\"]+/metrics)")
 
 
 # Every launched process, so that a launcher that exits without stopping them (an
@@ -123,6 +124,13 @@ class _Process:
                 return b"".join(log.readlines()[-lines:]).decode(errors="replace")
         except OSError:
             return ""
+
+    def metrics_url(self) -> str | None:
+        """The URL of its /metrics (``--metrics-port``) from its log, the last one logged
+        (a restart with port 0 logs another); None when it logged none."""
+        with open(self.log_path, errors="replace") as log:
+            found = _METRICS_URL.findall(log.read())
+        return found[-1] if found else None
 
     def _fail(self, what: str) -> LaunchError:
         return LaunchError(f"{self.name} {what}; last lines of {self.log_path}:\n{self.tail()}")

@@ -18,7 +18,7 @@ stored: half one write's bytes, half the next's), which the checker cannot tell 
 garbage.
 
 With ``netns`` every agent runs in a network namespace of its own, joined to etcd and the
-coordinators by a veth on a bridge (tests/multihost/conftest.py's network helpers; root
+coordinators by a veth on a bridge (vas.netns, as tests/multihost builds them; root
 only), and links can be cut.
 
 Faults (``FAULTS``), one at a time, a pause of ``gap`` seconds between two; they come
@@ -62,19 +62,17 @@ also after a failure.
 from __future__ import annotations
 
 import collections
-import importlib.util
 import itertools
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 
 import vas
+from vas import netns
 from vas.cluster import (CoordinatorProcess, EtcdProcess, NodeProcess, coordinator_target,
                          free_port)
 
@@ -134,42 +132,21 @@ class Result:
 
 # ---------------------------------------------------------------------- the world
 
-def _multihost():
-    """tests/multihost/conftest.py as a module (its network helpers; not as a conftest)."""
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                        "multihost", "conftest.py")
-    spec = importlib.util.spec_from_file_location("vas_multihost_network", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 class _Network:
-    """A bridge and one namespace per agent (the multihost fixture's layout)."""
+    """A bridge and one namespace per agent (vas.netns, the multihost fixture's layout)."""
 
     def __init__(self, count: int):
-        if os.geteuid() != 0 or shutil.which("ip") is None:
-            raise RuntimeError("--netns needs root (CAP_NET_ADMIN) and iproute2's `ip`")
-        self._mh = _multihost()
-        self._mh._clean_stale()
-        pid, x = os.getpid(), self._mh._pick_subnet()
-        short, letters = pid % 10000, "abcdefghijklmnopqrstuvwxyz"[:count]
-        self.hosts = self._mh.Hosts(
-            subnet=x, bridge=f"vasbr{short}", bridge_ip=f"10.77.{x}.1",
-            namespaces=[f"vas-{pid}-{c}" for c in letters],
-            ips=[f"10.77.{x}.{10 + i}" for i in range(count)],
-            host_veths=[f"vh{short}{c}" for c in letters],
-            ns_veths=[f"vn{short}{c}" for c in letters], dir=tempfile.mkdtemp(prefix="vas-ch-"))
-        self._mh._build_network(self.hosts)
+        try:
+            self.hosts = netns.make_network(count)
+        except netns.NetnsUnavailable as exc:
+            raise RuntimeError(f"--netns: {exc}") from exc
 
     def link(self, agent: int, up: bool) -> None:
         subprocess.run(["ip", "link", "set", self.hosts.host_veths[agent],
                         "up" if up else "down"], check=True, capture_output=True, timeout=30)
 
     def remove(self) -> None:
-        self._mh._teardown(self.hosts)  # processes are the World's: none listed there
-        self._mh._wait_gone([*self.hosts.host_veths, self.hosts.bridge], self.hosts.namespaces)
+        netns.remove(self.hosts)  # processes are the World's: none listed there
 
 
 class World:

@@ -27,15 +27,13 @@ from waiting import wait_for
 
 MiB = 1 << 20
 SIZE = 8 * MiB  # above the agent's ReadPages-only size (4 MiB): fetched on the bulk channel
-_URL = re.compile(r"serving metrics on (https?://[^\s\"]+/metrics)")
 _READY = re.compile(r"^vas (node|coordinator) \S+ ")
 
 
 def metrics_url(process) -> str:
-    with open(process.log_path) as log:
-        match = _URL.search(log.read())
-    assert match, f"{process.name} logged no metrics URL:\n{process.tail()}"
-    return match.group(1)
+    url = process.metrics_url()
+    assert url, f"{process.name} logged no metrics URL:\n{process.tail()}"
+    return url
 
 
 def scrape(url: str) -> list:

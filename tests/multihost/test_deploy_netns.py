@@ -1,7 +1,7 @@
 """deploy/kubernetes's own command lines, run on hosts of their own.
 
 Two coordinators and three agents, each in its own network namespace with its own IP on a
-bridge (as tests/multihost/conftest.py builds them, with the same names, so its clean-up
+bridge (as vas.netns builds them for tests/multihost, with the same names, so its clean-up
 of leftovers covers these too), all on the ports deploy/ fixes: every coordinator on 7300,
 every agent on 7400 (gRPC) and 7401 (bulk channel), the same numbers on every host as on
 real machines. The agents run the DaemonSet's args with ``$(HOST_IP)`` and

@@ -1,11 +1,12 @@
 """Agents in separate network namespaces (see conftest.py): registration with their
-own IPs, metadata seen across hosts, traffic over the bridge only, and a crashed
-home node's segment turning "lost".
+own IPs, metadata seen across hosts, traffic over the bridge only, a shaped link, and a
+crashed home node's segment turning "lost".
 
 Tests run in file order on one module-scoped cluster; the last one kills agent a.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import time
@@ -82,6 +83,27 @@ def test_b_reaches_the_coordinator_only_through_the_bridge(hosts):
     before = _rx_packets(hosts.host_veths[1])
     _state_json(hosts, 1, "mh/seg")
     assert _rx_packets(hosts.host_veths[1]) > before
+
+
+def test_a_shaped_link_limits_what_a_sends(hosts):
+    """Hosts.shaped (bench/netns.py's 2 gbit home link): a's sending goes through a token
+    bucket while the block lasts, and the qdisc is gone after it."""
+    size, rate = 8 << 20, 100e6  # 8 MiB at 100 mbit/s: 0.67 s (the first 1 MB is burst)
+    digest = hosts.fill(0, "mh/shaped", size)
+    with hosts.shaped(0, "100mbit"), vas.connect(hosts.nodes[1].socket) as client:
+        started = time.monotonic()
+        with client.attach("mh/shaped", "r", fetch="eager") as mapping:
+            took = time.monotonic() - started
+            assert hashlib.sha256(mapping.buffer).hexdigest() == digest
+        qdiscs = _ip_out("netns", "exec", hosts.namespaces[0], "tc", "qdisc", "show", "dev",
+                         hosts.ns_veths[0])
+        assert "tbf" in qdiscs, qdiscs
+    assert took >= (size - 1_000_000) * 8 / rate * 0.9, took
+    qdiscs = _ip_out("netns", "exec", hosts.namespaces[0], "tc", "qdisc", "show", "dev",
+                     hosts.ns_veths[0])
+    assert "tbf" not in qdiscs, qdiscs
+    with vas.connect(hosts.nodes[0].socket) as client:
+        client.delete("mh/shaped")
 
 
 def test_killed_home_makes_its_segment_lost_from_b(hosts):
