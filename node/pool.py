@@ -87,11 +87,14 @@ class Warm(Memory):
         self.populated = False
 
     def populate(self, offset: int, length: int) -> None:
-        """Fault in [offset, offset + length) unless the whole memfd was prepared already;
-        CapacityExceeded when the kernel has no memory for them (a sparse memfd's
-        pages are allocated here: never later by a fault, which would be SIGBUS)."""
+        """Allocate and fault in [offset, offset + length) unless the whole memfd was
+        prepared already; CapacityExceeded when the kernel has no memory for them (a
+        sparse memfd's pages are allocated here: never later by a fault, which would
+        be SIGBUS). ``fallocate`` first: allocating by faults cost ~0.68 CPU-s a GiB
+        on the development VM, ``fallocate`` and then faulting ~0.5 (0.23 + 0.3)."""
         if not self.populated:
             try:
+                _native.fallocate(self.fd, offset, length)
                 self.mapping.madvise(_native.MADV_POPULATE_WRITE, offset, length)
             except OSError as exc:
                 raise CapacityExceeded(f"cannot allocate {human_size(length)} of segment "
