@@ -9,6 +9,7 @@ import os
 import random
 import socket
 import threading
+import time
 import types
 
 import pytest
@@ -253,14 +254,16 @@ def _covered(pieces: list[tuple[int, int]], start: int, end: int) -> bool:
 
 def test_an_eager_fetch_receives_only_into_pages_prefaulted_ahead(home, replica, monkeypatch):
     server, data = home
-    monkeypatch.setattr(bulk, "_PREFAULT_STEP", MiB)  # several pieces per stream
+    monkeypatch.setattr(bulk, "_PREFAULT_STEP", 64 << 10)  # 129 pieces
     mapping = _native.mmap(replica, SIZE, writable=True)
     lock = threading.Lock()
     prepared: list[tuple[int, int]] = []
     unprepared: list[tuple[int, int]] = []
+    partial: list[int] = []  # receives let go before their range was wholly prepared
 
     def prepare(offset: int, length: int) -> None:
         mapping.madvise(_native.MADV_POPULATE_WRITE, offset, length)
+        time.sleep(0.002)  # slow memory: the receivers catch up with the pre-faulting
         with lock:
             prepared.append((offset, length))
 
@@ -271,6 +274,8 @@ def test_an_eager_fetch_receives_only_into_pages_prefaulted_ahead(home, replica,
         with lock:
             if not _covered(prepared, at, end):
                 unprepared.append((at, end))
+            if end < ahead._end[start]:
+                partial.append(start)
         return end
 
     monkeypatch.setattr(bulk._RunAhead, "ready", checked)
@@ -282,6 +287,7 @@ def test_an_eager_fetch_receives_only_into_pages_prefaulted_ahead(home, replica,
     finally:
         mapping.close()
     assert unprepared == [], "bytes were received into pages not prepared yet"
+    assert partial, "no receiver received before its whole range was prepared (no overlap)"
     assert sum(length for _, length in prepared) == SIZE and _covered(prepared, 0, SIZE)
     assert not any(t.name == "vas-node-prefault" for t in threading.enumerate())
 
