@@ -21,8 +21,8 @@ it, and on a home it halved the page serving of a lazy reader elsewhere; giving
 a GiB back (punching it out) takes ~0.25 s. So the pool's thread does both in
 steps (``_STEP``) and starts a step only once no transfer has been under way on
 this node for ``_SETTLE`` seconds (``transfer()`` marks one: a replica fetch, a
-lazy chunk, a sync, and on the serving side a bulk range, a ReadPages or a
-WritePages stream; transfers come in series, and a step in a gap of a few
+lazy chunk, a sync, and on the serving side a bulk range, a ReadPages, a
+WritePages or a StageBackup stream; transfers come in series, and a step in a gap of a few
 milliseconds still competes with the next). The waits are bounded, so a node
 that transfers without a pause still makes progress: a refill step waits at most
 ``_REFILL_WAIT`` seconds, memory queued by ``release_later`` (freed replicas,
