@@ -15,13 +15,22 @@ fill, publish) that Ray's object store does not pay for memory it reuses.
 Sizes under ``MIN_SIZE`` are not pooled (they cost little, and sizes that vary
 would only churn the pool).
 
-The refill yields to transfers: preparing a GiB takes ~1 s of CPU, and on a
+Background work yields to transfers: preparing a GiB takes ~1 s of CPU, and on a
 2-core node it doubled the time of a remote writer's first sync that ran beside
-it, and on a home it halved the page serving of a lazy reader elsewhere. So it
-prepares in steps (``_STEP``) and runs a step only once no transfer has run on
-this node for ``_QUIET`` seconds (``transfer()`` marks one): a replica fetch, a
-lazy chunk, a sync, and on the serving side a bulk range, a ReadPages or a
-WritePages stream.
+it, and on a home it halved the page serving of a lazy reader elsewhere; giving
+a GiB back (punching it out) takes ~0.25 s. So the pool's thread does both in
+steps (``_STEP``) and starts a step only once no transfer has been under way on
+this node for ``_SETTLE`` seconds (``transfer()`` marks one: a replica fetch, a
+lazy chunk, a sync, and on the serving side a bulk range, a ReadPages, a
+WritePages or a StageBackup stream; transfers come in series, and a step in a gap of a few
+milliseconds still competes with the next). The waits are bounded, so a node
+that transfers without a pause still makes progress: a refill step waits at most
+``_REFILL_WAIT`` seconds, memory queued by ``release_later`` (freed replicas,
+trimmed or stale pool entries) is punched out at most ``_RELEASE_WAIT`` seconds
+after it was queued (its room is free in the accounting at once; the pages
+linger at most that long, plus the punching). A transfer's end notifies nobody
+(it would wake this thread on every lazy chunk sent or received): a waiting step
+looks again every ``_SETTLE`` seconds.
 
 A pooled memfd is never handed to a client before it becomes a segment, and is
 never reused after: a client may keep its read-only fd past detach, so memory
@@ -30,17 +39,19 @@ capacity no segment uses (``Store.pooled``) and gives it back as soon as a
 create or replica needs it (``trim``).
 
 Locking: the pool shares the store's lock (its condition wraps it: the pool's
-room is the store's ``pooled``); ``run`` is the refill thread.
+room is the store's ``pooled``); ``run`` is the pool's thread (refill and releases).
 """
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
 
 from vas import _native
-from vas.core.errors import VasError
-from vas.node.store import Memory, Store
+from vas.core.errors import CapacityExceeded, VasError
+from vas.core.sizes import human_size
+from vas.node.store import Memory, Store, punch
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +61,19 @@ _ENTRIES = 1
 MIN_SIZE = 16 << 20
 #: Pause after a failed preparation (e.g. ENOMEM), seconds.
 _RETRY = 5.0
-#: Bytes prepared between two looks for a transfer (a transfer that starts waits
-#: for at most one step to end: ~30 ms on the development VM).
+#: Bytes prepared or punched out between two looks for a transfer (a transfer that
+#: starts waits for at most one step to end: ~30 ms to prepare, ~8 ms to punch out
+#: on the development VM).
 _STEP = 32 << 20
-#: A step runs only after this long without a transfer, seconds: a lazy reader's
-#: faults come a fraction of a millisecond apart, and a step squeezed in between two
-#: of them (CPU the faults' threads wait for on a 2-core node) delayed the next.
-_QUIET = 0.05
+#: A background step starts once no transfer has run for this long, seconds: a lazy
+#: reader's faults come a fraction of a millisecond apart, and a step squeezed in
+#: between two of them (CPU the faults' threads wait for on a 2-core node) delayed the next.
+_SETTLE = 0.05
+#: Longest wait of one refill step for quiet, seconds (then it runs anyway).
+_REFILL_WAIT = 2.0
+#: Longest wait of queued memory for quiet, seconds from its queueing (then it is
+#: punched out anyway, without further waits).
+_RELEASE_WAIT = 1.0
 
 
 class Warm(Memory):
@@ -66,24 +83,34 @@ class Warm(Memory):
     __slots__ = ("populated",)
 
     def __init__(self, size: int, *, reserve: bool = True):
-        """``reserve=False``: sparse, for the pool to populate step by step."""
+        """``reserve=False``: sparse, its pages allocated by ``populate`` (step by step
+        by the pool, ahead of the receivers by a fetch)."""
         memory = Memory.allocate("segment", size, reserve=reserve, mapped=True)
         super().__init__(size, memory.fd, memory.ro_fd, memory.mapping)
         self.populated = False
 
     def populate(self, offset: int, length: int) -> None:
-        """Fault in [offset, offset + length) unless the whole memfd was prepared already."""
+        """Allocate and fault in [offset, offset + length) unless the whole memfd was
+        prepared already; CapacityExceeded when the kernel has no memory for them (a
+        sparse memfd's pages are allocated here: never later by a fault, which would
+        be SIGBUS). ``fallocate`` first: allocating by faults cost ~0.68 CPU-s a GiB
+        on the development VM, ``fallocate`` and then faulting ~0.5 (0.23 + 0.3)."""
         if not self.populated:
-            self.mapping.madvise(_native.MADV_POPULATE_WRITE, offset, length)
+            try:
+                _native.fallocate(self.fd, offset, length)
+                self.mapping.madvise(_native.MADV_POPULATE_WRITE, offset, length)
+            except OSError as exc:
+                raise CapacityExceeded(f"cannot allocate {human_size(length)} of segment "
+                                       f"memory: {exc.strerror or exc}") from exc
 
 
 def release_all(items) -> None:
-    """Release Warm entries outside the lock."""
-    for warm in items:
+    """Release Memory (Warm entries, replicas' memory) outside the lock."""
+    for memory in items:
         try:
-            warm.release()
+            memory.release()
         except OSError as exc:  # closing must go on
-            log.warning("cannot release a warm memfd of %d bytes: %s", warm.size, exc)
+            log.warning("cannot release a memfd of %d bytes: %s", memory.size, exc)
 
 
 class WarmPool:
@@ -95,15 +122,28 @@ class WarmPool:
         self._entries: list[Warm] = []
         self._wanted = 0
         self._filling = 0
-        self._transfers = 0  # transfers under way on this node: the refill waits
-        self._last_transfer = 0.0  # time.monotonic() when the last one ended
+        self._transfers = 0  # transfers under way on this node: background steps wait
+        self._quiet_since = 0.0  # when the last transfer ended (monotonic)
+        self._releases: collections.deque[tuple[float, Memory]] = collections.deque()
         self._transfer = _Transfer(self)
         self._stopped = False
 
     def transfer(self) -> "_Transfer":
-        """Mark a transfer under way (``with pool.transfer(): ...``): the refill pauses
-        after its current step, until no transfer ran for ``_QUIET`` seconds."""
+        """Mark a transfer under way (``with pool.transfer(): ...``): background work
+        pauses after its current step, until no transfer ran for ``_SETTLE`` seconds."""
         return self._transfer
+
+    def release_later(self, items) -> None:
+        """Give back the memory of ``items`` (Memory, unreachable by anyone else) in the
+        pool's thread, a step at a time between transfers (within ``_RELEASE_WAIT``);
+        at once when the pool is stopped."""
+        with self._cv:
+            if not self._stopped:
+                queued = time.monotonic()
+                self._releases.extend((queued, memory) for memory in items)
+                self._cv.notify_all()
+                return
+        release_all(items)
 
     def take(self, size: int) -> Warm | None:
         """A prepared memfd of exactly ``size`` bytes, or None; its room moves to the caller's
@@ -118,7 +158,8 @@ class WarmPool:
 
     def want(self, size: int) -> None:
         """A segment of ``size`` bytes was asked for: prepare the next one of that size
-        (entries of other sizes are released); sizes under ``MIN_SIZE`` change nothing."""
+        (entries of other sizes are released later); sizes under ``MIN_SIZE`` change
+        nothing."""
         if size < MIN_SIZE:
             return
         with self._cv:
@@ -128,7 +169,7 @@ class WarmPool:
                 self._entries.remove(warm)
                 self.store.pooled -= warm.size
             self._cv.notify_all()
-        release_all(stale)
+        self.release_later(stale)
 
     def trim(self) -> list[Warm]:
         """Entries to give back (``release()`` outside every lock) so segments fit."""
@@ -144,14 +185,16 @@ class WarmPool:
         return dropped
 
     def stop(self) -> None:
-        """End ``run`` and release every entry."""
+        """End ``run`` and release every entry and queued memory at once."""
         with self._cv:
             self._stopped = True
             self._cv.notify_all()
             entries, self._entries = self._entries, []
             for warm in entries:
                 self.store.pooled -= warm.size
-        release_all(entries)
+            queued = [memory for _, memory in self._releases]
+            self._releases.clear()
+        release_all(entries + queued)
 
     def _due_locked(self) -> bool:
         size = self._wanted
@@ -160,16 +203,21 @@ class WarmPool:
                 and self.store.used + self.store.pooled + size <= self.store.capacity)
 
     def run(self) -> None:
-        """The refill thread: prepare a memfd whenever one is due."""
+        """The pool's thread: give back queued memory, and prepare a memfd whenever one
+        is due, both a step at a time between transfers."""
         while True:
             with self._cv:
-                while not self._due_locked():
+                while not self._releases and not self._due_locked():
                     if self._stopped:
                         return
                     self._cv.wait(1.0)  # capacity frees up without a notification too
-                size = self._wanted
-                self._filling += 1
-                self.store.pooled += size
+                size = 0 if self._releases else self._wanted
+                if size:
+                    self._filling += 1
+                    self.store.pooled += size
+            if not size:
+                self._release_queued()
+                continue
             warm = self._prepare(size)
             with self._cv:
                 self._filling -= 1
@@ -180,20 +228,22 @@ class WarmPool:
                 else:
                     self.store.pooled -= size
                     extra = []
-            release_all(extra + ([warm] if warm is not None else []))
+            release_all([warm] if warm is not None else [])
+            self.release_later(extra)
 
     def _prepare(self, size: int) -> Warm | None:
-        """A populated memfd of ``size`` bytes, made in steps between transfers; None if
-        the pool stopped or the memory could not be had."""
+        """A populated memfd of ``size`` bytes, made in steps between transfers (queued
+        releases first: they give memory back); None if the pool stopped or the memory
+        could not be had."""
         warm = None
         try:
             warm = Warm(size, reserve=False)
             for offset in range(0, size, _STEP):
-                if not self._wait_for_quiet():
+                self._release_queued()
+                if not self._await_quiet(time.monotonic() + _REFILL_WAIT):
                     warm.release()
                     return None
-                warm.mapping.madvise(_native.MADV_POPULATE_WRITE, offset,
-                                     min(_STEP, size - offset))
+                warm.populate(offset, min(_STEP, size - offset))
         except (OSError, VasError) as exc:
             if warm is not None:
                 warm.release()
@@ -205,17 +255,34 @@ class WarmPool:
         log.debug("prepared %d bytes of segment memory", size)
         return warm
 
-    def _wait_for_quiet(self) -> bool:
-        """Wait until no transfer ran for ``_QUIET`` seconds; False once the pool stops.
-        (Polled: a transfer's end notifies nobody, it would wake this thread on every
-        lazy chunk sent or received.)"""
+    def _release_queued(self) -> None:
+        """Punch out the memory ``release_later`` queued, a step at a time between
+        transfers (each within ``_RELEASE_WAIT`` of its queueing), and close it."""
+        while True:
+            with self._cv:
+                if not self._releases:
+                    return
+                queued, memory = self._releases.popleft()
+            try:
+                for offset in range(0, memory.size if memory.fd >= 0 else 0, _STEP):
+                    if not self._await_quiet(queued + _RELEASE_WAIT):
+                        break  # stopping: the rest goes at once
+                    punch(memory.fd, offset, min(_STEP, memory.size - offset))
+            except OSError as exc:  # release() below punches the whole range again
+                log.warning("cannot punch out %d bytes of a memfd: %s", memory.size, exc)
+            release_all([memory])
+
+    def _await_quiet(self, deadline: float) -> bool:
+        """Wait until no transfer has run for ``_SETTLE`` seconds, or until ``deadline``
+        (monotonic; then go on anyway: never starved); False once the pool stops.
+        Polled while transfers run: their ends notify nobody."""
         with self._cv:
             while not self._stopped:
-                left = _QUIET if self._transfers else (
-                    self._last_transfer + _QUIET - time.monotonic())
-                if left <= 0:
+                now = time.monotonic()
+                quiet_at = now + _SETTLE if self._transfers else self._quiet_since + _SETTLE
+                if now >= min(quiet_at, deadline):
                     return True
-                self._cv.wait(left)
+                self._cv.wait(min(quiet_at, deadline) - now)
             return False
 
 
@@ -237,4 +304,4 @@ class _Transfer:
         pool = self._pool
         with pool._cv:
             pool._transfers -= 1
-            pool._last_transfer = time.monotonic()
+            pool._quiet_since = time.monotonic()

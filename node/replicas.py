@@ -256,13 +256,17 @@ class Replicas:
         """A new replica holding every byte of ``info`` (room reserved here, held by the
         caller), relayed to later fetchers from the start of its fetch when it is large
         (``offer``: the home is told so); on any failure nothing is left behind."""
-        self.release_spare(self.make_room(info.size, info.name))
+        spare = self.make_room(info.size, info.name)
         warm = self.pool.take(info.size)
+        # Fresh pages are allocated below only without a prepared memfd: the room made
+        # must then be given back first; else between transfers.
+        self.release_spare(spare, later=warm is not None)
         copy = None
         try:
             address = self.home_address(info)
-            if warm is None:
-                warm = Warm(info.size)
+            if warm is None:  # sparse: the transfer allocates the pages as it goes
+                warm = Warm(info.size, reserve=False)
+            memory = "warm" if warm.populated else "cold"  # before a fallback populates it
             started = time.monotonic()
             if info.size > _SMALL_FETCH:
                 copy = self.copies.begin(info, warm.fd)
@@ -281,8 +285,7 @@ class Replicas:
         metrics.FETCH_EAGER.observe(elapsed)
         log.info("replica of %s (id %d, version %d): fetched %d bytes from %s %s in %.3f s "
                  "(%.2f GB/s, %s memory)", info.name, info.id, info.version, info.size,
-                 info.home, via, elapsed, info.size / max(elapsed, 1e-9) / 1e9,
-                 "warm" if warm.populated else "cold")
+                 info.home, via, elapsed, info.size / max(elapsed, 1e-9) / 1e9, memory)
         replica = Replica(info, warm)
         replica.relay = copy
         return replica
@@ -314,20 +317,11 @@ class Replicas:
 
     def _after_lazy_attach(self, reader: lazy.HomeReader, spare: list) -> None:
         """The slow parts of a lazy attach, off its path (one thread: each start costs
-        ~0.4 ms there): the home's bulk channel before the first fault, then, at
-        SCHED_IDLE, the room taken from evicted replicas and the warm pool."""
+        ~0.4 ms there): the home's bulk channel before the first fault, then the room
+        taken from evicted replicas and the warm pool, given back between transfers
+        (this replica's chunk reads are transfers)."""
         reader.prepare()
-        if not spare:  # nothing to release: no Python at SCHED_IDLE (below)
-            return
-        try:  # this thread only: resolving faults comes first
-            os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
-        except OSError:
-            pass
-        # Python run at SCHED_IDLE holds the GIL while any other thread can preempt it: a
-        # resolver waking then waits for the GIL behind a thread that may get no CPU for
-        # milliseconds on a busy node. The punching itself (most of the time) runs
-        # without the GIL; the Python in between is short.
-        self.release_spare(spare)
+        self.release_spare(spare, later=True)
 
     def _chunk_reader(self, info: types_pb2.SegmentInfo, memory: Memory) -> lazy.HomeReader:
         """``fetch(offset, length)`` for a LazyFill: chunk requests on the home's bulk
@@ -366,6 +360,7 @@ class Replicas:
         how, for the log."""
         with memoryview(warm.mapping) as raw, raw.cast("B") as view:
             if copy is None:
+                self._populate(warm)
                 self.peers.read_pages_into(address, info.name, info.id, view,
                                            self.config.rpc_timeout + info.size / _STREAM_RATE)
                 return f"over ReadPages at {address}"
@@ -392,13 +387,14 @@ class Replicas:
             # A relay is of one version: after a publish here, the home's bytes are newer.
             source = (opened.relay if opened.relay and opened.version == copy.version
                       and len(failed) < _RELAY_TRIES else "")
+            if failed:  # later parts start wherever the bytes stopped, not page-aligned
+                self._populate(warm)
             try:
-                # The first source's streams pre-fault their ranges (page-aligned); a
-                # later one's parts start wherever the bytes stopped.
                 bulk.fetch(source or opened.address, info.id, view, copy.missing(),
                            timeout=self.config.rpc_timeout, tls=self.bulk_tls,
                            version=copy.version if source else None,
-                           prepare=None if failed else warm.populate, received=copy.received)
+                           prepare=None if warm.populated else warm.populate,
+                           received=copy.received)
                 return (f"over the bulk channel from relay {source} (home {opened.address})"
                         if source else f"over the bulk channel {opened.address}")
             except (Unavailable, CapacityExceeded, NotFound) as exc:
@@ -411,6 +407,7 @@ class Replicas:
                     continue
                 log.warning("bulk fetch of %s from %s failed: %s; using ReadPages",
                             info.name, opened.address, exc)
+            self._populate(warm)
             for offset, length in copy.missing():
                 with view[offset:offset + length] as part:
                     self.peers.read_pages_into(address, info.name, info.id, part,
@@ -418,6 +415,14 @@ class Replicas:
                                                offset)
                 copy.received(offset, length)
             return f"over ReadPages at {address}"
+
+    @staticmethod
+    def _populate(warm: Warm) -> None:
+        """Allocate every page of ``warm`` before bytes are written into it anywhere
+        (a sparse memfd's page allocated by a fault would be SIGBUS when memory is short)."""
+        if not warm.populated:
+            warm.populate(0, warm.size)
+            warm.populated = True
 
     def complete(self, replica: Replica) -> None:
         """Fetch every missing chunk of a lazy replica; it is then an eager one."""
@@ -539,12 +544,17 @@ class Replicas:
             raise
         return evicted + self.pool.trim()
 
-    def release_spare(self, spare: list) -> None:
+    def release_spare(self, spare: list, *, later: bool = False) -> None:
+        """Give back what ``make_room`` took (evicted replicas, trimmed warm memory): at
+        once, for a caller about to allocate fresh pages in the room made, else
+        (``later``) by the warm pool's thread between transfers."""
         for item in spare:
             if isinstance(item, Replica):
                 log.info("evicted the replica of %s (%d bytes) to make room", item.name,
                          item.size)
-                self._release(item)
+                self._release(item, later=later)
+            elif later:
+                self.pool.release_later([item])
             else:
                 item.release()
 
@@ -629,9 +639,11 @@ class Replicas:
         if free:
             self._release(replica)
 
-    def _release(self, replica: Replica) -> None:
-        """Give back the memory of a FREED replica; its report goes (no copy held here)."""
-        _release(replica)
+    def _release(self, replica: Replica, *, later: bool = True) -> None:
+        """Give back the memory of a FREED replica, by default by the warm pool's thread
+        between transfers (nothing here waits for its pages); its report goes (no copy
+        held here)."""
+        _release(replica, self.pool.release_later if later else None)
         self.reporter.mark(replica)
 
     def report_of(self, replica: Replica) -> tuple[int, bool]:
@@ -712,13 +724,14 @@ class Replicas:
             _release(replica)  # no report: deregistering removes them all
 
 
-def _release(replica: Replica) -> None:
+def _release(replica: Replica, later: Callable[[list], None] | None = None) -> None:
     """Give back the memory of a FREED replica (after its fetches in flight, which write
-    through the reader's own dup of the memfd)."""
+    through the reader's own dup of the memfd): at once, or handed to ``later``."""
     fill, replica.fill = replica.fill, None
     if fill is not None:
         fill.close()
+    free = replica.memory.release if later is None else (lambda: later([replica.memory]))
     if replica.relay is not None:  # after the last relay request served from it
-        replica.relay.release(replica.memory.release)
+        replica.relay.release(free)
     else:
-        replica.memory.release()
+        free()

@@ -74,7 +74,7 @@ def release(fd: int, ro_fd: int, size: int) -> None:
     even while a client still maps the memfd (a revoked attachment then reads zeros).
     """
     try:
-        _native.fallocate(fd, 0, size, _native.FALLOC_FL_PUNCH_HOLE | _native.FALLOC_FL_KEEP_SIZE)
+        punch(fd, 0, size)
     except OSError as exc:  # the close below still frees it once clients unmap
         log.warning("could not punch out %d bytes of memfd %d: %s", size, fd, exc)
     for each in (ro_fd, fd):
@@ -82,6 +82,10 @@ def release(fd: int, ro_fd: int, size: int) -> None:
             os.close(each)
 
 
+def punch(fd: int, offset: int, length: int) -> None:
+    """Give back the pages of [offset, offset + length) of memfd ``fd`` (its size stays)."""
+    _native.fallocate(fd, offset, length,
+                      _native.FALLOC_FL_PUNCH_HOLE | _native.FALLOC_FL_KEEP_SIZE)
 
 
 @contextlib.contextmanager

@@ -1,6 +1,7 @@
 """The chunk path of lazy replicas without daemons: ``LazyFill`` claims, the bulk
-``Channel`` against a real ``BulkServer`` over loopback (plaintext and mutual TLS), and
-``HomeReader``'s fallback to ReadPages."""
+``Channel`` against a real ``BulkServer`` over loopback (plaintext and mutual TLS),
+``HomeReader``'s fallback to ReadPages; and an eager ``bulk.fetch`` into fresh memory,
+its pages pre-faulted ahead of the receivers."""
 from __future__ import annotations
 
 import hashlib
@@ -8,12 +9,14 @@ import os
 import random
 import socket
 import threading
+import time
 import types
 
 import pytest
 
+from vas import _native
 from vas.core import certs
-from vas.core.errors import InvalidArgument, NotFound, Unavailable
+from vas.core.errors import CapacityExceeded, InvalidArgument, NotFound, Unavailable
 from vas.core.tls import TlsConfig
 from vas.node import bulk, lazy
 from vas.node import store as store_mod
@@ -265,3 +268,78 @@ def test_home_reader_falls_back_to_read_pages(reachable, replica):
     assert pages == [("grpc-of-node1", lazy.CHUNK, lazy.CHUNK, None),
                      ("grpc-of-node1", 0, lazy.CHUNK, None)]
     assert len(opened) == 1
+
+
+# -- an eager fetch into fresh memory ---------------------------------------------------
+
+def _covered(pieces: list[tuple[int, int]], start: int, end: int) -> bool:
+    """Whether the (offset, length) ``pieces`` cover [start, end)."""
+    at = start
+    for offset, length in sorted(pieces):
+        if offset > at:
+            break
+        at = max(at, offset + length)
+    return at >= end
+
+
+def test_an_eager_fetch_receives_only_into_pages_prefaulted_ahead(home, replica, monkeypatch):
+    server, data = home
+    monkeypatch.setattr(bulk, "_PREFAULT_STEP", 64 << 10)  # 129 pieces
+    mapping = _native.mmap(replica, SIZE, writable=True)
+    lock = threading.Lock()
+    prepared: list[tuple[int, int]] = []
+    unprepared: list[tuple[int, int]] = []
+    partial: list[int] = []  # receives let go before their range was wholly prepared
+
+    def prepare(offset: int, length: int) -> None:
+        mapping.madvise(_native.MADV_POPULATE_WRITE, offset, length)
+        time.sleep(0.002)  # slow memory: the receivers catch up with the pre-faulting
+        with lock:
+            prepared.append((offset, length))
+
+    ready = bulk._RunAhead.ready
+
+    def checked(ahead, start: int, at: int) -> int:
+        end = ready(ahead, start, at)
+        with lock:
+            if not _covered(prepared, at, end):
+                unprepared.append((at, end))
+            if end < ahead._end[start]:
+                partial.append(start)
+        return end
+
+    monkeypatch.setattr(bulk._RunAhead, "ready", checked)
+    try:
+        with memoryview(mapping) as raw, raw.cast("B") as view:
+            bulk.fetch(f"127.0.0.1:{server.port}", SEGMENT, view, bulk.split(SIZE, 3),
+                       timeout=TIMEOUT,
+                       prepare=prepare)
+            assert hashlib.sha256(view).digest() == hashlib.sha256(data).digest()
+    finally:
+        mapping.close()
+    assert unprepared == [], "bytes were received into pages not prepared yet"
+    assert partial, "no receiver received before its whole range was prepared (no overlap)"
+    assert sum(length for _, length in prepared) == SIZE and _covered(prepared, 0, SIZE)
+    assert not any(t.name == "vas-node-prefault" for t in threading.enumerate())
+
+
+def test_an_eager_fetch_whose_prefault_fails_raises_it(home, replica, monkeypatch):
+    server, _ = home
+    monkeypatch.setattr(bulk, "_PREFAULT_STEP", MiB)
+    calls = []
+
+    def prepare(offset: int, length: int) -> None:
+        calls.append(offset)
+        if len(calls) == 3:
+            raise CapacityExceeded("cannot allocate 1 MiB of segment memory: no room")
+
+    mapping = _native.mmap(replica, SIZE, writable=True)
+    try:
+        with memoryview(mapping) as raw, raw.cast("B") as view, \
+                pytest.raises(CapacityExceeded, match="no room"):
+            bulk.fetch(f"127.0.0.1:{server.port}", SEGMENT, view, bulk.split(SIZE, 3),
+                       timeout=TIMEOUT,
+                       prepare=prepare)
+    finally:
+        mapping.close()
+    assert not any(t.name == "vas-node-prefault" for t in threading.enumerate())

@@ -1,13 +1,16 @@
-"""The warm pool (node/pool.py): real memfds and its real refill thread, no daemons."""
+"""The warm pool (node/pool.py): real memfds and its real thread (refill and releases),
+no daemons."""
 from __future__ import annotations
 
+import os
 import threading
+import time
 
 import pytest
 
 from vas.node import pool as pool_module
 from vas.node.pool import MIN_SIZE, WarmPool
-from vas.node.store import Store
+from vas.node.store import Memory, Store
 from waiting import wait_for
 
 
@@ -76,3 +79,92 @@ def _within(seconds: float, condition) -> bool:
     except AssertionError:
         return False
     return True
+
+
+def _blocks(fd: int) -> int:
+    """Bytes of memory the memfd behind ``fd`` holds."""
+    return os.fstat(fd).st_blocks * 512
+
+
+def test_no_refill_step_starts_in_a_series_of_transfers(pool, monkeypatch):
+    # Transfers one after another with gaps shorter than the settle time: the refill
+    # must not slip a step into a gap (a step there competes with the next transfer).
+    monkeypatch.setattr(pool_module, "_STEP", 1 << 20)
+    monkeypatch.setattr(pool_module, "_SETTLE", 1.0)  # far above a gap, even on a busy VM
+    monkeypatch.setattr(pool_module, "_REFILL_WAIT", 60.0)
+    steps = []
+    populate = pool_module.Warm.populate
+
+    def recorded(warm, offset, length):
+        steps.append((time.monotonic(), pool._transfers))
+        populate(warm, offset, length)
+
+    monkeypatch.setattr(pool_module.Warm, "populate", recorded)
+    with pool.transfer():
+        pool.want(MIN_SIZE)
+        wait_for(lambda: pool._filling == 1, "the refill to start")
+    series_end = time.monotonic() + 1.0
+    while time.monotonic() < series_end:
+        with pool.transfer():
+            time.sleep(0.01)  # the transfer (the series is the load, not a wait)
+        time.sleep(0.005)     # a gap well under the settle time
+    last = time.monotonic()
+    assert steps == [], "a refill step started during a series of transfers"
+    wait_for(lambda: prepared(pool) == 1, "the refill after the series")
+    assert all(transfers == 0 for _, transfers in steps)
+    assert steps[0][0] >= last + 0.9  # not before the node was quiet for the settle time
+
+
+def test_a_refill_step_waits_for_quiet_at_most_refill_wait(pool, monkeypatch):
+    monkeypatch.setattr(pool_module, "_STEP", 8 << 20)
+    monkeypatch.setattr(pool_module, "_REFILL_WAIT", 0.05)
+    with pool.transfer():  # a node that never stops transferring still refills
+        pool.want(MIN_SIZE)
+        wait_for(lambda: prepared(pool) == 1, "the refill during an endless transfer")
+
+
+def test_released_memory_is_punched_out_between_transfers(pool, monkeypatch):
+    monkeypatch.setattr(pool_module, "_RELEASE_WAIT", 60.0)
+    memory = Memory.allocate("test", MIN_SIZE)
+    watch = os.dup(memory.fd)
+    try:
+        assert _blocks(watch) == MIN_SIZE
+        with pool.transfer():
+            pool.release_later([memory])
+            assert not _within(0.3, lambda: _blocks(watch) < MIN_SIZE)
+        wait_for(lambda: _blocks(watch) == 0 and memory.fd == -1, "the release after it")
+    finally:
+        os.close(watch)
+
+
+def test_released_memory_waits_for_quiet_at_most_release_wait(pool, monkeypatch):
+    monkeypatch.setattr(pool_module, "_RELEASE_WAIT", 0.2)
+    memory = Memory.allocate("test", MIN_SIZE)
+    watch = os.dup(memory.fd)
+    try:
+        with pool.transfer():
+            queued = time.monotonic()
+            pool.release_later([memory])
+            wait_for(lambda: _blocks(watch) == 0 and memory.fd == -1,
+                     "the release during an endless transfer")
+            assert time.monotonic() - queued >= 0.2
+    finally:
+        os.close(watch)
+
+
+def test_stop_releases_queued_memory_at_once(monkeypatch):
+    monkeypatch.setattr(pool_module, "_RELEASE_WAIT", 60.0)
+    warm_pool = WarmPool(Store(4 * MIN_SIZE))  # no thread: only stop() can release it
+    memory = Memory.allocate("test", MIN_SIZE)
+    watch = os.dup(memory.fd)
+    try:
+        with warm_pool.transfer():
+            warm_pool.release_later([memory])
+            assert _blocks(watch) == MIN_SIZE
+            warm_pool.stop()
+            assert _blocks(watch) == 0 and memory.fd == -1
+        late = Memory.allocate("late", MIN_SIZE)
+        warm_pool.release_later([late])  # after stop: at once
+        assert late.fd == -1
+    finally:
+        os.close(watch)
