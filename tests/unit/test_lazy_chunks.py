@@ -312,8 +312,7 @@ def test_an_eager_fetch_receives_only_into_pages_prefaulted_ahead(home, replica,
     try:
         with memoryview(mapping) as raw, raw.cast("B") as view:
             bulk.fetch(f"127.0.0.1:{server.port}", SEGMENT, view, bulk.split(SIZE, 3),
-                       timeout=TIMEOUT,
-                       prepare=prepare)
+                       timeout=TIMEOUT, prepare=prepare, tls=server.client_tls)
             assert hashlib.sha256(view).digest() == hashlib.sha256(data).digest()
     finally:
         mapping.close()
@@ -338,8 +337,7 @@ def test_an_eager_fetch_whose_prefault_fails_raises_it(home, replica, monkeypatc
         with memoryview(mapping) as raw, raw.cast("B") as view, \
                 pytest.raises(CapacityExceeded, match="no room"):
             bulk.fetch(f"127.0.0.1:{server.port}", SEGMENT, view, bulk.split(SIZE, 3),
-                       timeout=TIMEOUT,
-                       prepare=prepare)
+                       timeout=TIMEOUT, prepare=prepare, tls=server.client_tls)
     finally:
         mapping.close()
     assert not any(t.name == "vas-node-prefault" for t in threading.enumerate())
