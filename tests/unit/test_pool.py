@@ -62,25 +62,6 @@ def test_the_refill_waits_while_a_transfer_runs(pool, monkeypatch):
     wait_for(lambda: prepared(pool) == 1, "the refill after the transfer")
 
 
-def test_the_refill_waits_for_a_quiet_moment_after_transfers(pool, monkeypatch):
-    """A lazy reader's chunks come a fraction of a millisecond apart: the refill
-    starts only once no transfer ran for ``_QUIET`` seconds, not in the gaps."""
-    monkeypatch.setattr(pool_module, "_QUIET", 1.0)
-    with pool.transfer():
-        pool.want(MIN_SIZE)
-        wait_for(lambda: pool._filling == 1, "the refill to start")
-    assert not _within(0.5, lambda: prepared(pool) == 1)  # half the quiet time: still parked
-    wait_for(lambda: prepared(pool) == 1, "the refill after the quiet time")
-
-
-def _within(seconds: float, condition) -> bool:
-    try:
-        wait_for(condition, timeout=seconds)
-    except AssertionError:
-        return False
-    return True
-
-
 def _blocks(fd: int) -> int:
     """Bytes of memory the memfd behind ``fd`` holds."""
     return os.fstat(fd).st_blocks * 512
