@@ -62,6 +62,14 @@ def test_the_refill_waits_while_a_transfer_runs(pool, monkeypatch):
     wait_for(lambda: prepared(pool) == 1, "the refill after the transfer")
 
 
+def _within(seconds: float, condition) -> bool:
+    try:
+        wait_for(condition, timeout=seconds)
+    except AssertionError:
+        return False
+    return True
+
+
 def _blocks(fd: int) -> int:
     """Bytes of memory the memfd behind ``fd`` holds."""
     return os.fstat(fd).st_blocks * 512
