@@ -54,7 +54,11 @@ case "${1:-}" in
         setup
         shift
         log "running the test suite"
-        exec .venv/bin/python -m pytest -q tests "$@"
+        # No cache plugin: a clean clone's run writes nothing into the checkout (--lf and
+        # --ff need it: run pytest yourself for those). The 15 slowest steps are listed
+        # at the end, so CI shows where the suite's time goes. Not xdist: the fault
+        # tests kill and pause daemons and measure timings, so they run one at a time.
+        exec .venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 tests "$@"
         ;;
     setup)
         setup

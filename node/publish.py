@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import contextlib
 
-import numpy as np
-
 from vas import _native
 from vas.core import validate
 from vas.core.errors import InvalidArgument
@@ -25,6 +23,8 @@ CHUNK = 256 << 10
 assert CHUNK % lazy.CHUNK == 0, "a hashed chunk must cover whole lazy-fill chunks"
 #: Most bytes in one WritePages message or one run fetched at a time.
 RUN = 2 << 20
+#: Bytes of hashes ``differing`` compares at once before looking at single hashes.
+_BLOCK = 4096
 
 
 def hashes(view: memoryview) -> bytes:
@@ -51,8 +51,15 @@ def differing(old: bytes, new: bytes) -> list[int]:
     """
     if len(old) != len(new):
         raise ValueError(f"hash strings of {len(old)} and {len(new)} bytes")
-    a, b = np.frombuffer(old, "<u8"), np.frombuffer(new, "<u8")
-    return np.flatnonzero(a != b).tolist()
+    # Compare blocks of hashes first (memcmp) and words only in the blocks that differ:
+    # no numpy here, whose import was a fifth of an agent's start-up CPU.
+    found = []
+    for start in range(0, len(old), _BLOCK):
+        end = start + _BLOCK
+        if old[start:end] != new[start:end]:
+            found += [i // 8 for i in range(start, min(end, len(old)), 8)
+                      if old[i:i + 8] != new[i:i + 8]]
+    return found
 
 
 def chunks_of(ranges, size: int) -> list[int]:

@@ -26,13 +26,12 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
-from cryptography import x509
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from vas.core import validate
 from vas.core.defaults import MAX_CONCURRENT_RPCS
 from vas.core.errors import InvalidArgument, PermissionDenied
-from vas.core.identity import PeerKind, peer_of_cert
+from vas.core.identity import PeerKind, peer_of_pem
 from vas.core.logs import setup_default_logging
 from vas.core.metrics import MetricsServer, RpcMetrics, start_metrics_server
 from vas.core.reflection import enable_reflection
@@ -230,7 +229,7 @@ def own_node_id(tls: TlsConfig | None) -> str | None:
         return None
     with open(tls.cert, "rb") as pem:
         try:
-            peer = peer_of_cert(x509.load_pem_x509_certificate(pem.read()))
+            peer = peer_of_pem(pem.read())
         except PermissionDenied as exc:
             raise InvalidArgument(f"--tls-cert {tls.cert}: {exc}") from exc
     if peer.kind is not PeerKind.NODE:

@@ -214,7 +214,7 @@ def serve_coordinator(args: argparse.Namespace) -> int:
     serve(CoordinatorConfig(etcd=args.etcd, listen=args.listen, tls=tls,
                             insecure=args.insecure, etcd_tls=_etcd_tls(args, tls),
                             metrics_port=args.metrics_port))
-    return 0
+    _exit_after_shutdown()
 
 
 def _checked_tls(args: argparse.Namespace):
@@ -276,4 +276,18 @@ def serve_node(args: argparse.Namespace) -> int:
         serve(config)
     except DataDirError as exc:  # a directory it cannot use is bad usage (exit 2)
         raise UsageError(str(exc)) from exc
-    return 0
+    _exit_after_shutdown()
+
+
+def _exit_after_shutdown() -> None:
+    """Exit 0 at once after a daemon's clean shutdown, skipping the interpreter's
+    teardown: serve() has already stopped every thread, released every lease and freed
+    every resource, and tearing down the modules of grpc, protobuf and the rest took
+    another 0.2-0.5 s of a 2-CPU machine's time at every stop (tests stop hundreds)."""
+    import logging
+    import sys
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -28,10 +28,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-#: DNS names every coordinator and every agent certificate carries, and that clients
-#: check: a node certificate cannot pose as a coordinator, nor the reverse.
-COORDINATOR_HOST = "coordinator.vas"
-NODE_HOST = "node.vas"
+from vas.core.defaults import COORDINATOR_HOST, NODE_HOST
+
 #: Default validity of issued certificates and of a CA, days.
 DEFAULT_DAYS = 365
 DEFAULT_CA_DAYS = 3650

@@ -36,6 +36,11 @@ def ray_node_socket() -> str | None:
     return path if os.path.exists(path) else None
 
 
+#: DNS names every coordinator and every agent certificate carries, and that clients
+#: check: a node certificate cannot pose as a coordinator, nor the reverse
+#: (vas.core.certs issues them, vas.core.tls checks them).
+COORDINATOR_HOST = "coordinator.vas"
+NODE_HOST = "node.vas"
 #: host:port the coordinator serves gRPC on (``vasctl coordinator serve --listen``).
 DEFAULT_COORDINATOR_LISTEN = "127.0.0.1:7300"
 #: host:port of an agent's Node gRPC service; port 0 picks a free port.

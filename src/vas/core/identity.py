@@ -19,12 +19,17 @@ from __future__ import annotations
 import enum
 import functools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
-from cryptography import x509
 
 from vas.core.errors import PermissionDenied
 from vas.proto import types_pb2
+
+if TYPE_CHECKING:
+    # cryptography is imported where a certificate is read: a plaintext daemon never
+    # needs it, and its import costs ~0.1 s of CPU at every start.
+    from cryptography import x509
 
 _SCHEME = "vas://"
 
@@ -90,12 +95,15 @@ def peer_of_context(context: grpc.ServicerContext) -> Peer:
     pem = context.auth_context().get("x509_pem_cert")
     if not pem:
         return LOOPBACK
-    return _peer_of_pem(pem[0])
+    return peer_of_pem(pem[0])
 
 
 @functools.lru_cache(maxsize=1024)
-def _peer_of_pem(pem: bytes) -> Peer:
-    # Every call of a connection presents the same certificate: parse it once.
+def peer_of_pem(pem: bytes) -> Peer:
+    """The Peer a PEM certificate names (PermissionDenied if none). Cached: every call
+    of a connection presents the same certificate, parsed once."""
+    from cryptography import x509
+
     return peer_of_cert(x509.load_pem_x509_certificate(pem))
 
 
@@ -104,11 +112,15 @@ def peer_of_der(der: bytes | None) -> Peer:
     (None)."""
     if der is None:
         return LOOPBACK
+    from cryptography import x509
+
     return peer_of_cert(x509.load_der_x509_certificate(der))
 
 
 def peer_of_cert(cert: x509.Certificate) -> Peer:
     """The Peer a verified certificate names; PermissionDenied if it names none."""
+    from cryptography import x509
+
     try:
         sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         uris = [u for u in sans.get_values_for_type(x509.UniformResourceIdentifier)

@@ -31,7 +31,9 @@ from dataclasses import dataclass
 
 import grpc
 
-from vas.core.certs import COORDINATOR_HOST, NODE_HOST
+# The names, not vas.core.certs: that module loads cryptography (~0.1 s of CPU), which
+# only the making of certificates needs, not every vasctl command.
+from vas.core.defaults import COORDINATOR_HOST, NODE_HOST
 from vas.core.errors import InvalidArgument
 
 __all__ = ["TlsConfig", "COORDINATOR_HOST", "NODE_HOST", "open_channel", "add_port",
