@@ -181,6 +181,11 @@ with vas.connect() as client, client.attach("deploy/data", fetch="eager") as m:
         home, digest, nodes = json.loads(copied)
         assert (home, digest) == ("host-a", made)
         assert nodes == [[f"host-{h}", f"{net.ips[h]}:{grpc_port}"] for h in AGENTS]
+        # From the home, or (c, attaching after b) from b's copy as a relay: both are
+        # served on the fixed bulk port.
+        sources = [f"{net.ips['a']}:{bulk_port}",
+                   f"from relay {net.ips['b']}:{bulk_port} (home {net.ips['a']}:{bulk_port})"]
         with open(agents[c].log_path, encoding="utf-8") as log:
-            assert (f"fetched {SIZE} bytes from host-a over the bulk channel "
-                    f"{net.ips['a']}:{bulk_port}") in log.read()
+            text = log.read()
+        assert any(f"fetched {SIZE} bytes from host-a over the bulk channel {source}" in text
+                   for source in sources), text[-2000:]
