@@ -29,6 +29,16 @@ segment id and version; the bytes are sent as they arrive here, and a copy that
 stops serving (its fetch failed, it was retired or is about to change) ends the
 connection short: the peer fetches the rest elsewhere.
 
+Writes (a remote writer's sync, node/writers.py): a request with the magic ``VASWRITE``
+carries ``header_length`` and ``run_count`` in place of offset and length, then a
+serialized ``WritePagesHeader`` (at most ``_MAX_WRITE_HEADER`` bytes), ``run_count``
+(offset u64, length u64) runs (at most ``MAX_WRITE_RUNS``), then the runs' bytes in
+order, sent with ``os.sendfile`` from the writer's replica memfd. ``write_sink`` makes
+exactly WritePages' checks and publish; the reply's message on status 0 is the
+serialized ``SegmentInfo`` at the new version. The byte count is fixed by the runs, so
+a connection cut before the last byte publishes nothing (WritePages' end marker). A
+request refused before its bytes were read is answered and the connection closed.
+
 Hostile peers: a header with the wrong magic is answered INVALID_ARGUMENT and the
 connection closed (its framing cannot be trusted); a range outside the segment or an
 unknown id gets its status and the connection stays; a truncated header or a peer
@@ -66,9 +76,18 @@ log = logging.getLogger(__name__)
 
 MAGIC = b"VASBULK1"
 RELAY_MAGIC = b"VASRELAY"
+WRITE_MAGIC = b"VASWRITE"
 _REQUEST = struct.Struct("<8sQQQ")
 _VERSION = struct.Struct("<Q")
 _REPLY = struct.Struct("<8sIQ")
+_RUN = struct.Struct("<QQ")
+#: Largest WritePagesHeader of a write request (a Caller and a name: a few hundred bytes).
+_MAX_WRITE_HEADER = 64 << 10
+#: Most runs in one write request: its table (16 bytes a run, 1 MiB) is read before the
+#: home knows the segment, so it is bounded here; a sync of more runs uses WritePages.
+MAX_WRITE_RUNS = 1 << 16
+#: Largest reply message of a write request (a serialized SegmentInfo).
+_MAX_WRITE_REPLY = 1 << 20
 #: Largest single recv_into: big reads keep the per-call overhead negligible.
 _RECV_MAX = 8 << 20
 #: Concurrent bulk connections a home serves, from all peers; more are refused
@@ -104,6 +123,13 @@ Source = Callable[[int, int, int, Peer], int]
 #: ``relay_source(segment_id, offset, length, peer) -> Copy``: the copy relayed here of
 #: that id after checking bounds and that ``peer`` may read it (raises VasError).
 RelaySource = Callable[[int, int, int, Peer], "Copy"]
+#: ``write_sink(segment_id, header, runs, peer, receive) -> bytes``: a remote writer's
+#: publish of ``runs`` ((offset, length) pairs) with the serialized WritePagesHeader
+#: ``header``, checked as WritePages checks it (raises VasError); ``receive(total)``
+#: returns the runs' bytes once all have arrived (ConnectionError if the peer stops
+#: short). Returns the serialized SegmentInfo at the new version.
+WriteSink = Callable[[int, bytes, list[tuple[int, int]], Peer,
+                      Callable[[int], memoryview]], bytes]
 
 
 def split(length: int, streams: int) -> list[tuple[int, int]]:
@@ -125,15 +151,18 @@ class BulkServer:
     def __init__(self, host: str, source: Source, timeout: float,
                  tls: ssl.SSLContext | None = None, *, per_peer: int,
                  transfer: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-                 port: int = 0, relay_source: RelaySource | None = None):
+                 port: int = 0, relay_source: RelaySource | None = None,
+                 write_sink: WriteSink | None = None):
         """``tls``: a server context requiring client certificates (TlsConfig.server_context),
         None for plaintext; ``per_peer``: connections one peer host may hold open;
         ``transfer()`` marks each range sent (the warm pool waits meanwhile); ``port``: the
         TCP port to listen on, 0 for a free one (``.port`` is the real one);
-        ``relay_source``: the copies relayed here (None: relay requests get NOT_FOUND).
+        ``relay_source``: the copies relayed here (None: relay requests get NOT_FOUND);
+        ``write_sink``: remote writers' publishes (None: write requests are refused).
         OSError if it cannot be bound."""
         self.source = source
         self.relay_source = relay_source
+        self.write_sink = write_sink
         self._transfer = transfer
         self.timeout = timeout
         self.tls = tls
@@ -218,9 +247,12 @@ class BulkServer:
             version, = _VERSION.unpack(_recv_exact(conn, _VERSION.size))
             self._relay(conn, raw, peer, segment_id, version, offset, length)
             return True
+        if magic == WRITE_MAGIC:
+            self._write(conn, peer, segment_id, offset, length)
+            return True
         if magic != MAGIC:
-            _reply(conn, InvalidArgument(f"not a bulk request: magic {magic!r}, "
-                                         f"expected {MAGIC!r} or {RELAY_MAGIC!r}"))
+            _reply(conn, InvalidArgument(f"not a bulk request: magic {magic!r}, expected "
+                                         f"{MAGIC!r}, {RELAY_MAGIC!r} or {WRITE_MAGIC!r}"))
             raise ConnectionError("not a bulk request")
         try:
             fd = self.source(segment_id, offset, length, peer)
@@ -259,6 +291,40 @@ class BulkServer:
                     sent = upto
         finally:
             copy.served(token, fd)
+
+
+    def _write(self, conn: socket.socket, peer: Peer, segment_id: int, header_length: int,
+               run_count: int) -> None:
+        """Serve a write request: read its header and runs, hand them to ``write_sink``,
+        answer with the new record. A refusal before the bytes were read ends the
+        connection (the peer sent them already: the framing is lost)."""
+        if header_length > _MAX_WRITE_HEADER or run_count > MAX_WRITE_RUNS:
+            _reply(conn, InvalidArgument(
+                f"write request of a {header_length}-byte header and {run_count} runs: at "
+                f"most {_MAX_WRITE_HEADER} bytes and {MAX_WRITE_RUNS} runs"))
+            raise ConnectionError("oversized write request")
+        header = _recv_exact(conn, header_length)
+        table = _recv_exact(conn, run_count * _RUN.size)
+        runs = list(_RUN.iter_unpack(table))
+        received = False
+
+        def receive(total: int) -> memoryview:
+            nonlocal received
+            data = memoryview(bytearray(total))
+            _recv_into(conn, data, metrics.RECEIVED_BULK_WRITE.inc)
+            received = True
+            return data
+        try:
+            if self.write_sink is None:
+                raise NotFound("this agent takes no writes over the bulk channel")
+            with self._transfer():
+                info = self.write_sink(segment_id, header, runs, peer, receive)
+        except VasError as exc:
+            _reply(conn, exc)
+            if not received:
+                raise ConnectionError(f"write request refused: {exc.message}") from None
+            return
+        conn.sendall(_REPLY.pack(MAGIC, 0, len(info)) + info)
 
 
 def ranges(size: int, streams: int, tls: ssl.SSLContext | None) -> list[tuple[int, int]]:
@@ -409,6 +475,41 @@ class Channel:
                 self._put(conn, buffer, wait)
                 return
 
+    def write(self, segment_id: int, header: bytes, runs: list[tuple[int, int]], fd: int,
+              timeout: float) -> bytes:
+        """Publish ``runs`` ((offset, length) of ``fd``, the writer's replica memfd) at
+        the home with the serialized WritePagesHeader ``header`` (a write request, see
+        the module docstring); the serialized SegmentInfo at the new version.
+
+        ``timeout``: seconds each network wait may take (the reply comes after the
+        home's publish). Raises the home's VasError (e.g. Fenced), or Unavailable when
+        the connection fails: no retry here (the caller falls back to WritePages).
+        """
+        if len(runs) > MAX_WRITE_RUNS:
+            raise ValueError(f"{len(runs)} runs: a write request takes {MAX_WRITE_RUNS}")
+        conn = None
+        try:
+            conn, buffer = self._take()
+            _set_timeouts(conn, timeout)
+            request = b"".join([_REQUEST.pack(WRITE_MAGIC, segment_id, len(header), len(runs)),
+                                header, *(_RUN.pack(*run) for run in runs)])
+            plain = not isinstance(conn, TlsConnection)
+            conn.sendall(request, socket.MSG_MORE if plain else 0)
+            for offset, length in runs:
+                _send_range(conn, fd, offset, length)
+                metrics.SENT_BULK_WRITE.inc(length)
+            info = _read_reply(conn, _MAX_WRITE_REPLY)
+        except OSError as exc:
+            if conn is not None:
+                conn.close()
+            raise Unavailable(f"bulk write to {self.address} failed: "
+                              f"{exc.strerror or exc}") from exc
+        except VasError:
+            conn.close()  # refused early, the home closes it: never reused
+            raise
+        self._put(conn, buffer, timeout)
+        return info
+
     def _wait(self, deadline: float | None) -> float:
         """Seconds one network wait may take: the channel's timeout, cut to the time
         left before ``deadline`` when that is shorter by more than ``_CUT_SLACK`` (at
@@ -537,13 +638,15 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         written += wrote
 
 
-def _read_reply(conn: socket.socket) -> None:
+def _read_reply(conn: socket.socket, most: int = 4096) -> bytes:
+    """A reply header and its message (at most ``most`` bytes); raises the peer's error."""
     magic, code, size = _REPLY.unpack(_recv_exact(conn, _REPLY.size))
-    if magic != MAGIC or size > 4096:
+    if magic != MAGIC or size > most:
         raise ConnectionError("malformed bulk reply")
-    message = _recv_exact(conn, size).decode(errors="replace")
+    message = _recv_exact(conn, size)
     if code:
-        raise from_status(status_code(code), message)
+        raise from_status(status_code(code), message.decode(errors="replace"))
+    return message
 
 
 def _refuse(conn: socket.socket, error: VasError) -> None:

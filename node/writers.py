@@ -48,10 +48,10 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, contextmanager
 
-from vas.core.errors import (Fenced, InvalidArgument, NotFound, PermissionDenied, Unavailable,
-                             VasError)
+from vas.core.errors import (CapacityExceeded, Fenced, InvalidArgument, NotFound,
+                             PermissionDenied, Unavailable, VasError)
 from vas.core.sizes import human_size
-from vas.node import locks, metrics
+from vas.node import bulk, locks, metrics
 from vas.node.backup_push import BackupPush
 from vas.node.publish import (CHUNK, Staged, chunks_of, differing, hashes, run_views,
                               runs)
@@ -64,6 +64,8 @@ from vas.proto import coordinator_pb2, node_pb2, types_pb2
 
 log = logging.getLogger(__name__)
 
+#: Smallest sync (bytes sent) that goes over the bulk channel instead of WritePages.
+BULK_SYNC_MIN = 0
 #: Bytes per second a publish stream is given (on top of the rpc timeout).
 SEND_RATE = 50e6
 #: Longest single coordinator Watch of a wait(), seconds: between watches the
@@ -84,7 +86,7 @@ class Writers:
                  retire_replica: Callable[[Replica], None],
                  cleanup_timeout: Callable[[], float],
                  transfer: Callable[[], AbstractContextManager],
-                 node_address: Callable[[str], str | None], data_dir=None):
+                 node_address: Callable[[str], str | None], data_dir=None, homes=None):
         self.node_id = node_id
         self.config = config
         self.coordinator = coordinator
@@ -94,6 +96,7 @@ class Writers:
         self._cleanup_timeout = cleanup_timeout
         self._transfer = transfer  # marks a sync under way (the warm pool waits)
         self.data_dir = data_dir    # node/datadir.py: each home publish is kept there, or None
+        self._homes = homes  # lazy.Homes: bulk channels to homes (a remote writer's sync)
         self._lock = locks.Lock("writers", locks.Rank.WRITERS)
         self._live: dict[int, Attachment] = {}  # attachment id -> "rw" attachment renewed
         #: Leases of remote writers' attaches still fetching (renewed: see ``renewing``).
@@ -400,18 +403,45 @@ class Writers:
                 token=lease.token, lease_id=lease.lease_id)
             timeout = self.config.rpc_timeout + len(chunks) * CHUNK / SEND_RATE
             try:
-                info = self.peers.write_pages(address, header, view,
-                                              runs(chunks, replica.size), timeout)
+                info, via = self._send(replica, address, header, view,
+                                       runs(chunks, replica.size), timeout)
             except Fenced:
                 raise self.fence(attachment) from None
         with replica.lock:
             replica.synced_hashes = synced
             replica.adopt_version_locked(info.version)
-        log.info("sync of %s: sent %d changed chunks (%d bytes) to %s, now version %d (%s; "
+        log.info("sync of %s: sent %d changed chunks (%d bytes) to %s %s, now version %d (%s; "
                  "hashing %.1f ms, sending and publishing %.1f ms)", replica.name, len(chunks),
-                 len(chunks) * CHUNK, replica.info.home, info.version, found,
+                 len(chunks) * CHUNK, replica.info.home, via, info.version, found,
                  1e3 * (hashed - started), 1e3 * (time.perf_counter() - hashed))
         return info
+
+    def _send(self, replica: Replica, address: str, header: node_pb2.WritePagesHeader,
+              view: memoryview, byte_runs: list[tuple[int, int]], timeout: float
+              ) -> tuple[types_pb2.SegmentInfo, str]:
+        """Publish ``byte_runs`` of the replica at its home: (the record at the new
+        version, how it went). Over the bulk channel (sendfile from the replica memfd,
+        2.5-4.5 GB/s against ~1 GB/s for a gRPC stream) from ``BULK_SYNC_MIN`` bytes on,
+        else, or when the bulk channel fails or cannot be opened, as WritePages. The
+        home's own answer (Fenced, PermissionDenied...) is raised, never retried."""
+        total = sum(length for _, length in byte_runs)
+        if self._homes is not None and total >= BULK_SYNC_MIN \
+                and len(byte_runs) <= bulk.MAX_WRITE_RUNS:
+            channel = None
+            try:
+                channel = self._homes.channel(replica.info.home, replica.name, replica.id)
+                info = channel.write(replica.id, header.SerializeToString(), byte_runs,
+                                     replica.memory.fd, timeout)
+                return types_pb2.SegmentInfo.FromString(info), "over the bulk channel"
+            except (Unavailable, CapacityExceeded) as exc:
+                # Nothing published, or (the reply was lost) published and sent again
+                # below with the same token: the same bytes at one more version.
+                log.warning("bulk sync of %s to node %s failed (%s); using WritePages",
+                            replica.name, replica.info.home, exc)
+                if channel is not None:  # may be stale (the home restarted elsewhere)
+                    self._homes.forget(replica.info.home, channel)
+        info = self.peers.write_pages(address, header, view, byte_runs, timeout)
+        return info, "as WritePages"
 
     def _publish_version(self, caller, segment, lease: WriterLease,
                          attachment: Attachment | None = None, *,
