@@ -35,6 +35,7 @@ import functools
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 
 from google.protobuf.message import DecodeError
@@ -602,9 +603,10 @@ class Agent:
             raise InvalidArgument(f"bulk write of segment id {segment_id} with the header "
                                   f"of id {parsed.id}")
         segment = self.write_home(parsed, peer)
-        data = receive(check_runs(runs, segment.size))
-        return self.writers.write_pages(segment, parsed, pieces_of(runs, data)) \
-            .SerializeToString()
+        total = check_runs(runs, segment.size)
+        started = time.perf_counter()
+        pieces = pieces_of(runs, receive(total))
+        return self.writers.write_pages(segment, parsed, pieces, started).SerializeToString()
 
     def check_peer(self, peer: Peer, segment, mode: str) -> None:
         """PermissionDenied unless ``peer`` may use the pages of home ``segment`` in

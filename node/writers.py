@@ -463,14 +463,15 @@ class Writers:
 
     # ------------------------------------------------------------------ home side
 
-    def write_pages(self, segment, header: node_pb2.WritePagesHeader,
-                    pieces) -> types_pb2.SegmentInfo:
+    def write_pages(self, segment, header: node_pb2.WritePagesHeader, pieces,
+                    started: float | None = None) -> types_pb2.SegmentInfo:
         """Apply a remote writer's ``pieces`` ((offset, bytes) pairs) to home ``segment``
-        if its token is current."""
+        if its token is current. ``started``: when receiving them began (perf_counter),
+        if before this call (a bulk write), for the log."""
         if segment.name != header.name:
             raise NotFound(f"segment {header.name!r} (id {header.id}) is not held by "
                            f"node {self.node_id}")
-        started = time.perf_counter()
+        started = started or time.perf_counter()
         staged = Staged(segment.size)
         for offset, data in pieces:
             staged.add(offset, data)
