@@ -137,6 +137,11 @@ WriteSink = Callable[[int, bytes, list[tuple[int, int]], Peer,
                       Callable[[int], memoryview]], bytes]
 
 
+class WriteFailed(Unavailable):
+    """A write request's connection failed (not the home's answer): nothing was
+    published, or, if only the reply was lost, all of it; sending it again is safe."""
+
+
 def split(length: int, streams: int) -> list[tuple[int, int]]:
     """``length`` bytes as up to ``streams`` page-aligned (offset, length) ranges.
 
@@ -506,7 +511,7 @@ class Channel:
         the module docstring); the serialized SegmentInfo at the new version.
 
         ``timeout``: seconds each network wait may take (the reply comes after the
-        home's publish). Raises the home's VasError (e.g. Fenced), or Unavailable when
+        home's publish). Raises the home's VasError (e.g. Fenced), or WriteFailed when
         the connection fails: no retry here (the caller falls back to WritePages).
         """
         if len(runs) > MAX_WRITE_RUNS:
@@ -517,8 +522,9 @@ class Channel:
             _set_timeouts(conn, timeout)
             request = b"".join([_REQUEST.pack(WRITE_MAGIC, segment_id, len(header), len(runs)),
                                 header, *(_RUN.pack(*run) for run in runs)])
-            plain = not isinstance(conn, TlsConnection)
-            conn.sendall(request, socket.MSG_MORE if plain else 0)
+            # MSG_MORE: the request leaves with the first bytes (none: at once).
+            more = runs and not isinstance(conn, TlsConnection)
+            conn.sendall(request, socket.MSG_MORE if more else 0)
             for offset, length in runs:
                 _send_range(conn, fd, offset, length)
                 metrics.SENT_BULK_WRITE.inc(length)
@@ -526,7 +532,7 @@ class Channel:
         except OSError as exc:
             if conn is not None:
                 conn.close()
-            raise Unavailable(f"bulk write to {self.address} failed: "
+            raise WriteFailed(f"bulk write to {self.address} failed: "
                               f"{exc.strerror or exc}") from exc
         except VasError:
             conn.close()  # refused early, the home closes it: never reused

@@ -64,8 +64,6 @@ from vas.proto import coordinator_pb2, node_pb2, types_pb2
 
 log = logging.getLogger(__name__)
 
-#: Smallest sync (bytes sent) that goes over the bulk channel instead of WritePages.
-BULK_SYNC_MIN = 0
 #: Bytes per second a publish stream is given (on top of the rpc timeout).
 SEND_RATE = 50e6
 #: Longest single coordinator Watch of a wait(), seconds: between watches the
@@ -421,25 +419,28 @@ class Writers:
               ) -> tuple[types_pb2.SegmentInfo, str]:
         """Publish ``byte_runs`` of the replica at its home: (the record at the new
         version, how it went). Over the bulk channel (sendfile from the replica memfd,
-        2.5-4.5 GB/s against ~1 GB/s for a gRPC stream) from ``BULK_SYNC_MIN`` bytes on,
-        else, or when the bulk channel fails or cannot be opened, as WritePages. The
-        home's own answer (Fenced, PermissionDenied...) is raised, never retried."""
-        total = sum(length for _, length in byte_runs)
-        if self._homes is not None and total >= BULK_SYNC_MIN \
-                and len(byte_runs) <= bulk.MAX_WRITE_RUNS:
-            channel = None
+        2.5-4.5 GB/s against ~1 GB/s for a gRPC stream; faster even for one chunk, so
+        every size goes this way), or as WritePages when it fails or cannot be opened,
+        or for more than ``bulk.MAX_WRITE_RUNS`` runs. The home's own answer (Fenced,
+        PermissionDenied...) is raised, never retried."""
+        channel = None
+        if self._homes is not None and len(byte_runs) <= bulk.MAX_WRITE_RUNS:
             try:
                 channel = self._homes.channel(replica.info.home, replica.name, replica.id)
+            except VasError as exc:  # WritePages says what is wrong, if anything still is
+                log.warning("no bulk channel to node %s (%s): sync of %s as WritePages",
+                            replica.info.home, exc, replica.name)
+        if channel is not None:
+            try:
                 info = channel.write(replica.id, header.SerializeToString(), byte_runs,
                                      replica.memory.fd, timeout)
                 return types_pb2.SegmentInfo.FromString(info), "over the bulk channel"
-            except (Unavailable, CapacityExceeded) as exc:
+            except (bulk.WriteFailed, CapacityExceeded) as exc:
                 # Nothing published, or (the reply was lost) published and sent again
                 # below with the same token: the same bytes at one more version.
                 log.warning("bulk sync of %s to node %s failed (%s); using WritePages",
                             replica.name, replica.info.home, exc)
-                if channel is not None:  # may be stale (the home restarted elsewhere)
-                    self._homes.forget(replica.info.home, channel)
+                self._homes.forget(replica.info.home, channel)  # may be stale (a restart)
         info = self.peers.write_pages(address, header, view, byte_runs, timeout)
         return info, "as WritePages"
 
