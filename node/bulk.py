@@ -529,14 +529,14 @@ class Channel:
                 _send_range(conn, fd, offset, length)
                 metrics.SENT_BULK_WRITE.inc(length)
             info = _read_reply(conn, _MAX_WRITE_REPLY)
+        except VasError:  # first: some are OSErrors too (PermissionDenied)
+            conn.close()  # refused early, the home closes it: never reused
+            raise
         except OSError as exc:
             if conn is not None:
                 conn.close()
             raise WriteFailed(f"bulk write to {self.address} failed: "
                               f"{exc.strerror or exc}") from exc
-        except VasError:
-            conn.close()  # refused early, the home closes it: never reused
-            raise
         self._put(conn, buffer, timeout)
         return info
 
