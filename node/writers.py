@@ -27,7 +27,8 @@ Publishing (chunk arithmetic in node/publish.py):
   written (vas/written.py), or of the ranges given, else those whose hash changed
   (every chunk of the replica hashed); hashed **before** the bytes to send are
   read — a write racing with the sync shows as changed at the next one — and
-  streamed to the home (``Node.WritePages``). The home keeps them aside, calls PublishVersion
+  sent to the home as a bulk write request (node/bulk.py; ``Node.WritePages`` if the
+  bulk channel fails). The home keeps them aside, calls PublishVersion
   with the writer's token and only if that succeeds writes them into its pages
   (``write_pages``): a fenced writer's bytes never reach the home copy.
 - ``published_hashes`` answers refreshing readers (``Node.ChunkHashes``).
