@@ -515,3 +515,31 @@ def test_bulk_write_requests_are_checked_like_writepages(two):
     assert types_pb2.SegmentInfo.FromString(message).version == 1  # the cut one: nothing
     expected = b"whole" + data[5:4096] + piece + data[4096 + len(piece):]
     assert home_digest(c1, "pub/rawbulk") == hashlib.sha256(expected).hexdigest()
+
+
+def test_sync_falls_back_to_writepages_when_the_bulk_channel_refuses(cluster):
+    """Every bulk slot of this host taken at the home (--max-bulk-per-peer, 32): the
+    writer's sync goes as WritePages and publishes the right bytes; once the slots are
+    free the next sync is back on the bulk channel."""
+    running = cluster(nodes=2, memory=64 * MiB)
+    node2 = running.nodes[1]
+    with vas.connect(running.nodes[0].socket) as c1, \
+            vas.connect(running.nodes[1].socket) as c2:
+        fill(c1, "pub/fallback", 2 * MiB)  # fetched by ReadPages: no bulk connection yet
+        target = _bulk_address(running, c1.stat("pub/fallback").id)
+        with c2.attach("pub/fallback", "rw") as w:
+            held = [socket.create_connection(target, timeout=10) for _ in range(32)]
+            try:
+                w.write(MiB, os.urandom(MiB))
+                assert w.sync() == 1
+                assert home_digest(c1, "pub/fallback") == hashlib.sha256(w.buffer).hexdigest()
+            finally:
+                for conn in held:
+                    conn.close()
+            w.write(0, os.urandom(MiB))
+            assert w.sync() == 2
+            assert home_digest(c1, "pub/fallback") == hashlib.sha256(w.buffer).hexdigest()
+    assert re.findall(r"sync of pub/fallback: sent \d+ changed chunks \(\d+ bytes\) to node1 "
+                      r"(over the bulk channel|as WritePages)", log_of(node2)) == \
+        ["as WritePages", "over the bulk channel"]
+    assert "bulk sync of pub/fallback to node node1 failed" in log_of(node2)
