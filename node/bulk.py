@@ -37,7 +37,9 @@ order, sent with ``os.sendfile`` from the writer's replica memfd. ``write_sink``
 exactly WritePages' checks and publish; the reply's message on status 0 is the
 serialized ``SegmentInfo`` at the new version. The byte count is fixed by the runs, so
 a connection cut before the last byte publishes nothing (WritePages' end marker). A
-request refused before its bytes were read is answered and the connection closed.
+request refused before its bytes were read is answered, up to ``_DRAIN_MAX`` of its
+bytes read and dropped (so the close does not reset the reply away), and the
+connection closed.
 
 Hostile peers: a header with the wrong magic is answered INVALID_ARGUMENT and the
 connection closed (its framing cannot be trusted); a range outside the segment or an
@@ -88,6 +90,8 @@ _MAX_WRITE_HEADER = 64 << 10
 MAX_WRITE_RUNS = 1 << 16
 #: Largest reply message of a write request (a serialized SegmentInfo).
 _MAX_WRITE_REPLY = 1 << 20
+#: Most bytes of a refused write request read (and dropped) before its connection closes.
+_DRAIN_MAX = 4 << 20
 #: Largest receive buffer of write requests a connection keeps for the next one: fresh
 #: memory pays a page fault per 4 KiB as the bytes land (~0.6 GB/s here, 16 ms of a
 #: 10 MiB sync), a kept one none. At most this times ``_MAX_CONNECTIONS`` stays held,
@@ -334,6 +338,9 @@ class BulkServer:
         except VasError as exc:
             _reply(conn, exc)
             if not received:
+                # Read what the peer sent (up to _DRAIN_MAX) before closing: a close with
+                # unread bytes resets the connection, which can discard the reply at the peer.
+                _drain(conn, min(sum(length for _, length in runs), _DRAIN_MAX))
                 raise ConnectionError(f"write request refused: {exc.message}") from None
             return
         conn.sendall(_REPLY.pack(MAGIC, 0, len(info)) + info)
@@ -736,6 +743,19 @@ def _recv_into(conn: socket.socket, part: memoryview,
             raise ConnectionError(f"connection closed after {human_size(done)} of {human_size(total)}")
         arrived(got)
         done += got
+
+
+def _drain(conn: socket.socket, size: int) -> None:
+    """Read and drop up to ``size`` bytes (fewer if the peer stops or errs)."""
+    scratch = bytearray(min(size, _RECV_BUFFER))
+    try:
+        while size > 0:
+            got = conn.recv_into(scratch, min(size, len(scratch)))
+            if not got:
+                return
+            size -= got
+    except OSError:
+        pass
 
 
 def _recv_exact(conn: socket.socket, size: int, *, eof_ok: bool = False) -> bytes | None:
