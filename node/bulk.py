@@ -308,7 +308,6 @@ class BulkServer:
         finally:
             copy.served(token, fd)
 
-
     def _write(self, conn: socket.socket, peer: Peer, segment_id: int, header_length: int,
                run_count: int, aside: _Aside) -> None:
         """Serve a write request: read its header and runs, hand them to ``write_sink``,
@@ -537,7 +536,8 @@ class Channel:
                 metrics.SENT_BULK_WRITE.inc(length)
             info = _read_reply(conn, _MAX_WRITE_REPLY)
         except VasError:  # first: some are OSErrors too (PermissionDenied)
-            conn.close()  # refused early, the home closes it: never reused
+            if conn is not None:
+                conn.close()  # simplest: a refusal before the bytes closes it at the home
             raise
         except OSError as exc:
             if conn is not None:
