@@ -142,7 +142,8 @@ def test_bad_magic_is_invalid_argument(fuzzed):
         conn.sendall(bulk._REQUEST.pack(b"GET / HT", 1, 0, 4096))
         code, message = read_reply(conn)
         assert code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
-        assert message == "not a bulk request: magic b'GET / HT', expected b'VASBULK1', b'VASRELAY' or b'VASWRITE'"
+        assert message == ("not a bulk request: magic b'GET / HT', expected b'VASBULK1', "
+                           "b'VASRELAY' or b'VASWRITE'")
         assert read_reply(conn) is None
 
 
