@@ -35,6 +35,10 @@ import functools
 import logging
 import os
 import threading
+import time
+from collections.abc import Callable
+
+from google.protobuf.message import DecodeError
 
 from vas.core import validate
 from vas.core.errors import InvalidArgument, NotFound, Unavailable, VasError, segment_lost
@@ -50,6 +54,7 @@ from vas.node.limits import Counts, Limit
 from vas.node.membership import Membership, Reporter
 from vas.node.notices import ReplicaNotices
 from vas.node.pool import WarmPool
+from vas.node.publish import check_runs, pieces_of
 from vas.node.relay import Copy, Directory
 from vas.node.replicas import Replicas
 from vas.node.segments import HomeSegment, HomeState, Replica
@@ -57,7 +62,7 @@ from vas.node.sessions import Attachment, Session, Sessions
 from vas.node.spaces import SpaceCache
 from vas.node.store import Store
 from vas.node.writers import Writers
-from vas.proto import coordinator_pb2, types_pb2
+from vas.proto import coordinator_pb2, node_pb2, types_pb2
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +105,7 @@ class Agent:
         self.writers = Writers(node_id, config, self.coordinator, self.peers,
                                self.replicas.home_address, self.replicas.retire,
                                self.cleanup_timeout, self.pool.transfer, self.node_address,
-                               data_dir)
+                               data_dir, homes=self.replicas.homes)
         self.backups = Backups(node_id, self.store, self.coordinator)
         self.homes = HomeSegments(node_id, config, self.store, self.coordinator, self.sessions,
                                   self.writers, self.reporter, self.replicas, self.notices,
@@ -574,6 +579,34 @@ class Agent:
         validate.check_range(offset, length, copy.size)
         self.check_peer(peer, copy, "r")
         return copy
+
+    def write_home(self, header: node_pb2.WritePagesHeader, peer: Peer):
+        """The home segment a remote writer's publish (WritePages, a bulk write) of
+        ``header`` goes to, after checking it and that ``peer`` may write it; the
+        Caller in ``header`` is made the one the coordinator may believe (a user's own)."""
+        if not header.id or not header.token:
+            raise InvalidArgument("WritePages needs a segment id and a writer token")
+        segment = self.held_home(header.id)
+        self.check_peer(peer, segment, "rw")
+        header.caller.CopyFrom(peer.caller(header.caller))
+        return segment
+
+    def bulk_write(self, segment_id: int, header: bytes, runs: list[tuple[int, int]],
+                   peer: Peer, receive: Callable[[int], memoryview]) -> bytes:
+        """A remote writer's publish over the bulk channel (node/bulk.py ``WriteSink``):
+        WritePages' checks, then its publish once every byte arrived."""
+        try:
+            parsed = node_pb2.WritePagesHeader.FromString(header)
+        except DecodeError:
+            raise InvalidArgument("malformed WritePagesHeader in a bulk write") from None
+        if parsed.id != segment_id:
+            raise InvalidArgument(f"bulk write of segment id {segment_id} with the header "
+                                  f"of id {parsed.id}")
+        segment = self.write_home(parsed, peer)
+        total = check_runs(runs, segment.size)
+        started = time.perf_counter()
+        pieces = pieces_of(runs, receive(total))
+        return self.writers.write_pages(segment, parsed, pieces, started).SerializeToString()
 
     def check_peer(self, peer: Peer, segment, mode: str) -> None:
         """PermissionDenied unless ``peer`` may use the pages of home ``segment`` in

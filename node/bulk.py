@@ -29,6 +29,18 @@ segment id and version; the bytes are sent as they arrive here, and a copy that
 stops serving (its fetch failed, it was retired or is about to change) ends the
 connection short: the peer fetches the rest elsewhere.
 
+Writes (a remote writer's sync, node/writers.py): a request with the magic ``VASWRITE``
+carries ``header_length`` and ``run_count`` in place of offset and length, then a
+serialized ``WritePagesHeader`` (at most ``_MAX_WRITE_HEADER`` bytes), ``run_count``
+(offset u64, length u64) runs (at most ``MAX_WRITE_RUNS``), then the runs' bytes in
+order, sent with ``os.sendfile`` from the writer's replica memfd. ``write_sink`` makes
+exactly WritePages' checks and publish; the reply's message on status 0 is the
+serialized ``SegmentInfo`` at the new version. The byte count is fixed by the runs, so
+a connection cut before the last byte publishes nothing (WritePages' end marker). A
+request refused before its bytes were read is answered, up to ``_DRAIN_MAX`` of its
+bytes read and dropped (so the close does not reset the reply away), and the
+connection closed.
+
 Hostile peers: a header with the wrong magic is answered INVALID_ARGUMENT and the
 connection closed (its framing cannot be trusted); a range outside the segment or an
 unknown id gets its status and the connection stays; a truncated header or a peer
@@ -66,9 +78,25 @@ log = logging.getLogger(__name__)
 
 MAGIC = b"VASBULK1"
 RELAY_MAGIC = b"VASRELAY"
+WRITE_MAGIC = b"VASWRITE"
 _REQUEST = struct.Struct("<8sQQQ")
 _VERSION = struct.Struct("<Q")
 _REPLY = struct.Struct("<8sIQ")
+_RUN = struct.Struct("<QQ")
+#: Largest WritePagesHeader of a write request (a Caller and a name: a few hundred bytes).
+_MAX_WRITE_HEADER = 64 << 10
+#: Most runs in one write request: its table (16 bytes a run, 1 MiB) is read before the
+#: home knows the segment, so it is bounded here; a sync of more runs uses WritePages.
+MAX_WRITE_RUNS = 1 << 16
+#: Largest reply message of a write request (a serialized SegmentInfo).
+_MAX_WRITE_REPLY = 1 << 20
+#: Most bytes of a refused write request read (and dropped) before its connection closes.
+_DRAIN_MAX = 4 << 20
+#: Largest receive buffer of write requests a connection keeps for the next one: fresh
+#: memory pays a page fault per 4 KiB as the bytes land (~0.6 GB/s here, 16 ms of a
+#: 10 MiB sync), a kept one none. At most this times ``_MAX_CONNECTIONS`` stays held,
+#: only by writers that passed the checks, and only until the connection idles out.
+_KEEP_ASIDE = 16 << 20
 #: Largest single recv_into: big reads keep the per-call overhead negligible.
 _RECV_MAX = 8 << 20
 #: Concurrent bulk connections a home serves, from all peers; more are refused
@@ -107,6 +135,18 @@ Source = Callable[[int, int, int, Peer], int]
 #: ``relay_source(segment_id, offset, length, peer) -> Copy``: the copy relayed here of
 #: that id after checking bounds and that ``peer`` may read it (raises VasError).
 RelaySource = Callable[[int, int, int, Peer], "Copy"]
+#: ``write_sink(segment_id, header, runs, peer, receive) -> bytes``: a remote writer's
+#: publish of ``runs`` ((offset, length) pairs) with the serialized WritePagesHeader
+#: ``header``, checked as WritePages checks it (raises VasError); ``receive(total)``
+#: returns the runs' bytes once all have arrived (ConnectionError if the peer stops
+#: short). Returns the serialized SegmentInfo at the new version.
+WriteSink = Callable[[int, bytes, list[tuple[int, int]], Peer,
+                      Callable[[int], memoryview]], bytes]
+
+
+class WriteFailed(Unavailable):
+    """A write request's connection failed (not the home's answer): nothing was
+    published, or, if only the reply was lost, all of it; sending it again is safe."""
 
 
 def split(length: int, streams: int) -> list[tuple[int, int]]:
@@ -128,15 +168,18 @@ class BulkServer:
     def __init__(self, host: str, source: Source, timeout: float,
                  tls: ssl.SSLContext | None = None, *, per_peer: int,
                  transfer: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-                 port: int = 0, relay_source: RelaySource | None = None):
+                 port: int = 0, relay_source: RelaySource | None = None,
+                 write_sink: WriteSink | None = None):
         """``tls``: a server context requiring client certificates (TlsConfig.server_context),
         None for plaintext; ``per_peer``: connections one peer host may hold open;
         ``transfer()`` marks each range sent (the warm pool waits meanwhile); ``port``: the
         TCP port to listen on, 0 for a free one (``.port`` is the real one);
-        ``relay_source``: the copies relayed here (None: relay requests get NOT_FOUND).
+        ``relay_source``: the copies relayed here (None: relay requests get NOT_FOUND);
+        ``write_sink``: remote writers' publishes (None: write requests are refused).
         OSError if it cannot be bound."""
         self.source = source
         self.relay_source = relay_source
+        self.write_sink = write_sink
         self._transfer = transfer
         self.timeout = timeout
         self.tls = tls
@@ -198,7 +241,8 @@ class BulkServer:
                 conn = TlsConnection.accept(conn, self.tls)  # refuses a peer without a
                 # certificate from the CA
             peer = peer_of_der(conn.getpeercert(binary_form=True) if self.tls else None)
-            while self._serve_one(conn, peer, raw):
+            aside = _Aside()
+            while self._serve_one(conn, peer, raw, aside):
                 pass
         except (OSError, VasError) as exc:  # gone, timed out, or refused: the peer retries
             log.info("bulk transfer to %s ended: %s", address, exc)
@@ -207,7 +251,8 @@ class BulkServer:
             self._slots.release()
             self._peers.give(address[0])
 
-    def _serve_one(self, conn: socket.socket, peer: Peer, raw: socket.socket) -> bool:
+    def _serve_one(self, conn: socket.socket, peer: Peer, raw: socket.socket,
+                   aside: _Aside) -> bool:
         """Answer one request; False when the peer closed (or idled past the timeout)
         between requests, the normal end of a connection."""
         try:
@@ -221,9 +266,12 @@ class BulkServer:
             version, = _VERSION.unpack(_recv_exact(conn, _VERSION.size))
             self._relay(conn, raw, peer, segment_id, version, offset, length)
             return True
+        if magic == WRITE_MAGIC:
+            self._write(conn, peer, segment_id, offset, length, aside)
+            return True
         if magic != MAGIC:
-            _reply(conn, InvalidArgument(f"not a bulk request: magic {magic!r}, "
-                                         f"expected {MAGIC!r} or {RELAY_MAGIC!r}"))
+            _reply(conn, InvalidArgument(f"not a bulk request: magic {magic!r}, expected "
+                                         f"{MAGIC!r}, {RELAY_MAGIC!r} or {WRITE_MAGIC!r}"))
             raise ConnectionError("not a bulk request")
         try:
             fd = self.source(segment_id, offset, length, peer)
@@ -262,6 +310,59 @@ class BulkServer:
                     sent = upto
         finally:
             copy.served(token, fd)
+
+    def _write(self, conn: socket.socket, peer: Peer, segment_id: int, header_length: int,
+               run_count: int, aside: _Aside) -> None:
+        """Serve a write request: read its header and runs, hand them to ``write_sink``,
+        answer with the new record. A refusal before the bytes were read ends the
+        connection (the peer sent them already: the framing is lost)."""
+        if header_length > _MAX_WRITE_HEADER or run_count > MAX_WRITE_RUNS:
+            _reply(conn, InvalidArgument(
+                f"write request of a {header_length}-byte header and {run_count} runs: at "
+                f"most {_MAX_WRITE_HEADER} bytes and {MAX_WRITE_RUNS} runs"))
+            raise ConnectionError("oversized write request")
+        header = _recv_exact(conn, header_length)
+        table = _recv_exact(conn, run_count * _RUN.size)
+        runs = list(_RUN.iter_unpack(table))
+        received = False
+
+        def receive(total: int) -> memoryview:
+            nonlocal received
+            data = aside.take(total)
+            _recv_into(conn, data, metrics.RECEIVED_BULK_WRITE.inc)
+            received = True
+            return data
+        try:
+            if self.write_sink is None:
+                raise NotFound("this agent takes no writes over the bulk channel")
+            with self._transfer():
+                info = self.write_sink(segment_id, header, runs, peer, receive)
+        except VasError as exc:
+            _reply(conn, exc)
+            if not received:
+                # Read what the peer sent (up to _DRAIN_MAX) before closing: a close with
+                # unread bytes resets the connection, which can discard the reply at the peer.
+                _drain(conn, min(sum(length for _, length in runs), _DRAIN_MAX))
+                raise ConnectionError(f"write request refused: {exc.message}") from None
+            return
+        conn.sendall(_REPLY.pack(MAGIC, 0, len(info)) + info)
+
+
+class _Aside:
+    """The receive buffer of one connection's write requests, kept between them up to
+    ``_KEEP_ASIDE`` bytes (see there). Requests on a connection come one at a time, and
+    the home is done with a request's bytes before it answers it."""
+
+    def __init__(self):
+        self._kept = bytearray()
+
+    def take(self, size: int) -> memoryview:
+        """A buffer of ``size`` bytes (its content undefined)."""
+        if size > len(self._kept):
+            if size > _KEEP_ASIDE:
+                return memoryview(bytearray(size))
+            self._kept = bytearray(size)
+        return memoryview(self._kept)[:size]
 
 
 def ranges(size: int, streams: int, tls: ssl.SSLContext | None) -> list[tuple[int, int]]:
@@ -515,6 +616,43 @@ class Channel:
                 self._put(conn, buffer, wait)
                 return
 
+    def write(self, segment_id: int, header: bytes, runs: list[tuple[int, int]], fd: int,
+              timeout: float) -> bytes:
+        """Publish ``runs`` ((offset, length) of ``fd``, the writer's replica memfd) at
+        the home with the serialized WritePagesHeader ``header`` (a write request, see
+        the module docstring); the serialized SegmentInfo at the new version.
+
+        ``timeout``: seconds each network wait may take (the reply comes after the
+        home's publish). Raises the home's VasError (e.g. Fenced), or WriteFailed when
+        the connection fails: no retry here (the caller falls back to WritePages).
+        """
+        if len(runs) > MAX_WRITE_RUNS:
+            raise ValueError(f"{len(runs)} runs: a write request takes {MAX_WRITE_RUNS}")
+        conn = None
+        try:
+            conn, buffer = self._take()
+            _set_timeouts(conn, timeout)
+            request = b"".join([_REQUEST.pack(WRITE_MAGIC, segment_id, len(header), len(runs)),
+                                header, *(_RUN.pack(*run) for run in runs)])
+            # MSG_MORE: the request leaves with the first bytes (none: at once).
+            more = runs and not isinstance(conn, TlsConnection)
+            conn.sendall(request, socket.MSG_MORE if more else 0)
+            for offset, length in runs:
+                _send_range(conn, fd, offset, length)
+                metrics.SENT_BULK_WRITE.inc(length)
+            info = _read_reply(conn, _MAX_WRITE_REPLY)
+        except VasError:  # first: some are OSErrors too (PermissionDenied)
+            if conn is not None:
+                conn.close()  # simplest: a refusal before the bytes closes it at the home
+            raise
+        except OSError as exc:
+            if conn is not None:
+                conn.close()
+            raise WriteFailed(f"bulk write to {self.address} failed: "
+                              f"{exc.strerror or exc}") from exc
+        self._put(conn, buffer, timeout)
+        return info
+
     def _wait(self, deadline: float | None) -> float:
         """Seconds one network wait may take: the channel's timeout, cut to the time
         left before ``deadline`` when that is shorter by more than ``_CUT_SLACK`` (at
@@ -643,13 +781,15 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         written += wrote
 
 
-def _read_reply(conn: socket.socket) -> None:
+def _read_reply(conn: socket.socket, most: int = 4096) -> bytes:
+    """A reply header and its message (at most ``most`` bytes); raises the peer's error."""
     magic, code, size = _REPLY.unpack(_recv_exact(conn, _REPLY.size))
-    if magic != MAGIC or size > 4096:
+    if magic != MAGIC or size > most:
         raise ConnectionError("malformed bulk reply")
-    message = _recv_exact(conn, size).decode(errors="replace")
+    message = _recv_exact(conn, size)
     if code:
-        raise from_status(status_code(code), message)
+        raise from_status(status_code(code), message.decode(errors="replace"))
+    return message
 
 
 def _refuse(conn: socket.socket, error: VasError) -> None:
@@ -712,6 +852,19 @@ def _recv_into(conn: socket.socket, part: memoryview,
             raise ConnectionError(f"connection closed after {human_size(done)} of {human_size(total)}")
         arrived(got)
         done += got
+
+
+def _drain(conn: socket.socket, size: int) -> None:
+    """Read and drop up to ``size`` bytes (fewer if the peer stops or errs)."""
+    scratch = bytearray(min(size, _RECV_BUFFER))
+    try:
+        while size > 0:
+            got = conn.recv_into(scratch, min(size, len(scratch)))
+            if not got:
+                return
+            size -= got
+    except OSError:
+        pass
 
 
 def _recv_exact(conn: socket.socket, size: int, *, eof_ok: bool = False) -> bytes | None:

@@ -108,6 +108,37 @@ def run_views(view: memoryview, chunks: list[int]):
             piece.release()
 
 
+def check_runs(runs: list[tuple[int, int]], size: int) -> int:
+    """The bytes ``runs`` ((offset, length) pairs) of a publish add up to, each checked to
+    lie inside a segment of ``size`` bytes and all together to be at most ``size`` (as
+    ``Staged`` checks them), before any byte is received.
+
+    >>> check_runs([(0, 4096), (CHUNK, 8192)], 2 * CHUNK)
+    12288
+    """
+    total = 0
+    for offset, length in runs:
+        validate.check_range(offset, length, size)
+        total += length
+    if total > size:
+        raise InvalidArgument(f"a publish of {human_size(total)}, more than the segment's "
+                              f"{human_size(size)}")
+    return total
+
+
+def pieces_of(runs: list[tuple[int, int]], data: memoryview) -> list[tuple[int, memoryview]]:
+    """(offset, bytes) of each of ``runs``, whose bytes follow one another in ``data``.
+
+    >>> [(o, bytes(d)) for o, d in pieces_of([(8, 2), (0, 1)], memoryview(b"abc"))]
+    [(8, b'ab'), (0, b'c')]
+    """
+    pieces, at = [], 0
+    for offset, length in runs:
+        pieces.append((offset, data[at:at + length]))
+        at += length
+    return pieces
+
+
 class Staged:
     """Bytes a remote writer sent for a publish, kept aside until the token is checked.
 

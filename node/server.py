@@ -144,7 +144,8 @@ class NodeServer:
                                    config.tls.server_context() if config.tls else None,
                                    per_peer=config.max_bulk_per_peer,
                                    transfer=self.agent.pool.transfer, port=config.bulk_port,
-                                   relay_source=self.agent.relay_source)
+                                   relay_source=self.agent.relay_source,
+                                   write_sink=self.agent.bulk_write)
         except OSError as exc:
             reason = os.strerror(exc.errno) if exc.errno else str(exc)
             raise OSError(exc.errno, f"cannot listen on {host}:{config.bulk_port} for the "

@@ -137,13 +137,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         if first is None or not first.HasField("header"):
             raise InvalidArgument("WritePages needs a header in its first message")
         header = first.header
-        if not header.id or not header.token:
-            raise InvalidArgument("WritePages needs a segment id and a writer token")
-        segment = self.agent.held_home(header.id)
-        peer = peer_of_context(context)
-        self.agent.check_peer(peer, segment, "rw")
-        # The coordinator believes the Caller this home forwards: a user's is its own.
-        header.caller.CopyFrom(peer.caller(header.caller))
+        segment = self.agent.write_home(header, peer_of_context(context))
         # All bytes are staged before the publish: an error of the stream, nothing published.
         pieces = _stream_pieces(first, request_iterator, "WritePages", header.name,
                                 "the writer gave up or went away", "published",

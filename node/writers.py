@@ -27,7 +27,8 @@ Publishing (chunk arithmetic in node/publish.py):
   written (vas/written.py), or of the ranges given, else those whose hash changed
   (every chunk of the replica hashed); hashed **before** the bytes to send are
   read — a write racing with the sync shows as changed at the next one — and
-  streamed to the home (``Node.WritePages``). The home keeps them aside, calls PublishVersion
+  sent to the home as a bulk write request (node/bulk.py; ``Node.WritePages`` if the
+  bulk channel fails). The home keeps them aside, calls PublishVersion
   with the writer's token and only if that succeeds writes them into its pages
   (``write_pages``): a fenced writer's bytes never reach the home copy.
 - ``published_hashes`` answers refreshing readers (``Node.ChunkHashes``).
@@ -48,10 +49,10 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, contextmanager
 
-from vas.core.errors import (Fenced, InvalidArgument, NotFound, PermissionDenied, Unavailable,
-                             VasError)
+from vas.core.errors import (CapacityExceeded, Fenced, InvalidArgument, NotFound,
+                             PermissionDenied, Unavailable, VasError)
 from vas.core.sizes import human_size
-from vas.node import locks, metrics
+from vas.node import bulk, locks, metrics
 from vas.node.backup_push import BackupPush
 from vas.node.publish import (CHUNK, Staged, chunks_of, differing, hashes, run_views,
                               runs)
@@ -84,7 +85,7 @@ class Writers:
                  retire_replica: Callable[[Replica], None],
                  cleanup_timeout: Callable[[], float],
                  transfer: Callable[[], AbstractContextManager],
-                 node_address: Callable[[str], str | None], data_dir=None):
+                 node_address: Callable[[str], str | None], data_dir=None, homes=None):
         self.node_id = node_id
         self.config = config
         self.coordinator = coordinator
@@ -94,6 +95,7 @@ class Writers:
         self._cleanup_timeout = cleanup_timeout
         self._transfer = transfer  # marks a sync under way (the warm pool waits)
         self.data_dir = data_dir    # node/datadir.py: each home publish is kept there, or None
+        self._homes = homes  # lazy.Homes: bulk channels to homes (a remote writer's sync)
         self._lock = locks.Lock("writers", locks.Rank.WRITERS)
         self._live: dict[int, Attachment] = {}  # attachment id -> "rw" attachment renewed
         #: Leases of remote writers' attaches still fetching (renewed: see ``renewing``).
@@ -400,18 +402,48 @@ class Writers:
                 token=lease.token, lease_id=lease.lease_id)
             timeout = self.config.rpc_timeout + len(chunks) * CHUNK / SEND_RATE
             try:
-                info = self.peers.write_pages(address, header, view,
-                                              runs(chunks, replica.size), timeout)
+                info, via = self._send(replica, address, header, view,
+                                       runs(chunks, replica.size), timeout)
             except Fenced:
                 raise self.fence(attachment) from None
         with replica.lock:
             replica.synced_hashes = synced
             replica.adopt_version_locked(info.version)
-        log.info("sync of %s: sent %d changed chunks (%d bytes) to %s, now version %d (%s; "
+        log.info("sync of %s: sent %d changed chunks (%d bytes) to %s %s, now version %d (%s; "
                  "hashing %.1f ms, sending and publishing %.1f ms)", replica.name, len(chunks),
-                 len(chunks) * CHUNK, replica.info.home, info.version, found,
+                 len(chunks) * CHUNK, replica.info.home, via, info.version, found,
                  1e3 * (hashed - started), 1e3 * (time.perf_counter() - hashed))
         return info
+
+    def _send(self, replica: Replica, address: str, header: node_pb2.WritePagesHeader,
+              view: memoryview, byte_runs: list[tuple[int, int]], timeout: float
+              ) -> tuple[types_pb2.SegmentInfo, str]:
+        """Publish ``byte_runs`` of the replica at its home: (the record at the new
+        version, how it went). Over the bulk channel (sendfile from the replica memfd,
+        2.5-4.5 GB/s against ~1 GB/s for a gRPC stream; faster even for one chunk, so
+        every size goes this way), or as WritePages when it fails or cannot be opened,
+        or for more than ``bulk.MAX_WRITE_RUNS`` runs. The home's own answer (Fenced,
+        PermissionDenied...) is raised, never retried."""
+        channel = None
+        if self._homes is not None and len(byte_runs) <= bulk.MAX_WRITE_RUNS:
+            try:
+                channel = self._homes.channel(replica.info.home, replica.name, replica.id)
+            except VasError as exc:  # WritePages says what is wrong, if anything still is
+                log.warning("no bulk channel to node %s (%s): sync of %s as WritePages",
+                            replica.info.home, exc, replica.name)
+        if channel is not None:
+            try:
+                info = channel.write(replica.id, header.SerializeToString(), byte_runs,
+                                     replica.memory.fd, timeout)
+                return types_pb2.SegmentInfo.FromString(info), "over the bulk channel"
+            except (bulk.WriteFailed, CapacityExceeded) as exc:
+                # Nothing published, or (the reply was lost) published and sent again
+                # below with the same token: the same bytes at one more version.
+                log.warning("bulk sync of %s to node %s failed (%s); using WritePages",
+                            replica.name, replica.info.home, exc)
+                self._homes.forget(replica.info.home, channel)  # may be stale (a restart)
+        info = self.peers.write_pages(address, header, view, byte_runs, timeout)
+        return info, "as WritePages"
 
     def _publish_version(self, caller, segment, lease: WriterLease,
                          attachment: Attachment | None = None, *,
@@ -433,14 +465,15 @@ class Writers:
 
     # ------------------------------------------------------------------ home side
 
-    def write_pages(self, segment, header: node_pb2.WritePagesHeader,
-                    pieces) -> types_pb2.SegmentInfo:
+    def write_pages(self, segment, header: node_pb2.WritePagesHeader, pieces,
+                    started: float | None = None) -> types_pb2.SegmentInfo:
         """Apply a remote writer's ``pieces`` ((offset, bytes) pairs) to home ``segment``
-        if its token is current."""
+        if its token is current. ``started``: when receiving them began (perf_counter),
+        if before this call (a bulk write), for the log."""
         if segment.name != header.name:
             raise NotFound(f"segment {header.name!r} (id {header.id}) is not held by "
                            f"node {self.node_id}")
-        started = time.perf_counter()
+        started = started or time.perf_counter()
         staged = Staged(segment.size)
         for offset, data in pieces:
             staged.add(offset, data)

@@ -102,6 +102,30 @@ def test_requests(fuzzed, data):
                 break
 
 
+_RUNS = st.lists(st.tuples(_OFFSETS, st.integers(0, 8192)), max_size=4)
+
+
+@examples(40)
+@given(data=st.data())
+def test_write_requests_never_publish(fuzzed, data):
+    """Write requests (VASWRITE) with random or well-formed headers (the canary's id, any
+    token: none is current), random runs and bytes: each answered with an error status
+    and nothing published (the canary check after the test), or a clean close."""
+    segment_id = data.draw(st.one_of(st.just(fuzzed.canary.id), _SEGMENT_IDS))
+    header = data.draw(st.one_of(st.binary(max_size=64), st.builds(
+        lambda token, lease: node_pb2.WritePagesHeader(
+            name=fuzzed.canary.name, id=segment_id, token=token,
+            lease_id=lease).SerializeToString(), s.u64, s.i64)))
+    runs = data.draw(_RUNS)
+    SENT["bulk.write"] += 1
+    with connected(bulk_address(fuzzed)) as conn:
+        conn.sendall(bulk._REQUEST.pack(bulk.WRITE_MAGIC, segment_id, len(header), len(runs))
+                     + header + b"".join(bulk._RUN.pack(*run) for run in runs)
+                     + bytes(sum(length for _, length in runs)))
+        reply = read_reply(conn)
+        assert reply is None or (reply[0] in _CODES and reply[0] != 0), reply
+
+
 @examples(40)
 @given(header=st.binary(max_size=bulk._REQUEST.size - 1))
 def test_truncated_header_is_a_clean_close(fuzzed, header):
@@ -118,7 +142,8 @@ def test_bad_magic_is_invalid_argument(fuzzed):
         conn.sendall(bulk._REQUEST.pack(b"GET / HT", 1, 0, 4096))
         code, message = read_reply(conn)
         assert code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
-        assert message == "not a bulk request: magic b'GET / HT', expected b'VASBULK1' or b'VASRELAY'"
+        assert message == ("not a bulk request: magic b'GET / HT', expected b'VASBULK1', "
+                           "b'VASRELAY' or b'VASWRITE'")
         assert read_reply(conn) is None
 
 

@@ -12,6 +12,8 @@ import os
 import random
 import re
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import textwrap
@@ -428,3 +430,116 @@ def try_sync(mapping) -> bool:
     except vas.Unavailable:
         return False
     return True
+
+
+# -- a remote writer's sync over the bulk channel (node/bulk.py write requests) -------------
+
+def test_sync_sends_its_bytes_over_the_bulk_channel(two):
+    """A remote writer's sync of scattered MiBs goes over the bulk channel (its log says
+    so, not the WritePages fallback) and the home holds the writer's bytes (sha256)."""
+    running, c1, c2 = two
+    node2 = running.nodes[1]
+    data = bytearray(fill(c1, "pub/bulk", 16 * MiB))
+    with c2.attach("pub/bulk", "rw") as w:
+        for offset in (0, 3 * MiB + 5, 16 * MiB - MiB):
+            piece = os.urandom(MiB)
+            w.write(offset, piece)
+            data[offset:offset + MiB] = piece
+        assert w.sync() == 1
+    assert home_digest(c1, "pub/bulk") == hashlib.sha256(data).hexdigest()
+    assert re.findall(r"sync of pub/bulk: sent \d+ changed chunks \(\d+ bytes\) to node1 "
+                      r"(over the bulk channel|as WritePages)", log_of(node2)) == \
+        ["over the bulk channel"]
+
+
+_WRITE = struct.Struct("<8sQQQ")
+_REPLY = struct.Struct("<8sIQ")
+
+
+def _bulk_address(running, segment_id: int) -> tuple[str, int]:
+    with grpc.insecure_channel(running.nodes[0].address) as channel:
+        opened = node_pb2_grpc.NodeStub(channel).OpenBulk(
+            node_pb2.OpenBulkRequest(id=segment_id), timeout=10)
+    host, _, port = opened.address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def _raw_write(address, header, runs, data: bytes, *, segment_id=None, cut=None):
+    """A write request sent by hand on a raw socket: (status, message) of the reply, or
+    None when ``cut`` bytes of ``data`` were sent and the connection closed."""
+    blob = header.SerializeToString()
+    with socket.create_connection(address, timeout=10) as conn:
+        conn.sendall(_WRITE.pack(b"VASWRITE", segment_id or header.id, len(blob), len(runs))
+                     + blob + b"".join(struct.pack("<QQ", *run) for run in runs))
+        if cut is not None:
+            conn.sendall(data[:cut])
+            return None
+        conn.sendall(data)
+        reply = conn.makefile("rb")
+        magic, code, size = _REPLY.unpack(reply.read(_REPLY.size))
+        assert magic == b"VASBULK1"
+        return next(c for c in grpc.StatusCode if c.value[0] == code), \
+            reply.read(size)
+
+
+def test_bulk_write_requests_are_checked_like_writepages(two):
+    """Write requests sent by hand to the home's bulk port: a stranger's forged token is
+    refused (FAILED_PRECONDITION, Fenced at PublishVersion), a header for another id, a
+    run outside the segment and a connection cut mid-bytes publish nothing; the home
+    keeps its bytes and version until the lock holder's whole request publishes."""
+    running, c1, _ = two
+    data = fill(c1, "pub/rawbulk", 1 * MiB)
+    info = c1.stat("pub/rawbulk")
+    address = _bulk_address(running, info.id)
+    caller = types_pb2.Caller(uid=0, gid=0, pid=1)
+    forged = node_pb2.WritePagesHeader(caller=caller, name="pub/rawbulk", id=info.id,
+                                       token=987654, lease_id=1)
+    code, message = _raw_write(address, forged, [(0, 5)], b"forge")
+    assert code == grpc.StatusCode.FAILED_PRECONDITION, message
+    with grpc.insecure_channel(running.coordinators[0].address) as to_coordinator:
+        lock = coordinator_pb2_grpc.CoordinatorStub(to_coordinator).AcquireWriter(
+            coordinator_pb2.AcquireWriterRequest(caller=caller, name="pub/rawbulk",
+                                                 ttl_seconds=30), timeout=10)
+    header = node_pb2.WritePagesHeader(caller=caller, name="pub/rawbulk", id=info.id,
+                                       token=lock.token, lease_id=lock.lease_id)
+    assert _raw_write(address, header, [(0, 5)], b"other", segment_id=info.id + 99)[0] == \
+        grpc.StatusCode.INVALID_ARGUMENT
+    assert _raw_write(address, header, [(MiB - 2, 5)], b"outer")[0] == \
+        grpc.StatusCode.INVALID_ARGUMENT
+    piece = os.urandom(256 * 1024)
+    assert _raw_write(address, header, [(4096, len(piece))], piece, cut=100 * 1024) is None
+    with c1.attach("pub/rawbulk") as m:
+        assert bytes(m.buffer) == data and m.version == 0
+    code, message = _raw_write(address, header, [(4096, len(piece)), (0, 5)], piece + b"whole")
+    assert code == grpc.StatusCode.OK
+    assert types_pb2.SegmentInfo.FromString(message).version == 1  # the cut one: nothing
+    expected = b"whole" + data[5:4096] + piece + data[4096 + len(piece):]
+    assert home_digest(c1, "pub/rawbulk") == hashlib.sha256(expected).hexdigest()
+
+
+def test_sync_falls_back_to_writepages_when_the_bulk_channel_refuses(cluster):
+    """Every bulk slot of this host taken at the home (--max-bulk-per-peer, 32): the
+    writer's sync goes as WritePages and publishes the right bytes; once the slots are
+    free the next sync is back on the bulk channel."""
+    running = cluster(nodes=2, memory=64 * MiB)
+    node2 = running.nodes[1]
+    with vas.connect(running.nodes[0].socket) as c1, \
+            vas.connect(running.nodes[1].socket) as c2:
+        fill(c1, "pub/fallback", 2 * MiB)  # fetched by ReadPages: no bulk connection yet
+        target = _bulk_address(running, c1.stat("pub/fallback").id)
+        with c2.attach("pub/fallback", "rw") as w:
+            held = [socket.create_connection(target, timeout=10) for _ in range(32)]
+            try:
+                w.write(MiB, os.urandom(MiB))
+                assert w.sync() == 1
+                assert home_digest(c1, "pub/fallback") == hashlib.sha256(w.buffer).hexdigest()
+            finally:
+                for conn in held:
+                    conn.close()
+            w.write(0, os.urandom(MiB))
+            assert w.sync() == 2
+            assert home_digest(c1, "pub/fallback") == hashlib.sha256(w.buffer).hexdigest()
+    assert re.findall(r"sync of pub/fallback: sent \d+ changed chunks \(\d+ bytes\) to node1 "
+                      r"(over the bulk channel|as WritePages)", log_of(node2)) == \
+        ["as WritePages", "over the bulk channel"]
+    assert "bulk sync of pub/fallback to node node1 failed" in log_of(node2)

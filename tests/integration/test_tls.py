@@ -84,6 +84,21 @@ def bulk_request(cluster) -> bytes:
     return struct.pack("<8sQQQ", bulk.MAGIC, cluster.secret_info.id, 0, 4096)
 
 
+def bulk_write(cluster, tls: TlsConfig, header: node_pb2.WritePagesHeader,
+               data: bytes) -> tuple[int, bytes]:
+    """A write request of ``data`` at offset 0 sent by hand over mutual TLS with ``tls``'s
+    certificate: (status value, message) of the reply."""
+    blob = header.SerializeToString()
+    with socket.create_connection(bulk_address(cluster), timeout=DEADLINE) as raw, \
+            tls.client_context().wrap_socket(raw, server_hostname=NODE_HOST) as conn:
+        conn.sendall(struct.pack("<8sQQQ", bulk.WRITE_MAGIC, header.id, len(blob), 1) + blob
+                     + struct.pack("<QQ", 0, len(data)) + data)
+        conn.settimeout(DEADLINE)
+        magic, code, size = struct.unpack("<8sIQ", recv_exact(conn, 20))
+        assert magic == bulk.MAGIC
+        return code, recv_exact(conn, size)
+
+
 def drain(conn) -> bytes:
     """Every byte ``conn`` yields until it closes, errs or idles for DEADLINE."""
     got = b""
@@ -277,6 +292,8 @@ def test_user_certificate_cannot_touch_roots_0600_segment(tls_cluster):
         conn.settimeout(0.3)
         with pytest.raises(TimeoutError):  # no data follows a refusal
             conn.recv(1)
+    code, message = bulk_write(tls_cluster, tls_cluster.nobody, header, b"x" * 4096)
+    assert code == denied.value[0] and b"may not write" in message, message
 
     # Through its own agent (node2, where it is not home) as a uid 65534 process.
     seen = as_nobody(tls_cluster.nodes[1].socket, """
@@ -371,8 +388,28 @@ def test_forged_writer_token_is_refused(tls_cluster):
     status = code_of(lambda: home.WritePages(iter([node_pb2.WritePagesChunk(
         header=header, offset=0, data=b"x" * 4096)]), timeout=DEADLINE))
     assert status == grpc.StatusCode.FAILED_PRECONDITION
+    code, _ = bulk_write(tls_cluster, tls_cluster.certs.node("node2"), header, b"x" * 4096)
+    assert code == grpc.StatusCode.FAILED_PRECONDITION.value[0]  # the same over the bulk channel
     with vas.connect(tls_cluster.nodes[0].socket) as client, client.attach("secret") as mapping:
         assert bytes(mapping.buffer[:4096]) == tls_cluster.secret[:4096]
+
+
+def test_remote_writer_syncs_over_the_bulk_channel_with_mutual_tls(tls_cluster):
+    """A writer on node2 syncs 1 MiB of a 4 MiB segment homed on node1: the bytes go over
+    the mutual-TLS bulk channel (node2's log) and the home holds them (sha256)."""
+    node1, node2 = tls_cluster.nodes
+    with vas.connect(node1.socket) as c1, vas.connect(node2.socket) as c2:
+        c1.create("tls/bulksync", 4 << 20, mode=0o644)
+        with c2.attach("tls/bulksync", "rw") as writer:
+            writer.write(1 << 20, os.urandom(1 << 20))
+            assert writer.sync() == 1
+            expected = hashlib.sha256(writer.buffer).hexdigest()
+        with c1.attach("tls/bulksync") as home:
+            assert hashlib.sha256(home.buffer).hexdigest() == expected
+        c1.delete("tls/bulksync")
+    with open(os.path.join(node2.dir, f"{node2.node_id}.log")) as log:
+        assert "sync of tls/bulksync: sent 4 changed chunks (1048576 bytes) to node1 over " \
+               "the bulk channel" in log.read()
 
 
 @pytest.mark.parametrize("argv, message", [
