@@ -455,8 +455,9 @@ class _RunAhead:
 
     def ready(self, start: int, at: int) -> int:
         """The end of the prepared prefix of the range at ``start``, past ``at``:
-        prepares the next piece itself when none is left to take, else waits (within
-        the timeout). Raises what preparing failed with."""
+        prepares the range's next piece itself when the thread has not taken it yet,
+        else waits for the piece being prepared (within the timeout). Raises what
+        preparing failed with."""
         deadline = time.monotonic() + self._timeout
         while True:
             with self._cv:
