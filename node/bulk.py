@@ -145,8 +145,8 @@ WriteSink = Callable[[int, bytes, list[tuple[int, int]], Peer,
 
 
 class WriteFailed(Unavailable):
-    """A write request's connection failed (not the home's answer): nothing was
-    published, or, if only the reply was lost, all of it; sending it again is safe."""
+    """A write request's connection failed before all of it was sent (not the home's
+    answer): the home publishes nothing of it, so sending it again is safe."""
 
 
 def split(length: int, streams: int) -> list[tuple[int, int]]:
@@ -624,12 +624,16 @@ class Channel:
         the module docstring); the serialized SegmentInfo at the new version.
 
         ``timeout``: seconds each network wait may take (the reply comes after the
-        home's publish). Raises the home's VasError (e.g. Fenced), or WriteFailed when
-        the connection fails: no retry here (the caller falls back to WritePages).
+        home's publish). Raises the home's VasError (e.g. Fenced); WriteFailed when the
+        connection fails before every byte left (nothing can be published: the caller
+        falls back to WritePages); Unavailable when it fails after (the outcome is
+        unknown, as for any sync whose answer is lost: a resend would publish the same
+        bytes twice, as two versions, so it is the writer's sync that fails).
         """
         if len(runs) > MAX_WRITE_RUNS:
             raise ValueError(f"{len(runs)} runs: a write request takes {MAX_WRITE_RUNS}")
         conn = None
+        sent = False  # every byte of the request left: the home may publish it
         try:
             conn, buffer = self._take()
             _set_timeouts(conn, timeout)
@@ -641,6 +645,7 @@ class Channel:
             for offset, length in runs:
                 _send_range(conn, fd, offset, length)
                 metrics.SENT_BULK_WRITE.inc(length)
+            sent = True
             info = _read_reply(conn, _MAX_WRITE_REPLY)
         except VasError:  # first: some are OSErrors too (PermissionDenied)
             if conn is not None:
@@ -649,6 +654,10 @@ class Channel:
         except OSError as exc:
             if conn is not None:
                 conn.close()
+            if sent:  # sending it again would publish the same bytes as one more version
+                raise Unavailable(f"bulk write to {self.address}: no answer after every byte "
+                                  f"was sent ({exc.strerror or exc}); the home may still "
+                                  "publish it") from exc
             raise WriteFailed(f"bulk write to {self.address} failed: "
                               f"{exc.strerror or exc}") from exc
         self._put(conn, buffer, timeout)

@@ -437,8 +437,8 @@ class Writers:
                                      replica.memory.fd, timeout)
                 return types_pb2.SegmentInfo.FromString(info), "over the bulk channel"
             except (bulk.WriteFailed, CapacityExceeded) as exc:
-                # Nothing published, or (the reply was lost) published and sent again
-                # below with the same token: the same bytes at one more version.
+                # Nothing published (a reply lost after every byte left is Unavailable,
+                # raised: resent, the bytes would be published again at one more version).
                 log.warning("bulk sync of %s to node %s failed (%s); using WritePages",
                             replica.name, replica.info.home, exc)
                 self._homes.forget(replica.info.home, channel)  # may be stale (a restart)
