@@ -7,7 +7,6 @@ policy code only ever sees VasError.
 from __future__ import annotations
 
 import contextlib
-import threading
 
 import grpc
 
