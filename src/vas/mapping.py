@@ -116,6 +116,9 @@ class Mapping:
         self._connection: Connection | None = connection  # None once detached or closed
         self._attachment_id = int(response.attachment_id)
         self._version = segment.version
+        # The agent's change counter at which these pages were last known to be what a
+        # fresh "r" attach would map (0: not known): Client.switch (vas/spaceview.py).
+        self._generation = 0
         self._native = None
         self._view: memoryview | None = None
         self._detached = True  # until the mapping exists
@@ -571,9 +574,11 @@ class Mapping:
             kept._connection.track(kept)
         return kept
 
-    def _revalidated(self, version: int) -> None:
-        """The agent said this mapping is still current, its pages at ``version``."""
+    def _revalidated(self, version: int, generation: int) -> None:
+        """The agent said this mapping is still current, its pages at ``version``, and
+        will be while its change counter shows ``generation`` (0: no such promise)."""
         self._version = version
+        self._generation = generation
 
     def connection_closed(self) -> None:
         """Called by the Connection when it closes: the agent released the attachment
