@@ -80,11 +80,13 @@ class SpaceCache:
     def _watched(self, watching: bool) -> None:
         """A watch was established (True) or ended (False, dropping everything)."""
         with self._lock:
+            moved = watching != self._watching
             self._watching = watching
             self._generation += 1
             if not watching:
                 self._entries.clear()
-        COUNTER.bump()
+        if moved:  # not at every slice resumed: it misses no event
+            COUNTER.bump()
 
     def run(self, stop: threading.Event) -> None:
         """Watch the space records until ``stop`` is set (the agent's thread)."""

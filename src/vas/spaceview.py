@@ -81,9 +81,10 @@ class SpaceView(collections.abc.Mapping):
         first detach error, or, when the block is left by ``leaving``, add the errors
         to it as notes (never replacing it)."""
         first: BaseException | None = None
+        handed = []
         for mapping in reversed(builtins.list(self._mappings.values())):
             if mapping.mode == "r" and not mapping.detached:
-                kept.add(mapping._hand_over())
+                handed.append(mapping._hand_over())
                 continue
             try:
                 mapping.detach()
@@ -91,6 +92,7 @@ class SpaceView(collections.abc.Mapping):
                 if leaving is not None:
                     leaving.add_note(f"and detaching segment {mapping.name} failed: {exc!r}")
                 first = first or exc
+        kept.add(handed)
         if first is not None and leaving is None:
             raise first
 
@@ -125,12 +127,14 @@ class KeptMembers:
                 self._spaces, self._spaces_generation = {}, generation
             self._spaces[name] = proto
 
-    def add(self, mapping: Mapping) -> None:
+    def add(self, mappings: list[Mapping]) -> None:
+        """Keep ``mappings``; one kept before of the same segment is detached."""
         with self._lock:
-            old = self._mappings.pop(mapping.name, None)
-            self._mappings[mapping.name] = mapping
-        if old is not None and old is not mapping:
-            detach_quietly(old)
+            old = [self._mappings.pop(mapping.name, None) for mapping in mappings]
+            self._mappings.update((mapping.name, mapping) for mapping in mappings)
+        for mapping in old:
+            if mapping is not None:
+                detach_quietly(mapping)
 
     def take(self) -> dict[str, Mapping]:
         """Every kept mapping, now the caller's (to reuse or detach)."""
