@@ -43,7 +43,6 @@ from vas.core.errors import VasError
 from vas.core.fetch import FetchMode
 from vas.core.types import SpaceInfo
 from vas.mapping import Mapping, detach_quietly
-from vas.proto import types_pb2
 
 if TYPE_CHECKING:
     from vas.client import Client
@@ -107,25 +106,25 @@ class KeptMembers:
     def __init__(self):
         self._lock = threading.Lock()
         self._mappings: dict[str, Mapping] = {}
-        self._spaces: dict[str, types_pb2.SpaceInfo] = {}
+        self._spaces: dict[str, SpaceInfo] = {}
         self._spaces_generation = 0
 
     def space_at(self, name: str, generation: int) -> SpaceInfo | None:
         """Space ``name`` as read at change counter ``generation``, if it was."""
         with self._lock:
-            proto = self._spaces.get(name) if generation == self._spaces_generation else None
-        # Built afresh: the caller's view.info is its own (its members dict is mutable).
-        return None if proto is None else SpaceInfo.from_proto(proto)
+            info = self._spaces.get(name) if generation == self._spaces_generation else None
+        return None if info is None else _own_copy(info)
 
-    def remember_space(self, name: str, proto: types_pb2.SpaceInfo, generation: int) -> None:
-        """Space ``name`` was read at ``generation`` (0: it holds at none); the spaces
-        read at older values are forgotten."""
+    def remember_space(self, name: str, info: SpaceInfo, generation: int) -> None:
+        """Space ``name`` was ``info`` at ``generation`` (0: it holds at none); the
+        spaces read at older values are forgotten."""
+        info = _own_copy(info)
         with self._lock:
             if not generation or generation < self._spaces_generation:
                 return
             if generation > self._spaces_generation:
                 self._spaces, self._spaces_generation = {}, generation
-            self._spaces[name] = proto
+            self._spaces[name] = info
 
     def add(self, mappings: list[Mapping]) -> None:
         """Keep ``mappings``; one kept before of the same segment is detached."""
@@ -152,6 +151,12 @@ class KeptMembers:
     def release_all(self) -> None:
         for mapping in self.take().values():
             detach_quietly(mapping)
+
+
+def _own_copy(info: SpaceInfo) -> SpaceInfo:
+    """A copy of ``info`` (a view's ``info`` is its own: its members dict is mutable).
+    The constructor, not from_proto, which took ~3 times as long (~5 us for 10 members)."""
+    return SpaceInfo(info.name, info.mode, info.uid, info.gid, dict(info.members), info.created)
 
 
 def switch_in(client: "Client", space: str) -> tuple[SpaceInfo, dict[str, Mapping]]:
@@ -203,8 +208,9 @@ def _current_kept(client: "Client", space: str, kept: list[Mapping],
         if answer.current:
             mapping._revalidated(int(answer.version), generation)
             current.add(mapping._attachment_id)
-    client._kept.remember_space(space, proto, generation)
-    return SpaceInfo.from_proto(proto), current
+    info = SpaceInfo.from_proto(proto)
+    client._kept.remember_space(space, info, generation)
+    return info, current
 
 
 def _attach_member(client: "Client", segment: str, mode: str, generation: int | None) -> Mapping:
