@@ -18,8 +18,8 @@ import grpc
 from vas.core import validate
 from vas.core.errors import InvalidArgument, VasError
 from vas.node import metrics
-from vas.node.changes import COUNTER
 from vas.node.agent import Agent
+from vas.node.changes import COUNTER
 from vas.node.segments import HomeSegment, Replica
 from vas.node.sessions import Session
 from vas.proto import LOCAL_PROTOCOL, coordinator_pb2, local_pb2

@@ -55,9 +55,9 @@ from typing import TYPE_CHECKING
 
 from vas import guard, pages
 from vas.core import wire
-from vas.core.validate import PAGE_SIZE
 from vas.core.errors import Unavailable, VasError, from_status, status_code
 from vas.core.types import NodeInfo
+from vas.core.validate import PAGE_SIZE
 from vas.proto import LOCAL_PROTOCOL, local_pb2
 
 if TYPE_CHECKING:
