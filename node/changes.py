@@ -36,6 +36,7 @@ from vas.core.validate import PAGE_SIZE
 from vas.node import locks
 from vas.node.store import Memory
 
+
 class ChangeCounter:
     """The counter (see the module docstring); its page is made at the first ``page_fd``."""
 
