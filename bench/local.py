@@ -77,7 +77,8 @@ def bench_switch(client: vas.Client, rounds: int, sizes=(1, 10, 50)) -> dict:
     """``with c.switch(space): pass`` for spaces of 1, 10 and 50 one-page "r" members homed
     here: cold (the last switch was into an empty space, so every member is attached)
     and already mapped (the last switch was into this space: its members are kept and
-    revalidated with one request). Alternated, so drift hits both alike."""
+    reused with no request while the agent's change counter stands still, else
+    revalidated with one). Alternated, so drift hits both alike."""
     client.create_space("bench/sw/none")
     results: dict = {}
     try:

@@ -13,7 +13,8 @@ Modules, by responsibility (docs/ARCHITECTURE.md "Node agent" draws the map):
   writers' mappings write-protected when their lock is revoked), ``sessions``
   (connections and attachments), ``membership`` (registration, heartbeats,
   attachment reports), ``notices`` (telling the nodes holding replicas of a gone
-  segment);
+  segment), ``spaces`` (the space records kept while watched), ``changes`` (the
+  change counter that lets Client.switch skip its Revalidate);
 - ``segments`` (the held types and their life cycles), ``store`` (memfds,
   capacity), ``pool`` (warm replica memory), ``access`` (mode-bit checks);
 - ``lazy`` (demand paging), ``faults`` (the userfault resolvers), ``bulk`` (the

@@ -347,11 +347,12 @@ class Agent:
                 raise
         return attachment, fd, info, FetchMode.EAGER
 
-    def revalidate(self, session: Session, attachment_id: int) -> int | None:
+    def revalidate(self, session: Session, attachment_id: int) -> tuple[int | None, bool]:
         """The version of the pages ``session``'s "r" attachment ``attachment_id`` maps,
         if a fresh "r" attach would map those same pages (Client.switch reuses it then);
         None for a copy that is not the current one any more; the attach's error when
-        one would fail.
+        one would fail. And whether the answer holds until the change counter moves
+        (node/changes.py): True for a home segment.
 
         A home segment: the checks of an attach, on the cached record (no coordinator
         call). A copy: the record is read, as every remote attach reads it (gone,
@@ -364,7 +365,7 @@ class Agent:
                                   "\"r\" attachments are revalidated")
         segment = attachment.segment
         if isinstance(segment, HomeSegment):
-            return self.homes.current_version(session, segment)
+            return self.homes.current_version(session, segment), True
         info = self.coordinator.find_segment(segment.name)
         if info is None or info.state == types_pb2.SEGMENT_STATE_DELETING:
             raise NotFound(f"segment {segment.name} not found" if info is None
@@ -372,7 +373,7 @@ class Agent:
         check_access(info, session, "r")
         if self._marked_lost(info):
             raise segment_lost(segment.name, info.home)
-        return self.replicas.current_version(segment, info)
+        return self.replicas.current_version(segment, info), False
 
     def detach(self, session: Session, attachment_id: int) -> None:
         """End ``session``'s attachment ``attachment_id`` (NotFound if it has none such);

@@ -19,6 +19,7 @@ from vas.core import validate
 from vas.core.errors import InvalidArgument, VasError
 from vas.node import metrics
 from vas.node.agent import Agent
+from vas.node.changes import COUNTER
 from vas.node.segments import HomeSegment, Replica
 from vas.node.sessions import Session
 from vas.proto import LOCAL_PROTOCOL, coordinator_pb2, local_pb2
@@ -133,19 +134,23 @@ class LocalApi:
     def revalidate(self, session: Session, request, response) -> list[int]:
         """Whether kept "r" attachments are still current (Client.switch): one answer
         per id; an id that fails says why instead of failing the request. With
-        ``space``, that space too (kept by the agent: node/spaces.py)."""
+        ``space``, that space too (kept by the agent: node/spaces.py). With the
+        change counter's value read first (``generation``, node/changes.py) when
+        every current answer and the space hold until it moves; its page's fd if
+        asked."""
         ids = request.attachment_ids
         if len(ids) > MAX_REVALIDATE:
             raise InvalidArgument(f"Revalidate asks about {len(ids)} attachments; at most "
                                   f"{MAX_REVALIDATE} per request")
+        generation = COUNTER.value  # before anything is read: a change after it bumps it
+        body = response.revalidate
         if request.space:
-            response.revalidate.space.CopyFrom(
-                self.agent.spaces.get(validate.check_name(request.space, "space")))
-        answers = response.revalidate.attachments
+            body.space.CopyFrom(self.agent.spaces.get(validate.check_name(request.space, "space")))
+        lasting = self.agent.spaces.watching or not request.space
         for attachment_id in ids:
-            answer = answers.add(attachment_id=attachment_id)
+            answer = body.attachments.add(attachment_id=attachment_id)
             try:
-                version = self.agent.revalidate(session, attachment_id)
+                version, holds = self.agent.revalidate(session, attachment_id)
             except VasError as exc:
                 answer.reason = one_line(exc.message)
                 continue
@@ -153,7 +158,9 @@ class LocalApi:
                 answer.reason = "this node's copy is not the current one any more"
             else:
                 answer.current, answer.version = True, version
-        return []
+                lasting = lasting and holds
+        body.generation = generation if lasting else 0
+        return [COUNTER.page_fd()] if request.counter_page else []
 
     def stat(self, session: Session, request, response) -> list[int]:
         response.segment.CopyFrom(self.agent.coordinator.get_segment(

@@ -115,6 +115,7 @@ class Rank(enum.IntEnum):
     LIMITS = 125        # node/limits.py: per-uid counts of connections, attachments, uffds
     DISPATCH = 130      # node/dispatch.py: the queues of local requests per uid
     SPACE_CACHE = 135   # node/spaces.py: the space records kept (a leaf)
+    CHANGE_COUNTER = 140  # node/changes.py: the Revalidate change counter (a leaf)
 
 # None: follow the environment; else (checking, raising) as set by enable()/disable().
 _forced: tuple[bool, bool] | None = None

@@ -36,6 +36,7 @@ import time
 
 from vas.core.errors import NotFound, Unavailable
 from vas.node import locks
+from vas.node.changes import COUNTER
 from vas.node.store import Memory, read_only_view
 from vas.proto import types_pb2
 
@@ -208,7 +209,7 @@ class HomeSegment(_Held):
     """
 
     __slots__ = ("finish_record", "published_hashes", "pushed_hashes", "read_ticket",
-                 "adopted_ticket", "done", "damage", "writer_mapped", "kept_hashes")
+                 "adopted_ticket", "done", "damage", "writer_mapped", "kept_hashes", "_info")
     MOVES = _HOME_MOVES
     KIND = "home segment"
     FREED = HomeState.FREED
@@ -227,6 +228,28 @@ class HomeSegment(_Held):
         self.damage = None
         self.writer_mapped = False
         self.kept_hashes = b""
+
+    # What a Revalidate of an "r" attachment reads (HomeSegments.current_version: state,
+    # record, version) changes only through these three, which bump the change counter
+    # after the change (node/changes.py).
+
+    @property
+    def info(self) -> types_pb2.SegmentInfo:
+        return self._info
+
+    @info.setter
+    def info(self, info: types_pb2.SegmentInfo) -> None:
+        self._info = info
+        COUNTER.bump()
+
+    def move(self, to) -> None:
+        super().move(to)
+        COUNTER.bump()
+
+    def adopt_version_locked(self, version: int) -> None:
+        if version > self._info.version:
+            self._info.version = version
+            COUNTER.bump()
 
     def check_intact(self) -> None:
         """DataLoss if some of its chunks failed their checksum (never served)."""

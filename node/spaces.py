@@ -13,7 +13,9 @@ being read (``_generation``).
 
 Changes made through this agent drop the entry before they are answered, so a process
 sees its own changes at once; a change made through another agent (or straight at a
-coordinator) is seen here when its event arrives, milliseconds later.
+coordinator) is seen here when its event arrives, milliseconds later. Each drop, and
+each watch established or lost, bumps the change counter (node/changes.py) after it:
+a Revalidate answer reused by a client holds exactly as long as the kept record would.
 
 Locking: ``_lock`` (a leaf: no other lock is taken under it, no call made).
 """
@@ -25,6 +27,7 @@ import time
 
 from vas.core.errors import InvalidArgument, VasError
 from vas.node import locks
+from vas.node.changes import COUNTER
 from vas.proto import coordinator_pb2, types_pb2
 
 log = logging.getLogger(__name__)
@@ -61,19 +64,29 @@ class SpaceCache:
                 self._entries[name] = info
         return info
 
+    @property
+    def watching(self) -> bool:
+        """A watch is established: a change of any space is heard (Revalidate answers
+        holding a space are reusable only then: node/changes.py)."""
+        return self._watching
+
     def changed(self, name: str) -> None:
         """Space ``name`` changed (or is gone): drop what is kept of it."""
         with self._lock:
             self._entries.pop(name, None)
             self._generation += 1
+        COUNTER.bump()
 
     def _watched(self, watching: bool) -> None:
         """A watch was established (True) or ended (False, dropping everything)."""
         with self._lock:
+            moved = watching != self._watching
             self._watching = watching
             self._generation += 1
             if not watching:
                 self._entries.clear()
+        if moved:  # not at every slice resumed: it misses no event
+            COUNTER.bump()
 
     def run(self, stop: threading.Event) -> None:
         """Watch the space records until ``stop`` is set (the agent's thread)."""

@@ -53,10 +53,11 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from vas import guard
+from vas import guard, pages
 from vas.core import wire
 from vas.core.errors import Unavailable, VasError, from_status, status_code
 from vas.core.types import NodeInfo
+from vas.core.validate import PAGE_SIZE
 from vas.proto import LOCAL_PROTOCOL, local_pb2
 
 if TYPE_CHECKING:
@@ -100,6 +101,9 @@ class Connection:
         self._helper: threading.Thread | None = None
         # (guardian, key) once this connection's socket is watched by one (guard_faults).
         self._guarded: tuple | None = None
+        # The agent's change counter (its first 8 bytes as one uint64), mapped read-only
+        # at the first Revalidate: see changes() and node/changes.py.
+        self._counter: memoryview | None = None
         # A Connection dropped without close(): its helper must not wait for it forever.
         weakref.finalize(self, self._nudges.put, None).atexit = False
         sock = wire.new_socket()
@@ -259,19 +263,45 @@ class Connection:
 
     def revalidate(self, space: str, attachment_ids: list[int]):
         """Space ``space`` and whether kept "r" attachments are still current
-        (Client.switch): (the ``SpaceInfo`` proto, one ``Revalidated`` per id in order),
-        in one Revalidate request per 1024 ids (one in all, usually)."""
-        answers, info = [], None
+        (Client.switch): (the ``SpaceInfo`` proto, one ``Revalidated`` per id in order,
+        the generation they hold at: 0 if none), in one Revalidate request per 1024
+        ids (one in all, usually). The first maps the agent's change counter page."""
+        answers, info, generation = [], None, None
         for start in range(0, max(1, len(attachment_ids)), _REVALIDATE_BATCH):
             ids = attachment_ids[start:start + _REVALIDATE_BATCH]
-            response = self.call("revalidate", local_pb2.RevalidateRequest(
-                attachment_ids=ids, space="" if info else space), "revalidate")
+            response, fds = self.call("revalidate", local_pb2.RevalidateRequest(
+                attachment_ids=ids, space="" if info else space,
+                counter_page=self._counter is None), "revalidate", want_fds=True)
+            self._map_counter(fds)
             if [answer.attachment_id for answer in response.attachments] != ids:
                 raise VasError(f"vas agent at {self.socket_path} answered Revalidate about "
                                "other attachments (a protocol mismatch?)")
             info = info or response.space
             answers.extend(response.attachments)
-        return info, answers
+            # The first batch's counter was read before every later answer was made:
+            # they all hold at it, unless one of them does not hold at all (0).
+            generation = response.generation if generation is None else \
+                (generation if response.generation else 0)
+        return info, answers, generation
+
+    def _map_counter(self, fds) -> None:
+        """Map the change counter page the agent sent (the first one; close the fds)."""
+        try:
+            if fds and self._counter is None:
+                page = pages.native_mmap(fds[0], PAGE_SIZE, writable=False, address=0,
+                                         fixed=False, offset=0)
+                self._counter = memoryview(page).cast("B")[:8].cast("Q")
+        finally:
+            close_fds(fds)
+
+    def changes(self) -> int | None:
+        """The agent's change counter now (node/changes.py), read from its shared page
+        without a request; None when there is no page yet, or this connection cannot
+        be used (closed, forked, the agent gone: a request tells why)."""
+        counter = self._counter
+        if counter is None or self._closed or self.forked or self.peer_gone():
+            return None
+        return counter[0]
 
     def sync(self, attachment_id: int, ranges, *, tracked: bool = False):
         """Publish a "rw" attachment's writes (Mapping.sync); the new segment record.
@@ -371,6 +401,7 @@ class Connection:
                 guardian, key = self._guarded
                 guardian.closing(key)  # our own close, not the agent's death: no alarm
             _end_socket(self._sock, self._pid)
+        self._counter = None
         self._writer_ids.clear()
         self._nudges.put(None)  # the helper thread ends
         for mapping in builtins.list(self._mappings):

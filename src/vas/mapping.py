@@ -116,6 +116,9 @@ class Mapping:
         self._connection: Connection | None = connection  # None once detached or closed
         self._attachment_id = int(response.attachment_id)
         self._version = segment.version
+        # The agent's change counter at which these pages were last known to be what a
+        # fresh "r" attach would map (0: not known): Client.switch (vas/spaceview.py).
+        self._generation = 0
         self._native = None
         self._view: memoryview | None = None
         self._detached = True  # until the mapping exists
@@ -562,18 +565,21 @@ class Mapping:
         """A new Mapping of this one's pages and attachment; this one ends detached,
         without unmapping (Client.switch keeps an "r" member mapped for the next
         switch: vas/spaceview.py). Views made from this one stay valid: they are of
-        the same native mapping."""
+        the same native mapping. The new one is not tracked by the connection (it is
+        the Client's, which releases it before closing the connection; after a
+        broken connection its methods and detach see ``connection.closed``): a
+        WeakSet entry per member cost ~2 us of every switch."""
         kept = object.__new__(Mapping)
         kept.__dict__.update(self.__dict__)
         self._detached = True
         self._connection = self._native = self._view = None
-        if kept._connection is not None:
-            kept._connection.track(kept)
         return kept
 
-    def _revalidated(self, version: int) -> None:
-        """The agent said this mapping is still current, its pages at ``version``."""
+    def _revalidated(self, version: int, generation: int) -> None:
+        """The agent said this mapping is still current, its pages at ``version``, and
+        will be while its change counter shows ``generation`` (0: no such promise)."""
         self._version = version
+        self._generation = generation
 
     def connection_closed(self) -> None:
         """Called by the Connection when it closes: the agent released the attachment

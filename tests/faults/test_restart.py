@@ -51,9 +51,20 @@ def test_restarted_home_marks_its_segments_lost_and_frees_their_names(pair, orac
     wait_for(lambda: oracle.kvs(keys.attach_key(NAMES[0], "node2")),
              "node2 to report its replica")
     assert usage(node2) == (MiB, 1)
+    # A client whose switches into a space of a node1 segment stopped asking the agent
+    # (its change counter stood still) must not reuse the member after the agent is gone.
+    kept = vas.connect(node1.socket)
+    kept.create_space("restart/S")
+    kept.space_add("restart/S", NAMES[2])
+    for _ in range(3):
+        with kept.switch("restart/S") as view:
+            assert view[NAMES[2]].read(0, 4) == bytes(4)
 
     took = restart(node1)
     print(f"\nnode1 killed and serving again after {took:.2f} s")
+    outcome, _ = bounded(lambda: kept.switch("restart/S").__enter__(), ATTACH_BOUND)
+    assert isinstance(outcome, vas.Unavailable), outcome
+    kept.close()
 
     # Lost from the moment the restarted agent serves: it reconciled before that.
     for name in NAMES:
@@ -91,6 +102,9 @@ def test_restarted_home_marks_its_segments_lost_and_frees_their_names(pair, orac
                 raise AssertionError(f"{name} still has a record")
             except vas.NotFound:
                 pass
+
+    with vas.connect(node2.socket) as c2:
+        c2.delete_space("restart/S")
 
     # A new segment of the same name works like any other.
     with vas.connect(node1.socket) as c1:

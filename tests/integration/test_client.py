@@ -489,9 +489,11 @@ def test_switch_on_another_node_never_reuses_an_old_copy(cluster):
         home.delete("kp/remote")
 
 
-def test_switch_rechecks_permission_of_kept_members(client, env):
+def test_switch_rechecks_permission_of_kept_members(client, env, cluster):
     """A member whose mode no longer lets the caller read it is refused at the next
-    switch (PermissionDenied), though this process still had it mapped."""
+    switch (PermissionDenied), though this process still had it mapped and its switches
+    had stopped asking the agent (the chmod, made through the other agent, moves the
+    change counter of this one)."""
     client.create("kp/perm", 4096, mode=0o644)
     client.create_space("kp/P", mode=0o644)
     client.space_add("kp/P", "kp/perm")
@@ -499,8 +501,9 @@ def test_switch_rechecks_permission_of_kept_members(client, env):
 import os, sys, vas, vas.client
 os.setgroups([]); os.setgid(65534); os.setuid(65534)
 with vas.connect({env["VAS_NODE"]!r}) as c:
-    with c.switch("kp/P") as view:
-        first = view["kp/perm"].read(0, 1)
+    for _ in range(2):  # then the next switch would ask nothing, were nothing changed
+        with c.switch("kp/P") as view:
+            first = view["kp/perm"].read(0, 1)
     print("left", flush=True)
     sys.stdin.readline()  # the parent changes the mode meanwhile
     try:
@@ -513,7 +516,9 @@ with vas.connect({env["VAS_NODE"]!r}) as c:
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert child.stdout.readline() == "left\n", child.stderr.read()
-        client.chmod("kp/perm", 0o600)
+        other = next(n.socket for n in cluster.nodes if n.socket != env["VAS_NODE"])
+        with vas.connect(other) as elsewhere:
+            elsewhere.chmod("kp/perm", 0o600)
         child.stdin.write("go\n")
         child.stdin.flush()
         assert child.wait(timeout=60) == 3, child.stderr.read()
@@ -551,6 +556,99 @@ def test_switch_sees_space_changes_made_through_another_agent(cluster):
         two.close()
         for name in ("kp/w1", "kp/w2"):
             one.delete(name)
+
+
+def _requests(monkeypatch, client) -> list[str]:
+    """The requests ``client`` sends from now on, by kind (its connection's ``call``
+    wrapped: the agent still answers every one)."""
+    sent: list[str] = []
+    call = client._connection.call
+
+    def counted(field, *args, **kwargs):
+        sent.append(field)
+        return call(field, *args, **kwargs)
+    monkeypatch.setattr(client._connection, "call", counted)
+    return sent
+
+
+def test_switch_asks_nothing_until_the_agents_change_counter_moves(cluster, monkeypatch):
+    """Switching back into a space whose members are kept sends no request while the
+    agent's change counter stands still; a publish, a chmod or a delete made through
+    ANOTHER agent moves it before that request returns (the coordinator tells the home
+    first), so the next switch asks again and shows the new bytes or the attach's error."""
+    with vas.connect(cluster.nodes[0].socket) as here, \
+            vas.connect(cluster.nodes[1].socket) as there:
+        for name in ("kc/a", "kc/b", "kc/c"):
+            here.create(name, 64 * 1024)  # homed on node1, where `here` switches
+        here.create_space("kc/S")
+        here.space_add("kc/S", "kc/a")
+        here.space_add("kc/S", "kc/b")
+        _fill(here, "kc/a", 1)
+        _fill(here, "kc/b", 2)
+        for _ in range(2):  # the first maps every member, the second learns the counter
+            with here.switch("kc/S"):
+                pass
+        sent = _requests(monkeypatch, here)
+        with here.switch("kc/S") as view:
+            kept = {n: view[n]._attachment_id for n in view}
+            assert _digest(view["kc/a"]) == hashlib.sha256(b"\1" * 64 * 1024).hexdigest()
+        assert sent == []
+
+        # A publish through node2 (a remote writer: the home adopts the version before
+        # the writer's sync returns).
+        before = here._connection.changes()
+        version = _fill(there, "kc/a", 7)
+        assert here._connection.changes() > before
+        with here.switch("kc/S") as view:
+            assert {n: view[n]._attachment_id for n in view} == kept  # still current
+            assert view["kc/a"].version == version
+            assert _digest(view["kc/a"]) == hashlib.sha256(b"\7" * 64 * 1024).hexdigest()
+        assert sent == ["revalidate"]
+        with here.switch("kc/S"):
+            pass
+        assert sent == ["revalidate"]  # standing still again
+
+        # A chmod through node2 (SegmentChanged reaches the home before it returns).
+        before = here._connection.changes()
+        there.chmod("kc/b", 0o600)
+        assert here._connection.changes() > before
+        with here.switch("kc/S") as view:
+            assert view["kc/b"]._attachment_id == kept["kc/b"]  # root may still read it
+        assert sent == ["revalidate", "revalidate"]
+
+        # A space changed through node2: node1 hears of it from its watch of the space
+        # records (milliseconds later, as before) and moves its counter then.
+        there.space_add("kc/S", "kc/c")
+
+        def members() -> list[str]:
+            with here.switch("kc/S") as view:
+                return list(view)
+        wait_for(lambda: members() == ["kc/a", "kc/b", "kc/c"], what="node1 to see kc/c added")
+
+        # A delete through node2: kc/b is kept here, so it is deleting until let go.
+        before = here._connection.changes()
+        there.delete("kc/b")
+        assert here._connection.changes() > before
+        with pytest.raises(vas.NotFound):
+            with here.switch("kc/S"):
+                pass
+        wait_for(lambda: _gone(here, "kc/b"), what="kc/b freed once the switch let it go")
+
+        # A member homed elsewhere (node2's copy of it) is asked about at every switch.
+        here.space_remove("kc/S", "kc/b")
+        there.create("kc/far", 4096)
+        here.space_add("kc/S", "kc/far")
+        for _ in range(3):
+            with here.switch("kc/S") as view:
+                assert list(view) == ["kc/a", "kc/c", "kc/far"]
+        del sent[:]
+        with here.switch("kc/S"):
+            pass
+        assert sent == ["revalidate"]
+        here.close()
+        for name in ("kc/a", "kc/c", "kc/far"):
+            there.delete(name)
+        there.delete_space("kc/S")
 
 
 def _switch_fails(client, space: str) -> bool:

@@ -217,8 +217,24 @@ def test_revalidate_says_which_attachments_a_fresh_attach_would_map(node1, clien
         revalidate([], "/bad")
     with pytest.raises(errors.NotFound, match="space 'no/such' not found"):
         revalidate([reader.attachment_id], "no/such")
-    client.delete(name)  # attached: deleting, so a fresh attach would fail
-    answer = revalidate([reader.attachment_id]).attachments[0]
+
+    # Asked for, the change counter page comes along: the answer about a home segment
+    # holds at the counter read before it, which the page shows until a change.
+    response, fds = client.call(revalidate=local_pb2.RevalidateRequest(
+        attachment_ids=[reader.attachment_id], counter_page=True))
+    assert len(fds) == 1
+    page = _native.mmap(fds[0], PS, writable=False)
+    os.close(fds[0])
+    with memoryview(page) as raw, raw.cast("B") as octets, octets[:8].cast("Q") as counter:
+        generation = response.revalidate.generation
+        assert generation and counter[0] == generation
+        client.delete(name)  # attached: deleting, so a fresh attach would fail
+        assert counter[0] > generation  # moved before the delete was answered
+        response, fds = client.call(revalidate=local_pb2.RevalidateRequest(
+            attachment_ids=[reader.attachment_id]))
+        assert fds == [] and generation < response.revalidate.generation <= counter[0]
+    page.close()
+    answer = response.revalidate.attachments[0]
     assert not answer.current and answer.reason == f"segment {name} is being deleted"
     client.detach(reader.attachment_id)
 
