@@ -53,6 +53,8 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from google.protobuf.message import DecodeError
+
 from vas import guard
 from vas.core import wire
 from vas.core.errors import Unavailable, VasError, from_status, status_code
@@ -102,6 +104,8 @@ class Connection:
         self._guarded: tuple | None = None
         # A Connection dropped without close(): its helper must not wait for it forever.
         weakref.finalize(self, self._nudges.put, None).atexit = False
+        # Answers land here: one recvmsg per answer, into a buffer made once.
+        self._inbox = wire.Inbox()
         sock = wire.new_socket()
         try:
             sock.connect(socket_path)
@@ -159,12 +163,24 @@ class Connection:
         getattr(request, field).CopyFrom(body)
         self._send(request, send_fds)
         try:
-            response, fds = wire.recv_message(self._sock, local_pb2.LocalResponse)
+            data, fds = self._inbox.receive(self._sock)
         except OSError as exc:
             raise self._lost(exc) from exc
-        if response is None:
+        except ValueError as exc:  # larger than any answer may be
+            self._broken()
+            raise Unavailable(f"the vas agent at {self.socket_path} sent an answer "
+                              f"{exc}; connection dropped") from exc
+        if data is None:
             self._broken()
             raise Unavailable(f"the vas agent at {self.socket_path} closed the connection")
+        response = local_pb2.LocalResponse()
+        try:
+            response.ParseFromString(data)
+        except DecodeError as exc:
+            close_fds(fds)
+            self._broken()
+            raise Unavailable(f"the vas agent at {self.socket_path} sent an answer that is "
+                              f"not a LocalResponse ({exc}); connection dropped") from exc
         if response.id != request.id:
             close_fds(fds)
             self._broken()
@@ -446,8 +462,5 @@ def _end_socket(sock, owner_pid: int) -> None:
         sock.close()
 
 
-def close_fds(fds) -> None:
-    """Close every fd of ``fds``, ignoring errors (fds a response carried)."""
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
+#: Close every fd of ``fds``, ignoring errors (fds a response carried).
+close_fds = wire.close_quietly
