@@ -71,6 +71,19 @@ _MIN_KEEPALIVE_SECONDS = 0.05
 
 log = logging.getLogger(__name__)
 
+#: This process's pid, kept current across fork() by the hook below: every request
+#: checks ``forked``, and a getpid(2) per request was one syscall in ~10 of an
+#: attach+detach.
+_this_pid = os.getpid()
+
+
+def _after_fork_in_child() -> None:
+    global _this_pid
+    _this_pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
 
 class Connection:
     """One connection to the local agent, shared by a ``Client`` and its mappings.
@@ -87,7 +100,7 @@ class Connection:
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._closed = False
-        self._pid = os.getpid()
+        self._pid = _this_pid
         # Attachment ids whose pages are unmapped but whose Detach is not sent yet
         # (queued by finalizers, see release_later); sent before the next request.
         self._releases: queue.SimpleQueue[int] = queue.SimpleQueue()
@@ -411,7 +424,7 @@ class Connection:
     @property
     def forked(self) -> bool:
         """True in a process other than the one that made this connection (a fork)."""
-        return os.getpid() != self._pid
+        return _this_pid != self._pid
 
 
 def _helper_loop(connection_ref, nudges: queue.SimpleQueue) -> None:
