@@ -101,6 +101,8 @@ class Connection:
         self._ids = itertools.count(1)
         self._closed = False
         self._pid = _this_pid
+        # Answers land here: one recvmsg per answer, into a buffer made once.
+        self._inbox = wire.Inbox()
         # Attachment ids whose pages are unmapped but whose Detach is not sent yet
         # (queued by finalizers, see release_later); sent before the next request.
         self._releases: queue.SimpleQueue[int] = queue.SimpleQueue()
@@ -117,8 +119,6 @@ class Connection:
         self._guarded: tuple | None = None
         # A Connection dropped without close(): its helper must not wait for it forever.
         weakref.finalize(self, self._nudges.put, None).atexit = False
-        # Answers land here: one recvmsg per answer, into a buffer made once.
-        self._inbox = wire.Inbox()
         sock = wire.new_socket()
         try:
             sock.connect(socket_path)
