@@ -53,8 +53,6 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from google.protobuf.message import DecodeError
-
 from vas import guard
 from vas.core import wire
 from vas.core.errors import Unavailable, VasError, from_status, status_code
@@ -176,24 +174,16 @@ class Connection:
         getattr(request, field).CopyFrom(body)
         self._send(request, send_fds)
         try:
-            data, fds = self._inbox.receive(self._sock)
+            response, fds = self._inbox.receive_message(self._sock, local_pb2.LocalResponse)
         except OSError as exc:
             raise self._lost(exc) from exc
-        except ValueError as exc:  # larger than any answer may be
-            self._broken()
-            raise Unavailable(f"the vas agent at {self.socket_path} sent an answer "
-                              f"{exc}; connection dropped") from exc
-        if data is None:
-            self._broken()
-            raise Unavailable(f"the vas agent at {self.socket_path} closed the connection")
-        response = local_pb2.LocalResponse()
-        try:
-            response.ParseFromString(data)
-        except DecodeError as exc:
-            close_fds(fds)
+        except ValueError as exc:  # too large, or not a response at all
             self._broken()
             raise Unavailable(f"the vas agent at {self.socket_path} sent an answer that is "
-                              f"not a LocalResponse ({exc}); connection dropped") from exc
+                              f"{exc}; connection dropped") from exc
+        if response is None:
+            self._broken()
+            raise Unavailable(f"the vas agent at {self.socket_path} closed the connection")
         if response.id != request.id:
             close_fds(fds)
             self._broken()

@@ -12,6 +12,8 @@ import mmap
 import os
 import socket
 
+from google.protobuf.message import DecodeError
+
 from vas.core.sizes import human_size
 
 #: Largest message either side sends or accepts.
@@ -77,8 +79,22 @@ class Inbox:
             return None, []
         if msg_flags & _TRUNCATED or size > MAX_MESSAGE:
             close_quietly(fds)
-            raise ValueError(f"local message larger than {human_size(MAX_MESSAGE)}")
+            raise ValueError(f"larger than {human_size(MAX_MESSAGE)}")
         return self._view[:size], fds
+
+    def receive_message(self, sock: socket.socket, message_type, flags: int = 0):
+        """``receive``, parsed: (a ``message_type``, or None at EOF; the fds). Raises
+        ``ValueError`` (its fds closed) for a datagram too large or not a ``message_type``."""
+        data, fds = self.receive(sock, flags)
+        if data is None:
+            return None, []
+        message = message_type()
+        try:
+            message.ParseFromString(data)
+        except DecodeError as exc:
+            close_quietly(fds)
+            raise ValueError(f"not a {message_type.DESCRIPTOR.name} ({exc})") from exc
+        return message, fds
 
     def close(self) -> None:
         """Unmap the buffer (at once, or when the last slice still alive goes)."""
