@@ -71,3 +71,24 @@ def test_inbox_does_not_block_when_asked_not_to(pair):
             inbox.receive(pair[1], socket.MSG_DONTWAIT)
     finally:
         inbox.close()
+
+
+def test_receive_message_parses_and_refuses_what_is_not_one(pair):
+    here, there = pair
+    inbox = wire.Inbox()
+    memfd = os.memfd_create("wire-test")
+    try:
+        wire.send_message(here, local_pb2.LocalResponse(id=7, code=5, message="gone"))
+        response, fds = inbox.receive_message(there, local_pb2.LocalResponse)
+        assert (response.id, response.code, response.message, fds) == (7, 5, "gone", [])
+        before = open_fds()
+        here.sendmsg([b"\xff\xff\xff\xff"],  # an invalid field tag: not a LocalResponse
+                     [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [memfd]))])
+        with pytest.raises(ValueError, match="not a LocalResponse"):
+            inbox.receive_message(there, local_pb2.LocalResponse)
+        assert open_fds() == before  # the fd that came with it was closed
+        here.close()
+        assert inbox.receive_message(there, local_pb2.LocalResponse) == (None, [])
+    finally:
+        os.close(memfd)
+        inbox.close()
