@@ -11,9 +11,9 @@ gives ``local_node`` and the identity the agent saw (``uid``/``gid``/``pid``).
 The agent learns who we are from the socket (SO_PEERCRED), and closing the
 connection releases every attachment and writer lock it holds, so a process
 that dies cleans up after itself. A connection belongs to the process that made
-it: after a fork every request raises ``Unavailable``. A socket error, an EOF or
-an answer with another id breaks it: the socket is closed and every later request
-fails at once.
+it: after a fork every request raises ``Unavailable``. A socket error, an EOF, an
+answer with another id or one that is no LocalResponse breaks it: the socket is
+closed and every later request fails at once.
 
 Threads: ``_lock`` spans each request/response pair and is the only lock here.
 A Connection that has attached something runs one helper thread ("vas-client"),
