@@ -9,16 +9,14 @@ fds. node/local.py moves the datagrams; this module decides what they say.
 """
 from __future__ import annotations
 
-import array
 import errno
 import logging
-import mmap
-import os
 import socket
 
 from google.protobuf.message import DecodeError
 
 from vas.core import wire
+from vas.core.wire import close_quietly as close_fds
 from vas.core.errors import InvalidArgument, VasError
 from vas.core.sizes import human_size
 from vas.node.localapi import LocalApi, Unimplemented, one_line
@@ -27,25 +25,13 @@ from vas.proto import local_pb2
 
 log = logging.getLogger(__name__)
 
-_ANCILLARY_SPACE = socket.CMSG_SPACE(wire.MAX_FDS * 4)
-# Plain ints: ``flags & socket.MSG_TRUNC`` goes through enum.Flag and costs ~2 us.
-_MSG_TRUNC = int(socket.MSG_TRUNC)
-_DONTWAIT = int(socket.MSG_DONTWAIT)
-_SOL_SOCKET, _SCM_RIGHTS = int(socket.SOL_SOCKET), int(socket.SCM_RIGHTS)
+_DONTWAIT = int(socket.MSG_DONTWAIT)  # a plain int: enum.Flag arithmetic costs ~2 us
 _INTERNAL = 13            # grpc.StatusCode.INTERNAL
 INVALID_ARGUMENT = 3      # grpc.StatusCode.INVALID_ARGUMENT
 
 
 class BadRequest(Exception):
     """A datagram that is not a LocalRequest; answered with id 0."""
-
-
-def close_fds(fds) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
 
 
 def unanswered(request: local_pb2.LocalRequest) -> bool:
@@ -57,26 +43,17 @@ def unanswered(request: local_pb2.LocalRequest) -> bool:
 class Receiver:
     """Receives requests (the event loop's: one at a time, from any connection).
 
-    The framing is vas.wire's, but received here rather than with
-    ``wire.recv_message`` for two reasons: fds sent along with garbage are
-    closed at once (the agent takes an fd only with RegisterFaults); and the
-    datagram lands in one buffer reused across requests (an anonymous mapping
-    whose untouched pages cost nothing), where a fresh 4 MiB buffer per
-    receive would add ~15 us to every request. The request is parsed before
-    the next receive, so one buffer serves every connection.
+    The framing is vas.wire's, into one ``wire.Inbox`` per local thread, reused
+    across requests and connections (the request is parsed before the next
+    receive); and fds sent along with garbage are closed at once (the agent takes
+    an fd only with RegisterFaults).
     """
 
     def __init__(self):
-        # One byte more than the largest request, so an oversized one shows as MSG_TRUNC.
-        self._buffer = mmap.mmap(-1, wire.MAX_MESSAGE + 1)
-        self._view = memoryview(self._buffer)
+        self._inbox = wire.Inbox()
 
     def close(self) -> None:
-        try:
-            self._view.release()
-            self._buffer.close()
-        except BufferError:  # a slice still alive somewhere: the GC unmaps it later
-            pass
+        self._inbox.close()
 
     def receive(self, sock: socket.socket) -> tuple[local_pb2.LocalRequest | None, list[int]]:
         """(one request or None at EOF, the fds that came with it; the caller closes them).
@@ -84,22 +61,15 @@ class Receiver:
         Never blocks (BlockingIOError when nothing is there); raises BadRequest for a
         datagram that is not a request (its fds closed).
         """
-        size, ancdata, flags, _ = sock.recvmsg_into([self._view], _ANCILLARY_SPACE, _DONTWAIT)
-        fds: list[int] = []
-        for level, kind, payload in ancdata:
-            if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
-                received = array.array("i")
-                received.frombytes(payload[: len(payload) - len(payload) % received.itemsize])
-                fds.extend(received)
-        if not size:
-            close_fds(fds)
+        try:
+            data, fds = self._inbox.receive(sock, _DONTWAIT)
+        except ValueError as exc:
+            raise BadRequest(f"request larger than {human_size(wire.MAX_MESSAGE)}") from exc
+        if data is None:
             return None, []
-        if flags & _MSG_TRUNC or size > wire.MAX_MESSAGE:
-            close_fds(fds)
-            raise BadRequest(f"request larger than {human_size(wire.MAX_MESSAGE)}")
         request = local_pb2.LocalRequest()
         try:
-            request.ParseFromString(self._view[:size])
+            request.ParseFromString(data)
         except DecodeError as exc:
             close_fds(fds)
             raise BadRequest(f"malformed request: not a LocalRequest ({one_line(exc)})") from exc

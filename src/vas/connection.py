@@ -11,9 +11,9 @@ gives ``local_node`` and the identity the agent saw (``uid``/``gid``/``pid``).
 The agent learns who we are from the socket (SO_PEERCRED), and closing the
 connection releases every attachment and writer lock it holds, so a process
 that dies cleans up after itself. A connection belongs to the process that made
-it: after a fork every request raises ``Unavailable``. A socket error, an EOF or
-an answer with another id breaks it: the socket is closed and every later request
-fails at once.
+it: after a fork every request raises ``Unavailable``. A socket error, an EOF, an
+answer with another id or one that is no LocalResponse breaks it: the socket is
+closed and every later request fails at once.
 
 Threads: ``_lock`` spans each request/response pair and is the only lock here.
 A Connection that has attached something runs one helper thread ("vas-client"),
@@ -70,6 +70,19 @@ _MIN_KEEPALIVE_SECONDS = 0.05
 
 log = logging.getLogger(__name__)
 
+#: This process's pid, kept current across fork() by the hook below: every request
+#: checks ``forked``, and a getpid(2) per request was one syscall in ~10 of an
+#: attach+detach.
+_this_pid = os.getpid()
+
+
+def _after_fork_in_child() -> None:
+    global _this_pid
+    _this_pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
 
 class Connection:
     """One connection to the local agent, shared by a ``Client`` and its mappings.
@@ -86,7 +99,9 @@ class Connection:
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._closed = False
-        self._pid = os.getpid()
+        self._pid = _this_pid
+        # Answers land here: one recvmsg per answer, into a buffer made once.
+        self._inbox = wire.Inbox()
         # Attachment ids whose pages are unmapped but whose Detach is not sent yet
         # (queued by finalizers, see release_later); sent before the next request.
         self._releases: queue.SimpleQueue[int] = queue.SimpleQueue()
@@ -163,9 +178,13 @@ class Connection:
         getattr(request, field).CopyFrom(body)
         self._send(request, send_fds)
         try:
-            response, fds = wire.recv_message(self._sock, local_pb2.LocalResponse)
+            response, fds = self._inbox.receive_message(self._sock, local_pb2.LocalResponse)
         except OSError as exc:
             raise self._lost(exc) from exc
+        except ValueError as exc:  # too large, or not a response at all
+            self._broken()
+            raise Unavailable(f"the vas agent at {self.socket_path} sent an answer that is "
+                              f"{exc}; connection dropped") from exc
         if response is None:
             self._broken()
             raise Unavailable(f"the vas agent at {self.socket_path} closed the connection")
@@ -426,7 +445,7 @@ class Connection:
     @property
     def forked(self) -> bool:
         """True in a process other than the one that made this connection (a fork)."""
-        return os.getpid() != self._pid
+        return _this_pid != self._pid
 
 
 def _helper_loop(connection_ref, nudges: queue.SimpleQueue) -> None:
@@ -477,8 +496,5 @@ def _end_socket(sock, owner_pid: int) -> None:
         sock.close()
 
 
-def close_fds(fds) -> None:
-    """Close every fd of ``fds``, ignoring errors (fds a response carried)."""
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
+#: Close every fd of ``fds``, ignoring errors (fds a response carried).
+close_fds = wire.close_quietly

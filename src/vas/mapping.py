@@ -558,8 +558,10 @@ class Mapping:
             self._release.cancel()
         del native
         if unmapped and connection is not None and not connection.closed:
-            with contextlib.suppress(NotFound):  # a forced delete revoked it already
+            try:  # (not contextlib.suppress: a context manager per detach costs ~0.5 us)
                 connection.detach(self._attachment_id)
+            except NotFound:  # a forced delete revoked it already
+                pass
 
     def _hand_over(self) -> "Mapping":
         """A new Mapping of this one's pages and attachment; this one ends detached,

@@ -271,6 +271,33 @@ def test_one_client_shared_by_threads(client):
     client.delete("conn/threads")
 
 
+def test_a_forked_child_cannot_use_its_parents_connection(client):
+    """The fork check (a pid kept by os.register_at_fork, no getpid per request): the
+    child's request fails Unavailable and the parent's connection still works."""
+    client.create("conn/fork", 4096)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report what its request raised, never return into pytest
+        try:
+            os.close(read)
+            try:
+                client.stat("conn/fork")
+                outcome = "answered"
+            except vas.Unavailable as exc:
+                outcome = str(exc)
+            os.write(write, outcome.encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        outcome = pipe.read().decode()
+    assert os.waitpid(pid, 0)[1] == 0
+    assert "made by another process" in outcome, outcome
+    with client.attach("conn/fork") as m:  # the parent's connection is untouched
+        assert m.read(0, 8) == bytes(8)
+    client.delete("conn/fork")
+
+
 def test_garbage_collected_mapping_detaches(client):
     client.create("conn/gc", 4096)
     client.attach("conn/gc", "rw")  # dropped at once
