@@ -531,8 +531,13 @@ class Writers:
                 # a late write (its writer gave up waiting and synced again) is
                 # refused here, before any of its bytes reach the pages.
                 base = header.base_version if header.HasField("base_version") else None
-                info = self._publish_version(header.caller, segment, lease, adopt=False,
-                                             base=base)
+                try:
+                    info = self._publish_version(header.caller, segment, lease, adopt=False,
+                                                 base=base)
+                except Busy as exc:
+                    log.warning("publish of %s from a remote writer refused, its %d bytes "
+                                "dropped: %s", segment.name, staged.total, exc)
+                    raise
                 published = time.perf_counter()
                 after = self._intend(segment, info.version, staged.pieces)
                 for offset, data in staged.pieces:
