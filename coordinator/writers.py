@@ -32,6 +32,13 @@ def not_at_base(name: str, base: int, version: int) -> Busy:
                 f"at version {version} (an earlier sync of this writer was published since)")
 
 
+def _holds(lock_kvs, token: int, lease_id: int) -> bool:
+    """Whether the lock key read (``lock_kvs``) is held by ``token`` (under ``lease_id``
+    when nonzero)."""
+    return bool(lock_kvs) and lock_kvs[0].create_revision == token and (
+        not lease_id or lock_kvs[0].lease == lease_id)
+
+
 class Writers:
     """Writer-lock operations over one etcd client."""
 
@@ -127,7 +134,8 @@ class Writers:
         version it replaces); a concurrent change of the record (chmod, another
         coordinator's read-modify-write) costs a bounded retry. Raises NotFound
         (segment gone, or the name has another id: checked first), Fenced (lock
-        absent or another token/lease), Busy (not at ``base``, on a fresh read),
+        absent or another token/lease), Busy (the lock held but the record, read
+        fresh, not at ``base``),
         Unavailable.
         """
         key, lock = keys.segment_key(name), keys.writer_key(name)
@@ -143,6 +151,9 @@ class Writers:
                 if not fresh:  # a cached guess: decide on the record itself
                     entry, fresh = self.segments.read(name), True
                     continue
+                held = self.etcd.range(lock, keys_only=True).kvs  # a stale token: Fenced first
+                if not _holds(held, token, lease_id):
+                    raise fenced(name, token)
                 raise not_at_base(name, base, entry.record["version"])
             record = {**entry.record, "version": entry.record["version"] + 1}
             try:
@@ -168,8 +179,7 @@ class Writers:
             self.segments.cache.put(entry)
             if entry.id != segment_id:
                 raise not_found(name, segment_id)
-            if (not held.kvs or held.kvs[0].create_revision != token
-                    or (lease_id and held.kvs[0].lease != lease_id)):
+            if not _holds(held.kvs, token, lease_id):
                 raise fenced(name, token)
             # Only the record changed under us: try again on the fresh one.
 

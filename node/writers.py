@@ -29,8 +29,11 @@ Publishing (chunk arithmetic in node/publish.py):
   read — a write racing with the sync shows as changed at the next one — and
   sent to the home as a bulk write request (node/bulk.py; ``Node.WritePages`` if the
   bulk channel fails). The home keeps them aside, calls PublishVersion
-  with the writer's token and only if that succeeds writes them into its pages
-  (``write_pages``): a fenced writer's bytes never reach the home copy.
+  with the writer's token and the version the bytes are based on (a
+  compare-and-set), and only if that succeeds writes them into its pages
+  (``write_pages``): a fenced writer's bytes, and a late write of a sync that
+  already failed, never reach the home copy. A writer refused that way compares
+  its replica with the home's pages (``_rebase``).
 - ``published_hashes`` answers refreshing readers (``Node.ChunkHashes``).
 - **wait()**: follow the coordinator's Watch until a newer version is published.
 

@@ -596,6 +596,9 @@ def test_a_publish_on_a_stale_base_is_refused_and_applies_nothing(two):
         assert write(3, b"third").version == 4
         coordinator.ReleaseWriter(coordinator_pb2.ReleaseWriterRequest(
             name="pub/base", token=lock.token, lease_id=lock.lease_id), timeout=10)
+        with pytest.raises(grpc.RpcError) as err:  # a stale token says so, base or not
+            publish(base_version=0)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     with c1.attach("pub/base") as m:
         assert bytes(m.buffer[:5]) == b"third" and m.version == 4
 
