@@ -399,7 +399,7 @@ class Writers:
                 synced = hashes(view)
                 chunks = differing(replica.synced_hashes, synced)
             hashed = time.perf_counter()
-            with replica.lock:
+            with replica.lock:  # moved only by this writer's syncs and its attach's fetch
                 base = replica.info.version
             try:
                 info, via = self._send_changes(attachment, view, chunks, base)
@@ -434,17 +434,17 @@ class Writers:
     def _rebase(self, attachment: Attachment, view: memoryview
                 ) -> tuple[types_pb2.SegmentInfo, str, list[int], bytes]:
         """A remote writer's publish was refused: the segment moved past the version its
-        replica holds. Only this writer's token publishes, so what moved it was an
-        earlier sync of this writer that failed (no answer) and was published late,
-        or a version number taken by a publish whose bytes were dropped; either way
-        no late publish can land any more (each carries an older base, and the
-        coordinator decides on the record a publish replaces), so a second refusal
-        is not expected and is raised. So: compare
-        every chunk of the replica with the home's pages, and publish those that
-        differ on the segment's current version -- or, if none does, acknowledge
-        that version, which holds exactly these bytes (never the same bytes as
-        two versions). (the record, how it went, the chunks sent, the replica's
-        hashes)."""
+        replica holds; (the record, how it went, the chunks sent, the replica's hashes).
+
+        Only this writer's token publishes, so what moved it was an earlier sync of
+        this writer that failed (no answer) and was published late, or a version
+        number taken by a publish whose bytes were dropped. Either way no late
+        publish can land any more (each carries an older base, and the coordinator
+        decides on the record a publish replaces), so a second refusal is not
+        expected and is raised. Every chunk of the replica is compared with the
+        home's pages and those that differ are published on the segment's current
+        version -- or, if none does, that version is acknowledged: it holds exactly
+        these bytes (never the same bytes as two versions)."""
         replica = attachment.segment
         synced = hashes(view)  # before any byte is read, as for every sync
         record = self.coordinator.get_segment(replica.name)
