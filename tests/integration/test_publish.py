@@ -603,13 +603,20 @@ def test_a_publish_on_a_stale_base_is_refused_and_applies_nothing(two):
         assert bytes(m.buffer[:5]) == b"third" and m.version == 4
 
 
-def test_a_sync_published_late_is_never_published_again(cluster):
+def refusals(node, name: str) -> int:
+    """How many remote writes of ``name`` the home ``node`` refused on their base."""
+    return log_of(node).count(f"publish of {name} from a remote writer refused")
+
+
+def test_a_sync_published_late_is_never_published_again_nor_over_a_later_one(cluster):
     """The home stopped (SIGSTOP) with a sync's bytes in its socket: the writer's sync
     fails (Unavailable, after --rpc-timeout) and the home publishes them late, when it
     runs again. The writer's next sync is refused on its stale base, finds the home's
     pages equal to its own and acknowledges that version instead of publishing the same
-    bytes again as one more; later syncs go on from it, the home holding the writer's
-    bytes (sha256) after each."""
+    bytes again as one more. Then a sync fails the same way and the writer syncs again
+    while the home is still stopped: whichever of the two reaches the coordinator second
+    is refused, and the home ends at the version the second sync returned, with the
+    writer's bytes (sha256)."""
     running = cluster(nodes=2, memory=64 * MiB, writer_ttl=30,
                       node_args=("--rpc-timeout", "2"))
     home, node2 = running.nodes
@@ -631,6 +638,28 @@ def test_a_sync_published_late_is_never_published_again(cluster):
             assert c1.stat("pub/late").version == 2
             assert home_digest(c1, "pub/late") == hashlib.sha256(w.buffer).hexdigest()
             assert "already at the home (published late)" in log_of(node2)
-            w.write(3 * CHUNK, os.urandom(4096))
-            assert w.sync() == 3
+            assert refusals(home, "pub/late") == 1
+
+            w.write(2 * CHUNK, os.urandom(4096))
+            os.kill(home.pid, signal.SIGSTOP)
+            try:
+                with pytest.raises(vas.Unavailable, match="no answer after every byte"):
+                    w.sync()
+                w.write(2 * CHUNK, os.urandom(4096))  # newer bytes over the late ones
+                w.write(3 * CHUNK, os.urandom(4096))
+                synced = []
+                again = threading.Thread(target=lambda: synced.append(w.sync()))
+                again.start()
+            finally:
+                os.kill(home.pid, signal.SIGCONT)
+            again.join(timeout=30)
+            # 4 (as seen every time here): the late one reached the home first, as 3,
+            # and the second was refused and sent what differs on 3
+            assert synced and synced[0] in (3, 4)
+            if synced[0] == 4:
+                assert re.search(r"sync of pub/late: sent 2 changed chunks .* on version 3, now version 4 ",
+                                 log_of(node2))
+            wait_for(lambda: refusals(home, "pub/late") == 2,
+                     "the home to refuse the second of the two", timeout=20)
+            assert c1.stat("pub/late").version == synced[0]
             assert home_digest(c1, "pub/late") == hashlib.sha256(w.buffer).hexdigest()
