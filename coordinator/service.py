@@ -264,7 +264,9 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         return self.writers.publish(caller_of(request, context), check_name(request.name),
                                     check_segment_id(request.id),
                                     check_positive(request.token, "token"),
-                                    check_lease(request.lease_id))
+                                    check_lease(request.lease_id),
+                                    request.base_version
+                                    if request.HasField("base_version") else None)
 
     @translated
     def DropBackup(self, request, context):

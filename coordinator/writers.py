@@ -26,6 +26,19 @@ def fenced(name: str, token: int) -> Fenced:
                   "(lease lapsed or lock taken over)")
 
 
+def not_at_base(name: str, base: int, version: int) -> Busy:
+    """The refusal of a publish based on version ``base`` of ``name``, now at ``version``."""
+    return Busy(f"segment {name}: publish based on version {base} refused: the segment is "
+                f"at version {version} (an earlier sync of this writer was published since)")
+
+
+def _holds(lock_kvs, token: int, lease_id: int) -> bool:
+    """Whether the lock key read (``lock_kvs``) is held by ``token`` (under ``lease_id``
+    when nonzero)."""
+    return bool(lock_kvs) and lock_kvs[0].create_revision == token and (
+        not lease_id or lock_kvs[0].lease == lease_id)
+
+
 class Writers:
     """Writer-lock operations over one etcd client."""
 
@@ -109,27 +122,39 @@ class Writers:
         if lease_id:
             self.etcd.revoke_quietly(lease_id)
 
-    def publish(self, caller, name: str, segment_id: int, token: int, lease_id: int = 0
-                ) -> types_pb2.SegmentInfo:
+    def publish(self, caller, name: str, segment_id: int, token: int, lease_id: int = 0,
+                base: int | None = None) -> types_pb2.SegmentInfo:
         """Bump the version of segment ``segment_id`` if ``token`` still holds its lock
-        and ``caller`` may write the segment (mode bits of the current record).
+        and ``caller`` may write the segment (mode bits of the current record), and,
+        when ``base`` is given, only if the segment is at version ``base``.
 
         One transaction compares the lock (create_revision == ``token``, and its
         lease == ``lease_id`` when nonzero), the record's id and the mod_revision
-        the new version was computed from; a concurrent change of the record
-        (chmod, another coordinator's read-modify-write) costs a bounded retry.
-        Raises NotFound (segment gone, or the name has another id: checked
-        first), Fenced (lock absent or another token/lease), Unavailable.
+        the new version was computed from (so the ``base`` decided on is the
+        version it replaces); a concurrent change of the record (chmod, another
+        coordinator's read-modify-write) costs a bounded retry. Raises NotFound
+        (segment gone, or the name has another id: checked first), Fenced (lock
+        absent or another token/lease), Busy (the lock held but the record, read
+        fresh, not at ``base``),
+        Unavailable.
         """
         key, lock = keys.segment_key(name), keys.writer_key(name)
         holds = [created_at(lock, token)] + ([leased(lock, lease_id)] if lease_id else [])
-        entry = self.segments.cache.get(name)
+        entry, fresh = self.segments.cache.get(name), False
         if entry is None or entry.id != segment_id:  # the cache may be stale: read
-            entry = self.segments.read(name)
+            entry, fresh = self.segments.read(name), True
         for _ in retries(self.attempts, f"publish segment {name!r}"):
             if entry.id != segment_id:
                 raise not_found(name, segment_id)
             access.require(caller, entry.record, access.WRITE, f"segment {name!r}")
+            if base is not None and entry.record["version"] != base:
+                if not fresh:  # a cached guess: decide on the record itself
+                    entry, fresh = self.segments.read(name), True
+                    continue
+                held = self.etcd.range(lock, keys_only=True).kvs  # a stale token: Fenced first
+                if not _holds(held, token, lease_id):
+                    raise fenced(name, token)
+                raise not_at_base(name, base, entry.record["version"])
             record = {**entry.record, "version": entry.record["version"] + 1}
             try:
                 response = self.etcd.txn(
@@ -150,12 +175,11 @@ class Writers:
             if not segment.kvs:
                 self.segments.cache.drop(name)
                 raise not_found(name, segment_id)
-            entry = Entry.from_kv(segment.kvs[0])
+            entry, fresh = Entry.from_kv(segment.kvs[0]), True
             self.segments.cache.put(entry)
             if entry.id != segment_id:
                 raise not_found(name, segment_id)
-            if (not held.kvs or held.kvs[0].create_revision != token
-                    or (lease_id and held.kvs[0].lease != lease_id)):
+            if not _holds(held.kvs, token, lease_id):
                 raise fenced(name, token)
             # Only the record changed under us: try again on the fresh one.
 

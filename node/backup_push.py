@@ -16,8 +16,9 @@ A backup that does not answer within ``BACKUP_TIMEOUT`` (plus its bytes at the
 send rate), or refuses, is removed from the record (``DropBackup``) before the
 sync goes on: a sync never waits for ever and the record never names a copy
 that is not there (the segment reads DEGRADED). If even that removal cannot be
-made, the sync fails: nothing unbacked is acknowledged. A fenced publish leaves
-the backups' staged bytes unapplied; the next stage replaces them.
+made, the sync fails: nothing unbacked is acknowledged. A fenced publish, or one
+refused on its base version (a late write of a remote writer), leaves the
+backups' staged bytes unapplied; the next stage replaces them.
 """
 from __future__ import annotations
 

@@ -144,9 +144,11 @@ class CoordinatorClient:
                    pb.ReleaseWriterRequest(name=name, token=token, lease_id=lease_id), timeout)
 
     def publish_version(self, caller, name: str, segment_id: int, token: int,
-                        lease_id: int) -> types_pb2.SegmentInfo:
+                        lease_id: int, base: int | None = None) -> types_pb2.SegmentInfo:
+        """``base``: publish only if the segment is at that version (else Busy)."""
         return self._call(self.stub.PublishVersion, pb.PublishVersionRequest(
-            caller=caller, name=name, id=segment_id, token=token, lease_id=lease_id))
+            caller=caller, name=name, id=segment_id, token=token, lease_id=lease_id,
+            base_version=base))
 
     # -- spaces
     def create_space(self, caller, name: str, mode: int) -> types_pb2.SpaceInfo:

@@ -12,14 +12,13 @@ from vas.core.defaults import (DEFAULT_BULK_PORT, DEFAULT_FAULT_TIMEOUT, DEFAULT
                                DEFAULT_MAX_ATTACHMENTS_PER_UID, DEFAULT_MAX_BULK_PER_PEER,
                                DEFAULT_MAX_CONNECTIONS_PER_UID, DEFAULT_MAX_FAULTS_PER_UID,
                                DEFAULT_MAX_STREAMS_PER_PEER, DEFAULT_MEMORY, DEFAULT_NODE_LISTEN,
-                               DEFAULT_NODE_TTL, DEFAULT_RELAY_FANOUT, DEFAULT_SOCKET,
-                               DEFAULT_WORKERS_LEFT_TO_OTHERS, DEFAULT_WRITER_TTL)
+                               DEFAULT_NODE_TTL, DEFAULT_RELAY_FANOUT, DEFAULT_RPC_TIMEOUT,
+                               DEFAULT_SOCKET, DEFAULT_WORKERS_LEFT_TO_OTHERS,
+                               DEFAULT_WRITER_TTL)
 from vas.core.tls import TlsConfig
 
 #: Seconds the agent gathers attachment changes before reporting them to the coordinator.
 DEFAULT_REPORT_DELAY = 0.05
-#: Deadline in seconds of one unary call to the coordinator or to another agent.
-DEFAULT_RPC_TIMEOUT = 10.0
 #: Parallel TCP connections of one replica fetch over the bulk channel.
 DEFAULT_FETCH_STREAMS = 4
 #: Seconds SIGTERM waits for in-flight gRPC calls before cancelling them.

@@ -71,7 +71,8 @@ class NodeServer:
             raise InvalidArgument(f"invalid memory {config.memory}: must be >= 0 bytes")
         for name, ttl in (("node ttl (--node-ttl)", config.heartbeat_ttl),
                           ("writer ttl (--writer-ttl)", config.writer_ttl),
-                          ("fault timeout (--fault-timeout)", config.fault_timeout)):
+                          ("fault timeout (--fault-timeout)", config.fault_timeout),
+                          ("rpc timeout (--rpc-timeout)", config.rpc_timeout)):
             validate.check_seconds(ttl, name, minimum=1)
         for flag, value in (("--local-workers", config.local_workers),
                             ("--max-connections-per-uid", config.max_connections_per_uid),

@@ -29,8 +29,11 @@ Publishing (chunk arithmetic in node/publish.py):
   read — a write racing with the sync shows as changed at the next one — and
   sent to the home as a bulk write request (node/bulk.py; ``Node.WritePages`` if the
   bulk channel fails). The home keeps them aside, calls PublishVersion
-  with the writer's token and only if that succeeds writes them into its pages
-  (``write_pages``): a fenced writer's bytes never reach the home copy.
+  with the writer's token and the version the bytes are based on (a
+  compare-and-set), and only if that succeeds writes them into its pages
+  (``write_pages``): a fenced writer's bytes, and a late write of a sync that
+  already failed, never reach the home copy. A writer refused that way compares
+  its replica with the home's pages (``_rebase``).
 - ``published_hashes`` answers refreshing readers (``Node.ChunkHashes``).
 - **wait()**: follow the coordinator's Watch until a newer version is published.
 
@@ -49,7 +52,7 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, contextmanager
 
-from vas.core.errors import (CapacityExceeded, Fenced, InvalidArgument, NotFound,
+from vas.core.errors import (Busy, CapacityExceeded, Fenced, InvalidArgument, NotFound,
                              PermissionDenied, Unavailable, VasError)
 from vas.core.sizes import human_size
 from vas.node import bulk, locks, metrics
@@ -387,7 +390,7 @@ class Writers:
         """Send a remote writer's changed chunks (``chunks``, or those whose hash changed
         since the last sync) to the home; the record at the new version. ``found``:
         how the chunks were found, for the log."""
-        replica, lease = attachment.segment, attachment.lease
+        replica = attachment.segment
         started = time.perf_counter()
         with memoryview(replica.memory.mapping) as raw, raw.cast("B") as view:
             if chunks is not None:
@@ -396,16 +399,13 @@ class Writers:
                 synced = hashes(view)
                 chunks = differing(replica.synced_hashes, synced)
             hashed = time.perf_counter()
-            address = self._home_address(replica.info)
-            header = node_pb2.WritePagesHeader(
-                caller=attachment.session.caller, name=replica.name, id=replica.id,
-                token=lease.token, lease_id=lease.lease_id)
-            timeout = self.config.rpc_timeout + len(chunks) * CHUNK / SEND_RATE
+            with replica.lock:  # moved only by this writer's syncs and its attach's fetch
+                base = replica.info.version
             try:
-                info, via = self._send(replica, address, header, view,
-                                       runs(chunks, replica.size), timeout)
-            except Fenced:
-                raise self.fence(attachment) from None
+                info, via = self._send_changes(attachment, view, chunks, base)
+            except Busy as exc:
+                log.warning("sync of %s: %s; comparing with the home's pages", replica.name, exc)
+                info, via, chunks, synced = self._rebase(attachment, view)
         with replica.lock:
             replica.synced_hashes = synced
             replica.adopt_version_locked(info.version)
@@ -414,6 +414,49 @@ class Writers:
                  len(chunks) * CHUNK, replica.info.home, via, info.version, found,
                  1e3 * (hashed - started), 1e3 * (time.perf_counter() - hashed))
         return info
+
+    def _send_changes(self, attachment: Attachment, view: memoryview, chunks: list[int],
+                      base: int) -> tuple[types_pb2.SegmentInfo, str]:
+        """Publish ``chunks`` of a remote writer's replica (``view``) at its home, if the
+        segment is still at version ``base`` (else Busy, nothing published); fences
+        the writer if its token is stale."""
+        replica, lease = attachment.segment, attachment.lease
+        header = node_pb2.WritePagesHeader(
+            caller=attachment.session.caller, name=replica.name, id=replica.id,
+            token=lease.token, lease_id=lease.lease_id, base_version=base)
+        timeout = self.config.rpc_timeout + len(chunks) * CHUNK / SEND_RATE
+        try:
+            return self._send(replica, self._home_address(replica.info), header, view,
+                              runs(chunks, replica.size), timeout)
+        except Fenced:
+            raise self.fence(attachment) from None
+
+    def _rebase(self, attachment: Attachment, view: memoryview
+                ) -> tuple[types_pb2.SegmentInfo, str, list[int], bytes]:
+        """A remote writer's publish was refused: the segment moved past the version its
+        replica holds; (the record, how it went, the chunks sent, the replica's hashes).
+
+        Only this writer's token publishes, so what moved it was an earlier sync of
+        this writer that failed (no answer) and was published late, or a version
+        number taken by a publish whose bytes were dropped. Either way no late
+        publish can land any more (each carries an older base, and the coordinator
+        decides on the record a publish replaces), so a second refusal is not
+        expected and is raised. Every chunk of the replica is compared with the
+        home's pages and those that differ are published on the segment's current
+        version -- or, if none does, that version is acknowledged: it holds exactly
+        these bytes (never the same bytes as two versions)."""
+        replica = attachment.segment
+        synced = hashes(view)  # before any byte is read, as for every sync
+        record = self.coordinator.get_segment(replica.name)
+        if record.id != replica.id:
+            raise NotFound(f"segment {replica.name} (id {replica.id}) was deleted")
+        _, home = self.peers.chunk_hashes(self._home_address(replica.info), replica.name,
+                                          replica.id, CHUNK)
+        chunks = differing(home, synced)
+        if not chunks:
+            return record, "already at the home (published late)", chunks, synced
+        info, via = self._send_changes(attachment, view, chunks, record.version)
+        return info, f"{via}, on version {record.version}", chunks, synced
 
     def _send(self, replica: Replica, address: str, header: node_pb2.WritePagesHeader,
               view: memoryview, byte_runs: list[tuple[int, int]], timeout: float
@@ -447,13 +490,15 @@ class Writers:
 
     def _publish_version(self, caller, segment, lease: WriterLease,
                          attachment: Attachment | None = None, *,
-                         adopt: bool = True) -> types_pb2.SegmentInfo:
+                         adopt: bool = True, base: int | None = None
+                         ) -> types_pb2.SegmentInfo:
         """PublishVersion for the writer holding ``lease`` (the caller is in the segment's
         gate); ``adopt``: the pages hold the new version now (else the caller adopts it
-        once they do). A local ``attachment`` whose token is stale is fenced."""
+        once they do); ``base``: only if the segment is at that version (else Busy).
+        A local ``attachment`` whose token is stale is fenced."""
         try:
             info = self.coordinator.publish_version(caller, segment.name, segment.id,
-                                                    lease.token, lease.lease_id)
+                                                    lease.token, lease.lease_id, base)
         except Fenced:
             if attachment is not None:
                 raise self.fence(attachment) from None
@@ -485,7 +530,17 @@ class Writers:
                 lease = WriterLease(header.name, header.token, header.lease_id)
                 backed = self.backup_push.stage(segment, staged.pieces) \
                     if segment.info.backups else []
-                info = self._publish_version(header.caller, segment, lease, adopt=False)
+                # A compare-and-set on the version the writer's bytes are based on:
+                # a late write (its writer gave up waiting and synced again) is
+                # refused here, before any of its bytes reach the pages.
+                base = header.base_version if header.HasField("base_version") else None
+                try:
+                    info = self._publish_version(header.caller, segment, lease, adopt=False,
+                                                 base=base)
+                except Busy as exc:
+                    log.warning("publish of %s from a remote writer refused, its %d bytes "
+                                "dropped: %s", segment.name, staged.total, exc)
+                    raise
                 published = time.perf_counter()
                 after = self._intend(segment, info.version, staged.pieces)
                 for offset, data in staged.pieces:

@@ -43,7 +43,7 @@ MiB = 1 << 20
 #: Seconds etcd stays paused (the acceptance scenario).
 PAUSE = 20.0
 #: Seconds a metadata call may take while etcd is paused: the agent's deadline of a
-#: coordinator call (node/config.py DEFAULT_RPC_TIMEOUT) bounds every call; the
+#: coordinator call (vas/core/defaults.py DEFAULT_RPC_TIMEOUT) bounds every call; the
 #: coordinator gives up on etcd after 5 s (DEFAULT_ETCD_TIMEOUT), so each must end
 #: within FAIL_FAST (calls queued behind one another, e.g. creates taking turns on the
 #: allocator, must not add their waits up).

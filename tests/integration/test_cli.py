@@ -188,6 +188,7 @@ def test_errors_exit_1_with_one_line(vasctl, tmp_path):
     ("space", "add", "cli/space", "bad name"),
     ("node", "serve", "--writer-ttl", "soon"),
     ("node", "serve", "--fault-timeout", "soon"),
+    ("node", "serve", "--rpc-timeout", "soon"),
 ])
 def test_usage_errors_exit_2(vasctl, args):
     proc = vasctl(*args, expect=2)
@@ -325,6 +326,13 @@ def test_node_serve_refuses_a_fault_timeout_below_a_second(vasctl, tmp_path):
     proc = vasctl("node", "serve", "--socket", tmp_path / "n.sock", "--fault-timeout", "0.5",
                   expect=1)
     assert one_error_line(proc) == ("vasctl: error: invalid fault timeout (--fault-timeout) "
+                                    "0.5: must be 1..86400 seconds")
+
+
+def test_node_serve_refuses_an_rpc_timeout_below_a_second(vasctl, tmp_path):
+    proc = vasctl("node", "serve", "--socket", tmp_path / "n.sock", "--rpc-timeout", "0.5",
+                  expect=1)
+    assert one_error_line(proc) == ("vasctl: error: invalid rpc timeout (--rpc-timeout) "
                                     "0.5: must be 1..86400 seconds")
 
 

@@ -543,3 +543,133 @@ def test_sync_falls_back_to_writepages_when_the_bulk_channel_refuses(cluster):
                       r"(over the bulk channel|as WritePages)", log_of(node2)) == \
         ["as WritePages", "over the bulk channel"]
     assert "bulk sync of pub/fallback to node node1 failed" in log_of(node2)
+
+
+# -- compare-and-set publishes (WritePagesHeader/PublishVersionRequest.base_version) ----------
+
+def test_a_publish_on_a_stale_base_is_refused_and_applies_nothing(two):
+    """A write whose base_version is not the segment's version is refused (ABORTED) by
+    the home before any of its bytes reach the pages, and PublishVersion the same at the
+    coordinator; on the current version both publish, and without a base (a home
+    writer's sync) PublishVersion does not compare."""
+    running, c1, _ = two
+    data = fill(c1, "pub/base", 1 * MiB)
+    info = c1.stat("pub/base")
+    caller = types_pb2.Caller(uid=0, gid=0, pid=1)
+    with grpc.insecure_channel(running.coordinators[0].address) as to_coordinator, \
+            grpc.insecure_channel(running.nodes[0].address) as to_home:
+        coordinator = coordinator_pb2_grpc.CoordinatorStub(to_coordinator)
+        lock = coordinator.AcquireWriter(coordinator_pb2.AcquireWriterRequest(
+            caller=caller, name="pub/base", ttl_seconds=30), timeout=10)
+        home = node_pb2_grpc.NodeStub(to_home)
+
+        def write(base: int, data: bytes):
+            header = node_pb2.WritePagesHeader(caller=caller, name="pub/base", id=info.id,
+                                               token=lock.token, lease_id=lock.lease_id,
+                                               end_marked=True, base_version=base)
+            return home.WritePages(iter([node_pb2.WritePagesChunk(header=header),
+                                         node_pb2.WritePagesChunk(offset=0, data=data,
+                                                                  last=True)]), timeout=10)
+
+        def publish(**base):
+            return coordinator.PublishVersion(coordinator_pb2.PublishVersionRequest(
+                caller=caller, name="pub/base", id=info.id, token=lock.token,
+                lease_id=lock.lease_id, **base), timeout=10)
+
+        assert write(0, b"first").version == 1
+        with pytest.raises(grpc.RpcError) as err:
+            write(0, b"stale")
+        assert (err.value.code(), err.value.details()) == (
+            grpc.StatusCode.ABORTED, "segment pub/base: publish based on version 0 refused: "
+            "the segment is at version 1 (an earlier sync of this writer was published since)")
+        with c1.attach("pub/base") as m:
+            assert bytes(m.buffer[:5]) == b"first" and bytes(m.buffer[5:]) == data[5:]
+            assert m.version == 1
+        assert "publish of pub/base from a remote writer refused, its 5 bytes dropped" in \
+            log_of(running.nodes[0])
+        for stale in (0, 2):
+            with pytest.raises(grpc.RpcError) as err:
+                publish(base_version=stale)
+            assert err.value.code() == grpc.StatusCode.ABORTED
+        assert publish(base_version=1).version == 2
+        assert publish().version == 3  # no base: no compare
+        assert write(3, b"third").version == 4
+        coordinator.ReleaseWriter(coordinator_pb2.ReleaseWriterRequest(
+            name="pub/base", token=lock.token, lease_id=lock.lease_id), timeout=10)
+        with pytest.raises(grpc.RpcError) as err:  # a stale token says so, base or not
+            publish(base_version=0)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    with c1.attach("pub/base") as m:
+        assert bytes(m.buffer[:5]) == b"third" and m.version == 4
+
+
+def refusals(node, name: str) -> int:
+    """How many remote writes of ``name`` the home ``node`` refused on their base."""
+    return log_of(node).count(f"publish of {name} from a remote writer refused")
+
+
+def test_a_sync_published_late_is_never_published_again_nor_over_a_later_one(cluster):
+    """The home stopped (SIGSTOP) with a sync's bytes in its socket: the writer's sync
+    fails (Unavailable, after --rpc-timeout) and the home publishes them late, when it
+    runs again. The writer's next sync is refused on its stale base, finds the home's
+    pages equal to its own and acknowledges that version instead of publishing the same
+    bytes again as one more. Then a sync fails the same way and the writer syncs again
+    while the home is still stopped: whichever of the two reaches the coordinator second
+    is refused, and the home ends at the version the second sync returned, with the
+    writer's bytes (sha256)."""
+    # A failing sync waits --rpc-timeout; the calls after SIGCONT get as long on a
+    # loaded machine (with 2 s this test failed once in a loaded run, cause not kept).
+    running = cluster(nodes=2, memory=64 * MiB, writer_ttl=30,
+                      node_args=("--rpc-timeout", "3"))
+    home, node2 = running.nodes
+    with vas.connect(home.socket) as c1, vas.connect(node2.socket) as c2:
+        fill(c1, "pub/late", 2 * MiB)
+        with c2.attach("pub/late", "rw") as w:
+            w.write(0, os.urandom(4096))
+            assert w.sync() == 1  # the bulk channel to the home is open now
+            w.write(CHUNK, os.urandom(4096))
+            os.kill(home.pid, signal.SIGSTOP)
+            try:
+                with pytest.raises(vas.Unavailable, match="no answer after every byte"):
+                    w.sync()
+            finally:
+                os.kill(home.pid, signal.SIGCONT)
+            wait_for(lambda: c1.stat("pub/late").version == 2,
+                     "the home to publish the failed sync late", timeout=20)
+            assert w.sync() == 2  # the same bytes: not published again as version 3
+            assert c1.stat("pub/late").version == 2
+            assert home_digest(c1, "pub/late") == hashlib.sha256(w.buffer).hexdigest()
+            assert "already at the home (published late)" in log_of(node2)
+            assert refusals(home, "pub/late") == 1
+
+            w.write(2 * CHUNK, os.urandom(4096))
+            os.kill(home.pid, signal.SIGSTOP)
+            try:
+                with pytest.raises(vas.Unavailable, match="no answer after every byte"):
+                    w.sync()
+                w.write(2 * CHUNK, os.urandom(4096))  # newer bytes over the late ones
+                w.write(3 * CHUNK, os.urandom(4096))
+                synced = []
+
+                def sync_again():
+                    try:
+                        synced.append(w.sync())
+                    except vas.VasError as exc:
+                        synced.append(exc)
+
+                again = threading.Thread(target=sync_again)
+                again.start()
+            finally:
+                os.kill(home.pid, signal.SIGCONT)
+            again.join(timeout=30)
+            # 4 (as seen every time here): the late one reached the home first, as 3,
+            # and the second was refused and sent what differs on 3
+            assert synced and synced[0] in (3, 4), synced
+            if synced[0] == 4:  # 1 or 2 chunks: the late one may carry the newer bytes
+                # of chunk 2 (sendfile queues the memfd's pages, not a copy of them)
+                assert re.search(r"sync of pub/late: sent [12] changed chunks .* on version 3, "
+                                 r"now version 4 ", log_of(node2))
+            wait_for(lambda: refusals(home, "pub/late") == 2,
+                     "the home to refuse the second of the two", timeout=20)
+            assert c1.stat("pub/late").version == synced[0]
+            assert home_digest(c1, "pub/late") == hashlib.sha256(w.buffer).hexdigest()

@@ -9,7 +9,7 @@ import argparse
 import os
 
 from vas.core.defaults import (DEFAULT_BULK_PORT, DEFAULT_COORDINATOR_LISTEN,
-                               DEFAULT_FAULT_TIMEOUT, DEFAULT_LOCAL_WORKERS,
+                               DEFAULT_FAULT_TIMEOUT, DEFAULT_LOCAL_WORKERS, DEFAULT_RPC_TIMEOUT,
                                DEFAULT_MAX_ATTACHMENTS_PER_UID,
                                DEFAULT_MAX_BULK_PER_PEER, DEFAULT_MAX_CONNECTIONS_PER_UID,
                                DEFAULT_MAX_FAULTS_PER_UID, DEFAULT_MAX_STREAMS_PER_PEER,
@@ -160,6 +160,12 @@ def add_node_serve(node_verbs: argparse._SubParsersAction) -> None:
                        help="longest wait of a page fault of a lazy mapping for a home that "
                             "fails to deliver its chunk; then the faulting thread gets SIGBUS "
                             f"(default $VAS_FAULT_TIMEOUT or {DEFAULT_FAULT_TIMEOUT:g})")
+    serve.add_argument("--rpc-timeout", type=float, metavar="SECONDS",
+                       default=os.environ.get("VAS_RPC_TIMEOUT", str(DEFAULT_RPC_TIMEOUT)),
+                       help="deadline of one call this agent makes to the coordinator or "
+                            "another agent (a remote writer's sync() waits this long for its "
+                            f"home, plus its bytes' time; default $VAS_RPC_TIMEOUT or "
+                            f"{DEFAULT_RPC_TIMEOUT:g})")
     _add_limits(serve)
     serve.add_argument("--relay-fanout", type=int, metavar="N",
                        default=os.environ.get("VAS_RELAY_FANOUT", str(DEFAULT_RELAY_FANOUT)),
@@ -262,7 +268,7 @@ def serve_node(args: argparse.Namespace) -> int:
                         advertise=args.advertise, bulk_port=args.bulk_port,
                         memory=args.memory, data_dir=args.data_dir, node_id=args.node_id,
                         writer_ttl=args.writer_ttl, heartbeat_ttl=args.node_ttl,
-                        fault_timeout=args.fault_timeout,
+                        fault_timeout=args.fault_timeout, rpc_timeout=args.rpc_timeout,
                         local_workers=args.local_workers,
                         max_connections_per_uid=args.max_connections_per_uid,
                         max_attachments_per_uid=args.max_attachments_per_uid,

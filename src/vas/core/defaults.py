@@ -61,6 +61,9 @@ DEFAULT_WRITER_TTL = 10
 #: its chunk (the agent retries meanwhile); then its pages are poisoned and the
 #: faulting thread gets SIGBUS (``vasctl node serve --fault-timeout``).
 DEFAULT_FAULT_TIMEOUT = 10.0
+#: Deadline in seconds of one unary call an agent makes to the coordinator or to
+#: another agent (``vasctl node serve --rpc-timeout``).
+DEFAULT_RPC_TIMEOUT = 10.0
 #: Threads of an agent serving the requests of local clients (all connections share them).
 DEFAULT_LOCAL_WORKERS = 16
 #: Workers one uid leaves to the others by default: ``max_requests_per_uid`` is

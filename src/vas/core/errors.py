@@ -70,7 +70,8 @@ class AddressConflict(VasError):
 
 
 class Busy(VasError):
-    """The single writer lock is held by another attachment."""
+    """The single writer lock is held by another attachment (or another state conflicts:
+    a publish based on a version the segment is no longer at)."""
 
     code = grpc.StatusCode.ABORTED
 

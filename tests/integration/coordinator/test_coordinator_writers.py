@@ -134,6 +134,31 @@ def test_publish_bumps_the_version_with_a_valid_token(stub, n1, etcd):
     assert (last.version, last.state) == (4, types_pb2.SEGMENT_STATE_DELETING)
 
 
+def test_publish_on_a_base_is_a_compare_and_set(stub, n1, etcd):
+    """With base_version, PublishVersion bumps only a record at that version (else
+    ABORTED, nothing changes), decided on the record itself: a version moved behind the
+    coordinator's back (its cached record stale) is neither refused nor taken on a guess."""
+    info = create(stub, "pub/cas", mode=0o664)
+    lock = stub.AcquireWriter(pb.AcquireWriterRequest(caller=ALICE, name="pub/cas"))
+
+    def on(base: int):
+        return stub.PublishVersion(pb.PublishVersionRequest(
+            caller=ALICE, name="pub/cas", id=info.id, token=lock.token,
+            lease_id=lock.lease_id, base_version=base))
+
+    assert on(0).version == 1
+    with pytest.raises(grpc.RpcError) as caught:
+        on(0)
+    assert (caught.value.code(), caught.value.details()) == (
+        grpc.StatusCode.ABORTED, "segment pub/cas: publish based on version 0 refused: the "
+        "segment is at version 1 (an earlier sync of this writer was published since)")
+    etcd_rewrite(etcd.url, b"/vas/segments/pub/cas", b'"version":1', b'"version":5')
+    assert on(5).version == 6  # cached 1, really 5: read again, not refused
+    etcd_rewrite(etcd.url, b"/vas/segments/pub/cas", b'"version":6', b'"version":8')
+    assert status_of(lambda: on(6)) == grpc.StatusCode.ABORTED  # cached 6, really 8
+    assert get(stub, "pub/cas").version == 8
+
+
 def test_publish_after_the_writer_lease_lapsed_is_fenced(stub, n1, etcd):
     info = create(stub, "lapse/seg", mode=0o664)
     acquire = lambda caller, ttl=0: stub.AcquireWriter(  # noqa: E731
