@@ -555,7 +555,8 @@ class Writers:
                 self.backup_push.commit(segment, info.version, backed)
         finally:
             os.close(fd)
-        log.info("publish of %s from a remote writer: %d bytes, version %d (receiving %.1f ms, "
+        # debug: the writer's agent logs the same sync at INFO (one line per sync, not two).
+        log.debug("publish of %s from a remote writer: %d bytes, version %d (receiving %.1f ms, "
                  "publishing %.1f ms, writing %.1f ms)", segment.name, staged.total,
                  info.version, 1e3 * (received - started), 1e3 * (published - received),
                  1e3 * (time.perf_counter() - published))
