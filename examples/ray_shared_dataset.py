@@ -10,14 +10,16 @@ cluster. With --address it uses that cluster, starts vas there if it is not runn
 (vas.ray.start is idempotent) and leaves both running.
 
 Driver 1 starts vas, puts a float64 array and an Arrow table, runs tasks on every
-node that sum the array and the table's column (each task reads zero-copy from its
-own node's agent), prints the results and exits. Driver 2, a new process started
-after driver 1 has exited, finds the same datasets by name and runs the tasks again.
-Every sum is compared with the one computed from the original data.
+node that checksum (SHA-256) the array's bytes and every column of the table (each
+task reads zero-copy from its own node's agent), prints the results and exits.
+Driver 2, a new process started after driver 1 has exited, finds the same datasets
+by name and runs the tasks again. Every checksum must equal the one of the original
+data, made again from its seed: any wrong byte on any node prints WRONG and fails.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import subprocess
 import sys
@@ -38,6 +40,19 @@ def make_data(rows: int):
     return points, events
 
 
+def checksums(points, events) -> tuple[str, str]:
+    """SHA-256 of the array's bytes, and of the table's values column by column (strings
+    each followed by a NUL), as 12 hex digits each: the same for the same data however it
+    is laid out or chunked."""
+    table = hashlib.sha256()
+    for column in events.columns:
+        for chunk in column.chunks:
+            values = chunk.to_numpy(zero_copy_only=False)
+            table.update("".join(v + "\0" for v in values).encode() if values.dtype == object
+                         else values.tobytes())
+    return hashlib.sha256(points.data).hexdigest()[:12], table.hexdigest()[:12]
+
+
 def run_tasks(label: str) -> None:
     import ray
 
@@ -48,7 +63,7 @@ def run_tasks(label: str) -> None:
         points = points_ref.get()             # zero-copy ndarray from this node's agent
         events = events_ref.get()             # zero-copy pyarrow.Table
         node = ray.get_runtime_context().get_node_id()
-        return node[:8], float(points.sum()), float(np.asarray(events["value"]).sum())
+        return (node[:8], not points.flags.writeable) + checksums(points, events)
 
     points_ref, events_ref = vas.ray.ref(ARRAY), vas.ray.ref(TABLE)
     nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
@@ -59,14 +74,14 @@ def run_tasks(label: str) -> None:
     # and one where the data's home copy is
     tasks.append(summarize.options(scheduling_strategy=vas.ray.node_affinity(points_ref))
                  .remote(points_ref, events_ref))
-    points, events = make_data(points_ref.shape[0])
-    want = (float(points.sum()), float(np.asarray(events["value"]).sum()))
-    for node, points_sum, value_sum in ray.get(tasks):
-        ok = np.isclose(points_sum, want[0]) and np.isclose(value_sum, want[1])
-        print(f"{label}: task on node {node}: sum(points)={points_sum:.6f} "
-              f"sum(events.value)={value_sum:.6f} {'ok' if ok else 'WRONG'}", flush=True)
+    want = checksums(*make_data(points_ref.shape[0]))
+    for node, read_only, points_digest, events_digest in ray.get(tasks):
+        ok = read_only and (points_digest, events_digest) == want
+        print(f"{label}: task on node {node}: sha256(points)={points_digest} "
+              f"sha256(events)={events_digest} read-only={read_only} {'ok' if ok else 'WRONG'}",
+              flush=True)
         if not ok:
-            raise SystemExit(f"{label}: a task read other data")
+            raise SystemExit(f"{label}: a task read other data (want {want})")
 
 
 def driver(address: str, verb: str, rows: int, memory: str | None) -> None:
