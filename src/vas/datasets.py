@@ -20,7 +20,8 @@ A reader attaches ``"r"`` (zero-copy on the home node; elsewhere this node's one
 replica, filled lazily by default) and wraps the mapped pages without copying:
 ``numpy.frombuffer`` for an array, ``pyarrow.py_buffer`` + ``ipc.open_stream``
 for a table (Arrow reads a stream from a buffer zero-copy: every column buffer
-points into the segment). The reader then detaches its ``Mapping`` at once:
+points into the segment). The reader's ``Mapping`` stays warm in this process for
+``KEEP_SECONDS`` after the last read (``_Warm``), then is detached:
 ``Mapping.detach`` leaves the pages mapped, and the attachment alive at the agent,
 while a view of them lives, so the array (or table) alone keeps its pages, and
 they go when it goes.

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import vas
+import vas.datasets
 import waiting
 from vas.cluster import LocalCluster
 from vas.proto import coordinator_pb2, coordinator_pb2_grpc, local_pb2, types_pb2
@@ -56,6 +57,15 @@ def memfd_ranges() -> list[tuple[int, int]]:
 
 def inside_memfd(address: int, size: int, ranges) -> bool:
     return any(start <= address and address + size <= end for start, end in ranges)
+
+
+def gone(client, name: str) -> bool:
+    """True once ``name`` is no longer a segment."""
+    try:
+        client.stat(name)
+    except vas.NotFound:
+        return True
+    return False
 
 
 # -- metadata -----------------------------------------------------------------------------
@@ -166,13 +176,17 @@ def test_get_array_is_zero_copy_and_keeps_its_pages(clients):
             base = base.base
         assert isinstance(base, memoryview)  # a view of the mapping's pages, not a copy
         assert digest(got) == digest(data)
-    # the array alone keeps the attachment: the segment stays attached while it lives
+    # the array alone keeps its pages and the attachment: with no warm mapping left
+    # and the segment deleted, it stays "deleting" while the array lives, and goes with it
     held = a.get_array("arr/big")
-    assert a.stat("arr/big").attachments >= 0  # counts are reported later; pages are ours:
+    del got, base
+    vas.datasets.WARM.clear()
     a.delete("arr/big")
     assert a.stat("arr/big").state == "deleting"
     assert digest(held) == digest(data)
     del held
+    waiting.wait_for(lambda: gone(a, "arr/big"), "the array's end to free the segment",
+                     timeout=15)
 
 
 def test_array_errors(clients):
@@ -308,8 +322,6 @@ def test_a_second_read_reuses_the_warm_mapping_until_the_data_changes(clients):
 
 
 def test_a_warm_mapping_lets_go_of_a_deleted_dataset(two, clients, monkeypatch):
-    import vas.datasets
-
     a, _ = clients
     monkeypatch.setattr(vas.datasets, "KEEP_SECONDS", 0.5)
     a.put_array("warm/gone", np.ones(1000))
@@ -317,15 +329,8 @@ def test_a_warm_mapping_lets_go_of_a_deleted_dataset(two, clients, monkeypatch):
         assert reader.get_array("warm/gone").sum() == 1000  # warm there, array dropped
         a.delete("warm/gone")  # from another connection: the warm mapping holds it ...
         assert a.stat("warm/gone").state == "deleting"
-
-        def freed():
-            try:
-                a.stat("warm/gone")
-            except vas.NotFound:
-                return True
-            return False
-
-        waiting.wait_for(freed, "the warm mapping to expire", timeout=15)  # ... KEEP_SECONDS
+        waiting.wait_for(lambda: gone(a, "warm/gone"), "the warm mapping to expire",
+                         timeout=15)  # ... KEEP_SECONDS
     # a delete from the reading connection itself is not held up at all
     a.put_array("warm/mine", np.ones(10))
     assert a.get_array("warm/mine").sum() == 10
@@ -339,14 +344,6 @@ def test_put_with_a_ttl_expires(clients):
     info = a.put_array("ttl/x", np.ones(10), ttl=2)
     assert info.expires is not None and info.expires - info.created >= 2
     assert b.get_array("ttl/x").sum() == 10
-
-    def gone():
-        try:
-            a.stat("ttl/x")
-        except vas.NotFound:
-            return True
-        return False
-
-    waiting.wait_for(gone, "the dataset's ttl to end", timeout=20)
+    waiting.wait_for(lambda: gone(a, "ttl/x"), "the dataset's ttl to end", timeout=20)
     with pytest.raises(vas.NotFound):
         b.get_array("ttl/x")
