@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -272,10 +273,24 @@ def test_put_in_a_task_is_homed_on_its_node_and_node_affinity_runs_there(nodes):
         read_array.options(scheduling_strategy=vas.ray.node_affinity(ref)).remote(ref),
         timeout=WAIT)
     assert (ray_node, vas_node, checksum) == (other, other, digest(np.full(1000, 3, np.int32)))
-    assert vas.ray.node_affinity("ray/big").node_id == head  # by name
+    by_name = vas.ray.node_affinity("ray/big")  # by name, soft by default
+    assert (by_name.node_id, by_name.soft) == (head, True)
     stray = vas.SegmentRef("x", "ndarray", "<f8", (1,), 1, 1, "node1", 8)
     with pytest.raises(vas.InvalidArgument, match="not a node of this Ray cluster"):
         vas.ray.node_affinity(stray)
+
+
+def test_put_without_a_name_makes_one_and_passes_the_ttl_on(nodes):
+    head, _ = nodes
+    array, table = np.arange(10), pa.table({"v": [1, 2]})
+    refs = [vas.ray.put(array, ttl=60), vas.ray.put(table, ttl=60)]
+    assert refs[0].name != refs[1].name
+    for ref in refs:
+        assert re.fullmatch(r"ray/[0-9a-f]{32}", ref.name) and ref.home == head
+        info = vas.stat(ref.name)
+        assert info.expires is not None and 60 <= info.expires - info.created < 70
+    assert digest(refs[0].get()) == digest(array)
+    assert table_digest(refs[1].get()) == table_digest(table)
 
 
 def test_errors_inside_tasks_surface_as_vas_exceptions(nodes):
