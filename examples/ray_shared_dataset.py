@@ -48,7 +48,7 @@ def checksums(points, events) -> tuple[str, str]:
     for column in events.columns:
         for chunk in column.chunks:
             values = chunk.to_numpy(zero_copy_only=False)
-            table.update("".join(v + "\0" for v in values).encode() if values.dtype == object
+            table.update(("\0".join(values) + "\0").encode() if values.dtype == object
                          else values.tobytes())
     return hashlib.sha256(points.data).hexdigest()[:12], table.hexdigest()[:12]
 
