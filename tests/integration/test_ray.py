@@ -420,11 +420,18 @@ def test_a_lost_control_plane_is_made_again_with_new_agents(nodes):
     assert checksum == digest(np.arange(1000))
 
 
-def test_stop_ends_every_daemon(cluster):
+def test_stop_from_a_task_ends_every_daemon(cluster, nodes):
     pids = [a["pid"] for a in vas.ray.agents().values()]
-    vas.ray.stop()
+
+    @ray.remote
+    def stop_here():
+        import vas.ray
+
+        vas.ray.stop()
+
+    ray.get(stop_here.options(**on(nodes[1])).remote(), timeout=WAIT)
     for pid in pids:
         waiting.wait_for(lambda: not pid_alive(pid), f"agent {pid} to end", timeout=WAIT)
     assert vas.ray.agents() == {}
     assert not any(os.path.exists(path) for path in cluster[2].agents.values())
-    vas.ray.stop()  # idempotent
+    vas.ray.stop()  # idempotent, from the driver too
