@@ -357,6 +357,15 @@ def test_a_dataset_outlives_the_driver_that_made_it(cluster, nodes):
                                       timeout=WAIT)
     assert checksum == made
 
+    @ray.remote
+    def get_by_name(name):
+        import vas.ray
+
+        return digest(vas.ray.get(name))
+
+    assert ray.get(get_by_name.options(**on(nodes[1])).remote("ray/outlives"),
+                   timeout=WAIT) == made  # and by name in a task on the other node
+
 
 def test_the_example_runs_against_this_cluster(cluster):
     example = os.path.join(os.path.dirname(__file__), "..", "..", "examples",
