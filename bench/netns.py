@@ -504,6 +504,27 @@ def table(r: dict, readers: int, rate: str) -> list[tuple[str, str, str, str]]:
     ]
 
 
+def steps_to_run(skip: str, only: str) -> set[str]:
+    """The STEPS to run for ``--skip`` and ``--only`` (comma-separated names of PHASES or
+    STEPS; "fanout" names both fan-out steps). ValueError for an unknown name.
+
+    >>> sorted(steps_to_run("", "fanout"))
+    ['fanout-shaped', 'fanout-unlimited']
+    >>> sorted(steps_to_run("eager,touch,fanout-shaped", ""))
+    ['fanout-unlimited', 'shaped']
+    """
+    run = set(STEPS)
+    for flag_name, names in (("--skip", skip), ("--only", only)):
+        named = {name.strip() for name in names.split(",") if name.strip()}
+        if named - set(PHASES + STEPS):
+            raise ValueError(f"{flag_name}: unknown phases {sorted(named - set(PHASES + STEPS))}; "
+                             f"phases are {','.join(PHASES + STEPS[3:])}")
+        steps = {step for step in STEPS if step in named or step.split("-")[0] in named}
+        if named:
+            run = run - steps if flag_name == "--skip" else steps
+    return run
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, help="payload bytes (default 1 GiB; 256 MiB "
@@ -532,15 +553,10 @@ def main() -> int:
         return tcp_sender(args.tcp_sender, size, args.seed, args.tcp_host)
     if args.tcp_receiver:
         return tcp_receiver(args.tcp_receiver, size, args.seed)
-    run = set(STEPS)
-    for flag_name, names in (("--skip", args.skip), ("--only", args.only)):
-        named = {s.strip() for s in names.split(",") if s.strip()}
-        if named - set(PHASES + STEPS):
-            parser.error(f"{flag_name}: unknown phases {sorted(named - set(PHASES + STEPS))}; "
-                         f"phases are {','.join(PHASES + STEPS[3:])}")
-        steps = {step for step in STEPS if step in named or step.split("-")[0] in named}
-        if names:
-            run = run - steps if flag_name == "--skip" else steps
+    try:
+        run = steps_to_run(args.skip, args.only)
+    except ValueError as exc:
+        parser.error(str(exc))
     if size <= 0 or size % MiB:
         parser.error(f"--size must be a positive multiple of 1 MiB ({MiB}), not {size}")
     if not re.fullmatch(r"\d+(\.\d+)?[kmgt]?(bit|bps)", args.rate):
