@@ -47,7 +47,8 @@ Phases (--skip any of them, or run --only some; "fanout" is both fan-out steps,
 Every timed round, of vas or raw TCP, starts once every agent is idle (Bench.quiet:
 after a transfer an agent prepares warm memory for the next one and punches freed
 memory out, ~1 CPU-s a GiB that would otherwise run beside the next round; --no-quiet
-starts at once, as before). Each phase runs 3 rounds (2 with --quick). Each round's figures are kept ("..._all"); a
+starts at once, as before; "rounds_not_quiet" counts the rounds that waited in vain).
+Each phase runs 3 rounds (2 with --quick). Each round's figures are kept ("..._all"); a
 figure is their median, with the range in the table. This VM is noisy (2 vCPUs shared,
 and it may hand freed memory back to its host, which makes "warm" memory cold again):
 compare figures of the same run only. A phase that fails keeps the figures of its rounds
