@@ -2,7 +2,8 @@
 machines would be), against raw TCP baselines over the same links in the same run.
 
     sudo .venv/bin/python bench/netns.py [--quick] [--size BYTES] [--readers 3]
-        [--rate 2gbit] [--skip eager,touch,shaped,fanout]
+        [--rate 2gbit] [--skip eager,touch,shaped,fanout | --only fanout-unlimited]
+        [--no-quiet]
 
 Needs root (namespaces, veths, tc). vas.netns builds a bridge and 1 + --readers
 namespaces named with this process's pid (``vas-<pid>-a`` is the home, b, c, ... the
@@ -17,7 +18,8 @@ The raw TCP baseline (bench/netns_tcp.py): a sender in the home's namespace serv
 ranges of a memfd holding the same pattern by sendfile; receivers in the readers'
 namespaces ask for them, and check the CRC of what they got.
 
-Phases (--skip any of them):
+Phases (--skip any of them, or run --only some; "fanout" is both fan-out steps,
+"fanout-shaped" and "fanout-unlimited" one each):
   eager    a 1 GiB (--size; 256 MiB with --quick) eager attach on reader b. cold = the
            first fetch of a freshly started reader agent (b is restarted before each
            cold round if it fetched anything since it started),
@@ -39,8 +41,13 @@ Phases (--skip any of them):
            readers take turns) in the same rounds. Once over the shaped home link,
            once unlimited (after a round not counted, so every reader is warm);
            unlimited also raw TCP one sender -> all receivers at once vs -> one
-           receiver (1 stream each).
+           receiver, with 1 stream per receiver and with 4 (MAX_STREAMS, the shape
+           of a vas fetch: 4 connections per reader).
 
+Every timed round, of vas or raw TCP, starts once every agent is idle (Bench.quiet:
+after a transfer an agent prepares warm memory for the next one and punches freed
+memory out, ~1 CPU-s a GiB that would otherwise run beside the next round; --no-quiet
+starts at once, as before; "rounds_not_quiet" counts the rounds that waited in vain).
 Each phase runs 3 rounds (2 with --quick). Each round's figures are kept ("..._all"); a
 figure is their median, with the range in the table. This VM is noisy (2 vCPUs shared,
 and it may hand freed memory back to its host, which makes "warm" memory cold again):
@@ -76,9 +83,15 @@ from remote_vas import (bench_lazy, delete_quietly, detach_quietly, eager_round,
 
 ENTRY = os.path.abspath(__file__)
 PHASES = ("eager", "touch", "shaped", "fanout")
+STEPS = ("eager", "touch", "shaped", "fanout-shaped", "fanout-unlimited")  # PHASES' steps
 HOME, FIRST = 0, 1  # the home's namespace index, the reader used alone
 TOUCHES = 200
 MAX_ROUND_S = 600  # the slowest round: 1 GiB at 2 gbit is 4.3 s; 3 readers 13 s
+#: An agent is idle when it used at most this much CPU time (s) in QUIET_WINDOW s...
+QUIET_CPU, QUIET_WINDOW = 0.02, 0.2
+#: ... and a round waits at most this long for every agent to be idle.
+QUIET_MAX_S = 30
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 # -- the cluster ---------------------------------------------------------------------------
@@ -86,8 +99,10 @@ MAX_ROUND_S = 600  # the slowest round: 1 GiB at 2 gbit is 4.3 s; 3 readers 13 s
 class Bench:
     """The hosts, the raw TCP peers and what every phase uses."""
 
-    def __init__(self, hosts, tcp: RawTcp, size: int, repeats: int, seed: int):
+    def __init__(self, hosts, tcp: RawTcp, size: int, repeats: int, seed: int,
+                 wait_quiet: bool = True):
         self.hosts, self.tcp, self.size, self.repeats, self.seed = hosts, tcp, size, repeats, seed
+        self.wait_quiet = wait_quiet  # --no-quiet: False
         self.readers = list(range(1, len(hosts.nodes)))
         self.home_env = {"VAS_NODE": hosts.nodes[HOME].socket}
         self.home_metrics = hosts.nodes[HOME].metrics_url()
@@ -95,6 +110,7 @@ class Bench:
             raise RuntimeError(f"the home agent logged no metrics URL:\n{hosts.nodes[HOME].tail()}")
         self.rounds = 0  # segments made so far: each gets its own name
         self.used: set[int] = set()  # readers that fetched since their agent started
+        self.unquiet = 0  # rounds started although some agent never went idle (quiet)
 
     def socket(self, host: int) -> str:
         return self.hosts.nodes[host].socket
@@ -127,6 +143,31 @@ class Bench:
         for host in self.readers:
             wait_until_empty(self.socket(host))
 
+    def quiet(self) -> None:
+        """Wait until no agent uses CPU (at most QUIET_CPU s in a QUIET_WINDOW), for
+        QUIET_MAX_S at most: after a transfer an agent prepares warm memory for the next
+        one (~1 CPU-s a GiB) and punches freed memory out, and a round of vas or raw
+        TCP timed meanwhile shares the 2 CPUs with that work (raw TCP 1 -> 1 right after
+        3 vas readers competed with three agents preparing a GiB each). Rounds that
+        found no quiet moment are counted in ``self.unquiet``."""
+        if not self.wait_quiet:
+            return
+        ends = time.monotonic() + QUIET_MAX_S
+        pids = [node.proc.pid for node in self.hosts.nodes]
+        before = [cpu_seconds(pid) for pid in pids]
+        while time.monotonic() < ends:
+            time.sleep(QUIET_WINDOW)
+            now = [cpu_seconds(pid) for pid in pids]
+            if max(b - a for a, b in zip(before, now)) <= QUIET_CPU:
+                return
+            before = now
+        self.unquiet += 1
+
+    def tcp_bulk(self, hosts: list[int], streams: int, fresh: bool) -> float:
+        """A raw TCP round (RawTcp.bulk) once the agents are idle."""
+        self.quiet()
+        return self.tcp.bulk(hosts, streams, fresh=fresh, seconds=MAX_ROUND_S)
+
     def eager(self, host: int, seed: int) -> tuple[float, int]:
         """One eager attach of a fresh segment on reader ``host``: seconds, home bytes."""
         import vas
@@ -134,7 +175,7 @@ class Bench:
         self.used.add(host)
         with vas.connect(self.socket(HOME)) as home, vas.connect(self.socket(host)) as reader:
             return eager_round(home, reader, self.home_env, self.name(), self.size, seed,
-                               counter=self.home_sent)
+                               counter=self.home_sent, quiet=self.quiet)
 
     def together(self, readers: list[int], seed: int) -> tuple[float, int]:
         """``readers`` attach one fresh segment eagerly at the same moment (a thread
@@ -148,11 +189,19 @@ class Bench:
             home.create(name, self.size)
             try:
                 want = run_writer(self.home_env, name, seed, 300)
+                self.quiet()
                 before = self.home_sent()
                 seconds = attach_at_once([self.socket(r) for r in readers], name, want)
                 return seconds, self.home_sent() - before
             finally:
                 delete_quietly(home, name)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` (all its threads, live or ended)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 def attach_at_once(sockets: list[str], name: str, want: int) -> float:
@@ -222,8 +271,8 @@ def eager_phase(out: dict, bench: Bench, streams: tuple[int, ...], prefix: str) 
             vas_rates.append(gbps(size, seconds))
             sent.append(moved / size)
             for k in streams:
-                tcp_rates[k].append(gbps(size, bench.tcp.bulk(
-                    [FIRST], k, fresh=temp == "cold", seconds=MAX_ROUND_S)))
+                tcp_rates[k].append(gbps(size, bench.tcp_bulk([FIRST], k,
+                                                              fresh=temp == "cold")))
             stats(out, f"{prefix}_{temp}_gbps", vas_rates)
             stats(out, f"{prefix}_{temp}_home_sent_per_byte", sent)
             for k in streams:
@@ -254,11 +303,13 @@ def fanout_phase(out: dict, bench: Bench, prefix: str, unlimited: bool) -> None:
     unlimited link raw TCP too, after a round of each that is not counted (so every
     reader's agent and receive buffer is warm; a shaped link is slower than either)."""
     alone, together, sent_alone, sent_together = [], [], [], []
-    tcp_alone, tcp_together = [], []
+    tcp_alone: dict[int, list[float]] = {k: [] for k in (1, MAX_STREAMS)}
+    tcp_together: dict[int, list[float]] = {k: [] for k in (1, MAX_STREAMS)}
     readers = bench.readers
     if unlimited:
         bench.together(readers, bench.seed)
-        bench.tcp.bulk(readers, 1, fresh=False, seconds=MAX_ROUND_S)
+        for k in tcp_alone:
+            bench.tcp_bulk(readers, k, fresh=False)
     for r in range(bench.repeats):
         one = readers[r % len(readers)]
         seconds, moved = bench.together([one], bench.seed + r)
@@ -267,16 +318,22 @@ def fanout_phase(out: dict, bench: Bench, prefix: str, unlimited: bool) -> None:
         seconds, moved = bench.together(readers, bench.seed + r)
         together.append(seconds)
         sent_together.append(moved / bench.size)
-        if unlimited:
-            tcp_alone.append(bench.tcp.bulk([one], 1, fresh=False, seconds=MAX_ROUND_S))
-            tcp_together.append(bench.tcp.bulk(readers, 1, fresh=False, seconds=MAX_ROUND_S))
+        for k in tcp_alone if unlimited else ():
+            tcp_alone[k].append(bench.tcp_bulk([one], k, fresh=False))
+            tcp_together[k].append(bench.tcp_bulk(readers, k, fresh=False))
         stats(out, f"{prefix}_one_reader_s", alone)
         stats(out, f"{prefix}_readers_s", together)
         stats(out, f"{prefix}_one_reader_home_sent_per_byte", sent_alone)
         stats(out, f"{prefix}_readers_home_sent_per_byte", sent_together)
-        if unlimited:
-            stats(out, f"{prefix}_tcp_one_receiver_s", tcp_alone)
-            stats(out, f"{prefix}_tcp_receivers_s", tcp_together)
+        for k in tcp_alone if unlimited else ():
+            stats(out, f"{prefix}_{tcp_key(k)}_one_receiver_s", tcp_alone[k])
+            stats(out, f"{prefix}_{tcp_key(k)}_receivers_s", tcp_together[k])
+
+
+def tcp_key(streams: int) -> str:
+    """The raw TCP fan-out figures' infix: "tcp" for 1 stream per receiver (the figure's
+    old name, kept), "tcp4" for 4."""
+    return "tcp" if streams == 1 else f"tcp{streams}"
 
 
 PHASE_KEYS = {  # the figures each phase nulls when it fails or is skipped
@@ -286,16 +343,18 @@ PHASE_KEYS = {  # the figures each phase nulls when it fails or is skipped
               "tcp_rtt_32k_p99_us"],
     "shaped": ["shaped_cold_gbps", "shaped_warm_gbps", "shaped_tcp1_cold_gbps",
                "shaped_tcp1_warm_gbps"],
-    "fanout shaped": ["fanout_shaped_one_reader_s", "fanout_shaped_readers_s",
+    "fanout-shaped": ["fanout_shaped_one_reader_s", "fanout_shaped_readers_s",
                       "fanout_shaped_readers_home_sent_per_byte"],
-    "fanout unlimited": ["fanout_one_reader_s", "fanout_readers_s",
+    "fanout-unlimited": ["fanout_one_reader_s", "fanout_readers_s",
                          "fanout_readers_home_sent_per_byte", "fanout_tcp_one_receiver_s",
-                         "fanout_tcp_receivers_s"],
+                         "fanout_tcp_receivers_s", "fanout_tcp4_one_receiver_s",
+                         "fanout_tcp4_receivers_s"],
 }
 
 
-def run_phases(results: dict, reasons: dict, bench: Bench, skip: set[str], rate: str) -> bool:
-    """Each phase in turn (``skip``: names of PHASES); False when one failed."""
+def run_phases(results: dict, reasons: dict, bench: Bench, run: set[str], rate: str) -> bool:
+    """Each step of ``run`` (names of STEPS) in turn, the others nulled as skipped;
+    False when one failed."""
     def shaped(fn):
         def run(out: dict) -> None:
             with bench.hosts.shaped(HOME, rate):
@@ -306,16 +365,16 @@ def run_phases(results: dict, reasons: dict, bench: Bench, skip: set[str], rate:
         "eager": lambda out: eager_phase(out, bench, (1, MAX_STREAMS), "eager"),
         "touch": lambda out: touch_phase(out, bench),
         "shaped": shaped(lambda out: eager_phase(out, bench, (1,), "shaped")),
-        "fanout shaped": shaped(lambda out: fanout_phase(out, bench, "fanout_shaped",
+        "fanout-shaped": shaped(lambda out: fanout_phase(out, bench, "fanout_shaped",
                                                           unlimited=False)),
-        "fanout unlimited": lambda out: fanout_phase(out, bench, "fanout", unlimited=True),
+        "fanout-unlimited": lambda out: fanout_phase(out, bench, "fanout", unlimited=True),
     }
     ok = True
     for step, fn in steps.items():
         keys = PHASE_KEYS[step]
-        if step.split()[0] in skip:
+        if step not in run:
             results.update(dict.fromkeys(keys))
-            reasons.update(dict.fromkeys(keys, "skipped (--skip)"))
+            reasons.update(dict.fromkeys(keys, "skipped (--skip, --only)"))
             continue
         print(f"-- {step}", file=sys.stderr, flush=True)
         # Every feature measured here is built: Unavailable is a failure too.
@@ -355,8 +414,9 @@ def add_ratios(r: dict) -> None:
     for prefix in ("fanout_shaped", "fanout"):
         r[f"{prefix}_readers_vs_one"] = ratio(r.get(f"{prefix}_readers_s"),
                                               r.get(f"{prefix}_one_reader_s"))
-    r["fanout_tcp_receivers_vs_one"] = ratio(r.get("fanout_tcp_receivers_s"),
-                                             r.get("fanout_tcp_one_receiver_s"))
+    for k in (1, MAX_STREAMS):
+        r[f"fanout_{tcp_key(k)}_receivers_vs_one"] = ratio(
+            r.get(f"fanout_{tcp_key(k)}_receivers_s"), r.get(f"fanout_{tcp_key(k)}_one_receiver_s"))
     r["targets"] = {  # issue 13's acceptance
         "eager_warm_ge_95pct_tcp4_warm": at_least(r["eager_warm_vs_tcp4_warm"], 0.95),
         "eager_cold_ge_90pct_tcp1_cold": at_least(r["eager_cold_vs_tcp1_cold"], 0.9),
@@ -365,9 +425,14 @@ def add_ratios(r: dict) -> None:
         "fanout_shaped_le_1_5x_one": at_most(r["fanout_shaped_readers_vs_one"], 1.5),
         "fanout_shaped_home_sent_le_1_3x": at_most(
             r.get("fanout_shaped_readers_home_sent_per_byte"), 1.3),
+        # Against raw TCP with one stream per receiver (issue 13's words) and with 4 per
+        # receiver (as many as a vas fetch opens: its one reader alone is as fast).
         "fanout_ratio_le_tcp_ratio": at_most(
             r["fanout_readers_vs_one"], r["fanout_tcp_receivers_vs_one"])
         if r["fanout_tcp_receivers_vs_one"] is not None else None,
+        "fanout_ratio_le_tcp4_ratio": at_most(
+            r["fanout_readers_vs_one"], r["fanout_tcp4_receivers_vs_one"])
+        if r["fanout_tcp4_receivers_vs_one"] is not None else None,
     }
 
 
@@ -429,11 +494,36 @@ def table(r: dict, readers: int, rate: str) -> list[tuple[str, str, str, str]]:
          times(r["fanout_readers_vs_one"])),
         ("  home sent / payload", spread(r, "fanout_readers_home_sent_per_byte", "x"),
          f"one reader {spread(r, 'fanout_one_reader_home_sent_per_byte', 'x')}", ""),
-        (f"  raw TCP 1 -> {readers}", spread(r, "fanout_tcp_receivers_s", "s"),
+        (f"  raw TCP 1 -> {readers}, 1 stream", spread(r, "fanout_tcp_receivers_s", "s"),
          f"1 -> 1 {spread(r, 'fanout_tcp_one_receiver_s', 's')}",
          f"{times(r['fanout_tcp_receivers_vs_one'])} (vas ratio <= it: "
          f"{flag(t['fanout_ratio_le_tcp_ratio'])})"),
+        (f"  raw TCP 1 -> {readers}, 4 streams", spread(r, "fanout_tcp4_receivers_s", "s"),
+         f"1 -> 1 {spread(r, 'fanout_tcp4_one_receiver_s', 's')}",
+         f"{times(r['fanout_tcp4_receivers_vs_one'])} (vas ratio <= it: "
+         f"{flag(t['fanout_ratio_le_tcp4_ratio'])})"),
     ]
+
+
+def steps_to_run(skip: str, only: str) -> set[str]:
+    """The STEPS to run for ``--skip`` and ``--only`` (comma-separated names of PHASES or
+    STEPS; "fanout" names both fan-out steps). ValueError for an unknown name.
+
+    >>> sorted(steps_to_run("", "fanout"))
+    ['fanout-shaped', 'fanout-unlimited']
+    >>> sorted(steps_to_run("eager,touch,fanout-shaped", ""))
+    ['fanout-unlimited', 'shaped']
+    """
+    run = set(STEPS)
+    for flag_name, names in (("--skip", skip), ("--only", only)):
+        named = {name.strip() for name in names.split(",") if name.strip()}
+        if named - set(PHASES + STEPS):
+            raise ValueError(f"{flag_name}: unknown phases {sorted(named - set(PHASES + STEPS))}; "
+                             f"phases are {','.join(PHASES + STEPS[3:])}")
+        steps = {step for step in STEPS if step in named or step.split("-")[0] in named}
+        if named:
+            run = run - steps if flag_name == "--skip" else steps
+    return run
 
 
 def main() -> int:
@@ -445,8 +535,15 @@ def main() -> int:
                         help="reader namespaces, all used by the fan-out (default 3)")
     parser.add_argument("--rate", default="2gbit",
                         help="tc rate of the shaped home link (default 2gbit)")
-    parser.add_argument("--skip", default="",
-                        help=f"comma-separated phases to skip: {','.join(PHASES)}")
+    chosen = parser.add_mutually_exclusive_group()
+    chosen.add_argument("--skip", default="",
+                        help=f"comma-separated phases to skip: {','.join(PHASES + STEPS[3:])}")
+    chosen.add_argument("--only", default="",
+                        help=f"comma-separated phases to run, no other: "
+                             f"{','.join(PHASES + STEPS[3:])}")
+    parser.add_argument("--no-quiet", action="store_true",
+                        help="start each timed round at once, not after every agent went "
+                             "idle (its background memory work done), as before")
     parser.add_argument("--seed", type=int, default=20240601)
     parser.add_argument("--tcp-sender", metavar="PORT_FILE", help=argparse.SUPPRESS)
     parser.add_argument("--tcp-host", default="127.0.0.1", help=argparse.SUPPRESS)
@@ -457,10 +554,10 @@ def main() -> int:
         return tcp_sender(args.tcp_sender, size, args.seed, args.tcp_host)
     if args.tcp_receiver:
         return tcp_receiver(args.tcp_receiver, size, args.seed)
-    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
-    if skip - set(PHASES):
-        parser.error(f"--skip: unknown phases {sorted(skip - set(PHASES))}; "
-                     f"phases are {','.join(PHASES)}")
+    try:
+        run = steps_to_run(args.skip, args.only)
+    except ValueError as exc:
+        parser.error(str(exc))
     if size <= 0 or size % MiB:
         parser.error(f"--size must be a positive multiple of 1 MiB ({MiB}), not {size}")
     if not re.fullmatch(r"\d+(\.\d+)?[kmgt]?(bit|bps)", args.rate):
@@ -485,8 +582,9 @@ def main() -> int:
             tcp = RawTcp(hosts, HOME, list(range(1, 1 + args.readers)), ENTRY, size,
                          args.seed, tmp)
             try:
-                ok = run_phases(results, reasons,
-                                Bench(hosts, tcp, size, repeats, args.seed), skip, args.rate)
+                bench = Bench(hosts, tcp, size, repeats, args.seed, not args.no_quiet)
+                ok = run_phases(results, reasons, bench, run, args.rate)
+                results["rounds_not_quiet"] = bench.unquiet if bench.wait_quiet else None
             finally:
                 tcp.close()
     except NetnsUnavailable as exc:

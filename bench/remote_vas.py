@@ -62,13 +62,16 @@ def delete_quietly(client, name: str) -> None:
 
 
 def eager_round(c1, c2, env1: dict, name: str, size: int, seed: int,
-                counter=lo_bytes) -> tuple[float, int]:
+                counter=lo_bytes, quiet=None) -> tuple[float, int]:
     """Create ``name`` on node1 (client ``c1``), fill it from a child, time an eager
     attach of it through ``c2``, check its bytes and delete it: the seconds, and how much
-    ``counter`` (a byte count read before and after the attach) grew."""
+    ``counter`` (a byte count read before and after the attach) grew. ``quiet()``, if
+    given, is called right before the attach (bench/netns.py: waits for idle agents)."""
     c1.create(name, size)
     try:
         want = run_writer(env1, name, seed, 300)
+        if quiet is not None:
+            quiet()
         with deadline(300, f"eager attach of {name}"):
             before = counter()
             t0 = time.perf_counter()
