@@ -293,7 +293,10 @@ class Mapping:
     def write(self, offset: int, data) -> int:
         """Copy the bytes-like ``data`` into the segment at ``offset``.
 
-        Other local attachments see the bytes at once (same pages).
+        Other local attachments see the bytes at once (same pages). A write of 1 MiB
+        or more to a segment homed on this node is copied in by the agent, straight
+        from ``data`` (``WriteFrom``), so its pages are not faulted into this
+        process's mapping; a large one elsewhere is a ``pwrite`` of the memfd.
 
         :returns: the number of bytes written.
         :raises PermissionDenied: the segment is attached read-only.
@@ -309,10 +312,8 @@ class Mapping:
         view = self._live_view()
         if self.mode != "rw":
             raise PermissionDenied(f"segment {self.name} is attached read-only")
-        if self._revocable and self._connection is None:
-            raise Fenced(f"segment {self.name}: the connection to the agent is closed, so "
-                         "this writer's lock was released and its home mapping "
-                         "write-protected")
+        if self._revocable:
+            self._connected_writer()
         with memoryview(data) as source:
             validate.check_range(offset, source.nbytes, self.size)
             if self._fd >= 0 and source.c_contiguous and source.nbytes >= pages.PWRITE_MIN:
@@ -323,6 +324,10 @@ class Mapping:
                     if self._written is not None:
                         self._written.note(offset, source.nbytes)
             elif source.c_contiguous:
+                if self._revocable and source.nbytes >= pages.WRITE_FROM_MIN:
+                    with source.cast("B") as flat:
+                        if self._agent_copies(offset, flat):
+                            return source.nbytes
                 if self._revocable and source.nbytes >= pages.PWRITE_MIN:
                     pages.populate_write(self._native, offset, source.nbytes)
                 with source.cast("B") as flat, view[offset:offset + flat.nbytes] as target:
@@ -330,6 +335,30 @@ class Mapping:
             else:
                 view[offset:offset + source.nbytes] = source.tobytes()
             return source.nbytes
+
+    def _agent_copies(self, offset: int, flat: memoryview) -> bool:
+        """Have the agent copy ``flat`` into this revocable (home) mapping's pages
+        (``WriteFrom``: one kernel copy, no page of this mapping faulted in); False
+        when it cannot read this process's memory, and the caller stores instead.
+
+        :raises Fenced: the lock was revoked (the agent refused the copy), or the
+            connection closed (storing would end the process with SIGBUS).
+        """
+        connection = self._connected_writer()
+        try:
+            connection.write_from(self._attachment_id, offset, flat)
+            return True
+        except Unavailable:
+            self._connected_writer()  # closed meanwhile: Fenced, never a store
+            return False
+
+    def _connected_writer(self) -> Connection:
+        connection = self._connection
+        if connection is None or connection.closed:
+            raise Fenced(f"segment {self.name}: the connection to the agent is closed, so "
+                         "this writer's lock was released and its home mapping "
+                         "write-protected")
+        return connection
 
     def ndarray(self, dtype, shape=None, offset: int = 0):
         """A zero-copy numpy array over the segment (read-only for ``"r"``).

@@ -19,6 +19,10 @@ if TYPE_CHECKING:
 #: with a store through the mapping: pwrite fills the page cache without faulting each
 #: page into this process (96 MiB: 27 ms against 70 ms on the 2-CPU development VM).
 PWRITE_MIN = 64 << 10
+#: Smallest write() that a revocable (home) "rw" mapping has the agent copy in
+#: (``WriteFrom``, process_vm_readv) rather than storing through the mapping: below
+#: it the round trip (~0.3 ms) costs more than the stores' page faults.
+WRITE_FROM_MIN = 1 << 20
 
 
 def private_mmap(fd: int, size: int, offset: int):
