@@ -154,6 +154,48 @@ def test_put_get_array_round_trips_on_both_nodes(clients, array, request):
             got[...] = got  # read-only
 
 
+def resident_bytes(address: int) -> int:
+    """Rss of this process's mapping that starts at ``address`` (/proc/self/smaps)."""
+    with open("/proc/self/smaps") as smaps:
+        found = False
+        for line in smaps:
+            if not found:
+                found = line.startswith(f"{address:x}-")
+            elif line.startswith("Rss:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no mapping at 0x{address:x}")
+
+
+def test_a_large_home_write_is_copied_in_by_the_agent(clients):
+    """A home writer's write() of >= 1 MiB is copied by the agent (WriteFrom): the
+    bytes land, yet the writer's own mapping of them stays unfaulted. A source that
+    is itself a lazy mapping (its pages arrive through a userfaultfd: the agent's
+    read of it waits for them, or fails and the client stores through its mapping
+    instead) gives the same bytes."""
+    a, b = clients
+    data = np.random.default_rng(7).integers(0, 256, 8 * MiB, dtype=np.uint8)
+    b.put_array("arr/elsewhere", data[: 4 * MiB])  # homed on b: a lazy replica on a
+    a.create("arr/written", 8 * MiB)
+    lazy = a.attach("arr/elsewhere", "r")
+    try:
+        with a.attach("arr/written", "rw") as m:
+            assert m.fetch == "home (no fetch)"
+            assert m.write(0, data) == data.nbytes
+            assert resident_bytes(m.address) == 0  # not one page faulted in here
+            assert m.write(MiB, lazy.buffer[: 4 * MiB]) == 4 * MiB  # overwrites [1, 5) MiB
+            m.sync()
+        want = data.copy()
+        want[MiB:5 * MiB] = data[: 4 * MiB]
+        for client in (a, b):
+            with client.attach("arr/written", "r", fetch="eager") as r:
+                assert digest(np.frombuffer(r.buffer, dtype=np.uint8)) == digest(want)
+    finally:
+        lazy.detach()
+        a.delete("arr/written")
+        vas.datasets.WARM.clear()
+        b.delete("arr/elsewhere")
+
+
 def test_get_array_is_zero_copy_and_keeps_its_pages(clients):
     a, b = clients
     data = np.random.default_rng(1).random(1 << 18)  # 2 MiB
