@@ -64,7 +64,7 @@ from vas.node.segments import Replica
 from vas.node.store import read_only_view
 from vas.node.sessions import Attachment, LeaseState, Session, WriterLease
 from vas.node.timer import Timer
-from vas.pages import populate_write
+from vas.pages import pwrite_all
 from vas.proto import coordinator_pb2, node_pb2, types_pb2
 
 log = logging.getLogger(__name__)
@@ -374,21 +374,24 @@ class Writers:
 
         Why: a client storing a GiB through its own new mapping first faults every
         page of it in (~0.5 s a GiB on the development VM, and the munmap at detach
-        another ~0.1 s); here the kernel copies straight from its pages into the
-        agent's mapping, prepared by the warm pool (node/pool.py) for a put of a
-        size seen before, else mapped now and populated step by step.
+        another ~0.1 s). Here the kernel copies from the client's pages
+        (process_vm_readv) straight into the agent's mapping of memory the warm pool
+        prepared (node/pool.py: a put of a size seen before), else into a buffer of
+        one step and on with ``pwrite`` (two copies, yet no page table to fill:
+        measured faster than mapping and populating the memfd here).
 
         Fenced like the writer's own stores: each ``WRITE_FROM_STEP`` runs inside
         ``Guard.storing``, so none starts once the lock is being revoked. The pid
-        is the client's only while its pidfd says it lives: after each step a client
-        that exited (its pid may name another process by then) has the step's
-        bytes zeroed and the copy ends Unavailable.
+        is the client's only while its pidfd says it lives: a step read from a
+        client that exited meanwhile (its pid may name another process by then) is
+        dropped (zeroed, if it was read into the pages) and the copy ends Unavailable.
 
-        :raises InvalidArgument: not a revocable "rw" attachment, a range outside the
-            segment, or an address range the client has not mapped.
+        :raises InvalidArgument: not a revocable "rw" attachment, or a range outside
+            the segment.
         :raises Fenced: the lock ended, or is being revoked.
         :raises Unavailable: this agent cannot read the client's memory (no pidfd of
-            it, or ptrace rules): the client stores through its mapping instead.
+            it, ptrace rules, a source range it cannot fault in): the client stores
+            through its mapping instead.
         """
         segment, guard = attachment.segment, attachment.guard
         if attachment.mode != "rw" or guard is None:
@@ -401,22 +404,12 @@ class Writers:
             raise Unavailable(f"segment {segment.name}: this agent has no pidfd of the "
                               "client, so it cannot read its memory")
         fenced = _fenced_error(attachment)
-        # A warm pool's memfd is faulted into the agent's mapping already.
-        prepared = getattr(segment.memory, "populated", False)
-        mapping = segment.memory.writable_mapping(segment.lock)
-        with memoryview(mapping) as raw, raw.cast("B") as view, self._transfer():
+        with self._transfer(), _client_copier(segment, length) as copy_step:
             done = 0
             while done < length:
-                start, step = offset + done, min(WRITE_FROM_STEP, length - done)
-                if not prepared:  # one call, not a fault per page of the copy
-                    populate_write(mapping, start, step)
-                with guard.storing(fenced), view[start:start + step] as target:
-                    copied = _read_client(guard, target, address + done, segment.name)
-                    if guard.exited():
-                        target[:] = bytes(step)
-                        raise Unavailable(f"segment {segment.name}: the writer exited "
-                                          "during its copy")
-                done += copied
+                step = min(WRITE_FROM_STEP, length - done)
+                with guard.storing(fenced):
+                    done += copy_step(guard, offset + done, address + done, step)
 
     def _publish_home_backed(self, attachment: Attachment, chunks: list[int] | None):
         """sync() of a home writer whose segment has backups: stage the chunks changed
@@ -683,21 +676,59 @@ class _Renewal(enum.Enum):
     SKIPPED = 4  # nothing to renew: ended, or its client shows no sign of life
 
 
+@contextmanager
+def _client_copier(segment, length: int):
+    """``copy_step(guard, offset, address, step)``: one step of ``Writers.write_from``,
+    copying up to ``step`` bytes at ``address`` in the writer's memory into the home
+    pages at ``offset``; the bytes copied (> 0). Into the agent's mapping when the
+    memory has one (the warm pool's, populated), else through a buffer of one step
+    and ``pwrite``. Each step runs inside ``Guard.storing``: the memory cannot be
+    released under it."""
+    name, mapping = segment.name, segment.memory.mapping
+    if mapping is not None:
+        def into_pages(guard, offset: int, address: int, step: int) -> int:
+            # A view per step: none is held between steps, when a revocation may let
+            # the delete that caused it release the memory.
+            with memoryview(mapping) as raw, raw.cast("B") as pages, \
+                    pages[offset:offset + step] as target:
+                copied = _read_client(guard, target, address, name)
+                if guard.exited():
+                    target[:copied] = bytes(copied)
+                    raise _writer_exited(name)
+            return copied
+
+        yield into_pages
+        return
+    with memoryview(bytearray(min(length, WRITE_FROM_STEP))) as bounce:
+        def through_buffer(guard, offset: int, address: int, step: int) -> int:
+            with bounce[:step] as target:
+                copied = _read_client(guard, target, address, name)
+                if guard.exited():
+                    raise _writer_exited(name)
+                with target[:copied] as part:
+                    pwrite_all(segment.fd, part, offset)
+            return copied
+
+        yield through_buffer
+
+
 def _read_client(guard, target: memoryview, address: int, name: str) -> int:
     """process_vm_readv of the writer's memory at ``address`` into ``target``; the
-    bytes copied (> 0)."""
+    bytes copied (> 0), else Unavailable (the client then stores them itself)."""
     try:
         copied = _native.process_vm_readv(guard.pid, target, address)
     except OSError as exc:
-        if exc.errno == errno.EFAULT:
-            raise InvalidArgument(f"segment {name}: WriteFrom address 0x{address:x} is not "
-                                  "readable memory of the writer") from exc
-        raise Unavailable(f"segment {name}: cannot read the writer's memory: "
-                          f"{exc.strerror or exc}") from exc
+        raise Unavailable(f"segment {name}: cannot read the writer's memory at "
+                          f"0x{address:x}: {exc.strerror or exc}") from exc
     if copied <= 0:
-        raise InvalidArgument(f"segment {name}: WriteFrom address 0x{address:x} is not "
-                              "readable memory of the writer")
+        raise Unavailable(f"segment {name}: cannot read the writer's memory at "
+                          f"0x{address:x}")
     return copied
+
+
+def _writer_exited(name: str) -> Unavailable:
+    # Its pid may name another process by now: what was read is not its bytes.
+    return Unavailable(f"segment {name}: the writer exited during its copy")
 
 
 def _fenced_error(attachment: Attachment) -> Fenced:
