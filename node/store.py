@@ -123,16 +123,6 @@ class Memory:
                 raise
         return cls(size, fd, ro_fd, mapping)
 
-    def writable_mapping(self, lock):
-        """The agent's writable mapping of this memfd, made on first use (under ``lock``,
-        the owner's): a home segment's memory has one only when it came from the warm
-        pool, and the agent needs one to copy a local writer's bytes in (node/writers.py
-        ``write_from``). Kept until ``release``, like a replica's."""
-        with lock:
-            if self.mapping is None:
-                self.mapping = _native.mmap(self.fd, self.size, writable=True)
-            return self.mapping
-
     def release(self) -> None:
         """Give the pages back and close the fds and the mapping (idempotent).
 

@@ -41,7 +41,6 @@ is held across the network calls.
 from __future__ import annotations
 
 import enum
-import errno
 import logging
 import math
 import os
