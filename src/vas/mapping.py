@@ -303,7 +303,8 @@ class Mapping:
         :raises InvalidArgument: the range is outside the segment, or it is detached.
         :raises Fenced: a ``"rw"`` mapping of a segment homed on this node whose
             connection was closed (its lock was released and the mapping
-            write-protected: storing would end the process with SIGBUS).
+            write-protected: storing would end the process with SIGBUS), or whose
+            lock was revoked when the agent was to copy the bytes in.
 
         Example::
 
