@@ -10,7 +10,7 @@ memory); from the third on the warm pool has memory of that size prepared (two c
 a row of one size), when it finished preparing in time. "store" is the old path, forced by
 raising ``vas.pages.WRITE_FROM_MIN`` past the array's size in this process.
 
-Prints a line per put (total and write() time) and, last, one JSON object with the medians
+Prints a line per put (total; write, sync and detach times) and, last, one JSON object with the medians
 of the warm rounds of each way and their ratio (< 1: WriteFrom is faster).
 """
 from __future__ import annotations
@@ -32,20 +32,18 @@ GiB = 1 << 30
 WAYS = {"agent": pages.WRITE_FROM_MIN, "store": 1 << 62}
 
 
-def timed_writes() -> list[float]:
-    """Make Mapping.write add its wall time to the returned list."""
-    spent: list[float] = []
-    write = mapping.Mapping.write
+def timed(method: str, spent: dict[str, float]) -> None:
+    """Make ``Mapping.<method>`` add its wall time to ``spent[method]``."""
+    original = getattr(mapping.Mapping, method)
 
-    def timing(self, offset, data):
+    def timing(self, *args):
         started = time.perf_counter()
         try:
-            return write(self, offset, data)
+            return original(self, *args)
         finally:
-            spent.append(time.perf_counter() - started)
+            spent[method] = spent.get(method, 0.0) + time.perf_counter() - started
 
-    mapping.Mapping.write = timing
-    return spent
+    setattr(mapping.Mapping, method, timing)
 
 
 def main() -> None:
@@ -55,7 +53,9 @@ def main() -> None:
     args = parser.parse_args()
     array = np.random.default_rng(0).integers(0, 256, args.size, dtype=np.uint8)
     want = checksum(array)
-    spent = timed_writes()
+    spent: dict[str, float] = {}
+    for method in ("write", "sync", "detach"):
+        timed(method, spent)
     warm: dict[str, list[float]] = {way: [] for way in WAYS}
     with tempfile.TemporaryDirectory(prefix="vas-bench-put-") as folder, \
             LocalCluster(folder, memory=4 * args.size) as cluster:
@@ -78,8 +78,9 @@ def main() -> None:
                     raise SystemExit(f"put {name} ({way}): the bytes read back differ")
                 if count > 2:
                     warm[way].append(total)
-                print(f"round {round_} {way:5s} put {total:.3f} s  write {sum(spent):.3f} s"
-                      f"{'  (cold)' if count <= 2 else ''}", flush=True)
+                phases = "  ".join(f"{method} {seconds:.3f}" for method, seconds in spent.items())
+                print(f"round {round_} {way:5s} put {total:.3f} s  ({phases})"
+                      f"{'  cold' if count <= 2 else ''}", flush=True)
         client.close()
     medians = {way: statistics.median(times) for way, times in warm.items() if times}
     ratio = (medians["agent"] / medians["store"]) if len(medians) == 2 else None
