@@ -73,6 +73,9 @@ SEND_RATE = 50e6
 #: Bytes of one step of a WriteFrom copy: a revocation waits for the step under way
 #: (~5-10 ms at the 2-3 GB/s of a copy on the development VM).
 WRITE_FROM_STEP = 16 << 20
+#: Bytes of the buffer a WriteFrom into memory the agent has not mapped goes through,
+#: one per request thread that served one (the agent's local workers: --local-workers).
+BOUNCE_SIZE = 4 << 20
 #: Longest single coordinator Watch of a wait(), seconds: between watches the
 #: agent checks that the waiting client is still connected.
 WATCH_SLICE = 5.0
@@ -375,8 +378,8 @@ class Writers:
         page of it in (~0.5 s a GiB on the development VM, and the munmap at detach
         another ~0.1 s). Here the kernel copies from the client's pages
         (process_vm_readv) straight into the agent's mapping of memory the warm pool
-        prepared (node/pool.py: a put of a size seen before), else into a buffer of
-        one step and on with ``pwrite`` (two copies, yet no page table to fill:
+        prepared (node/pool.py: a put of a size seen before), else into a buffer of a
+        few MiB and on with ``pwrite`` (two copies, yet no page table to fill:
         measured faster than mapping and populating the memfd here).
 
         Fenced like the writer's own stores: each ``WRITE_FROM_STEP`` runs inside
@@ -403,7 +406,8 @@ class Writers:
             raise Unavailable(f"segment {segment.name}: this agent has no pidfd of the "
                               "client, so it cannot read its memory")
         fenced = _fenced_error(attachment)
-        with self._transfer(), _client_copier(segment, length) as copy_step:
+        copy_step = _client_copier(segment)
+        with self._transfer():
             done = 0
             while done < length:
                 step = min(WRITE_FROM_STEP, length - done)
@@ -675,14 +679,13 @@ class _Renewal(enum.Enum):
     SKIPPED = 4  # nothing to renew: ended, or its client shows no sign of life
 
 
-@contextmanager
-def _client_copier(segment, length: int):
+def _client_copier(segment):
     """``copy_step(guard, offset, address, step)``: one step of ``Writers.write_from``,
     copying up to ``step`` bytes at ``address`` in the writer's memory into the home
     pages at ``offset``; the bytes copied (> 0). Into the agent's mapping when the
-    memory has one (the warm pool's, populated), else through a buffer of one step
-    and ``pwrite``. Each step runs inside ``Guard.storing``: the memory cannot be
-    released under it."""
+    memory has one (the warm pool's, populated), else through this thread's buffer
+    (``BOUNCE_SIZE``) and ``pwrite``. Each step runs inside ``Guard.storing``: the
+    memory cannot be released under it."""
     name, mapping = segment.name, segment.memory.mapping
     if mapping is not None:
         def into_pages(guard, offset: int, address: int, step: int) -> int:
@@ -696,19 +699,33 @@ def _client_copier(segment, length: int):
                     raise _writer_exited(name)
             return copied
 
-        yield into_pages
-        return
-    with memoryview(bytearray(min(length, WRITE_FROM_STEP))) as bounce:
-        def through_buffer(guard, offset: int, address: int, step: int) -> int:
-            with bounce[:step] as target:
-                copied = _read_client(guard, target, address, name)
-                if guard.exited():
-                    raise _writer_exited(name)
-                with target[:copied] as part:
-                    pwrite_all(segment.fd, part, offset)
-            return copied
+        return into_pages
+    bounce = _bounce_buffer()
 
-        yield through_buffer
+    def through_buffer(guard, offset: int, address: int, step: int) -> int:
+        with bounce[:min(step, len(bounce))] as target:
+            copied = _read_client(guard, target, address, name)
+            if guard.exited():
+                raise _writer_exited(name)
+            with target[:copied] as part:
+                pwrite_all(segment.fd, part, offset)
+        return copied
+
+    return through_buffer
+
+
+def _bounce_buffer() -> memoryview:
+    """This thread's buffer of ``BOUNCE_SIZE`` bytes for WriteFrom (made on its first
+    use and kept: a fresh one per request was faulted in page by page each time,
+    which cost more than copying a few MiB through it)."""
+    buffer = getattr(_BOUNCE, "buffer", None)
+    if buffer is None:
+        buffer = _BOUNCE.buffer = memoryview(bytearray(BOUNCE_SIZE))
+    return buffer
+
+
+#: Each request thread's WriteFrom buffer (``_bounce_buffer``).
+_BOUNCE = threading.local()
 
 
 def _read_client(guard, target: memoryview, address: int, name: str) -> int:

@@ -174,6 +174,9 @@ class Mapping:
         # when this object goes, if it is never detached). Not for a revocable (home)
         # mapping: a pwrite would pass the write-protect that fences a revoked writer.
         self._fd = -1
+        # A revocable mapping: the WRITE_FROM_MIN blocks write() reached (see _first_write).
+        self._written_blocks = (bytearray(size // pages.WRITE_FROM_MIN + 1)
+                                if self._revocable else None)
         if writable and not self._revocable:
             self._fd = os.dup(fd)
             self._fd_offset = int(response.fd_offset)
@@ -293,8 +296,9 @@ class Mapping:
     def write(self, offset: int, data) -> int:
         """Copy the bytes-like ``data`` into the segment at ``offset``.
 
-        Other local attachments see the bytes at once (same pages). A write of 1 MiB
-        or more to a segment homed on this node is copied in by the agent, straight
+        Other local attachments see the bytes at once (same pages). A write of 8 MiB
+        or more to a segment homed on this node, into a range no earlier write() of
+        this mapping reached, is copied in by the agent, straight
         from ``data`` (``WriteFrom``), so its pages are not faulted into this
         process's mapping; a large one elsewhere is a ``pwrite`` of the memfd.
 
@@ -325,7 +329,8 @@ class Mapping:
                     if self._written is not None:
                         self._written.note(offset, source.nbytes)
             elif source.c_contiguous:
-                if self._revocable and source.nbytes >= pages.WRITE_FROM_MIN:
+                first_write = self._revocable and self._first_write(offset, source.nbytes)
+                if first_write and source.nbytes >= pages.WRITE_FROM_MIN:
                     with source.cast("B") as flat:
                         if self._agent_copies(offset, flat):
                             return source.nbytes
@@ -336,6 +341,21 @@ class Mapping:
             else:
                 view[offset:offset + source.nbytes] = source.tobytes()
             return source.nbytes
+
+    def _first_write(self, offset: int, length: int) -> bool:
+        """Whether no earlier write() of this mapping reached a ``WRITE_FROM_MIN`` block
+        of [offset, offset + length); the blocks count as written from now on.
+
+        Why: the agent copies only a block's first write in (a put's one write; a
+        fill in parts). A block written again is most likely rewritten again and
+        again, and those writes store through the mapping: the first pays its page
+        faults, later ones a memcpy (4 MiB: 0.3 ms, against 4 ms for each copy by
+        the agent, measured)."""
+        block = pages.WRITE_FROM_MIN
+        first, last = offset // block, (offset + max(length, 1) - 1) // block
+        fresh = not any(self._written_blocks[first:last + 1])
+        self._written_blocks[first:last + 1] = b"\x01" * (last + 1 - first)
+        return fresh
 
     def _agent_copies(self, offset: int, flat: memoryview) -> bool:
         """Have the agent copy ``flat`` into this revocable (home) mapping's pages

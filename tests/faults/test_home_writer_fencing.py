@@ -215,14 +215,15 @@ def test_stopped_home_writer_is_revoked_and_its_late_stores_never_land(two, take
 
 
 _STALE_COPIER = """
-    import sys, vas
+    import sys, vas, vas.pages
+    vas.pages.WRITE_FROM_MIN = 1 << 20  # copied in by the agent from 1 MiB on (blocks of 1 MiB)
     m = vas.connect(sys.argv[1]).attach(sys.argv[2], "rw")
     print("fetch", m.fetch, flush=True)
-    m.write(0, b"A" * m.size)       # >= 1 MiB: the agent copies it in (WriteFrom)
+    m.write(0, b"A" * (1 << 20))    # the agent copies it in (WriteFrom)
     print("synced", m.sync(), flush=True)
     sys.stdin.readline()            # stopped here (SIGSTOP) past its lease, then resumed
-    try:
-        m.write(0, b"C" * m.size)   # the late write: the agent must not copy it in
+    try:                            # the late write, a first one there: the agent's to copy
+        m.write(1 << 20, b"C" * (m.size - (1 << 20)))
         print("written", flush=True)
     except vas.Fenced as exc:
         print("fenced:", exc, flush=True)
