@@ -7,7 +7,8 @@
  * resolve (or poison) the page faults of a client's mapping with userfaultfd,
  * or write-protect a writer's mapping whose lock it revokes.  pagemap_scan
  * lets a remote writer find (and write-protect again) the pages it wrote
- * since its last sync.
+ * since its last sync.  process_vm_readv lets an agent copy a local writer's
+ * bytes out of the writer's memory into a segment it maps itself.
  *
  * House rules: C does syscalls, Python does policy.  Every function wraps
  * one syscall (or ioctl); its arguments are checked before the call and bad
@@ -29,6 +30,7 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
+#include <sys/uio.h>
 #include <unistd.h>
 #include <linux/falloc.h>
 #include <linux/userfaultfd.h>
@@ -277,6 +279,50 @@ vas_ftruncate(PyObject *Py_UNUSED(mod), PyObject *args, PyObject *kw)
     if (r == -1)
         return errno_error();
     Py_RETURN_NONE;
+}
+
+/* ------------------------------------------------------------------------ */
+/* process_vm_readv                                                         */
+
+PyDoc_STRVAR(process_vm_readv_doc,
+"process_vm_readv($module, /, pid, dst, address)\n--\n\n"
+"process_vm_readv(2): copy len(dst) bytes from address in process pid's\n"
+"memory into the writable buffer dst (one local and one remote iovec).\n\n"
+"pid: int > 0; dst: a writable, C-contiguous buffer; address: int.\n"
+"Returns the bytes copied, which may be fewer than asked (the remote range\n"
+"ends in unmapped memory).  The GIL is released (a large copy takes a while).\n"
+"Raises ValueError('pid must be > 0' | 'address + length overflows'),\n"
+"OSError (ESRCH: no such process; EPERM: not allowed to read its memory;\n"
+"EFAULT: address is not mapped in that process).");
+
+static PyObject *
+vas_process_vm_readv(PyObject *Py_UNUSED(mod), PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"pid", "dst", "address", NULL};
+    int pid;
+    Py_buffer dst;
+    uint64_t address;
+    ssize_t n;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iw*O&:process_vm_readv", kwlist,
+                                     &pid, &dst, conv_u64, &address))
+        return NULL;
+    if (pid <= 0) {
+        PyBuffer_Release(&dst);
+        return value_error("pid must be > 0");
+    }
+    if ((uint64_t)dst.len > UINT64_MAX - address) {
+        PyBuffer_Release(&dst);
+        return value_error("address + length overflows");
+    }
+    struct iovec local = {.iov_base = dst.buf, .iov_len = (size_t)dst.len};
+    struct iovec remote = {.iov_base = (void *)(uintptr_t)address,
+                           .iov_len = (size_t)dst.len};
+    SYSCALL(n, -1, process_vm_readv((pid_t)pid, &local, 1, &remote, 1, 0));
+    PyBuffer_Release(&dst);
+    if (n == -1)
+        return errno_error();
+    return PyLong_FromSsize_t(n);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -1360,12 +1406,14 @@ static PyMethodDef vas_methods[] = {
     KW_METH(uffd_writeprotect),
     KW_METH(uffd_read),
     KW_METH(pagemap_scan),
+    KW_METH(process_vm_readv),
     {NULL, NULL, 0, NULL},
 };
 
 PyDoc_STRVAR(vas_doc,
 "Thin, checked wrappers of the Linux syscalls vas needs: memfds, shared\n"
-"mappings, chunk hashing, userfaultfd and pagemap scans.  No policy lives here.");
+"mappings, chunk hashing, userfaultfd, pagemap scans and process_vm_readv.\n"
+"No policy lives here.");
 
 static struct PyModuleDef vas_module = {
     PyModuleDef_HEAD_INIT,

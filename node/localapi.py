@@ -81,6 +81,7 @@ class LocalApi:
             "prefetch": self.prefetch, "register_faults": self.register_faults,
             "sync": self.sync, "refresh": self.refresh, "wait": self.wait,
             "keepalive": self.keepalive, "revalidate": self.revalidate,
+            "write_from": self.write_from,
         }
 
     # ------------------------------------------------------------------ segments
@@ -222,6 +223,13 @@ class LocalApi:
         ranges = [(r.offset, r.length) for r in request.ranges]
         response.segment.CopyFrom(self.agent.writers.sync(attachment, ranges,
                                                           tracked=request.tracked))
+        return []
+
+    def write_from(self, session: Session, request, response) -> list[int]:
+        attachment = self.agent.sessions.get(session, request.attachment_id)
+        self.agent.writers.write_from(attachment, request.offset, request.length,
+                                      request.address)
+        response.empty.SetInParent()
         return []
 
     def refresh(self, session: Session, request, response) -> list[int]:

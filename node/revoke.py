@@ -46,6 +46,13 @@ Life cycle (one transition table, ``Guard._move``)::
 
 The ioctl runs outside the guard's lock (REVOKING; ~0.1 s per populated GiB);
 ``close`` waits for it, so the fd is never closed under it.
+
+The agent stores for the writer too: a large ``Mapping.write`` asks it to copy
+the bytes out of the client's memory (``WriteFrom``, node/writers.py), which
+the page-table protection cannot stop. Each step of such a copy runs inside
+``storing``: only while the guard is ARMED, and ``revoke`` (like ``close``) waits
+for the step under way before it protects anything, so no copied byte lands
+once the lock is being revoked either.
 """
 from __future__ import annotations
 
@@ -57,6 +64,7 @@ import select
 import signal
 import socket
 import threading
+from contextlib import contextmanager
 
 from vas import _native
 from vas.core.errors import Fenced, InvalidArgument
@@ -130,7 +138,7 @@ class Guard:
     owned by the guard from its creation."""
 
     __slots__ = ("name", "pid", "pidfd", "uffd", "address", "size", "gone", "state", "_cv",
-                 "_on_closed")
+                 "_on_closed", "_storing")
 
     def __init__(self, name: str, pid: int, pidfd: int):
         self.name, self.pid, self.pidfd = name, pid, pidfd
@@ -139,6 +147,7 @@ class Guard:
         self.state = GuardState.AWAITING
         self._cv = threading.Condition(locks.Lock(f"guard {name}", locks.Rank.WRITE_GUARD))
         self._on_closed = None
+        self._storing = 0  # copies into the home pages on the writer's behalf under way
 
     def _move(self, to: GuardState) -> None:
         """The one transition function (the caller holds the lock)."""
@@ -169,6 +178,22 @@ class Guard:
     def armed(self) -> bool:
         return self.state is GuardState.ARMED
 
+    @contextmanager
+    def storing(self, fenced: Fenced):
+        """Run the block as a store of the writer made by the agent (one step of a
+        ``WriteFrom`` copy): only while ARMED, else ``fenced``; ``revoke`` and
+        ``close`` wait for it to end."""
+        with self._cv:
+            if self.state is not GuardState.ARMED:
+                raise fenced
+            self._storing += 1
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._storing -= 1
+                self._cv.notify_all()
+
     def revoke(self) -> None:
         """Write-protect the whole mapping, once; return when it is protected (also
         when another thread did it). Called before the writer lock is let go."""
@@ -180,7 +205,8 @@ class Guard:
                 self._cv.wait_for(lambda: self.state is not GuardState.REVOKING)
             if self.state is not GuardState.ARMED:
                 return
-            self._move(GuardState.REVOKING)
+            self._move(GuardState.REVOKING)  # no new step of a copy starts
+            self._cv.wait_for(lambda: not self._storing)  # the one under way ends
             uffd, address, size = self.uffd, self.address, self.size
         try:
             self.gone = self._write_protect(uffd, address, size)
@@ -236,7 +262,8 @@ class Guard:
     def close(self) -> None:
         """The mapping is gone: close the fd (which would lift a protection) and the pidfd."""
         with self._cv:
-            self._cv.wait_for(lambda: self.state is not GuardState.REVOKING)
+            self._cv.wait_for(lambda: self.state is not GuardState.REVOKING
+                              and not self._storing)
             if self.state is GuardState.CLOSED:
                 return
             self._move(GuardState.CLOSED)

@@ -329,6 +329,17 @@ class Connection:
             attachment_id=attachment_id, tracked=tracked,
             ranges=[local_pb2.ByteRange(offset=o, length=n) for o, n in ranges]), "segment")
 
+    def write_from(self, attachment_id: int, offset: int, data: memoryview) -> None:
+        """Have the agent copy ``data`` (C-contiguous bytes of this process) into a
+        revocable "rw" attachment's segment at ``offset`` (Mapping.write). ``data`` must
+        stay alive and unchanged until this returns."""
+        import numpy as np
+
+        address = int(np.frombuffer(data, dtype=np.uint8).ctypes.data)
+        self.call("write_from", local_pb2.WriteFromRequest(
+            attachment_id=attachment_id, offset=offset, length=data.nbytes,
+            address=address), "empty")
+
     def refresh(self, attachment_id: int):
         """Bring an attachment's copy to the newest version (Mapping.refresh); its record."""
         return self.call("refresh", local_pb2.RefreshRequest(attachment_id=attachment_id),

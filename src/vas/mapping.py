@@ -177,6 +177,9 @@ class Mapping:
         # when this object goes, if it is never detached). Not for a revocable (home)
         # mapping: a pwrite would pass the write-protect that fences a revoked writer.
         self._fd = -1
+        # A revocable mapping: the WRITE_FROM_MIN blocks write() reached (see _first_write).
+        self._written_blocks = (bytearray(size // pages.WRITE_FROM_MIN + 1)
+                                if self._revocable else None)
         if writable and not self._revocable:
             self._fd = os.dup(fd)
             self._fd_offset = int(response.fd_offset)
@@ -296,14 +299,19 @@ class Mapping:
     def write(self, offset: int, data) -> int:
         """Copy the bytes-like ``data`` into the segment at ``offset``.
 
-        Other local attachments see the bytes at once (same pages).
+        Other local attachments see the bytes at once (same pages). A write of 8 MiB
+        or more to a segment homed on this node, into a range no earlier write() of
+        this mapping reached, is copied in by the agent, straight
+        from ``data`` (``WriteFrom``), so its pages are not faulted into this
+        process's mapping; a large one elsewhere is a ``pwrite`` of the memfd.
 
         :returns: the number of bytes written.
         :raises PermissionDenied: the segment is attached read-only.
         :raises InvalidArgument: the range is outside the segment, or it is detached.
         :raises Fenced: a ``"rw"`` mapping of a segment homed on this node whose
             connection was closed (its lock was released and the mapping
-            write-protected: storing would end the process with SIGBUS).
+            write-protected: storing would end the process with SIGBUS), or whose
+            lock was revoked when the agent was to copy the bytes in.
 
         Example::
 
@@ -312,10 +320,8 @@ class Mapping:
         view = self._live_view()
         if self.mode != "rw":
             raise PermissionDenied(f"segment {self.name} is attached read-only")
-        if self._revocable and self._connection is None:
-            raise Fenced(f"segment {self.name}: the connection to the agent is closed, so "
-                         "this writer's lock was released and its home mapping "
-                         "write-protected")
+        if self._revocable:
+            self._connected_writer()
         with memoryview(data) as source:
             validate.check_range(offset, source.nbytes, self.size)
             if self._fd >= 0 and source.c_contiguous and source.nbytes >= pages.PWRITE_MIN:
@@ -326,6 +332,11 @@ class Mapping:
                     if self._written is not None:
                         self._written.note(offset, source.nbytes)
             elif source.c_contiguous:
+                first_write = self._revocable and self._first_write(offset, source.nbytes)
+                if first_write and source.nbytes >= pages.WRITE_FROM_MIN:
+                    with source.cast("B") as flat:
+                        if self._agent_copies(offset, flat):
+                            return source.nbytes
                 if self._revocable and source.nbytes >= pages.PWRITE_MIN:
                     pages.populate_write(self._native, offset, source.nbytes)
                 with source.cast("B") as flat, view[offset:offset + flat.nbytes] as target:
@@ -333,6 +344,45 @@ class Mapping:
             else:
                 view[offset:offset + source.nbytes] = source.tobytes()
             return source.nbytes
+
+    def _first_write(self, offset: int, length: int) -> bool:
+        """Whether no earlier write() of this mapping reached a ``WRITE_FROM_MIN`` block
+        of [offset, offset + length); the blocks count as written from now on.
+
+        Why: the agent copies only a block's first write in (a put's one write; a
+        fill in parts). A block written again is most likely rewritten again and
+        again, and those writes store through the mapping: the first pays its page
+        faults, later ones a memcpy (4 MiB: 0.3 ms, against 4 ms for each copy by
+        the agent, measured)."""
+        block = pages.WRITE_FROM_MIN
+        first, last = offset // block, (offset + max(length, 1) - 1) // block
+        fresh = not any(self._written_blocks[first:last + 1])
+        self._written_blocks[first:last + 1] = b"\x01" * (last + 1 - first)
+        return fresh
+
+    def _agent_copies(self, offset: int, flat: memoryview) -> bool:
+        """Have the agent copy ``flat`` into this revocable (home) mapping's pages
+        (``WriteFrom``: one kernel copy, no page of this mapping faulted in); False
+        when it cannot read this process's memory, and the caller stores instead.
+
+        :raises Fenced: the lock was revoked (the agent refused the copy), or the
+            connection closed (storing would end the process with SIGBUS).
+        """
+        connection = self._connected_writer()
+        try:
+            connection.write_from(self._attachment_id, offset, flat)
+            return True
+        except Unavailable:
+            self._connected_writer()  # closed meanwhile: Fenced, never a store
+            return False
+
+    def _connected_writer(self) -> Connection:
+        connection = self._connection
+        if connection is None or connection.closed:
+            raise Fenced(f"segment {self.name}: the connection to the agent is closed, so "
+                         "this writer's lock was released and its home mapping "
+                         "write-protected")
+        return connection
 
     def ndarray(self, dtype, shape=None, offset: int = 0):
         """A zero-copy numpy array over the segment (read-only for ``"r"``).

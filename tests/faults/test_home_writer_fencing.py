@@ -214,6 +214,48 @@ def test_stopped_home_writer_is_revoked_and_its_late_stores_never_land(two, take
         old.close()
 
 
+_STALE_COPIER = """
+    import sys, vas, vas.pages
+    vas.pages.WRITE_FROM_MIN = 1 << 20  # copied in by the agent from 1 MiB on (blocks of 1 MiB)
+    m = vas.connect(sys.argv[1]).attach(sys.argv[2], "rw")
+    print("fetch", m.fetch, flush=True)
+    m.write(0, b"A" * (1 << 20))    # the agent copies it in (WriteFrom)
+    print("synced", m.sync(), flush=True)
+    sys.stdin.readline()            # stopped here (SIGSTOP) past its lease, then resumed
+    try:                            # the late write, a first one there: the agent's to copy
+        m.write(1 << 20, b"C" * (m.size - (1 << 20)))
+        print("written", flush=True)
+    except vas.Fenced as exc:
+        print("fenced:", exc, flush=True)
+"""
+
+
+def test_a_stopped_home_writers_late_write_is_not_copied_in_by_the_agent(two):
+    """A large write() is copied in by the agent, not stored by the writer: that copy
+    is fenced as the stores are (Guard.storing), so once the lock was revoked it is
+    refused with Fenced and the new writer's bytes stay."""
+    running, c1, _ = two
+    old = home_writer(two, "hf/copier", _STALE_COPIER)
+    try:
+        assert old.line() == "fetch home (no fetch)\n"
+        assert old.line().startswith("synced ")
+        old.stop()
+        new = wait_for(attach_rw(c1, "hf/copier"),
+                       "another writer to take the stopped writer's lock", timeout=10 * TTL)
+        new.write(0, B)
+        new_version = new.sync()
+        old.resume()
+        old.send("go")
+        assert old.line().startswith("fenced: ")
+        assert old.exit_code() == 0
+        with c1.attach("hf/copier") as home:
+            assert digest(bytes(home.buffer)) == digest(B)
+        assert c1.stat("hf/copier").version == new_version
+        new.detach()
+    finally:
+        old.close()
+
+
 def test_live_home_writer_is_revoked_when_its_lease_cannot_be_renewed(own_two):
     """The coordinator is gone: the agent cannot renew the lease, which will lapse (and
     another agent reaching etcd could hand the lock on), so it revokes the writer before

@@ -164,6 +164,53 @@ def test_put_get_array_round_trips_on_both_nodes(clients, array, request):
             got[...] = got  # read-only
 
 
+def resident_bytes(address: int) -> int:
+    """Rss of this process's mapping that starts at ``address`` (/proc/self/smaps)."""
+    with open("/proc/self/smaps") as smaps:
+        found = False
+        for line in smaps:
+            if not found:
+                found = line.startswith(f"{address:x}-")
+            elif line.startswith("Rss:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no mapping at 0x{address:x}")
+
+
+def test_a_large_home_write_is_copied_in_by_the_agent(clients):
+    """A home writer's first write() of >= WRITE_FROM_MIN into a range is copied by the
+    agent (WriteFrom): the bytes land, yet the writer's own mapping of them stays
+    unfaulted; a second write there stores through the mapping. A source that is
+    itself a lazy mapping (its pages arrive through a userfaultfd: the agent's read
+    of it waits for them, or fails and the client stores instead) gives the same bytes."""
+    a, b = clients
+    half = vas.pages.WRITE_FROM_MIN
+    data = np.random.default_rng(7).integers(0, 256, 2 * half, dtype=np.uint8)
+    b.put_array("arr/elsewhere", data[half:])  # homed on b: a lazy replica on a
+    a.create("arr/written", 2 * half)
+    lazy = a.attach("arr/elsewhere", "r")
+    try:
+        with a.attach("arr/written", "rw") as m:
+            assert m.fetch == "home (no fetch)"
+            assert m.write(0, data[:half]) == half
+            assert resident_bytes(m.address) == 0  # not one page faulted in here
+            assert m.write(half, lazy.buffer[:half]) == half
+            m.sync()
+            for client in (a, b):
+                with client.attach("arr/written", "r", fetch="eager") as r:
+                    assert digest(np.frombuffer(r.buffer, dtype=np.uint8)) == digest(data)
+            m.write(0, data[half:])  # written before: stored through the mapping
+            assert resident_bytes(m.address) >= half
+            m.sync()
+        with b.attach("arr/written", "r", fetch="eager") as r:
+            assert digest(np.frombuffer(r.buffer, dtype=np.uint8)) == digest(
+                np.concatenate([data[half:], data[half:]]))
+    finally:
+        lazy.detach()
+        a.delete("arr/written")
+        vas.datasets.WARM.clear()
+        b.delete("arr/elsewhere")
+
+
 def test_get_array_is_zero_copy_and_keeps_its_pages(clients):
     a, b = clients
     data = np.random.default_rng(1).random(1 << 18)  # 2 MiB

@@ -128,3 +128,24 @@ def test_kept_until_the_process_exits(registered):
         if child.poll() is None:
             child.kill()
         child.wait(10)
+
+
+def test_a_revocation_waits_for_the_agents_store_under_way_and_refuses_later_ones(registered):
+    import threading
+
+    guard = guard_of_this_process()
+    uffd, mapping = registered()
+    guard.arm(uffd, mapping.address, 4 * PS, Fenced("lost"))
+    entered, revoked = threading.Event(), threading.Event()
+    revoker = threading.Thread(target=lambda: (entered.wait(10), guard.revoke(), revoked.set()))
+    revoker.start()
+    with guard.storing(Fenced("lost")):
+        entered.set()
+        assert not revoked.wait(0.2)  # the store in progress holds the revocation back
+        assert guard.state is GuardState.REVOKING
+    assert revoked.wait(10)
+    revoker.join(10)
+    assert guard.state is GuardState.REVOKED
+    with pytest.raises(Fenced, match="^lost$"), guard.storing(Fenced("lost")):
+        pytest.fail("a store ran after the revocation")
+    guard.close()

@@ -48,7 +48,7 @@ def test_signatures():
         "memfd_create", "fallocate", "ftruncate", "mmap", "chunk_hashes",
         "userfaultfd", "uffd_api", "uffd_register", "uffd_unregister",
         "uffd_copy", "uffd_copy_from", "uffd_zeropage", "uffd_continue",
-        "uffd_poison", "uffd_wake", "uffd_writeprotect", "uffd_read")}
+        "uffd_poison", "uffd_wake", "uffd_writeprotect", "uffd_read", "process_vm_readv")}
     assert sig["memfd_create"] == f"(name, flags={os.MFD_CLOEXEC})"
     assert sig["fallocate"] == "(fd, offset, length, mode=0)"
     assert sig["mmap"] == ("(fd, length, *, writable, offset=0, address=0, "
@@ -60,6 +60,7 @@ def test_signatures():
     assert sig["uffd_read"] == "(fd, max_events=64)"
     assert sig["uffd_poison"] == "(fd, address, length, mode=0)"
     assert sig["uffd_writeprotect"] == "(fd, address, length, mode)"
+    assert sig["process_vm_readv"] == "(pid, dst, address)"
     assert str(inspect.signature(_native.Mapping.madvise)) == \
         "(self, /, advice, offset=0, length=None)"
     for name in sig:
@@ -163,7 +164,27 @@ LL_MAX = 2 ** 63 - 1
     (lambda fd: _native.uffd_writeprotect(-1, PS, PS - 1, 1),
      "length must be a positive multiple of the page size"),
     (lambda fd: _native.uffd_writeprotect(-1, 2 ** 64 - PS, PS, 1), "address + length overflows"),
+    (lambda fd: _native.process_vm_readv(0, bytearray(8), PS), "pid must be > 0"),
+    (lambda fd: _native.process_vm_readv(os.getpid(), bytearray(8), 2 ** 64 - 4),
+     "address + length overflows"),
 ])
 def test_value_error_messages(memfd, call, msg):
     with pytest.raises(ValueError, match=exact(msg)):
         call(memfd(1))
+
+
+def test_process_vm_readv_copies_from_a_process_and_reports_bad_ranges():
+    import numpy as np
+
+    source = np.frombuffer(os.urandom(3 * PS + 5), dtype=np.uint8)
+    target = bytearray(source.nbytes)
+    assert _native.process_vm_readv(os.getpid(), target, source.ctypes.data) == source.nbytes
+    assert bytes(target) == source.tobytes()
+    with memoryview(target) as view, view[PS:2 * PS] as part:  # a slice lands in place
+        assert _native.process_vm_readv(os.getpid(), part, source.ctypes.data) == PS
+    assert bytes(target[PS:2 * PS]) == source[:PS].tobytes()
+    with pytest.raises(OSError) as raised:  # nothing mapped at page 0
+        _native.process_vm_readv(os.getpid(), bytearray(8), 0)
+    assert raised.value.errno == errno.EFAULT
+    with pytest.raises(TypeError):  # the destination must be writable
+        _native.process_vm_readv(os.getpid(), b"12345678", source.ctypes.data)
