@@ -8,14 +8,11 @@ process writes a segment and exits, another reads it back) and shuts down.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 
 from vas.cli.daemons import add_log_options, setup_logging
@@ -80,6 +77,11 @@ def _positive_int(text: str) -> int:
 
 
 def up(args) -> int:
+    # Imported here, as the rest of what only `up` needs: every other command builds
+    # this parser (and so imports this module) too.
+    import shutil
+    import tempfile
+
     from vas.cli.main import UsageError
     from vas.cluster import LocalCluster
 
@@ -144,6 +146,8 @@ def _raise_interrupt(*_):
 
 def run_demo(env: dict) -> int:
     """The demo of examples/demo.py against the cluster in ``env``; 0 if the digests match."""
+    import hashlib
+
     import vas
 
     socket_path = env["VAS_NODE"]
