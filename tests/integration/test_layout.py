@@ -4,7 +4,7 @@
   PYTHONPROFILEIMPORTTIME=1, which makes each print every module it imports to
   stderr (its log), and neither log names vas.client, vas.connection or vas.mapping.
 - A ``vasctl`` command served by its local agent never loads grpc (nor ssl): it needs
-  only the local protocol's messages, and grpc was half its start-up CPU (a suite run
+  only the local protocol's messages, and grpc was a third of its start-up CPU (a suite run
   starts ~640 of them); neither does its error path (a NotFound, exit 1).
 - The checkout imports like the installed package: from the checkout root (where
   ``python -c`` puts the cwd first on sys.path) vas, vas.node and vas.coordinator

@@ -21,7 +21,7 @@ line and stable: tests and scripts match on them.
 
 grpc is imported on the first use of a ``.code``, not with this module: a client or
 ``vasctl`` command that only talks to its local agent never needs it, and its import
-is about half of such a command's start-up CPU (docs/ARCHITECTURE.md "vasctl").
+was about a third of such a command's start-up CPU (docs/ARCHITECTURE.md "CLI").
 """
 from __future__ import annotations
 

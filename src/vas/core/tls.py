@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     import grpc
 
 # grpc and ssl are imported where used: every vasctl command loads this module for its
-# --tls-* options, and one talking to its local agent needs neither (grpc was about half
+# --tls-* options, and one talking to its local agent needs neither (grpc was about a third
 # of its start-up CPU). The names, not vas.core.certs: that module loads cryptography
 # (~0.1 s of CPU), which only the making of certificates needs, not every vasctl command.
 from vas.core.defaults import COORDINATOR_HOST, NODE_HOST
