@@ -22,6 +22,9 @@ line and stable: tests and scripts match on them.
 grpc is imported on the first use of a ``.code``, not with this module: a client or
 ``vasctl`` command that only talks to its local agent never needs it, and its import
 was about a third of such a command's start-up CPU (docs/ARCHITECTURE.md "CLI").
+A process that drops its privileges after importing vas (the tests' children that act
+as another uid) imports grpc before, if it reads a ``.code`` after: the interpreter's
+files may be out of the new uid's reach.
 """
 from __future__ import annotations
 
