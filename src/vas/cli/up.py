@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -77,9 +78,8 @@ def _positive_int(text: str) -> int:
 
 
 def up(args) -> int:
-    # Imported here, as the rest of what only `up` needs: every other command builds
-    # this parser (and so imports this module) too.
-    import shutil
+    # Imported here, as hashlib in run_demo: only `up` needs them, and every other command
+    # builds this parser (and so imports this module) too.
     import tempfile
 
     from vas.cli.main import UsageError
