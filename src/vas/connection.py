@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING
 
 from vas import guard, pages
 from vas.core import wire
-from vas.core.errors import Unavailable, VasError, from_status, status_code
+from vas.core.errors import Unavailable, VasError, from_number
 from vas.core.types import NodeInfo
 from vas.core.validate import PAGE_SIZE
 from vas.proto import LOCAL_PROTOCOL, local_pb2
@@ -157,7 +157,7 @@ class Connection:
             response, fds = self._roundtrip(field, body, send_fds)
         try:
             if response.code != 0:
-                raise from_status(status_code(response.code), response.message)
+                raise from_number(response.code, response.message)
             kind = response.WhichOneof("body")
             wanted = (expect,) if isinstance(expect, str) else expect
             if wanted is not None and kind not in wanted:

@@ -90,6 +90,7 @@ DEADLINE = 60.0
 PRELUDE = textwrap.dedent(f'''
     import itertools, json, os, select, socket, sys, time
     import vas, vas.client
+    import grpc   # vas.core.errors loads it at the first read of a .code: before the drop
     from vas.core import errors, wire
     from vas.proto import LOCAL_PROTOCOL, local_pb2
     os.setgroups([]); os.setgid({NOBODY}); os.setuid({NOBODY})   # after every import
@@ -116,7 +117,7 @@ PRELUDE = textwrap.dedent(f'''
             if response.code:
                 for fd in fds:
                     os.close(fd)
-                raise errors.from_status(errors.status_code(response.code), response.message)
+                raise errors.from_number(response.code, response.message)
             return response, fds
 
         def call(self, fds=(), **body):

@@ -40,8 +40,12 @@ from waiting import wait_for
 from worlds import new_world_dir
 
 MiB = 1 << 20
-#: Seconds etcd stays paused (the acceptance scenario).
-PAUSE = 20.0
+#: Seconds etcd stays paused: longer than the calls' 5 s etcd deadline (each is seen
+#: failing with Unavailable while etcd is still stopped) and than the agents' 10 s node
+#: lease (DEFAULT_NODE_TTL: the leases lapse in etcd's view, so the agents must register
+#: again after SIGCONT). 12 s in the suite proves what the 20 s of the acceptance
+#: scenario does; ``VAS_ETCD_PAUSE_SECONDS=20`` runs that.
+PAUSE = float(os.environ.get("VAS_ETCD_PAUSE_SECONDS", "12"))
 #: Seconds a metadata call may take while etcd is paused: the agent's deadline of a
 #: coordinator call (vas/core/defaults.py DEFAULT_RPC_TIMEOUT) bounds every call; the
 #: coordinator gives up on etcd after 5 s (DEFAULT_ETCD_TIMEOUT), so each must end
@@ -138,7 +142,7 @@ def cli_calls(node1, node2, coordinator: str) -> dict:
     }
 
 
-def test_etcd_paused_20s_calls_fail_fast_mappings_work_and_it_recovers(own):
+def test_etcd_paused_calls_fail_fast_mappings_work_and_it_recovers(own):
     node1, node2 = own.nodes
     coordinator = own.coordinators[0].address
     pattern = bytes(range(256)) * (MiB // 256)
@@ -170,7 +174,7 @@ def test_etcd_paused_20s_calls_fail_fast_mappings_work_and_it_recovers(own):
             print(f"local attach of a home segment during the pause: {seconds * 1000:.1f} ms")
             left = PAUSE - (time.monotonic() - paused)
             assert left > 0, f"the calls took longer than the pause ({took})"
-            time.sleep(left)  # the pause itself is the scenario: etcd stays stopped 20 s
+            time.sleep(left)  # the pause itself is the scenario: etcd stays stopped PAUSE s
         finally:
             os.kill(own.etcd.pid, signal.SIGCONT)
         resumed = time.monotonic()

@@ -1,4 +1,4 @@
-"""Load: 32 client processes x 500 attach/read/detach cycles while a writer syncs.
+"""Load: 32 client processes x ``CYCLES`` attach/read/detach cycles while a writer syncs.
 
 Two agents; three segments: ``load/one`` homed on node1 and ``load/two`` on node2
 (never written during the load) and ``load/synced``, homed on node1, which a writer
@@ -35,8 +35,11 @@ from workers import run_workers
 
 KiB, MiB = 1 << 10, 1 << 20
 CLIENTS = 32
-CYCLES = 500
-#: Seconds the clients may take (the test's own budget is ~40 s on 2 CPUs).
+#: Cycles of each client: 150 in the suite (4 800 in all, ~1/3 of the 500 the test
+#: ran before, with the same checks): a leak of one fd or thread per ~600 cycles, or
+#: of 3.5 KiB of RSS per cycle, still shows. ``VAS_LOAD_CYCLES=500`` for a longer run.
+CYCLES = int(os.environ.get("VAS_LOAD_CYCLES", "150"))
+#: Seconds the clients may take (500 cycles took ~30 s on 2 CPUs).
 DEADLINE = 120.0
 #: Seconds after the load for the agents to come back to their starting level.
 DRAIN = 15.0
@@ -67,7 +70,7 @@ def back_to(baseline: dict, nodes) -> bool:
                for n in baseline)
 
 
-def test_32_clients_x_500_cycles_while_a_writer_syncs(cluster):
+def test_32_clients_x_cycles_while_a_writer_syncs(cluster):
     local = cluster(nodes=2, memory=64 * MiB)
     node1, node2 = local.nodes
     data = loadclients.content()

@@ -3,6 +3,9 @@
 - The daemons never load the client side: a real agent and coordinator run with
   PYTHONPROFILEIMPORTTIME=1, which makes each print every module it imports to
   stderr (its log), and neither log names vas.client, vas.connection or vas.mapping.
+- A ``vasctl`` command served by its local agent never loads grpc (nor ssl): it needs
+  only the local protocol's messages, and grpc was a third of its start-up CPU (a suite run
+  starts ~640 of them); neither does its error path (a NotFound, exit 1).
 - The checkout imports like the installed package: from the checkout root (where
   ``python -c`` puts the cwd first on sys.path) vas, vas.node and vas.coordinator
   import, because nothing at the root is named vas (the client package is src/vas).
@@ -11,6 +14,7 @@
 """
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import subprocess
@@ -25,12 +29,13 @@ CLIENT_SIDE = {"vas.client", "vas.connection", "vas.mapping"}
 
 def imported_modules(log_path: str) -> set[str]:
     """Modules named by the ``import time:`` lines (-X importtime) of a log."""
-    modules = set()
     with open(log_path, errors="replace") as log:
-        for line in log:
-            if line.startswith("import time:") and "|" in line:
-                modules.add(line.rsplit("|", 1)[1].strip())
-    return modules
+        return modules_in(log)
+
+
+def modules_in(lines) -> set[str]:
+    return {line.rsplit("|", 1)[1].strip() for line in lines
+            if line.startswith("import time:") and "|" in line}
 
 
 def test_daemons_never_import_the_client(cluster, monkeypatch):
@@ -45,6 +50,7 @@ def test_daemons_never_import_the_client(cluster, monkeypatch):
             mapping.write(0, b"x")
             mapping.sync()
         assert client.stat("layout/a").version == 1
+        local_commands_load_no_grpc(local.nodes[0].socket)
         client.delete("layout/a")
     local.stop()
 
@@ -57,6 +63,26 @@ def test_daemons_never_import_the_client(cluster, monkeypatch):
     agent_leaks, coordinator_leaks = CLIENT_SIDE & node, CLIENT_SIDE & coordinator
     assert not agent_leaks
     assert not coordinator_leaks
+
+
+def local_commands_load_no_grpc(socket: str) -> None:
+    """``vasctl seg ls`` and a ``seg stat`` that fails, through the agent at ``socket``
+    (PYTHONPROFILEIMPORTTIME is set): right output, and no grpc or ssl imported."""
+    def vasctl(*args: str) -> tuple[subprocess.CompletedProcess, set[str], list[str]]:
+        """(the finished process, modules it imported, its other stderr lines)"""
+        proc = subprocess.run([sys.executable, "-m", "vas.cli", *args, "--node", socket],
+                              capture_output=True, text=True, timeout=60, cwd="/")
+        lines = proc.stderr.splitlines()
+        return proc, modules_in(lines), [line for line in lines if not line.startswith("import time:")]
+
+    listed, modules, errors = vasctl("seg", "ls", "layout/", "-o", "json")
+    assert (listed.returncode, errors) == (0, []), listed.stderr
+    assert [s["name"] for s in json.loads(listed.stdout)] == ["layout/a"]
+    assert "vas.cli.main" in modules and not {"grpc", "ssl"} & modules
+    missing, modules, errors = vasctl("seg", "stat", "layout/missing")
+    assert missing.returncode == 1 and len(errors) == 1, missing.stderr
+    assert errors[0].startswith("vasctl: error: ") and "layout/missing" in errors[0]
+    assert "vas.cli.main" in modules and not {"grpc", "ssl"} & modules
 
 
 def python_at_root(code: str) -> subprocess.CompletedProcess:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from vas.core.errors import Unavailable
 
@@ -94,6 +95,7 @@ def _admin(target: str, args: argparse.Namespace):
 
 def is_admin(client) -> bool:
     """Whether ``client`` (from ``connect``) talks to a coordinator over gRPC."""
-    from vas.admin import AdminClient
-
-    return isinstance(client, AdminClient)
+    # Only _admin makes one, and it imports vas.admin: a command served by its local agent
+    # must not import it (and grpc with it) to find out.
+    admin = sys.modules.get("vas.admin")
+    return admin is not None and isinstance(client, admin.AdminClient)

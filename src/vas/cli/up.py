@@ -8,14 +8,12 @@ process writes a segment and exits, another reads it back) and shuts down.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import shlex
 import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 
 from vas.cli.daemons import add_log_options, setup_logging
@@ -80,6 +78,10 @@ def _positive_int(text: str) -> int:
 
 
 def up(args) -> int:
+    # Imported here, as hashlib in run_demo: only `up` needs them, and every other command
+    # builds this parser (and so imports this module) too.
+    import tempfile
+
     from vas.cli.main import UsageError
     from vas.cluster import LocalCluster
 
@@ -144,6 +146,8 @@ def _raise_interrupt(*_):
 
 def run_demo(env: dict) -> int:
     """The demo of examples/demo.py against the cluster in ``env``; 0 if the digests match."""
+    import hashlib
+
     import vas
 
     socket_path = env["VAS_NODE"]

@@ -26,13 +26,18 @@ from __future__ import annotations
 import functools
 import ipaddress
 import os
-import ssl
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import grpc
+if TYPE_CHECKING:
+    import ssl
 
-# The names, not vas.core.certs: that module loads cryptography (~0.1 s of CPU), which
-# only the making of certificates needs, not every vasctl command.
+    import grpc
+
+# grpc and ssl are imported where used: every vasctl command loads this module for its
+# --tls-* options, and one talking to its local agent needs neither (grpc was about a third
+# of its start-up CPU). The names, not vas.core.certs: that module loads cryptography
+# (~0.1 s of CPU), which only the making of certificates needs, not every vasctl command.
 from vas.core.defaults import COORDINATOR_HOST, NODE_HOST
 from vas.core.errors import InvalidArgument
 
@@ -79,6 +84,8 @@ class TlsConfig:
                     pass
             except OSError as exc:
                 raise InvalidArgument(f"cannot read {flag} {path}: {exc.strerror}") from exc
+        import ssl
+
         config = cls(*(os.path.abspath(p) for p in paths))
         try:
             config.server_context()  # parses all three, checks the key against the cert
@@ -94,6 +101,8 @@ class TlsConfig:
 
     def server_credentials(self) -> grpc.ServerCredentials:
         """gRPC server credentials that refuse clients without a certificate from the CA."""
+        import grpc
+
         cert, key, ca = self._pem
         return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
                                            require_client_auth=True)
@@ -101,12 +110,16 @@ class TlsConfig:
     @functools.cached_property
     def channel_credentials(self) -> grpc.ChannelCredentials:
         """gRPC channel credentials: this certificate, servers checked against the CA."""
+        import grpc
+
         cert, key, ca = self._pem
         return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key,
                                             certificate_chain=cert)
 
     def server_context(self) -> ssl.SSLContext:
         """A server-side context that requires a client certificate from the CA."""
+        import ssl
+
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         context.load_cert_chain(self.cert, self.key)
@@ -117,6 +130,8 @@ class TlsConfig:
     def client_context(self) -> ssl.SSLContext:
         """A client-side context: presents this certificate, checks the server's (name
         included: pass ``server_hostname=NODE_HOST`` when wrapping)."""
+        import ssl
+
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         context.load_cert_chain(self.cert, self.key)
@@ -137,6 +152,8 @@ def open_channel(target: str, tls: TlsConfig | None, server_name: str,
                  options: list | tuple = ()) -> grpc.Channel:
     """A gRPC channel to ``target``: mutual TLS checking the server as ``server_name``
     (COORDINATOR_HOST or NODE_HOST) when ``tls`` is given, else plaintext."""
+    import grpc
+
     if tls is None:
         return grpc.insecure_channel(target, options=list(options))
     return grpc.secure_channel(target, tls.channel_credentials,

@@ -50,7 +50,7 @@ LOCAL_CLIENT = textwrap.dedent('''
             if response.code:
                 for fd in fds:
                     os.close(fd)
-                raise errors.from_status(errors.status_code(response.code), response.message)
+                raise errors.from_number(response.code, response.message)
             return response, fds
 
         def hello(self):
