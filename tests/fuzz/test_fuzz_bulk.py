@@ -115,7 +115,7 @@ def test_write_requests_never_publish(fuzzed, data):
     header = data.draw(st.one_of(st.binary(max_size=64), st.builds(
         lambda token, lease: node_pb2.WritePagesHeader(
             name=fuzzed.canary.name, id=segment_id, token=token,
-            lease_id=lease).SerializeToString(), s.u64, s.i64)))
+            lease_id=lease).SerializeToString(), s.i64, s.i64)))  # both int64 fields
     runs = data.draw(_RUNS)
     SENT["bulk.write"] += 1
     with connected(bulk_address(fuzzed)) as conn:
