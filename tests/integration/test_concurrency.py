@@ -44,10 +44,12 @@ names are read by demand faults.
 from __future__ import annotations
 
 import collections
+import faulthandler
 import multiprocessing
 import os
 import random
 import re
+import signal
 import time
 import traceback
 import zlib
@@ -56,7 +58,7 @@ import numpy as np
 
 import vas
 from vas.node.locks import MARKER
-from workers import run_workers
+from workers import dump_stacks, run_workers
 
 MiB = 1 << 20
 PAGE = 4096
@@ -274,9 +276,11 @@ class _Worker:
 
 
 def _work(index: int, sockets: list[str], published, published_lock, barrier, results,
-          seed: int, operations: int, budget: float) -> None:
+          seed: int, operations: int, budget: float, stacks: str) -> None:
     """A spawned client process: run the load, put a report in ``results``, exit 1 on
-    any error that is not an expected race."""
+    any error that is not an expected race. SIGUSR1 writes its threads' stacks to
+    ``stacks`` (asked for when it does not report in time)."""
+    faulthandler.register(signal.SIGUSR1, open(stacks, "w"), all_threads=True)
     report = {"worker": index, "error": None}
     worker = None
     try:
@@ -331,7 +335,7 @@ def _problems(lines: list[str]) -> collections.Counter:
     return found
 
 
-def test_concurrent_clients_keep_data_and_lock_order(cluster, monkeypatch):
+def test_concurrent_clients_keep_data_and_lock_order(cluster, monkeypatch, tmp_path):
     monkeypatch.setenv("VAS_LOCK_CHECK", "1")  # agents inherit the environment
     started = time.monotonic()
     # The default writer lease (10 s), not test_publish's 2 s: no client here stops, so a
@@ -349,16 +353,24 @@ def test_concurrent_clients_keep_data_and_lock_order(cluster, monkeypatch):
         results = context.Queue()
         workers = [context.Process(target=_work, name=f"vas-stress-{i}", daemon=True,
                                    args=(i, sockets, published, published_lock, barrier,
-                                         results, 1000 + i, OPERATIONS, BUDGET))
+                                         results, 1000 + i, OPERATIONS, BUDGET,
+                                         str(tmp_path / f"worker-{i}.stacks")))
                    for i in range(WORKERS)]
-        reports = run_workers(workers, results, started + DEADLINE)
+        stuck: list[str] = []
+
+        def on_stuck(process) -> None:
+            path = tmp_path / f"worker-{workers.index(process)}.stacks"
+            stuck.append(f"{process.name}:\n{dump_stacks(process, str(path))}")
+
+        reports = run_workers(workers, results, started + DEADLINE, on_stuck)
     load_seconds = time.monotonic() - load_started
 
     errors = [f"worker {r['worker']}:\n{r['error']}" for r in reports if r["error"]]
     assert not errors, "\n".join(errors)
     exits = [p.exitcode for p in workers]  # -9: killed at the deadline; -N: died of signal N
     assert len(reports) == WORKERS, (f"only workers {sorted(r['worker'] for r in reports)} of "
-                                     f"{WORKERS} reported in time; exit codes {exits}")
+                                     f"{WORKERS} reported in time; exit codes {exits}; "
+                                     "stacks of those still running:\n" + "\n".join(stuck))
     assert exits == [0] * WORKERS
     for report in reports:
         ops = report["ops"]
