@@ -13,8 +13,6 @@ import errno
 import logging
 import socket
 
-from google.protobuf.message import DecodeError
-
 from vas.core import wire
 from vas.core.wire import close_quietly as close_fds
 from vas.core.errors import InvalidArgument, VasError
@@ -62,18 +60,11 @@ class Receiver:
         datagram that is not a request (its fds closed).
         """
         try:
-            data, fds = self._inbox.receive(sock, _DONTWAIT)
-        except ValueError as exc:
-            raise BadRequest(f"request larger than {human_size(wire.MAX_MESSAGE)}") from exc
-        if data is None:
-            return None, []
-        request = local_pb2.LocalRequest()
-        try:
-            request.ParseFromString(data)
-        except DecodeError as exc:
-            close_fds(fds)
-            raise BadRequest(f"malformed request: not a LocalRequest ({one_line(exc)})") from exc
-        return request, fds
+            return self._inbox.receive_message(sock, local_pb2.LocalRequest, _DONTWAIT)
+        except wire.TooLarge as exc:
+            raise BadRequest(f"request {exc}") from exc
+        except wire.Malformed as exc:
+            raise BadRequest(one_line(f"malformed request: {exc}")) from exc
 
 
 class Responder:

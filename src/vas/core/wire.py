@@ -51,6 +51,14 @@ def send_message(sock: socket.socket, message, fds=()) -> None:
         sock.sendall(data)
 
 
+class TooLarge(ValueError):
+    """A datagram larger than MAX_MESSAGE (its fds closed)."""
+
+
+class Malformed(ValueError):
+    """A datagram that does not parse as the message type asked for (its fds closed)."""
+
+
 class Inbox:
     """A receive buffer reused for every datagram of its owner: one ``recvmsg_into``
     per message, no size peek, nothing allocated for the bytes.
@@ -70,7 +78,7 @@ class Inbox:
 
     def receive(self, sock: socket.socket, flags: int = 0) -> tuple[memoryview | None, list[int]]:
         """(the datagram's bytes, or None at EOF; the fds that came with it: the caller
-        owns them). Raises ``ValueError`` (its fds closed) for a datagram larger
+        owns them). Raises ``TooLarge`` (its fds closed) for a datagram larger
         than MAX_MESSAGE, and what ``recvmsg_into`` raises (``flags``: MSG_DONTWAIT)."""
         size, ancdata, msg_flags, _ = sock.recvmsg_into(self._views, _ANCILLARY_SPACE, flags)
         fds = _fds_of(ancdata) if ancdata else []
@@ -79,12 +87,13 @@ class Inbox:
             return None, []
         if msg_flags & _TRUNCATED or size > MAX_MESSAGE:
             close_quietly(fds)
-            raise ValueError(f"larger than {human_size(MAX_MESSAGE)}")
+            raise TooLarge(f"larger than {human_size(MAX_MESSAGE)}")
         return self._view[:size], fds
 
     def receive_message(self, sock: socket.socket, message_type, flags: int = 0):
         """``receive``, parsed: (a ``message_type``, or None at EOF; the fds). Raises
-        ``ValueError`` (its fds closed) for a datagram too large or not a ``message_type``."""
+        ``TooLarge`` or ``Malformed`` (both ValueErrors; its fds closed) for a datagram
+        too large or not a ``message_type``."""
         data, fds = self.receive(sock, flags)
         if data is None:
             return None, []
@@ -93,7 +102,7 @@ class Inbox:
             message.ParseFromString(data)
         except DecodeError as exc:
             close_quietly(fds)
-            raise ValueError(f"not a {message_type.DESCRIPTOR.name} ({exc})") from exc
+            raise Malformed(f"not a {message_type.DESCRIPTOR.name} ({exc})") from exc
         return message, fds
 
     def close(self) -> None:
