@@ -335,7 +335,7 @@ class Agent:
                 raise
             replica = attachment.segment
             try:
-                base = self.replicas.bring_current(replica)
+                base = self.replicas.bring_current(replica, writer=attachment)
                 with replica.lock:
                     replica.synced_hashes = base
                     info = replica.info
@@ -415,12 +415,10 @@ class Agent:
         attachment = self.sessions.get(session, attachment_id)
         self.fault_counts.take(session.uid)  # given back when the attachment ends
         try:
-            registered = self.replicas.register_faults(attachment, uffd, address, size)
+            self.replicas.register_faults(attachment, uffd, address, size)
         except BaseException:
             self.fault_counts.give(session.uid)
             raise
-        if not registered:  # complete already: nothing to resolve, the uffd is closed
-            self.fault_counts.give(session.uid)
 
     # ------------------------------------------------------------------ delete, chmod, chown
 

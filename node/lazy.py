@@ -113,6 +113,16 @@ class LazyFill:
         self._life = FillState.FILLING
         self._lost = ""  # why, once LOST or CLOSED
 
+    @classmethod
+    def complete(cls, size: int) -> LazyFill:
+        """A fill with every chunk present (CLOSED: nothing is ever fetched), for a
+        client mapping registered after its replica became complete (node/replicas.py
+        ``register_faults``): its faults are only mapped in."""
+        fill = cls(size, fetch=_nothing_to_fetch)
+        fill.state[:] = bytes([_PRESENT]) * len(fill.state)
+        fill._move_locked(FillState.CLOSED, "the replica is complete")
+        return fill
+
     def ensure(self, offset: int, length: int, deadline: float | None = None) -> None:
         """Fetch the missing chunks overlapping [offset, offset + length) (clipped to
         the segment) and wait for those other threads are fetching.
@@ -239,6 +249,10 @@ class LazyFill:
             for start, end in pieces:
                 self.state[start:end] = bytes([state]) * (end - start)
             self._cv.notify_all()
+
+
+def _nothing_to_fetch(offset: int, length: int, deadline: float | None = None) -> None:
+    raise PagesLost("a complete replica has nothing to fetch")
 
 
 class Homes:

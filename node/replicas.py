@@ -50,8 +50,8 @@ import threading
 import time
 from collections.abc import Callable
 
-from vas.core.errors import (Busy, CapacityExceeded, InvalidArgument, NotFound, Unavailable,
-                             VasError)
+from vas.core.errors import (Busy, CapacityExceeded, Fenced, InvalidArgument, NotFound,
+                             Unavailable, VasError)
 from vas.core.fetch import FetchMode
 from vas.core.sizes import human_size
 from vas.node import bulk, faults, lazy, locks, metrics, relay
@@ -443,11 +443,15 @@ class Replicas:
         if fill is not None and length:
             fill.ensure(offset, length)
 
-    def register_faults(self, attachment, uffd: int, address: int, size: int) -> bool:
+    def register_faults(self, attachment, uffd: int, address: int, size: int) -> None:
         """Resolve the faults of a client's mapping of a lazy replica on ``uffd`` (taken
-        over by this call); whether it was registered. A replica that became complete
-        since the attach needs no resolving: its uffd is closed (which unregisters the
-        mapping), False, and all is well."""
+        over by this call).
+
+        A replica that became complete since the attach (another attach made it
+        eager, or a writer's) has its faults resolved all the same, by mapping the
+        pages in: the mapping stays registered on the uffd while anyone holds it --
+        the client's guardian takes a dup next (vas/guard.py) -- so closing ours
+        would leave its first fault waiting for ever, unread."""
         replica = attachment.segment
         if not isinstance(replica, Replica) or attachment.faults is not None:
             raise InvalidArgument(f"attachment {attachment.id} is not a lazy attachment "
@@ -455,12 +459,8 @@ class Replicas:
         if size != replica.size:
             raise InvalidArgument(f"RegisterFaults size {human_size(size)} is not the "
                                   f"segment's {human_size(replica.size)}")
-        fill = replica.fill
-        if fill is None:
-            os.close(uffd)
-            return False
+        fill = replica.fill or lazy.LazyFill.complete(replica.size)
         attachment.faults = self._fault_handler().add(uffd, fill, address, size)
-        return True
 
     def unregister_faults(self, attachment) -> bool:
         """Stop resolving the faults of ``attachment``; whether it had registered them."""
@@ -490,17 +490,31 @@ class Replicas:
         """Bring ``attachment``'s replica to the newest published version (a replica with
         a live writer here holds newer bytes than any version: nothing to fetch)."""
         replica = attachment.segment
-        if replica.writer_state is WriterState.FREE:
-            self.bring_current(replica)
+        self.bring_current(replica, writer=None)
         with replica.lock:
             return replica.info
 
-    def bring_current(self, replica: Replica) -> bytes:
-        """Fetch the chunks of ``replica`` that differ from the home's; the home's hashes."""
+    def bring_current(self, replica: Replica, writer=None) -> bytes | None:
+        """Fetch the chunks of ``replica`` that differ from the home's; the home's hashes.
+
+        ``writer``: the "rw" attachment this is done for (its attach), else None (a
+        reader's refresh), which changes nothing -- None returned -- while a writer
+        holds the replica: its chunks differ from the home's because the writer
+        stored to them, and fetching the home's bytes over them would lose those
+        stores (sync would then publish the home's old bytes as the new version).
+        Decided inside the gate: a writer's attach makes the replica current in the
+        gate too, before its client can store, so a refresh either ends before that
+        or sees the writer."""
         address = self.home_address(replica.info)
         timeout = self.config.rpc_timeout + replica.size / _STREAM_RATE
         started = time.perf_counter()
         with replica.gate.passage(timeout, f"refresh of segment {replica.name}"):
+            with replica.lock:
+                if replica.writer is not writer:
+                    if writer is None:
+                        return None
+                    raise Fenced(f"the writer lock of segment {replica.name} ended during "
+                                 "its attach")
             version, remote = self.peers.chunk_hashes(address, replica.name, replica.id, CHUNK)
             fill = replica.fill
             with memoryview(replica.memory.mapping) as raw, raw.cast("B") as view:

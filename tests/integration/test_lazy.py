@@ -100,6 +100,36 @@ def test_lazy_attach_maps_at_once_and_eager_completes_it(two):
         assert hashlib.sha256(m.buffer).hexdigest() == digest
 
 
+#: A lazy attach whose replica another attach completes between its Attach and its
+#: RegisterFaults (the client library's two requests; the gap is widened here).
+_COMPLETED_BEFORE_REGISTERING = """
+import hashlib, sys, vas
+from vas.connection import Connection
+socket_path, name = sys.argv[1], sys.argv[2]
+other = vas.connect(socket_path)
+register = Connection.register_faults
+def completed_first(self, *args, **kwargs):
+    other.attach(name, fetch="eager").detach()  # the replica is complete from now on
+    return register(self, *args, **kwargs)
+Connection.register_faults = completed_first
+with vas.connect(socket_path) as c, c.attach(name) as m:
+    print(m.fetch); print(hashlib.sha256(m.buffer).hexdigest())
+"""
+
+
+@needs_uffd
+def test_a_lazy_mapping_registered_after_its_replica_completed_reads_every_byte(two):
+    """The agent used to close its copy of such a mapping's userfaultfd, as if that
+    unregistered it; the guardian's dup kept the registration alive, unread, and the
+    client's first touch waited for ever (found by test_concurrency under load)."""
+    node1, node2, c1, c2 = two
+    digest = fill(c1, "lazy/late", 8 * MiB)
+    out = subprocess.run([sys.executable, "-c", _COMPLETED_BEFORE_REGISTERING, node2.socket,
+                          "lazy/late"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["lazy", digest]
+
+
 @needs_uffd
 def test_lazy_replica_fills_on_touch_and_is_shared(two):
     node1, node2, c1, c2 = two
