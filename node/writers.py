@@ -349,7 +349,7 @@ class Writers:
         # Bounds-checked before anything moves; None: find the changes by hashing.
         chunks = chunks_of(ranges, segment.size) if ranges or tracked else None
         if attachment.lease.state is not LeaseState.HELD:
-            raise _fenced_error(attachment)
+            raise self._lock_ended(attachment)
         timeout = self.config.rpc_timeout + segment.size / SEND_RATE
         started = time.perf_counter()
         with segment.gate.passage(timeout, f"sync of segment {segment.name}"), \
@@ -371,6 +371,23 @@ class Writers:
                 self._keep(segment, info.version, before)
             metrics.observe_since(metrics.SYNC_HOME, started)
             return info
+
+    def _lock_ended(self, attachment: Attachment) -> VasError:
+        """The error of a sync whose lock ended: NotFound if a remote writer's segment
+        was deleted (a delete on the home frees a segment it has no attachment of at
+        once, its record and writer lock with it: replicas elsewhere do not hold it),
+        else Fenced. The record is read only on this error path."""
+        fenced, segment = _fenced_error(attachment), attachment.segment
+        if not isinstance(segment, Replica):
+            return fenced
+        try:
+            record = self.coordinator.find_segment(segment.name)
+        except VasError:  # cannot tell: the lock is gone either way
+            return fenced
+        if record is None or record.id != segment.id:
+            return NotFound(f"segment {segment.name} (id {segment.id}) was deleted: the "
+                            "writes since the last sync are not published")
+        return fenced
 
     def write_from(self, attachment: Attachment, offset: int, length: int,
                    address: int) -> None:

@@ -211,6 +211,28 @@ def test_writer_stopped_past_its_lease_is_fenced(two):
         writer.wait()
 
 
+def test_a_remote_writer_whose_segment_was_deleted_gets_not_found(two):
+    """A delete on the home, which holds no attachment of it, frees the segment at once,
+    its writer lock with it (copies elsewhere do not hold a segment). The remote
+    writer's agent finds the lock gone at its next renewal; its sync then says why:
+    NotFound, the segment was deleted -- not Fenced, which would send its writer to
+    attach "rw" again."""
+    running, c1, c2 = two
+    node2 = running.nodes[1]
+    fill(c1, "pub/deleted", 1 * MiB)
+    with c2.attach("pub/deleted", "rw") as writer:
+        segment_id = writer.info.id
+        writer.write(0, b"LOST")
+        c1.delete("pub/deleted")
+        wait_for(lambda: "writer lock of pub/deleted" in log_of(node2),
+                 "node2 to find the lock gone", timeout=10)
+        with pytest.raises(vas.NotFound) as deleted:
+            writer.sync()
+        assert str(deleted.value) == (f"segment pub/deleted (id {segment_id}) was deleted: "
+                                      "the writes since the last sync are not published")
+    assert "pub/deleted" not in [s.name for s in c1.list()]
+
+
 def test_node_service_refuses_bad_publishes(two):
     """Node.WritePages / ChunkHashes called directly: each bad input gets its status and the
     home bytes stay as they were."""
