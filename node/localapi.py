@@ -46,7 +46,11 @@ def one_line(text: str) -> str:
 
 def check_userfaultfd(fd: int) -> None:
     """InvalidArgument unless ``fd`` is a userfaultfd: the fault resolvers poll it, and
-    another kind (a pipe whose writer is gone) would be ready forever."""
+    another kind (a pipe whose writer is gone) would be ready forever. Made
+    non-blocking (the flag belongs to the open file, which the client shares): the
+    resolver that polls reads one fault after the poll, and a blocking read of a fault
+    gone meanwhile (its thread woken, or read by another holder of the file) would
+    stop every lazy mapping of this agent behind it."""
     try:
         target = os.readlink(f"/proc/self/fd/{fd}")
     except OSError as exc:
@@ -54,6 +58,7 @@ def check_userfaultfd(fd: int) -> None:
                               f"({exc.strerror})") from exc
     if target != _USERFAULTFD:
         raise InvalidArgument(f"RegisterFaults needs a userfaultfd, not {_kind(target)}")
+    os.set_blocking(fd, False)
 
 
 def _kind(target: str) -> str:

@@ -233,6 +233,37 @@ def test_a_pipe_is_no_userfaultfd_and_costs_no_cpu(limited, nobody):
     print(f"agent CPU over 3 s after the pipe: {spent:.2f} s")
 
 
+BLOCKING = """
+    import fcntl
+    from vas import _native
+    path, name, size = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    raw = Raw(path)
+    response, fds = raw.call(attach=local_pb2.AttachRequest(
+        name=name, mode="r", fetch="lazy", fault_support=local_pb2.FAULT_SUPPORT_USERFAULTFD))
+    for fd in fds:
+        os.close(fd)
+    uffd = _native.userfaultfd(os.O_CLOEXEC | 1)  # blocking; UFFD_USER_MODE_ONLY
+    _native.uffd_api(uffd)
+    register = local_pb2.RegisterFaultsRequest(
+        attachment_id=response.attach.attachment_id, address=1 << 40, size=size)
+    result = outcome(lambda: raw.call([uffd], register_faults=register))
+    say(result=result, nonblocking=bool(fcntl.fcntl(uffd, fcntl.F_GETFL) & os.O_NONBLOCK))
+"""
+
+
+@pytest.mark.skipif(not userfaultfd_available(), reason="userfaultfd with shmem faults unavailable")
+def test_a_blocking_userfaultfd_is_made_non_blocking(limited, nobody):
+    """The resolver that polls reads one fault after the poll: a blocking read of a fault
+    gone meanwhile would stop every lazy mapping of the agent behind it. The agent sets
+    O_NONBLOCK on the open file, which the client shares (and sees)."""
+    home, node = limited.nodes
+    with vas.connect(home.socket) as creator:
+        creator.create("faults/blocking", 64 * PAGE, mode=0o644)
+        child = nobody(BLOCKING, node.socket, "faults/blocking", str(64 * PAGE))
+        assert child.line() == {"result": "ok", "nonblocking": True}
+        child.finish()
+
+
 WAITER = """
     path, name, count, seconds = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
     raws = [Raw(path) for _ in range(count)]
