@@ -622,7 +622,7 @@ class Mapping:
         broken connection its methods and detach see ``connection.closed``): a
         WeakSet entry per member cost ~2 us of every switch."""
         kept = object.__new__(Mapping)
-        kept.__dict__.update(self.__dict__)
+        kept.__dict__ = self.__dict__.copy()  # (dict.update was ~2.5 times as long)
         self._detached = True
         self._connection = self._native = self._view = None
         return kept
