@@ -678,6 +678,40 @@ def test_switch_asks_nothing_until_the_agents_change_counter_moves(cluster, monk
         there.delete_space("kc/S")
 
 
+def test_switch_between_spaces_asks_nothing_for_the_members_both_keep(client, monkeypatch):
+    """A={x, y}, B={z, w "rw", y}, the counter standing still: back and forth, y is reused
+    with no request at all (the same attachment, its bytes), the others are attached and
+    let go as each space needs them, and each view lists its members in the space's order."""
+    fill = {"kb/x": 1, "kb/y": 2, "kb/z": 3, "kb/w": 4}
+    for name, byte in fill.items():
+        client.create(name, 64 * 1024)
+        _fill(client, name, byte)
+    spaces = {"kb/A": [("kb/x", "r"), ("kb/y", "r")],
+              "kb/B": [("kb/z", "r"), ("kb/w", "rw"), ("kb/y", "r")]}
+    for space, members in spaces.items():
+        client.create_space(space)
+        for member, mode in members:
+            client.space_add(space, member, mode)
+    for space in ("kb/A", "kb/B", "kb/A"):  # every member mapped once, both spaces read
+        with client.switch(space) as view:
+            y_attachment = view["kb/y"]._attachment_id
+    sent = _requests(monkeypatch, client)
+    for space in ("kb/B", "kb/A", "kb/B", "kb/A"):
+        with client.switch(space) as view:
+            assert [(n, view[n].mode) for n in view] == spaces[space]
+            assert view["kb/y"]._attachment_id == y_attachment
+            assert {n: view[n].read(0, 2) for n in view} == {n: bytes([fill[n]]) * 2 for n in view}
+    # Into B: z and w attached, x let go; into A: x attached, z let go (w left with B's block).
+    assert "revalidate" not in sent and sent.count("attach") == 2 + 1 + 2 + 1
+    assert sent.count("detach") == 1 + 2 + 1 + 2
+    wait_for(lambda: [_attachments(client, n) for n in fill] == [1, 1, 0, 0],
+             what="x and y counted as kept attachments, z and w let go")
+    for space in spaces:
+        client.delete_space(space)
+    for name in fill:
+        client.delete(name)
+
+
 def _switch_fails(client, space: str) -> bool:
     try:
         with client.switch(space):
