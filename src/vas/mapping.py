@@ -627,6 +627,15 @@ class Mapping:
         self._connection = self._native = self._view = None
         return kept
 
+    def _detached_copy(self, version: int) -> "Mapping":
+        """A detached Mapping of this one's segment at ``version``: what ``_hand_over``
+        leaves behind, for a switch member its caller first asks for after the block
+        (the switch kept this one without handing it over: vas/spaceview.py)."""
+        user = object.__new__(Mapping)
+        user.__dict__ = {**self.__dict__, "_detached": True, "_connection": None,
+                         "_native": None, "_view": None, "_version": version}
+        return user
+
     def _revalidated(self, version: int, generation: int) -> None:
         """The agent said this mapping is still current, its pages at ``version``, and
         will be while its change counter shows ``generation`` (0: no such promise)."""

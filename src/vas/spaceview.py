@@ -62,6 +62,11 @@ class SpaceView(collections.abc.Mapping):
         self._space = space
         self._info: SpaceInfo | None = None
         self._mappings = mappings
+        # The members whose Mapping the caller was given (by __getitem__: every other
+        # way in, values(), items(), get(), goes through it), and once the block is
+        # left, the version of each member kept without being given: see _leave.
+        self._given: set[str] = set()
+        self._left: dict[str, int] | None = None
 
     @property
     def info(self) -> SpaceInfo:
@@ -71,9 +76,14 @@ class SpaceView(collections.abc.Mapping):
 
     def __getitem__(self, name: str) -> Mapping:
         try:
-            return self._mappings[name]
+            mapping = self._mappings[name]
         except KeyError:
             raise KeyError(f"segment {name!r} is not a member of space {self._space.name!r}") from None
+        left = self._left
+        if left is not None and name in left:  # kept as it was: the caller gets its own
+            mapping = self._mappings[name] = mapping._detached_copy(left.pop(name))
+        self._given.add(name)
+        return mapping
 
     def __iter__(self):
         return iter(self._mappings)
@@ -86,16 +96,28 @@ class SpaceView(collections.abc.Mapping):
 
     def _leave(self, kept: "KeptMembers", leaving: BaseException | None = None) -> None:
         """The block ends: every member's ``Mapping`` is detached for the user; the live
-        "r" ones hand their pages over to ``kept`` (in the view's order), the others are
-        detached, last first. Raise the first detach error, or, when the block is left
-        by ``leaving``, add the errors to it as notes (never replacing it)."""
+        "r" ones go to ``kept`` (in the view's order), the others are detached, last
+        first. Raise the first detach error, or, when the block is left by ``leaving``,
+        add the errors to it as notes (never replacing it).
+
+        A Mapping the caller was given ends detached, its pages handed over to a new
+        one (``Mapping._hand_over``); one it was not given is kept as it is, nobody
+        else holding it (the hand-over, ~0.5 us a member, was most of a switch that
+        touches no member), and the caller asking for it later gets a detached copy
+        at the version it had here."""
+        given = self._given
         handed: dict[str, Mapping] = {}
+        left: dict[str, int] = {}
         others = []
         for name, mapping in self._mappings.items():
-            if mapping.mode == "r" and not mapping._detached:
+            if mapping.mode != "r" or mapping._detached:
+                others.append(mapping)
+            elif name in given:
                 handed[name] = mapping._hand_over()
             else:
-                others.append(mapping)
+                handed[name] = mapping
+                left[name] = mapping._version
+        self._left = left
         kept.add(handed)
         first: BaseException | None = None
         for mapping in reversed(others):

@@ -706,6 +706,25 @@ def test_switch_between_spaces_asks_nothing_for_the_members_both_keep(client, mo
     assert sent.count("detach") == 1 + 2 + 1 + 2
     wait_for(lambda: [_attachments(client, n) for n in fill] == [1, 1, 0, 0],
              what="x and y counted as kept attachments, z and w let go")
+
+    # A member first asked for after its block: a detached Mapping, at the version it had
+    # then, though the kept one was revalidated at a newer version since.
+    with client.switch("kb/A") as untouched:
+        assert list(untouched) == ["kb/x", "kb/y"]
+    version = client.stat("kb/x").version
+    assert _fill(client, "kb/x", 9) > version
+    with client.switch("kb/A") as view:
+        assert view["kb/x"].read(0, 2) == b"\x09\x09" and view["kb/x"].version > version
+        kept_x = view["kb/x"]
+    late = untouched["kb/x"]
+    assert late.detached and late.version == version and untouched["kb/x"] is late
+    assert late._attachment_id == kept_x._attachment_id and late is not kept_x
+    with pytest.raises(vas.InvalidArgument):
+        late.read(0, 1)
+    assert kept_x.detached  # given in its block: detached at its end as before
+    with client.switch("kb/A") as view:  # the pages the first block kept, still mapped
+        assert view["kb/x"]._attachment_id == kept_x._attachment_id
+        assert view["kb/x"].read(0, 2) == b"\x09\x09"
     for space in spaces:
         client.delete_space(space)
     for name in fill:
