@@ -696,6 +696,10 @@ def test_switch_between_spaces_asks_nothing_for_the_members_both_keep(client, mo
         with client.switch(space) as view:
             y_attachment = view["kb/y"]._attachment_id
     sent = _requests(monkeypatch, client)
+    for bad in ("", "kb/../A", None, ["kb/A"]):  # refused before the kept members are touched
+        with pytest.raises(vas.InvalidArgument, match="invalid space name"):
+            with client.switch(bad):
+                pass
     for space in ("kb/B", "kb/A", "kb/B", "kb/A"):
         with client.switch(space) as view:
             assert [(n, view[n].mode) for n in view] == spaces[space]
