@@ -735,6 +735,25 @@ def test_switch_between_spaces_asks_nothing_for_the_members_both_keep(client, mo
         client.delete(name)
 
 
+def test_peer_gone_asked_by_many_threads_at_once(client):
+    """The connection polls its socket with one poll object, which Python refuses to a
+    second thread while another is in poll(2) on it: peer_gone (every switch's check, and
+    the default connection's before each use) then polls with one of its own."""
+    answers, errors = [], []
+
+    def ask():
+        try:
+            answers.extend(client._connection.peer_gone() for _ in range(5000))
+        except Exception as exc:  # noqa: BLE001  (the assertion below shows it)
+            errors.append(exc)
+    threads = [threading.Thread(target=ask) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert errors == [] and answers == [False] * 20000
+
+
 def _switch_fails(client, space: str) -> bool:
     try:
         with client.switch(space):
