@@ -85,6 +85,9 @@ class SpaceView(collections.abc.Mapping):
         self._given.add(name)
         return mapping
 
+    def __contains__(self, name: object) -> bool:  # gives no Mapping (the mixin's would)
+        return name in self._mappings
+
     def __iter__(self):
         return iter(self._mappings)
 
