@@ -20,7 +20,6 @@ import builtins
 import contextlib
 import os
 import threading
-from typing import Iterator
 
 from vas import datasets
 from vas.connection import Connection, close_fds
@@ -30,7 +29,7 @@ from vas.core.errors import InvalidArgument, VasError
 from vas.core.fetch import probe_fault_support, write_protect_available
 from vas.core.types import NodeInfo, SegmentInfo, SpaceInfo, cluster_status
 from vas.mapping import Mapping
-from vas.spaceview import KeptMembers, SpaceView, switch_in
+from vas.spaceview import KeptMembers, Switch
 from vas.proto import coordinator_pb2, local_pb2
 
 #: Segments asked for per ListSegments page.
@@ -431,8 +430,7 @@ class Client:
         validate.check_name(name, "space")
         self._space("delete", coordinator_pb2.DeleteSpaceRequest(name=name), None)
 
-    @contextlib.contextmanager
-    def switch(self, space: str) -> Iterator["SpaceView"]:
+    def switch(self, space: str) -> Switch:
         """Attach every member of ``space`` at its own fixed address, for a ``with`` block.
 
         Each member is attached with the mode it was added with. If one attach
@@ -444,7 +442,8 @@ class Client:
         by a switch that does not need them, a ``delete`` or ``fixed=True`` attach
         of the segment from this Client, and ``close()`` (vas/spaceview.py).
 
-        :yields: a ``SpaceView``: ``view[segment_name]`` is that member's ``Mapping``.
+        :returns: a context manager (``vas.spaceview.Switch``) whose ``with`` yields a
+            ``SpaceView``: ``view[segment_name]`` is that member's ``Mapping``.
             Leaving the block by an exception never replaces that exception.
         :raises NotFound: no such space, or a member segment is gone.
         :raises AddressConflict: a member's range is already mapped in this process.
@@ -455,14 +454,7 @@ class Client:
             with c.switch("model") as view:
                 head = view["nodes"].read(0, 64)
         """
-        validate.check_name(space, "space")
-        view = SpaceView(*switch_in(self, space))
-        try:
-            yield view
-        except BaseException as exc:
-            view._leave(self._kept, exc)
-            raise
-        view._leave(self._kept)
+        return Switch(self, space)
 
     # -- cluster ------------------------------------------------------------------
 

@@ -39,6 +39,7 @@ import collections.abc
 import threading
 from typing import TYPE_CHECKING
 
+from vas.core import validate
 from vas.core.errors import VasError
 from vas.core.fetch import FetchMode
 from vas.core.types import SpaceInfo
@@ -52,18 +53,40 @@ class SpaceView(collections.abc.Mapping):
     """The members of a space while switched into it: ``view[name]`` is a ``Mapping``.
 
     Iterates over segment names in the order they were added; ``view.info`` is
-    the ``SpaceInfo`` read when switching.
+    the ``SpaceInfo`` read when switching (the view's own copy).
     """
 
-    def __init__(self, info: SpaceInfo, mappings: dict[str, Mapping]):
-        self.info = info
+    def __init__(self, space: SpaceInfo, mappings: dict[str, Mapping]):
+        # Shared with KeptMembers and never changed; ``info`` copies it on first use
+        # (the copy, a frozen dataclass built anew, was ~2 us of every switch).
+        self._space = space
+        self._info: SpaceInfo | None = None
         self._mappings = mappings
+        # The members whose Mapping the caller was given (by __getitem__: every other
+        # way in, values(), items(), get(), goes through it), and once the block is
+        # left, the version of each member kept without being given: see _leave.
+        self._given: set[str] = set()
+        self._left: dict[str, int] | None = None
+
+    @property
+    def info(self) -> SpaceInfo:
+        if self._info is None:
+            self._info = _own_copy(self._space)
+        return self._info
 
     def __getitem__(self, name: str) -> Mapping:
         try:
-            return self._mappings[name]
+            mapping = self._mappings[name]
         except KeyError:
-            raise KeyError(f"segment {name!r} is not a member of space {self.info.name!r}") from None
+            raise KeyError(f"segment {name!r} is not a member of space {self._space.name!r}") from None
+        left = self._left
+        if left is not None and name in left:  # kept as it was: the caller gets its own
+            mapping = self._mappings[name] = mapping._detached_copy(left.pop(name))
+        self._given.add(name)
+        return mapping
+
+    def __contains__(self, name: object) -> bool:  # gives no Mapping (the mixin's would)
+        return name in self._mappings
 
     def __iter__(self):
         return iter(self._mappings)
@@ -72,28 +95,64 @@ class SpaceView(collections.abc.Mapping):
         return len(self._mappings)
 
     def __repr__(self) -> str:
-        return f"<vas.SpaceView {self.info.name} {builtins.list(self._mappings)}>"
+        return f"<vas.SpaceView {self._space.name} {builtins.list(self._mappings)}>"
 
     def _leave(self, kept: "KeptMembers", leaving: BaseException | None = None) -> None:
         """The block ends: every member's ``Mapping`` is detached for the user; the live
-        "r" ones hand their pages over to ``kept``, the others are detached. Raise the
-        first detach error, or, when the block is left by ``leaving``, add the errors
-        to it as notes (never replacing it)."""
+        "r" ones go to ``kept`` (in the view's order), the others are detached, last
+        first. Raise the first detach error, or, when the block is left by ``leaving``,
+        add the errors to it as notes (never replacing it).
+
+        A Mapping the caller was given ends detached, its pages handed over to a new
+        one (``Mapping._hand_over``); one it was not given is kept as it is, nobody
+        else holding it (the hand-over, ~0.5 us a member, was most of a switch that
+        touches no member), and the caller asking for it later gets a detached copy
+        at the version it had here."""
+        given = self._given
+        handed: dict[str, Mapping] = {}
+        left: dict[str, int] = {}
+        others = []
+        for name, mapping in self._mappings.items():
+            if mapping.mode != "r" or mapping._detached:
+                others.append(mapping)
+            elif name in given:
+                handed[name] = mapping._hand_over()
+            else:
+                handed[name] = mapping
+                left[name] = mapping._version
+        self._left = left
+        kept.add(handed)
         first: BaseException | None = None
-        handed = []
-        for mapping in reversed(builtins.list(self._mappings.values())):
-            if mapping.mode == "r" and not mapping.detached:
-                handed.append(mapping._hand_over())
-                continue
+        for mapping in reversed(others):
             try:
                 mapping.detach()
             except VasError as exc:
                 if leaving is not None:
                     leaving.add_note(f"and detaching segment {mapping.name} failed: {exc!r}")
                 first = first or exc
-        kept.add(handed)
         if first is not None and leaving is None:
             raise first
+
+
+class Switch:
+    """What ``Client.switch`` returns: switches in at ``__enter__`` (the view), leaves at
+    ``__exit__``. A class rather than ``contextlib.contextmanager``, whose generator
+    and its frames cost ~2 us of every switch."""
+
+    __slots__ = ("_client", "_space", "_view")
+
+    def __init__(self, client: "Client", space: str):
+        self._client = client
+        self._space = space
+        self._view: SpaceView | None = None
+
+    def __enter__(self) -> SpaceView:
+        self._view = SpaceView(*switch_in(self._client, self._space))
+        return self._view
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        view, self._view = self._view, None
+        view._leave(self._client._kept, exc)  # raises a detach error only without ``exc``
 
 
 class KeptMembers:
@@ -101,7 +160,8 @@ class KeptMembers:
     the spaces the agent's last Revalidates read, while its change counter shows the
     value they were read at (see the module docstring). Thread-safe; the mappings are
     reused or released by the Client (``Client.switch``, ``delete``,
-    ``attach(fixed=True)``, ``close``)."""
+    ``attach(fixed=True)``, ``close``). The spaces are shared with the views of the
+    switches that read them: nobody changes them (``SpaceView.info`` is a copy)."""
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -112,13 +172,11 @@ class KeptMembers:
     def space_at(self, name: str, generation: int) -> SpaceInfo | None:
         """Space ``name`` as read at change counter ``generation``, if it was."""
         with self._lock:
-            info = self._spaces.get(name) if generation == self._spaces_generation else None
-        return None if info is None else _own_copy(info)
+            return self._spaces.get(name) if generation == self._spaces_generation else None
 
     def remember_space(self, name: str, info: SpaceInfo, generation: int) -> None:
         """Space ``name`` was ``info`` at ``generation`` (0: it holds at none); the
         spaces read at older values are forgotten."""
-        info = _own_copy(info)
         with self._lock:
             if not generation or generation < self._spaces_generation:
                 return
@@ -126,17 +184,20 @@ class KeptMembers:
                 self._spaces, self._spaces_generation = {}, generation
             self._spaces[name] = info
 
-    def add(self, mappings: list[Mapping]) -> None:
-        """Keep ``mappings``; one kept before of the same segment is detached."""
+    def add(self, mappings: dict[str, Mapping]) -> None:
+        """Keep ``mappings`` (by segment name; the dict is kept's now); one kept before of
+        the same segment is detached."""
         with self._lock:
-            old = [self._mappings.pop(mapping.name, None) for mapping in mappings]
-            self._mappings.update((mapping.name, mapping) for mapping in mappings)
+            if not self._mappings:  # the usual case: the last switch took them all
+                self._mappings, old = mappings, ()
+            else:
+                old = [self._mappings.pop(name) for name in mappings if name in self._mappings]
+                self._mappings.update(mappings)
         for mapping in old:
-            if mapping is not None:
-                detach_quietly(mapping)
+            detach_quietly(mapping)
 
     def take(self) -> dict[str, Mapping]:
-        """Every kept mapping, now the caller's (to reuse or detach)."""
+        """Every kept mapping, by segment name, now the caller's (to reuse or detach)."""
         with self._lock:
             mappings, self._mappings = self._mappings, {}
         return mappings
@@ -160,28 +221,34 @@ def _own_copy(info: SpaceInfo) -> SpaceInfo:
 
 
 def switch_in(client: "Client", space: str) -> tuple[SpaceInfo, dict[str, Mapping]]:
-    """Space ``space`` and its members mapped at their addresses: the kept "r" ones that
-    are current (``_current_kept``), attached for the others; kept ones the space does
-    not have, or not current, are detached first (their addresses are free to attach
-    again). On a failure every member mapped is detached and the error raised."""
-    kept = builtins.list(client._kept.take().values())
+    """Space ``space`` and its members mapped at their addresses, in the space's order:
+    the kept "r" ones that are current (``_current_kept``), attached for the others;
+    kept ones the space does not have, or not current, are detached first (their
+    addresses are free to attach again). On a failure every member mapped is detached
+    and the error raised."""
     # Read before any attach below is sent: an attach's answer holds at it (or later).
     generation = client._connection.changes()
+    known = (client._kept.space_at(space, generation)
+             if generation and isinstance(space, str) else None)
+    if known is None:  # a name remembered was checked when it was read (~1 us saved)
+        validate.check_name(space, "space")
+    kept = client._kept.take()
     try:
-        info, current = _current_kept(client, space, kept, generation)
+        info, reused = _current_kept(client, space, kept, generation, known)
     except BaseException:
-        for mapping in kept:
+        for mapping in kept.values():
             detach_quietly(mapping)
         raise
-    reused = {}
-    for mapping in kept:
-        if mapping._attachment_id in current and info.members.get(mapping.name) == "r":
-            reused[mapping.name] = mapping
-        else:
-            detach_quietly(mapping)
+    if len(reused) != len(kept):
+        for name, mapping in kept.items():
+            if name not in reused:
+                detach_quietly(mapping)
+    members = info.members
+    if len(reused) == len(members):  # every member reused (the usual switch back)
+        return info, reused
     mappings: dict[str, Mapping] = {}
     try:
-        for segment, mode in info.members.items():
+        for segment, mode in members.items():
             mapping = reused.pop(segment, None)
             mappings[segment] = mapping or _attach_member(client, segment, mode, generation)
     except BaseException:
@@ -191,26 +258,35 @@ def switch_in(client: "Client", space: str) -> tuple[SpaceInfo, dict[str, Mappin
     return info, mappings
 
 
-def _current_kept(client: "Client", space: str, kept: list[Mapping],
-                  generation: int | None) -> tuple[SpaceInfo, set[int]]:
-    """The space and the attachment ids of the kept mappings that are current: without a
-    request while the agent's change counter still shows ``generation`` and the space
-    and every kept "r" member were known at it; else asked (one Revalidate)."""
-    if generation is not None:
-        info = client._kept.space_at(space, generation)
-        if info is not None and all(mapping._generation == generation for mapping in kept
-                                    if info.members.get(mapping.name) == "r"):
-            return info, {mapping._attachment_id for mapping in kept}
+def _current_kept(client: "Client", space: str, kept: dict[str, Mapping],
+                  generation: int | None, known: SpaceInfo | None
+                  ) -> tuple[SpaceInfo, dict[str, Mapping]]:
+    """The space and the kept mappings that are current "r" members of it, by name in
+    the space's order: without a request while the agent's change counter still shows
+    ``generation``, the space was ``known`` at it and every kept "r" member is known
+    current at it; else asked (one Revalidate)."""
+    if known is not None:
+        reused = {}
+        for name, mode in known.members.items():
+            mapping = kept.get(name) if mode == "r" else None
+            if mapping is not None:
+                if mapping._generation != generation:
+                    break
+                reused[name] = mapping
+        else:
+            return known, reused
+    asked = builtins.list(kept.values())
     proto, answers, generation = client._connection.revalidate(
-        space, [mapping._attachment_id for mapping in kept])
+        space, [mapping._attachment_id for mapping in asked])
     current = set()
-    for mapping, answer in zip(kept, answers):
+    for mapping, answer in zip(asked, answers):
         if answer.current:
             mapping._revalidated(int(answer.version), generation)
-            current.add(mapping._attachment_id)
+            current.add(mapping.name)
     info = SpaceInfo.from_proto(proto)
     client._kept.remember_space(space, info, generation)
-    return info, current
+    return info, {name: kept[name] for name, mode in info.members.items()
+                  if mode == "r" and name in current}
 
 
 def _attach_member(client: "Client", segment: str, mode: str, generation: int | None) -> Mapping:

@@ -678,6 +678,82 @@ def test_switch_asks_nothing_until_the_agents_change_counter_moves(cluster, monk
         there.delete_space("kc/S")
 
 
+def test_switch_between_spaces_asks_nothing_for_the_members_both_keep(client, monkeypatch):
+    """A={x, y}, B={z, w "rw", y}, the counter standing still: back and forth, y is reused
+    with no request at all (the same attachment, its bytes), the others are attached and
+    let go as each space needs them, and each view lists its members in the space's order."""
+    fill = {"kb/x": 1, "kb/y": 2, "kb/z": 3, "kb/w": 4}
+    for name, byte in fill.items():
+        client.create(name, 64 * 1024)
+        _fill(client, name, byte)
+    spaces = {"kb/A": [("kb/x", "r"), ("kb/y", "r")],
+              "kb/B": [("kb/z", "r"), ("kb/w", "rw"), ("kb/y", "r")]}
+    for space, members in spaces.items():
+        client.create_space(space)
+        for member, mode in members:
+            client.space_add(space, member, mode)
+    for space in ("kb/A", "kb/B", "kb/A"):  # every member mapped once, both spaces read
+        with client.switch(space) as view:
+            y_attachment = view["kb/y"]._attachment_id
+    sent = _requests(monkeypatch, client)
+    for bad in ("", "kb/../A", None, ["kb/A"]):  # refused before the kept members are touched
+        with pytest.raises(vas.InvalidArgument, match="invalid space name"):
+            with client.switch(bad):
+                pass
+    for space in ("kb/B", "kb/A", "kb/B", "kb/A"):
+        with client.switch(space) as view:
+            assert [(n, view[n].mode) for n in view] == spaces[space]
+            assert view["kb/y"]._attachment_id == y_attachment
+            assert {n: view[n].read(0, 2) for n in view} == {n: bytes([fill[n]]) * 2 for n in view}
+    # Into B: z and w attached, x let go; into A: x attached, z let go (w left with B's block).
+    assert "revalidate" not in sent and sent.count("attach") == 2 + 1 + 2 + 1
+    assert sent.count("detach") == 1 + 2 + 1 + 2
+    wait_for(lambda: [_attachments(client, n) for n in fill] == [1, 1, 0, 0],
+             what="x and y counted as kept attachments, z and w let go")
+
+    # A member first asked for after its block: a detached Mapping, at the version it had
+    # then, though the kept one was revalidated at a newer version since.
+    with client.switch("kb/A") as untouched:
+        assert list(untouched) == ["kb/x", "kb/y"] and "kb/x" in untouched
+    version = client.stat("kb/x").version
+    assert _fill(client, "kb/x", 9) > version
+    with client.switch("kb/A") as view:
+        assert view["kb/x"].read(0, 2) == b"\x09\x09" and view["kb/x"].version > version
+        kept_x = view["kb/x"]
+    late = untouched["kb/x"]
+    assert late.detached and late.version == version and untouched["kb/x"] is late
+    assert late._attachment_id == kept_x._attachment_id and late is not kept_x
+    with pytest.raises(vas.InvalidArgument):
+        late.read(0, 1)
+    assert kept_x.detached  # given in its block: detached at its end as before
+    with client.switch("kb/A") as view:  # the pages the first block kept, still mapped
+        assert view["kb/x"]._attachment_id == kept_x._attachment_id
+        assert view["kb/x"].read(0, 2) == b"\x09\x09"
+    for space in spaces:
+        client.delete_space(space)
+    for name in fill:
+        client.delete(name)
+
+
+def test_peer_gone_asked_by_many_threads_at_once(client):
+    """The connection polls its socket with one poll object, which Python refuses to a
+    second thread while another is in poll(2) on it: peer_gone (every switch's check, and
+    the default connection's before each use) then polls with one of its own."""
+    answers, errors = [], []
+
+    def ask():
+        try:
+            answers.extend(client._connection.peer_gone() for _ in range(5000))
+        except Exception as exc:  # noqa: BLE001  (the assertion below shows it)
+            errors.append(exc)
+    threads = [threading.Thread(target=ask) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert errors == [] and answers == [False] * 20000
+
+
 def _switch_fails(client, space: str) -> bool:
     try:
         with client.switch(space):

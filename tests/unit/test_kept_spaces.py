@@ -3,7 +3,7 @@ at the change counter value they were read at, never an older answer over a newe
 from __future__ import annotations
 
 from vas.core.types import SpaceInfo
-from vas.spaceview import KeptMembers
+from vas.spaceview import KeptMembers, SpaceView
 
 
 def space(name: str, *members: str) -> SpaceInfo:
@@ -25,11 +25,11 @@ def test_a_space_is_reused_only_at_the_value_it_was_read_at():
     assert kept.space_at("B", 8) is None and kept.space_at("B", 9) is None
 
 
-def test_each_switch_gets_its_own_copy():
+def test_each_view_gets_its_own_copy_of_the_space():
     kept = KeptMembers()
-    read = space("A", "x")
-    kept.remember_space("A", read, 3)
-    read.members["mine"] = "rw"  # the view that read it changes its own copy only
-    first = kept.space_at("A", 3)
-    first.members["also mine"] = "rw"
+    kept.remember_space("A", space("A", "x"), 3)
+    first = SpaceView(kept.space_at("A", 3), {})
+    first.info.members["mine"] = "rw"  # a view changes its own copy only
+    assert first.info.members == {"x": "r", "mine": "rw"}
     assert kept.space_at("A", 3).members == {"x": "r"}
+    assert SpaceView(kept.space_at("A", 3), {}).info.members == {"x": "r"}
