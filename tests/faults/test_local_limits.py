@@ -200,17 +200,21 @@ def test_userfaultfds_past_the_limit_are_refused_per_uid(limited, nobody):
         child.finish()
 
 
-PIPER = """
+#: A child's lazy attach, raw, up to the RegisterFaults request it would send.
+LAZY_ATTACHED = """
     path, name, size = sys.argv[1], sys.argv[2], int(sys.argv[3])
     raw = Raw(path)
     response, fds = raw.call(attach=local_pb2.AttachRequest(
         name=name, mode="r", fetch="lazy", fault_support=local_pb2.FAULT_SUPPORT_USERFAULTFD))
     for fd in fds:
         os.close(fd)
-    read_end, write_end = os.pipe()
-    os.close(write_end)                          # ready forever: POLLHUP
     register = local_pb2.RegisterFaultsRequest(
         attachment_id=response.attach.attachment_id, address=1 << 40, size=size)
+"""
+
+PIPER = LAZY_ATTACHED + """
+    read_end, write_end = os.pipe()
+    os.close(write_end)                          # ready forever: POLLHUP
     result = outcome(lambda: raw.call([read_end], register_faults=register))
     say(result=result)
     sys.stdin.readline()
@@ -233,19 +237,11 @@ def test_a_pipe_is_no_userfaultfd_and_costs_no_cpu(limited, nobody):
     print(f"agent CPU over 3 s after the pipe: {spent:.2f} s")
 
 
-BLOCKING = """
+BLOCKING = LAZY_ATTACHED + """
     import fcntl
     from vas import _native
-    path, name, size = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    raw = Raw(path)
-    response, fds = raw.call(attach=local_pb2.AttachRequest(
-        name=name, mode="r", fetch="lazy", fault_support=local_pb2.FAULT_SUPPORT_USERFAULTFD))
-    for fd in fds:
-        os.close(fd)
     uffd = _native.userfaultfd(os.O_CLOEXEC | 1)  # blocking; UFFD_USER_MODE_ONLY
     _native.uffd_api(uffd)
-    register = local_pb2.RegisterFaultsRequest(
-        attachment_id=response.attach.attachment_id, address=1 << 40, size=size)
     result = outcome(lambda: raw.call([uffd], register_faults=register))
     say(result=result, nonblocking=bool(fcntl.fcntl(uffd, fcntl.F_GETFL) & os.O_NONBLOCK))
 """
