@@ -177,10 +177,15 @@ class Bench:
             return eager_round(home, reader, self.home_env, self.name(), self.size, seed,
                                counter=self.home_sent, quiet=self.quiet)
 
-    def together(self, readers: list[int], seed: int) -> tuple[float, int]:
+    def agents_cpu(self) -> float:
+        """CPU seconds every agent process used so far (all threads)."""
+        return sum(cpu_seconds(node.proc.pid) for node in self.hosts.nodes)
+
+    def together(self, readers: list[int], seed: int) -> tuple[float, int, float]:
         """``readers`` attach one fresh segment eagerly at the same moment (a thread
-        each); the seconds from the first attach call to the last return, and the bytes
-        the home sent meanwhile. Every reader's bytes are checked afterwards."""
+        each); the seconds from the first attach call to the last return, the bytes
+        the home sent and the CPU seconds all agents used meanwhile. Every reader's
+        bytes are checked afterwards."""
         import vas
         self.settle()
         self.used.update(readers)
@@ -190,9 +195,10 @@ class Bench:
             try:
                 want = run_writer(self.home_env, name, seed, 300)
                 self.quiet()
-                before = self.home_sent()
+                before, cpu = self.home_sent(), self.agents_cpu()
                 seconds = attach_at_once([self.socket(r) for r in readers], name, want)
-                return seconds, self.home_sent() - before
+                cpu = self.agents_cpu() - cpu
+                return seconds, self.home_sent() - before, cpu
             finally:
                 delete_quietly(home, name)
 
@@ -303,6 +309,7 @@ def fanout_phase(out: dict, bench: Bench, prefix: str, unlimited: bool) -> None:
     unlimited link raw TCP too, after a round of each that is not counted (so every
     reader's agent and receive buffer is warm; a shaped link is slower than either)."""
     alone, together, sent_alone, sent_together = [], [], [], []
+    cpu_alone, cpu_together = [], []
     tcp_alone: dict[int, list[float]] = {k: [] for k in (1, MAX_STREAMS)}
     tcp_together: dict[int, list[float]] = {k: [] for k in (1, MAX_STREAMS)}
     readers = bench.readers
@@ -312,12 +319,14 @@ def fanout_phase(out: dict, bench: Bench, prefix: str, unlimited: bool) -> None:
             bench.tcp_bulk(readers, k, fresh=False)
     for r in range(bench.repeats):
         one = readers[r % len(readers)]
-        seconds, moved = bench.together([one], bench.seed + r)
+        seconds, moved, cpu = bench.together([one], bench.seed + r)
         alone.append(seconds)
         sent_alone.append(moved / bench.size)
-        seconds, moved = bench.together(readers, bench.seed + r)
+        cpu_alone.append(cpu)
+        seconds, moved, cpu = bench.together(readers, bench.seed + r)
         together.append(seconds)
         sent_together.append(moved / bench.size)
+        cpu_together.append(cpu)
         for k in tcp_alone if unlimited else ():
             tcp_alone[k].append(bench.tcp_bulk([one], k, fresh=False))
             tcp_together[k].append(bench.tcp_bulk(readers, k, fresh=False))
@@ -325,6 +334,8 @@ def fanout_phase(out: dict, bench: Bench, prefix: str, unlimited: bool) -> None:
         stats(out, f"{prefix}_readers_s", together)
         stats(out, f"{prefix}_one_reader_home_sent_per_byte", sent_alone)
         stats(out, f"{prefix}_readers_home_sent_per_byte", sent_together)
+        stats(out, f"{prefix}_one_reader_cpu_s", cpu_alone)
+        stats(out, f"{prefix}_readers_cpu_s", cpu_together)
         for k in tcp_alone if unlimited else ():
             stats(out, f"{prefix}_{tcp_key(k)}_one_receiver_s", tcp_alone[k])
             stats(out, f"{prefix}_{tcp_key(k)}_receivers_s", tcp_together[k])
@@ -344,9 +355,10 @@ PHASE_KEYS = {  # the figures each phase nulls when it fails or is skipped
     "shaped": ["shaped_cold_gbps", "shaped_warm_gbps", "shaped_tcp1_cold_gbps",
                "shaped_tcp1_warm_gbps"],
     "fanout-shaped": ["fanout_shaped_one_reader_s", "fanout_shaped_readers_s",
-                      "fanout_shaped_readers_home_sent_per_byte"],
+                      "fanout_shaped_readers_home_sent_per_byte", "fanout_shaped_readers_cpu_s"],
     "fanout-unlimited": ["fanout_one_reader_s", "fanout_readers_s",
-                         "fanout_readers_home_sent_per_byte", "fanout_tcp_one_receiver_s",
+                         "fanout_readers_home_sent_per_byte", "fanout_readers_cpu_s",
+                         "fanout_tcp_one_receiver_s",
                          "fanout_tcp_receivers_s", "fanout_tcp4_one_receiver_s",
                          "fanout_tcp4_receivers_s"],
 }
@@ -489,11 +501,15 @@ def table(r: dict, readers: int, rate: str) -> list[tuple[str, str, str, str]]:
         ("  home sent / payload", spread(r, "fanout_shaped_readers_home_sent_per_byte", "x"),
          f"one reader {spread(r, 'fanout_shaped_one_reader_home_sent_per_byte', 'x')}",
          f"<= 1.3: {flag(t['fanout_shaped_home_sent_le_1_3x'])}"),
+        ("  agents' CPU time", spread(r, "fanout_shaped_readers_cpu_s", "s"),
+         f"one reader {spread(r, 'fanout_shaped_one_reader_cpu_s', 's')}", ""),
         (f"{readers} readers, unlimited", spread(r, "fanout_readers_s", "s"),
          f"one reader {spread(r, 'fanout_one_reader_s', 's')}",
          times(r["fanout_readers_vs_one"])),
         ("  home sent / payload", spread(r, "fanout_readers_home_sent_per_byte", "x"),
          f"one reader {spread(r, 'fanout_one_reader_home_sent_per_byte', 'x')}", ""),
+        ("  agents' CPU time", spread(r, "fanout_readers_cpu_s", "s"),
+         f"one reader {spread(r, 'fanout_one_reader_cpu_s', 's')}", ""),
         (f"  raw TCP 1 -> {readers}, 1 stream", spread(r, "fanout_tcp_receivers_s", "s"),
          f"1 -> 1 {spread(r, 'fanout_tcp_one_receiver_s', 's')}",
          f"{times(r['fanout_tcp_receivers_vs_one'])} (vas ratio <= it: "
