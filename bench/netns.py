@@ -69,6 +69,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
@@ -195,9 +196,9 @@ class Bench:
             try:
                 want = run_writer(self.home_env, name, seed, 300)
                 self.quiet()
-                before, cpu = self.home_sent(), self.agents_cpu()
-                seconds = attach_at_once([self.socket(r) for r in readers], name, want)
-                cpu = self.agents_cpu() - cpu
+                before = self.home_sent()
+                seconds, cpu = attach_at_once([self.socket(r) for r in readers], name, want,
+                                              self.agents_cpu)
                 return seconds, self.home_sent() - before, cpu
             finally:
                 delete_quietly(home, name)
@@ -210,10 +211,13 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
-def attach_at_once(sockets: list[str], name: str, want: int) -> float:
+def attach_at_once(sockets: list[str], name: str, want: int,
+                   cpu: Callable[[], float]) -> tuple[float, float]:
     """Eager attaches of ``name`` through each agent socket, started together by a
-    barrier; seconds from the first start to the last end. The CRCs are taken after
-    every attach returned (so checking does not slow the others)."""
+    barrier; seconds from the first start to the last end, and what ``cpu()`` (CPU
+    seconds so far) grew by from before the start to after the last end. The CRCs are
+    taken after that (so checking does not slow the others, and the agents' background
+    work meanwhile is not counted)."""
     import vas
     clients = [vas.connect(path) for path in sockets]
     spans: list = [None] * len(clients)
@@ -233,11 +237,13 @@ def attach_at_once(sockets: list[str], name: str, want: int) -> float:
     threads = [threading.Thread(target=attach, args=(i,), daemon=True)
                for i in range(len(clients))]
     try:
+        used = cpu()
         for thread in threads:
             thread.start()
         ends = time.monotonic() + MAX_ROUND_S
         for thread in threads:
             thread.join(max(0.0, ends - time.monotonic()))
+        used = cpu() - used
         if any(thread.is_alive() for thread in threads):
             raise PhaseTimeout(f"{len(clients)} eager attaches of {name} took longer than "
                                f"{MAX_ROUND_S} s")
@@ -247,7 +253,7 @@ def attach_at_once(sockets: list[str], name: str, want: int) -> float:
             if checksum(np.frombuffer(mapping.buffer, dtype=np.uint8)) != want:
                 raise CheckFailed(f"eager attach of {name} through {sockets[i]}: bytes "
                                   "differ from the home's")
-        return max(end for _, end in spans) - min(start for start, _ in spans)
+        return max(end for _, end in spans) - min(start for start, _ in spans), used
     finally:
         for mapping in mappings:
             if mapping is not None:
