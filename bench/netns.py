@@ -37,7 +37,8 @@ Phases (--skip any of them, or run --only some; "fanout" is both fan-out steps,
            baseline raw TCP 1 stream over the same shaped link.
   fanout   --readers readers attach one fresh segment eagerly at the same moment
            (a thread each): total seconds from the first attach call to the last
-           return, and bytes the home sent / payload; against one reader alone (the
+           return, bytes the home sent / payload, and the CPU seconds every agent used
+           meanwhile (before the CRC checks); against one reader alone (the
            readers take turns) in the same rounds. Once over the shaped home link,
            once unlimited (after a round not counted, so every reader is warm);
            unlimited also raw TCP one sender -> all receivers at once vs -> one
