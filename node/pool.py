@@ -33,9 +33,9 @@ linger at most that long, plus the punching). A transfer's end notifies nobody
 looks again every ``_SETTLE`` seconds.
 
 That rule is per agent, and agents sharing a machine (the tests, the benches: three
-readers of one segment on a 2-CPU VM, the one that finished first refilling while the
-others still received) do not see each other's transfers; the kernel's scheduler
-sees every thread. So a refill's allocation (``fallocate``, where the kernel zeroes
+readers of one segment on a 2-CPU VM, where the reader that finishes first may start
+its refill while the others still receive) do not see each other's transfers; the
+kernel's scheduler sees every thread. So a refill's allocation (``fallocate``, where the kernel zeroes
 each page: about half of preparing's CPU) runs at SCHED_IDLE, on a helper thread
 (``Warm.allocate(idle=True)``), in ``_IDLE_PIECE`` pieces: it gets CPU time only when
 nothing else on the machine wants it. Nothing waits for a refill (a create or a fetch
@@ -80,8 +80,9 @@ _RETRY = 5.0
 #: on the development VM; the allocation before the faulting-in yields to it).
 _STEP = 32 << 20
 #: Bytes allocated by one SCHED_IDLE call within a refill step (~1 ms of CPU): on a
-#: machine with no idle CPU such a call gets ~0.3 % of one, and queued releases and a
-#: stop wait for the piece under way.
+#: machine with no idle CPU such a call still progresses (its weight is 3 against a
+#: normal thread's 1024: ~0.3 s a piece beside one busy thread per CPU), and queued
+#: releases and a stop wait for the piece under way.
 _IDLE_PIECE = 4 << 20
 #: A background step starts once no transfer has run for this long, seconds: a lazy
 #: reader's faults come a fraction of a millisecond apart, and a step squeezed in
