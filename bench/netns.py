@@ -43,7 +43,8 @@ Phases (--skip any of them, or run --only some; "fanout" is both fan-out steps,
            once unlimited (after a round not counted, so every reader is warm);
            unlimited also raw TCP one sender -> all receivers at once vs -> one
            receiver, with 1 stream per receiver and with 4 (MAX_STREAMS, the shape
-           of a vas fetch: 4 connections per reader).
+           of a vas fetch: 4 connections per reader), and the CPU seconds the sender
+           and the receivers used (each receiver's while it received).
 
 Every timed round, of vas or raw TCP, starts once every agent is idle (Bench.quiet:
 after a transfer an agent prepares warm memory for the next one and punches freed
@@ -78,8 +79,8 @@ from prometheus_client.parser import text_string_to_metric_families
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench modules, however started
 from netns_tcp import RawTcp, tcp_receiver  # noqa: E402
 from remote_baselines import MAX_STREAMS, RTT_BYTES, RTT_COUNT, tcp_sender  # noqa: E402
-from remote_common import (GiB, MiB, CheckFailed, PhaseTimeout, checksum, gbps, med,  # noqa: E402
-                           percentile)
+from remote_common import (GiB, MiB, CheckFailed, PhaseTimeout, checksum, cpu_seconds,  # noqa: E402
+                           gbps, med, percentile)
 from remote_vas import (bench_lazy, delete_quietly, detach_quietly, eager_round,  # noqa: E402
                         guarded, run_writer, wait_until_empty)
 
@@ -93,7 +94,6 @@ MAX_ROUND_S = 600  # the slowest round: 1 GiB at 2 gbit is 4.3 s; 3 readers 13 s
 QUIET_CPU, QUIET_WINDOW = 0.02, 0.2
 #: ... and a round waits at most this long for every agent to be idle.
 QUIET_MAX_S = 30
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 # -- the cluster ---------------------------------------------------------------------------
@@ -165,8 +165,8 @@ class Bench:
             before = now
         self.unquiet += 1
 
-    def tcp_bulk(self, hosts: list[int], streams: int, fresh: bool) -> float:
-        """A raw TCP round (RawTcp.bulk) once the agents are idle."""
+    def tcp_bulk(self, hosts: list[int], streams: int, fresh: bool) -> tuple[float, float]:
+        """A raw TCP round (RawTcp.bulk) once the agents are idle: seconds, CPU seconds."""
         self.quiet()
         return self.tcp.bulk(hosts, streams, fresh=fresh, seconds=MAX_ROUND_S)
 
@@ -203,13 +203,6 @@ class Bench:
                 return seconds, self.home_sent() - before, cpu
             finally:
                 delete_quietly(home, name)
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process ``pid`` (all its threads, live or ended)."""
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 def attach_at_once(sockets: list[str], name: str, want: int,
@@ -284,8 +277,8 @@ def eager_phase(out: dict, bench: Bench, streams: tuple[int, ...], prefix: str) 
             vas_rates.append(gbps(size, seconds))
             sent.append(moved / size)
             for k in streams:
-                tcp_rates[k].append(gbps(size, bench.tcp_bulk([FIRST], k,
-                                                              fresh=temp == "cold")))
+                seconds, _ = bench.tcp_bulk([FIRST], k, fresh=temp == "cold")
+                tcp_rates[k].append(gbps(size, seconds))
             stats(out, f"{prefix}_{temp}_gbps", vas_rates)
             stats(out, f"{prefix}_{temp}_home_sent_per_byte", sent)
             for k in streams:
@@ -319,6 +312,8 @@ def fanout_phase(out: dict, bench: Bench, prefix: str, unlimited: bool) -> None:
     cpu_alone, cpu_together = [], []
     tcp_alone: dict[int, list[float]] = {k: [] for k in (1, MAX_STREAMS)}
     tcp_together: dict[int, list[float]] = {k: [] for k in (1, MAX_STREAMS)}
+    tcp_cpu_alone: dict[int, list[float]] = {k: [] for k in (1, MAX_STREAMS)}
+    tcp_cpu_together: dict[int, list[float]] = {k: [] for k in (1, MAX_STREAMS)}
     readers = bench.readers
     if unlimited:
         bench.together(readers, bench.seed)
@@ -335,8 +330,11 @@ def fanout_phase(out: dict, bench: Bench, prefix: str, unlimited: bool) -> None:
         sent_together.append(moved / bench.size)
         cpu_together.append(cpu)
         for k in tcp_alone if unlimited else ():
-            tcp_alone[k].append(bench.tcp_bulk([one], k, fresh=False))
-            tcp_together[k].append(bench.tcp_bulk(readers, k, fresh=False))
+            for hosts, times, cpus in (([one], tcp_alone, tcp_cpu_alone),
+                                       (readers, tcp_together, tcp_cpu_together)):
+                seconds, cpu = bench.tcp_bulk(hosts, k, fresh=False)
+                times[k].append(seconds)
+                cpus[k].append(cpu)
         stats(out, f"{prefix}_one_reader_s", alone)
         stats(out, f"{prefix}_readers_s", together)
         stats(out, f"{prefix}_one_reader_home_sent_per_byte", sent_alone)
@@ -346,6 +344,8 @@ def fanout_phase(out: dict, bench: Bench, prefix: str, unlimited: bool) -> None:
         for k in tcp_alone if unlimited else ():
             stats(out, f"{prefix}_{tcp_key(k)}_one_receiver_s", tcp_alone[k])
             stats(out, f"{prefix}_{tcp_key(k)}_receivers_s", tcp_together[k])
+            stats(out, f"{prefix}_{tcp_key(k)}_one_receiver_cpu_s", tcp_cpu_alone[k])
+            stats(out, f"{prefix}_{tcp_key(k)}_receivers_cpu_s", tcp_cpu_together[k])
 
 
 def tcp_key(streams: int) -> str:
@@ -367,7 +367,8 @@ PHASE_KEYS = {  # the figures each phase nulls when it fails or is skipped
                          "fanout_readers_home_sent_per_byte", "fanout_readers_cpu_s",
                          "fanout_tcp_one_receiver_s",
                          "fanout_tcp_receivers_s", "fanout_tcp4_one_receiver_s",
-                         "fanout_tcp4_receivers_s"],
+                         "fanout_tcp4_receivers_s", "fanout_tcp_receivers_cpu_s",
+                         "fanout_tcp4_receivers_cpu_s"],
 }
 
 
@@ -521,10 +522,14 @@ def table(r: dict, readers: int, rate: str) -> list[tuple[str, str, str, str]]:
          f"1 -> 1 {spread(r, 'fanout_tcp_one_receiver_s', 's')}",
          f"{times(r['fanout_tcp_receivers_vs_one'])} (vas ratio <= it: "
          f"{flag(t['fanout_ratio_le_tcp_ratio'])})"),
+        ("    its CPU time", spread(r, "fanout_tcp_receivers_cpu_s", "s"),
+         f"1 -> 1 {spread(r, 'fanout_tcp_one_receiver_cpu_s', 's')}", ""),
         (f"  raw TCP 1 -> {readers}, 4 streams", spread(r, "fanout_tcp4_receivers_s", "s"),
          f"1 -> 1 {spread(r, 'fanout_tcp4_one_receiver_s', 's')}",
          f"{times(r['fanout_tcp4_receivers_vs_one'])} (vas ratio <= it: "
          f"{flag(t['fanout_ratio_le_tcp4_ratio'])})"),
+        ("    its CPU time", spread(r, "fanout_tcp4_receivers_cpu_s", "s"),
+         f"1 -> 1 {spread(r, 'fanout_tcp4_one_receiver_cpu_s', 's')}", ""),
     ]
 
 
