@@ -37,12 +37,14 @@ Phases (--skip any of them, or run --only some; "fanout" is both fan-out steps,
            baseline raw TCP 1 stream over the same shaped link.
   fanout   --readers readers attach one fresh segment eagerly at the same moment
            (a thread each): total seconds from the first attach call to the last
-           return, and bytes the home sent / payload; against one reader alone (the
+           return, bytes the home sent / payload, and the CPU seconds every agent used
+           meanwhile (before the CRC checks); against one reader alone (the
            readers take turns) in the same rounds. Once over the shaped home link,
            once unlimited (after a round not counted, so every reader is warm);
            unlimited also raw TCP one sender -> all receivers at once vs -> one
            receiver, with 1 stream per receiver and with 4 (MAX_STREAMS, the shape
-           of a vas fetch: 4 connections per reader).
+           of a vas fetch: 4 connections per reader), and the CPU seconds the sender
+           and the receivers used (each receiver's while it received).
 
 Every timed round, of vas or raw TCP, starts once every agent is idle (Bench.quiet:
 after a transfer an agent prepares warm memory for the next one and punches freed
@@ -69,6 +71,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
@@ -76,8 +79,8 @@ from prometheus_client.parser import text_string_to_metric_families
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench modules, however started
 from netns_tcp import RawTcp, tcp_receiver  # noqa: E402
 from remote_baselines import MAX_STREAMS, RTT_BYTES, RTT_COUNT, tcp_sender  # noqa: E402
-from remote_common import (GiB, MiB, CheckFailed, PhaseTimeout, checksum, gbps, med,  # noqa: E402
-                           percentile)
+from remote_common import (GiB, MiB, CheckFailed, PhaseTimeout, checksum, cpu_seconds,  # noqa: E402
+                           gbps, med, percentile)
 from remote_vas import (bench_lazy, delete_quietly, detach_quietly, eager_round,  # noqa: E402
                         guarded, run_writer, wait_until_empty)
 
@@ -91,7 +94,6 @@ MAX_ROUND_S = 600  # the slowest round: 1 GiB at 2 gbit is 4.3 s; 3 readers 13 s
 QUIET_CPU, QUIET_WINDOW = 0.02, 0.2
 #: ... and a round waits at most this long for every agent to be idle.
 QUIET_MAX_S = 30
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 # -- the cluster ---------------------------------------------------------------------------
@@ -163,8 +165,8 @@ class Bench:
             before = now
         self.unquiet += 1
 
-    def tcp_bulk(self, hosts: list[int], streams: int, fresh: bool) -> float:
-        """A raw TCP round (RawTcp.bulk) once the agents are idle."""
+    def tcp_bulk(self, hosts: list[int], streams: int, fresh: bool) -> tuple[float, float]:
+        """A raw TCP round (RawTcp.bulk) once the agents are idle: seconds, CPU seconds."""
         self.quiet()
         return self.tcp.bulk(hosts, streams, fresh=fresh, seconds=MAX_ROUND_S)
 
@@ -177,10 +179,15 @@ class Bench:
             return eager_round(home, reader, self.home_env, self.name(), self.size, seed,
                                counter=self.home_sent, quiet=self.quiet)
 
-    def together(self, readers: list[int], seed: int) -> tuple[float, int]:
+    def agents_cpu(self) -> float:
+        """CPU seconds every agent process used so far (all threads)."""
+        return sum(cpu_seconds(node.proc.pid) for node in self.hosts.nodes)
+
+    def together(self, readers: list[int], seed: int) -> tuple[float, int, float]:
         """``readers`` attach one fresh segment eagerly at the same moment (a thread
-        each); the seconds from the first attach call to the last return, and the bytes
-        the home sent meanwhile. Every reader's bytes are checked afterwards."""
+        each); the seconds from the first attach call to the last return, the bytes
+        the home sent and the CPU seconds all agents used meanwhile. Every reader's
+        bytes are checked afterwards."""
         import vas
         self.settle()
         self.used.update(readers)
@@ -191,23 +198,20 @@ class Bench:
                 want = run_writer(self.home_env, name, seed, 300)
                 self.quiet()
                 before = self.home_sent()
-                seconds = attach_at_once([self.socket(r) for r in readers], name, want)
-                return seconds, self.home_sent() - before
+                seconds, cpu = attach_at_once([self.socket(r) for r in readers], name, want,
+                                              self.agents_cpu)
+                return seconds, self.home_sent() - before, cpu
             finally:
                 delete_quietly(home, name)
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process ``pid`` (all its threads, live or ended)."""
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-
-def attach_at_once(sockets: list[str], name: str, want: int) -> float:
+def attach_at_once(sockets: list[str], name: str, want: int,
+                   cpu: Callable[[], float]) -> tuple[float, float]:
     """Eager attaches of ``name`` through each agent socket, started together by a
-    barrier; seconds from the first start to the last end. The CRCs are taken after
-    every attach returned (so checking does not slow the others)."""
+    barrier; seconds from the first start to the last end, and what ``cpu()`` (CPU
+    seconds so far) grew by from before the start to after the last end. The CRCs are
+    taken after that (so checking does not slow the others, and the agents' background
+    work meanwhile is not counted)."""
     import vas
     clients = [vas.connect(path) for path in sockets]
     spans: list = [None] * len(clients)
@@ -227,11 +231,13 @@ def attach_at_once(sockets: list[str], name: str, want: int) -> float:
     threads = [threading.Thread(target=attach, args=(i,), daemon=True)
                for i in range(len(clients))]
     try:
+        used = cpu()
         for thread in threads:
             thread.start()
         ends = time.monotonic() + MAX_ROUND_S
         for thread in threads:
             thread.join(max(0.0, ends - time.monotonic()))
+        used = cpu() - used
         if any(thread.is_alive() for thread in threads):
             raise PhaseTimeout(f"{len(clients)} eager attaches of {name} took longer than "
                                f"{MAX_ROUND_S} s")
@@ -241,7 +247,7 @@ def attach_at_once(sockets: list[str], name: str, want: int) -> float:
             if checksum(np.frombuffer(mapping.buffer, dtype=np.uint8)) != want:
                 raise CheckFailed(f"eager attach of {name} through {sockets[i]}: bytes "
                                   "differ from the home's")
-        return max(end for _, end in spans) - min(start for start, _ in spans)
+        return max(end for _, end in spans) - min(start for start, _ in spans), used
     finally:
         for mapping in mappings:
             if mapping is not None:
@@ -271,8 +277,8 @@ def eager_phase(out: dict, bench: Bench, streams: tuple[int, ...], prefix: str) 
             vas_rates.append(gbps(size, seconds))
             sent.append(moved / size)
             for k in streams:
-                tcp_rates[k].append(gbps(size, bench.tcp_bulk([FIRST], k,
-                                                              fresh=temp == "cold")))
+                seconds, _ = bench.tcp_bulk([FIRST], k, fresh=temp == "cold")
+                tcp_rates[k].append(gbps(size, seconds))
             stats(out, f"{prefix}_{temp}_gbps", vas_rates)
             stats(out, f"{prefix}_{temp}_home_sent_per_byte", sent)
             for k in streams:
@@ -303,8 +309,11 @@ def fanout_phase(out: dict, bench: Bench, prefix: str, unlimited: bool) -> None:
     unlimited link raw TCP too, after a round of each that is not counted (so every
     reader's agent and receive buffer is warm; a shaped link is slower than either)."""
     alone, together, sent_alone, sent_together = [], [], [], []
+    cpu_alone, cpu_together = [], []
     tcp_alone: dict[int, list[float]] = {k: [] for k in (1, MAX_STREAMS)}
     tcp_together: dict[int, list[float]] = {k: [] for k in (1, MAX_STREAMS)}
+    tcp_cpu_alone: dict[int, list[float]] = {k: [] for k in (1, MAX_STREAMS)}
+    tcp_cpu_together: dict[int, list[float]] = {k: [] for k in (1, MAX_STREAMS)}
     readers = bench.readers
     if unlimited:
         bench.together(readers, bench.seed)
@@ -312,22 +321,31 @@ def fanout_phase(out: dict, bench: Bench, prefix: str, unlimited: bool) -> None:
             bench.tcp_bulk(readers, k, fresh=False)
     for r in range(bench.repeats):
         one = readers[r % len(readers)]
-        seconds, moved = bench.together([one], bench.seed + r)
+        seconds, moved, cpu = bench.together([one], bench.seed + r)
         alone.append(seconds)
         sent_alone.append(moved / bench.size)
-        seconds, moved = bench.together(readers, bench.seed + r)
+        cpu_alone.append(cpu)
+        seconds, moved, cpu = bench.together(readers, bench.seed + r)
         together.append(seconds)
         sent_together.append(moved / bench.size)
+        cpu_together.append(cpu)
         for k in tcp_alone if unlimited else ():
-            tcp_alone[k].append(bench.tcp_bulk([one], k, fresh=False))
-            tcp_together[k].append(bench.tcp_bulk(readers, k, fresh=False))
+            for hosts, times, cpus in (([one], tcp_alone, tcp_cpu_alone),
+                                       (readers, tcp_together, tcp_cpu_together)):
+                seconds, cpu = bench.tcp_bulk(hosts, k, fresh=False)
+                times[k].append(seconds)
+                cpus[k].append(cpu)
         stats(out, f"{prefix}_one_reader_s", alone)
         stats(out, f"{prefix}_readers_s", together)
         stats(out, f"{prefix}_one_reader_home_sent_per_byte", sent_alone)
         stats(out, f"{prefix}_readers_home_sent_per_byte", sent_together)
+        stats(out, f"{prefix}_one_reader_cpu_s", cpu_alone)
+        stats(out, f"{prefix}_readers_cpu_s", cpu_together)
         for k in tcp_alone if unlimited else ():
             stats(out, f"{prefix}_{tcp_key(k)}_one_receiver_s", tcp_alone[k])
             stats(out, f"{prefix}_{tcp_key(k)}_receivers_s", tcp_together[k])
+            stats(out, f"{prefix}_{tcp_key(k)}_one_receiver_cpu_s", tcp_cpu_alone[k])
+            stats(out, f"{prefix}_{tcp_key(k)}_receivers_cpu_s", tcp_cpu_together[k])
 
 
 def tcp_key(streams: int) -> str:
@@ -344,11 +362,13 @@ PHASE_KEYS = {  # the figures each phase nulls when it fails or is skipped
     "shaped": ["shaped_cold_gbps", "shaped_warm_gbps", "shaped_tcp1_cold_gbps",
                "shaped_tcp1_warm_gbps"],
     "fanout-shaped": ["fanout_shaped_one_reader_s", "fanout_shaped_readers_s",
-                      "fanout_shaped_readers_home_sent_per_byte"],
+                      "fanout_shaped_readers_home_sent_per_byte", "fanout_shaped_readers_cpu_s"],
     "fanout-unlimited": ["fanout_one_reader_s", "fanout_readers_s",
-                         "fanout_readers_home_sent_per_byte", "fanout_tcp_one_receiver_s",
+                         "fanout_readers_home_sent_per_byte", "fanout_readers_cpu_s",
+                         "fanout_tcp_one_receiver_s",
                          "fanout_tcp_receivers_s", "fanout_tcp4_one_receiver_s",
-                         "fanout_tcp4_receivers_s"],
+                         "fanout_tcp4_receivers_s", "fanout_tcp_receivers_cpu_s",
+                         "fanout_tcp4_receivers_cpu_s"],
 }
 
 
@@ -489,19 +509,27 @@ def table(r: dict, readers: int, rate: str) -> list[tuple[str, str, str, str]]:
         ("  home sent / payload", spread(r, "fanout_shaped_readers_home_sent_per_byte", "x"),
          f"one reader {spread(r, 'fanout_shaped_one_reader_home_sent_per_byte', 'x')}",
          f"<= 1.3: {flag(t['fanout_shaped_home_sent_le_1_3x'])}"),
+        ("  agents' CPU time", spread(r, "fanout_shaped_readers_cpu_s", "s"),
+         f"one reader {spread(r, 'fanout_shaped_one_reader_cpu_s', 's')}", ""),
         (f"{readers} readers, unlimited", spread(r, "fanout_readers_s", "s"),
          f"one reader {spread(r, 'fanout_one_reader_s', 's')}",
          times(r["fanout_readers_vs_one"])),
         ("  home sent / payload", spread(r, "fanout_readers_home_sent_per_byte", "x"),
          f"one reader {spread(r, 'fanout_one_reader_home_sent_per_byte', 'x')}", ""),
+        ("  agents' CPU time", spread(r, "fanout_readers_cpu_s", "s"),
+         f"one reader {spread(r, 'fanout_one_reader_cpu_s', 's')}", ""),
         (f"  raw TCP 1 -> {readers}, 1 stream", spread(r, "fanout_tcp_receivers_s", "s"),
          f"1 -> 1 {spread(r, 'fanout_tcp_one_receiver_s', 's')}",
          f"{times(r['fanout_tcp_receivers_vs_one'])} (vas ratio <= it: "
          f"{flag(t['fanout_ratio_le_tcp_ratio'])})"),
+        ("    its CPU time", spread(r, "fanout_tcp_receivers_cpu_s", "s"),
+         f"1 -> 1 {spread(r, 'fanout_tcp_one_receiver_cpu_s', 's')}", ""),
         (f"  raw TCP 1 -> {readers}, 4 streams", spread(r, "fanout_tcp4_receivers_s", "s"),
          f"1 -> 1 {spread(r, 'fanout_tcp4_one_receiver_s', 's')}",
          f"{times(r['fanout_tcp4_receivers_vs_one'])} (vas ratio <= it: "
          f"{flag(t['fanout_ratio_le_tcp4_ratio'])})"),
+        ("    its CPU time", spread(r, "fanout_tcp4_receivers_cpu_s", "s"),
+         f"1 -> 1 {spread(r, 'fanout_tcp4_one_receiver_cpu_s', 's')}", ""),
     ]
 
 

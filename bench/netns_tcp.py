@@ -29,7 +29,7 @@ import sys
 
 from remote_baselines import (MAX_STREAMS, connect, receive_bulk, round_trips,
                               wait_for_port)
-from remote_common import CheckFailed, deadline, fresh_buffer
+from remote_common import CheckFailed, cpu_seconds, deadline, fresh_buffer
 
 
 # -- the receiver child -------------------------------------------------------------------
@@ -111,19 +111,25 @@ class RawTcp:
             self.close()
             raise
 
-    def bulk(self, hosts: list[int], streams: int, fresh: bool, seconds: float) -> float:
+    def bulk(self, hosts: list[int], streams: int, fresh: bool,
+             seconds: float) -> tuple[float, float]:
         """Receive the payload on the receivers of ``hosts`` at once, ``streams``
-        connections each; the seconds from the first start to the last end. Raises
-        CheckFailed when a receiver's bytes differ from the sender's."""
+        connections each; the seconds from the first start to the last end, and the CPU
+        seconds the sender and the receivers used (the sender's from before the asks to
+        the last answer, each receiver's while it received). Raises CheckFailed when a
+        receiver's bytes differ from the sender's."""
         chosen = [self.receivers[host] for host in hosts]
+        sender_cpu = cpu_seconds(self.sender.pid)
         for receiver in chosen:
             receiver.send(op="bulk", streams=streams, fresh=fresh)
         answers = [receiver.answer(seconds) for receiver in chosen]
+        sender_cpu = cpu_seconds(self.sender.pid) - sender_cpu
         for receiver, answer in zip(chosen, answers):
             if answer["crc"] != self.crc:
                 raise CheckFailed(f"raw TCP: bytes received in {receiver.name} differ from "
                                  "the sender's")
-        return max(a["end"] for a in answers) - min(a["start"] for a in answers)
+        return (max(a["end"] for a in answers) - min(a["start"] for a in answers),
+                sender_cpu + sum(a["cpu"] for a in answers))
 
     def round_trips(self, host: int, count: int, nbytes: int, seed: int,
                     seconds: float) -> list[float]:

@@ -114,7 +114,8 @@ def connect(address: tuple[str, int], count: int) -> list[socket.socket]:
 def receive_bulk(conns: list[socket.socket], buf: np.ndarray) -> dict:
     """Receive the sender's whole payload into ``buf``, split in equal ranges over
     ``conns`` (a thread each): {"start", "end"} (time.monotonic, one clock for every
-    process of the machine) and "crc", the checksum of what arrived."""
+    process of the machine), "cpu", the CPU seconds this process used meanwhile, and
+    "crc", the checksum of what arrived."""
     view, part = memoryview(buf), buf.size // len(conns)
     bounds = [(i * part, buf.size if i == len(conns) - 1 else (i + 1) * part)
               for i in range(len(conns))]
@@ -128,15 +129,15 @@ def receive_bulk(conns: list[socket.socket], buf: np.ndarray) -> dict:
 
     threads = [threading.Thread(target=stream, args=(conn, lo, hi))
                for conn, (lo, hi) in zip(conns, bounds)]
-    start = time.monotonic()
+    cpu, start = time.process_time(), time.monotonic()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    end = time.monotonic()
+    end, cpu = time.monotonic(), time.process_time() - cpu
     if failures:
         raise failures[0]
-    return {"start": start, "end": end, "crc": checksum(buf)}
+    return {"start": start, "end": end, "cpu": cpu, "crc": checksum(buf)}
 
 
 def round_trips(conn: socket.socket, size: int, count: int, nbytes: int, seed: int,

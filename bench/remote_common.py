@@ -20,6 +20,7 @@ import numpy as np
 GiB = 1 << 30
 MiB = 1 << 20
 PAGE = 4096
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 STAMP_MUL = np.uint64(0x9E3779B97F4A7C15)
 # The entry point: children of the phases run it with its hidden --tcp-sender/--vas-fill.
 REMOTE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "remote.py")
@@ -109,6 +110,13 @@ def lo_bytes() -> int:
 def fresh_buffer(size: int) -> np.ndarray:
     """A private anonymous page-aligned buffer, not touched yet (default page size policy)."""
     return np.frombuffer(mmap.mmap(-1, size), dtype=np.uint8)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` (all its threads, live or ended)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 def gbps(size: int, seconds: float) -> float:

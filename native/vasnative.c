@@ -24,6 +24,9 @@
 #include <endian.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
+#include <sched.h>
+#include <signal.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
@@ -226,25 +229,87 @@ vas_memfd_create(PyObject *Py_UNUSED(mod), PyObject *args, PyObject *kw)
     return PyLong_FromLong(fd);
 }
 
+/*
+ * fallocate(2) on a helper thread at SCHED_IDLE: the kernel zeroes the pages
+ * it allocates in the calling thread's context, so that thread's class is
+ * what decides who yields.  A new thread (not the caller switching its own
+ * class) because the caller is a Python thread: at SCHED_IDLE it would hold
+ * or be handed the GIL while starved by a busy machine, stalling every
+ * thread of the process; and an unprivileged thread may not switch back
+ * from SCHED_IDLE.  The helper holds no lock the process shares (the file's
+ * own inode lock only), blocks every signal (so no EINTR from a long
+ * allocation) and ends with the call.
+ */
+struct idle_fallocate {
+    int fd, mode;
+    off_t offset, length;
+    int result, error;
+};
+
+static void *
+idle_fallocate_main(void *arg)
+{
+    struct idle_fallocate *call = arg;
+    struct sched_param param = {0};
+
+    if (sched_setscheduler(0, SCHED_IDLE, &param) == -1) {
+        call->result = -1;
+        call->error = errno;
+        return NULL;
+    }
+    do
+        call->result = fallocate(call->fd, call->mode, call->offset, call->length);
+    while (call->result == -1 && errno == EINTR);
+    call->error = errno;
+    return NULL;
+}
+
+/* Run `call` on a helper thread at SCHED_IDLE and wait for it (GIL released);
+ * -1 and errno on failure (of the thread's start, its class, or the call). */
+static int
+fallocate_idle(struct idle_fallocate *call)
+{
+    sigset_t all, old;
+    pthread_t thread;
+    int err;
+
+    sigfillset(&all);
+    Py_BEGIN_ALLOW_THREADS
+    pthread_sigmask(SIG_SETMASK, &all, &old);   /* the helper inherits it */
+    err = pthread_create(&thread, NULL, idle_fallocate_main, call);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (err == 0)
+        err = pthread_join(thread, NULL);
+    Py_END_ALLOW_THREADS
+    if (err != 0) {
+        errno = err;
+        return -1;
+    }
+    errno = call->error;
+    return call->result;
+}
+
 PyDoc_STRVAR(fallocate_doc,
-"fallocate($module, /, fd, offset, length, mode=0)\n--\n\n"
+"fallocate($module, /, fd, offset, length, mode=0, *, idle=False)\n--\n\n"
 "fallocate(2): allocate (or with FALLOC_FL_PUNCH_HOLE free) the bytes\n"
 "[offset, offset + length) of fd.  Allocating every page of a segment at\n"
 "create means a later touch can never SIGBUS.\n\n"
-"fd: int; offset, length: bytes; mode: FALLOC_FL_* bits.  Returns None.\n"
-"The GIL is released (allocating GiBs takes a while).\n"
+"fd: int; offset, length: bytes; mode: FALLOC_FL_* bits; idle: run the\n"
+"call on a helper thread of scheduling class SCHED_IDLE (it then gets only\n"
+"CPU time no other thread of the machine wants; the caller waits for it).\n"
+"Returns None.  The GIL is released (allocating GiBs takes a while).\n"
 "Raises ValueError('offset must be >= 0' | 'length must be > 0' |\n"
 "'offset + length overflows'), OSError (ENOSPC if memory is short).");
 
 static PyObject *
 vas_fallocate(PyObject *Py_UNUSED(mod), PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"fd", "offset", "length", "mode", NULL};
-    int fd, mode = 0, r;
+    static char *kwlist[] = {"fd", "offset", "length", "mode", "idle", NULL};
+    int fd, mode = 0, idle = 0, r;
     long long offset, length;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "iLL|i:fallocate", kwlist,
-                                     &fd, &offset, &length, &mode))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iLL|i$p:fallocate", kwlist,
+                                     &fd, &offset, &length, &mode, &idle))
         return NULL;
     if (offset < 0)
         return value_error("offset must be >= 0");
@@ -252,7 +317,12 @@ vas_fallocate(PyObject *Py_UNUSED(mod), PyObject *args, PyObject *kw)
         return value_error("length must be > 0");
     if (offset > LLONG_MAX - length)
         return value_error("offset + length overflows");
-    SYSCALL(r, -1, fallocate(fd, mode, (off_t)offset, (off_t)length));
+    if (idle) {
+        struct idle_fallocate call = {fd, mode, (off_t)offset, (off_t)length, 0, 0};
+        r = fallocate_idle(&call);
+    } else {
+        SYSCALL(r, -1, fallocate(fd, mode, (off_t)offset, (off_t)length));
+    }
     if (r == -1)
         return errno_error();
     Py_RETURN_NONE;

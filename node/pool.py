@@ -32,6 +32,20 @@ linger at most that long, plus the punching). A transfer's end notifies nobody
 (it would wake this thread on every lazy chunk sent or received): a waiting step
 looks again every ``_SETTLE`` seconds.
 
+That rule is per agent, and agents sharing a machine (the tests, the benches: three
+readers of one segment on a 2-CPU VM, where the reader that finishes first may start
+its refill while the others still receive) do not see each other's transfers; the
+kernel's scheduler sees every thread. So a refill's allocation (``fallocate``, where the kernel zeroes
+each page: about half of preparing's CPU) runs at SCHED_IDLE, on a helper thread
+(``Warm.allocate(idle=True)``), in ``_IDLE_PIECE`` pieces: it gets CPU time only when
+nothing else on the machine wants it. Nothing waits for a refill (a create or a fetch
+takes a prepared memfd or allocates its own at normal priority), so starving it costs
+at most a later cold fetch. The faulting-in (``MADV_POPULATE_WRITE``, the other half)
+stays at normal priority: it holds the agent's mmap lock, and at SCHED_IDLE on a busy
+machine it would be preempted holding it, stalling the agent's next mmap (a fetch's
+start) behind a starved thread. Punching out stays at normal priority too: its pages
+must be free within ``_RELEASE_WAIT``.
+
 A pooled memfd is never handed to a client before it becomes a segment, and is
 never reused after: a client may keep its read-only fd past detach, so memory
 that held one segment must not later hold another. The pool only takes
@@ -62,9 +76,14 @@ MIN_SIZE = 16 << 20
 #: Pause after a failed preparation (e.g. ENOMEM), seconds.
 _RETRY = 5.0
 #: Bytes prepared or punched out between two looks for a transfer (a transfer that
-#: starts waits for at most one step to end: ~30 ms to prepare, ~8 ms to punch out
-#: on the development VM).
+#: starts waits for at most one step to end: ~8 ms each to fault in and to punch out
+#: on the development VM; the allocation before the faulting-in yields to it).
 _STEP = 32 << 20
+#: Bytes allocated by one SCHED_IDLE call within a refill step (~1 ms of CPU): on a
+#: machine with no idle CPU such a call still progresses (its weight is 3 against a
+#: normal thread's 1024: ~0.3 s a piece beside one busy thread per CPU), and queued
+#: releases and a stop wait for the piece under way.
+_IDLE_PIECE = 4 << 20
 #: A background step starts once no transfer has run for this long, seconds: a lazy
 #: reader's faults come a fraction of a millisecond apart, and a step squeezed in
 #: between two of them (CPU the faults' threads wait for on a 2-core node) delayed the next.
@@ -96,12 +115,30 @@ class Warm(Memory):
         be SIGBUS). ``fallocate`` first: allocating by faults cost ~0.68 CPU-s a GiB
         on the development VM, ``fallocate`` and then faulting ~0.5 (0.23 + 0.3)."""
         if not self.populated:
-            try:
-                _native.fallocate(self.fd, offset, length)
-                self.mapping.madvise(_native.MADV_POPULATE_WRITE, offset, length)
-            except OSError as exc:
-                raise CapacityExceeded(f"cannot allocate {human_size(length)} of segment "
-                                       f"memory: {exc.strerror or exc}") from exc
+            self.allocate(offset, length)
+            self.fault_in(offset, length)
+
+    def allocate(self, offset: int, length: int, *, idle: bool = False) -> None:
+        """``fallocate`` [offset, offset + length): the pages' allocation and zeroing;
+        ``idle``: at SCHED_IDLE (``_native.fallocate``), on CPU time nothing else on
+        the machine wants (for memory nobody waits for: the pool's)."""
+        try:
+            _native.fallocate(self.fd, offset, length, idle=idle)
+        except OSError as exc:
+            raise _no_memory(length, exc) from exc
+
+    def fault_in(self, offset: int, length: int) -> None:
+        """Map [offset, offset + length) into the agent's mapping, allocated first
+        (``MADV_POPULATE_WRITE``: it fails with ENOMEM where a fault would SIGBUS)."""
+        try:
+            self.mapping.madvise(_native.MADV_POPULATE_WRITE, offset, length)
+        except OSError as exc:
+            raise _no_memory(length, exc) from exc
+
+
+def _no_memory(length: int, exc: OSError) -> CapacityExceeded:
+    return CapacityExceeded(f"cannot allocate {human_size(length)} of segment memory: "
+                            f"{exc.strerror or exc}")
 
 
 def release_all(items) -> None:
@@ -243,7 +280,11 @@ class WarmPool:
                 if not self._await_quiet(time.monotonic() + _REFILL_WAIT):
                     warm.release()
                     return None
-                warm.populate(offset, min(_STEP, size - offset))
+                length = min(_STEP, size - offset)
+                if not self._allocate_idle(warm, offset, length):
+                    warm.release()
+                    return None
+                warm.fault_in(offset, length)
         except (OSError, VasError) as exc:
             if warm is not None:
                 warm.release()
@@ -254,6 +295,19 @@ class WarmPool:
         warm.populated = True
         log.debug("prepared %d bytes of segment memory", size)
         return warm
+
+    def _allocate_idle(self, warm: Warm, offset: int, length: int) -> bool:
+        """Allocate [offset, offset + length) of ``warm`` at SCHED_IDLE, ``_IDLE_PIECE``
+        bytes at a time: on a machine whose CPUs are busy a piece waits for a free
+        moment, and queued memory is given back between pieces; False once the pool
+        stops."""
+        for piece in range(offset, offset + length, _IDLE_PIECE):
+            with self._cv:
+                if self._stopped:
+                    return False
+            warm.allocate(piece, min(_IDLE_PIECE, offset + length - piece), idle=True)
+            self._release_queued()
+        return True
 
     def _release_queued(self) -> None:
         """Punch out the memory ``release_later`` queued, a step at a time between

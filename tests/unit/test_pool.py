@@ -82,13 +82,13 @@ def test_no_refill_step_starts_in_a_series_of_transfers(pool, monkeypatch):
     monkeypatch.setattr(pool_module, "_SETTLE", 1.0)  # far above a gap, even on a busy VM
     monkeypatch.setattr(pool_module, "_REFILL_WAIT", 60.0)
     steps = []
-    populate = pool_module.Warm.populate
+    allocate = pool_module.Warm.allocate
 
-    def recorded(warm, offset, length):
-        steps.append((time.monotonic(), pool._transfers))
-        populate(warm, offset, length)
+    def recorded(warm, offset, length, **kw):
+        steps.append((time.monotonic(), pool._transfers, kw))
+        allocate(warm, offset, length, **kw)
 
-    monkeypatch.setattr(pool_module.Warm, "populate", recorded)
+    monkeypatch.setattr(pool_module.Warm, "allocate", recorded)
     with pool.transfer():
         pool.want(MIN_SIZE)
         wait_for(lambda: pool._filling == 1, "the refill to start")
@@ -100,8 +100,10 @@ def test_no_refill_step_starts_in_a_series_of_transfers(pool, monkeypatch):
     last = time.monotonic()
     assert steps == [], "a refill step started during a series of transfers"
     wait_for(lambda: prepared(pool) == 1, "the refill after the series")
-    assert all(transfers == 0 for _, transfers in steps)
+    assert all(transfers == 0 for _, transfers, _ in steps)
     assert steps[0][0] >= last + 0.9  # not before the node was quiet for the settle time
+    # ... and each allocates at SCHED_IDLE, yielding to every other agent's work too
+    assert all(kw == {"idle": True} for _, _, kw in steps)
 
 
 def test_a_refill_step_waits_for_quiet_at_most_refill_wait(pool, monkeypatch):

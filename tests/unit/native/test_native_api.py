@@ -50,7 +50,7 @@ def test_signatures():
         "uffd_copy", "uffd_copy_from", "uffd_zeropage", "uffd_continue",
         "uffd_poison", "uffd_wake", "uffd_writeprotect", "uffd_read", "process_vm_readv")}
     assert sig["memfd_create"] == f"(name, flags={os.MFD_CLOEXEC})"
-    assert sig["fallocate"] == "(fd, offset, length, mode=0)"
+    assert sig["fallocate"] == "(fd, offset, length, mode=0, *, idle=False)"
     assert sig["mmap"] == ("(fd, length, *, writable, offset=0, address=0, "
                            "fixed=False, populate=False)")
     assert sig["chunk_hashes"] == "(buffer, chunk_size, /)"

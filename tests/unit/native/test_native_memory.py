@@ -10,6 +10,8 @@ import mmap
 import os
 import re
 import struct
+import threading
+import time
 
 import pytest
 
@@ -278,3 +280,62 @@ def test_fallocate_punch_hole_and_ftruncate(memfd):
     with pytest.raises(OSError) as info:
         _native.fallocate(fd, 0, PS, 0x7F00)
     assert info.value.errno in (errno.EOPNOTSUPP, errno.EINVAL)
+
+
+def _idle_threads() -> set[int]:
+    """Thread ids of this process in scheduling class SCHED_IDLE (/proc stat field 41)."""
+    found = set()
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except FileNotFoundError:  # the thread ended meanwhile
+            continue
+        if int(fields[38]) == os.SCHED_IDLE:  # field 41; fields[0] is field 3
+            found.add(int(tid))
+    return found
+
+
+def test_fallocate_idle_runs_on_an_idle_class_helper_thread(memfd):
+    # A watcher looks for a SCHED_IDLE thread while idle fallocates of 64 MiB run
+    # (each ~10-30 ms): the helper must show up, and the caller's class stay as it was.
+    size = 64 << 20
+    fd = memfd(pages=0, reserve=False)
+    _native.ftruncate(fd, size)
+    seen: set[int] = set()
+    done = threading.Event()
+
+    def watch():
+        while not done.is_set() and not seen:
+            seen.update(_idle_threads())
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    deadline = time.monotonic() + 20
+    try:
+        while not seen and time.monotonic() < deadline:
+            _native.fallocate(fd, 0, size, idle=True)
+            assert os.fstat(fd).st_blocks * 512 >= size  # allocated by the helper
+            _native.fallocate(fd, 0, size,
+                              _native.FALLOC_FL_PUNCH_HOLE | _native.FALLOC_FL_KEEP_SIZE)
+    finally:
+        done.set()
+        watcher.join(10)
+    assert seen, "no SCHED_IDLE thread seen during idle fallocates"
+    assert threading.get_native_id() not in seen
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER
+    assert not _idle_threads(), "the helper outlived its call"
+
+
+def test_fallocate_idle_reports_errno_and_checks_arguments(memfd):
+    r, w = os.pipe()
+    os.close(r)
+    os.close(w)
+    with pytest.raises(OSError) as info:
+        _native.fallocate(r, 0, PS, idle=True)
+    assert info.value.errno == errno.EBADF
+    with pytest.raises(OSError) as info:
+        _native.fallocate(memfd(1), 0, PS, 0x7F00, idle=True)
+    assert info.value.errno in (errno.EOPNOTSUPP, errno.EINVAL)
+    with pytest.raises(ValueError, match=exact("offset must be >= 0")):
+        _native.fallocate(memfd(1), -1, PS, idle=True)
