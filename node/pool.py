@@ -261,7 +261,7 @@ class WarmPool:
                 self._cv.wait(_RETRY)
             return None
         warm.populated = True
-        log.debug("prepared %d bytes of segment memory", size)
+        log.info("prepared %d bytes of segment memory", size)
         return warm
 
     def _release_queued(self) -> None:
