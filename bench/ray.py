@@ -23,7 +23,9 @@ measured inside the task (get + sum); node-B memory for the data: the peak, over
 samples every 50 ms during the tasks, of the summed PSS of every process of node
 B (its raylet, which holds B's object store, and everything under it: Ray's
 workers, the vas agent actor and the agent itself), minus the same sum just
-before the put (a worker on each node is started before either side runs). vas also reports the home-node ref.get() time (median of 200
+before the put (a worker on each node is started before either side runs), less
+the memory the agent had prepared for the next dataset then (its warm pool's
+memfds, which the replica takes: counted as the data's, not as the baseline's). vas also reports the home-node ref.get() time (median of 200
 calls in one task on A, after one warm-up call) and node B's agent-held bytes.
 
 Each cluster runs --rounds rounds (default 3), alternating the sides (ray, vas, ray,
@@ -96,12 +98,33 @@ def node_pss(raylet_pid: int) -> int:
     return sum(pss(pid) for pid in tree(raylet_pid))
 
 
+#: What an agent's warm pool names the memfds it prepares (node/pool.py).
+PREPARED = "/memfd:vas:segment "
+
+
+def prepared_pss(pid: int) -> int:
+    """PSS of the memory prepared ahead by a vas agent ``pid`` (its warm pool's memfds
+    mapped in it; 0 for any other process)."""
+    total, counting = 0, False
+    try:
+        with open(f"/proc/{pid}/smaps") as smaps:
+            for line in smaps:
+                if line[0] in "0123456789abcdef" and "-" in line.split(" ", 1)[0]:
+                    counting = PREPARED in line
+                elif counting and line.startswith("Pss:"):
+                    total += int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return total
+
+
 class Sampler:
-    """Peak of node_pss(raylet) above a baseline, sampled on a thread."""
+    """Peak of node_pss(raylet) above a baseline (less prepared memory), sampled on a
+    thread."""
 
     def __init__(self, raylet_pid: int):
         self.raylet_pid = raylet_pid
-        self.baseline = node_pss(raylet_pid)
+        self.baseline = node_pss(raylet_pid) - sum(map(prepared_pss, tree(raylet_pid)))
         self.peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
