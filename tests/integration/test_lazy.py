@@ -317,10 +317,12 @@ def mapped_inodes() -> set[int]:
 def test_a_replaced_dataset_goes_into_memory_prepared_when_the_old_one_was_freed(two):
     """Rounds of puts of one size (vas.ray.put, a dataset rewritten): freeing the old
     segment has the home, and freeing its replica the reader's node, prepare memory
-    of that size; the next create and the next lazy replica take it, and the lazy
-    reader still sees the home's bytes, never the prepared pages' zeros."""
+    of that size; the next create and the next lazy replica take it. The writer's
+    bytes are copied in by the home's agent (WriteFrom into prepared memory: two
+    halves on two threads), and the lazy reader still sees the home's bytes, never
+    the prepared pages' zeros."""
     node1, node2, c1, c2 = two
-    size = 34 * MiB  # over the pool's MIN_SIZE, and no other test's size
+    size = 80 * MiB  # over the pool's MIN_SIZE and WriteFrom's PARALLEL_COPY_MIN; no other test's
     before = preparations(node1, size), preparations(node2, size)
     digest = fill(c1, "lazy/round0", size)
     with c2.attach("lazy/round0") as m:
@@ -330,12 +332,16 @@ def test_a_replaced_dataset_goes_into_memory_prepared_when_the_old_one_was_freed
         before[0] + 1, before[1] + 1), "memory prepared on both nodes")
     home_ready, reader_ready = prepared_memfds(node1, size), prepared_memfds(node2, size)
     assert len(home_ready) == len(reader_ready) == 1
-    digest = fill(c1, "lazy/round1", size)  # other random bytes
-    with c1.attach("lazy/round1") as home, c2.attach("lazy/round1") as m:
+    data = os.urandom(size)
+    c1.create("lazy/round1", size, mode=0o644)
+    with c1.attach("lazy/round1", "rw") as writer:
         assert home_ready <= mapped_inodes(), "the create did not take the prepared memfd"
+        assert writer.write(0, data) == size  # one WriteFrom of the whole range
+    with c1.attach("lazy/round1") as home, c2.attach("lazy/round1") as m:
+        assert hashlib.sha256(home.buffer).digest() == hashlib.sha256(data).digest()
         assert m.fetch == "lazy"
         assert reader_ready <= mapped_inodes(), "the replica did not take the prepared memfd"
         for chunk in random.sample(range(size // (32 * 1024)), 20):  # first touches
             offset = chunk * 32 * 1024 + random.randrange(32 * 1024 // PAGE) * PAGE
-            assert m.read(offset, PAGE) == home.read(offset, PAGE)
-        assert hashlib.sha256(m.buffer).hexdigest() == digest
+            assert m.read(offset, PAGE) == data[offset:offset + PAGE]
+        assert hashlib.sha256(m.buffer).digest() == hashlib.sha256(data).digest()
