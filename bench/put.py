@@ -6,8 +6,8 @@ the client storing them through its own mapping (the path before it), alternatin
 One local agent (its own etcd and coordinator). Each round puts the same array twice,
 once each way (the order swapped every round), checks the bytes (``checksum`` of a read
 back) and deletes the dataset. The first put of the run is cold (the create allocates the
-memory); from the third on the warm pool has memory of that size prepared (two creates in
-a row of one size), when it finished preparing in time. "store" is the old path, forced by
+memory); from the second on the warm pool has memory of that size prepared (each delete
+asks for its size), when it finished preparing in time. "store" is the old path, forced by
 raising ``vas.pages.WRITE_FROM_MIN`` past the array's size in this process.
 
 Prints a line per put (total; write, sync and detach times) and, last, one JSON object with the medians

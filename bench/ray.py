@@ -23,7 +23,9 @@ measured inside the task (get + sum); node-B memory for the data: the peak, over
 samples every 50 ms during the tasks, of the summed PSS of every process of node
 B (its raylet, which holds B's object store, and everything under it: Ray's
 workers, the vas agent actor and the agent itself), minus the same sum just
-before the put (a worker on each node is started before either side runs). vas also reports the home-node ref.get() time (median of 200
+before the put (a worker on each node is started before either side runs), less
+the memory the agent had prepared for the next dataset then (its warm pool's
+memfds, which the replica takes: counted as the data's, not as the baseline's). vas also reports the home-node ref.get() time (median of 200
 calls in one task on A, after one warm-up call) and node B's agent-held bytes.
 
 Each cluster runs --rounds rounds (default 3), alternating the sides (ray, vas, ray,
@@ -32,6 +34,10 @@ for node B's replica to go before the next round). The first round of a side is 
 cold figure: this VM hands freed memory back to its host, and the first GiB a process
 touches after another side freed one costs several times more. The median of the
 other rounds is its warm figure (Ray's store and vas's agents then reuse memory).
+Before each round the agents are let settle (their CPU idle): the memory of the
+dataset deleted after a vas round is given back, and memory for the next one of
+its size prepared, in the background (node/pool.py), as Ray's store keeps the
+memory of freed objects; neither side's round runs beside that work.
 
 The readable table comes first; the LAST line is one JSON object with every figure
 and the vas/ray ratios (< 1: vas is faster or smaller), cold and warm. --quick uses 96 MiB.
@@ -92,12 +98,33 @@ def node_pss(raylet_pid: int) -> int:
     return sum(pss(pid) for pid in tree(raylet_pid))
 
 
+#: What an agent's warm pool names the memfds it prepares (node/pool.py).
+PREPARED = "/memfd:vas:segment "
+
+
+def prepared_pss(pid: int) -> int:
+    """PSS of the memory prepared ahead by a vas agent ``pid`` (its warm pool's memfds
+    mapped in it; 0 for any other process)."""
+    total, counting = 0, False
+    try:
+        with open(f"/proc/{pid}/smaps") as smaps:
+            for line in smaps:
+                if line[0] in "0123456789abcdef" and "-" in line.split(" ", 1)[0]:
+                    counting = PREPARED in line
+                elif counting and line.startswith("Pss:"):
+                    total += int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return total
+
+
 class Sampler:
-    """Peak of node_pss(raylet) above a baseline, sampled on a thread."""
+    """Peak of node_pss(raylet) above a baseline (less prepared memory), sampled on a
+    thread."""
 
     def __init__(self, raylet_pid: int):
         self.raylet_pid = raylet_pid
-        self.baseline = node_pss(raylet_pid)
+        self.baseline = node_pss(raylet_pid) - sum(map(prepared_pss, tree(raylet_pid)))
         self.peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -147,6 +174,31 @@ def time_home_get(ref, rounds: int):
 @ray.remote
 def warm_up():
     import vas.ray  # noqa: F401  (the imports a task of either side pays once per worker)
+
+
+def cpu_ticks(pid: int) -> int:
+    """User + system clock ticks ``pid`` has used (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0
+    return int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+
+
+def settle(pids: list[int], timeout: float = 60.0) -> None:
+    """Wait until the processes ``pids`` (the agents) are idle: under 2 ticks of CPU in
+    0.25 s (or ``timeout`` passed). Between rounds the agents give memory back and
+    prepare the next dataset's in the background; on this one machine that work
+    would otherwise land in the next round, whichever side runs it."""
+    deadline = time.monotonic() + timeout
+    before = sum(map(cpu_ticks, pids))
+    while time.monotonic() < deadline:
+        time.sleep(0.25)
+        now = sum(map(cpu_ticks, pids))
+        if now - before < 2:
+            return
+        before = now
 
 
 def agent_bytes(node_id: str, done, timeout: float = 30.0) -> int:
@@ -208,9 +260,12 @@ def one_store(size: int, store: int, tasks: int, rounds: int) -> dict:
         # a worker on each node before any sampling: neither side pays a worker's start
         ray.get([warm_up.options(**pinned(node)).remote() for node in (a, b)], timeout=300)
         vas.ray.start(memory=2 * size + 64 * MiB)  # not timed: agents run before any dataset
+        agent_pids = [agent["pid"] for agent in vas.ray.agents().values()]
         sides = {"ray": [], "vas": []}
         for _ in range(rounds):
+            settle(agent_pids)
             sides["ray"].append(ray_round(data, expected, a, b, raylet_b, tasks))
+            settle(agent_pids)
             sides["vas"].append(vas_round(data, expected, a, b, raylet_b, tasks))
         return {"object_store_bytes": store, "data_bytes": data.nbytes,
                 **{side: cold_and_warm(runs) for side, runs in sides.items()}}

@@ -239,13 +239,27 @@ class HomeSegments:
         return segment
 
     def _expect(self, size: int) -> None:
-        """After a create of ``size`` bytes: when the one before had that size too (shards,
-        rounds of puts), have the warm pool prepare the next one. Not after a first or
-        one-off create: preparing a GiB costs ~1 s of CPU beside what the node serves."""
+        """After a create of ``size`` bytes: when the one before had that size too (shards),
+        have the warm pool prepare the next one. Not after a first or one-off create, nor
+        after one that replaced a freed segment of its size (``_replaced`` asks at the
+        next free): preparing a GiB costs ~1 s of CPU beside what the node serves."""
         with self._lock:
             again, self._last_size = self._last_size == size, size
         if again:
             self.replicas.pool.want(size)
+
+    def _replaced(self, size: int) -> None:
+        """A segment of ``size`` bytes was freed: the next create of that size is likely
+        its replacement (rounds of ``vas.ray.put``, a dataset rewritten), so have the
+        warm pool prepare one now, between that delete and the create, rather than
+        beside the create's readers; that create then counts as a first one (it does not
+        ask the pool again). With a data dir creates never take from the pool."""
+        if self.data_dir is not None:
+            return
+        with self._lock:
+            if self._last_size == size:
+                self._last_size = 0
+        self.replicas.pool.want(size)
 
     def _create_done(self, name: str, created: threading.Event) -> list[tuple[int, str]]:
         """The create of ``name`` left flight; when it was the last, drop the tombstones
@@ -556,6 +570,7 @@ class HomeSegments:
                 segment.memory.close()
             else:
                 segment.memory.release()
+                self._replaced(segment.size)
             log.debug("freed segment %s (id %d, %d bytes)", segment.name, segment.id,
                       segment.size)
             with self._lock:

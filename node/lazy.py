@@ -360,8 +360,15 @@ class HomeReader:
     def __init__(self, homes: Homes, home: str, name: str, segment_id: int, fd: int,
                  read_pages: Callable[[str, int, int], None],
                  transfer: Callable[[], AbstractContextManager] = contextlib.nullcontext,
-                 rehome: Callable[[str], str | None] | None = None, rehome_wait: float = 0.0):
+                 rehome: Callable[[str], str | None] | None = None, rehome_wait: float = 0.0,
+                 mapping=None):
         self._homes, self._home, self._name, self._segment_id = homes, home, name, segment_id
+        #: The agent's mapping of the replica when its pages are allocated already (warm
+        #: pool memory): chunks are received straight into it, one copy instead of a
+        #: receive and a ``pwrite``. None for a sparse memfd (a receive into a hole
+        #: would allocate its page by a fault, which is SIGBUS when memory is short).
+        #: Fetches never outlive it: the replica is freed after ``LazyFill.close``.
+        self._mapping = mapping
         #: For a segment with backups: failed home -> the node a backup was promoted on,
         #: holding the version this replica is at, or None (yet); one record read
         #: (node/replicas.py). Looked for during at most ``rehome_wait`` seconds.
@@ -404,8 +411,13 @@ class HomeReader:
             channel = None
             try:
                 channel = self._homes.channel(self._home, self._name, self._segment_id)
-                channel.read(self._segment_id, offset, length, self._fd,
-                             _time_left(deadline, "bulk chunk read"))
+                timeout = _time_left(deadline, "bulk chunk read")
+                if self._mapping is None:
+                    channel.read(self._segment_id, offset, length, self._fd, timeout)
+                    return
+                with memoryview(self._mapping) as raw, raw.cast("B") as view, \
+                        view[offset:offset + length] as part:
+                    channel.read(self._segment_id, offset, length, self._fd, timeout, part)
                 return
             except PagesLost:
                 raise

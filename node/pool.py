@@ -9,9 +9,14 @@ takes ~0.45 s and ``MADV_POPULATE_WRITE`` (the page-table entries) another
 streams); receiving into unfaulted pages runs at ~0.6 GB/s. So after a replica
 of size S is fetched, one memfd of size S is prepared in the background: the
 next replica of that size (the common case: shards of one size) starts
-receiving at once. Home creates take from the pool too, once two creates in a
-row had one size (node/homes.py): allocating a GiB is ~0.5 s of a put (create,
-fill, publish) that Ray's object store does not pay for memory it reuses.
+receiving at once. Home creates and lazy replicas take from the pool too
+(node/homes.py, node/replicas.py): allocating a GiB is ~0.5-0.8 s of a put
+(create, fill, publish) and most of a lazy fill's cost that Ray's object store
+does not pay for memory it reuses. One memfd is prepared per ``want``, and
+``want`` is called where the next segment of a size is predicted: after an
+eager fetch, after two home creates in a row of one size (shards), and when a
+segment (home or replica) of a size is freed (a dataset replaced: rounds of
+``vas.ray.put``, new versions); a ``take`` does not start another by itself.
 Sizes under ``MIN_SIZE`` are not pooled (they cost little, and sizes that vary
 would only churn the pool).
 
@@ -184,19 +189,23 @@ class WarmPool:
 
     def take(self, size: int) -> Warm | None:
         """A prepared memfd of exactly ``size`` bytes, or None; its room moves to the caller's
-        reservation (made before)."""
+        reservation (made before). Taking it ends the wish for that size: the next one is
+        prepared only when ``want`` is called again (so that the refill runs when the
+        caller expects the next segment, not beside the one that took this memory)."""
         with self._cv:
             for i, warm in enumerate(self._entries):
                 if warm.size == size:
                     del self._entries[i]
                     self.store.pooled -= size
+                    if self._wanted == size:
+                        self._wanted = 0
                     return warm
         return None
 
     def want(self, size: int) -> None:
-        """A segment of ``size`` bytes was asked for: prepare the next one of that size
-        (entries of other sizes are released later); sizes under ``MIN_SIZE`` change
-        nothing."""
+        """A segment of ``size`` bytes is likely to be asked for next: prepare one of that
+        size unless one is there or under way (entries of other sizes are released
+        later); sizes under ``MIN_SIZE`` change nothing."""
         if size < MIN_SIZE:
             return
         with self._cv:
@@ -293,7 +302,7 @@ class WarmPool:
                 self._cv.wait(_RETRY)
             return None
         warm.populated = True
-        log.debug("prepared %d bytes of segment memory", size)
+        log.info("prepared %d bytes of segment memory", size)
         return warm
 
     def _allocate_idle(self, warm: Warm, offset: int, length: int) -> bool:

@@ -183,7 +183,8 @@ class Replicas:
         try:
             if stale is not None:  # of an older version, or of a deleted segment of the name
                 self.retire(stale, lost=None if stale.id == info.id else
-                            f"segment {info.name} (id {stale.id}) was deleted")
+                            f"segment {info.name} (id {stale.id}) was deleted",
+                            successor=True)
             replica = (self._lazy_replica(info) if mode is FetchMode.LAZY
                        else self._eager_replica(info, offer))
             self.store.hold(info.size)
@@ -293,15 +294,21 @@ class Replicas:
     def _lazy_replica(self, info: types_pb2.SegmentInfo) -> Replica:
         """A replica of ``info`` whose chunks are fetched on first touch or prefetch.
 
-        Its memfd is sparse (not from the warm pool, whose pages are allocated): a
-        client's read of a missing page must raise a userfault. Nothing here costs
-        per byte, and the home is not called: the record's state says it is
-        registered, and its address and bulk channel come from ``self.homes``
-        (looked up in the background on a first attach).
+        Its memfd comes from the warm pool when one of its size is prepared (the
+        chunks are then received into allocated pages: no page allocation on the
+        faults' path), else it is sparse. Either way every client's first touch of a
+        page raises a userfault (MISSING for a hole, MINOR for a page in the memfd
+        but not in the client's fresh mapping), and the fault handler makes the
+        chunk present (``LazyFill``) before it maps anything: a prepared page's
+        zeros are never shown. Nothing here costs per byte, and the home is not
+        called: the record's state says it is registered, and its address and bulk
+        channel come from ``self.homes`` (looked up in the background on a first
+        attach).
         """
         spare = self.make_room(info.size, info.name)
         try:
-            memory = Memory.allocate("replica", info.size, reserve=False, mapped=True)
+            memory = self.pool.take(info.size) or Memory.allocate(
+                "replica", info.size, reserve=False, mapped=True)
         except BaseException:
             self.store.unreserve(info.size)
             self.release_spare(spare)
@@ -337,7 +344,8 @@ class Replicas:
         rehome = functools.partial(self._promoted_home, info) if info.backups else None
         return lazy.HomeReader(self.homes, info.home, info.name, info.id, memory.fd, read_pages,
                                self.pool.transfer, rehome,
-                               _REHOME_WAIT * self.config.heartbeat_ttl)
+                               _REHOME_WAIT * self.config.heartbeat_ttl,
+                               memory.mapping if getattr(memory, "populated", False) else None)
 
     def _promoted_home(self, info: types_pb2.SegmentInfo, failed: str) -> str | None:
         """The node a backup of ``info`` was promoted on after its home ``failed``, if it
@@ -580,13 +588,16 @@ class Replicas:
         if replica is not None:
             self.retire(replica, lost)
 
-    def retire(self, replica: Replica, lost: str | None = None) -> None:
+    def retire(self, replica: Replica, lost: str | None = None, *,
+               successor: bool = False) -> None:
         """Stop handing out ``replica``; freed now if unattached, else at its last detach.
 
         ``lost``: why the home's bytes of it are gone (deleted, home gone). A lazy
         replica's missing pages are then never fetched: the faults of readers still
         attached are poisoned (SIGBUS) at once. Without it (a newer version, an
         eviction, a writer leaving) they keep being fetched from the home.
+        ``successor``: the caller fetches its successor now (no memory is prepared for
+        one, see ``_release_retired``).
         """
         fill = replica.fill
         if lost and fill is not None and fill.lose(lost):
@@ -594,8 +605,10 @@ class Replicas:
                         replica.name, replica.id, lost)
         with self._lock:
             free = self._retire_locked(replica)
-        if free:
+        if free and successor:
             self._release(replica)
+        elif free:
+            self._release_retired(replica)
 
     def drop(self, name: str, segment_id: int) -> bool:
         """Segment ``segment_id`` is gone (Node.ReleaseReplica): retire this node's replica
@@ -651,7 +664,15 @@ class Replicas:
             if free:
                 free = self._retire_locked(replica)
         if free:
-            self._release(replica)
+            self._release_retired(replica)
+
+    def _release_retired(self, replica: Replica) -> None:
+        """Free a retired replica (deleted, replaced by a newer version, its last reader
+        gone) and have the warm pool prepare memory of its size: its successor (the
+        next round or version of that dataset) is likely to come. Not for evictions:
+        those make room for something else."""
+        self._release(replica)
+        self.pool.want(replica.size)
 
     def _release(self, replica: Replica, *, later: bool = True) -> None:
         """Give back the memory of a FREED replica, by default by the warm pool's thread

@@ -23,6 +23,7 @@ import pytest
 import vas
 from vas.core import fetch
 from vas.proto import node_pb2, node_pb2_grpc
+from waiting import wait_for
 from worlds import empty
 
 MiB = 1 << 20
@@ -313,3 +314,64 @@ def test_a_forked_child_never_reads_a_lazy_mappings_missing_pages_as_zeros(two):
     out = subprocess.run([sys.executable, "-c", _FORK_CHILD_READS, node2.socket, "lazy/fork"],
                          check=True, capture_output=True, text=True, timeout=60).stdout.split()
     assert out == [str(int(signal.SIGSEGV)), "1"], out
+
+
+def prepared_memfds(node, size: int) -> set[int]:
+    """Inodes of the warm pool's memfds of ``size`` bytes that agent ``node`` holds
+    ("vas:segment": node/pool.py's name for them)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{node.pid}/fd"):
+        path = f"/proc/{node.pid}/fd/{fd}"
+        try:
+            if os.readlink(path).startswith("/memfd:vas:segment "):
+                stat = os.stat(path)
+                if stat.st_size == size:
+                    inodes.add(stat.st_ino)
+        except OSError:  # closed meanwhile
+            continue
+    return inodes
+
+
+def preparations(node, size: int) -> int:
+    """How many memfds of ``size`` bytes agent ``node``'s warm pool has prepared so far."""
+    return _log(node).count(f"prepared {size} bytes of segment memory")
+
+
+def mapped_inodes() -> set[int]:
+    """Inodes of the memfds this process maps."""
+    with open("/proc/self/maps") as maps:
+        return {int(line.split()[4]) for line in maps if "/memfd:vas:" in line}
+
+
+@needs_uffd
+def test_a_replaced_dataset_goes_into_memory_prepared_when_the_old_one_was_freed(two):
+    """Rounds of puts of one size (vas.ray.put, a dataset rewritten): freeing the old
+    segment has the home, and freeing its replica the reader's node, prepare memory
+    of that size; the next create and the next lazy replica take it. The writer's
+    bytes are copied in by the home's agent (WriteFrom into prepared memory: two
+    halves on two threads), and the lazy reader still sees the home's bytes, never
+    the prepared pages' zeros."""
+    node1, node2, c1, c2 = two
+    size = 80 * MiB  # over the pool's MIN_SIZE and WriteFrom's PARALLEL_COPY_MIN; no other test's
+    before = preparations(node1, size), preparations(node2, size)
+    digest = fill(c1, "lazy/round0", size)
+    with c2.attach("lazy/round0") as m:
+        assert hashlib.sha256(m.buffer).hexdigest() == digest
+    c1.delete("lazy/round0")
+    wait_for(lambda: (preparations(node1, size), preparations(node2, size)) == (
+        before[0] + 1, before[1] + 1), "memory prepared on both nodes")
+    home_ready, reader_ready = prepared_memfds(node1, size), prepared_memfds(node2, size)
+    assert len(home_ready) == len(reader_ready) == 1
+    data = os.urandom(size)
+    c1.create("lazy/round1", size, mode=0o644)
+    with c1.attach("lazy/round1", "rw") as writer:
+        assert home_ready <= mapped_inodes(), "the create did not take the prepared memfd"
+        assert writer.write(0, data) == size  # one WriteFrom of the whole range
+    with c1.attach("lazy/round1") as home, c2.attach("lazy/round1") as m:
+        assert hashlib.sha256(home.buffer).digest() == hashlib.sha256(data).digest()
+        assert m.fetch == "lazy"
+        assert reader_ready <= mapped_inodes(), "the replica did not take the prepared memfd"
+        for chunk in random.sample(range(size // (32 * 1024)), 20):  # first touches
+            offset = chunk * 32 * 1024 + random.randrange(32 * 1024 // PAGE) * PAGE
+            assert m.read(offset, PAGE) == data[offset:offset + PAGE]
+        assert hashlib.sha256(m.buffer).digest() == hashlib.sha256(data).digest()

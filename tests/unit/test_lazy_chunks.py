@@ -126,6 +126,28 @@ def test_channel_reply_framing_at_the_buffer_edges(used_channel, replica):
     assert _pooled(channel) == [conn]
 
 
+def test_channel_receives_straight_into_a_mapping_of_allocated_memory(used_channel, replica):
+    """``into=``: a replica in prepared memory gets its ranges received into the agent's
+    mapping (no pwrite through the buffer); an error reply writes nothing there and
+    keeps the connection, and a range longer than one receive arrives whole."""
+    channel, conn, data = used_channel
+    memory = store_mod.Memory.allocate("prepared", SIZE, mapped=True)
+    try:
+        with memoryview(memory.mapping) as raw, raw.cast("B") as view:
+            with pytest.raises(NotFound, match="is not held"):
+                channel.read(SEGMENT + 1, 0, 4096, memory.fd, into=view[:4096])
+            assert bytes(view[:4096]) == bytes(4096)
+            offset, length = 4096 + 100, 3 * bulk._RECV_BUFFER + 12345
+            channel.read(SEGMENT, offset, length, memory.fd, into=view[offset:offset + length])
+            assert bytes(view[offset:offset + length]) == data[offset:offset + length]
+            assert bytes(view[:offset]) == bytes(offset)  # nothing outside the range
+            channel.read(SEGMENT, 0, SIZE, memory.fd, into=view)
+            assert hashlib.sha256(view).digest() == hashlib.sha256(data).digest()
+        assert _pooled(channel) == [conn]
+    finally:
+        memory.release()
+
+
 def test_channel_replaces_a_connection_the_home_dropped(used_channel, replica):
     channel, conn, data = used_channel
     # As a home that restarted or timed it out (with TLS: the connection's own socket).

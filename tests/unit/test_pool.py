@@ -37,10 +37,25 @@ def test_a_wanted_size_is_prepared_populated_and_taken_once(pool):
     warm = pool.take(MIN_SIZE)
     assert warm is not None and warm.populated and warm.size == MIN_SIZE
     try:
-        after = pool.take(MIN_SIZE)  # None, or the next one the refill made meanwhile
-        assert after is not warm, "one memfd handed out twice"
-        if after is not None:
-            after.release()
+        assert pool.take(MIN_SIZE) is None, "one memfd handed out twice"
+    finally:
+        warm.release()
+
+
+def test_one_memfd_is_prepared_per_want(pool):
+    # The refill runs when a caller predicts the next segment (want), not whenever an
+    # entry is taken: a take's own segment is being filled beside it.
+    pool.want(MIN_SIZE)
+    wait_for(lambda: prepared(pool) == 1, "the refill")
+    warm = pool.take(MIN_SIZE)
+    try:
+        assert not _within(0.3, lambda: pool._filling or prepared(pool)), \
+            "a take started another preparation"
+        pool.want(MIN_SIZE)
+        wait_for(lambda: prepared(pool) == 1, "the refill the second want asked for")
+        again = pool.take(MIN_SIZE)
+        assert again is not None and again is not warm
+        again.release()
     finally:
         warm.release()
 
