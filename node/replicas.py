@@ -11,9 +11,10 @@ again. Concurrent attaches of one name share one fetch.
 - eager (``FetchMode`` EAGER*): every byte is copied before the attach returns
   (the bulk channel, node/bulk.py; ReadPages for small segments and as the
   fallback), into prepared memory when the warm pool has some (node/pool.py);
-- lazy (``FetchMode.LAZY``): a sparse memfd whose chunks are fetched on first
-  touch through the client's userfaultfd (node/lazy.py; the fault resolvers are
-  node/faults.py); nothing per byte is paid at attach.
+- lazy (``FetchMode.LAZY``): a memfd (sparse, or memory the warm pool prepared)
+  whose chunks are fetched on first touch through the client's userfaultfd
+  (node/lazy.py; the fault resolvers are node/faults.py); nothing per byte is
+  paid at attach.
 
 Replicas are capacity-accounted like home segments; room is made by evicting
 unattached replicas, least recently attached first. A replica is retired (no
