@@ -6,8 +6,13 @@ import time
 
 import pytest
 
+# bench/netns.py puts bench/ first on sys.path, where bench/ray.py would shadow the ray
+# package for every later test in this process: the path is put back after the import.
+_SYS_PATH = list(sys.path)
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
 import netns  # noqa: E402
+
+sys.path[:] = _SYS_PATH
 
 
 @pytest.mark.parametrize("skip, only, steps", [
