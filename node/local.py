@@ -163,6 +163,9 @@ class LocalServer:
         try:
             listener.bind(self.path)
             os.chmod(self.path, 0o666)  # access control is per caller (SO_PEERCRED), not by file
+            # Every request then carries its sender's pid (SCM_CREDENTIALS; accepted
+            # sockets inherit the option): a connection serves only its opener.
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
             listener.listen(self.backlog)
             listener.setblocking(False)
         except BaseException:
@@ -382,8 +385,8 @@ class LocalServer:
                 return self.dispatcher.offer(session.uid, lambda: self._release(session))
             return None
         session.last_seen, session.busy = time.monotonic(), True
-        return self.dispatcher.offer(session.uid,
-                                     functools.partial(self._serve, connection, request, fds))
+        return self.dispatcher.offer(session.uid, functools.partial(
+            self._serve, connection, request, fds, receiver.sender))
 
     def _end(self, connection: _Connection) -> bool:
         """Close a connection that this thread holds (no other can); True when its
@@ -459,11 +462,11 @@ class LocalServer:
     # ------------------------------------------------------------------ serving
 
     def _serve(self, connection: _Connection, request: local_pb2.LocalRequest,
-               fds: list[int]) -> _Connection | None:
+               fds: list[int], sender: int | None) -> _Connection | None:
         session = connection.session
         try:
             try:
-                response, out = self.responder.handle(session, request, fds)
+                response, out = self.responder.handle(session, request, fds, sender)
             finally:
                 session.last_seen, session.busy = time.monotonic(), False
                 close_fds(fds)  # whatever a handler did not take

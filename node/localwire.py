@@ -15,7 +15,7 @@ import socket
 
 from vas.core import wire
 from vas.core.wire import close_quietly as close_fds
-from vas.core.errors import InvalidArgument, VasError
+from vas.core.errors import InvalidArgument, PermissionDenied, VasError
 from vas.core.sizes import human_size
 from vas.node.localapi import LocalApi, Unimplemented, one_line
 from vas.node.sessions import Session
@@ -38,6 +38,17 @@ def unanswered(request: local_pb2.LocalRequest) -> bool:
     return request.WhichOneof("body") == "detach" and request.detach.no_reply
 
 
+def _foreign(session: Session, sender: int | None) -> PermissionDenied:
+    """Why a request sent by another process than the connection's opener is refused.
+    Why check: the opener's identity (SO_PEERCRED at accept) decides what a request
+    may do, and WriteFrom reads the opener's memory; a socket inherited across fork,
+    or passed to another process, must not carry it."""
+    who = "a sender the kernel did not name" if sender is None else f"pid {sender}"
+    return PermissionDenied(f"request from {who} on a connection opened by pid {session.pid}: "
+                            "a connection serves only the process that opened it; connect "
+                            "from this process")
+
+
 class Receiver:
     """Receives requests (the event loop's: one at a time, from any connection).
 
@@ -52,6 +63,11 @@ class Receiver:
 
     def close(self) -> None:
         self._inbox.close()
+
+    @property
+    def sender(self) -> int | None:
+        """The pid that sent the request last received (None: the kernel did not say)."""
+        return self._inbox.sender
 
     def receive(self, sock: socket.socket) -> tuple[local_pb2.LocalRequest | None, list[int]]:
         """(one request or None at EOF, the fds that came with it; the caller closes them).
@@ -78,16 +94,21 @@ class Responder:
         """The answer to a datagram that is not a request (id 0: it has none)."""
         return local_pb2.LocalResponse(id=0, code=INVALID_ARGUMENT, message=str(exc))
 
-    def handle(self, session: Session, request: local_pb2.LocalRequest, fds=None):
+    def handle(self, session: Session, request: local_pb2.LocalRequest, fds=None,
+               sender: int | None = None):
         """The response to one request and the fds to send with it.
 
         ``fds`` (a list) came with the request; a handler that keeps one removes it.
+        ``sender``: the pid that sent it (SCM_CREDENTIALS); a request from any process
+        but the connection's opener is refused (PermissionDenied).
         """
         response = local_pb2.LocalResponse(id=request.id)
         body = request.WhichOneof("body")
         try:
             if request.id == 0:
                 raise InvalidArgument("request id must not be 0")
+            if sender != session.pid:
+                raise _foreign(session, sender)
             handler = self._handlers.get(body)
             if handler is None:
                 raise Unimplemented("unknown or empty request" if body is None

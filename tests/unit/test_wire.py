@@ -92,3 +92,23 @@ def test_receive_message_parses_and_refuses_what_is_not_one(pair):
     finally:
         os.close(memfd)
         inbox.close()
+
+
+def test_inbox_names_the_sender_when_the_socket_passes_credentials(pair):
+    here, there = pair
+    inbox = wire.Inbox()
+    try:
+        wire.send_message(here, local_pb2.LocalResponse(id=1))
+        inbox.receive(there)
+        assert inbox.sender is None  # no SO_PASSCRED: the kernel does not say
+        there.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        memfd = os.memfd_create("wire-test")
+        try:
+            wire.send_message(here, local_pb2.LocalResponse(id=2), [memfd])
+            data, fds = inbox.receive(there)  # credentials and fds side by side
+            assert inbox.sender == os.getpid() and len(fds) == 1
+            os.close(fds[0])
+        finally:
+            os.close(memfd)
+    finally:
+        inbox.close()

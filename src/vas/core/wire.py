@@ -11,6 +11,7 @@ import array
 import mmap
 import os
 import socket
+import struct
 
 from google.protobuf.message import DecodeError
 
@@ -26,8 +27,12 @@ SOCKET_BUFFER = MAX_MESSAGE + 65536
 # Plain ints: flag-enum arithmetic costs microseconds per message.
 _PEEK_SIZE = int(socket.MSG_PEEK | socket.MSG_TRUNC)
 _TRUNCATED = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
-_ANCILLARY_SPACE = socket.CMSG_SPACE(MAX_FDS * 4)
+_CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
+# Room for the fds and for the sender's credentials (SCM_CREDENTIALS), which the
+# kernel adds to every datagram sent to or from a socket with SO_PASSCRED (the agent's).
+_ANCILLARY_SPACE = socket.CMSG_SPACE(MAX_FDS * 4) + socket.CMSG_SPACE(_CREDENTIALS.size)
 _SOL_SOCKET, _SCM_RIGHTS = int(socket.SOL_SOCKET), int(socket.SCM_RIGHTS)
+_SCM_CREDENTIALS = int(socket.SCM_CREDENTIALS)
 _PEEK_BYTE = bytearray(1)
 
 
@@ -75,13 +80,16 @@ class Inbox:
         self._buffer = mmap.mmap(-1, MAX_MESSAGE + 1)
         self._view = memoryview(self._buffer)
         self._views = [self._view]
+        #: The pid that sent the last datagram received, as the kernel told it
+        #: (SCM_CREDENTIALS: the receiving socket has SO_PASSCRED), else None.
+        self.sender: int | None = None
 
     def receive(self, sock: socket.socket, flags: int = 0) -> tuple[memoryview | None, list[int]]:
         """(the datagram's bytes, or None at EOF; the fds that came with it: the caller
         owns them). Raises ``TooLarge`` (its fds closed) for a datagram larger
         than MAX_MESSAGE, and what ``recvmsg_into`` raises (``flags``: MSG_DONTWAIT)."""
         size, ancdata, msg_flags, _ = sock.recvmsg_into(self._views, _ANCILLARY_SPACE, flags)
-        fds = _fds_of(ancdata) if ancdata else []
+        fds, self.sender = _ancillary(ancdata) if ancdata else ([], None)
         if not size:
             close_quietly(fds)
             return None, []
@@ -114,15 +122,21 @@ class Inbox:
             pass
 
 
-def _fds_of(ancdata) -> list[int]:
-    """The fds of SCM_RIGHTS ancillary data."""
+def _ancillary(ancdata) -> tuple[list[int], int | None]:
+    """(the fds of SCM_RIGHTS, the sender's pid of SCM_CREDENTIALS or None) of a
+    datagram's ancillary data."""
     fds: list[int] = []
+    sender = None
     for level, kind, payload in ancdata:
-        if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
+        if level != _SOL_SOCKET:
+            continue
+        if kind == _SCM_RIGHTS:
             fd_array = array.array("i")
             fd_array.frombytes(payload[: len(payload) - len(payload) % fd_array.itemsize])
             fds.extend(fd_array)
-    return fds
+        elif kind == _SCM_CREDENTIALS and len(payload) >= _CREDENTIALS.size:
+            sender = _CREDENTIALS.unpack_from(payload)[0]
+    return fds, sender
 
 
 def close_quietly(fds) -> None:
@@ -145,7 +159,7 @@ def recv_message(sock: socket.socket, message_type):
     # would cost more than the whole request on the attach path.
     size = sock.recv_into(_PEEK_BYTE, 1, _PEEK_SIZE)
     data, ancdata, flags, _ = sock.recvmsg(min(max(size, 1), MAX_MESSAGE + 1), _ANCILLARY_SPACE)
-    fds = _fds_of(ancdata)
+    fds, _ = _ancillary(ancdata)
     if not data:
         close_quietly(fds)
         return None, []

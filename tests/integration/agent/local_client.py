@@ -93,10 +93,12 @@ def connect(node: NodeProcess) -> Local:
     return Local(node.socket)
 
 
-def child(code: str, *args: str, timeout: float = 60) -> dict:
-    """Run LOCAL_CLIENT + ``code`` in a new Python; it prints one JSON line, returned parsed."""
+def child(code: str, *args: str, timeout: float = 60, pass_fds=()) -> dict:
+    """Run LOCAL_CLIENT + ``code`` in a new Python (given the fds ``pass_fds``); it
+    prints one JSON line, returned parsed."""
     proc = subprocess.run([*PYTHON, "-c", LOCAL_CLIENT + textwrap.dedent(code), *args],
-                          capture_output=True, text=True, timeout=timeout, cwd="/")
+                          capture_output=True, text=True, timeout=timeout, cwd="/",
+                          pass_fds=pass_fds)
     assert proc.returncode == 0, f"child failed ({proc.returncode}): {proc.stderr[-3000:]}"
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

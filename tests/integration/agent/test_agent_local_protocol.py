@@ -293,6 +293,37 @@ def test_permissions_follow_mode_bits_of_the_socket_identity(node1, client, name
         "uid": 65534, "r": "ok", "rw": "ok", "chmod": "ok", "delete": "ok"}
 
 
+def test_a_connection_serves_only_the_process_that_opened_it(node1, client, name):
+    """Its opener's identity (SO_PEERCRED at connect) decides what a request may do:
+    a connection handed to another process (here one that then became nobody) must
+    not lend it. Every request names its sender (SCM_CREDENTIALS); another's is refused."""
+    client.create(name, PS, mode=0o600)
+    probe = """
+        import json, socket, sys
+        from vas.core import errors
+        os.setgroups([]); os.setgid(65534); os.setuid(65534)   # after the imports
+        c = Local.__new__(Local)
+        c.sock, c.ids = socket.socket(fileno=int(sys.argv[1])), itertools.count(100)
+        out = {"pid": os.getpid()}
+        for what, call in [("hello", c.hello), ("delete", lambda: c.delete(sys.argv[2]))]:
+            try:
+                call()
+                out[what] = "ok"
+            except errors.VasError as exc:
+                out[what] = [type(exc).__name__, exc.message]
+        c.sock.detach()
+        print(json.dumps(out))
+    """
+    fd = client.sock.fileno()
+    out = child(probe, str(fd), name, pass_fds=[fd])
+    refusal = ["PermissionDenied", f"request from pid {out['pid']} on a connection opened by "
+               f"pid {os.getpid()}: a connection serves only the process that opened it; "
+               "connect from this process"]
+    assert out == {"pid": out["pid"], "hello": refusal, "delete": refusal}
+    assert client.stat(name).name == name  # not deleted
+    assert client.hello().caller.pid == os.getpid()  # the opener is still served
+
+
 # ---------------------------------------------------------------- forwarding
 
 def test_list_nodes_status_and_spaces_are_forwarded(node1, node2, client, name):
