@@ -13,7 +13,9 @@ else to announce it, so ``deleted`` does: ``SegmentChanged`` to the home (it
 re-reads, sees the deleting mark, frees and finishes the delete; for a forced
 delete ``Node.ReleaseSegment`` with ``force``, which revokes the attachments and
 frees at once) and ``Node.ReleaseReplica`` to the nodes in ``copies``, without
-waiting for the answers. Before, nobody told them: the home freed the segment at
+waiting for the answers — unless other nodes still have it attached (and the delete
+is not forced): the home then keeps the pages for them and tells the copies' nodes
+itself once it frees them. Before, nobody told them: the home freed the segment at
 a later re-read and the replicas held their memory until their nodes' periodic
 check (``RECHECK_AGE``, 30 s, plus a heartbeat: 33 s measured).
 """
@@ -81,7 +83,11 @@ class Homes:
                 timeout=NOTIFY_TIMEOUT) if force else stub.SegmentChanged.future(
                 node_pb2.SegmentChangedRequest(name=info.name, id=info.id),
                 timeout=NOTIFY_TIMEOUT)))
-        for node in info.copies:
+        if not force and any(node != info.home for node in info.attached_nodes):
+            copies = ()  # attached elsewhere: the home tells them once it frees the pages
+        else:
+            copies = info.copies
+        for node in copies:
             if node in addresses:
                 calls.append((node, self._stub(addresses[node]).ReleaseReplica.future(
                     node_pb2.ReleaseReplicaRequest(name=info.name, id=info.id),

@@ -132,9 +132,9 @@ def place_backups(nodes: list[dict], home: str, size: int, count: int) -> list[s
 
 
 def to_proto(entry: Entry, live_nodes, attachments: int = 0,
-             copies: list[str] = ()) -> types_pb2.SegmentInfo:
+             copies: list[str] = (), attached: list[str] = ()) -> types_pb2.SegmentInfo:
     """The SegmentInfo of ``entry``; its ``copies`` are the reported replica holders
-    and the record's backups."""
+    and the record's backups, ``attached`` the nodes reporting attachments."""
     r = entry.record
     backups = r.get("backups", [])
     return types_pb2.SegmentInfo(
@@ -142,7 +142,7 @@ def to_proto(entry: Entry, live_nodes, attachments: int = 0,
         uid=r["uid"], gid=r["gid"], home=r["home"], replicas=r["replicas"],
         version=r["version"], state=state_of(r, live_nodes), attachments=attachments,
         created=r["created"], expires=r["expires"], copies=sorted({*copies, *backups}),
-        meta=r.get("meta") or {}, backups=backups)
+        meta=r.get("meta") or {}, backups=backups, attached_nodes=attached)
 
 
 def live_nodes_of(range_response) -> set[str]:
@@ -162,18 +162,25 @@ class Reports:
     def __init__(self, kvs):
         self._counts: dict[tuple[str, int], int] = collections.Counter()
         self._copies: dict[tuple[str, int], list[str]] = collections.defaultdict(list)
+        self._attached: dict[tuple[str, int], list[str]] = collections.defaultdict(list)
         for kv in kvs:
             name, node = keys.split_attach_key(kv.key)
             report = keys.decode(kv.value)
             self._counts[name, report["id"]] += report["count"]
             if report.get("copy"):
                 self._copies[name, report["id"]].append(node)
+            if report["count"] > 0:
+                self._attached[name, report["id"]].append(node)
 
     def count(self, name: str, segment_id: int) -> int:
         return self._counts.get((name, segment_id), 0)
 
     def copies(self, name: str, segment_id: int) -> list[str]:
         return self._copies.get((name, segment_id), [])
+
+    def attached(self, name: str, segment_id: int) -> list[str]:
+        """The nodes reporting live attachments of that incarnation (sorted)."""
+        return self._attached.get((name, segment_id), [])
 
 
 def not_found(name: str, segment_id: int = 0) -> NotFound:
@@ -196,7 +203,8 @@ def info_of(entry: Entry, responses) -> types_pb2.SegmentInfo:
     nodes, attach = (op.response_range for op in responses)
     reports = Reports(attach.kvs)
     return to_proto(entry, live_nodes_of(nodes), reports.count(entry.name, entry.id),
-                    reports.copies(entry.name, entry.id))
+                    reports.copies(entry.name, entry.id),
+                    reports.attached(entry.name, entry.id))
 
 
 class RecordCache:
@@ -443,12 +451,15 @@ class Segments:
             return {**record, "backups": sorted([*backups, node])}
         return self._update(name, change, expect_id=segment_id)
 
-    def mark_deleting(self, caller, name: str, finish: bool = False, segment_id: int = 0
-                      ) -> types_pb2.SegmentInfo:
+    def mark_deleting(self, caller, name: str, finish: bool = False, segment_id: int = 0,
+                      force: bool = False) -> types_pb2.SegmentInfo:
         """Mark the segment DELETING (owner or root); a no-op if it is already marked.
 
         With ``finish`` (the home agent frees the pages now) the record is removed
-        instead, in the same transaction, as ``finish_delete`` would. A record
+        instead, in the same transaction, as ``finish_delete`` would — unless nodes
+        other than the home report attachments of it (and not ``force``): then it is only
+        marked, and the reply's ``attached_nodes`` names them (the home frees it once
+        they detached). A record
         marked lost is removed at once whatever ``finish`` says: its memory is
         gone, nothing waits to be freed; the reply is then its last record, in
         state LOST. A nonzero ``segment_id`` must be the record's id, else NotFound.
@@ -461,8 +472,27 @@ class Segments:
             if record["deleting"] and not finish:
                 return None
             return {**record, "deleting": True}
+        if finish and not force and self._attached_elsewhere(name, segment_id):
+            finish = False
         return self._update(name, change, remove=lambda record: finish or record.get("lost"),
                             expect_id=segment_id)
+
+    def _attached_elsewhere(self, name: str, segment_id: int) -> bool:
+        """Whether a node other than the home of ``name`` (of ``segment_id``, when
+        nonzero) reports attachments of it. Read just before the delete's
+        transaction: a report landing in between is that of an attach which read the
+        record as ready before the delete, as one reported a moment later would be."""
+        prefix = keys.attach_prefix(name)
+        record, attach = (op.response_range for op in self.etcd.txn(success=[
+            range_op(keys.segment_key(name)), range_op(prefix, keys.prefix_end(prefix))
+        ]).responses)
+        if not record.kvs:
+            return False  # the update that follows says NotFound
+        entry = Entry.from_kv(record.kvs[0])
+        if segment_id and entry.id != segment_id:
+            return False
+        reports = Reports(attach.kvs)
+        return any(node != entry.record["home"] for node in reports.attached(name, entry.id))
 
     def _update(self, name: str, change: Callable[[dict], dict | None],
                 remove: Callable[[dict], bool] = lambda record: False,

@@ -212,7 +212,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         # `force` is the home's business (it revokes attachments); the mark is the same.
         caller = caller_of(request, context)
         info = self.segments.mark_deleting(caller, check_name(request.name),
-                                           finish=request.finish,
+                                           finish=request.finish, force=request.force,
                                            segment_id=check_segment_id(request.id, optional=True))
         if not caller.node:  # no agent made this call, so none tells the holders: we do
             self.homes.deleted(info, force=request.force)

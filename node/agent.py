@@ -141,6 +141,7 @@ class Agent:
         """Start the background threads (after ``register``)."""
         for target, name in ((lambda: self.membership.run(self._stop), "heartbeat"),
                              (self.homes.expiry.run, "expiry"),
+                             (self.homes.elsewhere.run, "attached-elsewhere"),
                              (lambda: self.reporter.run(self._stop), "reporter"),
                              (lambda: self.writers.run_keepalive(self._stop), "writer-keepalive"),
                              (self.writers.deadlines.run, "writer-deadline"),
@@ -163,6 +164,7 @@ class Agent:
         self.notices.stop()
         self.writers.stop()
         self.homes.expiry.stop()
+        self.homes.elsewhere.stop()
         self.pool.stop()
         self.replicas.stop()
         for thread in self._threads:
@@ -294,7 +296,8 @@ class Agent:
         if info is None or info.state == types_pb2.SEGMENT_STATE_DELETING:
             gone = (f"segment {name} not found" if info is None
                     else f"segment {name} is being deleted")
-            self.replicas.retire_name(name, lost=gone)
+            # While deleting, the home keeps the pages for the attachments it waits for.
+            self.replicas.retire_name(name, lost=gone if info is None else None)
             raise NotFound(gone)
         check_access(info, session, mode)
         if self._marked_lost(info):
@@ -429,39 +432,52 @@ class Agent:
             return self._delete(session, name, force)
 
     def _delete(self, session: Session, name: str, force: bool) -> types_pb2.SegmentInfo:
+        """The delete of ``name``. The nodes holding replicas are told now when the pages
+        are gone now; when the home keeps them for attachments (here or elsewhere) it
+        tells them once it frees them, and lazy replicas attached meanwhile go on
+        fetching their pages."""
         segment = self.homes.claim(session, name)
         if segment is not None:
-            info = self.homes.delete_claimed(session.caller, segment)
+            info = self.homes.delete_claimed(session.caller, segment, force)
+            freed = not any(node != self.node_id for node in info.attached_nodes)
         else:
             info = self.coordinator.delete_segment(caller=session.caller, name=name,
                                                    force=force)
             if info.state == types_pb2.SEGMENT_STATE_LOST:  # removed: no memory anywhere
                 self.replicas.retire_name(info.name, lost=f"segment {info.name} was lost")
+                freed = True
             elif info.home == self.node_id:
                 try:
-                    self.homes.release(info.name, info.id, force)
+                    freed = self.homes.release(info.name, info.id, force)
                 except NotFound:  # homed here but not held (e.g. before a restart)
                     self.homes.finish_delete(info.name, info.id)
+                    freed = True
             else:
-                self.replicas.retire_name(info.name, lost=f"segment {info.name} was deleted")
-                self._release_remote(info, force)
-        self.notices.tell(info.name, info.id, info.copies)
+                freed = self._release_remote(info, force)
+                self.replicas.retire_name(
+                    info.name, lost=f"segment {info.name} was deleted" if freed else None)
+        if freed:
+            self.notices.tell(info.name, info.id, info.copies)
         return info
 
-    def _release_remote(self, info: types_pb2.SegmentInfo, force: bool) -> None:
-        """Ask the home agent of ``info`` to free it; finish ourselves if nobody holds it."""
+    def _release_remote(self, info: types_pb2.SegmentInfo, force: bool) -> bool:
+        """Ask the home agent of ``info`` to free it; finish ourselves if nobody holds it.
+        False when the home keeps the pages until the last detach; True when they are
+        gone, or cannot be fetched any more (the home is not registered or did not
+        answer: it sees the deleting mark at a later re-read)."""
         address = self.node_address(info.home)
         if address is None:
             log.info("home %s of deleted segment %s is gone; finishing the delete",
                      info.home, info.name)
             self.homes.finish_delete(info.name, info.id)
-            return
+            return True
         try:
-            self.peers.release_segment(address, info.name, info.id, force)
+            return self.peers.release_segment(address, info.name, info.id, force)
         except NotFound:
             self.homes.finish_delete(info.name, info.id)
         except VasError as exc:  # the home sees the deleting mark at a later re-read
             log.warning("cannot ask node %s to release segment %s: %s", info.home, info.name, exc)
+        return True
 
     def chmod(self, session: Session, name: str, mode: int) -> types_pb2.SegmentInfo:
         with self.homes.doubtful(name):

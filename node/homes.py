@@ -53,6 +53,9 @@ _DELETED, _CHANGED = "deleted", "changed"
 #: record that outlived its expiry.
 _EXPIRY_MARGIN = 0.2
 _EXPIRY_RETRY_MAX = 5.0
+#: Seconds between looks at the attachment reports of a deleted segment that other
+#: nodes still have attached (their agents report a detach within ~50 ms).
+ELSEWHERE_RECHECK = 0.25
 #: ``recheck_stale`` re-reads at most this many records per call, those not read
 #: for ``RECHECK_AGE`` seconds.
 RECHECK_BATCH = 8
@@ -95,6 +98,7 @@ class HomeSegments:
         self._doubted: dict[str, int] = {}  # creates answered Unavailable: name -> reads left
         self._last_size = 0  # of the last create (see _expect)
         self.expiry = Timer(self._expire, "expiry")
+        self.elsewhere = Timer(self._recheck_elsewhere, "attached elsewhere")
 
     # ------------------------------------------------------------------ lookups
 
@@ -462,7 +466,8 @@ class HomeSegments:
         with segment.lock:
             segment.attachments -= 1
             segment.free_writer_locked(attachment)
-            free = (segment.state is HomeState.DELETING and segment.attachments <= 0)
+            free = (segment.state is HomeState.DELETING and segment.attachments <= 0
+                    and not segment.attached_elsewhere)
             if free:
                 segment.move(HomeState.FREED)
         self.reporter.mark(segment)
@@ -487,19 +492,24 @@ class HomeSegments:
             segment.move(HomeState.CLAIMED)
         return segment
 
-    def delete_claimed(self, caller, segment: HomeSegment) -> types_pb2.SegmentInfo:
-        """Remove the record of a claimed segment, then free it. If the coordinator
-        refuses (the cache was stale), the segment is deleted the slow way: marked
-        and freed once the record says so."""
+    def delete_claimed(self, caller, segment: HomeSegment, force: bool = False
+                       ) -> types_pb2.SegmentInfo:
+        """Remove the record of a claimed segment, then free it — or, when other nodes
+        have it attached (and not ``force``), the coordinator only marks it and it is
+        freed once they detached. If the coordinator refuses (the cache was stale),
+        the segment is deleted the slow way: marked and freed once the record says so."""
         try:
             info = self.coordinator.delete_segment(caller=caller, name=segment.name,
-                                                   finish=True, id=segment.id)
+                                                   finish=True, id=segment.id, force=force)
         except VasError:
             with segment.lock:  # refused (e.g. a stale owner in the cache): it lives on
                 if segment.state is HomeState.CLAIMED:
                     segment.move(HomeState.LIVE)
             raise
-        self.begin_delete(segment, finish=False, force=False)
+        elsewhere = any(node != self.node_id for node in info.attached_nodes)
+        # Attached on other nodes: the record was only marked; freed (and the record
+        # removed) once they detached.
+        self.begin_delete(segment, finish=elsewhere, force=False, elsewhere=elsewhere)
         return info
 
     def release(self, name: str, segment_id: int, force: bool) -> bool:
@@ -518,22 +528,31 @@ class HomeSegments:
                            f"{self.node_id}")
         return self.begin_delete(segment, finish=True, force=force)
 
-    def begin_delete(self, segment: HomeSegment, *, finish: bool, force: bool) -> bool:
-        """Mark ``segment`` deleting; free it now if unattached or ``force``. True once
-        it is freed (by this call or one before it).
+    def begin_delete(self, segment: HomeSegment, *, finish: bool, force: bool,
+                     elsewhere: bool | None = None) -> bool:
+        """Mark ``segment`` deleting; free it now if unattached (here and on every other
+        node) or ``force``. True once it is freed (by this call or one before it).
 
         ``finish``: call FinishDelete after the pages are gone: it removes the
         record if it is still there and names the nodes holding replicas, which
         are then told (False only when a call made here removed the record and
-        told them already).
+        told them already, or the record is another home's).
+        ``elsewhere``: whether other nodes report attachments of it (None: read the
+        record to know, when ``finish`` and not ``force``). While they do, the pages
+        stay, their lazy replicas keep fetching them, and ``ELSEWHERE_RECHECK``
+        looks again (``_recheck_elsewhere``).
         """
+        if elsewhere is None:
+            elsewhere = finish and not force and self._attached_elsewhere(segment)
         revoked = None
         with segment.lock:
             segment.finish_record = segment.finish_record or finish
             if segment.state in (HomeState.LIVE, HomeState.CLAIMED):
                 segment.move(HomeState.DELETING)
             freed_before = segment.state is HomeState.FREED
-            free_now = not freed_before and (force or segment.attachments <= 0)
+            segment.attached_elsewhere = elsewhere and not force
+            free_now = not freed_before and (
+                force or (segment.attachments <= 0 and not segment.attached_elsewhere))
             if free_now:
                 revoked = segment.writer
                 segment.free_writer_locked()
@@ -544,8 +563,11 @@ class HomeSegments:
             segment.done.wait(self.config.rpc_timeout)
             return True
         if not free_now:
-            log.info("segment %s (id %d) deleting: freed at its last detach (%d attached)",
-                     segment.name, segment.id, attached)
+            log.info("segment %s (id %d) deleting: freed at its last detach (%d attached "
+                     "here%s)", segment.name, segment.id, attached,
+                     ", more on other nodes" if segment.attached_elsewhere else "")
+            if segment.attached_elsewhere:
+                self.elsewhere.arm(segment.id, time.monotonic() + ELSEWHERE_RECHECK)
             return False
         if attached:
             log.info("segment %s (id %d) force-deleted with %d attachments", segment.name,
@@ -555,6 +577,43 @@ class HomeSegments:
         self.reporter.mark(segment)
         self._free(segment)
         return True
+
+    def _attached_elsewhere(self, segment: HomeSegment) -> bool:
+        """Whether nodes other than this one report attachments of ``segment`` (its
+        record, read now, names them); True when the coordinator cannot say (the
+        pages are kept: the next look decides)."""
+        try:
+            info = self.coordinator.find_segment(segment.name)
+        except VasError as exc:
+            log.info("cannot read the record of deleted segment %s: %s; keeping it until "
+                     "the next look", segment.name, exc)
+            return True
+        if info is None or info.id != segment.id:
+            return False
+        return any(node != self.node_id for node in info.attached_nodes)
+
+    def _recheck_elsewhere(self, segment_id: int, _retries: int) -> None:
+        """The ``elsewhere`` timer: free a deleted segment once the other nodes detached
+        (or their reports went with their lease), else look again later."""
+        with self._lock:
+            segment = self._by_id.get(segment_id)
+        if segment is None or not segment.attached_elsewhere:
+            return
+        elsewhere = self._attached_elsewhere(segment)
+        with segment.lock:
+            if segment.state is not HomeState.DELETING:
+                return
+            segment.attached_elsewhere = elsewhere
+            free = not elsewhere and segment.attachments <= 0
+            if free:
+                segment.move(HomeState.FREED)
+        if free:
+            log.info("segment %s (id %d): the other nodes detached; freeing it",
+                     segment.name, segment.id)
+            self.reporter.mark(segment)
+            self._free(segment)
+        elif elsewhere:
+            self.elsewhere.arm(segment_id, time.monotonic() + ELSEWHERE_RECHECK)
 
     def _unname(self, segment: HomeSegment) -> None:
         with self._lock:

@@ -727,9 +727,12 @@ class Replicas:
                 with replica.lock:
                     replica.checked = now
                 if replica.id in gone:
-                    log.info("dropping the replica of %s (id %d): its segment is gone",
-                             replica.name, replica.id)
-                    self.retire(replica, lost=f"segment {replica.name} (id {replica.id}) is gone")
+                    # Gone, or deleting: then the home keeps the pages for the attachments
+                    # it waits for, so readers attached here go on fetching them (and a
+                    # fetch from a home that freed them is refused: PagesLost).
+                    log.info("retiring the replica of %s (id %d): its segment is gone or "
+                             "being deleted", replica.name, replica.id)
+                    self.retire(replica)
 
     def home_address(self, info: types_pb2.SegmentInfo) -> str:
         """The gRPC address of the home of ``info``; Unavailable if it is not registered."""

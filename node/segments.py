@@ -209,7 +209,8 @@ class HomeSegment(_Held):
     """
 
     __slots__ = ("finish_record", "published_hashes", "pushed_hashes", "read_ticket",
-                 "adopted_ticket", "done", "damage", "writer_mapped", "kept_hashes", "_info")
+                 "adopted_ticket", "done", "damage", "writer_mapped", "kept_hashes",
+                 "attached_elsewhere", "_info")
     MOVES = _HOME_MOVES
     KIND = "home segment"
     FREED = HomeState.FREED
@@ -228,6 +229,9 @@ class HomeSegment(_Held):
         self.damage = None
         self.writer_mapped = False
         self.kept_hashes = b""
+        #: DELETING, and other nodes reported attachments of it at the last look:
+        #: freed once they detached too (HomeSegments.begin_delete).
+        self.attached_elsewhere = False
 
     # What a Revalidate of an "r" attachment reads (HomeSegments.current_version: state,
     # record, version) changes only through these three, which bump the change counter

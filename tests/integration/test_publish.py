@@ -212,18 +212,18 @@ def test_writer_stopped_past_its_lease_is_fenced(two):
 
 
 def test_a_remote_writer_whose_segment_was_deleted_gets_not_found(two):
-    """A delete on the home, which holds no attachment of it, frees the segment at once,
-    its writer lock with it (copies elsewhere do not hold a segment). The remote
-    writer's agent finds the lock gone at its next renewal; its sync then says why:
-    NotFound, the segment was deleted -- not Fenced, which would send its writer to
-    attach "rw" again."""
+    """A forced delete on the home frees the segment at once, its writer lock with it,
+    attachments on other nodes or not (an unforced one waits for them:
+    test_delete_attached_elsewhere.py). The remote writer's agent finds the lock gone
+    at its next renewal; its sync then says why: NotFound, the segment was deleted --
+    not Fenced, which would send its writer to attach "rw" again."""
     running, c1, c2 = two
     node2 = running.nodes[1]
     fill(c1, "pub/deleted", 1 * MiB)
     with c2.attach("pub/deleted", "rw") as writer:
         segment_id = writer.info.id
         writer.write(0, b"LOST")
-        c1.delete("pub/deleted")
+        c1.delete("pub/deleted", force=True)
         wait_for(lambda: "writer lock of pub/deleted" in log_of(node2),
                  "node2 to find the lock gone", timeout=10)
         with pytest.raises(vas.NotFound) as deleted:
