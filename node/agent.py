@@ -438,8 +438,7 @@ class Agent:
         fetching their pages."""
         segment = self.homes.claim(session, name)
         if segment is not None:
-            info = self.homes.delete_claimed(session.caller, segment, force)
-            freed = not any(node != self.node_id for node in info.attached_nodes)
+            info, freed = self.homes.delete_claimed(session.caller, segment, force)
         else:
             info = self.coordinator.delete_segment(caller=session.caller, name=name,
                                                    force=force)

@@ -56,6 +56,10 @@ _EXPIRY_RETRY_MAX = 5.0
 #: Seconds between looks at the attachment reports of a deleted segment that other
 #: nodes still have attached (their agents report a detach within ~50 ms).
 ELSEWHERE_RECHECK = 0.25
+#: Seconds a delete waits, looking every ``ELSEWHERE_RECHECK / 5``, for the reports of
+#: other nodes' attachments to clear before leaving the segment deleting: a reader
+#: there that detached just before (its report not in yet) must not keep the name taken.
+ELSEWHERE_GRACE = 1.0
 #: ``recheck_stale`` re-reads at most this many records per call, those not read
 #: for ``RECHECK_AGE`` seconds.
 RECHECK_BATCH = 8
@@ -493,11 +497,12 @@ class HomeSegments:
         return segment
 
     def delete_claimed(self, caller, segment: HomeSegment, force: bool = False
-                       ) -> types_pb2.SegmentInfo:
+                       ) -> tuple[types_pb2.SegmentInfo, bool]:
         """Remove the record of a claimed segment, then free it — or, when other nodes
         have it attached (and not ``force``), the coordinator only marks it and it is
-        freed once they detached. If the coordinator refuses (the cache was stale),
-        the segment is deleted the slow way: marked and freed once the record says so."""
+        freed once they detached. (The record as the delete left it, whether the pages
+        are freed now.) If the coordinator refuses (the cache was stale), the segment
+        is deleted the slow way: marked and freed once the record says so."""
         try:
             info = self.coordinator.delete_segment(caller=caller, name=segment.name,
                                                    finish=True, id=segment.id, force=force)
@@ -509,8 +514,8 @@ class HomeSegments:
         elsewhere = any(node != self.node_id for node in info.attached_nodes)
         # Attached on other nodes: the record was only marked; freed (and the record
         # removed) once they detached.
-        self.begin_delete(segment, finish=elsewhere, force=False, elsewhere=elsewhere)
-        return info
+        return info, self.begin_delete(segment, finish=elsewhere, force=False,
+                                       elsewhere=elsewhere)
 
     def release(self, name: str, segment_id: int, force: bool) -> bool:
         """Free home segment ``segment_id`` once unattached (at once if ``force``).
@@ -544,6 +549,8 @@ class HomeSegments:
         """
         if elsewhere is None:
             elsewhere = finish and not force and self._attached_elsewhere(segment)
+        if elsewhere and not force:
+            elsewhere = self._still_attached_elsewhere(segment)
         revoked = None
         with segment.lock:
             segment.finish_record = segment.finish_record or finish
@@ -591,6 +598,15 @@ class HomeSegments:
         if info is None or info.id != segment.id:
             return False
         return any(node != self.node_id for node in info.attached_nodes)
+
+    def _still_attached_elsewhere(self, segment: HomeSegment) -> bool:
+        """``_attached_elsewhere`` once the reports had ``ELSEWHERE_GRACE`` to clear."""
+        deadline = time.monotonic() + ELSEWHERE_GRACE
+        while time.monotonic() < deadline:
+            time.sleep(ELSEWHERE_RECHECK / 5)
+            if not self._attached_elsewhere(segment):
+                return False
+        return True
 
     def _recheck_elsewhere(self, segment_id: int, _retries: int) -> None:
         """The ``elsewhere`` timer: free a deleted segment once the other nodes detached

@@ -1,8 +1,10 @@
 """Where test clusters live: world-traversable directories, a wiped etcd keyspace
 (used by tests/conftest.py and the package-scoped cluster of tests/fuzz) and a shared
-cluster emptied between tests."""
+cluster emptied between tests; and what the tests of a cluster ask of it (``fill``,
+``gone``, ``memory_used``)."""
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 
@@ -49,3 +51,22 @@ def memory_used(node) -> int:
     """What agent ``node`` counts as used right now (its Hello: no heartbeat delay)."""
     with vas.connect(node.socket) as client:
         return client.local_node.memory_used
+
+
+def fill(client, name: str, size: int) -> str:
+    """Create ``name`` (mode 0644) on the client's node holding random bytes; their sha256."""
+    client.create(name, size, mode=0o644)
+    with client.attach(name, "rw") as m:
+        block = os.urandom(min(size, 16 << 20))
+        for offset in range(0, size, len(block)):
+            m.write(offset, block[:size - offset])
+        return hashlib.sha256(m.buffer).hexdigest()
+
+
+def gone(client, name: str) -> bool:
+    """True once ``name`` is no longer a segment."""
+    try:
+        client.stat(name)
+    except vas.NotFound:
+        return True
+    return False

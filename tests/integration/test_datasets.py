@@ -20,6 +20,7 @@ import vas.datasets
 import waiting
 from vas.cluster import LocalCluster
 from vas.proto import coordinator_pb2, coordinator_pb2_grpc, local_pb2, types_pb2
+from worlds import gone
 
 MiB = 1 << 20
 VASCTL = [sys.executable, "-m", "vas.cli"]
@@ -57,15 +58,6 @@ def memfd_ranges() -> list[tuple[int, int]]:
 
 def inside_memfd(address: int, size: int, ranges) -> bool:
     return any(start <= address and address + size <= end for start, end in ranges)
-
-
-def gone(client, name: str) -> bool:
-    """True once ``name`` is no longer a segment."""
-    try:
-        client.stat(name)
-    except vas.NotFound:
-        return True
-    return False
 
 
 # -- metadata -----------------------------------------------------------------------------

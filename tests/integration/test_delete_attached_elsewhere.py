@@ -8,8 +8,6 @@ them with SIGBUS, which must fail the test, not the test run.
 """
 from __future__ import annotations
 
-import hashlib
-import os
 import queue
 import subprocess
 import sys
@@ -20,6 +18,7 @@ import pytest
 
 import vas
 from waiting import wait_for
+from worlds import fill, gone, memory_used
 
 MiB = 1 << 20
 NODE_TTL = 2  # seconds: the kill test's agents (a dead node's reports lapse with its lease)
@@ -95,26 +94,6 @@ def shared(module_cluster):
     return module_cluster(nodes=2, memory=256 * MiB)
 
 
-def fill(client, name: str, size: int) -> str:
-    client.create(name, size, mode=0o644)
-    with client.attach(name, "rw") as m:
-        m.write(0, os.urandom(size))
-        return hashlib.sha256(m.buffer).hexdigest()
-
-
-def used(node) -> int:
-    with vas.connect(node.socket) as client:
-        return client.local_node.memory_used
-
-
-def gone(client, name: str) -> bool:
-    try:
-        client.stat(name)
-    except vas.NotFound:
-        return True
-    return False
-
-
 def attached_on_both_and_reported(client, name: str, count: int) -> None:
     wait_for(lambda: client.stat(name).attachments == count, "the attachments reported")
 
@@ -135,10 +114,10 @@ def test_a_lazy_reader_on_another_node_keeps_its_segment_until_it_detaches(
                 client.attach(name)
         # Every page is fetched after the delete, from the home that kept them.
         assert reader.ask("read") == digest
-        assert used(node1) == 8 * MiB
+        assert memory_used(node1) == 8 * MiB
         assert reader.ask("detach") == "detached"
         wait_for(lambda: gone(c1, name), "the record to go at the last detach", timeout=10)
-        wait_for(lambda: used(node1) == 0 and used(node2) == 0, "both nodes to free it",
+        wait_for(lambda: memory_used(node1) == 0 and memory_used(node2) == 0, "both nodes to free it",
                  timeout=10)
 
 
@@ -152,9 +131,9 @@ def test_a_forced_delete_does_not_wait_for_other_nodes(shared, readers):
         attached_on_both_and_reported(c1, name, 1)
         c1.delete(name, force=True)
         assert gone(c1, name)  # at once
-        wait_for(lambda: used(node1) == 0, "the home to free it", timeout=10)
+        wait_for(lambda: memory_used(node1) == 0, "the home to free it", timeout=10)
         assert reader.ask("detach") == "detached"
-        wait_for(lambda: used(node2) == 0, "node2 to free its copy", timeout=10)
+        wait_for(lambda: memory_used(node2) == 0, "node2 to free its copy", timeout=10)
 
 
 def test_a_remote_writer_publishes_until_it_detaches_from_a_deleted_segment(shared, readers):
@@ -170,7 +149,7 @@ def test_a_remote_writer_publishes_until_it_detaches_from_a_deleted_segment(shar
         assert c1.stat(name).version == 1
         assert writer.ask("detach") == "detached"
         wait_for(lambda: gone(c1, name), "the record to go at the writer's detach", timeout=10)
-        wait_for(lambda: used(node1) == 0 and used(node2) == 0, "both nodes to free it",
+        wait_for(lambda: memory_used(node1) == 0 and memory_used(node2) == 0, "both nodes to free it",
                  timeout=10)
 
 
@@ -187,4 +166,4 @@ def test_the_home_frees_a_deleted_segment_once_the_attached_node_is_gone(cluster
         node2.kill()  # its reports lapse with its lease
         wait_for(lambda: gone(c1, name), "the home to free it after node2's lease lapsed",
                  timeout=NODE_TTL + 10)
-        assert used(node1) == 0
+        assert memory_used(node1) == 0

@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import gc
 import hashlib
-import os
 import socket
 import threading
 import time
@@ -24,6 +23,7 @@ import vas
 import waiting
 from vas.cluster import LocalCluster
 from vas.core import fetch
+from worlds import fill, gone
 
 np = pytest.importorskip("numpy")
 
@@ -52,15 +52,6 @@ def c2(cluster):
         yield client
 
 
-def fill(client, name: str, size: int) -> str:
-    """Create ``name`` (mode 0644) on the client's node holding random bytes; their sha256."""
-    client.create(name, size, mode=0o644)
-    data = os.urandom(size)
-    with client.attach(name, "rw") as m:
-        m.write(0, data)
-    return hashlib.sha256(data).hexdigest()
-
-
 def attachments(client, name: str) -> int:
     return client.stat(name).attachments
 
@@ -75,14 +66,6 @@ def still_attached_after_a_barrier(client, name: str) -> int:
         count = attachments(client, name)
     client.delete(barrier)
     return count
-
-
-def gone(client, name: str) -> bool:
-    try:
-        client.stat(name)
-        return False
-    except vas.NotFound:
-        return True
 
 
 # -- the block's exception ------------------------------------------------------------------

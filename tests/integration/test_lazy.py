@@ -24,7 +24,7 @@ import vas
 from vas.core import fetch
 from vas.proto import node_pb2, node_pb2_grpc
 from waiting import wait_for
-from worlds import empty
+from worlds import empty, fill
 
 MiB = 1 << 20
 PAGE = 4096
@@ -44,16 +44,6 @@ def sent_by(node) -> int:
             if line.startswith("wchar:"):
                 return int(line.split()[1])
     raise AssertionError(f"no wchar in /proc/{node.pid}/io")
-
-
-def fill(client, name: str, size: int) -> str:
-    """Create ``name`` (mode 0644) on the client's node holding random bytes; their sha256."""
-    client.create(name, size, mode=0o644)
-    with client.attach(name, "rw") as m:
-        block = os.urandom(16 * MiB)
-        for offset in range(0, size, len(block)):
-            m.write(offset, block[:size - offset])
-        return hashlib.sha256(m.buffer).hexdigest()
 
 
 def sha_in_subprocess(socket_path: str, name: str, **env) -> list[str]:

@@ -18,7 +18,7 @@ import pytest
 
 import vas
 from vas.proto import node_pb2, node_pb2_grpc
-from worlds import empty
+from worlds import empty, fill
 
 MiB = 1 << 20
 
@@ -32,14 +32,6 @@ def used(node) -> int:
 def fetches(node, name: str) -> int:
     with open(os.path.join(node.dir, f"{node.node_id}.log")) as log:
         return log.read().count(f"replica of {name} (id")
-
-
-def fill(client, name: str, size: int) -> str:
-    """Create ``name`` on the client's node with random bytes; their sha256."""
-    client.create(name, size, mode=0o644)
-    with client.attach(name, "rw") as m:
-        m.write(0, os.urandom(size))
-        return hashlib.sha256(m.buffer).hexdigest()
 
 
 def sha(mapping) -> str:
