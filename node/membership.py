@@ -16,7 +16,10 @@
   may have come back from a snapshot in which records homed here name memory
   this process freed since, and those must read ``lost``, not ``ready``.
 - ``Reporter``: ``ReportAttachments``, debounced (``report_delay``): attach and
-  detach only mark the segment; one call carries every changed count (count 0
+  detach only mark the segment; the first attachment of a replica is reported before
+  its attach returns (``report_now``: a delete made after the attach returned must see
+  it, or the home would free pages the new reader still needs); one call carries every
+  changed count (count 0
   without ``copy`` removes the report; a held replica is reported with
   ``copy`` even unattached, so deletes made elsewhere can name this node).
   The reply names the reported replicas whose segment is already gone (a
@@ -62,13 +65,31 @@ class Reporter:
         self._lock = locks.Lock("reporter", locks.Rank.SESSIONS)
         self._dirty: dict[int, object] = {}  # segment id -> segment to report
         self._wake = threading.Event()
+        self._hurry = threading.Event()  # a mark that must not wait out the debounce
+        # Cycles (a take of the dirty set and its one call) begun and ended, for
+        # ``report_now``: a cycle begun after a mark carries it.
+        self._ended = threading.Condition()
+        self._cycles_begun = self._cycles_ended = 0
 
-    def mark(self, segment) -> None:
-        """``segment``'s count changed: report it soon."""
+    def mark(self, segment, urgent: bool = False) -> None:
+        """``segment``'s count changed: report it soon (``urgent``: at once)."""
         with self._lock:
             self._dirty[segment.id] = segment
         if not self._wake.is_set():  # set() takes a lock and notifies: skip if set
             self._wake.set()
+        if urgent:
+            self._hurry.set()
+
+    def report_now(self, segment, timeout: float) -> bool:
+        """``mark`` ``segment`` and wait (at most ``timeout``) until a call carrying its
+        count ended; True if one did (it may have failed: then it is retried later).
+        Through the reporter's thread, so that no report sent earlier with an older
+        count can land after it."""
+        with self._ended:
+            ticket = self._cycles_begun
+        self.mark(segment, urgent=True)
+        with self._ended:
+            return self._ended.wait_for(lambda: self._cycles_ended > ticket, timeout)
 
     def mark_all(self, segments: Iterable) -> None:
         """Report every one of ``segments`` that has something to report (after
@@ -79,35 +100,52 @@ class Reporter:
 
     def stop(self) -> None:
         self._wake.set()
+        self._hurry.set()
 
     def run(self, stop: threading.Event) -> None:
         while True:
             self._wake.wait()
-            if stop.wait(self.delay):
+            self._hurry.wait(self.delay)
+            if stop.is_set():
                 return
+            self._hurry.clear()
             self._wake.clear()
-            with self._lock:
-                dirty, self._dirty = self._dirty, {}
-            counts = []
-            for segment in dirty.values():
-                count, copy = self._count(segment)
-                counts.append(coordinator_pb2.AttachmentCount(name=segment.name, id=segment.id,
-                                                              count=count, copy=copy))
-            if not counts:
-                continue
+            with self._ended:
+                self._cycles_begun += 1
+                cycle = self._cycles_begun
             try:
-                gone = self.coordinator.report_attachments(self.node_id, self.lease_id, counts)
-            except VasError as exc:
-                log.warning("cannot report attachments: %s; retrying", exc)
-                with self._lock:
-                    for segment_id, segment in dirty.items():
-                        self._dirty.setdefault(segment_id, segment)
-                self._wake.set()
-                if stop.wait(1.0):
-                    return
-                continue
-            for segment_id in gone:
-                self._gone(dirty[segment_id])
+                reported = self._report()
+            finally:
+                with self._ended:
+                    self._cycles_ended = cycle
+                    self._ended.notify_all()
+            if not reported and stop.wait(1.0):
+                return
+
+    def _report(self) -> bool:
+        """One call with every count marked since the last; False if it failed (they
+        are marked again)."""
+        with self._lock:
+            dirty, self._dirty = self._dirty, {}
+        counts = []
+        for segment in dirty.values():
+            count, copy = self._count(segment)
+            counts.append(coordinator_pb2.AttachmentCount(name=segment.name, id=segment.id,
+                                                          count=count, copy=copy))
+        if not counts:
+            return True
+        try:
+            gone = self.coordinator.report_attachments(self.node_id, self.lease_id, counts)
+        except VasError as exc:
+            log.warning("cannot report attachments: %s; retrying", exc)
+            with self._lock:
+                for segment_id, segment in dirty.items():
+                    self._dirty.setdefault(segment_id, segment)
+            self._wake.set()
+            return False
+        for segment_id in gone:
+            self._gone(dirty[segment_id])
+        return True
 
 
 class Membership:

@@ -64,6 +64,9 @@ from vas.proto import types_pb2
 
 log = logging.getLogger(__name__)
 
+#: Longest wait of an attach for the report of a replica's first attachment (a
+#: coordinator that does not answer in this time has just answered its GetSegment).
+REPORT_TIMEOUT = 2.0
 #: Replicas up to this size are fetched with one ReadPages stream (no bulk connections).
 _SMALL_FETCH = 4 << 20
 #: gRPC streams are given this many bytes per second (on top of the rpc
@@ -233,10 +236,16 @@ class Replicas:
             replica.checked = time.monotonic()
             fd = os.dup(replica.fd if lease is not None else replica.ro_fd)
             replica.attachments += 1
+            first = replica.attachments == 1
             attachment = self.sessions.add(session, replica, "rw" if lease else "r", lease)
             if lease is not None:
                 replica.take_writer_locked(attachment)
-        self.reporter.mark(replica)
+        if first:  # a delete made once this attach returned must see it (node/homes.py)
+            if not self.reporter.report_now(replica, REPORT_TIMEOUT):
+                log.warning("the attachment of %s was not reported within %.0f s",
+                            replica.name, REPORT_TIMEOUT)
+        else:
+            self.reporter.mark(replica)
         return attachment, fd
 
     def detached(self, attachment) -> None:
