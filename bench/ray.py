@@ -3,11 +3,11 @@ each reduce (sum) one array made by the driver.
 
     .venv/bin/python bench/ray.py [--quick] [--size BYTES] [--tasks N]   # from the checkout root
 
-Two Ray clusters are made one after the other (ray.cluster_utils.Cluster: a head
-node A and a worker node B, one CPU each, on this machine), one whose object
-stores are larger than the data (2.5 x) and one whose stores are smaller (0.6 x:
-Ray must spill or fall back to disk). In each, both sides run on the same
-cluster, Ray first:
+Ray clusters are made one after the other (ray.cluster_utils.Cluster: a head
+node A and a worker node B, one CPU each, on this machine), for object stores
+larger than the data (2.5 x) and for stores smaller (0.6 x: Ray must spill or fall
+back to disk); two clusters of each, one where Ray goes first and one where vas
+does (below). In each, both sides run on the same cluster:
 
   ray:  ray.put(array) in the driver, then N tasks (half pinned to A, half to B,
         B's first) get an ObjectRef argument (inside a list, so the task's own
@@ -28,12 +28,17 @@ the memory the agent had prepared for the next dataset then (its warm pool's
 memfds, which the replica takes: counted as the data's, not as the baseline's). vas also reports the home-node ref.get() time (median of 200
 calls in one task on A, after one warm-up call) and node B's agent-held bytes.
 
-Each cluster runs --rounds rounds (default 3), alternating the sides (ray, vas, ray,
-vas, ...), each round with a new object or dataset (vas deletes its dataset and waits
-for node B's replica to go before the next round). The first round of a side is its
-cold figure: this VM hands freed memory back to its host, and the first GiB a process
-touches after another side freed one costs several times more. The median of the
-other rounds is its warm figure (Ray's store and vas's agents then reuse memory).
+Each cluster runs --rounds rounds of each side (default 3), alternating the sides
+(ray, vas, ray, ... in one cluster, vas, ray, vas, ... in the other), each round with a
+new object or dataset (vas deletes its dataset and waits for node B's replica to go
+before the next round). The first round of a side in a cluster is a cold one; its
+cold figure is the mean of its two, one run first and one run second. Why both
+orders: this VM hands freed memory back to its host, and the side that runs second
+pays for it: measured with Ray first, vas's cold put of 1 GiB took 3.0-4.3 s (perf: 66 %
+of the agent's time in the kernel's copy into the fresh shmem pages) where it took
+0.6 s with nothing run before, and a fresh GiB touched by any process right after
+Ray's round took 2.5-3.4 s. The median of the other rounds of both clusters is its
+warm figure (Ray's store and vas's agents then reuse memory).
 Before each round the agents are let settle (their CPU idle): the memory of the
 dataset deleted after a vas round is given back, and memory for the next one of
 its size prepared, in the background (node/pool.py), as Ray's store keeps the
@@ -242,8 +247,19 @@ def summarize(results, a: str, b: str, expected: float) -> dict:
 # -- one cluster ----------------------------------------------------------------------------
 
 def one_store(size: int, store: int, tasks: int, rounds: int) -> dict:
-    """``rounds`` rounds of each side on one cluster, alternating (ray, vas, ray, ...):
-    the first round of each is its cold figure, the median of the others its warm one."""
+    """Two clusters (``one_cluster``), Ray first in one and vas first in the other: each
+    side's cold figure is the mean of its two first rounds, its warm figure the median
+    of its other rounds."""
+    runs = [one_cluster(size, store, tasks, rounds, first) for first in ("ray", "vas")]
+    return {"object_store_bytes": store, "data_bytes": size,
+            **{side: cold_and_warm([cluster[side] for cluster in runs], side)
+               for side in ("ray", "vas")}}
+
+
+def one_cluster(size: int, store: int, tasks: int, rounds: int, first: str
+                ) -> dict[str, list[dict]]:
+    """``rounds`` rounds of each side on one cluster, alternating, ``first`` first; the
+    rounds of each side, in order."""
     from ray.cluster_utils import Cluster
 
     node_args = {"num_cpus": 1, "object_store_memory": store}
@@ -261,14 +277,15 @@ def one_store(size: int, store: int, tasks: int, rounds: int) -> dict:
         ray.get([warm_up.options(**pinned(node)).remote() for node in (a, b)], timeout=300)
         vas.ray.start(memory=2 * size + 64 * MiB)  # not timed: agents run before any dataset
         agent_pids = [agent["pid"] for agent in vas.ray.agents().values()]
-        sides = {"ray": [], "vas": []}
+        rounds_of = {"ray": lambda: ray_round(data, expected, a, b, raylet_b, tasks),
+                     "vas": lambda: vas_round(data, expected, a, b, raylet_b, tasks)}
+        order = [first, *(side for side in rounds_of if side != first)]
+        sides = {side: [] for side in order}
         for _ in range(rounds):
-            settle(agent_pids)
-            sides["ray"].append(ray_round(data, expected, a, b, raylet_b, tasks))
-            settle(agent_pids)
-            sides["vas"].append(vas_round(data, expected, a, b, raylet_b, tasks))
-        return {"object_store_bytes": store, "data_bytes": data.nbytes,
-                **{side: cold_and_warm(runs) for side, runs in sides.items()}}
+            for side in order:
+                settle(agent_pids)
+                sides[side].append(rounds_of[side]())
+        return sides
     finally:
         try:
             if ray.is_initialized():
@@ -309,11 +326,19 @@ def vas_round(data, expected: float, a: str, b: str, raylet_b: int, tasks: int) 
             "node_b_agent_bytes": held, "home_get_ms": home_get * 1e3}
 
 
-def cold_and_warm(runs: list[dict]) -> dict:
-    warm = runs[1:] or runs
-    return {"cold": runs[0],
-            "warm": {key: statistics.median(run[key] for run in warm) for key in runs[0]
-                     if all(run[key] is not None for run in warm)}}
+def cold_and_warm(clusters: list[list[dict]], side: str) -> dict:
+    """Of one side's rounds in each cluster (Ray first, then vas first): "cold", the
+    mean of the first rounds (each also under "cold_<side went first|second>"), and
+    "warm", the median of the others."""
+    colds, warm = [runs[0] for runs in clusters], [run for runs in clusters for run in runs[1:]]
+    warm = warm or colds
+
+    def combine(runs, how):
+        return {key: how([run[key] for run in runs]) for key in runs[0]
+                if all(run[key] is not None for run in runs)}
+    went_first = 0 if side == "ray" else 1  # clusters[0] ran Ray first
+    return {"cold": combine(colds, statistics.mean), "warm": combine(warm, statistics.median),
+            "cold_first": colds[went_first], "cold_second": colds[1 - went_first]}
 
 
 def ratio(x, y):
@@ -322,6 +347,8 @@ def ratio(x, y):
 
 FIGURES = (("put_s", "s", 1), ("end_to_end_s", "s", 1), ("first_task_s", "s", 1),
            ("later_task_s", "s", 1), ("node_b_bytes", "MiB", 1 / MiB))
+#: Shown for each cold round apart too: each side's cold round run first, and run second.
+POSITION_FIGURES = ("put_s", "end_to_end_s")
 
 
 def main() -> int:
@@ -330,7 +357,7 @@ def main() -> int:
     parser.add_argument("--size", type=int, help="array bytes (default 1 GiB)")
     parser.add_argument("--tasks", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3,
-                        help="rounds of each side per store (>= 2: the first is cold)")
+                        help="rounds of each side per cluster (>= 2: the first is cold)")
     args = parser.parse_args()
     if args.rounds < 2:
         parser.error("--rounds must be >= 2 (one cold round, then warm ones)")
@@ -358,6 +385,12 @@ def main() -> int:
                              cell(r.get(key), scale, unit), ratios[key]))
             rows.append((f"{label} {phase} home ref.get()", cell(v["home_get_ms"], 1, "ms"),
                          "-", None))
+        for position in ("cold_first", "cold_second"):  # the two rounds the cold one averages
+            v, r = result["vas"][position], result["ray"][position]
+            result["ratios"][position] = {key: ratio(v[key], r[key]) for key in POSITION_FIGURES}
+            for key in POSITION_FIGURES:
+                rows.append((f"{label} {position} {key}", cell(v[key], 1, "s"),
+                             cell(r[key], 1, "s"), result["ratios"][position][key]))
     print(f"{'figure':<38} {'vas':>14} {'ray':>14} {'vas/ray':>8}")
     for name, v, r, x in rows:
         print(f"{name:<38} {v:>14} {r:>14} {'' if x is None else f'{x:.2f}':>8}")

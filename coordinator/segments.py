@@ -472,27 +472,31 @@ class Segments:
             if record["deleting"] and not finish:
                 return None
             return {**record, "deleting": True}
-        if finish and not force and self._attached_elsewhere(name, segment_id):
-            finish = False
-        return self._update(name, change, remove=lambda record: finish or record.get("lost"),
-                            expect_id=segment_id)
+        elsewhere = self._attached_elsewhere(name, segment_id) if finish and not force else []
+        info = self._update(name, change, remove=lambda record: record.get("lost") or (
+            finish and not elsewhere), expect_id=segment_id)
+        if elsewhere and info.state == types_pb2.SEGMENT_STATE_DELETING:
+            # Only marked: the reply names them even if their reports changed since they
+            # were read (the home must not take a mark for a removal).
+            info.attached_nodes[:] = sorted({*info.attached_nodes, *elsewhere})
+        return info
 
-    def _attached_elsewhere(self, name: str, segment_id: int) -> bool:
-        """Whether a node other than the home of ``name`` (of ``segment_id``, when
-        nonzero) reports attachments of it. Read just before the delete's
-        transaction: a report landing in between is that of an attach which read the
-        record as ready before the delete, as one reported a moment later would be."""
+    def _attached_elsewhere(self, name: str, segment_id: int) -> list[str]:
+        """The nodes other than the home of ``name`` (of ``segment_id``, when nonzero)
+        that report attachments of it. Read just before the delete's transaction: a
+        report landing in between is that of an attach still in flight, as one
+        reported a moment later would be."""
         prefix = keys.attach_prefix(name)
         record, attach = (op.response_range for op in self.etcd.txn(success=[
             range_op(keys.segment_key(name)), range_op(prefix, keys.prefix_end(prefix))
         ]).responses)
         if not record.kvs:
-            return False  # the update that follows says NotFound
+            return []  # the update that follows says NotFound
         entry = Entry.from_kv(record.kvs[0])
         if segment_id and entry.id != segment_id:
-            return False
+            return []
         reports = Reports(attach.kvs)
-        return any(node != entry.record["home"] for node in reports.attached(name, entry.id))
+        return [node for node in reports.attached(name, entry.id) if node != entry.record["home"]]
 
     def _update(self, name: str, change: Callable[[dict], dict | None],
                 remove: Callable[[dict], bool] = lambda record: False,
