@@ -511,7 +511,7 @@ class HomeSegments:
                 if segment.state is HomeState.CLAIMED:
                     segment.move(HomeState.LIVE)
             raise
-        elsewhere = any(node != self.node_id for node in info.attached_nodes)
+        elsewhere = _attached_beside(info, self.node_id)
         # Attached on other nodes: the record was only marked; freed (and the record
         # removed) once they detached.
         return info, self.begin_delete(segment, finish=elsewhere, force=False,
@@ -595,9 +595,7 @@ class HomeSegments:
             log.info("cannot read the record of deleted segment %s: %s; keeping it until "
                      "the next look", segment.name, exc)
             return True
-        if info is None or info.id != segment.id:
-            return False
-        return any(node != self.node_id for node in info.attached_nodes)
+        return info is not None and info.id == segment.id and _attached_beside(info, self.node_id)
 
     def _still_attached_elsewhere(self, segment: HomeSegment) -> bool:
         """``_attached_elsewhere`` once the reports had ``ELSEWHERE_GRACE`` to clear."""
@@ -887,3 +885,8 @@ def _not_adoptable(record: types_pb2.SegmentInfo | None, segment_id: int, node_i
     if record.state == types_pb2.SEGMENT_STATE_DELETING:
         return "it is being deleted"
     return ""
+
+
+def _attached_beside(info: types_pb2.SegmentInfo, node_id: str) -> bool:
+    """Whether nodes other than ``node_id`` report attachments of ``info``'s segment."""
+    return any(node != node_id for node in info.attached_nodes)

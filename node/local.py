@@ -66,7 +66,6 @@ from vas.proto import local_pb2
 
 log = logging.getLogger(__name__)
 
-_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _TIMEVAL = struct.Struct("ll")  # struct timeval: seconds, microseconds
 _DONTWAIT = int(socket.MSG_DONTWAIT)
 _READ_ONCE = select.EPOLLIN | select.EPOLLONESHOT
@@ -340,8 +339,8 @@ class LocalServer:
 
     def _admit_locked(self, sock: socket.socket) -> None:
         try:
-            pid, uid, gid = _UCRED.unpack(
-                sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+            pid, uid, gid = wire.UCRED.unpack(
+                sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, wire.UCRED.size))
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, wire.SOCKET_BUFFER)
             # A blocking send that cannot finish in this time fails with EAGAIN.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,

@@ -71,14 +71,12 @@ class Reporter:
         self._ended = threading.Condition()
         self._cycles_begun = self._cycles_ended = 0
 
-    def mark(self, segment, urgent: bool = False) -> None:
-        """``segment``'s count changed: report it soon (``urgent``: at once)."""
+    def mark(self, segment) -> None:
+        """``segment``'s count changed: report it soon."""
         with self._lock:
             self._dirty[segment.id] = segment
         if not self._wake.is_set():  # set() takes a lock and notifies: skip if set
             self._wake.set()
-        if urgent:
-            self._hurry.set()
 
     def report_now(self, segment, timeout: float) -> bool:
         """``mark`` ``segment`` and wait (at most ``timeout``) until a call carrying its
@@ -87,7 +85,8 @@ class Reporter:
         count can land after it."""
         with self._ended:
             ticket = self._cycles_begun
-        self.mark(segment, urgent=True)
+        self.mark(segment)
+        self._hurry.set()  # not after the debounce: now
         with self._ended:
             return self._ended.wait_for(lambda: self._cycles_ended > ticket, timeout)
 

@@ -96,6 +96,13 @@ def shared(module_cluster):
     return module_cluster(nodes=2, memory=256 * MiB)
 
 
+def freed_at_the_last_detach(client, name: str, nodes) -> None:
+    """Wait until the record of ``name`` is gone and no node of ``nodes`` holds memory."""
+    wait_for(lambda: gone(client, name), "the record to go at the last detach", timeout=10)
+    wait_for(lambda: all(memory_used(node) == 0 for node in nodes), "every node to free it",
+             timeout=10)
+
+
 @pytest.mark.parametrize("through", ["home", "reader's node"])
 def test_a_lazy_reader_on_another_node_keeps_its_segment_until_it_detaches(
         shared, readers, through):
@@ -113,9 +120,7 @@ def test_a_lazy_reader_on_another_node_keeps_its_segment_until_it_detaches(
         assert reader.ask("read") == digest
         assert memory_used(node1) == 8 * MiB
         assert reader.ask("detach") == "detached"
-        wait_for(lambda: gone(c1, name), "the record to go at the last detach", timeout=10)
-        wait_for(lambda: memory_used(node1) == 0 and memory_used(node2) == 0, "both nodes to free it",
-                 timeout=10)
+        freed_at_the_last_detach(c1, name, shared.nodes)
 
 
 def test_a_forced_delete_does_not_wait_for_other_nodes(shared, readers):
@@ -143,9 +148,7 @@ def test_a_remote_writer_publishes_until_it_detaches_from_a_deleted_segment(shar
         assert writer.ask("write " + b"LAST".hex()) == "1"  # published: version 1
         assert c1.stat(name).version == 1
         assert writer.ask("detach") == "detached"
-        wait_for(lambda: gone(c1, name), "the record to go at the writer's detach", timeout=10)
-        wait_for(lambda: memory_used(node1) == 0 and memory_used(node2) == 0, "both nodes to free it",
-                 timeout=10)
+        freed_at_the_last_detach(c1, name, shared.nodes)
 
 
 def test_the_home_frees_a_deleted_segment_once_the_attached_node_is_gone(cluster, readers):

@@ -27,10 +27,11 @@ SOCKET_BUFFER = MAX_MESSAGE + 65536
 # Plain ints: flag-enum arithmetic costs microseconds per message.
 _PEEK_SIZE = int(socket.MSG_PEEK | socket.MSG_TRUNC)
 _TRUNCATED = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
-_CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
+#: struct ucred (pid, uid, gid): SO_PEERCRED's value and SCM_CREDENTIALS' payload.
+UCRED = struct.Struct("3i")
 # Room for the fds and for the sender's credentials (SCM_CREDENTIALS), which the
 # kernel adds to every datagram sent to or from a socket with SO_PASSCRED (the agent's).
-_ANCILLARY_SPACE = socket.CMSG_SPACE(MAX_FDS * 4) + socket.CMSG_SPACE(_CREDENTIALS.size)
+_ANCILLARY_SPACE = socket.CMSG_SPACE(MAX_FDS * 4) + socket.CMSG_SPACE(UCRED.size)
 _SOL_SOCKET, _SCM_RIGHTS = int(socket.SOL_SOCKET), int(socket.SCM_RIGHTS)
 _SCM_CREDENTIALS = int(socket.SCM_CREDENTIALS)
 _PEEK_BYTE = bytearray(1)
@@ -134,8 +135,8 @@ def _ancillary(ancdata) -> tuple[list[int], int | None]:
             fd_array = array.array("i")
             fd_array.frombytes(payload[: len(payload) - len(payload) % fd_array.itemsize])
             fds.extend(fd_array)
-        elif kind == _SCM_CREDENTIALS and len(payload) >= _CREDENTIALS.size:
-            sender = _CREDENTIALS.unpack_from(payload)[0]
+        elif kind == _SCM_CREDENTIALS and len(payload) >= UCRED.size:
+            sender = UCRED.unpack_from(payload)[0]
     return fds, sender
 
 
