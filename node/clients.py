@@ -7,16 +7,20 @@ policy code only ever sees VasError.
 from __future__ import annotations
 
 import contextlib
+import logging
+import time
 
 import grpc
 
 from vas.core.defaults import MAX_GRPC_MESSAGE
-from vas.core.errors import NotFound, Unavailable, from_rpc_error
+from vas.core.errors import AlreadyExists, NotFound, Unavailable, from_rpc_error
 from vas.core.sizes import human_size
 from vas.core.tls import COORDINATOR_HOST, NODE_HOST, TlsConfig, open_channel
 from vas.node import locks, metrics
 from vas.proto import coordinator_pb2 as pb
 from vas.proto import coordinator_pb2_grpc, node_pb2, node_pb2_grpc, types_pb2
+
+log = logging.getLogger(__name__)
 
 #: Channel options shared by every channel the agent opens and its server: the local
 #: protocol allows 4 MiB messages, so the gRPC hop must carry them too; a larger
@@ -46,7 +50,19 @@ class CoordinatorClient:
         self.stub = coordinator_pb2_grpc.CoordinatorStub(self.channel)
 
     def _call(self, rpc, request, timeout: float | None = None):
-        return unary(rpc, request, timeout or self.timeout)
+        """``unary``, made once more (within the same deadline) when the request could
+        not be written: with several coordinators, the first call after the one the
+        channel was connected to died can go to its closed connection before the
+        channel notices; the second goes to another."""
+        timeout = timeout or self.timeout
+        started = time.monotonic()
+        try:
+            return unary(rpc, request, timeout)
+        except Unavailable as exc:
+            if not never_written(exc):
+                raise
+            log.info("%s: %s; calling again", _method_name(rpc), exc)
+        return unary(rpc, request, max(timeout - (time.monotonic() - started), 1.0))
 
     # -- nodes
     def register_node(self, node: types_pb2.NodeInfo, ttl: int, reconcile: bool = False,
@@ -80,7 +96,21 @@ class CoordinatorClient:
 
     # -- segments
     def create_segment(self, **fields) -> types_pb2.SegmentInfo:
-        return self._call(self.stub.CreateSegment, pb.CreateSegmentRequest(**fields))
+        """CreateSegment, made again like ``_call`` does; a second attempt that finds
+        the name taken raises the first attempt's Unavailable: the record may be that
+        attempt's own (the caller settles such creates, node/homes.py
+        ``settle_doubted``)."""
+        request = pb.CreateSegmentRequest(**fields)
+        try:
+            return unary(self.stub.CreateSegment, request, self.timeout)
+        except Unavailable as exc:
+            if not never_written(exc):
+                raise
+            first = exc
+        try:
+            return unary(self.stub.CreateSegment, request, self.timeout)
+        except AlreadyExists:
+            raise first from None
 
     def get_segment(self, name: str) -> types_pb2.SegmentInfo:
         return self._call(self.stub.GetSegment, pb.GetSegmentRequest(name=name))
@@ -201,6 +231,16 @@ def unary(rpc, request, timeout: float):
         return rpc(request, timeout=timeout)
     except grpc.RpcError as exc:
         raise from_rpc_error(exc) from exc
+
+
+def never_written(exc: Unavailable) -> bool:
+    """Whether ``exc`` (raised from a grpc.RpcError) is a connection that failed
+    writing ("sendmsg: Broken pipe": its peer had closed it). That is how a call made
+    to a server gone before it fails, one no server read, safe to make again; a call
+    already read on that connection by a server that then died fails so too, which
+    only a create cannot tell from its own success (``create_segment``)."""
+    cause = exc.__cause__
+    return isinstance(cause, grpc.RpcError) and "sendmsg" in (cause.details() or "")
 
 
 def _method_name(rpc) -> str:

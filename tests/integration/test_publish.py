@@ -403,14 +403,14 @@ def test_without_tracking_sync_hashes_and_publishes_the_same(two, monkeypatch):
     the byte already there is not sent) and the home gets the same bytes."""
     running, c1, c2 = two
     node2 = running.nodes[1]
+    data = bytearray(fill(c1, "pub/hashed", 2 * MiB))  # a home "rw" attach needs uffd
     monkeypatch.setenv("VAS_DISABLE_USERFAULTFD", "1")
     monkeypatch.setattr(fetch, "_write_tracking_ok", None)  # probed again, per process
-    data = bytearray(fill(c1, "pub/hashed", 2 * MiB))
     with c2.attach("pub/hashed", "rw") as w:
         assert not tracking(w)
         for offset in (0, CHUNK - 1, CHUNK, 2 * MiB - 1):
-            w.write(offset, b"z")
-            data[offset] = ord("z")
+            data[offset] ^= 0xFF  # a byte the random fill did not put there already
+            w.write(offset, bytes(data[offset:offset + 1]))
         w.write(5 * CHUNK, bytes(data[5 * CHUNK:5 * CHUNK + 10]))  # changes nothing
         w.sync()
         assert counts(node2, "sync", "pub/hashed")[-1] == 3

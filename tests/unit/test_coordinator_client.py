@@ -1,0 +1,86 @@
+"""The agent's coordinator client makes a call again only when its request could not
+be written (node/clients.py ``never_written``), and a create made again that finds the
+name taken stays the first attempt's Unavailable (its own record, maybe)."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import grpc
+import pytest
+
+from vas.core.errors import AlreadyExists, Unavailable
+from vas.node.clients import CoordinatorClient
+from vas.proto import types_pb2
+
+BROKEN_PIPE = "Stream removed (sendmsg: Broken pipe (32))"
+
+
+class Failed(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode, details: str):
+        self._code, self._details = code, details
+
+    def code(self):
+        return self._code
+
+    def details(self):
+        return self._details
+
+
+class Rpc:
+    """A stub method answering from ``outcomes`` in turn (an exception is raised)."""
+
+    def __init__(self, *outcomes):
+        self.outcomes = list(outcomes)
+        self.calls = 0
+
+    def __call__(self, request, timeout):
+        self.calls += 1
+        outcome = self.outcomes.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+
+@pytest.fixture
+def client():
+    made = CoordinatorClient("127.0.0.1:1", timeout=5)
+    yield made
+    made.channel.close()
+
+
+def test_a_call_that_could_not_be_written_is_made_again(client):
+    reply = types_pb2.SegmentInfo(name="a")
+    client.stub = SimpleNamespace(GetSegment=Rpc(
+        Failed(grpc.StatusCode.UNAVAILABLE, BROKEN_PIPE), reply))
+    assert client.get_segment("a") == reply
+    assert client.stub.GetSegment.calls == 2
+
+
+def test_other_failures_are_raised_at_once(client):
+    for details in ("failed to connect to all addresses", "Socket closed"):
+        client.stub = SimpleNamespace(GetSegment=Rpc(
+            Failed(grpc.StatusCode.UNAVAILABLE, details), types_pb2.SegmentInfo()))
+        with pytest.raises(Unavailable, match=details):
+            client.get_segment("a")
+        assert client.stub.GetSegment.calls == 1
+
+
+def test_a_second_failure_is_raised(client):
+    client.stub = SimpleNamespace(GetSegment=Rpc(
+        Failed(grpc.StatusCode.UNAVAILABLE, BROKEN_PIPE),
+        Failed(grpc.StatusCode.UNAVAILABLE, BROKEN_PIPE)))
+    with pytest.raises(Unavailable, match="Broken pipe"):
+        client.get_segment("a")
+    assert client.stub.GetSegment.calls == 2
+
+
+def test_a_create_made_again_that_finds_its_name_taken_is_unavailable(client):
+    client.stub = SimpleNamespace(CreateSegment=Rpc(
+        Failed(grpc.StatusCode.UNAVAILABLE, BROKEN_PIPE),
+        Failed(grpc.StatusCode.ALREADY_EXISTS, "segment a already exists")))
+    with pytest.raises(Unavailable, match="Broken pipe"):
+        client.create_segment(name="a", size=4096)
+    client.stub = SimpleNamespace(CreateSegment=Rpc(
+        Failed(grpc.StatusCode.ALREADY_EXISTS, "segment a already exists")))
+    with pytest.raises(AlreadyExists):
+        client.create_segment(name="a", size=4096)
