@@ -33,12 +33,14 @@ Each cluster runs --rounds rounds of each side (default 3), alternating the side
 new object or dataset (vas deletes its dataset and waits for node B's replica to go
 before the next round). The first round of a side in a cluster is a cold one; its
 cold figure is the mean of its two, one run first and one run second. Why both
-orders: this VM hands freed memory back to its host, and the side that runs second
-pays for it: measured with Ray first, vas's cold put of 1 GiB took 3.0-4.3 s (perf: 66 %
-of the agent's time in the kernel's copy into the fresh shmem pages) where it took
-0.6 s with nothing run before, and a fresh GiB touched by any process right after
-Ray's round took 2.5-3.4 s. The median of the other rounds of both clusters is its
-warm figure (Ray's store and vas's agents then reuse memory).
+orders, and why the driver touches and frees 4 x the data's bytes before each cold
+round (``back_vm_memory``; --cold-vm leaves it out): this VM's host backs a guest
+page only once touched and takes back pages freed a while ago, the guest hands out
+the pages it freed last first, so the side run first got backed pages and the side
+run second paid the host's faults: with Ray first, vas's cold put of 1 GiB took
+3.0-4.3 s (perf: the agent's time in the kernel's copy into the fresh shmem pages)
+where it took 0.6 s run first. The median of the other rounds of both clusters is
+its warm figure (Ray's store and vas's agents then reuse memory).
 Before each round the agents are let settle (their CPU idle): the memory of the
 dataset deleted after a vas round is given back, and memory for the next one of
 its size prepared, in the background (node/pool.py), as Ray's store keeps the
@@ -51,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import mmap
 import os
 import statistics
 import sys
@@ -181,6 +184,34 @@ def warm_up():
     import vas.ray  # noqa: F401  (the imports a task of either side pays once per worker)
 
 
+#: Bytes of memory made resident before each cold round, per byte of data: enough for
+#: Ray's cold round (a copy in A's store, two on node B), with room to spare.
+VM_WARM_FACTOR = 4
+
+
+def back_vm_memory(nbytes: int) -> float:
+    """Touch ``nbytes`` of fresh memory, page by page, and free it; the seconds it took.
+
+    Why: this VM's host backs a guest page only once it is touched, and takes back
+    pages the guest freed a while ago; the first touch of such a page costs a fault in
+    the host (a GiB touched so took 2.5-3.0 s here, against 0.3 s once backed). The
+    guest hands out the pages it freed last first, so the side whose cold round
+    runs first in a cluster gets backed pages and the other side, which finds them
+    taken, pays the host's faults: vas's cold put of 1 GiB took 0.6 s run first and
+    3.5-3.9 s run second, Ray's 0.6 and 0.8-1.35 s. Before each cold round the driver
+    so touches and frees enough memory for the round's copies, which the round's
+    allocations then take: each side's cold round pays its own first touches (the
+    guest kernel allocating and zeroing its pages) but not the host's. --cold-vm
+    leaves this out."""
+    started = time.perf_counter()
+    memory = mmap.mmap(-1, nbytes)
+    pages = np.frombuffer(memory, dtype=np.uint8)
+    pages[::mmap.PAGESIZE] = 1
+    del pages
+    memory.close()
+    return time.perf_counter() - started
+
+
 def cpu_ticks(pid: int) -> int:
     """User + system clock ticks ``pid`` has used (0 once it is gone)."""
     try:
@@ -246,18 +277,18 @@ def summarize(results, a: str, b: str, expected: float) -> dict:
 
 # -- one cluster ----------------------------------------------------------------------------
 
-def one_store(size: int, store: int, tasks: int, rounds: int) -> dict:
+def one_store(size: int, store: int, tasks: int, rounds: int, cold_vm: bool) -> dict:
     """Two clusters (``one_cluster``), Ray first in one and vas first in the other: each
     side's cold figure is the mean of its two first rounds, its warm figure the median
     of its other rounds."""
-    runs = [one_cluster(size, store, tasks, rounds, first) for first in ("ray", "vas")]
+    runs = [one_cluster(size, store, tasks, rounds, first, cold_vm) for first in ("ray", "vas")]
     return {"object_store_bytes": store, "data_bytes": size,
             **{side: cold_and_warm([cluster[side] for cluster in runs], side)
                for side in ("ray", "vas")}}
 
 
-def one_cluster(size: int, store: int, tasks: int, rounds: int, first: str
-                ) -> dict[str, list[dict]]:
+def one_cluster(size: int, store: int, tasks: int, rounds: int, first: str,
+                cold_vm: bool = False) -> dict[str, list[dict]]:
     """``rounds`` rounds of each side on one cluster, alternating, ``first`` first; the
     rounds of each side, in order."""
     from ray.cluster_utils import Cluster
@@ -281,9 +312,11 @@ def one_cluster(size: int, store: int, tasks: int, rounds: int, first: str
                      "vas": lambda: vas_round(data, expected, a, b, raylet_b, tasks)}
         order = [first, *(side for side in rounds_of if side != first)]
         sides = {side: [] for side in order}
-        for _ in range(rounds):
+        for round_number in range(rounds):
             for side in order:
                 settle(agent_pids)
+                if round_number == 0 and not cold_vm:
+                    back_vm_memory(VM_WARM_FACTOR * size)
                 sides[side].append(rounds_of[side]())
         return sides
     finally:
@@ -358,6 +391,10 @@ def main() -> int:
     parser.add_argument("--tasks", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3,
                         help="rounds of each side per cluster (>= 2: the first is cold)")
+    parser.add_argument("--cold-vm", action="store_true",
+                        help="do not make fresh memory resident before the cold rounds "
+                             "(see back_vm_memory: the side run second then pays the "
+                             "VM host's page faults)")
     args = parser.parse_args()
     if args.rounds < 2:
         parser.error("--rounds must be >= 2 (one cold round, then warm ones)")
@@ -365,12 +402,13 @@ def main() -> int:
     size -= size % 8
     if "VAS_NODE" in os.environ:
         raise SystemExit("unset VAS_NODE: the tasks must find their own node's agent")
-    figures = {"data_bytes": size, "tasks": args.tasks, "rounds": args.rounds, "stores": {}}
+    figures = {"data_bytes": size, "tasks": args.tasks, "rounds": args.rounds,
+               "vm_memory_backed_before_cold_rounds": not args.cold_vm, "stores": {}}
     for label, factor in (("large_store", 2.5), ("small_store", 0.6)):
         store = max(int(size * factor), 80 * MiB)  # Ray refuses stores under ~75 MiB
         print(f"== {label}: object store {store / MiB:.0f} MiB per node, data "
               f"{size / MiB:.0f} MiB", file=sys.stderr, flush=True)
-        figures["stores"][label] = one_store(size, store, args.tasks, args.rounds)
+        figures["stores"][label] = one_store(size, store, args.tasks, args.rounds, args.cold_vm)
     rows = []
     for label, result in figures["stores"].items():
         result["ratios"] = {}

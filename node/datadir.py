@@ -75,6 +75,12 @@ class FileMemory(Memory):
         super().__init__(size, fd, ro_fd, _native.mmap(ro_fd, size, writable=False))
         self.path = path
 
+    def writable_mapping(self):
+        return None  # its mapping is read-only: stores go through the file (pwrite)
+
+    def map_writable(self):
+        return None
+
     def hashes(self, base: bytes = b"", chunks: Iterable[int] | None = None) -> bytes:
         """The chunk hashes of the bytes as they are now: every chunk, or ``base``
         with those of ``chunks`` (indices) hashed again."""

@@ -123,6 +123,24 @@ class Memory:
                 raise
         return cls(size, fd, ro_fd, mapping)
 
+    def writable_mapping(self):
+        """The agent's writable mapping of the memory, None when it has none."""
+        return self.mapping
+
+    def map_writable(self):
+        """``writable_mapping``, made now if there is none, and kept until ``release``
+        (its page tables: 2 MiB a GiB). The caller holds the memory's owner's lock
+        and keeps the memory from being released meanwhile.
+
+        Why: a copy into mapped pages can run on two threads whose page faults go on
+        side by side, where the ``pwrite``s of one memfd take turns on its inode
+        lock. On memory the VM's host must back again (pages it took back, touched
+        for the first time since) a GiB copied in 2.1-2.3 s so against 3.6-4.0 s
+        with one ``pwrite`` stream; on memory already backed both take ~0.6 s."""
+        if self.mapping is None and self.fd >= 0:
+            self.mapping = _native.mmap(self.fd, self.size, writable=True)
+        return self.mapping
+
     def release(self) -> None:
         """Give the pages back and close the fds and the mapping (idempotent).
 

@@ -76,10 +76,12 @@ SEND_RATE = 50e6
 #: Bytes of one step of a WriteFrom copy: a revocation waits for the step under way
 #: (~5-10 ms at the 2-3 GB/s of a copy on the development VM).
 WRITE_FROM_STEP = 16 << 20
-#: A WriteFrom copy into prepared memory (the agent's own mapping) of at least this
-#: many bytes runs as two halves on two threads: one process_vm_readv stream moved
-#: ~8 GB/s on the development VM (a GiB put's copy 0.13 s), under what two CPUs copy;
-#: Ray's put copies a large object with several threads too.
+#: A WriteFrom copy of at least this many bytes runs as two halves on two threads,
+#: into the agent's writable mapping of the memory (made for it if the warm pool did
+#: not prepare one: ``Memory.map_writable``). Into prepared memory one
+#: process_vm_readv stream moved ~8 GB/s on the development VM (a GiB put's copy
+#: 0.13 s), under what two CPUs copy; into fresh memory the page faults of the two
+#: halves go on side by side. Ray's put copies a large object with several threads too.
 PARALLEL_COPY_MIN = 64 << 20
 #: Bytes of the buffer a WriteFrom into memory the agent has not mapped goes through,
 #: one per request thread that served one (the agent's local workers: --local-workers).
@@ -404,10 +406,11 @@ class Writers:
         another ~0.1 s). Here the kernel copies from the client's pages
         (process_vm_readv) straight into the agent's mapping of memory the warm pool
         prepared (node/pool.py: a put of a size seen before), else into a buffer of a
-        few MiB and on with ``pwrite`` (two copies, yet no page table to fill:
-        measured faster than mapping and populating the memfd here). Into prepared
-        memory a copy of ``PARALLEL_COPY_MIN`` or more runs as two halves on two
-        threads.
+        few MiB and on with ``pwrite`` (two copies, yet no page table to fill: one
+        such stream measured as fast as mapping and populating the memfd here). A
+        copy of ``PARALLEL_COPY_MIN`` or more runs as two halves on two threads, into
+        the agent's mapping (made for it: ``Memory.map_writable``; not for a file of
+        the data dir, which the agent maps read-only: one ``pwrite`` stream).
 
         Fenced like the writer's own stores: each ``WRITE_FROM_STEP`` runs inside
         ``Guard.storing``, so none starts once the lock is being revoked. The pid
@@ -433,6 +436,10 @@ class Writers:
             raise Unavailable(f"segment {segment.name}: this agent has no pidfd of the "
                               "client, so it cannot read its memory")
         fenced = _fenced_error(attachment)
+        parallel = length >= PARALLEL_COPY_MIN
+        if parallel:
+            with guard.storing(fenced), segment.lock:  # not released meanwhile
+                parallel = segment.memory.map_writable() is not None
         copy_step = _client_copier(segment)
 
         def copy(start: int, end: int) -> None:  # [start, end) of the range
@@ -443,8 +450,8 @@ class Writers:
                     done += copy_step(guard, offset + done, address + done, step)
 
         with self._transfer():
-            if segment.memory.mapping is None or length < PARALLEL_COPY_MIN:
-                copy(0, length)  # through this thread's buffer: one stream
+            if not parallel:
+                copy(0, length)  # one stream
             else:
                 half = -(-length // 2 // WRITE_FROM_STEP) * WRITE_FROM_STEP
                 _both(lambda: copy(0, half), lambda: copy(half, length))
@@ -770,11 +777,11 @@ class _Renewal(enum.Enum):
 def _client_copier(segment):
     """``copy_step(guard, offset, address, step)``: one step of ``Writers.write_from``,
     copying up to ``step`` bytes at ``address`` in the writer's memory into the home
-    pages at ``offset``; the bytes copied (> 0). Into the agent's mapping when the
-    memory has one (the warm pool's, populated), else through this thread's buffer
-    (``BOUNCE_SIZE``) and ``pwrite``. Each step runs inside ``Guard.storing``: the
-    memory cannot be released under it."""
-    name, mapping = segment.name, segment.memory.mapping
+    pages at ``offset``; the bytes copied (> 0). Into the agent's writable mapping when
+    the memory has one (the warm pool's, populated, or one made for a large copy),
+    else through this thread's buffer (``BOUNCE_SIZE``) and ``pwrite``. Each step runs
+    inside ``Guard.storing``: the memory cannot be released under it."""
+    name, mapping = segment.name, segment.memory.writable_mapping()
     if mapping is not None:
         def into_pages(guard, offset: int, address: int, step: int) -> int:
             # A view per step: none is held between steps, when a revocation may let

@@ -246,6 +246,22 @@ def test_chunks_that_differ_from_the_last_sync_are_reported_never_served(pair, d
     assert write_and_sync(node1, "dd/corrupt", 0, b"new") == 1
 
 
+def test_a_large_first_write_is_copied_into_the_file_and_survives_kill_9(pair, data_dir):
+    """A home writer's first write of 8 MiB or more is copied in by the agent
+    (WriteFrom), which maps a data dir's file read-only: it writes the file instead
+    (it was an internal error, a TypeError, before)."""
+    node1, _ = pair.nodes
+    on_data_dir(node1, data_dir)
+    size = 72 * MiB  # past both the WriteFrom size and the two-thread copy's
+    with vas.connect(node1.socket) as c1:
+        c1.create("dd/large", size, mode=0o644)
+    data = pattern(7, size)
+    assert write_and_sync(node1, "dd/large", 0, data) == 1
+    assert read_all(node1, "dd/large") == (1, data)
+    restart(node1)
+    assert read_all(node1, "dd/large") == (1, data)
+
+
 def test_a_start_without_the_data_dir_loses_the_segments_as_before(pair, data_dir):
     node1, _ = pair.nodes
     on_data_dir(node1, data_dir)
