@@ -67,11 +67,12 @@ case "${1:-}" in
         # suite's time goes. Two workers (pytest-xdist) where there are two CPUs: most of
         # a test's time is spent waiting on other processes (a lease to lapse, a daemon to
         # start), so two at a time take 0.6 of the time; a whole module goes to one worker
-        # (--dist loadfile), so a module's shared cluster is started once.
+        # (--dist loadfile), so a module's shared cluster is started once. `-n 0` after
+        # `test` runs them one at a time (as --pdb needs).
         workers=0
         [ "$(nproc)" -ge 2 ] && workers=2
         exec .venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 \
-            -n "$workers" --dist loadfile tests "$@"
+            -n "$workers" --dist loadfile "$@"  # no path given: pyproject.toml's testpaths (tests/)
         ;;
     setup)
         setup
