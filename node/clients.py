@@ -50,18 +50,21 @@ class CoordinatorClient:
         self.stub = coordinator_pb2_grpc.CoordinatorStub(self.channel)
 
     def _call(self, rpc, request, timeout: float | None = None):
-        """``unary``, made once more (within the same deadline) when the request could
-        not be written: with several coordinators, the first call after the one the
-        channel was connected to died can go to its closed connection before the
-        channel notices; the second goes to another."""
+        """``unary``, made once more (within the same deadline) when its connection
+        failed under it and making it again is safe: its request could not be written
+        (``never_written``), or the method is ``REPEATABLE``. With several
+        coordinators, the first call after the one the channel was connected to died
+        can go to its closed connection before the channel notices; the second goes
+        to another."""
         timeout = timeout or self.timeout
         started = time.monotonic()
         try:
             return unary(rpc, request, timeout)
         except Unavailable as exc:
-            if not never_written(exc):
+            method = _method_name(rpc)
+            if not (never_written(exc) or (method in REPEATABLE and connection_lost(exc))):
                 raise
-            log.info("%s: %s; calling again", _method_name(rpc), exc)
+            log.info("%s: %s; calling again", method, exc)
         return unary(rpc, request, max(timeout - (time.monotonic() - started), 1.0))
 
     # -- nodes
@@ -96,15 +99,15 @@ class CoordinatorClient:
 
     # -- segments
     def create_segment(self, **fields) -> types_pb2.SegmentInfo:
-        """CreateSegment, made again like ``_call`` does; a second attempt that finds
-        the name taken raises the first attempt's Unavailable: the record may be that
-        attempt's own (the caller settles such creates, node/homes.py
-        ``settle_doubted``)."""
+        """CreateSegment, made once more when its connection failed under it; a second
+        attempt that finds the name taken raises the first attempt's Unavailable: the
+        record may be that attempt's own (the caller settles such creates,
+        node/homes.py ``settle_doubted``), so that making it again is safe."""
         request = pb.CreateSegmentRequest(**fields)
         try:
             return unary(self.stub.CreateSegment, request, self.timeout)
         except Unavailable as exc:
-            if not never_written(exc):
+            if not connection_lost(exc):
                 raise
             first = exc
         try:
@@ -231,6 +234,25 @@ def unary(rpc, request, timeout: float):
         return rpc(request, timeout=timeout)
     except grpc.RpcError as exc:
         raise from_rpc_error(exc) from exc
+
+
+#: Coordinator methods made again after their connection failed under them: they read,
+#: or set what they set to the same again (the first attempt landing changes nothing).
+REPEATABLE = frozenset(f"/vas.v1.Coordinator/{name}" for name in (
+    "GetSegment", "ListSegments", "CheckSegments", "ListNodes", "ClusterStatus", "GetSpace",
+    "ListSpaces", "Heartbeat", "ReportAttachments", "SetSegmentMode", "SetSegmentOwner",
+    "RenewWriter"))
+#: What gRPC's status says when a call's connection failed under it (the server went
+#: away, or closed it) rather than the server answering or the deadline passing.
+_CONNECTION_LOST = ("Stream removed", "Socket closed", "Connection reset", "Broken pipe")
+
+
+def connection_lost(exc: Unavailable) -> bool:
+    """Whether ``exc`` (raised from a grpc.RpcError) is a call whose connection failed
+    under it: the server may or may not have read it."""
+    cause = exc.__cause__
+    details = (cause.details() or "") if isinstance(cause, grpc.RpcError) else ""
+    return any(sign in details for sign in _CONNECTION_LOST)
 
 
 def never_written(exc: Unavailable) -> bool:

@@ -1,6 +1,7 @@
-"""The agent's coordinator client makes a call again only when its request could not
-be written (node/clients.py ``never_written``), and a create made again that finds the
-name taken stays the first attempt's Unavailable (its own record, maybe)."""
+"""The agent's coordinator client makes a call again only when its connection failed
+under it and that is safe (node/clients.py ``_call``): its request could not be written,
+or the method reads or sets the same again; a create made again that finds the name
+taken stays the first attempt's Unavailable (its own record, maybe)."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -13,6 +14,7 @@ from vas.node.clients import CoordinatorClient
 from vas.proto import types_pb2
 
 BROKEN_PIPE = "Stream removed (sendmsg: Broken pipe (32))"
+CLOSED = "Stream removed (Delayed close due to in-progress write (Socket closed))"
 
 
 class Failed(grpc.RpcError):
@@ -27,9 +29,11 @@ class Failed(grpc.RpcError):
 
 
 class Rpc:
-    """A stub method answering from ``outcomes`` in turn (an exception is raised)."""
+    """A stub method (of ``method``) answering from ``outcomes`` in turn (an exception is
+    raised)."""
 
-    def __init__(self, *outcomes):
+    def __init__(self, method: str, *outcomes):
+        self._method = f"/vas.v1.Coordinator/{method}".encode()
         self.outcomes = list(outcomes)
         self.calls = 0
 
@@ -50,15 +54,15 @@ def client():
 
 def test_a_call_that_could_not_be_written_is_made_again(client):
     reply = types_pb2.SegmentInfo(name="a")
-    client.stub = SimpleNamespace(GetSegment=Rpc(
+    client.stub = SimpleNamespace(GetSegment=Rpc("GetSegment",
         Failed(grpc.StatusCode.UNAVAILABLE, BROKEN_PIPE), reply))
     assert client.get_segment("a") == reply
     assert client.stub.GetSegment.calls == 2
 
 
 def test_other_failures_are_raised_at_once(client):
-    for details in ("failed to connect to all addresses", "Socket closed"):
-        client.stub = SimpleNamespace(GetSegment=Rpc(
+    for details in ("failed to connect to all addresses", "Deadline Exceeded"):
+        client.stub = SimpleNamespace(GetSegment=Rpc("GetSegment",
             Failed(grpc.StatusCode.UNAVAILABLE, details), types_pb2.SegmentInfo()))
         with pytest.raises(Unavailable, match=details):
             client.get_segment("a")
@@ -66,7 +70,7 @@ def test_other_failures_are_raised_at_once(client):
 
 
 def test_a_second_failure_is_raised(client):
-    client.stub = SimpleNamespace(GetSegment=Rpc(
+    client.stub = SimpleNamespace(GetSegment=Rpc("GetSegment",
         Failed(grpc.StatusCode.UNAVAILABLE, BROKEN_PIPE),
         Failed(grpc.StatusCode.UNAVAILABLE, BROKEN_PIPE)))
     with pytest.raises(Unavailable, match="Broken pipe"):
@@ -75,12 +79,26 @@ def test_a_second_failure_is_raised(client):
 
 
 def test_a_create_made_again_that_finds_its_name_taken_is_unavailable(client):
-    client.stub = SimpleNamespace(CreateSegment=Rpc(
+    client.stub = SimpleNamespace(CreateSegment=Rpc("CreateSegment",
         Failed(grpc.StatusCode.UNAVAILABLE, BROKEN_PIPE),
         Failed(grpc.StatusCode.ALREADY_EXISTS, "segment a already exists")))
     with pytest.raises(Unavailable, match="Broken pipe"):
         client.create_segment(name="a", size=4096)
-    client.stub = SimpleNamespace(CreateSegment=Rpc(
+    client.stub = SimpleNamespace(CreateSegment=Rpc("CreateSegment",
         Failed(grpc.StatusCode.ALREADY_EXISTS, "segment a already exists")))
     with pytest.raises(AlreadyExists):
         client.create_segment(name="a", size=4096)
+
+
+def test_a_lost_connection_repeats_reads_and_creates_only(client):
+    reply = types_pb2.SegmentInfo(name="a")
+    client.stub = SimpleNamespace(
+        GetSegment=Rpc("GetSegment", Failed(grpc.StatusCode.UNAVAILABLE, CLOSED), reply),
+        CreateSegment=Rpc("CreateSegment", Failed(grpc.StatusCode.UNAVAILABLE, CLOSED), reply),
+        DeleteSegment=Rpc("DeleteSegment", Failed(grpc.StatusCode.UNAVAILABLE, CLOSED), reply))
+    assert client.get_segment("a") == reply
+    assert client.create_segment(name="a", size=4096) == reply
+    with pytest.raises(Unavailable, match="Socket closed"):  # a delete that landed: NotFound
+        client.delete_segment(name="a")
+    assert [client.stub.GetSegment.calls, client.stub.CreateSegment.calls,
+            client.stub.DeleteSegment.calls] == [2, 2, 1]
