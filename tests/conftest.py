@@ -15,11 +15,19 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import signal
 
 import pytest
 
 from vas.cluster import CoordinatorProcess, EtcdProcess, LocalCluster
 from worlds import new_world_dir, wipe
+
+# A suite started with SIGINT ignored (a background job of a shell without job control)
+# hands that on to every process it starts, and a Python started so never raises
+# KeyboardInterrupt: the tests that interrupt `vasctl ... --watch` or `vasctl up` would
+# wait for it in vain. Handled here, the signal is back at its default in every child.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="module")
