@@ -189,8 +189,8 @@ def warm_up():
 VM_WARM_FACTOR = 4
 
 
-def back_vm_memory(nbytes: int) -> float:
-    """Touch ``nbytes`` of fresh memory, page by page, and free it; the seconds it took.
+def back_vm_memory(nbytes: int) -> None:
+    """Touch ``nbytes`` of fresh memory, page by page, and free it.
 
     Why: this VM's host backs a guest page only once it is touched, and takes back
     pages the guest freed a while ago; the first touch of such a page costs a fault in
@@ -203,13 +203,11 @@ def back_vm_memory(nbytes: int) -> float:
     allocations then take: each side's cold round pays its own first touches (the
     guest kernel allocating and zeroing its pages) but not the host's. --cold-vm
     leaves this out."""
-    started = time.perf_counter()
     memory = mmap.mmap(-1, nbytes)
     pages = np.frombuffer(memory, dtype=np.uint8)
     pages[::mmap.PAGESIZE] = 1
     del pages
     memory.close()
-    return time.perf_counter() - started
 
 
 def cpu_ticks(pid: int) -> int:
@@ -288,7 +286,7 @@ def one_store(size: int, store: int, tasks: int, rounds: int, cold_vm: bool) -> 
 
 
 def one_cluster(size: int, store: int, tasks: int, rounds: int, first: str,
-                cold_vm: bool = False) -> dict[str, list[dict]]:
+                cold_vm: bool) -> dict[str, list[dict]]:
     """``rounds`` rounds of each side on one cluster, alternating, ``first`` first; the
     rounds of each side, in order."""
     from ray.cluster_utils import Cluster

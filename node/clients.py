@@ -250,8 +250,7 @@ _CONNECTION_LOST = ("Stream removed", "Socket closed", "Connection reset", "Brok
 def connection_lost(exc: Unavailable) -> bool:
     """Whether ``exc`` (raised from a grpc.RpcError) is a call whose connection failed
     under it: the server may or may not have read it."""
-    cause = exc.__cause__
-    details = (cause.details() or "") if isinstance(cause, grpc.RpcError) else ""
+    details = _rpc_details(exc)
     return any(sign in details for sign in _CONNECTION_LOST)
 
 
@@ -261,8 +260,13 @@ def never_written(exc: Unavailable) -> bool:
     to a server gone before it fails, one no server read, safe to make again; a call
     already read on that connection by a server that then died fails so too, which
     only a create cannot tell from its own success (``create_segment``)."""
+    return "sendmsg" in _rpc_details(exc)
+
+
+def _rpc_details(exc: Unavailable) -> str:
+    """The status text of the grpc.RpcError ``exc`` was raised from ("" if none)."""
     cause = exc.__cause__
-    return isinstance(cause, grpc.RpcError) and "sendmsg" in (cause.details() or "")
+    return (cause.details() or "") if isinstance(cause, grpc.RpcError) else ""
 
 
 def _method_name(rpc) -> str:
