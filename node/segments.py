@@ -243,8 +243,12 @@ class HomeSegment(_Held):
 
     @info.setter
     def info(self, info: types_pb2.SegmentInfo) -> None:
+        # A re-read finding the record as it was (recheck_stale, every RECHECK_AGE) is
+        # no change: bumping for it made every kept member's next switch ask again.
+        same = getattr(self, "_info", None) == info
         self._info = info
-        COUNTER.bump()
+        if not same:
+            COUNTER.bump()
 
     def move(self, to) -> None:
         super().move(to)

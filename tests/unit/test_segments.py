@@ -8,6 +8,7 @@ import pytest
 from vas.core.errors import Unavailable
 from vas.node.segments import (Gate, HomeSegment, HomeState, IllegalMove, Replica, ReplicaState,
                                WriterState)
+from vas.node.changes import COUNTER
 from vas.node.store import Memory
 from vas.proto import types_pb2
 
@@ -73,6 +74,20 @@ def test_versions_only_grow():
     segment.adopt_version_locked(5)
     segment.adopt_version_locked(3)
     assert segment.info.version == 5
+
+
+def test_the_change_counter_moves_when_the_record_does_not_when_a_reread_finds_it_same():
+    segment = home()
+    before = COUNTER.value
+    same = types_pb2.SegmentInfo()
+    same.CopyFrom(segment.info)
+    segment.info = same
+    assert COUNTER.value == before
+    changed = types_pb2.SegmentInfo()
+    changed.CopyFrom(segment.info)
+    changed.mode = 0o600
+    segment.info = changed
+    assert COUNTER.value > before
 
 
 def test_the_gate_lets_one_through_and_times_out_the_next():
