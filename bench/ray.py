@@ -221,10 +221,13 @@ def cpu_ticks(pid: int) -> int:
 
 
 def settle(pids: list[int], timeout: float = 60.0) -> None:
-    """Wait until the processes ``pids`` (the agents) are idle: under 2 ticks of CPU in
-    0.25 s (or ``timeout`` passed). Between rounds the agents give memory back and
-    prepare the next dataset's in the background; on this one machine that work
-    would otherwise land in the next round, whichever side runs it."""
+    """Write back the files written so far (Ray's spills of a small store: ~1 GiB of
+    dirty pages per round) and wait until the processes ``pids`` (the agents) are idle:
+    under 2 ticks of CPU in 0.25 s (or ``timeout`` passed). Between rounds the kernel
+    writes Ray's spills to disk and the agents give memory back and prepare the next
+    dataset's in the background; on this one machine that work would otherwise land
+    in the next round, whichever side runs it."""
+    os.sync()
     deadline = time.monotonic() + timeout
     before = sum(map(cpu_ticks, pids))
     while time.monotonic() < deadline:
