@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 
 import grpc
 
 from vas.core.defaults import MAX_GRPC_MESSAGE
 from vas.core.errors import AlreadyExists, NotFound, Unavailable, from_rpc_error
+from vas.core.repeat import call_once_more, connection_lost, method_name
 from vas.core.sizes import human_size
 from vas.core.tls import COORDINATOR_HOST, NODE_HOST, TlsConfig, open_channel
 from vas.node import locks, metrics
@@ -50,22 +50,10 @@ class CoordinatorClient:
         self.stub = coordinator_pb2_grpc.CoordinatorStub(self.channel)
 
     def _call(self, rpc, request, timeout: float | None = None):
-        """``unary``, made once more (within the same deadline) when its connection
-        failed under it and making it again is safe: its request could not be written
-        (``never_written``), or the method is ``REPEATABLE``. With several
-        coordinators, the first call after the one the channel was connected to died
-        can go to its closed connection before the channel notices; the second goes
-        to another."""
-        timeout = timeout or self.timeout
-        started = time.monotonic()
-        try:
-            return unary(rpc, request, timeout)
-        except Unavailable as exc:
-            method = _method_name(rpc)
-            if not (never_written(exc) or (method in REPEATABLE and connection_lost(exc))):
-                raise
-            log.info("%s: %s; calling again", method, exc)
-        return unary(rpc, request, max(timeout - (time.monotonic() - started), 1.0))
+        """``unary``, made once more when its connection failed under it and that is
+        safe (vas/core/repeat.py ``call_once_more``)."""
+        return call_once_more(lambda left: unary(rpc, request, left), method_name(rpc),
+                              timeout or self.timeout)
 
     # -- nodes
     def register_node(self, node: types_pb2.NodeInfo, ttl: int, reconcile: bool = False,
@@ -229,49 +217,11 @@ class CoordinatorClient:
 
 def unary(rpc, request, timeout: float):
     """Call the stub method ``rpc`` with a deadline; raise VasError on failure."""
-    locks.assert_unlocked(_method_name(rpc))
+    locks.assert_unlocked(method_name(rpc))
     try:
         return rpc(request, timeout=timeout)
     except grpc.RpcError as exc:
         raise from_rpc_error(exc) from exc
-
-
-#: Coordinator methods made again after their connection failed under them: they read,
-#: or set what they set to the same again (the first attempt landing changes nothing).
-REPEATABLE = frozenset(f"/vas.v1.Coordinator/{name}" for name in (
-    "GetSegment", "ListSegments", "CheckSegments", "ListNodes", "ClusterStatus", "GetSpace",
-    "ListSpaces", "Heartbeat", "ReportAttachments", "SetSegmentMode", "SetSegmentOwner",
-    "RenewWriter"))
-#: What gRPC's status says when a call's connection failed under it (the server went
-#: away, or closed it) rather than the server answering or the deadline passing.
-_CONNECTION_LOST = ("Stream removed", "Socket closed", "Connection reset", "Broken pipe")
-
-
-def connection_lost(exc: Unavailable) -> bool:
-    """Whether ``exc`` (raised from a grpc.RpcError) is a call whose connection failed
-    under it: the server may or may not have read it."""
-    details = _rpc_details(exc)
-    return any(sign in details for sign in _CONNECTION_LOST)
-
-
-def never_written(exc: Unavailable) -> bool:
-    """Whether ``exc`` (raised from a grpc.RpcError) is a connection that failed
-    writing ("sendmsg: Broken pipe": its peer had closed it). That is how a call made
-    to a server gone before it fails, one no server read, safe to make again; a call
-    already read on that connection by a server that then died fails so too, which
-    only a create cannot tell from its own success (``create_segment``)."""
-    return "sendmsg" in _rpc_details(exc)
-
-
-def _rpc_details(exc: Unavailable) -> str:
-    """The status text of the grpc.RpcError ``exc`` was raised from ("" if none)."""
-    cause = exc.__cause__
-    return (cause.details() or "") if isinstance(cause, grpc.RpcError) else ""
-
-
-def _method_name(rpc) -> str:
-    method = getattr(rpc, "_method", b"")
-    return method.decode() if isinstance(method, bytes) else str(method)
 
 
 #: Seconds past its deadline a streaming call is waited for before it is cancelled here.

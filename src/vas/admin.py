@@ -49,6 +49,7 @@ from vas.core.defaults import MAX_GRPC_MESSAGE
 from vas.core.errors import (InvalidArgument, PermissionDenied, Unavailable, VasError,
                              from_rpc_error, segment_lost)
 from vas.core.sizes import human_size
+from vas.core.repeat import call_once_more, method_name
 from vas.core.tls import COORDINATOR_HOST, NODE_HOST, TlsConfig, is_loopback, open_channel
 from vas.core.types import NodeInfo, SegmentInfo, SpaceInfo, cluster_status
 from vas.proto import coordinator_pb2 as pb
@@ -152,10 +153,16 @@ class AdminClient:
         return f"<vas.AdminClient {self.target} {'tls' if self.tls else 'plaintext'}>"
 
     def _call(self, rpc, request, timeout: float | None = None):
-        try:
-            return rpc(request, timeout=timeout or self.timeout)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from exc
+        """One coordinator call, made once more when its connection failed under it and
+        that is safe (vas/core/repeat.py): with several coordinators in ``target`` the
+        second goes to another."""
+        def attempt(left: float):
+            try:
+                return rpc(request, timeout=left)
+            except grpc.RpcError as exc:
+                raise from_rpc_error(exc) from exc
+
+        return call_once_more(attempt, method_name(rpc), timeout or self.timeout)
 
     # -- segments -----------------------------------------------------------------
 

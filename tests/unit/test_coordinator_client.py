@@ -1,7 +1,7 @@
-"""The agent's coordinator client makes a call again only when its connection failed
-under it and that is safe (node/clients.py ``_call``): its request could not be written,
-or the method reads or sets the same again; a create made again that finds the name
-taken stays the first attempt's Unavailable (its own record, maybe)."""
+"""The agent's coordinator client and the admin client make a call again only when its
+connection failed under it and that is safe (vas/core/repeat.py): its request could not
+be written, or the method reads or sets the same again; the agent's create made again
+that finds the name taken stays the first attempt's Unavailable (its own record, maybe)."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import grpc
 import pytest
 
+from vas.admin import AdminClient
 from vas.core.errors import AlreadyExists, Unavailable
 from vas.node.clients import CoordinatorClient
 from vas.proto import types_pb2
@@ -102,3 +103,17 @@ def test_a_lost_connection_repeats_reads_and_creates_only(client):
         client.delete_segment(name="a")
     assert [client.stub.GetSegment.calls, client.stub.CreateSegment.calls,
             client.stub.DeleteSegment.calls] == [2, 2, 1]
+
+
+def test_the_admin_client_makes_a_read_again_and_a_delete_once():
+    admin = AdminClient.__new__(AdminClient)  # no coordinator: its stub is replaced
+    admin.timeout, admin.caller = 5.0, types_pb2.Caller(uid=0)
+    reply = types_pb2.SegmentInfo(name="a", size=4096)
+    admin._coordinator = SimpleNamespace(
+        GetSegment=Rpc("GetSegment", Failed(grpc.StatusCode.UNAVAILABLE, CLOSED), reply),
+        DeleteSegment=Rpc("DeleteSegment", Failed(grpc.StatusCode.UNAVAILABLE, CLOSED)))
+    assert admin.stat("a").name == "a"
+    assert admin._coordinator.GetSegment.calls == 2
+    with pytest.raises(Unavailable, match="Socket closed"):
+        admin.delete("a")
+    assert admin._coordinator.DeleteSegment.calls == 1
