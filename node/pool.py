@@ -16,7 +16,9 @@ does not pay for memory it reuses. One memfd is prepared per ``want``, and
 ``want`` is called where the next segment of a size is predicted: after an
 eager fetch, after two home creates in a row of one size (shards), and when a
 segment (home or replica) of a size is freed (a dataset replaced: rounds of
-``vas.ray.put``, new versions); a ``take`` does not start another by itself.
+``vas.ray.put``, new versions); a ``take`` does not start another by itself. A
+prepared memfd nobody takes within ``IDLE_EXPIRY`` (5 minutes) is given back and its
+size no longer wanted: the agent does not keep a deleted dataset's memory for good.
 Sizes under ``MIN_SIZE`` are not pooled (they cost little, and sizes that vary
 would only churn the pool).
 
@@ -98,13 +100,18 @@ _REFILL_WAIT = 2.0
 #: Longest wait of queued memory for quiet, seconds from its queueing (then it is
 #: punched out anyway, without further waits).
 _RELEASE_WAIT = 1.0
+#: A prepared memfd nobody took for this long is given back, seconds, and its size
+#: no longer wanted: a dataset deleted for good must not stay resident in the agent
+#: (an operator sees the agent's memory fall), while rounds of puts, shards and
+#: refetches, minutes apart at most, still find theirs.
+IDLE_EXPIRY = 300.0
 
 
 class Warm(Memory):
     """Segment memory: a sealed memfd of ``size`` bytes, its read-only reopen and the
     agent's writable mapping; ``populated`` once every page is faulted in ahead."""
 
-    __slots__ = ("populated",)
+    __slots__ = ("populated", "prepared_at")
 
     def __init__(self, size: int, *, reserve: bool = True):
         """``reserve=False``: sparse, its pages allocated by ``populate`` (step by step
@@ -112,6 +119,7 @@ class Warm(Memory):
         memory = Memory.allocate("segment", size, reserve=reserve, mapped=True)
         super().__init__(size, memory.fd, memory.ro_fd, memory.mapping)
         self.populated = False
+        self.prepared_at = 0.0  # monotonic, once the pool holds it
 
     def populate(self, offset: int, length: int) -> None:
         """Allocate and fault in [offset, offset + length) unless the whole memfd was
@@ -257,6 +265,7 @@ class WarmPool:
                     if self._stopped:
                         return
                     self._cv.wait(1.0)  # capacity frees up without a notification too
+                    self._expire_locked()
                 size = 0 if self._releases else self._wanted
                 if size:
                     self._filling += 1
@@ -268,6 +277,7 @@ class WarmPool:
             with self._cv:
                 self._filling -= 1
                 if warm is not None and not self._stopped:
+                    warm.prepared_at = time.monotonic()
                     self._entries.append(warm)
                     warm = None
                     extra = self._trim_locked()
@@ -276,6 +286,21 @@ class WarmPool:
                     extra = []
             release_all([warm] if warm is not None else [])
             self.release_later(extra)
+
+    def _expire_locked(self) -> None:
+        """Queue the entries nobody took within ``IDLE_EXPIRY`` for release, and stop
+        wanting their size (else the refill would make it again at once)."""
+        horizon = time.monotonic() - IDLE_EXPIRY
+        expired = [warm for warm in self._entries if warm.prepared_at < horizon]
+        for warm in expired:
+            self._entries.remove(warm)
+            self.store.pooled -= warm.size
+            if self._wanted == warm.size:
+                self._wanted = 0
+            log.info("giving back %s of prepared segment memory nobody took in %.0f s",
+                     human_size(warm.size), IDLE_EXPIRY)
+        queued = time.monotonic()
+        self._releases.extend((queued, warm) for warm in expired)
 
     def _prepare(self, size: int) -> Warm | None:
         """A populated memfd of ``size`` bytes, made in steps between transfers (queued

@@ -60,6 +60,18 @@ def test_one_memfd_is_prepared_per_want(pool):
         warm.release()
 
 
+def test_memory_nobody_takes_is_given_back_and_not_prepared_again(pool, monkeypatch):
+    monkeypatch.setattr(pool_module, "IDLE_EXPIRY", 0.5)
+    pool.want(MIN_SIZE)
+    wait_for(lambda: prepared(pool) == 1, "the refill")
+    (warm,) = pool._entries
+    wait_for(lambda: prepared(pool) == 0 and warm.fd < 0, "the idle entry given back")
+    assert pool.store.pooled == 0
+    assert not _within(1.5, lambda: pool._filling or prepared(pool)), \
+        "an expired size was prepared again"
+    assert pool.take(MIN_SIZE) is None
+
+
 def test_sizes_under_the_minimum_are_not_pooled(pool):
     pool.want(MIN_SIZE - 4096)
     assert pool.take(MIN_SIZE - 4096) is None
