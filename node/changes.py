@@ -15,8 +15,9 @@ it is answered, so a Revalidate that read the old value cannot be reused past it
 - a home segment's state moving (deleting, claimed, freed, back to live), its record
   replaced (chmod, chown, a re-read adopted, backups promoted) or a newer version
   published (node/segments.py ``HomeSegment``; a re-read that finds the record as it
-  was is no change). A forced delete frees the segment (a move) and keeps its revoked
-  "r" attachments: their Revalidate answers NotFound;
+  was, but for other nodes' attachments and copies, is no change). A forced delete
+  frees the segment (a move) and keeps its revoked "r" attachments: their Revalidate
+  answers NotFound;
 - the space records kept by the agent: an event of its watch, a change made through
   it, the watch established or lost (node/spaces.py).
 

@@ -243,11 +243,12 @@ class HomeSegment(_Held):
 
     @info.setter
     def info(self, info: types_pb2.SegmentInfo) -> None:
-        # A re-read finding the record as it was (recheck_stale, every RECHECK_AGE) is
-        # no change: bumping for it made every kept member's next switch ask again.
-        same = getattr(self, "_info", None) == info
+        # A re-read finding the record as it was (recheck_stale, every RECHECK_AGE), or
+        # changed only in what reports other nodes' activity, is no change: bumping for
+        # it made every kept member's next switch ask again.
+        before = getattr(self, "_info", None)
         self._info = info
-        if not same:
+        if before is None or _without_activity(before) != _without_activity(info):
             COUNTER.bump()
 
     def move(self, to) -> None:
@@ -294,3 +295,17 @@ class Replica(_Held):
     def __repr__(self) -> str:
         return (f"<Replica {self.name} id={self.id} v{self.info.version} {self.state.value} "
                 f"attachments={self.attachments} lazy={self.fill is not None}>")
+
+
+#: SegmentInfo fields that report other nodes' attachments and copies: no Revalidate
+#: answer reads them (HomeSegments.current_version: state, permission, version).
+_ACTIVITY_FIELDS = ("attachments", "copies", "attached_nodes")
+
+
+def _without_activity(info: types_pb2.SegmentInfo) -> types_pb2.SegmentInfo:
+    """A copy of ``info`` without ``_ACTIVITY_FIELDS``."""
+    rest = types_pb2.SegmentInfo()
+    rest.CopyFrom(info)
+    for field in _ACTIVITY_FIELDS:
+        rest.ClearField(field)
+    return rest

@@ -637,7 +637,7 @@ def test_switch_asks_nothing_until_the_agents_change_counter_moves(cluster, monk
 
         # A chmod through node2 (SegmentChanged reaches the home before it returns).
         before = here._connection.changes()
-        there.chmod("kc/b", 0o600)
+        there.chmod("kc/b", 0o640)  # created 0o600: a real change (a no-op moves nothing)
         assert here._connection.changes() > before
         with here.switch("kc/S") as view:
             assert view["kc/b"]._attachment_id == kept["kc/b"]  # root may still read it

@@ -77,11 +77,16 @@ def test_versions_only_grow():
 
 
 def test_the_change_counter_moves_when_the_record_does_not_when_a_reread_finds_it_same():
+    """Same, or other only in other nodes' attachments and copies: no move."""
     segment = home()
     before = COUNTER.value
     same = types_pb2.SegmentInfo()
     same.CopyFrom(segment.info)
     segment.info = same
+    busy = types_pb2.SegmentInfo()
+    busy.CopyFrom(segment.info)
+    busy.attachments, busy.attached_nodes[:] = 3, ["node2"]  # other nodes' activity
+    segment.info = busy
     assert COUNTER.value == before
     changed = types_pb2.SegmentInfo()
     changed.CopyFrom(segment.info)
