@@ -48,8 +48,8 @@ from vas.core.access import may_attach
 from vas.core.defaults import MAX_GRPC_MESSAGE
 from vas.core.errors import (InvalidArgument, PermissionDenied, Unavailable, VasError,
                              from_rpc_error, segment_lost)
-from vas.core.sizes import human_size
 from vas.core.repeat import call_once_more, method_name
+from vas.core.sizes import human_size
 from vas.core.tls import COORDINATOR_HOST, NODE_HOST, TlsConfig, is_loopback, open_channel
 from vas.core.types import NodeInfo, SegmentInfo, SpaceInfo, cluster_status
 from vas.proto import coordinator_pb2 as pb
