@@ -18,8 +18,9 @@ it is answered, so a Revalidate that read the old value cannot be reused past it
   was, but for other nodes' attachments and copies, is no change). A forced delete
   frees the segment (a move) and keeps its revoked "r" attachments: their Revalidate
   answers NotFound;
-- the space records kept by the agent: an event of its watch, a change made through
-  it, the watch established or lost (node/spaces.py).
+- the space records kept by the agent: an event of its watch or a change made through
+  it that drops a kept record (or comes while a record is being read), the watch
+  established or lost (node/spaces.py).
 
 Not covered, so never reusable (``generation`` 0 in the answer): a copy of a segment
 homed elsewhere (its record is read from the coordinator at every Revalidate, and

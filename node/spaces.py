@@ -13,9 +13,10 @@ being read (``_generation``).
 
 Changes made through this agent drop the entry before they are answered, so a process
 sees its own changes at once; a change made through another agent (or straight at a
-coordinator) is seen here when its event arrives, milliseconds later. Each drop, and
-each watch established or lost, bumps the change counter (node/changes.py) after it:
-a Revalidate answer reused by a client holds exactly as long as the kept record would.
+coordinator) is seen here when its event arrives, milliseconds later. Each drop of a
+kept record (or any change while a read is under way), and each watch established or
+lost, bumps the change counter (node/changes.py) after it: a Revalidate answer reused by
+a client holds exactly as long as the kept record would.
 
 Locking: ``_lock`` (a leaf: no other lock is taken under it, no call made).
 """
@@ -50,18 +51,24 @@ class SpaceCache:
         self._entries: dict[str, types_pb2.SpaceInfo] = {}
         self._watching = False   # a watch is established: entries may be kept
         self._generation = 0     # counts the events and watch ends
+        self._reading = 0        # reads from the coordinator under way
 
     def get(self, name: str) -> types_pb2.SpaceInfo:
         """The space ``name`` as of now (NotFound if there is none)."""
         with self._lock:
             info = self._entries.get(name)
+            if info is not None:
+                return info
             generation, watching = self._generation, self._watching
-        if info is not None:
-            return info
-        info = self.coordinator.get_space(name)
-        with self._lock:
-            if watching and self._watching and self._generation == generation:
-                self._entries[name] = info
+            self._reading += 1
+        try:
+            info = self.coordinator.get_space(name)
+        finally:
+            with self._lock:
+                self._reading -= 1
+                if (info is not None and watching and self._watching
+                        and self._generation == generation):
+                    self._entries[name] = info
         return info
 
     @property
@@ -71,11 +78,18 @@ class SpaceCache:
         return self._watching
 
     def changed(self, name: str) -> None:
-        """Space ``name`` changed (or is gone): drop what is kept of it."""
+        """Space ``name`` changed (or is gone): drop what is kept of it. The change
+        counter moves only if something may have relied on the old record: it was kept,
+        or a read is under way (its answer may be older than this change). Any other
+        answer holding that space was made before a drop that moved the counter: so a
+        change of a space no client here read, anywhere in the cluster, asks no switch
+        on this node to look again."""
         with self._lock:
-            self._entries.pop(name, None)
+            kept = self._entries.pop(name, None) is not None
             self._generation += 1
-        COUNTER.bump()
+            relied_on = kept or self._reading > 0
+        if relied_on:
+            COUNTER.bump()
 
     def _watched(self, watching: bool) -> None:
         """A watch was established (True) or ended (False, dropping everything)."""
