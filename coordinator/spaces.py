@@ -16,11 +16,11 @@ from vas.core.errors import AlreadyExists, NotFound
 from vas.proto import types_pb2
 
 
-def space_of(name: str, record: dict) -> types_pb2.SpaceInfo:
-    """The SpaceInfo of a stored record."""
+def space_of(name: str, record: dict, revision: int) -> types_pb2.SpaceInfo:
+    """The SpaceInfo of a stored record last changed at etcd ``revision``."""
     return types_pb2.SpaceInfo(
         name=name, mode=record["mode"], uid=record["uid"], gid=record["gid"],
-        created=record["created"],
+        created=record["created"], revision=revision,
         members=[types_pb2.SpaceMember(segment=s, mode=m) for s, m in record["members"]])
 
 
@@ -40,21 +40,21 @@ class Spaces:
                                  success=[put_op(key, keys.encode(record))])
         if not response.succeeded:
             raise AlreadyExists(f"space {name!r} already exists")
-        return space_of(name, record)
+        return space_of(name, record, response.header.revision)
 
     def get(self, name: str) -> types_pb2.SpaceInfo:
         """The space ``name``. Raises NotFound."""
         kvs = self.etcd.range(keys.space_key(name)).kvs
         if not kvs:
             raise NotFound(f"space {name!r} not found")
-        return space_of(name, keys.decode(kvs[0].value))
+        return space_of(name, keys.decode(kvs[0].value), kvs[0].mod_revision)
 
     def list(self, prefix: str) -> list[types_pb2.SpaceInfo]:
         """Spaces whose names start with ``prefix``, ordered by name."""
         start = keys.space_key(prefix)
         response = self.etcd.range(start, keys.prefix_end(start))
-        return [space_of(keys.name_of(kv.key, keys.SPACES), keys.decode(kv.value))
-                for kv in response.kvs]
+        return [space_of(keys.name_of(kv.key, keys.SPACES), keys.decode(kv.value),
+                         kv.mod_revision) for kv in response.kvs]
 
     def delete(self, caller, name: str) -> None:
         """Remove the space (owner or root); its member segments stay."""
@@ -103,6 +103,6 @@ class Spaces:
             compare = [unchanged(key, space.kvs[0].mod_revision)]
             if segment_key:
                 compare.append(present(segment_key))
-            if self.etcd.txn(compare=compare,
-                             success=[put_op(key, keys.encode(record))]).succeeded:
-                return space_of(name, record)
+            response = self.etcd.txn(compare=compare, success=[put_op(key, keys.encode(record))])
+            if response.succeeded:
+                return space_of(name, record, response.header.revision)

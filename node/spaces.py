@@ -5,7 +5,7 @@ call (~1-3 ms on the 2-CPU development VM: most of a switch whose members are ma
 One thread (``run``) holds a coordinator Watch of the space records (``WatchRequest.
 spaces``) in slices of ``_WATCH_SLICE`` seconds, each resumed from the revision after
 the last one seen, so no change falls between two slices. Every event drops the entry
-of the space it names. Entries are kept only while a watch is established: when a
+of the space it names, unless that entry was read at the event's revision or later. Entries are kept only while a watch is established: when a
 stream fails, everything is dropped and nothing is kept until the next one is (then
 every read goes to the coordinator). A read that races a change can not keep a stale
 record: a record read from the coordinator is kept only if no event came while it was
@@ -77,17 +77,23 @@ class SpaceCache:
         holding a space are reusable only then: node/changes.py)."""
         return self._watching
 
-    def changed(self, name: str) -> None:
-        """Space ``name`` changed (or is gone): drop what is kept of it. The change
-        counter moves only if something may have relied on the old record: it was kept,
-        or a read is under way (its answer may be older than this change). Any other
-        answer holding that space was made before a drop that moved the counter: so a
-        change of a space no client here read, anywhere in the cluster, asks no switch
-        on this node to look again."""
+    def changed(self, name: str, revision: int = 0) -> None:
+        """Space ``name`` changed (or is gone) at etcd ``revision`` (0: not known, as
+        for a change made through this agent): drop what is kept of it, unless the kept
+        record was read at that revision or later (the event of a change this agent
+        made, read back by a switch before the event came). The change counter moves
+        only if something may have relied on an older record: one was kept, or a read is
+        under way (its answer may be older than this change). Any other answer holding
+        that space was made before a drop that moved the counter: so a change of a
+        space no client here read, anywhere in the cluster, asks no switch on this node
+        to look again."""
         with self._lock:
-            kept = self._entries.pop(name, None) is not None
+            kept = self._entries.get(name)
+            older = kept is not None and (not revision or kept.revision < revision)
+            if older:
+                del self._entries[name]
             self._generation += 1
-            relied_on = kept or self._reading > 0
+            relied_on = older or self._reading > 0
         if relied_on:
             COUNTER.bump()
 
@@ -128,7 +134,7 @@ class SpaceCache:
                     revision = revision or event.revision + 1  # `revision` on come next
                     self._watched(True)
                     continue
-                self.changed(event.space)
+                self.changed(event.space, event.revision)
                 revision = max(revision, event.revision + 1)
         if time.monotonic() - started < _WATCH_SLICE / 2:  # ended early (the coordinator
             self._watched(False)                           # stopping), not at its deadline

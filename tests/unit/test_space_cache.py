@@ -16,12 +16,13 @@ class Coordinator:
     def __init__(self):
         self.hold: threading.Event | None = None
         self.reading = threading.Event()
+        self.revision = 10  # of the records it answers
 
     def get_space(self, name: str) -> types_pb2.SpaceInfo:
         self.reading.set()
         if self.hold is not None:
             assert self.hold.wait(10)
-        return types_pb2.SpaceInfo(name=name, mode=0o644)
+        return types_pb2.SpaceInfo(name=name, mode=0o644, revision=self.revision)
 
 
 def watching_cache() -> tuple[SpaceCache, Coordinator]:
@@ -61,3 +62,14 @@ def test_any_change_while_a_read_is_under_way_moves_the_counter_and_keeps_nothin
         coordinator.hold.set()
         reader.join(10)
     assert "a/S" not in cache._entries  # read across an event: not kept
+
+
+def test_an_event_the_kept_record_already_holds_changes_nothing():
+    cache, _ = watching_cache()
+    cache.get("a/S")  # read at revision 10: a change made here, read back by a switch
+    before = COUNTER.value
+    for seen in (9, 10):  # its own event (10), or an older one still on its way (9)
+        cache.changed("a/S", seen)
+    assert "a/S" in cache._entries and COUNTER.value == before
+    cache.changed("a/S", 11)  # a later change
+    assert "a/S" not in cache._entries and COUNTER.value > before
