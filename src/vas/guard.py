@@ -70,22 +70,26 @@ class Guardian:
         fallbacks of the mappings added meanwhile."""
         error = None
         try:
-            from vas import _native
+            try:
+                from vas import _native
 
-            if not sys.executable:
-                raise OSError("sys.executable is unknown")
-            self.process = subprocess.Popen(
-                [sys.executable, "-I", "-S", program.__file__, _native.__file__,
-                 str(theirs.fileno())],
-                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, start_new_session=True)
-        except (OSError, subprocess.SubprocessError) as exc:
-            error = exc
+                if not sys.executable:
+                    raise OSError("sys.executable is unknown")
+                self.process = subprocess.Popen(
+                    [sys.executable, "-I", "-S", program.__file__, _native.__file__,
+                     str(theirs.fileno())],
+                    pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL, start_new_session=True)
+            except (OSError, subprocess.SubprocessError) as exc:
+                error = exc
+            with self._lock:
+                self._state = _Start.FAILED if error else _Start.RUNNING
+                fallbacks, self._fallbacks = self._fallbacks, []
         finally:
+            # Only now: a message sent to a guardian that never started fails on the
+            # closed socket, and (the state FAILED already) is not reported as a
+            # guardian that stopped taking messages.
             theirs.close()
-        with self._lock:
-            self._state = _Start.FAILED if error else _Start.RUNNING
-            fallbacks, self._fallbacks = self._fallbacks, []
         if error is None:
             return
         log.error("cannot start the vas guardian process (%s): lazy mappings of this "
