@@ -290,8 +290,8 @@ class WarmPool:
     def _expire_locked(self) -> None:
         """Queue the entries nobody took within ``IDLE_EXPIRY`` for release, and stop
         wanting their size (else the refill would make it again at once)."""
-        horizon = time.monotonic() - IDLE_EXPIRY
-        expired = [warm for warm in self._entries if warm.prepared_at < horizon]
+        now = time.monotonic()
+        expired = [warm for warm in self._entries if warm.prepared_at < now - IDLE_EXPIRY]
         for warm in expired:
             self._entries.remove(warm)
             self.store.pooled -= warm.size
@@ -299,8 +299,7 @@ class WarmPool:
                 self._wanted = 0
             log.info("giving back %s of prepared segment memory nobody took in %.0f s",
                      human_size(warm.size), IDLE_EXPIRY)
-        queued = time.monotonic()
-        self._releases.extend((queued, warm) for warm in expired)
+        self._releases.extend((now, warm) for warm in expired)
 
     def _prepare(self, size: int) -> Warm | None:
         """A populated memfd of ``size`` bytes, made in steps between transfers (queued

@@ -5,9 +5,10 @@ call (~1-3 ms on the 2-CPU development VM: most of a switch whose members are ma
 One thread (``run``) holds a coordinator Watch of the space records (``WatchRequest.
 spaces``) in slices of ``_WATCH_SLICE`` seconds, each resumed from the revision after
 the last one seen, so no change falls between two slices. Every event drops the entry
-of the space it names, unless that entry was read at the event's revision or later. Entries are kept only while a watch is established: when a
-stream fails, everything is dropped and nothing is kept until the next one is (then
-every read goes to the coordinator). A read that races a change can not keep a stale
+of the space it names, unless that entry was read at the event's revision or later.
+Entries are kept only while a watch is established: when a stream fails, everything is
+dropped and nothing is kept until the next one is (then every read goes to the
+coordinator). A read that races a change can not keep a stale
 record: a record read from the coordinator is kept only if no event came while it was
 being read (``_generation``).
 

@@ -71,15 +71,7 @@ class Guardian:
         error = None
         try:
             try:
-                from vas import _native
-
-                if not sys.executable:
-                    raise OSError("sys.executable is unknown")
-                self.process = subprocess.Popen(
-                    [sys.executable, "-I", "-S", program.__file__, _native.__file__,
-                     str(theirs.fileno())],
-                    pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL, start_new_session=True)
+                self.process = _start_process(theirs)
             except (OSError, subprocess.SubprocessError) as exc:
                 error = exc
             with self._lock:
@@ -177,3 +169,15 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _start_process(theirs: socket.socket) -> subprocess.Popen:
+    """The guardian process (vas/guardian.py), handed ``theirs`` (its end of the socket)."""
+    from vas import _native
+
+    if not sys.executable:
+        raise OSError("sys.executable is unknown")
+    return subprocess.Popen(
+        [sys.executable, "-I", "-S", program.__file__, _native.__file__, str(theirs.fileno())],
+        pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        start_new_session=True)
