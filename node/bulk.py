@@ -109,9 +109,8 @@ _PAGE = 4096
 #: at its end): a relay serves them in runs of MiBs, and telling it of every
 #: ``recv_into`` (tens of KiB on veth) costs a lock and a Python call each.
 _TELL_STEP = 512 << 10
-#: Receive buffer of a ``Channel`` connection: small enough to stay in cache
-#: between ``recv_into`` and ``pwrite``.
-_RECV_BUFFER = 256 << 10
+#: Most bytes ``_drain`` reads at once.
+_DRAIN_BUFFER = 256 << 10
 #: Idle connections a ``Channel`` keeps (more concurrent requests open extra ones).
 _IDLE_MAX = 4
 #: Seconds a caller's deadline may exceed the time left under the channel's timeout
@@ -557,14 +556,11 @@ def _request(segment_id: int, offset: int, length: int, version: int | None) -> 
 class Channel:
     """Persistent connections to one home's bulk listener for many small ranges.
 
-    ``read(segment_id, offset, length, fd)`` writes those bytes of the segment
-    into ``fd`` (the replica memfd) at ``offset``: ``recv_into`` a buffer of the
-    connection's, then ``os.pwrite``. Receiving into an unfaulted mapping pays
-    a page fault per 4 KiB (~0.6 GB/s here); the page-cache write allocates
-    pages without mapping them (1.4-1.7 GB/s). Into a replica whose pages are
-    allocated and mapped already (warm pool memory) ``read(..., into=)`` receives
-    straight into the mapping: one copy instead of two. Thread-safe: each call takes an
-    idle connection or opens one; up to ``_IDLE_MAX`` are kept between calls.
+    ``read(segment_id, offset, into)`` receives ``len(into)`` bytes of the segment from
+    ``offset`` straight into ``into``, the replica's mapping of that range, whose pages
+    the caller allocated (receiving into unallocated ones pays a page fault per 4 KiB,
+    ~0.6 GB/s here, and would be SIGBUS when memory is short). Thread-safe: each call
+    takes an idle connection or opens one; up to ``_IDLE_MAX`` are kept between calls.
     """
 
     def __init__(self, address: str, timeout: float, tls: ssl.SSLContext | None = None):
@@ -573,21 +569,20 @@ class Channel:
         self._target = (host.strip("[]"), int(port))
         self._timeout = timeout
         self._tls = tls
-        self._idle: list[tuple[float, socket.socket, bytearray]] = []
+        self._idle: list[tuple[float, socket.socket]] = []
         self._lock = locks.Lock("bulk channel", locks.Rank.BULK)
         self._closed = False
 
-    def read(self, segment_id: int, offset: int, length: int, fd: int,
-             timeout: float | None = None, into: memoryview | None = None) -> None:
-        """Copy [offset, offset + length) of ``segment_id`` into ``fd``, or straight into
-        ``into`` (``length`` bytes: the replica's mapping of that range, for memory
-        whose pages are allocated already; one copy, no ``pwrite``). Raises the
+    def read(self, segment_id: int, offset: int, into: memoryview,
+             timeout: float | None = None) -> None:
+        """Receive [offset, offset + len(into)) of ``segment_id`` into ``into``. Raises the
         home's VasError, or Unavailable when a fresh connection fails too.
 
         ``timeout``: seconds this call may wait on the network in all (connect,
         each send and receive; at most the channel's own timeout each), for a
         caller with a deadline; None: the channel's timeout per wait.
         """
+        length = len(into)
         if offset < 0 or length <= 0 or offset + length >= 1 << 63:
             raise ValueError(f"invalid bulk range offset {offset} length {length}")
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -595,20 +590,17 @@ class Channel:
             conn = None
             try:
                 wait = self._wait(deadline)
-                conn, buffer = self._take(wait)
+                conn = self._take(wait)
                 if wait != self._timeout:
                     _set_timeouts(conn, wait)
                 conn.sendall(_REQUEST.pack(MAGIC, segment_id, offset, length))
-                if into is None:
-                    _recv_reply_to_fd(conn, buffer, fd, offset, length)
-                else:
-                    _recv_reply_into(conn, into)
+                _recv_reply_into(conn, into)
             except CapacityExceeded:  # the home refused (too many connections) and closed it
                 if conn is not None:
                     conn.close()
                 raise
             except VasError:
-                self._put(conn, buffer, wait)  # a whole reply: the connection stays usable
+                self._put(conn, wait)  # a whole reply: the connection stays usable
                 raise
             except OSError as exc:
                 if conn is not None:
@@ -621,7 +613,7 @@ class Channel:
                 log.info("bulk read from %s failed (%s); retrying", self.address, exc)
             else:
                 metrics.RECEIVED_BULK.inc(length)
-                self._put(conn, buffer, wait)
+                self._put(conn, wait)
                 return
 
     def write(self, segment_id: int, header: bytes, runs: list[tuple[int, int]], fd: int,
@@ -642,7 +634,7 @@ class Channel:
         conn = None
         sent = False  # every byte of the request left: the home may publish it
         try:
-            conn, buffer = self._take()
+            conn = self._take()
             _set_timeouts(conn, timeout)
             request = b"".join([_REQUEST.pack(WRITE_MAGIC, segment_id, len(header), len(runs)),
                                 header, *(_RUN.pack(*run) for run in runs)])
@@ -667,7 +659,7 @@ class Channel:
                                   "publish it") from exc
             raise WriteFailed(f"bulk write to {self.address} failed: "
                               f"{exc.strerror or exc}") from exc
-        self._put(conn, buffer, timeout)
+        self._put(conn, timeout)
         return info
 
     def _wait(self, deadline: float | None) -> float:
@@ -683,7 +675,7 @@ class Channel:
 
     def connect(self) -> None:
         """Open one connection ahead of the first ``read``."""
-        self._put(*self._take())
+        self._put(self._take())
 
     def close(self) -> None:
         with self._lock:
@@ -693,17 +685,17 @@ class Channel:
     def _close_idle(self) -> None:
         with self._lock:
             idle, self._idle = self._idle, []
-        for _, conn, _ in idle:
+        for _, conn in idle:
             conn.close()
 
-    def _take(self, connect_timeout: float | None = None) -> tuple[socket.socket, bytearray]:
+    def _take(self, connect_timeout: float | None = None) -> socket.socket:
         # The home ends a connection idle for ``timeout``: use only younger ones.
         fresh_after = time.monotonic() - self._timeout / 2
         with self._lock:
             while self._idle:
-                since, conn, buffer = self._idle.pop()
+                since, conn = self._idle.pop()
                 if since >= fresh_after:
-                    return conn, buffer
+                    return conn
                 conn.close()
         conn = _connect(self._target, connect_timeout or self._timeout, self._tls)
         try:
@@ -713,9 +705,9 @@ class Channel:
         except OSError:
             conn.close()
             raise
-        return conn, bytearray(_RECV_BUFFER)
+        return conn
 
-    def _put(self, conn: socket.socket, buffer: bytearray, wait: float | None = None) -> None:
+    def _put(self, conn: socket.socket, wait: float | None = None) -> None:
         """Keep ``conn`` for the next request (its timeouts back to the channel's if
         ``wait`` changed them), or close it."""
         try:
@@ -726,7 +718,7 @@ class Channel:
             return
         with self._lock:
             if not self._closed and len(self._idle) < _IDLE_MAX:
-                self._idle.append((time.monotonic(), conn, buffer))
+                self._idle.append((time.monotonic(), conn))
                 return
         conn.close()
 
@@ -746,49 +738,6 @@ def _connect(target: tuple[str, int], timeout: float,
     return conn
 
 
-def _recv_reply_to_fd(conn: socket.socket, buffer: bytearray, fd: int, offset: int,
-                      length: int) -> None:
-    """Receive a reply (raising the home's error) and its ``length`` bytes, ``pwrite``n
-    to ``fd`` from ``offset`` on.
-
-    The header and the first bytes arrive together (the home sends the header
-    with MSG_MORE), so one ``recv_into`` takes what is there, and ``MSG_WAITALL``
-    the rest of each buffer's worth: a 32 KiB chunk costs one or two receives, one
-    wake-up for its tail and one ``pwrite``, not one of each per TCP segment.
-    """
-    if isinstance(conn, TlsConnection):  # decrypts what came in: no MSG_WAITALL
-        receive = conn.recv_into
-    else:
-        def receive(view: memoryview, nbytes: int) -> int:
-            return conn.recv_into(view, nbytes, socket.MSG_WAITALL)
-    with memoryview(buffer) as window:
-        first, got = min(len(buffer), _REPLY.size + length), 0
-        while got < _REPLY.size:
-            received = conn.recv_into(window[got:], first - got)
-            if not received:
-                raise ConnectionError("connection closed in a bulk reply header")
-            got += received
-        magic, code, size = _REPLY.unpack_from(buffer)
-        if magic != MAGIC or size > 4096:
-            raise ConnectionError("malformed bulk reply")
-        start = _REPLY.size + size  # where the range begins, after the message
-        if code:  # no range follows: what came is (part of) the message
-            message = bytes(window[_REPLY.size:got]) + _recv_exact(conn, start - got)
-            raise from_status(status_code(code), message.decode(errors="replace"))
-        done = 0
-        while done < length:
-            end = min(len(buffer), start + length - done)
-            while got < end:
-                received = receive(window[got:end], end - got)
-                if not received:
-                    raise ConnectionError(f"connection closed after {human_size(done)} of "
-                                          f"{human_size(length)}")
-                got += received
-            _pwrite_all(fd, window[start:end], offset + done)
-            done += end - start
-            start = got = 0
-
-
 def _recv_reply_into(conn: socket.socket, target: memoryview) -> None:
     """Receive a reply (raising the home's error) and its ``len(target)`` bytes straight
     into ``target``: a header receive of its own, then ``MSG_WAITALL`` receives of up to
@@ -804,15 +753,6 @@ def _recv_reply_into(conn: socket.socket, target: memoryview) -> None:
             raise ConnectionError(f"connection closed after {human_size(got)} of "
                                   f"{human_size(length)}")
         got += received
-
-
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    written = 0
-    while written < len(data):
-        wrote = os.pwrite(fd, data[written:], offset + written)
-        if wrote <= 0:
-            raise ConnectionError(f"replica write at {offset + written} failed")
-        written += wrote
 
 
 def _read_reply(conn: socket.socket, most: int = 4096) -> bytes:
@@ -890,7 +830,7 @@ def _recv_into(conn: socket.socket, part: memoryview,
 
 def _drain(conn: socket.socket, size: int) -> None:
     """Read and drop up to ``size`` bytes (fewer if the peer stops or errs)."""
-    scratch = bytearray(min(size, _RECV_BUFFER))
+    scratch = bytearray(min(size, _DRAIN_BUFFER))
     try:
         while size > 0:
             got = conn.recv_into(scratch, min(size, len(scratch)))

@@ -352,10 +352,10 @@ class Replicas:
                     view[offset:offset + length] as part:
                 self.peers.read_pages_into(address, info.name, info.id, part, timeout, offset)
         rehome = functools.partial(self._promoted_home, info) if info.backups else None
-        return lazy.HomeReader(self.homes, info.home, info.name, info.id, memory.fd, read_pages,
-                               self.pool.transfer, rehome,
+        return lazy.HomeReader(self.homes, info.home, info.name, info.id, memory.mapping,
+                               read_pages, self.pool.transfer, rehome,
                                _REHOME_WAIT * self.config.heartbeat_ttl,
-                               memory.mapping if getattr(memory, "populated", False) else None)
+                               allocated=getattr(memory, "populated", False))
 
     def _promoted_home(self, info: types_pb2.SegmentInfo, failed: str) -> str | None:
         """The node a backup of ``info`` was promoted on after its home ``failed``, if it

@@ -71,99 +71,91 @@ def replica():
     store_mod.release(fd, ro_fd, SIZE)
 
 
+@pytest.fixture
+def target():
+    """Memory to receive a replica's ranges into (a Channel takes any writable buffer)."""
+    return memoryview(bytearray(SIZE))
+
+
 def _pooled(channel: bulk.Channel) -> list[socket.socket]:
-    return [conn for _, conn, _ in channel._idle]
+    return [conn for _, conn in channel._idle]
+
+
+def _read(channel: bulk.Channel, target: memoryview, offset: int, length: int,
+          segment: int = SEGMENT) -> None:
+    channel.read(segment, offset, target[offset:offset + length])
 
 
 @pytest.fixture
-def used_channel(home, replica):
+def used_channel(home, target):
     """A Channel to the home that has read the first page: (channel, its one pooled
     connection, the home's bytes)."""
     server, data = home
     channel = bulk.Channel(f"127.0.0.1:{server.port}", TIMEOUT, server.client_tls)
     try:
-        channel.read(SEGMENT, 0, 4096, replica)
+        _read(channel, target, 0, 4096)
         [conn] = _pooled(channel)
         yield channel, conn, data
     finally:
         channel.close()
 
 
-def test_channel_fills_ranges_over_one_persistent_connection(used_channel, replica):
+def test_channel_fills_ranges_over_one_persistent_connection(used_channel, target):
     channel, conn, data = used_channel
     ranges = [(start, min(lazy.CHUNK, SIZE - start)) for start in range(0, SIZE, lazy.CHUNK)]
     random.shuffle(ranges)
     for offset, length in ranges:
-        channel.read(SEGMENT, offset, length, replica)
+        _read(channel, target, offset, length)
     assert _pooled(channel) == [conn]  # every request went over the same connection
-    assert hashlib.sha256(os.pread(replica, SIZE, 0)).digest() == hashlib.sha256(data).digest()
+    assert hashlib.sha256(target).digest() == hashlib.sha256(data).digest()
 
 
-def test_channel_error_replies_keep_the_connection(used_channel, replica):
+def test_channel_error_replies_keep_the_connection(used_channel, target):
     channel, conn, data = used_channel
     with pytest.raises(NotFound):
-        channel.read(SEGMENT + 1, 0, 4096, replica)
+        _read(channel, target, 0, 4096, SEGMENT + 1)
     with pytest.raises(InvalidArgument, match="outside the segment"):
-        channel.read(SEGMENT, SIZE - 4096, 8192, replica)
-    for offset, length in ((-1, 4096), (0, 0), (0, -4096)):
+        channel.read(SEGMENT, SIZE - 4096, memoryview(bytearray(8192)))
+    for offset, length in ((-1, 4096), (0, 0)):
         with pytest.raises(ValueError):
-            channel.read(SEGMENT, offset, length, replica)
-    channel.read(SEGMENT, 4096, 4096, replica)
+            channel.read(SEGMENT, offset, target[:length])
+    _read(channel, target, 4096, 4096)
     assert _pooled(channel) == [conn]
-    assert os.pread(replica, 8192, 0) == data[:8192]
+    assert bytes(target[:8192]) == data[:8192]
 
 
-def test_channel_reply_framing_at_the_buffer_edges(used_channel, replica):
-    """The header comes with the first bytes of the range: an error message longer
-    than the range asked for is read whole (the connection stays in step), and a
-    range longer than the receive buffer is received and written in rounds."""
+def test_channel_reply_framing(used_channel, target):
+    """An error message longer than the range asked for is read whole and writes nothing
+    (the connection stays in step); a range longer than one receive arrives whole, and
+    nothing outside it is written."""
     channel, conn, data = used_channel
+    target[:] = bytes(SIZE)
     with pytest.raises(NotFound, match="is not held"):
-        channel.read(SEGMENT + 1, 0, 1, replica)  # the message is longer than 1 byte
-    offset, length = 4096 + 100, 3 * bulk._RECV_BUFFER + 12345
-    channel.read(SEGMENT, offset, length, replica)
-    assert os.pread(replica, length, offset) == data[offset:offset + length]
+        _read(channel, target, 0, 1, SEGMENT + 1)  # the message is longer than 1 byte
+    assert bytes(target[:4096]) == bytes(4096)
+    offset, length = 4096 + 100, bulk._RECV_MAX + 12345
+    _read(channel, target, offset, length)
+    assert bytes(target[offset:offset + length]) == data[offset:offset + length]
+    assert bytes(target[:offset]) == bytes(offset)
     assert _pooled(channel) == [conn]
 
 
-def test_channel_receives_straight_into_a_mapping_of_allocated_memory(used_channel, replica):
-    """``into=``: a replica in prepared memory gets its ranges received into the agent's
-    mapping (no pwrite through the buffer); an error reply writes nothing there and
-    keeps the connection, and a range longer than one receive arrives whole."""
-    channel, conn, data = used_channel
-    memory = store_mod.Memory.allocate("prepared", SIZE, mapped=True)
-    try:
-        with memoryview(memory.mapping) as raw, raw.cast("B") as view:
-            with pytest.raises(NotFound, match="is not held"):
-                channel.read(SEGMENT + 1, 0, 4096, memory.fd, into=view[:4096])
-            assert bytes(view[:4096]) == bytes(4096)
-            offset, length = 4096 + 100, 3 * bulk._RECV_BUFFER + 12345
-            channel.read(SEGMENT, offset, length, memory.fd, into=view[offset:offset + length])
-            assert bytes(view[offset:offset + length]) == data[offset:offset + length]
-            assert bytes(view[:offset]) == bytes(offset)  # nothing outside the range
-            channel.read(SEGMENT, 0, SIZE, memory.fd, into=view)
-            assert hashlib.sha256(view).digest() == hashlib.sha256(data).digest()
-        assert _pooled(channel) == [conn]
-    finally:
-        memory.release()
-
-
-def test_channel_replaces_a_connection_the_home_dropped(used_channel, replica):
+def test_channel_replaces_a_connection_the_home_dropped(used_channel, target):
     channel, conn, data = used_channel
     # As a home that restarted or timed it out (with TLS: the connection's own socket).
     getattr(conn, "sock", conn).shutdown(socket.SHUT_RDWR)
-    channel.read(SEGMENT, MiB, lazy.CHUNK, replica)
+    _read(channel, target, MiB, lazy.CHUNK)
     assert _pooled(channel) != [conn]
-    assert os.pread(replica, lazy.CHUNK, MiB) == data[MiB:MiB + lazy.CHUNK]
+    assert bytes(target[MiB:MiB + lazy.CHUNK]) == data[MiB:MiB + lazy.CHUNK]
 
 
-def test_channel_to_nobody_is_unavailable(replica):
+def test_channel_to_nobody_is_unavailable(target):
     with socket.socket() as unused:
         unused.bind(("127.0.0.1", 0))
         port = unused.getsockname()[1]  # bound, not listening: connections are refused
         channel = bulk.Channel(f"127.0.0.1:{port}", TIMEOUT)
         with pytest.raises(Unavailable, match="bulk read"):
-            channel.read(SEGMENT, 0, 4096, replica)
+            _read(channel, target, 0, 4096)
 
 
 def test_eager_fetch_still_takes_one_range_per_connection(home):
@@ -255,11 +247,33 @@ def _homes(bulk_address: str | None, opened: list, tls=None):
     return lazy.Homes(lambda node: f"grpc-of-{node}", open_bulk, TIMEOUT, tls)
 
 
-def test_home_reader_uses_one_bulk_channel_per_home(home, replica):
+@pytest.fixture
+def sparse_memory():
+    """A sparse replica memfd the size of the home's segment, mapped writable."""
+    memory = store_mod.Memory.allocate("replica", SIZE, reserve=False, mapped=True)
+    yield memory
+    memory.release()
+
+
+def _allocated_ranges(fd: int) -> list[tuple[int, int]]:
+    """The [start, end) runs of ``fd`` that hold pages (SEEK_DATA / SEEK_HOLE)."""
+    runs, at = [], 0
+    while True:
+        try:
+            start = os.lseek(fd, at, os.SEEK_DATA)
+        except OSError:  # ENXIO: no data past ``at``
+            return runs
+        at = os.lseek(fd, start, os.SEEK_HOLE)
+        runs.append((start, at))
+
+
+def test_home_reader_uses_one_bulk_channel_per_home(home, sparse_memory):
+    """Two readers share the home's one channel; each range is allocated just before it
+    is received into the sparse replica, and nothing else."""
     server, data = home
     opened, pages = [], []
     homes = _homes(f"127.0.0.1:{server.port}", opened, server.client_tls)
-    readers = [lazy.HomeReader(homes, "node1", "seg", SEGMENT, replica,
+    readers = [lazy.HomeReader(homes, "node1", "seg", SEGMENT, sparse_memory.mapping,
                                lambda *args: pages.append(args)) for _ in range(2)]
     try:
         readers[0](0, lazy.CHUNK)
@@ -269,17 +283,36 @@ def test_home_reader_uses_one_bulk_channel_per_home(home, replica):
             reader.close()
         homes.close()
     assert opened == [("grpc-of-node1", "seg", SEGMENT)] and pages == []
-    assert os.pread(replica, lazy.CHUNK, 0) == data[:lazy.CHUNK]
-    assert os.pread(replica, 4096, SIZE - 4096) == data[-4096:]
+    fd = sparse_memory.fd
+    assert os.pread(fd, lazy.CHUNK, 0) == data[:lazy.CHUNK]
+    assert os.pread(fd, 4096, SIZE - 4096) == data[-4096:]
+    assert _allocated_ranges(fd) == [(0, lazy.CHUNK), (SIZE - 4096, SIZE)]
+
+
+def test_home_reader_refuses_a_range_it_cannot_allocate(home):
+    """No memory for a sparse range: CapacityExceeded, before any byte is asked for (a
+    receive into pages that cannot be allocated would be SIGBUS for the agent)."""
+    server, _ = home
+    opened = []
+
+    class NoMemory:
+        def madvise(self, advice, offset, length):
+            raise OSError(12, "Cannot allocate memory")
+
+    reader = lazy.HomeReader(_homes(f"127.0.0.1:{server.port}", opened), "node1", "seg",
+                             SEGMENT, NoMemory(), lambda *args: None)
+    with pytest.raises(CapacityExceeded, match="cannot allocate 32 KiB of replica seg"):
+        reader(0, lazy.CHUNK)
+    assert opened == []
 
 
 @pytest.mark.parametrize("reachable", [False, True], ids=["no-bulk-listener", "bulk-fails"])
-def test_home_reader_falls_back_to_read_pages(reachable, replica):
+def test_home_reader_falls_back_to_read_pages(reachable, sparse_memory):
     with socket.socket() as unused:
         unused.bind(("127.0.0.1", 0))
         opened, pages = [], []
         homes = _homes(f"127.0.0.1:{unused.getsockname()[1]}" if reachable else None, opened)
-        reader = lazy.HomeReader(homes, "node1", "seg", SEGMENT, replica,
+        reader = lazy.HomeReader(homes, "node1", "seg", SEGMENT, sparse_memory.mapping,
                                  lambda *args: pages.append(args))
         try:
             reader(lazy.CHUNK, lazy.CHUNK)
