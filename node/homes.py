@@ -39,10 +39,16 @@ from vas.node.revoke import Guard, pidfd_of
 from vas.node.segments import HomeSegment, HomeState, WriterState
 from vas.node.store import Memory
 from vas.node.timer import Timer
+from vas.node.writers import PARALLEL_COPY_MIN
 from vas.proto import types_pb2
 
 log = logging.getLogger(__name__)
 
+#: A create that says its caller copies every byte in at once (``allocate_on_write``)
+#: leaves pages unreserved from this size on: the size from which ``WriteFrom`` copies
+#: into the agent's mapping on two threads (node/writers.py), so each page is
+#: allocated by that copy (``_allocate``).
+ALLOCATE_ON_WRITE_MIN = PARALLEL_COPY_MIN
 #: Ids of home segments changed while a create may still be in flight.
 _MAX_TOMBSTONES = 4096
 #: What a tombstone remembers of an id: it was deleted (free it and FinishDelete),
@@ -136,11 +142,13 @@ class HomeSegments:
     # ------------------------------------------------------------------ create
 
     def create(self, caller, name: str, size: int, mode: int, replicas: int, ttl: float,
-               exist_ok: bool, meta: dict[str, str] | None = None) -> types_pb2.SegmentInfo:
+               exist_ok: bool, meta: dict[str, str] | None = None, *,
+               allocate_on_write: bool = False) -> types_pb2.SegmentInfo:
         """Reserve room, make the memfd, then the record (home = here, owner = caller).
 
         Any failure gives the memory and the reservation back. ``exist_ok``
-        returns the existing record instead of AlreadyExists.
+        returns the existing record instead of AlreadyExists. ``allocate_on_write``:
+        the caller copies every byte in at once (``_allocate``).
         """
         existing = self.find(name)
         if existing is not None and existing.state in (HomeState.LIVE, HomeState.CLAIMED):
@@ -149,7 +157,7 @@ class HomeSegments:
             return existing.info
         self.replicas.release_spare(self.replicas.make_room(size, name))
         try:
-            memory = self._allocate(name, size)
+            memory = self._allocate(name, size, allocate_on_write)
         except BaseException:
             self.store.unreserve(size)
             raise
@@ -196,12 +204,26 @@ class HomeSegments:
         self._settle(leftover)
         return info
 
-    def _allocate(self, name: str, size: int) -> Memory:
+    def _allocate(self, name: str, size: int, allocate_on_write: bool = False) -> Memory:
         """The memory of a new home segment: a file of the data dir, else a memfd (from
-        the warm pool when prepared)."""
+        the warm pool when prepared).
+
+        A fresh memfd has every page reserved (``fallocate``), except for a segment of
+        ``ALLOCATE_ON_WRITE_MIN`` bytes or more whose creator copies every byte in at
+        once (``allocate_on_write``: a put of an array, whose ``WriteFrom`` copies into
+        the agent's mapping). Its pages are then allocated by that copy, each as it is
+        written: one pass over fresh memory instead of two (``fallocate``, then the
+        copy's faults zeroing each page before writing it). A 1 GiB put into fresh
+        memory took 0.53-0.90 s so against 0.67-1.03 s on the development VM (six runs
+        each). Safe for the agent: the copy's page faults are the kernel's own
+        (``process_vm_readv``), so memory the kernel cannot give fails the copy
+        (EFAULT: the put fails and deletes the segment), never a SIGBUS."""
         if self.data_dir is not None:
             return self.data_dir.allocate(name, size)
-        memory = self.replicas.pool.take(size) or Memory.allocate(name, size)
+        memory = self.replicas.pool.take(size)
+        if memory is None:
+            sparse = allocate_on_write and size >= ALLOCATE_ON_WRITE_MIN
+            memory = Memory.allocate(name, size, reserve=not sparse, mapped=sparse)
         self._expect(size)
         return memory
 

@@ -106,7 +106,7 @@ class LocalApi:
             session.caller, validate.check_name(request.name), validate.check_size(request.size),
             validate.check_mode(request.mode), replicas,
             validate.check_seconds(request.ttl_seconds, "ttl"), request.exist_ok,
-            validate.check_meta(request.meta))
+            validate.check_meta(request.meta), allocate_on_write=request.allocate_on_write)
         response.segment.CopyFrom(info)
         return []
 

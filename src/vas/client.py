@@ -127,6 +127,16 @@ class Client:
 
             info = c.create("frames/0", 64 << 20, mode=0o640, meta={"codec": "raw"})
         """
+        return self._create(name, size, mode=mode, replicas=replicas, ttl=ttl,
+                            exist_ok=exist_ok, meta=meta)
+
+    def _create(self, name: str, size: int, *, mode: int = 0o600, replicas: int = 0,
+                ttl: float | None = None, exist_ok: bool = False,
+                meta: dict[str, str] | None = None,
+                allocate_on_write: bool = False) -> SegmentInfo:
+        """``create``; ``allocate_on_write``: the caller writes every byte at once with
+        one ``Mapping.write`` (vas/datasets.py's put of an array), so the agent need not
+        reserve the pages first (``CreateRequest.allocate_on_write``)."""
         validate.check_name(name)
         size = validate.check_size(size)
         validate.check_mode(mode)
@@ -135,7 +145,7 @@ class Client:
         meta = validate.check_meta(meta)
         request = local_pb2.CreateRequest(name=name, size=size, mode=mode, replicas=replicas,
                                           ttl_seconds=ttl_seconds, exist_ok=bool(exist_ok),
-                                          meta=meta)
+                                          meta=meta, allocate_on_write=allocate_on_write)
         return SegmentInfo.from_proto(self._connection.call("create", request, "segment"))
 
     def attach(self, name: str, mode: str = "r", *, fixed: bool = False,

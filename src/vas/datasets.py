@@ -151,10 +151,13 @@ def _existing(client: "Client", name: str, meta: dict[str, str]) -> SegmentInfo:
 
 
 def _write(client: "Client", name: str, size: int, meta: dict[str, str], mode: int, ttl,
-           exist_ok: bool, fill) -> SegmentInfo:
-    """Create ``name``, ``fill(mapping)`` it and publish it; deleted again on failure."""
+           exist_ok: bool, fill, *, whole_write: bool = False) -> SegmentInfo:
+    """Create ``name``, ``fill(mapping)`` it and publish it; deleted again on failure.
+    ``whole_write``: ``fill`` writes every byte with one ``Mapping.write`` (the agent
+    may then allocate the pages as it copies them in: ``Client._create``)."""
     try:
-        info = client.create(name, max(size, 1), mode=mode, ttl=ttl, meta=meta)
+        info = client._create(name, max(size, 1), mode=mode, ttl=ttl, meta=meta,
+                              allocate_on_write=whole_write)
     except AlreadyExists:
         if not exist_ok:
             raise
@@ -187,7 +190,8 @@ def write_array(client: "Client", name: str, array, *, mode: int = 0o600, ttl=No
         else:  # any strides in, C order out, no temporary
             np.copyto(mapping.ndarray(array.dtype, array.shape), array, casting="no")
 
-    return _write(client, name, array.nbytes, meta, mode, ttl, exist_ok, fill)
+    return _write(client, name, array.nbytes, meta, mode, ttl, exist_ok, fill,
+                  whole_write=bool(array.flags.c_contiguous))
 
 
 def _as_table(table):

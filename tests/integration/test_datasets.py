@@ -203,6 +203,34 @@ def test_a_large_home_write_is_copied_in_by_the_agent(clients):
         b.delete("arr/elsewhere")
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_a_large_put_lands_whole_however_its_pages_are_allocated(clients, layout):
+    """A contiguous put of ALLOCATE_ON_WRITE_MIN bytes or more tells the agent it copies
+    every byte in at once (its pages are allocated by that copy, not reserved first); a
+    strided one does not (it stores through its own mapping). Either way every byte is
+    the array's on both nodes, and a later writer's stores land as in any segment."""
+    from vas.node.homes import ALLOCATE_ON_WRITE_MIN
+
+    a, b = clients
+    rows = np.random.default_rng(11).random((2, ALLOCATE_ON_WRITE_MIN // 8))
+    array = rows[0] if layout == "contiguous" else rows.T.reshape(-1)[::2]
+    assert array.flags.c_contiguous == (layout == "contiguous")
+    name = f"arr/large-{layout}"
+    a.put_array(name, array)
+    try:
+        for client in (a, b):
+            assert digest(client.get_array(name, fetch="eager")) == digest(array)
+        with a.attach(name, "rw") as m:
+            m.write(4096, b"later")
+            m.sync()
+        with b.attach(name, "r", fetch="eager") as r:
+            assert bytes(r.buffer[4096:4101]) == b"later"
+            assert bytes(r.buffer[:4096]) == np.ascontiguousarray(array).tobytes()[:4096]
+    finally:
+        vas.datasets.WARM.clear()
+        a.delete(name, force=True)
+
+
 def test_get_array_is_zero_copy_and_keeps_its_pages(clients):
     a, b = clients
     data = np.random.default_rng(1).random(1 << 18)  # 2 MiB
