@@ -50,10 +50,12 @@ import uuid
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+# The client side at import, not in a worker's first task (~30 ms of imports there).
+from vas.client import _default
 from vas.core.defaults import RAY_SOCKET_DIR, ray_socket
 from vas.core.errors import InvalidArgument, Unavailable
 from vas.core.sizes import format_size, parse_size
-from vas.datasets import SegmentRef
+from vas.datasets import SegmentRef, read_any
 
 #: Ray namespace of vas's actors.
 NAMESPACE = "vas"
@@ -327,8 +329,6 @@ def _stop_actors(names: list[str]) -> None:
 def _client():
     """This process's default connection; Unavailable naming start() when this Ray
     node runs no agent."""
-    from vas.client import _default
-
     _ensure_ray()
     if os.environ.get("VAS_NODE"):
         return _default()
@@ -381,8 +381,6 @@ def get(name: str, *, fetch: str = "lazy"):
 
         points = vas.ray.get("points")
     """
-    from vas.datasets import read_any
-
     return read_any(_client(), name, fetch=fetch)
 
 
