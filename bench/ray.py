@@ -19,16 +19,24 @@ does (below). In each, both sides run on the same cluster:
 Figures per side: put time (driver); end-to-end (from the put's start until every
 task's result is back); first-task time (the slowest of each node's first task:
 the one that moves the data), later-task time (median of the others), each
-measured inside the task (get + sum); node-B memory for the data: the peak, over
-samples every 50 ms during the tasks, of the summed PSS of every process of node
-B (its raylet, which holds B's object store, and everything under it: Ray's
-workers, the vas agent actor and the agent itself), minus the same sum just
-before the put (a worker on each node is started before either side runs), less
-the memory the agent had prepared for the next dataset then (its warm pool's
-memfds, which the replica takes: counted as the data's, not as the baseline's). vas also reports the home-node ref.get() time (median of 200
-calls in one task on A, after one warm-up call) and node B's agent-held bytes.
+measured inside the task (get + sum); node-B memory for the data: the summed PSS of
+every process of node B (its raylet, which holds B's object store, and everything
+under it: Ray's workers, the vas agent actor and the agent itself), minus the same
+sum just before the put (a worker on each node is started before either side runs),
+less the memory the agent had prepared for the next dataset then (its warm pool's
+memfds, which the replica takes: counted as the data's, not as the baseline's). The
+timed rounds read it once, after their tasks ("held"); its peak comes from one more
+round of each side per cluster, run after the timed ones and sampled every 50 ms
+("peak"). Why the timed rounds are not sampled: reading a process's PSS walks its
+page tables under its mmap lock, and sampled every 50 ms the walks took 30-150 ms
+each here (0.8 CPU-s of a vas round of 1.9 s, 3.7 CPU-s of a Ray round of 5.0 s)
+and stalled the page faults and mappings of the processes walked: both sides' times
+measured the sampler as much as themselves. vas also reports the home-node
+ref.get() time (median of 200 calls in one task on A, after one warm-up call) and
+node B's agent-held bytes.
 
-Each cluster runs --rounds rounds of each side (default 3), alternating the sides
+Each cluster runs --rounds timed rounds of each side (default 3), then one sampled
+round of each, alternating the sides
 (ray, vas, ray, ... in one cluster, vas, ray, vas, ... in the other), each round with a
 new object or dataset (vas deletes its dataset and waits for node B's replica to go
 before the next round). The first round of a side in a cluster is a cold one; its
@@ -39,8 +47,8 @@ page only once touched and takes back pages freed a while ago, the guest hands o
 the pages it freed last first, so the side run first got backed pages and the side
 run second paid the host's faults: with Ray first, vas's cold put of 1 GiB took
 3.0-4.3 s (perf: the agent's time in the kernel's copy into the fresh shmem pages)
-where it took 0.6 s run first. The median of the other rounds of both clusters is
-its warm figure (Ray's store and vas's agents then reuse memory).
+where it took 0.6 s run first. The median of the other timed rounds of both clusters
+is its warm figure (Ray's store and vas's agents then reuse memory).
 Before each round the agents are let settle (their CPU idle): the memory of the
 dataset deleted after a vas round is given back, and memory for the next one of
 its size prepared, in the background (node/pool.py), as Ray's store keeps the
@@ -127,28 +135,32 @@ def prepared_pss(pid: int) -> int:
 
 
 class Sampler:
-    """Peak of node_pss(raylet) above a baseline (less prepared memory), sampled on a
-    thread."""
+    """Node B's memory for the data (``node_pss(raylet)`` above a baseline, less prepared
+    memory): read at the end, and with ``every`` (seconds) also on a thread meanwhile;
+    ``peak`` is the largest reading."""
 
-    def __init__(self, raylet_pid: int):
+    def __init__(self, raylet_pid: int, every: float | None = None):
         self.raylet_pid = raylet_pid
         self.baseline = node_pss(raylet_pid) - sum(map(prepared_pss, tree(raylet_pid)))
         self.peak = 0
+        self._every = every
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
             self.peak = max(self.peak, node_pss(self.raylet_pid) - self.baseline)
-            self._stop.wait(SAMPLE_SECONDS)
+            self._stop.wait(self._every)
 
     def __enter__(self) -> "Sampler":
-        self._thread.start()
+        if self._every is not None:
+            self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
-        self._thread.join(timeout=10)
+        if self._every is not None:
+            self._thread.join(timeout=10)
         self.peak = max(self.peak, node_pss(self.raylet_pid) - self.baseline)
 
 
@@ -281,17 +293,20 @@ def summarize(results, a: str, b: str, expected: float) -> dict:
 def one_store(size: int, store: int, tasks: int, rounds: int, cold_vm: bool) -> dict:
     """Two clusters (``one_cluster``), Ray first in one and vas first in the other: each
     side's cold figure is the mean of its two first rounds, its warm figure the median
-    of its other rounds."""
+    of its other timed rounds, its peak memory the larger of its two sampled rounds."""
     runs = [one_cluster(size, store, tasks, rounds, first, cold_vm) for first in ("ray", "vas")]
     return {"object_store_bytes": store, "data_bytes": size,
-            **{side: cold_and_warm([cluster[side] for cluster in runs], side)
+            **{side: {**cold_and_warm([timed[side] for timed, _ in runs], side),
+                      "node_b_peak_bytes": max(sampled[side]["node_b_bytes"]
+                                               for _, sampled in runs)}
                for side in ("ray", "vas")}}
 
 
 def one_cluster(size: int, store: int, tasks: int, rounds: int, first: str,
-                cold_vm: bool) -> dict[str, list[dict]]:
-    """``rounds`` rounds of each side on one cluster, alternating, ``first`` first; the
-    rounds of each side, in order."""
+                cold_vm: bool) -> tuple[dict[str, list[dict]], dict[str, dict]]:
+    """``rounds`` timed rounds of each side on one cluster, alternating, ``first`` first,
+    then one sampled round of each (node B's peak memory); the timed rounds of each
+    side in order, and its sampled round."""
     from ray.cluster_utils import Cluster
 
     node_args = {"num_cpus": 1, "object_store_memory": store}
@@ -309,17 +324,21 @@ def one_cluster(size: int, store: int, tasks: int, rounds: int, first: str,
         ray.get([warm_up.options(**pinned(node)).remote() for node in (a, b)], timeout=300)
         vas.ray.start(memory=2 * size + 64 * MiB)  # not timed: agents run before any dataset
         agent_pids = [agent["pid"] for agent in vas.ray.agents().values()]
-        rounds_of = {"ray": lambda: ray_round(data, expected, a, b, raylet_b, tasks),
-                     "vas": lambda: vas_round(data, expected, a, b, raylet_b, tasks)}
+        rounds_of = {"ray": ray_round, "vas": vas_round}
         order = [first, *(side for side in rounds_of if side != first)]
-        sides = {side: [] for side in order}
-        for round_number in range(rounds):
+        timed, sampled = {side: [] for side in order}, {}
+        for round_number in range(rounds + 1):  # the last: sampled
             for side in order:
                 settle(agent_pids)
                 if round_number == 0 and not cold_vm:
                     back_vm_memory(VM_WARM_FACTOR * size)
-                sides[side].append(rounds_of[side]())
-        return sides
+                every = SAMPLE_SECONDS if round_number == rounds else None
+                result = rounds_of[side](data, expected, a, b, raylet_b, tasks, every)
+                if every is None:
+                    timed[side].append(result)
+                else:
+                    sampled[side] = result
+        return timed, sampled
     finally:
         try:
             if ray.is_initialized():
@@ -329,9 +348,11 @@ def one_cluster(size: int, store: int, tasks: int, rounds: int, first: str,
             cluster.shutdown()
 
 
-def ray_round(data, expected: float, a: str, b: str, raylet_b: int, tasks: int) -> dict:
-    """ray.put, then the tasks on ObjectRef arguments."""
-    with Sampler(raylet_b) as memory:
+def ray_round(data, expected: float, a: str, b: str, raylet_b: int, tasks: int,
+              every: float | None) -> dict:
+    """ray.put, then the tasks on ObjectRef arguments (node B's memory sampled ``every``
+    seconds, or only read at the end)."""
+    with Sampler(raylet_b, every) as memory:
         started = time.perf_counter()
         object_ref = ray.put(data)
         put = time.perf_counter() - started
@@ -341,10 +362,12 @@ def ray_round(data, expected: float, a: str, b: str, raylet_b: int, tasks: int) 
             **summarize(results, a, b, expected), "node_b_bytes": memory.peak}
 
 
-def vas_round(data, expected: float, a: str, b: str, raylet_b: int, tasks: int) -> dict:
+def vas_round(data, expected: float, a: str, b: str, raylet_b: int, tasks: int,
+              every: float | None) -> dict:
     """vas.ray.put, then the tasks on the SegmentRef; the dataset is deleted after (and
-    node B's replica gone) so that every round moves the bytes again."""
-    with Sampler(raylet_b) as memory:
+    node B's replica gone) so that every round moves the bytes again. Node B's memory
+    as in ``ray_round``."""
+    with Sampler(raylet_b, every) as memory:
         started = time.perf_counter()
         ref = vas.ray.put(data)
         put = time.perf_counter() - started
@@ -391,7 +414,8 @@ def main() -> int:
     parser.add_argument("--size", type=int, help="array bytes (default 1 GiB)")
     parser.add_argument("--tasks", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3,
-                        help="rounds of each side per cluster (>= 2: the first is cold)")
+                        help="timed rounds of each side per cluster (>= 2: the first is "
+                             "cold), before one sampled round of each")
     parser.add_argument("--cold-vm", action="store_true",
                         help="do not make fresh memory resident before the cold rounds "
                              "(see back_vm_memory: the side run second then pays the "
@@ -424,6 +448,12 @@ def main() -> int:
                              cell(r.get(key), scale, unit), ratios[key]))
             rows.append((f"{label} {phase} home ref.get()", cell(v["home_get_ms"], 1, "ms"),
                          "-", None))
+        v, r = result["vas"]["node_b_peak_bytes"], result["ray"]["node_b_peak_bytes"]
+        result["ratios"]["peak"] = {"node_b_peak_bytes": ratio(v, r),
+                                    "node_b_peak_bytes_per_copy": ratio(v, size),
+                                    "ray_node_b_peak_bytes_per_copy": ratio(r, size)}
+        rows.append((f"{label} node_b_peak_bytes (sampled)", cell(v, 1 / MiB, "MiB"),
+                     cell(r, 1 / MiB, "MiB"), result["ratios"]["peak"]["node_b_peak_bytes"]))
         for position in ("cold_first", "cold_second"):  # the two rounds the cold one averages
             v, r = result["vas"][position], result["ray"][position]
             result["ratios"][position] = {key: ratio(v[key], r[key]) for key in POSITION_FIGURES}
