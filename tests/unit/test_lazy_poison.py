@@ -129,8 +129,8 @@ def test_the_home_answering_not_found_is_pages_lost():
         raise NotFound("segment id 7 is not held by node n1")
 
     homes = lazy.Homes(lambda node: "grpc-of-n1", open_bulk, WAIT)
-    fd = os.memfd_create("replica")
-    reader = lazy.HomeReader(homes, "n1", "seg", 7, fd, read_pages)
+    memory = store_mod.Memory.allocate("replica", 4 * lazy.CHUNK, reserve=False, mapped=True)
+    reader = lazy.HomeReader(homes, "n1", "seg", 7, memory.mapping, read_pages)
     try:
         with pytest.raises(lazy.PagesLost, match="no longer holds segment seg") as info:
             reader(0, lazy.CHUNK)
@@ -138,13 +138,13 @@ def test_the_home_answering_not_found_is_pages_lost():
     finally:
         reader.close()
         homes.close()
-        os.close(fd)
+        memory.release()
 
 
 def test_a_home_missing_from_list_nodes_is_gone():
     homes = lazy.Homes(lambda node: None, lambda *args: None, WAIT)
-    fd = os.memfd_create("replica")
-    reader = lazy.HomeReader(homes, "n1", "seg", 7, fd, lambda *args: None)
+    memory = store_mod.Memory.allocate("replica", 4 * lazy.CHUNK, reserve=False, mapped=True)
+    reader = lazy.HomeReader(homes, "n1", "seg", 7, memory.mapping, lambda *args: None)
     try:
         with pytest.raises(lazy.PagesLost, match="home node n1 is not registered") as info:
             reader(0, lazy.CHUNK)
@@ -152,14 +152,14 @@ def test_a_home_missing_from_list_nodes_is_gone():
     finally:
         reader.close()
         homes.close()
-        os.close(fd)
+        memory.release()
 
 
 def test_a_reader_out_of_time_does_not_call_the_home():
     calls = []
     homes = lazy.Homes(lambda node: "grpc-of-n1", lambda *args: None, WAIT)
-    fd = os.memfd_create("replica")
-    reader = lazy.HomeReader(homes, "n1", "seg", 7, fd, lambda *args: calls.append(args))
+    memory = store_mod.Memory.allocate("replica", 4 * lazy.CHUNK, reserve=False, mapped=True)
+    reader = lazy.HomeReader(homes, "n1", "seg", 7, memory.mapping, lambda *args: calls.append(args))
     reader._bulk_after = time.monotonic() + 60  # straight to ReadPages
     try:
         with pytest.raises(Unavailable, match="out of time"):
@@ -168,7 +168,7 @@ def test_a_reader_out_of_time_does_not_call_the_home():
     finally:
         reader.close()
         homes.close()
-        os.close(fd)
+        memory.release()
 
 
 # ---------------------------------------------------------------- FaultHandler
