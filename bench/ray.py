@@ -1,13 +1,14 @@
 """vas.ray against Ray's own object store, in one run: 8 tasks spread over 2 Ray nodes
 each reduce (sum) one array made by the driver.
 
-    .venv/bin/python bench/ray.py [--quick] [--size BYTES] [--tasks N]   # from the checkout root
+    .venv/bin/python bench/ray.py [--quick] [--size BYTES] [--tasks N] [--pairs N]  # checkout root
 
 Ray clusters are made one after the other (ray.cluster_utils.Cluster: a head
 node A and a worker node B, one CPU each, on this machine), for object stores
 larger than the data (2.5 x) and for stores smaller (0.6 x: Ray must spill or fall
-back to disk); two clusters of each, one where Ray goes first and one where vas
-does (below). In each, both sides run on the same cluster:
+back to disk); --pairs pairs of clusters of each (default 2), in each pair one
+where Ray goes first and one where vas does (below). In each, both sides run on the
+same cluster:
 
   ray:  ray.put(array) in the driver, then N tasks (half pinned to A, half to B,
         B's first) get an ObjectRef argument (inside a list, so the task's own
@@ -40,7 +41,9 @@ round of each, alternating the sides
 (ray, vas, ray, ... in one cluster, vas, ray, vas, ... in the other), each round with a
 new object or dataset (vas deletes its dataset and waits for node B's replica to go
 before the next round). The first round of a side in a cluster is a cold one; its
-cold figure is the mean of its two, one run first and one run second. Why both
+cold figure is the median of those (half run first, half second: also shown apart),
+a median because this VM's host now and then takes seconds to back memory (one cold
+round of 8.5 s among others of 1.8-2.5 s). Why both
 orders, and why the driver touches and frees 4 x the data's bytes before each cold
 round (``back_vm_memory``; --cold-vm leaves it out): this VM's host backs a guest
 page only once touched and takes back pages freed a while ago, the guest hands out
@@ -290,13 +293,16 @@ def summarize(results, a: str, b: str, expected: float) -> dict:
 
 # -- one cluster ----------------------------------------------------------------------------
 
-def one_store(size: int, store: int, tasks: int, rounds: int, cold_vm: bool) -> dict:
-    """Two clusters (``one_cluster``), Ray first in one and vas first in the other: each
-    side's cold figure is the mean of its two first rounds, its warm figure the median
-    of its other timed rounds, its peak memory the larger of its two sampled rounds."""
-    runs = [one_cluster(size, store, tasks, rounds, first, cold_vm) for first in ("ray", "vas")]
+def one_store(size: int, store: int, tasks: int, rounds: int, pairs: int,
+              cold_vm: bool) -> dict:
+    """``pairs`` pairs of clusters (``one_cluster``), Ray first in one of each pair and
+    vas first in the other: each side's cold figure is the median of its first rounds,
+    its warm figure the median of its other timed rounds, its peak memory the largest
+    of its sampled rounds."""
+    firsts = ("ray", "vas") * pairs
+    runs = [one_cluster(size, store, tasks, rounds, first, cold_vm) for first in firsts]
     return {"object_store_bytes": store, "data_bytes": size,
-            **{side: {**cold_and_warm([timed[side] for timed, _ in runs], side),
+            **{side: {**cold_and_warm([timed[side] for timed, _ in runs], firsts, side),
                       "node_b_peak_bytes": max(sampled[side]["node_b_bytes"]
                                                for _, sampled in runs)}
                for side in ("ray", "vas")}}
@@ -383,19 +389,20 @@ def vas_round(data, expected: float, a: str, b: str, raylet_b: int, tasks: int,
             "node_b_agent_bytes": held, "home_get_ms": home_get * 1e3}
 
 
-def cold_and_warm(clusters: list[list[dict]], side: str) -> dict:
-    """Of one side's rounds in each cluster (Ray first, then vas first): "cold", the
-    mean of the first rounds (each also under "cold_<side went first|second>"), and
-    "warm", the median of the others."""
+def cold_and_warm(clusters: list[list[dict]], firsts: tuple[str, ...], side: str) -> dict:
+    """Of one side's timed rounds in each cluster (``firsts``: which side went first in
+    each): "cold", the median of the first rounds (also "cold_first" and "cold_second",
+    of those where this side went first, and second), and "warm", the median of the
+    others."""
     colds, warm = [runs[0] for runs in clusters], [run for runs in clusters for run in runs[1:]]
     warm = warm or colds
 
-    def combine(runs, how):
-        return {key: how([run[key] for run in runs]) for key in runs[0]
+    def median(runs):
+        return {key: statistics.median([run[key] for run in runs]) for key in runs[0]
                 if all(run[key] is not None for run in runs)}
-    went_first = 0 if side == "ray" else 1  # clusters[0] ran Ray first
-    return {"cold": combine(colds, statistics.mean), "warm": combine(warm, statistics.median),
-            "cold_first": colds[went_first], "cold_second": colds[1 - went_first]}
+    return {"cold": median(colds), "warm": median(warm),
+            "cold_first": median([c for c, f in zip(colds, firsts) if f == side]),
+            "cold_second": median([c for c, f in zip(colds, firsts) if f != side])}
 
 
 def ratio(x, y):
@@ -404,7 +411,7 @@ def ratio(x, y):
 
 FIGURES = (("put_s", "s", 1), ("end_to_end_s", "s", 1), ("first_task_s", "s", 1),
            ("later_task_s", "s", 1), ("node_b_bytes", "MiB", 1 / MiB))
-#: Shown for each cold round apart too: each side's cold round run first, and run second.
+#: Shown for each position apart too: each side's cold rounds run first, and run second.
 POSITION_FIGURES = ("put_s", "end_to_end_s")
 
 
@@ -416,6 +423,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3,
                         help="timed rounds of each side per cluster (>= 2: the first is "
                              "cold), before one sampled round of each")
+    parser.add_argument("--pairs", type=int, default=2,
+                        help="pairs of clusters per object-store size (Ray first in one of "
+                             "each pair, vas first in the other; >= 1)")
     parser.add_argument("--cold-vm", action="store_true",
                         help="do not make fresh memory resident before the cold rounds "
                              "(see back_vm_memory: the side run second then pays the "
@@ -423,17 +433,21 @@ def main() -> int:
     args = parser.parse_args()
     if args.rounds < 2:
         parser.error("--rounds must be >= 2 (one cold round, then warm ones)")
+    if args.pairs < 1:
+        parser.error("--pairs must be >= 1")
     size = args.size or (96 * MiB if args.quick else GiB)
     size -= size % 8
     if "VAS_NODE" in os.environ:
         raise SystemExit("unset VAS_NODE: the tasks must find their own node's agent")
     figures = {"data_bytes": size, "tasks": args.tasks, "rounds": args.rounds,
+               "pairs": args.pairs,
                "vm_memory_backed_before_cold_rounds": not args.cold_vm, "stores": {}}
     for label, factor in (("large_store", 2.5), ("small_store", 0.6)):
         store = max(int(size * factor), 80 * MiB)  # Ray refuses stores under ~75 MiB
         print(f"== {label}: object store {store / MiB:.0f} MiB per node, data "
               f"{size / MiB:.0f} MiB", file=sys.stderr, flush=True)
-        figures["stores"][label] = one_store(size, store, args.tasks, args.rounds, args.cold_vm)
+        figures["stores"][label] = one_store(size, store, args.tasks, args.rounds, args.pairs,
+                                             args.cold_vm)
     rows = []
     for label, result in figures["stores"].items():
         result["ratios"] = {}
@@ -454,7 +468,7 @@ def main() -> int:
                                     "ray_node_b_peak_bytes_per_copy": ratio(r, size)}
         rows.append((f"{label} node_b_peak_bytes (sampled)", cell(v, 1 / MiB, "MiB"),
                      cell(r, 1 / MiB, "MiB"), result["ratios"]["peak"]["node_b_peak_bytes"]))
-        for position in ("cold_first", "cold_second"):  # the two rounds the cold one averages
+        for position in ("cold_first", "cold_second"):  # the cold rounds, by position
             v, r = result["vas"][position], result["ray"][position]
             result["ratios"][position] = {key: ratio(v[key], r[key]) for key in POSITION_FIGURES}
             for key in POSITION_FIGURES:
