@@ -70,9 +70,9 @@ import threading
 import time
 
 from vas import _native
-from vas.core.errors import CapacityExceeded, VasError
+from vas.core.errors import VasError
 from vas.core.sizes import human_size
-from vas.node.store import Memory, Store, punch
+from vas.node.store import Memory, Store, no_memory, populate, punch
 
 log = logging.getLogger(__name__)
 
@@ -138,20 +138,12 @@ class Warm(Memory):
         try:
             _native.fallocate(self.fd, offset, length, idle=idle)
         except OSError as exc:
-            raise _no_memory(length, exc) from exc
+            raise no_memory(length, exc) from exc
 
     def fault_in(self, offset: int, length: int) -> None:
         """Map [offset, offset + length) into the agent's mapping, allocated first
-        (``MADV_POPULATE_WRITE``: it fails with ENOMEM where a fault would SIGBUS)."""
-        try:
-            self.mapping.madvise(_native.MADV_POPULATE_WRITE, offset, length)
-        except OSError as exc:
-            raise _no_memory(length, exc) from exc
-
-
-def _no_memory(length: int, exc: OSError) -> CapacityExceeded:
-    return CapacityExceeded(f"cannot allocate {human_size(length)} of segment memory: "
-                            f"{exc.strerror or exc}")
+        (``store.populate``: it fails with ENOMEM where a fault would SIGBUS)."""
+        populate(self.mapping, offset, length)
 
 
 def release_all(items) -> None:

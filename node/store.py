@@ -67,6 +67,22 @@ def allocate(name: str, size: int, *, reserve: bool = True) -> tuple[int, int]:
     return fd, ro_fd
 
 
+def populate(mapping, offset: int, length: int, what: str = "segment memory") -> None:
+    """Allocate and map [offset, offset + length) of the agent's ``mapping`` of a memfd
+    (``MADV_POPULATE_WRITE``): where the kernel has no memory for them this is
+    CapacityExceeded (naming ``what``), where a store's own page fault would be SIGBUS."""
+    try:
+        mapping.madvise(_native.MADV_POPULATE_WRITE, offset, length)
+    except OSError as exc:
+        raise no_memory(length, exc, what) from exc
+
+
+def no_memory(length: int, exc: OSError, what: str = "segment memory") -> CapacityExceeded:
+    """The error of ``length`` bytes of ``what`` the kernel could not allocate."""
+    return CapacityExceeded(f"cannot allocate {human_size(length)} of {what}: "
+                            f"{exc.strerror or exc}")
+
+
 def release(fd: int, ro_fd: int, size: int) -> None:
     """Give the memory of a segment back at once and close its fds.
 
